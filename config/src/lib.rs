@@ -1,0 +1,26 @@
+//! Filterplane's YAML: the schema, loading a file or directory, validation against
+//! Envoy's descriptors with file/line/path errors, and compiling to xDS resources.
+//! Opens no sockets and keeps no global state.
+
+pub mod compile;
+pub mod error;
+pub mod lines;
+pub mod load;
+pub mod model;
+pub mod selector;
+
+use std::path::Path;
+
+pub use compile::{compile, CompiledConfig, CompiledResource, Origin};
+pub use error::{ConfigError, ConfigErrors};
+pub use model::{Document, NodeSelector, SCHEMA_VERSION};
+pub use selector::NodeFacts;
+
+/// Reads, validates and compiles the config at `path` (a file or a directory).
+pub fn load(path: &Path) -> Result<CompiledConfig, ConfigErrors> {
+    let files = load::parse_all(path)?;
+    compile(&files)
+}
+
+#[cfg(test)]
+mod tests;

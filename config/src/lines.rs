@@ -1,0 +1,148 @@
+//! Where each node of a YAML document sits: a map from document path
+//! (`extension_configs[0].typed_config.mutations`) to its 1-based line, so errors found
+//! after serde has dropped positions can still name a line.
+
+use std::collections::HashMap;
+
+use yaml_rust2::{
+    parser::{Event, MarkedEventReceiver, Parser},
+    scanner::Marker,
+};
+
+#[derive(Debug, Default)]
+pub struct LineIndex {
+    lines: HashMap<String, usize>,
+}
+
+impl LineIndex {
+    /// Indexes `text`; a document that does not parse gives an empty index (serde reports
+    /// the syntax error with its own position).
+    pub fn build(text: &str) -> Self {
+        let mut rx = Receiver::default();
+        let mut parser = Parser::new_from_str(text);
+        if parser.load(&mut rx, false).is_err() {
+            return Self::default();
+        }
+        Self { lines: rx.lines }
+    }
+
+    /// The line of `path`, or of its nearest indexed ancestor (a path into a field that
+    /// does not exist points at its parent).
+    pub fn line_of(&self, path: &str) -> Option<usize> {
+        let mut p = path;
+        loop {
+            if let Some(l) = self.lines.get(p) {
+                return Some(*l);
+            }
+            let cut = p.rfind(['.', '['])?;
+            p = &p[..cut];
+        }
+    }
+}
+
+enum Frame {
+    Map { key: Option<String> },
+    Seq { index: usize },
+}
+
+#[derive(Default)]
+struct Receiver {
+    stack: Vec<Frame>,
+    lines: HashMap<String, usize>,
+}
+
+impl Receiver {
+    fn path(&self) -> String {
+        let mut s = String::new();
+        for f in &self.stack {
+            match f {
+                Frame::Map { key: Some(k) } => {
+                    if !s.is_empty() {
+                        s.push('.');
+                    }
+                    s.push_str(k);
+                }
+                Frame::Map { key: None } => {}
+                Frame::Seq { index } => s.push_str(&format!("[{index}]")),
+            }
+        }
+        s
+    }
+
+    /// Called when a node (scalar or container) begins. Returns true if it was a map key.
+    fn begin_node(&mut self, key_text: Option<&str>, mark: Marker) -> bool {
+        if let Some(Frame::Map { key }) = self.stack.last_mut() {
+            if key.is_none() {
+                *key = Some(key_text.unwrap_or("?").to_owned());
+                let p = self.path();
+                self.lines.insert(p, mark.line());
+                return true;
+            }
+        }
+        let p = self.path();
+        self.lines.entry(p).or_insert(mark.line());
+        false
+    }
+
+    /// Called when a value node has ended: move the parent on to its next entry.
+    fn end_value(&mut self) {
+        match self.stack.last_mut() {
+            Some(Frame::Map { key }) => *key = None,
+            Some(Frame::Seq { index }) => *index += 1,
+            None => {}
+        }
+    }
+}
+
+impl MarkedEventReceiver for Receiver {
+    fn on_event(&mut self, ev: Event, mark: Marker) {
+        match ev {
+            Event::Scalar(s, ..) => {
+                if !self.begin_node(Some(&s), mark) {
+                    self.end_value();
+                }
+            }
+            Event::Alias(_) => {
+                if !self.begin_node(None, mark) {
+                    self.end_value();
+                }
+            }
+            Event::MappingStart(..) => {
+                self.begin_node(None, mark);
+                self.stack.push(Frame::Map { key: None });
+            }
+            Event::SequenceStart(..) => {
+                self.begin_node(None, mark);
+                self.stack.push(Frame::Seq { index: 0 });
+            }
+            Event::MappingEnd | Event::SequenceEnd => {
+                self.stack.pop();
+                self.end_value();
+            }
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_lines_of_keys_sequence_items_and_flow_mappings() {
+        let text = "version: 1\nextension_configs:\n  - name: a\n    typed_config:\n      \"@type\": t\n      mutations: { response_mutations: [ { append: {} } ] }\n  - name: b\n";
+        let idx = LineIndex::build(text);
+        assert_eq!(idx.line_of("version"), Some(1));
+        assert_eq!(idx.line_of("extension_configs[0].name"), Some(3));
+        assert_eq!(
+            idx.line_of("extension_configs[0].typed_config.@type"),
+            Some(5)
+        );
+        assert_eq!(
+            idx.line_of("extension_configs[0].typed_config.mutations.response_mutations[0].append"),
+            Some(6)
+        );
+        assert_eq!(idx.line_of("extension_configs[1].name"), Some(7));
+        assert_eq!(idx.line_of("extension_configs[1].nope.deeper"), Some(7));
+    }
+}

@@ -1,0 +1,170 @@
+//! Loading, validation and compile behaviour, through the public `load`.
+
+use std::path::Path;
+
+use super::*;
+
+fn write(dir: &Path, name: &str, text: &str) {
+    std::fs::write(dir.join(name), text).unwrap();
+}
+
+const GOOD: &str = r#"version: 1
+extension_configs:
+  - name: add-header
+    typed_config:
+      "@type": type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutation
+      mutations: { response_mutations: [ { append: { header: { key: x-plugin, value: v1 } } } ] }
+"#;
+
+#[test]
+fn good_file_compiles_to_one_ecds_resource() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "a.yaml", GOOD);
+    let c = load(&dir.path().join("a.yaml")).unwrap();
+    assert_eq!(c.resources.len(), 1);
+    let r = &c.resources[0];
+    assert_eq!(r.name, "add-header");
+    assert_eq!(
+        r.resource.type_url,
+        "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig"
+    );
+    assert!(r.inner_type_url.ends_with("HeaderMutation"));
+    assert_eq!(r.origin.line, Some(3));
+}
+
+#[test]
+fn versions_depend_on_content_only() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "a.yaml", GOOD);
+    let a = load(dir.path()).unwrap();
+    // Same config, different spelling: camelCase and a comment.
+    let respelled = GOOD.replace("response_mutations", "responseMutations") + "# comment\n";
+    write(dir.path(), "a.yaml", &respelled);
+    let b = load(dir.path()).unwrap();
+    assert_eq!(a.version, b.version);
+    assert_eq!(a.resources[0].version, b.resources[0].version);
+    write(dir.path(), "a.yaml", &GOOD.replace("v1", "v2"));
+    let c = load(dir.path()).unwrap();
+    assert_ne!(a.resources[0].version, c.resources[0].version);
+    assert_ne!(a.version, c.version);
+}
+
+#[test]
+fn unknown_field_inside_typed_config_names_file_line_and_path() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "a.yaml", &GOOD.replace("value: v1", "valu: v1"));
+    let errs = load(dir.path()).unwrap_err();
+    assert_eq!(errs.0.len(), 1);
+    let e = &errs.0[0];
+    assert!(e.file.ends_with("a.yaml"));
+    assert_eq!(e.line, Some(6));
+    assert_eq!(
+        e.path,
+        "extension_configs[0].typed_config.mutations.response_mutations[0].append.header"
+    );
+    assert!(e.message.contains("valu"), "{e}");
+}
+
+#[test]
+fn unknown_type_is_rejected_at_its_line() {
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "a.yaml",
+        &GOOD.replace("v3.HeaderMutation", "v3.HeaderMutatio"),
+    );
+    let e = &load(dir.path()).unwrap_err().0[0];
+    assert_eq!(e.path, "extension_configs[0].typed_config.@type");
+    assert_eq!(e.line, Some(5));
+    assert!(e.message.contains("unknown type"));
+}
+
+#[test]
+fn schema_errors_name_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "a.yaml",
+        &GOOD.replace("  - name: add-header", "  - nam: add-header"),
+    );
+    let e = &load(dir.path()).unwrap_err().0[0];
+    assert_eq!(e.line, Some(3));
+    assert!(e.message.contains("unknown field `nam`"), "{e}");
+
+    write(
+        dir.path(),
+        "a.yaml",
+        &GOOD.replace("version: 1", "version: 2"),
+    );
+    let e = &load(dir.path()).unwrap_err().0[0];
+    assert_eq!((e.path.as_str(), e.line), ("version", Some(1)));
+
+    write(dir.path(), "a.yaml", "version: 1\nextension_configs: {}\n");
+    let e = &load(dir.path()).unwrap_err().0[0];
+    assert_eq!(e.path, "extension_configs");
+}
+
+#[test]
+fn every_error_is_reported_and_duplicates_across_files_point_at_both() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "a.yaml", GOOD);
+    let second = GOOD.replace("value: v1", "value: v7")
+        + r#"  - name: ""
+    typed_config: { "@type": type.googleapis.com/google.protobuf.Struct }
+  - name: broken
+    typed_config: { "@type": type.googleapis.com/google.protobuf.Duration, seconds: x }
+"#;
+    write(dir.path(), "b.yaml", &second);
+    let errs = load(dir.path()).unwrap_err();
+    let text = errs.to_string();
+    assert_eq!(errs.0.len(), 3, "{text}");
+    assert!(
+        text.contains("duplicate extension config name \"add-header\": also defined at"),
+        "{text}"
+    );
+    assert!(text.contains("a.yaml:3"), "{text}");
+    assert!(
+        text.contains("b.yaml:7: extension_configs[1].name: must not be empty"),
+        "{text}"
+    );
+    assert!(text.contains("extension_configs[2].typed_config"), "{text}");
+}
+
+#[test]
+fn directory_merges_yaml_files_in_name_order_and_ignores_others() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "b.yml", &GOOD.replace("add-header", "second"));
+    write(dir.path(), "a.yaml", GOOD);
+    write(dir.path(), "notes.txt", "not yaml");
+    write(dir.path(), ".a.yaml.swp", "junk");
+    let c = load(dir.path()).unwrap();
+    let names: Vec<&str> = c.resources.iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(names, ["add-header", "second"]);
+    assert_eq!(c.files.len(), 2);
+}
+
+#[test]
+fn syntax_error_and_missing_path_are_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "a.yaml", "version: 1\nextension_configs: [\n");
+    let e = &load(dir.path()).unwrap_err().0[0];
+    assert!(e.line.is_some(), "{e}");
+    let e = &load(&dir.path().join("missing.yaml")).unwrap_err().0[0];
+    assert!(e.message.contains("cannot read"));
+}
+
+#[test]
+fn selector_is_part_of_the_config_version_not_the_resource_version() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "a.yaml", GOOD);
+    let a = load(dir.path()).unwrap();
+    let with_sel = GOOD.replace(
+        "    typed_config:",
+        "    node_selector: { clusters: [edge] }\n    typed_config:",
+    );
+    write(dir.path(), "a.yaml", &with_sel);
+    let b = load(dir.path()).unwrap();
+    assert_eq!(a.resources[0].version, b.resources[0].version);
+    assert_ne!(a.version, b.version);
+    assert_eq!(b.resources[0].selector.clusters, ["edge"]);
+}
