@@ -14,13 +14,17 @@ pub enum ResourceType {
 }
 
 impl ResourceType {
+    /// Every type, in the order an ADS server should push updates: what a resource
+    /// refers to goes before it (xDS protocol, "Eventual consistency considerations":
+    /// clusters before endpoints, both before listeners and routes), and extension configs
+    /// before the listeners whose filters discover them.
     pub const ALL: [ResourceType; 6] = [
-        ResourceType::Listener,
-        ResourceType::RouteConfiguration,
+        ResourceType::Secret,
         ResourceType::Cluster,
         ResourceType::ClusterLoadAssignment,
-        ResourceType::Secret,
         ResourceType::ExtensionConfig,
+        ResourceType::Listener,
+        ResourceType::RouteConfiguration,
     ];
 
     pub const fn type_url(self) -> &'static str {

@@ -1,0 +1,125 @@
+//! `/api/v1/*`: JSON for scripts. Field names are part of the interface (see README).
+
+use axum::{
+    extract::{Path, State},
+    http::StatusCode,
+    response::{IntoResponse, Response},
+    routing::get,
+    Json, Router,
+};
+use filterplane_api::json::any_to_json;
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use super::AdminState;
+use crate::reload::ReloadStatus;
+
+pub fn routes() -> Router<AdminState> {
+    Router::new()
+        .route("/proxies", get(proxies))
+        .route("/proxies/{node_id}", get(proxy))
+        .route("/rejects", get(rejects))
+        .route("/config", get(config))
+        .route("/config_dump", get(config_dump))
+}
+
+async fn proxies(State(s): State<AdminState>) -> Response {
+    Json(s.tracker.proxies()).into_response()
+}
+
+async fn proxy(State(s): State<AdminState>, Path(node_id): Path<String>) -> Response {
+    let streams: Vec<_> = s
+        .tracker
+        .proxies()
+        .into_iter()
+        .filter(|p| p.node_id == node_id)
+        .collect();
+    if streams.is_empty() {
+        return (
+            StatusCode::NOT_FOUND,
+            Json(json!({ "error": format!("no connected proxy with node id \"{node_id}\"") })),
+        )
+            .into_response();
+    }
+    Json(streams).into_response()
+}
+
+async fn rejects(State(s): State<AdminState>) -> Response {
+    Json(s.tracker.rejects()).into_response()
+}
+
+#[derive(Serialize)]
+struct ConfigView {
+    #[serde(flatten)]
+    status: ReloadStatus,
+    resources: Vec<ResourceView>,
+}
+
+#[derive(Serialize)]
+struct ResourceView {
+    type_url: &'static str,
+    name: String,
+    version: String,
+    config_type_url: String,
+    node_selector: Value,
+    file: String,
+    line: Option<usize>,
+    path: String,
+}
+
+async fn config(State(s): State<AdminState>) -> Response {
+    let resources = s
+        .cache
+        .current()
+        .map(|g| {
+            g.config
+                .resources
+                .iter()
+                .map(|r| ResourceView {
+                    type_url: r.resource_type.type_url(),
+                    name: r.name.clone(),
+                    version: r.version.to_string(),
+                    config_type_url: r.inner_type_url.clone(),
+                    node_selector: selector_json(&r.selector),
+                    file: r.origin.file.display().to_string(),
+                    line: r.origin.line,
+                    path: r.origin.path.clone(),
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    Json(ConfigView {
+        status: s.reloader.status(),
+        resources,
+    })
+    .into_response()
+}
+
+fn selector_json(s: &filterplane_config::NodeSelector) -> Value {
+    json!({
+        "ids": s.ids, "clusters": s.clusters, "metadata": s.metadata,
+        "locality": { "region": s.locality.region, "zone": s.locality.zone, "sub_zone": s.locality.sub_zone },
+    })
+}
+
+/// Every resource as served, decoded back to Envoy-native JSON.
+async fn config_dump(State(s): State<AdminState>) -> Response {
+    let Some(g) = s.cache.current() else {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({ "error": "no configuration loaded yet" })),
+        )
+            .into_response();
+    };
+    let resources: Vec<Value> = g
+        .config
+        .resources
+        .iter()
+        .map(|r| {
+            let resource =
+                any_to_json(&r.resource).unwrap_or_else(|e| json!({ "error": e.to_string() }));
+            json!({ "name": r.name, "version": r.version.to_string(), "resource": resource })
+        })
+        .collect();
+    Json(json!({ "version": g.version().to_string(), "resources": resources })).into_response()
+}

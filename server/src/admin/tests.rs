@@ -1,0 +1,92 @@
+//! The admin router, driven with `oneshot`: no socket.
+
+use std::sync::{atomic::AtomicBool, Arc};
+
+use axum::{body::Body, http::Request};
+use http_body_util::BodyExt;
+use tower::ServiceExt;
+
+use super::*;
+
+async fn get(app: Router, uri: &str) -> (StatusCode, String) {
+    let res = app
+        .oneshot(Request::get(uri).body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    let status = res.status();
+    let body = res.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+fn state(config: &str) -> (AdminState, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("c.yaml"), config).unwrap();
+    let cache = Arc::new(SnapshotCache::default());
+    let reloader = Arc::new(ConfigReloader::new(
+        dir.path().join("c.yaml"),
+        cache.clone(),
+    ));
+    let s = AdminState {
+        cache,
+        tracker: Arc::new(AckTracker::default()),
+        reloader,
+        xds_listening: Arc::new(AtomicBool::new(true)),
+    };
+    (s, dir)
+}
+
+const GOOD: &str = "version: 1\nextension_configs:\n  - name: a\n    typed_config: { \"@type\": type.googleapis.com/google.protobuf.Struct, fields: {} }\n";
+
+#[tokio::test]
+async fn readyz_waits_for_a_valid_config_and_config_shows_the_errors() {
+    let (s, dir) = state("version: 1\nextension_configs: [ { name: a } ]\n");
+    s.reloader.reload("test").await;
+    assert_eq!(get(app(s.clone()), "/healthz").await.0, StatusCode::OK);
+    assert_eq!(
+        get(app(s.clone()), "/readyz").await.0,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    let (code, body) = get(app(s.clone()), "/api/v1/config").await;
+    assert_eq!(code, StatusCode::OK);
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["last_outcome"]["result"], "failed");
+    assert!(
+        v["last_outcome"]["errors"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("typed_config"),
+        "{body}"
+    );
+    assert_eq!(v["serving_version"], serde_json::Value::Null);
+
+    std::fs::write(dir.path().join("c.yaml"), GOOD).unwrap();
+    s.reloader.reload("test").await;
+    assert_eq!(get(app(s.clone()), "/readyz").await.0, StatusCode::OK);
+    let v: serde_json::Value =
+        serde_json::from_str(&get(app(s.clone()), "/api/v1/config").await.1).unwrap();
+    assert_eq!(v["last_outcome"]["result"], "applied");
+    assert_eq!(v["resources"][0]["name"], "a");
+    assert_eq!(v["resources"][0]["line"], 3);
+}
+
+#[tokio::test]
+async fn config_dump_is_envoy_native_json_and_unknown_proxy_is_404() {
+    let (s, _dir) = state(GOOD);
+    s.reloader.reload("test").await;
+    let (code, body) = get(app(s.clone()), "/api/v1/config_dump").await;
+    assert_eq!(code, StatusCode::OK);
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let r = &v["resources"][0]["resource"];
+    assert_eq!(
+        r["@type"],
+        "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig"
+    );
+    assert_eq!(
+        r["typed_config"]["@type"],
+        "type.googleapis.com/google.protobuf.Struct"
+    );
+    let (code, body) = get(app(s.clone()), "/api/v1/proxies/nobody").await;
+    assert_eq!(code, StatusCode::NOT_FOUND);
+    assert!(body.contains("nobody"));
+    assert_eq!(get(app(s), "/api/v1/rejects").await.1, "[]");
+}

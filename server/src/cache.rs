@@ -1,0 +1,154 @@
+//! The snapshot cache: the one seam between compiled config and the xDS protocol.
+//! A `Generation` is one successfully compiled config; proxies that match the same
+//! entries share one immutable `Snapshot`, built on first use and kept for the life of
+//! the generation. New generations are published through a `watch` channel.
+
+use std::{collections::BTreeMap, sync::Arc};
+
+use dashmap::DashMap;
+use filterplane_api::{content_version, Any, ResourceType, ResourceVersion};
+use filterplane_config::{CompiledConfig, NodeFacts};
+use tokio::sync::watch;
+
+/// One resource as served: encoded once per generation and shared by every stream.
+#[derive(Debug)]
+pub struct ServedResource {
+    pub name: String,
+    pub version: ResourceVersion,
+    pub any: Any,
+}
+
+/// Resources of one type in a snapshot, by name.
+pub type ResourceMap = BTreeMap<String, Arc<ServedResource>>;
+
+/// What one group of proxies is served. Immutable.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    pub config_version: ResourceVersion,
+    types: BTreeMap<ResourceType, ResourceMap>,
+}
+
+impl Snapshot {
+    pub fn resources(&self, t: ResourceType) -> Option<&ResourceMap> {
+        self.types.get(&t)
+    }
+
+    pub fn resource(&self, t: ResourceType, name: &str) -> Option<&Arc<ServedResource>> {
+        self.types.get(&t)?.get(name)
+    }
+}
+
+/// A compiled config and the per-group snapshots cut from it.
+#[derive(Debug)]
+pub struct Generation {
+    pub config: Arc<CompiledConfig>,
+    /// Parallel to `config.resources`.
+    served: Vec<Arc<ServedResource>>,
+    /// Keyed by the indices of the entries a node matches.
+    groups: DashMap<Vec<u32>, Arc<Snapshot>>,
+}
+
+impl Generation {
+    pub fn new(config: CompiledConfig) -> Self {
+        let served = config
+            .resources
+            .iter()
+            .map(|r| {
+                Arc::new(ServedResource {
+                    name: r.name.clone(),
+                    version: r.version.clone(),
+                    any: r.resource.clone(),
+                })
+            })
+            .collect();
+        Self {
+            config: Arc::new(config),
+            served,
+            groups: DashMap::new(),
+        }
+    }
+
+    pub fn version(&self) -> &ResourceVersion {
+        &self.config.version
+    }
+
+    /// The snapshot for a node: shared with every node that matches the same entries.
+    pub fn snapshot_for(&self, node: &NodeFacts) -> Arc<Snapshot> {
+        let key: Vec<u32> = self
+            .config
+            .resources
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.selector.matches(node))
+            .map(|(i, _)| i as u32)
+            .collect();
+        if let Some(s) = self.groups.get(&key) {
+            return s.clone();
+        }
+        let mut types: BTreeMap<ResourceType, ResourceMap> = BTreeMap::new();
+        for &i in &key {
+            let r = &self.config.resources[i as usize];
+            types
+                .entry(r.resource_type)
+                .or_default()
+                .insert(r.name.clone(), self.served[i as usize].clone());
+        }
+        let versions: Vec<&[u8]> = key
+            .iter()
+            .flat_map(|&i| {
+                let s = &self.served[i as usize];
+                [s.name.as_bytes(), s.version.as_str().as_bytes()]
+            })
+            .collect();
+        let snap = Arc::new(Snapshot {
+            config_version: content_version(versions),
+            types,
+        });
+        self.groups.entry(key).or_insert(snap).clone()
+    }
+
+    /// How many distinct snapshots (node groups) have been cut so far.
+    pub fn group_count(&self) -> usize {
+        self.groups.len()
+    }
+}
+
+/// Holds the current generation. `None` until the first config loads: streams wait
+/// rather than being told "nothing exists", which would delete a reconnecting Envoy's
+/// listeners and clusters.
+#[derive(Debug)]
+pub struct SnapshotCache {
+    tx: watch::Sender<Option<Arc<Generation>>>,
+}
+
+impl Default for SnapshotCache {
+    fn default() -> Self {
+        Self {
+            tx: watch::Sender::new(None),
+        }
+    }
+}
+
+impl SnapshotCache {
+    /// Publishes a new config. Returns false, and wakes nobody, when its version is the
+    /// one already served.
+    pub fn publish(&self, config: CompiledConfig) -> bool {
+        if self
+            .current()
+            .is_some_and(|g| *g.version() == config.version)
+        {
+            return false;
+        }
+        self.tx
+            .send_replace(Some(Arc::new(Generation::new(config))));
+        true
+    }
+
+    pub fn current(&self) -> Option<Arc<Generation>> {
+        self.tx.borrow().clone()
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<Option<Arc<Generation>>> {
+        self.tx.subscribe()
+    }
+}

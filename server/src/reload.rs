@@ -1,0 +1,201 @@
+//! Loading the config into the cache: at start, when the file or directory changes
+//! (debounced), and on SIGHUP. A config that fails validation is refused as a whole;
+//! the last good one keeps serving and the errors are kept for the admin API.
+
+use std::{
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use filterplane_config::{ConfigError, ConfigErrors};
+use notify::{EventKind, RecursiveMode, Watcher};
+use serde::Serialize;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::{cache::SnapshotCache, tracker::now};
+
+/// Quiet time after the last file event before reloading: editors write a file in
+/// several steps (truncate, write, rename), and one reload should see the end result.
+pub const DEBOUNCE: Duration = Duration::from_millis(50);
+
+/// One config error as the admin API shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ErrorView {
+    pub file: String,
+    pub line: Option<usize>,
+    pub path: String,
+    pub message: String,
+}
+
+impl From<&ConfigError> for ErrorView {
+    fn from(e: &ConfigError) -> Self {
+        Self {
+            file: e.file.display().to_string(),
+            line: e.line,
+            path: e.path.clone(),
+            message: e.message.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum ReloadOutcome {
+    /// No load attempted yet.
+    Pending,
+    /// A new version is being served.
+    Applied { version: String },
+    /// The config compiled to the version already served.
+    Unchanged { version: String },
+    /// Refused; the previous version (if any) keeps serving.
+    Failed { errors: Vec<ErrorView> },
+}
+
+/// The result of the last reload, for the admin API and `/readyz`.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReloadStatus {
+    pub config_path: String,
+    /// The version being served; `None` until a config has loaded.
+    pub serving_version: Option<String>,
+    pub serving_since: Option<String>,
+    pub last_attempt_at: Option<String>,
+    pub last_trigger: Option<String>,
+    pub last_duration_ms: Option<f64>,
+    pub last_outcome: ReloadOutcome,
+}
+
+/// Loads the config at one path into the cache.
+#[derive(Debug)]
+pub struct ConfigReloader {
+    path: PathBuf,
+    cache: Arc<SnapshotCache>,
+    status: Mutex<ReloadStatus>,
+}
+
+impl ConfigReloader {
+    pub fn new(path: PathBuf, cache: Arc<SnapshotCache>) -> Self {
+        let status = ReloadStatus {
+            config_path: path.display().to_string(),
+            serving_version: None,
+            serving_since: None,
+            last_attempt_at: None,
+            last_trigger: None,
+            last_duration_ms: None,
+            last_outcome: ReloadOutcome::Pending,
+        };
+        Self {
+            path,
+            cache,
+            status: Mutex::new(status),
+        }
+    }
+
+    pub fn status(&self) -> ReloadStatus {
+        self.status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Loads, validates and compiles the config, and publishes it if it is good.
+    pub async fn reload(&self, trigger: &str) -> ReloadOutcome {
+        let started = Instant::now();
+        let path = self.path.clone();
+        let result = tokio::task::spawn_blocking(move || filterplane_config::load(&path))
+            .await
+            .unwrap_or_else(|e| {
+                Err(ConfigErrors(vec![ConfigError {
+                    file: self.path.clone(),
+                    line: None,
+                    path: String::new(),
+                    message: format!("config load task failed: {e}"),
+                }]))
+            });
+        let elapsed = started.elapsed();
+        let outcome = match result {
+            Ok(config) => {
+                let version = config.version.to_string();
+                let resources = config.resources.len();
+                if self.cache.publish(config) {
+                    tracing::info!(%version, resources, trigger, ms = elapsed.as_secs_f64() * 1e3, "config applied");
+                    ReloadOutcome::Applied { version }
+                } else {
+                    tracing::info!(%version, trigger, "config unchanged");
+                    ReloadOutcome::Unchanged { version }
+                }
+            }
+            Err(errors) => {
+                for e in &errors.0 {
+                    tracing::error!(trigger, "config refused: {e}");
+                }
+                ReloadOutcome::Failed {
+                    errors: errors.0.iter().map(ErrorView::from).collect(),
+                }
+            }
+        };
+        let mut status = self.status.lock().unwrap_or_else(|p| p.into_inner());
+        let at = now();
+        if let ReloadOutcome::Applied { version } = &outcome {
+            status.serving_version = Some(version.clone());
+            status.serving_since = Some(at.clone());
+        }
+        status.last_attempt_at = Some(at);
+        status.last_trigger = Some(trigger.to_owned());
+        status.last_duration_ms = Some(elapsed.as_secs_f64() * 1e3);
+        status.last_outcome = outcome.clone();
+        outcome
+    }
+
+    /// Reloads on file changes and SIGHUP until `shutdown`.
+    pub async fn watch(self: Arc<Self>, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let (tx, mut events) = mpsc::channel::<()>(64);
+        let mut watcher =
+            notify::recommended_watcher(move |res: notify::Result<notify::Event>| match res {
+                Ok(ev)
+                    if matches!(
+                        ev.kind,
+                        EventKind::Create(_) | EventKind::Modify(_) | EventKind::Remove(_)
+                    ) =>
+                {
+                    // A full channel already means "reload pending".
+                    let _ = tx.try_send(());
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "file watch error"),
+            })?;
+        // Watch the directory, not the file: editors and Kubernetes ConfigMaps replace
+        // files by rename, which ends a watch on the file itself.
+        watcher.watch(watch_root(&self.path), RecursiveMode::NonRecursive)?;
+        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                _ = hup.recv() => {
+                    self.reload("SIGHUP").await;
+                }
+                Some(()) = events.recv() => {
+                    // Debounce: wait until the files have been quiet for DEBOUNCE.
+                    loop {
+                        tokio::select! {
+                            _ = tokio::time::sleep(DEBOUNCE) => break,
+                            more = events.recv() => if more.is_none() { break },
+                        }
+                    }
+                    self.reload("file change").await;
+                }
+            }
+        }
+    }
+}
+
+fn watch_root(path: &Path) -> &Path {
+    if path.is_dir() {
+        path
+    } else {
+        path.parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."))
+    }
+}

@@ -1,0 +1,22 @@
+//! The xDS protocol: state machines (pure) and the gRPC services around them.
+
+pub mod service;
+pub mod sotw;
+pub mod stream;
+
+/// A request the protocol cannot serve; ends the stream with a gRPC status. Converted to
+/// `tonic::Status` here and nowhere else. (An Envoy NACK is not one of these: it is
+/// stream state, recorded by the tracker.)
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ProtocolError {
+    #[error("the first request of a stream must carry the node")]
+    MissingNode,
+    #[error("type URL \"{got}\" is not served on this service")]
+    WrongType { got: String },
+}
+
+impl From<ProtocolError> for tonic::Status {
+    fn from(e: ProtocolError) -> Self {
+        tonic::Status::invalid_argument(e.to_string())
+    }
+}

@@ -1,0 +1,238 @@
+//! The state-of-the-world protocol as a pure state machine: requests and new snapshots
+//! in, responses and tracker events out, no I/O. The tonic service is a loop around it.
+
+use std::{collections::BTreeMap, sync::Arc};
+
+use filterplane_api::{
+    envoy_types::pb::envoy::{
+        config::core::v3::ControlPlane,
+        service::discovery::v3::{DiscoveryRequest, DiscoveryResponse},
+    },
+    ResourceType,
+};
+use prost::Message;
+
+use crate::cache::Snapshot;
+use crate::xds::stream::{set_version, NodeInfo, NonceSource, StreamEvent, Subscription};
+use crate::xds::ProtocolError;
+
+/// What one step of the machine asks the caller to do.
+#[derive(Debug, Default)]
+pub struct Step {
+    pub responses: Vec<DiscoveryResponse>,
+    pub events: Vec<StreamEvent>,
+}
+
+#[derive(Debug, Clone)]
+struct Sent {
+    version: String,
+    /// Empty when nothing was sent because the client said it already had `version`.
+    nonce: String,
+    subscription: Subscription,
+}
+
+#[derive(Debug)]
+struct TypeState {
+    subscription: Subscription,
+    /// Version the client says it has (from its last request).
+    client_version: String,
+    last_sent: Option<Sent>,
+}
+
+/// One SotW stream (ADS, or a single-type service such as ECDS).
+#[derive(Debug)]
+pub struct SotwStream {
+    /// Set on single-type services: any other type URL is a protocol error.
+    only: Option<ResourceType>,
+    node: Option<NodeInfo>,
+    snapshot: Option<Arc<Snapshot>>,
+    types: BTreeMap<ResourceType, TypeState>,
+    nonces: NonceSource,
+    control_plane: String,
+}
+
+impl SotwStream {
+    pub fn new(only: Option<ResourceType>, control_plane: impl Into<String>) -> Self {
+        Self {
+            only,
+            node: None,
+            snapshot: None,
+            types: BTreeMap::new(),
+            nonces: NonceSource::default(),
+            control_plane: control_plane.into(),
+        }
+    }
+
+    /// The node, once the first request has named it.
+    pub fn node(&self) -> Option<&NodeInfo> {
+        self.node.as_ref()
+    }
+
+    /// Handles one request from the client.
+    pub fn on_request(&mut self, req: DiscoveryRequest) -> Result<Step, ProtocolError> {
+        let mut step = Step::default();
+        if self.node.is_none() {
+            // Envoy sends the node on the first request of a stream (and may omit it later).
+            let node = req.node.as_ref().ok_or(ProtocolError::MissingNode)?;
+            self.node = Some(NodeInfo::from(node));
+        }
+        let Some(rt) = ResourceType::from_type_url(&req.type_url) else {
+            if self.only.is_some() {
+                return Err(ProtocolError::WrongType { got: req.type_url });
+            }
+            // xDS protocol: a type the server does not know gets no response; Envoy times
+            // the subscription out on its own (initial_fetch_timeout).
+            step.events.push(StreamEvent::UnsupportedType {
+                type_url: req.type_url,
+            });
+            return Ok(step);
+        };
+        if self.only.is_some_and(|o| o != rt) {
+            return Err(ProtocolError::WrongType { got: req.type_url });
+        }
+
+        let state = self.types.get(&rt);
+        let sent_nonce = state
+            .and_then(|s| s.last_sent.as_ref())
+            .map(|s| s.nonce.as_str());
+        if !req.response_nonce.is_empty() && sent_nonce != Some(req.response_nonce.as_str()) {
+            // xDS protocol, "Resource updates": a request whose nonce is not the latest
+            // response's is stale and is ignored (its ACK/NACK is for superseded data).
+            tracing::debug!(type_url = %rt, nonce = %req.response_nonce, "stale nonce ignored");
+            return Ok(step);
+        }
+
+        let previous = state.map(|s| &s.subscription);
+        let subscription = Subscription::from_sotw(rt, &req.resource_names, previous);
+        if previous != Some(&subscription) {
+            step.events.push(StreamEvent::Subscribed {
+                rt,
+                wildcard: subscription.wildcard,
+                names: subscription.names.iter().cloned().collect(),
+            });
+        }
+
+        let state = self.types.entry(rt).or_insert_with(|| TypeState {
+            subscription: subscription.clone(),
+            client_version: String::new(),
+            last_sent: None,
+        });
+        if let Some(sent) = state
+            .last_sent
+            .as_ref()
+            .filter(|_| !req.response_nonce.is_empty())
+        {
+            if let Some(err) = &req.error_detail {
+                // NACK: record it and do not resend the same version; a new snapshot or
+                // a subscription change is what produces the next response.
+                let names = self
+                    .snapshot
+                    .as_ref()
+                    .map(|s| {
+                        sent.subscription
+                            .select(s.resources(rt))
+                            .iter()
+                            .map(|r| r.name.clone())
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                step.events.push(StreamEvent::Nacked {
+                    rt,
+                    version: sent.version.clone(),
+                    kept_version: req.version_info.clone(),
+                    nonce: req.response_nonce.clone(),
+                    code: err.code,
+                    message: err.message.clone(),
+                    resources: names,
+                });
+            } else {
+                step.events.push(StreamEvent::Acked {
+                    rt,
+                    version: req.version_info.clone(),
+                    nonce: req.response_nonce.clone(),
+                });
+            }
+        }
+        state.client_version = req.version_info;
+        state.subscription = subscription;
+        self.respond_if_changed(rt, &mut step);
+        Ok(step)
+    }
+
+    /// A new snapshot for this stream's node: push every subscribed type whose
+    /// selected resources changed, in dependency order.
+    pub fn on_snapshot(&mut self, snapshot: Arc<Snapshot>) -> Step {
+        self.snapshot = Some(snapshot);
+        let mut step = Step::default();
+        for rt in ResourceType::ALL {
+            if self.types.contains_key(&rt) {
+                self.respond_if_changed(rt, &mut step);
+            }
+        }
+        step
+    }
+
+    fn respond_if_changed(&mut self, rt: ResourceType, step: &mut Step) {
+        let (Some(snapshot), Some(state)) = (self.snapshot.as_ref(), self.types.get_mut(&rt))
+        else {
+            return;
+        };
+        let selected = state.subscription.select(snapshot.resources(rt));
+        let version = set_version(&selected).to_string();
+        match &state.last_sent {
+            None if state.client_version == version => {
+                // A reconnecting client that already has exactly this: nothing to send.
+                state.last_sent = Some(Sent {
+                    version,
+                    nonce: String::new(),
+                    subscription: state.subscription.clone(),
+                });
+                return;
+            }
+            Some(sent)
+                if sent.version == version
+                    && !gained_names(&sent.subscription, &state.subscription) =>
+            {
+                return;
+            }
+            _ => {}
+        }
+        let nonce = self.nonces.next();
+        let response = DiscoveryResponse {
+            version_info: version.clone(),
+            resources: selected.iter().map(|r| r.any.clone()).collect(),
+            type_url: rt.type_url().to_owned(),
+            nonce: nonce.clone(),
+            control_plane: Some(ControlPlane {
+                identifier: self.control_plane.clone(),
+            }),
+            ..Default::default()
+        };
+        step.events.push(StreamEvent::Sent {
+            rt,
+            version: version.clone(),
+            nonce: nonce.clone(),
+            resources: selected
+                .iter()
+                .map(|r| (r.name.clone(), r.version.clone()))
+                .collect(),
+            bytes: response.encoded_len(),
+        });
+        step.responses.push(response);
+        state.last_sent = Some(Sent {
+            version,
+            nonce,
+            subscription: state.subscription.clone(),
+        });
+    }
+}
+
+/// A client that asks for a name it did not ask for before gets an answer even when
+/// the answer is unchanged (the resource may not exist; SotW says so by its absence).
+fn gained_names(before: &Subscription, now: &Subscription) -> bool {
+    (now.wildcard && !before.wildcard) || now.names.difference(&before.names).next().is_some()
+}
+
+#[cfg(test)]
+#[path = "sotw_tests.rs"]
+mod tests;

@@ -1,0 +1,162 @@
+//! What every xDS stream shares, whatever its flavour: who the node is, what it
+//! subscribed to, nonces, and the events the tracker records.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use filterplane_api::{
+    content_version,
+    envoy_types::pb::envoy::config::core::v3::{node::UserAgentVersionType, Node},
+    envoy_types::pb::google::protobuf::value::Kind,
+    ResourceType, ResourceVersion,
+};
+use filterplane_config::NodeFacts;
+
+use crate::cache::{ResourceMap, ServedResource};
+
+/// What a stream learns from the `node` of its first request.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeInfo {
+    pub facts: NodeFacts,
+    /// e.g. "envoy 1.40.0".
+    pub user_agent: String,
+}
+
+impl From<&Node> for NodeInfo {
+    fn from(node: &Node) -> Self {
+        let metadata = node
+            .metadata
+            .iter()
+            .flat_map(|s| s.fields.iter())
+            .filter_map(|(k, v)| {
+                let text = match v.kind.as_ref()? {
+                    Kind::StringValue(s) => s.clone(),
+                    Kind::NumberValue(n) => n.to_string(),
+                    Kind::BoolValue(b) => b.to_string(),
+                    _ => return None,
+                };
+                Some((k.clone(), text))
+            })
+            .collect();
+        let locality = node.locality.clone().unwrap_or_default();
+        let version = match &node.user_agent_version_type {
+            Some(UserAgentVersionType::UserAgentVersion(v)) => v.clone(),
+            Some(UserAgentVersionType::UserAgentBuildVersion(b)) => b
+                .version
+                .as_ref()
+                .map(|v| format!("{}.{}.{}", v.major_number, v.minor_number, v.patch))
+                .unwrap_or_default(),
+            None => String::new(),
+        };
+        NodeInfo {
+            facts: NodeFacts {
+                id: node.id.clone(),
+                cluster: node.cluster.clone(),
+                metadata,
+                region: locality.region,
+                zone: locality.zone,
+                sub_zone: locality.sub_zone,
+            },
+            user_agent: format!("{} {}", node.user_agent_name, version)
+                .trim()
+                .to_owned(),
+        }
+    }
+}
+
+/// The resources of one type a stream asked for.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Subscription {
+    /// All resources of the type (explicit `*`, or LDS/CDS legacy wildcard).
+    pub wildcard: bool,
+    /// Names asked for explicitly (besides `*`).
+    pub names: BTreeSet<String>,
+}
+
+impl Subscription {
+    /// The subscription a state-of-the-world request states. SotW requests carry the
+    /// full list every time. xDS protocol, "How the client specifies what resources to
+    /// return": an empty list on the first LDS/CDS request is the legacy wildcard, and
+    /// stays wildcard while later requests keep the list empty; `*` is the explicit
+    /// wildcard; any other list replaces what was subscribed before.
+    pub fn from_sotw(rt: ResourceType, names: &[String], previous: Option<&Subscription>) -> Self {
+        if names.is_empty() {
+            let legacy = rt.legacy_wildcard() && previous.is_none_or(|p| p.wildcard);
+            return Subscription {
+                wildcard: legacy,
+                names: BTreeSet::new(),
+            };
+        }
+        let wildcard = names.iter().any(|n| n == "*");
+        let names = names.iter().filter(|n| *n != "*").cloned().collect();
+        Subscription { wildcard, names }
+    }
+
+    /// The snapshot's resources this subscription selects, in name order.
+    pub fn select<'a>(&self, available: Option<&'a ResourceMap>) -> Vec<&'a Arc<ServedResource>> {
+        let Some(map) = available else {
+            return Vec::new();
+        };
+        if self.wildcard {
+            return map.values().collect();
+        }
+        self.names.iter().filter_map(|n| map.get(n)).collect()
+    }
+}
+
+/// The version of a set of resources: a hash of their names and versions, so it changes
+/// exactly when what the proxy subscribed to changes.
+pub fn set_version(resources: &[&Arc<ServedResource>]) -> ResourceVersion {
+    content_version(
+        resources
+            .iter()
+            .flat_map(|r| [r.name.as_bytes(), r.version.as_str().as_bytes()]),
+    )
+}
+
+/// Nonces unique within a stream; that is all the protocol asks of them.
+#[derive(Debug, Default)]
+pub struct NonceSource(u64);
+
+impl NonceSource {
+    pub fn next(&mut self) -> String {
+        self.0 += 1;
+        self.0.to_string()
+    }
+}
+
+/// Something a stream did or saw that the tracker records.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StreamEvent {
+    Subscribed {
+        rt: ResourceType,
+        wildcard: bool,
+        names: Vec<String>,
+    },
+    Sent {
+        rt: ResourceType,
+        version: String,
+        nonce: String,
+        resources: Vec<(String, ResourceVersion)>,
+        bytes: usize,
+    },
+    Acked {
+        rt: ResourceType,
+        version: String,
+        nonce: String,
+    },
+    /// `version` is the rejected version (the one sent with `nonce`); Envoy keeps
+    /// `kept_version`, its last accepted one.
+    Nacked {
+        rt: ResourceType,
+        version: String,
+        kept_version: String,
+        nonce: String,
+        code: i32,
+        message: String,
+        resources: Vec<String>,
+    },
+    UnsupportedType {
+        type_url: String,
+    },
+}
