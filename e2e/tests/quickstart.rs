@@ -1,0 +1,334 @@
+//! The quickstart, end to end: the real `filterplane` binary serving a real Envoy 1.40
+//! started from `examples/quickstart/envoy.yaml`.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use filterplane_e2e::{
+    example_bootstrap, filterplane_bin, wait_until, Envoy, EnvoyPorts, Filterplane,
+};
+use serde_json::Value;
+
+const ECDS: &str = "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig";
+const STAT: &str = "extension_config_discovery.http_filter.add-header";
+const WAIT: Duration = Duration::from_secs(15);
+
+struct Quickstart {
+    fp: Filterplane,
+    envoy: Envoy,
+    /// The YAML file Filterplane serves.
+    yaml: PathBuf,
+    node_id: String,
+    _dir: tempfile::TempDir,
+}
+
+fn example_yaml() -> String {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/quickstart/filterplane.yaml");
+    fs::read_to_string(p).expect("read the quickstart config")
+}
+
+/// The quickstart config with the header value `value`.
+fn yaml_with(value: &str) -> String {
+    let text = example_yaml();
+    assert!(text.contains("value: v1"));
+    text.replace("value: v1", &format!("value: {value}"))
+}
+
+/// Starts Filterplane on a copy of the quickstart config (`serve_dir`: point it at the
+/// directory rather than the file) and an Envoy on the quickstart bootstrap, and waits
+/// until Envoy applies the extension.
+fn quickstart(node_id: &str, serve_dir: bool) -> Quickstart {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let conf_dir = dir.path().join("conf");
+    fs::create_dir(&conf_dir).unwrap();
+    let yaml = conf_dir.join("filterplane.yaml");
+    fs::write(&yaml, example_yaml()).unwrap();
+    let fp = Filterplane::start(if serve_dir { &conf_dir } else { &yaml }, dir.path());
+    let ports = EnvoyPorts::new(fp.xds_port);
+    let envoy = Envoy::start(
+        &example_bootstrap("quickstart/envoy.yaml", ports, node_id),
+        ports,
+        dir.path(),
+        "envoy",
+    );
+    let q = Quickstart {
+        fp,
+        envoy,
+        yaml,
+        node_id: node_id.to_owned(),
+        _dir: dir,
+    };
+    q.wait_for_header("v1");
+    q
+}
+
+impl Quickstart {
+    fn header(&self) -> Option<String> {
+        let r = self.envoy.get("/")?;
+        assert_eq!(r.status, 200, "{r:?}");
+        r.header("x-plugin").map(str::to_owned)
+    }
+
+    fn wait_for_header(&self, value: &str) {
+        wait_until(&format!("x-plugin: {value} through Envoy"), WAIT, || {
+            (self.header().as_deref() == Some(value)).then_some(())
+        });
+    }
+
+    /// This proxy's ECDS status from `/api/v1/proxies/{node}`.
+    fn ecds_status(&self) -> Value {
+        let streams = self.fp.api(&format!("/api/v1/proxies/{}", self.node_id));
+        streams[0]["types"][ECDS].clone()
+    }
+
+    fn write(&self, text: &str) {
+        fs::write(&self.yaml, text).expect("write config");
+    }
+}
+
+fn epoch_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+#[test]
+fn extension_config_reaches_envoy_and_edits_roll_out() {
+    let q = quickstart("rollout", true);
+    let served = q.fp.api("/api/v1/config")["serving_version"].clone();
+    let ecds = q.ecds_status();
+    assert_eq!(ecds["subscribed"], serde_json::json!(["add-header"]));
+    let acked = wait_until("the ACK of the first push", WAIT, || {
+        let s = q.ecds_status();
+        (!s["acked_version"].is_null() && s["acked_version"] == s["sent_version"]).then_some(s)
+    });
+    assert_eq!(q.envoy.stat(&format!("{STAT}.update_rejected")), Some(0));
+
+    for (i, value) in ["v2", "v3", "v4"].into_iter().enumerate() {
+        let before = epoch_ms();
+        let start = Instant::now();
+        q.write(&yaml_with(value));
+        q.wait_for_header(value);
+        let seen = start.elapsed();
+        let applied = q
+            .envoy
+            .stat(&format!("{STAT}.update_time"))
+            .unwrap_or(0)
+            .saturating_sub(before);
+        println!(
+            "rollout {i}: file write -> Envoy applied {applied} ms, -> curl sees it {} ms",
+            seen.as_millis()
+        );
+    }
+    let after = q.ecds_status();
+    assert_ne!(after["acked_version"], acked["acked_version"]);
+    assert_eq!(after["acked_version"], after["sent_version"]);
+    assert_ne!(q.fp.api("/api/v1/config")["serving_version"], served);
+    assert_eq!(q.envoy.stat(&format!("{STAT}.update_success")), Some(4));
+}
+
+#[test]
+fn invalid_edit_leaves_envoy_serving_the_previous_config() {
+    let q = quickstart("bad-edit", true);
+    let served = q.fp.api("/api/v1/config")["serving_version"].clone();
+    let success = q.envoy.stat(&format!("{STAT}.update_success"));
+
+    // A field Envoy's HeaderValue does not have, and then broken YAML.
+    for (broken, path_part) in [
+        (
+            yaml_with("v2").replace("value: v2", "valu: v2"),
+            "typed_config.mutations.response_mutations[0].append.header",
+        ),
+        (
+            yaml_with("v2").replace("mutations:\n", "mutations: [\n"),
+            "",
+        ),
+    ] {
+        q.write(&broken);
+        let config = wait_until("the reload to fail", WAIT, || {
+            let c = q.fp.api("/api/v1/config");
+            (c["last_outcome"]["result"] == "failed"
+                && c["last_outcome"]["errors"][0]["file"].is_string())
+            .then_some(c)
+        });
+        let err = &config["last_outcome"]["errors"][0];
+        assert!(
+            err["file"].as_str().unwrap().ends_with("filterplane.yaml"),
+            "{err}"
+        );
+        assert!(err["line"].as_u64().is_some(), "{err}");
+        assert!(err["path"].as_str().unwrap().contains(path_part), "{err}");
+        assert_eq!(
+            config["serving_version"], served,
+            "the last good config keeps serving"
+        );
+        assert_eq!(q.header().as_deref(), Some("v1"));
+        // Reset the outcome so the next case waits for its own failure.
+        q.write(&example_yaml());
+        wait_until("the unchanged reload", WAIT, || {
+            (q.fp.api("/api/v1/config")["last_outcome"]["result"] == "unchanged").then_some(())
+        });
+    }
+    assert_eq!(
+        q.envoy.stat(&format!("{STAT}.update_success")),
+        success,
+        "Envoy got nothing new"
+    );
+}
+
+#[test]
+fn config_envoy_refuses_is_nacked_and_recorded_with_envoys_message() {
+    let q = quickstart("nacker", false);
+    let good = q.ecds_status()["acked_version"].clone();
+    // Valid for Filterplane, but the listener's config_discovery only allows HeaderMutation.
+    let buffer = example_yaml().replace(
+        "      \"@type\": type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutation\n      mutations:\n        response_mutations:\n          - append: { header: { key: x-plugin, value: v1 } }\n",
+        "      \"@type\": type.googleapis.com/envoy.extensions.filters.http.buffer.v3.Buffer\n      max_request_bytes: 1024\n",
+    );
+    assert_ne!(buffer, example_yaml());
+    q.write(&buffer);
+    let rejects = wait_until("the NACK in /api/v1/rejects", WAIT, || {
+        let r = q.fp.api("/api/v1/rejects");
+        (!r.as_array()?.is_empty()).then_some(r)
+    });
+    let reject = &rejects[0];
+    assert_eq!(reject["node_id"], "nacker");
+    assert_eq!(reject["type_url"], ECDS);
+    assert_eq!(reject["resources"], serde_json::json!(["add-header"]));
+    assert_eq!(reject["code"], 13);
+    let message = reject["message"].as_str().unwrap();
+    assert!(
+        message.contains("type URL") && message.contains("Buffer"),
+        "Envoy's own message: {message}"
+    );
+
+    let status = q.ecds_status();
+    assert_eq!(status["last_nack"]["version"], reject["version"]);
+    assert_eq!(
+        status["acked_version"], good,
+        "the proxy keeps its last ACKed version"
+    );
+    assert_eq!(q.envoy.stat(&format!("{STAT}.update_rejected")), Some(1));
+    assert_eq!(
+        q.header().as_deref(),
+        Some("v1"),
+        "Envoy keeps serving the last good config"
+    );
+    assert!(q.fp.log_text().contains("NACK"));
+
+    // No resend loop: still exactly one reject after more traffic on the stream.
+    q.write(&yaml_with("v2"));
+    q.wait_for_header("v2");
+    let status = wait_until("the fix to be ACKed", WAIT, || {
+        let s = q.ecds_status();
+        (s["acked_version"] == s["sent_version"]).then_some(s)
+    });
+    assert!(
+        status["last_nack"].is_null(),
+        "fixing the YAML clears the NACK state: {status}"
+    );
+    assert_eq!(q.fp.api("/api/v1/rejects").as_array().unwrap().len(), 1);
+    assert_eq!(q.envoy.stat(&format!("{STAT}.update_rejected")), Some(1));
+}
+
+#[test]
+fn restart_on_the_same_yaml_does_not_make_envoy_reload() {
+    let mut q = quickstart("restart", false);
+    let reloads = q.envoy.stat(&format!("{STAT}.config_reload"));
+    let successes = q.envoy.stat(&format!("{STAT}.update_success"));
+    let version = q
+        .envoy
+        .admin(&format!("/stats?filter={STAT}.version_text"))
+        .unwrap()
+        .body;
+
+    q.fp.restart();
+    // Envoy reconnects and resubscribes with the version it has; Filterplane, having the
+    // same version, answers nothing.
+    let status = wait_until(
+        "Envoy to resubscribe after the restart",
+        Duration::from_secs(30),
+        || {
+            let s = q.ecds_status();
+            (s["subscribed"] == serde_json::json!(["add-header"])).then_some(s)
+        },
+    );
+    assert!(
+        status["sent_version"].is_null(),
+        "nothing was pushed: {status}"
+    );
+    assert_eq!(q.envoy.stat("control_plane.connected_state"), Some(1));
+    assert_eq!(q.envoy.stat(&format!("{STAT}.config_reload")), reloads);
+    assert_eq!(q.envoy.stat(&format!("{STAT}.update_success")), successes);
+    assert_eq!(
+        q.envoy
+            .admin(&format!("/stats?filter={STAT}.version_text"))
+            .unwrap()
+            .body,
+        version
+    );
+
+    // The new process still rolls out changes.
+    q.write(&yaml_with("after-restart"));
+    q.wait_for_header("after-restart");
+}
+
+#[test]
+fn sighup_forces_a_reload() {
+    let q = quickstart("hup", false);
+    q.fp.signal("-HUP");
+    wait_until("a reload triggered by SIGHUP", WAIT, || {
+        (q.fp.api("/api/v1/config")["last_trigger"] == "SIGHUP").then_some(())
+    });
+    assert_eq!(
+        q.fp.api("/api/v1/config")["last_outcome"]["result"],
+        "unchanged"
+    );
+}
+
+#[test]
+fn validate_prints_every_error_and_sets_the_exit_code() {
+    let example =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/quickstart/filterplane.yaml");
+    let ok = Command::new(filterplane_bin())
+        .arg("validate")
+        .arg("--config")
+        .arg(&example)
+        .output()
+        .unwrap();
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert!(String::from_utf8_lossy(&ok.stdout).contains("valid, 1 resource(s)"));
+
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.yaml");
+    let text = example_yaml().replace("value: v1", "valu: v1")
+        + "  - name: add-header\n    typed_config: { \"@type\": type.googleapis.com/envoy.Nope }\n";
+    fs::write(&bad, text).unwrap();
+    let out = Command::new(filterplane_bin())
+        .arg("validate")
+        .arg("--config")
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("bad.yaml:10: extension_configs[0].typed_config.mutations.response_mutations[0].append.header: unrecognized field name 'valu'"), "{stderr}");
+    assert!(
+        stderr.contains("extension_configs[1].name: duplicate extension config name"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("extension_configs[1].typed_config.@type: unknown type"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("3 error(s)"), "{stderr}");
+}
