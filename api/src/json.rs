@@ -62,21 +62,48 @@ pub fn any_from_json(value: &Value) -> Result<TypedMessage, JsonToAnyError> {
             format!("unknown type \"{type_url}\": not a message in Envoy's API"),
         ));
     };
-    let mut fields = obj.clone();
-    fields.remove("@type");
+    // proto3 JSON: an Any holding a well-known type with a special JSON form (a wrapper,
+    // Duration, Struct, ...) carries it under "value"; any other message's fields sit
+    // beside "@type".
+    let (body, prefix) = if has_special_json_form(type_name) {
+        let mut rest = obj.iter().filter(|(k, _)| *k != "@type" && *k != "value");
+        if let Some((k, _)) = rest.next() {
+            return Err(JsonToAnyError::at(
+                k.as_str(),
+                format!(
+                    "{type_name} is written as {{\"@type\": ..., \"value\": ...}}; unexpected key"
+                ),
+            ));
+        }
+        let value = obj.get("value").cloned().ok_or_else(|| {
+            JsonToAnyError::at(
+                "",
+                format!("{type_name} is written as {{\"@type\": ..., \"value\": ...}}"),
+            )
+        })?;
+        (value, "value")
+    } else {
+        let mut fields = obj.clone();
+        fields.remove("@type");
+        (Value::Object(fields), "")
+    };
 
     let mut track = serde_path_to_error::Track::new();
-    let de = serde_path_to_error::Deserializer::new(Value::Object(fields), &mut track);
+    let de = serde_path_to_error::Deserializer::new(body, &mut track);
     let message = DynamicMessage::deserialize_with_options(
         desc,
         de,
         &DeserializeOptions::new().deny_unknown_fields(true),
     )
     .map_err(|e| {
-        JsonToAnyError::at(
-            track.path().to_string().trim_start_matches('.'),
-            e.to_string(),
-        )
+        let inner = track.path().to_string();
+        let inner = inner.trim_start_matches('.');
+        let path = match (prefix, inner) {
+            ("", p) => p.to_owned(),
+            (pre, "") => pre.to_owned(),
+            (pre, p) => format!("{pre}.{p}"),
+        };
+        JsonToAnyError::at(path, e.to_string())
     })?;
 
     let canonical = message
@@ -99,6 +126,30 @@ pub fn any_from_json(value: &Value) -> Result<TypedMessage, JsonToAnyError> {
     })
 }
 
+/// Well-known types whose proto3 JSON form is not an object of their fields.
+fn has_special_json_form(type_name: &str) -> bool {
+    matches!(
+        type_name.strip_prefix("google.protobuf."),
+        Some(
+            "Duration"
+                | "Timestamp"
+                | "FieldMask"
+                | "Struct"
+                | "Value"
+                | "ListValue"
+                | "DoubleValue"
+                | "FloatValue"
+                | "Int64Value"
+                | "UInt64Value"
+                | "Int32Value"
+                | "UInt32Value"
+                | "BoolValue"
+                | "StringValue"
+                | "BytesValue"
+        )
+    )
+}
+
 /// Decodes an `Any` of any type in the pool back to Envoy-native JSON (for config dumps).
 pub fn any_to_json(any: &Any) -> Result<Value, JsonToAnyError> {
     let name = any
@@ -118,10 +169,14 @@ pub fn any_to_json(any: &Any) -> Result<Value, JsonToAnyError> {
                 .skip_default_fields(true),
         )
         .map_err(|e| JsonToAnyError::at("", e.to_string()))?;
-    if let Value::Object(m) = &mut v {
-        m.insert("@type".into(), Value::String(any.type_url.clone()));
-    }
-    Ok(v)
+    let type_url = Value::String(any.type_url.clone());
+    Ok(match v {
+        Value::Object(mut m) if !has_special_json_form(name) => {
+            m.insert("@type".into(), type_url);
+            Value::Object(m)
+        }
+        other => serde_json::json!({ "@type": type_url, "value": other }),
+    })
 }
 
 /// JSON with object keys sorted at every level, whatever map type serde_json was built with.
@@ -212,6 +267,22 @@ mod tests {
         assert!(e.message.contains("unknown type"));
         let e = any_from_json(&json!({"mutations": {}})).unwrap_err();
         assert!(e.message.contains("missing"));
+    }
+
+    #[test]
+    fn well_known_types_use_the_value_form() {
+        let d = "type.googleapis.com/google.protobuf.Duration";
+        let m = any_from_json(&json!({"@type": d, "value": "1.5s"})).unwrap();
+        assert_eq!(
+            any_to_json(&m.any).unwrap(),
+            json!({"@type": d, "value": "1.500s"})
+        );
+        let e = any_from_json(&json!({"@type": d, "seconds": 1})).unwrap_err();
+        assert_eq!(e.path, "seconds");
+        let e = any_from_json(&json!({"@type": d, "value": 5})).unwrap_err();
+        assert_eq!(e.path, "value");
+        let s = "type.googleapis.com/google.protobuf.Struct";
+        assert!(any_from_json(&json!({"@type": s, "value": {"a": [1, "b"]}})).is_ok());
     }
 
     #[test]

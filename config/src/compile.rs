@@ -47,7 +47,7 @@ pub struct CompiledConfig {
 pub fn compile(files: &[ParsedFile]) -> Result<CompiledConfig, ConfigErrors> {
     let mut errors = Vec::new();
     let mut resources: Vec<CompiledResource> = Vec::new();
-    let mut seen: HashMap<(ResourceType, String), Origin> = HashMap::new();
+    let mut seen: HashMap<(ResourceType, String), Vec<(NodeSelector, Origin)>> = HashMap::new();
 
     for file in files {
         for (i, spec) in file.doc.extension_configs.iter().enumerate() {
@@ -63,11 +63,18 @@ pub fn compile(files: &[ParsedFile]) -> Result<CompiledConfig, ConfigErrors> {
                 ok = false;
             }
             let key = (ResourceType::ExtensionConfig, spec.name.clone());
-            if let Some(first) = seen.get(&key) {
+            let earlier = seen.entry(key).or_default();
+            // One name may have several entries for different proxies (e.g. a canary);
+            // the first entry a node matches wins. An earlier entry with the same
+            // selector, or with none, would make this one unreachable: say so.
+            if let Some((_, first)) = earlier
+                .iter()
+                .find(|(sel, _)| sel.is_empty() || *sel == spec.node_selector)
+            {
                 errors.push(file.error(
                     format!("{at}.name"),
                     format!(
-                        "duplicate extension config name \"{}\": also defined at {}{}: {}",
+                        "duplicate extension config name \"{}\": the entry at {}{}: {} already matches every proxy this one selects",
                         spec.name,
                         first.file.display(),
                         first.line.map(|l| format!(":{l}")).unwrap_or_default(),
@@ -76,7 +83,7 @@ pub fn compile(files: &[ParsedFile]) -> Result<CompiledConfig, ConfigErrors> {
                 ));
                 ok = false;
             } else {
-                seen.insert(key, origin.clone());
+                earlier.push((spec.node_selector.clone(), origin.clone()));
             }
             let typed = match any_from_json(&spec.typed_config) {
                 Ok(t) => t,
@@ -122,6 +129,8 @@ pub fn compile(files: &[ParsedFile]) -> Result<CompiledConfig, ConfigErrors> {
     if !errors.is_empty() {
         return Err(ConfigErrors(errors));
     }
+    // Stable: entries of the same name keep their file order, which decides which one
+    // a node that matches several gets.
     resources.sort_by(|a, b| (a.resource_type, &a.name).cmp(&(b.resource_type, &b.name)));
     let described: Vec<String> = resources
         .iter()

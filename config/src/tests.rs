@@ -110,16 +110,16 @@ fn every_error_is_reported_and_duplicates_across_files_point_at_both() {
     write(dir.path(), "a.yaml", GOOD);
     let second = GOOD.replace("value: v1", "value: v7")
         + r#"  - name: ""
-    typed_config: { "@type": type.googleapis.com/google.protobuf.Struct }
+    typed_config: { "@type": type.googleapis.com/google.protobuf.Struct, value: {} }
   - name: broken
-    typed_config: { "@type": type.googleapis.com/google.protobuf.Duration, seconds: x }
+    typed_config: { "@type": type.googleapis.com/google.protobuf.Duration, value: 5 }
 "#;
     write(dir.path(), "b.yaml", &second);
     let errs = load(dir.path()).unwrap_err();
     let text = errs.to_string();
     assert_eq!(errs.0.len(), 3, "{text}");
     assert!(
-        text.contains("duplicate extension config name \"add-header\": also defined at"),
+        text.contains("duplicate extension config name \"add-header\": the entry at"),
         "{text}"
     );
     assert!(text.contains("a.yaml:3"), "{text}");
@@ -167,4 +167,35 @@ fn selector_is_part_of_the_config_version_not_the_resource_version() {
     assert_eq!(a.resources[0].version, b.resources[0].version);
     assert_ne!(a.version, b.version);
     assert_eq!(b.resources[0].selector.clusters, ["edge"]);
+}
+
+#[test]
+fn one_name_may_have_entries_for_different_proxies_but_none_unreachable() {
+    let dir = tempfile::tempdir().unwrap();
+    let canary = GOOD.replace(
+        "    typed_config:",
+        "    node_selector: { clusters: [canary] }\n    typed_config:",
+    );
+    let both = format!(
+        "{canary}{}",
+        GOOD.replace("version: 1\nextension_configs:\n", "")
+    );
+    write(dir.path(), "a.yaml", &both);
+    let c = load(dir.path()).unwrap();
+    assert_eq!(c.resources.len(), 2);
+    assert_eq!(
+        c.resources[0].selector.clusters,
+        ["canary"],
+        "file order kept for one name"
+    );
+
+    // A catch-all first makes every later entry of that name unreachable.
+    let shadowed = format!(
+        "{GOOD}{}",
+        canary.replace("version: 1\nextension_configs:\n", "")
+    );
+    write(dir.path(), "a.yaml", &shadowed);
+    let e = &load(dir.path()).unwrap_err().0[0];
+    assert_eq!(e.path, "extension_configs[1].name");
+    assert!(e.message.contains("already matches every proxy"), "{e}");
 }

@@ -88,17 +88,17 @@ impl Generation {
         let mut types: BTreeMap<ResourceType, ResourceMap> = BTreeMap::new();
         for &i in &key {
             let r = &self.config.resources[i as usize];
+            // The first matching entry of a name wins (config keeps file order per name).
             types
                 .entry(r.resource_type)
                 .or_default()
-                .insert(r.name.clone(), self.served[i as usize].clone());
+                .entry(r.name.clone())
+                .or_insert_with(|| self.served[i as usize].clone());
         }
-        let versions: Vec<&[u8]> = key
-            .iter()
-            .flat_map(|&i| {
-                let s = &self.served[i as usize];
-                [s.name.as_bytes(), s.version.as_str().as_bytes()]
-            })
+        let versions: Vec<&[u8]> = types
+            .values()
+            .flat_map(|m| m.values())
+            .flat_map(|s| [s.name.as_bytes(), s.version.as_str().as_bytes()])
             .collect();
         let snap = Arc::new(Snapshot {
             config_version: content_version(versions),
@@ -150,5 +150,86 @@ impl SnapshotCache {
 
     pub fn subscribe(&self) -> watch::Receiver<Option<Arc<Generation>>> {
         self.tx.subscribe()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+
+    const ECDS: ResourceType = ResourceType::ExtensionConfig;
+
+    fn generation(yaml: &str) -> Generation {
+        let parsed = filterplane_config::load::parse_file(Path::new("t.yaml"), yaml).unwrap();
+        Generation::new(filterplane_config::compile(&[parsed]).unwrap())
+    }
+
+    fn entry(name: &str, selector: &str, value: &str) -> String {
+        format!(
+            "  - name: {name}\n    node_selector: {selector}\n    typed_config: {{ \"@type\": type.googleapis.com/google.protobuf.StringValue, value: {value} }}\n"
+        )
+    }
+
+    fn node(id: &str, cluster: &str) -> NodeFacts {
+        NodeFacts {
+            id: id.into(),
+            cluster: cluster.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn nodes_matching_the_same_entries_share_one_snapshot() {
+        let g = generation(&format!(
+            "version: 1\nextension_configs:\n{}{}",
+            entry("all", "{}", "x"),
+            entry("edge-only", "{ clusters: [edge] }", "y")
+        ));
+        let a = g.snapshot_for(&node("a", "edge"));
+        let b = g.snapshot_for(&node("b", "edge"));
+        let c = g.snapshot_for(&node("c", "mesh"));
+        assert!(Arc::ptr_eq(&a, &b));
+        assert_eq!(g.group_count(), 2);
+        assert!(a.resource(ECDS, "edge-only").is_some());
+        assert!(c.resource(ECDS, "edge-only").is_none());
+        assert!(c.resource(ECDS, "all").is_some());
+        assert_ne!(a.config_version, c.config_version);
+    }
+
+    #[test]
+    fn first_matching_entry_of_a_name_wins() {
+        let g = generation(&format!(
+            "version: 1\nextension_configs:\n{}{}",
+            entry("hdr", "{ clusters: [canary] }", "canary"),
+            entry("hdr", "{}", "stable")
+        ));
+        let canary = g.snapshot_for(&node("a", "canary"));
+        let stable = g.snapshot_for(&node("b", "edge"));
+        let v = |s: &Snapshot| s.resource(ECDS, "hdr").unwrap().version.clone();
+        assert_ne!(v(&canary), v(&stable));
+        assert_eq!(
+            v(&stable),
+            g.config
+                .resources
+                .iter()
+                .find(|r| r.selector.is_empty())
+                .unwrap()
+                .version
+        );
+    }
+
+    #[test]
+    fn publishing_the_same_version_wakes_nobody() {
+        let cache = SnapshotCache::default();
+        let mut rx = cache.subscribe();
+        let yaml = format!("version: 1\nextension_configs:\n{}", entry("a", "{}", "x"));
+        let config = || generation(&yaml).config.as_ref().clone();
+        assert!(cache.publish(config()));
+        assert!(rx.has_changed().unwrap());
+        rx.borrow_and_update();
+        assert!(!cache.publish(config()));
+        assert!(!rx.has_changed().unwrap());
     }
 }

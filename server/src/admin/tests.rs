@@ -35,7 +35,7 @@ fn state(config: &str) -> (AdminState, tempfile::TempDir) {
     (s, dir)
 }
 
-const GOOD: &str = "version: 1\nextension_configs:\n  - name: a\n    typed_config: { \"@type\": type.googleapis.com/google.protobuf.Struct, fields: {} }\n";
+const GOOD: &str = "version: 1\nextension_configs:\n  - name: a\n    typed_config: { \"@type\": type.googleapis.com/google.protobuf.Struct, value: { a: 1 } }\n";
 
 #[tokio::test]
 async fn readyz_waits_for_a_valid_config_and_config_shows_the_errors() {
