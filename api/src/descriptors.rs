@@ -11,9 +11,7 @@ static ENCODED: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/envoy_descript
 /// which the unit tests below would catch at build time.
 pub fn pool() -> &'static DescriptorPool {
     static POOL: OnceLock<DescriptorPool> = OnceLock::new();
-    POOL.get_or_init(|| {
-        DescriptorPool::decode(ENCODED).expect("envoy-types ships a valid FileDescriptorSet")
-    })
+    POOL.get_or_init(|| DescriptorPool::decode(ENCODED).expect("envoy-types ships a valid FileDescriptorSet"))
 }
 
 #[cfg(test)]

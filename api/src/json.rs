@@ -19,10 +19,7 @@ pub struct JsonToAnyError {
 
 impl JsonToAnyError {
     fn at(path: impl Into<String>, message: impl Into<String>) -> Self {
-        Self {
-            path: path.into(),
-            message: message.into(),
-        }
+        Self { path: path.into(), message: message.into() }
     }
 }
 
@@ -40,10 +37,7 @@ pub struct TypedMessage {
 /// fields and wrong value types are errors naming the path to the offending field.
 pub fn any_from_json(value: &Value) -> Result<TypedMessage, JsonToAnyError> {
     let Some(obj) = value.as_object() else {
-        return Err(JsonToAnyError::at(
-            "",
-            "expected a mapping with an \"@type\" key",
-        ));
+        return Err(JsonToAnyError::at("", "expected a mapping with an \"@type\" key"));
     };
     let type_url = match obj.get("@type") {
         Some(Value::String(s)) => s.as_str(),
@@ -51,16 +45,10 @@ pub fn any_from_json(value: &Value) -> Result<TypedMessage, JsonToAnyError> {
         None => return Err(JsonToAnyError::at("", "missing \"@type\"")),
     };
     let Some(type_name) = type_url.strip_prefix(TYPE_URL_PREFIX) else {
-        return Err(JsonToAnyError::at(
-            "@type",
-            format!("\"{type_url}\" must start with \"{TYPE_URL_PREFIX}\""),
-        ));
+        return Err(JsonToAnyError::at("@type", format!("\"{type_url}\" must start with \"{TYPE_URL_PREFIX}\"")));
     };
     let Some(desc) = pool().get_message_by_name(type_name) else {
-        return Err(JsonToAnyError::at(
-            "@type",
-            format!("unknown type \"{type_url}\": not a message in Envoy's API"),
-        ));
+        return Err(JsonToAnyError::at("@type", format!("unknown type \"{type_url}\": not a message in Envoy's API")));
     };
     // proto3 JSON: an Any holding a well-known type with a special JSON form (a wrapper,
     // Duration, Struct, ...) carries it under "value"; any other message's fields sit
@@ -70,16 +58,11 @@ pub fn any_from_json(value: &Value) -> Result<TypedMessage, JsonToAnyError> {
         if let Some((k, _)) = rest.next() {
             return Err(JsonToAnyError::at(
                 k.as_str(),
-                format!(
-                    "{type_name} is written as {{\"@type\": ..., \"value\": ...}}; unexpected key"
-                ),
+                format!("{type_name} is written as {{\"@type\": ..., \"value\": ...}}; unexpected key"),
             ));
         }
         let value = obj.get("value").cloned().ok_or_else(|| {
-            JsonToAnyError::at(
-                "",
-                format!("{type_name} is written as {{\"@type\": ..., \"value\": ...}}"),
-            )
+            JsonToAnyError::at("", format!("{type_name} is written as {{\"@type\": ..., \"value\": ...}}"))
         })?;
         (value, "value")
     } else {
@@ -90,38 +73,30 @@ pub fn any_from_json(value: &Value) -> Result<TypedMessage, JsonToAnyError> {
 
     let mut track = serde_path_to_error::Track::new();
     let de = serde_path_to_error::Deserializer::new(body, &mut track);
-    let message = DynamicMessage::deserialize_with_options(
-        desc,
-        de,
-        &DeserializeOptions::new().deny_unknown_fields(true),
-    )
-    .map_err(|e| {
-        let inner = track.path().to_string();
-        let inner = inner.trim_start_matches('.');
-        let path = match (prefix, inner) {
-            ("", p) => p.to_owned(),
-            (pre, "") => pre.to_owned(),
-            (pre, p) => format!("{pre}.{p}"),
-        };
-        JsonToAnyError::at(path, e.to_string())
-    })?;
+    let message =
+        DynamicMessage::deserialize_with_options(desc, de, &DeserializeOptions::new().deny_unknown_fields(true))
+            .map_err(|e| {
+                let inner = track.path().to_string();
+                let inner = inner.trim_start_matches('.');
+                let path = match (prefix, inner) {
+                    ("", p) => p.to_owned(),
+                    (pre, "") => pre.to_owned(),
+                    (pre, p) => format!("{pre}.{p}"),
+                };
+                JsonToAnyError::at(path, e.to_string())
+            })?;
 
     let canonical = message
         .serialize_with_options(
             serde_json::value::Serializer,
-            &SerializeOptions::new()
-                .use_proto_field_name(true)
-                .skip_default_fields(true),
+            &SerializeOptions::new().use_proto_field_name(true).skip_default_fields(true),
         )
         .map_err(|e| JsonToAnyError::at("", format!("cannot re-encode as JSON: {e}")))?;
     let mut canonical_json = String::new();
     write_canonical(&canonical, &mut canonical_json);
 
     Ok(TypedMessage {
-        any: Any {
-            type_url: type_url.to_owned(),
-            value: prost::Message::encode_to_vec(&message),
-        },
+        any: Any { type_url: type_url.to_owned(), value: prost::Message::encode_to_vec(&message) },
         canonical_json,
     })
 }
@@ -152,21 +127,15 @@ fn has_special_json_form(type_name: &str) -> bool {
 
 /// Decodes an `Any` of any type in the pool back to Envoy-native JSON (for config dumps).
 pub fn any_to_json(any: &Any) -> Result<Value, JsonToAnyError> {
-    let name = any
-        .type_url
-        .strip_prefix(TYPE_URL_PREFIX)
-        .unwrap_or(&any.type_url);
+    let name = any.type_url.strip_prefix(TYPE_URL_PREFIX).unwrap_or(&any.type_url);
     let desc = pool()
         .get_message_by_name(name)
         .ok_or_else(|| JsonToAnyError::at("@type", format!("unknown type \"{}\"", any.type_url)))?;
-    let msg = DynamicMessage::decode(desc, any.value.as_slice())
-        .map_err(|e| JsonToAnyError::at("", e.to_string()))?;
-    let mut v = msg
+    let msg = DynamicMessage::decode(desc, any.value.as_slice()).map_err(|e| JsonToAnyError::at("", e.to_string()))?;
+    let v = msg
         .serialize_with_options(
             serde_json::value::Serializer,
-            &SerializeOptions::new()
-                .use_proto_field_name(true)
-                .skip_default_fields(true),
+            &SerializeOptions::new().use_proto_field_name(true).skip_default_fields(true),
         )
         .map_err(|e| JsonToAnyError::at("", e.to_string()))?;
     let type_url = Value::String(any.type_url.clone());
@@ -215,8 +184,7 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    const HM: &str =
-        "type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutation";
+    const HM: &str = "type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutation";
 
     #[test]
     fn camel_and_snake_case_give_the_same_message() {
@@ -273,10 +241,7 @@ mod tests {
     fn well_known_types_use_the_value_form() {
         let d = "type.googleapis.com/google.protobuf.Duration";
         let m = any_from_json(&json!({"@type": d, "value": "1.5s"})).unwrap();
-        assert_eq!(
-            any_to_json(&m.any).unwrap(),
-            json!({"@type": d, "value": "1.500s"})
-        );
+        assert_eq!(any_to_json(&m.any).unwrap(), json!({"@type": d, "value": "1.500s"}));
         let e = any_from_json(&json!({"@type": d, "seconds": 1})).unwrap_err();
         assert_eq!(e.path, "seconds");
         let e = any_from_json(&json!({"@type": d, "value": 5})).unwrap_err();

@@ -30,19 +30,11 @@ impl ResourceType {
     pub const fn type_url(self) -> &'static str {
         match self {
             ResourceType::Listener => "type.googleapis.com/envoy.config.listener.v3.Listener",
-            ResourceType::RouteConfiguration => {
-                "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
-            }
+            ResourceType::RouteConfiguration => "type.googleapis.com/envoy.config.route.v3.RouteConfiguration",
             ResourceType::Cluster => "type.googleapis.com/envoy.config.cluster.v3.Cluster",
-            ResourceType::ClusterLoadAssignment => {
-                "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
-            }
-            ResourceType::Secret => {
-                "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
-            }
-            ResourceType::ExtensionConfig => {
-                "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig"
-            }
+            ResourceType::ClusterLoadAssignment => "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment",
+            ResourceType::Secret => "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret",
+            ResourceType::ExtensionConfig => "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig",
         }
     }
 
@@ -85,16 +77,8 @@ mod tests {
         for t in ResourceType::ALL {
             assert_eq!(ResourceType::from_type_url(t.type_url()), Some(t));
             let name = t.type_url().trim_start_matches("type.googleapis.com/");
-            assert!(
-                crate::descriptors::pool()
-                    .get_message_by_name(name)
-                    .is_some(),
-                "{name}"
-            );
+            assert!(crate::descriptors::pool().get_message_by_name(name).is_some(), "{name}");
         }
-        assert_eq!(
-            ResourceType::from_type_url("type.googleapis.com/nope"),
-            None
-        );
+        assert_eq!(ResourceType::from_type_url("type.googleapis.com/nope"), None);
     }
 }

@@ -4,8 +4,8 @@
 use std::{collections::HashMap, path::PathBuf};
 
 use filterplane_api::{
-    any_from_json, content_version, envoy_types::pb::envoy::config::core::v3::TypedExtensionConfig,
-    Any, ResourceType, ResourceVersion,
+    any_from_json, content_version, envoy_types::pb::envoy::config::core::v3::TypedExtensionConfig, Any, ResourceType,
+    ResourceVersion,
 };
 use prost::Message;
 
@@ -52,11 +52,7 @@ pub fn compile(files: &[ParsedFile]) -> Result<CompiledConfig, ConfigErrors> {
     for file in files {
         for (i, spec) in file.doc.extension_configs.iter().enumerate() {
             let at = format!("extension_configs[{i}]");
-            let origin = Origin {
-                file: file.path.clone(),
-                line: file.lines.line_of(&at),
-                path: at.clone(),
-            };
+            let origin = Origin { file: file.path.clone(), line: file.lines.line_of(&at), path: at.clone() };
             let mut ok = true;
             if spec.name.trim().is_empty() {
                 errors.push(file.error(format!("{at}.name"), "must not be empty"));
@@ -67,10 +63,7 @@ pub fn compile(files: &[ParsedFile]) -> Result<CompiledConfig, ConfigErrors> {
             // One name may have several entries for different proxies (e.g. a canary);
             // the first entry a node matches wins. An earlier entry with the same
             // selector, or with none, would make this one unreachable: say so.
-            if let Some((_, first)) = earlier
-                .iter()
-                .find(|(sel, _)| sel.is_empty() || *sel == spec.node_selector)
-            {
+            if let Some((_, first)) = earlier.iter().find(|(sel, _)| sel.is_empty() || *sel == spec.node_selector) {
                 errors.push(file.error(
                     format!("{at}.name"),
                     format!(
@@ -108,18 +101,12 @@ pub fn compile(files: &[ParsedFile]) -> Result<CompiledConfig, ConfigErrors> {
                 typed.canonical_json.as_bytes(),
             ]);
             let inner_type_url = typed.any.type_url.clone();
-            let tec = TypedExtensionConfig {
-                name: spec.name.clone(),
-                typed_config: Some(typed.any),
-            };
+            let tec = TypedExtensionConfig { name: spec.name.clone(), typed_config: Some(typed.any) };
             resources.push(CompiledResource {
                 resource_type: rt,
                 name: spec.name.clone(),
                 selector: spec.node_selector.clone(),
-                resource: Any {
-                    type_url: rt.type_url().to_owned(),
-                    value: tec.encode_to_vec(),
-                },
+                resource: Any { type_url: rt.type_url().to_owned(), value: tec.encode_to_vec() },
                 inner_type_url,
                 version,
                 origin,
@@ -134,15 +121,7 @@ pub fn compile(files: &[ParsedFile]) -> Result<CompiledConfig, ConfigErrors> {
     resources.sort_by(|a, b| (a.resource_type, &a.name).cmp(&(b.resource_type, &b.name)));
     let described: Vec<String> = resources
         .iter()
-        .map(|r| {
-            format!(
-                "{}\0{}\0{}\0{:?}",
-                r.resource_type.type_url(),
-                r.name,
-                r.version,
-                r.selector
-            )
-        })
+        .map(|r| format!("{}\0{}\0{}\0{:?}", r.resource_type.type_url(), r.name, r.version, r.selector))
         .collect();
     Ok(CompiledConfig {
         version: content_version(described.iter().map(|s| s.as_bytes())),

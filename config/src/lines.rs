@@ -134,14 +134,8 @@ mod tests {
         let idx = LineIndex::build(text);
         assert_eq!(idx.line_of("version"), Some(1));
         assert_eq!(idx.line_of("extension_configs[0].name"), Some(3));
-        assert_eq!(
-            idx.line_of("extension_configs[0].typed_config.@type"),
-            Some(5)
-        );
-        assert_eq!(
-            idx.line_of("extension_configs[0].typed_config.mutations.response_mutations[0].append"),
-            Some(6)
-        );
+        assert_eq!(idx.line_of("extension_configs[0].typed_config.@type"), Some(5));
+        assert_eq!(idx.line_of("extension_configs[0].typed_config.mutations.response_mutations[0].append"), Some(6));
         assert_eq!(idx.line_of("extension_configs[1].name"), Some(7));
         assert_eq!(idx.line_of("extension_configs[1].nope.deeper"), Some(7));
     }

@@ -21,12 +21,7 @@ impl ParsedFile {
     /// An error at `path` inside this file, with the line looked up.
     pub fn error(&self, path: impl Into<String>, message: impl Into<String>) -> ConfigError {
         let path = path.into();
-        ConfigError {
-            file: self.path.clone(),
-            line: self.lines.line_of(&path),
-            path,
-            message: message.into(),
-        }
+        ConfigError { file: self.path.clone(), line: self.lines.line_of(&path), path, message: message.into() }
     }
 }
 
@@ -53,10 +48,7 @@ pub fn config_files(path: &Path) -> Result<Vec<PathBuf>, ConfigErrors> {
     }
     files.sort();
     if files.is_empty() {
-        return Err(io_err(std::io::Error::other(
-            "directory holds no *.yaml or *.yml file",
-        ))
-        .into());
+        return Err(io_err(std::io::Error::other("directory holds no *.yaml or *.yml file")).into());
     }
     Ok(files)
 }
@@ -71,12 +63,9 @@ pub fn parse_all(path: &Path) -> Result<Vec<ParsedFile>, ConfigErrors> {
                 Ok(p) => parsed.push(p),
                 Err(e) => errors.push(e),
             },
-            Err(e) => errors.push(ConfigError {
-                file,
-                line: None,
-                path: String::new(),
-                message: format!("cannot read: {e}"),
-            }),
+            Err(e) => {
+                errors.push(ConfigError { file, line: None, path: String::new(), message: format!("cannot read: {e}") })
+            }
         }
     }
     if errors.is_empty() {
@@ -99,27 +88,15 @@ pub fn parse_file(file: &Path, text: &str) -> Result<ParsedFile, ConfigError> {
             path = path.trim_end_matches('.').to_owned();
         }
         let inner = e.into_inner();
-        let line = inner
-            .location()
-            .map(|l| l.line())
-            .or_else(|| lines.line_of(&path));
+        let line = inner.location().map(|l| l.line()).or_else(|| lines.line_of(&path));
         let mut message = inner.to_string();
         // serde_yaml appends its own "at line L column C"; the line is shown separately.
         if let Some(i) = message.find(" at line ") {
             message.truncate(i);
         }
-        ConfigError {
-            file: file.to_path_buf(),
-            line,
-            path: if path == "." { String::new() } else { path },
-            message,
-        }
+        ConfigError { file: file.to_path_buf(), line, path: if path == "." { String::new() } else { path }, message }
     })?;
-    let parsed = ParsedFile {
-        path: file.to_path_buf(),
-        doc,
-        lines,
-    };
+    let parsed = ParsedFile { path: file.to_path_buf(), doc, lines };
     if parsed.doc.version != SCHEMA_VERSION {
         return Err(parsed.error(
             "version",

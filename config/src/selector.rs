@@ -17,17 +17,12 @@ pub struct NodeFacts {
 
 impl NodeSelector {
     pub fn matches(&self, node: &NodeFacts) -> bool {
-        let any = |patterns: &[String], value: &str| {
-            patterns.is_empty() || patterns.iter().any(|p| glob_match(p, value))
-        };
+        let any =
+            |patterns: &[String], value: &str| patterns.is_empty() || patterns.iter().any(|p| glob_match(p, value));
         let eq = |want: &Option<String>, have: &str| want.as_deref().is_none_or(|w| w == have);
         any(&self.ids, &node.id)
             && any(&self.clusters, &node.cluster)
-            && self.metadata.iter().all(|(k, want)| {
-                node.metadata
-                    .get(k)
-                    .is_some_and(|have| glob_match(want, have))
-            })
+            && self.metadata.iter().all(|(k, want)| node.metadata.get(k).is_some_and(|have| glob_match(want, have)))
             && eq(&self.locality.region, &node.region)
             && eq(&self.locality.zone, &node.zone)
             && eq(&self.locality.sub_zone, &node.sub_zone)
@@ -85,10 +80,7 @@ mod tests {
             ids: vec!["other".into(), "edge-*".into()],
             clusters: vec!["edge".into()],
             metadata: [("env".to_string(), "prod".to_string())].into(),
-            locality: LocalitySelector {
-                region: Some("eu".into()),
-                ..Default::default()
-            },
+            locality: LocalitySelector { region: Some("eu".into()), ..Default::default() },
         };
         assert!(s.matches(&node()));
         s.locality.zone = Some("us-1a".into());

@@ -24,10 +24,7 @@ fn good_file_compiles_to_one_ecds_resource() {
     assert_eq!(c.resources.len(), 1);
     let r = &c.resources[0];
     assert_eq!(r.name, "add-header");
-    assert_eq!(
-        r.resource.type_url,
-        "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig"
-    );
+    assert_eq!(r.resource.type_url, "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig");
     assert!(r.inner_type_url.ends_with("HeaderMutation"));
     assert_eq!(r.origin.line, Some(3));
 }
@@ -58,21 +55,14 @@ fn unknown_field_inside_typed_config_names_file_line_and_path() {
     let e = &errs.0[0];
     assert!(e.file.ends_with("a.yaml"));
     assert_eq!(e.line, Some(6));
-    assert_eq!(
-        e.path,
-        "extension_configs[0].typed_config.mutations.response_mutations[0].append.header"
-    );
+    assert_eq!(e.path, "extension_configs[0].typed_config.mutations.response_mutations[0].append.header");
     assert!(e.message.contains("valu"), "{e}");
 }
 
 #[test]
 fn unknown_type_is_rejected_at_its_line() {
     let dir = tempfile::tempdir().unwrap();
-    write(
-        dir.path(),
-        "a.yaml",
-        &GOOD.replace("v3.HeaderMutation", "v3.HeaderMutatio"),
-    );
+    write(dir.path(), "a.yaml", &GOOD.replace("v3.HeaderMutation", "v3.HeaderMutatio"));
     let e = &load(dir.path()).unwrap_err().0[0];
     assert_eq!(e.path, "extension_configs[0].typed_config.@type");
     assert_eq!(e.line, Some(5));
@@ -82,20 +72,12 @@ fn unknown_type_is_rejected_at_its_line() {
 #[test]
 fn schema_errors_name_the_key() {
     let dir = tempfile::tempdir().unwrap();
-    write(
-        dir.path(),
-        "a.yaml",
-        &GOOD.replace("  - name: add-header", "  - nam: add-header"),
-    );
+    write(dir.path(), "a.yaml", &GOOD.replace("  - name: add-header", "  - nam: add-header"));
     let e = &load(dir.path()).unwrap_err().0[0];
     assert_eq!(e.line, Some(3));
     assert!(e.message.contains("unknown field `nam`"), "{e}");
 
-    write(
-        dir.path(),
-        "a.yaml",
-        &GOOD.replace("version: 1", "version: 2"),
-    );
+    write(dir.path(), "a.yaml", &GOOD.replace("version: 1", "version: 2"));
     let e = &load(dir.path()).unwrap_err().0[0];
     assert_eq!((e.path.as_str(), e.line), ("version", Some(1)));
 
@@ -118,15 +100,9 @@ fn every_error_is_reported_and_duplicates_across_files_point_at_both() {
     let errs = load(dir.path()).unwrap_err();
     let text = errs.to_string();
     assert_eq!(errs.0.len(), 3, "{text}");
-    assert!(
-        text.contains("duplicate extension config name \"add-header\": the entry at"),
-        "{text}"
-    );
+    assert!(text.contains("duplicate extension config name \"add-header\": the entry at"), "{text}");
     assert!(text.contains("a.yaml:3"), "{text}");
-    assert!(
-        text.contains("b.yaml:7: extension_configs[1].name: must not be empty"),
-        "{text}"
-    );
+    assert!(text.contains("b.yaml:7: extension_configs[1].name: must not be empty"), "{text}");
     assert!(text.contains("extension_configs[2].typed_config"), "{text}");
 }
 
@@ -158,10 +134,7 @@ fn selector_is_part_of_the_config_version_not_the_resource_version() {
     let dir = tempfile::tempdir().unwrap();
     write(dir.path(), "a.yaml", GOOD);
     let a = load(dir.path()).unwrap();
-    let with_sel = GOOD.replace(
-        "    typed_config:",
-        "    node_selector: { clusters: [edge] }\n    typed_config:",
-    );
+    let with_sel = GOOD.replace("    typed_config:", "    node_selector: { clusters: [edge] }\n    typed_config:");
     write(dir.path(), "a.yaml", &with_sel);
     let b = load(dir.path()).unwrap();
     assert_eq!(a.resources[0].version, b.resources[0].version);
@@ -172,28 +145,15 @@ fn selector_is_part_of_the_config_version_not_the_resource_version() {
 #[test]
 fn one_name_may_have_entries_for_different_proxies_but_none_unreachable() {
     let dir = tempfile::tempdir().unwrap();
-    let canary = GOOD.replace(
-        "    typed_config:",
-        "    node_selector: { clusters: [canary] }\n    typed_config:",
-    );
-    let both = format!(
-        "{canary}{}",
-        GOOD.replace("version: 1\nextension_configs:\n", "")
-    );
+    let canary = GOOD.replace("    typed_config:", "    node_selector: { clusters: [canary] }\n    typed_config:");
+    let both = format!("{canary}{}", GOOD.replace("version: 1\nextension_configs:\n", ""));
     write(dir.path(), "a.yaml", &both);
     let c = load(dir.path()).unwrap();
     assert_eq!(c.resources.len(), 2);
-    assert_eq!(
-        c.resources[0].selector.clusters,
-        ["canary"],
-        "file order kept for one name"
-    );
+    assert_eq!(c.resources[0].selector.clusters, ["canary"], "file order kept for one name");
 
     // A catch-all first makes every later entry of that name unreachable.
-    let shadowed = format!(
-        "{GOOD}{}",
-        canary.replace("version: 1\nextension_configs:\n", "")
-    );
+    let shadowed = format!("{GOOD}{}", canary.replace("version: 1\nextension_configs:\n", ""));
     write(dir.path(), "a.yaml", &shadowed);
     let e = &load(dir.path()).unwrap_err().0[0];
     assert_eq!(e.path, "extension_configs[1].name");

@@ -20,10 +20,7 @@ pub fn wait_until<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Optio
         if let Some(v) = f() {
             return v;
         }
-        assert!(
-            start.elapsed() < timeout,
-            "timed out after {timeout:?} waiting for {what}"
-        );
+        assert!(start.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}");
         std::thread::sleep(Duration::from_millis(10));
     }
 }
@@ -35,10 +32,7 @@ pub fn free_port() -> u16 {
 }
 
 fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("e2e/ is inside the workspace")
-        .to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("e2e/ is inside the workspace").to_path_buf()
 }
 
 /// The `filterplane` binary, built once per test process so it is never stale.
@@ -50,15 +44,7 @@ pub fn filterplane_bin() -> &'static Path {
         }
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let out = Command::new(cargo)
-            .args([
-                "build",
-                "--quiet",
-                "-p",
-                "filterplane-server",
-                "--bin",
-                "filterplane",
-                "--message-format=json",
-            ])
+            .args(["build", "--quiet", "-p", "filterplane-server", "--bin", "filterplane", "--message-format=json"])
             .current_dir(workspace_root())
             .stderr(Stdio::inherit())
             .output()
@@ -104,10 +90,7 @@ pub struct Reply {
 
 impl Reply {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
     }
 }
 
@@ -120,16 +103,9 @@ pub fn http_get(url: &str) -> Option<Reply> {
         .build()
         .into();
     let mut res = agent.get(url).call().ok()?;
-    let headers = res
-        .headers()
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or_default().to_owned()))
-        .collect();
-    Some(Reply {
-        status: res.status().as_u16(),
-        headers,
-        body: res.body_mut().read_to_string().ok()?,
-    })
+    let headers =
+        res.headers().iter().map(|(k, v)| (k.to_string(), v.to_str().unwrap_or_default().to_owned())).collect();
+    Some(Reply { status: res.status().as_u16(), headers, body: res.body_mut().read_to_string().ok()? })
 }
 
 /// A child process whose output goes to a log file; killed on drop, log printed if the
@@ -145,24 +121,13 @@ impl Process {
     fn spawn(name: &str, cmd: &mut Command, log: PathBuf) -> Self {
         let file = fs::File::create(&log).expect("create log file");
         let err = file.try_clone().expect("clone log handle");
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(file)
-            .stderr(err)
-            .spawn()
-            .unwrap_or_else(|e| panic!("start {name}: {e}"));
-        Self {
-            name: name.to_owned(),
-            child,
-            log,
-        }
+        let child =
+            cmd.stdin(Stdio::null()).stdout(file).stderr(err).spawn().unwrap_or_else(|e| panic!("start {name}: {e}"));
+        Self { name: name.to_owned(), child, log }
     }
 
     fn signal(&self, sig: &str) {
-        let ok = Command::new("kill")
-            .args([sig, &self.child.id().to_string()])
-            .status()
-            .map(|s| s.success());
+        let ok = Command::new("kill").args([sig, &self.child.id().to_string()]).status().map(|s| s.success());
         assert!(matches!(ok, Ok(true)), "kill {sig} {}", self.name);
     }
 
@@ -231,9 +196,7 @@ impl Filterplane {
             .arg(format!("127.0.0.1:{}", self.admin_port));
         self.process = Some(Process::spawn("filterplane", &mut cmd, log));
         let url = self.url("/healthz");
-        wait_until("filterplane /healthz", Duration::from_secs(20), || {
-            http_get(&url).filter(|r| r.status == 200)
-        });
+        wait_until("filterplane /healthz", Duration::from_secs(20), || http_get(&url).filter(|r| r.status == 200));
     }
 
     /// SIGTERM, and wait for a clean exit.
@@ -242,15 +205,10 @@ impl Filterplane {
             return;
         };
         p.signal("-TERM");
-        let status = wait_until(
-            "filterplane to exit after SIGTERM",
-            Duration::from_secs(10),
-            || p.child.try_wait().ok().flatten(),
-        );
-        assert!(
-            status.success(),
-            "filterplane exited with {status} after SIGTERM"
-        );
+        let status = wait_until("filterplane to exit after SIGTERM", Duration::from_secs(10), || {
+            p.child.try_wait().ok().flatten()
+        });
+        assert!(status.success(), "filterplane exited with {status} after SIGTERM");
     }
 
     /// Stops and starts again on the same ports and config.
@@ -275,10 +233,7 @@ impl Filterplane {
 
     /// The current log text (for checks on what was logged).
     pub fn log_text(&self) -> String {
-        self.process
-            .as_ref()
-            .map(|p| fs::read_to_string(&p.log).unwrap_or_default())
-            .unwrap_or_default()
+        self.process.as_ref().map(|p| fs::read_to_string(&p.log).unwrap_or_default()).unwrap_or_default()
     }
 }
 
@@ -300,11 +255,7 @@ pub struct EnvoyPorts {
 
 impl EnvoyPorts {
     pub fn new(xds: u16) -> Self {
-        Self {
-            xds,
-            listener: free_port(),
-            admin: free_port(),
-        }
+        Self { xds, listener: free_port(), admin: free_port() }
     }
 }
 
@@ -314,17 +265,10 @@ pub fn example_bootstrap(example: &str, ports: EnvoyPorts, node_id: &str) -> Str
     let path = workspace_root().join("examples").join(example);
     let text = fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
     for port in ["port_value: 18000", "port_value: 10000", "port_value: 9901"] {
-        assert!(
-            text.contains(port),
-            "{} no longer has `{port}`",
-            path.display()
-        );
+        assert!(text.contains(port), "{} no longer has `{port}`", path.display());
     }
     text.replace("port_value: 18000", &format!("port_value: {}", ports.xds))
-        .replace(
-            "port_value: 10000",
-            &format!("port_value: {}", ports.listener),
-        )
+        .replace("port_value: 10000", &format!("port_value: {}", ports.listener))
         .replace("port_value: 9901", &format!("port_value: {}", ports.admin))
         .replace("id: quickstart-envoy", &format!("id: {node_id}"))
 }
@@ -340,14 +284,8 @@ impl Envoy {
             .args(["--disable-hot-restart", "--concurrency", "1", "-l", "info"])
             .args(["--log-format", "[%Y-%m-%d %T.%e][%l][%n] %v"]);
         let process = Process::spawn(name, &mut cmd, dir.join(format!("{name}.log")));
-        let envoy = Envoy {
-            _process: process,
-            admin_port: ports.admin,
-            listener_port: ports.listener,
-        };
-        wait_until("Envoy admin", Duration::from_secs(20), || {
-            envoy.admin("/ready")
-        });
+        let envoy = Envoy { _process: process, admin_port: ports.admin, listener_port: ports.listener };
+        wait_until("Envoy admin", Duration::from_secs(20), || envoy.admin("/ready"));
         envoy
     }
 
@@ -363,15 +301,7 @@ impl Envoy {
 
     /// A counter or gauge from Envoy's `/stats`; `None` if Envoy does not have it (yet).
     pub fn stat(&self, name: &str) -> Option<u64> {
-        let body = self
-            .admin(&format!("/stats?filter=^{}$", name.replace('.', "\\.")))?
-            .body;
-        body.lines().find_map(|l| {
-            l.strip_prefix(name)?
-                .strip_prefix(": ")?
-                .trim()
-                .parse()
-                .ok()
-        })
+        let body = self.admin(&format!("/stats?filter=^{}$", name.replace('.', "\\.")))?.body;
+        body.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(": ")?.trim().parse().ok())
     }
 }

@@ -8,9 +8,7 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use filterplane_e2e::{
-    example_bootstrap, filterplane_bin, wait_until, Envoy, EnvoyPorts, Filterplane,
-};
+use filterplane_e2e::{example_bootstrap, filterplane_bin, wait_until, Envoy, EnvoyPorts, Filterplane};
 use serde_json::Value;
 
 const ECDS: &str = "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig";
@@ -49,19 +47,8 @@ fn quickstart(node_id: &str, serve_dir: bool) -> Quickstart {
     fs::write(&yaml, example_yaml()).unwrap();
     let fp = Filterplane::start(if serve_dir { &conf_dir } else { &yaml }, dir.path());
     let ports = EnvoyPorts::new(fp.xds_port);
-    let envoy = Envoy::start(
-        &example_bootstrap("quickstart/envoy.yaml", ports, node_id),
-        ports,
-        dir.path(),
-        "envoy",
-    );
-    let q = Quickstart {
-        fp,
-        envoy,
-        yaml,
-        node_id: node_id.to_owned(),
-        _dir: dir,
-    };
+    let envoy = Envoy::start(&example_bootstrap("quickstart/envoy.yaml", ports, node_id), ports, dir.path(), "envoy");
+    let q = Quickstart { fp, envoy, yaml, node_id: node_id.to_owned(), _dir: dir };
     q.wait_for_header("v1");
     q
 }
@@ -91,10 +78,7 @@ impl Quickstart {
 }
 
 fn epoch_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64
 }
 
 #[test]
@@ -115,15 +99,8 @@ fn extension_config_reaches_envoy_and_edits_roll_out() {
         q.write(&yaml_with(value));
         q.wait_for_header(value);
         let seen = start.elapsed();
-        let applied = q
-            .envoy
-            .stat(&format!("{STAT}.update_time"))
-            .unwrap_or(0)
-            .saturating_sub(before);
-        println!(
-            "rollout {i}: file write -> Envoy applied {applied} ms, -> curl sees it {} ms",
-            seen.as_millis()
-        );
+        let applied = q.envoy.stat(&format!("{STAT}.update_time")).unwrap_or(0).saturating_sub(before);
+        println!("rollout {i}: file write -> Envoy applied {applied} ms, -> curl sees it {} ms", seen.as_millis());
     }
     let after = q.ecds_status();
     assert_ne!(after["acked_version"], acked["acked_version"]);
@@ -144,29 +121,18 @@ fn invalid_edit_leaves_envoy_serving_the_previous_config() {
             yaml_with("v2").replace("value: v2", "valu: v2"),
             "typed_config.mutations.response_mutations[0].append.header",
         ),
-        (
-            yaml_with("v2").replace("mutations:\n", "mutations: [\n"),
-            "",
-        ),
+        (yaml_with("v2").replace("mutations:\n", "mutations: [\n"), ""),
     ] {
         q.write(&broken);
         let config = wait_until("the reload to fail", WAIT, || {
             let c = q.fp.api("/api/v1/config");
-            (c["last_outcome"]["result"] == "failed"
-                && c["last_outcome"]["errors"][0]["file"].is_string())
-            .then_some(c)
+            (c["last_outcome"]["result"] == "failed" && c["last_outcome"]["errors"][0]["file"].is_string()).then_some(c)
         });
         let err = &config["last_outcome"]["errors"][0];
-        assert!(
-            err["file"].as_str().unwrap().ends_with("filterplane.yaml"),
-            "{err}"
-        );
+        assert!(err["file"].as_str().unwrap().ends_with("filterplane.yaml"), "{err}");
         assert!(err["line"].as_u64().is_some(), "{err}");
         assert!(err["path"].as_str().unwrap().contains(path_part), "{err}");
-        assert_eq!(
-            config["serving_version"], served,
-            "the last good config keeps serving"
-        );
+        assert_eq!(config["serving_version"], served, "the last good config keeps serving");
         assert_eq!(q.header().as_deref(), Some("v1"));
         // Reset the outcome so the next case waits for its own failure.
         q.write(&example_yaml());
@@ -174,11 +140,7 @@ fn invalid_edit_leaves_envoy_serving_the_previous_config() {
             (q.fp.api("/api/v1/config")["last_outcome"]["result"] == "unchanged").then_some(())
         });
     }
-    assert_eq!(
-        q.envoy.stat(&format!("{STAT}.update_success")),
-        success,
-        "Envoy got nothing new"
-    );
+    assert_eq!(q.envoy.stat(&format!("{STAT}.update_success")), success, "Envoy got nothing new");
 }
 
 #[test]
@@ -202,23 +164,13 @@ fn config_envoy_refuses_is_nacked_and_recorded_with_envoys_message() {
     assert_eq!(reject["resources"], serde_json::json!(["add-header"]));
     assert_eq!(reject["code"], 13);
     let message = reject["message"].as_str().unwrap();
-    assert!(
-        message.contains("type URL") && message.contains("Buffer"),
-        "Envoy's own message: {message}"
-    );
+    assert!(message.contains("type URL") && message.contains("Buffer"), "Envoy's own message: {message}");
 
     let status = q.ecds_status();
     assert_eq!(status["last_nack"]["version"], reject["version"]);
-    assert_eq!(
-        status["acked_version"], good,
-        "the proxy keeps its last ACKed version"
-    );
+    assert_eq!(status["acked_version"], good, "the proxy keeps its last ACKed version");
     assert_eq!(q.envoy.stat(&format!("{STAT}.update_rejected")), Some(1));
-    assert_eq!(
-        q.header().as_deref(),
-        Some("v1"),
-        "Envoy keeps serving the last good config"
-    );
+    assert_eq!(q.header().as_deref(), Some("v1"), "Envoy keeps serving the last good config");
     assert!(q.fp.log_text().contains("NACK"));
 
     // No resend loop: still exactly one reject after more traffic on the stream.
@@ -228,10 +180,7 @@ fn config_envoy_refuses_is_nacked_and_recorded_with_envoys_message() {
         let s = q.ecds_status();
         (s["acked_version"] == s["sent_version"]).then_some(s)
     });
-    assert!(
-        status["last_nack"].is_null(),
-        "fixing the YAML clears the NACK state: {status}"
-    );
+    assert!(status["last_nack"].is_null(), "fixing the YAML clears the NACK state: {status}");
     assert_eq!(q.fp.api("/api/v1/rejects").as_array().unwrap().len(), 1);
     assert_eq!(q.envoy.stat(&format!("{STAT}.update_rejected")), Some(1));
 }
@@ -241,37 +190,20 @@ fn restart_on_the_same_yaml_does_not_make_envoy_reload() {
     let mut q = quickstart("restart", false);
     let reloads = q.envoy.stat(&format!("{STAT}.config_reload"));
     let successes = q.envoy.stat(&format!("{STAT}.update_success"));
-    let version = q
-        .envoy
-        .admin(&format!("/stats?filter={STAT}.version_text"))
-        .unwrap()
-        .body;
+    let version = q.envoy.admin(&format!("/stats?filter={STAT}.version_text")).unwrap().body;
 
     q.fp.restart();
     // Envoy reconnects and resubscribes with the version it has; Filterplane, having the
     // same version, answers nothing.
-    let status = wait_until(
-        "Envoy to resubscribe after the restart",
-        Duration::from_secs(30),
-        || {
-            let s = q.ecds_status();
-            (s["subscribed"] == serde_json::json!(["add-header"])).then_some(s)
-        },
-    );
-    assert!(
-        status["sent_version"].is_null(),
-        "nothing was pushed: {status}"
-    );
+    let status = wait_until("Envoy to resubscribe after the restart", Duration::from_secs(30), || {
+        let s = q.ecds_status();
+        (s["subscribed"] == serde_json::json!(["add-header"])).then_some(s)
+    });
+    assert!(status["sent_version"].is_null(), "nothing was pushed: {status}");
     assert_eq!(q.envoy.stat("control_plane.connected_state"), Some(1));
     assert_eq!(q.envoy.stat(&format!("{STAT}.config_reload")), reloads);
     assert_eq!(q.envoy.stat(&format!("{STAT}.update_success")), successes);
-    assert_eq!(
-        q.envoy
-            .admin(&format!("/stats?filter={STAT}.version_text"))
-            .unwrap()
-            .body,
-        version
-    );
+    assert_eq!(q.envoy.admin(&format!("/stats?filter={STAT}.version_text")).unwrap().body, version);
 
     // The new process still rolls out changes.
     q.write(&yaml_with("after-restart"));
@@ -285,27 +217,14 @@ fn sighup_forces_a_reload() {
     wait_until("a reload triggered by SIGHUP", WAIT, || {
         (q.fp.api("/api/v1/config")["last_trigger"] == "SIGHUP").then_some(())
     });
-    assert_eq!(
-        q.fp.api("/api/v1/config")["last_outcome"]["result"],
-        "unchanged"
-    );
+    assert_eq!(q.fp.api("/api/v1/config")["last_outcome"]["result"], "unchanged");
 }
 
 #[test]
 fn validate_prints_every_error_and_sets_the_exit_code() {
-    let example =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/quickstart/filterplane.yaml");
-    let ok = Command::new(filterplane_bin())
-        .arg("validate")
-        .arg("--config")
-        .arg(&example)
-        .output()
-        .unwrap();
-    assert!(
-        ok.status.success(),
-        "{}",
-        String::from_utf8_lossy(&ok.stderr)
-    );
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/quickstart/filterplane.yaml");
+    let ok = Command::new(filterplane_bin()).arg("validate").arg("--config").arg(&example).output().unwrap();
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
     assert!(String::from_utf8_lossy(&ok.stdout).contains("valid, 1 resource(s)"));
 
     let dir = tempfile::tempdir().unwrap();
@@ -313,22 +232,11 @@ fn validate_prints_every_error_and_sets_the_exit_code() {
     let text = example_yaml().replace("value: v1", "valu: v1")
         + "  - name: add-header\n    typed_config: { \"@type\": type.googleapis.com/envoy.Nope }\n";
     fs::write(&bad, text).unwrap();
-    let out = Command::new(filterplane_bin())
-        .arg("validate")
-        .arg("--config")
-        .arg(&bad)
-        .output()
-        .unwrap();
+    let out = Command::new(filterplane_bin()).arg("validate").arg("--config").arg(&bad).output().unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("bad.yaml:10: extension_configs[0].typed_config.mutations.response_mutations[0].append.header: unrecognized field name 'valu'"), "{stderr}");
-    assert!(
-        stderr.contains("extension_configs[1].name: duplicate extension config name"),
-        "{stderr}"
-    );
-    assert!(
-        stderr.contains("extension_configs[1].typed_config.@type: unknown type"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("extension_configs[1].name: duplicate extension config name"), "{stderr}");
+    assert!(stderr.contains("extension_configs[1].typed_config.@type: unknown type"), "{stderr}");
     assert!(stderr.contains("3 error(s)"), "{stderr}");
 }

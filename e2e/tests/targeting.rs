@@ -7,12 +7,7 @@ use filterplane_e2e::{example_bootstrap, wait_until, Envoy, EnvoyPorts, Filterpl
 const WAIT: Duration = Duration::from_secs(15);
 
 fn example(name: &str) -> String {
-    fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../examples")
-            .join(name),
-    )
-    .unwrap()
+    fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples").join(name)).unwrap()
 }
 
 fn header_of(envoy: &Envoy) -> Option<String> {
@@ -20,9 +15,7 @@ fn header_of(envoy: &Envoy) -> Option<String> {
 }
 
 fn wait_for(envoy: &Envoy, value: &str) {
-    wait_until(&format!("x-plugin: {value}"), WAIT, || {
-        (header_of(envoy).as_deref() == Some(value)).then_some(())
-    });
+    wait_until(&format!("x-plugin: {value}"), WAIT, || (header_of(envoy).as_deref() == Some(value)).then_some(()));
 }
 
 #[test]
@@ -31,15 +24,10 @@ fn selector_gives_a_canary_cluster_its_own_version_of_the_same_filter() {
     let yaml = dir.path().join("filterplane.yaml");
     let stable = example("quickstart/filterplane.yaml");
     let entries = stable.split_once("extension_configs:\n").unwrap().1;
-    let canary = entries.replace("value: v1", "value: canary").replace(
-        "    typed_config:",
-        "    node_selector: { clusters: [canary] }\n    typed_config:",
-    );
-    fs::write(
-        &yaml,
-        stable.replace(entries, &format!("{canary}{entries}")),
-    )
-    .unwrap();
+    let canary = entries
+        .replace("value: v1", "value: canary")
+        .replace("    typed_config:", "    node_selector: { clusters: [canary] }\n    typed_config:");
+    fs::write(&yaml, stable.replace(entries, &format!("{canary}{entries}"))).unwrap();
 
     let fp = Filterplane::start(&yaml, dir.path());
     let start = |name: &str, cluster: &str| {
@@ -84,16 +72,11 @@ fn standalone_ecds_service_serves_envoy_without_ads() {
     );
     let envoy = Envoy::start(&boot, ports, dir.path(), "envoy");
     wait_for(&envoy, "v1");
-    fs::write(
-        &yaml,
-        example("quickstart/filterplane.yaml").replace("value: v1", "value: v2"),
-    )
-    .unwrap();
+    fs::write(&yaml, example("quickstart/filterplane.yaml").replace("value: v1", "value: v2")).unwrap();
     wait_for(&envoy, "v2");
     // Two streams from this node: the (idle) ADS one and the ECDS one.
     let streams = fp.api("/api/v1/proxies/ecds-only");
     assert!(streams.as_array().unwrap().iter().any(|s| {
-        s["types"]["type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig"]["acked_version"]
-            .is_string()
+        s["types"]["type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig"]["acked_version"].is_string()
     }));
 }

@@ -54,18 +54,10 @@ impl Generation {
             .resources
             .iter()
             .map(|r| {
-                Arc::new(ServedResource {
-                    name: r.name.clone(),
-                    version: r.version.clone(),
-                    any: r.resource.clone(),
-                })
+                Arc::new(ServedResource { name: r.name.clone(), version: r.version.clone(), any: r.resource.clone() })
             })
             .collect();
-        Self {
-            config: Arc::new(config),
-            served,
-            groups: DashMap::new(),
-        }
+        Self { config: Arc::new(config), served, groups: DashMap::new() }
     }
 
     pub fn version(&self) -> &ResourceVersion {
@@ -100,10 +92,7 @@ impl Generation {
             .flat_map(|m| m.values())
             .flat_map(|s| [s.name.as_bytes(), s.version.as_str().as_bytes()])
             .collect();
-        let snap = Arc::new(Snapshot {
-            config_version: content_version(versions),
-            types,
-        });
+        let snap = Arc::new(Snapshot { config_version: content_version(versions), types });
         self.groups.entry(key).or_insert(snap).clone()
     }
 
@@ -123,9 +112,7 @@ pub struct SnapshotCache {
 
 impl Default for SnapshotCache {
     fn default() -> Self {
-        Self {
-            tx: watch::Sender::new(None),
-        }
+        Self { tx: watch::Sender::new(None) }
     }
 }
 
@@ -133,14 +120,10 @@ impl SnapshotCache {
     /// Publishes a new config. Returns false, and wakes nobody, when its version is the
     /// one already served.
     pub fn publish(&self, config: CompiledConfig) -> bool {
-        if self
-            .current()
-            .is_some_and(|g| *g.version() == config.version)
-        {
+        if self.current().is_some_and(|g| *g.version() == config.version) {
             return false;
         }
-        self.tx
-            .send_replace(Some(Arc::new(Generation::new(config))));
+        self.tx.send_replace(Some(Arc::new(Generation::new(config))));
         true
     }
 
@@ -173,11 +156,7 @@ mod tests {
     }
 
     fn node(id: &str, cluster: &str) -> NodeFacts {
-        NodeFacts {
-            id: id.into(),
-            cluster: cluster.into(),
-            ..Default::default()
-        }
+        NodeFacts { id: id.into(), cluster: cluster.into(), ..Default::default() }
     }
 
     #[test]
@@ -209,15 +188,7 @@ mod tests {
         let stable = g.snapshot_for(&node("b", "edge"));
         let v = |s: &Snapshot| s.resource(ECDS, "hdr").unwrap().version.clone();
         assert_ne!(v(&canary), v(&stable));
-        assert_eq!(
-            v(&stable),
-            g.config
-                .resources
-                .iter()
-                .find(|r| r.selector.is_empty())
-                .unwrap()
-                .version
-        );
+        assert_eq!(v(&stable), g.config.resources.iter().find(|r| r.selector.is_empty()).unwrap().version);
     }
 
     #[test]

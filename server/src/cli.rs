@@ -37,10 +37,6 @@ pub struct ServeArgs {
     #[arg(long, default_value = "0.0.0.0:18000", env = "FILTERPLANE_XDS_ADDR")]
     pub xds_addr: SocketAddr,
     /// The admin HTTP server: /healthz, /readyz, /api/v1/*.
-    #[arg(
-        long,
-        default_value = "127.0.0.1:18001",
-        env = "FILTERPLANE_ADMIN_ADDR"
-    )]
+    #[arg(long, default_value = "127.0.0.1:18001", env = "FILTERPLANE_ADMIN_ADDR")]
     pub admin_addr: SocketAddr,
 }

@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod cache;
 pub mod cli;
+pub mod metrics;
 pub mod reload;
 pub mod tracker;
 pub mod xds;
@@ -21,6 +22,7 @@ use crate::{
     admin::AdminState,
     cache::SnapshotCache,
     cli::ServeArgs,
+    metrics::Metrics,
     reload::ConfigReloader,
     tracker::AckTracker,
     xds::service::{XdsContext, XdsServices},
@@ -30,8 +32,9 @@ use crate::{
 /// end the streams, wait for the tasks.
 pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
     let cache = Arc::new(SnapshotCache::default());
-    let tracker = Arc::new(AckTracker::default());
-    let reloader = Arc::new(ConfigReloader::new(args.config.clone(), cache.clone()));
+    let metrics = Arc::new(Metrics::default());
+    let tracker = Arc::new(AckTracker::new(metrics.clone()));
+    let reloader = Arc::new(ConfigReloader::new(args.config.clone(), cache.clone(), metrics.clone()));
     let xds_listening = Arc::new(AtomicBool::new(false));
     let tasks = TaskTracker::new();
 
@@ -48,12 +51,8 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
         .with_context(|| format!("bind admin address {}", args.admin_addr))?;
     tracing::info!(xds = %xds_listener.local_addr()?, admin = %admin_listener.local_addr()?, config = %args.config.display(), "listening");
 
-    let ctx = XdsContext {
-        cache: cache.clone(),
-        tracker: tracker.clone(),
-        shutdown: shutdown.clone(),
-        tasks: tasks.clone(),
-    };
+    let ctx =
+        XdsContext { cache: cache.clone(), tracker: tracker.clone(), shutdown: shutdown.clone(), tasks: tasks.clone() };
     let services = XdsServices::new(ctx);
     let grpc = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
@@ -67,18 +66,12 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
 
     let admin = axum::serve(
         admin_listener,
-        admin::app(AdminState {
-            cache,
-            tracker,
-            reloader,
-            xds_listening,
-        }),
+        admin::app(AdminState { cache, tracker, reloader, metrics, xds_listening, shutdown: shutdown.clone() }),
     )
     .with_graceful_shutdown(shutdown.clone().cancelled_owned());
 
-    let result = tokio::try_join!(async { grpc.await.context("xDS server") }, async {
-        admin.await.context("admin server")
-    },);
+    let result =
+        tokio::try_join!(async { grpc.await.context("xDS server") }, async { admin.await.context("admin server") },);
     shutdown.cancel();
     tasks.close();
     tasks.wait().await;
@@ -92,12 +85,7 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
 pub fn validate(path: &std::path::Path) -> bool {
     match filterplane_config::load(path) {
         Ok(c) => {
-            println!(
-                "{}: valid, {} resource(s), version {}",
-                path.display(),
-                c.resources.len(),
-                c.version
-            );
+            println!("{}: valid, {} resource(s), version {}", path.display(), c.resources.len(), c.version);
             true
         }
         Err(errors) => {

@@ -4,17 +4,17 @@
 
 use std::{
     path::{Path, PathBuf},
-    sync::{Arc, Mutex},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
 use filterplane_config::{ConfigError, ConfigErrors};
 use notify::{EventKind, RecursiveMode, Watcher};
 use serde::Serialize;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::{cache::SnapshotCache, tracker::now};
+use crate::{cache::SnapshotCache, metrics::Metrics, tracker::now};
 
 /// Quiet time after the last file event before reloading: editors write a file in
 /// several steps (truncate, write, rename), and one reload should see the end result.
@@ -31,12 +31,7 @@ pub struct ErrorView {
 
 impl From<&ConfigError> for ErrorView {
     fn from(e: &ConfigError) -> Self {
-        Self {
-            file: e.file.display().to_string(),
-            line: e.line,
-            path: e.path.clone(),
-            message: e.message.clone(),
-        }
+        Self { file: e.file.display().to_string(), line: e.line, path: e.path.clone(), message: e.message.clone() }
     }
 }
 
@@ -71,11 +66,13 @@ pub struct ReloadStatus {
 pub struct ConfigReloader {
     path: PathBuf,
     cache: Arc<SnapshotCache>,
-    status: Mutex<ReloadStatus>,
+    metrics: Arc<Metrics>,
+    /// The latest status; receivers (the admin page) wake on every reload.
+    status: watch::Sender<ReloadStatus>,
 }
 
 impl ConfigReloader {
-    pub fn new(path: PathBuf, cache: Arc<SnapshotCache>) -> Self {
+    pub fn new(path: PathBuf, cache: Arc<SnapshotCache>, metrics: Arc<Metrics>) -> Self {
         let status = ReloadStatus {
             config_path: path.display().to_string(),
             serving_version: None,
@@ -85,34 +82,30 @@ impl ConfigReloader {
             last_duration_ms: None,
             last_outcome: ReloadOutcome::Pending,
         };
-        Self {
-            path,
-            cache,
-            status: Mutex::new(status),
-        }
+        Self { path, cache, metrics, status: watch::Sender::new(status) }
     }
 
     pub fn status(&self) -> ReloadStatus {
-        self.status
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.status.borrow().clone()
+    }
+
+    /// Wakes after every reload attempt.
+    pub fn changes(&self) -> watch::Receiver<ReloadStatus> {
+        self.status.subscribe()
     }
 
     /// Loads, validates and compiles the config, and publishes it if it is good.
     pub async fn reload(&self, trigger: &str) -> ReloadOutcome {
         let started = Instant::now();
         let path = self.path.clone();
-        let result = tokio::task::spawn_blocking(move || filterplane_config::load(&path))
-            .await
-            .unwrap_or_else(|e| {
-                Err(ConfigErrors(vec![ConfigError {
-                    file: self.path.clone(),
-                    line: None,
-                    path: String::new(),
-                    message: format!("config load task failed: {e}"),
-                }]))
-            });
+        let result = tokio::task::spawn_blocking(move || filterplane_config::load(&path)).await.unwrap_or_else(|e| {
+            Err(ConfigErrors(vec![ConfigError {
+                file: self.path.clone(),
+                line: None,
+                path: String::new(),
+                message: format!("config load task failed: {e}"),
+            }]))
+        });
         let elapsed = started.elapsed();
         let outcome = match result {
             Ok(config) => {
@@ -130,41 +123,40 @@ impl ConfigReloader {
                 for e in &errors.0 {
                     tracing::error!(trigger, "config refused: {e}");
                 }
-                ReloadOutcome::Failed {
-                    errors: errors.0.iter().map(ErrorView::from).collect(),
-                }
+                ReloadOutcome::Failed { errors: errors.0.iter().map(ErrorView::from).collect() }
             }
         };
-        let mut status = self.status.lock().unwrap_or_else(|p| p.into_inner());
+        let result = match &outcome {
+            ReloadOutcome::Applied { .. } => "applied",
+            ReloadOutcome::Unchanged { .. } => "unchanged",
+            ReloadOutcome::Failed { .. } | ReloadOutcome::Pending => "failed",
+        };
+        self.metrics.reload(result, elapsed);
         let at = now();
-        if let ReloadOutcome::Applied { version } = &outcome {
-            status.serving_version = Some(version.clone());
-            status.serving_since = Some(at.clone());
-        }
-        status.last_attempt_at = Some(at);
-        status.last_trigger = Some(trigger.to_owned());
-        status.last_duration_ms = Some(elapsed.as_secs_f64() * 1e3);
-        status.last_outcome = outcome.clone();
+        self.status.send_modify(|status| {
+            if let ReloadOutcome::Applied { version } = &outcome {
+                status.serving_version = Some(version.clone());
+                status.serving_since = Some(at.clone());
+            }
+            status.last_attempt_at = Some(at);
+            status.last_trigger = Some(trigger.to_owned());
+            status.last_duration_ms = Some(elapsed.as_secs_f64() * 1e3);
+            status.last_outcome = outcome.clone();
+        });
         outcome
     }
 
     /// Reloads on file changes and SIGHUP until `shutdown`.
     pub async fn watch(self: Arc<Self>, shutdown: CancellationToken) -> anyhow::Result<()> {
         let (tx, mut events) = mpsc::channel::<()>(64);
-        let mut watcher =
-            notify::recommended_watcher(move |res: notify::Result<notify::Event>| match res {
-                Ok(ev)
-                    if matches!(
-                        ev.kind,
-                        EventKind::Create(_) | EventKind::Modify(_) | EventKind::Remove(_)
-                    ) =>
-                {
-                    // A full channel already means "reload pending".
-                    let _ = tx.try_send(());
-                }
-                Ok(_) => {}
-                Err(e) => tracing::warn!(error = %e, "file watch error"),
-            })?;
+        let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| match res {
+            Ok(ev) if matches!(ev.kind, EventKind::Create(_) | EventKind::Modify(_) | EventKind::Remove(_)) => {
+                // A full channel already means "reload pending".
+                let _ = tx.try_send(());
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "file watch error"),
+        })?;
         // Watch the directory, not the file: editors and Kubernetes ConfigMaps replace
         // files by rename, which ends a watch on the file itself.
         watcher.watch(watch_root(&self.path), RecursiveMode::NonRecursive)?;
@@ -194,8 +186,6 @@ fn watch_root(path: &Path) -> &Path {
     if path.is_dir() {
         path
     } else {
-        path.parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."))
+        path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."))
     }
 }

@@ -1,19 +1,25 @@
-//! ACK/NACK state per connected proxy and type, plus a bounded history of rejects that
-//! outlives the proxies' streams. Fed by stream events; read by the admin API.
+//! ACK/NACK state per connected proxy, type and resource, plus a bounded history of
+//! rejects that outlives the proxies' streams. Fed by stream events; read by the admin
+//! API, the admin page and `filterplane status`; counts into the metrics.
 
 use std::{
     collections::{BTreeMap, VecDeque},
     sync::{
         atomic::{AtomicU64, Ordering},
-        Mutex,
+        Arc, Mutex,
     },
-    time::SystemTime,
+    time::{Instant, SystemTime},
 };
 
 use dashmap::DashMap;
+use filterplane_api::ResourceType;
 use serde::Serialize;
+use tokio::sync::watch;
 
-use crate::xds::stream::{NodeInfo, StreamEvent};
+use crate::{
+    metrics::{KindLabel, Metrics, TypeLabel},
+    xds::stream::{NodeInfo, StreamEvent},
+};
 
 pub type StreamId = u64;
 
@@ -25,6 +31,15 @@ pub const REJECT_HISTORY: usize = 1000;
 pub enum StreamKind {
     Sotw,
     Delta,
+}
+
+impl StreamKind {
+    pub fn label(self) -> &'static str {
+        match self {
+            StreamKind::Sotw => "sotw",
+            StreamKind::Delta => "delta",
+        }
+    }
 }
 
 /// One proxy stream as the admin API shows it.
@@ -50,18 +65,64 @@ pub struct Locality {
     pub sub_zone: String,
 }
 
+/// Where a type stands for one proxy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SyncState {
+    /// Subscribed, nothing sent yet (no config, or nothing to say).
+    NotSent,
+    /// Sent, waiting for the ACK or NACK.
+    Pending,
+    /// The proxy runs what was last sent.
+    Synced,
+    /// The proxy refused what was last sent and runs an older version.
+    Nacked,
+}
+
 /// Per type URL: what was asked, sent, accepted and refused.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct TypeStatus {
+    pub state: SyncState,
     pub wildcard: bool,
     pub subscribed: Vec<String>,
     pub sent_version: Option<String>,
     pub sent_nonce: Option<String>,
     pub sent_at: Option<String>,
-    /// Resource name to version, as last sent.
-    pub resources: BTreeMap<String, String>,
     pub acked_version: Option<String>,
+    pub acked_at: Option<String>,
     pub last_nack: Option<Nack>,
+    /// By resource name.
+    pub resources: BTreeMap<String, ResourceStatus>,
+    #[serde(skip)]
+    sent_instant: Option<Instant>,
+}
+
+impl Default for TypeStatus {
+    fn default() -> Self {
+        Self {
+            state: SyncState::NotSent,
+            wildcard: false,
+            subscribed: Vec::new(),
+            sent_version: None,
+            sent_nonce: None,
+            sent_at: None,
+            acked_version: None,
+            acked_at: None,
+            last_nack: None,
+            resources: BTreeMap::new(),
+            sent_instant: None,
+        }
+    }
+}
+
+/// One resource of one proxy: the version last sent, and the version it runs.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct ResourceStatus {
+    pub sent_version: String,
+    /// `None` until a response holding it is ACKed.
+    pub acked_version: Option<String>,
+    /// Set while the last response holding it was NACKed.
+    pub nacked_version: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -94,22 +155,34 @@ pub struct AckTracker {
     proxies: DashMap<StreamId, ProxyStatus>,
     rejects: Mutex<VecDeque<Reject>>,
     reject_limit: usize,
-}
-
-impl Default for AckTracker {
-    fn default() -> Self {
-        Self::with_reject_limit(REJECT_HISTORY)
-    }
+    metrics: Arc<Metrics>,
+    /// Bumped on every change, so the admin page can refresh when something happened.
+    changes: watch::Sender<u64>,
 }
 
 impl AckTracker {
-    pub fn with_reject_limit(reject_limit: usize) -> Self {
+    pub fn new(metrics: Arc<Metrics>) -> Self {
+        Self::with_reject_limit(metrics, REJECT_HISTORY)
+    }
+
+    pub fn with_reject_limit(metrics: Arc<Metrics>, reject_limit: usize) -> Self {
         Self {
             next_id: AtomicU64::new(1),
             proxies: DashMap::new(),
             rejects: Mutex::new(VecDeque::new()),
             reject_limit,
+            metrics,
+            changes: watch::Sender::new(0),
         }
+    }
+
+    /// Wakes whenever proxies or rejects change.
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    fn changed(&self) {
+        self.changes.send_modify(|n| *n = n.wrapping_add(1));
     }
 
     /// A stream identified its node (first request).
@@ -123,11 +196,7 @@ impl AckTracker {
                 node_id: f.id.clone(),
                 cluster: f.cluster.clone(),
                 metadata: f.metadata.clone(),
-                locality: Locality {
-                    region: f.region.clone(),
-                    zone: f.zone.clone(),
-                    sub_zone: f.sub_zone.clone(),
-                },
+                locality: Locality { region: f.region.clone(), zone: f.zone.clone(), sub_zone: f.sub_zone.clone() },
                 user_agent: node.user_agent.clone(),
                 stream_kind: kind,
                 peer,
@@ -135,63 +204,91 @@ impl AckTracker {
                 types: BTreeMap::new(),
             },
         );
+        self.metrics.connected_proxies.get_or_create(&KindLabel { stream_kind: kind.label() }).inc();
+        self.changed();
         id
     }
 
     pub fn disconnect(&self, id: StreamId) {
-        self.proxies.remove(&id);
+        if let Some((_, p)) = self.proxies.remove(&id) {
+            self.metrics.connected_proxies.get_or_create(&KindLabel { stream_kind: p.stream_kind.label() }).dec();
+            self.changed();
+        }
     }
 
     pub fn record(&self, id: StreamId, event: &StreamEvent) {
-        let Some(mut proxy) = self.proxies.get_mut(&id) else {
-            return;
-        };
+        let Some(mut proxy) = self.proxies.get_mut(&id) else { return };
+        let mut reject = None;
         match event {
-            StreamEvent::Subscribed {
-                rt,
-                wildcard,
-                names,
-            } => {
-                let t = proxy.types.entry(rt.type_url().to_owned()).or_default();
+            StreamEvent::Subscribed { rt, wildcard, names } => {
+                let t = type_status(&mut proxy, *rt);
                 t.wildcard = *wildcard;
                 t.subscribed = names.clone();
             }
-            StreamEvent::Sent {
-                rt,
-                version,
-                nonce,
-                resources,
-                ..
-            } => {
-                let t = proxy.types.entry(rt.type_url().to_owned()).or_default();
+            StreamEvent::Sent { rt, version, nonce, resources, bytes } => {
+                let label = TypeLabel { type_url: rt.type_url() };
+                self.metrics.xds_pushes.get_or_create(&label).inc();
+                self.metrics.xds_pushed_bytes.get_or_create(&label).inc_by(*bytes as u64);
+                let t = type_status(&mut proxy, *rt);
+                t.state = SyncState::Pending;
                 t.sent_version = Some(version.clone());
                 t.sent_nonce = Some(nonce.clone());
                 t.sent_at = Some(now());
+                t.sent_instant = Some(Instant::now());
+                let mut next = BTreeMap::new();
+                for (name, v) in resources {
+                    let mut r = t.resources.remove(name).unwrap_or_default();
+                    r.sent_version = v.to_string();
+                    next.insert(name.clone(), r);
+                }
+                // Resources no longer sent (unsubscribed, removed) leave the view.
+                t.resources = next;
+            }
+            StreamEvent::Current { rt, version, resources } => {
+                let t = type_status(&mut proxy, *rt);
+                t.state = SyncState::Synced;
+                t.acked_version = Some(version.clone());
+                t.acked_at = Some(now());
                 t.resources = resources
                     .iter()
-                    .map(|(n, v)| (n.clone(), v.to_string()))
+                    .map(|(n, v)| {
+                        let v = v.to_string();
+                        (
+                            n.clone(),
+                            ResourceStatus { sent_version: v.clone(), acked_version: Some(v), nacked_version: None },
+                        )
+                    })
                     .collect();
             }
             StreamEvent::Acked { rt, version, .. } => {
-                let t = proxy.types.entry(rt.type_url().to_owned()).or_default();
+                let label = TypeLabel { type_url: rt.type_url() };
+                self.metrics.xds_acks.get_or_create(&label).inc();
+                let t = type_status(&mut proxy, *rt);
+                if let Some(sent) = t.sent_instant.take() {
+                    self.metrics.xds_push_ack_latency.get_or_create(&label).observe(sent.elapsed().as_secs_f64());
+                }
+                t.state = SyncState::Synced;
                 t.acked_version = Some(version.clone());
+                t.acked_at = Some(now());
                 // Accepting a newer version ends the NACK state.
                 t.last_nack = None;
+                for r in t.resources.values_mut() {
+                    r.acked_version = Some(r.sent_version.clone());
+                    r.nacked_version = None;
+                }
             }
-            StreamEvent::Nacked {
-                rt,
-                version,
-                kept_version,
-                nonce,
-                code,
-                message,
-                resources,
-            } => {
+            StreamEvent::Nacked { rt, version, kept_version, nonce, code, message, resources } => {
+                let label = TypeLabel { type_url: rt.type_url() };
+                self.metrics.xds_rejects.get_or_create(&label).inc();
                 let at = now();
-                let t = proxy.types.entry(rt.type_url().to_owned()).or_default();
-                t.acked_version = Some(kept_version.clone())
-                    .filter(|v| !v.is_empty())
-                    .or(t.acked_version.take());
+                let t = type_status(&mut proxy, *rt);
+                if let Some(sent) = t.sent_instant.take() {
+                    self.metrics.xds_push_ack_latency.get_or_create(&label).observe(sent.elapsed().as_secs_f64());
+                }
+                t.state = SyncState::Nacked;
+                if !kept_version.is_empty() {
+                    t.acked_version = Some(kept_version.clone());
+                }
                 t.last_nack = Some(Nack {
                     version: version.clone(),
                     nonce: nonce.clone(),
@@ -199,7 +296,12 @@ impl AckTracker {
                     message: message.clone(),
                     at: at.clone(),
                 });
-                let reject = Reject {
+                for name in resources {
+                    if let Some(r) = t.resources.get_mut(name) {
+                        r.nacked_version = Some(r.sent_version.clone());
+                    }
+                }
+                reject = Some(Reject {
                     at,
                     node_id: proxy.node_id.clone(),
                     cluster: proxy.cluster.clone(),
@@ -210,16 +312,19 @@ impl AckTracker {
                     nonce: nonce.clone(),
                     code: *code,
                     message: message.clone(),
-                };
-                drop(proxy);
-                let mut rejects = self.rejects.lock().unwrap_or_else(|p| p.into_inner());
-                if rejects.len() == self.reject_limit {
-                    rejects.pop_front();
-                }
-                rejects.push_back(reject);
+                });
             }
-            StreamEvent::UnsupportedType { .. } => {}
+            StreamEvent::UnsupportedType { .. } => return,
         }
+        drop(proxy);
+        if let Some(reject) = reject {
+            let mut rejects = self.rejects.lock().unwrap_or_else(|p| p.into_inner());
+            if rejects.len() >= self.reject_limit {
+                rejects.pop_front();
+            }
+            rejects.push_back(reject);
+        }
+        self.changed();
     }
 
     /// Connected proxies, by node id then stream.
@@ -236,76 +341,15 @@ impl AckTracker {
     }
 }
 
+fn type_status(proxy: &mut ProxyStatus, rt: ResourceType) -> &mut TypeStatus {
+    proxy.types.entry(rt.type_url().to_owned()).or_default()
+}
+
 /// RFC 3339, UTC, millisecond precision.
 pub fn now() -> String {
     humantime::format_rfc3339_millis(SystemTime::now()).to_string()
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use filterplane_api::ResourceType;
-
-    const ECDS: ResourceType = ResourceType::ExtensionConfig;
-
-    fn nack(version: &str) -> StreamEvent {
-        StreamEvent::Nacked {
-            rt: ECDS,
-            version: version.into(),
-            kept_version: "v1".into(),
-            nonce: "2".into(),
-            code: 13,
-            message: "bad".into(),
-            resources: vec!["a".into()],
-        }
-    }
-
-    #[test]
-    fn nack_keeps_last_acked_version_and_ack_of_a_fix_clears_it() {
-        let t = AckTracker::default();
-        let id = t.connect(&NodeInfo::default(), StreamKind::Sotw, "127.0.0.1:1".into());
-        t.record(
-            id,
-            &StreamEvent::Acked {
-                rt: ECDS,
-                version: "v1".into(),
-                nonce: "1".into(),
-            },
-        );
-        t.record(id, &nack("v2"));
-        let p = &t.proxies()[0];
-        let ty = &p.types[ECDS.type_url()];
-        assert_eq!(ty.acked_version.as_deref(), Some("v1"));
-        assert_eq!(
-            ty.last_nack.as_ref().map(|n| n.version.as_str()),
-            Some("v2")
-        );
-        t.record(
-            id,
-            &StreamEvent::Acked {
-                rt: ECDS,
-                version: "v3".into(),
-                nonce: "3".into(),
-            },
-        );
-        assert!(t.proxies()[0].types[ECDS.type_url()].last_nack.is_none());
-        assert_eq!(
-            t.rejects().len(),
-            1,
-            "history keeps the reject after the fix"
-        );
-    }
-
-    #[test]
-    fn rejects_outlive_the_stream_and_history_is_bounded() {
-        let t = AckTracker::with_reject_limit(3);
-        let id = t.connect(&NodeInfo::default(), StreamKind::Sotw, String::new());
-        for i in 0..5 {
-            t.record(id, &nack(&format!("v{i}")));
-        }
-        t.disconnect(id);
-        assert!(t.proxies().is_empty());
-        let versions: Vec<String> = t.rejects().into_iter().map(|r| r.version).collect();
-        assert_eq!(versions, ["v4", "v3", "v2"]);
-    }
-}
+#[path = "tracker_tests.rs"]
+mod tests;

@@ -28,12 +28,7 @@ async fn proxies(State(s): State<AdminState>) -> Response {
 }
 
 async fn proxy(State(s): State<AdminState>, Path(node_id): Path<String>) -> Response {
-    let streams: Vec<_> = s
-        .tracker
-        .proxies()
-        .into_iter()
-        .filter(|p| p.node_id == node_id)
-        .collect();
+    let streams: Vec<_> = s.tracker.proxies().into_iter().filter(|p| p.node_id == node_id).collect();
     if streams.is_empty() {
         return (
             StatusCode::NOT_FOUND,
@@ -88,11 +83,7 @@ async fn config(State(s): State<AdminState>) -> Response {
                 .collect()
         })
         .unwrap_or_default();
-    Json(ConfigView {
-        status: s.reloader.status(),
-        resources,
-    })
-    .into_response()
+    Json(ConfigView { status: s.reloader.status(), resources }).into_response()
 }
 
 fn selector_json(s: &filterplane_config::NodeSelector) -> Value {
@@ -105,10 +96,7 @@ fn selector_json(s: &filterplane_config::NodeSelector) -> Value {
 /// Every resource as served, decoded back to Envoy-native JSON.
 async fn config_dump(State(s): State<AdminState>) -> Response {
     let Some(g) = s.cache.current() else {
-        return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({ "error": "no configuration loaded yet" })),
-        )
+        return (StatusCode::SERVICE_UNAVAILABLE, Json(json!({ "error": "no configuration loaded yet" })))
             .into_response();
     };
     let resources: Vec<Value> = g
@@ -116,8 +104,7 @@ async fn config_dump(State(s): State<AdminState>) -> Response {
         .resources
         .iter()
         .map(|r| {
-            let resource =
-                any_to_json(&r.resource).unwrap_or_else(|e| json!({ "error": e.to_string() }));
+            let resource = any_to_json(&r.resource).unwrap_or_else(|e| json!({ "error": e.to_string() }));
             json!({ "name": r.name, "version": r.version.to_string(), "resource": resource })
         })
         .collect();

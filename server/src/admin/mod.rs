@@ -1,16 +1,32 @@
-//! The admin HTTP server: health, readiness and the JSON API over the tracker, the
-//! cache and the reload status. `app()` builds the router so tests need no socket.
+//! The admin HTTP server: the page, health, readiness, metrics and the JSON API over the
+//! tracker, the cache and the reload status. `app()` builds the router so tests need no
+//! socket.
 
 mod api;
 
-use std::sync::{
-    atomic::{AtomicBool, Ordering},
-    Arc,
+use std::{
+    convert::Infallible,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::Duration,
 };
 
-use axum::{http::StatusCode, routing::get, Router};
+use axum::{
+    extract::State,
+    http::{header, StatusCode},
+    response::{
+        sse::{Event, KeepAlive, Sse},
+        Html, IntoResponse,
+    },
+    routing::get,
+    Router,
+};
+use tokio_stream::{wrappers::WatchStream, Stream, StreamExt};
+use tokio_util::sync::CancellationToken;
 
-use crate::{cache::SnapshotCache, reload::ConfigReloader, tracker::AckTracker};
+use crate::{cache::SnapshotCache, metrics::Metrics, reload::ConfigReloader, tracker::AckTracker};
 
 /// What the admin handlers read.
 #[derive(Debug, Clone)]
@@ -18,35 +34,48 @@ pub struct AdminState {
     pub cache: Arc<SnapshotCache>,
     pub tracker: Arc<AckTracker>,
     pub reloader: Arc<ConfigReloader>,
+    pub metrics: Arc<Metrics>,
     /// Set once the xDS listener is bound.
     pub xds_listening: Arc<AtomicBool>,
+    /// Ends the page's event streams, so a graceful shutdown does not wait on them.
+    pub shutdown: CancellationToken,
 }
 
 pub fn app(state: AdminState) -> Router {
     Router::new()
+        .route("/", get(|| async { Html(include_str!("page.html")) }))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/api/v1/events", get(events))
         .nest("/api/v1", api::routes())
+        .fallback(|| async { (StatusCode::NOT_FOUND, "no such page; see / and /api/v1/*\n") })
         .with_state(state)
 }
 
-async fn readyz(
-    axum::extract::State(s): axum::extract::State<AdminState>,
-) -> (StatusCode, &'static str) {
-    match (
-        s.cache.current().is_some(),
-        s.xds_listening.load(Ordering::Relaxed),
-    ) {
+async fn readyz(State(s): State<AdminState>) -> (StatusCode, &'static str) {
+    match (s.cache.current().is_some(), s.xds_listening.load(Ordering::Relaxed)) {
         (true, true) => (StatusCode::OK, "ready\n"),
-        (false, _) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "no valid configuration loaded yet\n",
-        ),
-        (true, false) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "xDS listener not bound yet\n",
-        ),
+        (false, _) => (StatusCode::SERVICE_UNAVAILABLE, "no valid configuration loaded yet\n"),
+        (true, false) => (StatusCode::SERVICE_UNAVAILABLE, "xDS listener not bound yet\n"),
     }
+}
+
+async fn metrics(State(s): State<AdminState>) -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], s.metrics.render())
+}
+
+/// Server-sent events: a `change` event whenever proxies, rejects or the config change,
+/// at most four a second (watch channels keep only the latest value, so bursts coalesce).
+async fn events(State(s): State<AdminState>) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+    let tracker = WatchStream::new(s.tracker.changes()).map(|_| ());
+    let reloads = WatchStream::new(s.reloader.changes()).map(|_| ());
+    let stream = tracker
+        .merge(reloads)
+        .throttle(Duration::from_millis(250))
+        .map(|()| Ok(Event::default().event("change").data("")));
+    let stream = futures_util::StreamExt::take_until(stream, s.shutdown.cancelled_owned());
+    Sse::new(stream).keep_alive(KeepAlive::default())
 }
 
 #[cfg(test)]

@@ -9,10 +9,7 @@ use tower::ServiceExt;
 use super::*;
 
 async fn get(app: Router, uri: &str) -> (StatusCode, String) {
-    let res = app
-        .oneshot(Request::get(uri).body(Body::empty()).unwrap())
-        .await
-        .unwrap();
+    let res = app.oneshot(Request::get(uri).body(Body::empty()).unwrap()).await.unwrap();
     let status = res.status();
     let body = res.into_body().collect().await.unwrap().to_bytes();
     (status, String::from_utf8_lossy(&body).into_owned())
@@ -22,15 +19,15 @@ fn state(config: &str) -> (AdminState, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("c.yaml"), config).unwrap();
     let cache = Arc::new(SnapshotCache::default());
-    let reloader = Arc::new(ConfigReloader::new(
-        dir.path().join("c.yaml"),
-        cache.clone(),
-    ));
+    let metrics = Arc::new(Metrics::default());
+    let reloader = Arc::new(ConfigReloader::new(dir.path().join("c.yaml"), cache.clone(), metrics.clone()));
     let s = AdminState {
         cache,
-        tracker: Arc::new(AckTracker::default()),
+        tracker: Arc::new(AckTracker::new(metrics.clone())),
         reloader,
+        metrics,
         xds_listening: Arc::new(AtomicBool::new(true)),
+        shutdown: CancellationToken::new(),
     };
     (s, dir)
 }
@@ -42,28 +39,18 @@ async fn readyz_waits_for_a_valid_config_and_config_shows_the_errors() {
     let (s, dir) = state("version: 1\nextension_configs: [ { name: a } ]\n");
     s.reloader.reload("test").await;
     assert_eq!(get(app(s.clone()), "/healthz").await.0, StatusCode::OK);
-    assert_eq!(
-        get(app(s.clone()), "/readyz").await.0,
-        StatusCode::SERVICE_UNAVAILABLE
-    );
+    assert_eq!(get(app(s.clone()), "/readyz").await.0, StatusCode::SERVICE_UNAVAILABLE);
     let (code, body) = get(app(s.clone()), "/api/v1/config").await;
     assert_eq!(code, StatusCode::OK);
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["last_outcome"]["result"], "failed");
-    assert!(
-        v["last_outcome"]["errors"][0]["message"]
-            .as_str()
-            .unwrap()
-            .contains("typed_config"),
-        "{body}"
-    );
+    assert!(v["last_outcome"]["errors"][0]["message"].as_str().unwrap().contains("typed_config"), "{body}");
     assert_eq!(v["serving_version"], serde_json::Value::Null);
 
     std::fs::write(dir.path().join("c.yaml"), GOOD).unwrap();
     s.reloader.reload("test").await;
     assert_eq!(get(app(s.clone()), "/readyz").await.0, StatusCode::OK);
-    let v: serde_json::Value =
-        serde_json::from_str(&get(app(s.clone()), "/api/v1/config").await.1).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&get(app(s.clone()), "/api/v1/config").await.1).unwrap();
     assert_eq!(v["last_outcome"]["result"], "applied");
     assert_eq!(v["resources"][0]["name"], "a");
     assert_eq!(v["resources"][0]["line"], 3);
@@ -77,16 +64,27 @@ async fn config_dump_is_envoy_native_json_and_unknown_proxy_is_404() {
     assert_eq!(code, StatusCode::OK);
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     let r = &v["resources"][0]["resource"];
-    assert_eq!(
-        r["@type"],
-        "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig"
-    );
-    assert_eq!(
-        r["typed_config"]["@type"],
-        "type.googleapis.com/google.protobuf.Struct"
-    );
+    assert_eq!(r["@type"], "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig");
+    assert_eq!(r["typed_config"]["@type"], "type.googleapis.com/google.protobuf.Struct");
     let (code, body) = get(app(s.clone()), "/api/v1/proxies/nobody").await;
     assert_eq!(code, StatusCode::NOT_FOUND);
     assert!(body.contains("nobody"));
     assert_eq!(get(app(s), "/api/v1/rejects").await.1, "[]");
+}
+
+#[tokio::test]
+async fn page_metrics_and_unknown_paths() {
+    let (s, _dir) = state(GOOD);
+    s.reloader.reload("test").await;
+    let (code, body) = get(app(s.clone()), "/").await;
+    assert_eq!(code, StatusCode::OK);
+    assert!(body.contains("<title>Filterplane</title>") && body.contains("/api/v1/events"));
+    assert!(!body.contains("http://") && !body.contains("https://"), "the page loads nothing from outside");
+    let (code, body) = get(app(s.clone()), "/metrics").await;
+    assert_eq!(code, StatusCode::OK);
+    assert!(body.contains("filterplane_config_reloads_total{result=\"applied\"} 1"), "{body}");
+    assert!(body.contains("# TYPE filterplane_xds_rejects counter"), "{body}");
+    let (code, body) = get(app(s), "/nope").await;
+    assert_eq!(code, StatusCode::NOT_FOUND);
+    assert!(body.contains("/api/v1"));
 }

@@ -58,15 +58,10 @@ impl XdsServices {
         only: Option<ResourceType>,
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> ResponseStream<DiscoveryResponse> {
-        let peer = request
-            .remote_addr()
-            .map(|a| a.to_string())
-            .unwrap_or_default();
+        let peer = request.remote_addr().map(|a| a.to_string()).unwrap_or_default();
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let ctx = self.ctx.clone();
-        self.ctx
-            .tasks
-            .spawn(run_sotw(ctx, only, request.into_inner(), tx, peer));
+        self.ctx.tasks.spawn(run_sotw(ctx, only, request.into_inner(), tx, peer));
         Box::pin(ReceiverStream::new(rx))
     }
 }
@@ -133,10 +128,7 @@ async fn run_sotw(
     }
     if let Some(id) = stream_id {
         ctx.tracker.disconnect(id);
-        let node_id = machine
-            .node()
-            .map(|n| n.facts.id.as_str())
-            .unwrap_or_default();
+        let node_id = machine.node().map(|n| n.facts.id.as_str()).unwrap_or_default();
         tracing::info!(node_id, %peer, "proxy disconnected");
     }
 }
@@ -149,10 +141,7 @@ async fn deliver(
     step: Step,
     tx: &mpsc::Sender<Result<DiscoveryResponse, Status>>,
 ) -> bool {
-    let node_id = machine
-        .node()
-        .map(|n| n.facts.id.as_str())
-        .unwrap_or_default();
+    let node_id = machine.node().map(|n| n.facts.id.as_str()).unwrap_or_default();
     for event in &step.events {
         log_event(node_id, event);
         if let Some(id) = stream_id {
@@ -169,41 +158,23 @@ async fn deliver(
 
 fn log_event(node_id: &str, event: &StreamEvent) {
     match event {
-        StreamEvent::Nacked {
-            rt,
-            version,
-            nonce,
-            code,
-            message,
-            ..
-        } => {
+        StreamEvent::Nacked { rt, version, nonce, code, message, .. } => {
             tracing::warn!(node_id, type_url = %rt, version, nonce, code, message, "NACK")
         }
         StreamEvent::Acked { rt, version, nonce } => {
             tracing::debug!(node_id, type_url = %rt, version, nonce, "ACK")
         }
-        StreamEvent::Sent {
-            rt,
-            version,
-            nonce,
-            resources,
-            bytes,
-        } => {
+        StreamEvent::Sent { rt, version, nonce, resources, bytes } => {
             tracing::debug!(node_id, type_url = %rt, version, nonce, resources = resources.len(), bytes, "sent")
         }
-        StreamEvent::Subscribed {
-            rt,
-            wildcard,
-            names,
-        } => {
+        StreamEvent::Subscribed { rt, wildcard, names } => {
             tracing::debug!(node_id, type_url = %rt, wildcard, ?names, "subscription")
         }
+        StreamEvent::Current { rt, version, .. } => {
+            tracing::debug!(node_id, type_url = %rt, version, "client is up to date; nothing sent")
+        }
         StreamEvent::UnsupportedType { type_url } => {
-            tracing::warn!(
-                node_id,
-                type_url,
-                "request for a type Filterplane does not serve; not answered"
-            )
+            tracing::warn!(node_id, type_url, "request for a type Filterplane does not serve; not answered")
         }
     }
 }
@@ -240,9 +211,7 @@ impl ExtensionConfigDiscoveryService for XdsServices {
         &self,
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamExtensionConfigsStream>, Status> {
-        Ok(Response::new(
-            self.start_sotw(Some(ResourceType::ExtensionConfig), request),
-        ))
+        Ok(Response::new(self.start_sotw(Some(ResourceType::ExtensionConfig), request)))
     }
 
     async fn delta_extension_configs(
@@ -258,26 +227,15 @@ impl ExtensionConfigDiscoveryService for XdsServices {
         request: Request<DiscoveryRequest>,
     ) -> Result<Response<DiscoveryResponse>, Status> {
         let mut req = request.into_inner();
-        let node = req
-            .node
-            .as_ref()
-            .ok_or_else(|| Status::invalid_argument("the request must carry the node"))?;
-        let generation = self
-            .ctx
-            .cache
-            .current()
-            .ok_or_else(|| Status::unavailable("no configuration loaded yet"))?;
+        let node = req.node.as_ref().ok_or_else(|| Status::invalid_argument("the request must carry the node"))?;
+        let generation = self.ctx.cache.current().ok_or_else(|| Status::unavailable("no configuration loaded yet"))?;
         let mut machine = SotwStream::new(Some(ResourceType::ExtensionConfig), control_plane_id());
-        machine
-            .on_snapshot(generation.snapshot_for(&crate::xds::stream::NodeInfo::from(node).facts));
+        machine.on_snapshot(generation.snapshot_for(&crate::xds::stream::NodeInfo::from(node).facts));
         // A fetch always answers: forget what the client says it has.
         req.version_info.clear();
         req.response_nonce.clear();
         req.error_detail = None;
         let mut step = machine.on_request(req)?;
-        step.responses
-            .pop()
-            .map(Response::new)
-            .ok_or_else(|| Status::internal("no response computed"))
+        step.responses.pop().map(Response::new).ok_or_else(|| Status::internal("no response computed"))
     }
 }

@@ -82,9 +82,7 @@ impl SotwStream {
             }
             // xDS protocol: a type the server does not know gets no response; Envoy times
             // the subscription out on its own (initial_fetch_timeout).
-            step.events.push(StreamEvent::UnsupportedType {
-                type_url: req.type_url,
-            });
+            step.events.push(StreamEvent::UnsupportedType { type_url: req.type_url });
             return Ok(step);
         };
         if self.only.is_some_and(|o| o != rt) {
@@ -92,9 +90,7 @@ impl SotwStream {
         }
 
         let state = self.types.get(&rt);
-        let sent_nonce = state
-            .and_then(|s| s.last_sent.as_ref())
-            .map(|s| s.nonce.as_str());
+        let sent_nonce = state.and_then(|s| s.last_sent.as_ref()).map(|s| s.nonce.as_str());
         if !req.response_nonce.is_empty() && sent_nonce != Some(req.response_nonce.as_str()) {
             // xDS protocol, "Resource updates": a request whose nonce is not the latest
             // response's is stale and is ignored (its ACK/NACK is for superseded data).
@@ -117,24 +113,14 @@ impl SotwStream {
             client_version: String::new(),
             last_sent: None,
         });
-        if let Some(sent) = state
-            .last_sent
-            .as_ref()
-            .filter(|_| !req.response_nonce.is_empty())
-        {
+        if let Some(sent) = state.last_sent.as_ref().filter(|_| !req.response_nonce.is_empty()) {
             if let Some(err) = &req.error_detail {
                 // NACK: record it and do not resend the same version; a new snapshot or
                 // a subscription change is what produces the next response.
                 let names = self
                     .snapshot
                     .as_ref()
-                    .map(|s| {
-                        sent.subscription
-                            .select(s.resources(rt))
-                            .iter()
-                            .map(|r| r.name.clone())
-                            .collect()
-                    })
+                    .map(|s| sent.subscription.select(s.resources(rt)).iter().map(|r| r.name.clone()).collect())
                     .unwrap_or_default();
                 step.events.push(StreamEvent::Nacked {
                     rt,
@@ -173,8 +159,7 @@ impl SotwStream {
     }
 
     fn respond_if_changed(&mut self, rt: ResourceType, step: &mut Step) {
-        let (Some(snapshot), Some(state)) = (self.snapshot.as_ref(), self.types.get_mut(&rt))
-        else {
+        let (Some(snapshot), Some(state)) = (self.snapshot.as_ref(), self.types.get_mut(&rt)) else {
             return;
         };
         let selected = state.subscription.select(snapshot.resources(rt));
@@ -182,17 +167,16 @@ impl SotwStream {
         match &state.last_sent {
             None if state.client_version == version => {
                 // A reconnecting client that already has exactly this: nothing to send.
-                state.last_sent = Some(Sent {
-                    version,
-                    nonce: String::new(),
-                    subscription: state.subscription.clone(),
+                step.events.push(StreamEvent::Current {
+                    rt,
+                    version: version.clone(),
+                    resources: selected.iter().map(|r| (r.name.clone(), r.version.clone())).collect(),
                 });
+                state.last_sent =
+                    Some(Sent { version, nonce: String::new(), subscription: state.subscription.clone() });
                 return;
             }
-            Some(sent)
-                if sent.version == version
-                    && !gained_names(&sent.subscription, &state.subscription) =>
-            {
+            Some(sent) if sent.version == version && !gained_names(&sent.subscription, &state.subscription) => {
                 return;
             }
             _ => {}
@@ -203,27 +187,18 @@ impl SotwStream {
             resources: selected.iter().map(|r| r.any.clone()).collect(),
             type_url: rt.type_url().to_owned(),
             nonce: nonce.clone(),
-            control_plane: Some(ControlPlane {
-                identifier: self.control_plane.clone(),
-            }),
+            control_plane: Some(ControlPlane { identifier: self.control_plane.clone() }),
             ..Default::default()
         };
         step.events.push(StreamEvent::Sent {
             rt,
             version: version.clone(),
             nonce: nonce.clone(),
-            resources: selected
-                .iter()
-                .map(|r| (r.name.clone(), r.version.clone()))
-                .collect(),
+            resources: selected.iter().map(|r| (r.name.clone(), r.version.clone())).collect(),
             bytes: response.encoded_len(),
         });
         step.responses.push(response);
-        state.last_sent = Some(Sent {
-            version,
-            nonce,
-            subscription: state.subscription.clone(),
-        });
+        state.last_sent = Some(Sent { version, nonce, subscription: state.subscription.clone() });
     }
 }
 

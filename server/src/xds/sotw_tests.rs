@@ -32,11 +32,7 @@ fn snapshot(entries: &[(&str, &str)]) -> Arc<Snapshot> {
 
 fn request(rt: ResourceType, names: &[&str], version: &str, nonce: &str) -> DiscoveryRequest {
     DiscoveryRequest {
-        node: Some(Node {
-            id: "envoy-1".into(),
-            cluster: "edge".into(),
-            ..Default::default()
-        }),
+        node: Some(Node { id: "envoy-1".into(), cluster: "edge".into(), ..Default::default() }),
         type_url: rt.type_url().into(),
         resource_names: names.iter().map(|s| s.to_string()).collect(),
         version_info: version.into(),
@@ -45,19 +41,9 @@ fn request(rt: ResourceType, names: &[&str], version: &str, nonce: &str) -> Disc
     }
 }
 
-fn nack(
-    rt: ResourceType,
-    names: &[&str],
-    kept: &str,
-    nonce: &str,
-    message: &str,
-) -> DiscoveryRequest {
+fn nack(rt: ResourceType, names: &[&str], kept: &str, nonce: &str, message: &str) -> DiscoveryRequest {
     DiscoveryRequest {
-        error_detail: Some(Status {
-            code: 13,
-            message: message.into(),
-            details: vec![],
-        }),
+        error_detail: Some(Status { code: 13, message: message.into(), details: vec![] }),
         ..request(rt, names, kept, nonce)
     }
 }
@@ -80,10 +66,7 @@ fn names_of(step: &Step) -> Vec<Vec<String>> {
 
 fn stream_with(snap: Arc<Snapshot>) -> SotwStream {
     let mut s = SotwStream::new(None, "test");
-    assert!(
-        s.on_snapshot(snap).responses.is_empty(),
-        "nothing is pushed before a request"
-    );
+    assert!(s.on_snapshot(snap).responses.is_empty(), "nothing is pushed before a request");
     s
 }
 
@@ -97,9 +80,7 @@ fn first_request_gets_the_subscribed_resources_and_the_ack_is_recorded() {
     assert!(!r.nonce.is_empty() && !r.version_info.is_empty());
     assert_eq!(s.node().unwrap().facts.id, "envoy-1");
 
-    let ack = s
-        .on_request(request(ECDS, &["a"], &r.version_info, &r.nonce))
-        .unwrap();
+    let ack = s.on_request(request(ECDS, &["a"], &r.version_info, &r.nonce)).unwrap();
     assert!(ack.responses.is_empty(), "an ACK is not answered");
     assert!(ack.events.contains(&StreamEvent::Acked {
         rt: ECDS,
@@ -111,38 +92,15 @@ fn first_request_gets_the_subscribed_resources_and_the_ack_is_recorded() {
 #[test]
 fn nack_is_recorded_with_envoys_message_and_never_resent() {
     let mut s = stream_with(snapshot(&[("a", "v1")]));
-    let r = s
-        .on_request(request(ECDS, &["a"], "", ""))
-        .unwrap()
-        .responses
-        .remove(0);
-    let step = s
-        .on_request(nack(
-            ECDS,
-            &["a"],
-            "",
-            &r.nonce,
-            "filter config has type URL x but expect y",
-        ))
-        .unwrap();
+    let r = s.on_request(request(ECDS, &["a"], "", "")).unwrap().responses.remove(0);
+    let step = s.on_request(nack(ECDS, &["a"], "", &r.nonce, "filter config has type URL x but expect y")).unwrap();
     assert!(step.responses.is_empty(), "no resend loop after a NACK");
-    let Some(StreamEvent::Nacked {
-        version,
-        message,
-        code,
-        resources,
-        ..
-    }) = step
-        .events
-        .iter()
-        .find(|e| matches!(e, StreamEvent::Nacked { .. }))
+    let Some(StreamEvent::Nacked { version, message, code, resources, .. }) =
+        step.events.iter().find(|e| matches!(e, StreamEvent::Nacked { .. }))
     else {
         panic!("no NACK event in {:?}", step.events)
     };
-    assert_eq!(
-        (version, code, resources.as_slice()),
-        (&r.version_info, &13, ["a".to_string()].as_slice())
-    );
+    assert_eq!((version, code, resources.as_slice()), (&r.version_info, &13, ["a".to_string()].as_slice()));
     assert!(message.contains("expect y"));
     // The same snapshot again (e.g. a reload that changed nothing for this node) sends nothing.
     assert!(s.on_snapshot(snapshot(&[("a", "v1")])).responses.is_empty());
@@ -151,91 +109,49 @@ fn nack_is_recorded_with_envoys_message_and_never_resent() {
 #[test]
 fn nack_then_fixed_config_sends_the_new_version() {
     let mut s = stream_with(snapshot(&[("a", "v1")]));
-    let r1 = s
-        .on_request(request(ECDS, &["a"], "", ""))
-        .unwrap()
-        .responses
-        .remove(0);
-    s.on_request(nack(ECDS, &["a"], "", &r1.nonce, "bad"))
-        .unwrap();
+    let r1 = s.on_request(request(ECDS, &["a"], "", "")).unwrap().responses.remove(0);
+    s.on_request(nack(ECDS, &["a"], "", &r1.nonce, "bad")).unwrap();
     let step = s.on_snapshot(snapshot(&[("a", "v2")]));
     assert_eq!(step.responses.len(), 1);
     let r2 = &step.responses[0];
     assert_ne!(r2.version_info, r1.version_info);
     assert_ne!(r2.nonce, r1.nonce);
-    let ack = s
-        .on_request(request(ECDS, &["a"], &r2.version_info, &r2.nonce))
-        .unwrap();
+    let ack = s.on_request(request(ECDS, &["a"], &r2.version_info, &r2.nonce)).unwrap();
     assert!(matches!(ack.events.last(), Some(StreamEvent::Acked { .. })));
 }
 
 #[test]
 fn stale_nonce_is_ignored() {
     let mut s = stream_with(snapshot(&[("a", "v1")]));
-    let r1 = s
-        .on_request(request(ECDS, &["a"], "", ""))
-        .unwrap()
-        .responses
-        .remove(0);
+    let r1 = s.on_request(request(ECDS, &["a"], "", "")).unwrap().responses.remove(0);
     let r2 = s.on_snapshot(snapshot(&[("a", "v2")])).responses.remove(0);
     // The ACK of r1 arrives after r2 was sent: superseded, ignored entirely.
-    let step = s
-        .on_request(request(ECDS, &["a", "b"], &r1.version_info, &r1.nonce))
-        .unwrap();
-    assert!(
-        step.responses.is_empty() && step.events.is_empty(),
-        "{step:?}"
-    );
-    let step = s
-        .on_request(request(ECDS, &["a"], &r2.version_info, &r2.nonce))
-        .unwrap();
-    assert!(matches!(
-        step.events.last(),
-        Some(StreamEvent::Acked { .. })
-    ));
+    let step = s.on_request(request(ECDS, &["a", "b"], &r1.version_info, &r1.nonce)).unwrap();
+    assert!(step.responses.is_empty() && step.events.is_empty(), "{step:?}");
+    let step = s.on_request(request(ECDS, &["a"], &r2.version_info, &r2.nonce)).unwrap();
+    assert!(matches!(step.events.last(), Some(StreamEvent::Acked { .. })));
 }
 
 #[test]
 fn unsubscribe_drops_the_resource_from_the_next_response() {
     let mut s = stream_with(snapshot(&[("a", "v1"), ("b", "v1")]));
-    let r1 = s
-        .on_request(request(ECDS, &["a", "b"], "", ""))
-        .unwrap()
-        .responses
-        .remove(0);
+    let r1 = s.on_request(request(ECDS, &["a", "b"], "", "")).unwrap().responses.remove(0);
     assert_eq!(r1.resources.len(), 2);
-    let step = s
-        .on_request(request(ECDS, &["a"], &r1.version_info, &r1.nonce))
-        .unwrap();
+    let step = s.on_request(request(ECDS, &["a"], &r1.version_info, &r1.nonce)).unwrap();
     assert_eq!(names_of(&step), [["a"]]);
-    assert!(step
-        .events
-        .iter()
-        .any(|e| matches!(e, StreamEvent::Subscribed { names, .. } if names == &["a"])));
+    assert!(step.events.iter().any(|e| matches!(e, StreamEvent::Subscribed { names, .. } if names == &["a"])));
     // A change to the resource no longer subscribed is not pushed.
     let r2 = &step.responses[0];
-    s.on_request(request(ECDS, &["a"], &r2.version_info, &r2.nonce))
-        .unwrap();
-    assert!(s
-        .on_snapshot(snapshot(&[("a", "v1"), ("b", "v2")]))
-        .responses
-        .is_empty());
+    s.on_request(request(ECDS, &["a"], &r2.version_info, &r2.nonce)).unwrap();
+    assert!(s.on_snapshot(snapshot(&[("a", "v1"), ("b", "v2")])).responses.is_empty());
 }
 
 #[test]
 fn only_a_change_to_what_the_proxy_subscribed_to_is_pushed() {
     let mut s = stream_with(snapshot(&[("a", "v1"), ("b", "v1")]));
-    let r = s
-        .on_request(request(ECDS, &["a"], "", ""))
-        .unwrap()
-        .responses
-        .remove(0);
-    s.on_request(request(ECDS, &["a"], &r.version_info, &r.nonce))
-        .unwrap();
-    assert!(s
-        .on_snapshot(snapshot(&[("a", "v1"), ("b", "v9"), ("c", "v1")]))
-        .responses
-        .is_empty());
+    let r = s.on_request(request(ECDS, &["a"], "", "")).unwrap().responses.remove(0);
+    s.on_request(request(ECDS, &["a"], &r.version_info, &r.nonce)).unwrap();
+    assert!(s.on_snapshot(snapshot(&[("a", "v1"), ("b", "v9"), ("c", "v1")])).responses.is_empty());
     assert_eq!(names_of(&s.on_snapshot(snapshot(&[("a", "v2")]))), [["a"]]);
 }
 
@@ -243,163 +159,78 @@ fn only_a_change_to_what_the_proxy_subscribed_to_is_pushed() {
 fn reconnect_with_the_current_version_gets_no_response() {
     let snap = snapshot(&[("a", "v1")]);
     let mut first = stream_with(snap.clone());
-    let r = first
-        .on_request(request(ECDS, &["a"], "", ""))
-        .unwrap()
-        .responses
-        .remove(0);
+    let r = first.on_request(request(ECDS, &["a"], "", "")).unwrap().responses.remove(0);
 
     // The control plane restarted: Envoy resubscribes with its version and no nonce.
     let mut again = stream_with(snap);
-    let step = again
-        .on_request(request(ECDS, &["a"], &r.version_info, ""))
-        .unwrap();
+    let step = again.on_request(request(ECDS, &["a"], &r.version_info, "")).unwrap();
+    assert!(step.responses.is_empty(), "same version: Envoy must not reload");
     assert!(
-        step.responses.is_empty(),
-        "same version: Envoy must not reload"
+        matches!(&step.events[..], [StreamEvent::Subscribed { .. }, StreamEvent::Current { version, .. }] if *version == r.version_info),
+        "{:?}",
+        step.events
     );
     // ... but a later change still reaches it.
-    assert_eq!(
-        again.on_snapshot(snapshot(&[("a", "v2")])).responses.len(),
-        1
-    );
+    assert_eq!(again.on_snapshot(snapshot(&[("a", "v2")])).responses.len(), 1);
 
     // A reconnect with an old version is answered at once.
     let mut stale = stream_with(snapshot(&[("a", "v2")]));
-    assert_eq!(
-        stale
-            .on_request(request(ECDS, &["a"], &r.version_info, ""))
-            .unwrap()
-            .responses
-            .len(),
-        1
-    );
+    assert_eq!(stale.on_request(request(ECDS, &["a"], &r.version_info, "")).unwrap().responses.len(), 1);
 }
 
 #[test]
 fn unknown_resource_name_gets_an_answer_without_it() {
     let mut s = stream_with(snapshot(&[("a", "v1")]));
-    let r = s
-        .on_request(request(ECDS, &["a"], "", ""))
-        .unwrap()
-        .responses
-        .remove(0);
-    let step = s
-        .on_request(request(ECDS, &["a", "missing"], &r.version_info, &r.nonce))
-        .unwrap();
-    assert_eq!(
-        names_of(&step),
-        [["a"]],
-        "SotW says 'missing' does not exist by leaving it out"
-    );
+    let r = s.on_request(request(ECDS, &["a"], "", "")).unwrap().responses.remove(0);
+    let step = s.on_request(request(ECDS, &["a", "missing"], &r.version_info, &r.nonce)).unwrap();
+    assert_eq!(names_of(&step), [["a"]], "SotW says 'missing' does not exist by leaving it out");
 }
 
 #[test]
 fn empty_names_are_wildcard_for_lds_and_cds_only() {
     let mut s = stream_with(snapshot(&[("a", "v1")]));
-    let lds = s
-        .on_request(request(ResourceType::Listener, &[], "", ""))
-        .unwrap();
-    assert!(lds
-        .events
-        .iter()
-        .any(|e| matches!(e, StreamEvent::Subscribed { wildcard: true, .. })));
-    assert_eq!(
-        lds.responses.len(),
-        1,
-        "wildcard LDS is answered even when empty"
-    );
+    let lds = s.on_request(request(ResourceType::Listener, &[], "", "")).unwrap();
+    assert!(lds.events.iter().any(|e| matches!(e, StreamEvent::Subscribed { wildcard: true, .. })));
+    assert_eq!(lds.responses.len(), 1, "wildcard LDS is answered even when empty");
     let ecds = s.on_request(request(ECDS, &[], "", "")).unwrap();
-    assert!(ecds.events.iter().any(|e| matches!(
-        e,
-        StreamEvent::Subscribed {
-            wildcard: false,
-            ..
-        }
-    )));
+    assert!(ecds.events.iter().any(|e| matches!(e, StreamEvent::Subscribed { wildcard: false, .. })));
     assert!(names_of(&ecds).iter().all(|n| n.is_empty()));
-    let explicit = s
-        .on_request(request(ECDS, &["*"], "", &ecds.responses[0].nonce))
-        .unwrap();
-    assert_eq!(
-        names_of(&explicit),
-        [["a"]],
-        "`*` is the explicit wildcard for any type"
-    );
+    let explicit = s.on_request(request(ECDS, &["*"], "", &ecds.responses[0].nonce)).unwrap();
+    assert_eq!(names_of(&explicit), [["a"]], "`*` is the explicit wildcard for any type");
 }
 
 #[test]
 fn several_types_share_one_stream_with_their_own_nonces() {
     let mut s = stream_with(snapshot(&[("a", "v1")]));
-    let cds = s
-        .on_request(request(ResourceType::Cluster, &[], "", ""))
-        .unwrap()
-        .responses
-        .remove(0);
-    let ecds = s
-        .on_request(request(ECDS, &["a"], "", ""))
-        .unwrap()
-        .responses
-        .remove(0);
+    let cds = s.on_request(request(ResourceType::Cluster, &[], "", "")).unwrap().responses.remove(0);
+    let ecds = s.on_request(request(ECDS, &["a"], "", "")).unwrap().responses.remove(0);
     assert_ne!(cds.nonce, ecds.nonce);
     // An ECDS request quoting the CDS nonce is stale for ECDS.
-    assert!(s
-        .on_request(request(ECDS, &["a"], "", &cds.nonce))
-        .unwrap()
-        .events
-        .is_empty());
-    let ack = s
-        .on_request(request(
-            ResourceType::Cluster,
-            &[],
-            &cds.version_info,
-            &cds.nonce,
-        ))
-        .unwrap();
-    assert!(matches!(
-        ack.events.last(),
-        Some(StreamEvent::Acked {
-            rt: ResourceType::Cluster,
-            ..
-        })
-    ));
+    assert!(s.on_request(request(ECDS, &["a"], "", &cds.nonce)).unwrap().events.is_empty());
+    let ack = s.on_request(request(ResourceType::Cluster, &[], &cds.version_info, &cds.nonce)).unwrap();
+    assert!(matches!(ack.events.last(), Some(StreamEvent::Acked { rt: ResourceType::Cluster, .. })));
 }
 
 #[test]
 fn requests_wait_for_the_first_snapshot() {
     let mut s = SotwStream::new(None, "test");
-    assert!(s
-        .on_request(request(ECDS, &["a"], "", ""))
-        .unwrap()
-        .responses
-        .is_empty());
+    assert!(s.on_request(request(ECDS, &["a"], "", "")).unwrap().responses.is_empty());
     assert_eq!(names_of(&s.on_snapshot(snapshot(&[("a", "v1")]))), [["a"]]);
 }
 
 #[test]
 fn protocol_errors() {
     let mut s = SotwStream::new(None, "test");
-    let no_node = DiscoveryRequest {
-        node: None,
-        ..request(ECDS, &["a"], "", "")
-    };
-    assert_eq!(
-        s.on_request(no_node).unwrap_err(),
-        ProtocolError::MissingNode
-    );
+    let no_node = DiscoveryRequest { node: None, ..request(ECDS, &["a"], "", "") };
+    assert_eq!(s.on_request(no_node).unwrap_err(), ProtocolError::MissingNode);
 
     let mut ecds_only = SotwStream::new(Some(ECDS), "test");
-    let err = ecds_only
-        .on_request(request(ResourceType::Listener, &[], "", ""))
-        .unwrap_err();
+    let err = ecds_only.on_request(request(ResourceType::Listener, &[], "", "")).unwrap_err();
     assert!(matches!(err, ProtocolError::WrongType { .. }));
 
     let mut ads = SotwStream::new(None, "test");
     let mut odd = request(ECDS, &[], "", "");
     odd.type_url = "type.googleapis.com/envoy.service.runtime.v3.Runtime".into();
     let step = ads.on_request(odd).unwrap();
-    assert!(matches!(
-        &step.events[..],
-        [StreamEvent::UnsupportedType { .. }]
-    ));
+    assert!(matches!(&step.events[..], [StreamEvent::UnsupportedType { .. }]));
 }

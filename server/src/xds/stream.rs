@@ -57,9 +57,7 @@ impl From<&Node> for NodeInfo {
                 zone: locality.zone,
                 sub_zone: locality.sub_zone,
             },
-            user_agent: format!("{} {}", node.user_agent_name, version)
-                .trim()
-                .to_owned(),
+            user_agent: format!("{} {}", node.user_agent_name, version).trim().to_owned(),
         }
     }
 }
@@ -82,10 +80,7 @@ impl Subscription {
     pub fn from_sotw(rt: ResourceType, names: &[String], previous: Option<&Subscription>) -> Self {
         if names.is_empty() {
             let legacy = rt.legacy_wildcard() && previous.is_none_or(|p| p.wildcard);
-            return Subscription {
-                wildcard: legacy,
-                names: BTreeSet::new(),
-            };
+            return Subscription { wildcard: legacy, names: BTreeSet::new() };
         }
         let wildcard = names.iter().any(|n| n == "*");
         let names = names.iter().filter(|n| *n != "*").cloned().collect();
@@ -107,11 +102,7 @@ impl Subscription {
 /// The version of a set of resources: a hash of their names and versions, so it changes
 /// exactly when what the proxy subscribed to changes.
 pub fn set_version(resources: &[&Arc<ServedResource>]) -> ResourceVersion {
-    content_version(
-        resources
-            .iter()
-            .flat_map(|r| [r.name.as_bytes(), r.version.as_str().as_bytes()]),
-    )
+    content_version(resources.iter().flat_map(|r| [r.name.as_bytes(), r.version.as_str().as_bytes()]))
 }
 
 /// Nonces unique within a stream; that is all the protocol asks of them.
@@ -158,5 +149,11 @@ pub enum StreamEvent {
     },
     UnsupportedType {
         type_url: String,
+    },
+    /// Nothing sent: the client said it already has `version` (a reconnect).
+    Current {
+        rt: ResourceType,
+        version: String,
+        resources: Vec<(String, ResourceVersion)>,
     },
 }

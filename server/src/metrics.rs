@@ -1,0 +1,150 @@
+//! Every Prometheus metric Filterplane exports, registered in one place and named
+//! `filterplane_*`. Labels are bounded: type URLs (six), stream kinds (two), reload
+//! results (three); never node ids.
+
+use std::time::Duration;
+
+use prometheus_client::{
+    encoding::{text::encode, EncodeLabelSet},
+    metrics::{
+        counter::Counter,
+        family::{Family, MetricConstructor},
+        gauge::Gauge,
+        histogram::{exponential_buckets, Histogram},
+    },
+    registry::Registry,
+};
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TypeLabel {
+    pub type_url: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    pub stream_kind: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    pub result: &'static str,
+}
+
+/// Buckets from 1 ms to ~16 s.
+#[derive(Debug, Clone, Copy)]
+pub struct LatencyBuckets;
+
+impl MetricConstructor<Histogram> for LatencyBuckets {
+    fn new_metric(&self) -> Histogram {
+        Histogram::new(exponential_buckets(0.001, 2.0, 15))
+    }
+}
+
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    pub xds_rejects: Family<TypeLabel, Counter>,
+    pub xds_pushes: Family<TypeLabel, Counter>,
+    pub xds_pushed_bytes: Family<TypeLabel, Counter>,
+    pub xds_acks: Family<TypeLabel, Counter>,
+    pub xds_push_ack_latency: Family<TypeLabel, Histogram, LatencyBuckets>,
+    pub connected_proxies: Family<KindLabel, Gauge>,
+    pub config_reloads: Family<ResultLabel, Counter>,
+    pub config_reload_duration: Histogram,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("filterplane");
+        let m = Metrics {
+            xds_rejects: Family::default(),
+            xds_pushes: Family::default(),
+            xds_pushed_bytes: Family::default(),
+            xds_acks: Family::default(),
+            xds_push_ack_latency: Family::new_with_constructor(LatencyBuckets),
+            connected_proxies: Family::default(),
+            config_reloads: Family::default(),
+            config_reload_duration: Histogram::new(exponential_buckets(0.0005, 2.0, 15)),
+            registry: Registry::default(),
+        };
+        registry.register("xds_rejects", "xDS responses a proxy rejected (NACK), by type URL", m.xds_rejects.clone());
+        registry.register("xds_pushes", "xDS responses sent, by type URL", m.xds_pushes.clone());
+        registry.register(
+            "xds_pushed_bytes",
+            "Encoded bytes of xDS responses sent, by type URL",
+            m.xds_pushed_bytes.clone(),
+        );
+        registry.register("xds_acks", "xDS responses a proxy accepted (ACK), by type URL", m.xds_acks.clone());
+        registry.register(
+            "xds_push_ack_latency_seconds",
+            "Time from sending an xDS response to its ACK or NACK, by type URL",
+            m.xds_push_ack_latency.clone(),
+        );
+        registry.register(
+            "xds_connected_proxies",
+            "Open xDS streams that identified their node, by stream kind",
+            m.connected_proxies.clone(),
+        );
+        registry.register(
+            "config_reloads",
+            "Config reload attempts, by result (applied, unchanged, failed)",
+            m.config_reloads.clone(),
+        );
+        registry.register(
+            "config_reload_duration_seconds",
+            "Time to read, validate and compile the config",
+            m.config_reload_duration.clone(),
+        );
+        // Start every per-type counter at zero, so `rate()` and alerts see a series from
+        // the first scrape instead of an absent one.
+        for rt in filterplane_api::ResourceType::ALL {
+            let t = TypeLabel { type_url: rt.type_url() };
+            let _ = m.xds_rejects.get_or_create(&t);
+            let _ = m.xds_pushes.get_or_create(&t);
+            let _ = m.xds_pushed_bytes.get_or_create(&t);
+            let _ = m.xds_acks.get_or_create(&t);
+        }
+        for result in ["applied", "unchanged", "failed"] {
+            let _ = m.config_reloads.get_or_create(&ResultLabel { result });
+        }
+        for kind in ["sotw", "delta"] {
+            let _ = m.connected_proxies.get_or_create(&KindLabel { stream_kind: kind });
+        }
+        Metrics { registry, ..m }
+    }
+}
+
+impl Metrics {
+    pub fn reload(&self, result: &'static str, took: Duration) {
+        self.config_reloads.get_or_create(&ResultLabel { result }).inc();
+        self.config_reload_duration.observe(took.as_secs_f64());
+    }
+
+    /// The Prometheus text exposition format.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_prefixed_names_with_bounded_labels() {
+        let m = Metrics::default();
+        let t = TypeLabel { type_url: "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig" };
+        m.xds_rejects.get_or_create(&t).inc();
+        m.reload("applied", Duration::from_millis(3));
+        let text = m.render();
+        assert!(text.contains(
+            "filterplane_xds_rejects_total{type_url=\"type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig\"} 1"
+        ), "{text}");
+        assert!(text.contains("filterplane_config_reloads_total{result=\"applied\"} 1"), "{text}");
+        assert!(text.contains("# TYPE filterplane_config_reload_duration_seconds histogram"), "{text}");
+        assert!(text.ends_with("# EOF\n"));
+    }
+}

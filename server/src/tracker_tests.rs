@@ -1,0 +1,159 @@
+//! The tracker, fed plain events.
+
+use filterplane_api::{content_version, ResourceType};
+use filterplane_config::NodeFacts;
+
+use super::*;
+
+const ECDS: ResourceType = ResourceType::ExtensionConfig;
+
+fn tracker(limit: usize) -> (AckTracker, Arc<Metrics>) {
+    let m = Arc::new(Metrics::default());
+    (AckTracker::with_reject_limit(m.clone(), limit), m)
+}
+
+fn node(id: &str) -> NodeInfo {
+    NodeInfo { facts: NodeFacts { id: id.into(), ..Default::default() }, user_agent: "envoy 1.40.0".into() }
+}
+
+fn sent(version: &str, nonce: &str, names: &[&str]) -> StreamEvent {
+    StreamEvent::Sent {
+        rt: ECDS,
+        version: version.into(),
+        nonce: nonce.into(),
+        resources: names.iter().map(|n| (n.to_string(), content_version([n.as_bytes(), version.as_bytes()]))).collect(),
+        bytes: 100,
+    }
+}
+
+fn acked(version: &str, nonce: &str) -> StreamEvent {
+    StreamEvent::Acked { rt: ECDS, version: version.into(), nonce: nonce.into() }
+}
+
+fn nacked(version: &str, kept: &str, nonce: &str) -> StreamEvent {
+    StreamEvent::Nacked {
+        rt: ECDS,
+        version: version.into(),
+        kept_version: kept.into(),
+        nonce: nonce.into(),
+        code: 13,
+        message: "bad".into(),
+        resources: vec!["a".into()],
+    }
+}
+
+fn ecds(t: &AckTracker) -> TypeStatus {
+    t.proxies()[0].types[ECDS.type_url()].clone()
+}
+
+#[test]
+fn ack_marks_the_type_and_its_resources_synced() {
+    let (t, m) = tracker(10);
+    let id = t.connect(&node("n"), StreamKind::Sotw, "127.0.0.1:1".into());
+    t.record(id, &sent("v1", "1", &["a", "b"]));
+    assert_eq!(ecds(&t).state, SyncState::Pending);
+    assert_eq!(ecds(&t).resources["a"].acked_version, None);
+    t.record(id, &acked("v1", "1"));
+    let s = ecds(&t);
+    assert_eq!((s.state, s.acked_version.as_deref()), (SyncState::Synced, Some("v1")));
+    assert_eq!(s.resources["a"].acked_version.as_ref(), Some(&s.resources["a"].sent_version));
+    let text = m.render();
+    assert!(
+        text.contains(
+            "filterplane_xds_acks_total{type_url=\"type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig\"} 1"
+        ),
+        "{text}"
+    );
+    assert!(text.contains("filterplane_xds_pushed_bytes_total{type_url=\"type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig\"} 100"), "{text}");
+    assert!(text.contains("filterplane_xds_push_ack_latency_seconds_count{type_url=\"type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig\"} 1"), "{text}");
+}
+
+#[test]
+fn nack_keeps_last_acked_version_and_ack_of_a_fix_clears_it() {
+    let (t, m) = tracker(10);
+    let id = t.connect(&node("n"), StreamKind::Sotw, String::new());
+    t.record(id, &sent("v1", "1", &["a"]));
+    t.record(id, &acked("v1", "1"));
+    let good = ecds(&t).resources["a"].clone();
+    t.record(id, &sent("v2", "2", &["a"]));
+    t.record(id, &nacked("v2", "v1", "2"));
+    let s = ecds(&t);
+    assert_eq!(s.state, SyncState::Nacked);
+    assert_eq!(s.acked_version.as_deref(), Some("v1"));
+    assert_eq!(s.last_nack.as_ref().map(|n| n.version.as_str()), Some("v2"));
+    assert_eq!(s.resources["a"].acked_version, good.acked_version, "runs the old version");
+    assert_eq!(s.resources["a"].nacked_version.as_ref(), Some(&s.resources["a"].sent_version));
+    assert!(m.render().contains(
+        "filterplane_xds_rejects_total{type_url=\"type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig\"} 1"
+    ));
+
+    t.record(id, &sent("v3", "3", &["a"]));
+    t.record(id, &acked("v3", "3"));
+    let s = ecds(&t);
+    assert!(s.last_nack.is_none() && s.resources["a"].nacked_version.is_none());
+    assert_eq!(s.state, SyncState::Synced);
+    assert_eq!(t.rejects().len(), 1, "history keeps the reject after the fix");
+}
+
+#[test]
+fn unsubscribe_drops_the_resource_from_the_view() {
+    let (t, _) = tracker(10);
+    let id = t.connect(&node("n"), StreamKind::Sotw, String::new());
+    t.record(id, &StreamEvent::Subscribed { rt: ECDS, wildcard: false, names: vec!["a".into(), "b".into()] });
+    t.record(id, &sent("v1", "1", &["a", "b"]));
+    t.record(id, &StreamEvent::Subscribed { rt: ECDS, wildcard: false, names: vec!["a".into()] });
+    t.record(id, &sent("v2", "2", &["a"]));
+    let s = ecds(&t);
+    assert_eq!(s.subscribed, ["a"]);
+    assert_eq!(s.resources.keys().collect::<Vec<_>>(), ["a"]);
+}
+
+#[test]
+fn reconnect_is_a_new_stream_and_an_up_to_date_client_shows_synced() {
+    let (t, m) = tracker(10);
+    let first = t.connect(&node("n"), StreamKind::Sotw, String::new());
+    t.record(first, &sent("v1", "1", &["a"]));
+    t.disconnect(first);
+    assert!(t.proxies().is_empty());
+    let second = t.connect(&node("n"), StreamKind::Sotw, String::new());
+    assert_ne!(first, second);
+    t.record(
+        second,
+        &StreamEvent::Current {
+            rt: ECDS,
+            version: "v1".into(),
+            resources: vec![("a".into(), content_version([b"x".as_slice()]))],
+        },
+    );
+    let s = ecds(&t);
+    assert_eq!((s.state, s.acked_version.as_deref(), s.sent_nonce.as_deref()), (SyncState::Synced, Some("v1"), None));
+    assert!(s.resources["a"].acked_version.is_some());
+    assert!(m.render().contains("filterplane_xds_connected_proxies{stream_kind=\"sotw\"} 1"));
+    // Events for a stream that is gone are ignored.
+    t.record(first, &nacked("v2", "v1", "2"));
+    assert!(t.rejects().is_empty());
+}
+
+#[test]
+fn rejects_outlive_the_stream_and_history_is_bounded() {
+    let (t, _) = tracker(3);
+    let id = t.connect(&node("n"), StreamKind::Sotw, String::new());
+    for i in 0..5 {
+        t.record(id, &nacked(&format!("v{i}"), "", &i.to_string()));
+    }
+    t.disconnect(id);
+    assert!(t.proxies().is_empty());
+    let versions: Vec<String> = t.rejects().into_iter().map(|r| r.version).collect();
+    assert_eq!(versions, ["v4", "v3", "v2"]);
+}
+
+#[test]
+fn every_change_wakes_watchers() {
+    let (t, _) = tracker(3);
+    let mut rx = t.changes();
+    let id = t.connect(&node("n"), StreamKind::Sotw, String::new());
+    assert!(rx.has_changed().unwrap());
+    rx.borrow_and_update();
+    t.record(id, &nacked("v1", "", "1"));
+    assert!(rx.has_changed().unwrap());
+}
