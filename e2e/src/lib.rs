@@ -13,6 +13,9 @@ use std::{
 
 use serde_json::Value;
 
+pub mod browser;
+pub mod quickstart;
+
 /// Polls `f` every 10 ms until it returns `Some`, or panics naming `what` after `timeout`.
 pub fn wait_until<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
     let start = Instant::now();
@@ -111,14 +114,14 @@ pub fn http_get(url: &str) -> Option<Reply> {
 /// A child process whose output goes to a log file; killed on drop, log printed if the
 /// test is failing.
 #[derive(Debug)]
-struct Process {
+pub(crate) struct Process {
     name: String,
     child: Child,
     log: PathBuf,
 }
 
 impl Process {
-    fn spawn(name: &str, cmd: &mut Command, log: PathBuf) -> Self {
+    pub(crate) fn spawn(name: &str, cmd: &mut Command, log: PathBuf) -> Self {
         let file = fs::File::create(&log).expect("create log file");
         let err = file.try_clone().expect("clone log handle");
         let child =
@@ -229,6 +232,13 @@ impl Filterplane {
     pub fn api(&self, path: &str) -> Value {
         let r = http_get(&self.url(path)).unwrap_or_else(|| panic!("admin {path} did not answer"));
         serde_json::from_str(&r.body).unwrap_or_else(|e| panic!("admin {path}: {e}: {}", r.body))
+    }
+
+    /// One sample from `/metrics`, by its full name with labels as exposed, e.g.
+    /// `filterplane_xds_rejects_total{type_url="..."}`.
+    pub fn metric(&self, series: &str) -> Option<f64> {
+        let body = http_get(&self.url("/metrics"))?.body;
+        body.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
     }
 
     /// The current log text (for checks on what was logged).

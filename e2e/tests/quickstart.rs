@@ -3,79 +3,16 @@
 
 use std::{
     fs,
-    path::{Path, PathBuf},
+    path::Path,
     process::Command,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use filterplane_e2e::{example_bootstrap, filterplane_bin, wait_until, Envoy, EnvoyPorts, Filterplane};
-use serde_json::Value;
-
-const ECDS: &str = "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig";
-const STAT: &str = "extension_config_discovery.http_filter.add-header";
-const WAIT: Duration = Duration::from_secs(15);
-
-struct Quickstart {
-    fp: Filterplane,
-    envoy: Envoy,
-    /// The YAML file Filterplane serves.
-    yaml: PathBuf,
-    node_id: String,
-    _dir: tempfile::TempDir,
-}
-
-fn example_yaml() -> String {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/quickstart/filterplane.yaml");
-    fs::read_to_string(p).expect("read the quickstart config")
-}
-
-/// The quickstart config with the header value `value`.
-fn yaml_with(value: &str) -> String {
-    let text = example_yaml();
-    assert!(text.contains("value: v1"));
-    text.replace("value: v1", &format!("value: {value}"))
-}
-
-/// Starts Filterplane on a copy of the quickstart config (`serve_dir`: point it at the
-/// directory rather than the file) and an Envoy on the quickstart bootstrap, and waits
-/// until Envoy applies the extension.
-fn quickstart(node_id: &str, serve_dir: bool) -> Quickstart {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let conf_dir = dir.path().join("conf");
-    fs::create_dir(&conf_dir).unwrap();
-    let yaml = conf_dir.join("filterplane.yaml");
-    fs::write(&yaml, example_yaml()).unwrap();
-    let fp = Filterplane::start(if serve_dir { &conf_dir } else { &yaml }, dir.path());
-    let ports = EnvoyPorts::new(fp.xds_port);
-    let envoy = Envoy::start(&example_bootstrap("quickstart/envoy.yaml", ports, node_id), ports, dir.path(), "envoy");
-    let q = Quickstart { fp, envoy, yaml, node_id: node_id.to_owned(), _dir: dir };
-    q.wait_for_header("v1");
-    q
-}
-
-impl Quickstart {
-    fn header(&self) -> Option<String> {
-        let r = self.envoy.get("/")?;
-        assert_eq!(r.status, 200, "{r:?}");
-        r.header("x-plugin").map(str::to_owned)
-    }
-
-    fn wait_for_header(&self, value: &str) {
-        wait_until(&format!("x-plugin: {value} through Envoy"), WAIT, || {
-            (self.header().as_deref() == Some(value)).then_some(())
-        });
-    }
-
-    /// This proxy's ECDS status from `/api/v1/proxies/{node}`.
-    fn ecds_status(&self) -> Value {
-        let streams = self.fp.api(&format!("/api/v1/proxies/{}", self.node_id));
-        streams[0]["types"][ECDS].clone()
-    }
-
-    fn write(&self, text: &str) {
-        fs::write(&self.yaml, text).expect("write config");
-    }
-}
+use filterplane_e2e::{
+    filterplane_bin,
+    quickstart::{example_yaml, yaml_envoy_refuses, yaml_with, Quickstart, ECDS, STAT, WAIT},
+    wait_until,
+};
 
 fn epoch_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64
@@ -83,7 +20,7 @@ fn epoch_ms() -> u64 {
 
 #[test]
 fn extension_config_reaches_envoy_and_edits_roll_out() {
-    let q = quickstart("rollout", true);
+    let q = Quickstart::start("rollout", true);
     let served = q.fp.api("/api/v1/config")["serving_version"].clone();
     let ecds = q.ecds_status();
     assert_eq!(ecds["subscribed"], serde_json::json!(["add-header"]));
@@ -111,7 +48,7 @@ fn extension_config_reaches_envoy_and_edits_roll_out() {
 
 #[test]
 fn invalid_edit_leaves_envoy_serving_the_previous_config() {
-    let q = quickstart("bad-edit", true);
+    let q = Quickstart::start("bad-edit", true);
     let served = q.fp.api("/api/v1/config")["serving_version"].clone();
     let success = q.envoy.stat(&format!("{STAT}.update_success"));
 
@@ -145,49 +82,63 @@ fn invalid_edit_leaves_envoy_serving_the_previous_config() {
 
 #[test]
 fn config_envoy_refuses_is_nacked_and_recorded_with_envoys_message() {
-    let q = quickstart("nacker", false);
-    let good = q.ecds_status()["acked_version"].clone();
-    // Valid for Filterplane, but the listener's config_discovery only allows HeaderMutation.
-    let buffer = example_yaml().replace(
-        "      \"@type\": type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutation\n      mutations:\n        response_mutations:\n          - append: { header: { key: x-plugin, value: v1 } }\n",
-        "      \"@type\": type.googleapis.com/envoy.extensions.filters.http.buffer.v3.Buffer\n      max_request_bytes: 1024\n",
-    );
-    assert_ne!(buffer, example_yaml());
-    q.write(&buffer);
-    let rejects = wait_until("the NACK in /api/v1/rejects", WAIT, || {
-        let r = q.fp.api("/api/v1/rejects");
-        (!r.as_array()?.is_empty()).then_some(r)
-    });
+    let q = Quickstart::start("nacker", false);
+    let good = q.wait_synced()["acked_version"].clone();
+    let rejects_metric = format!("filterplane_xds_rejects_total{{type_url=\"{ECDS}\"}}");
+    assert_eq!(q.fp.metric(&rejects_metric), Some(0.0));
+
+    // Valid for Filterplane, refused by Envoy: twice, with two different configs.
+    q.write(&yaml_envoy_refuses(1024));
+    let rejects = q.wait_rejects(1);
     let reject = &rejects[0];
     assert_eq!(reject["node_id"], "nacker");
     assert_eq!(reject["type_url"], ECDS);
     assert_eq!(reject["resources"], serde_json::json!(["add-header"]));
     assert_eq!(reject["code"], 13);
+    assert_eq!(reject["kept_version"], good);
     let message = reject["message"].as_str().unwrap();
     assert!(message.contains("type URL") && message.contains("Buffer"), "Envoy's own message: {message}");
 
     let status = q.ecds_status();
+    assert_eq!(status["state"], "nacked");
     assert_eq!(status["last_nack"]["version"], reject["version"]);
+    assert_eq!(status["last_nack"]["message"], reject["message"]);
     assert_eq!(status["acked_version"], good, "the proxy keeps its last ACKed version");
     assert_eq!(q.envoy.stat(&format!("{STAT}.update_rejected")), Some(1));
     assert_eq!(q.header().as_deref(), Some("v1"), "Envoy keeps serving the last good config");
     assert!(q.fp.log_text().contains("NACK"));
 
-    // No resend loop: still exactly one reject after more traffic on the stream.
+    q.write(&yaml_envoy_refuses(2048));
+    let rejects = q.wait_rejects(2);
+    assert_ne!(rejects[0]["version"], rejects[1]["version"], "newest first, each its own version");
+    assert_eq!(q.fp.metric(&rejects_metric), Some(2.0), "one count per reject, no resend loop");
+
+    // `filterplane status` shows the refusal.
+    let out = Command::new(filterplane_bin()).args(["status", "--admin", &q.fp.url("")]).output().unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let row = table.lines().find(|l| l.starts_with("nacker")).unwrap_or_else(|| panic!("{table}"));
+    assert!(row.contains("NACKED"), "{table}");
+    assert!(table.contains("2 recent reject(s)"), "{table}");
+
+    // Fixing the YAML clears the NACK state; the history and the counter stay.
     q.write(&yaml_with("v2"));
     q.wait_for_header("v2");
-    let status = wait_until("the fix to be ACKed", WAIT, || {
-        let s = q.ecds_status();
-        (s["acked_version"] == s["sent_version"]).then_some(s)
-    });
+    let status = q.wait_synced();
     assert!(status["last_nack"].is_null(), "fixing the YAML clears the NACK state: {status}");
-    assert_eq!(q.fp.api("/api/v1/rejects").as_array().unwrap().len(), 1);
-    assert_eq!(q.envoy.stat(&format!("{STAT}.update_rejected")), Some(1));
+    assert!(status["resources"]["add-header"]["nacked_version"].is_null(), "{status}");
+    assert_eq!(q.fp.api("/api/v1/rejects").as_array().unwrap().len(), 2);
+    assert_eq!(q.fp.metric(&rejects_metric), Some(2.0));
+    assert_eq!(q.envoy.stat(&format!("{STAT}.update_rejected")), Some(2));
+    let out = Command::new(filterplane_bin()).args(["status", "--admin", &q.fp.url("")]).output().unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.lines().any(|l| l.starts_with("nacker") && l.contains("SYNCED")), "{table}");
 }
 
 #[test]
 fn restart_on_the_same_yaml_does_not_make_envoy_reload() {
-    let mut q = quickstart("restart", false);
+    let mut q = Quickstart::start("restart", false);
+    let acked = q.wait_synced()["acked_version"].clone();
     let reloads = q.envoy.stat(&format!("{STAT}.config_reload"));
     let successes = q.envoy.stat(&format!("{STAT}.update_success"));
     let version = q.envoy.admin(&format!("/stats?filter={STAT}.version_text")).unwrap().body;
@@ -200,6 +151,8 @@ fn restart_on_the_same_yaml_does_not_make_envoy_reload() {
         (s["subscribed"] == serde_json::json!(["add-header"])).then_some(s)
     });
     assert!(status["sent_version"].is_null(), "nothing was pushed: {status}");
+    assert_eq!(status["state"], "synced", "{status}");
+    assert_eq!(status["acked_version"], acked, "shown as running the version it had");
     assert_eq!(q.envoy.stat("control_plane.connected_state"), Some(1));
     assert_eq!(q.envoy.stat(&format!("{STAT}.config_reload")), reloads);
     assert_eq!(q.envoy.stat(&format!("{STAT}.update_success")), successes);
@@ -212,7 +165,7 @@ fn restart_on_the_same_yaml_does_not_make_envoy_reload() {
 
 #[test]
 fn sighup_forces_a_reload() {
-    let q = quickstart("hup", false);
+    let q = Quickstart::start("hup", false);
     q.fp.signal("-HUP");
     wait_until("a reload triggered by SIGHUP", WAIT, || {
         (q.fp.api("/api/v1/config")["last_trigger"] == "SIGHUP").then_some(())

@@ -19,6 +19,14 @@ pub enum Command {
     /// Serve ADS and ECDS to Envoy from a config file or directory, reloading it on change
     /// (and on SIGHUP). An invalid change is refused; the last good config keeps serving.
     Serve(ServeArgs),
+    /// Show every connected proxy and whether it runs what was sent (SYNCED), is still
+    /// applying it (STALE) or refused it (NACKED), per xDS type, like `istioctl
+    /// proxy-status`. Reads the admin API of a running `filterplane serve`.
+    Status {
+        /// The admin address of the server.
+        #[arg(long, default_value = "http://127.0.0.1:18001", env = "FILTERPLANE_ADMIN_URL")]
+        admin: String,
+    },
     /// Check a config file or directory the way `serve` would, print every error, and
     /// exit non-zero if there is any.
     Validate {

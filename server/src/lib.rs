@@ -6,6 +6,7 @@ pub mod cache;
 pub mod cli;
 pub mod metrics;
 pub mod reload;
+pub mod status;
 pub mod tracker;
 pub mod xds;
 

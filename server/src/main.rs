@@ -20,6 +20,16 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         }
+        Command::Status { admin } => match filterplane_server::status::fetch_and_render(&admin) {
+            Ok(table) => {
+                print!("{table}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("filterplane status: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Serve(args) => {
             let runtime = match tokio::runtime::Runtime::new() {
                 Ok(r) => r,

@@ -73,7 +73,8 @@ async fn events(State(s): State<AdminState>) -> Sse<impl Stream<Item = Result<Ev
     let stream = tracker
         .merge(reloads)
         .throttle(Duration::from_millis(250))
-        .map(|()| Ok(Event::default().event("change").data("")));
+        // (An SSE event with empty data is never dispatched by browsers.)
+        .map(|()| Ok(Event::default().event("change").data("changed")));
     let stream = futures_util::StreamExt::take_until(stream, s.shutdown.cancelled_owned());
     Sse::new(stream).keep_alive(KeepAlive::default())
 }

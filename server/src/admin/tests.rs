@@ -88,3 +88,22 @@ async fn page_metrics_and_unknown_paths() {
     assert_eq!(code, StatusCode::NOT_FOUND);
     assert!(body.contains("/api/v1"));
 }
+
+#[tokio::test]
+async fn event_stream_announces_changes() {
+    let (s, _dir) = state(GOOD);
+    let res = app(s.clone()).oneshot(Request::get("/api/v1/events").body(Body::empty()).unwrap()).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(res.headers()["content-type"], "text/event-stream");
+    let mut body = res.into_body();
+    // The first event says "look now"; a reload produces another.
+    let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+    assert!(String::from_utf8_lossy(&first).contains("event: change\ndata: changed"), "{first:?}");
+    s.reloader.reload("test").await;
+    let next = tokio::time::timeout(std::time::Duration::from_secs(5), body.frame()).await.unwrap().unwrap().unwrap();
+    assert!(String::from_utf8_lossy(&next.into_data().unwrap()).contains("event: change"));
+    // Shutdown ends the stream, so a graceful shutdown does not wait on open pages.
+    s.shutdown.cancel();
+    let end = tokio::time::timeout(std::time::Duration::from_secs(5), body.frame()).await.unwrap();
+    assert!(end.is_none(), "{end:?}");
+}

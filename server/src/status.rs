@@ -1,0 +1,143 @@
+//! `filterplane status`: a terminal table of proxies and their sync state per type, in
+//! the spirit of `istioctl proxy-status`, read from the admin JSON API.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use serde_json::Value;
+
+/// Columns in the order operators read them; a type no proxy subscribes to is left out.
+const COLUMNS: [(&str, &str); 6] = [
+    ("CDS", "type.googleapis.com/envoy.config.cluster.v3.Cluster"),
+    ("LDS", "type.googleapis.com/envoy.config.listener.v3.Listener"),
+    ("EDS", "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"),
+    ("RDS", "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"),
+    ("ECDS", "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig"),
+    ("SDS", "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"),
+];
+
+/// Fetches `/api/v1/proxies`, `/api/v1/rejects` and `/api/v1/config` from `admin` and
+/// renders them.
+pub fn fetch_and_render(admin: &str) -> anyhow::Result<String> {
+    let base = admin.trim_end_matches('/');
+    let agent: ureq::Agent =
+        ureq::Agent::config_builder().timeout_global(Some(Duration::from_secs(10))).proxy(None).build().into();
+    let get = |path: &str| -> anyhow::Result<Value> {
+        let url = format!("{base}{path}");
+        let mut res = agent.get(&url).call().with_context(|| format!("GET {url}"))?;
+        res.body_mut().read_json::<Value>().with_context(|| format!("GET {url}: not the JSON Filterplane serves"))
+    };
+    Ok(render(&get("/api/v1/proxies")?, &get("/api/v1/rejects")?, &get("/api/v1/config")?))
+}
+
+/// The table, from the JSON API's documents.
+pub fn render(proxies: &Value, rejects: &Value, config: &Value) -> String {
+    let proxies = proxies.as_array().map(Vec::as_slice).unwrap_or_default();
+    let columns: Vec<(&str, &str)> =
+        COLUMNS.into_iter().filter(|(_, url)| proxies.iter().any(|p| !p["types"][*url].is_null())).collect();
+    let mut rows = vec![["NODE", "CLUSTER", "ENVOY", "STREAM"]
+        .into_iter()
+        .chain(columns.iter().map(|(n, _)| *n))
+        .map(str::to_owned)
+        .collect::<Vec<_>>()];
+    for p in proxies {
+        let mut row = vec![text(&p["node_id"]), text(&p["cluster"]), text(&p["user_agent"]), text(&p["stream_kind"])];
+        row.extend(columns.iter().map(|(_, url)| cell(&p["types"][*url])));
+        rows.push(row);
+    }
+    let mut out = String::new();
+    let serving = config["serving_version"].as_str().unwrap_or("nothing (no valid config loaded)");
+    out.push_str(&format!("config {serving}"));
+    if config["last_outcome"]["result"] == "failed" {
+        let n = config["last_outcome"]["errors"].as_array().map_or(0, Vec::len);
+        out.push_str(&format!("; last reload FAILED with {n} error(s), see /api/v1/config"));
+    }
+    out.push('\n');
+    if proxies.is_empty() {
+        out.push_str("no proxy is connected\n");
+    } else {
+        out.push_str(&table(&rows));
+    }
+    if let Some(latest) = rejects.as_array().and_then(|r| r.first()) {
+        let n = rejects.as_array().map_or(0, Vec::len);
+        out.push_str(&format!(
+            "\n{n} recent reject(s); latest at {} from {} ({}): {}\n",
+            text(&latest["at"]),
+            text(&latest["node_id"]),
+            COLUMNS.iter().find(|(_, u)| latest["type_url"] == *u).map_or("?", |(n, _)| n),
+            text(&latest["message"])
+        ));
+    }
+    out
+}
+
+fn text(v: &Value) -> String {
+    v.as_str().map(str::to_owned).unwrap_or_else(|| if v.is_null() { String::new() } else { v.to_string() })
+}
+
+fn short(v: &Value) -> String {
+    v.as_str().map(|s| s.chars().take(8).collect()).unwrap_or_default()
+}
+
+fn cell(t: &Value) -> String {
+    if t.is_null() {
+        return "-".into();
+    }
+    match t["state"].as_str().unwrap_or("") {
+        "synced" => format!("SYNCED {}", short(&t["acked_version"])),
+        "pending" => format!("STALE {}→{}", short(&t["acked_version"]), short(&t["sent_version"])),
+        "nacked" => format!("NACKED {} (runs {})", short(&t["last_nack"]["version"]), short(&t["acked_version"])),
+        "not_sent" => "NOT SENT".into(),
+        other => other.to_uppercase(),
+    }
+}
+
+fn table(rows: &[Vec<String>]) -> String {
+    let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> =
+        (0..cols).map(|c| rows.iter().map(|r| r.get(c).map_or(0, |s| s.chars().count())).max().unwrap_or(0)).collect();
+    let mut out = String::new();
+    for r in rows {
+        let line: Vec<String> = r.iter().zip(&widths).map(|(s, w)| format!("{s:<w$}")).collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    const ECDS: &str = "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig";
+
+    #[test]
+    fn renders_one_row_per_stream_with_state_per_type() {
+        let proxies = json!([
+            {"node_id": "edge-1", "cluster": "edge", "user_agent": "envoy 1.40.0", "stream_kind": "sotw",
+             "types": {ECDS: {"state": "synced", "acked_version": "0123456789abcdef", "sent_version": "0123456789abcdef"}}},
+            {"node_id": "edge-2", "cluster": "edge", "user_agent": "envoy 1.40.0", "stream_kind": "sotw",
+             "types": {ECDS: {"state": "nacked", "acked_version": "0123456789abcdef", "sent_version": "fedcba9876543210",
+                              "last_nack": {"version": "fedcba9876543210"}}}},
+        ]);
+        let rejects = json!([{"at": "2026-01-01T00:00:00Z", "node_id": "edge-2", "type_url": ECDS, "message": "boom"}]);
+        let config = json!({"serving_version": "abc", "last_outcome": {"result": "applied"}});
+        let out = render(&proxies, &rejects, &config);
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines[0], "config abc");
+        assert!(lines[1].starts_with("NODE") && lines[1].ends_with("ECDS") && !lines[1].contains("LDS"), "{out}");
+        assert!(lines[2].starts_with("edge-1") && lines[2].ends_with("SYNCED 01234567"), "{out}");
+        assert!(lines[3].ends_with("NACKED fedcba98 (runs 01234567)"), "{out}");
+        assert!(out.contains("1 recent reject(s); latest at 2026-01-01T00:00:00Z from edge-2 (ECDS): boom"), "{out}");
+    }
+
+    #[test]
+    fn says_so_when_nothing_is_connected_or_the_config_failed() {
+        let config = json!({"serving_version": null, "last_outcome": {"result": "failed", "errors": [{}, {}]}});
+        let out = render(&json!([]), &json!([]), &config);
+        assert!(out.contains("last reload FAILED with 2 error(s)"), "{out}");
+        assert!(out.contains("no proxy is connected"), "{out}");
+    }
+}
