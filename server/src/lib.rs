@@ -32,25 +32,34 @@ use crate::{
 /// Runs the server until `shutdown` is cancelled, then stops in order: stop accepting,
 /// end the streams, wait for the tasks.
 pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let cache = Arc::new(SnapshotCache::default());
-    let metrics = Arc::new(Metrics::default());
-    let tracker = Arc::new(AckTracker::new(metrics.clone()));
-    let reloader = Arc::new(ConfigReloader::new(args.config.clone(), cache.clone(), metrics.clone()));
-    let xds_listening = Arc::new(AtomicBool::new(false));
-    let tasks = TaskTracker::new();
-
-    // A bad config at start is not fatal: nothing is served until a good one appears,
-    // so connected Envoys keep what they have.
-    reloader.reload("startup").await;
-    let watch = tasks.spawn(reloader.clone().watch(shutdown.clone()));
-
     let xds_listener = tokio::net::TcpListener::bind(args.xds_addr)
         .await
         .with_context(|| format!("bind xDS address {}", args.xds_addr))?;
     let admin_listener = tokio::net::TcpListener::bind(args.admin_addr)
         .await
         .with_context(|| format!("bind admin address {}", args.admin_addr))?;
-    tracing::info!(xds = %xds_listener.local_addr()?, admin = %admin_listener.local_addr()?, config = %args.config.display(), "listening");
+    serve_on(args.config, xds_listener, admin_listener, shutdown).await
+}
+
+/// `serve` on listeners the caller bound (tests bind port 0).
+pub async fn serve_on(
+    config: std::path::PathBuf,
+    xds_listener: tokio::net::TcpListener,
+    admin_listener: tokio::net::TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let cache = Arc::new(SnapshotCache::default());
+    let metrics = Arc::new(Metrics::default());
+    let tracker = Arc::new(AckTracker::new(metrics.clone()));
+    let reloader = Arc::new(ConfigReloader::new(config.clone(), cache.clone(), metrics.clone()));
+    let xds_listening = Arc::new(AtomicBool::new(false));
+    let tasks = TaskTracker::new();
+    tracing::info!(xds = %xds_listener.local_addr()?, admin = %admin_listener.local_addr()?, config = %config.display(), "listening");
+
+    // A bad config at start is not fatal: nothing is served until a good one appears,
+    // so connected Envoys keep what they have.
+    reloader.reload("startup").await;
+    let watch = tasks.spawn(reloader.clone().watch(shutdown.clone()));
 
     let ctx =
         XdsContext { cache: cache.clone(), tracker: tracker.clone(), shutdown: shutdown.clone(), tasks: tasks.clone() };

@@ -225,7 +225,7 @@ impl AckTracker {
                 t.wildcard = *wildcard;
                 t.subscribed = names.clone();
             }
-            StreamEvent::Sent { rt, version, nonce, resources, bytes } => {
+            StreamEvent::Sent { rt, version, nonce, resources, removed, incremental, bytes } => {
                 let label = TypeLabel { type_url: rt.type_url() };
                 self.metrics.xds_pushes.get_or_create(&label).inc();
                 self.metrics.xds_pushed_bytes.get_or_create(&label).inc_by(*bytes as u64);
@@ -235,14 +235,16 @@ impl AckTracker {
                 t.sent_nonce = Some(nonce.clone());
                 t.sent_at = Some(now());
                 t.sent_instant = Some(Instant::now());
-                let mut next = BTreeMap::new();
-                for (name, v) in resources {
-                    let mut r = t.resources.remove(name).unwrap_or_default();
-                    r.sent_version = v.to_string();
-                    next.insert(name.clone(), r);
+                if !incremental {
+                    // State of the world: what is not in the response is gone.
+                    t.resources.retain(|name, _| resources.iter().any(|(n, _)| n == name));
                 }
-                // Resources no longer sent (unsubscribed, removed) leave the view.
-                t.resources = next;
+                for name in removed {
+                    t.resources.remove(name);
+                }
+                for (name, v) in resources {
+                    t.resources.entry(name.clone()).or_default().sent_version = v.to_string();
+                }
             }
             StreamEvent::Current { rt, version, resources } => {
                 let t = type_status(&mut proxy, *rt);

@@ -22,6 +22,8 @@ fn sent(version: &str, nonce: &str, names: &[&str]) -> StreamEvent {
         version: version.into(),
         nonce: nonce.into(),
         resources: names.iter().map(|n| (n.to_string(), content_version([n.as_bytes(), version.as_bytes()]))).collect(),
+        removed: vec![],
+        incremental: false,
         bytes: 100,
     }
 }

@@ -1,5 +1,6 @@
 //! The xDS protocol: state machines (pure) and the gRPC services around them.
 
+pub mod delta;
 pub mod service;
 pub mod sotw;
 pub mod stream;

@@ -1,15 +1,19 @@
-//! The gRPC services: ADS and the standalone ECDS service. Each stream is a loop that
-//! feeds requests and new snapshots to its state machine and sends what it returns.
+//! The gRPC services: ADS and the standalone ECDS service, state of the world and delta.
+//! Each stream is one loop, the same for both flavours, that feeds requests and new
+//! snapshots to its state machine and sends what it returns.
 
 use std::{pin::Pin, sync::Arc};
 
 use filterplane_api::{
-    envoy_types::pb::envoy::service::{
-        discovery::v3::{
-            aggregated_discovery_service_server::AggregatedDiscoveryService, DeltaDiscoveryRequest,
-            DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+    envoy_types::pb::envoy::{
+        config::core::v3::Node,
+        service::{
+            discovery::v3::{
+                aggregated_discovery_service_server::AggregatedDiscoveryService, DeltaDiscoveryRequest,
+                DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+            },
+            extension::v3::extension_config_discovery_service_server::ExtensionConfigDiscoveryService,
         },
-        extension::v3::extension_config_discovery_service_server::ExtensionConfigDiscoveryService,
     },
     ResourceType,
 };
@@ -19,11 +23,13 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::{
-    cache::SnapshotCache,
+    cache::{Snapshot, SnapshotCache},
     tracker::{AckTracker, StreamId, StreamKind},
     xds::{
-        sotw::{SotwStream, Step},
-        stream::StreamEvent,
+        delta::DeltaStream,
+        sotw::SotwStream,
+        stream::{NodeInfo, Step, StreamEvent},
+        ProtocolError,
     },
 };
 
@@ -35,6 +41,56 @@ pub struct XdsContext {
     pub shutdown: CancellationToken,
     /// Owns every stream task, so shutdown can wait for them.
     pub tasks: TaskTracker,
+}
+
+/// A protocol state machine the stream loop can drive.
+pub trait Protocol: Send + 'static {
+    type Request: Send + 'static;
+    type Response: Send + 'static;
+    const KIND: StreamKind;
+
+    fn request_node(req: &Self::Request) -> Option<&Node>;
+    fn node(&self) -> Option<&NodeInfo>;
+    fn on_request(&mut self, req: Self::Request) -> Result<Step<Self::Response>, ProtocolError>;
+    fn on_snapshot(&mut self, snapshot: Arc<Snapshot>) -> Step<Self::Response>;
+}
+
+impl Protocol for SotwStream {
+    type Request = DiscoveryRequest;
+    type Response = DiscoveryResponse;
+    const KIND: StreamKind = StreamKind::Sotw;
+
+    fn request_node(req: &DiscoveryRequest) -> Option<&Node> {
+        req.node.as_ref()
+    }
+    fn node(&self) -> Option<&NodeInfo> {
+        SotwStream::node(self)
+    }
+    fn on_request(&mut self, req: DiscoveryRequest) -> Result<Step<DiscoveryResponse>, ProtocolError> {
+        SotwStream::on_request(self, req)
+    }
+    fn on_snapshot(&mut self, snapshot: Arc<Snapshot>) -> Step<DiscoveryResponse> {
+        SotwStream::on_snapshot(self, snapshot)
+    }
+}
+
+impl Protocol for DeltaStream {
+    type Request = DeltaDiscoveryRequest;
+    type Response = DeltaDiscoveryResponse;
+    const KIND: StreamKind = StreamKind::Delta;
+
+    fn request_node(req: &DeltaDiscoveryRequest) -> Option<&Node> {
+        req.node.as_ref()
+    }
+    fn node(&self) -> Option<&NodeInfo> {
+        DeltaStream::node(self)
+    }
+    fn on_request(&mut self, req: DeltaDiscoveryRequest) -> Result<Step<DeltaDiscoveryResponse>, ProtocolError> {
+        DeltaStream::on_request(self, req)
+    }
+    fn on_snapshot(&mut self, snapshot: Arc<Snapshot>) -> Step<DeltaDiscoveryResponse> {
+        DeltaStream::on_snapshot(self, snapshot)
+    }
 }
 
 /// Implements the gRPC service traits; cheap to clone.
@@ -53,31 +109,26 @@ impl XdsServices {
         Self { ctx }
     }
 
-    fn start_sotw(
-        &self,
-        only: Option<ResourceType>,
-        request: Request<Streaming<DiscoveryRequest>>,
-    ) -> ResponseStream<DiscoveryResponse> {
+    fn start<P: Protocol>(&self, machine: P, request: Request<Streaming<P::Request>>) -> ResponseStream<P::Response> {
         let peer = request.remote_addr().map(|a| a.to_string()).unwrap_or_default();
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let ctx = self.ctx.clone();
-        self.ctx.tasks.spawn(run_sotw(ctx, only, request.into_inner(), tx, peer));
+        self.ctx.tasks.spawn(run_stream(ctx, machine, request.into_inner(), tx, peer));
         Box::pin(ReceiverStream::new(rx))
     }
 }
 
-fn control_plane_id() -> String {
+pub fn control_plane_id() -> String {
     format!("filterplane/{}", env!("CARGO_PKG_VERSION"))
 }
 
-async fn run_sotw(
+async fn run_stream<P: Protocol>(
     ctx: XdsContext,
-    only: Option<ResourceType>,
-    mut requests: Streaming<DiscoveryRequest>,
-    tx: mpsc::Sender<Result<DiscoveryResponse, Status>>,
+    mut machine: P,
+    mut requests: Streaming<P::Request>,
+    tx: mpsc::Sender<Result<P::Response, Status>>,
     peer: String,
 ) {
-    let mut machine = SotwStream::new(only, control_plane_id());
     let mut generations = ctx.cache.subscribe();
     let mut stream_id: Option<StreamId> = None;
     loop {
@@ -86,11 +137,10 @@ async fn run_sotw(
             msg = requests.message() => match msg {
                 Ok(Some(req)) => {
                     if stream_id.is_none() {
-                        if let Some(node) = req.node.as_ref() {
-                            let info = crate::xds::stream::NodeInfo::from(node);
-                            let id = ctx.tracker.connect(&info, StreamKind::Sotw, peer.clone());
-                            tracing::info!(node_id = %info.facts.id, cluster = %info.facts.cluster, %peer, user_agent = %info.user_agent, "proxy connected");
-                            stream_id = Some(id);
+                        if let Some(node) = P::request_node(&req) {
+                            let info = NodeInfo::from(node);
+                            stream_id = Some(ctx.tracker.connect(&info, P::KIND, peer.clone()));
+                            tracing::info!(node_id = %info.facts.id, cluster = %info.facts.cluster, %peer, user_agent = %info.user_agent, kind = P::KIND.label(), "proxy connected");
                             if let Some(g) = generations.borrow_and_update().clone() {
                                 machine.on_snapshot(g.snapshot_for(&info.facts));
                             }
@@ -117,12 +167,29 @@ async fn run_sotw(
                 }
                 let generation = generations.borrow_and_update().clone();
                 match (generation, machine.node()) {
-                    (Some(g), Some(node)) => machine.on_snapshot(g.snapshot_for(&node.facts)),
+                    (Some(g), Some(node)) => {
+                        let snapshot = g.snapshot_for(&node.facts);
+                        machine.on_snapshot(snapshot)
+                    }
                     _ => continue,
                 }
             }
         };
-        if !deliver(&ctx, stream_id, &machine, step, &tx).await {
+        let node_id = machine.node().map(|n| n.facts.id.as_str()).unwrap_or_default();
+        for event in &step.events {
+            log_event(node_id, event);
+            if let Some(id) = stream_id {
+                ctx.tracker.record(id, event);
+            }
+        }
+        let mut gone = false;
+        for response in step.responses {
+            if tx.send(Ok(response)).await.is_err() {
+                gone = true;
+                break;
+            }
+        }
+        if gone {
             break;
         }
     }
@@ -133,39 +200,14 @@ async fn run_sotw(
     }
 }
 
-/// Records the step's events and sends its responses. False when the client is gone.
-async fn deliver(
-    ctx: &XdsContext,
-    stream_id: Option<StreamId>,
-    machine: &SotwStream,
-    step: Step,
-    tx: &mpsc::Sender<Result<DiscoveryResponse, Status>>,
-) -> bool {
-    let node_id = machine.node().map(|n| n.facts.id.as_str()).unwrap_or_default();
-    for event in &step.events {
-        log_event(node_id, event);
-        if let Some(id) = stream_id {
-            ctx.tracker.record(id, event);
-        }
-    }
-    for response in step.responses {
-        if tx.send(Ok(response)).await.is_err() {
-            return false;
-        }
-    }
-    true
-}
-
 fn log_event(node_id: &str, event: &StreamEvent) {
     match event {
         StreamEvent::Nacked { rt, version, nonce, code, message, .. } => {
             tracing::warn!(node_id, type_url = %rt, version, nonce, code, message, "NACK")
         }
-        StreamEvent::Acked { rt, version, nonce } => {
-            tracing::debug!(node_id, type_url = %rt, version, nonce, "ACK")
-        }
-        StreamEvent::Sent { rt, version, nonce, resources, bytes } => {
-            tracing::debug!(node_id, type_url = %rt, version, nonce, resources = resources.len(), bytes, "sent")
+        StreamEvent::Acked { rt, version, nonce } => tracing::debug!(node_id, type_url = %rt, version, nonce, "ACK"),
+        StreamEvent::Sent { rt, version, nonce, resources, removed, bytes, .. } => {
+            tracing::debug!(node_id, type_url = %rt, version, nonce, resources = resources.len(), removed = removed.len(), bytes, "sent")
         }
         StreamEvent::Subscribed { rt, wildcard, names } => {
             tracing::debug!(node_id, type_url = %rt, wildcard, ?names, "subscription")
@@ -179,9 +221,6 @@ fn log_event(node_id: &str, event: &StreamEvent) {
     }
 }
 
-const DELTA_NOT_YET: &str =
-    "incremental (delta) xDS is not served yet: configure the xDS source with api_type GRPC (state of the world)";
-
 #[tonic::async_trait]
 impl AggregatedDiscoveryService for XdsServices {
     type StreamAggregatedResourcesStream = ResponseStream<DiscoveryResponse>;
@@ -191,16 +230,18 @@ impl AggregatedDiscoveryService for XdsServices {
         &self,
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
-        Ok(Response::new(self.start_sotw(None, request)))
+        Ok(Response::new(self.start(SotwStream::new(None, control_plane_id()), request)))
     }
 
     async fn delta_aggregated_resources(
         &self,
-        _request: Request<Streaming<DeltaDiscoveryRequest>>,
+        request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
-        Err(Status::unimplemented(DELTA_NOT_YET))
+        Ok(Response::new(self.start(DeltaStream::new(None, control_plane_id()), request)))
     }
 }
+
+const ECDS: Option<ResourceType> = Some(ResourceType::ExtensionConfig);
 
 #[tonic::async_trait]
 impl ExtensionConfigDiscoveryService for XdsServices {
@@ -211,14 +252,14 @@ impl ExtensionConfigDiscoveryService for XdsServices {
         &self,
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamExtensionConfigsStream>, Status> {
-        Ok(Response::new(self.start_sotw(Some(ResourceType::ExtensionConfig), request)))
+        Ok(Response::new(self.start(SotwStream::new(ECDS, control_plane_id()), request)))
     }
 
     async fn delta_extension_configs(
         &self,
-        _request: Request<Streaming<DeltaDiscoveryRequest>>,
+        request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaExtensionConfigsStream>, Status> {
-        Err(Status::unimplemented(DELTA_NOT_YET))
+        Ok(Response::new(self.start(DeltaStream::new(ECDS, control_plane_id()), request)))
     }
 
     /// REST-style fetch: one request, the current answer (also when unchanged).
@@ -227,10 +268,10 @@ impl ExtensionConfigDiscoveryService for XdsServices {
         request: Request<DiscoveryRequest>,
     ) -> Result<Response<DiscoveryResponse>, Status> {
         let mut req = request.into_inner();
-        let node = req.node.as_ref().ok_or_else(|| Status::invalid_argument("the request must carry the node"))?;
+        let node = req.node.as_ref().ok_or(ProtocolError::MissingNode)?;
         let generation = self.ctx.cache.current().ok_or_else(|| Status::unavailable("no configuration loaded yet"))?;
-        let mut machine = SotwStream::new(Some(ResourceType::ExtensionConfig), control_plane_id());
-        machine.on_snapshot(generation.snapshot_for(&crate::xds::stream::NodeInfo::from(node).facts));
+        let mut machine = SotwStream::new(ECDS, control_plane_id());
+        machine.on_snapshot(generation.snapshot_for(&NodeInfo::from(node).facts));
         // A fetch always answers: forget what the client says it has.
         req.version_info.clear();
         req.response_nonce.clear();

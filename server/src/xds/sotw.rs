@@ -13,15 +13,8 @@ use filterplane_api::{
 use prost::Message;
 
 use crate::cache::Snapshot;
-use crate::xds::stream::{set_version, NodeInfo, NonceSource, StreamEvent, Subscription};
+use crate::xds::stream::{set_version, NodeInfo, NonceSource, Step, StreamEvent, Subscription};
 use crate::xds::ProtocolError;
-
-/// What one step of the machine asks the caller to do.
-#[derive(Debug, Default)]
-pub struct Step {
-    pub responses: Vec<DiscoveryResponse>,
-    pub events: Vec<StreamEvent>,
-}
 
 #[derive(Debug, Clone)]
 struct Sent {
@@ -69,7 +62,7 @@ impl SotwStream {
     }
 
     /// Handles one request from the client.
-    pub fn on_request(&mut self, req: DiscoveryRequest) -> Result<Step, ProtocolError> {
+    pub fn on_request(&mut self, req: DiscoveryRequest) -> Result<Step<DiscoveryResponse>, ProtocolError> {
         let mut step = Step::default();
         if self.node.is_none() {
             // Envoy sends the node on the first request of a stream (and may omit it later).
@@ -147,7 +140,7 @@ impl SotwStream {
 
     /// A new snapshot for this stream's node: push every subscribed type whose
     /// selected resources changed, in dependency order.
-    pub fn on_snapshot(&mut self, snapshot: Arc<Snapshot>) -> Step {
+    pub fn on_snapshot(&mut self, snapshot: Arc<Snapshot>) -> Step<DiscoveryResponse> {
         self.snapshot = Some(snapshot);
         let mut step = Step::default();
         for rt in ResourceType::ALL {
@@ -158,7 +151,7 @@ impl SotwStream {
         step
     }
 
-    fn respond_if_changed(&mut self, rt: ResourceType, step: &mut Step) {
+    fn respond_if_changed(&mut self, rt: ResourceType, step: &mut Step<DiscoveryResponse>) {
         let (Some(snapshot), Some(state)) = (self.snapshot.as_ref(), self.types.get_mut(&rt)) else {
             return;
         };
@@ -195,6 +188,8 @@ impl SotwStream {
             version: version.clone(),
             nonce: nonce.clone(),
             resources: selected.iter().map(|r| (r.name.clone(), r.version.clone())).collect(),
+            removed: Vec::new(),
+            incremental: false,
             bytes: response.encoded_len(),
         });
         step.responses.push(response);

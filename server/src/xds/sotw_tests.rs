@@ -14,6 +14,7 @@ use filterplane_config::NodeFacts;
 
 use super::*;
 use crate::cache::Generation;
+use crate::xds::stream::Step;
 
 const ECDS: ResourceType = ResourceType::ExtensionConfig;
 
@@ -48,7 +49,7 @@ fn nack(rt: ResourceType, names: &[&str], kept: &str, nonce: &str, message: &str
     }
 }
 
-fn names_of(step: &Step) -> Vec<Vec<String>> {
+fn names_of(step: &Step<DiscoveryResponse>) -> Vec<Vec<String>> {
     step.responses
         .iter()
         .map(|r| {

@@ -62,6 +62,20 @@ impl From<&Node> for NodeInfo {
     }
 }
 
+/// What one step of a protocol state machine asks its caller to do: send these
+/// responses, record these events.
+#[derive(Debug)]
+pub struct Step<R> {
+    pub responses: Vec<R>,
+    pub events: Vec<StreamEvent>,
+}
+
+impl<R> Default for Step<R> {
+    fn default() -> Self {
+        Self { responses: Vec::new(), events: Vec::new() }
+    }
+}
+
 /// The resources of one type a stream asked for.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Subscription {
@@ -85,6 +99,35 @@ impl Subscription {
         let wildcard = names.iter().any(|n| n == "*");
         let names = names.iter().filter(|n| *n != "*").cloned().collect();
         Subscription { wildcard, names }
+    }
+
+    /// Applies a delta request's changes. xDS protocol, "Delta xDS": the first request of
+    /// a type with nothing to subscribe is the legacy wildcard for LDS/CDS; `*` subscribes
+    /// to the wildcard explicitly and unsubscribing `*` ends it; names accumulate until
+    /// unsubscribed.
+    pub fn apply_delta(&mut self, rt: ResourceType, first: bool, subscribe: &[String], unsubscribe: &[String]) {
+        if first && subscribe.is_empty() && rt.legacy_wildcard() {
+            self.wildcard = true;
+        }
+        for n in subscribe {
+            if n == "*" {
+                self.wildcard = true;
+            } else {
+                self.names.insert(n.clone());
+            }
+        }
+        for n in unsubscribe {
+            if n == "*" {
+                self.wildcard = false;
+            } else {
+                self.names.remove(n);
+            }
+        }
+    }
+
+    /// Whether `name` is part of this subscription.
+    pub fn wants(&self, name: &str) -> bool {
+        self.wildcard || self.names.contains(name)
     }
 
     /// The snapshot's resources this subscription selects, in name order.
@@ -124,11 +167,15 @@ pub enum StreamEvent {
         wildcard: bool,
         names: Vec<String>,
     },
+    /// `resources` is the whole set (state of the world) or what changed (delta, which
+    /// also lists what the client must drop in `removed`).
     Sent {
         rt: ResourceType,
         version: String,
         nonce: String,
         resources: Vec<(String, ResourceVersion)>,
+        removed: Vec<String>,
+        incremental: bool,
         bytes: usize,
     },
     Acked {

@@ -1,0 +1,319 @@
+//! xDS protocol conformance: each rule a named test, for state of the world and delta,
+//! driven by a scripted client against a real Filterplane over gRPC.
+//!
+//! "Nothing is sent" is never checked by waiting: the test makes a change that must be
+//! sent and checks that the next response is that one.
+
+mod harness;
+
+use harness::*;
+
+mod sotw {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn first_request_gets_the_subscribed_resources() {
+        let plane = Plane::start(&[("a", "1"), ("b", "1")]).await;
+        let mut c = SotwClient::connect(&plane, "n").await;
+        c.request(ECDS, &["a"], "", "").await;
+        let r = c.recv().await;
+        assert_eq!(r.type_url, ECDS);
+        assert_eq!(ecds_names(&r.resources), ["a"]);
+        assert!(!r.version_info.is_empty() && !r.nonce.is_empty());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn ack_is_tracked_and_not_answered() {
+        let plane = Plane::start(&[("a", "1")]).await;
+        let mut c = SotwClient::connect(&plane, "acker").await;
+        c.request(ECDS, &["a"], "", "").await;
+        let r = c.recv_ack(&["a"]).await;
+        plane
+            .wait_for("the ACK", |p| {
+                p.api("/api/v1/proxies/acker")[0]["types"][ECDS]["acked_version"] == r.version_info.as_str()
+            })
+            .await;
+        plane.set(&[("a", "2")]).await;
+        let next = c.recv().await;
+        assert_ne!(next.version_info, r.version_info, "the ACK itself produced no response");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn nack_is_not_resent_and_the_fix_is() {
+        let plane = Plane::start(&[("a", "1")]).await;
+        let mut c = SotwClient::connect(&plane, "nacker").await;
+        c.request(ECDS, &["a"], "", "").await;
+        let good = c.recv_ack(&["a"]).await;
+        plane.set(&[("a", "bad")]).await;
+        let bad = c.recv().await;
+        c.nack(ECDS, &["a"], &good.version_info, &bad.nonce, "refused").await;
+        plane.wait_for("the reject", |p| p.api("/api/v1/rejects").as_array().is_some_and(|a| a.len() == 1)).await;
+        plane.set(&[("a", "fixed")]).await;
+        let fixed = c.recv().await;
+        assert_ne!(fixed.version_info, bad.version_info, "the NACKed version was not sent again");
+        assert_ne!(fixed.version_info, good.version_info);
+        let reject = &plane.api("/api/v1/rejects")[0];
+        assert_eq!(
+            (reject["version"].as_str(), reject["kept_version"].as_str()),
+            (Some(bad.version_info.as_str()), Some(good.version_info.as_str()))
+        );
+        assert_eq!(plane.metric(&format!("filterplane_xds_rejects_total{{type_url=\"{ECDS}\"}}")), 1.0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn unsubscribe_narrows_the_next_response_and_stops_its_pushes() {
+        let plane = Plane::start(&[("a", "1"), ("b", "1")]).await;
+        let mut c = SotwClient::connect(&plane, "n").await;
+        c.request(ECDS, &["a", "b"], "", "").await;
+        let r = c.recv().await;
+        assert_eq!(ecds_names(&r.resources), ["a", "b"]);
+        c.request(ECDS, &["a"], &r.version_info, &r.nonce).await;
+        let r = c.recv_ack(&["a"]).await;
+        assert_eq!(ecds_names(&r.resources), ["a"]);
+        plane.set(&[("a", "1"), ("b", "2")]).await;
+        plane.set(&[("a", "2"), ("b", "2")]).await;
+        let next = c.recv().await;
+        assert_eq!(ecds_names(&next.resources), ["a"], "b's change was not pushed");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn removed_resource_disappears_from_the_next_response() {
+        let plane = Plane::start(&[("a", "1"), ("b", "1")]).await;
+        let mut c = SotwClient::connect(&plane, "n").await;
+        c.request(ECDS, &["a", "b"], "", "").await;
+        c.recv_ack(&["a", "b"]).await;
+        plane.set(&[("a", "1")]).await;
+        assert_eq!(ecds_names(&c.recv().await.resources), ["a"]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn reconnect_with_the_current_version_gets_nothing_until_a_change() {
+        let plane = Plane::start(&[("a", "1")]).await;
+        let mut first = SotwClient::connect(&plane, "n").await;
+        first.request(ECDS, &["a"], "", "").await;
+        let r = first.recv_ack(&["a"]).await;
+        drop(first);
+        let mut again = SotwClient::connect(&plane, "n").await;
+        again.request(ECDS, &["a"], &r.version_info, "").await;
+        plane.set(&[("a", "2")]).await;
+        let next = again.recv().await;
+        assert_ne!(next.version_info, r.version_info, "the first response is the change, not a resend");
+        // A reconnect with an old version is answered at once.
+        let mut stale = SotwClient::connect(&plane, "n2").await;
+        stale.request(ECDS, &["a"], &r.version_info, "").await;
+        assert_eq!(stale.recv().await.version_info, next.version_info);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn unknown_resource_names_are_answered_by_their_absence() {
+        let plane = Plane::start(&[("a", "1")]).await;
+        let mut c = SotwClient::connect(&plane, "n").await;
+        c.request(ECDS, &["a", "nope"], "", "").await;
+        assert_eq!(ecds_names(&c.recv().await.resources), ["a"]);
+        let mut only_unknown = SotwClient::connect(&plane, "n2").await;
+        only_unknown.request(ECDS, &["nope"], "", "").await;
+        assert!(only_unknown.recv().await.resources.is_empty());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn several_types_are_multiplexed_on_one_stream() {
+        let plane = Plane::start(&[("a", "1")]).await;
+        let mut c = SotwClient::connect(&plane, "n").await;
+        c.request(CDS, &[], "", "").await;
+        let cds = c.recv().await;
+        assert_eq!((cds.type_url.as_str(), cds.resources.len()), (CDS, 0), "wildcard CDS answered, even empty");
+        c.request(ECDS, &["a"], "", "").await;
+        let ecds = c.recv().await;
+        assert_eq!(ecds.type_url, ECDS);
+        assert_ne!(cds.nonce, ecds.nonce);
+        c.request(CDS, &[], &cds.version_info, &cds.nonce).await;
+        c.request(ECDS, &["a"], &ecds.version_info, &ecds.nonce).await;
+        plane.set(&[("a", "2")]).await;
+        assert_eq!(c.recv().await.type_url, ECDS, "only the type that changed is pushed");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn out_of_order_nonces_are_ignored() {
+        let plane = Plane::start(&[("a", "1"), ("b", "1")]).await;
+        let mut c = SotwClient::connect(&plane, "n").await;
+        c.request(ECDS, &["a"], "", "").await;
+        let r1 = c.recv().await;
+        plane.set(&[("a", "2"), ("b", "1")]).await;
+        let r2 = c.recv().await;
+        // A request quoting the superseded nonce, even one that asks for more, is ignored.
+        c.request(ECDS, &["a", "b"], &r1.version_info, &r1.nonce).await;
+        c.request(ECDS, &["a"], &r2.version_info, &r2.nonce).await;
+        plane.set(&[("a", "3"), ("b", "1")]).await;
+        let r3 = c.recv().await;
+        assert_eq!(ecds_names(&r3.resources), ["a"], "the stale request changed nothing");
+    }
+}
+
+mod delta {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn first_request_gets_the_subscribed_resources() {
+        let plane = Plane::start(&[("a", "1"), ("b", "1")]).await;
+        let mut c = DeltaClient::connect(&plane, "n").await;
+        c.send(ECDS, Delta { subscribe: &["a"], ..Default::default() }).await;
+        let r = c.recv().await;
+        assert_eq!(delta_names(&r), ["a"]);
+        assert!(r.removed_resources.is_empty());
+        assert!(!r.resources[0].version.is_empty() && !r.nonce.is_empty() && !r.system_version_info.is_empty());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn ack_is_tracked_and_only_changes_are_sent() {
+        let plane = Plane::start(&[("a", "1"), ("b", "1")]).await;
+        let mut c = DeltaClient::connect(&plane, "acker").await;
+        c.send(ECDS, Delta { subscribe: &["a", "b"], ..Default::default() }).await;
+        let r = c.recv_ack().await;
+        assert_eq!(delta_names(&r), ["a", "b"]);
+        plane
+            .wait_for("the ACK", |p| {
+                p.api("/api/v1/proxies/acker")[0]["types"][ECDS]["acked_version"] == r.system_version_info.as_str()
+            })
+            .await;
+        assert_eq!(plane.api("/api/v1/proxies/acker")[0]["stream_kind"], "delta");
+        plane.set(&[("a", "1"), ("b", "2")]).await;
+        assert_eq!(delta_names(&c.recv().await), ["b"], "only what changed");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn nack_is_not_resent_and_the_fix_is() {
+        let plane = Plane::start(&[("a", "1")]).await;
+        let mut c = DeltaClient::connect(&plane, "nacker").await;
+        c.send(ECDS, Delta { subscribe: &["a"], ..Default::default() }).await;
+        let good = c.recv_ack().await;
+        plane.set(&[("a", "bad")]).await;
+        let bad = c.recv().await;
+        c.send(ECDS, Delta { nonce: &bad.nonce, error: Some("refused"), ..Default::default() }).await;
+        plane.wait_for("the reject", |p| p.api("/api/v1/rejects").as_array().is_some_and(|a| a.len() == 1)).await;
+        let reject = &plane.api("/api/v1/rejects")[0];
+        assert_eq!(reject["version"].as_str(), Some(bad.system_version_info.as_str()));
+        assert_eq!(reject["kept_version"].as_str(), Some(good.system_version_info.as_str()));
+        assert_eq!(reject["resources"], serde_json::json!(["a"]));
+        plane.set(&[("a", "fixed")]).await;
+        let fixed = c.recv().await;
+        assert_ne!(fixed.resources[0].version, bad.resources[0].version);
+        assert_eq!(plane.metric(&format!("filterplane_xds_rejects_total{{type_url=\"{ECDS}\"}}")), 1.0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn unsubscribe_stops_pushes_for_that_resource() {
+        let plane = Plane::start(&[("a", "1"), ("b", "1")]).await;
+        let mut c = DeltaClient::connect(&plane, "n").await;
+        c.send(ECDS, Delta { subscribe: &["a", "b"], ..Default::default() }).await;
+        let r = c.recv().await;
+        c.send(ECDS, Delta { nonce: &r.nonce, unsubscribe: &["b"], ..Default::default() }).await;
+        plane.set(&[("a", "1"), ("b", "2")]).await;
+        plane.set(&[("a", "2"), ("b", "2")]).await;
+        let next = c.recv().await;
+        assert_eq!(delta_names(&next), ["a"], "b is neither resent nor removed");
+        assert!(next.removed_resources.is_empty());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn removed_resource_is_named_in_removed_resources() {
+        let plane = Plane::start(&[("a", "1"), ("b", "1")]).await;
+        let mut c = DeltaClient::connect(&plane, "n").await;
+        c.send(ECDS, Delta { subscribe: &["a", "b"], ..Default::default() }).await;
+        c.recv_ack().await;
+        plane.set(&[("a", "1")]).await;
+        let r = c.recv().await;
+        assert!(r.resources.is_empty());
+        assert_eq!(r.removed_resources, ["b"]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn reconnect_with_known_versions_is_not_sent_them_again() {
+        let plane = Plane::start(&[("a", "1"), ("b", "1")]).await;
+        let mut first = DeltaClient::connect(&plane, "n").await;
+        first.send(ECDS, Delta { subscribe: &["a", "b"], ..Default::default() }).await;
+        let r = first.recv_ack().await;
+        let versions: Vec<(String, String)> = r.resources.iter().map(|x| (x.name.clone(), x.version.clone())).collect();
+        drop(first);
+        let mut again = DeltaClient::connect(&plane, "n").await;
+        let initial: Vec<(&str, &str)> = vec![(versions[0].0.as_str(), versions[0].1.as_str()), ("b", "outdated")];
+        again.send(ECDS, Delta { subscribe: &["a", "b"], initial: &initial, ..Default::default() }).await;
+        let r = again.recv().await;
+        assert_eq!(delta_names(&r), ["b"], "a was known at its current version; b was not");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn unknown_resource_names_are_reported_removed() {
+        let plane = Plane::start(&[("a", "1")]).await;
+        let mut c = DeltaClient::connect(&plane, "n").await;
+        c.send(ECDS, Delta { subscribe: &["a", "nope"], ..Default::default() }).await;
+        let r = c.recv().await;
+        assert_eq!(delta_names(&r), ["a"]);
+        assert_eq!(r.removed_resources, ["nope"], "'does not exist' is said at once");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn several_types_are_multiplexed_on_one_stream() {
+        let plane = Plane::start(&[("a", "1")]).await;
+        let mut c = DeltaClient::connect(&plane, "n").await;
+        c.send(CDS, Delta::default()).await;
+        let cds = c.recv().await;
+        assert_eq!((cds.type_url.as_str(), cds.resources.len()), (CDS, 0), "wildcard CDS answered, even empty");
+        c.send(ECDS, Delta { subscribe: &["a"], ..Default::default() }).await;
+        let ecds = c.recv().await;
+        assert_eq!(ecds.type_url, ECDS);
+        assert_ne!(cds.nonce, ecds.nonce);
+        c.send(CDS, Delta { nonce: &cds.nonce, ..Default::default() }).await;
+        c.send(ECDS, Delta { nonce: &ecds.nonce, ..Default::default() }).await;
+        plane.set(&[("a", "2")]).await;
+        assert_eq!(c.recv().await.type_url, ECDS, "only the type that changed is pushed");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn unknown_nonces_are_ignored_but_subscriptions_apply() {
+        let plane = Plane::start(&[("a", "1"), ("b", "1")]).await;
+        let mut c = DeltaClient::connect(&plane, "n").await;
+        c.send(ECDS, Delta { subscribe: &["a"], ..Default::default() }).await;
+        c.recv().await;
+        c.send(ECDS, Delta { nonce: "no-such-nonce", error: Some("x"), subscribe: &["b"], ..Default::default() }).await;
+        let r = c.recv().await;
+        assert_eq!(delta_names(&r), ["b"], "delta subscription changes apply whatever the nonce");
+        assert_eq!(
+            plane.api("/api/v1/rejects").as_array().map(Vec::len),
+            Some(0),
+            "the NACK of an unknown nonce is ignored"
+        );
+    }
+}
+
+/// Bytes on the wire for one change among 100 extension configs, SotW vs delta.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delta_sends_only_the_changed_config_of_a_hundred() {
+    let names: Vec<String> = (0..100).map(|i| format!("cfg-{i:03}")).collect();
+    let entries = |changed: &str| -> Vec<(&str, String)> {
+        names
+            .iter()
+            .map(|n| (n.as_str(), if n == "cfg-042" { changed.to_owned() } else { format!("{n}-value") }))
+            .collect()
+    };
+    let e1 = entries("one");
+    let e1: Vec<(&str, &str)> = e1.iter().map(|(n, v)| (*n, v.as_str())).collect();
+    let plane = Plane::start(&e1).await;
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+
+    let mut s = SotwClient::connect(&plane, "sotw").await;
+    s.request(ECDS, &refs, "", "").await;
+    s.recv_ack(&refs).await;
+    let mut d = DeltaClient::connect(&plane, "delta").await;
+    d.send(ECDS, Delta { subscribe: &refs, ..Default::default() }).await;
+    d.recv_ack().await;
+
+    let e2 = entries("two");
+    let e2: Vec<(&str, &str)> = e2.iter().map(|(n, v)| (*n, v.as_str())).collect();
+    plane.set(&e2).await;
+    let sotw = prost::Message::encoded_len(&s.recv().await);
+    let delta_r = d.recv().await;
+    assert_eq!(delta_names(&delta_r), ["cfg-042"]);
+    let delta = prost::Message::encoded_len(&delta_r);
+    println!("one change among 100 extension configs: SotW {sotw} bytes, delta {delta} bytes");
+    assert!(delta * 20 < sotw, "delta {delta} B vs SotW {sotw} B");
+}
