@@ -16,6 +16,32 @@ pub const ECDS: &str = "type.googleapis.com/envoy.config.core.v3.TypedExtensionC
 pub const STAT: &str = "extension_config_discovery.http_filter.add-header";
 pub const WAIT: Duration = Duration::from_secs(15);
 
+/// The xDS flavour Envoy is configured for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// `api_type: GRPC`, state of the world.
+    Sotw,
+    /// `api_type: DELTA_GRPC`, incremental.
+    Delta,
+}
+
+impl Mode {
+    pub fn bootstrap(self) -> &'static str {
+        match self {
+            Mode::Sotw => "quickstart/envoy.yaml",
+            Mode::Delta => "quickstart/envoy-delta.yaml",
+        }
+    }
+
+    /// As `/api/v1/proxies` names it.
+    pub fn stream_kind(self) -> &'static str {
+        match self {
+            Mode::Sotw => "sotw",
+            Mode::Delta => "delta",
+        }
+    }
+}
+
 pub struct Quickstart {
     pub fp: Filterplane,
     pub envoy: Envoy,
@@ -54,6 +80,11 @@ impl Quickstart {
     /// Starts both (`serve_dir`: point Filterplane at the directory rather than the
     /// file) and waits until Envoy applies the extension.
     pub fn start(node_id: &str, serve_dir: bool) -> Quickstart {
+        Self::start_with(node_id, serve_dir, Mode::Sotw, |b| b)
+    }
+
+    /// Like `start`, with the given xDS mode and a change to the bootstrap text.
+    pub fn start_with(node_id: &str, serve_dir: bool, mode: Mode, edit: impl FnOnce(String) -> String) -> Quickstart {
         let dir = tempfile::tempdir().expect("temp dir");
         let conf_dir = dir.path().join("conf");
         fs::create_dir(&conf_dir).expect("mkdir conf");
@@ -61,8 +92,8 @@ impl Quickstart {
         fs::write(&yaml, example_yaml()).expect("write config");
         let fp = Filterplane::start(if serve_dir { &conf_dir } else { &yaml }, dir.path());
         let ports = EnvoyPorts::new(fp.xds_port);
-        let envoy =
-            Envoy::start(&example_bootstrap("quickstart/envoy.yaml", ports, node_id), ports, dir.path(), "envoy");
+        let bootstrap = edit(example_bootstrap(mode.bootstrap(), ports, node_id));
+        let envoy = Envoy::start(&bootstrap, ports, dir.path(), "envoy");
         let q = Quickstart { fp, envoy, yaml, node_id: node_id.to_owned(), dir };
         q.wait_for_header("v1");
         q

@@ -10,7 +10,7 @@ use std::{
 
 use filterplane_e2e::{
     filterplane_bin,
-    quickstart::{example_yaml, yaml_envoy_refuses, yaml_with, Quickstart, ECDS, STAT, WAIT},
+    quickstart::{example_yaml, yaml_envoy_refuses, yaml_with, Mode, Quickstart, ECDS, STAT, WAIT},
     wait_until,
 };
 
@@ -18,10 +18,10 @@ fn epoch_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64
 }
 
-#[test]
-fn extension_config_reaches_envoy_and_edits_roll_out() {
-    let q = Quickstart::start("rollout", true);
+fn extension_config_reaches_envoy_and_edits_roll_out(mode: Mode) {
+    let q = Quickstart::start_with(&format!("rollout-{}", mode.stream_kind()), true, mode, |b| b);
     let served = q.fp.api("/api/v1/config")["serving_version"].clone();
+    assert_eq!(q.fp.api(&format!("/api/v1/proxies/{}", q.node_id))[0]["stream_kind"], mode.stream_kind());
     let ecds = q.ecds_status();
     assert_eq!(ecds["subscribed"], serde_json::json!(["add-header"]));
     let acked = wait_until("the ACK of the first push", WAIT, || {
@@ -46,9 +46,8 @@ fn extension_config_reaches_envoy_and_edits_roll_out() {
     assert_eq!(q.envoy.stat(&format!("{STAT}.update_success")), Some(4));
 }
 
-#[test]
-fn invalid_edit_leaves_envoy_serving_the_previous_config() {
-    let q = Quickstart::start("bad-edit", true);
+fn invalid_edit_leaves_envoy_serving_the_previous_config(mode: Mode) {
+    let q = Quickstart::start_with(&format!("bad-edit-{}", mode.stream_kind()), true, mode, |b| b);
     let served = q.fp.api("/api/v1/config")["serving_version"].clone();
     let success = q.envoy.stat(&format!("{STAT}.update_success"));
 
@@ -80,9 +79,8 @@ fn invalid_edit_leaves_envoy_serving_the_previous_config() {
     assert_eq!(q.envoy.stat(&format!("{STAT}.update_success")), success, "Envoy got nothing new");
 }
 
-#[test]
-fn config_envoy_refuses_is_nacked_and_recorded_with_envoys_message() {
-    let q = Quickstart::start("nacker", false);
+fn config_envoy_refuses_is_nacked_and_recorded_with_envoys_message(mode: Mode) {
+    let q = Quickstart::start_with(&format!("nacker-{}", mode.stream_kind()), false, mode, |b| b);
     let good = q.wait_synced()["acked_version"].clone();
     let rejects_metric = format!("filterplane_xds_rejects_total{{type_url=\"{ECDS}\"}}");
     assert_eq!(q.fp.metric(&rejects_metric), Some(0.0));
@@ -91,7 +89,7 @@ fn config_envoy_refuses_is_nacked_and_recorded_with_envoys_message() {
     q.write(&yaml_envoy_refuses(1024));
     let rejects = q.wait_rejects(1);
     let reject = &rejects[0];
-    assert_eq!(reject["node_id"], "nacker");
+    assert_eq!(reject["node_id"], q.node_id.as_str());
     assert_eq!(reject["type_url"], ECDS);
     assert_eq!(reject["resources"], serde_json::json!(["add-header"]));
     assert_eq!(reject["code"], 13);
@@ -117,7 +115,7 @@ fn config_envoy_refuses_is_nacked_and_recorded_with_envoys_message() {
     let out = Command::new(filterplane_bin()).args(["status", "--admin", &q.fp.url("")]).output().unwrap();
     let table = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let row = table.lines().find(|l| l.starts_with("nacker")).unwrap_or_else(|| panic!("{table}"));
+    let row = table.lines().find(|l| l.starts_with(q.node_id.as_str())).unwrap_or_else(|| panic!("{table}"));
     assert!(row.contains("NACKED"), "{table}");
     assert!(table.contains("2 recent reject(s)"), "{table}");
 
@@ -132,12 +130,11 @@ fn config_envoy_refuses_is_nacked_and_recorded_with_envoys_message() {
     assert_eq!(q.envoy.stat(&format!("{STAT}.update_rejected")), Some(2));
     let out = Command::new(filterplane_bin()).args(["status", "--admin", &q.fp.url("")]).output().unwrap();
     let table = String::from_utf8_lossy(&out.stdout);
-    assert!(table.lines().any(|l| l.starts_with("nacker") && l.contains("SYNCED")), "{table}");
+    assert!(table.lines().any(|l| l.starts_with(q.node_id.as_str()) && l.contains("SYNCED")), "{table}");
 }
 
-#[test]
-fn restart_on_the_same_yaml_does_not_make_envoy_reload() {
-    let mut q = Quickstart::start("restart", false);
+fn restart_on_the_same_yaml_does_not_make_envoy_reload(mode: Mode) {
+    let mut q = Quickstart::start_with(&format!("restart-{}", mode.stream_kind()), false, mode, |b| b);
     let acked = q.wait_synced()["acked_version"].clone();
     let reloads = q.envoy.stat(&format!("{STAT}.config_reload"));
     let successes = q.envoy.stat(&format!("{STAT}.update_success"));
@@ -193,3 +190,51 @@ fn validate_prints_every_error_and_sets_the_exit_code() {
     assert!(stderr.contains("extension_configs[1].typed_config.@type: unknown type"), "{stderr}");
     assert!(stderr.contains("3 error(s)"), "{stderr}");
 }
+
+/// After the extension config leaves the YAML: with delta, Filterplane names it in
+/// `removed_resources` and Envoy falls back to the filter's `default_config`. State of the
+/// world cannot say "removed" for ECDS (xDS protocol, "Deleting resources": absence
+/// deletes only LDS/CDS resources), so Envoy keeps the last config it had.
+fn removal_falls_back_to_default_config(mode: Mode) {
+    let discovery = "config_discovery:\n";
+    let q = Quickstart::start_with(&format!("removal-{}", mode.stream_kind()), false, mode, |b| {
+        assert!(b.contains(discovery));
+        b.replace(
+            discovery,
+            &format!("{discovery}                      default_config:\n                        \"@type\": type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutation\n                        mutations: {{ response_mutations: [ {{ append: {{ header: {{ key: x-plugin, value: default }} }} }} ] }}\n"),
+        )
+    });
+    q.write("version: 1\nextension_configs: []\n");
+    match mode {
+        Mode::Delta => q.wait_for_header("default"),
+        Mode::Sotw => {
+            wait_until("Envoy to ACK the response without add-header", WAIT, || {
+                let s = q.ecds_status();
+                (s["state"] == "synced" && s["resources"].as_object().is_some_and(|r| r.is_empty())).then_some(())
+            });
+            assert_eq!(q.header().as_deref(), Some("v1"), "SotW cannot remove an ECDS config from Envoy");
+        }
+    }
+    q.write(&yaml_with("back"));
+    q.wait_for_header("back");
+}
+
+/// Every scenario runs against Envoy in both xDS modes.
+macro_rules! in_both_modes {
+    ($($name:ident),* $(,)?) => {
+        mod sotw {
+            $(#[test] fn $name() { super::$name(super::Mode::Sotw) })*
+        }
+        mod delta {
+            $(#[test] fn $name() { super::$name(super::Mode::Delta) })*
+        }
+    };
+}
+
+in_both_modes!(
+    extension_config_reaches_envoy_and_edits_roll_out,
+    invalid_edit_leaves_envoy_serving_the_previous_config,
+    config_envoy_refuses_is_nacked_and_recorded_with_envoys_message,
+    restart_on_the_same_yaml_does_not_make_envoy_reload,
+    removal_falls_back_to_default_config,
+);
