@@ -1,15 +1,21 @@
 //! Validation and compilation: parsed documents to xDS resources, each encoded once and
-//! versioned by its content.
+//! versioned by its content. Every error is collected, with file, line and path.
 
-use std::{collections::HashMap, path::PathBuf};
+use std::{collections::HashMap, path::PathBuf, sync::Arc};
 
 use filterplane_api::{
     any_from_json, content_version, envoy_types::pb::envoy::config::core::v3::TypedExtensionConfig, Any, ResourceType,
     ResourceVersion,
 };
 use prost::Message;
+use serde_json::Value;
 
-use crate::{error::ConfigErrors, load::ParsedFile, model::NodeSelector};
+use crate::{
+    error::{ConfigError, ConfigErrors},
+    load::ParsedFile,
+    model::{ChainKind, EnvoyResourceSpec, ExtensionConfigSpec, NodeSelector, PlacementSpec},
+    placement::{chain_of_type, place, Placement},
+};
 
 /// Where a resource was written.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -26,106 +32,407 @@ pub struct CompiledResource {
     pub resource_type: ResourceType,
     pub name: String,
     pub selector: NodeSelector,
-    /// The resource itself (e.g. a `TypedExtensionConfig`), encoded once.
+    /// The resource itself (a `TypedExtensionConfig`, a `Listener`, ...), encoded once.
     pub resource: Any,
-    /// The `@type` of the config inside, for display.
+    /// For extension configs, the `@type` of the config inside; else the resource's.
     pub inner_type_url: String,
     pub version: ResourceVersion,
     pub origin: Origin,
+    /// Extension configs: where their filter goes in the served listeners.
+    pub placement: Option<Arc<Placement>>,
+    /// Listeners: the listener as written, to place filters into per group of proxies.
+    pub listener_json: Option<Arc<Value>>,
 }
 
 /// Everything one reload produced.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CompiledConfig {
-    /// Hash of every resource version and selector: equal YAML gives equal versions.
+    /// Hash of every resource version, selector and placement: equal YAML gives equal
+    /// versions.
     pub version: ResourceVersion,
     pub resources: Vec<CompiledResource>,
     pub files: Vec<PathBuf>,
 }
 
+/// The YAML sections holding Envoy resources as they are.
+const SECTIONS: [(&str, ResourceType); 4] = [
+    ("listeners", ResourceType::Listener),
+    ("routes", ResourceType::RouteConfiguration),
+    ("clusters", ResourceType::Cluster),
+    ("endpoints", ResourceType::ClusterLoadAssignment),
+];
+
 /// Validates and compiles the documents as one config, collecting every error.
 pub fn compile(files: &[ParsedFile]) -> Result<CompiledConfig, ConfigErrors> {
-    let mut errors = Vec::new();
-    let mut resources: Vec<CompiledResource> = Vec::new();
-    let mut seen: HashMap<(ResourceType, String), Vec<(NodeSelector, Origin)>> = HashMap::new();
-
+    let mut c = Compiler { files, errors: Vec::new(), resources: Vec::new(), seen: HashMap::new() };
     for file in files {
         for (i, spec) in file.doc.extension_configs.iter().enumerate() {
-            let at = format!("extension_configs[{i}]");
-            let origin = Origin { file: file.path.clone(), line: file.lines.line_of(&at), path: at.clone() };
-            let mut ok = true;
-            if spec.name.trim().is_empty() {
-                errors.push(file.error(format!("{at}.name"), "must not be empty"));
-                ok = false;
-            }
-            let key = (ResourceType::ExtensionConfig, spec.name.clone());
-            let earlier = seen.entry(key).or_default();
-            // One name may have several entries for different proxies (e.g. a canary);
-            // the first entry a node matches wins. An earlier entry with the same
-            // selector, or with none, would make this one unreachable: say so.
-            if let Some((_, first)) = earlier.iter().find(|(sel, _)| sel.is_empty() || *sel == spec.node_selector) {
-                errors.push(file.error(
-                    format!("{at}.name"),
-                    format!(
-                        "duplicate extension config name \"{}\": the entry at {}{}: {} already matches every proxy this one selects",
-                        spec.name,
-                        first.file.display(),
-                        first.line.map(|l| format!(":{l}")).unwrap_or_default(),
-                        first.path
-                    ),
-                ));
-                ok = false;
-            } else {
-                earlier.push((spec.node_selector.clone(), origin.clone()));
-            }
-            let typed = match any_from_json(&spec.typed_config) {
-                Ok(t) => t,
-                Err(e) => {
-                    let path = if e.path.is_empty() {
-                        format!("{at}.typed_config")
-                    } else {
-                        format!("{at}.typed_config.{}", e.path)
-                    };
-                    errors.push(file.error(path, e.message));
-                    continue;
-                }
+            c.extension_config(file, i, spec);
+        }
+        for (section, rt) in SECTIONS {
+            let items = match rt {
+                ResourceType::Listener => &file.doc.listeners,
+                ResourceType::RouteConfiguration => &file.doc.routes,
+                ResourceType::Cluster => &file.doc.clusters,
+                _ => &file.doc.endpoints,
             };
-            if !ok {
-                continue;
+            for (i, spec) in items.iter().enumerate() {
+                c.envoy_resource(file, section, i, rt, spec);
             }
-            let rt = ResourceType::ExtensionConfig;
-            let version = content_version([
-                rt.type_url().as_bytes(),
-                spec.name.as_bytes(),
-                typed.any.type_url.as_bytes(),
-                typed.canonical_json.as_bytes(),
-            ]);
-            let inner_type_url = typed.any.type_url.clone();
-            let tec = TypedExtensionConfig { name: spec.name.clone(), typed_config: Some(typed.any) };
-            resources.push(CompiledResource {
-                resource_type: rt,
-                name: spec.name.clone(),
-                selector: spec.node_selector.clone(),
-                resource: Any { type_url: rt.type_url().to_owned(), value: tec.encode_to_vec() },
-                inner_type_url,
-                version,
-                origin,
-            });
         }
     }
-    if !errors.is_empty() {
-        return Err(ConfigErrors(errors));
+    if c.errors.is_empty() {
+        c.check_placements();
     }
+    if !c.errors.is_empty() {
+        return Err(ConfigErrors(c.errors));
+    }
+    let mut resources = c.resources;
     // Stable: entries of the same name keep their file order, which decides which one
     // a node that matches several gets.
     resources.sort_by(|a, b| (a.resource_type, &a.name).cmp(&(b.resource_type, &b.name)));
     let described: Vec<String> = resources
         .iter()
-        .map(|r| format!("{}\0{}\0{}\0{:?}", r.resource_type.type_url(), r.name, r.version, r.selector))
+        .map(|r| {
+            format!("{}\0{}\0{}\0{:?}\0{:?}", r.resource_type.type_url(), r.name, r.version, r.selector, r.placement)
+        })
         .collect();
     Ok(CompiledConfig {
         version: content_version(described.iter().map(|s| s.as_bytes())),
         resources,
         files: files.iter().map(|f| f.path.clone()).collect(),
     })
+}
+
+/// A served listener with the given placements' filters inserted, encoded, and its
+/// version. `None` when no placement applies to it (serve `listener.resource` as is).
+pub fn assemble_listener(
+    listener: &CompiledResource,
+    placements: &[&Placement],
+) -> Option<Result<(Any, ResourceVersion), String>> {
+    let json = listener.listener_json.as_ref()?;
+    let placed = match place(json, placements) {
+        Ok(p) if p.hits.iter().any(|h| *h > 0) => p,
+        Ok(_) => return None,
+        Err(errors) => {
+            return Some(Err(errors.into_iter().map(|(p, m)| format!("{p}: {m}")).collect::<Vec<_>>().join("; ")))
+        }
+    };
+    Some(encode(ResourceType::Listener, &listener.name, placed.listener).map_err(|(p, m)| format!("{p}: {m}")))
+}
+
+/// Encodes an Envoy resource written as JSON; the version hashes its canonical form.
+fn encode(rt: ResourceType, name: &str, mut json: Value) -> Result<(Any, ResourceVersion), (String, String)> {
+    if let Value::Object(m) = &mut json {
+        m.insert("@type".into(), Value::String(rt.type_url().into()));
+    }
+    let typed = any_from_json(&json).map_err(|e| (e.path, e.message))?;
+    let version = content_version([rt.type_url().as_bytes(), name.as_bytes(), typed.canonical_json.as_bytes()]);
+    Ok((typed.any, version))
+}
+
+struct Compiler<'a> {
+    files: &'a [ParsedFile],
+    errors: Vec<ConfigError>,
+    resources: Vec<CompiledResource>,
+    /// Entries so far per (type, name): their selectors and where they are.
+    seen: HashMap<(ResourceType, String), Vec<(NodeSelector, Origin)>>,
+}
+
+impl Compiler<'_> {
+    /// An error at `sub` (may be empty) under the entry at `origin`.
+    fn error_at(&mut self, origin: &Origin, sub: &str, message: impl Into<String>) {
+        let path = if sub.is_empty() { origin.path.clone() } else { format!("{}.{sub}", origin.path) };
+        let error = match self.files.iter().find(|f| f.path == origin.file) {
+            Some(f) => f.error(path, message),
+            None => ConfigError { file: origin.file.clone(), line: origin.line, path, message: message.into() },
+        };
+        self.errors.push(error);
+    }
+
+    /// Checks the name of an entry and that no earlier entry makes it unreachable.
+    /// One name may have several entries for different proxies (e.g. a canary); the
+    /// first entry a node matches wins, so an earlier entry with the same selector, or
+    /// with none, is an error.
+    fn register(
+        &mut self,
+        rt: ResourceType,
+        kind: &str,
+        name_key: &str,
+        name: &str,
+        sel: &NodeSelector,
+        origin: &Origin,
+    ) -> bool {
+        if name.trim().is_empty() {
+            self.error_at(origin, name_key, "must not be empty");
+            return false;
+        }
+        let earlier = self.seen.entry((rt, name.to_owned())).or_default();
+        if let Some((_, first)) = earlier.iter().find(|(s, _)| s.is_empty() || s == sel) {
+            let first = first.clone();
+            self.error_at(
+                origin,
+                name_key,
+                format!(
+                    "duplicate {kind} name \"{name}\": the entry at {}{}: {} already matches every proxy this one selects",
+                    first.file.display(),
+                    first.line.map(|l| format!(":{l}")).unwrap_or_default(),
+                    first.path
+                ),
+            );
+            return false;
+        }
+        earlier.push((sel.clone(), origin.clone()));
+        true
+    }
+
+    fn extension_config(&mut self, file: &ParsedFile, i: usize, spec: &ExtensionConfigSpec) {
+        let at = format!("extension_configs[{i}]");
+        let origin = Origin { file: file.path.clone(), line: file.lines.line_of(&at), path: at };
+        let rt = ResourceType::ExtensionConfig;
+        let ok = self.register(rt, "extension config", "name", &spec.name, &spec.node_selector, &origin);
+        let typed = match any_from_json(&spec.typed_config) {
+            Ok(t) => t,
+            Err(e) => {
+                let sub =
+                    if e.path.is_empty() { "typed_config".to_owned() } else { format!("typed_config.{}", e.path) };
+                self.error_at(&origin, &sub, e.message);
+                return;
+            }
+        };
+        let placement = match &spec.placement {
+            Some(p) => match self.placement(&origin, &spec.name, &typed.any.type_url, p) {
+                Some(p) => Some(Arc::new(p)),
+                None => return,
+            },
+            None => None,
+        };
+        if !ok {
+            return;
+        }
+        // Entries sharing a name are one filter in the listeners: they must agree on where.
+        if let Some(other) = self.resources.iter().find(|r| r.resource_type == rt && r.name == spec.name) {
+            if other.placement != placement {
+                let at = other.origin.path.clone();
+                self.error_at(&origin, "placement", format!("must be the same as in {at}, the other entry named \"{}\": the filter is placed once per listener", spec.name));
+                return;
+            }
+        }
+        let version = content_version([
+            rt.type_url().as_bytes(),
+            spec.name.as_bytes(),
+            typed.any.type_url.as_bytes(),
+            typed.canonical_json.as_bytes(),
+        ]);
+        let inner_type_url = typed.any.type_url.clone();
+        let tec = TypedExtensionConfig { name: spec.name.clone(), typed_config: Some(typed.any) };
+        self.resources.push(CompiledResource {
+            resource_type: rt,
+            name: spec.name.clone(),
+            selector: spec.node_selector.clone(),
+            resource: Any { type_url: rt.type_url().to_owned(), value: tec.encode_to_vec() },
+            inner_type_url,
+            version,
+            origin,
+            placement,
+            listener_json: None,
+        });
+    }
+
+    fn placement(&mut self, origin: &Origin, name: &str, type_url: &str, spec: &PlacementSpec) -> Option<Placement> {
+        let by_type = chain_of_type(type_url);
+        let chain = match (spec.chain, by_type) {
+            (Some(c), Some(t)) if c != t => {
+                let kind = |k: ChainKind| if k == ChainKind::Http { "an HTTP" } else { "a network" };
+                self.error_at(
+                    origin,
+                    "placement.chain",
+                    format!("{type_url} is {} filter; it cannot go in {} filter chain", kind(t), kind(c)),
+                );
+                return None;
+            }
+            (Some(c), _) | (None, Some(c)) => c,
+            (None, None) => {
+                self.error_at(
+                    origin,
+                    "placement",
+                    format!("cannot tell whether {type_url} is an HTTP or a network filter: set placement.chain"),
+                );
+                return None;
+            }
+        };
+        if chain == ChainKind::Network && !spec.route_configs.is_empty() {
+            self.error_at(origin, "placement.route_configs", "only HTTP filters can be placed by route config");
+            return None;
+        }
+        let default_config = match &spec.default_config {
+            None => None,
+            Some(d) => match any_from_json(d) {
+                Err(e) => {
+                    let sub = if e.path.is_empty() {
+                        "placement.default_config".into()
+                    } else {
+                        format!("placement.default_config.{}", e.path)
+                    };
+                    self.error_at(origin, &sub, e.message);
+                    return None;
+                }
+                Ok(t) if t.any.type_url != type_url => {
+                    self.error_at(
+                        origin,
+                        "placement.default_config.@type",
+                        format!("must be {type_url}, the type of typed_config"),
+                    );
+                    return None;
+                }
+                Ok(_) => Some(d.clone()),
+            },
+        };
+        Some(Placement {
+            filter_name: name.to_owned(),
+            chain,
+            listeners: spec.listeners.clone(),
+            ports: spec.ports.clone(),
+            route_configs: spec.route_configs.clone(),
+            phase: spec.phase,
+            priority: spec.priority,
+            type_url: type_url.to_owned(),
+            default_config,
+            apply_default_config_without_warming: spec.apply_default_config_without_warming,
+        })
+    }
+
+    fn envoy_resource(
+        &mut self,
+        file: &ParsedFile,
+        section: &str,
+        i: usize,
+        rt: ResourceType,
+        spec: &EnvoyResourceSpec,
+    ) {
+        let at = format!("{section}[{i}]");
+        let origin = Origin { file: file.path.clone(), line: file.lines.line_of(&at), path: at };
+        let mut json = spec.0.clone();
+        let selector = match json.remove("node_selector").map(serde_json::from_value::<NodeSelector>) {
+            None => NodeSelector::default(),
+            Some(Ok(s)) => s,
+            Some(Err(e)) => {
+                self.error_at(&origin, "node_selector", e.to_string());
+                return;
+            }
+        };
+        match json.get("@type") {
+            Some(Value::String(t)) if t != rt.type_url() => {
+                self.error_at(&origin, "@type", format!("must be {} in `{section}` (or left out)", rt.type_url()));
+                return;
+            }
+            _ => {}
+        }
+        json.remove("@type");
+        let name_key = if rt == ResourceType::ClusterLoadAssignment { "cluster_name" } else { "name" };
+        let name = [name_key, &camel(name_key)]
+            .iter()
+            .find_map(|k| json.get(*k))
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned();
+        let json = Value::Object(json);
+        let (any, version) = match encode(rt, &name, json.clone()) {
+            Ok(v) => v,
+            Err((path, message)) => {
+                self.error_at(&origin, &path, message);
+                return;
+            }
+        };
+        if !self.register(rt, section.trim_end_matches('s'), name_key, &name, &selector, &origin) {
+            return;
+        }
+        self.resources.push(CompiledResource {
+            resource_type: rt,
+            name,
+            selector,
+            resource: any,
+            inner_type_url: rt.type_url().to_owned(),
+            version,
+            origin,
+            placement: None,
+            listener_json: (rt == ResourceType::Listener).then(|| Arc::new(json)),
+        });
+    }
+
+    /// Every placement must name listeners that exist and land in at least one chain;
+    /// placing all of them at once into every listener must give valid listeners.
+    fn check_placements(&mut self) {
+        let mut placements: Vec<(Arc<Placement>, Origin)> = Vec::new();
+        for r in &self.resources {
+            if let Some(p) = &r.placement {
+                if !placements.iter().any(|(q, _)| q.filter_name == p.filter_name) {
+                    placements.push((p.clone(), r.origin.clone()));
+                }
+            }
+        }
+        if placements.is_empty() {
+            return;
+        }
+        let listeners: Vec<CompiledResource> =
+            self.resources.iter().filter(|r| r.listener_json.is_some()).cloned().collect();
+        for (p, origin) in &placements {
+            for (k, l) in p.listeners.iter().enumerate() {
+                if !listeners.iter().any(|r| &r.name == l) {
+                    self.error_at(
+                        origin,
+                        &format!("placement.listeners[{k}]"),
+                        format!("no listener named \"{l}\" in the config"),
+                    );
+                }
+            }
+        }
+        let all: Vec<&Placement> = placements.iter().map(|(p, _)| p.as_ref()).collect();
+        let mut hits = vec![0usize; all.len()];
+        let errors_before = self.errors.len();
+        for l in &listeners {
+            let json = l.listener_json.as_ref().expect("filtered on listener_json");
+            match place(json, &all) {
+                Err(errs) => {
+                    for (path, message) in errs {
+                        self.error_at(&l.origin, &path, message);
+                    }
+                }
+                Ok(placed) => {
+                    for (h, n) in hits.iter_mut().zip(&placed.hits) {
+                        *h += n;
+                    }
+                    if let Err((path, message)) = encode(ResourceType::Listener, &l.name, placed.listener) {
+                        self.error_at(&l.origin, &path, format!("after inserting placed filters: {message}"));
+                    }
+                }
+            }
+        }
+        for ((p, origin), h) in placements.iter().zip(hits) {
+            // (Counts are incomplete when a listener failed; its error says enough.)
+            if h == 0 && self.errors.len() == errors_before {
+                let what = match p.chain {
+                    ChainKind::Http => "HTTP connection manager",
+                    ChainKind::Network => "network filter chain",
+                };
+                self.error_at(origin, "placement", format!("matches no {what} in the listeners this config serves"));
+            }
+        }
+    }
+}
+
+fn camel(snake: &str) -> String {
+    let mut out = String::new();
+    let mut up = false;
+    for c in snake.chars() {
+        if c == '_' {
+            up = true;
+        } else if up {
+            out.extend(c.to_uppercase());
+            up = false;
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }

@@ -7,11 +7,12 @@ pub mod error;
 pub mod lines;
 pub mod load;
 pub mod model;
+pub mod placement;
 pub mod selector;
 
 use std::path::Path;
 
-pub use compile::{compile, CompiledConfig, CompiledResource, Origin};
+pub use compile::{assemble_listener, compile, CompiledConfig, CompiledResource, Origin};
 pub use error::{ConfigError, ConfigErrors};
 pub use model::{Document, NodeSelector, SCHEMA_VERSION};
 pub use selector::NodeFacts;

@@ -90,9 +90,13 @@ pub fn parse_file(file: &Path, text: &str) -> Result<ParsedFile, ConfigError> {
         let inner = e.into_inner();
         let line = inner.location().map(|l| l.line()).or_else(|| lines.line_of(&path));
         let mut message = inner.to_string();
-        // serde_yaml appends its own "at line L column C"; the line is shown separately.
+        // serde_yaml appends its own "at line L column C" and may prefix the path; both
+        // are shown separately.
         if let Some(i) = message.find(" at line ") {
             message.truncate(i);
+        }
+        if let Some(rest) = message.strip_prefix(&format!("{path}: ")) {
+            message = rest.to_owned();
         }
         ConfigError { file: file.to_path_buf(), line, path: if path == "." { String::new() } else { path }, message }
     })?;

@@ -16,7 +16,26 @@ pub struct Document {
     pub version: u32,
     #[serde(default)]
     pub extension_configs: Vec<ExtensionConfigSpec>,
+    /// `envoy.config.listener.v3.Listener` resources (LDS).
+    #[serde(default)]
+    pub listeners: Vec<EnvoyResourceSpec>,
+    /// `envoy.config.route.v3.RouteConfiguration` resources (RDS).
+    #[serde(default)]
+    pub routes: Vec<EnvoyResourceSpec>,
+    /// `envoy.config.cluster.v3.Cluster` resources (CDS).
+    #[serde(default)]
+    pub clusters: Vec<EnvoyResourceSpec>,
+    /// `envoy.config.endpoint.v3.ClusterLoadAssignment` resources (EDS).
+    #[serde(default)]
+    pub endpoints: Vec<EnvoyResourceSpec>,
 }
+
+/// An Envoy resource exactly as Envoy's docs write it (`"@type"` optional: the section
+/// says it), plus one key of Filterplane's own, `node_selector`, removed before the
+/// resource is checked against Envoy's descriptors.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(transparent)]
+pub struct EnvoyResourceSpec(pub serde_json::Map<String, serde_json::Value>);
 
 /// A `TypedExtensionConfig` served over ECDS under `name`.
 #[derive(Debug, Clone, Deserialize)]
@@ -30,6 +49,65 @@ pub struct ExtensionConfigSpec {
     /// Any Envoy message, written as Envoy's own YAML/JSON writes it, with `"@type"`.
     /// Kept as JSON until the descriptors check it, so errors can point inside it.
     pub typed_config: serde_json::Value,
+    /// Where Filterplane inserts a filter that discovers this config, in the listeners it
+    /// serves. Absent: nowhere (a listener refers to it by itself).
+    #[serde(default)]
+    pub placement: Option<PlacementSpec>,
+}
+
+/// Which filter chains get the filter, and where in them.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlacementSpec {
+    /// `http` (an HTTP connection manager's `http_filters`) or `network` (a filter
+    /// chain's `filters`). Absent: taken from the config's type
+    /// (`envoy.extensions.filters.http.*` or `.network.*`).
+    #[serde(default)]
+    pub chain: Option<ChainKind>,
+    /// Served listeners, by name. Empty: all.
+    #[serde(default)]
+    pub listeners: Vec<String>,
+    /// Served listeners, by the port of their address. Empty: all.
+    #[serde(default)]
+    pub ports: Vec<u32>,
+    /// HTTP connection managers, by route config name (`rds.route_config_name` or
+    /// `route_config.name`). Empty: all. HTTP only.
+    #[serde(default)]
+    pub route_configs: Vec<String>,
+    #[serde(default)]
+    pub phase: Phase,
+    /// Order inside a phase: higher first; equal priorities go by name.
+    #[serde(default)]
+    pub priority: i32,
+    /// Used until the config arrives over ECDS, and when it is removed (delta).
+    #[serde(default)]
+    pub default_config: Option<serde_json::Value>,
+    /// Do not hold the listener back waiting for the first ECDS response.
+    #[serde(default)]
+    pub apply_default_config_without_warming: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ChainKind {
+    Http,
+    Network,
+}
+
+/// Where in the chain, in the spirit of Istio's WasmPlugin phases: `AUTHN`, then
+/// `AUTHZ`, then `STATS` at the front of the chain, before the listener's own filters;
+/// `UNSPECIFIED` (the default) at the end, just before the terminal filter (the router).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
+pub enum Phase {
+    #[serde(rename = "AUTHN")]
+    Authn,
+    #[serde(rename = "AUTHZ")]
+    Authz,
+    #[serde(rename = "STATS")]
+    Stats,
+    #[default]
+    #[serde(rename = "UNSPECIFIED")]
+    Unspecified,
 }
 
 /// Matches Envoy nodes. Every criterion given must hold; a list matches if any item does.

@@ -159,3 +159,104 @@ fn one_name_may_have_entries_for_different_proxies_but_none_unreachable() {
     assert_eq!(e.path, "extension_configs[1].name");
     assert!(e.message.contains("already matches every proxy"), "{e}");
 }
+
+const GATEWAY: &str = r#"version: 1
+extension_configs:
+  - name: stamp
+    placement: { listeners: [edge], phase: STATS }
+    typed_config:
+      "@type": type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutation
+      mutations: { response_mutations: [ { append: { header: { key: x, value: "1" } } } ] }
+listeners:
+  - name: edge
+    address: { socket_address: { address: 127.0.0.1, port_value: 10000 } }
+    filter_chains:
+      - filters:
+          - name: envoy.filters.network.http_connection_manager
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+              stat_prefix: edge
+              route_config: { name: local }
+              http_filters:
+                - name: envoy.filters.http.router
+                  typed_config: { "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router }
+  - name: tcp
+    address: { socket_address: { address: 127.0.0.1, port_value: 10001 } }
+    filter_chains:
+      - filters:
+          - name: envoy.filters.network.tcp_proxy
+            typed_config: { "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy, stat_prefix: tcp, cluster: backend }
+clusters:
+  - name: backend
+    connect_timeout: 1s
+endpoints:
+  - cluster_name: backend
+routes:
+  - name: local
+"#;
+
+#[test]
+fn envoy_resources_and_placement_compile() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "a.yaml", GATEWAY);
+    let c = load(dir.path()).unwrap();
+    let kinds: Vec<(&str, &str)> =
+        c.resources.iter().map(|r| (r.resource_type.short_name(), r.name.as_str())).collect();
+    assert_eq!(
+        kinds,
+        [("LDS", "edge"), ("LDS", "tcp"), ("RDS", "local"), ("CDS", "backend"), ("EDS", "backend"), ("ECDS", "stamp")]
+    );
+    let edge = c.resources.iter().find(|r| r.name == "edge").unwrap();
+    let stamp = c.resources.iter().find(|r| r.name == "stamp").unwrap();
+    let (_, v1) = assemble_listener(edge, &[stamp.placement.as_deref().unwrap()]).unwrap().unwrap();
+    assert_ne!(v1, edge.version, "placing a filter changes the listener");
+    // Changing only the plugin's config does not change the placed listener.
+    write(dir.path(), "a.yaml", &GATEWAY.replace("value: \"1\"", "value: \"2\""));
+    let c2 = load(dir.path()).unwrap();
+    let edge2 = c2.resources.iter().find(|r| r.name == "edge").unwrap();
+    let stamp2 = c2.resources.iter().find(|r| r.name == "stamp").unwrap();
+    assert_ne!(stamp.version, stamp2.version);
+    let (_, v2) = assemble_listener(edge2, &[stamp2.placement.as_deref().unwrap()]).unwrap().unwrap();
+    assert_eq!(v1, v2);
+}
+
+fn placement_error(from: &str, to: &str) -> ConfigError {
+    let dir = tempfile::tempdir().unwrap();
+    let text = GATEWAY.replace(from, to);
+    assert_ne!(text, GATEWAY, "{from}");
+    write(dir.path(), "a.yaml", &text);
+    let errs = load(dir.path()).unwrap_err();
+    assert_eq!(errs.0.len(), 1, "{errs}");
+    errs.0[0].clone()
+}
+
+#[test]
+fn impossible_placements_are_errors_that_say_where() {
+    let e = placement_error("listeners: [edge]", "listeners: [edge, nope]");
+    assert_eq!((e.path.as_str(), e.line), ("extension_configs[0].placement.listeners[1]", Some(4)));
+    assert!(e.message.contains("no listener named \"nope\""), "{e}");
+
+    let e = placement_error("listeners: [edge]", "listeners: [tcp]");
+    assert_eq!(e.path, "extension_configs[0].placement");
+    assert!(e.message.contains("matches no HTTP connection manager"), "{e}");
+
+    let e = placement_error("                - name: envoy.filters.http.router", "                - name: stamp\n                  typed_config: { \"@type\": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router }\n                - name: envoy.filters.http.router");
+    assert_eq!(e.path, "listeners[0].filter_chains[0].filters[0].typed_config.http_filters");
+    assert!(e.message.contains("already has a filter named \"stamp\""), "{e}");
+
+    let e = placement_error("{ listeners: [edge], phase: STATS }", "{ listeners: [edge], chain: network }");
+    assert_eq!(e.path, "extension_configs[0].placement.chain");
+    assert!(e.message.contains("is an HTTP filter; it cannot go in a network filter chain"), "{e}");
+
+    let e = placement_error("phase: STATS", "phase: LATE");
+    assert!(e.message.contains("unknown variant `LATE`"), "{e}");
+
+    let e = placement_error("  - name: edge\n", "  - name: edge\n    node_selector: { clusters: 7 }\n");
+    assert_eq!(e.path, "listeners[0].node_selector");
+
+    let e = placement_error("  - cluster_name: backend", "  - cluster_name: \"\"");
+    assert_eq!(e.path, "endpoints[0].cluster_name");
+
+    let e = placement_error("    connect_timeout: 1s", "    connect_timeout: soon");
+    assert_eq!((e.path.as_str(), e.line), ("clusters[0].connect_timeout", Some(29)));
+}

@@ -99,13 +99,22 @@ impl Reply {
 
 /// GET over loopback; `None` when nothing answers (yet).
 pub fn http_get(url: &str) -> Option<Reply> {
+    http_get_with(url, &[])
+}
+
+/// GET with request headers.
+pub fn http_get_with(url: &str, headers: &[(&str, &str)]) -> Option<Reply> {
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .http_status_as_error(false)
         .proxy(None)
         .timeout_global(Some(Duration::from_secs(5)))
         .build()
         .into();
-    let mut res = agent.get(url).call().ok()?;
+    let mut req = agent.get(url);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let mut res = req.call().ok()?;
     let headers =
         res.headers().iter().map(|(k, v)| (k.to_string(), v.to_str().unwrap_or_default().to_owned())).collect();
     Some(Reply { status: res.status().as_u16(), headers, body: res.body_mut().read_to_string().ok()? })
@@ -172,11 +181,16 @@ pub struct Filterplane {
 impl Filterplane {
     /// Starts on fresh ports and waits until the admin server answers.
     pub fn start(config: &Path, logs: &Path) -> Self {
+        Self::start_on(config, logs, free_port(), free_port())
+    }
+
+    /// Starts on the given ports (for configs that must name the admin port).
+    pub fn start_on(config: &Path, logs: &Path, xds_port: u16, admin_port: u16) -> Self {
         let mut fp = Filterplane {
             process: None,
             config: config.to_path_buf(),
-            xds_port: free_port(),
-            admin_port: free_port(),
+            xds_port,
+            admin_port,
             logs: logs.to_path_buf(),
             starts: 0,
         };
@@ -269,12 +283,18 @@ impl EnvoyPorts {
     }
 }
 
+/// The text of a file under `examples/`.
+pub fn example_text(path: &str) -> String {
+    let p = workspace_root().join("examples").join(path);
+    fs::read_to_string(&p).unwrap_or_else(|e| panic!("read {}: {e}", p.display()))
+}
+
 /// A bootstrap from `examples/`, with its ports (18000 xDS, 10000 listener, 9901 admin)
 /// and node id replaced, so tests run exactly what the README tells people to run.
 pub fn example_bootstrap(example: &str, ports: EnvoyPorts, node_id: &str) -> String {
     let path = workspace_root().join("examples").join(example);
     let text = fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
-    for port in ["port_value: 18000", "port_value: 10000", "port_value: 9901"] {
+    for port in ["port_value: 18000", "port_value: 9901"] {
         assert!(text.contains(port), "{} no longer has `{port}`", path.display());
     }
     text.replace("port_value: 18000", &format!("port_value: {}", ports.xds))
@@ -306,7 +326,12 @@ impl Envoy {
 
     /// GET through Envoy's listener.
     pub fn get(&self, path: &str) -> Option<Reply> {
-        http_get(&format!("http://127.0.0.1:{}{path}", self.listener_port))
+        self.get_with(path, &[])
+    }
+
+    /// GET through Envoy's listener, with request headers.
+    pub fn get_with(&self, path: &str, headers: &[(&str, &str)]) -> Option<Reply> {
+        http_get_with(&format!("http://127.0.0.1:{}{path}", self.listener_port), headers)
     }
 
     /// A counter or gauge from Envoy's `/stats`; `None` if Envoy does not have it (yet).

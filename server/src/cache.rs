@@ -7,7 +7,7 @@ use std::{collections::BTreeMap, sync::Arc};
 
 use dashmap::DashMap;
 use filterplane_api::{content_version, Any, ResourceType, ResourceVersion};
-use filterplane_config::{CompiledConfig, NodeFacts};
+use filterplane_config::{assemble_listener, placement::Placement, CompiledConfig, NodeFacts};
 use tokio::sync::watch;
 
 /// One resource as served: encoded once per generation and shared by every stream.
@@ -77,15 +77,24 @@ impl Generation {
         if let Some(s) = self.groups.get(&key) {
             return s.clone();
         }
+        // Filters placed into listeners: those of the extension configs this group gets
+        // (entries sharing a name share their placement).
+        let mut placements: Vec<&Placement> = Vec::new();
+        for &i in &key {
+            if let Some(p) = self.config.resources[i as usize].placement.as_deref() {
+                if !placements.iter().any(|q| q.filter_name == p.filter_name) {
+                    placements.push(p);
+                }
+            }
+        }
         let mut types: BTreeMap<ResourceType, ResourceMap> = BTreeMap::new();
         for &i in &key {
             let r = &self.config.resources[i as usize];
             // The first matching entry of a name wins (config keeps file order per name).
-            types
-                .entry(r.resource_type)
-                .or_default()
-                .entry(r.name.clone())
-                .or_insert_with(|| self.served[i as usize].clone());
+            let slot = types.entry(r.resource_type).or_default().entry(r.name.clone());
+            if let std::collections::btree_map::Entry::Vacant(v) = slot {
+                v.insert(self.served_for_group(i as usize, &placements));
+            }
         }
         let versions: Vec<&[u8]> = types
             .values()
@@ -94,6 +103,25 @@ impl Generation {
             .collect();
         let snap = Arc::new(Snapshot { config_version: content_version(versions), types });
         self.groups.entry(key).or_insert(snap).clone()
+    }
+
+    /// A resource as this group is served it: listeners get the group's placed filters,
+    /// encoded here once per group.
+    fn served_for_group(&self, i: usize, placements: &[&Placement]) -> Arc<ServedResource> {
+        let r = &self.config.resources[i];
+        if placements.is_empty() {
+            return self.served[i].clone();
+        }
+        match assemble_listener(r, placements) {
+            None => self.served[i].clone(),
+            Some(Ok((any, version))) => Arc::new(ServedResource { name: r.name.clone(), version, any }),
+            Some(Err(e)) => {
+                // compile() placed every filter into every listener already, so this
+                // means a bug; serve the listener as written rather than nothing.
+                tracing::error!(listener = %r.name, error = %e, "cannot place filters; serving the listener as written");
+                self.served[i].clone()
+            }
+        }
     }
 
     /// How many distinct snapshots (node groups) have been cut so far.

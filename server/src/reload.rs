@@ -149,8 +149,12 @@ impl ConfigReloader {
     /// Reloads on file changes and SIGHUP until `shutdown`.
     pub async fn watch(self: Arc<Self>, shutdown: CancellationToken) -> anyhow::Result<()> {
         let (tx, mut events) = mpsc::channel::<()>(64);
+        let relevant = RelevantPaths::new(&self.path);
         let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| match res {
-            Ok(ev) if matches!(ev.kind, EventKind::Create(_) | EventKind::Modify(_) | EventKind::Remove(_)) => {
+            Ok(ev)
+                if matches!(ev.kind, EventKind::Create(_) | EventKind::Modify(_) | EventKind::Remove(_))
+                    && ev.paths.iter().any(|p| relevant.matches(p)) =>
+            {
                 // A full channel already means "reload pending".
                 let _ = tx.try_send(());
             }
@@ -182,10 +186,59 @@ impl ConfigReloader {
     }
 }
 
+/// Which changes in the watched directory concern the config: the config file itself, or
+/// any YAML file of a config directory, and Kubernetes ConfigMap volumes' `..data`
+/// symlink swap. Anything else in the directory (logs, editor backups) is ignored.
+struct RelevantPaths {
+    file_name: Option<std::ffi::OsString>,
+}
+
+impl RelevantPaths {
+    fn new(config: &Path) -> Self {
+        Self { file_name: if config.is_dir() { None } else { config.file_name().map(ToOwned::to_owned) } }
+    }
+
+    fn matches(&self, changed: &Path) -> bool {
+        let Some(name) = changed.file_name() else { return false };
+        if name.to_str().is_some_and(|n| n.starts_with("..data")) {
+            return true;
+        }
+        match &self.file_name {
+            Some(f) => name == f.as_os_str(),
+            None => {
+                let n = name.to_string_lossy();
+                !n.starts_with('.') && (n.ends_with(".yaml") || n.ends_with(".yml"))
+            }
+        }
+    }
+}
+
 fn watch_root(path: &Path) -> &Path {
     if path.is_dir() {
         path
     } else {
         path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_changes_to_the_config_wake_the_reloader() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("filterplane.yaml");
+        std::fs::write(&file, "").unwrap();
+        let for_file = RelevantPaths::new(&file);
+        assert!(for_file.matches(&file));
+        assert!(for_file.matches(&dir.path().join("..data")), "ConfigMap symlink swap");
+        assert!(!for_file.matches(&dir.path().join("filterplane.log")), "a log beside the config is not a change");
+        assert!(!for_file.matches(&dir.path().join("other.yaml")));
+
+        let for_dir = RelevantPaths::new(dir.path());
+        assert!(for_dir.matches(&dir.path().join("other.yaml")) && for_dir.matches(&dir.path().join("b.yml")));
+        assert!(!for_dir.matches(&dir.path().join(".other.yaml.swp")));
+        assert!(!for_dir.matches(&dir.path().join("notes.txt")));
     }
 }

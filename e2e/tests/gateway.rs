@@ -1,0 +1,89 @@
+//! The gateway example: listeners, routes, clusters and endpoints served from the YAML to
+//! an Envoy whose bootstrap holds only the way to Filterplane, and plugins placed into
+//! the listener's filter chain by phase.
+
+use std::{fs, time::Duration};
+
+use filterplane_e2e::{example_bootstrap, example_text, free_port, wait_until, Envoy, EnvoyPorts, Filterplane};
+use serde_json::Value;
+
+const WAIT: Duration = Duration::from_secs(15);
+const LDS: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
+
+/// The HTTP filter names of the `edge` listener, from Envoy's own config dump.
+fn http_filters(envoy: &Envoy) -> Vec<String> {
+    let dump = envoy.admin("/config_dump?resource=dynamic_listeners").map(|r| r.body).unwrap_or_default();
+    let v: Value = serde_json::from_str(&dump).unwrap_or(Value::Null);
+    v["configs"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|c| c["name"] == "edge")
+        .flat_map(|c| {
+            c["active_state"]["listener"]["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        })
+        .filter_map(|f| f["name"].as_str().map(str::to_owned))
+        .collect()
+}
+
+fn without_plugins(config: &str) -> String {
+    let start = config.find("extension_configs:").expect("the example has plugins");
+    let end = config.find("\nlisteners:").expect("the example has listeners");
+    format!("{}{}", &config[..start], &config[end + 1..])
+}
+
+#[test]
+fn gateway_serves_everything_and_places_plugins_by_phase() {
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = dir.path().join("filterplane.yaml");
+    let (xds_port, admin_port) = (free_port(), free_port());
+    let ports = EnvoyPorts::new(xds_port);
+    // The example's listener port and backend (Filterplane's admin) on this test's ports.
+    let config = example_text("gateway/filterplane.yaml")
+        .replace("port_value: 10000", &format!("port_value: {}", ports.listener))
+        .replace("port_value: 18001", &format!("port_value: {admin_port}"));
+    fs::write(&yaml, without_plugins(&config)).unwrap();
+    let fp = Filterplane::start_on(&yaml, dir.path(), xds_port, admin_port);
+    let envoy = Envoy::start(&example_bootstrap("gateway/envoy.yaml", ports, "gateway"), ports, dir.path(), "envoy");
+
+    // Listener, route, cluster and endpoints all came over ADS.
+    let hello = wait_until("the served listener to answer", WAIT, || envoy.get("/").filter(|r| r.status == 200));
+    assert_eq!(hello.body, "hello from the gateway\n");
+    assert!(hello.header("x-served-by").is_none());
+    let backend = wait_until("the EDS backend", WAIT, || envoy.get("/backend/healthz").filter(|r| r.status == 200));
+    assert_eq!(backend.body, "ok\n");
+    assert_eq!(http_filters(&envoy), ["envoy.filters.http.router"]);
+
+    // Adding the plugins inserts them by phase: AUTHZ first, the default phase before the router.
+    fs::write(&yaml, &config).unwrap();
+    wait_until("the plugins in Envoy's listener", WAIT, || {
+        (http_filters(&envoy) == ["block-flagged", "stamp-response", "envoy.filters.http.router"]).then_some(())
+    });
+    wait_until("x-served-by through Envoy", WAIT, || {
+        envoy.get("/").filter(|r| r.header("x-served-by") == Some("filterplane-gateway"))
+    });
+    let blocked = envoy.get_with("/", &[("x-blocked", "1")]).expect("answer");
+    assert_eq!(blocked.status, 403, "the AUTHZ plugin denies flagged requests");
+
+    // Changing only a plugin's config goes over ECDS; the listener is not touched.
+    let lds_before = fp.api("/api/v1/proxies/gateway")[0]["types"][LDS]["sent_version"].clone();
+    let modified = envoy.stat("listener_manager.listener_modified");
+    let drained = envoy.stat("listener_manager.total_filter_chains_draining");
+    fs::write(&yaml, config.replace("value: filterplane-gateway", "value: changed")).unwrap();
+    wait_until("the new header value", WAIT, || envoy.get("/").filter(|r| r.header("x-served-by") == Some("changed")));
+    assert_eq!(fp.api("/api/v1/proxies/gateway")[0]["types"][LDS]["sent_version"], lds_before, "no LDS push");
+    assert_eq!(envoy.stat("listener_manager.listener_modified"), modified, "the listener was not modified");
+    assert_eq!(envoy.stat("listener_manager.total_filter_chains_draining"), drained);
+
+    // Removing the plugins takes them out of the chain.
+    fs::write(&yaml, without_plugins(&config)).unwrap();
+    wait_until("the plugins to leave the listener", WAIT, || {
+        (http_filters(&envoy) == ["envoy.filters.http.router"]).then_some(())
+    });
+    let plain = envoy.get_with("/", &[("x-blocked", "1")]).expect("answer");
+    assert_eq!(plain.status, 200);
+    assert!(plain.header("x-served-by").is_none());
+}
