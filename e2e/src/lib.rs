@@ -300,7 +300,10 @@ pub fn example_bootstrap(example: &str, ports: EnvoyPorts, node_id: &str) -> Str
     text.replace("port_value: 18000", &format!("port_value: {}", ports.xds))
         .replace("port_value: 10000", &format!("port_value: {}", ports.listener))
         .replace("port_value: 9901", &format!("port_value: {}", ports.admin))
-        .replace("id: quickstart-envoy", &format!("id: {node_id}"))
+        .lines()
+        .map(|l| if l.starts_with("  id: ") { format!("  id: {node_id}") } else { l.to_owned() })
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 impl Envoy {

@@ -65,11 +65,23 @@ fn gateway_serves_everything_and_places_plugins_by_phase() {
     wait_until("x-served-by through Envoy", WAIT, || {
         envoy.get("/").filter(|r| r.header("x-served-by") == Some("filterplane-gateway"))
     });
+    // Filterplane's own dump of what this proxy is served shows the same chain.
+    let dump = fp.api("/api/v1/config_dump?node_id=gateway");
+    let edge =
+        dump["resources"].as_array().unwrap().iter().find(|r| r["name"] == "edge" && r["type_url"] == LDS).unwrap();
+    let served: Vec<&str> = edge["resource"]["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(served, ["block-flagged", "stamp-response", "envoy.filters.http.router"]);
     let blocked = envoy.get_with("/", &[("x-blocked", "1")]).expect("answer");
     assert_eq!(blocked.status, 403, "the AUTHZ plugin denies flagged requests");
 
     // Changing only a plugin's config goes over ECDS; the listener is not touched.
     let lds_before = fp.api("/api/v1/proxies/gateway")[0]["types"][LDS]["sent_version"].clone();
+    assert!(lds_before.is_string(), "{lds_before}");
     let modified = envoy.stat("listener_manager.listener_modified");
     let drained = envoy.stat("listener_manager.total_filter_chains_draining");
     fs::write(&yaml, config.replace("value: filterplane-gateway", "value: changed")).unwrap();

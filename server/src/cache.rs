@@ -36,6 +36,11 @@ impl Snapshot {
     pub fn resource(&self, t: ResourceType, name: &str) -> Option<&Arc<ServedResource>> {
         self.types.get(&t)?.get(name)
     }
+
+    /// Every resource, by type then name.
+    pub fn all(&self) -> impl Iterator<Item = (ResourceType, &Arc<ServedResource>)> {
+        self.types.iter().flat_map(|(t, m)| m.values().map(move |r| (*t, r)))
+    }
 }
 
 /// A compiled config and the per-group snapshots cut from it.

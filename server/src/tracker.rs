@@ -13,6 +13,7 @@ use std::{
 
 use dashmap::DashMap;
 use filterplane_api::ResourceType;
+use filterplane_config::NodeFacts;
 use serde::Serialize;
 use tokio::sync::watch;
 
@@ -56,6 +57,20 @@ pub struct ProxyStatus {
     pub connected_since: String,
     /// By type URL.
     pub types: BTreeMap<String, TypeStatus>,
+}
+
+impl ProxyStatus {
+    /// What selectors match against, as the proxy said it.
+    pub fn facts(&self) -> NodeFacts {
+        NodeFacts {
+            id: self.node_id.clone(),
+            cluster: self.cluster.clone(),
+            metadata: self.metadata.clone(),
+            region: self.locality.region.clone(),
+            zone: self.locality.zone.clone(),
+            sub_zone: self.locality.sub_zone.clone(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, Serialize)]

@@ -1,7 +1,7 @@
 //! `/api/v1/*`: JSON for scripts. Field names are part of the interface (see README).
 
 use axum::{
-    extract::{Path, State},
+    extract::{Path, Query, State},
     http::StatusCode,
     response::{IntoResponse, Response},
     routing::get,
@@ -94,18 +94,44 @@ fn selector_json(s: &filterplane_config::NodeSelector) -> Value {
 }
 
 /// Every resource as served, decoded back to Envoy-native JSON.
-async fn config_dump(State(s): State<AdminState>) -> Response {
+#[derive(serde::Deserialize)]
+struct DumpQuery {
+    node_id: Option<String>,
+}
+
+/// `?node_id=X`: exactly what that connected proxy is served (selectors applied, filters
+/// placed into its listeners). Without it: every entry of the config as written.
+async fn config_dump(State(s): State<AdminState>, Query(q): Query<DumpQuery>) -> Response {
     let Some(g) = s.cache.current() else {
         return (StatusCode::SERVICE_UNAVAILABLE, Json(json!({ "error": "no configuration loaded yet" })))
             .into_response();
     };
+    if let Some(node_id) = q.node_id {
+        let Some(proxy) = s.tracker.proxies().into_iter().find(|p| p.node_id == node_id) else {
+            return (
+                StatusCode::NOT_FOUND,
+                Json(json!({ "error": format!("no connected proxy with node id \"{node_id}\"") })),
+            )
+                .into_response();
+        };
+        let snapshot = g.snapshot_for(&proxy.facts());
+        let resources: Vec<Value> = snapshot
+            .all()
+            .map(|(rt, r)| {
+                let resource = any_to_json(&r.any).unwrap_or_else(|e| json!({ "error": e.to_string() }));
+                json!({ "type_url": rt.type_url(), "name": r.name, "version": r.version.to_string(), "resource": resource })
+            })
+            .collect();
+        return Json(json!({ "version": g.version().to_string(), "node_id": node_id, "resources": resources }))
+            .into_response();
+    }
     let resources: Vec<Value> = g
         .config
         .resources
         .iter()
         .map(|r| {
             let resource = any_to_json(&r.resource).unwrap_or_else(|e| json!({ "error": e.to_string() }));
-            json!({ "name": r.name, "version": r.version.to_string(), "resource": resource })
+            json!({ "type_url": r.resource_type.type_url(), "name": r.name, "version": r.version.to_string(), "resource": resource })
         })
         .collect();
     Json(json!({ "version": g.version().to_string(), "resources": resources })).into_response()
