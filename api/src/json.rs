@@ -148,6 +148,13 @@ pub fn any_to_json(any: &Any) -> Result<Value, JsonToAnyError> {
     })
 }
 
+/// `v` as JSON text with object keys sorted at every level: equal values, equal text.
+pub fn canonical_string(v: &Value) -> String {
+    let mut s = String::new();
+    write_canonical(v, &mut s);
+    s
+}
+
 /// JSON with object keys sorted at every level, whatever map type serde_json was built with.
 fn write_canonical(v: &Value, out: &mut String) {
     match v {

@@ -13,8 +13,9 @@ use serde_json::Value;
 use crate::{
     error::{ConfigError, ConfigErrors},
     load::ParsedFile,
-    model::{ChainKind, EnvoyResourceSpec, ExtensionConfigSpec, NodeSelector, PlacementSpec},
+    model::{ChainKind, EnvoyResourceSpec, ExtensionConfigSpec, NodeSelector, PlacementSpec, WasmPluginSpec},
     placement::{chain_of_type, place, Placement},
+    wasm::WasmPlugin,
 };
 
 /// Where a resource was written.
@@ -42,6 +43,8 @@ pub struct CompiledResource {
     pub placement: Option<Arc<Placement>>,
     /// Listeners: the listener as written, to place filters into per group of proxies.
     pub listener_json: Option<Arc<Value>>,
+    /// Wasm plugins: the SHA-256 of the module this version serves.
+    pub wasm_sha256: Option<String>,
 }
 
 /// Everything one reload produced.
@@ -51,7 +54,37 @@ pub struct CompiledConfig {
     /// versions.
     pub version: ResourceVersion,
     pub resources: Vec<CompiledResource>,
+    /// Wasm plugins, whose ECDS resources the server adds (`with_resources`) once their
+    /// modules are fetched and checked.
+    pub wasm_plugins: Vec<Arc<WasmPlugin>>,
     pub files: Vec<PathBuf>,
+}
+
+impl CompiledConfig {
+    /// This config with `extra` resources (built Wasm plugins) added, version recomputed.
+    pub fn with_resources(mut self, extra: Vec<CompiledResource>) -> Self {
+        self.resources.extend(extra);
+        // Stable: entries of the same name keep their file order, which decides which
+        // one a node that matches several gets.
+        self.resources.sort_by(|a, b| (a.resource_type, &a.name).cmp(&(b.resource_type, &b.name)));
+        let described: Vec<String> = self
+            .resources
+            .iter()
+            .map(|r| {
+                format!(
+                    "{}\0{}\0{}\0{:?}\0{:?}",
+                    r.resource_type.type_url(),
+                    r.name,
+                    r.version,
+                    r.selector,
+                    r.placement
+                )
+            })
+            .chain(self.wasm_plugins.iter().map(|w| format!("wasm\0{}\0{:?}", w.name, w.selector)))
+            .collect();
+        self.version = content_version(described.iter().map(|s| s.as_bytes()));
+        self
+    }
 }
 
 /// The YAML sections holding Envoy resources as they are.
@@ -64,10 +97,13 @@ const SECTIONS: [(&str, ResourceType); 4] = [
 
 /// Validates and compiles the documents as one config, collecting every error.
 pub fn compile(files: &[ParsedFile]) -> Result<CompiledConfig, ConfigErrors> {
-    let mut c = Compiler { files, errors: Vec::new(), resources: Vec::new(), seen: HashMap::new() };
+    let mut c = Compiler { files, errors: Vec::new(), resources: Vec::new(), wasm: Vec::new(), seen: HashMap::new() };
     for file in files {
         for (i, spec) in file.doc.extension_configs.iter().enumerate() {
             c.extension_config(file, i, spec);
+        }
+        for (i, spec) in file.doc.wasm_plugins.iter().enumerate() {
+            c.wasm_plugin(file, i, spec);
         }
         for (section, rt) in SECTIONS {
             let items = match rt {
@@ -87,21 +123,13 @@ pub fn compile(files: &[ParsedFile]) -> Result<CompiledConfig, ConfigErrors> {
     if !c.errors.is_empty() {
         return Err(ConfigErrors(c.errors));
     }
-    let mut resources = c.resources;
-    // Stable: entries of the same name keep their file order, which decides which one
-    // a node that matches several gets.
-    resources.sort_by(|a, b| (a.resource_type, &a.name).cmp(&(b.resource_type, &b.name)));
-    let described: Vec<String> = resources
-        .iter()
-        .map(|r| {
-            format!("{}\0{}\0{}\0{:?}\0{:?}", r.resource_type.type_url(), r.name, r.version, r.selector, r.placement)
-        })
-        .collect();
-    Ok(CompiledConfig {
-        version: content_version(described.iter().map(|s| s.as_bytes())),
-        resources,
+    let config = CompiledConfig {
+        version: ResourceVersion::default(),
+        resources: Vec::new(),
+        wasm_plugins: c.wasm.into_iter().map(Arc::new).collect(),
         files: files.iter().map(|f| f.path.clone()).collect(),
-    })
+    };
+    Ok(config.with_resources(c.resources))
 }
 
 /// A served listener with the given placements' filters inserted, encoded, and its
@@ -135,6 +163,7 @@ struct Compiler<'a> {
     files: &'a [ParsedFile],
     errors: Vec<ConfigError>,
     resources: Vec<CompiledResource>,
+    wasm: Vec<WasmPlugin>,
     /// Entries so far per (type, name): their selectors and where they are.
     seen: HashMap<(ResourceType, String), Vec<(NodeSelector, Origin)>>,
 }
@@ -236,7 +265,38 @@ impl Compiler<'_> {
             origin,
             placement,
             listener_json: None,
+            wasm_sha256: None,
         });
+    }
+
+    fn wasm_plugin(&mut self, file: &ParsedFile, i: usize, spec: &WasmPluginSpec) {
+        let at = format!("wasm_plugins[{i}]");
+        let origin = Origin { file: file.path.clone(), line: file.lines.line_of(&at), path: at };
+        let ok = self.register(
+            ResourceType::ExtensionConfig,
+            "wasm plugin",
+            "name",
+            &spec.name,
+            &spec.node_selector,
+            &origin,
+        );
+        let base = file.path.parent().unwrap_or(std::path::Path::new("."));
+        let mut plugin = match WasmPlugin::from_spec(spec, base, origin.clone()) {
+            Ok(p) => p,
+            Err((sub, message)) => {
+                self.error_at(&origin, &sub, message);
+                return;
+            }
+        };
+        if let Some(p) = &spec.placement {
+            match self.placement(&origin, &spec.name, plugin.type_url(), p) {
+                Some(p) => plugin.placement = Some(Arc::new(p)),
+                None => return,
+            }
+        }
+        if ok {
+            self.wasm.push(plugin);
+        }
     }
 
     fn placement(&mut self, origin: &Origin, name: &str, type_url: &str, spec: &PlacementSpec) -> Option<Placement> {
@@ -357,6 +417,7 @@ impl Compiler<'_> {
             origin,
             placement: None,
             listener_json: (rt == ResourceType::Listener).then(|| Arc::new(json)),
+            wasm_sha256: None,
         });
     }
 
@@ -364,10 +425,11 @@ impl Compiler<'_> {
     /// placing all of them at once into every listener must give valid listeners.
     fn check_placements(&mut self) {
         let mut placements: Vec<(Arc<Placement>, Origin)> = Vec::new();
-        for r in &self.resources {
-            if let Some(p) = &r.placement {
+        let placed = self.resources.iter().map(|r| (&r.placement, &r.origin));
+        for (p, origin) in placed.chain(self.wasm.iter().map(|w| (&w.placement, &w.origin))) {
+            if let Some(p) = p {
                 if !placements.iter().any(|(q, _)| q.filter_name == p.filter_name) {
-                    placements.push((p.clone(), r.origin.clone()));
+                    placements.push((p.clone(), origin.clone()));
                 }
             }
         }

@@ -9,6 +9,7 @@ pub mod load;
 pub mod model;
 pub mod placement;
 pub mod selector;
+pub mod wasm;
 
 use std::path::Path;
 

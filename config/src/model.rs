@@ -16,6 +16,9 @@ pub struct Document {
     pub version: u32,
     #[serde(default)]
     pub extension_configs: Vec<ExtensionConfigSpec>,
+    /// Wasm plugins: modules Filterplane fetches, checks and serves over ECDS.
+    #[serde(default)]
+    pub wasm_plugins: Vec<WasmPluginSpec>,
     /// `envoy.config.listener.v3.Listener` resources (LDS).
     #[serde(default)]
     pub listeners: Vec<EnvoyResourceSpec>,
@@ -136,4 +139,92 @@ pub struct LocalitySelector {
     pub region: Option<String>,
     pub zone: Option<String>,
     pub sub_zone: Option<String>,
+}
+
+/// A Wasm plugin, in the spirit of Istio's WasmPlugin: compiled into an Envoy Wasm filter
+/// config served over ECDS under `name`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WasmPluginSpec {
+    pub name: String,
+    #[serde(default)]
+    pub node_selector: NodeSelector,
+    /// `file://PATH`, `http(s)://...`, `oci://REGISTRY/REPO:TAG` or `oci://REGISTRY/REPO@sha256:DIGEST`.
+    pub url: String,
+    /// Hex SHA-256 of the module. Required for http(s); checked whenever given.
+    #[serde(default)]
+    pub sha256: Option<String>,
+    /// Default: `Always` for an OCI tag `latest` (or none), else `IfNotPresent`.
+    #[serde(default)]
+    pub image_pull_policy: Option<PullPolicy>,
+    /// Registry credentials, `USER:PASSWORD`, read from an environment variable or a file.
+    #[serde(default)]
+    pub image_pull_secret: Option<PullSecret>,
+    /// Any YAML, handed to the plugin as JSON (its `configuration`).
+    #[serde(default)]
+    pub plugin_config: Option<serde_json::Value>,
+    #[serde(default)]
+    pub root_id: String,
+    #[serde(default)]
+    pub vm_config: WasmVmConfig,
+    #[serde(default)]
+    pub fail_strategy: FailStrategy,
+    #[serde(default, rename = "type")]
+    pub plugin_type: PluginType,
+    /// `inline` (the module's bytes in the ECDS resource) or `remote` (Envoy downloads it
+    /// from Filterplane). Default: the server's `--wasm-delivery`.
+    #[serde(default)]
+    pub delivery: Option<Delivery>,
+    #[serde(default)]
+    pub placement: Option<PlacementSpec>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+pub enum PullPolicy {
+    IfNotPresent,
+    Always,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub enum PullSecret {
+    /// The name of an environment variable holding `USER:PASSWORD`.
+    Env(String),
+    /// A file holding `USER:PASSWORD`.
+    File(std::path::PathBuf),
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WasmVmConfig {
+    /// Environment variables the plugin sees.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize)]
+pub enum FailStrategy {
+    /// A failing plugin fails the request (503). The safe default.
+    #[default]
+    #[serde(rename = "FAIL_CLOSE")]
+    FailClose,
+    /// A failing plugin is skipped.
+    #[serde(rename = "FAIL_OPEN")]
+    FailOpen,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize)]
+pub enum PluginType {
+    #[default]
+    #[serde(rename = "HTTP")]
+    Http,
+    #[serde(rename = "NETWORK")]
+    Network,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Delivery {
+    Inline,
+    Remote,
 }

@@ -176,6 +176,8 @@ pub struct Filterplane {
     pub admin_port: u16,
     logs: PathBuf,
     starts: u32,
+    /// More `serve` flags.
+    pub extra_args: Vec<String>,
 }
 
 impl Filterplane {
@@ -186,6 +188,11 @@ impl Filterplane {
 
     /// Starts on the given ports (for configs that must name the admin port).
     pub fn start_on(config: &Path, logs: &Path, xds_port: u16, admin_port: u16) -> Self {
+        Self::start_with_args(config, logs, xds_port, admin_port, &[])
+    }
+
+    /// Starts with more `serve` flags.
+    pub fn start_with_args(config: &Path, logs: &Path, xds_port: u16, admin_port: u16, args: &[&str]) -> Self {
         let mut fp = Filterplane {
             process: None,
             config: config.to_path_buf(),
@@ -193,6 +200,7 @@ impl Filterplane {
             admin_port,
             logs: logs.to_path_buf(),
             starts: 0,
+            extra_args: args.iter().map(|s| s.to_string()).collect(),
         };
         fp.spawn();
         fp
@@ -210,7 +218,10 @@ impl Filterplane {
             .arg("--xds-addr")
             .arg(format!("127.0.0.1:{}", self.xds_port))
             .arg("--admin-addr")
-            .arg(format!("127.0.0.1:{}", self.admin_port));
+            .arg(format!("127.0.0.1:{}", self.admin_port))
+            .arg("--cache-dir")
+            .arg(self.logs.join("module-cache"))
+            .args(&self.extra_args);
         self.process = Some(Process::spawn("filterplane", &mut cmd, log));
         let url = self.url("/healthz");
         wait_until("filterplane /healthz", Duration::from_secs(20), || http_get(&url).filter(|r| r.status == 200));

@@ -27,8 +27,13 @@ pub enum Command {
         #[arg(long, default_value = "http://127.0.0.1:18001", env = "FILTERPLANE_ADMIN_URL")]
         admin: String,
     },
+    /// Wasm module tools.
+    Wasm {
+        #[command(subcommand)]
+        command: WasmCommand,
+    },
     /// Check a config file or directory the way `serve` would, print every error, and
-    /// exit non-zero if there is any.
+    /// exit non-zero if there is any. (Wasm modules are not fetched.)
     Validate {
         /// A YAML file, or a directory whose *.yaml / *.yml files are merged.
         #[arg(long, short)]
@@ -47,4 +52,71 @@ pub struct ServeArgs {
     /// The admin HTTP server: /healthz, /readyz, /api/v1/*.
     #[arg(long, default_value = "127.0.0.1:18001", env = "FILTERPLANE_ADMIN_ADDR")]
     pub admin_addr: SocketAddr,
+    #[command(flatten)]
+    pub wasm: WasmArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum WasmCommand {
+    /// Publish a module as a Wasm OCI artifact (one application/vnd.module.wasm.content.layer.v1+wasm
+    /// layer) and print the digest and SHA-256 to put in the YAML. The module is checked first.
+    Push {
+        /// The .wasm file.
+        file: PathBuf,
+        /// Where to: oci://REGISTRY/REPOSITORY:TAG
+        reference: String,
+        /// The registry speaks plain HTTP (a local registry).
+        #[arg(long)]
+        insecure: bool,
+        /// An environment variable holding USER:PASSWORD for the registry.
+        #[arg(long)]
+        credentials_env: Option<String>,
+    },
+}
+
+/// How Envoy gets Wasm modules.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DeliveryArg {
+    /// The module's bytes inside the ECDS resource: nothing else to configure; every push
+    /// carries the whole module to every proxy.
+    Inline,
+    /// Envoy downloads the module once from Filterplane's /modules/sha256/HEX (checked
+    /// against the SHA-256); needs a cluster to Filterplane's admin address in the bootstrap.
+    Remote,
+}
+
+/// Wasm fetching, caching and delivery.
+#[derive(Debug, Clone, clap::Args)]
+pub struct WasmArgs {
+    /// Where fetched modules are kept, content-addressed; survives restarts.
+    /// Default: $XDG_CACHE_HOME/filterplane, else ~/.cache/filterplane.
+    #[arg(long, env = "FILTERPLANE_CACHE_DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// Size bound of the module cache; least recently used modules not being served go first.
+    #[arg(long, default_value_t = 1 << 30)]
+    pub cache_max_bytes: u64,
+    /// file:// modules must be under this directory. Default: the config's directory.
+    #[arg(long)]
+    pub wasm_file_root: Option<PathBuf>,
+    /// A registry (HOST:PORT) that may be reached over plain HTTP. Repeatable.
+    #[arg(long = "insecure-registry")]
+    pub insecure_registries: Vec<String>,
+    /// Default delivery of modules to Envoy (a plugin's `delivery` overrides it).
+    #[arg(long, value_enum, default_value_t = DeliveryArg::Inline)]
+    pub wasm_delivery: DeliveryArg,
+    /// Base URL Envoy downloads modules from (remote delivery). Default: http://ADMIN-ADDR.
+    #[arg(long)]
+    pub wasm_module_url: Option<String>,
+    /// The Envoy cluster that reaches --wasm-module-url (remote delivery).
+    #[arg(long, default_value = "filterplane_modules")]
+    pub wasm_module_cluster: String,
+    /// Timeout of one fetch attempt, in seconds.
+    #[arg(long, default_value_t = 30)]
+    pub wasm_fetch_timeout_secs: u64,
+    /// Attempts per fetch (with exponential backoff between them).
+    #[arg(long, default_value_t = 3)]
+    pub wasm_fetch_attempts: u32,
+    /// Largest module accepted, in bytes.
+    #[arg(long, default_value_t = 64 << 20)]
+    pub wasm_max_module_bytes: u64,
 }

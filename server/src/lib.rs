@@ -8,6 +8,7 @@ pub mod metrics;
 pub mod reload;
 pub mod status;
 pub mod tracker;
+pub mod wasm;
 pub mod xds;
 
 use std::sync::{atomic::AtomicBool, Arc};
@@ -22,12 +23,18 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use crate::{
     admin::AdminState,
     cache::SnapshotCache,
-    cli::ServeArgs,
+    cli::{DeliveryArg, ServeArgs},
     metrics::Metrics,
     reload::ConfigReloader,
     tracker::AckTracker,
+    wasm::{
+        cache::WasmModuleCache,
+        fetch::{FetchSettings, WasmFetcher},
+        DeliverySettings, WasmSupport,
+    },
     xds::service::{XdsContext, XdsServices},
 };
+use filterplane_config::model::Delivery;
 
 /// Runs the server until `shutdown` is cancelled, then stops in order: stop accepting,
 /// end the streams, wait for the tasks.
@@ -38,20 +45,65 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
     let admin_listener = tokio::net::TcpListener::bind(args.admin_addr)
         .await
         .with_context(|| format!("bind admin address {}", args.admin_addr))?;
-    serve_on(args.config, xds_listener, admin_listener, shutdown).await
+    serve_on(args, xds_listener, admin_listener, shutdown).await
+}
+
+/// The module cache directory when `--cache-dir` is not given.
+fn default_cache_dir() -> std::path::PathBuf {
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(std::path::PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| std::path::Path::new(&h).join(".cache")))
+        .unwrap_or_else(std::env::temp_dir);
+    base.join("filterplane")
+}
+
+/// Wasm fetching and delivery as the command line sets them up.
+fn wasm_support(args: &ServeArgs, admin: std::net::SocketAddr, metrics: Arc<Metrics>) -> anyhow::Result<WasmSupport> {
+    let w = &args.wasm;
+    let cache_dir = w.cache_dir.clone().unwrap_or_else(default_cache_dir);
+    let cache = WasmModuleCache::open(&cache_dir, w.cache_max_bytes)
+        .with_context(|| format!("open the Wasm module cache in {}", cache_dir.display()))?;
+    let file_root = w.wasm_file_root.clone().unwrap_or_else(|| {
+        if args.config.is_dir() {
+            args.config.clone()
+        } else {
+            args.config.parent().map(std::path::Path::to_path_buf).unwrap_or_else(|| ".".into())
+        }
+    });
+    let settings = FetchSettings {
+        file_root,
+        insecure_registries: w.insecure_registries.clone(),
+        timeout: std::time::Duration::from_secs(w.wasm_fetch_timeout_secs),
+        attempts: w.wasm_fetch_attempts.max(1),
+        max_module_bytes: w.wasm_max_module_bytes,
+    };
+    let fetcher = Arc::new(WasmFetcher::new(cache, settings, metrics)?);
+    let reachable =
+        if admin.ip().is_unspecified() { std::net::SocketAddr::from(([127, 0, 0, 1], admin.port())) } else { admin };
+    let delivery = DeliverySettings {
+        default: match w.wasm_delivery {
+            DeliveryArg::Inline => Delivery::Inline,
+            DeliveryArg::Remote => Delivery::Remote,
+        },
+        module_base_url: w.wasm_module_url.clone().unwrap_or_else(|| format!("http://{reachable}")),
+        module_cluster: w.wasm_module_cluster.clone(),
+    };
+    Ok(WasmSupport { fetcher, delivery })
 }
 
 /// `serve` on listeners the caller bound (tests bind port 0).
 pub async fn serve_on(
-    config: std::path::PathBuf,
+    args: ServeArgs,
     xds_listener: tokio::net::TcpListener,
     admin_listener: tokio::net::TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    let config = args.config.clone();
     let cache = Arc::new(SnapshotCache::default());
     let metrics = Arc::new(Metrics::default());
     let tracker = Arc::new(AckTracker::new(metrics.clone()));
-    let reloader = Arc::new(ConfigReloader::new(config.clone(), cache.clone(), metrics.clone()));
+    let wasm = wasm_support(&args, admin_listener.local_addr()?, metrics.clone())?;
+    let reloader = Arc::new(ConfigReloader::new(config.clone(), cache.clone(), metrics.clone()).with_wasm(wasm));
     let xds_listening = Arc::new(AtomicBool::new(false));
     let tasks = TaskTracker::new();
     tracing::info!(xds = %xds_listener.local_addr()?, admin = %admin_listener.local_addr()?, config = %config.display(), "listening");
@@ -104,4 +156,41 @@ pub fn validate(path: &std::path::Path) -> bool {
             false
         }
     }
+}
+
+/// `filterplane wasm push`: checks the module, pushes it as a Wasm OCI artifact and
+/// prints what to put in the YAML.
+pub async fn wasm_push(
+    file: &std::path::Path,
+    reference: &str,
+    insecure: bool,
+    credentials_env: Option<&str>,
+) -> anyhow::Result<()> {
+    use filterplane_config::wasm::ModuleSource;
+    let bytes = std::fs::read(file).with_context(|| format!("read {}", file.display()))?;
+    wasm::check::check_module(&bytes).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+    let ModuleSource::Oci { registry, repository, tag, digest: None } =
+        ModuleSource::parse(reference, std::path::Path::new(".")).map_err(anyhow::Error::msg)?
+    else {
+        anyhow::bail!("{reference}: push to oci://REGISTRY/REPOSITORY:TAG");
+    };
+    let auth = wasm::fetch::registry_auth(
+        credentials_env.map(|v| filterplane_config::model::PullSecret::Env(v.to_owned())).as_ref(),
+    )?;
+    let settings = FetchSettings {
+        file_root: ".".into(),
+        insecure_registries: if insecure { vec![registry.clone()] } else { vec![] },
+        timeout: std::time::Duration::from_secs(60),
+        attempts: 1,
+        max_module_bytes: u64::MAX,
+    };
+    let client = wasm::oci::client(&settings);
+    let target = wasm::oci::reference(&registry, &repository, tag.as_deref(), None);
+    let sha256 = wasm::cache::sha256_hex(&bytes);
+    let manifest_digest = wasm::oci::push(&client, &target, &auth, bytes).await?;
+    println!("pushed {} to {}", file.display(), target.whole());
+    println!("digest: {manifest_digest}");
+    println!("sha256: {sha256}");
+    println!("\nwasm_plugins:\n  - name: my-plugin\n    url: oci://{registry}/{repository}@{manifest_digest}\n    sha256: {sha256}");
+    Ok(())
 }

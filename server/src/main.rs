@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use filterplane_server::cli::{Cli, Command};
+use filterplane_server::cli::{Cli, Command, WasmCommand};
 use tokio_util::sync::CancellationToken;
 
 fn main() -> ExitCode {
@@ -30,6 +30,27 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Wasm { command: WasmCommand::Push { file, reference, insecure, credentials_env } } => {
+            let runtime = match tokio::runtime::Runtime::new() {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("cannot start the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match runtime.block_on(filterplane_server::wasm_push(
+                &file,
+                &reference,
+                insecure,
+                credentials_env.as_deref(),
+            )) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("filterplane wasm push: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Serve(args) => {
             let runtime = match tokio::runtime::Runtime::new() {
                 Ok(r) => r,

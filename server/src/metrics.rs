@@ -51,6 +51,13 @@ pub struct Metrics {
     pub connected_proxies: Family<KindLabel, Gauge>,
     pub config_reloads: Family<ResultLabel, Counter>,
     pub config_reload_duration: Histogram,
+    pub wasm_cache_lookups: Family<ResultLabel, Counter>,
+    pub wasm_cache_entries: Gauge,
+    pub wasm_cache_bytes: Gauge,
+    pub wasm_fetches: Family<ResultLabel, Counter>,
+    pub wasm_fetch_duration: Histogram,
+    pub wasm_compile_duration: Histogram,
+    pub wasm_module_downloads: Counter,
 }
 
 impl Default for Metrics {
@@ -65,6 +72,13 @@ impl Default for Metrics {
             connected_proxies: Family::default(),
             config_reloads: Family::default(),
             config_reload_duration: Histogram::new(exponential_buckets(0.0005, 2.0, 15)),
+            wasm_cache_lookups: Family::default(),
+            wasm_cache_entries: Gauge::default(),
+            wasm_cache_bytes: Gauge::default(),
+            wasm_fetches: Family::default(),
+            wasm_fetch_duration: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
+            wasm_compile_duration: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
+            wasm_module_downloads: Counter::default(),
             registry: Registry::default(),
         };
         registry.register("xds_rejects", "xDS responses a proxy rejected (NACK), by type URL", m.xds_rejects.clone());
@@ -95,6 +109,29 @@ impl Default for Metrics {
             "Time to read, validate and compile the config",
             m.config_reload_duration.clone(),
         );
+        registry.register(
+            "wasm_cache_lookups",
+            "Wasm module cache lookups, by result (hit, miss)",
+            m.wasm_cache_lookups.clone(),
+        );
+        registry.register("wasm_cache_entries", "Modules in the Wasm module cache", m.wasm_cache_entries.clone());
+        registry.register("wasm_cache_bytes", "Bytes in the Wasm module cache", m.wasm_cache_bytes.clone());
+        registry.register(
+            "wasm_remote_fetches",
+            "Wasm module fetches, by result (success, download_failure, checksum_mismatch, invalid_module)",
+            m.wasm_fetches.clone(),
+        );
+        registry.register("wasm_fetch_duration_seconds", "Time to fetch a Wasm module", m.wasm_fetch_duration.clone());
+        registry.register(
+            "wasm_compile_duration_seconds",
+            "Time to parse and check a Wasm module before serving it",
+            m.wasm_compile_duration.clone(),
+        );
+        registry.register(
+            "wasm_module_downloads",
+            "Modules Envoys downloaded from /modules (remote delivery)",
+            m.wasm_module_downloads.clone(),
+        );
         // Start every per-type counter at zero, so `rate()` and alerts see a series from
         // the first scrape instead of an absent one.
         for rt in filterplane_api::ResourceType::ALL {
@@ -107,6 +144,12 @@ impl Default for Metrics {
         for result in ["applied", "unchanged", "failed"] {
             let _ = m.config_reloads.get_or_create(&ResultLabel { result });
         }
+        for result in ["hit", "miss"] {
+            let _ = m.wasm_cache_lookups.get_or_create(&ResultLabel { result });
+        }
+        for result in ["success", "download_failure", "checksum_mismatch", "invalid_module"] {
+            let _ = m.wasm_fetches.get_or_create(&ResultLabel { result });
+        }
         for kind in ["sotw", "delta"] {
             let _ = m.connected_proxies.get_or_create(&KindLabel { stream_kind: kind });
         }
@@ -118,6 +161,10 @@ impl Metrics {
     pub fn reload(&self, result: &'static str, took: Duration) {
         self.config_reloads.get_or_create(&ResultLabel { result }).inc();
         self.config_reload_duration.observe(took.as_secs_f64());
+    }
+
+    pub fn wasm_cache_lookup(&self, result: &'static str) {
+        self.wasm_cache_lookups.get_or_create(&ResultLabel { result }).inc();
     }
 
     /// The Prometheus text exposition format.

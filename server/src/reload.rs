@@ -14,7 +14,12 @@ use serde::Serialize;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::{cache::SnapshotCache, metrics::Metrics, tracker::now};
+use crate::{
+    cache::SnapshotCache,
+    metrics::Metrics,
+    tracker::now,
+    wasm::{resolve, PluginError, WasmSupport},
+};
 
 /// Quiet time after the last file event before reloading: editors write a file in
 /// several steps (truncate, write, rename), and one reload should see the end result.
@@ -59,6 +64,8 @@ pub struct ReloadStatus {
     pub last_trigger: Option<String>,
     pub last_duration_ms: Option<f64>,
     pub last_outcome: ReloadOutcome,
+    /// Wasm plugins of the last reload whose new version could not be served.
+    pub wasm_errors: Vec<PluginError>,
 }
 
 /// Loads the config at one path into the cache.
@@ -67,6 +74,7 @@ pub struct ConfigReloader {
     path: PathBuf,
     cache: Arc<SnapshotCache>,
     metrics: Arc<Metrics>,
+    wasm: Option<WasmSupport>,
     /// The latest status; receivers (the admin page) wake on every reload.
     status: watch::Sender<ReloadStatus>,
 }
@@ -81,8 +89,19 @@ impl ConfigReloader {
             last_trigger: None,
             last_duration_ms: None,
             last_outcome: ReloadOutcome::Pending,
+            wasm_errors: Vec::new(),
         };
-        Self { path, cache, metrics, status: watch::Sender::new(status) }
+        Self { path, cache, metrics, wasm: None, status: watch::Sender::new(status) }
+    }
+
+    /// Lets this reloader serve Wasm plugins.
+    pub fn with_wasm(mut self, wasm: WasmSupport) -> Self {
+        self.wasm = Some(wasm);
+        self
+    }
+
+    pub fn wasm(&self) -> Option<&WasmSupport> {
+        self.wasm.as_ref()
     }
 
     pub fn status(&self) -> ReloadStatus {
@@ -106,6 +125,22 @@ impl ConfigReloader {
                 message: format!("config load task failed: {e}"),
             }]))
         });
+        let mut wasm_errors = Vec::new();
+        let result = match (result, &self.wasm) {
+            (Ok(config), Some(w)) if !config.wasm_plugins.is_empty() => {
+                let previous = self.cache.current();
+                let (config, errors) = resolve(config, &w.fetcher, &w.delivery, previous.as_deref()).await;
+                wasm_errors = errors;
+                Ok(config)
+            }
+            (Ok(config), None) if !config.wasm_plugins.is_empty() => Err(ConfigErrors(vec![ConfigError {
+                file: self.path.clone(),
+                line: None,
+                path: "wasm_plugins".into(),
+                message: "this server was started without Wasm support".into(),
+            }])),
+            (other, _) => other,
+        };
         let elapsed = started.elapsed();
         let outcome = match result {
             Ok(config) => {
@@ -142,6 +177,7 @@ impl ConfigReloader {
             status.last_trigger = Some(trigger.to_owned());
             status.last_duration_ms = Some(elapsed.as_secs_f64() * 1e3);
             status.last_outcome = outcome.clone();
+            status.wasm_errors = wasm_errors;
         });
         outcome
     }

@@ -48,6 +48,7 @@ pub fn app(state: AdminState) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/api/v1/events", get(events))
+        .route("/modules/sha256/{hex}", get(module))
         .nest("/api/v1", api::routes())
         .fallback(|| async { (StatusCode::NOT_FOUND, "no such page; see / and /api/v1/*\n") })
         .with_state(state)
@@ -58,6 +59,29 @@ async fn readyz(State(s): State<AdminState>) -> (StatusCode, &'static str) {
         (true, true) => (StatusCode::OK, "ready\n"),
         (false, _) => (StatusCode::SERVICE_UNAVAILABLE, "no valid configuration loaded yet\n"),
         (true, false) => (StatusCode::SERVICE_UNAVAILABLE, "xDS listener not bound yet\n"),
+    }
+}
+
+/// A cached Wasm module, for Envoys with remote delivery (they check the SHA-256 too).
+async fn module(
+    State(s): State<AdminState>,
+    axum::extract::Path(hex): axum::extract::Path<String>,
+) -> axum::response::Response {
+    if filterplane_config::wasm::check_sha256(&hex).is_err() {
+        return (StatusCode::BAD_REQUEST, "expected /modules/sha256/<64 lowercase hex digits>\n").into_response();
+    }
+    let Some(path) = s.reloader.wasm().and_then(|w| w.fetcher.cache.file(&hex)) else {
+        return (StatusCode::NOT_FOUND, "no such module in the cache\n").into_response();
+    };
+    match tokio::fs::read(&path).await {
+        Ok(bytes) => {
+            s.metrics.wasm_module_downloads.inc();
+            ([(header::CONTENT_TYPE, "application/wasm")], bytes).into_response()
+        }
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "cannot read a cached module");
+            (StatusCode::NOT_FOUND, "no such module in the cache\n").into_response()
+        }
     }
 }
 

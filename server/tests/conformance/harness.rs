@@ -58,7 +58,17 @@ impl Plane {
         let admin_l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let (xds, admin) = (xds_l.local_addr().unwrap(), admin_l.local_addr().unwrap());
         let shutdown = CancellationToken::new();
-        tokio::spawn(filterplane_server::serve_on(yaml.clone(), xds_l, admin_l, shutdown.clone()));
+        let cache_dir = dir.path().join("cache");
+        let cli = <filterplane_server::cli::Cli as clap::Parser>::parse_from([
+            "filterplane".as_ref(),
+            "serve".as_ref(),
+            "--config".as_ref(),
+            yaml.as_os_str(),
+            "--cache-dir".as_ref(),
+            cache_dir.as_os_str(),
+        ]);
+        let filterplane_server::cli::Command::Serve(args) = cli.command else { unreachable!("parsed serve") };
+        tokio::spawn(filterplane_server::serve_on(args, xds_l, admin_l, shutdown.clone()));
         let plane = Plane { _dir: dir, yaml, xds, admin, shutdown };
         plane.wait_for("readiness", |p| p.get_text("/readyz").is_some_and(|t| t.starts_with("ready"))).await;
         plane

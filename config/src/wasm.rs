@@ -1,0 +1,277 @@
+//! Wasm plugins as the config describes them, checked, and the Envoy Wasm filter config
+//! built once the module's bytes (or where Envoy can download them) are known. Fetching
+//! is the server's business; this module opens nothing.
+
+use std::{collections::BTreeMap, path::PathBuf, sync::Arc};
+
+use filterplane_api::{
+    content_version,
+    envoy_types::pb::{
+        envoy::{
+            config::core::v3::{
+                async_data_source, data_source, http_uri, AsyncDataSource, DataSource, HttpUri, RemoteDataSource,
+                TypedExtensionConfig,
+            },
+            extensions::{
+                filters::{http::wasm::v3::Wasm as HttpWasm, network::wasm::v3::Wasm as NetworkWasm},
+                wasm::v3::{plugin_config, EnvironmentVariables, FailurePolicy, PluginConfig, VmConfig},
+            },
+        },
+        google::protobuf::{Duration, StringValue},
+    },
+    Any, ResourceType,
+};
+use prost::{Message, Name};
+
+use crate::{
+    compile::{CompiledResource, Origin},
+    model::{Delivery, FailStrategy, NodeSelector, PluginType, PullPolicy, PullSecret, WasmPluginSpec},
+    placement::Placement,
+};
+
+pub const HTTP_WASM_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm";
+pub const NETWORK_WASM_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.network.wasm.v3.Wasm";
+
+/// Where a module comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum ModuleSource {
+    /// A path, relative ones taken from the config file's directory.
+    File(PathBuf),
+    /// An http:// or https:// URL.
+    Http(String),
+    /// `registry/repository` plus a tag, a digest, or both.
+    Oci { registry: String, repository: String, tag: Option<String>, digest: Option<String> },
+}
+
+impl ModuleSource {
+    /// Parses a plugin `url`. `base` is the directory relative `file://` paths start from.
+    pub fn parse(url: &str, base: &std::path::Path) -> Result<Self, String> {
+        if let Some(path) = url.strip_prefix("file://") {
+            if path.is_empty() {
+                return Err("file:// needs a path".into());
+            }
+            let p = PathBuf::from(path);
+            return Ok(ModuleSource::File(if p.is_absolute() { p } else { base.join(p) }));
+        }
+        if url.starts_with("http://") || url.starts_with("https://") {
+            return Ok(ModuleSource::Http(url.to_owned()));
+        }
+        let Some(rest) = url.strip_prefix("oci://") else {
+            return Err(format!("\"{url}\" must start with file://, http://, https:// or oci://"));
+        };
+        let (rest, digest) = match rest.split_once('@') {
+            Some((r, d)) => {
+                let hex = d
+                    .strip_prefix("sha256:")
+                    .ok_or_else(|| format!("digest \"{d}\" must be sha256:<64 hex digits>"))?;
+                check_sha256(hex)?;
+                (r, Some(d.to_owned()))
+            }
+            None => (rest, None),
+        };
+        let (registry, path) =
+            rest.split_once('/').ok_or_else(|| format!("\"{url}\" needs oci://REGISTRY/REPOSITORY[:TAG]"))?;
+        // A ':' after the last '/' is a tag; one before it belongs to the registry's port.
+        let (repository, tag) = match path.rsplit_once(':') {
+            Some((r, t)) if !t.contains('/') => (r, Some(t.to_owned())),
+            _ => (path, None),
+        };
+        if registry.is_empty() || repository.is_empty() {
+            return Err(format!("\"{url}\" needs oci://REGISTRY/REPOSITORY[:TAG]"));
+        }
+        Ok(ModuleSource::Oci { registry: registry.into(), repository: repository.into(), tag, digest })
+    }
+}
+
+/// A 64-digit lowercase hex SHA-256, or why not.
+pub fn check_sha256(hex: &str) -> Result<(), String> {
+    if hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+        Ok(())
+    } else {
+        Err(format!("\"{hex}\" is not a SHA-256 (64 lowercase hex digits)"))
+    }
+}
+
+/// A checked Wasm plugin, waiting for its module.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WasmPlugin {
+    pub name: String,
+    pub selector: NodeSelector,
+    pub url: String,
+    pub source: ModuleSource,
+    pub sha256: Option<String>,
+    pub pull_policy: PullPolicy,
+    pub pull_secret: Option<PullSecret>,
+    /// The plugin configuration as canonical JSON text.
+    pub plugin_config: Option<String>,
+    pub root_id: String,
+    pub env: BTreeMap<String, String>,
+    pub fail_strategy: FailStrategy,
+    pub plugin_type: PluginType,
+    pub delivery: Option<Delivery>,
+    pub placement: Option<Arc<Placement>>,
+    pub origin: Origin,
+}
+
+impl WasmPlugin {
+    /// Checks what can be checked without fetching.
+    pub fn from_spec(spec: &WasmPluginSpec, base: &std::path::Path, origin: Origin) -> Result<Self, (String, String)> {
+        let source = ModuleSource::parse(&spec.url, base).map_err(|m| ("url".to_owned(), m))?;
+        if let Some(h) = &spec.sha256 {
+            check_sha256(h).map_err(|m| ("sha256".to_owned(), m))?;
+        }
+        if matches!(source, ModuleSource::Http(_)) && spec.sha256.is_none() {
+            return Err(("sha256".into(), "required for http(s) URLs: what is downloaded must be pinned".into()));
+        }
+        let pull_policy = spec.image_pull_policy.unwrap_or(match &source {
+            // As Kubernetes: a floating tag is checked every time.
+            ModuleSource::Oci { tag, digest: None, .. } if tag.as_deref().is_none_or(|t| t == "latest") => {
+                PullPolicy::Always
+            }
+            _ => PullPolicy::IfNotPresent,
+        });
+        Ok(WasmPlugin {
+            name: spec.name.clone(),
+            selector: spec.node_selector.clone(),
+            url: spec.url.clone(),
+            source,
+            sha256: spec.sha256.clone(),
+            pull_policy,
+            pull_secret: spec.image_pull_secret.clone(),
+            plugin_config: spec.plugin_config.as_ref().map(filterplane_api::json::canonical_string),
+            root_id: spec.root_id.clone(),
+            env: spec.vm_config.env.clone(),
+            fail_strategy: spec.fail_strategy,
+            plugin_type: spec.plugin_type,
+            delivery: spec.delivery,
+            placement: None,
+            origin,
+        })
+    }
+
+    pub fn type_url(&self) -> &'static str {
+        match self.plugin_type {
+            PluginType::Http => HTTP_WASM_TYPE,
+            PluginType::Network => NETWORK_WASM_TYPE,
+        }
+    }
+}
+
+/// How Envoy gets the module's code.
+#[derive(Debug, Clone, Copy)]
+pub enum WasmCode<'a> {
+    /// The bytes, inside the ECDS resource.
+    Inline(&'a [u8]),
+    /// A URL Envoy downloads from through `cluster`, checked against the SHA-256.
+    Remote { uri: &'a str, cluster: &'a str },
+}
+
+/// The ECDS resource for a plugin whose module (with SHA-256 `sha256`) is ready.
+pub fn build_wasm_resource(p: &WasmPlugin, code: WasmCode<'_>, sha256: &str) -> CompiledResource {
+    let code_source = match code {
+        WasmCode::Inline(bytes) => async_data_source::Specifier::Local(DataSource {
+            specifier: Some(data_source::Specifier::InlineBytes(bytes.to_vec())),
+            ..Default::default()
+        }),
+        WasmCode::Remote { uri, cluster } => async_data_source::Specifier::Remote(RemoteDataSource {
+            http_uri: Some(HttpUri {
+                uri: uri.to_owned(),
+                timeout: Some(Duration { seconds: 30, nanos: 0 }),
+                http_upstream_type: Some(http_uri::HttpUpstreamType::Cluster(cluster.to_owned())),
+            }),
+            sha256: sha256.to_owned(),
+            ..Default::default()
+        }),
+    };
+    let configuration = p.plugin_config.as_ref().map(|json| Any {
+        type_url: StringValue::type_url(),
+        value: StringValue { value: json.clone() }.encode_to_vec(),
+    });
+    let plugin = PluginConfig {
+        name: p.name.clone(),
+        root_id: p.root_id.clone(),
+        configuration,
+        failure_policy: match p.fail_strategy {
+            FailStrategy::FailClose => FailurePolicy::FailClosed as i32,
+            FailStrategy::FailOpen => FailurePolicy::FailOpen as i32,
+        },
+        vm: Some(plugin_config::Vm::VmConfig(VmConfig {
+            // One VM per module: plugins sharing a module share it.
+            vm_id: format!("sha256:{sha256}"),
+            runtime: "envoy.wasm.runtime.v8".into(),
+            code: Some(AsyncDataSource { specifier: Some(code_source) }),
+            environment_variables: (!p.env.is_empty()).then(|| EnvironmentVariables {
+                host_env_keys: vec![],
+                key_values: p.env.clone().into_iter().collect(),
+            }),
+            ..Default::default()
+        })),
+        ..Default::default()
+    };
+    let filter = match p.plugin_type {
+        PluginType::Http => {
+            Any { type_url: HTTP_WASM_TYPE.into(), value: HttpWasm { config: Some(plugin) }.encode_to_vec() }
+        }
+        PluginType::Network => {
+            Any { type_url: NETWORK_WASM_TYPE.into(), value: NetworkWasm { config: Some(plugin) }.encode_to_vec() }
+        }
+    };
+    let rt = ResourceType::ExtensionConfig;
+    let delivery = match code {
+        WasmCode::Inline(_) => "inline".to_owned(),
+        WasmCode::Remote { uri, cluster } => format!("remote {uri} {cluster}"),
+    };
+    let described =
+        format!("{:?}", (&p.url, &p.root_id, &p.plugin_config, &p.env, p.fail_strategy, p.plugin_type, delivery));
+    let version = content_version([
+        rt.type_url().as_bytes(),
+        p.name.as_bytes(),
+        b"wasm",
+        described.as_bytes(),
+        sha256.as_bytes(),
+    ]);
+    let tec = TypedExtensionConfig { name: p.name.clone(), typed_config: Some(filter) };
+    CompiledResource {
+        resource_type: rt,
+        name: p.name.clone(),
+        selector: p.selector.clone(),
+        resource: Any { type_url: rt.type_url().to_owned(), value: tec.encode_to_vec() },
+        inner_type_url: p.type_url().to_owned(),
+        version,
+        origin: p.origin.clone(),
+        placement: p.placement.clone(),
+        listener_json: None,
+        wasm_sha256: Some(sha256.to_owned()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+
+    #[test]
+    fn parses_module_urls() {
+        let base = Path::new("/etc/fp");
+        assert_eq!(ModuleSource::parse("file://m.wasm", base).unwrap(), ModuleSource::File("/etc/fp/m.wasm".into()));
+        assert_eq!(ModuleSource::parse("file:///abs/m.wasm", base).unwrap(), ModuleSource::File("/abs/m.wasm".into()));
+        assert_eq!(
+            ModuleSource::parse("oci://127.0.0.1:5000/plugins/hdr:v1", base).unwrap(),
+            ModuleSource::Oci {
+                registry: "127.0.0.1:5000".into(),
+                repository: "plugins/hdr".into(),
+                tag: Some("v1".into()),
+                digest: None
+            }
+        );
+        let d = format!("sha256:{}", "a".repeat(64));
+        assert_eq!(
+            ModuleSource::parse(&format!("oci://r.io/x@{d}"), base).unwrap(),
+            ModuleSource::Oci { registry: "r.io".into(), repository: "x".into(), tag: None, digest: Some(d) }
+        );
+        assert!(ModuleSource::parse("oci://r.io/x@sha256:zz", base).is_err());
+        assert!(ModuleSource::parse("ftp://x", base).unwrap_err().contains("must start with"));
+        assert!(ModuleSource::parse("oci://justregistry", base).is_err());
+    }
+}

@@ -1,0 +1,297 @@
+//! Fetching modules: from a confined file root, over HTTP(S) with timeouts, bounded
+//! retries with backoff and a size limit, or from an OCI registry (tags resolved to
+//! digests). Every module is checked against its SHA-256 and parsed before it is cached.
+
+use std::{
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use filterplane_config::{
+    model::{PullPolicy, PullSecret},
+    wasm::{ModuleSource, WasmPlugin},
+};
+use oci_client::secrets::RegistryAuth;
+
+use crate::{
+    metrics::{Metrics, ResultLabel},
+    wasm::{
+        cache::{sha256_hex, WasmModuleCache},
+        check::check_module,
+        oci,
+    },
+};
+
+/// How fetching behaves; from the command line.
+#[derive(Debug, Clone)]
+pub struct FetchSettings {
+    /// `file://` modules must be under this directory.
+    pub file_root: PathBuf,
+    /// Registries (`host:port`) that may be reached over plain HTTP.
+    pub insecure_registries: Vec<String>,
+    /// Per attempt.
+    pub timeout: Duration,
+    pub attempts: u32,
+    pub max_module_bytes: u64,
+}
+
+/// Why a module could not be had. The kind is the metrics label.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FetchError {
+    #[error("download failed: {0}")]
+    Download(String),
+    #[error("checksum mismatch: expected sha256 {expected}, got {actual}")]
+    Checksum { expected: String, actual: String },
+    #[error("invalid module: {0}")]
+    Invalid(String),
+}
+
+impl FetchError {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            FetchError::Download(_) => "download_failure",
+            FetchError::Checksum { .. } => "checksum_mismatch",
+            FetchError::Invalid(_) => "invalid_module",
+        }
+    }
+}
+
+/// A module ready to serve.
+#[derive(Debug, Clone)]
+pub struct Module {
+    pub sha256: String,
+    pub bytes: Bytes,
+}
+
+pub struct WasmFetcher {
+    pub cache: WasmModuleCache,
+    settings: FetchSettings,
+    http: reqwest::Client,
+    oci: oci_client::Client,
+    metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for WasmFetcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WasmFetcher")
+            .field("cache", &self.cache)
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+impl WasmFetcher {
+    pub fn new(cache: WasmModuleCache, settings: FetchSettings, metrics: Arc<Metrics>) -> anyhow::Result<Self> {
+        let http = reqwest::Client::builder()
+            .connect_timeout(settings.timeout)
+            .timeout(settings.timeout)
+            .no_proxy()
+            .build()?;
+        let oci = oci::client(&settings);
+        let fetcher = Self { cache, settings, http, oci, metrics };
+        fetcher.update_cache_gauges();
+        Ok(fetcher)
+    }
+
+    fn update_cache_gauges(&self) {
+        let (entries, bytes) = self.cache.usage();
+        self.metrics.wasm_cache_entries.set(entries as i64);
+        self.metrics.wasm_cache_bytes.set(bytes as i64);
+    }
+
+    /// The plugin's module, from the cache when the pull policy allows, else fetched,
+    /// verified, checked and cached.
+    pub async fn module(&self, plugin: &WasmPlugin) -> Result<Module, FetchError> {
+        let started = Instant::now();
+        let result = self.module_inner(plugin).await;
+        let label = match &result {
+            Ok((_, true)) => None,
+            Ok((_, false)) => Some("success"),
+            Err(e) => Some(e.kind()),
+        };
+        if let Some(result) = label {
+            self.metrics.wasm_fetches.get_or_create(&ResultLabel { result }).inc();
+            self.metrics.wasm_fetch_duration.observe(started.elapsed().as_secs_f64());
+        }
+        self.update_cache_gauges();
+        result.map(|(m, _)| m)
+    }
+
+    /// The module, and whether it came from the cache.
+    async fn module_inner(&self, plugin: &WasmPlugin) -> Result<(Module, bool), FetchError> {
+        // A pinned SHA-256 whose module is cached cannot change: no need to go out.
+        if let Some(sha) = &plugin.sha256 {
+            if !matches!(plugin.source, ModuleSource::File(_)) {
+                if let Some(bytes) = self.cache.get(sha, &self.metrics) {
+                    return Ok((Module { sha256: sha.clone(), bytes }, true));
+                }
+            }
+        }
+        let bytes = match &plugin.source {
+            ModuleSource::File(path) => self.read_file(path).await?,
+            ModuleSource::Http(url) => self.download(url).await?,
+            ModuleSource::Oci { .. } => {
+                let auth = registry_auth(plugin.pull_secret.as_ref())?;
+                return self.from_registry(plugin, &auth).await;
+            }
+        };
+        self.accept(plugin, bytes).map(|m| (m, false))
+    }
+
+    /// Verifies, checks and caches fetched bytes.
+    fn accept(&self, plugin: &WasmPlugin, bytes: Bytes) -> Result<Module, FetchError> {
+        let sha = sha256_hex(&bytes);
+        if let Some(expected) = &plugin.sha256 {
+            if *expected != sha {
+                return Err(FetchError::Checksum { expected: expected.clone(), actual: sha });
+            }
+        }
+        let started = Instant::now();
+        check_module(&bytes).map_err(FetchError::Invalid)?;
+        self.metrics.wasm_compile_duration.observe(started.elapsed().as_secs_f64());
+        self.cache.put(&bytes).map_err(|e| FetchError::Download(format!("cannot write to the module cache: {e}")))?;
+        Ok(Module { sha256: sha, bytes })
+    }
+
+    async fn read_file(&self, path: &std::path::Path) -> Result<Bytes, FetchError> {
+        let root = self.settings.file_root.canonicalize().map_err(|e| {
+            FetchError::Download(format!("file root {} is not usable: {e}", self.settings.file_root.display()))
+        })?;
+        let full = path.canonicalize().map_err(|e| FetchError::Download(format!("{}: {e}", path.display())))?;
+        if !full.starts_with(&root) {
+            return Err(FetchError::Download(format!(
+                "{} is outside the allowed file root {} (--wasm-file-root)",
+                full.display(),
+                root.display()
+            )));
+        }
+        let meta =
+            tokio::fs::metadata(&full).await.map_err(|e| FetchError::Download(format!("{}: {e}", full.display())))?;
+        if meta.len() > self.settings.max_module_bytes {
+            return Err(FetchError::Download(format!(
+                "{} is {} bytes, over the limit of {}",
+                full.display(),
+                meta.len(),
+                self.settings.max_module_bytes
+            )));
+        }
+        tokio::fs::read(&full)
+            .await
+            .map(Bytes::from)
+            .map_err(|e| FetchError::Download(format!("{}: {e}", full.display())))
+    }
+
+    /// GET with bounded retries and exponential backoff, streaming under a size limit.
+    async fn download(&self, url: &str) -> Result<Bytes, FetchError> {
+        let mut last = String::new();
+        for attempt in 0..self.settings.attempts {
+            if attempt > 0 {
+                tokio::time::sleep(Duration::from_millis(200 << (attempt - 1).min(5))).await;
+            }
+            match self.download_once(url).await {
+                Ok(b) => return Ok(b),
+                // Too big or a client error will not get better by asking again.
+                Err((false, e)) => return Err(FetchError::Download(e)),
+                Err((true, e)) => {
+                    tracing::warn!(url, attempt = attempt + 1, error = %e, "module download failed");
+                    last = e;
+                }
+            }
+        }
+        Err(FetchError::Download(format!("{url}: {last} (after {} attempts)", self.settings.attempts)))
+    }
+
+    /// One attempt; the error says whether retrying may help.
+    async fn download_once(&self, url: &str) -> Result<Bytes, (bool, String)> {
+        let mut res = self.http.get(url).send().await.map_err(|e| (true, format!("{url}: {e}")))?;
+        let status = res.status();
+        if !status.is_success() {
+            return Err((status.is_server_error(), format!("{url}: HTTP {status}")));
+        }
+        let limit = self.settings.max_module_bytes;
+        let mut body = Vec::new();
+        while let Some(chunk) = res.chunk().await.map_err(|e| (true, format!("{url}: {e}")))? {
+            if (body.len() + chunk.len()) as u64 > limit {
+                return Err((false, format!("{url}: larger than the limit of {limit} bytes")));
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(Bytes::from(body))
+    }
+
+    /// OCI: resolve the tag (unless `IfNotPresent` and resolved before), then take the
+    /// module from the cache or the registry.
+    async fn from_registry(&self, plugin: &WasmPlugin, auth: &RegistryAuth) -> Result<(Module, bool), FetchError> {
+        let ModuleSource::Oci { registry, repository, tag, digest } = &plugin.source else {
+            unreachable!("called for OCI sources only")
+        };
+        let reference = oci::reference(registry, repository, tag.as_deref(), digest.as_deref());
+        let key = reference.whole();
+        if plugin.pull_policy == PullPolicy::IfNotPresent {
+            if let Some((_, sha)) = self.cache.resolved(&key) {
+                if let Some(bytes) = self.cache.get(&sha, &self.metrics) {
+                    return Ok((Module { sha256: sha, bytes }, true));
+                }
+            }
+        }
+        let mut last = String::new();
+        for attempt in 0..self.settings.attempts {
+            if attempt > 0 {
+                tokio::time::sleep(Duration::from_millis(200 << (attempt - 1).min(5))).await;
+            }
+            match oci::pull(&self.oci, &reference, auth, self.settings.max_module_bytes, |sha| {
+                self.cache.get(sha, &self.metrics)
+            })
+            .await
+            {
+                Ok(pulled) => {
+                    let from_cache = pulled.from_cache;
+                    let module = if from_cache {
+                        Module { sha256: sha256_hex(&pulled.bytes), bytes: pulled.bytes }
+                    } else {
+                        self.accept(plugin, pulled.bytes)?
+                    };
+                    if let Some(expected) = plugin.sha256.as_ref().filter(|e| **e != module.sha256) {
+                        return Err(FetchError::Checksum { expected: expected.clone(), actual: module.sha256 });
+                    }
+                    let _ = self.cache.set_resolved(&key, &pulled.manifest_digest, &module.sha256);
+                    return Ok((module, from_cache));
+                }
+                Err(oci::PullError::Permanent(e)) => return Err(FetchError::Download(format!("{key}: {e}"))),
+                Err(oci::PullError::Invalid(e)) => return Err(FetchError::Invalid(format!("{key}: {e}"))),
+                Err(oci::PullError::Transient(e)) => {
+                    tracing::warn!(reference = %key, attempt = attempt + 1, error = %e, "registry pull failed");
+                    last = e;
+                }
+            }
+        }
+        Err(FetchError::Download(format!("{key}: {last} (after {} attempts)", self.settings.attempts)))
+    }
+}
+
+/// Credentials for a registry, from where the plugin says. The secret is never logged:
+/// errors name where it was to come from, not what it holds.
+pub fn registry_auth(secret: Option<&PullSecret>) -> Result<RegistryAuth, FetchError> {
+    let (text, from) = match secret {
+        None => return Ok(RegistryAuth::Anonymous),
+        Some(PullSecret::Env(var)) => (
+            std::env::var(var).map_err(|_| {
+                FetchError::Download(format!("image_pull_secret: environment variable {var} is not set"))
+            })?,
+            format!("environment variable {var}"),
+        ),
+        Some(PullSecret::File(path)) => (
+            std::fs::read_to_string(path).map_err(|e| {
+                FetchError::Download(format!("image_pull_secret: cannot read {}: {}", path.display(), e.kind()))
+            })?,
+            format!("file {}", path.display()),
+        ),
+    };
+    let (user, password) = text
+        .trim()
+        .split_once(':')
+        .ok_or_else(|| FetchError::Download(format!("image_pull_secret: {from} must hold USER:PASSWORD")))?;
+    Ok(RegistryAuth::Basic(user.to_owned(), password.to_owned()))
+}

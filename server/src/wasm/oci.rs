@@ -1,0 +1,183 @@
+//! OCI registries: pulling a Wasm module in either layout Envoy users meet (the Wasm OCI
+//! artifact, one `application/vnd.module.wasm.content.layer.v1+wasm` layer; or the
+//! single-layer image Istio accepts, a tar.gz holding `plugin.wasm`), and pushing one as
+//! a Wasm OCI artifact.
+
+use std::io::Read;
+
+use bytes::Bytes;
+use oci_client::{
+    client::{ClientConfig, ClientProtocol, Config, ImageLayer},
+    manifest::OciImageManifest,
+    secrets::RegistryAuth,
+    Client, Reference,
+};
+
+use crate::wasm::fetch::FetchSettings;
+
+/// The Wasm OCI artifact layer and config media types (as Istio and `wasm push` write them).
+pub const WASM_LAYER: &str = "application/vnd.module.wasm.content.layer.v1+wasm";
+pub const WASM_CONFIG: &str = "application/vnd.module.wasm.config.v1+json";
+/// The CNCF Wasm artifact layer, also accepted.
+const CNCF_WASM_LAYER: &str = "application/vnd.wasm.content.layer.v1+wasm";
+/// Image layers that may hold `plugin.wasm` (Istio's single-layer image).
+const TAR_GZ_LAYERS: [&str; 2] =
+    ["application/vnd.oci.image.layer.v1.tar+gzip", "application/vnd.docker.image.rootfs.diff.tar.gzip"];
+
+pub fn client(settings: &FetchSettings) -> Client {
+    Client::new(ClientConfig {
+        protocol: ClientProtocol::HttpsExcept(settings.insecure_registries.clone()),
+        connect_timeout: Some(settings.timeout),
+        read_timeout: Some(settings.timeout),
+        ..Default::default()
+    })
+}
+
+pub fn reference(registry: &str, repository: &str, tag: Option<&str>, digest: Option<&str>) -> Reference {
+    match (tag, digest) {
+        (Some(t), Some(d)) => Reference::with_tag_and_digest(registry.into(), repository.into(), t.into(), d.into()),
+        (None, Some(d)) => Reference::with_digest(registry.into(), repository.into(), d.into()),
+        (t, None) => Reference::with_tag(registry.into(), repository.into(), t.unwrap_or("latest").into()),
+    }
+}
+
+#[derive(Debug)]
+pub enum PullError {
+    /// Worth retrying (connection refused, timeout, 5xx).
+    Transient(String),
+    /// Will not get better (not found, unauthorized, too large).
+    Permanent(String),
+    /// The artifact is not a Wasm module in a layout we know.
+    Invalid(String),
+}
+
+fn classify(e: oci_client::errors::OciDistributionError) -> PullError {
+    let text = e.to_string();
+    let lower = text.to_lowercase();
+    let permanent = ["not found", "unknown", "unauthorized", "denied", "404", "401", "403"];
+    if permanent.iter().any(|p| lower.contains(p)) {
+        PullError::Permanent(text)
+    } else {
+        PullError::Transient(text)
+    }
+}
+
+pub struct Pulled {
+    pub bytes: Bytes,
+    pub manifest_digest: String,
+    /// The module came from the cache: only the manifest was fetched.
+    pub from_cache: bool,
+}
+
+/// Resolves `reference` to a manifest and takes the module from it, using `cached` for a
+/// module the cache already holds.
+pub async fn pull(
+    client: &Client,
+    reference: &Reference,
+    auth: &RegistryAuth,
+    max_bytes: u64,
+    cached: impl Fn(&str) -> Option<Bytes>,
+) -> Result<Pulled, PullError> {
+    let (manifest, manifest_digest) = client.pull_image_manifest(reference, auth).await.map_err(classify)?;
+    let wasm_layer = manifest.layers.iter().find(|l| l.media_type == WASM_LAYER || l.media_type == CNCF_WASM_LAYER);
+    let (layer, tarball) = match (wasm_layer, manifest.layers.as_slice()) {
+        (Some(l), _) => (l, false),
+        (None, [one]) if TAR_GZ_LAYERS.contains(&one.media_type.as_str()) => (one, true),
+        _ => {
+            let types: Vec<&str> = manifest.layers.iter().map(|l| l.media_type.as_str()).collect();
+            return Err(PullError::Invalid(format!(
+                "no Wasm layer ({WASM_LAYER}) and not a single-layer image; layers: {}",
+                types.join(", ")
+            )));
+        }
+    };
+    if layer.size < 0 || layer.size as u64 > max_bytes {
+        return Err(PullError::Permanent(format!(
+            "the module layer is {} bytes, over the limit of {max_bytes}",
+            layer.size
+        )));
+    }
+    // A raw Wasm layer's digest is the module's SHA-256.
+    if !tarball {
+        if let Some(bytes) = layer.digest.strip_prefix("sha256:").and_then(&cached) {
+            return Ok(Pulled { bytes, manifest_digest, from_cache: true });
+        }
+    }
+    let mut blob: Vec<u8> = Vec::new();
+    client.pull_blob(reference, layer, &mut blob).await.map_err(classify)?;
+    let bytes = if tarball { plugin_from_tar_gz(&blob, max_bytes).map_err(PullError::Invalid)? } else { blob };
+    Ok(Pulled { bytes: Bytes::from(bytes), manifest_digest, from_cache: false })
+}
+
+/// `plugin.wasm` (or the only `*.wasm`) from a gzipped tar layer.
+fn plugin_from_tar_gz(blob: &[u8], max_bytes: u64) -> Result<Vec<u8>, String> {
+    let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(blob));
+    let mut found: Option<Vec<u8>> = None;
+    for entry in archive.entries().map_err(|e| format!("layer is not a tar.gz: {e}"))? {
+        let mut entry = entry.map_err(|e| format!("layer is not a tar.gz: {e}"))?;
+        let path = entry.path().map_err(|e| e.to_string())?.to_string_lossy().into_owned();
+        let name = path.rsplit('/').next().unwrap_or_default().to_owned();
+        if !name.ends_with(".wasm") {
+            continue;
+        }
+        if entry.size() > max_bytes {
+            return Err(format!("{path} is {} bytes, over the limit of {max_bytes}", entry.size()));
+        }
+        let mut bytes = Vec::new();
+        entry.read_to_end(&mut bytes).map_err(|e| e.to_string())?;
+        if name == "plugin.wasm" {
+            return Ok(bytes);
+        }
+        if found.replace(bytes).is_some() {
+            return Err("the layer holds several .wasm files and none is plugin.wasm".into());
+        }
+    }
+    found.ok_or_else(|| "the layer holds no plugin.wasm".into())
+}
+
+/// Pushes `module` as a Wasm OCI artifact; returns the manifest digest.
+pub async fn push(
+    client: &Client,
+    reference: &Reference,
+    auth: &RegistryAuth,
+    module: Vec<u8>,
+) -> anyhow::Result<String> {
+    let layers = vec![ImageLayer::new(module, WASM_LAYER.to_owned(), None)];
+    let config = Config::new(b"{}".to_vec(), WASM_CONFIG.to_owned(), None);
+    let manifest = OciImageManifest::build(&layers, &config, None);
+    client.push(reference, &layers, config, auth, Some(manifest)).await?;
+    Ok(client.fetch_manifest_digest(reference, auth).await?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tar_gz(files: &[(&str, &[u8])]) -> Vec<u8> {
+        let mut builder = tar::Builder::new(flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast()));
+        for (name, data) in files {
+            let mut header = tar::Header::new_gnu();
+            header.set_size(data.len() as u64);
+            header.set_mode(0o644);
+            header.set_cksum();
+            builder.append_data(&mut header, name, *data).unwrap();
+        }
+        builder.into_inner().unwrap().finish().unwrap()
+    }
+
+    #[test]
+    fn single_layer_image_gives_its_plugin_wasm() {
+        assert_eq!(plugin_from_tar_gz(&tar_gz(&[("README", b"x"), ("plugin.wasm", b"\0asm")]), 100).unwrap(), b"\0asm");
+        assert_eq!(plugin_from_tar_gz(&tar_gz(&[("filter.wasm", b"\0asm")]), 100).unwrap(), b"\0asm");
+        assert!(plugin_from_tar_gz(&tar_gz(&[("a.wasm", b"1"), ("b.wasm", b"2")]), 100).is_err());
+        assert!(plugin_from_tar_gz(&tar_gz(&[("plugin.wasm", &[0u8; 200])]), 100).unwrap_err().contains("limit"));
+        assert!(plugin_from_tar_gz(b"not gzip", 100).is_err());
+    }
+
+    #[test]
+    fn references_default_to_latest() {
+        assert_eq!(reference("r:5000", "x/y", None, None).whole(), "r:5000/x/y:latest");
+        let d = format!("sha256:{}", "a".repeat(64));
+        assert_eq!(reference("r", "x", None, Some(&d)).whole(), format!("r/x@{d}"));
+    }
+}
