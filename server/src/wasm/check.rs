@@ -62,29 +62,13 @@ pub mod tests {
         wat::parse_str(header_module_wat(value, "")).expect("valid WAT")
     }
 
+    /// The module text shared with the end-to-end tests (`e2e/testdata/add_header.wat`),
+    /// with `{VALUE}`, `{LEN}` and `{EXTRA}` filled in.
     pub fn header_module_wat(value: &str, extra: &str) -> String {
-        format!(
-            r#"(module
-  (import "env" "proxy_add_header_map_value" (func $add (param i32 i32 i32 i32 i32) (result i32)))
-  (memory (export "memory") 17)
-  (data (i32.const 16) "x-wasm")
-  (data (i32.const 64) "{value}")
-  (global $heap (mut i32) (i32.const 4096))
-  (func (export "proxy_abi_version_0_2_1"))
-  (func (export "malloc") (param $size i32) (result i32)
-    (local $p i32)
-    (if (i32.gt_u (i32.add (global.get $heap) (local.get $size)) (i32.const 1048576))
-      (then (global.set $heap (i32.const 4096))))
-    (local.set $p (global.get $heap))
-    (global.set $heap (i32.add (global.get $heap) (local.get $size)))
-    (local.get $p))
-  (func (export "proxy_on_response_headers") (param i32 i32 i32) (result i32)
-    (drop (call $add (i32.const 2) (i32.const 16) (i32.const 6) (i32.const 64) (i32.const {len})))
-    (i32.const 0))
-  {extra}
-)"#,
-            len = value.len()
-        )
+        include_str!("../../../e2e/testdata/add_header.wat")
+            .replace("{VALUE}", value)
+            .replace("{LEN}", &value.len().to_string())
+            .replace("{EXTRA}", extra)
     }
 
     #[test]

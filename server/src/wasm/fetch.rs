@@ -143,11 +143,7 @@ impl WasmFetcher {
     /// Verifies, checks and caches fetched bytes.
     fn accept(&self, plugin: &WasmPlugin, bytes: Bytes) -> Result<Module, FetchError> {
         let sha = sha256_hex(&bytes);
-        if let Some(expected) = &plugin.sha256 {
-            if *expected != sha {
-                return Err(FetchError::Checksum { expected: expected.clone(), actual: sha });
-            }
-        }
+        let Module { bytes, .. } = verify(plugin, Module { sha256: sha.clone(), bytes })?;
         let started = Instant::now();
         check_module(&bytes).map_err(FetchError::Invalid)?;
         self.metrics.wasm_compile_duration.observe(started.elapsed().as_secs_f64());
@@ -232,7 +228,7 @@ impl WasmFetcher {
         if plugin.pull_policy == PullPolicy::IfNotPresent {
             if let Some((_, sha)) = self.cache.resolved(&key) {
                 if let Some(bytes) = self.cache.get(&sha, &self.metrics) {
-                    return Ok((Module { sha256: sha, bytes }, true));
+                    return verify(plugin, Module { sha256: sha, bytes }).map(|m| (m, true));
                 }
             }
         }
@@ -253,11 +249,8 @@ impl WasmFetcher {
                     } else {
                         self.accept(plugin, pulled.bytes)?
                     };
-                    if let Some(expected) = plugin.sha256.as_ref().filter(|e| **e != module.sha256) {
-                        return Err(FetchError::Checksum { expected: expected.clone(), actual: module.sha256 });
-                    }
                     let _ = self.cache.set_resolved(&key, &pulled.manifest_digest, &module.sha256);
-                    return Ok((module, from_cache));
+                    return verify(plugin, module).map(|m| (m, from_cache));
                 }
                 Err(oci::PullError::Permanent(e)) => return Err(FetchError::Download(format!("{key}: {e}"))),
                 Err(oci::PullError::Invalid(e)) => return Err(FetchError::Invalid(format!("{key}: {e}"))),
@@ -268,6 +261,16 @@ impl WasmFetcher {
             }
         }
         Err(FetchError::Download(format!("{key}: {last} (after {} attempts)", self.settings.attempts)))
+    }
+}
+
+/// The module is the one the plugin pinned, if it pinned one.
+fn verify(plugin: &WasmPlugin, module: Module) -> Result<Module, FetchError> {
+    match &plugin.sha256 {
+        Some(expected) if *expected != module.sha256 => {
+            Err(FetchError::Checksum { expected: expected.clone(), actual: module.sha256 })
+        }
+        _ => Ok(module),
     }
 }
 
@@ -294,4 +297,105 @@ pub fn registry_auth(secret: Option<&PullSecret>) -> Result<RegistryAuth, FetchE
         .split_once(':')
         .ok_or_else(|| FetchError::Download(format!("image_pull_secret: {from} must hold USER:PASSWORD")))?;
     Ok(RegistryAuth::Basic(user.to_owned(), password.to_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use filterplane_config::{compile::Origin, model::WasmPluginSpec};
+
+    use super::*;
+    use crate::wasm::check::tests::header_module;
+
+    fn fetcher(dir: &Path, file_root: &Path) -> WasmFetcher {
+        let cache = WasmModuleCache::open(&dir.join("cache"), 1 << 20).unwrap();
+        let settings = FetchSettings {
+            file_root: file_root.to_path_buf(),
+            insecure_registries: vec!["127.0.0.1:1".into()],
+            timeout: Duration::from_secs(2),
+            attempts: 1,
+            max_module_bytes: 1 << 20,
+        };
+        WasmFetcher::new(cache, settings, Arc::new(Metrics::default())).unwrap()
+    }
+
+    fn plugin(yaml: &str, base: &Path) -> WasmPlugin {
+        let spec: WasmPluginSpec = serde_yaml::from_str(yaml).unwrap();
+        let origin = Origin { file: base.join("c.yaml"), line: None, path: "wasm_plugins[0]".into() };
+        WasmPlugin::from_spec(&spec, base, origin).unwrap()
+    }
+
+    #[tokio::test]
+    async fn pull_policy_decides_whether_a_resolved_tag_is_asked_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = fetcher(dir.path(), dir.path());
+        let sha = f.cache.put(&header_module("v1")).unwrap();
+        // The registry at 127.0.0.1:1 refuses every connection.
+        f.cache.set_resolved("127.0.0.1:1/plugins/hdr:v1", "sha256:feed", &sha).unwrap();
+        let cached = plugin("{name: p, url: 'oci://127.0.0.1:1/plugins/hdr:v1'}", dir.path());
+        assert_eq!(cached.pull_policy, PullPolicy::IfNotPresent, "a fixed tag defaults to IfNotPresent");
+        assert_eq!(f.module(&cached).await.unwrap().sha256, sha, "IfNotPresent: the cached resolution, no network");
+
+        let always =
+            plugin("{name: p, url: 'oci://127.0.0.1:1/plugins/hdr:v1', image_pull_policy: Always}", dir.path());
+        let e = f.module(&always).await.unwrap_err();
+        assert_eq!(e.kind(), "download_failure", "Always asks the registry: {e}");
+
+        let latest = plugin("{name: p, url: 'oci://127.0.0.1:1/plugins/hdr'}", dir.path());
+        assert_eq!(latest.pull_policy, PullPolicy::Always, "no tag means latest, checked every time");
+    }
+
+    #[tokio::test]
+    async fn pinned_sha256_in_the_cache_needs_no_download() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = fetcher(dir.path(), dir.path());
+        let sha = f.cache.put(&header_module("v1")).unwrap();
+        let p = plugin(&format!("{{name: p, url: 'http://127.0.0.1:1/m.wasm', sha256: {sha}}}"), dir.path());
+        assert_eq!(f.module(&p).await.unwrap().sha256, sha);
+        let other = "0".repeat(64);
+        let p = plugin(&format!("{{name: p, url: 'http://127.0.0.1:1/m.wasm', sha256: '{other}'}}"), dir.path());
+        assert_eq!(f.module(&p).await.unwrap_err().kind(), "download_failure");
+    }
+
+    #[tokio::test]
+    async fn files_are_confined_checked_and_verified() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        std::fs::create_dir(&root).unwrap();
+        std::fs::write(root.join("good.wasm"), header_module("v1")).unwrap();
+        std::fs::write(root.join("bad.wasm"), b"\0asm garbage").unwrap();
+        std::fs::write(dir.path().join("outside.wasm"), header_module("v1")).unwrap();
+        let f = fetcher(dir.path(), &root);
+
+        let good = f.module(&plugin("{name: p, url: 'file://good.wasm'}", &root)).await.unwrap();
+        assert_eq!(good.sha256, sha256_hex(&header_module("v1")));
+        let e = f.module(&plugin("{name: p, url: 'file://../outside.wasm'}", &root)).await.unwrap_err();
+        assert!(e.to_string().contains("outside the allowed file root"), "{e}");
+        let e = f.module(&plugin("{name: p, url: 'file://bad.wasm'}", &root)).await.unwrap_err();
+        assert_eq!(e.kind(), "invalid_module");
+        let wrong = "1".repeat(64);
+        let e = f
+            .module(&plugin(&format!("{{name: p, url: 'file://good.wasm', sha256: '{wrong}'}}"), &root))
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), "checksum_mismatch");
+        let text = f.metrics.render();
+        assert!(text.contains("filterplane_wasm_remote_fetches_total{result=\"checksum_mismatch\"} 1"), "{text}");
+        assert!(text.contains("filterplane_wasm_remote_fetches_total{result=\"invalid_module\"} 1"), "{text}");
+    }
+
+    #[test]
+    fn credentials_come_from_env_or_file_and_errors_do_not_show_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("cred");
+        std::fs::write(&file, "user:s3cret\n").unwrap();
+        let auth = registry_auth(Some(&PullSecret::File(file))).unwrap();
+        assert!(matches!(auth, RegistryAuth::Basic(u, p) if u == "user" && p == "s3cret"));
+        std::fs::write(dir.path().join("bad"), "s3cret-without-colon").unwrap();
+        let e = registry_auth(Some(&PullSecret::File(dir.path().join("bad")))).unwrap_err().to_string();
+        assert!(!e.contains("s3cret"), "{e}");
+        let e = registry_auth(Some(&PullSecret::Env("FILTERPLANE_TEST_SURELY_UNSET".into()))).unwrap_err();
+        assert!(e.to_string().contains("FILTERPLANE_TEST_SURELY_UNSET is not set"));
+    }
 }

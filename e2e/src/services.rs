@@ -1,0 +1,78 @@
+//! Real servers the Wasm tests need beside Envoy: Debian's `docker-registry`
+//! (distribution v2) and Python's `http.server`, both on loopback, plus proxy-wasm modules
+//! built from WebAssembly text.
+
+use std::{fs, path::Path, process::Command, time::Duration};
+
+use crate::{free_port, http_get, wait_until, Process};
+
+/// A proxy-wasm module that adds `x-wasm: VALUE` to responses, from `testdata/add_header.wat`.
+pub fn header_module(value: &str) -> Vec<u8> {
+    let text = include_str!("../testdata/add_header.wat")
+        .replace("{VALUE}", value)
+        .replace("{LEN}", &value.len().to_string())
+        .replace("{EXTRA}", "");
+    wat::parse_str(text).expect("the test module is valid WebAssembly text")
+}
+
+/// A local OCI registry, plain HTTP on 127.0.0.1.
+pub struct Registry {
+    _process: Process,
+    pub addr: String,
+}
+
+impl Registry {
+    pub fn start(dir: &Path) -> Self {
+        let bin = std::env::var("DOCKER_REGISTRY_BIN").unwrap_or_else(|_| "/usr/bin/docker-registry".into());
+        assert!(
+            Path::new(&bin).exists(),
+            "{bin} not found: run scripts/test.sh (it installs docker-registry) or set DOCKER_REGISTRY_BIN"
+        );
+        let port = free_port();
+        let root = dir.join("registry-data");
+        fs::create_dir_all(&root).expect("registry dir");
+        let config = dir.join("registry.yml");
+        fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog:\n  level: info\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n",
+                root.display()
+            ),
+        )
+        .expect("registry config");
+        let mut cmd = Command::new(bin);
+        cmd.arg("serve").arg(&config);
+        let process = Process::spawn("docker-registry", &mut cmd, dir.join("registry.log"));
+        let addr = format!("127.0.0.1:{port}");
+        wait_until("the registry", Duration::from_secs(20), || {
+            http_get(&format!("http://{addr}/v2/")).filter(|r| r.status == 200)
+        });
+        Registry { _process: process, addr }
+    }
+}
+
+/// Python's `http.server` serving a directory on 127.0.0.1; its log lists each request.
+pub struct FileServer {
+    process: Process,
+    pub url: String,
+}
+
+impl FileServer {
+    pub fn start(root: &Path, logs: &Path) -> Self {
+        let port = free_port();
+        let mut cmd = Command::new("python3");
+        cmd.args(["-u", "-m", "http.server", &port.to_string(), "--bind", "127.0.0.1", "--directory"]).arg(root);
+        let process = Process::spawn("http.server", &mut cmd, logs.join("http-server.log"));
+        let url = format!("http://127.0.0.1:{port}");
+        wait_until("the HTTP server", Duration::from_secs(20), || {
+            http_get(&format!("{url}/")).filter(|r| r.status == 200)
+        });
+        FileServer { process, url }
+    }
+
+    /// How many GETs of `path` it has answered.
+    pub fn gets(&self, path: &str) -> usize {
+        let log = fs::read_to_string(&self.process.log).unwrap_or_default();
+        log.lines().filter(|l| l.contains(&format!("\"GET {path} "))).count()
+    }
+}
