@@ -1,0 +1,101 @@
+//! `xds-loadgen`: simulated Envoys against an ADS server. See `--help`.
+
+use std::{path::PathBuf, time::Duration};
+
+use clap::Parser;
+use filterplane_bench::{run, Change, LoadSpec, Mode};
+
+/// Simulates N Envoys against any ADS server and reports connect time, time to first
+/// full config, and the propagation of a change it triggers by rewriting a file.
+#[derive(Debug, Parser)]
+#[command(name = "xds-loadgen", version)]
+struct Args {
+    /// The ADS server.
+    #[arg(long, default_value = "http://127.0.0.1:18000")]
+    server: String,
+    #[arg(long, default_value_t = 100)]
+    streams: usize,
+    #[arg(long, value_enum, default_value_t = Mode::Sotw)]
+    mode: Mode,
+    /// ECDS resource names to subscribe to (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "add-header")]
+    ecds: Vec<String>,
+    /// Do not subscribe to wildcard CDS and LDS.
+    #[arg(long)]
+    no_wildcard: bool,
+    /// NACK every response holding this resource.
+    #[arg(long)]
+    nack: Option<String>,
+    /// Streams per HTTP/2 connection (1: each proxy its own connection, as Envoys do).
+    #[arg(long, default_value_t = 1)]
+    multiplex: usize,
+    #[arg(long, default_value = "loadgen")]
+    node_prefix: String,
+    #[arg(long, default_value = "loadgen")]
+    cluster: String,
+    /// Node metadata KEY=VALUE (repeatable).
+    #[arg(long, value_parser = parse_kv)]
+    metadata: Vec<(String, String)>,
+    /// New streams per second during ramp-up (0: as fast as possible).
+    #[arg(long, default_value_t = 2000.0)]
+    ramp_per_sec: f64,
+    /// Trigger a change: rewrite this file, replacing --change-from with --change-to.
+    #[arg(long, requires_all = ["change_from", "change_to"])]
+    change_file: Option<PathBuf>,
+    #[arg(long)]
+    change_from: Option<String>,
+    #[arg(long)]
+    change_to: Option<String>,
+    /// Filterplane's admin URL, to measure when it saw each ACK of the change.
+    #[arg(long)]
+    admin: Option<String>,
+    /// Seconds to wait for first configs and for the change.
+    #[arg(long, default_value_t = 120)]
+    timeout_secs: u64,
+    /// The server's pid, to sample its memory and CPU (Linux).
+    #[arg(long)]
+    server_pid: Option<u32>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+fn parse_kv(s: &str) -> Result<(String, String), String> {
+    s.split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned())).ok_or_else(|| format!("{s}: expected KEY=VALUE"))
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let a = Args::parse();
+    let change = match (a.change_file, a.change_from, a.change_to) {
+        (Some(file), Some(from), Some(to)) => Some(Change { file, from, to }),
+        _ => None,
+    };
+    let spec = LoadSpec {
+        server: a.server,
+        streams: a.streams,
+        mode: a.mode,
+        ecds: a.ecds,
+        wildcard_lds_cds: !a.no_wildcard,
+        nack: a.nack,
+        multiplex: a.multiplex,
+        node_prefix: a.node_prefix,
+        cluster: a.cluster,
+        metadata: a.metadata,
+        ramp_per_sec: a.ramp_per_sec,
+        change,
+        admin: a.admin,
+        timeout: Duration::from_secs(a.timeout_secs),
+        server_pid: a.server_pid,
+    };
+    let report = run(spec).await?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!("{report}");
+    }
+    if !report.errors.is_empty() {
+        std::process::exit(1);
+    }
+    Ok(())
+}

@@ -1,0 +1,156 @@
+//! `xds-loadgen`: simulates N Envoys against any ADS server. Each simulated proxy has its
+//! own HTTP/2 connection (or shares one, `--multiplex`), its own node id, cluster and
+//! metadata, subscribes like Envoy (wildcard CDS and LDS, named ECDS resources), ACKs
+//! every response (or NACKs the ones holding a given resource), over SotW or delta. It
+//! can trigger a change by rewriting a config file and measures how long the change
+//! takes to reach every proxy, and (with a Filterplane admin URL) for Filterplane to see
+//! every ACK.
+
+mod proxy;
+pub mod report;
+
+use std::{
+    path::PathBuf,
+    sync::{atomic::AtomicU64, Arc, Mutex},
+    time::{Duration, Instant, SystemTime},
+};
+
+use anyhow::Context;
+pub use report::Report;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+pub enum Mode {
+    Sotw,
+    Delta,
+}
+
+/// A text replacement in a file that makes the server push a change.
+#[derive(Debug, Clone)]
+pub struct Change {
+    pub file: PathBuf,
+    pub from: String,
+    pub to: String,
+}
+
+/// What to simulate.
+#[derive(Debug, Clone)]
+pub struct LoadSpec {
+    /// `http://host:port` of the ADS server.
+    pub server: String,
+    pub streams: usize,
+    pub mode: Mode,
+    /// ECDS resource names each proxy subscribes to.
+    pub ecds: Vec<String>,
+    /// Also subscribe to CDS and LDS (wildcard), as Envoy with ADS LDS/CDS does.
+    pub wildcard_lds_cds: bool,
+    /// NACK every response that holds this resource.
+    pub nack: Option<String>,
+    /// Streams per HTTP/2 connection (1: every proxy its own connection, as Envoys do).
+    pub multiplex: usize,
+    pub node_prefix: String,
+    pub cluster: String,
+    pub metadata: Vec<(String, String)>,
+    /// New streams per second while ramping up.
+    pub ramp_per_sec: f64,
+    pub change: Option<Change>,
+    /// Filterplane's admin URL, to read when it saw each proxy's ACK.
+    pub admin: Option<String>,
+    /// How long to wait for initial configs and for a change to arrive everywhere.
+    pub timeout: Duration,
+    /// The server's process id, to sample its memory and CPU time (Linux /proc).
+    pub server_pid: Option<u32>,
+}
+
+/// What the proxies share with the controller.
+#[derive(Debug, Default)]
+pub(crate) struct Shared {
+    /// Set when the change was written: receipts after it count as propagation.
+    pub change_written: Mutex<Option<Instant>>,
+    pub messages: AtomicU64,
+    pub bytes: AtomicU64,
+    pub acks: AtomicU64,
+    pub nacks: AtomicU64,
+    pub errors: Mutex<Vec<String>>,
+}
+
+/// One proxy's timings.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct ProxyTimes {
+    pub connect: Option<Duration>,
+    pub first_full_config: Option<Duration>,
+    /// From the change's write to the first ECDS response after it.
+    pub change_received: Option<Duration>,
+}
+
+/// Runs the load and returns what it measured.
+pub async fn run(spec: LoadSpec) -> anyhow::Result<Report> {
+    // Each proxy holds a socket; the default limit of 1024 would stop us short.
+    let _ = rlimit::increase_nofile_limit(u64::MAX);
+    let shared = Arc::new(Shared::default());
+    let rss_before = spec.server_pid.and_then(report::rss_kib);
+    let times: Arc<Vec<Mutex<ProxyTimes>>> = Arc::new((0..spec.streams).map(|_| Mutex::default()).collect());
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut channel = None;
+    for i in 0..spec.streams {
+        if spec.ramp_per_sec > 0.0 {
+            let due = started + Duration::from_secs_f64(i as f64 / spec.ramp_per_sec);
+            tokio::time::sleep_until(due.into()).await;
+        }
+        // A new connection for every `multiplex` streams.
+        let connect_started = Instant::now();
+        if i % spec.multiplex.max(1) == 0 {
+            channel = match tonic::transport::Endpoint::from_shared(spec.server.clone())?.connect().await {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    shared.errors.lock().unwrap_or_else(|p| p.into_inner()).push(format!("connect: {e}"));
+                    None
+                }
+            };
+        }
+        let Some(ch) = channel.clone() else { continue };
+        if let Ok(mut t) = times[i].lock() {
+            t.connect = Some(connect_started.elapsed());
+        }
+        tasks.spawn(proxy::run(i, spec.clone(), ch, shared.clone(), times.clone()));
+    }
+    let ramp = started.elapsed();
+
+    let all = |f: &dyn Fn(&ProxyTimes) -> bool| times.iter().all(|t| t.lock().map(|t| f(&t)).unwrap_or(false));
+    let deadline = Instant::now() + spec.timeout;
+    while !all(&|t| t.first_full_config.is_some()) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // Let the server settle, then sample it idle with every stream open.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rss_idle = spec.server_pid.and_then(report::rss_kib);
+    let cpu_before = spec.server_pid.and_then(report::cpu_secs);
+    let mut write_wall = None;
+    if let Some(change) = &spec.change {
+        let text = std::fs::read_to_string(&change.file).with_context(|| format!("read {}", change.file.display()))?;
+        anyhow::ensure!(text.contains(&change.from), "{} does not contain {:?}", change.file.display(), change.from);
+        let new = text.replacen(&change.from, &change.to, 1);
+        // Arm the receivers first, then write: a receipt can never predate the mark.
+        *shared.change_written.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+        write_wall = Some(SystemTime::now());
+        std::fs::write(&change.file, new).with_context(|| format!("write {}", change.file.display()))?;
+        let deadline = Instant::now() + spec.timeout;
+        while !all(&|t| t.change_received.is_some()) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    let cpu_push = match (spec.server_pid.and_then(report::cpu_secs), cpu_before) {
+        (Some(after), Some(before)) if spec.change.is_some() => Some(after - before),
+        _ => None,
+    };
+    let server =
+        report::ServerSample { rss_before_kib: rss_before, rss_idle_kib: rss_idle, cpu_secs_for_change: cpu_push };
+    let server_acks = match (&spec.admin, write_wall) {
+        (Some(admin), Some(at)) => Some(report::server_ack_latencies(admin, at, &spec, spec.timeout).await),
+        _ => None,
+    };
+    tasks.abort_all();
+    let times: Vec<ProxyTimes> = times.iter().map(|t| t.lock().map(|t| t.clone()).unwrap_or_default()).collect();
+    Ok(Report::new(&spec, ramp, &times, &shared, server_acks, server))
+}

@@ -1,0 +1,206 @@
+//! What a run measured, and how it is printed.
+
+use std::{
+    sync::atomic::Ordering,
+    time::{Duration, SystemTime},
+};
+
+use serde::Serialize;
+
+use crate::{LoadSpec, Mode, ProxyTimes, Shared};
+
+/// p50/p95/p99/max of a set of durations, in milliseconds.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Percentiles {
+    pub count: usize,
+    pub p50_ms: f64,
+    pub p95_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+}
+
+impl Percentiles {
+    pub fn of(mut v: Vec<Duration>) -> Self {
+        if v.is_empty() {
+            return Self::default();
+        }
+        v.sort();
+        let at = |q: f64| v[((v.len() as f64 * q).ceil() as usize).clamp(1, v.len()) - 1].as_secs_f64() * 1e3;
+        Self { count: v.len(), p50_ms: at(0.50), p95_ms: at(0.95), p99_ms: at(0.99), max_ms: at(1.0) }
+    }
+}
+
+impl std::fmt::Display for Percentiles {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "n={} p50={:.1}ms p95={:.1}ms p99={:.1}ms max={:.1}ms",
+            self.count, self.p50_ms, self.p95_ms, self.p99_ms, self.max_ms
+        )
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub streams: usize,
+    pub mode: Mode,
+    pub ramp_secs: f64,
+    pub connect: Percentiles,
+    pub first_full_config: Percentiles,
+    /// File write to each proxy's receipt of the change.
+    pub change_received: Option<Percentiles>,
+    /// File write to the server recording each proxy's ACK of it (Filterplane only).
+    pub change_acked_by_server: Option<Percentiles>,
+    pub messages_received: u64,
+    pub bytes_received: u64,
+    pub acks_sent: u64,
+    pub nacks_sent: u64,
+    pub server: ServerSample,
+    pub errors: Vec<String>,
+}
+
+/// The server process, sampled through /proc.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ServerSample {
+    pub rss_before_kib: Option<u64>,
+    /// With every stream open and idle.
+    pub rss_idle_kib: Option<u64>,
+    /// CPU (user + system) the server spent from the change's write until every proxy had it.
+    pub cpu_secs_for_change: Option<f64>,
+}
+
+impl ServerSample {
+    pub fn kib_per_stream(&self, streams: usize) -> Option<f64> {
+        Some((self.rss_idle_kib?.saturating_sub(self.rss_before_kib?)) as f64 / streams.max(1) as f64)
+    }
+}
+
+/// Resident memory of a process, in KiB.
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?.split_whitespace().next()?.parse().ok()
+}
+
+/// User + system CPU seconds a process has used.
+pub fn cpu_secs(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces) in parentheses.
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    // USER_HZ is 100 on Linux.
+    Some(ticks / 100.0)
+}
+
+impl Report {
+    pub(crate) fn new(
+        spec: &LoadSpec,
+        ramp: Duration,
+        times: &[ProxyTimes],
+        shared: &Shared,
+        server_acks: Option<Vec<Duration>>,
+        server: ServerSample,
+    ) -> Self {
+        let collect = |f: &dyn Fn(&ProxyTimes) -> Option<Duration>| times.iter().filter_map(f).collect::<Vec<_>>();
+        let mut errors = shared.errors.lock().map(|e| e.clone()).unwrap_or_default();
+        let missing_first = times.iter().filter(|t| t.first_full_config.is_none()).count();
+        if missing_first > 0 {
+            errors.push(format!("{missing_first} proxies never got their first full config"));
+        }
+        let change_received = spec.change.as_ref().map(|_| {
+            let got = collect(&|t| t.change_received);
+            if got.len() < times.len() {
+                errors.push(format!("{} proxies never received the change", times.len() - got.len()));
+            }
+            Percentiles::of(got)
+        });
+        Report {
+            streams: spec.streams,
+            mode: spec.mode,
+            ramp_secs: ramp.as_secs_f64(),
+            connect: Percentiles::of(collect(&|t| t.connect)),
+            first_full_config: Percentiles::of(collect(&|t| t.first_full_config)),
+            change_received,
+            change_acked_by_server: server_acks.map(Percentiles::of),
+            messages_received: shared.messages.load(Ordering::Relaxed),
+            bytes_received: shared.bytes.load(Ordering::Relaxed),
+            acks_sent: shared.acks.load(Ordering::Relaxed),
+            nacks_sent: shared.nacks.load(Ordering::Relaxed),
+            server,
+            errors,
+        }
+    }
+}
+
+impl std::fmt::Display for Report {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "streams: {} ({:?}), ramp-up {:.1}s", self.streams, self.mode, self.ramp_secs)?;
+        writeln!(f, "connect:            {}", self.connect)?;
+        writeln!(f, "first full config:  {}", self.first_full_config)?;
+        if let Some(p) = &self.change_received {
+            writeln!(f, "change -> received: {p}")?;
+        }
+        if let Some(p) = &self.change_acked_by_server {
+            writeln!(f, "change -> server saw ACK: {p}")?;
+        }
+        writeln!(
+            f,
+            "received: {} messages, {} bytes; sent {} ACKs, {} NACKs",
+            self.messages_received, self.bytes_received, self.acks_sent, self.nacks_sent
+        )?;
+        if let (Some(before), Some(idle)) = (self.server.rss_before_kib, self.server.rss_idle_kib) {
+            writeln!(
+                f,
+                "server RSS: {before} KiB before, {idle} KiB with {} idle streams ({:.1} KiB per stream)",
+                self.streams,
+                self.server.kib_per_stream(self.streams).unwrap_or(0.0)
+            )?;
+        }
+        if let Some(cpu) = self.server.cpu_secs_for_change {
+            writeln!(f, "server CPU for the change: {cpu:.2}s")?;
+        }
+        write!(f, "errors: {}", self.errors.len())?;
+        for e in self.errors.iter().take(10) {
+            write!(f, "\n  {e}")?;
+        }
+        Ok(())
+    }
+}
+
+/// For each simulated proxy, how long after `written` Filterplane recorded its ACK of
+/// the ECDS change (`acked_at` in `/api/v1/proxies`), polling until all are in.
+pub(crate) async fn server_ack_latencies(
+    admin: &str,
+    written: SystemTime,
+    spec: &LoadSpec,
+    timeout: Duration,
+) -> Vec<Duration> {
+    let url = format!("{}/api/v1/proxies", admin.trim_end_matches('/'));
+    let prefix = format!("{}-", spec.node_prefix);
+    let deadline = std::time::Instant::now() + timeout;
+    let ecds = filterplane_api::ResourceType::ExtensionConfig.type_url();
+    loop {
+        let url = url.clone();
+        let body: Option<serde_json::Value> = tokio::task::spawn_blocking(move || {
+            let mut r = ureq::get(&url).call().ok()?;
+            r.body_mut().with_config().limit(1 << 30).read_json().ok()
+        })
+        .await
+        .ok()
+        .flatten();
+        let mut latencies = Vec::new();
+        for p in body.as_ref().and_then(|b| b.as_array()).into_iter().flatten() {
+            if !p["node_id"].as_str().is_some_and(|n| n.starts_with(&prefix)) {
+                continue;
+            }
+            let acked = p["types"][ecds]["acked_at"].as_str().and_then(|t| humantime::parse_rfc3339(t).ok());
+            if let Some(d) = acked.and_then(|a| a.duration_since(written).ok()) {
+                latencies.push(d);
+            }
+        }
+        if latencies.len() >= spec.streams || std::time::Instant::now() > deadline {
+            return latencies;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
