@@ -50,6 +50,11 @@ impl ResourceType {
         }
     }
 
+    /// Position in `ALL`, for per-type arrays.
+    pub fn index(self) -> usize {
+        Self::ALL.iter().position(|t| *t == self).unwrap_or(0)
+    }
+
     pub fn from_type_url(url: &str) -> Option<Self> {
         Self::ALL.into_iter().find(|t| t.type_url() == url)
     }

@@ -113,8 +113,7 @@ pub async fn serve_on(
     reloader.reload("startup").await;
     let watch = tasks.spawn(reloader.clone().watch(shutdown.clone()));
 
-    let ctx =
-        XdsContext { cache: cache.clone(), tracker: tracker.clone(), shutdown: shutdown.clone(), tasks: tasks.clone() };
+    let ctx = XdsContext { cache: cache.clone(), tracker: tracker.clone(), shutdown: shutdown.clone() };
     let services = XdsServices::new(ctx);
     let grpc = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))

@@ -40,9 +40,21 @@ impl MetricConstructor<Histogram> for LatencyBuckets {
     }
 }
 
+/// One type URL's xDS metrics, looked up once at start so the per-push path does no
+/// label hashing or locking.
+#[derive(Debug, Clone)]
+pub struct TypeMetrics {
+    pub rejects: Counter,
+    pub pushes: Counter,
+    pub pushed_bytes: Counter,
+    pub acks: Counter,
+    pub push_ack_latency: Histogram,
+}
+
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
+    by_type: Vec<TypeMetrics>,
     pub xds_rejects: Family<TypeLabel, Counter>,
     pub xds_pushes: Family<TypeLabel, Counter>,
     pub xds_pushed_bytes: Family<TypeLabel, Counter>,
@@ -80,6 +92,7 @@ impl Default for Metrics {
             wasm_compile_duration: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
             wasm_module_downloads: Counter::default(),
             registry: Registry::default(),
+            by_type: Vec::new(),
         };
         registry.register("xds_rejects", "xDS responses a proxy rejected (NACK), by type URL", m.xds_rejects.clone());
         registry.register("xds_pushes", "xDS responses sent, by type URL", m.xds_pushes.clone());
@@ -134,13 +147,19 @@ impl Default for Metrics {
         );
         // Start every per-type counter at zero, so `rate()` and alerts see a series from
         // the first scrape instead of an absent one.
-        for rt in filterplane_api::ResourceType::ALL {
-            let t = TypeLabel { type_url: rt.type_url() };
-            let _ = m.xds_rejects.get_or_create(&t);
-            let _ = m.xds_pushes.get_or_create(&t);
-            let _ = m.xds_pushed_bytes.get_or_create(&t);
-            let _ = m.xds_acks.get_or_create(&t);
-        }
+        let by_type = filterplane_api::ResourceType::ALL
+            .iter()
+            .map(|rt| {
+                let t = TypeLabel { type_url: rt.type_url() };
+                TypeMetrics {
+                    rejects: m.xds_rejects.get_or_create(&t).clone(),
+                    pushes: m.xds_pushes.get_or_create(&t).clone(),
+                    pushed_bytes: m.xds_pushed_bytes.get_or_create(&t).clone(),
+                    acks: m.xds_acks.get_or_create(&t).clone(),
+                    push_ack_latency: m.xds_push_ack_latency.get_or_create(&t).clone(),
+                }
+            })
+            .collect();
         for result in ["applied", "unchanged", "failed"] {
             let _ = m.config_reloads.get_or_create(&ResultLabel { result });
         }
@@ -153,7 +172,7 @@ impl Default for Metrics {
         for kind in ["sotw", "delta"] {
             let _ = m.connected_proxies.get_or_create(&KindLabel { stream_kind: kind });
         }
-        Metrics { registry, ..m }
+        Metrics { registry, by_type, ..m }
     }
 }
 
@@ -161,6 +180,11 @@ impl Metrics {
     pub fn reload(&self, result: &'static str, took: Duration) {
         self.config_reloads.get_or_create(&ResultLabel { result }).inc();
         self.config_reload_duration.observe(took.as_secs_f64());
+    }
+
+    /// The metrics of one xDS type.
+    pub fn of_type(&self, rt: filterplane_api::ResourceType) -> &TypeMetrics {
+        &self.by_type[rt.index()]
     }
 
     pub fn wasm_cache_lookup(&self, result: &'static str) {

@@ -18,7 +18,7 @@ use serde::Serialize;
 use tokio::sync::watch;
 
 use crate::{
-    metrics::{KindLabel, Metrics, TypeLabel},
+    metrics::{KindLabel, Metrics},
     xds::stream::{NodeInfo, StreamEvent},
 };
 
@@ -102,9 +102,11 @@ pub struct TypeStatus {
     pub subscribed: Vec<String>,
     pub sent_version: Option<String>,
     pub sent_nonce: Option<String>,
-    pub sent_at: Option<String>,
+    #[serde(serialize_with = "rfc3339")]
+    pub sent_at: Option<SystemTime>,
     pub acked_version: Option<String>,
-    pub acked_at: Option<String>,
+    #[serde(serialize_with = "rfc3339")]
+    pub acked_at: Option<SystemTime>,
     pub last_nack: Option<Nack>,
     /// By resource name.
     pub resources: BTreeMap<String, ResourceStatus>,
@@ -241,14 +243,14 @@ impl AckTracker {
                 t.subscribed = names.clone();
             }
             StreamEvent::Sent { rt, version, nonce, resources, removed, incremental, bytes } => {
-                let label = TypeLabel { type_url: rt.type_url() };
-                self.metrics.xds_pushes.get_or_create(&label).inc();
-                self.metrics.xds_pushed_bytes.get_or_create(&label).inc_by(*bytes as u64);
+                let m = self.metrics.of_type(*rt);
+                m.pushes.inc();
+                m.pushed_bytes.inc_by(*bytes as u64);
                 let t = type_status(&mut proxy, *rt);
                 t.state = SyncState::Pending;
                 t.sent_version = Some(version.clone());
                 t.sent_nonce = Some(nonce.clone());
-                t.sent_at = Some(now());
+                t.sent_at = Some(SystemTime::now());
                 t.sent_instant = Some(Instant::now());
                 if !incremental {
                     // State of the world: what is not in the response is gone.
@@ -265,7 +267,7 @@ impl AckTracker {
                 let t = type_status(&mut proxy, *rt);
                 t.state = SyncState::Synced;
                 t.acked_version = Some(version.clone());
-                t.acked_at = Some(now());
+                t.acked_at = Some(SystemTime::now());
                 t.resources = resources
                     .iter()
                     .map(|(n, v)| {
@@ -278,15 +280,15 @@ impl AckTracker {
                     .collect();
             }
             StreamEvent::Acked { rt, version, .. } => {
-                let label = TypeLabel { type_url: rt.type_url() };
-                self.metrics.xds_acks.get_or_create(&label).inc();
+                let m = self.metrics.of_type(*rt);
+                m.acks.inc();
                 let t = type_status(&mut proxy, *rt);
                 if let Some(sent) = t.sent_instant.take() {
-                    self.metrics.xds_push_ack_latency.get_or_create(&label).observe(sent.elapsed().as_secs_f64());
+                    m.push_ack_latency.observe(sent.elapsed().as_secs_f64());
                 }
                 t.state = SyncState::Synced;
                 t.acked_version = Some(version.clone());
-                t.acked_at = Some(now());
+                t.acked_at = Some(SystemTime::now());
                 // Accepting a newer version ends the NACK state.
                 t.last_nack = None;
                 for r in t.resources.values_mut() {
@@ -295,12 +297,12 @@ impl AckTracker {
                 }
             }
             StreamEvent::Nacked { rt, version, kept_version, nonce, code, message, resources } => {
-                let label = TypeLabel { type_url: rt.type_url() };
-                self.metrics.xds_rejects.get_or_create(&label).inc();
+                let m = self.metrics.of_type(*rt);
+                m.rejects.inc();
                 let at = now();
                 let t = type_status(&mut proxy, *rt);
                 if let Some(sent) = t.sent_instant.take() {
-                    self.metrics.xds_push_ack_latency.get_or_create(&label).observe(sent.elapsed().as_secs_f64());
+                    m.push_ack_latency.observe(sent.elapsed().as_secs_f64());
                 }
                 t.state = SyncState::Nacked;
                 if !kept_version.is_empty() {
@@ -360,6 +362,14 @@ impl AckTracker {
 
 fn type_status(proxy: &mut ProxyStatus, rt: ResourceType) -> &mut TypeStatus {
     proxy.types.entry(rt.type_url().to_owned()).or_default()
+}
+
+/// Timestamps are kept as `SystemTime` on the per-push path and formatted when read.
+fn rfc3339<S: serde::Serializer>(t: &Option<SystemTime>, s: S) -> Result<S::Ok, S::Error> {
+    match t {
+        Some(t) => s.serialize_str(&humantime::format_rfc3339_millis(*t).to_string()),
+        None => s.serialize_none(),
+    }
 }
 
 /// RFC 3339, UTC, millisecond precision.

@@ -2,7 +2,7 @@
 //! Each stream is one loop, the same for both flavours, that feeds requests and new
 //! snapshots to its state machine and sends what it returns.
 
-use std::{pin::Pin, sync::Arc};
+use std::{collections::VecDeque, pin::Pin, sync::Arc};
 
 use filterplane_api::{
     envoy_types::pb::envoy::{
@@ -17,9 +17,8 @@ use filterplane_api::{
     },
     ResourceType,
 };
-use tokio::sync::mpsc;
-use tokio_stream::{wrappers::ReceiverStream, Stream};
-use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tokio_stream::Stream;
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::{
@@ -39,8 +38,6 @@ pub struct XdsContext {
     pub cache: Arc<SnapshotCache>,
     pub tracker: Arc<AckTracker>,
     pub shutdown: CancellationToken,
-    /// Owns every stream task, so shutdown can wait for them.
-    pub tasks: TaskTracker,
 }
 
 /// A protocol state machine the stream loop can drive.
@@ -99,9 +96,6 @@ pub struct XdsServices {
     ctx: XdsContext,
 }
 
-/// How many responses may wait for a slow client before its stream stops reading.
-const STREAM_BUFFER: usize = 16;
-
 type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
 impl XdsServices {
@@ -109,12 +103,22 @@ impl XdsServices {
         Self { ctx }
     }
 
+    /// The response stream *is* the stream's loop: no task and no channel per stream.
+    /// It runs while tonic polls it, so a client that stops reading (HTTP/2 flow control)
+    /// also stops its requests from being read.
     fn start<P: Protocol>(&self, machine: P, request: Request<Streaming<P::Request>>) -> ResponseStream<P::Response> {
         let peer = request.remote_addr().map(|a| a.to_string()).unwrap_or_default();
-        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
-        let ctx = self.ctx.clone();
-        self.ctx.tasks.spawn(run_stream(ctx, machine, request.into_inner(), tx, peer));
-        Box::pin(ReceiverStream::new(rx))
+        let state = StreamLoop {
+            generations: self.ctx.cache.subscribe(),
+            ctx: self.ctx.clone(),
+            machine,
+            requests: request.into_inner(),
+            peer,
+            stream_id: None,
+            pending: VecDeque::new(),
+            done: false,
+        };
+        Box::pin(futures_util::stream::unfold(state, |mut s| async move { s.next().await.map(|item| (item, s)) }))
     }
 }
 
@@ -122,81 +126,97 @@ pub fn control_plane_id() -> String {
     format!("filterplane/{}", env!("CARGO_PKG_VERSION"))
 }
 
-async fn run_stream<P: Protocol>(
+/// One stream's loop state. Dropping it (the client went away, or the server shut the
+/// stream) takes the proxy out of the tracker.
+struct StreamLoop<P: Protocol> {
     ctx: XdsContext,
-    mut machine: P,
-    mut requests: Streaming<P::Request>,
-    tx: mpsc::Sender<Result<P::Response, Status>>,
+    machine: P,
+    requests: Streaming<P::Request>,
+    generations: tokio::sync::watch::Receiver<Option<Arc<crate::cache::Generation>>>,
     peer: String,
-) {
-    let mut generations = ctx.cache.subscribe();
-    let mut stream_id: Option<StreamId> = None;
-    loop {
-        let step = tokio::select! {
-            _ = ctx.shutdown.cancelled() => break,
-            msg = requests.message() => match msg {
-                Ok(Some(req)) => {
-                    if stream_id.is_none() {
-                        if let Some(node) = P::request_node(&req) {
-                            let info = NodeInfo::from(node);
-                            stream_id = Some(ctx.tracker.connect(&info, P::KIND, peer.clone()));
-                            tracing::info!(node_id = %info.facts.id, cluster = %info.facts.cluster, %peer, user_agent = %info.user_agent, kind = P::KIND.label(), "proxy connected");
-                            if let Some(g) = generations.borrow_and_update().clone() {
-                                machine.on_snapshot(g.snapshot_for(&info.facts));
+    stream_id: Option<StreamId>,
+    pending: VecDeque<P::Response>,
+    done: bool,
+}
+
+impl<P: Protocol> Drop for StreamLoop<P> {
+    fn drop(&mut self) {
+        if let Some(id) = self.stream_id {
+            self.ctx.tracker.disconnect(id);
+            let node_id = self.machine.node().map(|n| n.facts.id.as_str()).unwrap_or_default();
+            tracing::info!(node_id, peer = %self.peer, "proxy disconnected");
+        }
+    }
+}
+
+impl<P: Protocol> StreamLoop<P> {
+    /// The next response to send; `None` ends the stream.
+    async fn next(&mut self) -> Option<Result<P::Response, Status>> {
+        loop {
+            if let Some(r) = self.pending.pop_front() {
+                return Some(Ok(r));
+            }
+            if self.done {
+                return None;
+            }
+            let step = tokio::select! {
+                _ = self.ctx.shutdown.cancelled() => return None,
+                msg = self.requests.message() => match msg {
+                    Ok(Some(req)) => {
+                        self.identify(&req);
+                        match self.machine.on_request(req) {
+                            Ok(step) => step,
+                            Err(e) => {
+                                tracing::warn!(peer = %self.peer, error = %e, "closing xDS stream");
+                                self.done = true;
+                                return Some(Err(e.into()));
                             }
                         }
                     }
-                    match machine.on_request(req) {
-                        Ok(step) => step,
-                        Err(e) => {
-                            tracing::warn!(%peer, error = %e, "closing xDS stream");
-                            let _ = tx.send(Err(e.into())).await;
-                            break;
+                    Ok(None) => return None,
+                    Err(status) => {
+                        tracing::debug!(peer = %self.peer, %status, "xDS stream ended by the client");
+                        return None;
+                    }
+                },
+                changed = self.generations.changed() => {
+                    if changed.is_err() {
+                        return None;
+                    }
+                    let generation = self.generations.borrow_and_update().clone();
+                    match (generation, self.machine.node()) {
+                        (Some(g), Some(node)) => {
+                            let snapshot = g.snapshot_for(&node.facts);
+                            self.machine.on_snapshot(snapshot)
                         }
+                        _ => continue,
                     }
                 }
-                Ok(None) => break,
-                Err(status) => {
-                    tracing::debug!(%peer, %status, "xDS stream ended by the client");
-                    break;
-                }
-            },
-            changed = generations.changed() => {
-                if changed.is_err() {
-                    break;
-                }
-                let generation = generations.borrow_and_update().clone();
-                match (generation, machine.node()) {
-                    (Some(g), Some(node)) => {
-                        let snapshot = g.snapshot_for(&node.facts);
-                        machine.on_snapshot(snapshot)
-                    }
-                    _ => continue,
+            };
+            let node_id = self.machine.node().map(|n| n.facts.id.as_str()).unwrap_or_default();
+            for event in &step.events {
+                log_event(node_id, event);
+                if let Some(id) = self.stream_id {
+                    self.ctx.tracker.record(id, event);
                 }
             }
-        };
-        let node_id = machine.node().map(|n| n.facts.id.as_str()).unwrap_or_default();
-        for event in &step.events {
-            log_event(node_id, event);
-            if let Some(id) = stream_id {
-                ctx.tracker.record(id, event);
-            }
-        }
-        let mut gone = false;
-        for response in step.responses {
-            if tx.send(Ok(response)).await.is_err() {
-                gone = true;
-                break;
-            }
-        }
-        if gone {
-            break;
+            self.pending.extend(step.responses);
         }
     }
-    if let Some(id) = stream_id {
-        ctx.tracker.disconnect(id);
-        let node_id = machine.node().map(|n| n.facts.id.as_str()).unwrap_or_default();
-        tracing::info!(node_id, %peer, "proxy disconnected");
+
+    /// On the first request that names the node: register the proxy and hand the
+    /// machine its snapshot.
+    fn identify(&mut self, req: &P::Request) {
+        if self.stream_id.is_some() {
+            return;
+        }
+        let Some(node) = P::request_node(req) else { return };
+        let info = NodeInfo::from(node);
+        self.stream_id = Some(self.ctx.tracker.connect(&info, P::KIND, self.peer.clone()));
+        tracing::info!(node_id = %info.facts.id, cluster = %info.facts.cluster, peer = %self.peer, user_agent = %info.user_agent, kind = P::KIND.label(), "proxy connected");
+        if let Some(g) = self.generations.borrow_and_update().clone() {
+            self.machine.on_snapshot(g.snapshot_for(&info.facts));
+        }
     }
 }
 

@@ -93,7 +93,8 @@ impl SotwStream {
 
         let previous = state.map(|s| &s.subscription);
         let subscription = Subscription::from_sotw(rt, &req.resource_names, previous);
-        if previous != Some(&subscription) {
+        let resubscribed = previous != Some(&subscription);
+        if resubscribed {
             step.events.push(StreamEvent::Subscribed {
                 rt,
                 wildcard: subscription.wildcard,
@@ -132,9 +133,14 @@ impl SotwStream {
                 });
             }
         }
+        let answers_us = !req.response_nonce.is_empty();
         state.client_version = req.version_info;
         state.subscription = subscription;
-        self.respond_if_changed(rt, &mut step);
+        // An ACK or NACK that keeps the subscription needs no answer: new snapshots are
+        // pushed by `on_snapshot` as they come. (The hot path: one per proxy per push.)
+        if resubscribed || !answers_us {
+            self.respond_if_changed(rt, &mut step);
+        }
         Ok(step)
     }
 
