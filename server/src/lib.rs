@@ -14,10 +14,6 @@ pub mod xds;
 use std::sync::{atomic::AtomicBool, Arc};
 
 use anyhow::Context;
-use filterplane_api::envoy_types::pb::envoy::service::{
-    discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer,
-    extension::v3::extension_config_discovery_service_server::ExtensionConfigDiscoveryServiceServer,
-};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
@@ -32,7 +28,10 @@ use crate::{
         fetch::{FetchSettings, WasmFetcher},
         DeliverySettings, WasmSupport,
     },
-    xds::service::{XdsContext, XdsServices},
+    xds::{
+        grpc::{AdsServer, EcdsServer},
+        service::{XdsContext, XdsServices},
+    },
 };
 use filterplane_config::model::Delivery;
 
@@ -117,10 +116,14 @@ pub async fn serve_on(
     let services = XdsServices::new(ctx);
     let grpc = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
-        .add_service(AggregatedDiscoveryServiceServer::new(services.clone()))
-        .add_service(ExtensionConfigDiscoveryServiceServer::new(services))
+        .add_service(AdsServer(services.clone()))
+        .add_service(EcdsServer(services))
         .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(xds_listener),
+            // Responses are small and latency matters: no Nagle (it added ~40 ms to the
+            // first response, against the client's delayed ACK).
+            tonic::transport::server::TcpIncoming::from(xds_listener)
+                .with_nodelay(Some(true))
+                .with_keepalive(Some(std::time::Duration::from_secs(60))),
             shutdown.clone().cancelled_owned(),
         );
     xds_listening.store(true, std::sync::atomic::Ordering::Relaxed);

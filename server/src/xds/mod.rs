@@ -1,6 +1,7 @@
 //! The xDS protocol: state machines (pure) and the gRPC services around them.
 
 pub mod delta;
+pub mod grpc;
 pub mod service;
 pub mod sotw;
 pub mod stream;

@@ -96,7 +96,7 @@ pub struct XdsServices {
     ctx: XdsContext,
 }
 
-type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+pub type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
 impl XdsServices {
     pub fn new(ctx: XdsContext) -> Self {

@@ -1,0 +1,199 @@
+//! The gRPC plumbing of the xDS services, written out instead of taking the generated
+//! servers for one reason: the codec's buffers. The generated servers use tonic's 8 KiB
+//! encode and decode buffers per stream, which at 10,000 streams is most of Filterplane's
+//! memory; xDS requests are small and responses are sent as they are encoded, so 1 KiB
+//! buffers (grown on demand) do. Method bodies are in `service.rs`, behind the
+//! generated traits.
+
+use std::{
+    convert::Infallible,
+    marker::PhantomData,
+    task::{Context, Poll},
+};
+
+use filterplane_api::envoy_types::pb::envoy::service::{
+    discovery::v3::{
+        aggregated_discovery_service_server::AggregatedDiscoveryService, DeltaDiscoveryRequest, DeltaDiscoveryResponse,
+        DiscoveryRequest, DiscoveryResponse,
+    },
+    extension::v3::extension_config_discovery_service_server::ExtensionConfigDiscoveryService,
+};
+use tonic::{
+    body::Body,
+    codec::{BufferSettings, Codec},
+    codegen::{http, BoxFuture, StdError},
+    server::{Grpc, NamedService, StreamingService, UnaryService},
+    Request, Response, Status, Streaming,
+};
+use tonic_prost::{ProstDecoder, ProstEncoder};
+
+use crate::xds::service::{ResponseStream, XdsServices};
+
+/// Initial codec buffer; it grows for larger messages. Yield (flush) past 32 KiB as tonic does.
+fn buffers() -> BufferSettings {
+    BufferSettings::new(1024, 32 * 1024)
+}
+
+/// Protobuf with small buffers.
+#[derive(Debug)]
+pub struct XdsCodec<E, D>(PhantomData<fn() -> (E, D)>);
+
+impl<E, D> Default for XdsCodec<E, D> {
+    fn default() -> Self {
+        Self(PhantomData)
+    }
+}
+
+impl<E, D> Codec for XdsCodec<E, D>
+where
+    E: prost::Message + Send + 'static,
+    D: prost::Message + Default + Send + 'static,
+{
+    type Encode = E;
+    type Decode = D;
+    type Encoder = ProstEncoder<E>;
+    type Decoder = ProstDecoder<D>;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        ProstEncoder::new(buffers())
+    }
+    fn decoder(&mut self) -> Self::Decoder {
+        ProstDecoder::new(buffers())
+    }
+}
+
+/// Requests over 4 MiB are refused (as tonic's default); responses may be any size (inline
+/// Wasm modules).
+const MAX_REQUEST: usize = 4 << 20;
+
+async fn streaming<S, Req, Resp, B>(svc: S, req: http::Request<B>) -> Result<http::Response<Body>, Infallible>
+where
+    S: StreamingService<Req, Response = Resp> + Send + 'static,
+    S::ResponseStream: Send + 'static,
+    Req: prost::Message + Default + Send + 'static,
+    Resp: prost::Message + Send + 'static,
+    B: http_body::Body + Send + 'static,
+    B::Error: Into<StdError> + Send + 'static,
+{
+    let mut grpc = Grpc::new(XdsCodec::<Resp, Req>::default()).apply_max_message_size_config(Some(MAX_REQUEST), None);
+    Ok(grpc.streaming(svc, req).await)
+}
+
+fn unimplemented() -> http::Response<Body> {
+    Status::unimplemented("no such method").into_http()
+}
+
+/// One method of `XdsServices`, for `Grpc` to call.
+struct Method<M>(XdsServices, PhantomData<M>);
+
+macro_rules! streaming_method {
+    ($marker:ident, $trait:ident :: $method:ident, $req:ty => $resp:ty) => {
+        struct $marker;
+        impl StreamingService<$req> for Method<$marker> {
+            type Response = $resp;
+            type ResponseStream = ResponseStream<$resp>;
+            type Future = BoxFuture<Response<Self::ResponseStream>, Status>;
+            fn call(&mut self, request: Request<Streaming<$req>>) -> Self::Future {
+                let svc = self.0.clone();
+                Box::pin(async move { <XdsServices as $trait>::$method(&svc, request).await })
+            }
+        }
+    };
+}
+
+streaming_method!(AdsSotw, AggregatedDiscoveryService::stream_aggregated_resources, DiscoveryRequest => DiscoveryResponse);
+streaming_method!(AdsDelta, AggregatedDiscoveryService::delta_aggregated_resources, DeltaDiscoveryRequest => DeltaDiscoveryResponse);
+streaming_method!(EcdsSotw, ExtensionConfigDiscoveryService::stream_extension_configs, DiscoveryRequest => DiscoveryResponse);
+streaming_method!(EcdsDelta, ExtensionConfigDiscoveryService::delta_extension_configs, DeltaDiscoveryRequest => DeltaDiscoveryResponse);
+
+struct EcdsFetch;
+impl UnaryService<DiscoveryRequest> for Method<EcdsFetch> {
+    type Response = DiscoveryResponse;
+    type Future = BoxFuture<Response<DiscoveryResponse>, Status>;
+    fn call(&mut self, request: Request<DiscoveryRequest>) -> Self::Future {
+        let svc = self.0.clone();
+        Box::pin(async move { svc.fetch_extension_configs(request).await })
+    }
+}
+
+/// `envoy.service.discovery.v3.AggregatedDiscoveryService`.
+#[derive(Debug, Clone)]
+pub struct AdsServer(pub XdsServices);
+
+/// `envoy.service.extension.v3.ExtensionConfigDiscoveryService`.
+#[derive(Debug, Clone)]
+pub struct EcdsServer(pub XdsServices);
+
+impl NamedService for AdsServer {
+    const NAME: &'static str = "envoy.service.discovery.v3.AggregatedDiscoveryService";
+}
+
+impl NamedService for EcdsServer {
+    const NAME: &'static str = "envoy.service.extension.v3.ExtensionConfigDiscoveryService";
+}
+
+fn method<M>(svc: &XdsServices) -> Method<M> {
+    Method(svc.clone(), PhantomData)
+}
+
+impl<B> tower_service::Service<http::Request<B>> for AdsServer
+where
+    B: http_body::Body + Send + 'static,
+    B::Error: Into<StdError> + Send + 'static,
+{
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let svc = &self.0;
+        match req.uri().path() {
+            "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources" => {
+                Box::pin(streaming(method::<AdsSotw>(svc), req))
+            }
+            "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources" => {
+                Box::pin(streaming(method::<AdsDelta>(svc), req))
+            }
+            _ => Box::pin(async { Ok(unimplemented()) }),
+        }
+    }
+}
+
+impl<B> tower_service::Service<http::Request<B>> for EcdsServer
+where
+    B: http_body::Body + Send + 'static,
+    B::Error: Into<StdError> + Send + 'static,
+{
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let svc = &self.0;
+        match req.uri().path() {
+            "/envoy.service.extension.v3.ExtensionConfigDiscoveryService/StreamExtensionConfigs" => {
+                Box::pin(streaming(method::<EcdsSotw>(svc), req))
+            }
+            "/envoy.service.extension.v3.ExtensionConfigDiscoveryService/DeltaExtensionConfigs" => {
+                Box::pin(streaming(method::<EcdsDelta>(svc), req))
+            }
+            "/envoy.service.extension.v3.ExtensionConfigDiscoveryService/FetchExtensionConfigs" => {
+                let fetch = method::<EcdsFetch>(svc);
+                Box::pin(async move {
+                    let mut grpc = Grpc::new(XdsCodec::<DiscoveryResponse, DiscoveryRequest>::default())
+                        .apply_max_message_size_config(Some(MAX_REQUEST), None);
+                    Ok(grpc.unary(fetch, req).await)
+                })
+            }
+            _ => Box::pin(async { Ok(unimplemented()) }),
+        }
+    }
+}
