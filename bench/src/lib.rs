@@ -67,6 +67,8 @@ pub(crate) struct Shared {
     /// Set when the change was written: receipts after it count as propagation.
     pub change_written: Mutex<Option<Instant>>,
     pub messages: AtomicU64,
+    /// Bytes received after the change was written.
+    pub change_bytes: AtomicU64,
     pub bytes: AtomicU64,
     pub acks: AtomicU64,
     pub nacks: AtomicU64,

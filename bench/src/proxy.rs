@@ -125,7 +125,11 @@ async fn sotw(
     let mut seen = HashSet::new();
     while let Some(r) = responses.message().await? {
         shared.messages.fetch_add(1, Ordering::Relaxed);
-        shared.bytes.fetch_add(r.encoded_len() as u64, Ordering::Relaxed);
+        let len = r.encoded_len() as u64;
+        shared.bytes.fetch_add(len, Ordering::Relaxed);
+        if shared.change_written.lock().map(|c| c.is_some()).unwrap_or(false) {
+            shared.change_bytes.fetch_add(len, Ordering::Relaxed);
+        }
         received(i, &r.type_url, started, &mut seen, subs.len(), times, shared);
         let names = subs.iter().find(|(rt, _)| rt.type_url() == r.type_url).map(|(_, n)| n.clone()).unwrap_or_default();
         let refuse = spec.nack.as_ref().is_some_and(|n| holds(&r.resources, n));
@@ -179,7 +183,11 @@ async fn delta(
     let mut seen = HashSet::new();
     while let Some(r) = responses.message().await? {
         shared.messages.fetch_add(1, Ordering::Relaxed);
-        shared.bytes.fetch_add(r.encoded_len() as u64, Ordering::Relaxed);
+        let len = r.encoded_len() as u64;
+        shared.bytes.fetch_add(len, Ordering::Relaxed);
+        if shared.change_written.lock().map(|c| c.is_some()).unwrap_or(false) {
+            shared.change_bytes.fetch_add(len, Ordering::Relaxed);
+        }
         received(i, &r.type_url, started, &mut seen, subs.len(), times, shared);
         let refuse = spec.nack.as_ref().is_some_and(|n| r.resources.iter().any(|x| &x.name == n));
         let req = DeltaDiscoveryRequest {

@@ -53,6 +53,8 @@ pub struct Report {
     pub change_acked_by_server: Option<Percentiles>,
     pub messages_received: u64,
     pub bytes_received: u64,
+    /// Bytes received from the change's write on.
+    pub change_bytes_received: u64,
     pub acks_sent: u64,
     pub nacks_sent: u64,
     pub server: ServerSample,
@@ -124,6 +126,7 @@ impl Report {
             change_acked_by_server: server_acks.map(Percentiles::of),
             messages_received: shared.messages.load(Ordering::Relaxed),
             bytes_received: shared.bytes.load(Ordering::Relaxed),
+            change_bytes_received: shared.change_bytes.load(Ordering::Relaxed),
             acks_sent: shared.acks.load(Ordering::Relaxed),
             nacks_sent: shared.nacks.load(Ordering::Relaxed),
             server,
@@ -139,6 +142,7 @@ impl std::fmt::Display for Report {
         writeln!(f, "first full config:  {}", self.first_full_config)?;
         if let Some(p) = &self.change_received {
             writeln!(f, "change -> received: {p}")?;
+            writeln!(f, "bytes received for the change: {}", self.change_bytes_received)?;
         }
         if let Some(p) = &self.change_acked_by_server {
             writeln!(f, "change -> server saw ACK: {p}")?;

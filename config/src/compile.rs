@@ -240,7 +240,11 @@ impl Compiler<'_> {
             return;
         }
         // Entries sharing a name are one filter in the listeners: they must agree on where.
-        if let Some(other) = self.resources.iter().find(|r| r.resource_type == rt && r.name == spec.name) {
+        // (Only looked for when there is an earlier entry of the name: this runs per entry.)
+        let shared_name = self.seen.get(&(rt, spec.name.clone())).is_some_and(|e| e.len() > 1);
+        if let Some(other) =
+            shared_name.then(|| self.resources.iter().find(|r| r.resource_type == rt && r.name == spec.name)).flatten()
+        {
             if other.placement != placement {
                 let at = other.origin.path.clone();
                 self.error_at(&origin, "placement", format!("must be the same as in {at}, the other entry named \"{}\": the filter is placed once per listener", spec.name));
