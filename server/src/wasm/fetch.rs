@@ -132,9 +132,10 @@ impl WasmFetcher {
         let bytes = match &plugin.source {
             ModuleSource::File(path) => self.read_file(path).await?,
             ModuleSource::Http(url) => self.download(url).await?,
-            ModuleSource::Oci { .. } => {
+            ModuleSource::Oci { registry, repository, tag, digest } => {
                 let auth = registry_auth(plugin.pull_secret.as_ref())?;
-                return self.from_registry(plugin, &auth).await;
+                let reference = oci::reference(registry, repository, tag.as_deref(), digest.as_deref());
+                return self.pull_oci(plugin, &reference, &auth).await;
             }
         };
         self.accept(plugin, bytes).map(|m| (m, false))
@@ -219,11 +220,12 @@ impl WasmFetcher {
 
     /// OCI: resolve the tag (unless `IfNotPresent` and resolved before), then take the
     /// module from the cache or the registry.
-    async fn from_registry(&self, plugin: &WasmPlugin, auth: &RegistryAuth) -> Result<(Module, bool), FetchError> {
-        let ModuleSource::Oci { registry, repository, tag, digest } = &plugin.source else {
-            unreachable!("called for OCI sources only")
-        };
-        let reference = oci::reference(registry, repository, tag.as_deref(), digest.as_deref());
+    async fn pull_oci(
+        &self,
+        plugin: &WasmPlugin,
+        reference: &oci_client::Reference,
+        auth: &RegistryAuth,
+    ) -> Result<(Module, bool), FetchError> {
         let key = reference.whole();
         if plugin.pull_policy == PullPolicy::IfNotPresent {
             if let Some((_, sha)) = self.cache.resolved(&key) {
@@ -237,7 +239,7 @@ impl WasmFetcher {
             if attempt > 0 {
                 tokio::time::sleep(Duration::from_millis(200 << (attempt - 1).min(5))).await;
             }
-            match oci::pull(&self.oci, &reference, auth, self.settings.max_module_bytes, |sha| {
+            match oci::pull(&self.oci, reference, auth, self.settings.max_module_bytes, |sha| {
                 self.cache.get(sha, &self.metrics)
             })
             .await

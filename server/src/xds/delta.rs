@@ -20,7 +20,7 @@ use prost::Message;
 use crate::{
     cache::Snapshot,
     xds::{
-        stream::{set_version, NodeInfo, NonceSource, Step, StreamEvent, Subscription},
+        stream::{check_request, set_version, NodeInfo, NonceSource, Step, StreamEvent, Subscription},
         ProtocolError,
     },
 };
@@ -78,20 +78,9 @@ impl DeltaStream {
 
     pub fn on_request(&mut self, req: DeltaDiscoveryRequest) -> Result<Step<DeltaDiscoveryResponse>, ProtocolError> {
         let mut step = Step::default();
-        if self.node.is_none() {
-            let node = req.node.as_ref().ok_or(ProtocolError::MissingNode)?;
-            self.node = Some(NodeInfo::from(node));
-        }
-        let Some(rt) = ResourceType::from_type_url(&req.type_url) else {
-            if self.only.is_some() {
-                return Err(ProtocolError::WrongType { got: req.type_url });
-            }
-            step.events.push(StreamEvent::UnsupportedType { type_url: req.type_url });
+        let Some(rt) = check_request(&mut self.node, self.only, req.node.as_ref(), &req.type_url, &mut step)? else {
             return Ok(step);
         };
-        if self.only.is_some_and(|o| o != rt) {
-            return Err(ProtocolError::WrongType { got: req.type_url });
-        }
 
         let first = !self.types.contains_key(&rt);
         let state = self.types.entry(rt).or_default();
@@ -106,7 +95,7 @@ impl DeltaStream {
         // changes, so an unknown or superseded nonce only skips this part.
         if !req.response_nonce.is_empty() {
             if let Some(i) = state.pending.iter().position(|p| p.nonce == req.response_nonce) {
-                let answered = state.pending.drain(..=i).last().expect("position found an entry");
+                let answered = state.pending.drain(..=i).next_back().expect("position found an entry");
                 match &req.error_detail {
                     Some(err) => step.events.push(StreamEvent::Nacked {
                         rt,
@@ -189,7 +178,7 @@ impl DeltaStream {
             return;
         }
         state.must_answer = false;
-        let nonce = self.nonces.next();
+        let nonce = self.nonces.next_nonce();
         let response = DeltaDiscoveryResponse {
             system_version_info: version.clone(),
             resources: changed

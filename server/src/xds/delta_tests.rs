@@ -1,6 +1,6 @@
 //! Rules of the delta state machine that need no server: plain values in and out.
 
-use std::{path::Path, sync::Arc};
+use std::sync::Arc;
 
 use filterplane_api::{
     envoy_types::pb::{
@@ -9,23 +9,11 @@ use filterplane_api::{
     },
     ResourceType,
 };
-use filterplane_config::NodeFacts;
 
 use super::*;
-use crate::cache::Generation;
+use crate::xds::test_support::snapshot;
 
 const ECDS: ResourceType = ResourceType::ExtensionConfig;
-
-fn snapshot(entries: &[(&str, &str)]) -> Arc<Snapshot> {
-    let mut yaml = String::from("version: 1\nextension_configs:\n");
-    for (name, value) in entries {
-        yaml.push_str(&format!(
-            "  - name: {name}\n    typed_config: {{ \"@type\": type.googleapis.com/google.protobuf.StringValue, value: \"{value}\" }}\n"
-        ));
-    }
-    let parsed = filterplane_config::load::parse_file(Path::new("t.yaml"), &yaml).unwrap();
-    Generation::new(filterplane_config::compile(&[parsed]).unwrap()).snapshot_for(&NodeFacts::default())
-}
 
 fn req(rt: ResourceType, subscribe: &[&str], unsubscribe: &[&str], nonce: &str) -> DeltaDiscoveryRequest {
     DeltaDiscoveryRequest {

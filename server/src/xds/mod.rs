@@ -5,6 +5,8 @@ pub mod grpc;
 pub mod service;
 pub mod sotw;
 pub mod stream;
+#[cfg(test)]
+mod test_support;
 
 /// A request the protocol cannot serve; ends the stream with a gRPC status. Converted to
 /// `tonic::Status` here and nowhere else. (An Envoy NACK is not one of these: it is

@@ -13,7 +13,7 @@ use filterplane_api::{
 use prost::Message;
 
 use crate::cache::Snapshot;
-use crate::xds::stream::{set_version, NodeInfo, NonceSource, Step, StreamEvent, Subscription};
+use crate::xds::stream::{check_request, set_version, NodeInfo, NonceSource, Step, StreamEvent, Subscription};
 use crate::xds::ProtocolError;
 
 #[derive(Debug, Clone)]
@@ -64,23 +64,9 @@ impl SotwStream {
     /// Handles one request from the client.
     pub fn on_request(&mut self, req: DiscoveryRequest) -> Result<Step<DiscoveryResponse>, ProtocolError> {
         let mut step = Step::default();
-        if self.node.is_none() {
-            // Envoy sends the node on the first request of a stream (and may omit it later).
-            let node = req.node.as_ref().ok_or(ProtocolError::MissingNode)?;
-            self.node = Some(NodeInfo::from(node));
-        }
-        let Some(rt) = ResourceType::from_type_url(&req.type_url) else {
-            if self.only.is_some() {
-                return Err(ProtocolError::WrongType { got: req.type_url });
-            }
-            // xDS protocol: a type the server does not know gets no response; Envoy times
-            // the subscription out on its own (initial_fetch_timeout).
-            step.events.push(StreamEvent::UnsupportedType { type_url: req.type_url });
+        let Some(rt) = check_request(&mut self.node, self.only, req.node.as_ref(), &req.type_url, &mut step)? else {
             return Ok(step);
         };
-        if self.only.is_some_and(|o| o != rt) {
-            return Err(ProtocolError::WrongType { got: req.type_url });
-        }
 
         let state = self.types.get(&rt);
         let sent_nonce = state.and_then(|s| s.last_sent.as_ref()).map(|s| s.nonce.as_str());
@@ -180,7 +166,7 @@ impl SotwStream {
             }
             _ => {}
         }
-        let nonce = self.nonces.next();
+        let nonce = self.nonces.next_nonce();
         let response = DiscoveryResponse {
             version_info: version.clone(),
             resources: selected.iter().map(|r| r.any.clone()).collect(),

@@ -1,7 +1,7 @@
 //! Protocol rules of the SotW state machine, driven by a scripted client: plain values
 //! in, plain values out.
 
-use std::{path::Path, sync::Arc};
+use std::sync::Arc;
 
 use filterplane_api::{
     envoy_types::pb::{
@@ -10,26 +10,12 @@ use filterplane_api::{
     },
     ResourceType,
 };
-use filterplane_config::NodeFacts;
 
 use super::*;
-use crate::cache::Generation;
 use crate::xds::stream::Step;
+use crate::xds::test_support::snapshot;
 
 const ECDS: ResourceType = ResourceType::ExtensionConfig;
-
-/// A snapshot holding one header-mutation extension config per (name, header value).
-fn snapshot(entries: &[(&str, &str)]) -> Arc<Snapshot> {
-    let mut yaml = String::from("version: 1\nextension_configs:\n");
-    for (name, value) in entries {
-        yaml.push_str(&format!(
-            "  - name: {name}\n    typed_config:\n      \"@type\": type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutation\n      mutations: {{ response_mutations: [ {{ append: {{ header: {{ key: x-plugin, value: {value} }} }} }} ] }}\n"
-        ));
-    }
-    let parsed = filterplane_config::load::parse_file(Path::new("test.yaml"), &yaml).unwrap();
-    let config = filterplane_config::compile(&[parsed]).unwrap();
-    Generation::new(config).snapshot_for(&NodeFacts::default())
-}
 
 fn request(rt: ResourceType, names: &[&str], version: &str, nonce: &str) -> DiscoveryRequest {
     DiscoveryRequest {

@@ -76,6 +76,33 @@ impl<R> Default for Step<R> {
     }
 }
 
+/// What both protocols check first in every request: the node (learnt from the first
+/// request; Envoy may omit it later) and the type URL. `Ok(None)` for a type Filterplane
+/// does not serve, with the event recorded in `step`: xDS protocol, such a request gets
+/// no response and Envoy times the subscription out on its own (initial_fetch_timeout).
+pub fn check_request<R>(
+    node: &mut Option<NodeInfo>,
+    only: Option<ResourceType>,
+    req_node: Option<&Node>,
+    type_url: &str,
+    step: &mut Step<R>,
+) -> Result<Option<ResourceType>, crate::xds::ProtocolError> {
+    use crate::xds::ProtocolError;
+    if node.is_none() {
+        *node = Some(NodeInfo::from(req_node.ok_or(ProtocolError::MissingNode)?));
+    }
+    let wrong = || ProtocolError::WrongType { got: type_url.to_owned() };
+    match ResourceType::from_type_url(type_url) {
+        None if only.is_some() => Err(wrong()),
+        None => {
+            step.events.push(StreamEvent::UnsupportedType { type_url: type_url.to_owned() });
+            Ok(None)
+        }
+        Some(rt) if only.is_some_and(|o| o != rt) => Err(wrong()),
+        Some(rt) => Ok(Some(rt)),
+    }
+}
+
 /// The resources of one type a stream asked for.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Subscription {
@@ -153,7 +180,7 @@ pub fn set_version(resources: &[&Arc<ServedResource>]) -> ResourceVersion {
 pub struct NonceSource(u64);
 
 impl NonceSource {
-    pub fn next(&mut self) -> String {
+    pub fn next_nonce(&mut self) -> String {
         self.0 += 1;
         self.0.to_string()
     }
