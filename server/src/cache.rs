@@ -49,7 +49,9 @@ pub struct Generation {
     pub config: Arc<CompiledConfig>,
     /// Parallel to `config.resources`.
     served: Vec<Arc<ServedResource>>,
-    /// Keyed by the indices of the entries a node matches.
+    /// Entries with a node selector: the only ones a node's group depends on.
+    selective: Vec<u32>,
+    /// Keyed by the indices of the selective entries a node matches.
     groups: DashMap<Vec<u32>, Arc<Snapshot>>,
 }
 
@@ -62,7 +64,14 @@ impl Generation {
                 Arc::new(ServedResource { name: r.name.clone(), version: r.version.clone(), any: r.resource.clone() })
             })
             .collect();
-        Self { config: Arc::new(config), served, groups: DashMap::new() }
+        let selective = config
+            .resources
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| !r.selector.is_empty())
+            .map(|(i, _)| i as u32)
+            .collect();
+        Self { config: Arc::new(config), served, selective, groups: DashMap::new() }
     }
 
     pub fn version(&self) -> &ResourceVersion {
@@ -70,18 +79,22 @@ impl Generation {
     }
 
     /// The snapshot for a node: shared with every node that matches the same entries.
+    /// Runs once per stream per config change, so it only looks at entries that have a
+    /// selector: every node gets the others.
     pub fn snapshot_for(&self, node: &NodeFacts) -> Arc<Snapshot> {
-        let key: Vec<u32> = self
-            .config
-            .resources
+        let group: Vec<u32> = self
+            .selective
             .iter()
-            .enumerate()
-            .filter(|(_, r)| r.selector.matches(node))
-            .map(|(i, _)| i as u32)
+            .copied()
+            .filter(|&i| self.config.resources[i as usize].selector.matches(node))
             .collect();
-        if let Some(s) = self.groups.get(&key) {
+        if let Some(s) = self.groups.get(&group) {
             return s.clone();
         }
+        // Every entry this group gets, in config order (which decides same-name entries).
+        let key: Vec<u32> = (0..self.config.resources.len() as u32)
+            .filter(|i| self.config.resources[*i as usize].selector.is_empty() || group.binary_search(i).is_ok())
+            .collect();
         // Filters placed into listeners: those of the extension configs this group gets
         // (entries sharing a name share their placement).
         let mut placements: Vec<&Placement> = Vec::new();
@@ -107,7 +120,7 @@ impl Generation {
             .flat_map(|s| [s.name.as_bytes(), s.version.as_str().as_bytes()])
             .collect();
         let snap = Arc::new(Snapshot { config_version: content_version(versions), types });
-        self.groups.entry(key).or_insert(snap).clone()
+        self.groups.entry(group).or_insert(snap).clone()
     }
 
     /// A resource as this group is served it: listeners get the group's placed filters,
