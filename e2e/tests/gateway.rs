@@ -99,3 +99,41 @@ fn gateway_serves_everything_and_places_plugins_by_phase() {
     assert_eq!(plain.status, 200);
     assert!(plain.header("x-served-by").is_none());
 }
+
+/// A network filter placed into the served listener's filter chain, ahead of the HTTP
+/// connection manager, discovered over ECDS like the HTTP ones.
+#[test]
+fn network_filter_is_placed_before_the_terminal_filter() {
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = dir.path().join("filterplane.yaml");
+    let (xds_port, admin_port) = (free_port(), free_port());
+    let ports = EnvoyPorts::new(xds_port);
+    let config = example_text("gateway/filterplane.yaml")
+        .replace("port_value: 10000", &format!("port_value: {}", ports.listener))
+        .replace("port_value: 18001", &format!("port_value: {admin_port}"))
+        .replace(
+            "extension_configs:\n",
+            "extension_configs:\n  - name: conn-limit\n    placement: { listeners: [edge] }\n    typed_config:\n      \"@type\": type.googleapis.com/envoy.extensions.filters.network.local_ratelimit.v3.LocalRateLimit\n      stat_prefix: conn_limit\n      token_bucket: { max_tokens: 1000, tokens_per_fill: 1000, fill_interval: 1s }\n",
+        );
+    fs::write(&yaml, &config).unwrap();
+    let _fp = Filterplane::start_on(&yaml, dir.path(), xds_port, admin_port);
+    let envoy = Envoy::start(&example_bootstrap("gateway/envoy.yaml", ports, "net"), ports, dir.path(), "envoy");
+    let network_filters = || -> Vec<String> {
+        let dump = envoy.admin("/config_dump?resource=dynamic_listeners").map(|r| r.body).unwrap_or_default();
+        let v: Value = serde_json::from_str(&dump).unwrap_or(Value::Null);
+        v["configs"][0]["active_state"]["listener"]["filter_chains"][0]["filters"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|f| f["name"].as_str().map(str::to_owned))
+            .collect()
+    };
+    wait_until("the network filter in Envoy's listener", WAIT, || {
+        (network_filters() == ["conn-limit", "envoy.filters.network.http_connection_manager"]).then_some(())
+    });
+    let r = wait_until("a response through the chain", WAIT, || envoy.get("/").filter(|r| r.status == 200));
+    assert_eq!(r.header("x-served-by"), Some("filterplane-gateway"));
+    wait_until("the ECDS network filter config applied", WAIT, || {
+        envoy.stat("extension_config_discovery.network_filter.conn-limit.update_success").filter(|n| *n >= 1)
+    });
+}
