@@ -20,7 +20,7 @@ use prost::Message;
 use crate::{
     cache::Snapshot,
     xds::{
-        stream::{check_request, set_version, NodeInfo, NonceSource, Step, StreamEvent, Subscription},
+        stream::{set_version, NodeInfo, Step, StreamCore, StreamEvent, Subscription},
         ProtocolError,
     },
 };
@@ -52,33 +52,23 @@ struct TypeState {
 /// One delta stream (ADS, or a single-type service such as ECDS).
 #[derive(Debug)]
 pub struct DeltaStream {
-    only: Option<ResourceType>,
-    node: Option<NodeInfo>,
-    snapshot: Option<Arc<Snapshot>>,
+    core: StreamCore,
     types: BTreeMap<ResourceType, TypeState>,
-    nonces: NonceSource,
-    control_plane: String,
 }
 
 impl DeltaStream {
     pub fn new(only: Option<ResourceType>, control_plane: impl Into<String>) -> Self {
-        Self {
-            only,
-            node: None,
-            snapshot: None,
-            types: BTreeMap::new(),
-            nonces: NonceSource::default(),
-            control_plane: control_plane.into(),
-        }
+        Self { core: StreamCore::new(only, control_plane), types: BTreeMap::new() }
     }
 
+    /// The node, once the first request has named it.
     pub fn node(&self) -> Option<&NodeInfo> {
-        self.node.as_ref()
+        self.core.node.as_ref()
     }
 
     pub fn on_request(&mut self, req: DeltaDiscoveryRequest) -> Result<Step<DeltaDiscoveryResponse>, ProtocolError> {
         let mut step = Step::default();
-        let Some(rt) = check_request(&mut self.node, self.only, req.node.as_ref(), &req.type_url, &mut step)? else {
+        let Some(rt) = self.core.check_request(req.node.as_ref(), &req.type_url, &mut step)? else {
             return Ok(step);
         };
 
@@ -136,7 +126,7 @@ impl DeltaStream {
     }
 
     pub fn on_snapshot(&mut self, snapshot: Arc<Snapshot>) -> Step<DeltaDiscoveryResponse> {
-        self.snapshot = Some(snapshot);
+        self.core.snapshot = Some(snapshot);
         let mut step = Step::default();
         for rt in ResourceType::ALL {
             if self.types.contains_key(&rt) {
@@ -147,7 +137,7 @@ impl DeltaStream {
     }
 
     fn respond(&mut self, rt: ResourceType, newly: &[String], first: bool, step: &mut Step<DeltaDiscoveryResponse>) {
-        let (Some(snapshot), Some(state)) = (self.snapshot.as_ref(), self.types.get_mut(&rt)) else {
+        let (Some(snapshot), Some(state)) = (self.core.snapshot.as_ref(), self.types.get_mut(&rt)) else {
             return;
         };
         let available = snapshot.resources(rt);
@@ -178,7 +168,7 @@ impl DeltaStream {
             return;
         }
         state.must_answer = false;
-        let nonce = self.nonces.next_nonce();
+        let nonce = self.core.nonces.next_nonce();
         let response = DeltaDiscoveryResponse {
             system_version_info: version.clone(),
             resources: changed
@@ -193,7 +183,7 @@ impl DeltaStream {
             type_url: rt.type_url().to_owned(),
             removed_resources: removed.clone(),
             nonce: nonce.clone(),
-            control_plane: Some(ControlPlane { identifier: self.control_plane.clone() }),
+            control_plane: Some(ControlPlane { identifier: self.core.control_plane.clone() }),
             ..Default::default()
         };
         for r in &changed {

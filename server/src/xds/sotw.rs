@@ -13,7 +13,7 @@ use filterplane_api::{
 use prost::Message;
 
 use crate::cache::Snapshot;
-use crate::xds::stream::{check_request, set_version, NodeInfo, NonceSource, Step, StreamEvent, Subscription};
+use crate::xds::stream::{set_version, NodeInfo, Step, StreamCore, StreamEvent, Subscription};
 use crate::xds::ProtocolError;
 
 #[derive(Debug, Clone)]
@@ -35,36 +35,23 @@ struct TypeState {
 /// One SotW stream (ADS, or a single-type service such as ECDS).
 #[derive(Debug)]
 pub struct SotwStream {
-    /// Set on single-type services: any other type URL is a protocol error.
-    only: Option<ResourceType>,
-    node: Option<NodeInfo>,
-    snapshot: Option<Arc<Snapshot>>,
+    core: StreamCore,
     types: BTreeMap<ResourceType, TypeState>,
-    nonces: NonceSource,
-    control_plane: String,
 }
 
 impl SotwStream {
     pub fn new(only: Option<ResourceType>, control_plane: impl Into<String>) -> Self {
-        Self {
-            only,
-            node: None,
-            snapshot: None,
-            types: BTreeMap::new(),
-            nonces: NonceSource::default(),
-            control_plane: control_plane.into(),
-        }
+        Self { core: StreamCore::new(only, control_plane), types: BTreeMap::new() }
     }
 
     /// The node, once the first request has named it.
     pub fn node(&self) -> Option<&NodeInfo> {
-        self.node.as_ref()
+        self.core.node.as_ref()
     }
 
-    /// Handles one request from the client.
     pub fn on_request(&mut self, req: DiscoveryRequest) -> Result<Step<DiscoveryResponse>, ProtocolError> {
         let mut step = Step::default();
-        let Some(rt) = check_request(&mut self.node, self.only, req.node.as_ref(), &req.type_url, &mut step)? else {
+        let Some(rt) = self.core.check_request(req.node.as_ref(), &req.type_url, &mut step)? else {
             return Ok(step);
         };
 
@@ -98,6 +85,7 @@ impl SotwStream {
                 // NACK: record it and do not resend the same version; a new snapshot or
                 // a subscription change is what produces the next response.
                 let names = self
+                    .core
                     .snapshot
                     .as_ref()
                     .map(|s| sent.subscription.select(s.resources(rt)).iter().map(|r| r.name.clone()).collect())
@@ -133,7 +121,7 @@ impl SotwStream {
     /// A new snapshot for this stream's node: push every subscribed type whose
     /// selected resources changed, in dependency order.
     pub fn on_snapshot(&mut self, snapshot: Arc<Snapshot>) -> Step<DiscoveryResponse> {
-        self.snapshot = Some(snapshot);
+        self.core.snapshot = Some(snapshot);
         let mut step = Step::default();
         for rt in ResourceType::ALL {
             if self.types.contains_key(&rt) {
@@ -144,7 +132,7 @@ impl SotwStream {
     }
 
     fn respond_if_changed(&mut self, rt: ResourceType, step: &mut Step<DiscoveryResponse>) {
-        let (Some(snapshot), Some(state)) = (self.snapshot.as_ref(), self.types.get_mut(&rt)) else {
+        let (Some(snapshot), Some(state)) = (self.core.snapshot.as_ref(), self.types.get_mut(&rt)) else {
             return;
         };
         let selected = state.subscription.select(snapshot.resources(rt));
@@ -166,13 +154,13 @@ impl SotwStream {
             }
             _ => {}
         }
-        let nonce = self.nonces.next_nonce();
+        let nonce = self.core.nonces.next_nonce();
         let response = DiscoveryResponse {
             version_info: version.clone(),
             resources: selected.iter().map(|r| r.any.clone()).collect(),
             type_url: rt.type_url().to_owned(),
             nonce: nonce.clone(),
-            control_plane: Some(ControlPlane { identifier: self.control_plane.clone() }),
+            control_plane: Some(ControlPlane { identifier: self.core.control_plane.clone() }),
             ..Default::default()
         };
         step.events.push(StreamEvent::Sent {

@@ -12,7 +12,7 @@ use filterplane_api::{
 };
 use filterplane_config::NodeFacts;
 
-use crate::cache::{ResourceMap, ServedResource};
+use crate::cache::{ResourceMap, ServedResource, Snapshot};
 
 /// What a stream learns from the `node` of its first request.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -76,30 +76,47 @@ impl<R> Default for Step<R> {
     }
 }
 
-/// What both protocols check first in every request: the node (learnt from the first
-/// request; Envoy may omit it later) and the type URL. `Ok(None)` for a type Filterplane
-/// does not serve, with the event recorded in `step`: xDS protocol, such a request gets
-/// no response and Envoy times the subscription out on its own (initial_fetch_timeout).
-pub fn check_request<R>(
-    node: &mut Option<NodeInfo>,
-    only: Option<ResourceType>,
-    req_node: Option<&Node>,
-    type_url: &str,
-    step: &mut Step<R>,
-) -> Result<Option<ResourceType>, crate::xds::ProtocolError> {
-    use crate::xds::ProtocolError;
-    if node.is_none() {
-        *node = Some(NodeInfo::from(req_node.ok_or(ProtocolError::MissingNode)?));
+/// What both protocol state machines keep besides their per-type state.
+#[derive(Debug)]
+pub struct StreamCore {
+    /// Set on single-type services: any other type URL is a protocol error.
+    pub only: Option<ResourceType>,
+    pub node: Option<NodeInfo>,
+    pub snapshot: Option<Arc<Snapshot>>,
+    pub nonces: NonceSource,
+    pub control_plane: String,
+}
+
+impl StreamCore {
+    pub fn new(only: Option<ResourceType>, control_plane: impl Into<String>) -> Self {
+        Self { only, node: None, snapshot: None, nonces: NonceSource::default(), control_plane: control_plane.into() }
     }
-    let wrong = || ProtocolError::WrongType { got: type_url.to_owned() };
-    match ResourceType::from_type_url(type_url) {
-        None if only.is_some() => Err(wrong()),
-        None => {
-            step.events.push(StreamEvent::UnsupportedType { type_url: type_url.to_owned() });
-            Ok(None)
+
+    /// What both protocols check first in every request: the node (learnt from the
+    /// first request; Envoy may omit it later) and the type URL. `Ok(None)` for a type
+    /// Filterplane does not serve, with the event recorded in `step`: xDS protocol, such
+    /// a request gets no response and Envoy times the subscription out on its own
+    /// (initial_fetch_timeout).
+    pub fn check_request<R>(
+        &mut self,
+        req_node: Option<&Node>,
+        type_url: &str,
+        step: &mut Step<R>,
+    ) -> Result<Option<ResourceType>, crate::xds::ProtocolError> {
+        use crate::xds::ProtocolError;
+        if self.node.is_none() {
+            self.node = Some(NodeInfo::from(req_node.ok_or(ProtocolError::MissingNode)?));
         }
-        Some(rt) if only.is_some_and(|o| o != rt) => Err(wrong()),
-        Some(rt) => Ok(Some(rt)),
+        let wrong = || ProtocolError::WrongType { got: type_url.to_owned() };
+        match ResourceType::from_type_url(type_url) {
+            None if self.only.is_some() => Err(wrong()),
+            None => {
+                step.events.push(StreamEvent::UnsupportedType { type_url: type_url.to_owned() });
+                Ok(None)
+            }
+            Some(rt) if self.only.is_some_and(|o| o != rt) => Err(wrong()),
+            Some(rt) => Ok(Some(rt)),
+        }
     }
 }
 
