@@ -13,8 +13,8 @@ use serde_json::Value;
 use crate::{
     error::{ConfigError, ConfigErrors},
     load::ParsedFile,
-    model::{ChainKind, EnvoyResourceSpec, ExtensionConfigSpec, NodeSelector, PlacementSpec, WasmPluginSpec},
-    placement::{chain_of_type, place, Placement},
+    model::{ExtensionConfigSpec, NodeSelector, WasmPluginSpec},
+    placement::Placement,
     wasm::WasmPlugin,
 };
 
@@ -130,23 +130,6 @@ pub fn compile(files: &[ParsedFile]) -> Result<CompiledConfig, ConfigErrors> {
         files: files.iter().map(|f| f.path.clone()).collect(),
     };
     Ok(config.with_resources(c.resources))
-}
-
-/// A served listener with the given placements' filters inserted, encoded, and its
-/// version. `None` when no placement applies to it (serve `listener.resource` as is).
-pub fn assemble_listener(
-    listener: &CompiledResource,
-    placements: &[&Placement],
-) -> Option<Result<(Any, ResourceVersion), String>> {
-    let json = listener.listener_json.as_ref()?;
-    let placed = match place(json, placements) {
-        Ok(p) if p.hits.iter().any(|h| *h > 0) => p,
-        Ok(_) => return None,
-        Err(errors) => {
-            return Some(Err(errors.into_iter().map(|(p, m)| format!("{p}: {m}")).collect::<Vec<_>>().join("; ")))
-        }
-    };
-    Some(encode(ResourceType::Listener, &listener.name, placed.listener).map_err(|(p, m)| format!("{p}: {m}")))
 }
 
 /// Encodes an Envoy resource written as JSON; the version hashes its canonical form.
@@ -302,203 +285,9 @@ impl Compiler<'_> {
             self.wasm.push(plugin);
         }
     }
-
-    fn placement(&mut self, origin: &Origin, name: &str, type_url: &str, spec: &PlacementSpec) -> Option<Placement> {
-        let by_type = chain_of_type(type_url);
-        let chain = match (spec.chain, by_type) {
-            (Some(c), Some(t)) if c != t => {
-                let kind = |k: ChainKind| if k == ChainKind::Http { "an HTTP" } else { "a network" };
-                self.error_at(
-                    origin,
-                    "placement.chain",
-                    format!("{type_url} is {} filter; it cannot go in {} filter chain", kind(t), kind(c)),
-                );
-                return None;
-            }
-            (Some(c), _) | (None, Some(c)) => c,
-            (None, None) => {
-                self.error_at(
-                    origin,
-                    "placement",
-                    format!("cannot tell whether {type_url} is an HTTP or a network filter: set placement.chain"),
-                );
-                return None;
-            }
-        };
-        if chain == ChainKind::Network && !spec.route_configs.is_empty() {
-            self.error_at(origin, "placement.route_configs", "only HTTP filters can be placed by route config");
-            return None;
-        }
-        let default_config = match &spec.default_config {
-            None => None,
-            Some(d) => match any_from_json(d) {
-                Err(e) => {
-                    let sub = if e.path.is_empty() {
-                        "placement.default_config".into()
-                    } else {
-                        format!("placement.default_config.{}", e.path)
-                    };
-                    self.error_at(origin, &sub, e.message);
-                    return None;
-                }
-                Ok(t) if t.any.type_url != type_url => {
-                    self.error_at(
-                        origin,
-                        "placement.default_config.@type",
-                        format!("must be {type_url}, the type of typed_config"),
-                    );
-                    return None;
-                }
-                Ok(_) => Some(d.clone()),
-            },
-        };
-        Some(Placement {
-            filter_name: name.to_owned(),
-            chain,
-            listeners: spec.listeners.clone(),
-            ports: spec.ports.clone(),
-            route_configs: spec.route_configs.clone(),
-            phase: spec.phase,
-            priority: spec.priority,
-            type_url: type_url.to_owned(),
-            default_config,
-            apply_default_config_without_warming: spec.apply_default_config_without_warming,
-        })
-    }
-
-    fn envoy_resource(
-        &mut self,
-        file: &ParsedFile,
-        section: &str,
-        i: usize,
-        rt: ResourceType,
-        spec: &EnvoyResourceSpec,
-    ) {
-        let at = format!("{section}[{i}]");
-        let origin = Origin { file: file.path.clone(), line: file.lines.line_of(&at), path: at };
-        let mut json = spec.0.clone();
-        let selector = match json.remove("node_selector").map(serde_json::from_value::<NodeSelector>) {
-            None => NodeSelector::default(),
-            Some(Ok(s)) => s,
-            Some(Err(e)) => {
-                self.error_at(&origin, "node_selector", e.to_string());
-                return;
-            }
-        };
-        match json.get("@type") {
-            Some(Value::String(t)) if t != rt.type_url() => {
-                self.error_at(&origin, "@type", format!("must be {} in `{section}` (or left out)", rt.type_url()));
-                return;
-            }
-            _ => {}
-        }
-        json.remove("@type");
-        let name_key = if rt == ResourceType::ClusterLoadAssignment { "cluster_name" } else { "name" };
-        let name = [name_key, &camel(name_key)]
-            .iter()
-            .find_map(|k| json.get(*k))
-            .and_then(Value::as_str)
-            .unwrap_or_default()
-            .to_owned();
-        let json = Value::Object(json);
-        let (any, version) = match encode(rt, &name, json.clone()) {
-            Ok(v) => v,
-            Err((path, message)) => {
-                self.error_at(&origin, &path, message);
-                return;
-            }
-        };
-        if !self.register(rt, section.trim_end_matches('s'), name_key, &name, &selector, &origin) {
-            return;
-        }
-        self.resources.push(CompiledResource {
-            resource_type: rt,
-            name,
-            selector,
-            resource: any,
-            inner_type_url: rt.type_url().to_owned(),
-            version,
-            origin,
-            placement: None,
-            listener_json: (rt == ResourceType::Listener).then(|| Arc::new(json)),
-            wasm_sha256: None,
-        });
-    }
-
-    /// Every placement must name listeners that exist and land in at least one chain;
-    /// placing all of them at once into every listener must give valid listeners.
-    fn check_placements(&mut self) {
-        let mut placements: Vec<(Arc<Placement>, Origin)> = Vec::new();
-        let placed = self.resources.iter().map(|r| (&r.placement, &r.origin));
-        for (p, origin) in placed.chain(self.wasm.iter().map(|w| (&w.placement, &w.origin))) {
-            if let Some(p) = p {
-                if !placements.iter().any(|(q, _)| q.filter_name == p.filter_name) {
-                    placements.push((p.clone(), origin.clone()));
-                }
-            }
-        }
-        if placements.is_empty() {
-            return;
-        }
-        let listeners: Vec<CompiledResource> =
-            self.resources.iter().filter(|r| r.listener_json.is_some()).cloned().collect();
-        for (p, origin) in &placements {
-            for (k, l) in p.listeners.iter().enumerate() {
-                if !listeners.iter().any(|r| &r.name == l) {
-                    self.error_at(
-                        origin,
-                        &format!("placement.listeners[{k}]"),
-                        format!("no listener named \"{l}\" in the config"),
-                    );
-                }
-            }
-        }
-        let all: Vec<&Placement> = placements.iter().map(|(p, _)| p.as_ref()).collect();
-        let mut hits = vec![0usize; all.len()];
-        let errors_before = self.errors.len();
-        for l in &listeners {
-            let json = l.listener_json.as_ref().expect("filtered on listener_json");
-            match place(json, &all) {
-                Err(errs) => {
-                    for (path, message) in errs {
-                        self.error_at(&l.origin, &path, message);
-                    }
-                }
-                Ok(placed) => {
-                    for (h, n) in hits.iter_mut().zip(&placed.hits) {
-                        *h += n;
-                    }
-                    if let Err((path, message)) = encode(ResourceType::Listener, &l.name, placed.listener) {
-                        self.error_at(&l.origin, &path, format!("after inserting placed filters: {message}"));
-                    }
-                }
-            }
-        }
-        for ((p, origin), h) in placements.iter().zip(hits) {
-            // (Counts are incomplete when a listener failed; its error says enough.)
-            if h == 0 && self.errors.len() == errors_before {
-                let what = match p.chain {
-                    ChainKind::Http => "HTTP connection manager",
-                    ChainKind::Network => "network filter chain",
-                };
-                self.error_at(origin, "placement", format!("matches no {what} in the listeners this config serves"));
-            }
-        }
-    }
 }
 
-fn camel(snake: &str) -> String {
-    let mut out = String::new();
-    let mut up = false;
-    for c in snake.chars() {
-        if c == '_' {
-            up = true;
-        } else if up {
-            out.extend(c.to_uppercase());
-            up = false;
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
+mod placed;
+mod resources;
+
+pub use placed::assemble_listener;
