@@ -66,6 +66,8 @@ pub struct LoadSpec {
 pub(crate) struct Shared {
     /// Set when the change was written: receipts after it count as propagation.
     pub change_written: Mutex<Option<Instant>>,
+    /// `change_written` is set (read per message without taking the lock).
+    pub change_armed: std::sync::atomic::AtomicBool,
     pub messages: AtomicU64,
     /// Bytes received after the change was written.
     pub change_bytes: AtomicU64,
@@ -135,6 +137,7 @@ pub async fn run(spec: LoadSpec) -> anyhow::Result<Report> {
         let new = text.replacen(&change.from, &change.to, 1);
         // Arm the receivers first, then write: a receipt can never predate the mark.
         *shared.change_written.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+        shared.change_armed.store(true, std::sync::atomic::Ordering::Release);
         write_wall = Some(SystemTime::now());
         std::fs::write(&change.file, new).with_context(|| format!("write {}", change.file.display()))?;
         let deadline = Instant::now() + spec.timeout;

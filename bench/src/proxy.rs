@@ -75,7 +75,8 @@ fn received(
     if t.first_full_config.is_none() && seen.len() >= want {
         t.first_full_config = Some(now - started);
     }
-    if rt == ResourceType::ExtensionConfig.type_url() && t.change_received.is_none() {
+    let armed = shared.change_armed.load(Ordering::Acquire);
+    if armed && rt == ResourceType::ExtensionConfig.type_url() && t.change_received.is_none() {
         if let Some(written) = *shared.change_written.lock().unwrap_or_else(|p| p.into_inner()) {
             t.change_received = Some(now.saturating_duration_since(written));
         }
@@ -127,7 +128,7 @@ async fn sotw(
         shared.messages.fetch_add(1, Ordering::Relaxed);
         let len = r.encoded_len() as u64;
         shared.bytes.fetch_add(len, Ordering::Relaxed);
-        if shared.change_written.lock().map(|c| c.is_some()).unwrap_or(false) {
+        if shared.change_armed.load(Ordering::Relaxed) {
             shared.change_bytes.fetch_add(len, Ordering::Relaxed);
         }
         received(i, &r.type_url, started, &mut seen, subs.len(), times, shared);
@@ -185,7 +186,7 @@ async fn delta(
         shared.messages.fetch_add(1, Ordering::Relaxed);
         let len = r.encoded_len() as u64;
         shared.bytes.fetch_add(len, Ordering::Relaxed);
-        if shared.change_written.lock().map(|c| c.is_some()).unwrap_or(false) {
+        if shared.change_armed.load(Ordering::Relaxed) {
             shared.change_bytes.fetch_add(len, Ordering::Relaxed);
         }
         received(i, &r.type_url, started, &mut seen, subs.len(), times, shared);

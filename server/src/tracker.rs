@@ -260,7 +260,16 @@ impl AckTracker {
                     t.resources.remove(name);
                 }
                 for (name, v) in resources {
-                    t.resources.entry(name.clone()).or_default().sent_version = v.to_string();
+                    match t.resources.get_mut(name) {
+                        Some(r) if r.sent_version == v.as_str() => {}
+                        Some(r) => r.sent_version = v.to_string(),
+                        None => {
+                            t.resources.insert(
+                                name.clone(),
+                                ResourceStatus { sent_version: v.to_string(), ..Default::default() },
+                            );
+                        }
+                    }
                 }
             }
             StreamEvent::Current { rt, version, resources } => {
@@ -292,7 +301,9 @@ impl AckTracker {
                 // Accepting a newer version ends the NACK state.
                 t.last_nack = None;
                 for r in t.resources.values_mut() {
-                    r.acked_version = Some(r.sent_version.clone());
+                    if r.acked_version.as_deref() != Some(r.sent_version.as_str()) {
+                        r.acked_version = Some(r.sent_version.clone());
+                    }
                     r.nacked_version = None;
                 }
             }
@@ -360,8 +371,12 @@ impl AckTracker {
     }
 }
 
+/// The status of one type (allocating its key only the first time: this runs per event).
 fn type_status(proxy: &mut ProxyStatus, rt: ResourceType) -> &mut TypeStatus {
-    proxy.types.entry(rt.type_url().to_owned()).or_default()
+    if !proxy.types.contains_key(rt.type_url()) {
+        proxy.types.insert(rt.type_url().to_owned(), TypeStatus::default());
+    }
+    proxy.types.get_mut(rt.type_url()).expect("inserted above")
 }
 
 /// Timestamps are kept as `SystemTime` on the per-push path and formatted when read.
