@@ -52,6 +52,12 @@ fn main() -> ExitCode {
             }
         }
         Command::Serve(args) => {
+            // One socket per Envoy: lift the soft file-descriptor limit (often 1,024) to
+            // the hard one, as a server for thousands of proxies must.
+            match rlimit::increase_nofile_limit(u64::MAX) {
+                Ok(n) => tracing::debug!(limit = n, "file descriptor limit"),
+                Err(e) => tracing::warn!(error = %e, "cannot raise the file descriptor limit"),
+            }
             let runtime = match tokio::runtime::Runtime::new() {
                 Ok(r) => r,
                 Err(e) => {
