@@ -33,7 +33,8 @@ fn admin_page_shows_proxies_and_rejects_and_updates_live() {
 
     let shot = q.dir.path().join("admin.png");
     browser.screenshot(&shot);
-    assert!(std::fs::metadata(&shot).map(|m| m.len()).unwrap_or(0) > 2_000, "a real screenshot");
+    let png = std::fs::read(&shot).expect("screenshot written");
+    assert!(png.starts_with(b"\x89PNG\r\n\x1a\n") && png.len() > 2_000, "a real PNG screenshot");
     if let Ok(dir) = std::env::var("FILTERPLANE_SCREENSHOT_DIR") {
         std::fs::copy(&shot, Path::new(&dir).join("admin-page.png")).expect("copy screenshot");
     }
