@@ -288,7 +288,7 @@ impl AckTracker {
                     })
                     .collect();
             }
-            StreamEvent::Acked { rt, version, .. } => {
+            StreamEvent::Acked { rt, version, resources, .. } => {
                 let m = self.metrics.of_type(*rt);
                 m.acks.inc();
                 let t = type_status(&mut proxy, *rt);
@@ -300,11 +300,25 @@ impl AckTracker {
                 t.acked_at = Some(SystemTime::now());
                 // Accepting a newer version ends the NACK state.
                 t.last_nack = None;
-                for r in t.resources.values_mut() {
-                    if r.acked_version.as_deref() != Some(r.sent_version.as_str()) {
-                        r.acked_version = Some(r.sent_version.clone());
+                match resources {
+                    // SotW: the response was the whole set, as last sent.
+                    None => {
+                        for r in t.resources.values_mut() {
+                            if r.acked_version.as_deref() != Some(r.sent_version.as_str()) {
+                                r.acked_version = Some(r.sent_version.clone());
+                            }
+                            r.nacked_version = None;
+                        }
                     }
-                    r.nacked_version = None;
+                    // Delta: exactly what that response carried (others may be in flight).
+                    Some(carried) => {
+                        for (name, v) in carried {
+                            if let Some(r) = t.resources.get_mut(name) {
+                                r.acked_version = Some(v.to_string());
+                                r.nacked_version = None;
+                            }
+                        }
+                    }
                 }
             }
             StreamEvent::Nacked { rt, version, kept_version, nonce, code, message, resources } => {

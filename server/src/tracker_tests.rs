@@ -29,7 +29,7 @@ fn sent(version: &str, nonce: &str, names: &[&str]) -> StreamEvent {
 }
 
 fn acked(version: &str, nonce: &str) -> StreamEvent {
-    StreamEvent::Acked { rt: ECDS, version: version.into(), nonce: nonce.into() }
+    StreamEvent::Acked { rt: ECDS, version: version.into(), nonce: nonce.into(), resources: None }
 }
 
 fn nacked(version: &str, kept: &str, nonce: &str) -> StreamEvent {
@@ -158,4 +158,37 @@ fn every_change_wakes_watchers() {
     rx.borrow_and_update();
     t.record(id, &nacked("v1", "", "1"));
     assert!(rx.has_changed().unwrap());
+}
+
+#[test]
+fn delta_ack_marks_only_what_that_response_carried() {
+    let (t, _) = tracker(10);
+    let id = t.connect(&node("n"), StreamKind::Delta, String::new());
+    let v = |s: &str| content_version([s.as_bytes()]);
+    let sent = |version: &str, nonce: &str, res: &[(&str, &str)]| StreamEvent::Sent {
+        rt: ECDS,
+        version: version.into(),
+        nonce: nonce.into(),
+        resources: res.iter().map(|(n, x)| (n.to_string(), v(x))).collect(),
+        removed: vec![],
+        incremental: true,
+        bytes: 1,
+    };
+    // Two responses in flight: a@1, b@1; then a@2.
+    t.record(id, &sent("s1", "1", &[("a", "1"), ("b", "1")]));
+    t.record(id, &sent("s2", "2", &[("a", "2")]));
+    // The first one is ACKed: b runs 1, and a runs 1 while 2 is still on its way.
+    t.record(
+        id,
+        &StreamEvent::Acked {
+            rt: ECDS,
+            version: "s1".into(),
+            nonce: "1".into(),
+            resources: Some(vec![("a".into(), v("1")), ("b".into(), v("1"))]),
+        },
+    );
+    let s = ecds(&t);
+    assert_eq!(s.resources["a"].acked_version, Some(v("1").to_string()));
+    assert_eq!(s.resources["a"].sent_version, v("2").to_string());
+    assert_eq!(s.resources["b"].acked_version, Some(v("1").to_string()));
 }

@@ -13,7 +13,7 @@ use filterplane_api::{
         config::core::v3::ControlPlane,
         service::discovery::v3::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource},
     },
-    ResourceType,
+    ResourceType, ResourceVersion,
 };
 use prost::Message;
 
@@ -33,7 +33,8 @@ const MAX_PENDING: usize = 16;
 struct Pending {
     nonce: String,
     version: String,
-    names: Vec<String>,
+    /// What the response carried: (name, version).
+    resources: Vec<(String, ResourceVersion)>,
 }
 
 #[derive(Debug, Default)]
@@ -94,11 +95,16 @@ impl DeltaStream {
                         nonce: answered.nonce,
                         code: err.code,
                         message: err.message.clone(),
-                        resources: answered.names,
+                        resources: answered.resources.into_iter().map(|(n, _)| n).collect(),
                     }),
                     None => {
                         state.acked_version = answered.version.clone();
-                        step.events.push(StreamEvent::Acked { rt, version: answered.version, nonce: answered.nonce });
+                        step.events.push(StreamEvent::Acked {
+                            rt,
+                            version: answered.version,
+                            nonce: answered.nonce,
+                            resources: Some(answered.resources),
+                        });
                     }
                 }
             } else {
@@ -192,7 +198,8 @@ impl DeltaStream {
         for n in &removed {
             state.client.remove(n);
         }
-        let names: Vec<String> = changed.iter().map(|r| r.name.clone()).collect();
+        let carried: Vec<(String, ResourceVersion)> =
+            changed.iter().map(|r| (r.name.clone(), r.version.clone())).collect();
         step.events.push(StreamEvent::Sent {
             rt,
             version: version.clone(),
@@ -206,7 +213,7 @@ impl DeltaStream {
         if state.pending.len() == MAX_PENDING {
             state.pending.pop_front();
         }
-        state.pending.push_back(Pending { nonce, version, names });
+        state.pending.push_back(Pending { nonce, version, resources: carried });
     }
 }
 

@@ -225,7 +225,9 @@ fn log_event(node_id: &str, event: &StreamEvent) {
         StreamEvent::Nacked { rt, version, nonce, code, message, .. } => {
             tracing::warn!(node_id, type_url = %rt, version, nonce, code, message, "NACK")
         }
-        StreamEvent::Acked { rt, version, nonce } => tracing::debug!(node_id, type_url = %rt, version, nonce, "ACK"),
+        StreamEvent::Acked { rt, version, nonce, .. } => {
+            tracing::debug!(node_id, type_url = %rt, version, nonce, "ACK")
+        }
         StreamEvent::Sent { rt, version, nonce, resources, removed, bytes, .. } => {
             tracing::debug!(node_id, type_url = %rt, version, nonce, resources = resources.len(), removed = removed.len(), bytes, "sent")
         }

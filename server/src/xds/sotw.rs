@@ -104,6 +104,7 @@ impl SotwStream {
                     rt,
                     version: req.version_info.clone(),
                     nonce: req.response_nonce.clone(),
+                    resources: None,
                 });
             }
         }

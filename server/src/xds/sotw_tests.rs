@@ -72,7 +72,8 @@ fn first_request_gets_the_subscribed_resources_and_the_ack_is_recorded() {
     assert!(ack.events.contains(&StreamEvent::Acked {
         rt: ECDS,
         version: r.version_info.clone(),
-        nonce: r.nonce.clone()
+        nonce: r.nonce.clone(),
+        resources: None,
     }));
 }
 

@@ -222,10 +222,13 @@ pub enum StreamEvent {
         incremental: bool,
         bytes: usize,
     },
+    /// `resources`: what the ACKed response carried, for delta (`None`: the whole state
+    /// of the world, which a SotW response is).
     Acked {
         rt: ResourceType,
         version: String,
         nonce: String,
+        resources: Option<Vec<(String, ResourceVersion)>>,
     },
     /// `version` is the rejected version (the one sent with `nonce`); Envoy keeps
     /// `kept_version`, its last accepted one.
