@@ -288,14 +288,19 @@ impl AckTracker {
                     })
                     .collect();
             }
-            StreamEvent::Acked { rt, version, resources, .. } => {
+            StreamEvent::Acked { rt, version, nonce, resources } => {
                 let m = self.metrics.of_type(*rt);
                 m.acks.inc();
                 let t = type_status(&mut proxy, *rt);
-                if let Some(sent) = t.sent_instant.take() {
-                    m.push_ack_latency.observe(sent.elapsed().as_secs_f64());
+                // Synced only once the latest response is ACKed (delta may have several
+                // in flight; an ACK of an older one leaves the type pending).
+                let latest = t.sent_nonce.as_deref().is_none_or(|n| n == nonce);
+                if latest {
+                    if let Some(sent) = t.sent_instant.take() {
+                        m.push_ack_latency.observe(sent.elapsed().as_secs_f64());
+                    }
+                    t.state = SyncState::Synced;
                 }
-                t.state = SyncState::Synced;
                 t.acked_version = Some(version.clone());
                 t.acked_at = Some(SystemTime::now());
                 // Accepting a newer version ends the NACK state.
