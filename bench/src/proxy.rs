@@ -59,26 +59,47 @@ fn error(shared: &Shared, e: impl std::fmt::Display) {
     shared.errors.lock().unwrap_or_else(|p| p.into_inner()).push(e.to_string());
 }
 
-/// Notes a response of type `rt` at `now`.
-fn received(
+/// What one proxy notes about every response it gets, whatever the protocol.
+struct Tally<'a> {
     i: usize,
-    rt: &str,
     started: Instant,
-    seen: &mut HashSet<String>,
+    seen: HashSet<String>,
     want: usize,
-    times: &[Mutex<ProxyTimes>],
-    shared: &Shared,
-) {
-    seen.insert(rt.to_owned());
-    let now = Instant::now();
-    let Ok(mut t) = times[i].lock() else { return };
-    if t.first_full_config.is_none() && seen.len() >= want {
-        t.first_full_config = Some(now - started);
+    times: &'a [Mutex<ProxyTimes>],
+    shared: &'a Shared,
+}
+
+impl Tally<'_> {
+    /// Counts a response of `type_url` and `len` bytes and notes when it arrived.
+    fn received(&mut self, type_url: &str, len: usize) {
+        let shared = self.shared;
+        shared.messages.fetch_add(1, Ordering::Relaxed);
+        shared.bytes.fetch_add(len as u64, Ordering::Relaxed);
+        let armed = shared.change_armed.load(Ordering::Acquire);
+        if armed {
+            shared.change_bytes.fetch_add(len as u64, Ordering::Relaxed);
+        }
+        self.seen.insert(type_url.to_owned());
+        let now = Instant::now();
+        let Ok(mut t) = self.times[self.i].lock() else { return };
+        if t.first_full_config.is_none() && self.seen.len() >= self.want {
+            t.first_full_config = Some(now - self.started);
+        }
+        if armed && type_url == ResourceType::ExtensionConfig.type_url() && t.change_received.is_none() {
+            if let Some(written) = *shared.change_written.lock().unwrap_or_else(|p| p.into_inner()) {
+                t.change_received = Some(now.saturating_duration_since(written));
+            }
+        }
     }
-    let armed = shared.change_armed.load(Ordering::Acquire);
-    if armed && rt == ResourceType::ExtensionConfig.type_url() && t.change_received.is_none() {
-        if let Some(written) = *shared.change_written.lock().unwrap_or_else(|p| p.into_inner()) {
-            t.change_received = Some(now.saturating_duration_since(written));
+
+    /// Counts the answer and gives the `error_detail` of a NACK.
+    fn answer(&self, refuse: bool) -> Option<Status> {
+        if refuse {
+            self.shared.nacks.fetch_add(1, Ordering::Relaxed);
+            Some(Status { code: 13, message: "xds-loadgen: NACK requested".into(), details: vec![] })
+        } else {
+            self.shared.acks.fetch_add(1, Ordering::Relaxed);
+            None
         }
     }
 }
@@ -123,15 +144,9 @@ async fn sotw(
         .stream_aggregated_resources(ReceiverStream::new(rx))
         .await?
         .into_inner();
-    let mut seen = HashSet::new();
+    let mut tally = Tally { i, started, seen: HashSet::new(), want: subs.len(), times, shared };
     while let Some(r) = responses.message().await? {
-        shared.messages.fetch_add(1, Ordering::Relaxed);
-        let len = r.encoded_len() as u64;
-        shared.bytes.fetch_add(len, Ordering::Relaxed);
-        if shared.change_armed.load(Ordering::Relaxed) {
-            shared.change_bytes.fetch_add(len, Ordering::Relaxed);
-        }
-        received(i, &r.type_url, started, &mut seen, subs.len(), times, shared);
+        tally.received(&r.type_url, r.encoded_len());
         let names = subs.iter().find(|(rt, _)| rt.type_url() == r.type_url).map(|(_, n)| n.clone()).unwrap_or_default();
         let refuse = spec.nack.as_ref().is_some_and(|n| holds(&r.resources, n));
         let req = DiscoveryRequest {
@@ -140,18 +155,9 @@ async fn sotw(
             // A NACK keeps the last accepted version, as Envoy does.
             version_info: if refuse { String::new() } else { r.version_info.clone() },
             response_nonce: r.nonce.clone(),
-            error_detail: refuse.then(|| Status {
-                code: 13,
-                message: "xds-loadgen: NACK requested".into(),
-                details: vec![],
-            }),
+            error_detail: tally.answer(refuse),
             ..Default::default()
         };
-        if refuse {
-            shared.nacks.fetch_add(1, Ordering::Relaxed);
-        } else {
-            shared.acks.fetch_add(1, Ordering::Relaxed);
-        }
         tx.send(req).await?;
     }
     Ok(())
@@ -181,31 +187,16 @@ async fn delta(
         .delta_aggregated_resources(ReceiverStream::new(rx))
         .await?
         .into_inner();
-    let mut seen = HashSet::new();
+    let mut tally = Tally { i, started, seen: HashSet::new(), want: subs.len(), times, shared };
     while let Some(r) = responses.message().await? {
-        shared.messages.fetch_add(1, Ordering::Relaxed);
-        let len = r.encoded_len() as u64;
-        shared.bytes.fetch_add(len, Ordering::Relaxed);
-        if shared.change_armed.load(Ordering::Relaxed) {
-            shared.change_bytes.fetch_add(len, Ordering::Relaxed);
-        }
-        received(i, &r.type_url, started, &mut seen, subs.len(), times, shared);
+        tally.received(&r.type_url, r.encoded_len());
         let refuse = spec.nack.as_ref().is_some_and(|n| r.resources.iter().any(|x| &x.name == n));
         let req = DeltaDiscoveryRequest {
             type_url: r.type_url.clone(),
             response_nonce: r.nonce.clone(),
-            error_detail: refuse.then(|| Status {
-                code: 13,
-                message: "xds-loadgen: NACK requested".into(),
-                details: vec![],
-            }),
+            error_detail: tally.answer(refuse),
             ..Default::default()
         };
-        if refuse {
-            shared.nacks.fetch_add(1, Ordering::Relaxed);
-        } else {
-            shared.acks.fetch_add(1, Ordering::Relaxed);
-        }
         tx.send(req).await?;
     }
     Ok(())

@@ -10,8 +10,8 @@ use serde_json::Value;
 const WAIT: Duration = Duration::from_secs(15);
 const LDS: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
 
-/// The HTTP filter names of the `edge` listener, from Envoy's own config dump.
-fn http_filters(envoy: &Envoy) -> Vec<String> {
+/// The filters of the `edge` listener's chain, as Envoy's own config dump shows them.
+fn edge_filters(envoy: &Envoy) -> Vec<Value> {
     let dump = envoy.admin("/config_dump?resource=dynamic_listeners").map(|r| r.body).unwrap_or_default();
     let v: Value = serde_json::from_str(&dump).unwrap_or(Value::Null);
     v["configs"]
@@ -20,13 +20,27 @@ fn http_filters(envoy: &Envoy) -> Vec<String> {
         .flatten()
         .filter(|c| c["name"] == "edge")
         .flat_map(|c| {
-            c["active_state"]["listener"]["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"]
-                .as_array()
-                .cloned()
-                .unwrap_or_default()
+            c["active_state"]["listener"]["filter_chains"][0]["filters"].as_array().cloned().unwrap_or_default()
         })
-        .filter_map(|f| f["name"].as_str().map(str::to_owned))
         .collect()
+}
+
+fn names(filters: &[Value]) -> Vec<String> {
+    filters.iter().filter_map(|f| f["name"].as_str().map(str::to_owned)).collect()
+}
+
+/// The HTTP filter names of the `edge` listener's connection manager.
+fn http_filters(envoy: &Envoy) -> Vec<String> {
+    let hcm = edge_filters(envoy).into_iter().last().unwrap_or(Value::Null);
+    names(hcm["typed_config"]["http_filters"].as_array().map(Vec::as_slice).unwrap_or_default())
+}
+
+/// The example's config on this test's ports: the listener's, and the backend's
+/// (Filterplane's admin).
+fn gateway_config(ports: &EnvoyPorts, admin_port: u16) -> String {
+    example_text("gateway/filterplane.yaml")
+        .replace("port_value: 10000", &format!("port_value: {}", ports.listener))
+        .replace("port_value: 18001", &format!("port_value: {admin_port}"))
 }
 
 fn without_plugins(config: &str) -> String {
@@ -41,10 +55,7 @@ fn gateway_serves_everything_and_places_plugins_by_phase() {
     let yaml = dir.path().join("filterplane.yaml");
     let (xds_port, admin_port) = (free_port(), free_port());
     let ports = EnvoyPorts::new(xds_port);
-    // The example's listener port and backend (Filterplane's admin) on this test's ports.
-    let config = example_text("gateway/filterplane.yaml")
-        .replace("port_value: 10000", &format!("port_value: {}", ports.listener))
-        .replace("port_value: 18001", &format!("port_value: {admin_port}"));
+    let config = gateway_config(&ports, admin_port);
     fs::write(&yaml, without_plugins(&config)).unwrap();
     let fp = Filterplane::start_on(&yaml, dir.path(), xds_port, admin_port);
     let envoy = Envoy::start(&example_bootstrap("gateway/envoy.yaml", ports, "gateway"), ports, dir.path(), "envoy");
@@ -108,28 +119,15 @@ fn network_filter_is_placed_before_the_terminal_filter() {
     let yaml = dir.path().join("filterplane.yaml");
     let (xds_port, admin_port) = (free_port(), free_port());
     let ports = EnvoyPorts::new(xds_port);
-    let config = example_text("gateway/filterplane.yaml")
-        .replace("port_value: 10000", &format!("port_value: {}", ports.listener))
-        .replace("port_value: 18001", &format!("port_value: {admin_port}"))
-        .replace(
+    let config = gateway_config(&ports, admin_port).replace(
             "extension_configs:\n",
             "extension_configs:\n  - name: conn-limit\n    placement: { listeners: [edge] }\n    typed_config:\n      \"@type\": type.googleapis.com/envoy.extensions.filters.network.local_ratelimit.v3.LocalRateLimit\n      stat_prefix: conn_limit\n      token_bucket: { max_tokens: 1000, tokens_per_fill: 1000, fill_interval: 1s }\n",
         );
     fs::write(&yaml, &config).unwrap();
     let _fp = Filterplane::start_on(&yaml, dir.path(), xds_port, admin_port);
     let envoy = Envoy::start(&example_bootstrap("gateway/envoy.yaml", ports, "net"), ports, dir.path(), "envoy");
-    let network_filters = || -> Vec<String> {
-        let dump = envoy.admin("/config_dump?resource=dynamic_listeners").map(|r| r.body).unwrap_or_default();
-        let v: Value = serde_json::from_str(&dump).unwrap_or(Value::Null);
-        v["configs"][0]["active_state"]["listener"]["filter_chains"][0]["filters"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|f| f["name"].as_str().map(str::to_owned))
-            .collect()
-    };
     wait_until("the network filter in Envoy's listener", WAIT, || {
-        (network_filters() == ["conn-limit", "envoy.filters.network.http_connection_manager"]).then_some(())
+        (names(&edge_filters(&envoy)) == ["conn-limit", "envoy.filters.network.http_connection_manager"]).then_some(())
     });
     let r = wait_until("a response through the chain", WAIT, || envoy.get("/").filter(|r| r.status == 200));
     assert_eq!(r.header("x-served-by"), Some("filterplane-gateway"));

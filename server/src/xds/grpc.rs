@@ -136,64 +136,59 @@ fn method<M>(svc: &XdsServices) -> Method<M> {
     Method(svc.clone(), PhantomData)
 }
 
-impl<B> tower_service::Service<http::Request<B>> for AdsServer
+/// Every xDS method Filterplane serves, by gRPC path. Both servers route through here;
+/// tonic hands each only the paths under its service name.
+fn route<B>(svc: &XdsServices, req: http::Request<B>) -> BoxFuture<http::Response<Body>, Infallible>
 where
     B: http_body::Body + Send + 'static,
     B::Error: Into<StdError> + Send + 'static,
 {
-    type Response = http::Response<Body>;
-    type Error = Infallible;
-    type Future = BoxFuture<Self::Response, Self::Error>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        let svc = &self.0;
-        match req.uri().path() {
-            "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources" => {
-                Box::pin(streaming(method::<AdsSotw>(svc), req))
-            }
-            "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources" => {
-                Box::pin(streaming(method::<AdsDelta>(svc), req))
-            }
-            _ => Box::pin(async { Ok(unimplemented()) }),
+    match req.uri().path() {
+        "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources" => {
+            Box::pin(streaming(method::<AdsSotw>(svc), req))
         }
+        "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources" => {
+            Box::pin(streaming(method::<AdsDelta>(svc), req))
+        }
+        "/envoy.service.extension.v3.ExtensionConfigDiscoveryService/StreamExtensionConfigs" => {
+            Box::pin(streaming(method::<EcdsSotw>(svc), req))
+        }
+        "/envoy.service.extension.v3.ExtensionConfigDiscoveryService/DeltaExtensionConfigs" => {
+            Box::pin(streaming(method::<EcdsDelta>(svc), req))
+        }
+        "/envoy.service.extension.v3.ExtensionConfigDiscoveryService/FetchExtensionConfigs" => {
+            let fetch = method::<EcdsFetch>(svc);
+            Box::pin(async move {
+                let mut grpc = Grpc::new(XdsCodec::<DiscoveryResponse, DiscoveryRequest>::default())
+                    .apply_max_message_size_config(Some(MAX_REQUEST), None);
+                Ok(grpc.unary(fetch, req).await)
+            })
+        }
+        _ => Box::pin(async { Ok(unimplemented()) }),
     }
 }
 
-impl<B> tower_service::Service<http::Request<B>> for EcdsServer
-where
-    B: http_body::Body + Send + 'static,
-    B::Error: Into<StdError> + Send + 'static,
-{
-    type Response = http::Response<Body>;
-    type Error = Infallible;
-    type Future = BoxFuture<Self::Response, Self::Error>;
+macro_rules! xds_server {
+    ($server:ident) => {
+        impl<B> tower_service::Service<http::Request<B>> for $server
+        where
+            B: http_body::Body + Send + 'static,
+            B::Error: Into<StdError> + Send + 'static,
+        {
+            type Response = http::Response<Body>;
+            type Error = Infallible;
+            type Future = BoxFuture<Self::Response, Self::Error>;
 
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
+            fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+                Poll::Ready(Ok(()))
+            }
 
-    fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        let svc = &self.0;
-        match req.uri().path() {
-            "/envoy.service.extension.v3.ExtensionConfigDiscoveryService/StreamExtensionConfigs" => {
-                Box::pin(streaming(method::<EcdsSotw>(svc), req))
+            fn call(&mut self, req: http::Request<B>) -> Self::Future {
+                route(&self.0, req)
             }
-            "/envoy.service.extension.v3.ExtensionConfigDiscoveryService/DeltaExtensionConfigs" => {
-                Box::pin(streaming(method::<EcdsDelta>(svc), req))
-            }
-            "/envoy.service.extension.v3.ExtensionConfigDiscoveryService/FetchExtensionConfigs" => {
-                let fetch = method::<EcdsFetch>(svc);
-                Box::pin(async move {
-                    let mut grpc = Grpc::new(XdsCodec::<DiscoveryResponse, DiscoveryRequest>::default())
-                        .apply_max_message_size_config(Some(MAX_REQUEST), None);
-                    Ok(grpc.unary(fetch, req).await)
-                })
-            }
-            _ => Box::pin(async { Ok(unimplemented()) }),
         }
-    }
+    };
 }
+
+xds_server!(AdsServer);
+xds_server!(EcdsServer);
