@@ -109,8 +109,14 @@ pub async fn serve_on(
 
     // A bad config at start is not fatal: nothing is served until a good one appears,
     // so connected Envoys keep what they have.
+    // The watch starts first, so an edit made during the first load is not missed.
+    match reloader.start_watch() {
+        Ok(watch) => {
+            tasks.spawn(watch.run(shutdown.clone()));
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot watch the config; edits take effect only after a restart"),
+    }
     reloader.reload("startup").await;
-    let watch = tasks.spawn(reloader.clone().watch(shutdown.clone()));
 
     let ctx = XdsContext { cache: cache.clone(), tracker: tracker.clone(), shutdown: shutdown.clone() };
     let services = XdsServices::new(ctx);
@@ -139,9 +145,6 @@ pub async fn serve_on(
     shutdown.cancel();
     tasks.close();
     tasks.wait().await;
-    if let Ok(Err(e)) = watch.await {
-        tracing::warn!(error = %e, "config watcher stopped with an error");
-    }
     result.map(|_| ())
 }
 

@@ -182,9 +182,11 @@ impl ConfigReloader {
         outcome
     }
 
-    /// Reloads on file changes and SIGHUP until `shutdown`.
-    pub async fn watch(self: Arc<Self>, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let (tx, mut events) = mpsc::channel::<()>(64);
+    /// Starts watching the config's files and SIGHUP. Call it before the first load:
+    /// a change made while that load runs then still causes a reload, and once the
+    /// server reports ready every later edit is seen.
+    pub fn start_watch(self: &Arc<Self>) -> anyhow::Result<ConfigWatch> {
+        let (tx, events) = mpsc::channel::<()>(64);
         let relevant = RelevantPaths::new(&self.path);
         let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| match res {
             Ok(ev)
@@ -200,22 +202,37 @@ impl ConfigReloader {
         // Watch the directory, not the file: editors and Kubernetes ConfigMaps replace
         // files by rename, which ends a watch on the file itself.
         watcher.watch(watch_root(&self.path), RecursiveMode::NonRecursive)?;
-        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+        let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+        Ok(ConfigWatch { reloader: self.clone(), _watcher: watcher, events, hup })
+    }
+}
+
+/// A running watch on the config (see [`ConfigReloader::start_watch`]).
+pub struct ConfigWatch {
+    reloader: Arc<ConfigReloader>,
+    _watcher: notify::RecommendedWatcher,
+    events: mpsc::Receiver<()>,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl ConfigWatch {
+    /// Reloads on file changes and SIGHUP until `shutdown`.
+    pub async fn run(mut self, shutdown: CancellationToken) {
         loop {
             tokio::select! {
-                _ = shutdown.cancelled() => return Ok(()),
-                _ = hup.recv() => {
-                    self.reload("SIGHUP").await;
+                _ = shutdown.cancelled() => return,
+                _ = self.hup.recv() => {
+                    self.reloader.reload("SIGHUP").await;
                 }
-                Some(()) = events.recv() => {
+                Some(()) = self.events.recv() => {
                     // Debounce: wait until the files have been quiet for DEBOUNCE.
                     loop {
                         tokio::select! {
                             _ = tokio::time::sleep(DEBOUNCE) => break,
-                            more = events.recv() => if more.is_none() { break },
+                            more = self.events.recv() => if more.is_none() { break },
                         }
                     }
-                    self.reload("file change").await;
+                    self.reloader.reload("file change").await;
                 }
             }
         }
