@@ -6,19 +6,43 @@ use std::fmt;
 
 use sha2::{Digest, Sha256};
 
-/// A resource or resource-set version: the first 16 hex digits of a SHA-256.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
-pub struct ResourceVersion(String);
+/// A resource or resource-set version: the first 16 hex digits of a SHA-256, held
+/// inline (every stream keeps one per resource it was sent; no allocation for them).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct ResourceVersion([u8; 16]);
 
 impl ResourceVersion {
+    /// The hex digits; empty for the default (no version).
     pub fn as_str(&self) -> &str {
-        &self.0
+        if self.0[0] == 0 {
+            return "";
+        }
+        // Only ever built from hex digits, so always UTF-8.
+        std::str::from_utf8(&self.0).unwrap_or_default()
     }
 }
 
 impl fmt::Display for ResourceVersion {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(self.as_str())
+    }
+}
+
+impl fmt::Debug for ResourceVersion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.as_str())
+    }
+}
+
+impl serde::Serialize for ResourceVersion {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.as_str())
+    }
+}
+
+impl PartialEq<str> for ResourceVersion {
+    fn eq(&self, other: &str) -> bool {
+        self.as_str() == other
     }
 }
 
@@ -30,7 +54,10 @@ pub fn content_version<'a>(parts: impl IntoIterator<Item = &'a [u8]>) -> Resourc
         h.update(p);
     }
     let digest = h.finalize();
-    ResourceVersion(hex::encode(&digest[..8]))
+    let mut hex = [0u8; 16];
+    // 8 bytes make exactly 16 hex digits.
+    let _ = hex::encode_to_slice(&digest[..8], &mut hex);
+    ResourceVersion(hex)
 }
 
 #[cfg(test)]
@@ -44,5 +71,7 @@ mod tests {
         assert_ne!(a, b);
         assert_eq!(a, content_version([b"ab".as_slice(), b"c"]));
         assert_eq!(a.as_str().len(), 16);
+        assert!(a.as_str().bytes().all(|b| b.is_ascii_hexdigit()));
+        assert_eq!(ResourceVersion::default().as_str(), "");
     }
 }

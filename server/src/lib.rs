@@ -8,6 +8,7 @@ pub mod metrics;
 pub mod reload;
 pub mod status;
 pub mod tracker;
+pub mod vec_map;
 pub mod wasm;
 pub mod xds;
 

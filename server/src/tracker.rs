@@ -12,13 +12,14 @@ use std::{
 };
 
 use dashmap::DashMap;
-use filterplane_api::ResourceType;
+use filterplane_api::{ResourceType, ResourceVersion};
 use filterplane_config::NodeFacts;
 use serde::Serialize;
 use tokio::sync::watch;
 
 use crate::{
     metrics::{KindLabel, Metrics},
+    vec_map::VecMap,
     xds::stream::{NodeInfo, StreamEvent},
 };
 
@@ -56,7 +57,7 @@ pub struct ProxyStatus {
     pub peer: String,
     pub connected_since: String,
     /// By type URL.
-    pub types: BTreeMap<String, TypeStatus>,
+    pub types: VecMap<&'static str, TypeStatus>,
 }
 
 impl ProxyStatus {
@@ -107,9 +108,9 @@ pub struct TypeStatus {
     pub acked_version: Option<String>,
     #[serde(serialize_with = "rfc3339")]
     pub acked_at: Option<SystemTime>,
-    pub last_nack: Option<Nack>,
+    pub last_nack: Option<Box<Nack>>,
     /// By resource name.
-    pub resources: BTreeMap<String, ResourceStatus>,
+    pub resources: VecMap<String, ResourceStatus>,
     #[serde(skip)]
     sent_instant: Option<Instant>,
 }
@@ -126,7 +127,7 @@ impl Default for TypeStatus {
             acked_version: None,
             acked_at: None,
             last_nack: None,
-            resources: BTreeMap::new(),
+            resources: VecMap::new(),
             sent_instant: None,
         }
     }
@@ -135,11 +136,11 @@ impl Default for TypeStatus {
 /// One resource of one proxy: the version last sent, and the version it runs.
 #[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
 pub struct ResourceStatus {
-    pub sent_version: String,
+    pub sent_version: ResourceVersion,
     /// `None` until a response holding it is ACKed.
-    pub acked_version: Option<String>,
+    pub acked_version: Option<ResourceVersion>,
     /// Set while the last response holding it was NACKed.
-    pub nacked_version: Option<String>,
+    pub nacked_version: Option<ResourceVersion>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -218,7 +219,7 @@ impl AckTracker {
                 stream_kind: kind,
                 peer,
                 connected_since: now(),
-                types: BTreeMap::new(),
+                types: VecMap::new(),
             },
         );
         self.metrics.connected_proxies.get_or_create(&KindLabel { stream_kind: kind.label() }).inc();
@@ -253,21 +254,17 @@ impl AckTracker {
                 t.sent_at = Some(SystemTime::now());
                 t.sent_instant = Some(Instant::now());
                 if !incremental {
-                    // State of the world: what is not in the response is gone.
-                    t.resources.retain(|name, _| resources.iter().any(|(n, _)| n == name));
+                    // State of the world: what is not in the response (in name order) is gone.
+                    t.resources.retain(|name, _| resources.binary_search_by(|(n, _)| n.cmp(name)).is_ok());
                 }
                 for name in removed {
                     t.resources.remove(name);
                 }
                 for (name, v) in resources {
-                    match t.resources.get_mut(name) {
-                        Some(r) if r.sent_version == v.as_str() => {}
-                        Some(r) => r.sent_version = v.to_string(),
+                    match t.resources.get_mut(name.as_str()) {
+                        Some(r) => r.sent_version = *v,
                         None => {
-                            t.resources.insert(
-                                name.clone(),
-                                ResourceStatus { sent_version: v.to_string(), ..Default::default() },
-                            );
+                            t.resources.insert(name.clone(), ResourceStatus { sent_version: *v, ..Default::default() });
                         }
                     }
                 }
@@ -280,11 +277,7 @@ impl AckTracker {
                 t.resources = resources
                     .iter()
                     .map(|(n, v)| {
-                        let v = v.to_string();
-                        (
-                            n.clone(),
-                            ResourceStatus { sent_version: v.clone(), acked_version: Some(v), nacked_version: None },
-                        )
+                        (n.clone(), ResourceStatus { sent_version: *v, acked_version: Some(*v), nacked_version: None })
                     })
                     .collect();
             }
@@ -309,17 +302,15 @@ impl AckTracker {
                     // SotW: the response was the whole set, as last sent.
                     None => {
                         for r in t.resources.values_mut() {
-                            if r.acked_version.as_deref() != Some(r.sent_version.as_str()) {
-                                r.acked_version = Some(r.sent_version.clone());
-                            }
+                            r.acked_version = Some(r.sent_version);
                             r.nacked_version = None;
                         }
                     }
                     // Delta: exactly what that response carried (others may be in flight).
                     Some(carried) => {
                         for (name, v) in carried {
-                            if let Some(r) = t.resources.get_mut(name) {
-                                r.acked_version = Some(v.to_string());
+                            if let Some(r) = t.resources.get_mut(name.as_str()) {
+                                r.acked_version = Some(*v);
                                 r.nacked_version = None;
                             }
                         }
@@ -338,16 +329,16 @@ impl AckTracker {
                 if !kept_version.is_empty() {
                     t.acked_version = Some(kept_version.clone());
                 }
-                t.last_nack = Some(Nack {
+                t.last_nack = Some(Box::new(Nack {
                     version: version.clone(),
                     nonce: nonce.clone(),
                     code: *code,
                     message: message.clone(),
                     at: at.clone(),
-                });
+                }));
                 for name in resources {
-                    if let Some(r) = t.resources.get_mut(name) {
-                        r.nacked_version = Some(r.sent_version.clone());
+                    if let Some(r) = t.resources.get_mut(name.as_str()) {
+                        r.nacked_version = Some(r.sent_version);
                     }
                 }
                 reject = Some(Reject {
@@ -390,12 +381,9 @@ impl AckTracker {
     }
 }
 
-/// The status of one type (allocating its key only the first time: this runs per event).
+/// The status of one type.
 fn type_status(proxy: &mut ProxyStatus, rt: ResourceType) -> &mut TypeStatus {
-    if !proxy.types.contains_key(rt.type_url()) {
-        proxy.types.insert(rt.type_url().to_owned(), TypeStatus::default());
-    }
-    proxy.types.get_mut(rt.type_url()).expect("inserted above")
+    proxy.types.get_or_insert_with(rt.type_url(), TypeStatus::default)
 }
 
 /// Timestamps are kept as `SystemTime` on the per-push path and formatted when read.

@@ -189,7 +189,7 @@ fn delta_ack_marks_only_what_that_response_carried() {
     );
     let s = ecds(&t);
     assert_eq!(s.state, SyncState::Pending, "the second response is still in flight");
-    assert_eq!(s.resources["a"].acked_version, Some(v("1").to_string()));
-    assert_eq!(s.resources["a"].sent_version, v("2").to_string());
-    assert_eq!(s.resources["b"].acked_version, Some(v("1").to_string()));
+    assert_eq!(s.resources["a"].acked_version, Some(v("1")));
+    assert_eq!(s.resources["a"].sent_version, v("2"));
+    assert_eq!(s.resources["b"].acked_version, Some(v("1")));
 }

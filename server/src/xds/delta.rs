@@ -3,10 +3,7 @@
 //! Only what changed is sent; what left the snapshot or stopped matching the proxy is
 //! named in `removed_resources`.
 
-use std::{
-    collections::{BTreeMap, VecDeque},
-    sync::Arc,
-};
+use std::{collections::VecDeque, sync::Arc};
 
 use filterplane_api::{
     envoy_types::pb::envoy::{
@@ -19,6 +16,7 @@ use prost::Message;
 
 use crate::{
     cache::Snapshot,
+    vec_map::VecMap,
     xds::{
         stream::{set_version, NodeInfo, Step, StreamCore, StreamEvent, Subscription},
         ProtocolError,
@@ -42,7 +40,7 @@ struct TypeState {
     subscription: Subscription,
     /// What the client has, as far as the server knows: resource name to version.
     /// Updated when a response is sent, so a NACKed version is not sent again.
-    client: BTreeMap<String, String>,
+    client: VecMap<String, String>,
     pending: VecDeque<Pending>,
     acked_version: String,
     /// The first request of a client that had nothing gets an answer even when it is
@@ -54,12 +52,12 @@ struct TypeState {
 #[derive(Debug)]
 pub struct DeltaStream {
     core: StreamCore,
-    types: BTreeMap<ResourceType, TypeState>,
+    types: VecMap<ResourceType, TypeState>,
 }
 
 impl DeltaStream {
     pub fn new(only: Option<ResourceType>, control_plane: impl Into<String>) -> Self {
-        Self { core: StreamCore::new(only, control_plane), types: BTreeMap::new() }
+        Self { core: StreamCore::new(only, control_plane), types: VecMap::new() }
     }
 
     /// The node, once the first request has named it.
@@ -74,7 +72,7 @@ impl DeltaStream {
         };
 
         let first = !self.types.contains_key(&rt);
-        let state = self.types.entry(rt).or_default();
+        let state = self.types.get_or_insert_with(rt, TypeState::default);
         if first {
             // xDS protocol, "Delta xDS": a client resuming a stream names the versions it
             // already has, so they are not sent again.
@@ -121,12 +119,12 @@ impl DeltaStream {
             step.events.push(StreamEvent::Subscribed {
                 rt,
                 wildcard: state.subscription.wildcard,
-                names: state.subscription.names.iter().cloned().collect(),
+                names: state.subscription.names().to_vec(),
             });
         }
         // Names newly asked for explicitly: if they do not exist, say so at once.
         let newly: Vec<String> =
-            req.resource_names_subscribe.iter().filter(|n| *n != "*" && !before.names.contains(*n)).cloned().collect();
+            req.resource_names_subscribe.iter().filter(|n| *n != "*" && !before.names_explicitly(n)).cloned().collect();
         self.respond(rt, &newly, first, &mut step);
         Ok(step)
     }
@@ -150,10 +148,15 @@ impl DeltaStream {
         let selected = state.subscription.select(available);
         let changed: Vec<_> = selected
             .iter()
-            .filter(|r| state.client.get(&r.name).map(String::as_str) != Some(r.version.as_str()))
+            .filter(|r| state.client.get(r.name.as_str()).map(String::as_str) != Some(r.version.as_str()))
             .collect();
-        let mut removed: Vec<String> =
-            state.client.keys().filter(|n| !selected.iter().any(|r| &r.name == *n)).cloned().collect();
+        // `selected` is in name order.
+        let mut removed: Vec<String> = state
+            .client
+            .keys()
+            .filter(|n| selected.binary_search_by(|r| r.name.as_str().cmp(n.as_str())).is_err())
+            .cloned()
+            .collect();
         for n in newly {
             let exists = available.is_some_and(|m| m.contains_key(n));
             if !exists && !removed.contains(n) {
@@ -196,7 +199,7 @@ impl DeltaStream {
             state.client.insert(r.name.clone(), r.version.to_string());
         }
         for n in &removed {
-            state.client.remove(n);
+            state.client.remove(n.as_str());
         }
         let carried: Vec<(String, ResourceVersion)> =
             changed.iter().map(|r| (r.name.clone(), r.version.clone())).collect();

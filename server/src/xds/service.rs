@@ -2,7 +2,7 @@
 //! Each stream is one loop, the same for both flavours, that feeds requests and new
 //! snapshots to its state machine and sends what it returns.
 
-use std::{collections::VecDeque, pin::Pin, sync::Arc};
+use std::{pin::Pin, sync::Arc};
 
 use filterplane_api::{
     envoy_types::pb::envoy::{
@@ -115,7 +115,7 @@ impl XdsServices {
             requests: request.into_inner(),
             peer,
             stream_id: None,
-            pending: VecDeque::new(),
+            pending: Vec::new().into_iter(),
             done: false,
         };
         Box::pin(futures_util::stream::unfold(state, |mut s| async move { s.next().await.map(|item| (item, s)) }))
@@ -135,7 +135,9 @@ struct StreamLoop<P: Protocol> {
     generations: tokio::sync::watch::Receiver<Option<Arc<crate::cache::Generation>>>,
     peer: String,
     stream_id: Option<StreamId>,
-    pending: VecDeque<P::Response>,
+    /// Responses of the last step not sent yet. Emptied (allocation and all) once
+    /// sent, so an idle stream holds none.
+    pending: std::vec::IntoIter<P::Response>,
     done: bool,
 }
 
@@ -153,7 +155,10 @@ impl<P: Protocol> StreamLoop<P> {
     /// The next response to send; `None` ends the stream.
     async fn next(&mut self) -> Option<Result<P::Response, Status>> {
         loop {
-            if let Some(r) = self.pending.pop_front() {
+            if let Some(r) = self.pending.next() {
+                if self.pending.len() == 0 {
+                    self.pending = Vec::new().into_iter();
+                }
                 return Some(Ok(r));
             }
             if self.done {
@@ -200,7 +205,7 @@ impl<P: Protocol> StreamLoop<P> {
                     self.ctx.tracker.record(id, event);
                 }
             }
-            self.pending.extend(step.responses);
+            self.pending = step.responses.into_iter();
         }
     }
 

@@ -1,7 +1,7 @@
 //! The state-of-the-world protocol as a pure state machine: requests and new snapshots
 //! in, responses and tracker events out, no I/O. The tonic service is a loop around it.
 
-use std::{collections::BTreeMap, sync::Arc};
+use std::sync::Arc;
 
 use filterplane_api::{
     envoy_types::pb::envoy::{
@@ -12,9 +12,9 @@ use filterplane_api::{
 };
 use prost::Message;
 
-use crate::cache::Snapshot;
 use crate::xds::stream::{set_version, NodeInfo, Step, StreamCore, StreamEvent, Subscription};
 use crate::xds::ProtocolError;
+use crate::{cache::Snapshot, vec_map::VecMap};
 
 #[derive(Debug, Clone)]
 struct Sent {
@@ -36,12 +36,12 @@ struct TypeState {
 #[derive(Debug)]
 pub struct SotwStream {
     core: StreamCore,
-    types: BTreeMap<ResourceType, TypeState>,
+    types: VecMap<ResourceType, TypeState>,
 }
 
 impl SotwStream {
     pub fn new(only: Option<ResourceType>, control_plane: impl Into<String>) -> Self {
-        Self { core: StreamCore::new(only, control_plane), types: BTreeMap::new() }
+        Self { core: StreamCore::new(only, control_plane), types: VecMap::new() }
     }
 
     /// The node, once the first request has named it.
@@ -71,11 +71,11 @@ impl SotwStream {
             step.events.push(StreamEvent::Subscribed {
                 rt,
                 wildcard: subscription.wildcard,
-                names: subscription.names.iter().cloned().collect(),
+                names: subscription.names().to_vec(),
             });
         }
 
-        let state = self.types.entry(rt).or_insert_with(|| TypeState {
+        let state = self.types.get_or_insert_with(rt, || TypeState {
             subscription: subscription.clone(),
             client_version: String::new(),
             last_sent: None,
@@ -150,7 +150,9 @@ impl SotwStream {
                     Some(Sent { version, nonce: String::new(), subscription: state.subscription.clone() });
                 return;
             }
-            Some(sent) if sent.version == version && !gained_names(&sent.subscription, &state.subscription) => {
+            // Unchanged, unless the client asks for a name it did not ask for before: that
+            // gets an answer even so (the resource may not exist; SotW says so by its absence).
+            Some(sent) if sent.version == version && !state.subscription.gained_since(&sent.subscription) => {
                 return;
             }
             _ => {}
@@ -176,12 +178,6 @@ impl SotwStream {
         step.responses.push(response);
         state.last_sent = Some(Sent { version, nonce, subscription: state.subscription.clone() });
     }
-}
-
-/// A client that asks for a name it did not ask for before gets an answer even when
-/// the answer is unchanged (the resource may not exist; SotW says so by its absence).
-fn gained_names(before: &Subscription, now: &Subscription) -> bool {
-    (now.wildcard && !before.wildcard) || now.names.difference(&before.names).next().is_some()
 }
 
 #[cfg(test)]

@@ -1,7 +1,6 @@
 //! What every xDS stream shares, whatever its flavour: who the node is, what it
 //! subscribed to, nonces, and the events the tracker records.
 
-use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use filterplane_api::{
@@ -125,8 +124,9 @@ impl StreamCore {
 pub struct Subscription {
     /// All resources of the type (explicit `*`, or LDS/CDS legacy wildcard).
     pub wildcard: bool,
-    /// Names asked for explicitly (besides `*`).
-    pub names: BTreeSet<String>,
+    /// Names asked for explicitly (besides `*`), sorted, without repeats. (A sorted
+    /// `Vec`: a stream usually names a few, and a set allocates a tree node per set.)
+    names: Vec<String>,
 }
 
 impl Subscription {
@@ -138,10 +138,12 @@ impl Subscription {
     pub fn from_sotw(rt: ResourceType, names: &[String], previous: Option<&Subscription>) -> Self {
         if names.is_empty() {
             let legacy = rt.legacy_wildcard() && previous.is_none_or(|p| p.wildcard);
-            return Subscription { wildcard: legacy, names: BTreeSet::new() };
+            return Subscription { wildcard: legacy, names: Vec::new() };
         }
         let wildcard = names.iter().any(|n| n == "*");
-        let names = names.iter().filter(|n| *n != "*").cloned().collect();
+        let mut names: Vec<String> = names.iter().filter(|n| *n != "*").cloned().collect();
+        names.sort_unstable();
+        names.dedup();
         Subscription { wildcard, names }
     }
 
@@ -153,25 +155,45 @@ impl Subscription {
         if first && subscribe.is_empty() && rt.legacy_wildcard() {
             self.wildcard = true;
         }
+        let before = self.names.len();
         for n in subscribe {
             if n == "*" {
                 self.wildcard = true;
             } else {
-                self.names.insert(n.clone());
+                self.names.push(n.clone());
             }
+        }
+        if self.names.len() != before {
+            self.names.sort_unstable();
+            self.names.dedup();
         }
         for n in unsubscribe {
             if n == "*" {
                 self.wildcard = false;
-            } else {
-                self.names.remove(n);
+            } else if let Ok(i) = self.names.binary_search(n) {
+                self.names.remove(i);
             }
         }
     }
 
+    /// Names asked for explicitly, in order.
+    pub fn names(&self) -> &[String] {
+        &self.names
+    }
+
+    /// Whether `name` was asked for by name.
+    pub fn names_explicitly(&self, name: &str) -> bool {
+        self.names.binary_search_by(|n| n.as_str().cmp(name)).is_ok()
+    }
+
+    /// Whether this subscription asks for anything `before` did not.
+    pub fn gained_since(&self, before: &Subscription) -> bool {
+        (self.wildcard && !before.wildcard) || self.names.iter().any(|n| !before.names_explicitly(n))
+    }
+
     /// Whether `name` is part of this subscription.
     pub fn wants(&self, name: &str) -> bool {
-        self.wildcard || self.names.contains(name)
+        self.wildcard || self.names_explicitly(name)
     }
 
     /// The snapshot's resources this subscription selects, in name order.
@@ -182,7 +204,7 @@ impl Subscription {
         if self.wildcard {
             return map.values().collect();
         }
-        self.names.iter().filter_map(|n| map.get(n)).collect()
+        self.names.iter().filter_map(|n| map.get(n.as_str())).collect()
     }
 }
 
