@@ -97,15 +97,11 @@ impl Receiver {
 impl MarkedEventReceiver for Receiver {
     fn on_event(&mut self, ev: Event, mark: Marker) {
         match ev {
-            Event::Scalar(s, ..) => {
-                if !self.begin_node(Some(&s), mark) {
-                    self.end_value();
-                }
+            Event::Scalar(s, ..) if !self.begin_node(Some(&s), mark) => {
+                self.end_value();
             }
-            Event::Alias(_) => {
-                if !self.begin_node(None, mark) {
-                    self.end_value();
-                }
+            Event::Alias(_) if !self.begin_node(None, mark) => {
+                self.end_value();
             }
             Event::MappingStart(..) => {
                 self.begin_node(None, mark);

@@ -60,9 +60,7 @@ impl Generation {
         let served = config
             .resources
             .iter()
-            .map(|r| {
-                Arc::new(ServedResource { name: r.name.clone(), version: r.version.clone(), any: r.resource.clone() })
-            })
+            .map(|r| Arc::new(ServedResource { name: r.name.clone(), version: r.version, any: r.resource.clone() }))
             .collect();
         let selective = config
             .resources
@@ -232,7 +230,7 @@ mod tests {
         ));
         let canary = g.snapshot_for(&node("a", "canary"));
         let stable = g.snapshot_for(&node("b", "edge"));
-        let v = |s: &Snapshot| s.resource(ECDS, "hdr").unwrap().version.clone();
+        let v = |s: &Snapshot| s.resource(ECDS, "hdr").unwrap().version;
         assert_ne!(v(&canary), v(&stable));
         assert_eq!(v(&stable), g.config.resources.iter().find(|r| r.selector.is_empty()).unwrap().version);
     }

@@ -170,7 +170,7 @@ impl DeltaStream {
                 step.events.push(StreamEvent::Current {
                     rt,
                     version: version.clone(),
-                    resources: selected.iter().map(|r| (r.name.clone(), r.version.clone())).collect(),
+                    resources: selected.iter().map(|r| (r.name.clone(), r.version)).collect(),
                 });
                 state.acked_version = version;
             }
@@ -201,13 +201,12 @@ impl DeltaStream {
         for n in &removed {
             state.client.remove(n.as_str());
         }
-        let carried: Vec<(String, ResourceVersion)> =
-            changed.iter().map(|r| (r.name.clone(), r.version.clone())).collect();
+        let carried: Vec<(String, ResourceVersion)> = changed.iter().map(|r| (r.name.clone(), r.version)).collect();
         step.events.push(StreamEvent::Sent {
             rt,
             version: version.clone(),
             nonce: nonce.clone(),
-            resources: changed.iter().map(|r| (r.name.clone(), r.version.clone())).collect(),
+            resources: changed.iter().map(|r| (r.name.clone(), r.version)).collect(),
             removed,
             incremental: true,
             bytes: response.encoded_len(),

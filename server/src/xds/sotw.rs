@@ -144,7 +144,7 @@ impl SotwStream {
                 step.events.push(StreamEvent::Current {
                     rt,
                     version: version.clone(),
-                    resources: selected.iter().map(|r| (r.name.clone(), r.version.clone())).collect(),
+                    resources: selected.iter().map(|r| (r.name.clone(), r.version)).collect(),
                 });
                 state.last_sent =
                     Some(Sent { version, nonce: String::new(), subscription: state.subscription.clone() });
@@ -170,7 +170,7 @@ impl SotwStream {
             rt,
             version: version.clone(),
             nonce: nonce.clone(),
-            resources: selected.iter().map(|r| (r.name.clone(), r.version.clone())).collect(),
+            resources: selected.iter().map(|r| (r.name.clone(), r.version)).collect(),
             removed: Vec::new(),
             incremental: false,
             bytes: response.encoded_len(),
