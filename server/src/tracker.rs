@@ -48,37 +48,53 @@ impl StreamKind {
 #[derive(Debug, Clone, Serialize)]
 pub struct ProxyStatus {
     pub stream_id: StreamId,
-    pub node_id: String,
-    pub cluster: String,
-    pub metadata: BTreeMap<String, String>,
-    pub locality: Locality,
-    pub user_agent: String,
+    /// Shown as `node_id`, `cluster`, `metadata`, `locality` and `user_agent`.
+    #[serde(flatten, serialize_with = "node_fields")]
+    pub node: Arc<NodeInfo>,
     pub stream_kind: StreamKind,
     pub peer: String,
-    pub connected_since: String,
+    #[serde(serialize_with = "rfc3339")]
+    pub connected_since: SystemTime,
     /// By type URL.
     pub types: VecMap<&'static str, TypeStatus>,
 }
 
 impl ProxyStatus {
+    pub fn node_id(&self) -> &str {
+        &self.node.facts.id
+    }
+
     /// What selectors match against, as the proxy said it.
-    pub fn facts(&self) -> NodeFacts {
-        NodeFacts {
-            id: self.node_id.clone(),
-            cluster: self.cluster.clone(),
-            metadata: self.metadata.clone(),
-            region: self.locality.region.clone(),
-            zone: self.locality.zone.clone(),
-            sub_zone: self.locality.sub_zone.clone(),
-        }
+    pub fn facts(&self) -> &NodeFacts {
+        &self.node.facts
     }
 }
 
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct Locality {
-    pub region: String,
-    pub zone: String,
-    pub sub_zone: String,
+/// The node as the admin API shows it (flattened into the proxy's object).
+fn node_fields<S: serde::Serializer>(node: &Arc<NodeInfo>, s: S) -> Result<S::Ok, S::Error> {
+    #[derive(Serialize)]
+    struct Locality<'a> {
+        region: &'a str,
+        zone: &'a str,
+        sub_zone: &'a str,
+    }
+    #[derive(Serialize)]
+    struct Fields<'a> {
+        node_id: &'a str,
+        cluster: &'a str,
+        metadata: &'a BTreeMap<String, String>,
+        locality: Locality<'a>,
+        user_agent: &'a str,
+    }
+    let f = &node.facts;
+    Fields {
+        node_id: &f.id,
+        cluster: &f.cluster,
+        metadata: &f.metadata,
+        locality: Locality { region: &f.region, zone: &f.zone, sub_zone: &f.sub_zone },
+        user_agent: &node.user_agent,
+    }
+    .serialize(s)
 }
 
 /// Where a type stands for one proxy.
@@ -204,21 +220,16 @@ impl AckTracker {
     }
 
     /// A stream identified its node (first request).
-    pub fn connect(&self, node: &NodeInfo, kind: StreamKind, peer: String) -> StreamId {
+    pub fn connect(&self, node: Arc<NodeInfo>, kind: StreamKind, peer: String) -> StreamId {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let f = &node.facts;
         self.proxies.insert(
             id,
             ProxyStatus {
                 stream_id: id,
-                node_id: f.id.clone(),
-                cluster: f.cluster.clone(),
-                metadata: f.metadata.clone(),
-                locality: Locality { region: f.region.clone(), zone: f.zone.clone(), sub_zone: f.sub_zone.clone() },
-                user_agent: node.user_agent.clone(),
+                node,
                 stream_kind: kind,
                 peer,
-                connected_since: now(),
+                connected_since: SystemTime::now(),
                 types: VecMap::new(),
             },
         );
@@ -343,8 +354,8 @@ impl AckTracker {
                 }
                 reject = Some(Reject {
                     at,
-                    node_id: proxy.node_id.clone(),
-                    cluster: proxy.cluster.clone(),
+                    node_id: proxy.node.facts.id.clone(),
+                    cluster: proxy.node.facts.cluster.clone(),
                     type_url: rt.type_url().to_owned(),
                     resources: resources.clone(),
                     version: version.clone(),
@@ -370,7 +381,7 @@ impl AckTracker {
     /// Connected proxies, by node id then stream.
     pub fn proxies(&self) -> Vec<ProxyStatus> {
         let mut v: Vec<ProxyStatus> = self.proxies.iter().map(|p| p.value().clone()).collect();
-        v.sort_by(|a, b| (&a.node_id, a.stream_id).cmp(&(&b.node_id, b.stream_id)));
+        v.sort_by(|a, b| (a.node_id(), a.stream_id).cmp(&(b.node_id(), b.stream_id)));
         v
     }
 
@@ -387,10 +398,26 @@ fn type_status(proxy: &mut ProxyStatus, rt: ResourceType) -> &mut TypeStatus {
 }
 
 /// Timestamps are kept as `SystemTime` on the per-push path and formatted when read.
-fn rfc3339<S: serde::Serializer>(t: &Option<SystemTime>, s: S) -> Result<S::Ok, S::Error> {
-    match t {
-        Some(t) => s.serialize_str(&humantime::format_rfc3339_millis(*t).to_string()),
+fn rfc3339<S: serde::Serializer, T: Timestamp>(t: &T, s: S) -> Result<S::Ok, S::Error> {
+    match t.time() {
+        Some(t) => s.serialize_str(&humantime::format_rfc3339_millis(t).to_string()),
         None => s.serialize_none(),
+    }
+}
+
+trait Timestamp {
+    fn time(&self) -> Option<SystemTime>;
+}
+
+impl Timestamp for SystemTime {
+    fn time(&self) -> Option<SystemTime> {
+        Some(*self)
+    }
+}
+
+impl Timestamp for Option<SystemTime> {
+    fn time(&self) -> Option<SystemTime> {
+        *self
     }
 }
 

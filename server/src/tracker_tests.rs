@@ -12,8 +12,11 @@ fn tracker(limit: usize) -> (AckTracker, Arc<Metrics>) {
     (AckTracker::with_reject_limit(m.clone(), limit), m)
 }
 
-fn node(id: &str) -> NodeInfo {
-    NodeInfo { facts: NodeFacts { id: id.into(), ..Default::default() }, user_agent: "envoy 1.40.0".into() }
+fn node(id: &str) -> std::sync::Arc<NodeInfo> {
+    std::sync::Arc::new(NodeInfo {
+        facts: NodeFacts { id: id.into(), ..Default::default() },
+        user_agent: "envoy 1.40.0".into(),
+    })
 }
 
 fn sent(version: &str, nonce: &str, names: &[&str]) -> StreamEvent {
@@ -51,7 +54,7 @@ fn ecds(t: &AckTracker) -> TypeStatus {
 #[test]
 fn ack_marks_the_type_and_its_resources_synced() {
     let (t, m) = tracker(10);
-    let id = t.connect(&node("n"), StreamKind::Sotw, "127.0.0.1:1".into());
+    let id = t.connect(node("n"), StreamKind::Sotw, "127.0.0.1:1".into());
     t.record(id, &sent("v1", "1", &["a", "b"]));
     assert_eq!(ecds(&t).state, SyncState::Pending);
     assert_eq!(ecds(&t).resources["a"].acked_version, None);
@@ -73,7 +76,7 @@ fn ack_marks_the_type_and_its_resources_synced() {
 #[test]
 fn nack_keeps_last_acked_version_and_ack_of_a_fix_clears_it() {
     let (t, m) = tracker(10);
-    let id = t.connect(&node("n"), StreamKind::Sotw, String::new());
+    let id = t.connect(node("n"), StreamKind::Sotw, String::new());
     t.record(id, &sent("v1", "1", &["a"]));
     t.record(id, &acked("v1", "1"));
     let good = ecds(&t).resources["a"].clone();
@@ -100,7 +103,7 @@ fn nack_keeps_last_acked_version_and_ack_of_a_fix_clears_it() {
 #[test]
 fn unsubscribe_drops_the_resource_from_the_view() {
     let (t, _) = tracker(10);
-    let id = t.connect(&node("n"), StreamKind::Sotw, String::new());
+    let id = t.connect(node("n"), StreamKind::Sotw, String::new());
     t.record(id, &StreamEvent::Subscribed { rt: ECDS, wildcard: false, names: vec!["a".into(), "b".into()] });
     t.record(id, &sent("v1", "1", &["a", "b"]));
     t.record(id, &StreamEvent::Subscribed { rt: ECDS, wildcard: false, names: vec!["a".into()] });
@@ -113,11 +116,11 @@ fn unsubscribe_drops_the_resource_from_the_view() {
 #[test]
 fn reconnect_is_a_new_stream_and_an_up_to_date_client_shows_synced() {
     let (t, m) = tracker(10);
-    let first = t.connect(&node("n"), StreamKind::Sotw, String::new());
+    let first = t.connect(node("n"), StreamKind::Sotw, String::new());
     t.record(first, &sent("v1", "1", &["a"]));
     t.disconnect(first);
     assert!(t.proxies().is_empty());
-    let second = t.connect(&node("n"), StreamKind::Sotw, String::new());
+    let second = t.connect(node("n"), StreamKind::Sotw, String::new());
     assert_ne!(first, second);
     t.record(
         second,
@@ -139,7 +142,7 @@ fn reconnect_is_a_new_stream_and_an_up_to_date_client_shows_synced() {
 #[test]
 fn rejects_outlive_the_stream_and_history_is_bounded() {
     let (t, _) = tracker(3);
-    let id = t.connect(&node("n"), StreamKind::Sotw, String::new());
+    let id = t.connect(node("n"), StreamKind::Sotw, String::new());
     for i in 0..5 {
         t.record(id, &nacked(&format!("v{i}"), "", &i.to_string()));
     }
@@ -153,7 +156,7 @@ fn rejects_outlive_the_stream_and_history_is_bounded() {
 fn every_change_wakes_watchers() {
     let (t, _) = tracker(3);
     let mut rx = t.changes();
-    let id = t.connect(&node("n"), StreamKind::Sotw, String::new());
+    let id = t.connect(node("n"), StreamKind::Sotw, String::new());
     assert!(rx.has_changed().unwrap());
     rx.borrow_and_update();
     t.record(id, &nacked("v1", "", "1"));
@@ -163,7 +166,7 @@ fn every_change_wakes_watchers() {
 #[test]
 fn delta_ack_marks_only_what_that_response_carried() {
     let (t, _) = tracker(10);
-    let id = t.connect(&node("n"), StreamKind::Delta, String::new());
+    let id = t.connect(node("n"), StreamKind::Delta, String::new());
     let v = |s: &str| content_version([s.as_bytes()]);
     let sent = |version: &str, nonce: &str, res: &[(&str, &str)]| StreamEvent::Sent {
         rt: ECDS,

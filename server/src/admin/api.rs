@@ -28,7 +28,7 @@ async fn proxies(State(s): State<AdminState>) -> Response {
 }
 
 async fn proxy(State(s): State<AdminState>, Path(node_id): Path<String>) -> Response {
-    let streams: Vec<_> = s.tracker.proxies().into_iter().filter(|p| p.node_id == node_id).collect();
+    let streams: Vec<_> = s.tracker.proxies().into_iter().filter(|p| p.node_id() == node_id).collect();
     if streams.is_empty() {
         return (
             StatusCode::NOT_FOUND,
@@ -107,14 +107,14 @@ async fn config_dump(State(s): State<AdminState>, Query(q): Query<DumpQuery>) ->
             .into_response();
     };
     if let Some(node_id) = q.node_id {
-        let Some(proxy) = s.tracker.proxies().into_iter().find(|p| p.node_id == node_id) else {
+        let Some(proxy) = s.tracker.proxies().into_iter().find(|p| p.node_id() == node_id) else {
             return (
                 StatusCode::NOT_FOUND,
                 Json(json!({ "error": format!("no connected proxy with node id \"{node_id}\"") })),
             )
                 .into_response();
         };
-        let snapshot = g.snapshot_for(&proxy.facts());
+        let snapshot = g.snapshot_for(proxy.facts());
         let resources: Vec<Value> = snapshot
             .all()
             .map(|(rt, r)| {

@@ -56,13 +56,17 @@ pub struct DeltaStream {
 }
 
 impl DeltaStream {
-    pub fn new(only: Option<ResourceType>, control_plane: impl Into<String>) -> Self {
+    pub fn new(only: Option<ResourceType>, control_plane: &'static str) -> Self {
         Self { core: StreamCore::new(only, control_plane), types: VecMap::new() }
     }
 
     /// The node, once the first request has named it.
-    pub fn node(&self) -> Option<&NodeInfo> {
-        self.core.node.as_ref()
+    pub fn node(&self) -> Option<&Arc<NodeInfo>> {
+        self.core.node()
+    }
+
+    pub fn set_node(&mut self, node: Arc<NodeInfo>) {
+        self.core.set_node(node);
     }
 
     pub fn on_request(&mut self, req: DeltaDiscoveryRequest) -> Result<Step<DeltaDiscoveryResponse>, ProtocolError> {
@@ -192,7 +196,7 @@ impl DeltaStream {
             type_url: rt.type_url().to_owned(),
             removed_resources: removed.clone(),
             nonce: nonce.clone(),
-            control_plane: Some(ControlPlane { identifier: self.core.control_plane.clone() }),
+            control_plane: Some(ControlPlane { identifier: self.core.control_plane.to_owned() }),
             ..Default::default()
         };
         for r in &changed {

@@ -47,7 +47,8 @@ pub trait Protocol: Send + 'static {
     const KIND: StreamKind;
 
     fn request_node(req: &Self::Request) -> Option<&Node>;
-    fn node(&self) -> Option<&NodeInfo>;
+    fn node(&self) -> Option<&Arc<NodeInfo>>;
+    fn set_node(&mut self, node: Arc<NodeInfo>);
     fn on_request(&mut self, req: Self::Request) -> Result<Step<Self::Response>, ProtocolError>;
     fn on_snapshot(&mut self, snapshot: Arc<Snapshot>) -> Step<Self::Response>;
 }
@@ -60,8 +61,11 @@ impl Protocol for SotwStream {
     fn request_node(req: &DiscoveryRequest) -> Option<&Node> {
         req.node.as_ref()
     }
-    fn node(&self) -> Option<&NodeInfo> {
+    fn node(&self) -> Option<&Arc<NodeInfo>> {
         SotwStream::node(self)
+    }
+    fn set_node(&mut self, node: Arc<NodeInfo>) {
+        SotwStream::set_node(self, node)
     }
     fn on_request(&mut self, req: DiscoveryRequest) -> Result<Step<DiscoveryResponse>, ProtocolError> {
         SotwStream::on_request(self, req)
@@ -79,8 +83,11 @@ impl Protocol for DeltaStream {
     fn request_node(req: &DeltaDiscoveryRequest) -> Option<&Node> {
         req.node.as_ref()
     }
-    fn node(&self) -> Option<&NodeInfo> {
+    fn node(&self) -> Option<&Arc<NodeInfo>> {
         DeltaStream::node(self)
+    }
+    fn set_node(&mut self, node: Arc<NodeInfo>) {
+        DeltaStream::set_node(self, node)
     }
     fn on_request(&mut self, req: DeltaDiscoveryRequest) -> Result<Step<DeltaDiscoveryResponse>, ProtocolError> {
         DeltaStream::on_request(self, req)
@@ -122,9 +129,8 @@ impl XdsServices {
     }
 }
 
-pub fn control_plane_id() -> String {
-    format!("filterplane/{}", env!("CARGO_PKG_VERSION"))
-}
+/// What every response names as its `control_plane.identifier`.
+pub const CONTROL_PLANE_ID: &str = concat!("filterplane/", env!("CARGO_PKG_VERSION"));
 
 /// One stream's loop state. Dropping it (the client went away, or the server shut the
 /// stream) takes the proxy out of the tracker.
@@ -216,8 +222,9 @@ impl<P: Protocol> StreamLoop<P> {
             return;
         }
         let Some(node) = P::request_node(req) else { return };
-        let info = NodeInfo::from(node);
-        self.stream_id = Some(self.ctx.tracker.connect(&info, P::KIND, self.peer.clone()));
+        let info = Arc::new(NodeInfo::from(node));
+        self.machine.set_node(info.clone());
+        self.stream_id = Some(self.ctx.tracker.connect(info.clone(), P::KIND, self.peer.clone()));
         tracing::info!(node_id = %info.facts.id, cluster = %info.facts.cluster, peer = %self.peer, user_agent = %info.user_agent, kind = P::KIND.label(), "proxy connected");
         if let Some(g) = self.generations.borrow_and_update().clone() {
             self.machine.on_snapshot(g.snapshot_for(&info.facts));
@@ -257,14 +264,14 @@ impl AggregatedDiscoveryService for XdsServices {
         &self,
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
-        Ok(Response::new(self.start(SotwStream::new(None, control_plane_id()), request)))
+        Ok(Response::new(self.start(SotwStream::new(None, CONTROL_PLANE_ID), request)))
     }
 
     async fn delta_aggregated_resources(
         &self,
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
-        Ok(Response::new(self.start(DeltaStream::new(None, control_plane_id()), request)))
+        Ok(Response::new(self.start(DeltaStream::new(None, CONTROL_PLANE_ID), request)))
     }
 }
 
@@ -279,14 +286,14 @@ impl ExtensionConfigDiscoveryService for XdsServices {
         &self,
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamExtensionConfigsStream>, Status> {
-        Ok(Response::new(self.start(SotwStream::new(ECDS, control_plane_id()), request)))
+        Ok(Response::new(self.start(SotwStream::new(ECDS, CONTROL_PLANE_ID), request)))
     }
 
     async fn delta_extension_configs(
         &self,
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaExtensionConfigsStream>, Status> {
-        Ok(Response::new(self.start(DeltaStream::new(ECDS, control_plane_id()), request)))
+        Ok(Response::new(self.start(DeltaStream::new(ECDS, CONTROL_PLANE_ID), request)))
     }
 
     /// REST-style fetch: one request, the current answer (also when unchanged).
@@ -297,7 +304,7 @@ impl ExtensionConfigDiscoveryService for XdsServices {
         let mut req = request.into_inner();
         let node = req.node.as_ref().ok_or(ProtocolError::MissingNode)?;
         let generation = self.ctx.cache.current().ok_or_else(|| Status::unavailable("no configuration loaded yet"))?;
-        let mut machine = SotwStream::new(ECDS, control_plane_id());
+        let mut machine = SotwStream::new(ECDS, CONTROL_PLANE_ID);
         machine.on_snapshot(generation.snapshot_for(&NodeInfo::from(node).facts));
         // A fetch always answers: forget what the client says it has.
         req.version_info.clear();

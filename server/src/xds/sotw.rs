@@ -8,7 +8,7 @@ use filterplane_api::{
         config::core::v3::ControlPlane,
         service::discovery::v3::{DiscoveryRequest, DiscoveryResponse},
     },
-    ResourceType,
+    ResourceType, ResourceVersion,
 };
 use prost::Message;
 
@@ -18,7 +18,7 @@ use crate::{cache::Snapshot, vec_map::VecMap};
 
 #[derive(Debug, Clone)]
 struct Sent {
-    version: String,
+    version: ResourceVersion,
     /// Empty when nothing was sent because the client said it already had `version`.
     nonce: String,
     subscription: Subscription,
@@ -40,13 +40,17 @@ pub struct SotwStream {
 }
 
 impl SotwStream {
-    pub fn new(only: Option<ResourceType>, control_plane: impl Into<String>) -> Self {
+    pub fn new(only: Option<ResourceType>, control_plane: &'static str) -> Self {
         Self { core: StreamCore::new(only, control_plane), types: VecMap::new() }
     }
 
     /// The node, once the first request has named it.
-    pub fn node(&self) -> Option<&NodeInfo> {
-        self.core.node.as_ref()
+    pub fn node(&self) -> Option<&Arc<NodeInfo>> {
+        self.core.node()
+    }
+
+    pub fn set_node(&mut self, node: Arc<NodeInfo>) {
+        self.core.set_node(node);
     }
 
     pub fn on_request(&mut self, req: DiscoveryRequest) -> Result<Step<DiscoveryResponse>, ProtocolError> {
@@ -92,7 +96,7 @@ impl SotwStream {
                     .unwrap_or_default();
                 step.events.push(StreamEvent::Nacked {
                     rt,
-                    version: sent.version.clone(),
+                    version: sent.version.to_string(),
                     kept_version: req.version_info.clone(),
                     nonce: req.response_nonce.clone(),
                     code: err.code,
@@ -137,13 +141,13 @@ impl SotwStream {
             return;
         };
         let selected = state.subscription.select(snapshot.resources(rt));
-        let version = set_version(&selected).to_string();
+        let version = set_version(&selected);
         match &state.last_sent {
-            None if state.client_version == version => {
+            None if state.client_version == version.as_str() => {
                 // A reconnecting client that already has exactly this: nothing to send.
                 step.events.push(StreamEvent::Current {
                     rt,
-                    version: version.clone(),
+                    version: version.to_string(),
                     resources: selected.iter().map(|r| (r.name.clone(), r.version)).collect(),
                 });
                 state.last_sent =
@@ -159,16 +163,16 @@ impl SotwStream {
         }
         let nonce = self.core.nonces.next_nonce();
         let response = DiscoveryResponse {
-            version_info: version.clone(),
+            version_info: version.to_string(),
             resources: selected.iter().map(|r| r.any.clone()).collect(),
             type_url: rt.type_url().to_owned(),
             nonce: nonce.clone(),
-            control_plane: Some(ControlPlane { identifier: self.core.control_plane.clone() }),
+            control_plane: Some(ControlPlane { identifier: self.core.control_plane.to_owned() }),
             ..Default::default()
         };
         step.events.push(StreamEvent::Sent {
             rt,
-            version: version.clone(),
+            version: version.to_string(),
             nonce: nonce.clone(),
             resources: selected.iter().map(|r| (r.name.clone(), r.version)).collect(),
             removed: Vec::new(),

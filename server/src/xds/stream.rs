@@ -80,15 +80,26 @@ impl<R> Default for Step<R> {
 pub struct StreamCore {
     /// Set on single-type services: any other type URL is a protocol error.
     pub only: Option<ResourceType>,
-    pub node: Option<NodeInfo>,
+    /// Shared with the tracker.
+    pub node: Option<Arc<NodeInfo>>,
     pub snapshot: Option<Arc<Snapshot>>,
     pub nonces: NonceSource,
-    pub control_plane: String,
+    pub control_plane: &'static str,
 }
 
 impl StreamCore {
-    pub fn new(only: Option<ResourceType>, control_plane: impl Into<String>) -> Self {
-        Self { only, node: None, snapshot: None, nonces: NonceSource::default(), control_plane: control_plane.into() }
+    pub fn new(only: Option<ResourceType>, control_plane: &'static str) -> Self {
+        Self { only, node: None, snapshot: None, nonces: NonceSource::default(), control_plane }
+    }
+
+    /// The node, once the first request has named it.
+    pub fn node(&self) -> Option<&Arc<NodeInfo>> {
+        self.node.as_ref()
+    }
+
+    /// Adopts a node learnt elsewhere (the stream loop's, which the tracker shares).
+    pub fn set_node(&mut self, node: Arc<NodeInfo>) {
+        self.node.get_or_insert(node);
     }
 
     /// What both protocols check first in every request: the node (learnt from the
@@ -104,7 +115,7 @@ impl StreamCore {
     ) -> Result<Option<ResourceType>, crate::xds::ProtocolError> {
         use crate::xds::ProtocolError;
         if self.node.is_none() {
-            self.node = Some(NodeInfo::from(req_node.ok_or(ProtocolError::MissingNode)?));
+            self.node = Some(Arc::new(NodeInfo::from(req_node.ok_or(ProtocolError::MissingNode)?)));
         }
         let wrong = || ProtocolError::WrongType { got: type_url.to_owned() };
         match ResourceType::from_type_url(type_url) {
