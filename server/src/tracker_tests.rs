@@ -196,3 +196,26 @@ fn delta_ack_marks_only_what_that_response_carried() {
     assert_eq!(s.resources["a"].sent_version, v("2"));
     assert_eq!(s.resources["b"].acked_version, Some(v("1")));
 }
+
+#[test]
+fn a_proxy_shows_as_json_with_its_node_types_and_resources() {
+    let (t, _) = tracker(10);
+    let mut facts = NodeFacts { id: "n".into(), cluster: "edge".into(), region: "eu".into(), ..Default::default() };
+    facts.metadata.insert("team".into(), "payments".into());
+    let id = t.connect(Arc::new(NodeInfo { facts, user_agent: "envoy 1.40.0".into() }), StreamKind::Delta, "p".into());
+    t.record(id, &sent("v1", "1", &["a"]));
+    t.record(id, &acked("v1", "1"));
+    let json = serde_json::to_value(&t.proxies()[0]).unwrap_or_default();
+    assert_eq!(json["node_id"], "n");
+    assert_eq!(json["cluster"], "edge");
+    assert_eq!(json["metadata"]["team"], "payments");
+    assert_eq!(json["locality"]["region"], "eu");
+    assert_eq!(json["user_agent"], "envoy 1.40.0");
+    assert_eq!(json["stream_kind"], "delta");
+    assert!(json["connected_since"].as_str().is_some_and(|s| s.ends_with('Z')), "{json}");
+    let ecds = &json["types"][ECDS.type_url()];
+    assert_eq!(ecds["state"], "synced");
+    let version = content_version([b"a".as_slice(), b"v1"]).to_string();
+    assert_eq!(ecds["resources"]["a"]["sent_version"], version.as_str());
+    assert_eq!(ecds["resources"]["a"]["acked_version"], version.as_str());
+}
