@@ -9,7 +9,10 @@ use std::{
 };
 
 use filterplane_config::{ConfigError, ConfigErrors};
-use notify::{EventKind, RecursiveMode, Watcher};
+use notify::{
+    event::{AccessKind, AccessMode, ModifyKind, RenameMode},
+    EventKind, RecursiveMode, Watcher,
+};
 use serde::Serialize;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -24,6 +27,11 @@ use crate::{
 /// Quiet time after the last file event before reloading: editors write a file in
 /// several steps (truncate, write, rename), and one reload should see the end result.
 pub const DEBOUNCE: Duration = Duration::from_millis(50);
+
+/// Quiet time after an event that says the change is finished (the config file closed
+/// after writing or renamed into place, a ConfigMap's `..data` swapped): only long enough
+/// to take in a burst of such events as one reload.
+pub const SETTLE: Duration = Duration::from_millis(5);
 
 /// One config error as the admin API shows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -186,17 +194,15 @@ impl ConfigReloader {
     /// a change made while that load runs then still causes a reload, and once the
     /// server reports ready every later edit is seen.
     pub fn start_watch(self: &Arc<Self>) -> anyhow::Result<ConfigWatch> {
-        let (tx, events) = mpsc::channel::<()>(64);
+        let (tx, events) = mpsc::channel::<Change>(64);
         let relevant = RelevantPaths::new(&self.path);
         let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| match res {
-            Ok(ev)
-                if matches!(ev.kind, EventKind::Create(_) | EventKind::Modify(_) | EventKind::Remove(_))
-                    && ev.paths.iter().any(|p| relevant.matches(p)) =>
-            {
-                // A full channel already means "reload pending".
-                let _ = tx.try_send(());
+            Ok(ev) => {
+                if let Some(change) = relevant.classify(&ev) {
+                    // A full channel already means "reload pending".
+                    let _ = tx.try_send(change);
+                }
             }
-            Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "file watch error"),
         })?;
         // Watch the directory, not the file: editors and Kubernetes ConfigMaps replace
@@ -211,7 +217,7 @@ impl ConfigReloader {
 pub struct ConfigWatch {
     reloader: Arc<ConfigReloader>,
     _watcher: notify::RecommendedWatcher,
-    events: mpsc::Receiver<()>,
+    events: mpsc::Receiver<Change>,
     hup: tokio::signal::unix::Signal,
 }
 
@@ -224,17 +230,41 @@ impl ConfigWatch {
                 _ = self.hup.recv() => {
                     self.reloader.reload("SIGHUP").await;
                 }
-                Some(()) = self.events.recv() => {
-                    // Debounce: wait until the files have been quiet for DEBOUNCE.
+                Some(mut change) = self.events.recv() => {
+                    // Debounce: wait until the files have been quiet for as long as the
+                    // last event asks (a write in progress: DEBOUNCE; a finished one: SETTLE).
                     loop {
                         tokio::select! {
-                            _ = tokio::time::sleep(DEBOUNCE) => break,
-                            more = self.events.recv() => if more.is_none() { break },
+                            _ = tokio::time::sleep(change.quiet_time()) => break,
+                            more = self.events.recv() => match more {
+                                Some(c) => change = c,
+                                None => break,
+                            },
                         }
                     }
                     self.reloader.reload("file change").await;
                 }
             }
+        }
+    }
+}
+
+/// What a file event says about the config.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Change {
+    /// Something changed and more may follow: a write in progress, or one file of a
+    /// config directory (others may be on their way).
+    Partial,
+    /// The change is finished: the config file was closed after writing or renamed into
+    /// place, or a ConfigMap's `..data` was swapped (all its files at once).
+    Complete,
+}
+
+impl Change {
+    fn quiet_time(self) -> Duration {
+        match self {
+            Change::Partial => DEBOUNCE,
+            Change::Complete => SETTLE,
         }
     }
 }
@@ -249,6 +279,28 @@ struct RelevantPaths {
 impl RelevantPaths {
     fn new(config: &Path) -> Self {
         Self { file_name: if config.is_dir() { None } else { config.file_name().map(ToOwned::to_owned) } }
+    }
+
+    /// `None` for events that do not concern the config (other files, reads).
+    fn classify(&self, ev: &notify::Event) -> Option<Change> {
+        let renamed = matches!(ev.kind, EventKind::Modify(ModifyKind::Name(RenameMode::To | RenameMode::Both)));
+        let closed = match ev.kind {
+            EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+            EventKind::Access(_) => return None,
+            EventKind::Create(_) | EventKind::Modify(_) | EventKind::Remove(_) => false,
+            _ => return None,
+        };
+        // A rename names (from, to): it is finished when a config file is where it ends up.
+        let into_place = ev.paths.last().filter(|p| renamed && self.matches(p));
+        let path = match into_place {
+            Some(p) => p,
+            None => ev.paths.iter().find(|p| self.matches(p))?,
+        };
+        let (renamed_into_place, finished) = (into_place.is_some(), closed || into_place.is_some());
+        let data_swap = path.file_name().is_some_and(|n| n == "..data");
+        let complete = (data_swap && (renamed_into_place || matches!(ev.kind, EventKind::Create(_))))
+            || (self.file_name.is_some() && finished);
+        Some(if complete { Change::Complete } else { Change::Partial })
     }
 
     fn matches(&self, changed: &Path) -> bool {
@@ -293,5 +345,42 @@ mod tests {
         assert!(for_dir.matches(&dir.path().join("other.yaml")) && for_dir.matches(&dir.path().join("b.yml")));
         assert!(!for_dir.matches(&dir.path().join(".other.yaml.swp")));
         assert!(!for_dir.matches(&dir.path().join("notes.txt")));
+    }
+
+    fn event(kind: EventKind, paths: &[&Path]) -> notify::Event {
+        paths.iter().fold(notify::Event::new(kind), |e, p| e.add_path(p.to_path_buf()))
+    }
+
+    #[test]
+    fn a_finished_write_reloads_at_once_and_one_in_progress_waits() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("filterplane.yaml");
+        std::fs::write(&file, "").unwrap();
+        let (closed, written) = (
+            EventKind::Access(AccessKind::Close(AccessMode::Write)),
+            EventKind::Modify(ModifyKind::Data(notify::event::DataChange::Content)),
+        );
+        let renamed = EventKind::Modify(ModifyKind::Name(RenameMode::Both));
+        let for_file = RelevantPaths::new(&file);
+        assert_eq!(for_file.classify(&event(written, &[&file])), Some(Change::Partial));
+        assert_eq!(for_file.classify(&event(closed, &[&file])), Some(Change::Complete));
+        let swap = dir.path().join(".filterplane.yaml.tmp");
+        assert_eq!(for_file.classify(&event(renamed, &[&swap, &file])), Some(Change::Complete), "editor's rename");
+        assert_eq!(for_file.classify(&event(renamed, &[&file, &swap])), Some(Change::Partial), "renamed away");
+        let opened = EventKind::Access(AccessKind::Open(notify::event::AccessMode::Any));
+        assert_eq!(for_file.classify(&event(opened, &[&file])), None, "reads are not changes");
+        assert_eq!(for_file.classify(&event(closed, &[&dir.path().join("x.log")])), None);
+
+        // A directory: one file closed may be one of several; only the ConfigMap swap is whole.
+        let for_dir = RelevantPaths::new(dir.path());
+        assert_eq!(for_dir.classify(&event(closed, &[&file])), Some(Change::Partial));
+        let (tmp, data) = (dir.path().join("..data_tmp"), dir.path().join("..data"));
+        assert_eq!(
+            for_dir.classify(&event(EventKind::Create(notify::event::CreateKind::Any), &[&tmp])),
+            Some(Change::Partial)
+        );
+        assert_eq!(for_dir.classify(&event(renamed, &[&tmp, &data])), Some(Change::Complete));
+        assert_eq!(Change::Complete.quiet_time(), SETTLE);
+        assert_eq!(Change::Partial.quiet_time(), DEBOUNCE);
     }
 }
