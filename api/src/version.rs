@@ -12,6 +12,13 @@ use sha2::{Digest, Sha256};
 pub struct ResourceVersion([u8; 16]);
 
 impl ResourceVersion {
+    /// A version as it went over the wire; `None` for anything Filterplane would not have
+    /// sent (another control plane's, or garbage).
+    pub fn parse(text: &str) -> Option<Self> {
+        let bytes: [u8; 16] = text.as_bytes().try_into().ok()?;
+        bytes.iter().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')).then_some(Self(bytes))
+    }
+
     /// The hex digits; empty for the default (no version).
     pub fn as_str(&self) -> &str {
         if self.0[0] == 0 {
@@ -73,5 +80,8 @@ mod tests {
         assert_eq!(a.as_str().len(), 16);
         assert!(a.as_str().bytes().all(|b| b.is_ascii_hexdigit()));
         assert_eq!(ResourceVersion::default().as_str(), "");
+        assert_eq!(ResourceVersion::parse(a.as_str()), Some(a));
+        assert_eq!(ResourceVersion::parse("v1"), None);
+        assert_eq!(ResourceVersion::parse("ABCDEF0123456789"), None, "only lower-case hex is ours");
     }
 }

@@ -40,7 +40,8 @@ struct TypeState {
     subscription: Subscription,
     /// What the client has, as far as the server knows: resource name to version.
     /// Updated when a response is sent, so a NACKed version is not sent again.
-    client: VecMap<String, String>,
+    /// `None`: a version Filterplane did not send (it differs from any it would).
+    client: VecMap<String, Option<ResourceVersion>>,
     pending: VecDeque<Pending>,
     acked_version: String,
     /// The first request of a client that had nothing gets an answer even when it is
@@ -80,7 +81,8 @@ impl DeltaStream {
         if first {
             // xDS protocol, "Delta xDS": a client resuming a stream names the versions it
             // already has, so they are not sent again.
-            state.client = req.initial_resource_versions.clone().into_iter().collect();
+            state.client =
+                req.initial_resource_versions.iter().map(|(n, v)| (n.clone(), ResourceVersion::parse(v))).collect();
             state.must_answer = req.initial_resource_versions.is_empty();
         }
 
@@ -89,6 +91,10 @@ impl DeltaStream {
         if !req.response_nonce.is_empty() {
             if let Some(i) = state.pending.iter().position(|p| p.nonce == req.response_nonce) {
                 let answered = state.pending.drain(..=i).next_back().expect("position found an entry");
+                if state.pending.is_empty() {
+                    // Nothing in flight: give the queue's buffer back (idle streams hold none).
+                    state.pending = VecDeque::new();
+                }
                 match &req.error_detail {
                     Some(err) => step.events.push(StreamEvent::Nacked {
                         rt,
@@ -150,10 +156,8 @@ impl DeltaStream {
         };
         let available = snapshot.resources(rt);
         let selected = state.subscription.select(available);
-        let changed: Vec<_> = selected
-            .iter()
-            .filter(|r| state.client.get(r.name.as_str()).map(String::as_str) != Some(r.version.as_str()))
-            .collect();
+        let changed: Vec<_> =
+            selected.iter().filter(|r| state.client.get(r.name.as_str()) != Some(&Some(r.version))).collect();
         // `selected` is in name order.
         let mut removed: Vec<String> = state
             .client
@@ -200,7 +204,7 @@ impl DeltaStream {
             ..Default::default()
         };
         for r in &changed {
-            state.client.insert(r.name.clone(), r.version.to_string());
+            state.client.insert(r.name.clone(), Some(r.version));
         }
         for n in &removed {
             state.client.remove(n.as_str());
