@@ -1,15 +1,21 @@
 //! The gRPC plumbing of the xDS services, written out instead of taking the generated
-//! servers for one reason: the codec's buffers. The generated servers use tonic's 8 KiB
-//! encode and decode buffers per stream, which at 10,000 streams is most of Filterplane's
-//! memory; xDS requests are small and responses are sent as they are encoded, so 1 KiB
-//! buffers (grown on demand) do. Method bodies are in `service.rs`, behind the
-//! generated traits.
+//! servers for memory's sake. The generated servers give every stream tonic's 8 KiB
+//! decode buffer, and an encode buffer that grows to the largest response ever sent on
+//! the stream and keeps that size: with a 1 MiB inline Wasm module, 1 MiB per Envoy for
+//! as long as it stays connected. Here requests are decoded with a 1 KiB buffer (grown on
+//! demand), and each response is encoded into a buffer of exactly its size that is freed
+//! once sent ([`GrpcFrames`]). Method bodies are in `service.rs`, behind the generated
+//! traits.
 
 use std::{
     convert::Infallible,
     marker::PhantomData,
+    pin::Pin,
     task::{Context, Poll},
 };
+
+use bytes::Bytes;
+use http_body::Frame;
 
 use filterplane_api::envoy_types::pb::envoy::service::{
     discovery::v3::{
@@ -66,17 +72,73 @@ where
 /// Wasm modules).
 const MAX_REQUEST: usize = 4 << 20;
 
-async fn streaming<S, Req, Resp, B>(svc: S, req: http::Request<B>) -> Result<http::Response<Body>, Infallible>
+async fn streaming<S, Req, Resp, B>(mut svc: S, req: http::Request<B>) -> Result<http::Response<Body>, Infallible>
 where
-    S: StreamingService<Req, Response = Resp> + Send + 'static,
-    S::ResponseStream: Send + 'static,
+    S: StreamingService<Req, Response = Resp, ResponseStream = ResponseStream<Resp>> + Send + 'static,
     Req: prost::Message + Default + Send + 'static,
     Resp: prost::Message + Send + 'static,
     B: http_body::Body + Send + 'static,
     B::Error: Into<StdError> + Send + 'static,
 {
-    let mut grpc = Grpc::new(XdsCodec::<Resp, Req>::default()).apply_max_message_size_config(Some(MAX_REQUEST), None);
-    Ok(grpc.streaming(svc, req).await)
+    // No compression is offered, so a compressed request stream is refused (as tonic does).
+    if req.headers().get("grpc-encoding").is_some_and(|e| e != "identity") {
+        return Ok(Status::unimplemented("compressed requests are not supported").into_http());
+    }
+    let request =
+        req.map(|body| Streaming::new_request(ProstDecoder::<Req>::new(buffers()), body, None, Some(MAX_REQUEST)));
+    let responses = match svc.call(Request::from_http(request)).await {
+        Ok(r) => r.into_inner(),
+        Err(status) => return Ok(status.into_http()),
+    };
+    let mut response = http::Response::new(Body::new(GrpcFrames { responses, done: false }));
+    response.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/grpc"));
+    Ok(response)
+}
+
+/// A stream of responses as a gRPC response body: each message in a buffer of exactly its
+/// size (freed once sent), then the trailers with the status.
+struct GrpcFrames<T> {
+    responses: ResponseStream<T>,
+    done: bool,
+}
+
+impl<T: prost::Message> http_body::Body for GrpcFrames<T> {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        if self.done {
+            return Poll::Ready(None);
+        }
+        let status = match std::task::ready!(self.responses.as_mut().poll_next(cx)) {
+            Some(Ok(message)) => return Poll::Ready(Some(grpc_message(&message).map(Frame::data))),
+            Some(Err(status)) => status,
+            None => Status::ok(""),
+        };
+        self.done = true;
+        let mut trailers = http::HeaderMap::new();
+        let trailers = match status.add_header(&mut trailers) {
+            Ok(()) => trailers,
+            Err(e) => return Poll::Ready(Some(Err(e))),
+        };
+        Poll::Ready(Some(Ok(Frame::trailers(trailers))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done
+    }
+}
+
+/// One length-prefixed gRPC message: a zero compression flag, the length as 4 bytes
+/// big-endian, the protobuf.
+fn grpc_message<T: prost::Message>(message: &T) -> Result<Bytes, Status> {
+    let len = message.encoded_len();
+    let prefix = u32::try_from(len).map_err(|_| Status::resource_exhausted("response over 4 GiB"))?;
+    let mut buf = Vec::with_capacity(5 + len);
+    buf.push(0);
+    buf.extend_from_slice(&prefix.to_be_bytes());
+    message.encode_raw(&mut buf);
+    Ok(Bytes::from(buf))
 }
 
 fn unimplemented() -> http::Response<Body> {

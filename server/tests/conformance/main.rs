@@ -12,6 +12,21 @@ mod sotw {
     use super::*;
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_first_request_without_node_ends_the_stream_with_invalid_argument() {
+        use filterplane_api::envoy_types::pb::envoy::service::discovery::v3::{
+            aggregated_discovery_service_client::AggregatedDiscoveryServiceClient, DiscoveryRequest,
+        };
+        let plane = Plane::start(&[("a", "1")]).await;
+        let mut client =
+            AggregatedDiscoveryServiceClient::connect(format!("http://{}", plane.xds)).await.expect("connect");
+        let req = DiscoveryRequest { type_url: ECDS.into(), resource_names: vec!["a".into()], ..Default::default() };
+        let mut rx = client.stream_aggregated_resources(tokio_stream::iter([req])).await.expect("stream").into_inner();
+        let status = rx.message().await.expect_err("the stream ends with a gRPC status");
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        assert!(status.message().contains("must carry the node"), "{status:?}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn first_request_gets_the_subscribed_resources() {
         let plane = Plane::start(&[("a", "1"), ("b", "1")]).await;
         let mut c = SotwClient::connect(&plane, "n").await;
