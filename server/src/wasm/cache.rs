@@ -164,7 +164,7 @@ mod tests {
         std::thread::sleep(std::time::Duration::from_millis(5));
         let c = cache.put(&[3u8; 10]).unwrap();
         // a is the oldest, but pinned: b goes.
-        assert_eq!(cache.evict(&[a.clone()].into()), [b.clone()]);
+        assert_eq!(cache.evict(&[a.clone()].into()), std::slice::from_ref(&b));
         assert_eq!(cache.usage(), (2, 20));
         std::thread::sleep(std::time::Duration::from_millis(5));
         assert!(cache.get(&a, &m).is_some(), "a used now: c is the least recently used");
