@@ -111,12 +111,7 @@ pub async fn serve_on(
     // A bad config at start is not fatal: nothing is served until a good one appears,
     // so connected Envoys keep what they have.
     // The watch starts first, so an edit made during the first load is not missed.
-    match reloader.start_watch() {
-        Ok(watch) => {
-            tasks.spawn(watch.run(shutdown.clone()));
-        }
-        Err(e) => tracing::warn!(error = %e, "cannot watch the config; edits take effect only after a restart"),
-    }
+    tasks.spawn(reloader.start_watch().run(shutdown.clone()));
     reloader.reload("startup").await;
 
     let ctx = XdsContext { cache: cache.clone(), tracker: tracker.clone(), shutdown: shutdown.clone() };

@@ -190,11 +190,30 @@ impl ConfigReloader {
         outcome
     }
 
-    /// Starts watching the config's files and SIGHUP. Call it before the first load:
-    /// a change made while that load runs then still causes a reload, and once the
-    /// server reports ready every later edit is seen.
-    pub fn start_watch(self: &Arc<Self>) -> anyhow::Result<ConfigWatch> {
+    /// Starts watching SIGHUP and the config's files. Call it before the first load: a
+    /// change made while that load runs then still causes a reload, and once the server
+    /// reports ready every later edit is seen. Either half failing to start (say, the
+    /// inotify instance limit) is logged and leaves the other working.
+    pub fn start_watch(self: &Arc<Self>) -> ConfigWatch {
+        let hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+            Ok(h) => Some(h),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot handle SIGHUP; the config still reloads when its files change");
+                None
+            }
+        };
         let (tx, events) = mpsc::channel::<Change>(64);
+        let watcher = match self.watch_files(tx) {
+            Ok(w) => Some(w),
+            Err(e) => {
+                tracing::warn!(error = %e, path = %self.path.display(), "cannot watch the config files; reload with SIGHUP");
+                None
+            }
+        };
+        ConfigWatch { reloader: self.clone(), _watcher: watcher, events, hup }
+    }
+
+    fn watch_files(&self, tx: mpsc::Sender<Change>) -> notify::Result<notify::RecommendedWatcher> {
         let relevant = RelevantPaths::new(&self.path);
         let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| match res {
             Ok(ev) => {
@@ -208,17 +227,17 @@ impl ConfigReloader {
         // Watch the directory, not the file: editors and Kubernetes ConfigMaps replace
         // files by rename, which ends a watch on the file itself.
         watcher.watch(watch_root(&self.path), RecursiveMode::NonRecursive)?;
-        let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
-        Ok(ConfigWatch { reloader: self.clone(), _watcher: watcher, events, hup })
+        Ok(watcher)
     }
 }
 
 /// A running watch on the config (see [`ConfigReloader::start_watch`]).
 pub struct ConfigWatch {
     reloader: Arc<ConfigReloader>,
-    _watcher: notify::RecommendedWatcher,
+    /// `None` when the files cannot be watched (then `events` is closed: SIGHUP only).
+    _watcher: Option<notify::RecommendedWatcher>,
     events: mpsc::Receiver<Change>,
-    hup: tokio::signal::unix::Signal,
+    hup: Option<tokio::signal::unix::Signal>,
 }
 
 impl ConfigWatch {
@@ -227,7 +246,12 @@ impl ConfigWatch {
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                _ = self.hup.recv() => {
+                _ = async {
+                    match self.hup.as_mut() {
+                        Some(h) => h.recv().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
                     self.reloader.reload("SIGHUP").await;
                 }
                 Some(mut change) = self.events.recv() => {

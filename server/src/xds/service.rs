@@ -27,7 +27,7 @@ use crate::{
     xds::{
         delta::DeltaStream,
         sotw::SotwStream,
-        stream::{NodeInfo, Step, StreamEvent},
+        stream::{NodeInfo, Step, StreamCore, StreamEvent},
         ProtocolError,
     },
 };
@@ -47,8 +47,8 @@ pub trait Protocol: Send + 'static {
     const KIND: StreamKind;
 
     fn request_node(req: &Self::Request) -> Option<&Node>;
-    fn node(&self) -> Option<&Arc<NodeInfo>>;
-    fn set_node(&mut self, node: Arc<NodeInfo>);
+    fn core(&self) -> &StreamCore;
+    fn core_mut(&mut self) -> &mut StreamCore;
     fn on_request(&mut self, req: Self::Request) -> Result<Step<Self::Response>, ProtocolError>;
     fn on_snapshot(&mut self, snapshot: Arc<Snapshot>) -> Step<Self::Response>;
 }
@@ -61,11 +61,11 @@ impl Protocol for SotwStream {
     fn request_node(req: &DiscoveryRequest) -> Option<&Node> {
         req.node.as_ref()
     }
-    fn node(&self) -> Option<&Arc<NodeInfo>> {
-        SotwStream::node(self)
+    fn core(&self) -> &StreamCore {
+        &self.core
     }
-    fn set_node(&mut self, node: Arc<NodeInfo>) {
-        SotwStream::set_node(self, node)
+    fn core_mut(&mut self) -> &mut StreamCore {
+        &mut self.core
     }
     fn on_request(&mut self, req: DiscoveryRequest) -> Result<Step<DiscoveryResponse>, ProtocolError> {
         SotwStream::on_request(self, req)
@@ -83,11 +83,11 @@ impl Protocol for DeltaStream {
     fn request_node(req: &DeltaDiscoveryRequest) -> Option<&Node> {
         req.node.as_ref()
     }
-    fn node(&self) -> Option<&Arc<NodeInfo>> {
-        DeltaStream::node(self)
+    fn core(&self) -> &StreamCore {
+        &self.core
     }
-    fn set_node(&mut self, node: Arc<NodeInfo>) {
-        DeltaStream::set_node(self, node)
+    fn core_mut(&mut self) -> &mut StreamCore {
+        &mut self.core
     }
     fn on_request(&mut self, req: DeltaDiscoveryRequest) -> Result<Step<DeltaDiscoveryResponse>, ProtocolError> {
         DeltaStream::on_request(self, req)
@@ -151,7 +151,7 @@ impl<P: Protocol> Drop for StreamLoop<P> {
     fn drop(&mut self) {
         if let Some(id) = self.stream_id {
             self.ctx.tracker.disconnect(id);
-            let node_id = self.machine.node().map(|n| n.facts.id.as_str()).unwrap_or_default();
+            let node_id = self.machine.core().node().map(|n| n.facts.id.as_str()).unwrap_or_default();
             tracing::info!(node_id, peer = %self.peer, "proxy disconnected");
         }
     }
@@ -195,7 +195,7 @@ impl<P: Protocol> StreamLoop<P> {
                         return None;
                     }
                     let generation = self.generations.borrow_and_update().clone();
-                    match (generation, self.machine.node()) {
+                    match (generation, self.machine.core().node()) {
                         (Some(g), Some(node)) => {
                             let snapshot = g.snapshot_for(&node.facts);
                             self.machine.on_snapshot(snapshot)
@@ -204,7 +204,7 @@ impl<P: Protocol> StreamLoop<P> {
                     }
                 }
             };
-            let node_id = self.machine.node().map(|n| n.facts.id.as_str()).unwrap_or_default();
+            let node_id = self.machine.core().node().map(|n| n.facts.id.as_str()).unwrap_or_default();
             for event in &step.events {
                 log_event(node_id, event);
                 if let Some(id) = self.stream_id {
@@ -223,7 +223,7 @@ impl<P: Protocol> StreamLoop<P> {
         }
         let Some(node) = P::request_node(req) else { return };
         let info = Arc::new(NodeInfo::from(node));
-        self.machine.set_node(info.clone());
+        self.machine.core_mut().set_node(info.clone());
         self.stream_id = Some(self.ctx.tracker.connect(info.clone(), P::KIND, self.peer.clone()));
         tracing::info!(node_id = %info.facts.id, cluster = %info.facts.cluster, peer = %self.peer, user_agent = %info.user_agent, kind = P::KIND.label(), "proxy connected");
         if let Some(g) = self.generations.borrow_and_update().clone() {

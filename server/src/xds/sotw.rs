@@ -12,7 +12,7 @@ use filterplane_api::{
 };
 use prost::Message;
 
-use crate::xds::stream::{set_version, NodeInfo, Step, StreamCore, StreamEvent, Subscription};
+use crate::xds::stream::{set_version, Step, StreamCore, StreamEvent, Subscription};
 use crate::xds::ProtocolError;
 use crate::{cache::Snapshot, vec_map::VecMap};
 
@@ -35,22 +35,14 @@ struct TypeState {
 /// One SotW stream (ADS, or a single-type service such as ECDS).
 #[derive(Debug)]
 pub struct SotwStream {
-    core: StreamCore,
+    /// What it shares with the other flavour: the node, the snapshot, nonces.
+    pub(crate) core: StreamCore,
     types: VecMap<ResourceType, TypeState>,
 }
 
 impl SotwStream {
     pub fn new(only: Option<ResourceType>, control_plane: &'static str) -> Self {
         Self { core: StreamCore::new(only, control_plane), types: VecMap::new() }
-    }
-
-    /// The node, once the first request has named it.
-    pub fn node(&self) -> Option<&Arc<NodeInfo>> {
-        self.core.node()
-    }
-
-    pub fn set_node(&mut self, node: Arc<NodeInfo>) {
-        self.core.set_node(node);
     }
 
     pub fn on_request(&mut self, req: DiscoveryRequest) -> Result<Step<DiscoveryResponse>, ProtocolError> {

@@ -65,7 +65,7 @@ fn first_request_gets_the_subscribed_resources_and_the_ack_is_recorded() {
     let r = &step.responses[0];
     assert_eq!(r.type_url, ECDS.type_url());
     assert!(!r.nonce.is_empty() && !r.version_info.is_empty());
-    assert_eq!(s.node().unwrap().facts.id, "envoy-1");
+    assert_eq!(s.core.node().unwrap().facts.id, "envoy-1");
 
     let ack = s.on_request(request(ECDS, &["a"], &r.version_info, &r.nonce)).unwrap();
     assert!(ack.responses.is_empty(), "an ACK is not answered");
