@@ -267,7 +267,7 @@ impl Compiler<'_> {
             &spec.node_selector,
             &origin,
         );
-        let base = file.path.parent().unwrap_or(std::path::Path::new("."));
+        let base = crate::load::config_dir(&file.path);
         let mut plugin = match WasmPlugin::from_spec(spec, base, origin.clone()) {
             Ok(p) => p,
             Err((sub, message)) => {

@@ -25,6 +25,16 @@ impl ParsedFile {
     }
 }
 
+/// The directory a config path lives in: the path itself for a config directory, else
+/// the file's parent. A bare file name (`plugins.yaml`) has the empty path as its parent,
+/// which is no directory at all: that is `.`.
+pub fn config_dir(path: &Path) -> &Path {
+    if path.is_dir() {
+        return path;
+    }
+    path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."))
+}
+
 /// The files `path` stands for: itself, or the YAML files directly inside it, by name.
 pub fn config_files(path: &Path) -> Result<Vec<PathBuf>, ConfigErrors> {
     let io_err = |e: std::io::Error| ConfigError {
@@ -111,4 +121,17 @@ pub fn parse_file(file: &Path, text: &str) -> Result<ParsedFile, ConfigError> {
         ));
     }
     Ok(parsed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bare_file_name_lives_in_the_current_directory() {
+        assert_eq!(config_dir(Path::new("plugins.yaml")), Path::new("."));
+        assert_eq!(config_dir(Path::new("conf/plugins.yaml")), Path::new("conf"));
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(config_dir(dir.path()), dir.path(), "a config directory is its own");
+    }
 }

@@ -63,13 +63,8 @@ fn wasm_support(args: &ServeArgs, admin: std::net::SocketAddr, metrics: Arc<Metr
     let cache_dir = w.cache_dir.clone().unwrap_or_else(default_cache_dir);
     let cache = WasmModuleCache::open(&cache_dir, w.cache_max_bytes)
         .with_context(|| format!("open the Wasm module cache in {}", cache_dir.display()))?;
-    let file_root = w.wasm_file_root.clone().unwrap_or_else(|| {
-        if args.config.is_dir() {
-            args.config.clone()
-        } else {
-            args.config.parent().map(std::path::Path::to_path_buf).unwrap_or_else(|| ".".into())
-        }
-    });
+    let file_root =
+        w.wasm_file_root.clone().unwrap_or_else(|| filterplane_config::load::config_dir(&args.config).to_path_buf());
     let settings = FetchSettings {
         file_root,
         insecure_registries: w.insecure_registries.clone(),

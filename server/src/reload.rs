@@ -226,7 +226,7 @@ impl ConfigReloader {
         })?;
         // Watch the directory, not the file: editors and Kubernetes ConfigMaps replace
         // files by rename, which ends a watch on the file itself.
-        watcher.watch(watch_root(&self.path), RecursiveMode::NonRecursive)?;
+        watcher.watch(filterplane_config::load::config_dir(&self.path), RecursiveMode::NonRecursive)?;
         Ok(watcher)
     }
 }
@@ -339,14 +339,6 @@ impl RelevantPaths {
                 !n.starts_with('.') && (n.ends_with(".yaml") || n.ends_with(".yml"))
             }
         }
-    }
-}
-
-fn watch_root(path: &Path) -> &Path {
-    if path.is_dir() {
-        path
-    } else {
-        path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."))
     }
 }
 

@@ -121,12 +121,14 @@ impl WasmFetcher {
 
     /// The module, and whether it came from the cache.
     async fn module_inner(&self, plugin: &WasmPlugin) -> Result<(Module, bool), FetchError> {
-        // A pinned SHA-256 whose module is cached cannot change: no need to go out.
-        if let Some(sha) = &plugin.sha256 {
-            if !matches!(plugin.source, ModuleSource::File(_)) {
-                if let Some(bytes) = self.cache.get(sha, &self.metrics) {
-                    return Ok((Module { sha256: sha.clone(), bytes }, true));
-                }
+        // An HTTP(S) URL is pinned by its SHA-256: a cached module with that SHA-256 is what
+        // the URL serves, so there is no need to go out. Not so for OCI: a tag names
+        // whatever it was last pushed to, and a pin that disagrees with the tag's
+        // resolution is a mismatch to report, never a cached module to serve instead
+        // (`pull_oci` resolves the tag as the pull policy says and verifies the pin).
+        if let (Some(sha), ModuleSource::Http(_)) = (&plugin.sha256, &plugin.source) {
+            if let Some(bytes) = self.cache.get(sha, &self.metrics) {
+                return Ok((Module { sha256: sha.clone(), bytes }, true));
             }
         }
         let bytes = match &plugin.source {
@@ -358,6 +360,26 @@ mod tests {
         let other = "0".repeat(64);
         let p = plugin(&format!("{{name: p, url: 'http://127.0.0.1:1/m.wasm', sha256: '{other}'}}"), dir.path());
         assert_eq!(f.module(&p).await.unwrap_err().kind(), "download_failure");
+    }
+
+    #[tokio::test]
+    async fn a_pin_that_disagrees_with_the_tag_is_a_checksum_mismatch_even_when_cached() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = fetcher(dir.path(), dir.path());
+        let v1 = f.cache.put(&header_module("v1")).unwrap();
+        let other = f.cache.put(&header_module("other")).unwrap();
+        // Filterplane resolved the tag v1 to module v1 before; the YAML pins another
+        // module that happens to be cached too.
+        f.cache.set_resolved("127.0.0.1:1/plugins/hdr:v1", "sha256:feed", &v1).unwrap();
+        let pinned =
+            plugin(&format!("{{name: p, url: 'oci://127.0.0.1:1/plugins/hdr:v1', sha256: {other}}}"), dir.path());
+        let e = f.module(&pinned).await.unwrap_err();
+        assert_eq!(e.kind(), "checksum_mismatch", "{e}");
+        assert!(e.to_string().contains(&v1) && e.to_string().contains(&other), "names both modules: {e}");
+        // Pinned to what the tag resolves to: served from the cache, no network.
+        let agreeing =
+            plugin(&format!("{{name: p, url: 'oci://127.0.0.1:1/plugins/hdr:v1', sha256: {v1}}}"), dir.path());
+        assert_eq!(f.module(&agreeing).await.unwrap().sha256, v1);
     }
 
     #[tokio::test]
