@@ -45,6 +45,10 @@ pub struct CompiledResource {
     pub listener_json: Option<Arc<Value>>,
     /// Wasm plugins: the SHA-256 of the module this version serves.
     pub wasm_sha256: Option<String>,
+    /// Envoy downloads this resource's Wasm code itself (remote delivery). Such a config
+    /// asks Envoy to NACK while the code is not in its cache yet and to fetch it in the
+    /// background (`nack_on_code_cache_miss`), so the server sends it again after a NACK.
+    pub envoy_fetches_code: bool,
 }
 
 /// Everything one reload produced.
@@ -253,6 +257,7 @@ impl Compiler<'_> {
             placement,
             listener_json: None,
             wasm_sha256: None,
+            envoy_fetches_code: false,
         });
     }
 

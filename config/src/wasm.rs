@@ -200,6 +200,13 @@ pub fn build_wasm_resource(p: &WasmPlugin, code: WasmCode<'_>, sha256: &str) -> 
             vm_id: format!("sha256:{sha256}"),
             runtime: "envoy.wasm.runtime.v8".into(),
             code: Some(AsyncDataSource { specifier: Some(code_source) }),
+            // Remote code: Envoy fetches it only through an init manager, and once Envoy
+            // has started its init managers are done, so a config that comes later is
+            // ACKed and never fetched: the filter then lets everything through, even
+            // FAIL_CLOSED. With this flag a cache miss is a NACK and a background fetch
+            // into Envoy's code cache instead; the server sends the config again until it
+            // is ACKed, which means the module runs.
+            nack_on_code_cache_miss: matches!(code, WasmCode::Remote { .. }),
             environment_variables: (!p.env.is_empty()).then(|| EnvironmentVariables {
                 host_env_keys: vec![],
                 key_values: p.env.clone().into_iter().collect(),
@@ -242,6 +249,7 @@ pub fn build_wasm_resource(p: &WasmPlugin, code: WasmCode<'_>, sha256: &str) -> 
         placement: p.placement.clone(),
         listener_json: None,
         wasm_sha256: Some(sha256.to_owned()),
+        envoy_fetches_code: matches!(code, WasmCode::Remote { .. }),
     }
 }
 

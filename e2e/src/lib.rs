@@ -14,8 +14,10 @@ use std::{
 use serde_json::Value;
 
 pub mod browser;
+pub mod gateway;
 pub mod quickstart;
 pub mod services;
+pub mod traffic;
 
 /// Polls `f` every 10 ms until it returns `Some`, or panics naming `what` after `timeout`.
 pub fn wait_until<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
@@ -321,13 +323,19 @@ pub fn example_bootstrap(example: &str, ports: EnvoyPorts, node_id: &str) -> Str
 impl Envoy {
     /// Starts Envoy with `bootstrap` and waits until its admin answers.
     pub fn start(bootstrap: &str, ports: EnvoyPorts, dir: &Path, name: &str) -> Self {
+        Self::start_with_args(bootstrap, ports, dir, name, &[])
+    }
+
+    /// Starts Envoy with more flags (e.g. a short `--drain-time-s`).
+    pub fn start_with_args(bootstrap: &str, ports: EnvoyPorts, dir: &Path, name: &str, args: &[&str]) -> Self {
         let config = dir.join(format!("{name}.yaml"));
         fs::write(&config, bootstrap).expect("write bootstrap");
         let mut cmd = Command::new(envoy_bin());
         cmd.arg("-c")
             .arg(&config)
             .args(["--disable-hot-restart", "--concurrency", "1", "-l", "info"])
-            .args(["--log-format", "[%Y-%m-%d %T.%e][%l][%n] %v"]);
+            .args(["--log-format", "[%Y-%m-%d %T.%e][%l][%n] %v"])
+            .args(args);
         let process = Process::spawn(name, &mut cmd, dir.join(format!("{name}.log")));
         let envoy = Envoy { _process: process, admin_port: ports.admin, listener_port: ports.listener };
         wait_until("Envoy admin", Duration::from_secs(20), || envoy.admin("/ready"));

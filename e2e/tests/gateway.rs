@@ -4,44 +4,14 @@
 
 use std::{fs, time::Duration};
 
-use filterplane_e2e::{example_bootstrap, example_text, free_port, wait_until, Envoy, EnvoyPorts, Filterplane};
-use serde_json::Value;
+use filterplane_e2e::{
+    example_bootstrap, free_port,
+    gateway::{edge_filters, gateway_config, http_filters, names},
+    wait_until, Envoy, EnvoyPorts, Filterplane,
+};
 
 const WAIT: Duration = Duration::from_secs(15);
 const LDS: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
-
-/// The filters of the `edge` listener's chain, as Envoy's own config dump shows them.
-fn edge_filters(envoy: &Envoy) -> Vec<Value> {
-    let dump = envoy.admin("/config_dump?resource=dynamic_listeners").map(|r| r.body).unwrap_or_default();
-    let v: Value = serde_json::from_str(&dump).unwrap_or(Value::Null);
-    v["configs"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|c| c["name"] == "edge")
-        .flat_map(|c| {
-            c["active_state"]["listener"]["filter_chains"][0]["filters"].as_array().cloned().unwrap_or_default()
-        })
-        .collect()
-}
-
-fn names(filters: &[Value]) -> Vec<String> {
-    filters.iter().filter_map(|f| f["name"].as_str().map(str::to_owned)).collect()
-}
-
-/// The HTTP filter names of the `edge` listener's connection manager.
-fn http_filters(envoy: &Envoy) -> Vec<String> {
-    let hcm = edge_filters(envoy).into_iter().last().unwrap_or(Value::Null);
-    names(hcm["typed_config"]["http_filters"].as_array().map(Vec::as_slice).unwrap_or_default())
-}
-
-/// The example's config on this test's ports: the listener's, and the backend's
-/// (Filterplane's admin).
-fn gateway_config(ports: &EnvoyPorts, admin_port: u16) -> String {
-    example_text("gateway/filterplane.yaml")
-        .replace("port_value: 10000", &format!("port_value: {}", ports.listener))
-        .replace("port_value: 18001", &format!("port_value: {admin_port}"))
-}
 
 fn without_plugins(config: &str) -> String {
     let start = config.find("extension_configs:").expect("the example has plugins");

@@ -16,6 +16,9 @@ pub struct ServedResource {
     pub name: String,
     pub version: ResourceVersion,
     pub any: Any,
+    /// Envoy fetches this Wasm config's code itself: a NACK may only mean the module is
+    /// not in Envoy's cache yet, and the response is sent again (see `StreamSettings`).
+    pub envoy_fetches_code: bool,
 }
 
 /// Resources of one type in a snapshot, by name.
@@ -26,6 +29,9 @@ pub type ResourceMap = BTreeMap<String, Arc<ServedResource>>;
 pub struct Snapshot {
     pub config_version: ResourceVersion,
     types: BTreeMap<ResourceType, ResourceMap>,
+    /// Extension configs whose filters are placed into this snapshot's listeners, sorted:
+    /// a proxy may still drain a listener that refers to one of them after it leaves.
+    placed: Vec<String>,
 }
 
 impl Snapshot {
@@ -35,6 +41,12 @@ impl Snapshot {
 
     pub fn resource(&self, t: ResourceType, name: &str) -> Option<&Arc<ServedResource>> {
         self.types.get(&t)?.get(name)
+    }
+
+    /// Whether the filter of extension config `name` is placed into this snapshot's
+    /// listeners.
+    pub fn places(&self, name: &str) -> bool {
+        self.placed.binary_search_by(|n| n.as_str().cmp(name)).is_ok()
     }
 
     /// Every resource, by type then name.
@@ -60,7 +72,14 @@ impl Generation {
         let served = config
             .resources
             .iter()
-            .map(|r| Arc::new(ServedResource { name: r.name.clone(), version: r.version, any: r.resource.clone() }))
+            .map(|r| {
+                Arc::new(ServedResource {
+                    name: r.name.clone(),
+                    version: r.version,
+                    any: r.resource.clone(),
+                    envoy_fetches_code: r.envoy_fetches_code,
+                })
+            })
             .collect();
         let selective = config
             .resources
@@ -117,7 +136,9 @@ impl Generation {
             .flat_map(|m| m.values())
             .flat_map(|s| [s.name.as_bytes(), s.version.as_str().as_bytes()])
             .collect();
-        let snap = Arc::new(Snapshot { config_version: content_version(versions), types });
+        let mut placed: Vec<String> = placements.iter().map(|p| p.filter_name.clone()).collect();
+        placed.sort_unstable();
+        let snap = Arc::new(Snapshot { config_version: content_version(versions), types, placed });
         self.groups.entry(group).or_insert(snap).clone()
     }
 
@@ -130,7 +151,9 @@ impl Generation {
         }
         match assemble_listener(r, placements) {
             None => self.served[i].clone(),
-            Some(Ok((any, version))) => Arc::new(ServedResource { name: r.name.clone(), version, any }),
+            Some(Ok((any, version))) => {
+                Arc::new(ServedResource { name: r.name.clone(), version, any, envoy_fetches_code: false })
+            }
             Some(Err(e)) => {
                 // compile() placed every filter into every listener already, so this
                 // means a bug; serve the listener as written rather than nothing.

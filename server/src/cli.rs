@@ -52,6 +52,12 @@ pub struct ServeArgs {
     /// The admin HTTP server: /healthz, /readyz, /api/v1/*.
     #[arg(long, default_value = "127.0.0.1:18001", env = "FILTERPLANE_ADMIN_ADDR")]
     pub admin_addr: SocketAddr,
+    /// Delta xDS: seconds an extension config whose filter left a proxy's listeners stays
+    /// served to that proxy after it ACKed the listener update, unless Envoy unsubscribes
+    /// it first (it does once no listener, draining ones included, refers to it). Set it to
+    /// at least your Envoys' --drain-time-s (600 unless set).
+    #[arg(long, default_value_t = 600)]
+    pub drain_grace_secs: u64,
     #[command(flatten)]
     pub wasm: WasmArgs,
 }
@@ -119,4 +125,9 @@ pub struct WasmArgs {
     /// Largest module accepted, in bytes.
     #[arg(long, default_value_t = 64 << 20)]
     pub wasm_max_module_bytes: u64,
+    /// Remote delivery: how many times a Wasm config is sent again after Envoy NACKs it
+    /// while it fetches the module into its cache (100 ms apart, doubling, at most 5 s),
+    /// before the NACK counts as a reject.
+    #[arg(long, default_value_t = 10)]
+    pub wasm_code_fetch_retries: u32,
 }

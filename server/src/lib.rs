@@ -32,6 +32,7 @@ use crate::{
     xds::{
         grpc::{AdsServer, EcdsServer},
         service::{XdsContext, XdsServices},
+        stream::StreamSettings,
     },
 };
 use filterplane_config::model::Delivery;
@@ -109,7 +110,11 @@ pub async fn serve_on(
     tasks.spawn(reloader.start_watch().run(shutdown.clone()));
     reloader.reload("startup").await;
 
-    let ctx = XdsContext { cache: cache.clone(), tracker: tracker.clone(), shutdown: shutdown.clone() };
+    let settings = Arc::new(StreamSettings {
+        drain_grace: std::time::Duration::from_secs(args.drain_grace_secs),
+        code_fetch_retries: args.wasm.wasm_code_fetch_retries,
+    });
+    let ctx = XdsContext { cache: cache.clone(), tracker: tracker.clone(), shutdown: shutdown.clone(), settings };
     let services = XdsServices::new(ctx);
     let grpc = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))

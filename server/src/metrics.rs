@@ -70,6 +70,7 @@ pub struct Metrics {
     pub wasm_fetch_duration: Histogram,
     pub wasm_compile_duration: Histogram,
     pub wasm_module_downloads: Counter,
+    pub wasm_code_fetch_resends: Counter,
 }
 
 impl Default for Metrics {
@@ -91,6 +92,7 @@ impl Default for Metrics {
             wasm_fetch_duration: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
             wasm_compile_duration: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
             wasm_module_downloads: Counter::default(),
+            wasm_code_fetch_resends: Counter::default(),
             registry: Registry::default(),
             by_type: Vec::new(),
         };
@@ -144,6 +146,11 @@ impl Default for Metrics {
             "wasm_module_downloads",
             "Modules Envoys downloaded from /modules (remote delivery)",
             m.wasm_module_downloads.clone(),
+        );
+        registry.register(
+            "wasm_code_fetch_resends",
+            "Wasm configs sent again because Envoy NACKed them while fetching the module (remote delivery)",
+            m.wasm_code_fetch_resends.clone(),
         );
         // Start every per-type counter at zero, so `rate()` and alerts see a series from
         // the first scrape instead of an absent one.

@@ -125,6 +125,9 @@ pub struct TypeStatus {
     #[serde(serialize_with = "rfc3339")]
     pub acked_at: Option<SystemTime>,
     pub last_nack: Option<Box<Nack>>,
+    /// Set while Envoy fetches a Wasm module the last response needs: it NACKed it for
+    /// now, and it is sent again.
+    pub code_fetch: Option<Box<CodeFetch>>,
     /// By resource name.
     pub resources: VecMap<String, ResourceStatus>,
     #[serde(skip)]
@@ -143,6 +146,7 @@ impl Default for TypeStatus {
             acked_version: None,
             acked_at: None,
             last_nack: None,
+            code_fetch: None,
             resources: VecMap::new(),
             sent_instant: None,
         }
@@ -164,6 +168,17 @@ pub struct Nack {
     pub version: String,
     pub nonce: String,
     pub code: i32,
+    pub message: String,
+    pub at: String,
+}
+
+/// A response Envoy NACKed while it fetches a Wasm module, waiting to be sent again.
+#[derive(Debug, Clone, Serialize)]
+pub struct CodeFetch {
+    /// Resends so far, of at most `retries`.
+    pub attempt: u32,
+    pub retries: u32,
+    /// Envoy's message with the NACK.
     pub message: String,
     pub at: String,
 }
@@ -309,6 +324,7 @@ impl AckTracker {
                 t.acked_at = Some(SystemTime::now());
                 // Accepting a newer version ends the NACK state.
                 t.last_nack = None;
+                t.code_fetch = None;
                 match resources {
                     // SotW: the response was the whole set, as last sent.
                     None => {
@@ -337,6 +353,7 @@ impl AckTracker {
                     m.push_ack_latency.observe(sent.elapsed().as_secs_f64());
                 }
                 t.state = SyncState::Nacked;
+                t.code_fetch = None;
                 if !kept_version.is_empty() {
                     t.acked_version = Some(kept_version.clone());
                 }
@@ -364,6 +381,18 @@ impl AckTracker {
                     code: *code,
                     message: message.clone(),
                 });
+            }
+            StreamEvent::CodeFetchPending { rt, message, attempt, retries, .. } => {
+                // Not a reject (yet): the proxy is fetching, and the response goes again.
+                self.metrics.wasm_code_fetch_resends.inc();
+                let t = type_status(&mut proxy, *rt);
+                t.state = SyncState::Pending;
+                t.code_fetch = Some(Box::new(CodeFetch {
+                    attempt: *attempt,
+                    retries: *retries,
+                    message: message.clone(),
+                    at: now(),
+                }));
             }
             StreamEvent::UnsupportedType { .. } => return,
         }

@@ -102,6 +102,10 @@ impl<K: Ord, V> VecMap<K, V> {
         self.0.iter().map(|(k, _)| k)
     }
 
+    pub fn values(&self) -> impl Iterator<Item = &V> {
+        self.0.iter().map(|(_, v)| v)
+    }
+
     pub fn values_mut(&mut self) -> impl Iterator<Item = &mut V> {
         self.0.iter_mut().map(|(_, v)| v)
     }

@@ -69,6 +69,7 @@ impl Compiler<'_> {
             placement: None,
             listener_json: (rt == ResourceType::Listener).then(|| Arc::new(json)),
             wasm_sha256: None,
+            envoy_fetches_code: false,
         });
     }
 }

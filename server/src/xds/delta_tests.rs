@@ -11,9 +11,10 @@ use filterplane_api::{
 };
 
 use super::*;
-use crate::xds::test_support::snapshot;
+use crate::xds::test_support::{listener_snapshot, remote_wasm_snapshot, snapshot};
 
 const ECDS: ResourceType = ResourceType::ExtensionConfig;
+const LDS: ResourceType = ResourceType::Listener;
 
 fn req(rt: ResourceType, subscribe: &[&str], unsubscribe: &[&str], nonce: &str) -> DeltaDiscoveryRequest {
     DeltaDiscoveryRequest {
@@ -86,4 +87,169 @@ fn resource_that_stops_matching_is_removed() {
     assert_eq!(r.removed_resources, ["a"]);
     // Coming back, it is sent again.
     assert_eq!(names(&s.on_snapshot(snapshot(&[("a", "1"), ("b", "1")])).responses[0]), ["a"]);
+}
+
+fn nack(rt: ResourceType, nonce: &str) -> DeltaDiscoveryRequest {
+    DeltaDiscoveryRequest {
+        error_detail: Some(Status { code: 13, message: "Unable to create Wasm plugin w".into(), details: vec![] }),
+        ..req(rt, &[], &[], nonce)
+    }
+}
+
+/// An ADS stream that has listener `l` and extension configs `a` and `b` (both placed
+/// into `l`, unless `placed` says otherwise), everything ACKed.
+fn ads_with_listener(placed: &[&str], grace: std::time::Duration) -> DeltaStream {
+    let settings = StreamSettings { drain_grace: grace, ..Default::default() };
+    let mut s = DeltaStream::with_settings(None, "test", Arc::new(settings));
+    s.on_snapshot(listener_snapshot(&[("a", "1"), ("b", "1")], placed));
+    let lds = s.on_request(req(LDS, &[], &[], "")).unwrap().responses.remove(0);
+    assert_eq!(names(&lds), ["l"]);
+    s.on_request(req(LDS, &[], &[], &lds.nonce)).unwrap();
+    let ecds = s.on_request(req(ECDS, &["a", "b"], &[], "")).unwrap().responses.remove(0);
+    assert_eq!(names(&ecds), ["a", "b"]);
+    s.on_request(req(ECDS, &[], &[], &ecds.nonce)).unwrap();
+    s
+}
+
+fn removed_anywhere(step: &Step<DeltaDiscoveryResponse>) -> Vec<String> {
+    step.responses.iter().flat_map(|r| r.removed_resources.clone()).collect()
+}
+
+const GRACE: std::time::Duration = std::time::Duration::from_secs(30);
+
+#[test]
+fn a_placed_filter_removed_keeps_its_config_until_envoy_unsubscribes_it() {
+    let mut s = ads_with_listener(&["a", "b"], GRACE);
+    // `a` leaves the config: the listener without it goes out, the config stays.
+    let step = s.on_snapshot(listener_snapshot(&[("b", "1")], &["b"]));
+    assert_eq!(step.responses.len(), 1, "{step:?}");
+    assert_eq!(step.responses[0].type_url, LDS.type_url());
+    assert!(removed_anywhere(&step).is_empty(), "nothing removed while a draining listener may use it");
+    let lds = step.responses[0].nonce.clone();
+    assert!(s.on_request(req(LDS, &[], &[], &lds)).unwrap().responses.is_empty());
+    assert!(s.next_wakeup().is_some(), "the grace runs from the listener ACK");
+    // The old listener drained away: Envoy unsubscribes by itself. Nothing to send.
+    let step = s.on_request(req(ECDS, &[], &["a"], "")).unwrap();
+    assert!(step.responses.is_empty(), "{step:?}");
+    assert_eq!(s.next_wakeup(), None, "the hold is over");
+    // It stays gone.
+    assert!(s
+        .on_snapshot(listener_snapshot(&[("b", "2")], &["b"]))
+        .responses
+        .iter()
+        .all(|r| r.removed_resources.is_empty()));
+}
+
+#[test]
+fn a_held_removal_goes_out_once_the_grace_after_the_listener_ack_is_over() {
+    let mut s = ads_with_listener(&["a", "b"], GRACE);
+    let step = s.on_snapshot(listener_snapshot(&[("b", "1")], &["b"]));
+    assert_eq!(s.next_wakeup(), None, "no grace before the listener update is ACKed");
+    let acked_at = std::time::Instant::now();
+    s.on_request(req(LDS, &[], &[], &step.responses[0].nonce)).unwrap();
+    let due = s.next_wakeup().expect("a release time");
+    assert!(due >= acked_at + GRACE && due <= std::time::Instant::now() + GRACE, "grace after the ACK");
+    assert!(s.on_timer(due - std::time::Duration::from_secs(1)).responses.is_empty(), "not yet");
+    let step = s.on_timer(due);
+    assert_eq!(step.responses.len(), 1);
+    assert_eq!(
+        (step.responses[0].type_url.as_str(), step.responses[0].removed_resources.as_slice()),
+        (ECDS.type_url(), ["a".to_string()].as_slice())
+    );
+    assert_eq!(s.next_wakeup(), None);
+}
+
+#[test]
+fn a_refused_listener_update_keeps_the_config_held() {
+    let mut s = ads_with_listener(&["a", "b"], GRACE);
+    let step = s.on_snapshot(listener_snapshot(&[("b", "1")], &["b"]));
+    let mut refused = req(LDS, &[], &[], &step.responses[0].nonce);
+    refused.error_detail = Some(Status { code: 13, message: "no".into(), details: vec![] });
+    s.on_request(refused).unwrap();
+    assert_eq!(s.next_wakeup(), None, "Envoy still runs the listener with the filter");
+}
+
+#[test]
+fn a_held_config_added_back_is_not_sent_again() {
+    let mut s = ads_with_listener(&["a", "b"], GRACE);
+    let step = s.on_snapshot(listener_snapshot(&[("b", "1")], &["b"]));
+    s.on_request(req(LDS, &[], &[], &step.responses[0].nonce)).unwrap();
+    let step = s.on_snapshot(listener_snapshot(&[("a", "1"), ("b", "1")], &["a", "b"]));
+    assert_eq!(step.responses.len(), 1, "only the listener: Envoy still has a's config");
+    assert_eq!(step.responses[0].type_url, LDS.type_url());
+    assert_eq!(s.next_wakeup(), None, "no hold left");
+}
+
+#[test]
+fn a_config_no_served_listener_placed_is_removed_at_once() {
+    // Referred to only by a bootstrap listener: removal makes Envoy use the filter's
+    // default_config, as before.
+    let mut s = ads_with_listener(&[], GRACE);
+    let step = s.on_snapshot(listener_snapshot(&[("b", "1")], &[]));
+    assert_eq!(removed_anywhere(&step), ["a"]);
+    assert_eq!(s.next_wakeup(), None);
+}
+
+#[test]
+fn a_stream_without_listeners_holds_for_the_grace_from_the_removal() {
+    // The standalone ECDS service: the listener update travels elsewhere.
+    let settings = StreamSettings { drain_grace: GRACE, ..Default::default() };
+    let mut s = DeltaStream::with_settings(Some(ECDS), "test", Arc::new(settings));
+    s.on_snapshot(listener_snapshot(&[("a", "1"), ("b", "1")], &["a", "b"]));
+    let r = s.on_request(req(ECDS, &["a", "b"], &[], "")).unwrap().responses.remove(0);
+    s.on_request(req(ECDS, &[], &[], &r.nonce)).unwrap();
+    assert!(s.on_snapshot(listener_snapshot(&[("b", "1")], &["b"])).responses.is_empty());
+    let due = s.next_wakeup().expect("the grace runs from the removal");
+    assert_eq!(removed_anywhere(&s.on_timer(due)), ["a"]);
+}
+
+#[test]
+fn a_resuming_client_keeps_configs_it_may_still_drain() {
+    let settings = StreamSettings { drain_grace: GRACE, ..Default::default() };
+    let mut s = DeltaStream::with_settings(None, "test", Arc::new(settings));
+    s.on_snapshot(listener_snapshot(&[("b", "1")], &["b"]));
+    // After a control-plane restart Envoy names what it has; `a` is gone meanwhile.
+    s.on_request(req(LDS, &[], &[], "")).unwrap();
+    let mut resume = req(ECDS, &["a", "b"], &[], "");
+    resume.initial_resource_versions = [("a".to_string(), "x".to_string()), ("b".to_string(), "y".to_string())].into();
+    let step = s.on_request(resume).unwrap();
+    assert!(removed_anywhere(&step).is_empty(), "{step:?}");
+    assert_eq!(names(&step.responses[0]), ["b"], "b's version differs: sent");
+}
+
+#[test]
+fn a_remote_wasm_config_nacked_while_envoy_fetches_is_sent_again_until_acked() {
+    let settings = StreamSettings { code_fetch_retries: 2, ..Default::default() };
+    let mut s = DeltaStream::with_settings(None, "test", Arc::new(settings));
+    s.on_snapshot(remote_wasm_snapshot(&"a".repeat(64)));
+    let r = s.on_request(req(ECDS, &["w", "plain"], &[], "")).unwrap().responses.remove(0);
+    let step = s.on_request(nack(ECDS, &r.nonce)).unwrap();
+    assert!(step.responses.is_empty(), "not at once: Envoy is fetching");
+    assert!(
+        matches!(step.events.last(), Some(StreamEvent::CodeFetchPending { attempt: 1, retries: 2, .. })),
+        "{:?}",
+        step.events
+    );
+    let due = s.next_wakeup().expect("a resend is due");
+    let again = s.on_timer(due).responses.remove(0);
+    assert_eq!(names(&again), ["plain", "w"], "what the NACKed response carried, as it is now");
+    // A second NACK: the last resend.
+    assert!(matches!(
+        s.on_request(nack(ECDS, &again.nonce)).unwrap().events.last(),
+        Some(StreamEvent::CodeFetchPending { attempt: 2, .. })
+    ));
+    let last = s.on_timer(s.next_wakeup().unwrap()).responses.remove(0);
+    // Resends used up: this NACK counts.
+    let step = s.on_request(nack(ECDS, &last.nonce)).unwrap();
+    assert!(matches!(step.events.last(), Some(StreamEvent::Nacked { .. })), "{:?}", step.events);
+    assert_eq!(s.next_wakeup(), None);
+}
+
+#[test]
+fn a_nack_of_configs_envoy_does_not_fetch_is_not_retried() {
+    let mut s = stream(snapshot(&[("a", "1")]));
+    let r = s.on_request(req(ECDS, &["a"], &[], "")).unwrap().responses.remove(0);
+    let step = s.on_request(nack(ECDS, &r.nonce)).unwrap();
+    assert!(matches!(step.events.last(), Some(StreamEvent::Nacked { .. })));
+    assert_eq!(s.next_wakeup(), None);
 }

@@ -2,7 +2,7 @@
 //! Each stream is one loop, the same for both flavours, that feeds requests and new
 //! snapshots to its state machine and sends what it returns.
 
-use std::{pin::Pin, sync::Arc};
+use std::{pin::Pin, sync::Arc, time::Instant};
 
 use filterplane_api::{
     envoy_types::pb::envoy::{
@@ -27,7 +27,7 @@ use crate::{
     xds::{
         delta::DeltaStream,
         sotw::SotwStream,
-        stream::{NodeInfo, Step, StreamCore, StreamEvent},
+        stream::{NodeInfo, Step, StreamCore, StreamEvent, StreamSettings},
         ProtocolError,
     },
 };
@@ -38,6 +38,7 @@ pub struct XdsContext {
     pub cache: Arc<SnapshotCache>,
     pub tracker: Arc<AckTracker>,
     pub shutdown: CancellationToken,
+    pub settings: Arc<StreamSettings>,
 }
 
 /// A protocol state machine the stream loop can drive.
@@ -51,6 +52,9 @@ pub trait Protocol: Send + 'static {
     fn core_mut(&mut self) -> &mut StreamCore;
     fn on_request(&mut self, req: Self::Request) -> Result<Step<Self::Response>, ProtocolError>;
     fn on_snapshot(&mut self, snapshot: Arc<Snapshot>) -> Step<Self::Response>;
+    /// When `on_timer` has something to do next, if ever.
+    fn next_wakeup(&self) -> Option<Instant>;
+    fn on_timer(&mut self, now: Instant) -> Step<Self::Response>;
 }
 
 impl Protocol for SotwStream {
@@ -73,6 +77,12 @@ impl Protocol for SotwStream {
     fn on_snapshot(&mut self, snapshot: Arc<Snapshot>) -> Step<DiscoveryResponse> {
         SotwStream::on_snapshot(self, snapshot)
     }
+    fn next_wakeup(&self) -> Option<Instant> {
+        SotwStream::next_wakeup(self)
+    }
+    fn on_timer(&mut self, now: Instant) -> Step<DiscoveryResponse> {
+        SotwStream::on_timer(self, now)
+    }
 }
 
 impl Protocol for DeltaStream {
@@ -94,6 +104,12 @@ impl Protocol for DeltaStream {
     }
     fn on_snapshot(&mut self, snapshot: Arc<Snapshot>) -> Step<DeltaDiscoveryResponse> {
         DeltaStream::on_snapshot(self, snapshot)
+    }
+    fn next_wakeup(&self) -> Option<Instant> {
+        DeltaStream::next_wakeup(self)
+    }
+    fn on_timer(&mut self, now: Instant) -> Step<DeltaDiscoveryResponse> {
+        DeltaStream::on_timer(self, now)
     }
 }
 
@@ -170,8 +186,10 @@ impl<P: Protocol> StreamLoop<P> {
             if self.done {
                 return None;
             }
+            let wakeup = self.machine.next_wakeup();
             let step = tokio::select! {
                 _ = self.ctx.shutdown.cancelled() => return None,
+                _ = sleep_until(wakeup) => self.machine.on_timer(Instant::now()),
                 msg = self.requests.message() => match msg {
                     Ok(Some(req)) => {
                         self.identify(&req);
@@ -232,6 +250,14 @@ impl<P: Protocol> StreamLoop<P> {
     }
 }
 
+/// Sleeps until `at`, or forever.
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
 fn log_event(node_id: &str, event: &StreamEvent) {
     match event {
         StreamEvent::Nacked { rt, version, nonce, code, message, .. } => {
@@ -249,6 +275,9 @@ fn log_event(node_id: &str, event: &StreamEvent) {
         StreamEvent::Current { rt, version, .. } => {
             tracing::debug!(node_id, type_url = %rt, version, "client is up to date; nothing sent")
         }
+        StreamEvent::CodeFetchPending { rt, version, nonce, message, attempt, retries, .. } => {
+            tracing::info!(node_id, type_url = %rt, version, nonce, message, attempt, retries, "NACK while Envoy fetches a Wasm module; sending it again")
+        }
         StreamEvent::UnsupportedType { type_url } => {
             tracing::warn!(node_id, type_url, "request for a type Filterplane does not serve; not answered")
         }
@@ -264,14 +293,18 @@ impl AggregatedDiscoveryService for XdsServices {
         &self,
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
-        Ok(Response::new(self.start(SotwStream::new(None, CONTROL_PLANE_ID), request)))
+        Ok(Response::new(
+            self.start(SotwStream::with_settings(None, CONTROL_PLANE_ID, self.ctx.settings.clone()), request),
+        ))
     }
 
     async fn delta_aggregated_resources(
         &self,
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
-        Ok(Response::new(self.start(DeltaStream::new(None, CONTROL_PLANE_ID), request)))
+        Ok(Response::new(
+            self.start(DeltaStream::with_settings(None, CONTROL_PLANE_ID, self.ctx.settings.clone()), request),
+        ))
     }
 }
 
@@ -286,14 +319,18 @@ impl ExtensionConfigDiscoveryService for XdsServices {
         &self,
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamExtensionConfigsStream>, Status> {
-        Ok(Response::new(self.start(SotwStream::new(ECDS, CONTROL_PLANE_ID), request)))
+        Ok(Response::new(
+            self.start(SotwStream::with_settings(ECDS, CONTROL_PLANE_ID, self.ctx.settings.clone()), request),
+        ))
     }
 
     async fn delta_extension_configs(
         &self,
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaExtensionConfigsStream>, Status> {
-        Ok(Response::new(self.start(DeltaStream::new(ECDS, CONTROL_PLANE_ID), request)))
+        Ok(Response::new(
+            self.start(DeltaStream::with_settings(ECDS, CONTROL_PLANE_ID, self.ctx.settings.clone()), request),
+        ))
     }
 
     /// REST-style fetch: one request, the current answer (also when unchanged).

@@ -1,7 +1,7 @@
 //! The state-of-the-world protocol as a pure state machine: requests and new snapshots
 //! in, responses and tracker events out, no I/O. The tonic service is a loop around it.
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Instant};
 
 use filterplane_api::{
     envoy_types::pb::envoy::{
@@ -12,7 +12,7 @@ use filterplane_api::{
 };
 use prost::Message;
 
-use crate::xds::stream::{set_version, Step, StreamCore, StreamEvent, Subscription};
+use crate::xds::stream::{set_version, CodeFetchRetry, Step, StreamCore, StreamEvent, StreamSettings, Subscription};
 use crate::xds::ProtocolError;
 use crate::{cache::Snapshot, vec_map::VecMap};
 
@@ -30,6 +30,8 @@ struct TypeState {
     /// Version the client says it has (from its last request).
     client_version: String,
     last_sent: Option<Sent>,
+    /// The last response was NACKed while Envoy fetches a Wasm module: send it again.
+    retry: Option<Box<CodeFetchRetry>>,
 }
 
 /// One SotW stream (ADS, or a single-type service such as ECDS).
@@ -42,7 +44,15 @@ pub struct SotwStream {
 
 impl SotwStream {
     pub fn new(only: Option<ResourceType>, control_plane: &'static str) -> Self {
-        Self { core: StreamCore::new(only, control_plane), types: VecMap::new() }
+        Self::with_settings(only, control_plane, Arc::default())
+    }
+
+    pub fn with_settings(
+        only: Option<ResourceType>,
+        control_plane: &'static str,
+        settings: Arc<StreamSettings>,
+    ) -> Self {
+        Self { core: StreamCore::new(only, control_plane, settings), types: VecMap::new() }
     }
 
     pub fn on_request(&mut self, req: DiscoveryRequest) -> Result<Step<DiscoveryResponse>, ProtocolError> {
@@ -75,27 +85,45 @@ impl SotwStream {
             subscription: subscription.clone(),
             client_version: String::new(),
             last_sent: None,
+            retry: None,
         });
         if let Some(sent) = state.last_sent.as_ref().filter(|_| !req.response_nonce.is_empty()) {
             if let Some(err) = &req.error_detail {
                 // NACK: record it and do not resend the same version; a new snapshot or
-                // a subscription change is what produces the next response.
-                let names = self
-                    .core
-                    .snapshot
-                    .as_ref()
-                    .map(|s| sent.subscription.select(s.resources(rt)).iter().map(|r| r.name.clone()).collect())
-                    .unwrap_or_default();
-                step.events.push(StreamEvent::Nacked {
-                    rt,
-                    version: sent.version.to_string(),
-                    kept_version: req.version_info.clone(),
-                    nonce: req.response_nonce.clone(),
-                    code: err.code,
-                    message: err.message.clone(),
-                    resources: names,
-                });
+                // a subscription change is what produces the next response. Unless the
+                // response holds Wasm code Envoy is fetching: then it is sent again.
+                let selected = self.core.snapshot.as_ref().map(|s| sent.subscription.select(s.resources(rt)));
+                let selected = selected.unwrap_or_default();
+                let names: Vec<String> = selected.iter().map(|r| r.name.clone()).collect();
+                let version = sent.version.to_string();
+                match self.core.code_fetch_retry(state.retry.as_deref(), selected.into_iter(), Vec::new()) {
+                    Some(retry) => {
+                        step.events.push(StreamEvent::CodeFetchPending {
+                            rt,
+                            version,
+                            nonce: req.response_nonce.clone(),
+                            message: err.message.clone(),
+                            resources: names,
+                            attempt: retry.attempt,
+                            retries: self.core.settings.code_fetch_retries,
+                        });
+                        state.retry = Some(Box::new(retry));
+                    }
+                    None => {
+                        state.retry = None;
+                        step.events.push(StreamEvent::Nacked {
+                            rt,
+                            version,
+                            kept_version: req.version_info.clone(),
+                            nonce: req.response_nonce.clone(),
+                            code: err.code,
+                            message: err.message.clone(),
+                            resources: names,
+                        });
+                    }
+                }
             } else {
+                state.retry = None;
                 step.events.push(StreamEvent::Acked {
                     rt,
                     version: req.version_info.clone(),
@@ -110,9 +138,27 @@ impl SotwStream {
         // An ACK or NACK that keeps the subscription needs no answer: new snapshots are
         // pushed by `on_snapshot` as they come. (The hot path: one per proxy per push.)
         if resubscribed || !answers_us {
-            self.respond_if_changed(rt, &mut step);
+            self.respond(rt, false, &mut step);
         }
         Ok(step)
+    }
+
+    /// When `on_timer` has something to do next, if ever.
+    pub fn next_wakeup(&self) -> Option<Instant> {
+        self.types.values().filter_map(|t| t.retry.as_ref()?.at).min()
+    }
+
+    /// Sends again what Envoy NACKed while fetching a Wasm module, once its time came.
+    pub fn on_timer(&mut self, now: Instant) -> Step<DiscoveryResponse> {
+        let mut step = Step::default();
+        for rt in ResourceType::ALL {
+            let Some(retry) = self.types.get_mut(&rt).and_then(|t| t.retry.as_mut()) else { continue };
+            if retry.at.is_some_and(|at| at <= now) {
+                retry.at = None;
+                self.respond(rt, true, &mut step);
+            }
+        }
+        step
     }
 
     /// A new snapshot for this stream's node: push every subscribed type whose
@@ -122,13 +168,15 @@ impl SotwStream {
         let mut step = Step::default();
         for rt in ResourceType::ALL {
             if self.types.contains_key(&rt) {
-                self.respond_if_changed(rt, &mut step);
+                self.respond(rt, false, &mut step);
             }
         }
         step
     }
 
-    fn respond_if_changed(&mut self, rt: ResourceType, step: &mut Step<DiscoveryResponse>) {
+    /// Sends the type's selected resources if they changed since last sent (or the client
+    /// asks for a name anew), or in any case when `resend`.
+    fn respond(&mut self, rt: ResourceType, resend: bool, step: &mut Step<DiscoveryResponse>) {
         let (Some(snapshot), Some(state)) = (self.core.snapshot.as_ref(), self.types.get_mut(&rt)) else {
             return;
         };
@@ -148,10 +196,17 @@ impl SotwStream {
             }
             // Unchanged, unless the client asks for a name it did not ask for before: that
             // gets an answer even so (the resource may not exist; SotW says so by its absence).
-            Some(sent) if sent.version == version && !state.subscription.gained_since(&sent.subscription) => {
+            Some(sent)
+                if !resend && sent.version == version && !state.subscription.gained_since(&sent.subscription) =>
+            {
                 return;
             }
             _ => {}
+        }
+        if !resend {
+            // Something new goes out: whatever Envoy was fetching for the old one, the
+            // new response starts afresh.
+            state.retry = None;
         }
         let nonce = self.core.nonces.next_nonce();
         let response = DiscoveryResponse {

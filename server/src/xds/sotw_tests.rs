@@ -13,7 +13,7 @@ use filterplane_api::{
 
 use super::*;
 use crate::xds::stream::Step;
-use crate::xds::test_support::snapshot;
+use crate::xds::test_support::{remote_wasm_snapshot, snapshot};
 
 const ECDS: ResourceType = ResourceType::ExtensionConfig;
 
@@ -221,4 +221,37 @@ fn protocol_errors() {
     odd.type_url = "type.googleapis.com/envoy.service.runtime.v3.Runtime".into();
     let step = ads.on_request(odd).unwrap();
     assert!(matches!(&step.events[..], [StreamEvent::UnsupportedType { .. }]));
+}
+
+#[test]
+fn a_remote_wasm_config_nacked_while_envoy_fetches_is_sent_again_until_acked() {
+    let mut s = stream_with(remote_wasm_snapshot(&"a".repeat(64)));
+    let first = s.on_request(request(ECDS, &["w"], "", "")).unwrap().responses.remove(0);
+    let step = s.on_request(nack(ECDS, &["w"], "", &first.nonce, "Unable to create Wasm plugin w")).unwrap();
+    assert!(step.responses.is_empty(), "not at once: Envoy is fetching the module");
+    assert!(matches!(step.events.as_slice(), [StreamEvent::CodeFetchPending { attempt: 1, .. }]), "{:?}", step.events);
+    let due = s.next_wakeup().expect("a resend is due");
+    assert!(due > std::time::Instant::now(), "after a backoff");
+    let again = s.on_timer(due).responses.remove(0);
+    assert_eq!(
+        (again.version_info.as_str(), names_of(&Step { responses: vec![again.clone()], events: vec![] })),
+        (first.version_info.as_str(), vec![vec!["w".to_string()]])
+    );
+    assert_ne!(again.nonce, first.nonce);
+    assert_eq!(s.next_wakeup(), None, "one resend at a time");
+    // Envoy has the module now and ACKs: done.
+    let step = s.on_request(request(ECDS, &["w"], &again.version_info, &again.nonce)).unwrap();
+    assert!(matches!(step.events.as_slice(), [StreamEvent::Acked { .. }]), "{:?}", step.events);
+    assert_eq!(s.next_wakeup(), None);
+}
+
+#[test]
+fn a_new_version_replaces_a_pending_resend() {
+    let mut s = stream_with(remote_wasm_snapshot(&"a".repeat(64)));
+    let first = s.on_request(request(ECDS, &["w"], "", "")).unwrap().responses.remove(0);
+    s.on_request(nack(ECDS, &["w"], "", &first.nonce, "Unable to create Wasm plugin w")).unwrap();
+    assert!(s.next_wakeup().is_some());
+    let newer = s.on_snapshot(remote_wasm_snapshot(&"b".repeat(64))).responses.remove(0);
+    assert_ne!(newer.version_info, first.version_info);
+    assert_eq!(s.next_wakeup(), None, "the new version is what Envoy answers next");
 }

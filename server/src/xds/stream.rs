@@ -1,7 +1,10 @@
 //! What every xDS stream shares, whatever its flavour: who the node is, what it
 //! subscribed to, nonces, and the events the tracker records.
 
-use std::sync::Arc;
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use filterplane_api::{
     content_version,
@@ -75,6 +78,63 @@ impl<R> Default for Step<R> {
     }
 }
 
+/// How streams behave around changes; the same for every stream of a server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamSettings {
+    /// Delta: an extension config whose filter left a proxy's listeners stays served to
+    /// that proxy until Envoy unsubscribes it (it does once no listener, draining ones
+    /// included, refers to it), or until this long after the proxy ACKed the listener
+    /// update. Set it to at least Envoy's `--drain-time-s` (600 s unless set).
+    pub drain_grace: Duration,
+    /// How many times a response that Envoy NACKed while it fetches a remote Wasm module
+    /// is sent again, with backoff (`code_fetch_backoff`), before the NACK counts.
+    pub code_fetch_retries: u32,
+}
+
+impl Default for StreamSettings {
+    fn default() -> Self {
+        Self { drain_grace: Duration::from_secs(600), code_fetch_retries: 10 }
+    }
+}
+
+/// How long to wait before resend `attempt` (1 for the first) of a response that Envoy
+/// NACKed while fetching a remote Wasm module: 100 ms, doubling, at most 5 s (ten resends
+/// span about 26 s, within which a module fetch has long timed out or succeeded).
+pub fn code_fetch_backoff(attempt: u32) -> Duration {
+    Duration::from_millis(100u64 << attempt.saturating_sub(1).min(6)).min(Duration::from_secs(5))
+}
+
+/// A response Envoy NACKed while it fetches a remote Wasm module: sent again at `at`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CodeFetchRetry {
+    /// Resends so far, this one included.
+    pub attempt: u32,
+    /// When to resend; `None` once sent, until Envoy answers.
+    pub at: Option<Instant>,
+    /// What the NACKed response carried (delta sends exactly these again).
+    pub names: Vec<String>,
+}
+
+impl StreamCore {
+    /// After a NACK of a response carrying `resources`: a retry when one of them has
+    /// Wasm code Envoy fetches itself and resends remain, else `None` (the NACK counts).
+    /// Envoy says the same "Unable to create Wasm plugin" for a cache miss as for a
+    /// module it refuses, but Filterplane checked the module before serving it, so a
+    /// miss is the likely reason; the resends are bounded either way.
+    pub fn code_fetch_retry<'a>(
+        &self,
+        previous: Option<&CodeFetchRetry>,
+        mut resources: impl Iterator<Item = &'a Arc<ServedResource>>,
+        names: Vec<String>,
+    ) -> Option<CodeFetchRetry> {
+        let attempt = previous.map_or(0, |r| r.attempt) + 1;
+        if attempt > self.settings.code_fetch_retries || !resources.any(|r| r.envoy_fetches_code) {
+            return None;
+        }
+        Some(CodeFetchRetry { attempt, at: Some(Instant::now() + code_fetch_backoff(attempt)), names })
+    }
+}
+
 /// What both protocol state machines keep besides their per-type state.
 #[derive(Debug)]
 pub struct StreamCore {
@@ -85,11 +145,12 @@ pub struct StreamCore {
     pub snapshot: Option<Arc<Snapshot>>,
     pub nonces: NonceSource,
     pub control_plane: &'static str,
+    pub settings: Arc<StreamSettings>,
 }
 
 impl StreamCore {
-    pub fn new(only: Option<ResourceType>, control_plane: &'static str) -> Self {
-        Self { only, node: None, snapshot: None, nonces: NonceSource::default(), control_plane }
+    pub fn new(only: Option<ResourceType>, control_plane: &'static str, settings: Arc<StreamSettings>) -> Self {
+        Self { only, node: None, snapshot: None, nonces: NonceSource::default(), control_plane, settings }
     }
 
     /// The node, once the first request has named it.
@@ -234,6 +295,17 @@ impl NonceSource {
         self.0 += 1;
         self.0.to_string()
     }
+
+    /// The number in the last nonce handed out (0 before the first); later nonces are
+    /// greater.
+    pub fn last(&self) -> u64 {
+        self.0
+    }
+
+    /// The number in a nonce this source handed out.
+    pub fn number(nonce: &str) -> Option<u64> {
+        nonce.parse().ok()
+    }
 }
 
 /// Something a stream did or saw that the tracker records.
@@ -273,6 +345,18 @@ pub enum StreamEvent {
         code: i32,
         message: String,
         resources: Vec<String>,
+    },
+    /// Envoy NACKed a response while it fetches a remote Wasm module (or for another
+    /// reason it words the same way); it is sent again after a backoff, and the NACK
+    /// counts only once `retries` resends have failed too.
+    CodeFetchPending {
+        rt: ResourceType,
+        version: String,
+        nonce: String,
+        message: String,
+        resources: Vec<String>,
+        attempt: u32,
+        retries: u32,
     },
     UnsupportedType {
         type_url: String,

@@ -1,0 +1,199 @@
+//! Routine changes under traffic: clients hold keep-alive connections through a real
+//! Envoy (started with a short `--drain-time-s`) while a placed HTTP filter and a placed
+//! network filter are edited, removed and added back, over SotW and delta. Every response
+//! must be a 200, and each change must be visible afterwards.
+
+use std::{fs, time::Duration};
+
+use filterplane_e2e::{
+    example_bootstrap, free_port,
+    gateway::{edge_filters, gateway_config, http_filters, names},
+    traffic::{Tally, Traffic},
+    wait_until, Envoy, EnvoyPorts, Filterplane,
+};
+
+const WAIT: Duration = Duration::from_secs(20);
+const DRAIN_SECS: &str = "2";
+const CLIENTS: usize = 4;
+const ECDS: &str = "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig";
+
+/// A network filter placed ahead of the connection manager, with a bucket no test
+/// connection rate empties.
+const CONN_LIMIT: &str = "  - name: conn-limit\n    placement: { listeners: [edge] }\n    typed_config:\n      \"@type\": type.googleapis.com/envoy.extensions.filters.network.local_ratelimit.v3.LocalRateLimit\n      stat_prefix: conn_limit\n      token_bucket: { max_tokens: 100000, tokens_per_fill: 100000, fill_interval: 1s }\n";
+
+/// The text of the entry named `name` in `config`: from its `- name:` line to the next
+/// entry or section.
+fn entry<'a>(config: &'a str, name: &str) -> &'a str {
+    let start = config.find(&format!("  - name: {name}\n")).unwrap_or_else(|| panic!("no entry {name}"));
+    let rest = &config[start + 1..];
+    let end = rest.find("\n  - name: ").into_iter().chain(rest.find("\nlisteners:")).min().expect("an end");
+    &config[start..start + 1 + end + 1]
+}
+
+fn without(config: &str, name: &str) -> String {
+    config.replacen(entry(config, name), "", 1)
+}
+
+struct Gateway {
+    fp: Filterplane,
+    envoy: Envoy,
+    yaml: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Gateway {
+    fn start(config: impl Fn(&EnvoyPorts, u16) -> String, api_type: &str, node: &str) -> (Self, String) {
+        let dir = tempfile::tempdir().unwrap();
+        let yaml = dir.path().join("filterplane.yaml");
+        let (xds_port, admin_port) = (free_port(), free_port());
+        let ports = EnvoyPorts::new(xds_port);
+        let text = config(&ports, admin_port);
+        fs::write(&yaml, &text).unwrap();
+        let fp = Filterplane::start_on(&yaml, dir.path(), xds_port, admin_port);
+        let bootstrap = example_bootstrap("gateway/envoy.yaml", ports, node)
+            .replace("api_type: GRPC", &format!("api_type: {api_type}"));
+        let envoy = Envoy::start_with_args(&bootstrap, ports, dir.path(), "envoy", &["--drain-time-s", DRAIN_SECS]);
+        (Gateway { fp, envoy, yaml, _dir: dir }, text)
+    }
+
+    fn write(&self, text: &str) {
+        fs::write(&self.yaml, text).unwrap();
+    }
+
+    /// Waits until Envoy has no listener or filter chain draining: the change is done
+    /// with, old connections included.
+    fn wait_drained(&self) {
+        wait_until("Envoy's drains to end", WAIT, || {
+            let listeners = self.envoy.stat("listener_manager.total_listeners_draining")?;
+            let chains = self.envoy.stat("listener_manager.total_filter_chains_draining")?;
+            (listeners == 0 && chains == 0).then_some(())
+        });
+    }
+}
+
+fn served_by(envoy: &Envoy) -> Option<String> {
+    envoy.get("/").and_then(|r| r.header("x-served-by").map(str::to_owned))
+}
+
+/// Runs one change under traffic: `change`, then `done` until it holds, then until every
+/// drain is over. Returns what the clients saw meanwhile.
+fn phase(gw: &Gateway, traffic: &Traffic, what: &str, change: impl FnOnce(), done: impl Fn() -> bool) -> Tally {
+    traffic.take();
+    change();
+    wait_until(what, WAIT, || done().then_some(()));
+    // A drain starts when Envoy applies the listener; give it a moment to register.
+    std::thread::sleep(Duration::from_millis(200));
+    gw.wait_drained();
+    let tally = traffic.take();
+    println!("{what}: {tally}");
+    tally
+}
+
+fn placed_filter_changes_under_traffic(api_type: &str, node: &str) {
+    let (gw, config) = Gateway::start(
+        |p, a| gateway_config(p, a).replace("extension_configs:\n", &format!("extension_configs:\n{CONN_LIMIT}")),
+        api_type,
+        node,
+    );
+    wait_until("the gateway with its plugins", WAIT, || {
+        (served_by(&gw.envoy).as_deref() == Some("filterplane-gateway")
+            && names(&edge_filters(&gw.envoy)) == ["conn-limit", "envoy.filters.network.http_connection_manager"])
+        .then_some(())
+    });
+    let traffic = Traffic::start(gw.envoy.listener_port, CLIENTS, "/", "x-served-by");
+    let mut results: Vec<(&str, Tally)> = Vec::new();
+
+    // The HTTP filter: edit (ECDS only), remove (LDS, and for delta an ECDS removal),
+    // add back.
+    let edited = config.replace("value: filterplane-gateway", "value: edited");
+    results.push((
+        "HTTP filter edited",
+        phase(
+            &gw,
+            &traffic,
+            "HTTP filter edited",
+            || gw.write(&edited),
+            || served_by(&gw.envoy).as_deref() == Some("edited"),
+        ),
+    ));
+    let removed = without(&edited, "stamp-response");
+    results.push((
+        "HTTP filter removed",
+        phase(
+            &gw,
+            &traffic,
+            "HTTP filter removed",
+            || gw.write(&removed),
+            || !http_filters(&gw.envoy).iter().any(|f| f == "stamp-response") && served_by(&gw.envoy).is_none(),
+        ),
+    ));
+    // Once the old listener drained away, Envoy unsubscribed the filter's config by itself
+    // (over delta, that is what ended Filterplane's hold on its removal).
+    wait_until("Envoy to unsubscribe stamp-response", WAIT, || {
+        let proxy = gw.fp.api(&format!("/api/v1/proxies/{node}"));
+        let subscribed = proxy[0]["types"][ECDS]["subscribed"].as_array().cloned().unwrap_or_default();
+        (!subscribed.is_empty() && !subscribed.iter().any(|n| n == "stamp-response")).then_some(())
+    });
+    results.push((
+        "HTTP filter added back",
+        phase(
+            &gw,
+            &traffic,
+            "HTTP filter added back",
+            || gw.write(&edited),
+            || served_by(&gw.envoy).as_deref() == Some("edited"),
+        ),
+    ));
+
+    // The network filter, the same three changes.
+    let applied =
+        |n: u64| gw.envoy.stat("extension_config_discovery.network_filter.conn-limit.update_success") >= Some(n);
+    let before = gw.envoy.stat("extension_config_discovery.network_filter.conn-limit.update_success").unwrap_or(0);
+    let net_edited = edited.replace("max_tokens: 100000", "max_tokens: 200000");
+    results.push((
+        "network filter edited",
+        phase(&gw, &traffic, "network filter edited", || gw.write(&net_edited), || applied(before + 1)),
+    ));
+    let net_removed = without(&net_edited, "conn-limit");
+    let chain = || names(&edge_filters(&gw.envoy));
+    results.push((
+        "network filter removed",
+        phase(
+            &gw,
+            &traffic,
+            "network filter removed",
+            || gw.write(&net_removed),
+            || chain() == ["envoy.filters.network.http_connection_manager"],
+        ),
+    ));
+    results.push((
+        "network filter added back",
+        phase(
+            &gw,
+            &traffic,
+            "network filter added back",
+            || gw.write(&net_edited),
+            || chain() == ["conn-limit", "envoy.filters.network.http_connection_manager"],
+        ),
+    ));
+    traffic.stop();
+
+    let rows: Vec<String> = results.iter().map(|(what, t)| format!("{api_type} {what}: {t}")).collect();
+    println!("{}", rows.join("\n"));
+    for (what, t) in &results {
+        assert!(t.responses > 0, "{api_type} {what}: no traffic went through during the change: {t}");
+        assert_eq!(t.not_ok(), 0, "{api_type} {what}: responses other than 200 during the change: {t}");
+    }
+    // Filterplane saw the proxy NACK nothing.
+    assert_eq!(gw.fp.api("/api/v1/rejects"), serde_json::json!([]));
+}
+
+#[test]
+fn placed_filter_changes_never_fail_a_request_over_sotw() {
+    placed_filter_changes_under_traffic("GRPC", "traffic-sotw");
+}
+
+#[test]
+fn placed_filter_changes_never_fail_a_request_over_delta() {
+    placed_filter_changes_under_traffic("DELTA_GRPC", "traffic-delta");
+}
