@@ -253,6 +253,43 @@ pub fn build_wasm_resource(p: &WasmPlugin, code: WasmCode<'_>, sha256: &str) -> 
     }
 }
 
+/// The Wasm filter config `resource` (a `TypedExtensionConfig` built by
+/// `build_wasm_resource` with remote code) as it is sent again for resend `attempt`: the
+/// same but for the module download's timeout, `attempt` milliseconds longer.
+///
+/// Why not the same bytes: Envoy records an ECDS config's hash as applied before it builds
+/// the filter, so a config NACKed while the Wasm code was not in its cache yet counts as
+/// applied, and the very same config sent again is skipped (and ACKed) without running.
+/// A config that differs in a field with no effect is built, and finds the code.
+/// `None` if `resource` is not such a config.
+pub fn remote_code_resend(resource: &Any, attempt: u32) -> Option<Any> {
+    let mut tec = TypedExtensionConfig::decode(resource.value.as_slice()).ok()?;
+    let filter = tec.typed_config.as_mut()?;
+    let bump = |plugin: &mut PluginConfig| -> Option<()> {
+        let Some(plugin_config::Vm::VmConfig(vm)) = plugin.vm.as_mut() else { return None };
+        let Some(async_data_source::Specifier::Remote(remote)) = vm.code.as_mut()?.specifier.as_mut() else {
+            return None;
+        };
+        let timeout = remote.http_uri.as_mut()?.timeout.get_or_insert_with(Duration::default);
+        timeout.nanos = (attempt % 1000) as i32 * 1_000_000;
+        Some(())
+    };
+    filter.value = match filter.type_url.as_str() {
+        HTTP_WASM_TYPE => {
+            let mut w = HttpWasm::decode(filter.value.as_slice()).ok()?;
+            bump(w.config.as_mut()?)?;
+            w.encode_to_vec()
+        }
+        NETWORK_WASM_TYPE => {
+            let mut w = NetworkWasm::decode(filter.value.as_slice()).ok()?;
+            bump(w.config.as_mut()?)?;
+            w.encode_to_vec()
+        }
+        _ => return None,
+    };
+    Some(Any { type_url: resource.type_url.clone(), value: tec.encode_to_vec() })
+}
+
 #[cfg(test)]
 mod tests {
     use std::path::Path;
@@ -281,5 +318,34 @@ mod tests {
         assert!(ModuleSource::parse("oci://r.io/x@sha256:zz", base).is_err());
         assert!(ModuleSource::parse("ftp://x", base).unwrap_err().contains("must start with"));
         assert!(ModuleSource::parse("oci://justregistry", base).is_err());
+    }
+
+    fn remote_timeout(any: &Any) -> Duration {
+        let tec = TypedExtensionConfig::decode(any.value.as_slice()).unwrap();
+        let w = HttpWasm::decode(tec.typed_config.unwrap().value.as_slice()).unwrap();
+        let Some(plugin_config::Vm::VmConfig(vm)) = w.config.unwrap().vm else { panic!("no vm_config") };
+        assert!(vm.nack_on_code_cache_miss, "remote code asks Envoy to NACK a cache miss");
+        let Some(async_data_source::Specifier::Remote(r)) = vm.code.unwrap().specifier else { panic!("not remote") };
+        r.http_uri.unwrap().timeout.unwrap()
+    }
+
+    #[test]
+    fn a_remote_code_resend_differs_only_in_the_download_timeout() {
+        let spec: crate::model::WasmPluginSpec = serde_yaml::from_str(&format!(
+            "{{name: w, url: 'http://127.0.0.1:1/m.wasm', sha256: '{}'}}",
+            "0".repeat(64)
+        ))
+        .unwrap();
+        let origin = Origin { file: "c.yaml".into(), line: None, path: "wasm_plugins[0]".into() };
+        let plugin = WasmPlugin::from_spec(&spec, Path::new("."), origin).unwrap();
+        let built = build_wasm_resource(&plugin, WasmCode::Remote { uri: "http://x/m", cluster: "c" }, "ab");
+        assert!(built.envoy_fetches_code);
+        let again = remote_code_resend(&built.resource, 3).unwrap();
+        assert_ne!(again, built.resource);
+        assert_eq!(remote_timeout(&built.resource), Duration { seconds: 30, nanos: 0 });
+        assert_eq!(remote_timeout(&again), Duration { seconds: 30, nanos: 3_000_000 });
+        let inline = build_wasm_resource(&plugin, WasmCode::Inline(b"\0asm"), "ab");
+        assert!(!inline.envoy_fetches_code);
+        assert_eq!(remote_code_resend(&inline.resource, 1), None, "inline code is never resent");
     }
 }

@@ -181,6 +181,8 @@ pub struct Filterplane {
     starts: u32,
     /// More `serve` flags.
     pub extra_args: Vec<String>,
+    /// The working directory, when not the test's.
+    pub cwd: Option<PathBuf>,
 }
 
 impl Filterplane {
@@ -204,6 +206,23 @@ impl Filterplane {
             logs: logs.to_path_buf(),
             starts: 0,
             extra_args: args.iter().map(|s| s.to_string()).collect(),
+            cwd: None,
+        };
+        fp.spawn();
+        fp
+    }
+
+    /// Starts in `cwd` with `--config NAME` as a user types it there (a bare file name).
+    pub fn start_in(cwd: &Path, name: &str, logs: &Path, args: &[&str]) -> Self {
+        let mut fp = Filterplane {
+            process: None,
+            config: PathBuf::from(name),
+            xds_port: free_port(),
+            admin_port: free_port(),
+            logs: logs.to_path_buf(),
+            starts: 0,
+            extra_args: args.iter().map(|s| s.to_string()).collect(),
+            cwd: Some(cwd.to_path_buf()),
         };
         fp.spawn();
         fp
@@ -225,6 +244,9 @@ impl Filterplane {
             .arg("--cache-dir")
             .arg(self.logs.join("module-cache"))
             .args(&self.extra_args);
+        if let Some(dir) = &self.cwd {
+            cmd.current_dir(dir);
+        }
         self.process = Some(Process::spawn("filterplane", &mut cmd, log));
         let url = self.url("/healthz");
         wait_until("filterplane /healthz", Duration::from_secs(20), || http_get(&url).filter(|r| r.status == 200));

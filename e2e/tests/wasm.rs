@@ -11,6 +11,7 @@ use std::{
 use filterplane_e2e::{
     example_bootstrap, example_text, filterplane_bin, free_port,
     services::{header_module, FileServer, Registry},
+    traffic::{Tally, Traffic},
     wait_until, Envoy, EnvoyPorts, Filterplane,
 };
 use serde_json::Value;
@@ -68,7 +69,11 @@ struct Setup {
 }
 
 fn start(first_config: &str, extra_args: &[&str]) -> Setup {
-    let dir = tempfile::tempdir().unwrap();
+    start_in(tempfile::tempdir().unwrap(), first_config, extra_args)
+}
+
+/// As `start`, in `dir` (which may hold modules the config names).
+fn start_in(dir: tempfile::TempDir, first_config: &str, extra_args: &[&str]) -> Setup {
     let yaml = dir.path().join("filterplane.yaml");
     fs::write(&yaml, first_config).unwrap();
     let (xds_port, admin_port) = (free_port(), free_port());
@@ -196,4 +201,77 @@ fn example_config_validates() {
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// A module file `m-VALUE.wasm` in `dir` that adds `x-wasm: VALUE`.
+fn module_file(dir: &Path, value: &str) -> String {
+    fs::write(dir.join(format!("m-{value}.wasm")), header_module(value)).unwrap();
+    format!("file://m-{value}.wasm")
+}
+
+const ECDS: &str = "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig";
+
+/// A module update with every kind of delivery, made while clients send requests on
+/// keep-alive connections: inline -> remote, remote -> remote (a new module), remote ->
+/// inline. Each new module runs, and no response goes out without the plugin (which is
+/// FAIL_CLOSE) having run.
+#[test]
+fn wasm_updates_run_in_every_delivery_mode_and_no_response_skips_the_plugin() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_path_buf();
+    let config = |value: &str, delivery: &str| {
+        plugin_yaml(&module_file(&root, value), &format!("    delivery: {delivery}\n    fail_strategy: FAIL_CLOSE\n"))
+    };
+    let first = config("v1", "inline");
+    let s = start_in(dir, &first, &[]);
+    wait_for(&s.envoy, "v1");
+    let downloads = || s.fp.metric("filterplane_wasm_module_downloads_total").unwrap_or(0.0);
+    assert_eq!(downloads(), 0.0);
+
+    let traffic = Traffic::start(s.envoy.listener_port, 4, "/", "x-wasm");
+    let mut results: Vec<(&str, Tally)> = Vec::new();
+    for (what, value, delivery, downloaded) in [
+        ("inline -> remote", "v2", "remote", 1.0),
+        ("remote -> remote", "v3", "remote", 2.0),
+        ("remote -> inline", "v4", "inline", 2.0),
+    ] {
+        traffic.take();
+        fs::write(&s.yaml, config(value, delivery)).unwrap();
+        let took = wait_for(&s.envoy, value);
+        // A moment of traffic on the new module too.
+        std::thread::sleep(Duration::from_millis(300));
+        let tally = traffic.take();
+        println!("Wasm {what}: {} ms to run the new module; {tally}", took.as_millis());
+        assert_eq!(downloads(), downloaded, "{what}: Envoy downloaded each remote module once");
+        // The proxy is SYNCED, which now means it runs the new module.
+        let proxy = s.fp.api("/api/v1/proxies/wasm-envoy");
+        assert_eq!(proxy[0]["types"][ECDS]["state"], "synced", "{what}: {proxy}");
+        results.push((what, tally));
+    }
+    traffic.stop();
+    for (what, t) in &results {
+        assert!(t.responses > 0, "{what}: no traffic during the change");
+        assert_eq!(t.not_ok(), 0, "{what}: responses other than 200: {t}");
+        assert_eq!(t.without_header(), 0, "{what}: responses without the plugin having run: {t}");
+    }
+    // Envoy's NACKs while it fetched (remote) were resends, not rejects.
+    assert_eq!(s.fp.api("/api/v1/rejects"), serde_json::json!([]));
+    assert!(s.fp.metric("filterplane_wasm_code_fetch_resends_total").unwrap_or(0.0) >= 2.0);
+}
+
+/// `filterplane serve --config plugins.yaml`, typed in the config's directory, with a
+/// `file://` module next to it.
+#[test]
+fn a_config_named_by_a_bare_file_name_serves_file_modules() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = module_file(dir.path(), "bare");
+    fs::write(dir.path().join("plugins.yaml"), plugin_yaml(&url, "")).unwrap();
+    let fp = Filterplane::start_in(dir.path(), "plugins.yaml", dir.path(), &[]);
+    let config = wait_until("the config loaded", WAIT, || {
+        let c = fp.api("/api/v1/config");
+        c["serving_version"].is_string().then_some(c)
+    });
+    assert_eq!(config["wasm_errors"], serde_json::json!([]), "{config}");
+    let dump = fp.api("/api/v1/config_dump");
+    assert_eq!(dump["resources"][0]["name"], "add-header", "{dump}");
 }

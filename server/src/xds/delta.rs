@@ -21,7 +21,8 @@ use crate::{
     vec_map::VecMap,
     xds::{
         stream::{
-            set_version, CodeFetchRetry, NonceSource, Step, StreamCore, StreamEvent, StreamSettings, Subscription,
+            set_version, wire_resource, CodeFetchRetry, NonceSource, Step, StreamCore, StreamEvent, StreamSettings,
+            Subscription,
         },
         ProtocolError,
     },
@@ -211,7 +212,7 @@ impl DeltaStream {
         // and no longer gets is held as if it had been placed.
         let resuming = first && !req.initial_resource_versions.is_empty();
         let hold = if resuming && self.types.contains_key(&ResourceType::Listener) { Hold::All } else { Hold::None };
-        self.respond(rt, &newly, first, hold, &mut step);
+        self.respond(rt, &newly, first, hold, false, &mut step);
         Ok(step)
     }
 
@@ -222,7 +223,7 @@ impl DeltaStream {
         let mut step = Step::default();
         for rt in ResourceType::ALL {
             if self.types.contains_key(&rt) {
-                self.respond(rt, &[], false, hold, &mut step);
+                self.respond(rt, &[], false, hold, false, &mut step);
             }
         }
         // Holds begun now on a stream that sent no listener update after them (it serves
@@ -255,7 +256,7 @@ impl DeltaStream {
         let held = self.held.len();
         self.held.retain(|h| h.release_at.is_none_or(|at| at > now));
         if self.held.len() != held {
-            self.respond(ResourceType::ExtensionConfig, &[], false, Hold::None, &mut step);
+            self.respond(ResourceType::ExtensionConfig, &[], false, Hold::None, false, &mut step);
         }
         for rt in ResourceType::ALL {
             let (Some(snapshot), Some(state)) = (self.core.snapshot.as_ref(), self.types.get_mut(&rt)) else {
@@ -272,7 +273,7 @@ impl DeltaStream {
                     }
                 }
             }
-            self.respond(rt, &[], false, Hold::None, &mut step);
+            self.respond(rt, &[], false, Hold::None, true, &mut step);
         }
         step
     }
@@ -283,6 +284,7 @@ impl DeltaStream {
         newly: &[String],
         first: bool,
         hold: Hold<'_>,
+        resend: bool,
         step: &mut Step<DeltaDiscoveryResponse>,
     ) {
         let serves_listeners = self.types.contains_key(&ResourceType::Listener);
@@ -344,6 +346,16 @@ impl DeltaStream {
             return;
         }
         state.must_answer = false;
+        // A resend after a code-fetch NACK carries what Envoy will build; anything else
+        // that goes out for those names is newer and replaces the resend.
+        let attempt = match &state.retry {
+            Some(r) if resend => r.attempt,
+            Some(r) if changed.iter().any(|c| r.names.contains(&c.name)) => {
+                state.retry = None;
+                0
+            }
+            _ => 0,
+        };
         let nonce = self.core.nonces.next_nonce();
         let response = DeltaDiscoveryResponse {
             system_version_info: version.clone(),
@@ -352,7 +364,7 @@ impl DeltaStream {
                 .map(|r| Resource {
                     name: r.name.clone(),
                     version: r.version.to_string(),
-                    resource: Some(r.any.clone()),
+                    resource: Some(wire_resource(r, attempt)),
                     ..Default::default()
                 })
                 .collect(),

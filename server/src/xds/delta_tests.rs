@@ -233,6 +233,9 @@ fn a_remote_wasm_config_nacked_while_envoy_fetches_is_sent_again_until_acked() {
     let due = s.next_wakeup().expect("a resend is due");
     let again = s.on_timer(due).responses.remove(0);
     assert_eq!(names(&again), ["plain", "w"], "what the NACKed response carried, as it is now");
+    let w = |r: &DeltaDiscoveryResponse| r.resources.iter().find(|x| x.name == "w").cloned().unwrap();
+    assert_ne!(w(&again).resource, w(&r).resource, "Envoy skips a config it saw NACKed: the resend must differ");
+    assert_eq!(w(&again).version, w(&r).version, "same version all the same");
     // A second NACK: the last resend.
     assert!(matches!(
         s.on_request(nack(ECDS, &again.nonce)).unwrap().events.last(),

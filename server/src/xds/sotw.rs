@@ -12,7 +12,9 @@ use filterplane_api::{
 };
 use prost::Message;
 
-use crate::xds::stream::{set_version, CodeFetchRetry, Step, StreamCore, StreamEvent, StreamSettings, Subscription};
+use crate::xds::stream::{
+    set_version, wire_resource, CodeFetchRetry, Step, StreamCore, StreamEvent, StreamSettings, Subscription,
+};
 use crate::xds::ProtocolError;
 use crate::{cache::Snapshot, vec_map::VecMap};
 
@@ -209,9 +211,10 @@ impl SotwStream {
             state.retry = None;
         }
         let nonce = self.core.nonces.next_nonce();
+        let attempt = if resend { state.retry.as_ref().map_or(0, |r| r.attempt) } else { 0 };
         let response = DiscoveryResponse {
             version_info: version.to_string(),
-            resources: selected.iter().map(|r| r.any.clone()).collect(),
+            resources: selected.iter().map(|r| wire_resource(r, attempt)).collect(),
             type_url: rt.type_url().to_owned(),
             nonce: nonce.clone(),
             control_plane: Some(ControlPlane { identifier: self.core.control_plane.to_owned() }),

@@ -238,6 +238,7 @@ fn a_remote_wasm_config_nacked_while_envoy_fetches_is_sent_again_until_acked() {
         (first.version_info.as_str(), vec![vec!["w".to_string()]])
     );
     assert_ne!(again.nonce, first.nonce);
+    assert_ne!(again.resources, first.resources, "Envoy skips a config it saw NACKed: the resend must differ");
     assert_eq!(s.next_wakeup(), None, "one resend at a time");
     // Envoy has the module now and ACKs: done.
     let step = s.on_request(request(ECDS, &["w"], &again.version_info, &again.nonce)).unwrap();

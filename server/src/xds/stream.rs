@@ -280,6 +280,18 @@ impl Subscription {
     }
 }
 
+/// What goes on the wire for `r`: as encoded once, except on resend `attempt` (> 0) of
+/// Wasm code Envoy fetches itself, which must differ from the NACKed bytes for Envoy to
+/// build it at all (`remote_code_resend` says why).
+pub fn wire_resource(r: &ServedResource, attempt: u32) -> filterplane_api::Any {
+    if attempt > 0 && r.envoy_fetches_code {
+        if let Some(any) = filterplane_config::wasm::remote_code_resend(&r.any, attempt) {
+            return any;
+        }
+    }
+    r.any.clone()
+}
+
 /// The version of a set of resources: a hash of their names and versions, so it changes
 /// exactly when what the proxy subscribed to changes.
 pub fn set_version(resources: &[&Arc<ServedResource>]) -> ResourceVersion {
