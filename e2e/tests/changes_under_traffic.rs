@@ -197,3 +197,78 @@ fn placed_filter_changes_never_fail_a_request_over_sotw() {
 fn placed_filter_changes_never_fail_a_request_over_delta() {
     placed_filter_changes_under_traffic("DELTA_GRPC", "traffic-delta");
 }
+
+/// A Wasm plugin entry placed into the gateway's listener, its module at `url`.
+fn placed_wasm(url: &str, delivery: &str) -> String {
+    format!(
+        "wasm_plugins:\n  - name: stamp-wasm\n    url: {url}\n    delivery: {delivery}\n    placement: {{ listeners: [edge] }}\n"
+    )
+}
+
+/// A placed Wasm plugin whose module cannot be had is not placed at all: the listener
+/// keeps answering 200 without it, and the error is shown. Once the module is there, the
+/// plugin is placed and runs, with every response a 200 meanwhile.
+fn placed_wasm_plugin_under_traffic(delivery: &str, api_type: &str, node: &str) {
+    // Remote delivery: the cluster Envoy downloads modules through (Filterplane's admin),
+    // served over CDS like the rest of the gateway.
+    let (gw, config) = Gateway::start(
+        |p, admin| {
+            gateway_config(p, admin).replace(
+                "clusters:\n",
+                &format!("clusters:\n  - name: filterplane_modules\n    type: STATIC\n    connect_timeout: 1s\n    load_assignment:\n      cluster_name: filterplane_modules\n      endpoints: [ {{ lb_endpoints: [ {{ endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {admin} }} }} }} }} ] }} ]\n"),
+            )
+        },
+        api_type,
+        node,
+    );
+    wait_until("the gateway", WAIT, || (served_by(&gw.envoy).as_deref() == Some("filterplane-gateway")).then_some(()));
+    let dir = gw.yaml.parent().unwrap().to_path_buf();
+    let with_plugin = format!("{config}\n{}", placed_wasm("file://stamp.wasm", delivery));
+    let traffic = Traffic::start(gw.envoy.listener_port, CLIENTS, "/", "x-wasm");
+
+    // The module file does not exist.
+    let missing = phase(
+        &gw,
+        &traffic,
+        "placed Wasm plugin whose module is missing",
+        || gw.write(&with_plugin),
+        || {
+            let errors = gw.fp.api("/api/v1/config")["wasm_errors"].clone();
+            errors[0]["plugin"] == "stamp-wasm" && errors[0]["kind"] == "download_failure"
+        },
+    );
+    assert!(!http_filters(&gw.envoy).iter().any(|f| f == "stamp-wasm"), "not placed: {:?}", http_filters(&gw.envoy));
+    assert_eq!(gw.envoy.get("/").map(|r| r.status), Some(200));
+
+    // The module arrives (a reload, as an operator would do after fixing it).
+    fs::write(dir.join("stamp.wasm"), filterplane_e2e::services::header_module("stamped")).unwrap();
+    let arrived = phase(
+        &gw,
+        &traffic,
+        "placed Wasm plugin once its module is there",
+        || gw.write(&format!("{with_plugin}    plugin_config: {{ now: there }}\n")),
+        || gw.envoy.get("/").is_some_and(|r| r.header("x-wasm") == Some("stamped")),
+    );
+    traffic.stop();
+    for (what, t) in [("module missing", &missing), ("module there", &arrived)] {
+        println!("{api_type} {delivery} placed Wasm plugin, {what}: {t}");
+        assert!(t.responses > 0, "{what}: no traffic: {t}");
+        assert_eq!(t.not_ok(), 0, "{delivery} {what}: responses other than 200: {t}");
+    }
+    assert_eq!(missing.by_header.get("-"), Some(&missing.responses), "the plugin never ran while missing");
+}
+
+#[test]
+fn a_placed_wasm_plugin_whose_module_cannot_be_had_is_left_out_of_the_listener() {
+    placed_wasm_plugin_under_traffic("inline", "GRPC", "wasm-missing-inline");
+}
+
+#[test]
+fn a_placed_remote_wasm_plugin_is_added_without_failing_a_request_over_delta() {
+    placed_wasm_plugin_under_traffic("remote", "DELTA_GRPC", "wasm-remote-delta");
+}
+
+#[test]
+fn a_placed_remote_wasm_plugin_is_added_without_failing_a_request_over_sotw() {
+    placed_wasm_plugin_under_traffic("remote", "GRPC", "wasm-remote-sotw");
+}
