@@ -85,6 +85,14 @@ fn cell(t: &Value) -> String {
     }
     match t["state"].as_str().unwrap_or("") {
         "synced" => format!("SYNCED {}", short(&t["acked_version"])),
+        // Envoy NACKed while it downloads a Wasm module; the response goes again.
+        "pending" if t["code_fetch"].is_object() => format!(
+            "FETCHING {}→{} (resend {}/{})",
+            short(&t["acked_version"]),
+            short(&t["sent_version"]),
+            t["code_fetch"]["attempt"],
+            t["code_fetch"]["retries"]
+        ),
         "pending" => format!("STALE {}→{}", short(&t["acked_version"]), short(&t["sent_version"])),
         "nacked" => format!("NACKED {} (runs {})", short(&t["last_nack"]["version"]), short(&t["acked_version"])),
         "not_sent" => "NOT SENT".into(),
@@ -121,6 +129,9 @@ mod tests {
             {"node_id": "edge-2", "cluster": "edge", "user_agent": "envoy 1.40.0", "stream_kind": "sotw",
              "types": {ECDS: {"state": "nacked", "acked_version": "0123456789abcdef", "sent_version": "fedcba9876543210",
                               "last_nack": {"version": "fedcba9876543210"}}}},
+            {"node_id": "edge-3", "cluster": "edge", "user_agent": "envoy 1.40.0", "stream_kind": "delta",
+             "types": {ECDS: {"state": "pending", "acked_version": "0123456789abcdef", "sent_version": "fedcba9876543210",
+                              "code_fetch": {"attempt": 2, "retries": 10, "message": "Unable to create Wasm plugin w"}}}},
         ]);
         let rejects = json!([{"at": "2026-01-01T00:00:00Z", "node_id": "edge-2", "type_url": ECDS, "message": "boom"}]);
         let config = json!({"serving_version": "abc", "last_outcome": {"result": "applied"}});
@@ -130,6 +141,7 @@ mod tests {
         assert!(lines[1].starts_with("NODE") && lines[1].ends_with("ECDS") && !lines[1].contains("LDS"), "{out}");
         assert!(lines[2].starts_with("edge-1") && lines[2].ends_with("SYNCED 01234567"), "{out}");
         assert!(lines[3].ends_with("NACKED fedcba98 (runs 01234567)"), "{out}");
+        assert!(lines[4].ends_with("FETCHING 01234567→fedcba98 (resend 2/10)"), "{out}");
         assert!(out.contains("1 recent reject(s); latest at 2026-01-01T00:00:00Z from edge-2 (ECDS): boom"), "{out}");
     }
 

@@ -219,3 +219,33 @@ fn a_proxy_shows_as_json_with_its_node_types_and_resources() {
     assert_eq!(ecds["resources"]["a"]["sent_version"], version.as_str());
     assert_eq!(ecds["resources"]["a"]["acked_version"], version.as_str());
 }
+
+#[test]
+fn a_nack_while_envoy_fetches_a_module_is_pending_not_a_reject() {
+    let (t, m) = tracker(10);
+    let id = t.connect(node("n"), StreamKind::Delta, "127.0.0.1:1".into());
+    t.record(id, &sent("v1", "1", &["w"]));
+    t.record(
+        id,
+        &StreamEvent::CodeFetchPending {
+            rt: ECDS,
+            version: "v1".into(),
+            nonce: "1".into(),
+            message: "Unable to create Wasm plugin w".into(),
+            resources: vec!["w".into()],
+            attempt: 1,
+            retries: 10,
+        },
+    );
+    let s = ecds(&t);
+    assert_eq!(s.state, SyncState::Pending, "not synced, not refused: fetching");
+    assert_eq!(s.code_fetch.as_ref().map(|c| (c.attempt, c.retries)), Some((1, 10)));
+    assert!(t.rejects().is_empty());
+    let text = m.render();
+    assert!(text.contains("filterplane_wasm_code_fetch_resends_total 1"), "{text}");
+    assert!(text.contains("filterplane_xds_rejects_total{type_url=\"type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig\"} 0"), "{text}");
+    // The resend is ACKed: Envoy runs the module.
+    t.record(id, &sent("v1", "2", &["w"]));
+    t.record(id, &acked("v1", "2"));
+    assert_eq!((ecds(&t).state, ecds(&t).code_fetch.is_none()), (SyncState::Synced, true));
+}
