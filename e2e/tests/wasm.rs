@@ -69,18 +69,19 @@ struct Setup {
 }
 
 fn start(first_config: &str, extra_args: &[&str]) -> Setup {
-    start_in(tempfile::tempdir().unwrap(), first_config, extra_args)
+    start_in(tempfile::tempdir().unwrap(), first_config, extra_args, "GRPC")
 }
 
 /// As `start`, in `dir` (which may hold modules the config names).
-fn start_in(dir: tempfile::TempDir, first_config: &str, extra_args: &[&str]) -> Setup {
+fn start_in(dir: tempfile::TempDir, first_config: &str, extra_args: &[&str], api_type: &str) -> Setup {
     let yaml = dir.path().join("filterplane.yaml");
     fs::write(&yaml, first_config).unwrap();
     let (xds_port, admin_port) = (free_port(), free_port());
     let fp = Filterplane::start_with_args(&yaml, dir.path(), xds_port, admin_port, extra_args);
     let ports = EnvoyPorts::new(xds_port);
     let bootstrap = example_bootstrap("wasm/envoy.yaml", ports, "wasm-envoy")
-        .replace("port_value: 18001", &format!("port_value: {admin_port}"));
+        .replace("port_value: 18001", &format!("port_value: {admin_port}"))
+        .replace("api_type: GRPC", &format!("api_type: {api_type}"));
     let envoy = Envoy::start(&bootstrap, ports, dir.path(), "envoy");
     Setup { fp, envoy, yaml, dir }
 }
@@ -216,14 +217,23 @@ const ECDS: &str = "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfi
 /// inline. Each new module runs, and no response goes out without the plugin (which is
 /// FAIL_CLOSE) having run.
 #[test]
-fn wasm_updates_run_in_every_delivery_mode_and_no_response_skips_the_plugin() {
+fn wasm_updates_run_in_every_delivery_mode_and_no_response_skips_the_plugin_over_sotw() {
+    wasm_updates_under_traffic("GRPC");
+}
+
+#[test]
+fn wasm_updates_run_in_every_delivery_mode_and_no_response_skips_the_plugin_over_delta() {
+    wasm_updates_under_traffic("DELTA_GRPC");
+}
+
+fn wasm_updates_under_traffic(api_type: &str) {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().to_path_buf();
     let config = |value: &str, delivery: &str| {
         plugin_yaml(&module_file(&root, value), &format!("    delivery: {delivery}\n    fail_strategy: FAIL_CLOSE\n"))
     };
     let first = config("v1", "inline");
-    let s = start_in(dir, &first, &[]);
+    let s = start_in(dir, &first, &[], api_type);
     wait_for(&s.envoy, "v1");
     let downloads = || s.fp.metric("filterplane_wasm_module_downloads_total").unwrap_or(0.0);
     assert_eq!(downloads(), 0.0);
@@ -241,7 +251,7 @@ fn wasm_updates_run_in_every_delivery_mode_and_no_response_skips_the_plugin() {
         // A moment of traffic on the new module too.
         std::thread::sleep(Duration::from_millis(300));
         let tally = traffic.take();
-        println!("Wasm {what}: {} ms to run the new module; {tally}", took.as_millis());
+        println!("Wasm {api_type} {what}: {} ms to run the new module; {tally}", took.as_millis());
         assert_eq!(downloads(), downloaded, "{what}: Envoy downloaded each remote module once");
         // The proxy is SYNCED, which now means it runs the new module.
         let proxy = s.fp.api("/api/v1/proxies/wasm-envoy");
