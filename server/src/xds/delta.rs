@@ -21,8 +21,8 @@ use crate::{
     vec_map::VecMap,
     xds::{
         stream::{
-            set_version, wire_resource, CodeFetchRetry, NonceSource, Step, StreamCore, StreamEvent, StreamSettings,
-            Subscription,
+            set_version, wire_resource, CodeFetchRetry, Nack, NonceSource, Step, StreamCore, StreamEvent,
+            StreamSettings, Subscription,
         },
         ProtocolError,
     },
@@ -136,33 +136,17 @@ impl DeltaStream {
                         let names: Vec<String> = answered.resources.into_iter().map(|(n, _)| n).collect();
                         // The resources of that response that the snapshot still has.
                         let available = self.core.snapshot.as_ref().and_then(|s| s.resources(rt));
-                        let current = names.iter().filter_map(|n| available?.get(n.as_str()));
-                        match self.core.code_fetch_retry(state.retry.as_deref(), current, names.clone()) {
-                            Some(retry) => {
-                                step.events.push(StreamEvent::CodeFetchPending {
-                                    rt,
-                                    version: answered.version,
-                                    nonce: answered.nonce,
-                                    message: err.message.clone(),
-                                    resources: names,
-                                    attempt: retry.attempt,
-                                    retries: self.core.settings.code_fetch_retries,
-                                });
-                                state.retry = Some(Box::new(retry));
-                            }
-                            None => {
-                                state.retry = None;
-                                step.events.push(StreamEvent::Nacked {
-                                    rt,
-                                    version: answered.version,
-                                    kept_version: state.acked_version.clone(),
-                                    nonce: answered.nonce,
-                                    code: err.code,
-                                    message: err.message.clone(),
-                                    resources: names,
-                                });
-                            }
-                        }
+                        let current: Vec<_> = names.iter().filter_map(|n| available?.get(n.as_str())).collect();
+                        let nack = Nack {
+                            rt,
+                            version: answered.version,
+                            kept_version: state.acked_version.clone(),
+                            nonce: answered.nonce,
+                            code: err.code,
+                            message: err.message.clone(),
+                            names: names.clone(),
+                        };
+                        step.events.push(self.core.on_nack(nack, current.into_iter(), names, &mut state.retry));
                     }
                     None => {
                         state.retry = None;
@@ -307,7 +291,10 @@ impl DeltaStream {
             // may still drain refers to. Re-added names are no longer held.
             self.held.retain(|h| selected.binary_search_by(|r| r.name.as_str().cmp(&h.name)).is_err());
             let after_nonce = self.core.nonces.last();
-            let release_at = (!serves_listeners).then(|| Instant::now() + self.core.settings.drain_grace);
+            // The grace starts at the ACK of the listener update that follows, if this
+            // stream sends one; a resuming client's listener answer may be out already.
+            let grace_now = !serves_listeners || matches!(hold, Hold::All);
+            let release_at = grace_now.then(|| Instant::now() + self.core.settings.drain_grace);
             let held = &mut self.held;
             removed.retain(|n| {
                 if held.iter().any(|h| h.name == *n) {

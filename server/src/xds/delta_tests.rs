@@ -215,6 +215,9 @@ fn a_resuming_client_keeps_configs_it_may_still_drain() {
     let step = s.on_request(resume).unwrap();
     assert!(removed_anywhere(&step).is_empty(), "{step:?}");
     assert_eq!(names(&step.responses[0]), ["b"], "b's version differs: sent");
+    // Unless Envoy unsubscribes first, the removal goes out after the grace.
+    let due = s.next_wakeup().expect("the grace runs from the resume");
+    assert_eq!(removed_anywhere(&s.on_timer(due)), ["a"]);
 }
 
 #[test]

@@ -13,7 +13,7 @@ use filterplane_api::{
 use prost::Message;
 
 use crate::xds::stream::{
-    set_version, wire_resource, CodeFetchRetry, Step, StreamCore, StreamEvent, StreamSettings, Subscription,
+    set_version, wire_resource, CodeFetchRetry, Nack, Step, StreamCore, StreamEvent, StreamSettings, Subscription,
 };
 use crate::xds::ProtocolError;
 use crate::{cache::Snapshot, vec_map::VecMap};
@@ -96,34 +96,17 @@ impl SotwStream {
                 // response holds Wasm code Envoy is fetching: then it is sent again.
                 let selected = self.core.snapshot.as_ref().map(|s| sent.subscription.select(s.resources(rt)));
                 let selected = selected.unwrap_or_default();
-                let names: Vec<String> = selected.iter().map(|r| r.name.clone()).collect();
-                let version = sent.version.to_string();
-                match self.core.code_fetch_retry(state.retry.as_deref(), selected.into_iter(), Vec::new()) {
-                    Some(retry) => {
-                        step.events.push(StreamEvent::CodeFetchPending {
-                            rt,
-                            version,
-                            nonce: req.response_nonce.clone(),
-                            message: err.message.clone(),
-                            resources: names,
-                            attempt: retry.attempt,
-                            retries: self.core.settings.code_fetch_retries,
-                        });
-                        state.retry = Some(Box::new(retry));
-                    }
-                    None => {
-                        state.retry = None;
-                        step.events.push(StreamEvent::Nacked {
-                            rt,
-                            version,
-                            kept_version: req.version_info.clone(),
-                            nonce: req.response_nonce.clone(),
-                            code: err.code,
-                            message: err.message.clone(),
-                            resources: names,
-                        });
-                    }
-                }
+                let nack = Nack {
+                    rt,
+                    version: sent.version.to_string(),
+                    kept_version: req.version_info.clone(),
+                    nonce: req.response_nonce.clone(),
+                    code: err.code,
+                    message: err.message.clone(),
+                    names: selected.iter().map(|r| r.name.clone()).collect(),
+                };
+                // SotW resends the whole response: no names to keep.
+                step.events.push(self.core.on_nack(nack, selected.into_iter(), Vec::new(), &mut state.retry));
             } else {
                 state.retry = None;
                 step.events.push(StreamEvent::Acked {

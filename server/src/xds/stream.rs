@@ -115,23 +115,46 @@ pub struct CodeFetchRetry {
     pub names: Vec<String>,
 }
 
+/// A NACK, as both protocols read it from a request.
+#[derive(Debug)]
+pub struct Nack {
+    pub rt: ResourceType,
+    /// The rejected version, and the one Envoy keeps.
+    pub version: String,
+    pub kept_version: String,
+    pub nonce: String,
+    pub code: i32,
+    pub message: String,
+    /// What the rejected response carried.
+    pub names: Vec<String>,
+}
+
 impl StreamCore {
-    /// After a NACK of a response carrying `resources`: a retry when one of them has
-    /// Wasm code Envoy fetches itself and resends remain, else `None` (the NACK counts).
-    /// Envoy says the same "Unable to create Wasm plugin" for a cache miss as for a
-    /// module it refuses, but Filterplane checked the module before serving it, so a
-    /// miss is the likely reason; the resends are bounded either way.
-    pub fn code_fetch_retry<'a>(
+    /// What a NACK of a response carrying `resources` (as the snapshot has them now)
+    /// comes to: when one of them has Wasm code Envoy fetches itself and resends remain,
+    /// a resend (stored in `retry`, of `retry_names`, or the whole response when empty)
+    /// and a `CodeFetchPending`; else a `Nacked` that counts. Envoy says the same "Unable
+    /// to create Wasm plugin" for a cache miss as for a module it refuses, but Filterplane
+    /// checked the module before serving it, so a miss is the likely reason; the resends
+    /// are bounded either way.
+    pub fn on_nack<'a>(
         &self,
-        previous: Option<&CodeFetchRetry>,
+        nack: Nack,
         mut resources: impl Iterator<Item = &'a Arc<ServedResource>>,
-        names: Vec<String>,
-    ) -> Option<CodeFetchRetry> {
-        let attempt = previous.map_or(0, |r| r.attempt) + 1;
-        if attempt > self.settings.code_fetch_retries || !resources.any(|r| r.envoy_fetches_code) {
-            return None;
+        retry_names: Vec<String>,
+        retry: &mut Option<Box<CodeFetchRetry>>,
+    ) -> StreamEvent {
+        let attempt = retry.as_ref().map_or(0, |r| r.attempt) + 1;
+        let retries = self.settings.code_fetch_retries;
+        if attempt > retries || !resources.any(|r| r.envoy_fetches_code) {
+            *retry = None;
+            let Nack { rt, version, kept_version, nonce, code, message, names } = nack;
+            return StreamEvent::Nacked { rt, version, kept_version, nonce, code, message, resources: names };
         }
-        Some(CodeFetchRetry { attempt, at: Some(Instant::now() + code_fetch_backoff(attempt)), names })
+        let at = Some(Instant::now() + code_fetch_backoff(attempt));
+        *retry = Some(Box::new(CodeFetchRetry { attempt, at, names: retry_names }));
+        let Nack { rt, version, nonce, message, names, .. } = nack;
+        StreamEvent::CodeFetchPending { rt, version, nonce, message, resources: names, attempt, retries }
     }
 }
 
