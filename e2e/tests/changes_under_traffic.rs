@@ -272,3 +272,46 @@ fn a_placed_remote_wasm_plugin_is_added_without_failing_a_request_over_delta() {
 fn a_placed_remote_wasm_plugin_is_added_without_failing_a_request_over_sotw() {
     placed_wasm_plugin_under_traffic("remote", "GRPC", "wasm-remote-sotw");
 }
+
+/// A route moved to a new cluster while the old cluster (and its endpoints) leave the
+/// config in the same edit: requests on that route keep getting answers.
+fn route_moved_and_old_cluster_removed(api_type: &str, node: &str) {
+    let (gw, config) = Gateway::start(gateway_config, api_type, node);
+    wait_until("the backend through the gateway", WAIT, || {
+        gw.envoy.get("/backend/healthz").filter(|r| r.status == 200)
+    });
+    let admin = gw.fp.admin_port;
+    let backend2 = format!("  - name: backend2\n    type: STATIC\n    connect_timeout: 1s\n    load_assignment:\n      cluster_name: backend2\n      endpoints: [ {{ lb_endpoints: [ {{ endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {admin} }} }} }} }} ] }} ]\n");
+    let start = config.find("\nclusters:\n").expect("clusters") + 1;
+    let moved = format!(
+        "{}clusters:\n{backend2}",
+        config[..start]
+            .replace("route: { cluster: backend, prefix_rewrite", "route: { cluster: backend2, prefix_rewrite")
+    );
+    let traffic = Traffic::start(gw.envoy.listener_port, CLIENTS, "/backend/healthz", "x-served-by");
+    let t = phase(
+        &gw,
+        &traffic,
+        "route moved to a new cluster, old cluster removed",
+        || gw.write(&moved),
+        || {
+            let dump =
+                gw.envoy.admin("/config_dump?resource=dynamic_active_clusters").map(|r| r.body).unwrap_or_default();
+            dump.contains("\"backend2\"") && !dump.contains("\"name\": \"backend\"")
+        },
+    );
+    traffic.stop();
+    println!("{api_type} route moved, old cluster removed: {t}");
+    assert!(t.responses > 0);
+    assert_eq!(t.not_ok(), 0, "{api_type}: responses other than 200: {t}");
+}
+
+#[test]
+fn a_route_moved_off_a_removed_cluster_never_fails_a_request_over_sotw() {
+    route_moved_and_old_cluster_removed("GRPC", "cluster-sotw");
+}
+
+#[test]
+fn a_route_moved_off_a_removed_cluster_never_fails_a_request_over_delta() {
+    route_moved_and_old_cluster_removed("DELTA_GRPC", "cluster-delta");
+}
