@@ -20,9 +20,10 @@ use crate::{
     cache::Snapshot,
     vec_map::VecMap,
     xds::{
+        hold::{Hold, Holds},
         stream::{
-            set_version, wire_resource, CodeFetchRetry, Nack, NonceSource, Step, StreamCore, StreamEvent,
-            StreamSettings, Subscription,
+            set_version, wire_resource, CodeFetchRetry, Nack, Step, StreamCore, StreamEvent, StreamSettings,
+            Subscription,
         },
         ProtocolError,
     },
@@ -56,41 +57,14 @@ struct TypeState {
     retry: Option<Box<CodeFetchRetry>>,
 }
 
-/// An extension config the proxy is to drop, held back because a listener the proxy may
-/// still be draining refers to it. Envoy's draining listener keeps using the filter's
-/// config; removing it (a delta `removed_resources`) at the same time as the listener
-/// update makes those connections answer 500 until they close.
-#[derive(Debug)]
-struct HeldRemoval {
-    name: String,
-    /// The last nonce sent when the removal was held: an ACKed listener response with a
-    /// later nonce means the proxy runs listeners without the filter.
-    after_nonce: u64,
-    /// When the removal goes out: the drain grace after that ACK (or after the hold, on a
-    /// stream that sends no listener update). Before then only Envoy's own unsubscribe
-    /// (once no listener refers to the name) ends the hold.
-    release_at: Option<Instant>,
-}
-
-/// Which removals of extension configs to hold back.
-#[derive(Debug, Clone, Copy)]
-enum Hold<'a> {
-    /// None: the name was not in a listener the proxy may drain.
-    None,
-    /// Those placed into the listeners of the snapshot the proxy had before.
-    PlacedIn(&'a Snapshot),
-    /// Every one: a resuming client, whose listeners Filterplane cannot know.
-    All,
-}
-
 /// One delta stream (ADS, or a single-type service such as ECDS).
 #[derive(Debug)]
 pub struct DeltaStream {
     /// What it shares with the other flavour: the node, the snapshot, nonces.
     pub(crate) core: StreamCore,
     types: VecMap<ResourceType, TypeState>,
-    /// Extension config removals held back (make-before-break); usually empty.
-    held: Vec<HeldRemoval>,
+    /// Removals held back (make-before-break); usually none.
+    holds: Holds,
 }
 
 impl DeltaStream {
@@ -103,7 +77,7 @@ impl DeltaStream {
         control_plane: &'static str,
         settings: Arc<StreamSettings>,
     ) -> Self {
-        Self { core: StreamCore::new(only, control_plane, settings), types: VecMap::new(), held: Vec::new() }
+        Self { core: StreamCore::new(only, control_plane, settings), types: VecMap::new(), holds: Holds::default() }
     }
 
     pub fn on_request(&mut self, req: DeltaDiscoveryRequest) -> Result<Step<DeltaDiscoveryResponse>, ProtocolError> {
@@ -150,15 +124,7 @@ impl DeltaStream {
                     }
                     None => {
                         state.retry = None;
-                        if rt == ResourceType::Listener {
-                            // Listeners without the held filters are in place: their drain
-                            // has begun, and the grace runs from now.
-                            let acked = NonceSource::number(&answered.nonce).unwrap_or(0);
-                            let release = Instant::now() + self.core.settings.drain_grace;
-                            for h in self.held.iter_mut().filter(|h| h.release_at.is_none() && acked > h.after_nonce) {
-                                h.release_at = Some(release);
-                            }
-                        }
+                        self.holds.acked(rt, &answered.nonce, self.core.settings.drain_grace);
                         state.acked_version = answered.version.clone();
                         step.events.push(StreamEvent::Acked {
                             rt,
@@ -179,9 +145,7 @@ impl DeltaStream {
         // config that is Envoy saying no listener refers to it any more: the hold is over.
         let subscription = &state.subscription;
         state.client.retain(|name, _| subscription.wants(name));
-        if rt == ResourceType::ExtensionConfig {
-            self.held.retain(|h| subscription.wants(&h.name));
-        }
+        self.holds.retain(rt, |name| subscription.wants(name));
         if first || before != state.subscription {
             step.events.push(StreamEvent::Subscribed {
                 rt,
@@ -195,52 +159,55 @@ impl DeltaStream {
         // A resuming client may be draining listeners Filterplane never saw; what it has
         // and no longer gets is held as if it had been placed.
         let resuming = first && !req.initial_resource_versions.is_empty();
-        let hold = if resuming && self.types.contains_key(&ResourceType::Listener) { Hold::All } else { Hold::None };
+        let hold =
+            if resuming && self.types.contains_key(&ResourceType::Listener) { Hold::Resuming } else { Hold::None };
         self.respond(rt, &newly, first, hold, false, &mut step);
+        self.end_step(&mut step);
         Ok(step)
+    }
+
+    /// After a step: holds made wait for the listener and route responses it sent, and
+    /// what is due at once (or became due by an ACK) goes out.
+    fn end_step(&mut self, step: &mut Step<DeltaDiscoveryResponse>) {
+        let sent: Vec<(ResourceType, String)> = step
+            .events
+            .iter()
+            .filter_map(|e| match e {
+                StreamEvent::Sent { rt, nonce, .. } => Some((*rt, nonce.clone())),
+                _ => None,
+            })
+            .collect();
+        self.holds.end_step(&sent, self.core.settings.drain_grace);
+        for rt in self.holds.release_due(Instant::now()) {
+            self.respond(rt, &[], false, Hold::None, false, step);
+        }
     }
 
     pub fn on_snapshot(&mut self, snapshot: Arc<Snapshot>) -> Step<DeltaDiscoveryResponse> {
         let before = self.core.snapshot.replace(snapshot);
-        let hold = before.as_deref().map_or(Hold::None, Hold::PlacedIn);
-        let last_nonce = self.core.nonces.last();
+        let hold = before.as_deref().map_or(Hold::None, Hold::Replacing);
         let mut step = Step::default();
         for rt in ResourceType::ALL {
             if self.types.contains_key(&rt) {
                 self.respond(rt, &[], false, hold, false, &mut step);
             }
         }
-        // Holds begun now on a stream that sent no listener update after them (it serves
-        // no listeners, or they did not change): no ACK will start their grace, so it
-        // starts now.
-        let last_lds = self
-            .types
-            .get(&ResourceType::Listener)
-            .and_then(|t| t.pending.back())
-            .and_then(|p| NonceSource::number(&p.nonce));
-        let grace = self.core.settings.drain_grace;
-        for h in self.held.iter_mut().filter(|h| h.release_at.is_none() && h.after_nonce >= last_nonce) {
-            if last_lds.is_none_or(|n| n <= h.after_nonce) {
-                h.release_at = Some(Instant::now() + grace);
-            }
-        }
+        self.end_step(&mut step);
         step
     }
 
     /// When `on_timer` has something to do next, if ever.
     pub fn next_wakeup(&self) -> Option<Instant> {
         let retries = self.types.values().filter_map(|t| t.retry.as_ref()?.at);
-        retries.chain(self.held.iter().filter_map(|h| h.release_at)).min()
+        retries.chain(self.holds.next_wakeup()).min()
     }
 
     /// Sends what is due at `now`: held removals whose grace is over, and resources
     /// Envoy NACKed while fetching a Wasm module.
     pub fn on_timer(&mut self, now: Instant) -> Step<DeltaDiscoveryResponse> {
         let mut step = Step::default();
-        let held = self.held.len();
-        self.held.retain(|h| h.release_at.is_none_or(|at| at > now));
-        if self.held.len() != held {
-            self.respond(ResourceType::ExtensionConfig, &[], false, Hold::None, false, &mut step);
+        for rt in self.holds.release_due(now) {
+            self.respond(rt, &[], false, Hold::None, false, &mut step);
         }
         for rt in ResourceType::ALL {
             let (Some(snapshot), Some(state)) = (self.core.snapshot.as_ref(), self.types.get_mut(&rt)) else {
@@ -271,7 +238,6 @@ impl DeltaStream {
         resend: bool,
         step: &mut Step<DeltaDiscoveryResponse>,
     ) {
-        let serves_listeners = self.types.contains_key(&ResourceType::Listener);
         let (Some(snapshot), Some(state)) = (self.core.snapshot.as_ref(), self.types.get_mut(&rt)) else {
             return;
         };
@@ -286,36 +252,14 @@ impl DeltaStream {
             .filter(|n| selected.binary_search_by(|r| r.name.as_str().cmp(n.as_str())).is_err())
             .cloned()
             .collect();
-        if rt == ResourceType::ExtensionConfig {
-            // Make-before-break: keep serving (by not removing) what a listener the proxy
-            // may still drain refers to. Re-added names are no longer held.
-            self.held.retain(|h| selected.binary_search_by(|r| r.name.as_str().cmp(&h.name)).is_err());
-            let after_nonce = self.core.nonces.last();
-            // The grace starts at the ACK of the listener update that follows, if this
-            // stream sends one; a resuming client's listener answer may be out already.
-            let grace_now = !serves_listeners || matches!(hold, Hold::All);
-            let release_at = grace_now.then(|| Instant::now() + self.core.settings.drain_grace);
-            let held = &mut self.held;
-            removed.retain(|n| {
-                if held.iter().any(|h| h.name == *n) {
-                    return false;
-                }
-                let hold_it = match hold {
-                    Hold::None => false,
-                    Hold::PlacedIn(before) => before.places(n),
-                    Hold::All => true,
-                };
-                if hold_it {
-                    tracing::debug!(name = %n, "extension config removal held until no listener refers to it");
-                    held.push(HeldRemoval { name: n.clone(), after_nonce, release_at });
-                }
-                !hold_it
-            });
-        }
+        // Make-before-break: what the proxy's listeners and routes may still use is not
+        // removed yet (`hold.rs`). A held name served again is no longer held.
+        let holds = &mut self.holds;
+        holds.retain(rt, |name| selected.binary_search_by(|r| r.name.as_str().cmp(name)).is_err());
+        removed.retain(|n| !holds.hold(rt, n, hold, None));
         for n in newly {
             let exists = available.is_some_and(|m| m.contains_key(n));
-            let held = self.held.iter().any(|h| h.name == *n);
-            if !exists && !held && !removed.contains(n) {
+            if !exists && !self.holds.is_held(rt, n) && !removed.contains(n) {
                 removed.push(n.clone());
             }
         }

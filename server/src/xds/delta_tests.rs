@@ -11,7 +11,7 @@ use filterplane_api::{
 };
 
 use super::*;
-use crate::xds::test_support::{listener_snapshot, remote_wasm_snapshot, snapshot};
+use crate::xds::test_support::{listener_snapshot, remote_wasm_snapshot, route_snapshot, snapshot};
 
 const ECDS: ResourceType = ResourceType::ExtensionConfig;
 const LDS: ResourceType = ResourceType::Listener;
@@ -258,4 +258,53 @@ fn a_nack_of_configs_envoy_does_not_fetch_is_not_retried() {
     let step = s.on_request(nack(ECDS, &r.nonce)).unwrap();
     assert!(matches!(step.events.last(), Some(StreamEvent::Nacked { .. })));
     assert_eq!(s.next_wakeup(), None);
+}
+
+const CDS: ResourceType = ResourceType::Cluster;
+const RDS: ResourceType = ResourceType::RouteConfiguration;
+
+/// An ADS stream with route `r` to cluster `c1`, clusters `c1` and `c2`, all ACKed.
+fn ads_with_route() -> DeltaStream {
+    let mut s = stream(route_snapshot("c1", &["c1", "c2"]));
+    let cds = s.on_request(req(CDS, &[], &[], "")).unwrap().responses.remove(0);
+    assert_eq!(names(&cds), ["c1", "c2"]);
+    s.on_request(req(CDS, &[], &[], &cds.nonce)).unwrap();
+    let rds = s.on_request(req(RDS, &["r"], &[], "")).unwrap().responses.remove(0);
+    s.on_request(req(RDS, &[], &[], &rds.nonce)).unwrap();
+    s
+}
+
+#[test]
+fn a_cluster_is_removed_only_once_the_route_that_left_it_is_acked() {
+    let mut s = ads_with_route();
+    // The route moves to c2 and c1 leaves: the route goes out, c1 stays for now.
+    let step = s.on_snapshot(route_snapshot("c2", &["c2"]));
+    assert_eq!(step.responses.len(), 1, "{step:?}");
+    assert_eq!(step.responses[0].type_url, RDS.type_url());
+    let step = s.on_request(req(RDS, &[], &[], &step.responses[0].nonce)).unwrap();
+    // No listener changed, so nothing drains: c1 goes at once.
+    assert_eq!(removed_anywhere(&step), ["c1"]);
+    assert_eq!(step.responses[0].type_url, CDS.type_url());
+    assert_eq!(s.next_wakeup(), None);
+}
+
+#[test]
+fn a_cluster_no_route_changed_for_is_removed_at_once() {
+    let mut s = ads_with_route();
+    let step = s.on_snapshot(route_snapshot("c1", &["c1"]));
+    assert_eq!(removed_anywhere(&step), ["c2"]);
+    assert_eq!(step.responses.len(), 1);
+}
+
+#[test]
+fn a_refused_route_update_keeps_the_cluster() {
+    let mut s = ads_with_route();
+    let step = s.on_snapshot(route_snapshot("c2", &["c2"]));
+    let mut refused = req(RDS, &[], &[], &step.responses[0].nonce);
+    refused.error_detail = Some(Status { code: 13, message: "no".into(), details: vec![] });
+    let step = s.on_request(refused).unwrap();
+    assert!(removed_anywhere(&step).is_empty(), "Envoy still routes to c1");
+    // The next route update is what the removal then waits for.
+    let step = s.on_snapshot(route_snapshot("c2", &["c2"]));
+    assert!(removed_anywhere(&step).is_empty());
 }

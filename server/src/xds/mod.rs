@@ -2,6 +2,7 @@
 
 pub mod delta;
 pub mod grpc;
+pub mod hold;
 pub mod service;
 pub mod sotw;
 pub mod stream;

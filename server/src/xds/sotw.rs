@@ -12,10 +12,13 @@ use filterplane_api::{
 };
 use prost::Message;
 
-use crate::xds::stream::{
-    set_version, wire_resource, CodeFetchRetry, Nack, Step, StreamCore, StreamEvent, StreamSettings, Subscription,
-};
 use crate::xds::ProtocolError;
+use crate::xds::{
+    hold::{Hold, Holds},
+    stream::{
+        set_version, wire_resource, CodeFetchRetry, Nack, Step, StreamCore, StreamEvent, StreamSettings, Subscription,
+    },
+};
 use crate::{cache::Snapshot, vec_map::VecMap};
 
 #[derive(Debug, Clone)]
@@ -42,6 +45,8 @@ pub struct SotwStream {
     /// What it shares with the other flavour: the node, the snapshot, nonces.
     pub(crate) core: StreamCore,
     types: VecMap<ResourceType, TypeState>,
+    /// Removals held back (make-before-break): their resources are still sent.
+    holds: Holds,
 }
 
 impl SotwStream {
@@ -54,7 +59,7 @@ impl SotwStream {
         control_plane: &'static str,
         settings: Arc<StreamSettings>,
     ) -> Self {
-        Self { core: StreamCore::new(only, control_plane, settings), types: VecMap::new() }
+        Self { core: StreamCore::new(only, control_plane, settings), types: VecMap::new(), holds: Holds::default() }
     }
 
     pub fn on_request(&mut self, req: DiscoveryRequest) -> Result<Step<DiscoveryResponse>, ProtocolError> {
@@ -109,6 +114,7 @@ impl SotwStream {
                 step.events.push(self.core.on_nack(nack, selected.into_iter(), Vec::new(), &mut state.retry));
             } else {
                 state.retry = None;
+                self.holds.acked(rt, &req.response_nonce, self.core.settings.drain_grace);
                 step.events.push(StreamEvent::Acked {
                     rt,
                     version: req.version_info.clone(),
@@ -123,24 +129,45 @@ impl SotwStream {
         // An ACK or NACK that keeps the subscription needs no answer: new snapshots are
         // pushed by `on_snapshot` as they come. (The hot path: one per proxy per push.)
         if resubscribed || !answers_us {
-            self.respond(rt, false, &mut step);
+            self.respond(rt, false, Hold::None, &mut step);
         }
+        self.end_step(&mut step);
         Ok(step)
+    }
+
+    /// After a step: holds made wait for the listener and route responses it sent, and
+    /// what is due at once (or became due by an ACK) goes out.
+    fn end_step(&mut self, step: &mut Step<DiscoveryResponse>) {
+        let sent: Vec<(ResourceType, String)> = step
+            .events
+            .iter()
+            .filter_map(|e| match e {
+                StreamEvent::Sent { rt, nonce, .. } => Some((*rt, nonce.clone())),
+                _ => None,
+            })
+            .collect();
+        self.holds.end_step(&sent, self.core.settings.drain_grace);
+        for rt in self.holds.release_due(Instant::now()) {
+            self.respond(rt, false, Hold::None, step);
+        }
     }
 
     /// When `on_timer` has something to do next, if ever.
     pub fn next_wakeup(&self) -> Option<Instant> {
-        self.types.values().filter_map(|t| t.retry.as_ref()?.at).min()
+        self.types.values().filter_map(|t| t.retry.as_ref()?.at).chain(self.holds.next_wakeup()).min()
     }
 
     /// Sends again what Envoy NACKed while fetching a Wasm module, once its time came.
     pub fn on_timer(&mut self, now: Instant) -> Step<DiscoveryResponse> {
         let mut step = Step::default();
+        for rt in self.holds.release_due(now) {
+            self.respond(rt, false, Hold::None, &mut step);
+        }
         for rt in ResourceType::ALL {
             let Some(retry) = self.types.get_mut(&rt).and_then(|t| t.retry.as_mut()) else { continue };
             if retry.at.is_some_and(|at| at <= now) {
                 retry.at = None;
-                self.respond(rt, true, &mut step);
+                self.respond(rt, true, Hold::None, &mut step);
             }
         }
         step
@@ -149,23 +176,46 @@ impl SotwStream {
     /// A new snapshot for this stream's node: push every subscribed type whose
     /// selected resources changed, in dependency order.
     pub fn on_snapshot(&mut self, snapshot: Arc<Snapshot>) -> Step<DiscoveryResponse> {
-        self.core.snapshot = Some(snapshot);
+        let before = self.core.snapshot.replace(snapshot);
+        let hold = before.as_deref().map_or(Hold::None, Hold::Replacing);
         let mut step = Step::default();
         for rt in ResourceType::ALL {
             if self.types.contains_key(&rt) {
-                self.respond(rt, false, &mut step);
+                self.respond(rt, false, hold, &mut step);
             }
         }
+        self.end_step(&mut step);
         step
     }
 
     /// Sends the type's selected resources if they changed since last sent (or the client
-    /// asks for a name anew), or in any case when `resend`.
-    fn respond(&mut self, rt: ResourceType, resend: bool, step: &mut Step<DiscoveryResponse>) {
+    /// asks for a name anew), or in any case when `resend`. Resources held back from
+    /// removal (make-before-break, `hold.rs`) are sent on with them.
+    fn respond(&mut self, rt: ResourceType, resend: bool, hold: Hold<'_>, step: &mut Step<DiscoveryResponse>) {
         let (Some(snapshot), Some(state)) = (self.core.snapshot.as_ref(), self.types.get_mut(&rt)) else {
             return;
         };
-        let selected = state.subscription.select(snapshot.resources(rt));
+        let mut selected = state.subscription.select(snapshot.resources(rt));
+        // State of the world cannot remove an extension config at all: nothing to hold.
+        if rt != ResourceType::ExtensionConfig {
+            let by_name = |list: &[&Arc<crate::cache::ServedResource>], name: &str| {
+                list.binary_search_by(|r| r.name.as_str().cmp(name)).is_ok()
+            };
+            if let (Hold::Replacing(before), Some(sent)) = (hold, &state.last_sent) {
+                for r in sent.subscription.select(before.resources(rt)) {
+                    if !by_name(&selected, &r.name) {
+                        self.holds.hold(rt, &r.name, hold, Some(r.clone()));
+                    }
+                }
+            }
+            let subscription = &state.subscription;
+            self.holds.retain(rt, |name| !by_name(&selected, name) && subscription.wants(name));
+            let before = selected.len();
+            selected.extend(self.holds.held(rt));
+            if selected.len() != before {
+                selected.sort_by(|a, b| a.name.cmp(&b.name));
+            }
+        }
         let version = set_version(&selected);
         match &state.last_sent {
             None if state.client_version == version.as_str() => {

@@ -13,7 +13,7 @@ use filterplane_api::{
 
 use super::*;
 use crate::xds::stream::Step;
-use crate::xds::test_support::{remote_wasm_snapshot, snapshot};
+use crate::xds::test_support::{remote_wasm_snapshot, route_snapshot, snapshot};
 
 const ECDS: ResourceType = ResourceType::ExtensionConfig;
 
@@ -255,4 +255,35 @@ fn a_new_version_replaces_a_pending_resend() {
     let newer = s.on_snapshot(remote_wasm_snapshot(&"b".repeat(64))).responses.remove(0);
     assert_ne!(newer.version_info, first.version_info);
     assert_eq!(s.next_wakeup(), None, "the new version is what Envoy answers next");
+}
+
+fn cluster_names(r: &DiscoveryResponse) -> Vec<String> {
+    r.resources
+        .iter()
+        .map(|a| {
+            let c: filterplane_api::envoy_types::pb::envoy::config::cluster::v3::Cluster =
+                prost::Message::decode(a.value.as_slice()).unwrap();
+            c.name
+        })
+        .collect()
+}
+
+#[test]
+fn a_removed_cluster_is_still_sent_until_the_route_that_left_it_is_acked() {
+    const CDS: ResourceType = ResourceType::Cluster;
+    const RDS: ResourceType = ResourceType::RouteConfiguration;
+    let mut s = stream_with(route_snapshot("c1", &["c1", "c2"]));
+    let cds = s.on_request(request(CDS, &[], "", "")).unwrap().responses.remove(0);
+    s.on_request(request(CDS, &[], &cds.version_info, &cds.nonce)).unwrap();
+    let rds = s.on_request(request(RDS, &["r"], "", "")).unwrap().responses.remove(0);
+    s.on_request(request(RDS, &["r"], &rds.version_info, &rds.nonce)).unwrap();
+
+    // The route moves to c2 and c1 leaves: the route goes out, the cluster list keeps c1.
+    let step = s.on_snapshot(route_snapshot("c2", &["c2"]));
+    let types: Vec<&str> = step.responses.iter().map(|r| r.type_url.as_str()).collect();
+    assert_eq!(types, [RDS.type_url()], "c2 was there already and c1 is kept: no cluster change yet");
+    let rds = step.responses[0].clone();
+    let step = s.on_request(request(RDS, &["r"], &rds.version_info, &rds.nonce)).unwrap();
+    assert_eq!(step.responses.len(), 1, "{:?}", step.events);
+    assert_eq!(cluster_names(&step.responses[0]), ["c2"], "now without c1");
 }

@@ -53,3 +53,19 @@ pub fn remote_wasm_snapshot(sha: &str) -> Arc<Snapshot> {
     let config = config.with_resources(vec![build_wasm_resource(&plugin, code, sha)]);
     Generation::new(config).snapshot_for(&NodeFacts::default())
 }
+
+/// A snapshot with route config `r` sending everything to cluster `to`, and the static
+/// clusters `clusters`.
+pub fn route_snapshot(to: &str, clusters: &[&str]) -> Arc<Snapshot> {
+    let mut yaml = format!(
+        "version: 1\nroutes:\n  - name: r\n    virtual_hosts: [ {{ name: all, domains: [\"*\"], routes: [ {{ match: {{ prefix: \"/\" }}, route: {{ cluster: {to} }} }} ] }} ]\nclusters:\n"
+    );
+    for c in clusters {
+        yaml.push_str(&format!(
+            "  - name: {c}\n    type: STATIC\n    connect_timeout: 1s\n    load_assignment: {{ cluster_name: {c}, endpoints: [ {{ lb_endpoints: [ {{ endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: 1 }} }} }} }} ] }} ] }}\n"
+        ));
+    }
+    let parsed = filterplane_config::load::parse_file(Path::new("test.yaml"), &yaml).expect("test YAML parses");
+    let config = filterplane_config::compile(&[parsed]).expect("test YAML compiles");
+    Generation::new(config).snapshot_for(&NodeFacts::default())
+}
