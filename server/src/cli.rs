@@ -52,10 +52,11 @@ pub struct ServeArgs {
     /// The admin HTTP server: /healthz, /readyz, /api/v1/*.
     #[arg(long, default_value = "127.0.0.1:18001", env = "FILTERPLANE_ADMIN_ADDR")]
     pub admin_addr: SocketAddr,
-    /// Delta xDS: seconds an extension config whose filter left a proxy's listeners stays
-    /// served to that proxy after it ACKed the listener update, unless Envoy unsubscribes
-    /// it first (it does once no listener, draining ones included, refers to it). Set it to
-    /// at least your Envoys' --drain-time-s (600 unless set).
+    /// Make-before-break: seconds a resource that left a proxy's config (an extension config
+    /// whose filter left its listeners, over delta; a cluster, endpoints or secret a changed
+    /// listener may have used) stays served to that proxy after it ACKed the listener
+    /// update, unless Envoy unsubscribes it first (it does once nothing, draining listeners
+    /// included, refers to it). Set it to at least your Envoys' --drain-time-s (600 unless set).
     #[arg(long, default_value_t = 600)]
     pub drain_grace_secs: u64,
     #[command(flatten)]

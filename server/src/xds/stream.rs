@@ -81,8 +81,9 @@ impl<R> Default for Step<R> {
 /// How streams behave around changes; the same for every stream of a server.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StreamSettings {
-    /// Delta: an extension config whose filter left a proxy's listeners stays served to
-    /// that proxy until Envoy unsubscribes it (it does once no listener, draining ones
+    /// Make-before-break (`hold.rs`): what a changed listener may have used (an extension
+    /// config whose filter left it, over delta; a cluster, endpoints, a secret) stays
+    /// served until Envoy unsubscribes it (it does once nothing, draining listeners
     /// included, refers to it), or until this long after the proxy ACKed the listener
     /// update. Set it to at least Envoy's `--drain-time-s` (600 s unless set).
     pub drain_grace: Duration,
