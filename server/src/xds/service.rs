@@ -250,10 +250,11 @@ impl<P: Protocol> StreamLoop<P> {
     }
 }
 
-/// Sleeps until `at`, or forever.
+/// Sleeps until `at`, or forever. The timer is boxed: nearly every stream has nothing
+/// due, and an inline `Sleep` would sit in every idle stream's state.
 async fn sleep_until(at: Option<Instant>) {
     match at {
-        Some(at) => tokio::time::sleep_until(at.into()).await,
+        Some(at) => Box::pin(tokio::time::sleep_until(at.into())).await,
         None => std::future::pending().await,
     }
 }
