@@ -138,15 +138,7 @@ impl SotwStream {
     /// After a step: holds made wait for the listener and route responses it sent, and
     /// what is due at once (or became due by an ACK) goes out.
     fn end_step(&mut self, step: &mut Step<DiscoveryResponse>) {
-        let sent: Vec<(ResourceType, String)> = step
-            .events
-            .iter()
-            .filter_map(|e| match e {
-                StreamEvent::Sent { rt, nonce, .. } => Some((*rt, nonce.clone())),
-                _ => None,
-            })
-            .collect();
-        self.holds.end_step(&sent, self.core.settings.drain_grace);
+        self.holds.end_step(&step.sent(), self.core.settings.drain_grace);
         for rt in self.holds.release_due(Instant::now()) {
             self.respond(rt, false, Hold::None, step);
         }

@@ -72,6 +72,19 @@ pub struct Step<R> {
     pub events: Vec<StreamEvent>,
 }
 
+impl<R> Step<R> {
+    /// The type and nonce of every response of this step.
+    pub fn sent(&self) -> Vec<(ResourceType, String)> {
+        self.events
+            .iter()
+            .filter_map(|e| match e {
+                StreamEvent::Sent { rt, nonce, .. } => Some((*rt, nonce.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
 impl<R> Default for Step<R> {
     fn default() -> Self {
         Self { responses: Vec::new(), events: Vec::new() }
