@@ -35,6 +35,66 @@ pub fn config_dir(path: &Path) -> &Path {
     path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."))
 }
 
+/// Nesting a config may have, counted as `nesting_bound` counts it. Real Envoy configs
+/// stay far below (serde_yaml itself refuses more than 128 levels); the YAML parsers
+/// recurse once per level, and a document nested thousands deep overflows their stack.
+pub const MAX_NESTING: usize = 1000;
+
+/// Largest config file read, in bytes.
+pub const MAX_FILE_BYTES: u64 = 16 << 20;
+
+/// An upper bound of how deep `text` nests, found in one pass without parsing: per line,
+/// its indentation plus the sequence dashes that open it plus the open flow brackets
+/// (outside quotes and comments). Stops counting past `MAX_NESTING`, and returns the
+/// 1-based line where the bound was first exceeded.
+pub fn nesting_bound(text: &str) -> Result<usize, usize> {
+    let mut flow = 0usize;
+    let mut deepest = 0usize;
+    for (n, line) in text.lines().enumerate() {
+        let indent = line.len() - line.trim_start_matches(' ').len();
+        let mut rest = &line[indent..];
+        let mut dashes = 0;
+        while let Some(r) = rest.strip_prefix("- ").or_else(|| rest.strip_prefix("-\t")) {
+            dashes += 1;
+            rest = r.trim_start_matches([' ', '\t']);
+        }
+        let mut quote: Option<char> = None;
+        let mut prev = ' ';
+        let mut line_max = flow;
+        let mut chars = rest.chars().peekable();
+        while let Some(c) = chars.next() {
+            match (quote, c) {
+                (Some('"'), '\\') => {
+                    chars.next();
+                }
+                (Some(q), c) if c == q => {
+                    // '' inside a single-quoted string is an escaped quote.
+                    if q == '\'' && chars.peek() == Some(&'\'') {
+                        chars.next();
+                    } else {
+                        quote = None;
+                    }
+                }
+                (Some(_), _) => {}
+                (None, '"' | '\'') => quote = Some(c),
+                (None, '#') if prev == ' ' || prev == '\t' => break,
+                (None, '[' | '{') => {
+                    flow += 1;
+                    line_max = line_max.max(flow);
+                }
+                (None, ']' | '}') => flow = flow.saturating_sub(1),
+                _ => {}
+            }
+            prev = c;
+        }
+        deepest = deepest.max(indent + dashes + line_max);
+        if deepest > MAX_NESTING {
+            return Err(n + 1);
+        }
+    }
+    Ok(deepest)
+}
+
 /// The files `path` stands for: itself, or the YAML files directly inside it, by name.
 pub fn config_files(path: &Path) -> Result<Vec<PathBuf>, ConfigErrors> {
     let io_err = |e: std::io::Error| ConfigError {
@@ -44,7 +104,11 @@ pub fn config_files(path: &Path) -> Result<Vec<PathBuf>, ConfigErrors> {
         message: format!("cannot read: {e}"),
     };
     if !path.is_dir() {
-        std::fs::metadata(path).map_err(io_err)?;
+        let meta = std::fs::metadata(path).map_err(io_err)?;
+        // A FIFO or a device would block the read forever (or never end).
+        if !meta.is_file() {
+            return Err(io_err(std::io::Error::other("not a regular file")).into());
+        }
         return Ok(vec![path.to_path_buf()]);
     }
     let mut files = Vec::new();
@@ -68,7 +132,7 @@ pub fn parse_all(path: &Path) -> Result<Vec<ParsedFile>, ConfigErrors> {
     let mut parsed = Vec::new();
     let mut errors = Vec::new();
     for file in config_files(path)? {
-        match std::fs::read_to_string(&file) {
+        match read_bounded(&file) {
             Ok(text) => match parse_file(&file, &text) {
                 Ok(p) => parsed.push(p),
                 Err(e) => errors.push(e),
@@ -85,8 +149,35 @@ pub fn parse_all(path: &Path) -> Result<Vec<ParsedFile>, ConfigErrors> {
     }
 }
 
+/// A regular file's text, at most `MAX_FILE_BYTES`.
+fn read_bounded(file: &Path) -> std::io::Result<String> {
+    use std::io::Read;
+    let meta = std::fs::metadata(file)?;
+    if !meta.is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
+    let mut text = String::new();
+    std::fs::File::open(file)?.take(MAX_FILE_BYTES + 1).read_to_string(&mut text)?;
+    if text.len() as u64 > MAX_FILE_BYTES {
+        return Err(std::io::Error::other(format!("larger than the limit of {MAX_FILE_BYTES} bytes")));
+    }
+    Ok(text)
+}
+
 /// Parses one document of `text`, read from `file`.
 pub fn parse_file(file: &Path, text: &str) -> Result<ParsedFile, ConfigError> {
+    // Refused before any recursive parser sees it: those would overflow their stack (block
+    // nesting) or take seconds (flow nesting) on a document nested thousands deep.
+    if let Err(line) = nesting_bound(text) {
+        return Err(ConfigError {
+            file: file.to_path_buf(),
+            line: Some(line),
+            path: String::new(),
+            message: format!(
+                "nested deeper than {MAX_NESTING} levels (indentation, sequence dashes and brackets); refused unparsed"
+            ),
+        });
+    }
     let lines = LineIndex::build(text);
     let de = serde_yaml::Deserializer::from_str(text);
     let doc: Document = serde_path_to_error::deserialize(de).map_err(|e| {
@@ -126,6 +217,44 @@ pub fn parse_file(file: &Path, text: &str) -> Result<ParsedFile, ConfigError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn deep_nesting_is_refused_before_any_parser_recurses() {
+        // 10,000 levels of block sequences and 200,000 of flow brackets: each parsed on a
+        // thread with a 128 KiB stack, which a recursive parser would overflow.
+        let block = format!("version: 1\nx:\n{}1\n", "- ".repeat(10_000));
+        let flow = format!("version: 1\nx: {}\n", "[".repeat(200_000));
+        let json = format!("version: 1\nx: {}1{}\n", "{\"a\": ".repeat(100_000), "}".repeat(100_000));
+        for (what, text) in [("block", block), ("flow", flow), ("json", json)] {
+            let started = std::time::Instant::now();
+            let e = std::thread::Builder::new()
+                .stack_size(128 << 10)
+                .spawn(move || parse_file(Path::new("deep.yaml"), &text).unwrap_err())
+                .unwrap()
+                .join()
+                .unwrap();
+            assert!(e.message.contains("nested deeper than 1000 levels"), "{what}: {e}");
+            assert!(e.line.is_some(), "{what}: the line is named");
+            assert!(started.elapsed() < std::time::Duration::from_secs(2), "{what}: refused at once");
+        }
+    }
+
+    #[test]
+    fn ordinary_nesting_and_brackets_in_strings_pass_the_bound() {
+        let text = "version: 1\nextension_configs:\n  - name: a\n    typed_config: { \"@type\": x, v: \"[[[{{{\" , w: '[[[''[' } # [[[\n";
+        assert!(nesting_bound(text).unwrap() < 20);
+        assert_eq!(nesting_bound(&"  ".repeat(600)), Err(1), "1,200 columns of indentation");
+    }
+
+    #[test]
+    fn a_fifo_is_refused_without_blocking() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("filterplane.yaml");
+        let made = std::process::Command::new("mkfifo").arg(&fifo).status().unwrap();
+        assert!(made.success());
+        let e = parse_all(&fifo).unwrap_err();
+        assert!(e.0[0].message.contains("not a regular file"), "{e}");
+    }
 
     #[test]
     fn a_bare_file_name_lives_in_the_current_directory() {

@@ -168,6 +168,10 @@ impl WasmFetcher {
         }
         let meta =
             tokio::fs::metadata(&full).await.map_err(|e| FetchError::Download(format!("{}: {e}", full.display())))?;
+        // A FIFO or a device would block the read (and with it the reload) forever.
+        if !meta.is_file() {
+            return Err(FetchError::Download(format!("{}: not a regular file", full.display())));
+        }
         if meta.len() > self.settings.max_module_bytes {
             return Err(FetchError::Download(format!(
                 "{} is {} bytes, over the limit of {}",
@@ -398,6 +402,16 @@ mod tests {
         assert!(e.to_string().contains("outside the allowed file root"), "{e}");
         let e = f.module(&plugin("{name: p, url: 'file://bad.wasm'}", &root)).await.unwrap_err();
         assert_eq!(e.kind(), "invalid_module");
+        let fifo = root.join("fifo.wasm");
+        assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+        let e = tokio::time::timeout(
+            Duration::from_secs(5),
+            f.module(&plugin("{name: p, url: 'file://fifo.wasm'}", &root)),
+        )
+        .await
+        .expect("a FIFO is refused, not read")
+        .unwrap_err();
+        assert!(e.to_string().contains("not a regular file"), "{e}");
         let wrong = "1".repeat(64);
         let e = f
             .module(&plugin(&format!("{{name: p, url: 'file://good.wasm', sha256: '{wrong}'}}"), &root))

@@ -97,6 +97,34 @@ impl Plane {
         }
     }
 
+    /// The config file the server watches.
+    pub fn config_path(&self) -> &std::path::Path {
+        &self.yaml
+    }
+
+    /// `/healthz` answers 200 within a second.
+    pub fn healthy(&self) -> bool {
+        let url = format!("http://{}/healthz", self.admin);
+        tokio::task::block_in_place(|| {
+            let agent: ureq::Agent =
+                ureq::Agent::config_builder().timeout_global(Some(Duration::from_secs(1))).build().into();
+            agent.get(&url).call().is_ok_and(|r| r.status() == 200)
+        })
+    }
+
+    /// Writes `text` as the config and waits until a reload of it failed; returns the
+    /// reload's errors.
+    pub async fn refuse(&self, text: &str) -> Vec<Value> {
+        let attempted = self.api("/api/v1/config")["last_attempt_at"].clone();
+        std::fs::write(&self.yaml, text).unwrap();
+        self.wait_for("the bad config to be refused", |p| {
+            let c = p.api("/api/v1/config");
+            c["last_attempt_at"] != attempted && c["last_outcome"]["result"] == "failed"
+        })
+        .await;
+        self.api("/api/v1/config")["last_outcome"]["errors"].as_array().cloned().unwrap_or_default()
+    }
+
     /// Replaces the config and waits until the server serves it.
     pub async fn set(&self, entries: &[(&str, &str)]) {
         let before = self.api("/api/v1/config")["serving_version"].clone();
