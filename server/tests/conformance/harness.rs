@@ -98,11 +98,13 @@ impl Plane {
     }
 
     /// The config file the server watches.
+    #[allow(dead_code)] // tests/hostile.rs
     pub fn config_path(&self) -> &std::path::Path {
         &self.yaml
     }
 
     /// `/healthz` answers 200 within a second.
+    #[allow(dead_code)] // tests/hostile.rs
     pub fn healthy(&self) -> bool {
         let url = format!("http://{}/healthz", self.admin);
         tokio::task::block_in_place(|| {
@@ -114,6 +116,7 @@ impl Plane {
 
     /// Writes `text` as the config and waits until a reload of it failed; returns the
     /// reload's errors.
+    #[allow(dead_code)] // tests/hostile.rs
     pub async fn refuse(&self, text: &str) -> Vec<Value> {
         let attempted = self.api("/api/v1/config")["last_attempt_at"].clone();
         std::fs::write(&self.yaml, text).unwrap();
