@@ -59,6 +59,10 @@ pub struct ServeArgs {
     /// included, refers to it). Set it to at least your Envoys' --drain-time-s (600 unless set).
     #[arg(long, default_value_t = 600)]
     pub drain_grace_secs: u64,
+    /// Names one xDS stream may subscribe to, per type; a stream that asks for more is
+    /// ended with RESOURCE_EXHAUSTED (counted in filterplane_limit_hits_total).
+    #[arg(long, default_value_t = 10_000)]
+    pub max_subscribed_names: usize,
     #[command(flatten)]
     pub wasm: WasmArgs,
 }

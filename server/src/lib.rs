@@ -113,6 +113,7 @@ pub async fn serve_on(
     let settings = Arc::new(StreamSettings {
         drain_grace: std::time::Duration::from_secs(args.drain_grace_secs),
         code_fetch_retries: args.wasm.wasm_code_fetch_retries,
+        max_subscribed_names: args.max_subscribed_names,
     });
     let ctx = XdsContext { cache: cache.clone(), tracker: tracker.clone(), shutdown: shutdown.clone(), settings };
     let services = XdsServices::new(ctx);

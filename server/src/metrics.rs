@@ -26,6 +26,14 @@ pub struct KindLabel {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LimitLabel {
+    pub limit: &'static str,
+}
+
+/// Every limit that counts its hits, pre-created at zero.
+pub const LIMITS: [&str; 2] = ["subscribed_names", "nack_message_bytes"];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabel {
     pub result: &'static str,
 }
@@ -71,6 +79,9 @@ pub struct Metrics {
     pub wasm_compile_duration: Histogram,
     pub wasm_module_downloads: Counter,
     pub wasm_code_fetch_resends: Counter,
+    pub limit_hits: Family<LimitLabel, Counter>,
+    /// When each limit was last logged (they are logged at most once a minute).
+    limit_logged: std::sync::Mutex<std::collections::HashMap<&'static str, std::time::Instant>>,
 }
 
 impl Default for Metrics {
@@ -93,6 +104,8 @@ impl Default for Metrics {
             wasm_compile_duration: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
             wasm_module_downloads: Counter::default(),
             wasm_code_fetch_resends: Counter::default(),
+            limit_hits: Family::default(),
+            limit_logged: Default::default(),
             registry: Registry::default(),
             by_type: Vec::new(),
         };
@@ -148,6 +161,11 @@ impl Default for Metrics {
             m.wasm_module_downloads.clone(),
         );
         registry.register(
+            "limit_hits",
+            "Inputs refused or cut at a limit (see the README's Limits and hardening), by limit",
+            m.limit_hits.clone(),
+        );
+        registry.register(
             "wasm_code_fetch_resends",
             "Wasm configs sent again because Envoy NACKed them while fetching the module (remote delivery)",
             m.wasm_code_fetch_resends.clone(),
@@ -176,6 +194,9 @@ impl Default for Metrics {
         for result in ["success", "download_failure", "checksum_mismatch", "invalid_module"] {
             let _ = m.wasm_fetches.get_or_create(&ResultLabel { result });
         }
+        for limit in LIMITS {
+            let _ = m.limit_hits.get_or_create(&LimitLabel { limit });
+        }
         for kind in ["sotw", "delta"] {
             let _ = m.connected_proxies.get_or_create(&KindLabel { stream_kind: kind });
         }
@@ -192,6 +213,18 @@ impl Metrics {
     /// The metrics of one xDS type.
     pub fn of_type(&self, rt: filterplane_api::ResourceType) -> &TypeMetrics {
         &self.by_type[rt.index()]
+    }
+
+    /// A limit was hit: counted, and logged at most once per limit and minute.
+    pub fn limit_hit(&self, limit: &'static str) {
+        self.limit_hits.get_or_create(&LimitLabel { limit }).inc();
+        let now = std::time::Instant::now();
+        let mut last = self.limit_logged.lock().unwrap_or_else(|p| p.into_inner());
+        let due = last.get(limit).is_none_or(|t| now.duration_since(*t) >= Duration::from_secs(60));
+        if due {
+            last.insert(limit, now);
+            tracing::warn!(limit, "a limit was hit (counted in filterplane_limit_hits_total; logged once a minute)");
+        }
     }
 
     pub fn wasm_cache_lookup(&self, result: &'static str) {

@@ -71,8 +71,14 @@ pub fn render(proxies: &Value, rejects: &Value, config: &Value) -> String {
     out
 }
 
+/// A value as the terminal may print it: what proxies sent (node ids, NACK messages) may
+/// hold escape sequences or newlines, shown escaped instead of acted on.
 fn text(v: &Value) -> String {
-    v.as_str().map(str::to_owned).unwrap_or_else(|| if v.is_null() { String::new() } else { v.to_string() })
+    let raw = v.as_str().map(str::to_owned).unwrap_or_else(|| if v.is_null() { String::new() } else { v.to_string() });
+    if !raw.chars().any(char::is_control) {
+        return raw;
+    }
+    raw.chars().map(|c| if c.is_control() { c.escape_default().to_string() } else { c.to_string() }).collect()
 }
 
 fn short(v: &Value) -> String {
@@ -143,6 +149,16 @@ mod tests {
         assert!(lines[3].ends_with("NACKED fedcba98 (runs 01234567)"), "{out}");
         assert!(lines[4].ends_with("FETCHING 01234567→fedcba98 (resend 2/10)"), "{out}");
         assert!(out.contains("1 recent reject(s); latest at 2026-01-01T00:00:00Z from edge-2 (ECDS): boom"), "{out}");
+    }
+
+    #[test]
+    fn what_proxies_sent_is_printed_escaped() {
+        let proxies = json!([{"node_id": "evil\u{1b}[2J\nforged", "cluster": "c", "user_agent": "", "stream_kind": "sotw", "types": {}}]);
+        let rejects = json!([{"at": "t", "node_id": "n", "type_url": ECDS, "message": "line\nFAKE LINE\u{1b}[31m"}]);
+        let out = render(&proxies, &rejects, &json!({"serving_version": "v"}));
+        assert!(!out.contains('\u{1b}'), "no raw escape sequence: {out:?}");
+        assert!(out.contains("evil\\u{1b}[2J\\nforged"), "{out}");
+        assert!(out.contains("line\\nFAKE LINE"), "{out}");
     }
 
     #[test]

@@ -225,6 +225,11 @@ impl AckTracker {
         }
     }
 
+    /// The metrics it counts into.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
     /// Wakes whenever proxies or rejects change.
     pub fn changes(&self) -> watch::Receiver<u64> {
         self.changes.subscribe()

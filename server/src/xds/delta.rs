@@ -111,6 +111,9 @@ impl DeltaStream {
                         // The resources of that response that the snapshot still has.
                         let available = self.core.snapshot.as_ref().and_then(|s| s.resources(rt));
                         let current: Vec<_> = names.iter().filter_map(|n| available?.get(n.as_str())).collect();
+                        if err.message.len() > crate::xds::stream::MAX_NACK_MESSAGE_BYTES {
+                            step.limits.push("nack_message_bytes");
+                        }
                         let nack = Nack {
                             rt,
                             version: answered.version,
@@ -140,7 +143,13 @@ impl DeltaStream {
         }
 
         let before = state.subscription.clone();
-        state.subscription.apply_delta(rt, first, &req.resource_names_subscribe, &req.resource_names_unsubscribe);
+        state.subscription.apply_delta(
+            rt,
+            first,
+            &req.resource_names_subscribe,
+            &req.resource_names_unsubscribe,
+            self.core.settings.max_subscribed_names,
+        )?;
         // The client drops what it unsubscribed from by itself. For a held extension
         // config that is Envoy saying no listener refers to it any more: the hold is over.
         let subscription = &state.subscription;
@@ -249,11 +258,13 @@ impl DeltaStream {
         let holds = &mut self.holds;
         holds.retain(rt, |name| selected.binary_search_by(|r| r.name.as_str().cmp(name)).is_err());
         removed.retain(|n| !holds.hold(rt, n, hold, None));
-        for n in newly {
-            let exists = available.is_some_and(|m| m.contains_key(n));
-            if !exists && !self.holds.is_held(rt, n) && !removed.contains(n) {
-                removed.push(n.clone());
-            }
+        let missing = newly.iter().filter(|n| !available.is_some_and(|m| m.contains_key(n.as_str())));
+        let missing: Vec<String> = missing.filter(|n| !self.holds.is_held(rt, n)).cloned().collect();
+        if !missing.is_empty() {
+            // Sorted and without repeats in one go (a `contains` per name is quadratic).
+            removed.extend(missing);
+            removed.sort_unstable();
+            removed.dedup();
         }
         let version = set_version(&selected).to_string();
         if changed.is_empty() && removed.is_empty() && !state.must_answer {

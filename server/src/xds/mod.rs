@@ -18,10 +18,22 @@ pub enum ProtocolError {
     MissingNode,
     #[error("type URL \"{got}\" is not served on this service")]
     WrongType { got: String },
+    #[error("a subscription of {names} names is over the limit of {limit} per type (--max-subscribed-names)")]
+    TooManyNames { names: usize, limit: usize },
+}
+
+impl ProtocolError {
+    /// The limit this error enforces, as the metrics name it.
+    pub fn limit(&self) -> Option<&'static str> {
+        matches!(self, ProtocolError::TooManyNames { .. }).then_some("subscribed_names")
+    }
 }
 
 impl From<ProtocolError> for tonic::Status {
     fn from(e: ProtocolError) -> Self {
-        tonic::Status::invalid_argument(e.to_string())
+        match e {
+            ProtocolError::TooManyNames { .. } => tonic::Status::resource_exhausted(e.to_string()),
+            _ => tonic::Status::invalid_argument(e.to_string()),
+        }
     }
 }

@@ -168,7 +168,7 @@ impl<P: Protocol> Drop for StreamLoop<P> {
         if let Some(id) = self.stream_id {
             self.ctx.tracker.disconnect(id);
             let node_id = self.machine.core().node().map(|n| n.facts.id.as_str()).unwrap_or_default();
-            tracing::info!(node_id, peer = %self.peer, "proxy disconnected");
+            tracing::info!(node_id = ?node_id, peer = %self.peer, "proxy disconnected");
         }
     }
 }
@@ -196,6 +196,9 @@ impl<P: Protocol> StreamLoop<P> {
                         match self.machine.on_request(req) {
                             Ok(step) => step,
                             Err(e) => {
+                                if let Some(limit) = e.limit() {
+                                    self.ctx.tracker.metrics().limit_hit(limit);
+                                }
                                 tracing::warn!(peer = %self.peer, error = %e, "closing xDS stream");
                                 self.done = true;
                                 return Some(Err(e.into()));
@@ -204,7 +207,7 @@ impl<P: Protocol> StreamLoop<P> {
                     }
                     Ok(None) => return None,
                     Err(status) => {
-                        tracing::debug!(peer = %self.peer, %status, "xDS stream ended by the client");
+                        tracing::debug!(peer = %self.peer, status = ?status, "xDS stream ended by the client");
                         return None;
                     }
                 },
@@ -222,6 +225,9 @@ impl<P: Protocol> StreamLoop<P> {
                     }
                 }
             };
+            for limit in &step.limits {
+                self.ctx.tracker.metrics().limit_hit(limit);
+            }
             let node_id = self.machine.core().node().map(|n| n.facts.id.as_str()).unwrap_or_default();
             for event in &step.events {
                 log_event(node_id, event);
@@ -243,7 +249,7 @@ impl<P: Protocol> StreamLoop<P> {
         let info = Arc::new(NodeInfo::from(node));
         self.machine.core_mut().set_node(info.clone());
         self.stream_id = Some(self.ctx.tracker.connect(info.clone(), P::KIND, self.peer.clone()));
-        tracing::info!(node_id = %info.facts.id, cluster = %info.facts.cluster, peer = %self.peer, user_agent = %info.user_agent, kind = P::KIND.label(), "proxy connected");
+        tracing::info!(node_id = ?info.facts.id, cluster = ?info.facts.cluster, peer = %self.peer, user_agent = ?info.user_agent, kind = P::KIND.label(), "proxy connected");
         if let Some(g) = self.generations.borrow_and_update().clone() {
             self.machine.on_snapshot(g.snapshot_for(&info.facts));
         }
@@ -262,25 +268,25 @@ async fn sleep_until(at: Option<Instant>) {
 fn log_event(node_id: &str, event: &StreamEvent) {
     match event {
         StreamEvent::Nacked { rt, version, nonce, code, message, .. } => {
-            tracing::warn!(node_id, type_url = %rt, version, nonce, code, message, "NACK")
+            tracing::warn!(node_id = ?node_id, type_url = %rt, version, nonce = ?nonce, code, error_detail = ?message, "NACK")
         }
         StreamEvent::Acked { rt, version, nonce, .. } => {
-            tracing::debug!(node_id, type_url = %rt, version, nonce, "ACK")
+            tracing::debug!(node_id = ?node_id, type_url = %rt, version, nonce = ?nonce, "ACK")
         }
         StreamEvent::Sent { rt, version, nonce, resources, removed, bytes, .. } => {
-            tracing::debug!(node_id, type_url = %rt, version, nonce, resources = resources.len(), removed = removed.len(), bytes, "sent")
+            tracing::debug!(node_id = ?node_id, type_url = %rt, version, nonce, resources = resources.len(), removed = removed.len(), bytes, "sent")
         }
         StreamEvent::Subscribed { rt, wildcard, names } => {
-            tracing::debug!(node_id, type_url = %rt, wildcard, ?names, "subscription")
+            tracing::debug!(node_id = ?node_id, type_url = %rt, wildcard, names = names.len(), "subscription")
         }
         StreamEvent::Current { rt, version, .. } => {
-            tracing::debug!(node_id, type_url = %rt, version, "client is up to date; nothing sent")
+            tracing::debug!(node_id = ?node_id, type_url = %rt, version, "client is up to date; nothing sent")
         }
         StreamEvent::CodeFetchPending { rt, version, nonce, message, attempt, retries, .. } => {
-            tracing::info!(node_id, type_url = %rt, version, nonce, message, attempt, retries, "NACK while Envoy fetches a Wasm module; sending it again")
+            tracing::info!(node_id = ?node_id, type_url = %rt, version, nonce = ?nonce, error_detail = ?message, attempt, retries, "NACK while Envoy fetches a Wasm module; sending it again")
         }
         StreamEvent::UnsupportedType { type_url } => {
-            tracing::warn!(node_id, type_url, "request for a type Filterplane does not serve; not answered")
+            tracing::warn!(node_id = ?node_id, type_url = ?type_url, "request for a type Filterplane does not serve; not answered")
         }
     }
 }

@@ -27,6 +27,10 @@ struct Sent {
     /// Empty when nothing was sent because the client said it already had `version`.
     nonce: String,
     subscription: Subscription,
+    /// Envoy ACKed or NACKed it. A later request may carry the same nonce again (Envoy
+    /// does, with a subscription change); it is no second answer, and a client that
+    /// repeats a NACK does not get it recorded again.
+    answered: bool,
 }
 
 #[derive(Debug)]
@@ -78,7 +82,8 @@ impl SotwStream {
         }
 
         let previous = state.map(|s| &s.subscription);
-        let subscription = Subscription::from_sotw(rt, &req.resource_names, previous);
+        let subscription =
+            Subscription::from_sotw(rt, &req.resource_names, previous, self.core.settings.max_subscribed_names)?;
         let resubscribed = previous != Some(&subscription);
         if resubscribed {
             step.events.push(StreamEvent::Subscribed {
@@ -94,7 +99,9 @@ impl SotwStream {
             last_sent: None,
             retry: None,
         });
-        if let Some(sent) = state.last_sent.as_ref().filter(|_| !req.response_nonce.is_empty()) {
+        if let Some(sent) = state.last_sent.as_mut().filter(|s| !req.response_nonce.is_empty() && !s.answered) {
+            sent.answered = true;
+            let sent = &*sent;
             if let Some(err) = &req.error_detail {
                 // NACK: record it and do not resend the same version; a new snapshot or
                 // a subscription change is what produces the next response. Unless the
@@ -110,6 +117,9 @@ impl SotwStream {
                     message: err.message.clone(),
                     names: selected.iter().map(|r| r.name.clone()).collect(),
                 };
+                if err.message.len() > crate::xds::stream::MAX_NACK_MESSAGE_BYTES {
+                    step.limits.push("nack_message_bytes");
+                }
                 // SotW resends the whole response: no names to keep.
                 step.events.push(self.core.on_nack(nack, selected.into_iter(), Vec::new(), &mut state.retry));
             } else {
@@ -217,8 +227,12 @@ impl SotwStream {
                     version: version.to_string(),
                     resources: selected.iter().map(|r| (r.name.clone(), r.version)).collect(),
                 });
-                state.last_sent =
-                    Some(Sent { version, nonce: String::new(), subscription: state.subscription.clone() });
+                state.last_sent = Some(Sent {
+                    version,
+                    nonce: String::new(),
+                    subscription: state.subscription.clone(),
+                    answered: true,
+                });
                 return;
             }
             // Unchanged, unless the client asks for a name it did not ask for before: that
@@ -255,7 +269,7 @@ impl SotwStream {
             bytes: response.encoded_len(),
         });
         step.responses.push(response);
-        state.last_sent = Some(Sent { version, nonce, subscription: state.subscription.clone() });
+        state.last_sent = Some(Sent { version, nonce, subscription: state.subscription.clone(), answered: false });
     }
 }
 

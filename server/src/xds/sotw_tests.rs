@@ -234,7 +234,7 @@ fn a_remote_wasm_config_nacked_while_envoy_fetches_is_sent_again_until_acked() {
     assert!(due > std::time::Instant::now(), "after a backoff");
     let again = s.on_timer(due).responses.remove(0);
     assert_eq!(
-        (again.version_info.as_str(), names_of(&Step { responses: vec![again.clone()], events: vec![] })),
+        (again.version_info.as_str(), names_of(&Step { responses: vec![again.clone()], ..Default::default() })),
         (first.version_info.as_str(), vec![vec!["w".to_string()]])
     );
     assert_ne!(again.nonce, first.nonce);

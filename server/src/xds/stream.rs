@@ -70,6 +70,8 @@ impl From<&Node> for NodeInfo {
 pub struct Step<R> {
     pub responses: Vec<R>,
     pub events: Vec<StreamEvent>,
+    /// Limits the step hit (`filterplane_limit_hits_total{limit}`).
+    pub limits: Vec<&'static str>,
 }
 
 impl<R> Step<R> {
@@ -87,7 +89,7 @@ impl<R> Step<R> {
 
 impl<R> Default for Step<R> {
     fn default() -> Self {
-        Self { responses: Vec::new(), events: Vec::new() }
+        Self { responses: Vec::new(), events: Vec::new(), limits: Vec::new() }
     }
 }
 
@@ -103,12 +105,34 @@ pub struct StreamSettings {
     /// How many times a response that Envoy NACKed while it fetches a remote Wasm module
     /// is sent again, with backoff (`code_fetch_backoff`), before the NACK counts.
     pub code_fetch_retries: u32,
+    /// Names one stream may subscribe to, per type; more ends the stream
+    /// (RESOURCE_EXHAUSTED). A proxy names a few per filter or cluster.
+    pub max_subscribed_names: usize,
 }
 
 impl Default for StreamSettings {
     fn default() -> Self {
-        Self { drain_grace: Duration::from_secs(600), code_fetch_retries: 10 }
+        Self { drain_grace: Duration::from_secs(600), code_fetch_retries: 10, max_subscribed_names: 10_000 }
     }
+}
+
+/// How much of a NACK's message is kept (recorded, logged, shown); Envoy's own are a few
+/// hundred bytes, and a client may send megabytes.
+pub const MAX_NACK_MESSAGE_BYTES: usize = 4096;
+
+/// How much of a type URL Filterplane does not serve is logged.
+pub const MAX_LOGGED_TYPE_URL_BYTES: usize = 256;
+
+/// `text` cut to at most `max` bytes (at a character boundary), marked when cut.
+pub fn truncated(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_owned();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… ({} bytes in all)", &text[..end], text.len())
 }
 
 /// How long to wait before resend `attempt` (1 for the first) of a response that Envoy
@@ -158,6 +182,7 @@ impl StreamCore {
         retry_names: Vec<String>,
         retry: &mut Option<Box<CodeFetchRetry>>,
     ) -> StreamEvent {
+        let nack = Nack { message: truncated(&nack.message, MAX_NACK_MESSAGE_BYTES), ..nack };
         let attempt = retry.as_ref().map_or(0, |r| r.attempt) + 1;
         let retries = self.settings.code_fetch_retries;
         if attempt > retries || !resources.any(|r| r.envoy_fetches_code) {
@@ -219,7 +244,8 @@ impl StreamCore {
         match ResourceType::from_type_url(type_url) {
             None if self.only.is_some() => Err(wrong()),
             None => {
-                step.events.push(StreamEvent::UnsupportedType { type_url: type_url.to_owned() });
+                step.events
+                    .push(StreamEvent::UnsupportedType { type_url: truncated(type_url, MAX_LOGGED_TYPE_URL_BYTES) });
                 Ok(None)
             }
             Some(rt) if self.only.is_some_and(|o| o != rt) => Err(wrong()),
@@ -244,23 +270,38 @@ impl Subscription {
     /// return": an empty list on the first LDS/CDS request is the legacy wildcard, and
     /// stays wildcard while later requests keep the list empty; `*` is the explicit
     /// wildcard; any other list replaces what was subscribed before.
-    pub fn from_sotw(rt: ResourceType, names: &[String], previous: Option<&Subscription>) -> Self {
+    pub fn from_sotw(
+        rt: ResourceType,
+        names: &[String],
+        previous: Option<&Subscription>,
+        limit: usize,
+    ) -> Result<Self, crate::xds::ProtocolError> {
         if names.is_empty() {
             let legacy = rt.legacy_wildcard() && previous.is_none_or(|p| p.wildcard);
-            return Subscription { wildcard: legacy, names: Vec::new() };
+            return Ok(Subscription { wildcard: legacy, names: Vec::new() });
+        }
+        if names.len() > limit {
+            return Err(crate::xds::ProtocolError::TooManyNames { names: names.len(), limit });
         }
         let wildcard = names.iter().any(|n| n == "*");
         let mut names: Vec<String> = names.iter().filter(|n| *n != "*").cloned().collect();
         names.sort_unstable();
         names.dedup();
-        Subscription { wildcard, names }
+        Ok(Subscription { wildcard, names })
     }
 
     /// Applies a delta request's changes. xDS protocol, "Delta xDS": the first request of
     /// a type with nothing to subscribe is the legacy wildcard for LDS/CDS; `*` subscribes
     /// to the wildcard explicitly and unsubscribing `*` ends it; names accumulate until
     /// unsubscribed.
-    pub fn apply_delta(&mut self, rt: ResourceType, first: bool, subscribe: &[String], unsubscribe: &[String]) {
+    pub fn apply_delta(
+        &mut self,
+        rt: ResourceType,
+        first: bool,
+        subscribe: &[String],
+        unsubscribe: &[String],
+        limit: usize,
+    ) -> Result<(), crate::xds::ProtocolError> {
         if first && subscribe.is_empty() && rt.legacy_wildcard() {
             self.wildcard = true;
         }
@@ -276,13 +317,19 @@ impl Subscription {
             self.names.sort_unstable();
             self.names.dedup();
         }
-        for n in unsubscribe {
-            if n == "*" {
+        // One pass, whatever the number of names: removing them one by one is quadratic.
+        if !unsubscribe.is_empty() {
+            let mut gone: Vec<&str> = unsubscribe.iter().map(String::as_str).collect();
+            gone.sort_unstable();
+            if gone.binary_search(&"*").is_ok() {
                 self.wildcard = false;
-            } else if let Ok(i) = self.names.binary_search(n) {
-                self.names.remove(i);
             }
+            self.names.retain(|n| gone.binary_search(&n.as_str()).is_err());
         }
+        if self.names.len() > limit {
+            return Err(crate::xds::ProtocolError::TooManyNames { names: self.names.len(), limit });
+        }
+        Ok(())
     }
 
     /// Names asked for explicitly, in order.

@@ -249,6 +249,17 @@ impl DeltaClient {
         next(&mut self.rx).await
     }
 
+    /// The gRPC status the server ended the stream with.
+    #[allow(dead_code)] // tests/hostile.rs
+    pub async fn ended(&mut self) -> tonic::Status {
+        match tokio::time::timeout(WAIT, self.rx.message()).await {
+            Ok(Err(status)) => status,
+            other => {
+                panic!("expected the stream to end with a status, got {:?}", other.map(|r| r.map(|o| o.is_some())))
+            }
+        }
+    }
+
     pub async fn recv_ack(&mut self) -> DeltaDiscoveryResponse {
         let r = self.recv().await;
         self.send(&r.type_url.clone(), Delta { nonce: &r.nonce, ..Default::default() }).await;
