@@ -185,13 +185,31 @@ pub enum PullPolicy {
     Always,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "snake_case")]
+/// Where registry credentials are read from, written `{ env: VAR }` or `{ file: PATH }`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum PullSecret {
     /// The name of an environment variable holding `USER:PASSWORD`.
     Env(String),
     /// A file holding `USER:PASSWORD`.
     File(std::path::PathBuf),
+}
+
+impl<'de> Deserialize<'de> for PullSecret {
+    // By hand: serde_yaml reads a derived enum only from a YAML tag (`!env VAR`), not from
+    // the map everyone writes.
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Spec {
+            env: Option<String>,
+            file: Option<std::path::PathBuf>,
+        }
+        match Spec::deserialize(d)? {
+            Spec { env: Some(var), file: None } => Ok(PullSecret::Env(var)),
+            Spec { env: None, file: Some(path) } => Ok(PullSecret::File(path)),
+            _ => Err(serde::de::Error::custom("takes exactly one of `env` (a variable) or `file` (a path)")),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Deserialize)]

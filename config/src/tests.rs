@@ -260,3 +260,19 @@ fn impossible_placements_are_errors_that_say_where() {
     let e = placement_error("    connect_timeout: 1s", "    connect_timeout: soon");
     assert_eq!((e.path.as_str(), e.line), ("clusters[0].connect_timeout", Some(29)));
 }
+
+#[test]
+fn pull_secrets_read_as_the_readme_writes_them() {
+    let plugin = |secret: &str| {
+        format!("version: 1\nwasm_plugins:\n  - name: p\n    url: oci://127.0.0.1:5000/p:v1\n    image_pull_secret: {secret}\n")
+    };
+    let secret_of = |secret: &str| {
+        let parsed = load::parse_file(Path::new("s.yaml"), &plugin(secret)).map_err(|e| e.to_string())?;
+        Ok::<_, String>(parsed.doc.wasm_plugins[0].image_pull_secret.clone())
+    };
+    assert_eq!(secret_of("{ env: REGISTRY_CREDS }"), Ok(Some(model::PullSecret::Env("REGISTRY_CREDS".into()))));
+    assert_eq!(secret_of("{ file: /run/secrets/r }"), Ok(Some(model::PullSecret::File("/run/secrets/r".into()))));
+    let both = secret_of("{ env: A, file: /b }").unwrap_err();
+    assert!(both.contains("exactly one of `env`") && both.contains("image_pull_secret"), "{both}");
+    assert!(secret_of("{ envv: A }").unwrap_err().contains("unknown field"));
+}
