@@ -14,6 +14,8 @@ pub struct Cli {
     pub command: Command,
 }
 
+// Parsed once per process: the size of the `serve` variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Serve ADS and ECDS to Envoy from a config file or directory, reloading it on change
@@ -63,8 +65,33 @@ pub struct ServeArgs {
     /// ended with RESOURCE_EXHAUSTED (counted in filterplane_limit_hits_total).
     #[arg(long, default_value_t = 10_000)]
     pub max_subscribed_names: usize,
+    /// xDS streams one HTTP/2 connection may have open (SETTINGS_MAX_CONCURRENT_STREAMS).
+    #[arg(long, default_value_t = 100)]
+    pub max_streams_per_connection: u32,
+    /// Seconds an xDS connection has to send the HTTP/2 preface before it is closed.
+    #[arg(long, default_value_t = 10)]
+    pub handshake_timeout_secs: u64,
+    /// Admin connections open at once; more are answered 503 and closed, so admin
+    /// clients never take the file descriptors Envoys need.
+    #[arg(long, default_value_t = 1024)]
+    pub max_admin_connections: usize,
+    /// Clients of /api/v1/events (the page's live updates) at once; more get 503.
+    #[arg(long, default_value_t = 256)]
+    pub max_event_clients: usize,
     #[command(flatten)]
     pub wasm: WasmArgs,
+}
+
+impl ServeArgs {
+    /// The connection-level bounds these flags set.
+    pub fn connection_limits(&self) -> crate::limits::ConnectionLimits {
+        crate::limits::ConnectionLimits {
+            max_streams_per_connection: self.max_streams_per_connection,
+            handshake_timeout: std::time::Duration::from_secs(self.handshake_timeout_secs),
+            max_admin_connections: self.max_admin_connections,
+            max_event_clients: self.max_event_clients,
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]

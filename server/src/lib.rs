@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod cache;
 pub mod cli;
+pub mod limits;
 pub mod metrics;
 pub mod reload;
 pub mod status;
@@ -117,23 +118,42 @@ pub async fn serve_on(
     });
     let ctx = XdsContext { cache: cache.clone(), tracker: tracker.clone(), shutdown: shutdown.clone(), settings };
     let services = XdsServices::new(ctx);
+    let limits = args.connection_limits();
     let grpc = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+        .max_concurrent_streams(limits.max_streams_per_connection)
         .add_service(AdsServer(services.clone()))
         .add_service(EcdsServer(services))
         .serve_with_incoming_shutdown(
             // Responses are small and latency matters: no Nagle (it added ~40 ms to the
             // first response, against the client's delayed ACK).
-            tonic::transport::server::TcpIncoming::from(xds_listener)
-                .with_nodelay(Some(true))
-                .with_keepalive(Some(std::time::Duration::from_secs(60))),
+            {
+                let metrics = metrics.clone();
+                tokio_stream::StreamExt::map(
+                    tonic::transport::server::TcpIncoming::from(xds_listener)
+                        .with_nodelay(Some(true))
+                        .with_keepalive(Some(std::time::Duration::from_secs(60))),
+                    move |accepted| {
+                        accepted.map(|io| limits::Handshake::new(io, limits.handshake_timeout, metrics.clone()))
+                    },
+                )
+            },
             shutdown.clone().cancelled_owned(),
         );
     xds_listening.store(true, std::sync::atomic::Ordering::Relaxed);
 
+    let event_clients = Arc::new(tokio::sync::Semaphore::new(limits.max_event_clients));
     let admin = axum::serve(
-        admin_listener,
-        admin::app(AdminState { cache, tracker, reloader, metrics, xds_listening, shutdown: shutdown.clone() }),
+        limits::CappedListener::new(admin_listener, limits.max_admin_connections, metrics.clone()),
+        admin::app(AdminState {
+            cache,
+            tracker,
+            reloader,
+            metrics,
+            xds_listening,
+            shutdown: shutdown.clone(),
+            event_clients,
+        }),
     )
     .with_graceful_shutdown(shutdown.clone().cancelled_owned());
 

@@ -114,3 +114,87 @@ async fn a_repeated_huge_nack_is_kept_once_and_cut() {
     assert!(plane.metric("filterplane_limit_hits_total{limit=\"nack_message_bytes\"}") >= 1.0);
     assert!(plane.healthy());
 }
+
+/// The server's first HTTP/2 SETTINGS, read off a raw connection that sent the preface.
+fn server_settings(addr: std::net::SocketAddr) -> Vec<(u16, u32)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
+    s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0").unwrap();
+    let mut header = [0u8; 9];
+    s.read_exact(&mut header).unwrap();
+    assert_eq!(header[3], 4, "the server's first frame is SETTINGS");
+    let len = u32::from_be_bytes([0, header[0], header[1], header[2]]) as usize;
+    let mut payload = vec![0u8; len];
+    s.read_exact(&mut payload).unwrap();
+    payload
+        .chunks(6)
+        .map(|c| (u16::from_be_bytes([c[0], c[1]]), u32::from_be_bytes([c[2], c[3], c[4], c[5]])))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_are_bounded_in_streams_and_handshake_time() {
+    let plane =
+        Plane::start_with(&[("a", "1")], &["--max-streams-per-connection", "7", "--handshake-timeout-secs", "1"]).await;
+    let mut c = client_with_a(&plane).await;
+    // SETTINGS_MAX_CONCURRENT_STREAMS (0x3) is advertised.
+    let xds = plane.xds;
+    let settings = tokio::task::spawn_blocking(move || server_settings(xds)).await.unwrap();
+    assert!(settings.contains(&(3, 7)), "{settings:?}");
+    // A connection that never sends the preface is closed after the handshake timeout.
+    let silent = tokio::net::TcpStream::connect(plane.xds).await.unwrap();
+    let started = std::time::Instant::now();
+    let mut buf = [0u8; 64];
+    let closed = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        loop {
+            silent.readable().await.unwrap();
+            match silent.try_read(&mut buf) {
+                Ok(0) | Err(_) if started.elapsed() > std::time::Duration::from_millis(500) => break,
+                _ => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the silent connection was not closed");
+    assert!(plane.metric("filterplane_limit_hits_total{limit=\"handshake_timeout\"}") >= 1.0);
+    still_serving(&plane, &mut c).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_connections_and_event_clients_are_capped() {
+    let plane = Plane::start_with(&[("a", "1")], &["--max-admin-connections", "3", "--max-event-clients", "1"]).await;
+    let mut c = client_with_a(&plane).await;
+    let admin = plane.admin;
+    let body = tokio::task::spawn_blocking(move || {
+        use std::io::{Read, Write};
+        let get = |path: &str| {
+            let mut s = std::net::TcpStream::connect(admin).unwrap();
+            s.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
+            s.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes()).unwrap();
+            let mut buf = vec![0u8; 512];
+            let n = s.read(&mut buf).unwrap_or(0);
+            (s, String::from_utf8_lossy(&buf[..n]).into_owned())
+        };
+        // One event-stream client holds its connection; a second one is refused.
+        let (events, first) = get("/api/v1/events");
+        assert!(first.starts_with("HTTP/1.1 200"), "{first}");
+        let (refused, second) = get("/api/v1/events");
+        assert!(second.starts_with("HTTP/1.1 503") && second.contains("too many event-stream clients"), "{second}");
+        // Three admin connections are open now (the refused one is kept alive too): one
+        // more is answered 503 at once.
+        let idle = std::net::TcpStream::connect(admin).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        let (_s, over) = get("/healthz");
+        drop((events, refused, idle));
+        over
+    })
+    .await
+    .unwrap();
+    assert!(body.starts_with("HTTP/1.1 503") && body.contains("too many admin connections"), "{body}");
+    assert!(plane.metric("filterplane_limit_hits_total{limit=\"admin_connections\"}") >= 1.0);
+    assert!(plane.metric("filterplane_limit_hits_total{limit=\"event_clients\"}") >= 1.0);
+    // Once they are gone, the admin answers again, and xDS was never affected.
+    plane.wait_for("the admin to answer again", |p| p.healthy()).await;
+    still_serving(&plane, &mut c).await;
+}

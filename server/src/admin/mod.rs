@@ -23,7 +23,7 @@ use axum::{
     routing::get,
     Router,
 };
-use tokio_stream::{wrappers::WatchStream, Stream, StreamExt};
+use tokio_stream::{wrappers::WatchStream, StreamExt};
 use tokio_util::sync::CancellationToken;
 
 use crate::{cache::SnapshotCache, metrics::Metrics, reload::ConfigReloader, tracker::AckTracker};
@@ -39,6 +39,8 @@ pub struct AdminState {
     pub xds_listening: Arc<AtomicBool>,
     /// Ends the page's event streams, so a graceful shutdown does not wait on them.
     pub shutdown: CancellationToken,
+    /// One permit per `/api/v1/events` client (`--max-event-clients`).
+    pub event_clients: Arc<tokio::sync::Semaphore>,
 }
 
 pub fn app(state: AdminState) -> Router {
@@ -91,16 +93,25 @@ async fn metrics(State(s): State<AdminState>) -> impl IntoResponse {
 
 /// Server-sent events: a `change` event whenever proxies, rejects or the config change,
 /// at most four a second (watch channels keep only the latest value, so bursts coalesce).
-async fn events(State(s): State<AdminState>) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+async fn events(State(s): State<AdminState>) -> axum::response::Response {
+    // Each client holds a connection for as long as it watches: a bounded number of them.
+    let Ok(permit) = s.event_clients.clone().try_acquire_owned() else {
+        s.metrics.limit_hit("event_clients");
+        return (StatusCode::SERVICE_UNAVAILABLE, "too many event-stream clients; the page polls instead\n")
+            .into_response();
+    };
     let tracker = WatchStream::new(s.tracker.changes()).map(|_| ());
     let reloads = WatchStream::new(s.reloader.changes()).map(|_| ());
     let stream = tracker
         .merge(reloads)
         .throttle(Duration::from_millis(250))
         // (An SSE event with empty data is never dispatched by browsers.)
-        .map(|()| Ok(Event::default().event("change").data("changed")));
+        .map(move |()| {
+            let _held = &permit;
+            Ok::<_, Infallible>(Event::default().event("change").data("changed"))
+        });
     let stream = futures_util::StreamExt::take_until(stream, s.shutdown.cancelled_owned());
-    Sse::new(stream).keep_alive(KeepAlive::default())
+    Sse::new(stream).keep_alive(KeepAlive::default()).into_response()
 }
 
 #[cfg(test)]

@@ -28,6 +28,7 @@ fn state(config: &str) -> (AdminState, tempfile::TempDir) {
         metrics,
         xds_listening: Arc::new(AtomicBool::new(true)),
         shutdown: CancellationToken::new(),
+        event_clients: Arc::new(tokio::sync::Semaphore::new(2)),
     };
     (s, dir)
 }

@@ -39,7 +39,7 @@ pub struct Plane {
     _dir: tempfile::TempDir,
     yaml: PathBuf,
     pub xds: SocketAddr,
-    admin: SocketAddr,
+    pub admin: SocketAddr,
     shutdown: CancellationToken,
 }
 
@@ -51,6 +51,11 @@ impl Drop for Plane {
 
 impl Plane {
     pub async fn start(entries: &[(&str, &str)]) -> Plane {
+        Self::start_with(entries, &[]).await
+    }
+
+    /// Starts with more `serve` flags.
+    pub async fn start_with(entries: &[(&str, &str)], flags: &[&str]) -> Plane {
         let dir = tempfile::tempdir().unwrap();
         let yaml = dir.path().join("filterplane.yaml");
         std::fs::write(&yaml, self::yaml(entries)).unwrap();
@@ -59,14 +64,18 @@ impl Plane {
         let (xds, admin) = (xds_l.local_addr().unwrap(), admin_l.local_addr().unwrap());
         let shutdown = CancellationToken::new();
         let cache_dir = dir.path().join("cache");
-        let cli = <filterplane_server::cli::Cli as clap::Parser>::parse_from([
-            "filterplane".as_ref(),
-            "serve".as_ref(),
-            "--config".as_ref(),
-            yaml.as_os_str(),
-            "--cache-dir".as_ref(),
-            cache_dir.as_os_str(),
-        ]);
+        let cli = <filterplane_server::cli::Cli as clap::Parser>::parse_from(
+            [
+                "filterplane".as_ref(),
+                "serve".as_ref(),
+                "--config".as_ref(),
+                yaml.as_os_str(),
+                "--cache-dir".as_ref(),
+                cache_dir.as_os_str(),
+            ]
+            .into_iter()
+            .chain(flags.iter().map(|f| f.as_ref())),
+        );
         let filterplane_server::cli::Command::Serve(args) = cli.command else { unreachable!("parsed serve") };
         tokio::spawn(filterplane_server::serve_on(args, xds_l, admin_l, shutdown.clone()));
         let plane = Plane { _dir: dir, yaml, xds, admin, shutdown };

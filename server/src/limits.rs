@@ -1,0 +1,173 @@
+//! Bounds on what clients can make the server hold that live below the protocol, and
+//! the connection wrappers that enforce them: a deadline for an xDS connection's HTTP/2
+//! preface, and caps on admin connections and event-stream clients. (Bounds inside the
+//! protocol are in `xds::stream::StreamSettings`; the README's "Limits and hardening"
+//! table lists them all.) Every hit is counted in `filterplane_limit_hits_total`.
+
+use std::{
+    future::Future,
+    io,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::{TcpListener, TcpStream},
+    sync::{OwnedSemaphorePermit, Semaphore},
+    time::Sleep,
+};
+
+use crate::metrics::Metrics;
+
+/// Connection-level bounds; their defaults are the command line's (`cli::ServeArgs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionLimits {
+    /// xDS streams one HTTP/2 connection may have open (SETTINGS_MAX_CONCURRENT_STREAMS).
+    /// An Envoy opens one or two.
+    pub max_streams_per_connection: u32,
+    /// Time an xDS connection has to send the HTTP/2 preface before it is closed.
+    pub handshake_timeout: Duration,
+    /// Admin connections open at once; more are answered 503 and closed.
+    pub max_admin_connections: usize,
+    /// `/api/v1/events` clients at once; more are answered 503.
+    pub max_event_clients: usize,
+}
+
+/// The HTTP/2 client preface every gRPC connection starts with (RFC 9113, 3.4).
+const PREFACE_BYTES: usize = 24;
+
+/// An accepted xDS connection that must send the HTTP/2 preface before a deadline;
+/// after that it is a plain connection (HTTP/2 keepalive pings watch it).
+#[derive(Debug)]
+pub struct Handshake<IO> {
+    io: IO,
+    /// `None` once the preface is in.
+    deadline: Option<Pin<Box<Sleep>>>,
+    seen: usize,
+    metrics: Arc<Metrics>,
+}
+
+impl<IO> Handshake<IO> {
+    pub fn new(io: IO, timeout: Duration, metrics: Arc<Metrics>) -> Self {
+        Self { io, deadline: Some(Box::pin(tokio::time::sleep(timeout))), seen: 0, metrics }
+    }
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for Handshake<IO> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let read = Pin::new(&mut self.io).poll_read(cx, buf);
+        if self.deadline.is_none() {
+            return read;
+        }
+        if let Poll::Ready(Ok(())) = read {
+            self.seen += buf.filled().len() - before;
+            if self.seen >= PREFACE_BYTES {
+                self.deadline = None;
+            }
+            return read;
+        }
+        let expired = self.deadline.as_mut().is_some_and(|d| d.as_mut().poll(cx).is_ready());
+        if read.is_pending() && expired {
+            self.metrics.limit_hit("handshake_timeout");
+            return Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, "no HTTP/2 preface in time")));
+        }
+        read
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for Handshake<IO> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+}
+
+impl tonic::transport::server::Connected for Handshake<TcpStream> {
+    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.io.connect_info()
+    }
+}
+
+/// The admin listener, with at most `max_admin_connections` connections open: one more
+/// is answered 503 and closed, so admin clients can never take the file descriptors
+/// Envoys need.
+pub struct CappedListener {
+    inner: TcpListener,
+    permits: Arc<Semaphore>,
+    metrics: Arc<Metrics>,
+}
+
+impl CappedListener {
+    pub fn new(inner: TcpListener, max: usize, metrics: Arc<Metrics>) -> Self {
+        Self { inner, permits: Arc::new(Semaphore::new(max)), metrics }
+    }
+}
+
+/// A connection holding one of the admin listener's permits.
+pub struct Capped {
+    io: TcpStream,
+    _permit: OwnedSemaphorePermit,
+}
+
+const BUSY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\ncontent-length: 36\r\nconnection: close\r\n\r\ntoo many admin connections; retry.\r\n";
+
+impl axum::serve::Listener for CappedListener {
+    type Io = Capped;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Capped, std::net::SocketAddr) {
+        loop {
+            let (io, addr) = axum::serve::Listener::accept(&mut self.inner).await;
+            match self.permits.clone().try_acquire_owned() {
+                Ok(permit) => return (Capped { io, _permit: permit }, addr),
+                Err(_) => {
+                    self.metrics.limit_hit("admin_connections");
+                    // Best effort: a fresh socket's send buffer takes this at once.
+                    let _ = io.try_write(BUSY);
+                }
+            }
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<std::net::SocketAddr> {
+        self.inner.local_addr()
+    }
+}
+
+impl AsyncRead for Capped {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Capped {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
