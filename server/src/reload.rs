@@ -33,6 +33,15 @@ pub const DEBOUNCE: Duration = Duration::from_millis(50);
 /// to take in a burst of such events as one reload.
 pub const SETTLE: Duration = Duration::from_millis(5);
 
+/// Quiet time after a write that has not been closed yet: the writer is still at it (a
+/// file written in chunks must never be applied half-written), and only a writer that
+/// died with the file open leaves it this long.
+pub const WRITE_FALLBACK: Duration = Duration::from_secs(10);
+
+/// How often the watched directory is checked for having been removed and created again
+/// (a watch does not survive its directory).
+pub const WATCH_CHECK: Duration = Duration::from_secs(1);
+
 /// One config error as the admin API shows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ErrorView {
@@ -203,20 +212,32 @@ impl ConfigReloader {
             }
         };
         let (tx, events) = mpsc::channel::<Change>(64);
-        let watcher = match self.watch_files(tx) {
+        let watched = dir_identity(&self.path);
+        let lost = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let watcher = match self.watch_files(tx.clone(), lost.clone()) {
             Ok(w) => Some(w),
             Err(e) => {
                 tracing::warn!(error = %e, path = %self.path.display(), "cannot watch the config files; reload with SIGHUP");
                 None
             }
         };
-        ConfigWatch { reloader: self.clone(), _watcher: watcher, events, hup }
+        ConfigWatch { reloader: self.clone(), watcher, tx, watched, lost, events, hup }
     }
 
-    fn watch_files(&self, tx: mpsc::Sender<Change>) -> notify::Result<notify::RecommendedWatcher> {
+    /// Watches the config's directory; `lost` is set when the directory itself goes (the
+    /// watch ends with it).
+    fn watch_files(
+        &self,
+        tx: mpsc::Sender<Change>,
+        lost: Arc<std::sync::atomic::AtomicBool>,
+    ) -> notify::Result<notify::RecommendedWatcher> {
         let relevant = RelevantPaths::new(&self.path);
+        let dir = filterplane_config::load::config_dir(&self.path).to_path_buf();
         let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| match res {
             Ok(ev) => {
+                if matches!(ev.kind, EventKind::Remove(_)) && ev.paths.contains(&dir) {
+                    lost.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
                 if let Some(change) = relevant.classify(&ev) {
                     // A full channel already means "reload pending".
                     let _ = tx.try_send(change);
@@ -231,11 +252,26 @@ impl ConfigReloader {
     }
 }
 
+/// The watched directory's device and inode: they change when it is removed and created
+/// again, which ends an inotify watch on it.
+fn dir_identity(config: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(filterplane_config::load::config_dir(config)).ok()?;
+    Some((meta.dev(), meta.ino()))
+}
+
 /// A running watch on the config (see [`ConfigReloader::start_watch`]).
 pub struct ConfigWatch {
     reloader: Arc<ConfigReloader>,
-    /// `None` when the files cannot be watched (then `events` is closed: SIGHUP only).
-    _watcher: Option<notify::RecommendedWatcher>,
+    /// `None` when the files cannot be watched (SIGHUP only, until the check below
+    /// manages to watch again).
+    watcher: Option<notify::RecommendedWatcher>,
+    /// For watchers made anew.
+    tx: mpsc::Sender<Change>,
+    /// The directory the watcher watches (`dir_identity`).
+    watched: Option<(u64, u64)>,
+    /// Set by the watcher when that directory was removed (a new one may reuse its inode).
+    lost: Arc<std::sync::atomic::AtomicBool>,
     events: mpsc::Receiver<Change>,
     hup: Option<tokio::signal::unix::Signal>,
 }
@@ -243,9 +279,29 @@ pub struct ConfigWatch {
 impl ConfigWatch {
     /// Reloads on file changes and SIGHUP until `shutdown`.
     pub async fn run(mut self, shutdown: CancellationToken) {
+        let mut check = tokio::time::interval(WATCH_CHECK);
+        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
+                _ = check.tick() => {
+                    let now = dir_identity(&self.reloader.path);
+                    let lost = self.lost.load(std::sync::atomic::Ordering::Relaxed);
+                    if now.is_some() && (lost || now != self.watched || self.watcher.is_none()) {
+                        // The directory was removed and created again (or could not be
+                        // watched before): watch the new one, and read what it holds.
+                        self.lost.store(false, std::sync::atomic::Ordering::Relaxed);
+                        match self.reloader.watch_files(self.tx.clone(), self.lost.clone()) {
+                            Ok(w) => {
+                                tracing::info!(path = %self.reloader.path.display(), "config directory re-created; watching it again");
+                                self.watcher = Some(w);
+                                self.watched = now;
+                                self.reloader.reload("config directory re-created").await;
+                            }
+                            Err(e) => tracing::warn!(error = %e, "cannot watch the config files yet"),
+                        }
+                    }
+                }
                 _ = async {
                     match self.hup.as_mut() {
                         Some(h) => h.recv().await,
@@ -276,8 +332,10 @@ impl ConfigWatch {
 /// What a file event says about the config.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Change {
-    /// Something changed and more may follow: a write in progress, or one file of a
-    /// config directory (others may be on their way).
+    /// A file is being written and not closed yet: wait for the close.
+    Writing,
+    /// Something changed and more may follow: one file of a config directory (others may
+    /// be on their way), or a file removed.
     Partial,
     /// The change is finished: the config file was closed after writing or renamed into
     /// place, or a ConfigMap's `..data` was swapped (all its files at once).
@@ -287,6 +345,7 @@ enum Change {
 impl Change {
     fn quiet_time(self) -> Duration {
         match self {
+            Change::Writing => WRITE_FALLBACK,
             Change::Partial => DEBOUNCE,
             Change::Complete => SETTLE,
         }
@@ -324,7 +383,18 @@ impl RelevantPaths {
         let data_swap = path.file_name().is_some_and(|n| n == "..data");
         let complete = (data_swap && (renamed_into_place || matches!(ev.kind, EventKind::Create(_))))
             || (self.file_name.is_some() && finished);
-        Some(if complete { Change::Complete } else { Change::Partial })
+        // Written and not closed yet: the writer is still at it. (Not a create alone: a
+        // FIFO, a link or a directory is never closed after writing; a file's writes
+        // follow its create.)
+        let configmap = path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("..data"));
+        let writing = !configmap && matches!(ev.kind, EventKind::Modify(ModifyKind::Data(_) | ModifyKind::Any));
+        Some(if complete {
+            Change::Complete
+        } else if writing && !renamed {
+            Change::Writing
+        } else {
+            Change::Partial
+        })
     }
 
     fn matches(&self, changed: &Path) -> bool {
@@ -378,7 +448,7 @@ mod tests {
         );
         let renamed = EventKind::Modify(ModifyKind::Name(RenameMode::Both));
         let for_file = RelevantPaths::new(&file);
-        assert_eq!(for_file.classify(&event(written, &[&file])), Some(Change::Partial));
+        assert_eq!(for_file.classify(&event(written, &[&file])), Some(Change::Writing), "wait for the close");
         assert_eq!(for_file.classify(&event(closed, &[&file])), Some(Change::Complete));
         let swap = dir.path().join(".filterplane.yaml.tmp");
         assert_eq!(for_file.classify(&event(renamed, &[&swap, &file])), Some(Change::Complete), "editor's rename");
@@ -395,8 +465,12 @@ mod tests {
             for_dir.classify(&event(EventKind::Create(notify::event::CreateKind::Any), &[&tmp])),
             Some(Change::Partial)
         );
+        assert_eq!(for_dir.classify(&event(written, &[&file])), Some(Change::Writing));
+        let removed = EventKind::Remove(notify::event::RemoveKind::File);
+        assert_eq!(for_dir.classify(&event(removed, &[&file])), Some(Change::Partial));
         assert_eq!(for_dir.classify(&event(renamed, &[&tmp, &data])), Some(Change::Complete));
         assert_eq!(Change::Complete.quiet_time(), SETTLE);
         assert_eq!(Change::Partial.quiet_time(), DEBOUNCE);
+        assert_eq!(Change::Writing.quiet_time(), WRITE_FALLBACK);
     }
 }

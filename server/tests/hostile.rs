@@ -192,9 +192,44 @@ async fn admin_connections_and_event_clients_are_capped() {
     .await
     .unwrap();
     assert!(body.starts_with("HTTP/1.1 503") && body.contains("too many admin connections"), "{body}");
-    assert!(plane.metric("filterplane_limit_hits_total{limit=\"admin_connections\"}") >= 1.0);
-    assert!(plane.metric("filterplane_limit_hits_total{limit=\"event_clients\"}") >= 1.0);
     // Once they are gone, the admin answers again, and xDS was never affected.
     plane.wait_for("the admin to answer again", |p| p.healthy()).await;
+    assert!(plane.metric("filterplane_limit_hits_total{limit=\"admin_connections\"}") >= 1.0);
+    assert!(plane.metric("filterplane_limit_hits_total{limit=\"event_clients\"}") >= 1.0);
+    still_serving(&plane, &mut c).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_written_in_chunks_is_applied_only_once_closed() {
+    use std::io::Write;
+    let plane = Plane::start(&[("a", "1")]).await;
+    let mut c = client_with_a(&plane).await;
+    let serving = plane.api("/api/v1/config")["serving_version"].clone();
+    let text = yaml(&[("a", "2")]);
+    let (head, tail) = text.split_at(12); // "version: 1\ne": still a valid document
+    let mut f = std::fs::File::create(plane.config_path()).unwrap();
+    f.write_all(head.as_bytes()).unwrap();
+    f.flush().unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(600)).await;
+    assert_eq!(plane.api("/api/v1/config")["serving_version"], serving, "the half-written file was not applied");
+    f.write_all(tail.as_bytes()).unwrap();
+    drop(f);
+    plane.wait_for("the whole file to be applied", |p| p.api("/api/v1/config")["serving_version"] != serving).await;
+    let r = c.recv_ack(&["a"]).await;
+    assert_eq!(ecds_names(&r.resources), ["a"], "the proxy got the whole config, never an empty one");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_config_directory_removed_and_created_again_is_watched_again() {
+    let plane = Plane::start(&[("a", "1")]).await;
+    let mut c = client_with_a(&plane).await;
+    let dir = plane.config_path().parent().unwrap().to_path_buf();
+    let serving = plane.api("/api/v1/config")["serving_version"].clone();
+    std::fs::remove_dir_all(&dir).unwrap();
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::write(plane.config_path(), yaml(&[("a", "2")])).unwrap();
+    plane.wait_for("the config in the new directory", |p| p.api("/api/v1/config")["serving_version"] != serving).await;
+    c.recv_ack(&["a"]).await;
+    // And the watch holds: the next edit reloads too.
     still_serving(&plane, &mut c).await;
 }
