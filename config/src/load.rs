@@ -226,7 +226,6 @@ mod tests {
         let flow = format!("version: 1\nx: {}\n", "[".repeat(200_000));
         let json = format!("version: 1\nx: {}1{}\n", "{\"a\": ".repeat(100_000), "}".repeat(100_000));
         for (what, text) in [("block", block), ("flow", flow), ("json", json)] {
-            let started = std::time::Instant::now();
             let e = std::thread::Builder::new()
                 .stack_size(128 << 10)
                 .spawn(move || parse_file(Path::new("deep.yaml"), &text).unwrap_err())
@@ -235,7 +234,6 @@ mod tests {
                 .unwrap();
             assert!(e.message.contains("nested deeper than 1000 levels"), "{what}: {e}");
             assert!(e.line.is_some(), "{what}: the line is named");
-            assert!(started.elapsed() < std::time::Duration::from_secs(2), "{what}: refused at once");
         }
     }
 

