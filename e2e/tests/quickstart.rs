@@ -204,7 +204,28 @@ fn removal_falls_back_to_default_config(mode: Mode) {
             &format!("{discovery}                      default_config:\n                        \"@type\": type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutation\n                        mutations: {{ response_mutations: [ {{ append: {{ header: {{ key: x-plugin, value: default }} }} }} ] }}\n"),
         )
     });
+    // Removing everything served is held by the removal guard until confirmed; SIGHUP is
+    // the operator's confirmation (as `filterplane reload --confirm` is).
     q.write("version: 1\nextension_configs: []\n");
+    wait_until("the removal to be held", WAIT, || {
+        (q.fp.api("/api/v1/config")["last_outcome"]["result"] == "held").then_some(())
+    });
+    assert_eq!(q.header().as_deref(), Some("v1"), "nothing changed while held");
+    match mode {
+        Mode::Delta => q.fp.signal("-HUP"),
+        Mode::Sotw => {
+            let out = std::process::Command::new(filterplane_e2e::filterplane_bin())
+                .args(["reload", "--confirm", "--admin", &q.fp.url("")])
+                .output()
+                .unwrap();
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                out.status.success() && stdout.starts_with("applied"),
+                "{stdout}{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
     match mode {
         Mode::Delta => q.wait_for_header("default"),
         Mode::Sotw => {

@@ -29,6 +29,16 @@ pub enum Command {
         #[arg(long, default_value = "http://127.0.0.1:18001", env = "FILTERPLANE_ADMIN_URL")]
         admin: String,
     },
+    /// Reload the config of a running `filterplane serve` now. A reload that would remove
+    /// more than --max-removal-percent of what is served is held; --confirm applies it.
+    Reload {
+        /// Apply even a config the removal guard holds.
+        #[arg(long)]
+        confirm: bool,
+        /// The admin address of the server.
+        #[arg(long, default_value = "http://127.0.0.1:18001", env = "FILTERPLANE_ADMIN_URL")]
+        admin: String,
+    },
     /// Wasm module tools.
     Wasm {
         #[command(subcommand)]
@@ -65,6 +75,11 @@ pub struct ServeArgs {
     /// ended with RESOURCE_EXHAUSTED (counted in filterplane_limit_hits_total).
     #[arg(long, default_value_t = 10_000)]
     pub max_subscribed_names: usize,
+    /// A reload that would remove more than this percent of the served resources (a
+    /// truncated file, an emptied directory) is held until `filterplane reload --confirm`
+    /// or SIGHUP; 100 turns the guard off.
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u8).range(0..=100))]
+    pub max_removal_percent: u8,
     /// xDS streams one HTTP/2 connection may have open (SETTINGS_MAX_CONCURRENT_STREAMS).
     #[arg(long, default_value_t = 100)]
     pub max_streams_per_connection: u32,

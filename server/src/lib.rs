@@ -100,7 +100,11 @@ pub async fn serve_on(
     let metrics = Arc::new(Metrics::default());
     let tracker = Arc::new(AckTracker::new(metrics.clone()));
     let wasm = wasm_support(&args, admin_listener.local_addr()?, metrics.clone())?;
-    let reloader = Arc::new(ConfigReloader::new(config.clone(), cache.clone(), metrics.clone()).with_wasm(wasm));
+    let reloader = Arc::new(
+        ConfigReloader::new(config.clone(), cache.clone(), metrics.clone())
+            .with_wasm(wasm)
+            .with_removal_guard(args.max_removal_percent),
+    );
     let xds_listening = Arc::new(AtomicBool::new(false));
     let tasks = TaskTracker::new();
     tracing::info!(xds = %xds_listener.local_addr()?, admin = %admin_listener.local_addr()?, config = %config.display(), "listening");

@@ -20,6 +20,20 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         }
+        Command::Reload { confirm, admin } => match filterplane_server::status::request_reload(&admin, confirm) {
+            Ok((text, applied)) => {
+                println!("{text}");
+                if applied {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                }
+            }
+            Err(e) => {
+                eprintln!("filterplane reload: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Status { admin } => match filterplane_server::status::fetch_and_render(&admin) {
             Ok(table) => {
                 print!("{table}");

@@ -186,7 +186,7 @@ impl Default for Metrics {
                 }
             })
             .collect();
-        for result in ["applied", "unchanged", "failed"] {
+        for result in ["applied", "unchanged", "failed", "held"] {
             let _ = m.config_reloads.get_or_create(&ResultLabel { result });
         }
         for result in ["hit", "miss"] {

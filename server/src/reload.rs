@@ -68,6 +68,11 @@ pub enum ReloadOutcome {
     Unchanged { version: String },
     /// Refused; the previous version (if any) keeps serving.
     Failed { errors: Vec<ErrorView> },
+    /// Valid, but it would remove more of what is served than `--max-removal-percent`
+    /// allows (a truncated file that still parses, a directory emptied by mistake): held
+    /// until confirmed (`filterplane reload --confirm`, SIGHUP). The previous version keeps
+    /// serving.
+    Held { version: String, removed: usize, served: usize, examples: Vec<String> },
 }
 
 /// The result of the last reload, for the admin API and `/readyz`.
@@ -94,6 +99,9 @@ pub struct ConfigReloader {
     wasm: Option<WasmSupport>,
     /// The latest status; receivers (the admin page) wake on every reload.
     status: watch::Sender<ReloadStatus>,
+    /// A reload that removes more than this share of the served resources is held
+    /// (100: never).
+    max_removal_percent: u8,
 }
 
 impl ConfigReloader {
@@ -108,7 +116,28 @@ impl ConfigReloader {
             last_outcome: ReloadOutcome::Pending,
             wasm_errors: Vec::new(),
         };
-        Self { path, cache, metrics, wasm: None, status: watch::Sender::new(status) }
+        Self { path, cache, metrics, wasm: None, status: watch::Sender::new(status), max_removal_percent: 100 }
+    }
+
+    /// Holds reloads that would remove more than `percent` of the served resources.
+    pub fn with_removal_guard(mut self, percent: u8) -> Self {
+        self.max_removal_percent = percent.min(100);
+        self
+    }
+
+    /// What `config` would remove of what is served, when that is more than the guard
+    /// allows: (removed, served, a few of the removed).
+    fn removes_too_much(&self, config: &filterplane_config::CompiledConfig) -> Option<(usize, usize, Vec<String>)> {
+        let current = self.cache.current()?;
+        let key = |r: &filterplane_config::CompiledResource| (r.resource_type, r.name.clone());
+        let served: std::collections::BTreeSet<_> = current.config.resources.iter().map(key).collect();
+        let kept: std::collections::BTreeSet<_> = config.resources.iter().map(key).collect();
+        let removed: Vec<_> = served.difference(&kept).collect();
+        let over = removed.len() * 100 > served.len() * usize::from(self.max_removal_percent);
+        (over && !removed.is_empty()).then(|| {
+            let examples = removed.iter().take(5).map(|(rt, name)| format!("{rt} {name}")).collect();
+            (removed.len(), served.len(), examples)
+        })
     }
 
     /// Lets this reloader serve Wasm plugins.
@@ -130,8 +159,19 @@ impl ConfigReloader {
         self.status.subscribe()
     }
 
-    /// Loads, validates and compiles the config, and publishes it if it is good.
+    /// Loads, validates and compiles the config, and publishes it if it is good (and
+    /// removes no more than the guard allows).
     pub async fn reload(&self, trigger: &str) -> ReloadOutcome {
+        self.reload_with(trigger, false).await
+    }
+
+    /// As `reload`, applying even a config that removes more than the guard allows: the
+    /// operator said so (SIGHUP, `filterplane reload --confirm`).
+    pub async fn reload_confirmed(&self, trigger: &str) -> ReloadOutcome {
+        self.reload_with(trigger, true).await
+    }
+
+    async fn reload_with(&self, trigger: &str, confirmed: bool) -> ReloadOutcome {
         let started = Instant::now();
         let path = self.path.clone();
         let result = tokio::task::spawn_blocking(move || filterplane_config::load(&path)).await.unwrap_or_else(|e| {
@@ -160,6 +200,11 @@ impl ConfigReloader {
         };
         let elapsed = started.elapsed();
         let outcome = match result {
+            Ok(config) if !confirmed && self.removes_too_much(&config).is_some() => {
+                let (removed, served, examples) = self.removes_too_much(&config).unwrap_or_default();
+                tracing::warn!(version = %config.version, removed, served, trigger, ?examples, "config held: it would remove more than --max-removal-percent of what is served; confirm with `filterplane reload --confirm` or SIGHUP");
+                ReloadOutcome::Held { version: config.version.to_string(), removed, served, examples }
+            }
             Ok(config) => {
                 let version = config.version.to_string();
                 let resources = config.resources.len();
@@ -181,6 +226,7 @@ impl ConfigReloader {
         let result = match &outcome {
             ReloadOutcome::Applied { .. } => "applied",
             ReloadOutcome::Unchanged { .. } => "unchanged",
+            ReloadOutcome::Held { .. } => "held",
             ReloadOutcome::Failed { .. } | ReloadOutcome::Pending => "failed",
         };
         self.metrics.reload(result, elapsed);
@@ -308,7 +354,8 @@ impl ConfigWatch {
                         None => std::future::pending().await,
                     }
                 } => {
-                    self.reloader.reload("SIGHUP").await;
+                    // An operator's signal: it also applies a reload the guard held.
+                    self.reloader.reload_confirmed("SIGHUP").await;
                 }
                 Some(mut change) = self.events.recv() => {
                     // Debounce: wait until the files have been quiet for as long as the

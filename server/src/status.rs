@@ -30,6 +30,58 @@ pub fn fetch_and_render(admin: &str) -> anyhow::Result<String> {
     Ok(render(&get("/api/v1/proxies")?, &get("/api/v1/rejects")?, &get("/api/v1/config")?))
 }
 
+/// `filterplane reload [--confirm]`: asks the server to reload; returns what happened in
+/// words, and whether the config is now served (applied or unchanged).
+pub fn request_reload(admin: &str, confirm: bool) -> anyhow::Result<(String, bool)> {
+    let url = format!("{}/api/v1/reload?confirm={confirm}", admin.trim_end_matches('/'));
+    let agent: ureq::Agent =
+        ureq::Agent::config_builder().timeout_global(Some(Duration::from_secs(120))).proxy(None).build().into();
+    let mut res = agent.post(&url).send_empty().with_context(|| format!("POST {url}"))?;
+    let outcome: Value =
+        res.body_mut().read_json().with_context(|| format!("POST {url}: not the JSON Filterplane serves"))?;
+    Ok(describe_outcome(&outcome))
+}
+
+fn describe_outcome(o: &Value) -> (String, bool) {
+    match o["result"].as_str().unwrap_or("") {
+        "applied" => (format!("applied {}", text(&o["version"])), true),
+        "unchanged" => (format!("unchanged: {} is already served", text(&o["version"])), true),
+        "held" => (
+            format!(
+                "HELD {}: it would remove {} of the {} resources served ({}); run again with --confirm to apply it",
+                text(&o["version"]),
+                text(&o["removed"]),
+                text(&o["served"]),
+                o["examples"].as_array().map(|e| e.iter().map(text).collect::<Vec<_>>().join(", ")).unwrap_or_default()
+            ),
+            false,
+        ),
+        _ => {
+            let errors = o["errors"].as_array().map(Vec::as_slice).unwrap_or_default();
+            let lines: Vec<String> = errors
+                .iter()
+                .map(|e| {
+                    format!(
+                        "  {}:{}: {}: {}",
+                        text(&e["file"]),
+                        text(&e["line"]),
+                        text(&e["path"]),
+                        text(&e["message"])
+                    )
+                })
+                .collect();
+            (
+                format!(
+                    "REFUSED with {} error(s); the last good config keeps serving\n{}",
+                    errors.len(),
+                    lines.join("\n")
+                ),
+                false,
+            )
+        }
+    }
+}
+
 /// The table, from the JSON API's documents.
 pub fn render(proxies: &Value, rejects: &Value, config: &Value) -> String {
     let proxies = proxies.as_array().map(Vec::as_slice).unwrap_or_default();

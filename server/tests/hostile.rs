@@ -229,3 +229,37 @@ async fn a_config_directory_removed_and_created_again_is_watched_again() {
     // And the watch holds: the next edit reloads too.
     still_serving(&plane, &mut c).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_removes_most_of_the_config_is_held_until_confirmed() {
+    let plane = Plane::start(&[("a", "1"), ("b", "1"), ("c", "1")]).await;
+    let mut c = client_with_a(&plane).await;
+    let serving = plane.api("/api/v1/config")["serving_version"].clone();
+    // A truncated file that still parses: everything would go.
+    plane.refuse_or_hold("version: 1\n", "held").await;
+    let status = plane.api("/api/v1/config");
+    assert_eq!(status["serving_version"], serving, "still serving the last config");
+    assert_eq!(
+        (status["last_outcome"]["removed"].as_u64(), status["last_outcome"]["served"].as_u64()),
+        (Some(3), Some(3))
+    );
+    assert_eq!(plane.metric("filterplane_config_reloads_total{result=\"held\"}"), 1.0);
+    // Removing one of three is a routine edit: applied.
+    plane.set(&[("a", "2"), ("b", "1")]).await;
+    c.recv_ack(&["a"]).await;
+    // The operator confirms a mass removal: applied.
+    std::fs::write(plane.config_path(), "version: 1\n").unwrap();
+    let admin = plane.admin;
+    let outcome: serde_json::Value = tokio::task::spawn_blocking(move || {
+        ureq::post(&format!("http://{admin}/api/v1/reload?confirm=true"))
+            .send_empty()
+            .unwrap()
+            .body_mut()
+            .read_json()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(outcome["result"], "applied", "{outcome}");
+    assert!(plane.healthy());
+}

@@ -21,6 +21,24 @@ pub fn routes() -> Router<AdminState> {
         .route("/rejects", get(rejects))
         .route("/config", get(config))
         .route("/config_dump", get(config_dump))
+        .route("/reload", axum::routing::post(reload))
+}
+
+#[derive(serde::Deserialize)]
+struct ReloadQuery {
+    #[serde(default)]
+    confirm: bool,
+}
+
+/// `POST /api/v1/reload[?confirm=true]`: reload now; with `confirm`, apply even what the
+/// removal guard would hold. Answers with the outcome.
+async fn reload(State(s): State<AdminState>, Query(q): Query<ReloadQuery>) -> Response {
+    let outcome = if q.confirm {
+        s.reloader.reload_confirmed("admin API (confirmed)").await
+    } else {
+        s.reloader.reload("admin API").await
+    };
+    Json(outcome).into_response()
 }
 
 async fn proxies(State(s): State<AdminState>) -> Response {

@@ -127,14 +127,21 @@ impl Plane {
     /// reload's errors.
     #[allow(dead_code)] // tests/hostile.rs
     pub async fn refuse(&self, text: &str) -> Vec<Value> {
+        self.refuse_or_hold(text, "failed").await;
+        self.api("/api/v1/config")["last_outcome"]["errors"].as_array().cloned().unwrap_or_default()
+    }
+
+    /// Writes `text` as the config and waits until a reload of it ended with `result`
+    /// (`failed` or `held`).
+    #[allow(dead_code)] // tests/hostile.rs
+    pub async fn refuse_or_hold(&self, text: &str, result: &str) {
         let attempted = self.api("/api/v1/config")["last_attempt_at"].clone();
         std::fs::write(&self.yaml, text).unwrap();
-        self.wait_for("the bad config to be refused", |p| {
+        self.wait_for(&format!("a reload that ends {result}"), |p| {
             let c = p.api("/api/v1/config");
-            c["last_attempt_at"] != attempted && c["last_outcome"]["result"] == "failed"
+            c["last_attempt_at"] != attempted && c["last_outcome"]["result"] == result
         })
         .await;
-        self.api("/api/v1/config")["last_outcome"]["errors"].as_array().cloned().unwrap_or_default()
     }
 
     /// Replaces the config and waits until the server serves it.
