@@ -69,7 +69,6 @@ pub struct WasmFetcher {
     pub cache: WasmModuleCache,
     settings: FetchSettings,
     http: reqwest::Client,
-    oci: oci_client::Client,
     metrics: Arc<Metrics>,
 }
 
@@ -89,8 +88,7 @@ impl WasmFetcher {
             .timeout(settings.timeout)
             .no_proxy()
             .build()?;
-        let oci = oci::client(&settings);
-        let fetcher = Self { cache, settings, http, oci, metrics };
+        let fetcher = Self { cache, settings, http, metrics };
         fetcher.update_cache_gauges();
         Ok(fetcher)
     }
@@ -240,12 +238,15 @@ impl WasmFetcher {
                 }
             }
         }
+        // A client of its own: an OCI client keeps the first credentials it is given per
+        // registry, and plugins on one registry may each have their own (or none).
+        let client = oci::client(&self.settings);
         let mut last = String::new();
         for attempt in 0..self.settings.attempts {
             if attempt > 0 {
                 tokio::time::sleep(Duration::from_millis(200 << (attempt - 1).min(5))).await;
             }
-            match oci::pull(&self.oci, reference, auth, self.settings.max_module_bytes, |sha| {
+            match oci::pull(&client, reference, auth, self.settings.max_module_bytes, |sha| {
                 self.cache.get(sha, &self.metrics)
             })
             .await
@@ -421,6 +422,78 @@ mod tests {
         let text = f.metrics.render();
         assert!(text.contains("filterplane_wasm_remote_fetches_total{result=\"checksum_mismatch\"} 1"), "{text}");
         assert!(text.contains("filterplane_wasm_remote_fetches_total{result=\"invalid_module\"} 1"), "{text}");
+    }
+
+    /// A registry on loopback that asks for Basic auth and records, per manifest request,
+    /// the path and the Authorization header; every manifest is "not found".
+    async fn recording_registry() -> (String, Arc<std::sync::Mutex<Vec<(String, Option<String>)>>>) {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log = seen.clone();
+        tokio::spawn(async move {
+            while let Ok((socket, _)) = listener.accept().await {
+                let log = log.clone();
+                tokio::spawn(async move {
+                    let (read, mut write) = socket.into_split();
+                    let mut lines = BufReader::new(read).lines();
+                    let Ok(Some(request)) = lines.next_line().await else { return };
+                    let path = request.split_whitespace().nth(1).unwrap_or_default().to_owned();
+                    let mut auth = None;
+                    while let Ok(Some(h)) = lines.next_line().await {
+                        if h.is_empty() {
+                            break;
+                        }
+                        if let Some((k, v)) = h.split_once(':') {
+                            if k.eq_ignore_ascii_case("authorization") {
+                                auth = Some(v.trim().to_owned());
+                            }
+                        }
+                    }
+                    let reply = if path == "/v2/" {
+                        "HTTP/1.1 401 Unauthorized\r\nwww-authenticate: Basic realm=\"fake\"\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+                    } else {
+                        log.lock().unwrap().push((path, auth));
+                        "HTTP/1.1 404 Not Found\r\ncontent-type: application/json\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}"
+                    };
+                    let _ = write.write_all(reply.as_bytes()).await;
+                });
+            }
+        });
+        (addr, seen)
+    }
+
+    #[tokio::test]
+    async fn each_plugin_pulls_with_its_own_credentials() {
+        let dir = tempfile::tempdir().unwrap();
+        let (registry, seen) = recording_registry().await;
+        let cache = WasmModuleCache::open(&dir.path().join("cache"), 1 << 20).unwrap();
+        let settings = FetchSettings {
+            file_root: dir.path().to_path_buf(),
+            insecure_registries: vec![registry.clone()],
+            timeout: Duration::from_secs(5),
+            attempts: 1,
+            max_module_bytes: 1 << 20,
+        };
+        let f = WasmFetcher::new(cache, settings, Arc::new(Metrics::default())).unwrap();
+        std::fs::write(dir.path().join("a-creds"), "user-a:pw-a").unwrap();
+        std::fs::write(dir.path().join("c-creds"), "user-c:pw-c").unwrap();
+        let secret = |who: &str| format!(", image_pull_secret: {{ file: '{}' }}", dir.path().join(who).display());
+        for (repo, extra) in [("a", secret("a-creds")), ("b", String::new()), ("c", secret("c-creds"))] {
+            let p = plugin(&format!("{{name: {repo}, url: 'oci://{registry}/{repo}:v1'{extra}}}"), dir.path());
+            assert_eq!(f.module(&p).await.unwrap_err().kind(), "download_failure");
+        }
+        // base64 of "user-a:pw-a" and "user-c:pw-c".
+        let basic =
+            |who: &str| Some(format!("Basic {}", if who == "a" { "dXNlci1hOnB3LWE=" } else { "dXNlci1jOnB3LWM=" }));
+        let auth_of = |repo: &str| {
+            let seen = seen.lock().unwrap();
+            seen.iter().find(|(path, _)| path.starts_with(&format!("/v2/{repo}/"))).map(|(_, a)| a.clone())
+        };
+        assert_eq!(auth_of("a"), Some(basic("a")));
+        assert_eq!(auth_of("b"), Some(None), "no secret: no credentials, not another plugin's");
+        assert_eq!(auth_of("c"), Some(basic("c")), "its own, not the first plugin's");
     }
 
     #[test]

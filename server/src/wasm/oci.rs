@@ -54,7 +54,8 @@ pub enum PullError {
 fn classify(e: oci_client::errors::OciDistributionError) -> PullError {
     let text = e.to_string();
     let lower = text.to_lowercase();
-    let permanent = ["not found", "unknown", "unauthorized", "denied", "404", "401", "403"];
+    // A refused login (401/403, "authentication failure") will not pass on a retry.
+    let permanent = ["not found", "unknown", "unauthorized", "denied", "authentication", "404", "401", "403"];
     if permanent.iter().any(|p| lower.contains(p)) {
         PullError::Permanent(text)
     } else {
