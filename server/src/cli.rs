@@ -169,6 +169,10 @@ pub struct WasmArgs {
     /// Attempts per fetch (with exponential backoff between them).
     #[arg(long, default_value_t = 3)]
     pub wasm_fetch_attempts: u32,
+    /// Seconds one reload waits for its modules; a fetch still running then fails for
+    /// that reload (the plugin keeps its previous version) and the rest is applied.
+    #[arg(long, default_value_t = 20)]
+    pub wasm_fetch_deadline_secs: u64,
     /// Largest module accepted, in bytes.
     #[arg(long, default_value_t = 64 << 20)]
     pub wasm_max_module_bytes: u64,

@@ -73,6 +73,7 @@ fn wasm_support(args: &ServeArgs, admin: std::net::SocketAddr, metrics: Arc<Metr
         timeout: std::time::Duration::from_secs(w.wasm_fetch_timeout_secs),
         attempts: w.wasm_fetch_attempts.max(1),
         max_module_bytes: w.wasm_max_module_bytes,
+        deadline: std::time::Duration::from_secs(w.wasm_fetch_deadline_secs),
     };
     let fetcher = Arc::new(WasmFetcher::new(cache, settings, metrics)?);
     let reachable =
@@ -215,6 +216,7 @@ pub async fn wasm_push(
         timeout: std::time::Duration::from_secs(60),
         attempts: 1,
         max_module_bytes: u64::MAX,
+        deadline: std::time::Duration::from_secs(60),
     };
     let client = wasm::oci::client(&settings);
     let target = wasm::oci::reference(&registry, &repository, tag.as_deref(), None);

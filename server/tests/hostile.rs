@@ -263,3 +263,42 @@ async fn a_reload_that_removes_most_of_the_config_is_held_until_confirmed() {
     assert_eq!(outcome["result"], "applied", "{outcome}");
     assert!(plane.healthy());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_module_source_does_not_hold_the_rest_of_the_config() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // Answers every request with a body of 1,000 bytes, one byte every 2 s.
+    let slow = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = slow.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = slow.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                let _ = s.read(&mut buf).await;
+                let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\n").await;
+                for _ in 0..1000 {
+                    if s.write_all(b"x").await.is_err() {
+                        return;
+                    }
+                    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+                }
+            });
+        }
+    });
+    let plane = Plane::start_with(&[("a", "1")], &["--wasm-fetch-deadline-secs", "1"]).await;
+    let mut c = client_with_a(&plane).await;
+    let serving = plane.api("/api/v1/config")["serving_version"].clone();
+    let text = format!(
+        "{}wasm_plugins:\n  - name: slow\n    url: http://{addr}/m.wasm\n    sha256: {}\n",
+        yaml(&[("a", "2")]),
+        "0".repeat(64)
+    );
+    std::fs::write(plane.config_path(), text).unwrap();
+    // Within the harness's wait (the slow fetch alone would take 30 s per attempt).
+    plane.wait_for("the edit beside the slow plugin", |p| p.api("/api/v1/config")["serving_version"] != serving).await;
+    c.recv_ack(&["a"]).await;
+    let errors = plane.api("/api/v1/config")["wasm_errors"].clone();
+    assert_eq!(errors[0]["plugin"], "slow", "{errors}");
+    assert!(errors[0]["message"].as_str().unwrap_or("").contains("not fetched within 1 s"), "{errors}");
+    assert!(plane.healthy());
+}

@@ -35,6 +35,10 @@ pub struct FetchSettings {
     pub timeout: Duration,
     pub attempts: u32,
     pub max_module_bytes: u64,
+    /// How long one reload waits for all its modules: a fetch still running then counts
+    /// as failed for that reload (the plugin keeps its previous version), so a slow
+    /// source never holds the rest of the config.
+    pub deadline: Duration,
 }
 
 /// Why a module could not be had. The kind is the metrics label.
@@ -97,6 +101,18 @@ impl WasmFetcher {
         let (entries, bytes) = self.cache.usage();
         self.metrics.wasm_cache_entries.set(entries as i64);
         self.metrics.wasm_cache_bytes.set(bytes as i64);
+    }
+
+    /// `module`, given up after the reload's deadline.
+    pub async fn module_in_time(&self, plugin: &WasmPlugin) -> Result<Module, FetchError> {
+        let deadline = self.settings.deadline;
+        tokio::time::timeout(deadline, self.module(plugin)).await.unwrap_or_else(|_| {
+            self.metrics.wasm_fetches.get_or_create(&ResultLabel { result: "download_failure" }).inc();
+            Err(FetchError::Download(format!(
+                "not fetched within {} s (--wasm-fetch-deadline-secs); tried again at the next reload",
+                deadline.as_secs()
+            )))
+        })
     }
 
     /// The plugin's module, from the cache when the pull policy allows, else fetched,
@@ -325,6 +341,7 @@ mod tests {
             timeout: Duration::from_secs(2),
             attempts: 1,
             max_module_bytes: 1 << 20,
+            deadline: Duration::from_secs(60),
         };
         WasmFetcher::new(cache, settings, Arc::new(Metrics::default())).unwrap()
     }
@@ -475,6 +492,7 @@ mod tests {
             timeout: Duration::from_secs(5),
             attempts: 1,
             max_module_bytes: 1 << 20,
+            deadline: Duration::from_secs(60),
         };
         let f = WasmFetcher::new(cache, settings, Arc::new(Metrics::default())).unwrap();
         std::fs::write(dir.path().join("a-creds"), "user-a:pw-a").unwrap();

@@ -60,7 +60,7 @@ pub async fn resolve(
     previous: Option<&Generation>,
 ) -> (CompiledConfig, Vec<PluginError>) {
     let plugins = config.wasm_plugins.clone();
-    let fetched = futures_util::future::join_all(plugins.iter().map(|p| fetcher.module(p))).await;
+    let fetched = futures_util::future::join_all(plugins.iter().map(|p| fetcher.module_in_time(p))).await;
     let mut resources = Vec::new();
     let mut errors = Vec::new();
     let mut pinned = HashSet::new();
