@@ -112,13 +112,29 @@ pub fn config_files(path: &Path) -> Result<Vec<PathBuf>, ConfigErrors> {
         return Ok(vec![path.to_path_buf()]);
     }
     let mut files = Vec::new();
+    let mut unreadable = Vec::new();
     for entry in std::fs::read_dir(path).map_err(io_err)? {
         let p = entry.map_err(io_err)?.path();
         let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
         let yaml = name.ends_with(".yaml") || name.ends_with(".yml");
-        if yaml && !name.starts_with('.') && p.is_file() {
-            files.push(p);
+        if !yaml || name.starts_with('.') {
+            continue;
         }
+        match std::fs::metadata(&p) {
+            Ok(m) if m.is_file() => files.push(p),
+            // A config file that cannot be read must not drop its resources silently: a
+            // broken or looping symlink, a FIFO, a directory named *.yaml.
+            Ok(_) => unreadable.push((p, "not a regular file".to_owned())),
+            Err(e) => unreadable.push((p, format!("cannot read: {e}"))),
+        }
+    }
+    if !unreadable.is_empty() {
+        return Err(ConfigErrors(
+            unreadable
+                .into_iter()
+                .map(|(file, message)| ConfigError { file, line: None, path: String::new(), message })
+                .collect(),
+        ));
     }
     files.sort();
     if files.is_empty() {
@@ -252,6 +268,18 @@ mod tests {
         assert!(made.success());
         let e = parse_all(&fifo).unwrap_err();
         assert!(e.0[0].message.contains("not a regular file"), "{e}");
+    }
+
+    #[test]
+    fn broken_and_looping_symlinks_in_a_directory_are_errors_not_silence() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.yaml"), "version: 1\n").unwrap();
+        std::os::unix::fs::symlink(dir.path().join("gone.yaml"), dir.path().join("b.yaml")).unwrap();
+        std::os::unix::fs::symlink(dir.path().join("c.yaml"), dir.path().join("c.yaml")).unwrap();
+        let e = config_files(dir.path()).unwrap_err();
+        let named: Vec<String> = e.0.iter().map(|e| e.file.display().to_string()).collect();
+        assert!(named.iter().any(|f| f.ends_with("b.yaml")) && named.iter().any(|f| f.ends_with("c.yaml")), "{e}");
+        assert!(e.0.iter().all(|e| e.message.starts_with("cannot read")), "{e}");
     }
 
     #[test]

@@ -302,3 +302,15 @@ async fn a_slow_module_source_does_not_hold_the_rest_of_the_config() {
     assert!(errors[0]["message"].as_str().unwrap_or("").contains("not fetched within 1 s"), "{errors}");
     assert!(plane.healthy());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_over_the_size_limit_ends_the_stream_with_an_error_status() {
+    let plane = Plane::start(&[("a", "1")]).await;
+    let mut c = client_with_a(&plane).await;
+    let mut big = DeltaClient::connect(&plane, "big").await;
+    let huge = "n".repeat(5 << 20);
+    big.send(ECDS, Delta { subscribe: &[huge.as_str()], ..Default::default() }).await;
+    let status = big.ended().await;
+    assert_eq!(status.code(), tonic::Code::OutOfRange, "not a clean end: {status:?}");
+    still_serving(&plane, &mut c).await;
+}

@@ -95,8 +95,11 @@ impl WasmModuleCache {
     pub fn put(&self, bytes: &[u8]) -> std::io::Result<String> {
         let sha = sha256_hex(bytes);
         let tmp = self.dir.join("sha256").join(format!(".{sha}.tmp"));
-        std::fs::write(&tmp, bytes)?;
-        std::fs::rename(&tmp, self.path_of(&sha))?;
+        // A failed write (a full disk) leaves no partial file behind.
+        if let Err(e) = std::fs::write(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, self.path_of(&sha))) {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
         self.entries
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -152,6 +155,24 @@ impl WasmModuleCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_failed_write_leaves_no_temp_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = WasmModuleCache::open(dir.path(), 1 << 20).unwrap();
+        let bytes = b"\0asm module";
+        // The module's place is taken by a non-empty directory: the rename fails, as a
+        // full disk fails the write.
+        let target = cache.path_of(&sha256_hex(bytes));
+        std::fs::create_dir_all(target.join("x")).unwrap();
+        assert!(cache.put(bytes).is_err());
+        let left: Vec<_> = std::fs::read_dir(dir.path().join("sha256"))
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|n| n.ends_with(".tmp"))
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
+    }
 
     #[test]
     fn lru_eviction_spares_pinned_modules_and_survives_reopen() {

@@ -206,6 +206,13 @@ impl<P: Protocol> StreamLoop<P> {
                         }
                     }
                     Ok(None) => return None,
+                    // A request the server could not read (over the 4 MiB message limit, not
+                    // protobuf): the client is told why, not given a clean end.
+                    Err(status) if matches!(status.code(), tonic::Code::OutOfRange | tonic::Code::Internal) => {
+                        tracing::warn!(peer = %self.peer, status = ?status, "closing xDS stream: unreadable request");
+                        self.done = true;
+                        return Some(Err(status));
+                    }
                     Err(status) => {
                         tracing::debug!(peer = %self.peer, status = ?status, "xDS stream ended by the client");
                         return None;
