@@ -12,6 +12,9 @@ use yaml_rust2::{
 #[derive(Debug, Default)]
 pub struct LineIndex {
     lines: HashMap<String, usize>,
+    /// The first key written twice in one mapping, with its second line: serde would keep
+    /// the last one without a word.
+    pub duplicate: Option<(String, usize)>,
 }
 
 impl LineIndex {
@@ -23,7 +26,7 @@ impl LineIndex {
         if parser.load(&mut rx, false).is_err() {
             return Self::default();
         }
-        Self { lines: rx.lines }
+        Self { lines: rx.lines, duplicate: rx.duplicate }
     }
 
     /// The line of `path`, or of its nearest indexed ancestor (a path into a field that
@@ -41,7 +44,7 @@ impl LineIndex {
 }
 
 enum Frame {
-    Map { key: Option<String> },
+    Map { key: Option<String>, seen: std::collections::HashSet<String> },
     Seq { index: usize },
 }
 
@@ -49,6 +52,7 @@ enum Frame {
 struct Receiver {
     stack: Vec<Frame>,
     lines: HashMap<String, usize>,
+    duplicate: Option<(String, usize)>,
 }
 
 impl Receiver {
@@ -56,13 +60,13 @@ impl Receiver {
         let mut s = String::new();
         for f in &self.stack {
             match f {
-                Frame::Map { key: Some(k) } => {
+                Frame::Map { key: Some(k), .. } => {
                     if !s.is_empty() {
                         s.push('.');
                     }
                     s.push_str(k);
                 }
-                Frame::Map { key: None } => {}
+                Frame::Map { key: None, .. } => {}
                 Frame::Seq { index } => s.push_str(&format!("[{index}]")),
             }
         }
@@ -71,10 +75,16 @@ impl Receiver {
 
     /// Called when a node (scalar or container) begins. Returns true if it was a map key.
     fn begin_node(&mut self, key_text: Option<&str>, mark: Marker) -> bool {
-        if let Some(Frame::Map { key }) = self.stack.last_mut() {
+        if let Some(Frame::Map { key, seen }) = self.stack.last_mut() {
             if key.is_none() {
-                *key = Some(key_text.unwrap_or("?").to_owned());
+                let text = key_text.unwrap_or("?").to_owned();
+                // `<<` merges another mapping in: repeating it is no duplicate.
+                let again = text != "<<" && key_text.is_some() && !seen.insert(text.clone());
+                *key = Some(text);
                 let p = self.path();
+                if again && self.duplicate.is_none() {
+                    self.duplicate = Some((p.clone(), mark.line()));
+                }
                 self.lines.insert(p, mark.line());
                 return true;
             }
@@ -87,7 +97,7 @@ impl Receiver {
     /// Called when a value node has ended: move the parent on to its next entry.
     fn end_value(&mut self) {
         match self.stack.last_mut() {
-            Some(Frame::Map { key }) => *key = None,
+            Some(Frame::Map { key, .. }) => *key = None,
             Some(Frame::Seq { index }) => *index += 1,
             None => {}
         }
@@ -105,7 +115,7 @@ impl MarkedEventReceiver for Receiver {
             }
             Event::MappingStart(..) => {
                 self.begin_node(None, mark);
-                self.stack.push(Frame::Map { key: None });
+                self.stack.push(Frame::Map { key: None, seen: Default::default() });
             }
             Event::SequenceStart(..) => {
                 self.begin_node(None, mark);
@@ -134,5 +144,16 @@ mod tests {
         assert_eq!(idx.line_of("extension_configs[0].typed_config.mutations.response_mutations[0].append"), Some(6));
         assert_eq!(idx.line_of("extension_configs[1].name"), Some(7));
         assert_eq!(idx.line_of("extension_configs[1].nope.deeper"), Some(7));
+        assert_eq!(idx.duplicate, None);
+    }
+
+    #[test]
+    fn a_key_written_twice_in_one_mapping_is_found() {
+        let text = "version: 1\nextension_configs:\n  - name: a\n    typed_config:\n      \"@type\": t\n      value: 1\n      value: 2\n";
+        let idx = LineIndex::build(text);
+        assert_eq!(idx.duplicate, Some(("extension_configs[0].typed_config.value".to_string(), 7)));
+        let flow = LineIndex::build("a: { b: 1, b: 2 }\n");
+        assert_eq!(flow.duplicate.map(|d| d.0), Some("a.b".to_string()));
+        assert_eq!(LineIndex::build("a: { b: 1 }\nc: { b: 2 }\n").duplicate, None, "one key per mapping");
     }
 }

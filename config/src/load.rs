@@ -195,6 +195,14 @@ pub fn parse_file(file: &Path, text: &str) -> Result<ParsedFile, ConfigError> {
         });
     }
     let lines = LineIndex::build(text);
+    if let Some((path, line)) = &lines.duplicate {
+        return Err(ConfigError {
+            file: file.to_path_buf(),
+            line: Some(*line),
+            path: path.clone(),
+            message: "duplicate key (the later one would silently replace the earlier)".into(),
+        });
+    }
     let de = serde_yaml::Deserializer::from_str(text);
     let doc: Document = serde_path_to_error::deserialize(de).map_err(|e| {
         let mut path = e.path().to_string();

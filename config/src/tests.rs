@@ -276,3 +276,11 @@ fn pull_secrets_read_as_the_readme_writes_them() {
     assert!(both.contains("exactly one of `env`") && both.contains("image_pull_secret"), "{both}");
     assert!(secret_of("{ envv: A }").unwrap_err().contains("unknown field"));
 }
+
+#[test]
+fn a_duplicate_key_inside_typed_config_is_an_error_with_its_line() {
+    let text = "version: 1\nextension_configs:\n  - name: a\n    typed_config:\n      \"@type\": type.googleapis.com/google.protobuf.StringValue\n      value: one\n      value: two\n";
+    let e = load::parse_file(Path::new("d.yaml"), text).unwrap_err();
+    assert_eq!((e.line, e.path.as_str()), (Some(7), "extension_configs[0].typed_config.value"), "{e}");
+    assert!(e.message.contains("duplicate key"), "{e}");
+}
