@@ -257,12 +257,14 @@ impl WasmFetcher {
         // A client of its own: an OCI client keeps the first credentials it is given per
         // registry, and plugins on one registry may each have their own (or none).
         let client = oci::client(&self.settings);
+        let registry =
+            oci::Registry { client: &client, http: &self.http, insecure: &self.settings.insecure_registries };
         let mut last = String::new();
         for attempt in 0..self.settings.attempts {
             if attempt > 0 {
                 tokio::time::sleep(Duration::from_millis(200 << (attempt - 1).min(5))).await;
             }
-            match oci::pull(&client, reference, auth, self.settings.max_module_bytes, |sha| {
+            match oci::pull(&registry, reference, auth, self.settings.max_module_bytes, |sha| {
                 self.cache.get(sha, &self.metrics)
             })
             .await
@@ -512,6 +514,52 @@ mod tests {
         assert_eq!(auth_of("a"), Some(basic("a")));
         assert_eq!(auth_of("b"), Some(None), "no secret: no credentials, not another plugin's");
         assert_eq!(auth_of("c"), Some(basic("c")), "its own, not the first plugin's");
+    }
+
+    #[tokio::test]
+    async fn an_endless_manifest_is_cut_off_not_buffered() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let registry = listener.local_addr().unwrap().to_string();
+        let sent = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = sent.clone();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                let counter = counter.clone();
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    let n = s.read(&mut buf).await.unwrap_or(0);
+                    if String::from_utf8_lossy(&buf[..n]).starts_with("GET /v2/ ") {
+                        let _ =
+                            s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}").await;
+                        return;
+                    }
+                    // A manifest that never ends, as fast as the reader takes it.
+                    let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/vnd.oci.image.manifest.v1+json\r\nconnection: close\r\n\r\n{\"layers\": [").await;
+                    let chunk = vec![b' '; 64 << 10];
+                    while s.write_all(&chunk).await.is_ok() {
+                        counter.fetch_add(chunk.len(), std::sync::atomic::Ordering::Relaxed);
+                    }
+                });
+            }
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let cache = WasmModuleCache::open(&dir.path().join("cache"), 1 << 20).unwrap();
+        let settings = FetchSettings {
+            file_root: dir.path().to_path_buf(),
+            insecure_registries: vec![registry.clone()],
+            timeout: Duration::from_secs(10),
+            attempts: 1,
+            max_module_bytes: 1 << 20,
+            deadline: Duration::from_secs(60),
+        };
+        let f = WasmFetcher::new(cache, settings, Arc::new(Metrics::default())).unwrap();
+        let p = plugin(&format!("{{name: p, url: 'oci://{registry}/endless:v1'}}"), dir.path());
+        let e = f.module(&p).await.unwrap_err();
+        assert!(e.to_string().contains("manifest larger than"), "{e}");
+        // Read up to the bound and dropped, not buffered without end.
+        let read = sent.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(read < 64 << 20, "{read} bytes were taken from the endless manifest");
     }
 
     #[test]

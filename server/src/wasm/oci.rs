@@ -8,9 +8,9 @@ use std::io::Read;
 use bytes::Bytes;
 use oci_client::{
     client::{ClientConfig, ClientProtocol, Config, ImageLayer},
-    manifest::OciImageManifest,
+    manifest::{OciImageManifest, OciManifest},
     secrets::RegistryAuth,
-    Client, Reference,
+    Client, Reference, RegistryOperation,
 };
 
 use crate::wasm::fetch::FetchSettings;
@@ -63,6 +63,98 @@ fn classify(e: oci_client::errors::OciDistributionError) -> PullError {
     }
 }
 
+/// Largest manifest read: a real one is a few KB, and the OCI client library would read
+/// an endless one into memory.
+pub const MAX_MANIFEST_BYTES: usize = 4 << 20;
+
+const MANIFEST_TYPES: &str = "application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json, application/vnd.oci.image.index.v1+json, application/vnd.docker.distribution.manifest.list.v2+json";
+
+/// Where a registry is reached, and how: the library's auth (tokens), Filterplane's own
+/// HTTP client for the manifest (read under a bound).
+pub struct Registry<'a> {
+    pub client: &'a Client,
+    pub http: &'a reqwest::Client,
+    pub insecure: &'a [String],
+}
+
+impl Registry<'_> {
+    /// The image manifest `reference` names (an image index resolved to its linux/amd64
+    /// entry, else its first) and its digest.
+    async fn manifest(
+        &self,
+        reference: &Reference,
+        auth: &RegistryAuth,
+    ) -> Result<(OciImageManifest, String), PullError> {
+        let token = self.client.auth(reference, auth, RegistryOperation::Pull).await.map_err(classify)?;
+        let which = reference.digest().or(reference.tag()).unwrap_or("latest");
+        let (manifest, digest) = self.manifest_once(reference, token.as_deref(), auth, which).await?;
+        if let Some(pinned) = reference.digest() {
+            if pinned != digest {
+                return Err(PullError::Invalid(format!("the registry sent manifest {digest} for {pinned}")));
+            }
+        }
+        match manifest {
+            OciManifest::Image(m) => Ok((m, digest)),
+            OciManifest::ImageIndex(index) => {
+                let entry = index
+                    .manifests
+                    .iter()
+                    .find(|e| {
+                        e.platform
+                            .as_ref()
+                            .is_some_and(|p| json_text(&p.os) == "linux" && json_text(&p.architecture) == "amd64")
+                    })
+                    .or(index.manifests.first())
+                    .ok_or_else(|| PullError::Invalid("an empty image index".into()))?;
+                match self.manifest_once(reference, token.as_deref(), auth, &entry.digest).await? {
+                    (OciManifest::Image(m), digest) => Ok((m, digest)),
+                    _ => Err(PullError::Invalid("an image index inside an image index".into())),
+                }
+            }
+        }
+    }
+
+    async fn manifest_once(
+        &self,
+        reference: &Reference,
+        token: Option<&str>,
+        auth: &RegistryAuth,
+        which: &str,
+    ) -> Result<(OciManifest, String), PullError> {
+        let registry = reference.resolve_registry();
+        let scheme = if self.insecure.iter().any(|r| r == registry) { "http" } else { "https" };
+        let url = format!("{scheme}://{registry}/v2/{}/manifests/{which}", reference.repository());
+        let mut req = self.http.get(&url).header(reqwest::header::ACCEPT, MANIFEST_TYPES);
+        req = match (token, auth) {
+            (Some(t), _) => req.bearer_auth(t),
+            (None, RegistryAuth::Basic(user, password)) => req.basic_auth(user, Some(password)),
+            _ => req,
+        };
+        let mut res = req.send().await.map_err(|e| PullError::Transient(format!("{url}: {e}")))?;
+        let status = res.status();
+        if !status.is_success() {
+            let text = format!("{url}: HTTP {status}");
+            return Err(if status.is_server_error() { PullError::Transient(text) } else { PullError::Permanent(text) });
+        }
+        let mut body = Vec::new();
+        while let Some(chunk) = res.chunk().await.map_err(|e| PullError::Transient(format!("{url}: {e}")))? {
+            if body.len() + chunk.len() > MAX_MANIFEST_BYTES {
+                return Err(PullError::Permanent(format!("{url}: manifest larger than {MAX_MANIFEST_BYTES} bytes")));
+            }
+            body.extend_from_slice(&chunk);
+        }
+        let digest = format!("sha256:{}", crate::wasm::cache::sha256_hex(&body));
+        let manifest = serde_json::from_slice(&body)
+            .map_err(|e| PullError::Invalid(format!("{url}: not an OCI manifest: {e}")))?;
+        Ok((manifest, digest))
+    }
+}
+
+/// A value's JSON string form (`linux`, `amd64`), or empty.
+fn json_text<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_value(v).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default()
+}
+
 pub struct Pulled {
     pub bytes: Bytes,
     pub manifest_digest: String,
@@ -73,13 +165,14 @@ pub struct Pulled {
 /// Resolves `reference` to a manifest and takes the module from it, using `cached` for a
 /// module the cache already holds.
 pub async fn pull(
-    client: &Client,
+    registry: &Registry<'_>,
     reference: &Reference,
     auth: &RegistryAuth,
     max_bytes: u64,
     cached: impl Fn(&str) -> Option<Bytes>,
 ) -> Result<Pulled, PullError> {
-    let (manifest, manifest_digest) = client.pull_image_manifest(reference, auth).await.map_err(classify)?;
+    let client = registry.client;
+    let (manifest, manifest_digest) = registry.manifest(reference, auth).await?;
     let wasm_layer = manifest.layers.iter().find(|l| l.media_type == WASM_LAYER || l.media_type == CNCF_WASM_LAYER);
     let (layer, tarball) = match (wasm_layer, manifest.layers.as_slice()) {
         (Some(l), _) => (l, false),
