@@ -213,8 +213,24 @@ pub fn parse_file(file: &Path, text: &str) -> Result<ParsedFile, ConfigError> {
             path = path.trim_end_matches('.').to_owned();
         }
         let inner = e.into_inner();
-        let line = inner.location().map(|l| l.line()).or_else(|| lines.line_of(&path));
+        let mut line = inner.location().map(|l| l.line()).or_else(|| lines.line_of(&path));
         let mut message = inner.to_string();
+        // Errors the YAML scanner words with a byte position (a control character) or
+        // without a place (a second document): find their line in the text.
+        if let Some(at) = message.split(" at position ").nth(1).and_then(|p| p.trim().parse::<usize>().ok()) {
+            line = Some(text.as_bytes().iter().take(at).filter(|b| **b == b'\n').count() + 1);
+        }
+        if message.contains("more than one document") {
+            let mut content = false;
+            for (n, l) in text.lines().enumerate() {
+                if content && (l == "---" || l.starts_with("--- ")) {
+                    line = Some(n + 1);
+                    message = "a second YAML document starts here; put each config in its own file".into();
+                    break;
+                }
+                content |= !l.trim().is_empty() && !l.trim_start().starts_with('#') && !l.starts_with("---");
+            }
+        }
         // serde_yaml appends its own "at line L column C" and may prefix the path; both
         // are shown separately.
         if let Some(i) = message.find(" at line ") {
@@ -288,6 +304,17 @@ mod tests {
         let named: Vec<String> = e.0.iter().map(|e| e.file.display().to_string()).collect();
         assert!(named.iter().any(|f| f.ends_with("b.yaml")) && named.iter().any(|f| f.ends_with("c.yaml")), "{e}");
         assert!(e.0.iter().all(|e| e.message.starts_with("cannot read")), "{e}");
+    }
+
+    #[test]
+    fn errors_without_a_place_get_their_line_from_the_text() {
+        let nul = "version: 1\nextension_configs:\n  - name: a\n    typed_config: {}\n  - name: b\0\n";
+        let e = parse_file(Path::new("n.yaml"), nul).unwrap_err();
+        assert_eq!(e.line, Some(5), "{e}");
+        let two = "# leading comment\n---\nversion: 1\nextension_configs: []\n---\nversion: 1\n";
+        let e = parse_file(Path::new("m.yaml"), two).unwrap_err();
+        assert_eq!(e.line, Some(5), "{e}");
+        assert!(e.message.contains("second YAML document"), "{e}");
     }
 
     #[test]
