@@ -365,3 +365,50 @@ impl ExtensionConfigDiscoveryService for XdsServices {
         step.responses.pop().map(Response::new).ok_or_else(|| Status::internal("no response computed"))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use filterplane_api::ResourceType;
+
+    use super::*;
+
+    /// Everything logged, as the fmt layer writes it.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap_or_else(|p| p.into_inner()).extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn what_clients_send_cannot_forge_a_log_line() {
+        let out = Captured::default();
+        let writer = out.clone();
+        let subscriber = tracing_subscriber::fmt().with_ansi(false).with_writer(move || writer.clone()).finish();
+        tracing::subscriber::with_default(subscriber, || {
+            let nack = StreamEvent::Nacked {
+                rt: ResourceType::ExtensionConfig,
+                version: "v".into(),
+                kept_version: String::new(),
+                nonce: "1\nFORGED nonce".into(),
+                code: 13,
+                message: "bad\n2026-01-01T00:00:00Z  INFO FORGED line\u{1b}[31m".into(),
+                resources: vec![],
+            };
+            log_event("evil\nFORGED node", &nack);
+            log_event("n", &StreamEvent::UnsupportedType { type_url: "t\nFORGED type".into() });
+        });
+        let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+        assert_eq!(text.lines().count(), 2, "one line per event: {text}");
+        assert!(!text.contains('\u{1b}'), "no raw escape sequence: {text:?}");
+        assert!(text.lines().all(|l| !l.starts_with("FORGED") && !l.starts_with("2026-01-01")), "{text}");
+    }
+}
