@@ -123,10 +123,27 @@ impl CappedListener {
     }
 }
 
-/// A connection holding one of the admin listener's permits.
+/// Time an admin connection has to send its first request.
+pub const ADMIN_FIRST_REQUEST: Duration = Duration::from_secs(10);
+
+/// Time an admin connection may go without reading or writing anything (an event stream
+/// writes a keep-alive comment every 15 s, so it is never idle that long).
+pub const ADMIN_IDLE: Duration = Duration::from_secs(60);
+
+/// A connection holding one of the admin listener's permits, closed when it sends no
+/// request in time or goes idle: a held slot is a slot the next client (an Envoy fetching
+/// a module) does not get.
 pub struct Capped {
     io: TcpStream,
     _permit: OwnedSemaphorePermit,
+    deadline: Pin<Box<Sleep>>,
+    metrics: Arc<Metrics>,
+}
+
+impl Capped {
+    fn alive(&mut self) {
+        self.deadline.as_mut().reset(tokio::time::Instant::now() + ADMIN_IDLE);
+    }
 }
 
 const BUSY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\ncontent-length: 36\r\nconnection: close\r\n\r\ntoo many admin connections; retry.\r\n";
@@ -139,7 +156,10 @@ impl axum::serve::Listener for CappedListener {
         loop {
             let (io, addr) = axum::serve::Listener::accept(&mut self.inner).await;
             match self.permits.clone().try_acquire_owned() {
-                Ok(permit) => return (Capped { io, _permit: permit }, addr),
+                Ok(permit) => {
+                    let deadline = Box::pin(tokio::time::sleep(ADMIN_FIRST_REQUEST));
+                    return (Capped { io, _permit: permit, deadline, metrics: self.metrics.clone() }, addr);
+                }
                 Err(_) => {
                     self.metrics.limit_hit("admin_connections");
                     // Best effort: a fresh socket's send buffer takes this at once.
@@ -156,13 +176,29 @@ impl axum::serve::Listener for CappedListener {
 
 impl AsyncRead for Capped {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_read(cx, buf)
+        let before = buf.filled().len();
+        let read = Pin::new(&mut self.io).poll_read(cx, buf);
+        match &read {
+            Poll::Ready(Ok(())) if buf.filled().len() > before => self.alive(),
+            Poll::Pending if self.deadline.as_mut().poll(cx).is_ready() => {
+                self.metrics.limit_hit("admin_idle");
+                return Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, "admin connection idle")));
+            }
+            _ => {}
+        }
+        read
     }
 }
 
 impl AsyncWrite for Capped {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
+        let written = Pin::new(&mut self.io).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = &written {
+            if *n > 0 {
+                self.alive();
+            }
+        }
+        written
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.io).poll_flush(cx)

@@ -31,8 +31,8 @@ pub struct LimitLabel {
 }
 
 /// Every limit that counts its hits, pre-created at zero.
-pub const LIMITS: [&str; 5] =
-    ["subscribed_names", "nack_message_bytes", "handshake_timeout", "admin_connections", "event_clients"];
+pub const LIMITS: [&str; 6] =
+    ["subscribed_names", "nack_message_bytes", "handshake_timeout", "admin_connections", "admin_idle", "event_clients"];
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabel {

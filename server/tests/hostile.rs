@@ -314,3 +314,24 @@ async fn a_request_over_the_size_limit_ends_the_stream_with_an_error_status() {
     assert_eq!(status.code(), tonic::Code::OutOfRange, "not a clean end: {status:?}");
     still_serving(&plane, &mut c).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_connection_that_sends_nothing_gives_its_slot_back() {
+    let plane = Plane::start_with(&[("a", "1")], &["--max-admin-connections", "2"]).await;
+    let admin = plane.admin;
+    tokio::task::spawn_blocking(move || {
+        use std::io::Read;
+        // Two silent connections take every slot; the server closes them after its
+        // first-request deadline (10 s), long before this client would give up (30 s).
+        let silent: Vec<_> = (0..2).map(|_| std::net::TcpStream::connect(admin).unwrap()).collect();
+        for mut s in silent {
+            s.set_read_timeout(Some(std::time::Duration::from_secs(30))).unwrap();
+            let mut buf = [0u8; 16];
+            assert!(matches!(s.read(&mut buf), Ok(0)), "closed by the server (EOF), not by the client's timeout");
+        }
+    })
+    .await
+    .unwrap();
+    plane.wait_for("the admin to answer again", |p| p.healthy()).await;
+    assert_eq!(plane.metric("filterplane_limit_hits_total{limit=\"admin_idle\"}"), 2.0);
+}
