@@ -20,7 +20,12 @@ pub use selector::NodeFacts;
 
 /// Reads, validates and compiles the config at `path` (a file or a directory).
 pub fn load(path: &Path) -> Result<CompiledConfig, ConfigErrors> {
-    let files = load::parse_all(path)?;
+    load_with(path, load::MAX_FILE_BYTES)
+}
+
+/// `load`, reading no config file larger than `max_file_bytes`.
+pub fn load_with(path: &Path, max_file_bytes: u64) -> Result<CompiledConfig, ConfigErrors> {
+    let files = load::parse_all_with(path, max_file_bytes)?;
     compile(&files)
 }
 

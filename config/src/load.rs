@@ -40,7 +40,7 @@ pub fn config_dir(path: &Path) -> &Path {
 /// recurse once per level, and a document nested thousands deep overflows their stack.
 pub const MAX_NESTING: usize = 1000;
 
-/// Largest config file read, in bytes.
+/// Largest config file read, in bytes, unless told otherwise (`parse_all_with`).
 pub const MAX_FILE_BYTES: u64 = 16 << 20;
 
 /// An upper bound of how deep `text` nests, found in one pass without parsing: per line,
@@ -145,10 +145,15 @@ pub fn config_files(path: &Path) -> Result<Vec<PathBuf>, ConfigErrors> {
 
 /// Reads and parses every file, collecting every error.
 pub fn parse_all(path: &Path) -> Result<Vec<ParsedFile>, ConfigErrors> {
+    parse_all_with(path, MAX_FILE_BYTES)
+}
+
+/// `parse_all`, reading no file larger than `max_file_bytes`.
+pub fn parse_all_with(path: &Path, max_file_bytes: u64) -> Result<Vec<ParsedFile>, ConfigErrors> {
     let mut parsed = Vec::new();
     let mut errors = Vec::new();
     for file in config_files(path)? {
-        match read_bounded(&file) {
+        match read_bounded(&file, max_file_bytes) {
             Ok(text) => match parse_file(&file, &text) {
                 Ok(p) => parsed.push(p),
                 Err(e) => errors.push(e),
@@ -165,17 +170,17 @@ pub fn parse_all(path: &Path) -> Result<Vec<ParsedFile>, ConfigErrors> {
     }
 }
 
-/// A regular file's text, at most `MAX_FILE_BYTES`.
-fn read_bounded(file: &Path) -> std::io::Result<String> {
+/// A regular file's text, at most `max` bytes.
+fn read_bounded(file: &Path, max: u64) -> std::io::Result<String> {
     use std::io::Read;
     let meta = std::fs::metadata(file)?;
     if !meta.is_file() {
         return Err(std::io::Error::other("not a regular file"));
     }
     let mut text = String::new();
-    std::fs::File::open(file)?.take(MAX_FILE_BYTES + 1).read_to_string(&mut text)?;
-    if text.len() as u64 > MAX_FILE_BYTES {
-        return Err(std::io::Error::other(format!("larger than the limit of {MAX_FILE_BYTES} bytes")));
+    std::fs::File::open(file)?.take(max + 1).read_to_string(&mut text)?;
+    if text.len() as u64 > max {
+        return Err(std::io::Error::other(format!("larger than the limit of {max} bytes (--max-config-bytes)")));
     }
     Ok(text)
 }
@@ -282,6 +287,16 @@ mod tests {
         let text = "version: 1\nextension_configs:\n  - name: a\n    typed_config: { \"@type\": x, v: \"[[[{{{\" , w: '[[[''[' } # [[[\n";
         assert!(nesting_bound(text).unwrap() < 20);
         assert_eq!(nesting_bound(&"  ".repeat(600)), Err(1), "1,200 columns of indentation");
+    }
+
+    #[test]
+    fn a_file_over_the_size_limit_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("big.yaml");
+        std::fs::write(&file, format!("version: 1\n# {}\n", "x".repeat(2000))).unwrap();
+        let e = parse_all_with(&file, 1000).unwrap_err();
+        assert!(e.0[0].message.contains("larger than the limit of 1000 bytes"), "{e}");
+        assert!(parse_all_with(&file, 4000).is_ok());
     }
 
     #[test]

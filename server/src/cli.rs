@@ -93,6 +93,19 @@ pub struct ServeArgs {
     /// Clients of /api/v1/events (the page's live updates) at once; more get 503.
     #[arg(long, default_value_t = 256)]
     pub max_event_clients: usize,
+    /// Seconds an admin connection has to send its first request before it is closed.
+    #[arg(long, default_value_t = 10)]
+    pub admin_request_timeout_secs: u64,
+    /// Seconds an admin connection may go without reading or writing before it is closed
+    /// (event streams write a keep-alive every 15 s).
+    #[arg(long, default_value_t = 60)]
+    pub admin_idle_timeout_secs: u64,
+    /// Bytes of a NACK's message kept, logged and shown; the rest is cut (counted).
+    #[arg(long, default_value_t = 4096)]
+    pub max_nack_message_bytes: usize,
+    /// Largest config file read, in bytes.
+    #[arg(long, default_value_t = 16 << 20)]
+    pub max_config_bytes: u64,
     #[command(flatten)]
     pub wasm: WasmArgs,
 }
@@ -105,6 +118,8 @@ impl ServeArgs {
             handshake_timeout: std::time::Duration::from_secs(self.handshake_timeout_secs),
             max_admin_connections: self.max_admin_connections,
             max_event_clients: self.max_event_clients,
+            admin_request_timeout: std::time::Duration::from_secs(self.admin_request_timeout_secs),
+            admin_idle_timeout: std::time::Duration::from_secs(self.admin_idle_timeout_secs),
         }
     }
 }

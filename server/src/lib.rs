@@ -104,7 +104,8 @@ pub async fn serve_on(
     let reloader = Arc::new(
         ConfigReloader::new(config.clone(), cache.clone(), metrics.clone())
             .with_wasm(wasm)
-            .with_removal_guard(args.max_removal_percent),
+            .with_removal_guard(args.max_removal_percent)
+            .with_max_config_bytes(args.max_config_bytes),
     );
     let xds_listening = Arc::new(AtomicBool::new(false));
     let tasks = TaskTracker::new();
@@ -120,6 +121,7 @@ pub async fn serve_on(
         drain_grace: std::time::Duration::from_secs(args.drain_grace_secs),
         code_fetch_retries: args.wasm.wasm_code_fetch_retries,
         max_subscribed_names: args.max_subscribed_names,
+        max_nack_message_bytes: args.max_nack_message_bytes,
     });
     let ctx = XdsContext { cache: cache.clone(), tracker: tracker.clone(), shutdown: shutdown.clone(), settings };
     let services = XdsServices::new(ctx);
@@ -149,7 +151,7 @@ pub async fn serve_on(
 
     let event_clients = Arc::new(tokio::sync::Semaphore::new(limits.max_event_clients));
     let admin = axum::serve(
-        limits::CappedListener::new(admin_listener, limits.max_admin_connections, metrics.clone()),
+        limits::CappedListener::new(admin_listener, limits, metrics.clone()),
         admin::app(AdminState {
             cache,
             tracker,

@@ -34,6 +34,11 @@ pub struct ConnectionLimits {
     pub max_admin_connections: usize,
     /// `/api/v1/events` clients at once; more are answered 503.
     pub max_event_clients: usize,
+    /// Time an admin connection has to send its first request.
+    pub admin_request_timeout: Duration,
+    /// Time an admin connection may go without reading or writing anything (an event
+    /// stream writes a keep-alive comment every 15 s, so it is never idle that long).
+    pub admin_idle_timeout: Duration,
 }
 
 /// The HTTP/2 client preface every gRPC connection starts with (RFC 9113, 3.4).
@@ -114,21 +119,15 @@ impl tonic::transport::server::Connected for Handshake<TcpStream> {
 pub struct CappedListener {
     inner: TcpListener,
     permits: Arc<Semaphore>,
+    limits: ConnectionLimits,
     metrics: Arc<Metrics>,
 }
 
 impl CappedListener {
-    pub fn new(inner: TcpListener, max: usize, metrics: Arc<Metrics>) -> Self {
-        Self { inner, permits: Arc::new(Semaphore::new(max)), metrics }
+    pub fn new(inner: TcpListener, limits: ConnectionLimits, metrics: Arc<Metrics>) -> Self {
+        Self { inner, permits: Arc::new(Semaphore::new(limits.max_admin_connections)), limits, metrics }
     }
 }
-
-/// Time an admin connection has to send its first request.
-pub const ADMIN_FIRST_REQUEST: Duration = Duration::from_secs(10);
-
-/// Time an admin connection may go without reading or writing anything (an event stream
-/// writes a keep-alive comment every 15 s, so it is never idle that long).
-pub const ADMIN_IDLE: Duration = Duration::from_secs(60);
 
 /// A connection holding one of the admin listener's permits, closed when it sends no
 /// request in time or goes idle: a held slot is a slot the next client (an Envoy fetching
@@ -137,12 +136,14 @@ pub struct Capped {
     io: TcpStream,
     _permit: OwnedSemaphorePermit,
     deadline: Pin<Box<Sleep>>,
+    idle: Duration,
     metrics: Arc<Metrics>,
 }
 
 impl Capped {
     fn alive(&mut self) {
-        self.deadline.as_mut().reset(tokio::time::Instant::now() + ADMIN_IDLE);
+        let idle = self.idle;
+        self.deadline.as_mut().reset(tokio::time::Instant::now() + idle);
     }
 }
 
@@ -157,8 +158,9 @@ impl axum::serve::Listener for CappedListener {
             let (io, addr) = axum::serve::Listener::accept(&mut self.inner).await;
             match self.permits.clone().try_acquire_owned() {
                 Ok(permit) => {
-                    let deadline = Box::pin(tokio::time::sleep(ADMIN_FIRST_REQUEST));
-                    return (Capped { io, _permit: permit, deadline, metrics: self.metrics.clone() }, addr);
+                    let deadline = Box::pin(tokio::time::sleep(self.limits.admin_request_timeout));
+                    let (idle, metrics) = (self.limits.admin_idle_timeout, self.metrics.clone());
+                    return (Capped { io, _permit: permit, deadline, idle, metrics }, addr);
                 }
                 Err(_) => {
                     self.metrics.limit_hit("admin_connections");

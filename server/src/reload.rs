@@ -102,6 +102,8 @@ pub struct ConfigReloader {
     /// A reload that removes more than this share of the served resources is held
     /// (100: never).
     max_removal_percent: u8,
+    /// Largest config file read.
+    max_config_bytes: u64,
 }
 
 impl ConfigReloader {
@@ -116,7 +118,21 @@ impl ConfigReloader {
             last_outcome: ReloadOutcome::Pending,
             wasm_errors: Vec::new(),
         };
-        Self { path, cache, metrics, wasm: None, status: watch::Sender::new(status), max_removal_percent: 100 }
+        Self {
+            path,
+            cache,
+            metrics,
+            wasm: None,
+            status: watch::Sender::new(status),
+            max_removal_percent: 100,
+            max_config_bytes: filterplane_config::load::MAX_FILE_BYTES,
+        }
+    }
+
+    /// Reads no config file larger than `bytes`.
+    pub fn with_max_config_bytes(mut self, bytes: u64) -> Self {
+        self.max_config_bytes = bytes;
+        self
     }
 
     /// Holds reloads that would remove more than `percent` of the served resources.
@@ -173,15 +189,16 @@ impl ConfigReloader {
 
     async fn reload_with(&self, trigger: &str, confirmed: bool) -> ReloadOutcome {
         let started = Instant::now();
-        let path = self.path.clone();
-        let result = tokio::task::spawn_blocking(move || filterplane_config::load(&path)).await.unwrap_or_else(|e| {
-            Err(ConfigErrors(vec![ConfigError {
-                file: self.path.clone(),
-                line: None,
-                path: String::new(),
-                message: format!("config load task failed: {e}"),
-            }]))
-        });
+        let (path, max) = (self.path.clone(), self.max_config_bytes);
+        let result =
+            tokio::task::spawn_blocking(move || filterplane_config::load_with(&path, max)).await.unwrap_or_else(|e| {
+                Err(ConfigErrors(vec![ConfigError {
+                    file: self.path.clone(),
+                    line: None,
+                    path: String::new(),
+                    message: format!("config load task failed: {e}"),
+                }]))
+            });
         let mut wasm_errors = Vec::new();
         let result = match (result, &self.wasm) {
             (Ok(config), Some(w)) if !config.wasm_plugins.is_empty() => {

@@ -317,12 +317,13 @@ async fn a_request_over_the_size_limit_ends_the_stream_with_an_error_status() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_admin_connection_that_sends_nothing_gives_its_slot_back() {
-    let plane = Plane::start_with(&[("a", "1")], &["--max-admin-connections", "2"]).await;
+    let plane =
+        Plane::start_with(&[("a", "1")], &["--max-admin-connections", "2", "--admin-request-timeout-secs", "1"]).await;
     let admin = plane.admin;
     tokio::task::spawn_blocking(move || {
         use std::io::Read;
         // Two silent connections take every slot; the server closes them after its
-        // first-request deadline (10 s), long before this client would give up (30 s).
+        // first-request deadline (1 s here), long before this client would give up (30 s).
         let silent: Vec<_> = (0..2).map(|_| std::net::TcpStream::connect(admin).unwrap()).collect();
         for mut s in silent {
             s.set_read_timeout(Some(std::time::Duration::from_secs(30))).unwrap();

@@ -337,6 +337,13 @@ mod tests {
     }
 
     #[test]
+    fn a_refused_login_is_permanent_a_timeout_is_not() {
+        use oci_client::errors::OciDistributionError as E;
+        assert!(matches!(classify(E::AuthenticationFailure("bad credentials".into())), PullError::Permanent(_)));
+        assert!(matches!(classify(E::GenericError(Some("connection timed out".into()))), PullError::Transient(_)));
+    }
+
+    #[test]
     fn references_default_to_latest() {
         assert_eq!(reference("r:5000", "x/y", None, None).whole(), "r:5000/x/y:latest");
         let d = format!("sha256:{}", "a".repeat(64));

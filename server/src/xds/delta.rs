@@ -111,7 +111,7 @@ impl DeltaStream {
                         // The resources of that response that the snapshot still has.
                         let available = self.core.snapshot.as_ref().and_then(|s| s.resources(rt));
                         let current: Vec<_> = names.iter().filter_map(|n| available?.get(n.as_str())).collect();
-                        if err.message.len() > crate::xds::stream::MAX_NACK_MESSAGE_BYTES {
+                        if err.message.len() > self.core.settings.max_nack_message_bytes {
                             step.limits.push("nack_message_bytes");
                         }
                         let nack = Nack {

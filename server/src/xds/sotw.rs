@@ -117,7 +117,7 @@ impl SotwStream {
                     message: err.message.clone(),
                     names: selected.iter().map(|r| r.name.clone()).collect(),
                 };
-                if err.message.len() > crate::xds::stream::MAX_NACK_MESSAGE_BYTES {
+                if err.message.len() > self.core.settings.max_nack_message_bytes {
                     step.limits.push("nack_message_bytes");
                 }
                 // SotW resends the whole response: no names to keep.

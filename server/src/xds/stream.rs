@@ -108,17 +108,21 @@ pub struct StreamSettings {
     /// Names one stream may subscribe to, per type; more ends the stream
     /// (RESOURCE_EXHAUSTED). A proxy names a few per filter or cluster.
     pub max_subscribed_names: usize,
+    /// How much of a NACK's message is kept (recorded, logged, shown); Envoy's own are a
+    /// few hundred bytes, and a client may send megabytes.
+    pub max_nack_message_bytes: usize,
 }
 
 impl Default for StreamSettings {
     fn default() -> Self {
-        Self { drain_grace: Duration::from_secs(600), code_fetch_retries: 10, max_subscribed_names: 10_000 }
+        Self {
+            drain_grace: Duration::from_secs(600),
+            code_fetch_retries: 10,
+            max_subscribed_names: 10_000,
+            max_nack_message_bytes: 4096,
+        }
     }
 }
-
-/// How much of a NACK's message is kept (recorded, logged, shown); Envoy's own are a few
-/// hundred bytes, and a client may send megabytes.
-pub const MAX_NACK_MESSAGE_BYTES: usize = 4096;
 
 /// How much of a type URL Filterplane does not serve is logged.
 pub const MAX_LOGGED_TYPE_URL_BYTES: usize = 256;
@@ -182,7 +186,7 @@ impl StreamCore {
         retry_names: Vec<String>,
         retry: &mut Option<Box<CodeFetchRetry>>,
     ) -> StreamEvent {
-        let nack = Nack { message: truncated(&nack.message, MAX_NACK_MESSAGE_BYTES), ..nack };
+        let nack = Nack { message: truncated(&nack.message, self.settings.max_nack_message_bytes), ..nack };
         let attempt = retry.as_ref().map_or(0, |r| r.attempt) + 1;
         let retries = self.settings.code_fetch_retries;
         if attempt > retries || !resources.any(|r| r.envoy_fetches_code) {
