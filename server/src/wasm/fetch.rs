@@ -517,6 +517,60 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_endless_blob_is_cut_off_at_its_declared_size() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let registry = listener.local_addr().unwrap().to_string();
+        let sent = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = sent.clone();
+        let layer = format!("sha256:{}", "a".repeat(64));
+        let manifest = format!(
+            "{{\"schemaVersion\": 2, \"mediaType\": \"application/vnd.oci.image.manifest.v1+json\", \"config\": {{\"mediaType\": \"application/vnd.module.wasm.config.v1+json\", \"digest\": \"{layer}\", \"size\": 2}}, \"layers\": [{{\"mediaType\": \"{}\", \"digest\": \"{layer}\", \"size\": 288}}]}}",
+            oci::WASM_LAYER
+        );
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                let (counter, manifest) = (counter.clone(), manifest.clone());
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    let n = s.read(&mut buf).await.unwrap_or(0);
+                    let request = String::from_utf8_lossy(&buf[..n]).into_owned();
+                    if request.starts_with("GET /v2/ ") {
+                        let _ =
+                            s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}").await;
+                    } else if request.contains("/manifests/") {
+                        let head = format!("HTTP/1.1 200 OK\r\ncontent-type: application/vnd.oci.image.manifest.v1+json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n", manifest.len());
+                        let _ = s.write_all(format!("{head}{manifest}").as_bytes()).await;
+                    } else {
+                        // The blob: declared 288 bytes, sent without end.
+                        let _ = s.write_all(b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\n").await;
+                        let chunk = vec![0u8; 64 << 10];
+                        while s.write_all(&chunk).await.is_ok() {
+                            counter.fetch_add(chunk.len(), std::sync::atomic::Ordering::Relaxed);
+                        }
+                    }
+                });
+            }
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let cache = WasmModuleCache::open(&dir.path().join("cache"), 1 << 20).unwrap();
+        let settings = FetchSettings {
+            file_root: dir.path().to_path_buf(),
+            insecure_registries: vec![registry.clone()],
+            timeout: Duration::from_secs(10),
+            attempts: 1,
+            max_module_bytes: 1 << 20,
+            deadline: Duration::from_secs(60),
+        };
+        let f = WasmFetcher::new(cache, settings, Arc::new(Metrics::default())).unwrap();
+        let p = plugin(&format!("{{name: p, url: 'oci://{registry}/endless-blob:v1'}}"), dir.path());
+        let e = f.module(&p).await.unwrap_err();
+        assert_eq!(e.kind(), "download_failure", "{e}");
+        let read = sent.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(read < 64 << 20, "{read} bytes were taken from the endless blob");
+    }
+
+    #[tokio::test]
     async fn an_endless_manifest_is_cut_off_not_buffered() {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
