@@ -1,7 +1,7 @@
 //! Envoy-native JSON (proto3 JSON mapping with `@type`, nested `Any`, camelCase or
 //! snake_case names) to protobuf `Any`, checked against Envoy's descriptors.
 
-use prost_reflect::{DeserializeOptions, DynamicMessage, SerializeOptions};
+use prost_reflect::{DeserializeOptions, DynamicMessage, ReflectMessage, SerializeOptions};
 use serde_json::Value;
 
 use crate::{descriptors::pool, Any};
@@ -127,11 +127,24 @@ fn has_special_json_form(type_name: &str) -> bool {
 
 /// Decodes an `Any` of any type in the pool back to Envoy-native JSON (for config dumps).
 pub fn any_to_json(any: &Any) -> Result<Value, JsonToAnyError> {
+    any_to_json_with(any, |_| {})
+}
+
+/// `any_to_json` with every field Envoy marks sensitive (`udpa.annotations.sensitive`:
+/// private keys, passwords, session ticket keys) shown as `[redacted]`, at any depth and
+/// inside nested `Any`s, as Envoy's own config dump does.
+pub fn any_to_json_redacted(any: &Any) -> Result<Value, JsonToAnyError> {
+    any_to_json_with(any, redact)
+}
+
+fn any_to_json_with(any: &Any, edit: impl FnOnce(&mut DynamicMessage)) -> Result<Value, JsonToAnyError> {
     let name = any.type_url.strip_prefix(TYPE_URL_PREFIX).unwrap_or(&any.type_url);
     let desc = pool()
         .get_message_by_name(name)
         .ok_or_else(|| JsonToAnyError::at("@type", format!("unknown type \"{}\"", any.type_url)))?;
-    let msg = DynamicMessage::decode(desc, any.value.as_slice()).map_err(|e| JsonToAnyError::at("", e.to_string()))?;
+    let mut msg =
+        DynamicMessage::decode(desc, any.value.as_slice()).map_err(|e| JsonToAnyError::at("", e.to_string()))?;
+    edit(&mut msg);
     let v = msg
         .serialize_with_options(
             serde_json::value::Serializer,
@@ -146,6 +159,72 @@ pub fn any_to_json(any: &Any) -> Result<Value, JsonToAnyError> {
         }
         other => serde_json::json!({ "@type": type_url, "value": other }),
     })
+}
+
+const REDACTED: &str = "[redacted]";
+
+/// Whether Envoy's API marks `field` sensitive.
+fn sensitive(field: &prost_reflect::FieldDescriptor) -> bool {
+    static EXT: std::sync::OnceLock<Option<prost_reflect::ExtensionDescriptor>> = std::sync::OnceLock::new();
+    let Some(ext) = EXT.get_or_init(|| pool().get_extension_by_name("udpa.annotations.sensitive")) else {
+        return false;
+    };
+    field.options().get_extension(ext).as_bool() == Some(true)
+}
+
+/// Replaces what Envoy marks sensitive in `msg` (see `any_to_json_redacted`).
+pub fn redact(msg: &mut DynamicMessage) {
+    let fields: Vec<_> = msg.descriptor().fields().filter(|f| msg.has_field(f)).collect();
+    for f in fields {
+        let all = sensitive(&f);
+        redact_value(msg.get_field_mut(&f), all);
+    }
+}
+
+/// Redacts inside `v`; with `all`, every string and bytes leaf (the field itself is
+/// sensitive), else only the sensitive fields of messages below.
+fn redact_value(v: &mut prost_reflect::Value, all: bool) {
+    use prost_reflect::Value as V;
+    match v {
+        V::String(s) if all => *s = REDACTED.into(),
+        V::Bytes(b) if all => *b = bytes::Bytes::from_static(REDACTED.as_bytes()),
+        V::List(items) => items.iter_mut().for_each(|i| redact_value(i, all)),
+        V::Map(entries) => entries.values_mut().for_each(|i| redact_value(i, all)),
+        V::Message(m) if m.descriptor().full_name() == "google.protobuf.Any" => redact_any(m, all),
+        V::Message(m) if all => redact_all(m),
+        V::Message(m) => redact(m),
+        _ => {}
+    }
+}
+
+/// Every string and bytes leaf of `msg`.
+fn redact_all(msg: &mut DynamicMessage) {
+    let fields: Vec<_> = msg.descriptor().fields().filter(|f| msg.has_field(f)).collect();
+    for f in fields {
+        redact_value(msg.get_field_mut(&f), true);
+    }
+}
+
+/// An `Any` inside a message: its payload decoded, redacted and encoded again (unknown
+/// payloads are dropped whole when `all`, kept otherwise: they hold nothing we can see).
+fn redact_any(any: &mut DynamicMessage, all: bool) {
+    use prost::Message;
+    let type_url = any.get_field_by_name("type_url").and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
+    let value = any.get_field_by_name("value").and_then(|v| v.as_bytes().cloned()).unwrap_or_default();
+    let name = type_url.strip_prefix(TYPE_URL_PREFIX).unwrap_or(&type_url);
+    let decoded = pool().get_message_by_name(name).and_then(|d| DynamicMessage::decode(d, value.as_ref()).ok());
+    match decoded {
+        Some(mut inner) => {
+            if all {
+                redact_all(&mut inner);
+            } else {
+                redact(&mut inner);
+            }
+            any.set_field_by_name("value", prost_reflect::Value::Bytes(inner.encode_to_vec().into()));
+        }
+        None if all => any.set_field_by_name("value", prost_reflect::Value::Bytes(bytes::Bytes::new())),
+        None => {}
+    }
 }
 
 /// `v` as JSON text with object keys sorted at every level: equal values, equal text.
@@ -263,5 +342,39 @@ mod tests {
             {"append": {"header": {"key": "x-plugin", "value": "v1"}}}]}});
         let m = any_from_json(&v).unwrap();
         assert_eq!(any_to_json(&m.any).unwrap(), v);
+    }
+}
+
+#[cfg(test)]
+mod redaction_tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn private_keys_are_redacted_at_any_depth_and_inside_anys() {
+        let key = json!({ "inline_string": "-----BEGIN PRIVATE KEY----- SECRET" });
+        let cert = json!({ "inline_string": "-----BEGIN CERTIFICATE----- PUBLIC" });
+        let secret = json!({
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret",
+            "name": "s",
+            "tls_certificate": { "certificate_chain": cert, "private_key": key },
+        });
+        let listener = json!({
+            "@type": "type.googleapis.com/envoy.config.listener.v3.Listener",
+            "name": "l",
+            "filter_chains": [{ "transport_socket": { "name": "envoy.transport_sockets.tls", "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+                "common_tls_context": { "tls_certificates": [{ "certificate_chain": cert, "private_key": key }] },
+            } } }],
+        });
+        for doc in [secret, listener] {
+            let any = any_from_json(&doc).unwrap().any;
+            let plain = any_to_json(&any).unwrap().to_string();
+            assert!(plain.contains("SECRET"), "the unredacted dump has it");
+            let shown = any_to_json_redacted(&any).unwrap().to_string();
+            assert!(!shown.contains("SECRET"), "{shown}");
+            assert!(shown.contains("[redacted]") && shown.contains("PUBLIC"), "certificates stay: {shown}");
+        }
     }
 }

@@ -7,7 +7,7 @@ use axum::{
     routing::get,
     Json, Router,
 };
-use filterplane_api::json::any_to_json;
+use filterplane_api::json::any_to_json_redacted;
 use serde::Serialize;
 use serde_json::{json, Value};
 
@@ -136,7 +136,7 @@ async fn config_dump(State(s): State<AdminState>, Query(q): Query<DumpQuery>) ->
         let resources: Vec<Value> = snapshot
             .all()
             .map(|(rt, r)| {
-                let resource = any_to_json(&r.any).unwrap_or_else(|e| json!({ "error": e.to_string() }));
+                let resource = any_to_json_redacted(&r.any).unwrap_or_else(|e| json!({ "error": e.to_string() }));
                 json!({ "type_url": rt.type_url(), "name": r.name, "version": r.version.to_string(), "resource": resource })
             })
             .collect();
@@ -148,7 +148,7 @@ async fn config_dump(State(s): State<AdminState>, Query(q): Query<DumpQuery>) ->
         .resources
         .iter()
         .map(|r| {
-            let resource = any_to_json(&r.resource).unwrap_or_else(|e| json!({ "error": e.to_string() }));
+            let resource = any_to_json_redacted(&r.resource).unwrap_or_else(|e| json!({ "error": e.to_string() }));
             json!({ "type_url": r.resource_type.type_url(), "name": r.name, "version": r.version.to_string(), "resource": resource })
         })
         .collect();

@@ -108,3 +108,14 @@ async fn event_stream_announces_changes() {
     let end = tokio::time::timeout(std::time::Duration::from_secs(5), body.frame()).await.unwrap();
     assert!(end.is_none(), "{end:?}");
 }
+
+#[tokio::test]
+async fn config_dump_never_shows_a_private_key() {
+    let yaml = "version: 1\nlisteners:\n  - name: tls\n    address: { socket_address: { address: 127.0.0.1, port_value: 10443 } }\n    filter_chains:\n      - transport_socket:\n          name: envoy.transport_sockets.tls\n          typed_config:\n            \"@type\": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext\n            common_tls_context:\n              tls_certificates:\n                - certificate_chain: { inline_string: \"PUBLIC-CERT\" }\n                  private_key: { inline_string: \"TOP-SECRET-KEY\" }\n        filters:\n          - name: envoy.filters.network.tcp_proxy\n            typed_config: { \"@type\": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy, stat_prefix: t, cluster: c }\n";
+    let (s, _dir) = state(yaml);
+    s.reloader.reload("test").await;
+    let (code, body) = get(app(s.clone()), "/api/v1/config_dump").await;
+    assert_eq!(code, StatusCode::OK, "{body}");
+    assert!(!body.contains("TOP-SECRET-KEY"), "{body}");
+    assert!(body.contains("[redacted]") && body.contains("PUBLIC-CERT"), "{body}");
+}
