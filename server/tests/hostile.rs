@@ -177,12 +177,23 @@ async fn admin_connections_and_event_clients_are_capped() {
         assert!(first.starts_with("HTTP/1.1 200"), "{first}");
         let (refused, second) = get("/api/v1/events");
         assert!(second.starts_with("HTTP/1.1 503") && second.contains("too many event-stream clients"), "{second}");
-        // Three admin connections are open now (the refused one is kept alive too): one
-        // more is answered 503 at once.
-        let idle = std::net::TcpStream::connect(admin).unwrap();
-        std::thread::sleep(std::time::Duration::from_millis(200));
-        let (_s, over) = get("/healthz");
-        drop((events, refused, idle));
+        // Connections until the cap: held ones stay silent, and the first one over it is
+        // answered 503 at once (however many slots the harness's own requests still hold).
+        let mut held = vec![events, refused];
+        let mut over = String::new();
+        for _ in 0..6 {
+            let mut s = std::net::TcpStream::connect(admin).unwrap();
+            s.set_read_timeout(Some(std::time::Duration::from_millis(500))).unwrap();
+            let mut buf = vec![0u8; 512];
+            match s.read(&mut buf) {
+                Ok(n) if n > 0 => {
+                    over = String::from_utf8_lossy(&buf[..n]).into_owned();
+                    break;
+                }
+                _ => held.push(s),
+            }
+        }
+        drop(held);
         over
     })
     .await
@@ -318,17 +329,19 @@ async fn a_request_over_the_size_limit_ends_the_stream_with_an_error_status() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_admin_connection_that_sends_nothing_gives_its_slot_back() {
     let plane =
-        Plane::start_with(&[("a", "1")], &["--max-admin-connections", "2", "--admin-request-timeout-secs", "1"]).await;
+        Plane::start_with(&[("a", "1")], &["--max-admin-connections", "3", "--admin-request-timeout-secs", "1"]).await;
     let admin = plane.admin;
     tokio::task::spawn_blocking(move || {
         use std::io::Read;
-        // Two silent connections take every slot; the server closes them after its
-        // first-request deadline (1 s here), long before this client would give up (30 s).
+        // Two silent connections (a third slot is left for the harness's own requests);
+        // the server closes them after its first-request deadline (1 s here), long before
+        // this client would give up (30 s).
         let silent: Vec<_> = (0..2).map(|_| std::net::TcpStream::connect(admin).unwrap()).collect();
         for mut s in silent {
             s.set_read_timeout(Some(std::time::Duration::from_secs(30))).unwrap();
-            let mut buf = [0u8; 16];
-            assert!(matches!(s.read(&mut buf), Ok(0)), "closed by the server (EOF), not by the client's timeout");
+            let mut rest = Vec::new();
+            let read = s.read_to_end(&mut rest);
+            assert!(read.is_ok() && rest.is_empty(), "closed by the server, unanswered: {read:?} {rest:?}");
         }
     })
     .await
