@@ -93,6 +93,10 @@ pub struct ServeArgs {
     /// Clients of /api/v1/events (the page's live updates) at once; more get 503.
     #[arg(long, default_value_t = 256)]
     pub max_event_clients: usize,
+    /// A host name the admin server answers to besides its address, IP literals and
+    /// localhost (a DNS-rebinding page uses a name of its own). Repeatable.
+    #[arg(long = "admin-allowed-host")]
+    pub admin_allowed_hosts: Vec<String>,
     /// Seconds an admin connection has to send its first request before it is closed.
     #[arg(long, default_value_t = 10)]
     pub admin_request_timeout_secs: u64,

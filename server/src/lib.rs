@@ -150,6 +150,22 @@ pub async fn serve_on(
     xds_listening.store(true, std::sync::atomic::Ordering::Relaxed);
 
     let event_clients = Arc::new(tokio::sync::Semaphore::new(limits.max_event_clients));
+    // The names the admin answers to: the module URL's host (Envoys download from it) and
+    // the operator's --admin-allowed-host.
+    let module_host = args
+        .wasm
+        .wasm_module_url
+        .as_deref()
+        .and_then(|u| u.split("://").nth(1))
+        .and_then(|rest| rest.split(['/', ':']).next())
+        .map(str::to_ascii_lowercase);
+    let allowed_hosts = Arc::new(
+        args.admin_allowed_hosts
+            .iter()
+            .map(|h| h.trim_end_matches('.').to_ascii_lowercase())
+            .chain(module_host)
+            .collect(),
+    );
     let admin = axum::serve(
         limits::CappedListener::new(admin_listener, limits, metrics.clone()),
         admin::app(AdminState {
@@ -160,6 +176,7 @@ pub async fn serve_on(
             xds_listening,
             shutdown: shutdown.clone(),
             event_clients,
+            allowed_hosts,
         }),
     )
     .with_graceful_shutdown(shutdown.clone().cancelled_owned());

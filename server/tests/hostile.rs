@@ -167,7 +167,7 @@ async fn admin_connections_and_event_clients_are_capped() {
         let get = |path: &str| {
             let mut s = std::net::TcpStream::connect(admin).unwrap();
             s.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
-            s.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes()).unwrap();
+            s.write_all(format!("GET {path} HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n").as_bytes()).unwrap();
             let mut buf = vec![0u8; 512];
             let n = s.read(&mut buf).unwrap_or(0);
             (s, String::from_utf8_lossy(&buf[..n]).into_owned())

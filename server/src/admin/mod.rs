@@ -41,9 +41,13 @@ pub struct AdminState {
     pub shutdown: CancellationToken,
     /// One permit per `/api/v1/events` client (`--max-event-clients`).
     pub event_clients: Arc<tokio::sync::Semaphore>,
+    /// Host names (lowercase, no port) the admin answers to besides IP literals and
+    /// `localhost`: the module URL's host and `--admin-allowed-host`.
+    pub allowed_hosts: Arc<Vec<String>>,
 }
 
 pub fn app(state: AdminState) -> Router {
+    let allowed = state.allowed_hosts.clone();
     Router::new()
         .route("/", get(|| async { Html(include_str!("page.html")) }))
         .route("/healthz", get(|| async { "ok\n" }))
@@ -53,7 +57,39 @@ pub fn app(state: AdminState) -> Router {
         .route("/modules/sha256/{hex}", get(module))
         .nest("/api/v1", api::routes())
         .fallback(|| async { (StatusCode::NOT_FOUND, "no such page; see / and /api/v1/*\n") })
+        .layer(axum::middleware::from_fn(move |req: axum::extract::Request, next: axum::middleware::Next| {
+            let allowed = allowed.clone();
+            async move {
+                // Probes may use any name (a Kubernetes service, a load balancer).
+                let probe = matches!(req.uri().path(), "/healthz" | "/readyz");
+                let host = req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("");
+                if probe || host_allowed(host, &allowed) {
+                    return next.run(req).await;
+                }
+                (
+                    StatusCode::MISDIRECTED_REQUEST,
+                    "this admin server does not answer to that host name (DNS rebinding); use its address, localhost, or --admin-allowed-host\n",
+                )
+                    .into_response()
+            }
+        }))
         .with_state(state)
+}
+
+/// Whether a request's `Host` may be answered. A DNS-rebinding page reaches the admin
+/// under a name the attacker controls; an IP address or `localhost` is no such name, and
+/// a request without `Host` (HTTP/1.0, a script) comes from no browser.
+pub fn host_allowed(host: &str, allowed: &[String]) -> bool {
+    if host.is_empty() {
+        return true;
+    }
+    // Strip the port: `name:port`, `[v6]:port`, `[v6]`.
+    let name = match host.strip_prefix('[') {
+        Some(rest) => rest.split(']').next().unwrap_or(""),
+        None => host.rsplit_once(':').map_or(host, |(n, _)| n),
+    };
+    let name = name.trim_end_matches('.').to_ascii_lowercase();
+    name.parse::<std::net::IpAddr>().is_ok() || name == "localhost" || allowed.contains(&name)
 }
 
 async fn readyz(State(s): State<AdminState>) -> (StatusCode, &'static str) {

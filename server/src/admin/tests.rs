@@ -29,6 +29,7 @@ fn state(config: &str) -> (AdminState, tempfile::TempDir) {
         xds_listening: Arc::new(AtomicBool::new(true)),
         shutdown: CancellationToken::new(),
         event_clients: Arc::new(tokio::sync::Semaphore::new(2)),
+        allowed_hosts: Arc::new(vec!["filterplane.internal".into()]),
     };
     (s, dir)
 }
@@ -118,4 +119,25 @@ async fn config_dump_never_shows_a_private_key() {
     assert_eq!(code, StatusCode::OK, "{body}");
     assert!(!body.contains("TOP-SECRET-KEY"), "{body}");
     assert!(body.contains("[redacted]") && body.contains("PUBLIC-CERT"), "{body}");
+}
+
+#[tokio::test]
+async fn a_host_name_nobody_allowed_is_refused_dns_rebinding() {
+    let (s, _dir) = state(GOOD);
+    s.reloader.reload("test").await;
+    let with_host = |host: &'static str, path: &'static str| {
+        let app = app(s.clone());
+        async move {
+            let req = Request::get(path).header("host", host).body(Body::empty()).unwrap();
+            app.oneshot(req).await.unwrap().status()
+        }
+    };
+    assert_eq!(with_host("evil.example:18001", "/api/v1/config").await, StatusCode::MISDIRECTED_REQUEST);
+    assert_eq!(with_host("evil.example", "/").await, StatusCode::MISDIRECTED_REQUEST);
+    for ok in
+        ["127.0.0.1:18001", "localhost:18001", "[::1]:18001", "10.1.2.3:18001", "filterplane.internal", "LOCALHOST."]
+    {
+        assert_eq!(with_host(ok, "/api/v1/config").await, StatusCode::OK, "{ok}");
+    }
+    assert_eq!(with_host("evil.example", "/healthz").await, StatusCode::OK, "probes answer any name");
 }
