@@ -6,6 +6,7 @@ pub mod cache;
 pub mod cli;
 pub mod limits;
 pub mod metrics;
+pub mod ports;
 pub mod reload;
 pub mod status;
 pub mod tracker;
@@ -110,6 +111,7 @@ pub async fn serve_on(
     let xds_listening = Arc::new(AtomicBool::new(false));
     let tasks = TaskTracker::new();
     tracing::info!(xds = %xds_listener.local_addr()?, admin = %admin_listener.local_addr()?, config = %config.display(), "listening");
+    ports::log_at_start(xds_listener.local_addr()?, admin_listener.local_addr()?);
 
     // A bad config at start is not fatal: nothing is served until a good one appears,
     // so connected Envoys keep what they have.
