@@ -443,6 +443,20 @@ mod tests {
         assert!(text.contains("filterplane_wasm_remote_fetches_total{result=\"invalid_module\"} 1"), "{text}");
     }
 
+    /// A fetcher for a plain-HTTP registry at `registry` (on loopback), one attempt.
+    fn registry_fetcher(dir: &Path, registry: &str) -> WasmFetcher {
+        let cache = WasmModuleCache::open(&dir.join("cache"), 1 << 20).unwrap();
+        let settings = FetchSettings {
+            file_root: dir.to_path_buf(),
+            insecure_registries: vec![registry.to_owned()],
+            timeout: Duration::from_secs(10),
+            attempts: 1,
+            max_module_bytes: 1 << 20,
+            deadline: Duration::from_secs(60),
+        };
+        WasmFetcher::new(cache, settings, Arc::new(Metrics::default())).unwrap()
+    }
+
     /// A registry on loopback that asks for Basic auth and records, per manifest request,
     /// the path and the Authorization header; every manifest is "not found".
     async fn recording_registry() -> (String, Arc<std::sync::Mutex<Vec<(String, Option<String>)>>>) {
@@ -487,16 +501,7 @@ mod tests {
     async fn each_plugin_pulls_with_its_own_credentials() {
         let dir = tempfile::tempdir().unwrap();
         let (registry, seen) = recording_registry().await;
-        let cache = WasmModuleCache::open(&dir.path().join("cache"), 1 << 20).unwrap();
-        let settings = FetchSettings {
-            file_root: dir.path().to_path_buf(),
-            insecure_registries: vec![registry.clone()],
-            timeout: Duration::from_secs(5),
-            attempts: 1,
-            max_module_bytes: 1 << 20,
-            deadline: Duration::from_secs(60),
-        };
-        let f = WasmFetcher::new(cache, settings, Arc::new(Metrics::default())).unwrap();
+        let f = registry_fetcher(dir.path(), &registry);
         std::fs::write(dir.path().join("a-creds"), "user-a:pw-a").unwrap();
         std::fs::write(dir.path().join("c-creds"), "user-c:pw-c").unwrap();
         let secret = |who: &str| format!(", image_pull_secret: {{ file: '{}' }}", dir.path().join(who).display());
@@ -553,16 +558,7 @@ mod tests {
             }
         });
         let dir = tempfile::tempdir().unwrap();
-        let cache = WasmModuleCache::open(&dir.path().join("cache"), 1 << 20).unwrap();
-        let settings = FetchSettings {
-            file_root: dir.path().to_path_buf(),
-            insecure_registries: vec![registry.clone()],
-            timeout: Duration::from_secs(10),
-            attempts: 1,
-            max_module_bytes: 1 << 20,
-            deadline: Duration::from_secs(60),
-        };
-        let f = WasmFetcher::new(cache, settings, Arc::new(Metrics::default())).unwrap();
+        let f = registry_fetcher(dir.path(), &registry);
         let p = plugin(&format!("{{name: p, url: 'oci://{registry}/endless-blob:v1'}}"), dir.path());
         let e = f.module(&p).await.unwrap_err();
         assert_eq!(e.kind(), "download_failure", "{e}");
@@ -598,16 +594,7 @@ mod tests {
             }
         });
         let dir = tempfile::tempdir().unwrap();
-        let cache = WasmModuleCache::open(&dir.path().join("cache"), 1 << 20).unwrap();
-        let settings = FetchSettings {
-            file_root: dir.path().to_path_buf(),
-            insecure_registries: vec![registry.clone()],
-            timeout: Duration::from_secs(10),
-            attempts: 1,
-            max_module_bytes: 1 << 20,
-            deadline: Duration::from_secs(60),
-        };
-        let f = WasmFetcher::new(cache, settings, Arc::new(Metrics::default())).unwrap();
+        let f = registry_fetcher(dir.path(), &registry);
         let p = plugin(&format!("{{name: p, url: 'oci://{registry}/endless:v1'}}"), dir.path());
         let e = f.module(&p).await.unwrap_err();
         assert!(e.to_string().contains("manifest larger than"), "{e}");
