@@ -344,6 +344,8 @@ impl ConfigWatch {
     pub async fn run(mut self, shutdown: CancellationToken) {
         let mut check = tokio::time::interval(WATCH_CHECK);
         check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Tried again every check; said once.
+        let mut warned = false;
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -359,9 +361,14 @@ impl ConfigWatch {
                                 tracing::info!(path = %self.reloader.path.display(), "config directory re-created; watching it again");
                                 self.watcher = Some(w);
                                 self.watched = now;
+                                warned = false;
                                 self.reloader.reload("config directory re-created").await;
                             }
-                            Err(e) => tracing::warn!(error = %e, "cannot watch the config files yet"),
+                            Err(e) if !warned => {
+                                warned = true;
+                                tracing::warn!(error = %e, "cannot watch the config files; trying again every second (SIGHUP reloads meanwhile)");
+                            }
+                            Err(e) => tracing::debug!(error = %e, "cannot watch the config files yet"),
                         }
                     }
                 }
@@ -376,7 +383,8 @@ impl ConfigWatch {
                 }
                 Some(mut change) = self.events.recv() => {
                     // Debounce: wait until the files have been quiet for as long as the
-                    // last event asks (a write in progress: DEBOUNCE; a finished one: SETTLE).
+                    // last event asks (a write not closed yet: WRITE_FALLBACK; a partial
+                    // change: DEBOUNCE; a finished one: SETTLE).
                     loop {
                         tokio::select! {
                             _ = tokio::time::sleep(change.quiet_time()) => break,
