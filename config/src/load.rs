@@ -104,11 +104,8 @@ pub fn config_files(path: &Path) -> Result<Vec<PathBuf>, ConfigErrors> {
         message: format!("cannot read: {e}"),
     };
     if !path.is_dir() {
-        let meta = std::fs::metadata(path).map_err(io_err)?;
-        // A FIFO or a device would block the read forever (or never end).
-        if !meta.is_file() {
-            return Err(io_err(std::io::Error::other("not a regular file")).into());
-        }
+        // (Whether it is a regular file is checked where it is opened: `read_bounded`.)
+        std::fs::metadata(path).map_err(io_err)?;
         return Ok(vec![path.to_path_buf()]);
     }
     let mut files = Vec::new();
@@ -173,8 +170,8 @@ pub fn parse_all_with(path: &Path, max_file_bytes: u64) -> Result<Vec<ParsedFile
 /// A regular file's text, at most `max` bytes.
 fn read_bounded(file: &Path, max: u64) -> std::io::Result<String> {
     use std::io::Read;
-    let meta = std::fs::metadata(file)?;
-    if !meta.is_file() {
+    // A FIFO or a device would block the read forever (or never end).
+    if !std::fs::metadata(file)?.is_file() {
         return Err(std::io::Error::other("not a regular file"));
     }
     let mut text = String::new();

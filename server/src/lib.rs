@@ -158,9 +158,8 @@ pub async fn serve_on(
         .wasm
         .wasm_module_url
         .as_deref()
-        .and_then(|u| u.split("://").nth(1))
-        .and_then(|rest| rest.split(['/', ':']).next())
-        .map(str::to_ascii_lowercase);
+        .and_then(|u| reqwest::Url::parse(u).ok())
+        .and_then(|u| u.host_str().map(str::to_ascii_lowercase));
     let allowed_hosts = Arc::new(
         args.admin_allowed_hosts
             .iter()

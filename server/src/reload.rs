@@ -216,9 +216,13 @@ impl ConfigReloader {
             (other, _) => other,
         };
         let elapsed = started.elapsed();
+        let too_much = match &result {
+            Ok(config) if !confirmed => self.removes_too_much(config),
+            _ => None,
+        };
         let outcome = match result {
-            Ok(config) if !confirmed && self.removes_too_much(&config).is_some() => {
-                let (removed, served, examples) = self.removes_too_much(&config).unwrap_or_default();
+            Ok(config) if too_much.is_some() => {
+                let (removed, served, examples) = too_much.unwrap_or_default();
                 tracing::warn!(version = %config.version, removed, served, trigger, ?examples, "config held: it would remove more than --max-removal-percent of what is served; confirm with `filterplane reload --confirm` or SIGHUP");
                 ReloadOutcome::Held { version: config.version.to_string(), removed, served, examples }
             }
@@ -358,7 +362,7 @@ impl ConfigWatch {
                         self.lost.store(false, std::sync::atomic::Ordering::Relaxed);
                         match self.reloader.watch_files(self.tx.clone(), self.lost.clone()) {
                             Ok(w) => {
-                                tracing::info!(path = %self.reloader.path.display(), "config directory re-created; watching it again");
+                                tracing::info!(path = %self.reloader.path.display(), "watching the config directory (re-created, or watchable again)");
                                 self.watcher = Some(w);
                                 self.watched = now;
                                 warned = false;

@@ -222,20 +222,7 @@ impl WasmFetcher {
 
     /// One attempt; the error says whether retrying may help.
     async fn download_once(&self, url: &str) -> Result<Bytes, (bool, String)> {
-        let mut res = self.http.get(url).send().await.map_err(|e| (true, format!("{url}: {e}")))?;
-        let status = res.status();
-        if !status.is_success() {
-            return Err((status.is_server_error(), format!("{url}: HTTP {status}")));
-        }
-        let limit = self.settings.max_module_bytes;
-        let mut body = Vec::new();
-        while let Some(chunk) = res.chunk().await.map_err(|e| (true, format!("{url}: {e}")))? {
-            if (body.len() + chunk.len()) as u64 > limit {
-                return Err((false, format!("{url}: larger than the limit of {limit} bytes")));
-            }
-            body.extend_from_slice(&chunk);
-        }
-        Ok(Bytes::from(body))
+        get_bounded(self.http.get(url), url, "module", self.settings.max_module_bytes).await
     }
 
     /// OCI: resolve the tag (unless `IfNotPresent` and resolved before), then take the
@@ -289,6 +276,31 @@ impl WasmFetcher {
         }
         Err(FetchError::Download(format!("{key}: {last} (after {} attempts)", self.settings.attempts)))
     }
+}
+
+/// Sends `request` (a GET of `url`) and reads the body (`what` it is, for the error), at
+/// most `limit` bytes: a server that sends more, or without end, is cut off there. The
+/// error says whether asking again may help (a connection failure or a 5xx may; a 4xx
+/// or an oversized body will not).
+pub async fn get_bounded(
+    request: reqwest::RequestBuilder,
+    url: &str,
+    what: &str,
+    limit: u64,
+) -> Result<Bytes, (bool, String)> {
+    let mut res = request.send().await.map_err(|e| (true, format!("{url}: {e}")))?;
+    let status = res.status();
+    if !status.is_success() {
+        return Err((status.is_server_error(), format!("{url}: HTTP {status}")));
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = res.chunk().await.map_err(|e| (true, format!("{url}: {e}")))? {
+        if (body.len() + chunk.len()) as u64 > limit {
+            return Err((false, format!("{url}: {what} larger than the limit of {limit} bytes")));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(Bytes::from(body))
 }
 
 /// The module is the one the plugin pinned, if it pinned one.

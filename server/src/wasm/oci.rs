@@ -130,19 +130,9 @@ impl Registry<'_> {
             (None, RegistryAuth::Basic(user, password)) => req.basic_auth(user, Some(password)),
             _ => req,
         };
-        let mut res = req.send().await.map_err(|e| PullError::Transient(format!("{url}: {e}")))?;
-        let status = res.status();
-        if !status.is_success() {
-            let text = format!("{url}: HTTP {status}");
-            return Err(if status.is_server_error() { PullError::Transient(text) } else { PullError::Permanent(text) });
-        }
-        let mut body = Vec::new();
-        while let Some(chunk) = res.chunk().await.map_err(|e| PullError::Transient(format!("{url}: {e}")))? {
-            if body.len() + chunk.len() > MAX_MANIFEST_BYTES {
-                return Err(PullError::Permanent(format!("{url}: manifest larger than {MAX_MANIFEST_BYTES} bytes")));
-            }
-            body.extend_from_slice(&chunk);
-        }
+        let body = crate::wasm::fetch::get_bounded(req, &url, "manifest", MAX_MANIFEST_BYTES as u64)
+            .await
+            .map_err(|(retry, e)| if retry { PullError::Transient(e) } else { PullError::Permanent(e) })?;
         let digest = format!("sha256:{}", crate::wasm::cache::sha256_hex(&body));
         let manifest = serde_json::from_slice(&body)
             .map_err(|e| PullError::Invalid(format!("{url}: not an OCI manifest: {e}")))?;

@@ -1,9 +1,9 @@
 //! The incremental (delta) protocol as a pure state machine, beside `sotw.rs` and
 //! sharing its subscription, version, nonce and event bookkeeping (`stream.rs`).
 //! Only what changed is sent; what left the snapshot or stopped matching the proxy is
-//! named in `removed_resources`, make-before-break: an extension config whose filter
-//! left the proxy's listeners is removed only once no listener the proxy may still be
-//! draining refers to it.
+//! named in `removed_resources`, make-before-break (`hold.rs`): what the proxy's
+//! listeners and routes may still use (an extension config whose filter left them, a
+//! cluster a route left) is removed only once they no longer do.
 
 use std::{collections::VecDeque, sync::Arc, time::Instant};
 
@@ -178,6 +178,10 @@ impl DeltaStream {
     /// After a step: holds made wait for the listener and route responses it sent, and
     /// what is due at once (or became due by an ACK) goes out.
     fn end_step(&mut self, step: &mut Step<DeltaDiscoveryResponse>) {
+        // Runs after every request (each ACK): nothing to do unless a removal is held.
+        if self.holds.is_empty() {
+            return;
+        }
         self.holds.end_step(&step.sent(), self.core.settings.drain_grace);
         for rt in self.holds.release_due(Instant::now()) {
             self.respond(rt, &[], false, Hold::None, false, step);

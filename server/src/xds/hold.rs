@@ -68,6 +68,16 @@ struct Held {
 pub struct Holds(Vec<Held>);
 
 impl Holds {
+    /// Nothing held: the usual case, and then no step has hold work to do.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Whether anything of type `rt` is held.
+    pub fn holds_any(&self, rt: ResourceType) -> bool {
+        self.0.iter().any(|h| h.rt == rt)
+    }
+
     pub fn is_held(&self, rt: ResourceType, name: &str) -> bool {
         self.0.iter().any(|h| h.rt == rt && h.name == name)
     }

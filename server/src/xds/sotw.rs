@@ -148,6 +148,10 @@ impl SotwStream {
     /// After a step: holds made wait for the listener and route responses it sent, and
     /// what is due at once (or became due by an ACK) goes out.
     fn end_step(&mut self, step: &mut Step<DiscoveryResponse>) {
+        // Runs after every request (each ACK): nothing to do unless a removal is held.
+        if self.holds.is_empty() {
+            return;
+        }
         self.holds.end_step(&step.sent(), self.core.settings.drain_grace);
         for rt in self.holds.release_due(Instant::now()) {
             self.respond(rt, false, Hold::None, step);
@@ -198,8 +202,12 @@ impl SotwStream {
             return;
         };
         let mut selected = state.subscription.select(snapshot.resources(rt));
-        // State of the world cannot remove an extension config at all: nothing to hold.
-        if rt != ResourceType::ExtensionConfig {
+        let mut version = set_version(&selected);
+        // Removals to hold, and held ones to send on: only when something of this type
+        // changed or is held (this runs per stream per push). State of the world cannot
+        // remove an extension config at all: nothing to hold there.
+        let changed = state.last_sent.as_ref().is_some_and(|s| s.version != version);
+        if rt != ResourceType::ExtensionConfig && (changed || self.holds.holds_any(rt)) {
             let by_name = |list: &[&Arc<crate::cache::ServedResource>], name: &str| {
                 list.binary_search_by(|r| r.name.as_str().cmp(name)).is_ok()
             };
@@ -216,9 +224,9 @@ impl SotwStream {
             selected.extend(self.holds.held(rt));
             if selected.len() != before {
                 selected.sort_by(|a, b| a.name.cmp(&b.name));
+                version = set_version(&selected);
             }
         }
-        let version = set_version(&selected);
         match &state.last_sent {
             None if state.client_version == version.as_str() => {
                 // A reconnecting client that already has exactly this: nothing to send.
