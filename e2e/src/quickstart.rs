@@ -43,8 +43,10 @@ impl Mode {
 }
 
 pub struct Quickstart {
-    pub fp: Filterplane,
+    /// Declared (so dropped, and its log printed on failure) before Filterplane: the end
+    /// of a failing test's output is then Filterplane's log.
     pub envoy: Envoy,
+    pub fp: Filterplane,
     /// The YAML file Filterplane serves.
     pub yaml: PathBuf,
     pub node_id: String,

@@ -163,11 +163,21 @@ fn restart_on_the_same_yaml_does_not_make_envoy_reload(mode: Mode) {
 #[test]
 fn sighup_forces_a_reload() {
     let q = Quickstart::start("hup", false);
+    let unchanged = r#"filterplane_config_reloads_total{result="unchanged"}"#;
+    let before = q.fp.metric(unchanged).unwrap_or(0.0);
     q.fp.signal("-HUP");
-    wait_until("a reload triggered by SIGHUP", WAIT, || {
-        (q.fp.api("/api/v1/config")["last_trigger"] == "SIGHUP").then_some(())
-    });
-    assert_eq!(q.fp.api("/api/v1/config")["last_outcome"]["result"], "unchanged");
+    // Counted, not read from "last": any other reload after the signal would hide it.
+    let mut seen = serde_json::Value::Null;
+    let waited = std::time::Instant::now();
+    while q.fp.metric(unchanged).unwrap_or(0.0) <= before {
+        seen = q.fp.api("/api/v1/config");
+        assert!(waited.elapsed() < WAIT, "no reload after SIGHUP within {WAIT:?}; /api/v1/config: {seen}");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let config = q.fp.api("/api/v1/config");
+    assert_eq!(config["last_trigger"], "SIGHUP", "{config} (before: {seen})");
+    assert_eq!(config["last_outcome"]["result"], "unchanged", "{config}");
+    assert!(q.fp.log_text().contains(r#"config unchanged"#));
 }
 
 #[test]
