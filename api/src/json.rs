@@ -163,6 +163,17 @@ fn any_to_json_with(any: &Any, edit: impl FnOnce(&mut DynamicMessage)) -> Result
 
 const REDACTED: &str = "[redacted]";
 
+/// Whether `any` holds a value in a field Envoy marks sensitive (a private key, a
+/// password), at any depth and inside nested `Any`s. Unknown types hold none we can see.
+pub fn holds_sensitive(any: &Any) -> bool {
+    let name = any.type_url.strip_prefix(TYPE_URL_PREFIX).unwrap_or(&any.type_url);
+    let Some(desc) = pool().get_message_by_name(name) else { return false };
+    let Ok(msg) = DynamicMessage::decode(desc, any.value.as_slice()) else { return false };
+    let mut redacted = msg.clone();
+    redact(&mut redacted);
+    redacted != msg
+}
+
 /// Whether Envoy's API marks `field` sensitive.
 fn sensitive(field: &prost_reflect::FieldDescriptor) -> bool {
     static EXT: std::sync::OnceLock<Option<prost_reflect::ExtensionDescriptor>> = std::sync::OnceLock::new();
@@ -372,9 +383,15 @@ mod redaction_tests {
             let any = any_from_json(&doc).unwrap().any;
             let plain = any_to_json(&any).unwrap().to_string();
             assert!(plain.contains("SECRET"), "the unredacted dump has it");
+            assert!(holds_sensitive(&any), "{plain}");
             let shown = any_to_json_redacted(&any).unwrap().to_string();
             assert!(!shown.contains("SECRET"), "{shown}");
             assert!(shown.contains("[redacted]") && shown.contains("PUBLIC"), "certificates stay: {shown}");
         }
+        let plain = json!({ "@type": "type.googleapis.com/envoy.config.listener.v3.Listener", "name": "l",
+            "filter_chains": [{ "transport_socket": { "name": "envoy.transport_sockets.tls", "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+                "common_tls_context": { "tls_certificate_sds_secret_configs": [{ "name": "by-sds" }] } } } }] });
+        assert!(!holds_sensitive(&any_from_json(&plain).unwrap().any), "a secret named, not held");
     }
 }

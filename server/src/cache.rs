@@ -63,9 +63,16 @@ pub struct Generation {
     served: Vec<Arc<ServedResource>>,
     /// Entries with a node selector: the only ones a node's group depends on.
     selective: Vec<u32>,
-    /// Keyed by the indices of the selective entries a node matches.
+    /// Keyed by the indices of the selective entries a node matches (and `WITHHELD`
+    /// for proxies that get no sensitive resources).
     groups: DashMap<Vec<u32>, Arc<Snapshot>>,
+    /// Parallel to `config.resources`: holds a secret (an SDS Secret, or a field Envoy
+    /// marks sensitive). Worked out the first time a proxy must go without them.
+    sensitive: std::sync::OnceLock<Vec<bool>>,
 }
+
+/// The group key's mark for proxies that get no sensitive resources.
+const WITHHELD: u32 = u32::MAX;
 
 impl Generation {
     pub fn new(config: CompiledConfig) -> Self {
@@ -88,7 +95,7 @@ impl Generation {
             .filter(|(_, r)| !r.selector.is_empty())
             .map(|(i, _)| i as u32)
             .collect();
-        Self { config: Arc::new(config), served, selective, groups: DashMap::new() }
+        Self { config: Arc::new(config), served, selective, groups: DashMap::new(), sensitive: Default::default() }
     }
 
     pub fn version(&self) -> &ResourceVersion {
@@ -99,18 +106,53 @@ impl Generation {
     /// Runs once per stream per config change, so it only looks at entries that have a
     /// selector: every node gets the others.
     pub fn snapshot_for(&self, node: &NodeFacts) -> Arc<Snapshot> {
-        let group: Vec<u32> = self
+        self.snapshot_for_stream(node, false)
+    }
+
+    /// Whether entry `i` holds a secret.
+    fn is_sensitive(&self, i: usize) -> bool {
+        let flags = self.sensitive.get_or_init(|| {
+            self.config
+                .resources
+                .iter()
+                .map(|r| {
+                    r.resource_type == ResourceType::Secret || filterplane_api::json::holds_sensitive(&r.resource)
+                })
+                .collect()
+        });
+        flags.get(i).copied().unwrap_or(false)
+    }
+
+    /// The names of the resources a proxy that may not have secrets goes without.
+    pub fn withheld(&self, node: &NodeFacts) -> Vec<String> {
+        let all = self.snapshot_for_stream(node, false);
+        let without = self.snapshot_for_stream(node, true);
+        all.all()
+            .filter(|(t, r)| without.resource(*t, &r.name).is_none())
+            .map(|(_, r)| r.name.clone())
+            .collect()
+    }
+
+    /// As `snapshot_for`; with `withhold_sensitive`, without the resources that hold
+    /// secrets (`--sensitive-to-authenticated-only`, for a proxy without a client
+    /// certificate).
+    pub fn snapshot_for_stream(&self, node: &NodeFacts, withhold_sensitive: bool) -> Arc<Snapshot> {
+        let mut group: Vec<u32> = self
             .selective
             .iter()
             .copied()
             .filter(|&i| self.config.resources[i as usize].selector.matches(node))
             .collect();
+        if withhold_sensitive {
+            group.push(WITHHELD);
+        }
         if let Some(s) = self.groups.get(&group) {
             return s.clone();
         }
         // Every entry this group gets, in config order (which decides same-name entries).
         let key: Vec<u32> = (0..self.config.resources.len() as u32)
             .filter(|i| self.config.resources[*i as usize].selector.is_empty() || group.binary_search(i).is_ok())
+            .filter(|i| !withhold_sensitive || !self.is_sensitive(*i as usize))
             .collect();
         // Filters placed into listeners: those of the extension configs this group gets
         // (entries sharing a name share their placement).

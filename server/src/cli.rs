@@ -28,6 +28,8 @@ pub enum Command {
         /// The admin address of the server.
         #[arg(long, default_value = "http://127.0.0.1:18001", env = "FILTERPLANE_ADMIN_URL")]
         admin: String,
+        #[command(flatten)]
+        client: AdminClientArgs,
     },
     /// Reload the config of a running `filterplane serve` now. A reload that would remove
     /// more than --max-removal-percent of what is served is held; --confirm applies it.
@@ -38,6 +40,8 @@ pub enum Command {
         /// The admin address of the server.
         #[arg(long, default_value = "http://127.0.0.1:18001", env = "FILTERPLANE_ADMIN_URL")]
         admin: String,
+        #[command(flatten)]
+        client: AdminClientArgs,
     },
     /// Wasm module tools.
     Wasm {
@@ -51,6 +55,17 @@ pub enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+}
+
+/// How the CLI reaches a protected admin API.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct AdminClientArgs {
+    /// A file holding the admin bearer token (the server's --admin-token-file).
+    #[arg(long, env = "FILTERPLANE_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+    /// CA certificates (PEM) to trust for an https:// admin address, besides the system's.
+    #[arg(long, env = "FILTERPLANE_ADMIN_CA")]
+    pub ca_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -112,6 +127,71 @@ pub struct ServeArgs {
     pub max_config_bytes: u64,
     #[command(flatten)]
     pub wasm: WasmArgs,
+    #[command(flatten)]
+    pub security: SecurityArgs,
+}
+
+/// TLS, client certificates, node identity and admin authentication.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct SecurityArgs {
+    /// xDS over TLS: the server certificate chain (PEM, leaf first). Read again when it
+    /// changes: new connections use the new one, open streams go on.
+    #[arg(long, requires = "xds_tls_key")]
+    pub xds_tls_cert: Option<PathBuf>,
+    /// xDS over TLS: the private key (PEM) of --xds-tls-cert.
+    #[arg(long, requires = "xds_tls_cert")]
+    pub xds_tls_key: Option<PathBuf>,
+    /// mTLS: the CA certificates (PEM) proxies' client certificates must chain to; a
+    /// client without a valid one is refused in the handshake. Read again when it changes.
+    #[arg(long, requires = "xds_tls_cert")]
+    pub xds_client_ca: Option<PathBuf>,
+    /// With --xds-client-ca: `optional` also lets clients without a certificate connect,
+    /// unauthenticated (no node identity; no sensitive resources with
+    /// --sensitive-to-authenticated-only).
+    #[arg(long, value_enum, default_value_t = crate::tls::ClientAuth::Required)]
+    pub xds_client_auth: crate::tls::ClientAuth,
+    /// Which node ids and clusters a client certificate may claim (needs --xds-client-ca),
+    /// e.g. `uri=spiffe://example.org/node/*,node=$1` or
+    /// `dns=*.edge.example.com,node=edge-$1-*,cluster=edge`. Repeatable; a stream must
+    /// match one rule, else it is ended with PERMISSION_DENIED. See the README.
+    #[arg(long = "node-identity", value_name = "RULE")]
+    pub node_identity: Vec<crate::identity::IdentityRule>,
+    /// Serve secrets (SDS Secrets, and listeners, clusters or other resources holding a
+    /// private key or other field Envoy marks sensitive) only to proxies that
+    /// authenticated with a client certificate; others get the rest without them.
+    #[arg(long)]
+    pub sensitive_to_authenticated_only: bool,
+    /// A file holding the admin API's bearer token: every endpoint but /healthz, /readyz
+    /// (and /metrics with --metrics-public) then needs `Authorization: Bearer TOKEN` (the
+    /// page asks for it once and keeps a session cookie). Read again when it changes.
+    #[arg(long, env = "FILTERPLANE_ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<PathBuf>,
+    /// With --admin-token-file: /metrics stays open to scrapers without the token.
+    #[arg(long)]
+    pub metrics_public: bool,
+    /// Admin over TLS: the server certificate chain (PEM). Read again when it changes.
+    #[arg(long, requires = "admin_tls_key")]
+    pub admin_tls_cert: Option<PathBuf>,
+    /// Admin over TLS: the private key (PEM) of --admin-tls-cert.
+    #[arg(long, requires = "admin_tls_cert")]
+    pub admin_tls_key: Option<PathBuf>,
+    /// A listener of its own for remote Wasm delivery: it serves module bytes only (the
+    /// modules served configs refer to, at unguessable paths), nothing of the admin API.
+    /// Without it, the admin port serves them.
+    #[arg(long)]
+    pub modules_addr: Option<SocketAddr>,
+    /// The module listener over TLS: the server certificate chain (PEM). Envoy's module
+    /// cluster then needs a TLS transport socket.
+    #[arg(long, requires = "modules_tls_key")]
+    pub modules_tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --modules-tls-cert.
+    #[arg(long, requires = "modules_tls_cert")]
+    pub modules_tls_key: Option<PathBuf>,
+    /// The secret module paths are derived from (HMAC-SHA256 of the module's SHA-256), at
+    /// least 32 bytes. Default: `module-path-secret` in the cache directory, created with
+    /// random bytes on first start. Replicas serving the same proxies share it.
+    #[arg(long)]
+    pub modules_secret_file: Option<PathBuf>,
 }
 
 impl ServeArgs {

@@ -4,11 +4,14 @@
 pub mod admin;
 pub mod cache;
 pub mod cli;
+pub mod identity;
 pub mod limits;
 pub mod metrics;
 pub mod ports;
 pub mod reload;
+pub mod secret;
 pub mod status;
+pub mod tls;
 pub mod tracker;
 pub mod vec_map;
 pub mod wasm;
@@ -23,8 +26,11 @@ use crate::{
     admin::AdminState,
     cache::SnapshotCache,
     cli::{DeliveryArg, ServeArgs},
+    identity::IdentityRules,
     metrics::Metrics,
+    ports::PortSecurity,
     reload::ConfigReloader,
+    tls::{ReloadingTls, TlsFiles},
     tracker::AckTracker,
     wasm::{
         cache::WasmModuleCache,
@@ -33,7 +39,7 @@ use crate::{
     },
     xds::{
         grpc::{AdsServer, EcdsServer},
-        service::{XdsContext, XdsServices},
+        service::{XdsContext, XdsSecurity, XdsServices},
         stream::StreamSettings,
     },
 };
@@ -60,8 +66,9 @@ fn default_cache_dir() -> std::path::PathBuf {
     base.join("filterplane")
 }
 
-/// Wasm fetching and delivery as the command line sets them up.
-fn wasm_support(args: &ServeArgs, admin: std::net::SocketAddr, metrics: Arc<Metrics>) -> anyhow::Result<WasmSupport> {
+/// Wasm fetching and delivery as the command line sets them up; `modules_url` is where
+/// Envoys reach the module server when `--wasm-module-url` does not say.
+fn wasm_support(args: &ServeArgs, modules_url: String, metrics: Arc<Metrics>) -> anyhow::Result<WasmSupport> {
     let w = &args.wasm;
     let cache_dir = w.cache_dir.clone().unwrap_or_else(default_cache_dir);
     let cache = WasmModuleCache::open(&cache_dir, w.cache_max_bytes)
@@ -77,17 +84,79 @@ fn wasm_support(args: &ServeArgs, admin: std::net::SocketAddr, metrics: Arc<Metr
         deadline: std::time::Duration::from_secs(w.wasm_fetch_deadline_secs),
     };
     let fetcher = Arc::new(WasmFetcher::new(cache, settings, metrics)?);
-    let reachable =
-        if admin.ip().is_unspecified() { std::net::SocketAddr::from(([127, 0, 0, 1], admin.port())) } else { admin };
+    let secret_file =
+        args.security.modules_secret_file.clone().unwrap_or_else(|| cache_dir.join("module-path-secret"));
+    let module_secret = Arc::new(
+        secret::load_or_create(&secret_file)
+            .with_context(|| format!("the module path secret {}", secret_file.display()))?,
+    );
     let delivery = DeliverySettings {
         default: match w.wasm_delivery {
             DeliveryArg::Inline => Delivery::Inline,
             DeliveryArg::Remote => Delivery::Remote,
         },
-        module_base_url: w.wasm_module_url.clone().unwrap_or_else(|| format!("http://{reachable}")),
+        module_base_url: w.wasm_module_url.clone().unwrap_or(modules_url),
         module_cluster: w.wasm_module_cluster.clone(),
+        module_secret,
     };
     Ok(WasmSupport { fetcher, delivery })
+}
+
+/// `http(s)://ADDR` as a client on this host reaches `addr`.
+fn local_url(addr: std::net::SocketAddr, tls: bool) -> String {
+    let reachable =
+        if addr.ip().is_unspecified() { std::net::SocketAddr::from(([127, 0, 0, 1], addr.port())) } else { addr };
+    format!("{}://{reachable}", if tls { "https" } else { "http" })
+}
+
+/// The TLS of each port, from the command line. Errors are the operator's to fix before
+/// anything starts.
+struct PortsTls {
+    xds: Option<Arc<ReloadingTls>>,
+    admin: Option<Arc<ReloadingTls>>,
+    modules: Option<Arc<ReloadingTls>>,
+}
+
+fn ports_tls(args: &ServeArgs, metrics: &Arc<Metrics>) -> anyhow::Result<PortsTls> {
+    let s = &args.security;
+    let load = |port: &'static str, files: Option<TlsFiles>, alpn: &[&[u8]]| -> anyhow::Result<_> {
+        files.map(|f| ReloadingTls::new(port, f, alpn, metrics.clone())).transpose().map_err(anyhow::Error::from)
+    };
+    let xds = TlsFiles::from_flags(
+        "xds",
+        s.xds_tls_cert.as_ref(),
+        s.xds_tls_key.as_ref(),
+        s.xds_client_ca.as_ref(),
+        s.xds_client_auth,
+    )?;
+    if !s.node_identity.is_empty() && xds.as_ref().and_then(|f| f.client_ca.as_ref()).is_none() {
+        anyhow::bail!("--node-identity needs --xds-client-ca: without client certificates there is no identity to check a node against");
+    }
+    if s.sensitive_to_authenticated_only && xds.as_ref().and_then(|f| f.client_ca.as_ref()).is_none() {
+        tracing::warn!("--sensitive-to-authenticated-only without --xds-client-ca: no client can authenticate, so no proxy gets secrets");
+    }
+    let admin = TlsFiles::from_flags(
+        "admin",
+        s.admin_tls_cert.as_ref(),
+        s.admin_tls_key.as_ref(),
+        None,
+        tls::ClientAuth::Required,
+    )?;
+    let modules = TlsFiles::from_flags(
+        "modules",
+        s.modules_tls_cert.as_ref(),
+        s.modules_tls_key.as_ref(),
+        None,
+        tls::ClientAuth::Required,
+    )?;
+    if modules.is_some() && s.modules_addr.is_none() {
+        anyhow::bail!("--modules-tls-cert needs --modules-addr (without it the admin port serves modules; give it --admin-tls-cert)");
+    }
+    Ok(PortsTls {
+        xds: load("xds", xds, &[b"h2"])?,
+        admin: load("admin", admin, &[b"h2", b"http/1.1"])?,
+        modules: load("modules", modules, &[b"h2", b"http/1.1"])?,
+    })
 }
 
 /// `serve` on listeners the caller bound (tests bind port 0).
@@ -101,7 +170,28 @@ pub async fn serve_on(
     let cache = Arc::new(SnapshotCache::default());
     let metrics = Arc::new(Metrics::default());
     let tracker = Arc::new(AckTracker::new(metrics.clone()));
-    let wasm = wasm_support(&args, admin_listener.local_addr()?, metrics.clone())?;
+    let tls = ports_tls(&args, &metrics)?;
+    let modules_listener = match args.security.modules_addr {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr).await.with_context(|| format!("bind module address {addr}"))?,
+        ),
+        None => None,
+    };
+    let modules_url = match &modules_listener {
+        Some(l) => local_url(l.local_addr()?, tls.modules.is_some()),
+        None => local_url(admin_listener.local_addr()?, tls.admin.is_some()),
+    };
+    let wasm = wasm_support(&args, modules_url, metrics.clone())?;
+    let module_secret = wasm.delivery.module_secret.clone();
+    let auth = match &args.security.admin_token_file {
+        Some(path) => Some(Arc::new(admin::auth::AdminAuth::new(
+            path,
+            args.security.metrics_public,
+            tls.admin.is_some(),
+            metrics.clone(),
+        )?)),
+        None => None,
+    };
     let reloader = Arc::new(
         ConfigReloader::new(config.clone(), cache.clone(), metrics.clone())
             .with_wasm(wasm)
@@ -110,8 +200,21 @@ pub async fn serve_on(
     );
     let xds_listening = Arc::new(AtomicBool::new(false));
     let tasks = TaskTracker::new();
-    tracing::info!(xds = %xds_listener.local_addr()?, admin = %admin_listener.local_addr()?, config = %config.display(), "listening");
-    ports::log_at_start(xds_listener.local_addr()?, admin_listener.local_addr()?);
+    let (xds_addr, admin_addr) = (xds_listener.local_addr()?, admin_listener.local_addr()?);
+    tracing::info!(xds = %xds_addr, admin = %admin_addr, config = %config.display(), "listening");
+    let security = PortSecurity {
+        xds_tls: tls.xds.as_ref().map(|t| t.files().security()),
+        node_identity: !args.security.node_identity.is_empty(),
+        sensitive_to_authenticated_only: args.security.sensitive_to_authenticated_only,
+        admin_tls: tls.admin.is_some(),
+        admin_token: auth.is_some(),
+        metrics_public: args.security.metrics_public,
+        modules: match &modules_listener {
+            Some(l) => Some((l.local_addr()?, tls.modules.is_some())),
+            None => None,
+        },
+    };
+    ports::log_at_start(xds_addr, admin_addr, &security);
 
     // A bad config at start is not fatal: nothing is served until a good one appears,
     // so connected Envoys keep what they have.
@@ -125,30 +228,46 @@ pub async fn serve_on(
         max_subscribed_names: args.max_subscribed_names,
         max_nack_message_bytes: args.max_nack_message_bytes,
     });
-    let ctx = XdsContext { cache: cache.clone(), tracker: tracker.clone(), shutdown: shutdown.clone(), settings };
+    let xds_security = Arc::new(XdsSecurity {
+        rules: IdentityRules(args.security.node_identity.clone()),
+        sensitive_to_authenticated_only: args.security.sensitive_to_authenticated_only,
+    });
+    let ctx = XdsContext {
+        cache: cache.clone(),
+        tracker: tracker.clone(),
+        shutdown: shutdown.clone(),
+        settings,
+        security: xds_security,
+    };
     let services = XdsServices::new(ctx);
     let limits = args.connection_limits();
+    // Every connection is accepted, and its TLS handshake done, off the accept path; the
+    // HTTP/2 preface then has its own deadline.
+    let accepted = tls::accept_loop(
+        xds_listener,
+        tls::AcceptSettings {
+            port: "xds",
+            tls: tls.xds.clone(),
+            handshake_timeout: limits.handshake_timeout,
+            cap: None,
+            busy_reply: b"",
+            cap_limit: "",
+        },
+        metrics.clone(),
+        shutdown.clone(),
+    );
+    let incoming = {
+        let metrics = metrics.clone();
+        tokio_stream::StreamExt::map(tokio_stream::wrappers::ReceiverStream::new(accepted), move |a| {
+            Ok::<_, std::io::Error>(limits::Handshake::new(a.io, limits.handshake_timeout, metrics.clone()))
+        })
+    };
     let grpc = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
         .max_concurrent_streams(limits.max_streams_per_connection)
         .add_service(AdsServer(services.clone()))
         .add_service(EcdsServer(services))
-        .serve_with_incoming_shutdown(
-            // Responses are small and latency matters: no Nagle (it added ~40 ms to the
-            // first response, against the client's delayed ACK).
-            {
-                let metrics = metrics.clone();
-                tokio_stream::StreamExt::map(
-                    tonic::transport::server::TcpIncoming::from(xds_listener)
-                        .with_nodelay(Some(true))
-                        .with_keepalive(Some(std::time::Duration::from_secs(60))),
-                    move |accepted| {
-                        accepted.map(|io| limits::Handshake::new(io, limits.handshake_timeout, metrics.clone()))
-                    },
-                )
-            },
-            shutdown.clone().cancelled_owned(),
-        );
+        .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned());
     xds_listening.store(true, std::sync::atomic::Ordering::Relaxed);
 
     let event_clients = Arc::new(tokio::sync::Semaphore::new(limits.max_event_clients));
@@ -167,8 +286,30 @@ pub async fn serve_on(
             .chain(module_host)
             .collect(),
     );
+    let module_server = wasm::serve::ModuleServer {
+        cache: cache.clone(),
+        reloader: reloader.clone(),
+        secret: module_secret,
+        metrics: metrics.clone(),
+    };
+    // Modules on a listener of their own, or on the admin port.
+    let (modules, admin_modules) = match modules_listener {
+        Some(listener) => {
+            let listener = limits::CappedListener::new(
+                listener,
+                "modules",
+                tls.modules.clone(),
+                limits,
+                metrics.clone(),
+                shutdown.clone(),
+            )?;
+            let app = wasm::serve::listener_app(module_server);
+            (Some(axum::serve(listener, app).with_graceful_shutdown(shutdown.clone().cancelled_owned())), None)
+        }
+        None => (None, Some(module_server)),
+    };
     let admin = axum::serve(
-        limits::CappedListener::new(admin_listener, limits, metrics.clone()),
+        limits::CappedListener::new(admin_listener, "admin", tls.admin.clone(), limits, metrics.clone(), shutdown.clone())?,
         admin::app(AdminState {
             cache,
             tracker,
@@ -178,12 +319,22 @@ pub async fn serve_on(
             shutdown: shutdown.clone(),
             event_clients,
             allowed_hosts,
+            auth,
+            modules: admin_modules,
         }),
     )
     .with_graceful_shutdown(shutdown.clone().cancelled_owned());
 
-    let result =
-        tokio::try_join!(async { grpc.await.context("xDS server") }, async { admin.await.context("admin server") },);
+    let result = tokio::try_join!(
+        async { grpc.await.context("xDS server") },
+        async { admin.await.context("admin server") },
+        async {
+            match modules {
+                Some(m) => m.await.context("module server"),
+                None => Ok(()),
+            }
+        },
+    );
     shutdown.cancel();
     tasks.close();
     tasks.wait().await;

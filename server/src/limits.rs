@@ -15,12 +15,16 @@ use std::{
 
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
-    net::{TcpListener, TcpStream},
-    sync::{OwnedSemaphorePermit, Semaphore},
+    net::TcpListener,
+    sync::{mpsc, OwnedSemaphorePermit, Semaphore},
     time::Sleep,
 };
+use tokio_util::sync::CancellationToken;
 
-use crate::metrics::Metrics;
+use crate::{
+    metrics::Metrics,
+    tls::{accept_loop, AcceptSettings, Accepted, MaybeTls, PeerInfo, ReloadingTls},
+};
 
 /// Connection-level bounds; their defaults are the command line's (`cli::ServeArgs`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -106,35 +110,53 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Handshake<IO> {
     }
 }
 
-impl tonic::transport::server::Connected for Handshake<TcpStream> {
-    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
-    fn connect_info(&self) -> Self::ConnectInfo {
-        self.io.connect_info()
+impl tonic::transport::server::Connected for Handshake<MaybeTls> {
+    type ConnectInfo = PeerInfo;
+    fn connect_info(&self) -> PeerInfo {
+        self.io.peer()
     }
 }
 
-/// The admin listener, with at most `max_admin_connections` connections open: one more
-/// is answered 503 and closed, so admin clients can never take the file descriptors
-/// Envoys need.
+/// The admin (or module) listener, with at most `max_admin_connections` connections
+/// open: one more is answered 503 and closed (by `tls::accept_loop`), so admin clients can
+/// never take the file descriptors Envoys need.
 pub struct CappedListener {
-    inner: TcpListener,
-    permits: Arc<Semaphore>,
+    accepted: mpsc::Receiver<Accepted>,
+    addr: std::net::SocketAddr,
     limits: ConnectionLimits,
     metrics: Arc<Metrics>,
 }
 
 impl CappedListener {
-    pub fn new(inner: TcpListener, limits: ConnectionLimits, metrics: Arc<Metrics>) -> Self {
-        Self { inner, permits: Arc::new(Semaphore::new(limits.max_admin_connections)), limits, metrics }
+    /// Accepts on `inner` (TLS when `tls` is set) until `shutdown`.
+    pub fn new(
+        inner: TcpListener,
+        port: &'static str,
+        tls: Option<Arc<ReloadingTls>>,
+        limits: ConnectionLimits,
+        metrics: Arc<Metrics>,
+        shutdown: CancellationToken,
+    ) -> io::Result<Self> {
+        let addr = inner.local_addr()?;
+        let settings = AcceptSettings {
+            port,
+            tls,
+            handshake_timeout: limits.admin_request_timeout,
+            cap: Some(Arc::new(Semaphore::new(limits.max_admin_connections))),
+            busy_reply: BUSY,
+            cap_limit: if port == "modules" { "module_connections" } else { "admin_connections" },
+        };
+        let accepted = accept_loop(inner, settings, metrics.clone(), shutdown);
+        Ok(Self { accepted, addr, limits, metrics })
     }
 }
 
-/// A connection holding one of the admin listener's permits, closed when it sends no
-/// request in time or goes idle: a held slot is a slot the next client (an Envoy fetching
-/// a module) does not get.
+/// A connection holding one of the listener's permits, closed when it sends no request
+/// in time or goes idle: a held slot is a slot the next client (an Envoy fetching a
+/// module) does not get.
 pub struct Capped {
-    io: TcpStream,
-    _permit: OwnedSemaphorePermit,
+    io: MaybeTls,
+    _permit: Option<OwnedSemaphorePermit>,
     deadline: Pin<Box<Sleep>>,
     idle: Duration,
     metrics: Arc<Metrics>,
@@ -154,25 +176,17 @@ impl axum::serve::Listener for CappedListener {
     type Addr = std::net::SocketAddr;
 
     async fn accept(&mut self) -> (Capped, std::net::SocketAddr) {
-        loop {
-            let (io, addr) = axum::serve::Listener::accept(&mut self.inner).await;
-            match self.permits.clone().try_acquire_owned() {
-                Ok(permit) => {
-                    let deadline = Box::pin(tokio::time::sleep(self.limits.admin_request_timeout));
-                    let (idle, metrics) = (self.limits.admin_idle_timeout, self.metrics.clone());
-                    return (Capped { io, _permit: permit, deadline, idle, metrics }, addr);
-                }
-                Err(_) => {
-                    self.metrics.limit_hit("admin_connections");
-                    // Best effort: a fresh socket's send buffer takes this at once.
-                    let _ = io.try_write(BUSY);
-                }
-            }
-        }
+        let Some(Accepted { io, addr, permit }) = self.accepted.recv().await else {
+            // The accept loop ended: shutting down.
+            return std::future::pending().await;
+        };
+        let deadline = Box::pin(tokio::time::sleep(self.limits.admin_request_timeout));
+        let (idle, metrics) = (self.limits.admin_idle_timeout, self.metrics.clone());
+        (Capped { io, _permit: permit, deadline, idle, metrics }, addr)
     }
 
     fn local_addr(&self) -> io::Result<std::net::SocketAddr> {
-        self.inner.local_addr()
+        Ok(self.addr)
     }
 }
 

@@ -8,6 +8,8 @@ use tokio_util::sync::CancellationToken;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // One TLS implementation for the whole process (servers, registry and admin clients).
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
@@ -20,7 +22,7 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         }
-        Command::Reload { confirm, admin } => match filterplane_server::status::request_reload(&admin, confirm) {
+        Command::Reload { confirm, admin, client } => match filterplane_server::status::request_reload(&admin, confirm, &client) {
             Ok((text, applied)) => {
                 println!("{text}");
                 if applied {
@@ -34,7 +36,7 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Status { admin } => match filterplane_server::status::fetch_and_render(&admin) {
+        Command::Status { admin, client } => match filterplane_server::status::fetch_and_render(&admin, &client) {
             Ok(table) => {
                 print!("{table}");
                 ExitCode::SUCCESS

@@ -31,12 +31,38 @@ pub struct LimitLabel {
 }
 
 /// Every limit that counts its hits, pre-created at zero.
-pub const LIMITS: [&str; 6] =
-    ["subscribed_names", "nack_message_bytes", "handshake_timeout", "admin_connections", "admin_idle", "event_clients"];
+pub const LIMITS: [&str; 9] = [
+    "subscribed_names",
+    "nack_message_bytes",
+    "handshake_timeout",
+    "tls_handshake_timeout",
+    "admin_connections",
+    "module_connections",
+    "admin_idle",
+    "event_clients",
+    "refusals_kept",
+];
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabel {
     pub result: &'static str,
+}
+
+impl ResultLabel {
+    pub fn new(result: &'static str) -> Self {
+        Self { result }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PortLabel {
+    pub port: &'static str,
+}
+
+impl PortLabel {
+    pub fn new(port: &'static str) -> Self {
+        Self { port }
+    }
 }
 
 /// Buckets from 1 ms to ~16 s.
@@ -81,6 +107,10 @@ pub struct Metrics {
     pub wasm_module_downloads: Counter,
     pub wasm_code_fetch_resends: Counter,
     pub limit_hits: Family<LimitLabel, Counter>,
+    pub tls_reloads: Family<ResultLabel, Counter>,
+    pub tls_handshake_failures: Family<PortLabel, Counter>,
+    pub xds_identity_refusals: Counter,
+    pub admin_unauthorized: Counter,
     /// When each limit was last logged (they are logged at most once a minute).
     limit_logged: std::sync::Mutex<std::collections::HashMap<&'static str, std::time::Instant>>,
 }
@@ -106,6 +136,10 @@ impl Default for Metrics {
             wasm_module_downloads: Counter::default(),
             wasm_code_fetch_resends: Counter::default(),
             limit_hits: Family::default(),
+            tls_reloads: Family::default(),
+            tls_handshake_failures: Family::default(),
+            xds_identity_refusals: Counter::default(),
+            admin_unauthorized: Counter::default(),
             limit_logged: Default::default(),
             registry: Registry::default(),
             by_type: Vec::new(),
@@ -171,6 +205,26 @@ impl Default for Metrics {
             "Wasm configs sent again because Envoy NACKed them while fetching the module (remote delivery)",
             m.wasm_code_fetch_resends.clone(),
         );
+        registry.register(
+            "tls_reloads",
+            "TLS certificate, key or client CA files read again after they changed, by result (applied, failed)",
+            m.tls_reloads.clone(),
+        );
+        registry.register(
+            "tls_handshake_failures",
+            "TLS handshakes that failed (no or an untrusted client certificate, no common protocol), by port",
+            m.tls_handshake_failures.clone(),
+        );
+        registry.register(
+            "xds_identity_refusals",
+            "xDS streams ended because the node they named does not match their client certificate",
+            m.xds_identity_refusals.clone(),
+        );
+        registry.register(
+            "admin_unauthorized",
+            "Admin requests refused for want of the bearer token (--admin-token-file)",
+            m.admin_unauthorized.clone(),
+        );
         // Start every per-type counter at zero, so `rate()` and alerts see a series from
         // the first scrape instead of an absent one.
         let by_type = filterplane_api::ResourceType::ALL
@@ -194,6 +248,12 @@ impl Default for Metrics {
         }
         for result in ["success", "download_failure", "checksum_mismatch", "invalid_module"] {
             let _ = m.wasm_fetches.get_or_create(&ResultLabel { result });
+        }
+        for result in ["applied", "failed"] {
+            let _ = m.tls_reloads.get_or_create(&ResultLabel { result });
+        }
+        for port in ["xds", "admin", "modules"] {
+            let _ = m.tls_handshake_failures.get_or_create(&PortLabel { port });
         }
         for limit in LIMITS {
             let _ = m.limit_hits.get_or_create(&LimitLabel { limit });

@@ -6,6 +6,8 @@ use std::time::Duration;
 use anyhow::Context;
 use serde_json::Value;
 
+use crate::cli::AdminClientArgs;
+
 /// Columns in the order operators read them; a type no proxy subscribes to is left out.
 const COLUMNS: [(&str, &str); 6] = [
     ("CDS", "type.googleapis.com/envoy.config.cluster.v3.Cluster"),
@@ -16,30 +18,80 @@ const COLUMNS: [(&str, &str); 6] = [
     ("SDS", "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"),
 ];
 
+/// An HTTP client for the admin API: the bearer token from `--token-file`, the CAs of
+/// `--ca-file` for an https:// address.
+pub struct AdminClient {
+    base: String,
+    agent: ureq::Agent,
+    authorization: Option<String>,
+}
+
+impl AdminClient {
+    pub fn new(admin: &str, client: &AdminClientArgs, timeout: Duration) -> anyhow::Result<Self> {
+        let mut config = ureq::Agent::config_builder().timeout_global(Some(timeout)).proxy(None);
+        if let Some(ca) = &client.ca_file {
+            let pem = std::fs::read(ca).with_context(|| format!("read --ca-file {}", ca.display()))?;
+            let certs: Vec<ureq::tls::Certificate<'static>> = ureq::tls::parse_pem(&pem)
+                .filter_map(|item| match item {
+                    Ok(ureq::tls::PemItem::Certificate(c)) => Some(c),
+                    _ => None,
+                })
+                .collect();
+            anyhow::ensure!(!certs.is_empty(), "--ca-file {}: no PEM certificate in it", ca.display());
+            config = config
+                .tls_config(ureq::tls::TlsConfig::builder().root_certs(ureq::tls::RootCerts::new_with_certs(&certs)).build());
+        }
+        let authorization = match &client.token_file {
+            Some(path) => {
+                let token = crate::admin::auth::read_token(path)
+                    .with_context(|| format!("read --token-file {}", path.display()))?;
+                Some(format!("Bearer {token}"))
+            }
+            None => None,
+        };
+        Ok(Self { base: admin.trim_end_matches('/').to_owned(), agent: config.build().into(), authorization })
+    }
+
+    fn call(&self, method: &str, path: &str) -> anyhow::Result<Value> {
+        let url = format!("{}{path}", self.base);
+        let result = match method {
+            "POST" => {
+                let mut req = self.agent.post(&url);
+                if let Some(a) = &self.authorization {
+                    req = req.header("authorization", a);
+                }
+                req.send_empty()
+            }
+            _ => {
+                let mut req = self.agent.get(&url);
+                if let Some(a) = &self.authorization {
+                    req = req.header("authorization", a);
+                }
+                req.call()
+            }
+        };
+        let mut res = match result {
+            Err(ureq::Error::StatusCode(401)) => anyhow::bail!(
+                "{method} {url}: 401: the admin API needs its bearer token: --token-file FILE (or FILTERPLANE_TOKEN_FILE)"
+            ),
+            other => other.with_context(|| format!("{method} {url}"))?,
+        };
+        res.body_mut().read_json::<Value>().with_context(|| format!("{method} {url}: not the JSON Filterplane serves"))
+    }
+}
+
 /// Fetches `/api/v1/proxies`, `/api/v1/rejects` and `/api/v1/config` from `admin` and
 /// renders them.
-pub fn fetch_and_render(admin: &str) -> anyhow::Result<String> {
-    let base = admin.trim_end_matches('/');
-    let agent: ureq::Agent =
-        ureq::Agent::config_builder().timeout_global(Some(Duration::from_secs(10))).proxy(None).build().into();
-    let get = |path: &str| -> anyhow::Result<Value> {
-        let url = format!("{base}{path}");
-        let mut res = agent.get(&url).call().with_context(|| format!("GET {url}"))?;
-        res.body_mut().read_json::<Value>().with_context(|| format!("GET {url}: not the JSON Filterplane serves"))
-    };
-    Ok(render(&get("/api/v1/proxies")?, &get("/api/v1/rejects")?, &get("/api/v1/config")?))
+pub fn fetch_and_render(admin: &str, client: &AdminClientArgs) -> anyhow::Result<String> {
+    let c = AdminClient::new(admin, client, Duration::from_secs(10))?;
+    Ok(render(&c.call("GET", "/api/v1/proxies")?, &c.call("GET", "/api/v1/rejects")?, &c.call("GET", "/api/v1/config")?))
 }
 
 /// `filterplane reload [--confirm]`: asks the server to reload; returns what happened in
 /// words, and whether the config is now served (applied or unchanged).
-pub fn request_reload(admin: &str, confirm: bool) -> anyhow::Result<(String, bool)> {
-    let url = format!("{}/api/v1/reload?confirm={confirm}", admin.trim_end_matches('/'));
-    let agent: ureq::Agent =
-        ureq::Agent::config_builder().timeout_global(Some(Duration::from_secs(120))).proxy(None).build().into();
-    let mut res = agent.post(&url).send_empty().with_context(|| format!("POST {url}"))?;
-    let outcome: Value =
-        res.body_mut().read_json().with_context(|| format!("POST {url}: not the JSON Filterplane serves"))?;
-    Ok(describe_outcome(&outcome))
+pub fn request_reload(admin: &str, confirm: bool, client: &AdminClientArgs) -> anyhow::Result<(String, bool)> {
+    let c = AdminClient::new(admin, client, Duration::from_secs(120))?;
+    Ok(describe_outcome(&c.call("POST", &format!("/api/v1/reload?confirm={confirm}"))?))
 }
 
 fn describe_outcome(o: &Value) -> (String, bool) {

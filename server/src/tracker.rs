@@ -27,6 +27,35 @@ pub type StreamId = u64;
 
 /// How many rejects are kept after their proxies are gone.
 pub const REJECT_HISTORY: usize = 1000;
+/// How many distinct refused identities (node, cluster, certificate) are kept.
+pub const REFUSAL_HISTORY: usize = 100;
+/// Characters of a refused stream's node id and cluster kept (they are the client's).
+const REFUSAL_FIELD_CHARS: usize = 256;
+
+/// How a stream's client authenticated.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct PeerAuth {
+    /// The connection is TLS.
+    pub tls: bool,
+    /// The SANs of the client certificate (`uri:...`, `dns:...`); empty without one.
+    pub certificate: Vec<String>,
+    /// Sensitive resources are not served to it (--sensitive-to-authenticated-only).
+    pub sensitive_withheld: bool,
+}
+
+/// A stream ended because its node did not match its certificate (`--node-identity`),
+/// counted per node, cluster and certificate.
+#[derive(Debug, Clone, Serialize)]
+pub struct Refusal {
+    pub first_at: String,
+    pub last_at: String,
+    pub count: u64,
+    pub node_id: String,
+    pub cluster: String,
+    pub peer: String,
+    pub certificate: Vec<String>,
+    pub message: String,
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -53,6 +82,7 @@ pub struct ProxyStatus {
     pub node: Arc<NodeInfo>,
     pub stream_kind: StreamKind,
     pub peer: String,
+    pub auth: PeerAuth,
     #[serde(serialize_with = "rfc3339")]
     pub connected_since: SystemTime,
     /// By type URL.
@@ -204,6 +234,8 @@ pub struct AckTracker {
     proxies: DashMap<StreamId, ProxyStatus>,
     rejects: Mutex<VecDeque<Reject>>,
     reject_limit: usize,
+    /// Most recently refused last.
+    refusals: Mutex<VecDeque<Refusal>>,
     metrics: Arc<Metrics>,
     /// Bumped on every change, so the admin page can refresh when something happened.
     changes: watch::Sender<u64>,
@@ -220,6 +252,7 @@ impl AckTracker {
             proxies: DashMap::new(),
             rejects: Mutex::new(VecDeque::new()),
             reject_limit,
+            refusals: Mutex::new(VecDeque::new()),
             metrics,
             changes: watch::Sender::new(0),
         }
@@ -241,6 +274,11 @@ impl AckTracker {
 
     /// A stream identified its node (first request).
     pub fn connect(&self, node: Arc<NodeInfo>, kind: StreamKind, peer: String) -> StreamId {
+        self.connect_as(node, kind, peer, PeerAuth::default())
+    }
+
+    /// `connect`, with how the client authenticated.
+    pub fn connect_as(&self, node: Arc<NodeInfo>, kind: StreamKind, peer: String, auth: PeerAuth) -> StreamId {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         self.proxies.insert(
             id,
@@ -249,6 +287,7 @@ impl AckTracker {
                 node,
                 stream_kind: kind,
                 peer,
+                auth,
                 connected_since: SystemTime::now(),
                 types: VecMap::new(),
             },
@@ -417,6 +456,51 @@ impl AckTracker {
         let mut v: Vec<ProxyStatus> = self.proxies.iter().map(|p| p.value().clone()).collect();
         v.sort_by(|a, b| (a.node_id(), a.stream_id).cmp(&(b.node_id(), b.stream_id)));
         v
+    }
+
+    /// A stream refused for its identity. Returns true the first time this node,
+    /// cluster and certificate are refused (while remembered), so it is logged once.
+    pub fn refuse(&self, node_id: &str, cluster: &str, peer: &str, certificate: Vec<String>, message: &str) -> bool {
+        self.metrics.xds_identity_refusals.inc();
+        let cut = |s: &str| s.chars().take(REFUSAL_FIELD_CHARS).collect::<String>();
+        let (node_id, cluster) = (cut(node_id), cut(cluster));
+        let at = now();
+        let mut refusals = self.refusals.lock().unwrap_or_else(|p| p.into_inner());
+        let known = refusals
+            .iter()
+            .position(|r| r.node_id == node_id && r.cluster == cluster && r.certificate == certificate);
+        let first = known.is_none();
+        let mut entry = match known.and_then(|i| refusals.remove(i)) {
+            Some(r) => r,
+            None => Refusal {
+                first_at: at.clone(),
+                last_at: String::new(),
+                count: 0,
+                node_id,
+                cluster,
+                peer: String::new(),
+                certificate,
+                message: String::new(),
+            },
+        };
+        entry.count += 1;
+        entry.last_at = at;
+        entry.peer = peer.to_owned();
+        entry.message = cut(message);
+        if refusals.len() >= REFUSAL_HISTORY {
+            refusals.pop_front();
+            self.metrics.limit_hit("refusals_kept");
+        }
+        refusals.push_back(entry);
+        drop(refusals);
+        self.changed();
+        first
+    }
+
+    /// Streams refused for their identity, most recent first.
+    pub fn refusals(&self) -> Vec<Refusal> {
+        let refusals = self.refusals.lock().unwrap_or_else(|p| p.into_inner());
+        refusals.iter().rev().cloned().collect()
     }
 
     /// Recent rejects, newest first.

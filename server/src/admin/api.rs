@@ -19,6 +19,7 @@ pub fn routes() -> Router<AdminState> {
         .route("/proxies", get(proxies))
         .route("/proxies/{node_id}", get(proxy))
         .route("/rejects", get(rejects))
+        .route("/refusals", get(refusals))
         .route("/config", get(config))
         .route("/config_dump", get(config_dump))
         .route("/reload", axum::routing::post(reload))
@@ -39,6 +40,11 @@ async fn reload(State(s): State<AdminState>, Query(q): Query<ReloadQuery>) -> Re
         s.reloader.reload("admin API").await
     };
     Json(outcome).into_response()
+}
+
+/// Streams ended because the node they named does not match their client certificate.
+async fn refusals(State(s): State<AdminState>) -> Response {
+    Json(s.tracker.refusals()).into_response()
 }
 
 async fn proxies(State(s): State<AdminState>) -> Response {
@@ -132,7 +138,7 @@ async fn config_dump(State(s): State<AdminState>, Query(q): Query<DumpQuery>) ->
             )
                 .into_response();
         };
-        let snapshot = g.snapshot_for(proxy.facts());
+        let snapshot = g.snapshot_for_stream(proxy.facts(), proxy.auth.sensitive_withheld);
         let resources: Vec<Value> = snapshot
             .all()
             .map(|(rt, r)| {

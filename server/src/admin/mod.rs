@@ -3,6 +3,7 @@
 //! socket.
 
 mod api;
+pub mod auth;
 
 use std::{
     convert::Infallible,
@@ -44,19 +45,44 @@ pub struct AdminState {
     /// Host names (lowercase, no port) the admin answers to besides IP literals and
     /// `localhost`: the module URL's host and `--admin-allowed-host`.
     pub allowed_hosts: Arc<Vec<String>>,
+    /// `--admin-token-file`: who may use everything but the probes.
+    pub auth: Option<Arc<auth::AdminAuth>>,
+    /// Modules for remote delivery, when no `--modules-addr` serves them.
+    pub modules: Option<crate::wasm::serve::ModuleServer>,
 }
 
 pub fn app(state: AdminState) -> Router {
     let allowed = state.allowed_hosts.clone();
-    Router::new()
+    let auth = state.auth.clone();
+    let login_auth = state.auth.clone();
+    let mut router = Router::new()
         .route("/", get(|| async { Html(include_str!("page.html")) }))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/api/v1/events", get(events))
-        .route("/modules/sha256/{hex}", get(module))
+        .route(
+            "/login",
+            axum::routing::post(move |body: axum::body::Bytes| {
+                let auth = login_auth.clone();
+                async move {
+                    match auth {
+                        Some(a) => a.login(&body),
+                        None => axum::response::Redirect::to("/").into_response(),
+                    }
+                }
+            }),
+        )
         .nest("/api/v1", api::routes())
         .fallback(|| async { (StatusCode::NOT_FOUND, "no such page; see / and /api/v1/*\n") })
+        .with_state(state.clone());
+    if let Some(modules) = state.modules.clone() {
+        router = router.merge(crate::wasm::serve::routes(modules));
+    }
+    router
+        .layer(axum::middleware::from_fn(move |req: axum::extract::Request, next: axum::middleware::Next| {
+            auth::require(auth.clone(), req, next)
+        }))
         .layer(axum::middleware::from_fn(move |req: axum::extract::Request, next: axum::middleware::Next| {
             let allowed = allowed.clone();
             async move {
@@ -73,7 +99,6 @@ pub fn app(state: AdminState) -> Router {
                     .into_response()
             }
         }))
-        .with_state(state)
 }
 
 /// Whether a request's `Host` may be answered. A DNS-rebinding page reaches the admin
@@ -97,29 +122,6 @@ async fn readyz(State(s): State<AdminState>) -> (StatusCode, &'static str) {
         (true, true) => (StatusCode::OK, "ready\n"),
         (false, _) => (StatusCode::SERVICE_UNAVAILABLE, "no valid configuration loaded yet\n"),
         (true, false) => (StatusCode::SERVICE_UNAVAILABLE, "xDS listener not bound yet\n"),
-    }
-}
-
-/// A cached Wasm module, for Envoys with remote delivery (they check the SHA-256 too).
-async fn module(
-    State(s): State<AdminState>,
-    axum::extract::Path(hex): axum::extract::Path<String>,
-) -> axum::response::Response {
-    if filterplane_config::wasm::check_sha256(&hex).is_err() {
-        return (StatusCode::BAD_REQUEST, "expected /modules/sha256/<64 lowercase hex digits>\n").into_response();
-    }
-    let Some(path) = s.reloader.wasm().and_then(|w| w.fetcher.cache.file(&hex)) else {
-        return (StatusCode::NOT_FOUND, "no such module in the cache\n").into_response();
-    };
-    match tokio::fs::read(&path).await {
-        Ok(bytes) => {
-            s.metrics.wasm_module_downloads.inc();
-            ([(header::CONTENT_TYPE, "application/wasm")], bytes).into_response()
-        }
-        Err(e) => {
-            tracing::warn!(path = %path.display(), error = %e, "cannot read a cached module");
-            (StatusCode::NOT_FOUND, "no such module in the cache\n").into_response()
-        }
     }
 }
 

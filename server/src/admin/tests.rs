@@ -30,6 +30,8 @@ fn state(config: &str) -> (AdminState, tempfile::TempDir) {
         shutdown: CancellationToken::new(),
         event_clients: Arc::new(tokio::sync::Semaphore::new(2)),
         allowed_hosts: Arc::new(vec!["filterplane.internal".into()]),
+        auth: None,
+        modules: None,
     };
     (s, dir)
 }

@@ -6,6 +6,7 @@ pub mod cache;
 pub mod check;
 pub mod fetch;
 pub mod oci;
+pub mod serve;
 
 use std::collections::HashSet;
 
@@ -26,6 +27,8 @@ pub struct DeliverySettings {
     pub module_base_url: String,
     /// The Envoy cluster that reaches `module_base_url`.
     pub module_cluster: String,
+    /// The key of module paths (`serve::module_path`).
+    pub module_secret: std::sync::Arc<Vec<u8>>,
 }
 
 /// What serving Wasm plugins needs: the fetcher (and its cache) and delivery settings.
@@ -106,7 +109,11 @@ fn build(plugin: &WasmPlugin, bytes: &[u8], sha256: &str, delivery: &DeliverySet
     match plugin.delivery.unwrap_or(delivery.default) {
         Delivery::Inline => build_wasm_resource(plugin, WasmCode::Inline(bytes), sha256),
         Delivery::Remote => {
-            let uri = format!("{}/modules/sha256/{sha256}", delivery.module_base_url.trim_end_matches('/'));
+            let uri = format!(
+                "{}{}",
+                delivery.module_base_url.trim_end_matches('/'),
+                serve::module_path(&delivery.module_secret, sha256)
+            );
             build_wasm_resource(plugin, WasmCode::Remote { uri: &uri, cluster: &delivery.module_cluster }, sha256)
         }
     }

@@ -21,9 +21,13 @@ use tokio_stream::Stream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
+use filterplane_config::NodeFacts;
+
 use crate::{
     cache::{Snapshot, SnapshotCache},
-    tracker::{AckTracker, StreamId, StreamKind},
+    identity::IdentityRules,
+    tls::PeerInfo,
+    tracker::{AckTracker, PeerAuth, StreamId, StreamKind},
     xds::{
         delta::DeltaStream,
         sotw::SotwStream,
@@ -39,6 +43,36 @@ pub struct XdsContext {
     pub tracker: Arc<AckTracker>,
     pub shutdown: CancellationToken,
     pub settings: Arc<StreamSettings>,
+    pub security: Arc<XdsSecurity>,
+}
+
+/// Who may claim which node, and who gets secrets.
+#[derive(Debug, Clone, Default)]
+pub struct XdsSecurity {
+    /// `--node-identity`.
+    pub rules: IdentityRules,
+    /// `--sensitive-to-authenticated-only`.
+    pub sensitive_to_authenticated_only: bool,
+}
+
+impl XdsSecurity {
+    /// Whether the node a client claims goes with its certificate; the refusal is
+    /// recorded (and logged the first time) when it does not.
+    fn admit(&self, tracker: &AckTracker, peer: &PeerInfo, facts: &NodeFacts) -> Result<(), Status> {
+        let identity = peer.identity.as_deref();
+        let Err(message) = self.rules.check(identity, &facts.id, &facts.cluster) else { return Ok(()) };
+        let addr = peer.addr.map(|a| a.to_string()).unwrap_or_default();
+        let certificate = identity.map(|i| i.names()).unwrap_or_default();
+        if tracker.refuse(&facts.id, &facts.cluster, &addr, certificate, &message) {
+            tracing::warn!(node_id = ?facts.id, cluster = ?facts.cluster, peer = %addr, reason = ?message, "xDS stream refused: the node does not match the client certificate (logged once per node and certificate; see /api/v1/refusals)");
+        }
+        Err(Status::permission_denied(message))
+    }
+
+    /// Whether sensitive resources are kept from this client.
+    fn withholds(&self, peer: &PeerInfo) -> bool {
+        self.sensitive_to_authenticated_only && peer.identity.is_none()
+    }
 }
 
 /// A protocol state machine the stream loop can drive.
@@ -130,8 +164,12 @@ impl XdsServices {
     /// It runs while tonic polls it, so a client that stops reading (HTTP/2 flow control)
     /// also stops its requests from being read.
     fn start<P: Protocol>(&self, machine: P, request: Request<Streaming<P::Request>>) -> ResponseStream<P::Response> {
-        let peer = request.remote_addr().map(|a| a.to_string()).unwrap_or_default();
+        let info = peer_info(&request);
+        let peer = info.addr.map(|a| a.to_string()).unwrap_or_default();
+        let withhold = self.ctx.security.withholds(&info);
         let state = StreamLoop {
+            info,
+            withhold,
             generations: self.ctx.cache.subscribe(),
             ctx: self.ctx.clone(),
             machine,
@@ -156,6 +194,10 @@ struct StreamLoop<P: Protocol> {
     requests: Streaming<P::Request>,
     generations: tokio::sync::watch::Receiver<Option<Arc<crate::cache::Generation>>>,
     peer: String,
+    /// The connection's TLS and client certificate.
+    info: PeerInfo,
+    /// Sensitive resources are kept from this stream.
+    withhold: bool,
     stream_id: Option<StreamId>,
     /// Responses of the last step not sent yet. Emptied (allocation and all) once
     /// sent, so an idle stream holds none.
@@ -192,7 +234,10 @@ impl<P: Protocol> StreamLoop<P> {
                 _ = sleep_until(wakeup) => self.machine.on_timer(Instant::now()),
                 msg = self.requests.message() => match msg {
                     Ok(Some(req)) => {
-                        self.identify(&req);
+                        if let Err(status) = self.identify(&req) {
+                            self.done = true;
+                            return Some(Err(status));
+                        }
                         match self.machine.on_request(req) {
                             Ok(step) => step,
                             Err(e) => {
@@ -225,7 +270,7 @@ impl<P: Protocol> StreamLoop<P> {
                     let generation = self.generations.borrow_and_update().clone();
                     match (generation, self.machine.core().node()) {
                         (Some(g), Some(node)) => {
-                            let snapshot = g.snapshot_for(&node.facts);
+                            let snapshot = g.snapshot_for_stream(&node.facts, self.withhold);
                             self.machine.on_snapshot(snapshot)
                         }
                         _ => continue,
@@ -246,21 +291,36 @@ impl<P: Protocol> StreamLoop<P> {
         }
     }
 
-    /// On the first request that names the node: register the proxy and hand the
-    /// machine its snapshot.
-    fn identify(&mut self, req: &P::Request) {
+    /// On the first request that names the node: check it against the client
+    /// certificate, register the proxy and hand the machine its snapshot.
+    fn identify(&mut self, req: &P::Request) -> Result<(), Status> {
         if self.stream_id.is_some() {
-            return;
+            return Ok(());
         }
-        let Some(node) = P::request_node(req) else { return };
+        let Some(node) = P::request_node(req) else { return Ok(()) };
         let info = Arc::new(NodeInfo::from(node));
+        self.ctx.security.admit(&self.ctx.tracker, &self.info, &info.facts)?;
         self.machine.core_mut().set_node(info.clone());
-        self.stream_id = Some(self.ctx.tracker.connect(info.clone(), P::KIND, self.peer.clone()));
-        tracing::info!(node_id = ?info.facts.id, cluster = ?info.facts.cluster, peer = %self.peer, user_agent = ?info.user_agent, kind = P::KIND.label(), "proxy connected");
+        let auth = PeerAuth {
+            tls: self.info.tls,
+            certificate: self.info.identity.as_ref().map(|i| i.names()).unwrap_or_default(),
+            sensitive_withheld: self.withhold,
+        };
+        self.stream_id = Some(self.ctx.tracker.connect_as(info.clone(), P::KIND, self.peer.clone(), auth));
+        tracing::info!(node_id = ?info.facts.id, cluster = ?info.facts.cluster, peer = %self.peer, user_agent = ?info.user_agent, kind = P::KIND.label(), tls = self.info.tls, authenticated = self.info.identity.is_some(), "proxy connected");
         if let Some(g) = self.generations.borrow_and_update().clone() {
-            self.machine.on_snapshot(g.snapshot_for(&info.facts));
+            self.machine.on_snapshot(g.snapshot_for_stream(&info.facts, self.withhold));
         }
+        Ok(())
     }
+}
+
+/// What the connection says about the client (TLS, certificate, address).
+fn peer_info<T>(request: &Request<T>) -> PeerInfo {
+    request.extensions().get::<PeerInfo>().cloned().unwrap_or_else(|| PeerInfo {
+        addr: request.remote_addr(),
+        ..Default::default()
+    })
 }
 
 /// Sleeps until `at`, or forever. The timer is boxed: nearly every stream has nothing
@@ -352,11 +412,14 @@ impl ExtensionConfigDiscoveryService for XdsServices {
         &self,
         request: Request<DiscoveryRequest>,
     ) -> Result<Response<DiscoveryResponse>, Status> {
+        let info = peer_info(&request);
         let mut req = request.into_inner();
         let node = req.node.as_ref().ok_or(ProtocolError::MissingNode)?;
+        let facts = NodeInfo::from(node).facts;
+        self.ctx.security.admit(&self.ctx.tracker, &info, &facts)?;
         let generation = self.ctx.cache.current().ok_or_else(|| Status::unavailable("no configuration loaded yet"))?;
         let mut machine = SotwStream::new(ECDS, CONTROL_PLANE_ID);
-        machine.on_snapshot(generation.snapshot_for(&NodeInfo::from(node).facts));
+        machine.on_snapshot(generation.snapshot_for_stream(&facts, self.ctx.security.withholds(&info)));
         // A fetch always answers: forget what the client says it has.
         req.version_info.clear();
         req.response_nonce.clear();
