@@ -15,6 +15,7 @@ use serde_json::Value;
 
 pub mod browser;
 pub mod gateway;
+pub mod pki;
 pub mod quickstart;
 pub mod services;
 pub mod traffic;
@@ -189,6 +190,8 @@ pub struct Filterplane {
     pub extra_args: Vec<String>,
     /// The working directory, when not the test's.
     pub cwd: Option<PathBuf>,
+    /// The admin bearer token, sent by `api` and `metric` when set.
+    pub token: Option<String>,
 }
 
 impl Filterplane {
@@ -213,6 +216,7 @@ impl Filterplane {
             starts: 0,
             extra_args: args.iter().map(|s| s.to_string()).collect(),
             cwd: None,
+            token: None,
         };
         fp.spawn();
         fp
@@ -229,6 +233,7 @@ impl Filterplane {
             starts: 0,
             extra_args: args.iter().map(|s| s.to_string()).collect(),
             cwd: Some(cwd.to_path_buf()),
+            token: None,
         };
         fp.spawn();
         fp
@@ -254,6 +259,14 @@ impl Filterplane {
             cmd.current_dir(dir);
         }
         self.process = Some(Process::spawn("filterplane", &mut cmd, log));
+        if self.extra_args.iter().any(|a| a == "--admin-tls-cert") {
+            // HTTPS: the port accepting is enough here; the test speaks TLS itself.
+            let addr = std::net::SocketAddr::from(([127, 0, 0, 1], self.admin_port));
+            wait_until("filterplane's admin port", Duration::from_secs(20), || {
+                std::net::TcpStream::connect(addr).ok()
+            });
+            return;
+        }
         let url = self.url("/healthz");
         wait_until("filterplane /healthz", Duration::from_secs(20), || http_get(&url).filter(|r| r.status == 200));
     }
@@ -284,16 +297,23 @@ impl Filterplane {
         format!("http://127.0.0.1:{}{path}", self.admin_port)
     }
 
+    /// GET from the admin server, with the token if there is one.
+    pub fn get(&self, path: &str) -> Option<Reply> {
+        let auth = self.token.as_ref().map(|t| format!("Bearer {t}"));
+        let headers: Vec<(&str, &str)> = auth.iter().map(|a| ("authorization", a.as_str())).collect();
+        http_get_with(&self.url(path), &headers)
+    }
+
     /// GET a JSON document from the admin API.
     pub fn api(&self, path: &str) -> Value {
-        let r = http_get(&self.url(path)).unwrap_or_else(|| panic!("admin {path} did not answer"));
+        let r = self.get(path).unwrap_or_else(|| panic!("admin {path} did not answer"));
         serde_json::from_str(&r.body).unwrap_or_else(|e| panic!("admin {path}: {e}: {}", r.body))
     }
 
     /// One sample from `/metrics`, by its full name with labels as exposed, e.g.
     /// `filterplane_xds_rejects_total{type_url="..."}`.
     pub fn metric(&self, series: &str) -> Option<f64> {
-        let body = http_get(&self.url("/metrics"))?.body;
+        let body = self.get("/metrics")?.body;
         body.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
     }
 

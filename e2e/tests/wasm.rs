@@ -12,7 +12,7 @@ use filterplane_e2e::{
     example_bootstrap, example_text, filterplane_bin, free_port,
     services::{header_module, FileServer, Registry},
     traffic::{Tally, Traffic},
-    wait_until, Envoy, EnvoyPorts, Filterplane,
+    http_get, wait_until, Envoy, EnvoyPorts, Filterplane,
 };
 use serde_json::Value;
 
@@ -166,7 +166,13 @@ fn http_module_with_remote_delivery_is_downloaded_once() {
     let dump = s.fp.api("/api/v1/config_dump");
     let code = &dump["resources"][0]["resource"]["typed_config"]["config"]["vm_config"]["code"]["remote"];
     assert_eq!(code["sha256"], sha.as_str());
-    assert!(code["http_uri"]["uri"].as_str().unwrap().ends_with(&format!("/modules/sha256/{sha}")), "{code}");
+    // At a path that cannot be worked out from the module's public SHA-256.
+    let uri = code["http_uri"]["uri"].as_str().unwrap();
+    let key = uri.rsplit_once("/modules/").map(|(_, k)| k).unwrap_or_default();
+    assert!(key.len() == 64 && !uri.contains(&sha), "{uri}");
+    for guess in [format!("/modules/sha256/{sha}"), format!("/modules/{sha}")] {
+        assert_eq!(http_get(&s.fp.url(&guess)).map(|r| r.status), Some(404), "{guess}");
+    }
     assert_eq!(code["http_uri"]["cluster"], "filterplane_modules");
 
     // A new plugin config: a new ECDS version, same module. Neither Filterplane nor Envoy
