@@ -92,11 +92,12 @@ impl CompiledConfig {
 }
 
 /// The YAML sections holding Envoy resources as they are.
-const SECTIONS: [(&str, ResourceType); 4] = [
+const SECTIONS: [(&str, ResourceType); 5] = [
     ("listeners", ResourceType::Listener),
     ("routes", ResourceType::RouteConfiguration),
     ("clusters", ResourceType::Cluster),
     ("endpoints", ResourceType::ClusterLoadAssignment),
+    ("secrets", ResourceType::Secret),
 ];
 
 /// Validates and compiles the documents as one config, collecting every error.
@@ -114,6 +115,7 @@ pub fn compile(files: &[ParsedFile]) -> Result<CompiledConfig, ConfigErrors> {
                 ResourceType::Listener => &file.doc.listeners,
                 ResourceType::RouteConfiguration => &file.doc.routes,
                 ResourceType::Cluster => &file.doc.clusters,
+                ResourceType::Secret => &file.doc.secrets,
                 _ => &file.doc.endpoints,
             };
             for (i, spec) in items.iter().enumerate() {

@@ -31,6 +31,10 @@ pub struct Document {
     /// `envoy.config.endpoint.v3.ClusterLoadAssignment` resources (EDS).
     #[serde(default)]
     pub endpoints: Vec<EnvoyResourceSpec>,
+    /// `envoy.extensions.transport_sockets.tls.v3.Secret` resources (SDS over ADS).
+    /// Redacted wherever Filterplane shows them; see --sensitive-to-authenticated-only.
+    #[serde(default)]
+    pub secrets: Vec<EnvoyResourceSpec>,
 }
 
 /// An Envoy resource exactly as Envoy's docs write it (`"@type"` optional: the section
