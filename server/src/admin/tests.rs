@@ -143,3 +143,26 @@ async fn a_host_name_nobody_allowed_is_refused_dns_rebinding() {
     }
     assert_eq!(with_host("evil.example", "/healthz").await, StatusCode::OK, "probes answer any name");
 }
+
+#[tokio::test]
+async fn with_a_token_only_probes_and_public_metrics_are_open() {
+    let (mut s, dir) = state(GOOD);
+    s.reloader.reload("test").await;
+    let token = dir.path().join("token");
+    std::fs::write(&token, "tok\n").unwrap();
+    for public in [false, true] {
+        s.auth = Some(Arc::new(auth::AdminAuth::new(&token, public, false, s.metrics.clone()).unwrap()));
+        assert_eq!(get(app(s.clone()), "/healthz").await.0, StatusCode::OK);
+        assert_eq!(get(app(s.clone()), "/readyz").await.0, StatusCode::OK);
+        assert_eq!(get(app(s.clone()), "/api/v1/config").await.0, StatusCode::UNAUTHORIZED);
+        let (code, page) = get(app(s.clone()), "/").await;
+        assert_eq!(code, StatusCode::UNAUTHORIZED);
+        assert!(page.contains("<form method=\"post\" action=\"/login\">"), "the page asks for the token");
+        let metrics = get(app(s.clone()), "/metrics").await.0;
+        assert_eq!(metrics, if public { StatusCode::OK } else { StatusCode::UNAUTHORIZED }, "--metrics-public {public}");
+        let req = Request::get("/api/v1/config").header("authorization", "Bearer tok").body(Body::empty()).unwrap();
+        assert_eq!(app(s.clone()).oneshot(req).await.unwrap().status(), StatusCode::OK);
+        // A module path needs no token (Envoy cannot send one) and answers nothing unknown.
+        assert_eq!(get(app(s.clone()), &format!("/modules/{}", "0".repeat(64))).await.0, StatusCode::NOT_FOUND);
+    }
+}
