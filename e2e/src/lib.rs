@@ -262,9 +262,7 @@ impl Filterplane {
         if self.extra_args.iter().any(|a| a == "--admin-tls-cert") {
             // HTTPS: the port accepting is enough here; the test speaks TLS itself.
             let addr = std::net::SocketAddr::from(([127, 0, 0, 1], self.admin_port));
-            wait_until("filterplane's admin port", Duration::from_secs(20), || {
-                std::net::TcpStream::connect(addr).ok()
-            });
+            wait_until("filterplane's admin port", Duration::from_secs(20), || std::net::TcpStream::connect(addr).ok());
             return;
         }
         let url = self.url("/healthz");

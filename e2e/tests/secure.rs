@@ -260,7 +260,8 @@ fn admin_token_tls_host_check_and_private_keys_never_shown() {
     );
     // A real Envoy gets the listener, key and all, over loopback.
     let ports = EnvoyPorts::new(fp.xds_port);
-    let config = config_with_inline_key(&key_pem, &fs::read_to_string(&inline.cert).unwrap(), [ports.listener, free_port()]);
+    let config =
+        config_with_inline_key(&key_pem, &fs::read_to_string(&inline.cert).unwrap(), [ports.listener, free_port()]);
     fs::write(&yaml, config).unwrap();
     let envoy = Envoy::start(&example_bootstrap("gateway/envoy.yaml", ports, "keyed"), ports, dir.path(), "envoy");
 
@@ -290,7 +291,11 @@ fn admin_token_tls_host_check_and_private_keys_never_shown() {
     let cli = |args: &[&str]| Command::new(filterplane_bin()).args(args).output().unwrap();
     let out = cli(&["status", "--admin", &fp.url(""), "--token-file", token_file.to_str().unwrap()]);
     let status_text = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(out.status.success() && status_text.contains("keyed"), "{status_text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success() && status_text.contains("keyed"),
+        "{status_text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let out = cli(&["status", "--admin", &fp.url("")]);
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("--token-file"));
     let out = cli(&["reload", "--admin", &fp.url(""), "--token-file", token_file.to_str().unwrap()]);
@@ -300,7 +305,8 @@ fn admin_token_tls_host_check_and_private_keys_never_shown() {
     // them), the API, `filterplane status`, the page, or the log (debug level).
     let dump = fp.api("/api/v1/config_dump").to_string();
     assert!(dump.contains("[redacted]") && dump.contains("tls-ingress"), "{dump}");
-    let mut shown = vec![dump, fp.api("/api/v1/config_dump?node_id=keyed").to_string(), proxies.to_string(), status_text];
+    let mut shown =
+        vec![dump, fp.api("/api/v1/config_dump?node_id=keyed").to_string(), proxies.to_string(), status_text];
     for path in ["/api/v1/config", "/api/v1/rejects", "/api/v1/proxies"] {
         shown.push(fp.api(path).to_string());
     }

@@ -9,10 +9,10 @@ use std::{
 };
 
 use filterplane_e2e::{
-    example_bootstrap, example_text, filterplane_bin, free_port,
+    example_bootstrap, example_text, filterplane_bin, free_port, http_get,
     services::{header_module, FileServer, Registry},
     traffic::{Tally, Traffic},
-    http_get, wait_until, Envoy, EnvoyPorts, Filterplane,
+    wait_until, Envoy, EnvoyPorts, Filterplane,
 };
 use serde_json::Value;
 

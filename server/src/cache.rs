@@ -115,9 +115,7 @@ impl Generation {
             self.config
                 .resources
                 .iter()
-                .map(|r| {
-                    r.resource_type == ResourceType::Secret || filterplane_api::json::holds_sensitive(&r.resource)
-                })
+                .map(|r| r.resource_type == ResourceType::Secret || filterplane_api::json::holds_sensitive(&r.resource))
                 .collect()
         });
         flags.get(i).copied().unwrap_or(false)
@@ -127,10 +125,7 @@ impl Generation {
     pub fn withheld(&self, node: &NodeFacts) -> Vec<String> {
         let all = self.snapshot_for_stream(node, false);
         let without = self.snapshot_for_stream(node, true);
-        all.all()
-            .filter(|(t, r)| without.resource(*t, &r.name).is_none())
-            .map(|(_, r)| r.name.clone())
-            .collect()
+        all.all().filter(|(t, r)| without.resource(*t, &r.name).is_none()).map(|(_, r)| r.name.clone()).collect()
     }
 
     /// As `snapshot_for`; with `withhold_sensitive`, without the resources that hold

@@ -84,8 +84,7 @@ fn wasm_support(args: &ServeArgs, modules_url: String, metrics: Arc<Metrics>) ->
         deadline: std::time::Duration::from_secs(w.wasm_fetch_deadline_secs),
     };
     let fetcher = Arc::new(WasmFetcher::new(cache, settings, metrics)?);
-    let secret_file =
-        args.security.modules_secret_file.clone().unwrap_or_else(|| cache_dir.join("module-path-secret"));
+    let secret_file = args.security.modules_secret_file.clone().unwrap_or_else(|| cache_dir.join("module-path-secret"));
     let module_secret = Arc::new(
         secret::load_or_create(&secret_file)
             .with_context(|| format!("the module path secret {}", secret_file.display()))?,
@@ -172,9 +171,9 @@ pub async fn serve_on(
     let tracker = Arc::new(AckTracker::new(metrics.clone()));
     let tls = ports_tls(&args, &metrics)?;
     let modules_listener = match args.security.modules_addr {
-        Some(addr) => Some(
-            tokio::net::TcpListener::bind(addr).await.with_context(|| format!("bind module address {addr}"))?,
-        ),
+        Some(addr) => {
+            Some(tokio::net::TcpListener::bind(addr).await.with_context(|| format!("bind module address {addr}"))?)
+        }
         None => None,
     };
     let modules_url = match &modules_listener {
@@ -309,7 +308,14 @@ pub async fn serve_on(
         None => (None, Some(module_server)),
     };
     let admin = axum::serve(
-        limits::CappedListener::new(admin_listener, "admin", tls.admin.clone(), limits, metrics.clone(), shutdown.clone())?,
+        limits::CappedListener::new(
+            admin_listener,
+            "admin",
+            tls.admin.clone(),
+            limits,
+            metrics.clone(),
+            shutdown.clone(),
+        )?,
         admin::app(AdminState {
             cache,
             tracker,

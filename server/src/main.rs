@@ -22,20 +22,22 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         }
-        Command::Reload { confirm, admin, client } => match filterplane_server::status::request_reload(&admin, confirm, &client) {
-            Ok((text, applied)) => {
-                println!("{text}");
-                if applied {
-                    ExitCode::SUCCESS
-                } else {
+        Command::Reload { confirm, admin, client } => {
+            match filterplane_server::status::request_reload(&admin, confirm, &client) {
+                Ok((text, applied)) => {
+                    println!("{text}");
+                    if applied {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::FAILURE
+                    }
+                }
+                Err(e) => {
+                    eprintln!("filterplane reload: {e:#}");
                     ExitCode::FAILURE
                 }
             }
-            Err(e) => {
-                eprintln!("filterplane reload: {e:#}");
-                ExitCode::FAILURE
-            }
-        },
+        }
         Command::Status { admin, client } => match filterplane_server::status::fetch_and_render(&admin, &client) {
             Ok(table) => {
                 print!("{table}");

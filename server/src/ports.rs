@@ -33,7 +33,14 @@ impl PortReport {
     }
 
     pub fn line(&self) -> String {
-        format!("{} on {}: {}, reachable from {}; serves {}", self.name, self.addr, self.security, self.reach(), self.serves)
+        format!(
+            "{} on {}: {}, reachable from {}; serves {}",
+            self.name,
+            self.addr,
+            self.security,
+            self.reach(),
+            self.serves
+        )
     }
 }
 

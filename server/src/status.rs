@@ -38,8 +38,9 @@ impl AdminClient {
                 })
                 .collect();
             anyhow::ensure!(!certs.is_empty(), "--ca-file {}: no PEM certificate in it", ca.display());
-            config = config
-                .tls_config(ureq::tls::TlsConfig::builder().root_certs(ureq::tls::RootCerts::new_with_certs(&certs)).build());
+            config = config.tls_config(
+                ureq::tls::TlsConfig::builder().root_certs(ureq::tls::RootCerts::new_with_certs(&certs)).build(),
+            );
         }
         let authorization = match &client.token_file {
             Some(path) => {
@@ -84,7 +85,11 @@ impl AdminClient {
 /// renders them.
 pub fn fetch_and_render(admin: &str, client: &AdminClientArgs) -> anyhow::Result<String> {
     let c = AdminClient::new(admin, client, Duration::from_secs(10))?;
-    Ok(render(&c.call("GET", "/api/v1/proxies")?, &c.call("GET", "/api/v1/rejects")?, &c.call("GET", "/api/v1/config")?))
+    Ok(render(
+        &c.call("GET", "/api/v1/proxies")?,
+        &c.call("GET", "/api/v1/rejects")?,
+        &c.call("GET", "/api/v1/config")?,
+    ))
 }
 
 /// `filterplane reload [--confirm]`: asks the server to reload; returns what happened in

@@ -410,7 +410,10 @@ pub fn accept_loop(
                                 let _ = tx.send(Accepted { io: MaybeTls::Tls(Box::new(stream)), addr, permit }).await;
                             }
                             Ok(Err(e)) => {
-                                metrics.tls_handshake_failures.get_or_create(&crate::metrics::PortLabel::new(port)).inc();
+                                metrics
+                                    .tls_handshake_failures
+                                    .get_or_create(&crate::metrics::PortLabel::new(port))
+                                    .inc();
                                 tracing::debug!(port, peer = %addr, error = %e, "TLS handshake failed");
                             }
                             Err(_) => {

@@ -466,9 +466,8 @@ impl AckTracker {
         let (node_id, cluster) = (cut(node_id), cut(cluster));
         let at = now();
         let mut refusals = self.refusals.lock().unwrap_or_else(|p| p.into_inner());
-        let known = refusals
-            .iter()
-            .position(|r| r.node_id == node_id && r.cluster == cluster && r.certificate == certificate);
+        let known =
+            refusals.iter().position(|r| r.node_id == node_id && r.cluster == cluster && r.certificate == certificate);
         let first = known.is_none();
         let mut entry = match known.and_then(|i| refusals.remove(i)) {
             Some(r) => r,

@@ -159,7 +159,11 @@ async fn with_a_token_only_probes_and_public_metrics_are_open() {
         assert_eq!(code, StatusCode::UNAUTHORIZED);
         assert!(page.contains("<form method=\"post\" action=\"/login\">"), "the page asks for the token");
         let metrics = get(app(s.clone()), "/metrics").await.0;
-        assert_eq!(metrics, if public { StatusCode::OK } else { StatusCode::UNAUTHORIZED }, "--metrics-public {public}");
+        assert_eq!(
+            metrics,
+            if public { StatusCode::OK } else { StatusCode::UNAUTHORIZED },
+            "--metrics-public {public}"
+        );
         let req = Request::get("/api/v1/config").header("authorization", "Bearer tok").body(Body::empty()).unwrap();
         assert_eq!(app(s.clone()).oneshot(req).await.unwrap().status(), StatusCode::OK);
         // A module path needs no token (Envoy cannot send one) and answers nothing unknown.

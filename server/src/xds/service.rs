@@ -317,10 +317,11 @@ impl<P: Protocol> StreamLoop<P> {
 
 /// What the connection says about the client (TLS, certificate, address).
 fn peer_info<T>(request: &Request<T>) -> PeerInfo {
-    request.extensions().get::<PeerInfo>().cloned().unwrap_or_else(|| PeerInfo {
-        addr: request.remote_addr(),
-        ..Default::default()
-    })
+    request
+        .extensions()
+        .get::<PeerInfo>()
+        .cloned()
+        .unwrap_or_else(|| PeerInfo { addr: request.remote_addr(), ..Default::default() })
 }
 
 /// Sleeps until `at`, or forever. The timer is boxed: nearly every stream has nothing
