@@ -168,7 +168,7 @@ impl XdsServices {
         let peer = info.addr.map(|a| a.to_string()).unwrap_or_default();
         let withhold = self.ctx.security.withholds(&info);
         let state = StreamLoop {
-            info,
+            info: Some(Box::new(info)),
             withhold,
             generations: self.ctx.cache.subscribe(),
             ctx: self.ctx.clone(),
@@ -194,8 +194,9 @@ struct StreamLoop<P: Protocol> {
     requests: Streaming<P::Request>,
     generations: tokio::sync::watch::Receiver<Option<Arc<crate::cache::Generation>>>,
     peer: String,
-    /// The connection's TLS and client certificate.
-    info: PeerInfo,
+    /// The connection's TLS and client certificate, until the node is identified (boxed
+    /// and then dropped: every idle stream would carry it).
+    info: Option<Box<PeerInfo>>,
     /// Sensitive resources are kept from this stream.
     withhold: bool,
     stream_id: Option<StreamId>,
@@ -299,15 +300,16 @@ impl<P: Protocol> StreamLoop<P> {
         }
         let Some(node) = P::request_node(req) else { return Ok(()) };
         let info = Arc::new(NodeInfo::from(node));
-        self.ctx.security.admit(&self.ctx.tracker, &self.info, &info.facts)?;
+        let peer = self.info.take().map(|b| *b).unwrap_or_default();
+        self.ctx.security.admit(&self.ctx.tracker, &peer, &info.facts)?;
         self.machine.core_mut().set_node(info.clone());
         let auth = PeerAuth {
-            tls: self.info.tls,
-            certificate: self.info.identity.as_ref().map(|i| i.names()).unwrap_or_default(),
+            tls: peer.tls,
+            certificate: peer.identity.as_ref().map(|i| i.names()).unwrap_or_default(),
             sensitive_withheld: self.withhold,
         };
         self.stream_id = Some(self.ctx.tracker.connect_as(info.clone(), P::KIND, self.peer.clone(), auth));
-        tracing::info!(node_id = ?info.facts.id, cluster = ?info.facts.cluster, peer = %self.peer, user_agent = ?info.user_agent, kind = P::KIND.label(), tls = self.info.tls, authenticated = self.info.identity.is_some(), "proxy connected");
+        tracing::info!(node_id = ?info.facts.id, cluster = ?info.facts.cluster, peer = %self.peer, user_agent = ?info.user_agent, kind = P::KIND.label(), tls = peer.tls, authenticated = peer.identity.is_some(), "proxy connected");
         if let Some(g) = self.generations.borrow_and_update().clone() {
             self.machine.on_snapshot(g.snapshot_for_stream(&info.facts, self.withhold));
         }
