@@ -15,6 +15,9 @@ fi
 apt_packages=()
 command -v chromium >/dev/null || apt_packages+=(chromium)
 command -v chromedriver >/dev/null || apt_packages+=(chromium-driver)
+# TLS tests: curl talks to the TLS ports, openssl reads which certificate a port presents.
+command -v curl >/dev/null || apt_packages+=(curl)
+command -v openssl >/dev/null || apt_packages+=(openssl)
 # A real OCI registry (distribution v2) for the Wasm tests.
 [ -x /usr/bin/docker-registry ] || apt_packages+=(docker-registry)
 if [ ${#apt_packages[@]} -gt 0 ]; then
