@@ -36,6 +36,104 @@ pub struct TypedMessage {
 /// Turns `{"@type": ..., fields...}` into an `Any` of that type. Unknown types, unknown
 /// fields and wrong value types are errors naming the path to the offending field.
 pub fn any_from_json(value: &Value) -> Result<TypedMessage, JsonToAnyError> {
+    let mut expanded = Vec::new();
+    let value = expand_typed_structs(value, "", &mut expanded)?;
+    typed_from_json(&value).map_err(|mut e| {
+        e.path = path_in_typed_struct(&e.path, &expanded);
+        e
+    })
+}
+
+/// The type URLs of `TypedStruct`, which Envoy accepts wherever an `Any` stands: a
+/// `type_url` and the message's fields as a `Struct` in `value`.
+pub const TYPED_STRUCT_URLS: [&str; 2] =
+    ["type.googleapis.com/xds.type.v3.TypedStruct", "type.googleapis.com/udpa.type.v1.TypedStruct"];
+
+/// `v` with every `TypedStruct` (at any depth) replaced by the `Any` JSON of the message
+/// it stands for, so it is checked, hashed and served exactly as that message written
+/// out. `expanded` gets the path of each one replaced.
+fn expand_typed_structs(v: &Value, path: &str, expanded: &mut Vec<String>) -> Result<Value, JsonToAnyError> {
+    let join = |key: &str| if path.is_empty() { key.to_owned() } else { format!("{path}.{key}") };
+    match v {
+        Value::Array(items) => items
+            .iter()
+            .enumerate()
+            .map(|(i, item)| expand_typed_structs(item, &format!("{path}[{i}]"), expanded))
+            .collect::<Result<Vec<_>, _>>()
+            .map(Value::Array),
+        Value::Object(obj)
+            if obj.get("@type").and_then(Value::as_str).is_some_and(|t| TYPED_STRUCT_URLS.contains(&t)) =>
+        {
+            if let Some(k) = obj.keys().find(|k| !matches!(k.as_str(), "@type" | "type_url" | "value")) {
+                return Err(JsonToAnyError::at(join(k), "a TypedStruct has only \"type_url\" and \"value\""));
+            }
+            let Some(type_url) = obj.get("type_url").and_then(Value::as_str) else {
+                return Err(JsonToAnyError::at(
+                    join("type_url"),
+                    "a TypedStruct needs the type_url of the message it holds",
+                ));
+            };
+            let inner = obj.get("value").cloned().unwrap_or_else(|| Value::Object(Default::default()));
+            let name = type_url.strip_prefix(TYPE_URL_PREFIX).unwrap_or(type_url);
+            let message = if has_special_json_form(name) {
+                serde_json::json!({ "@type": type_url, "value": inner })
+            } else {
+                let Value::Object(mut fields) = inner else {
+                    return Err(JsonToAnyError::at(join("value"), "must be a mapping of the message's fields"));
+                };
+                fields.insert("@type".into(), Value::String(type_url.to_owned()));
+                Value::Object(fields)
+            };
+            // Paths are recorded where the message now stands (its fields right below it).
+            expanded.push(path.to_owned());
+            expand_typed_structs(&message, path, expanded).map_err(|mut e| {
+                e.path = path_in_typed_struct(&e.path, std::slice::from_ref(&path.to_owned()));
+                e
+            })
+        }
+        Value::Object(obj) => obj
+            .iter()
+            .map(|(k, item)| Ok((k.clone(), expand_typed_structs(item, &join(k), expanded)?)))
+            .collect::<Result<serde_json::Map<_, _>, _>>()
+            .map(Value::Object),
+        other => Ok(other.clone()),
+    }
+}
+
+/// An error path in the expanded JSON, as the user wrote it: into each TypedStruct's
+/// `value` (or its `type_url` for the type), innermost first (each step rewrites only
+/// what follows its own place, which the outer ones contain).
+fn path_in_typed_struct(path: &str, expanded: &[String]) -> String {
+    let mut within: Vec<&String> = expanded
+        .iter()
+        .filter(|p| {
+            p.is_empty()
+                || path == p.as_str()
+                || path.starts_with(&format!("{p}."))
+                || path.starts_with(&format!("{p}["))
+        })
+        .collect();
+    within.sort_by_key(|p| std::cmp::Reverse(p.len()));
+    let mut path = path.to_owned();
+    for at in within {
+        let rest = path[at.len()..].trim_start_matches('.').to_owned();
+        let field = if rest.is_empty() {
+            String::new()
+        } else if rest == "@type" || rest.starts_with("@type.") {
+            "type_url".to_owned()
+        } else {
+            format!("value.{rest}")
+        };
+        path = match (at.is_empty(), field.is_empty()) {
+            (true, _) => field,
+            (false, true) => at.clone(),
+            (false, false) => format!("{at}.{field}"),
+        };
+    }
+    path
+}
+
+fn typed_from_json(value: &Value) -> Result<TypedMessage, JsonToAnyError> {
     let Some(obj) = value.as_object() else {
         return Err(JsonToAnyError::at("", "expected a mapping with an \"@type\" key"));
     };
@@ -393,5 +491,66 @@ mod redaction_tests {
                 "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
                 "common_tls_context": { "tls_certificate_sds_secret_configs": [{ "name": "by-sds" }] } } } }] });
         assert!(!holds_sensitive(&any_from_json(&plain).unwrap().any), "a secret named, not held");
+    }
+}
+
+#[cfg(test)]
+mod typed_struct_tests {
+    use serde_json::json;
+
+    use super::*;
+
+    const HM: &str = "type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutation";
+
+    fn mutation() -> Value {
+        json!({ "mutations": { "response_mutations": [ { "append": { "header": { "key": "x", "value": "1" } } } ] } })
+    }
+
+    #[test]
+    fn a_typed_struct_is_the_message_it_holds() {
+        let mut typed = mutation();
+        typed["@type"] = json!(HM);
+        let want = any_from_json(&typed).unwrap();
+        for url in TYPED_STRUCT_URLS {
+            let ts = json!({ "@type": url, "type_url": HM, "value": mutation() });
+            assert_eq!(any_from_json(&ts).unwrap(), want, "{url}: same bytes, same canonical JSON");
+        }
+    }
+
+    #[test]
+    fn nested_typed_structs_anywhere_an_any_stands() {
+        let inner = json!({ "@type": TYPED_STRUCT_URLS[1], "type_url": HM, "value": mutation() });
+        let outer = json!({ "@type": TYPED_STRUCT_URLS[0],
+            "type_url": "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig",
+            "value": { "name": "n", "typed_config": inner } });
+        let got = any_from_json(&outer).unwrap();
+        let mut plain_inner = mutation();
+        plain_inner["@type"] = json!(HM);
+        let plain = json!({ "@type": "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig", "name": "n", "typed_config": plain_inner });
+        assert_eq!(got, any_from_json(&plain).unwrap());
+    }
+
+    #[test]
+    fn errors_point_into_the_value_as_written() {
+        let mut bad = mutation();
+        bad["mutations"]["response_mutations"][0]["append"]["header"]["valu"] = json!("1");
+        let ts = json!({ "@type": TYPED_STRUCT_URLS[0], "type_url": HM, "value": bad });
+        let e = any_from_json(&ts).unwrap_err();
+        assert_eq!(e.path, "value.mutations.response_mutations[0].append.header", "{e:?}");
+        assert!(e.message.contains("'valu'"), "{e:?}");
+        let e = any_from_json(&json!({ "@type": TYPED_STRUCT_URLS[0], "type_url": "type.googleapis.com/nope.Nope" }))
+            .unwrap_err();
+        assert_eq!(e.path, "type_url", "{e:?}");
+        let e = any_from_json(&json!({ "@type": TYPED_STRUCT_URLS[0], "value": {} })).unwrap_err();
+        assert_eq!(e.path, "type_url");
+        let e = any_from_json(&json!({ "@type": TYPED_STRUCT_URLS[0], "type_url": HM, "extra": 1 })).unwrap_err();
+        assert_eq!(e.path, "extra");
+        // Nested: the path runs through both values.
+        let inner = json!({ "@type": TYPED_STRUCT_URLS[1], "type_url": HM, "value": { "nope": 1 } });
+        let outer = json!({ "@type": TYPED_STRUCT_URLS[0],
+            "type_url": "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig",
+            "value": { "name": "n", "typed_config": inner } });
+        let e = any_from_json(&outer).unwrap_err();
+        assert_eq!((e.path.as_str(), e.message.contains("'nope'")), ("value.typed_config", true), "{e:?}");
     }
 }

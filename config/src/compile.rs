@@ -49,6 +49,12 @@ pub struct CompiledResource {
     /// asks Envoy to NACK while the code is not in its cache yet and to fetch it in the
     /// background (`nack_on_code_cache_miss`), so the server sends it again after a NACK.
     pub envoy_fetches_code: bool,
+    /// Extension configs with Envoy-native Wasm code Filterplane fetches (see
+    /// `central`): the server fetches the modules and rewrites the code before serving.
+    pub central_wasm: Option<Arc<crate::central::CentralWasm>>,
+    /// Once the server fetched them: the SHA-256 of each module `central_wasm` named
+    /// (kept in the module cache while served).
+    pub central_shas: Vec<String>,
 }
 
 /// Everything one reload produced.
@@ -65,6 +71,12 @@ pub struct CompiledConfig {
 }
 
 impl CompiledConfig {
+    /// Whether serving it needs Wasm modules fetched: plugins, or extension configs whose
+    /// code Filterplane fetches.
+    pub fn fetches_wasm(&self) -> bool {
+        !self.wasm_plugins.is_empty() || self.resources.iter().any(|r| r.central_wasm.is_some())
+    }
+
     /// This config with `extra` resources (built Wasm plugins) added, version recomputed.
     pub fn with_resources(mut self, extra: Vec<CompiledResource>) -> Self {
         self.resources.extend(extra);
@@ -204,6 +216,35 @@ impl Compiler<'_> {
         true
     }
 
+    /// The Wasm modules an extension config's code names, for the server to fetch
+    /// (unless the entry says `wasm_fetch: envoy`).
+    fn central_wasm(
+        &mut self,
+        file: &ParsedFile,
+        origin: &Origin,
+        spec: &ExtensionConfigSpec,
+        typed: &filterplane_api::json::TypedMessage,
+    ) -> Result<Option<Arc<crate::central::CentralWasm>>, ()> {
+        if spec.wasm_fetch == Some(crate::model::WasmFetch::Envoy) {
+            return Ok(None);
+        }
+        let Ok(mut json) = serde_json::from_str::<serde_json::Value>(&typed.canonical_json) else { return Ok(None) };
+        let base = file.path.parent().map(|p| p.to_path_buf()).unwrap_or_default();
+        match crate::central::find(&json, &base) {
+            Ok(modules) if modules.is_empty() => Ok(None),
+            Ok(modules) => {
+                if let Some(obj) = json.as_object_mut() {
+                    obj.insert("@type".into(), serde_json::Value::String(typed.any.type_url.clone()));
+                }
+                Ok(Some(Arc::new(crate::central::CentralWasm { typed_config: json, modules })))
+            }
+            Err((path, message)) => {
+                self.error_at(origin, &format!("typed_config.{path}"), message);
+                Err(())
+            }
+        }
+    }
+
     fn extension_config(&mut self, file: &ParsedFile, i: usize, spec: &ExtensionConfigSpec) {
         let at = format!("extension_configs[{i}]");
         let origin = Origin { file: file.path.clone(), line: file.lines.line_of(&at), path: at };
@@ -246,6 +287,10 @@ impl Compiler<'_> {
             typed.any.type_url.as_bytes(),
             typed.canonical_json.as_bytes(),
         ]);
+        let central_wasm = match self.central_wasm(file, &origin, spec, &typed) {
+            Ok(c) => c,
+            Err(()) => return,
+        };
         let inner_type_url = typed.any.type_url.clone();
         let tec = TypedExtensionConfig { name: spec.name.clone(), typed_config: Some(typed.any) };
         self.resources.push(CompiledResource {
@@ -260,6 +305,8 @@ impl Compiler<'_> {
             listener_json: None,
             wasm_sha256: None,
             envoy_fetches_code: false,
+            central_wasm,
+            central_shas: Vec::new(),
         });
     }
 

@@ -2,6 +2,7 @@
 //! Envoy's descriptors with file/line/path errors, and compiling to xDS resources.
 //! Opens no sockets and keeps no global state.
 
+pub mod central;
 pub mod compile;
 pub mod error;
 pub mod lines;

@@ -60,6 +60,19 @@ pub struct ExtensionConfigSpec {
     /// serves. Absent: nowhere (a listener refers to it by itself).
     #[serde(default)]
     pub placement: Option<PlacementSpec>,
+    /// Who fetches Wasm modules this config's code names (`remote`, `local.filename`):
+    /// `filterplane` (default: fetched, checked and delivered like `wasm_plugins`) or
+    /// `envoy` (passed to Envoy as written).
+    #[serde(default)]
+    pub wasm_fetch: Option<WasmFetch>,
+}
+
+/// Who fetches the Wasm modules an extension config names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WasmFetch {
+    Filterplane,
+    Envoy,
 }
 
 /// Which filter chains get the filter, and where in them.

@@ -149,6 +149,33 @@ impl WasmPlugin {
         })
     }
 
+    /// A module an extension config's code names (`central`), as the fetcher takes it.
+    pub fn for_code(name: &str, selector: &NodeSelector, code: &crate::central::CodeRef, origin: Origin) -> Self {
+        let pull_policy = match &code.source {
+            ModuleSource::Oci { tag, digest: None, .. } if tag.as_deref().is_none_or(|t| t == "latest") => {
+                PullPolicy::Always
+            }
+            _ => PullPolicy::IfNotPresent,
+        };
+        WasmPlugin {
+            name: name.to_owned(),
+            selector: selector.clone(),
+            url: code.url.clone(),
+            source: code.source.clone(),
+            sha256: code.sha256.clone(),
+            pull_policy,
+            pull_secret: None,
+            plugin_config: None,
+            root_id: String::new(),
+            env: BTreeMap::new(),
+            fail_strategy: FailStrategy::default(),
+            plugin_type: PluginType::default(),
+            delivery: None,
+            placement: None,
+            origin,
+        }
+    }
+
     pub fn type_url(&self) -> &'static str {
         match self.plugin_type {
             PluginType::Http => HTTP_WASM_TYPE,
@@ -250,6 +277,8 @@ pub fn build_wasm_resource(p: &WasmPlugin, code: WasmCode<'_>, sha256: &str) -> 
         listener_json: None,
         wasm_sha256: Some(sha256.to_owned()),
         envoy_fetches_code: matches!(code, WasmCode::Remote { .. }),
+        central_wasm: None,
+        central_shas: Vec::new(),
     }
 }
 

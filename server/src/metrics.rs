@@ -106,6 +106,8 @@ pub struct Metrics {
     pub wasm_compile_duration: Histogram,
     pub wasm_module_downloads: Counter,
     pub wasm_code_fetch_resends: Counter,
+    pub wasm_conversions: Family<ResultLabel, Counter>,
+    pub wasm_conversion_duration: Histogram,
     pub limit_hits: Family<LimitLabel, Counter>,
     pub tls_reloads: Family<ResultLabel, Counter>,
     pub tls_handshake_failures: Family<PortLabel, Counter>,
@@ -135,6 +137,8 @@ impl Default for Metrics {
             wasm_compile_duration: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
             wasm_module_downloads: Counter::default(),
             wasm_code_fetch_resends: Counter::default(),
+            wasm_conversions: Family::default(),
+            wasm_conversion_duration: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
             limit_hits: Family::default(),
             tls_reloads: Family::default(),
             tls_handshake_failures: Family::default(),
@@ -206,6 +210,16 @@ impl Default for Metrics {
             m.wasm_code_fetch_resends.clone(),
         );
         registry.register(
+            "wasm_config_conversions",
+            "Envoy-native Wasm configs whose modules Filterplane fetched and rewrote to its delivery, by result (success, download_failure, checksum_mismatch, invalid_module)",
+            m.wasm_conversions.clone(),
+        );
+        registry.register(
+            "wasm_config_conversion_duration_seconds",
+            "Time to fetch, check and rewrite the modules of one Envoy-native Wasm config",
+            m.wasm_conversion_duration.clone(),
+        );
+        registry.register(
             "tls_reloads",
             "TLS certificate, key or client CA files read again after they changed, by result (applied, failed)",
             m.tls_reloads.clone(),
@@ -248,6 +262,7 @@ impl Default for Metrics {
         }
         for result in ["success", "download_failure", "checksum_mismatch", "invalid_module"] {
             let _ = m.wasm_fetches.get_or_create(&ResultLabel { result });
+            let _ = m.wasm_conversions.get_or_create(&ResultLabel { result });
         }
         for result in ["applied", "failed"] {
             let _ = m.tls_reloads.get_or_create(&ResultLabel { result });

@@ -201,13 +201,13 @@ impl ConfigReloader {
             });
         let mut wasm_errors = Vec::new();
         let result = match (result, &self.wasm) {
-            (Ok(config), Some(w)) if !config.wasm_plugins.is_empty() => {
+            (Ok(config), Some(w)) if config.fetches_wasm() => {
                 let previous = self.cache.current();
                 let (config, errors) = resolve(config, &w.fetcher, &w.delivery, previous.as_deref()).await;
                 wasm_errors = errors;
                 Ok(config)
             }
-            (Ok(config), None) if !config.wasm_plugins.is_empty() => Err(ConfigErrors(vec![ConfigError {
+            (Ok(config), None) if config.fetches_wasm() => Err(ConfigErrors(vec![ConfigError {
                 file: self.path.clone(),
                 line: None,
                 path: "wasm_plugins".into(),

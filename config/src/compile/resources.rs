@@ -70,6 +70,8 @@ impl Compiler<'_> {
             listener_json: (rt == ResourceType::Listener).then(|| Arc::new(json)),
             wasm_sha256: None,
             envoy_fetches_code: false,
+            central_wasm: None,
+            central_shas: Vec::new(),
         });
     }
 }

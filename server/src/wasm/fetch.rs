@@ -73,7 +73,7 @@ pub struct WasmFetcher {
     pub cache: WasmModuleCache,
     settings: FetchSettings,
     http: reqwest::Client,
-    metrics: Arc<Metrics>,
+    pub metrics: Arc<Metrics>,
 }
 
 impl std::fmt::Debug for WasmFetcher {

@@ -62,11 +62,31 @@ pub async fn resolve(
     delivery: &DeliverySettings,
     previous: Option<&Generation>,
 ) -> (CompiledConfig, Vec<PluginError>) {
+    let (config, mut errors, mut pinned) = resolve_central(config, fetcher, delivery, previous).await;
+    let (config, plugin_errors) = resolve_plugins(config, fetcher, delivery, previous, &mut pinned).await;
+    errors.extend(plugin_errors);
+    let evicted = fetcher.cache.evict(&pinned);
+    if !evicted.is_empty() {
+        tracing::info!(count = evicted.len(), "evicted least recently used Wasm modules from the cache");
+    }
+    (config, errors)
+}
+
+/// The `wasm_plugins` part of `resolve`; `pinned` gets the modules served.
+async fn resolve_plugins(
+    config: CompiledConfig,
+    fetcher: &WasmFetcher,
+    delivery: &DeliverySettings,
+    previous: Option<&Generation>,
+    pinned: &mut HashSet<String>,
+) -> (CompiledConfig, Vec<PluginError>) {
+    if config.wasm_plugins.is_empty() {
+        return (config, Vec::new());
+    }
     let plugins = config.wasm_plugins.clone();
     let fetched = futures_util::future::join_all(plugins.iter().map(|p| fetcher.module_in_time(p))).await;
     let mut resources = Vec::new();
     let mut errors = Vec::new();
-    let mut pinned = HashSet::new();
     for (plugin, result) in plugins.iter().zip(fetched) {
         match result {
             Ok(module) => {
@@ -98,11 +118,147 @@ pub async fn resolve(
             }
         }
     }
-    let evicted = fetcher.cache.evict(&pinned);
-    if !evicted.is_empty() {
-        tracing::info!(count = evicted.len(), "evicted least recently used Wasm modules from the cache");
-    }
     (config.with_resources(resources), errors)
+}
+
+/// Extension configs with Envoy-native Wasm code (`central_wasm`): each module fetched
+/// and checked like a plugin's, the code rewritten to Filterplane's delivery (the original
+/// URL never reaches Envoy). A config whose module cannot be had keeps the resource
+/// `previous` served under its name (or is left out), and is reported.
+async fn resolve_central(
+    config: CompiledConfig,
+    fetcher: &WasmFetcher,
+    delivery: &DeliverySettings,
+    previous: Option<&Generation>,
+) -> (CompiledConfig, Vec<PluginError>, HashSet<String>) {
+    let mut pinned = HashSet::new();
+    if config.resources.iter().all(|r| r.central_wasm.is_none()) {
+        return (config, Vec::new(), pinned);
+    }
+    let mut config = config;
+    let resources = std::mem::take(&mut config.resources);
+    let converted = futures_util::future::join_all(resources.into_iter().map(|r| async move {
+        match r.central_wasm.clone() {
+            None => Ok((r, Vec::new())),
+            Some(central) => {
+                let started = std::time::Instant::now();
+                let result = convert(&r, &central, fetcher, delivery).await;
+                let metrics = &fetcher.metrics;
+                metrics.wasm_conversion_duration.observe(started.elapsed().as_secs_f64());
+                let label = match &result {
+                    Ok(_) => "success",
+                    Err((_, e)) => e.kind(),
+                };
+                metrics.wasm_conversions.get_or_create(&crate::metrics::ResultLabel::new(label)).inc();
+                result.map_err(|(code, e)| (r, code, e))
+            }
+        }
+    }))
+    .await;
+    let mut errors = Vec::new();
+    let mut kept_out = Vec::new();
+    for result in converted {
+        match result {
+            Ok((r, shas)) => {
+                pinned.extend(shas);
+                config.resources.push(r);
+            }
+            Err((r, code, e)) => {
+                let kept = previous.and_then(|g| {
+                    g.config
+                        .resources
+                        .iter()
+                        .find(|p| p.resource_type == r.resource_type && p.name == r.name && p.selector == r.selector)
+                        .cloned()
+                });
+                tracing::error!(config = %r.name, url = %code.url, kind = e.kind(), error = %e, kept = kept.is_some(), "Wasm module of an extension config refused; its previous version keeps serving");
+                errors.push(PluginError {
+                    plugin: r.name.clone(),
+                    url: code.url.clone(),
+                    kind: e.kind().into(),
+                    message: e.to_string(),
+                    file: r.origin.file.display().to_string(),
+                    line: r.origin.line,
+                    path: format!("{}.typed_config.{}", r.origin.path, code.path),
+                    serving_version: kept.as_ref().map(|k| k.version.to_string()),
+                });
+                match kept {
+                    Some(k) => {
+                        // The modules the kept version names stay in the cache.
+                        if let Some(sha) = &k.wasm_sha256 {
+                            pinned.insert(sha.clone());
+                        }
+                        pinned.extend(k.central_shas.iter().cloned());
+                        config.resources.push(k)
+                    }
+                    None => kept_out.push(r.name.clone()),
+                }
+            }
+        }
+    }
+    if !kept_out.is_empty() {
+        tracing::warn!(configs = ?kept_out, "extension configs left out: their Wasm modules were never fetched");
+    }
+    (config.with_resources(Vec::new()), errors, pinned)
+}
+
+/// One extension config's modules fetched and its code rewritten.
+async fn convert(
+    r: &CompiledResource,
+    central: &filterplane_config::central::CentralWasm,
+    fetcher: &WasmFetcher,
+    delivery: &DeliverySettings,
+) -> Result<(CompiledResource, Vec<String>), (filterplane_config::central::CodeRef, fetch::FetchError)> {
+    use base64::Engine;
+    use filterplane_api::envoy_types::pb::envoy::config::core::v3::TypedExtensionConfig;
+    use prost::Message;
+    let mut json = central.typed_config.clone();
+    let mut shas = Vec::new();
+    // One module served remotely per config (the module server looks up one SHA-256
+    // per resource); a config naming several gets them inline.
+    let remote = delivery.default == Delivery::Remote && central.modules.len() == 1;
+    for code in &central.modules {
+        let origin = r.origin.clone();
+        let plugin = WasmPlugin::for_code(&r.name, &r.selector, code, origin);
+        let module = fetcher.module_in_time(&plugin).await.map_err(|e| (code.clone(), e))?;
+        let new_code = if remote {
+            let uri = format!(
+                "{}{}",
+                delivery.module_base_url.trim_end_matches('/'),
+                serve::module_path(&delivery.module_secret, &module.sha256)
+            );
+            serde_json::json!({ "remote": { "http_uri": { "uri": uri, "cluster": delivery.module_cluster, "timeout": "30s" }, "sha256": module.sha256 } })
+        } else {
+            serde_json::json!({ "local": { "inline_bytes": base64::engine::general_purpose::STANDARD.encode(&module.bytes) } })
+        };
+        if let Some(slot) = filterplane_config::central::at_mut(&mut json, &code.at) {
+            *slot = new_code;
+        }
+        if remote {
+            // As for remote plugins: a cache miss is a NACK and a background fetch.
+            let vm_config = &code.at[..code.at.len().saturating_sub(1)];
+            if let Some(serde_json::Value::Object(vm)) = filterplane_config::central::at_mut(&mut json, vm_config) {
+                vm.insert("nack_on_code_cache_miss".into(), serde_json::Value::Bool(true));
+            }
+        }
+        shas.push(module.sha256);
+    }
+    let typed = filterplane_api::any_from_json(&json).map_err(|e| {
+        let code = central.modules[0].clone();
+        (code, fetch::FetchError::Invalid(format!("the rewritten config does not encode: {}: {}", e.path, e.message)))
+    })?;
+    let tec = TypedExtensionConfig { name: r.name.clone(), typed_config: Some(typed.any) };
+    let described = format!("{}\0{}\0{}", r.version, shas.join(","), if remote { "remote" } else { "inline" });
+    let resource = CompiledResource {
+        resource: filterplane_api::Any { type_url: r.resource.type_url.clone(), value: tec.encode_to_vec() },
+        version: filterplane_api::content_version([described.as_bytes()]),
+        wasm_sha256: if remote { shas.first().cloned() } else { None },
+        envoy_fetches_code: remote,
+        central_wasm: None,
+        central_shas: shas.clone(),
+        ..r.clone()
+    };
+    Ok((resource, shas))
 }
 
 fn build(plugin: &WasmPlugin, bytes: &[u8], sha256: &str, delivery: &DeliverySettings) -> CompiledResource {

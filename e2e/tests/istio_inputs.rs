@@ -1,0 +1,183 @@
+//! Wasm the way Istio users write it, against a real Envoy: an Envoy-native Wasm filter
+//! config whose code is `remote` (in a `udpa.type.v1.TypedStruct`, as Istio's docs write
+//! it) is fetched by Filterplane, checked and served inline; Envoy never sees the URL.
+//! A wrong SHA-256 or a dead server keeps the previous version. TypedStruct elsewhere.
+
+use std::{fs, path::Path, process::Command, time::Duration};
+
+use filterplane_e2e::{
+    example_bootstrap, free_port,
+    services::{header_module, FileServer},
+    wait_until, Envoy, EnvoyPorts, Filterplane,
+};
+use serde_json::Value;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+fn sha256_hex(bytes: &[u8], dir: &Path) -> String {
+    // By the system's sha256sum, independent of Filterplane's code.
+    let f = dir.join("hash-me");
+    fs::write(&f, bytes).unwrap();
+    let out = Command::new("sha256sum").arg(&f).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap().to_owned()
+}
+
+/// The shape of Istio's docs: a Wasm filter config in a TypedStruct, code `remote`.
+fn native_wasm(url: &str, sha: &str, greeting: &str) -> String {
+    format!(
+        r#"version: 1
+extension_configs:
+  - name: add-header
+    typed_config:
+      "@type": type.googleapis.com/udpa.type.v1.TypedStruct
+      type_url: type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm
+      value:
+        config:
+          name: add-header
+          root_id: add_header
+          configuration:
+            "@type": type.googleapis.com/google.protobuf.StringValue
+            value: '{{"greeting":"{greeting}"}}'
+          vm_config:
+            runtime: envoy.wasm.runtime.v8
+            code:
+              remote:
+                http_uri: {{ uri: "{url}", cluster: outbound_modules, timeout: 10s }}
+                sha256: {sha}
+"#
+    )
+}
+
+struct Setup {
+    fp: Filterplane,
+    envoy: Envoy,
+    yaml: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+fn start(config: &str) -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = dir.path().join("filterplane.yaml");
+    fs::write(&yaml, config).unwrap();
+    let fp = Filterplane::start_with_args(&yaml, dir.path(), free_port(), free_port(), &[]);
+    let ports = EnvoyPorts::new(fp.xds_port);
+    let bootstrap = example_bootstrap("wasm/envoy.yaml", ports, "native-wasm")
+        .replace("port_value: 18001", &format!("port_value: {}", fp.admin_port));
+    let envoy = Envoy::start(&bootstrap, ports, dir.path(), "envoy");
+    Setup { fp, envoy, yaml, _dir: dir }
+}
+
+fn x_wasm(envoy: &Envoy) -> Option<String> {
+    envoy.get("/").and_then(|r| r.header("x-wasm").map(str::to_owned))
+}
+
+fn wasm_errors(fp: &Filterplane, kind: &str) -> Vec<Value> {
+    wait_until(&format!("a {kind} in /api/v1/config"), WAIT, || {
+        let errs = fp.api("/api/v1/config")["wasm_errors"].as_array().cloned().unwrap_or_default();
+        errs.iter().any(|e| e["kind"] == kind).then_some(errs)
+    })
+}
+
+#[test]
+fn envoy_native_remote_wasm_in_a_typed_struct_is_fetched_centrally() {
+    let scratch = tempfile::tempdir().unwrap();
+    let www = scratch.path().join("www");
+    fs::create_dir(&www).unwrap();
+    let v1 = header_module("native-v1");
+    let v2 = header_module("native-v2");
+    fs::write(www.join("v1.wasm"), &v1).unwrap();
+    fs::write(www.join("v2.wasm"), &v2).unwrap();
+    let (sha1, sha2) = (sha256_hex(&v1, scratch.path()), sha256_hex(&v2, scratch.path()));
+    // Envoy's bootstrap has no cluster for this server: only Filterplane can reach it.
+    let server = FileServer::start(&www, scratch.path());
+    let url = |f: &str| format!("{}/{f}", server.url);
+
+    let s = start(&native_wasm(&url("v1.wasm"), &sha1, "hi"));
+    wait_until("the module to run in Envoy", WAIT, || (x_wasm(&s.envoy).as_deref() == Some("native-v1")).then_some(()));
+    assert_eq!(server.gets("/v1.wasm"), 1, "Filterplane fetched it once");
+    let dump = s.fp.api("/api/v1/config_dump").to_string();
+    assert!(!dump.contains(&server.url) && !dump.contains("outbound_modules"), "the URL never reaches Envoy: {dump}");
+    assert!(dump.contains("inline_bytes"), "{dump}");
+    let conversions = |r: &str| s.fp.metric(&format!("filterplane_wasm_config_conversions_total{{result=\"{r}\"}}"));
+    assert_eq!(conversions("success"), Some(1.0));
+
+    // A wrong sha256 (of a module never fetched: a cached one would be served by its
+    // hash): refused, reported with the entry's file, line and path; Envoy keeps v1.
+    let applied = s.envoy.stat("extension_config_discovery.http_filter.add-header.update_success");
+    let other = sha256_hex(&header_module("never-served"), scratch.path());
+    fs::write(&s.yaml, native_wasm(&url("v2.wasm"), &other, "hi")).unwrap();
+    let errs = wasm_errors(&s.fp, "checksum_mismatch");
+    assert_eq!(errs[0]["path"], "extension_configs[0].typed_config.config.vm_config.code", "{errs:?}");
+    assert_eq!(errs[0]["line"], 3);
+    assert!(errs[0]["file"].as_str().unwrap().ends_with("filterplane.yaml"));
+    assert!(errs[0]["serving_version"].is_string(), "the previous version keeps serving: {errs:?}");
+    assert_eq!(conversions("checksum_mismatch"), Some(1.0));
+    // A dead server: the same.
+    fs::write(&s.yaml, native_wasm("http://127.0.0.1:9/gone.wasm", &sha2, "hi")).unwrap();
+    wasm_errors(&s.fp, "download_failure");
+    assert_eq!(x_wasm(&s.envoy).as_deref(), Some("native-v1"));
+    assert_eq!(s.envoy.stat("extension_config_discovery.http_filter.add-header.update_success"), applied);
+    assert_eq!(s.envoy.stat("extension_config_discovery.http_filter.add-header.update_rejected"), Some(0));
+
+    // The right module and sha256: rolled out.
+    fs::write(&s.yaml, native_wasm(&url("v2.wasm"), &sha2, "hi")).unwrap();
+    wait_until("v2 to run", WAIT, || (x_wasm(&s.envoy).as_deref() == Some("native-v2")).then_some(()));
+
+    // Opting out: Envoy is handed the config as written (and fetches by itself).
+    let out = native_wasm(&url("v2.wasm"), &sha2, "hi").replace(
+        "    typed_config:\n      \"@type\": type.googleapis.com/udpa.type.v1.TypedStruct",
+        "    wasm_fetch: envoy\n    typed_config:\n      \"@type\": type.googleapis.com/udpa.type.v1.TypedStruct",
+    );
+    fs::write(&s.yaml, out).unwrap();
+    wait_until("the config as written in the dump", WAIT, || {
+        s.fp.api("/api/v1/config_dump").to_string().contains("outbound_modules").then_some(())
+    });
+}
+
+#[test]
+fn typed_struct_around_a_header_mutation_and_a_wrong_field_in_it() {
+    let quick = filterplane_e2e::example_text("quickstart/filterplane.yaml");
+    let from = "      \"@type\": type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutation\n      mutations:";
+    assert!(quick.contains(from), "the quickstart config changed shape");
+    let typed_struct = |value: &str| {
+        quick
+            .replace(from, "      \"@type\": type.googleapis.com/xds.type.v3.TypedStruct\n      type_url: type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutation\n      value:\n        mutations:")
+            .replace("        response_mutations:", "          response_mutations:")
+            .replace("          - append: { header: { key: x-plugin, value: v1 } }", &format!("            - append: {{ header: {{ key: x-plugin, {value} }} }}"))
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = dir.path().join("filterplane.yaml");
+    fs::write(&yaml, typed_struct("value: from-typed-struct")).unwrap();
+    let fp = Filterplane::start_with_args(&yaml, dir.path(), free_port(), free_port(), &[]);
+    let ports = EnvoyPorts::new(fp.xds_port);
+    let envoy = Envoy::start(&example_bootstrap("quickstart/envoy.yaml", ports, "ts"), ports, dir.path(), "envoy");
+    wait_until("the TypedStruct config through Envoy", WAIT, || {
+        envoy.get("/").and_then(|r| r.header("x-plugin").map(str::to_owned)).filter(|v| v == "from-typed-struct")
+    });
+    // The same config as a typed message has the same version.
+    let version = fp.api("/api/v1/config")["resources"][0]["version"].clone();
+    let quick_typed = quick.replace("value: v1", "value: from-typed-struct");
+    let check = dir.path().join("typed.yaml");
+    fs::write(&check, &quick_typed).unwrap();
+    fs::write(&yaml, &quick_typed).unwrap();
+    wait_until("the typed twin to load", WAIT, || {
+        (fp.api("/api/v1/config")["last_attempt_at"] != Value::Null
+            && fp.api("/api/v1/config")["last_outcome"]["result"] == "unchanged")
+            .then_some(())
+    });
+    assert_eq!(fp.api("/api/v1/config")["resources"][0]["version"], version);
+
+    // A wrong field inside the TypedStruct's value: refused, with the path into it.
+    fs::write(&yaml, typed_struct("valu: nope")).unwrap();
+    let errors = wait_until("the refusal", WAIT, || {
+        let c = fp.api("/api/v1/config");
+        (c["last_outcome"]["result"] == "failed").then(|| c["last_outcome"]["errors"].clone())
+    });
+    let e = &errors[0];
+    assert_eq!(
+        e["path"], "extension_configs[0].typed_config.value.mutations.response_mutations[0].append.header",
+        "{errors}"
+    );
+    assert!(e["message"].as_str().unwrap().contains("'valu'"), "{errors}");
+    assert!(e["line"].as_u64().is_some(), "{errors}");
+}
