@@ -280,4 +280,13 @@ pub struct WasmArgs {
     /// before the NACK counts as a reject.
     #[arg(long, default_value_t = 10)]
     pub wasm_code_fetch_retries: u32,
+    /// Addresses (CIDR) module downloads may not connect to, besides the default
+    /// link-local and cloud metadata ranges; checked after DNS and on every redirect.
+    /// Repeatable.
+    #[arg(long, value_name = "CIDR")]
+    pub wasm_fetch_deny_cidr: Vec<crate::wasm::guard::Cidr>,
+    /// Addresses (CIDR) exempt from the deny list (e.g. a registry on a link-local
+    /// address). Repeatable.
+    #[arg(long, value_name = "CIDR")]
+    pub wasm_fetch_allow_cidr: Vec<crate::wasm::guard::Cidr>,
 }

@@ -82,6 +82,7 @@ fn wasm_support(args: &ServeArgs, modules_url: String, metrics: Arc<Metrics>) ->
         attempts: w.wasm_fetch_attempts.max(1),
         max_module_bytes: w.wasm_max_module_bytes,
         deadline: std::time::Duration::from_secs(w.wasm_fetch_deadline_secs),
+        guard: Arc::new(wasm::guard::AddressGuard::new(&w.wasm_fetch_deny_cidr, &w.wasm_fetch_allow_cidr)),
     };
     let fetcher = Arc::new(WasmFetcher::new(cache, settings, metrics)?);
     let secret_file = args.security.modules_secret_file.clone().unwrap_or_else(|| cache_dir.join("module-path-secret"));
@@ -394,6 +395,7 @@ pub async fn wasm_push(
         attempts: 1,
         max_module_bytes: u64::MAX,
         deadline: std::time::Duration::from_secs(60),
+        guard: Default::default(),
     };
     let client = wasm::oci::client(&settings);
     let target = wasm::oci::reference(&registry, &repository, tag.as_deref(), None);

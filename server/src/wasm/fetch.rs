@@ -39,6 +39,8 @@ pub struct FetchSettings {
     /// as failed for that reload (the plugin keeps its previous version), so a slow
     /// source never holds the rest of the config.
     pub deadline: Duration,
+    /// Addresses HTTP(S) downloads may not connect to (SSRF guard).
+    pub guard: Arc<crate::wasm::guard::AddressGuard>,
 }
 
 /// Why a module could not be had. The kind is the metrics label.
@@ -91,6 +93,8 @@ impl WasmFetcher {
             .connect_timeout(settings.timeout)
             .timeout(settings.timeout)
             .no_proxy()
+            .dns_resolver(Arc::new(crate::wasm::guard::GuardedResolver(settings.guard.clone())))
+            .redirect(crate::wasm::guard::redirect_policy(settings.guard.clone()))
             .build()?;
         let fetcher = Self { cache, settings, http, metrics };
         fetcher.update_cache_gauges();
@@ -202,6 +206,9 @@ impl WasmFetcher {
 
     /// GET with bounded retries and exponential backoff, streaming under a size limit.
     async fn download(&self, url: &str) -> Result<Bytes, FetchError> {
+        if let Ok(parsed) = reqwest::Url::parse(url) {
+            self.settings.guard.check_url(&parsed).map_err(|e| FetchError::Download(format!("{url}: refused: {e}")))?;
+        }
         let mut last = String::new();
         for attempt in 0..self.settings.attempts {
             if attempt > 0 {
@@ -288,7 +295,11 @@ pub async fn get_bounded(
     what: &str,
     limit: u64,
 ) -> Result<Bytes, (bool, String)> {
-    let mut res = request.send().await.map_err(|e| (true, format!("{url}: {e}")))?;
+    let mut res = request.send().await.map_err(|e| {
+        // A refused address (the SSRF guard) will not change by asking again.
+        let text = error_chain(&e);
+        (!text.contains("refused:") && !text.contains("redirect to"), format!("{url}: {text}"))
+    })?;
     let status = res.status();
     if !status.is_success() {
         return Err((status.is_server_error(), format!("{url}: HTTP {status}")));
@@ -301,6 +312,21 @@ pub async fn get_bounded(
         body.extend_from_slice(&chunk);
     }
     Ok(Bytes::from(body))
+}
+
+/// An error with its causes, as one line (reqwest puts the reason in a source).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let more = s.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        source = s.source();
+    }
+    text
 }
 
 /// The module is the one the plugin pinned, if it pinned one.
@@ -356,6 +382,7 @@ mod tests {
             attempts: 1,
             max_module_bytes: 1 << 20,
             deadline: Duration::from_secs(60),
+            guard: Default::default(),
         };
         WasmFetcher::new(cache, settings, Arc::new(Metrics::default())).unwrap()
     }
@@ -364,6 +391,86 @@ mod tests {
         let spec: WasmPluginSpec = serde_yaml::from_str(yaml).unwrap();
         let origin = Origin { file: base.join("c.yaml"), line: None, path: "wasm_plugins[0]".into() };
         WasmPlugin::from_spec(&spec, base, origin).unwrap()
+    }
+
+    /// An HTTP server on `ip` that answers every GET with `reply` (status line + headers
+    /// + body), and counts the requests.
+    async fn http_server(ip: &str, reply: Vec<u8>) -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind((ip, 0)).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let hits = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = hits.clone();
+        tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            while let Ok((mut s, _)) = listener.accept().await {
+                counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                let _ = s.write_all(&reply).await;
+            }
+        });
+        (format!("http://{addr}"), hits)
+    }
+
+    #[tokio::test]
+    async fn denied_addresses_are_refused_directly_and_through_redirects() {
+        let dir = tempfile::tempdir().unwrap();
+        let module = header_module("guarded");
+        let sha = crate::wasm::cache::sha256_hex(&module);
+        // The module on 127.0.0.2 (denied below), and a redirect to it from 127.0.0.1.
+        let (target, target_hits) = http_server(
+            "127.0.0.2",
+            [
+                format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n", module.len())
+                    .into_bytes(),
+                module.clone(),
+            ]
+            .concat(),
+        )
+        .await;
+        let (redirector, _) = http_server(
+            "127.0.0.1",
+            format!(
+                "HTTP/1.1 302 Found\r\nlocation: {target}/m.wasm\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+            )
+            .into_bytes(),
+        )
+        .await;
+        let mut f = fetcher(dir.path(), dir.path());
+        let deny: crate::wasm::guard::Cidr = "127.0.0.2/32".parse().unwrap();
+        f.settings.guard = Arc::new(crate::wasm::guard::AddressGuard::new(&[deny], &[]));
+        let f = WasmFetcher::new(
+            WasmModuleCache::open(&dir.path().join("cache2"), 1 << 20).unwrap(),
+            f.settings.clone(),
+            f.metrics.clone(),
+        )
+        .unwrap();
+        for url in [format!("{target}/m.wasm"), format!("{redirector}/m.wasm")] {
+            let p = plugin(&format!("{{name: p, url: '{url}', sha256: '{sha}'}}"), dir.path());
+            let e = f.module(&p).await.unwrap_err();
+            assert_eq!(e.kind(), "download_failure", "{url}");
+            assert!(e.to_string().contains("127.0.0.2/32"), "{url}: {e}");
+        }
+        assert_eq!(target_hits.load(std::sync::atomic::Ordering::Relaxed), 0, "nothing was sent to the denied address");
+        // A name that resolves only to denied addresses: refused after DNS.
+        let mut by_name = f.settings.clone();
+        let deny: Vec<crate::wasm::guard::Cidr> =
+            ["127.0.0.0/8", "::1/128"].iter().map(|c| c.parse().unwrap()).collect();
+        by_name.guard = Arc::new(crate::wasm::guard::AddressGuard::new(&deny, &[]));
+        let g = WasmFetcher::new(
+            WasmModuleCache::open(&dir.path().join("cache3"), 1 << 20).unwrap(),
+            by_name,
+            f.metrics.clone(),
+        )
+        .unwrap();
+        let port = redirector.rsplit(':').next().unwrap();
+        let p = plugin(&format!("{{name: p, url: 'http://localhost:{port}/m.wasm', sha256: '{sha}'}}"), dir.path());
+        let e = g.module(&p).await.unwrap_err();
+        assert!(e.to_string().contains("localhost: refused"), "{e}");
+        // Without the deny entry the same redirect is followed.
+        let open = fetcher(dir.path(), dir.path());
+        let p = plugin(&format!("{{name: p, url: '{redirector}/m.wasm', sha256: '{sha}'}}"), dir.path());
+        assert_eq!(open.module(&p).await.unwrap().sha256, sha);
     }
 
     #[tokio::test]
@@ -465,6 +572,7 @@ mod tests {
             attempts: 1,
             max_module_bytes: 1 << 20,
             deadline: Duration::from_secs(60),
+            guard: Default::default(),
         };
         WasmFetcher::new(cache, settings, Arc::new(Metrics::default())).unwrap()
     }

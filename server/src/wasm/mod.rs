@@ -5,6 +5,7 @@
 pub mod cache;
 pub mod check;
 pub mod fetch;
+pub mod guard;
 pub mod oci;
 pub mod serve;
 
