@@ -289,4 +289,14 @@ pub struct WasmArgs {
     /// address). Repeatable.
     #[arg(long, value_name = "CIDR")]
     pub wasm_fetch_allow_cidr: Vec<crate::wasm::guard::Cidr>,
+    /// Registry credentials for plugins without `image_pull_secret`: a Docker
+    /// config.json, a Kubernetes dockerconfigjson Secret, or USER:PASSWORD. Default:
+    /// $DOCKER_CONFIG/config.json when it exists. A registry without an entry is pulled
+    /// anonymously.
+    #[arg(long, env = "FILTERPLANE_REGISTRY_AUTH_FILE")]
+    pub registry_auth_file: Option<PathBuf>,
+    /// PEM certificates of a private CA that registries and module servers use, trusted
+    /// besides the system's.
+    #[arg(long)]
+    pub registry_ca_file: Option<PathBuf>,
 }

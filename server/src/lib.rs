@@ -83,6 +83,14 @@ fn wasm_support(args: &ServeArgs, modules_url: String, metrics: Arc<Metrics>) ->
         max_module_bytes: w.wasm_max_module_bytes,
         deadline: std::time::Duration::from_secs(w.wasm_fetch_deadline_secs),
         guard: Arc::new(wasm::guard::AddressGuard::new(&w.wasm_fetch_deny_cidr, &w.wasm_fetch_allow_cidr)),
+        registry_auth_file: w.registry_auth_file.clone().or_else(|| {
+            let docker = std::path::Path::new(&std::env::var_os("DOCKER_CONFIG")?).join("config.json");
+            docker.exists().then_some(docker)
+        }),
+        registry_ca_pem: match &w.registry_ca_file {
+            Some(path) => Some(std::fs::read(path).with_context(|| format!("read --registry-ca-file {}", path.display()))?),
+            None => None,
+        },
     };
     let fetcher = Arc::new(WasmFetcher::new(cache, settings, metrics)?);
     let secret_file = args.security.modules_secret_file.clone().unwrap_or_else(|| cache_dir.join("module-path-secret"));
@@ -387,6 +395,8 @@ pub async fn wasm_push(
     };
     let auth = wasm::fetch::registry_auth(
         credentials_env.map(|v| filterplane_config::model::PullSecret::Env(v.to_owned())).as_ref(),
+        &registry,
+        None,
     )?;
     let settings = FetchSettings {
         file_root: ".".into(),
@@ -396,6 +406,8 @@ pub async fn wasm_push(
         max_module_bytes: u64::MAX,
         deadline: std::time::Duration::from_secs(60),
         guard: Default::default(),
+        registry_auth_file: None,
+        registry_ca_pem: None,
     };
     let client = wasm::oci::client(&settings);
     let target = wasm::oci::reference(&registry, &repository, tag.as_deref(), None);

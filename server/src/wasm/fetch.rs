@@ -20,7 +20,7 @@ use crate::{
     wasm::{
         cache::{sha256_hex, WasmModuleCache},
         check::check_module,
-        oci,
+        creds, oci,
     },
 };
 
@@ -41,6 +41,12 @@ pub struct FetchSettings {
     pub deadline: Duration,
     /// Addresses HTTP(S) downloads may not connect to (SSRF guard).
     pub guard: Arc<crate::wasm::guard::AddressGuard>,
+    /// Credentials for plugins without `image_pull_secret` (`--registry-auth-file`, else
+    /// `$DOCKER_CONFIG/config.json`): a registry without an entry is pulled anonymously.
+    pub registry_auth_file: Option<PathBuf>,
+    /// PEM certificates of private CAs registries and module servers use
+    /// (`--registry-ca-file`), trusted besides the system's.
+    pub registry_ca_pem: Option<Vec<u8>>,
 }
 
 /// Why a module could not be had. The kind is the metrics label.
@@ -95,6 +101,10 @@ impl WasmFetcher {
             .no_proxy()
             .dns_resolver(Arc::new(crate::wasm::guard::GuardedResolver(settings.guard.clone())))
             .redirect(crate::wasm::guard::redirect_policy(settings.guard.clone()))
+            .tls_certs_merge(match &settings.registry_ca_pem {
+                Some(pem) => reqwest::Certificate::from_pem_bundle(pem)?,
+                None => Vec::new(),
+            })
             .build()?;
         let fetcher = Self { cache, settings, http, metrics };
         fetcher.update_cache_gauges();
@@ -153,7 +163,8 @@ impl WasmFetcher {
             ModuleSource::File(path) => self.read_file(path).await?,
             ModuleSource::Http(url) => self.download(url).await?,
             ModuleSource::Oci { registry, repository, tag, digest } => {
-                let auth = registry_auth(plugin.pull_secret.as_ref())?;
+                let auth =
+                    registry_auth(plugin.pull_secret.as_ref(), registry, self.settings.registry_auth_file.as_deref())?;
                 let reference = oci::reference(registry, repository, tag.as_deref(), digest.as_deref());
                 return self.pull_oci(plugin, &reference, &auth).await;
             }
@@ -339,29 +350,41 @@ fn verify(plugin: &WasmPlugin, module: Module) -> Result<Module, FetchError> {
     }
 }
 
-/// Credentials for a registry, from where the plugin says. The secret is never logged:
-/// errors name where it was to come from, not what it holds.
-pub fn registry_auth(secret: Option<&PullSecret>) -> Result<RegistryAuth, FetchError> {
+/// Credentials for `registry`, from where the plugin says (`secret`), else from the
+/// default file. The secret is never logged: errors name where it was to come from, not
+/// what it holds.
+pub fn registry_auth(
+    secret: Option<&PullSecret>,
+    registry: &str,
+    default_file: Option<&std::path::Path>,
+) -> Result<RegistryAuth, FetchError> {
+    let read_file = |path: &std::path::Path, what: &str| {
+        std::fs::read_to_string(path)
+            .map_err(|e| FetchError::Download(format!("{what}: cannot read {}: {}", path.display(), e.kind())))
+    };
     let (text, from) = match secret {
-        None => return Ok(RegistryAuth::Anonymous),
+        None => {
+            let Some(path) = default_file else { return Ok(RegistryAuth::Anonymous) };
+            let text = read_file(path, "registry auth file")?;
+            let from = format!("registry auth file {}", path.display());
+            return match creds::parse(&text, registry, &from) {
+                Ok(auth) => Ok(auth),
+                // Not every registry needs credentials.
+                Err(creds::CredsError::NoEntry { .. }) => Ok(RegistryAuth::Anonymous),
+                Err(e) => Err(FetchError::Download(e.to_string())),
+            };
+        }
         Some(PullSecret::Env(var)) => (
             std::env::var(var).map_err(|_| {
                 FetchError::Download(format!("image_pull_secret: environment variable {var} is not set"))
             })?,
-            format!("environment variable {var}"),
+            format!("image_pull_secret: environment variable {var}"),
         ),
-        Some(PullSecret::File(path)) => (
-            std::fs::read_to_string(path).map_err(|e| {
-                FetchError::Download(format!("image_pull_secret: cannot read {}: {}", path.display(), e.kind()))
-            })?,
-            format!("file {}", path.display()),
-        ),
+        Some(PullSecret::File(path)) => {
+            (read_file(path, "image_pull_secret")?, format!("image_pull_secret: file {}", path.display()))
+        }
     };
-    let (user, password) = text
-        .trim()
-        .split_once(':')
-        .ok_or_else(|| FetchError::Download(format!("image_pull_secret: {from} must hold USER:PASSWORD")))?;
-    Ok(RegistryAuth::Basic(user.to_owned(), password.to_owned()))
+    creds::parse(&text, registry, &from).map_err(|e| FetchError::Download(e.to_string()))
 }
 
 #[cfg(test)]
@@ -383,6 +406,8 @@ mod tests {
             max_module_bytes: 1 << 20,
             deadline: Duration::from_secs(60),
             guard: Default::default(),
+            registry_auth_file: None,
+            registry_ca_pem: None,
         };
         WasmFetcher::new(cache, settings, Arc::new(Metrics::default())).unwrap()
     }
@@ -573,6 +598,8 @@ mod tests {
             max_module_bytes: 1 << 20,
             deadline: Duration::from_secs(60),
             guard: Default::default(),
+            registry_auth_file: None,
+            registry_ca_pem: None,
         };
         WasmFetcher::new(cache, settings, Arc::new(Metrics::default())).unwrap()
     }
@@ -728,12 +755,19 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("cred");
         std::fs::write(&file, "user:s3cret\n").unwrap();
-        let auth = registry_auth(Some(&PullSecret::File(file))).unwrap();
+        let auth = registry_auth(Some(&PullSecret::File(file)), "r:1", None).unwrap();
         assert!(matches!(auth, RegistryAuth::Basic(u, p) if u == "user" && p == "s3cret"));
         std::fs::write(dir.path().join("bad"), "s3cret-without-colon").unwrap();
-        let e = registry_auth(Some(&PullSecret::File(dir.path().join("bad")))).unwrap_err().to_string();
+        let e = registry_auth(Some(&PullSecret::File(dir.path().join("bad"))), "r:1", None).unwrap_err().to_string();
         assert!(!e.contains("s3cret"), "{e}");
-        let e = registry_auth(Some(&PullSecret::Env("FILTERPLANE_TEST_SURELY_UNSET".into()))).unwrap_err();
+        let e = registry_auth(Some(&PullSecret::Env("FILTERPLANE_TEST_SURELY_UNSET".into())), "r:1", None).unwrap_err();
         assert!(e.to_string().contains("FILTERPLANE_TEST_SURELY_UNSET is not set"));
+        // The default file: its entry for the registry, or anonymous when it has none.
+        let docker = dir.path().join("config.json");
+        std::fs::write(&docker, r#"{"auths": {"r:1": {"username": "d", "password": "p"}}}"#).unwrap();
+        let auth = registry_auth(None, "r:1", Some(&docker)).unwrap();
+        assert!(matches!(auth, RegistryAuth::Basic(u, _) if u == "d"));
+        assert!(matches!(registry_auth(None, "other:2", Some(&docker)).unwrap(), RegistryAuth::Anonymous));
+        assert!(matches!(registry_auth(None, "r:1", None).unwrap(), RegistryAuth::Anonymous));
     }
 }

@@ -4,6 +4,7 @@
 
 pub mod cache;
 pub mod check;
+pub mod creds;
 pub mod fetch;
 pub mod guard;
 pub mod oci;

@@ -29,6 +29,14 @@ pub fn client(settings: &FetchSettings) -> Client {
         protocol: ClientProtocol::HttpsExcept(settings.insecure_registries.clone()),
         connect_timeout: Some(settings.timeout),
         read_timeout: Some(settings.timeout),
+        extra_root_certificates: settings
+            .registry_ca_pem
+            .iter()
+            .map(|pem| oci_client::client::Certificate {
+                encoding: oci_client::client::CertificateEncoding::Pem,
+                data: pem.clone(),
+            })
+            .collect(),
         ..Default::default()
     })
 }
