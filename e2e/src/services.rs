@@ -21,8 +21,22 @@ pub struct Registry {
     pub addr: String,
 }
 
+/// A registry's TLS and htpasswd authentication.
+pub struct RegistrySecurity<'a> {
+    pub cert: &'a Path,
+    pub key: &'a Path,
+    /// (user, password): written as a bcrypt htpasswd file.
+    pub user: (&'a str, &'a str),
+}
+
 impl Registry {
     pub fn start(dir: &Path) -> Self {
+        Self::start_with(dir, None)
+    }
+
+    /// A registry over TLS with htpasswd authentication (the registry needs both
+    /// together); `addr` is then `127.0.0.1:PORT` for https.
+    pub fn start_with(dir: &Path, security: Option<RegistrySecurity<'_>>) -> Self {
         let bin = std::env::var("DOCKER_REGISTRY_BIN").unwrap_or_else(|_| "/usr/bin/docker-registry".into());
         assert!(
             Path::new(&bin).exists(),
@@ -32,21 +46,34 @@ impl Registry {
         let root = dir.join("registry-data");
         fs::create_dir_all(&root).expect("registry dir");
         let config = dir.join("registry.yml");
-        fs::write(
-            &config,
-            format!(
-                "version: 0.1\nlog:\n  level: info\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n",
-                root.display()
-            ),
-        )
-        .expect("registry config");
+        let mut text = format!(
+            "version: 0.1\nlog:\n  level: info\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n",
+            root.display()
+        );
+        let secure = security.is_some();
+        if let Some(s) = &security {
+            let htpasswd = dir.join("htpasswd");
+            let hash = bcrypt::hash(s.user.1, 5).expect("bcrypt");
+            fs::write(&htpasswd, format!("{}:{hash}\n", s.user.0)).expect("htpasswd");
+            text.push_str(&format!(
+                "  tls:\n    certificate: {}\n    key: {}\nauth:\n  htpasswd:\n    realm: filterplane-tests\n    path: {}\n",
+                s.cert.display(),
+                s.key.display(),
+                htpasswd.display()
+            ));
+        }
+        fs::write(&config, text).expect("registry config");
         let mut cmd = Command::new(bin);
         cmd.arg("serve").arg(&config);
         let process = Process::spawn("docker-registry", &mut cmd, dir.join("registry.log"));
         let addr = format!("127.0.0.1:{port}");
-        wait_until("the registry", Duration::from_secs(20), || {
-            http_get(&format!("http://{addr}/v2/")).filter(|r| r.status == 200)
-        });
+        if secure {
+            wait_until("the registry", Duration::from_secs(20), || std::net::TcpStream::connect(&addr).ok());
+        } else {
+            wait_until("the registry", Duration::from_secs(20), || {
+                http_get(&format!("http://{addr}/v2/")).filter(|r| r.status == 200)
+            });
+        }
         Registry { _process: process, addr }
     }
 }

@@ -181,3 +181,89 @@ fn typed_struct_around_a_header_mutation_and_a_wrong_field_in_it() {
     assert!(e["message"].as_str().unwrap().contains("'valu'"), "{errors}");
     assert!(e["line"].as_u64().is_some(), "{errors}");
 }
+
+/// `filterplane wasm push` to a registry over TLS with credentials in `CREDS`.
+fn push_secure(registry: &str, ca: &Path, dir: &Path, value: &str, tag: &str) -> String {
+    let file = dir.join(format!("{value}.wasm"));
+    fs::write(&file, header_module(value)).unwrap();
+    let out = Command::new(filterplane_e2e::filterplane_bin())
+        .args(["wasm", "push"])
+        .arg(&file)
+        .arg(format!("oci://{registry}/plugins/hdr:{tag}"))
+        .args(["--credentials-env", "CREDS", "--registry-ca-file"])
+        .arg(ca)
+        .env("CREDS", "puller:pa55-w0rd")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "push: {}{stdout}", String::from_utf8_lossy(&out.stderr));
+    stdout.lines().find_map(|l| l.strip_prefix("sha256: ")).unwrap().to_owned()
+}
+
+#[test]
+fn a_registry_with_htpasswd_over_tls_pulls_with_docker_config_and_kubernetes_secrets() {
+    use filterplane_e2e::{
+        pki::Ca,
+        services::{Registry, RegistrySecurity},
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new(dir.path(), "registry");
+    let cert = ca.server("registry");
+    let registry = Registry::start_with(
+        dir.path(),
+        Some(RegistrySecurity { cert: &cert.cert, key: &cert.key, user: ("puller", "pa55-w0rd") }),
+    );
+    let r = &registry.addr;
+    push_secure(r, &ca.cert, dir.path(), "from-config-json", "v1");
+    push_secure(r, &ca.cert, dir.path(), "from-k8s-secret", "v2");
+    push_secure(r, &ca.cert, dir.path(), "anonymous", "v3");
+
+    use base64::Engine;
+    let auth = base64::engine::general_purpose::STANDARD.encode("puller:pa55-w0rd");
+    let config_json = dir.path().join("config.json");
+    fs::write(
+        &config_json,
+        format!(r#"{{"auths": {{"https://{r}/v2/": {{"auth": "{auth}"}}, "other.example": {{"auth": "eDp5"}}}}}}"#),
+    )
+    .unwrap();
+    let dockerconfigjson = base64::engine::general_purpose::STANDARD
+        .encode(format!(r#"{{"auths": {{"{r}": {{"username": "puller", "password": "pa55-w0rd"}}}}}}"#));
+    let secret = dir.path().join("pull-secret.yaml");
+    fs::write(&secret, format!("apiVersion: v1\nkind: Secret\nmetadata:\n  name: pull\ntype: kubernetes.io/dockerconfigjson\ndata:\n  .dockerconfigjson: {dockerconfigjson}\n")).unwrap();
+
+    let plugin = |tag: &str, secret: Option<&Path>| {
+        let pull = secret.map(|p| format!("    image_pull_secret: {{ file: {} }}\n", p.display())).unwrap_or_default();
+        format!("version: 1\nwasm_plugins:\n  - name: add-header\n    url: oci://{r}/plugins/hdr:{tag}\n{pull}")
+    };
+    let yaml = dir.path().join("filterplane.yaml");
+    fs::write(&yaml, plugin("v1", Some(&config_json))).unwrap();
+    let fp = Filterplane::start_with_args(
+        &yaml,
+        dir.path(),
+        free_port(),
+        free_port(),
+        &["--registry-ca-file", ca.cert.to_str().unwrap()],
+    );
+    let ports = EnvoyPorts::new(fp.xds_port);
+    let bootstrap = example_bootstrap("wasm/envoy.yaml", ports, "registry-auth")
+        .replace("port_value: 18001", &format!("port_value: {}", fp.admin_port));
+    let envoy = Envoy::start(&bootstrap, ports, dir.path(), "envoy");
+    let wait = |value: &str| {
+        wait_until(&format!("x-wasm: {value}"), WAIT, || (x_wasm(&envoy).as_deref() == Some(value)).then_some(()))
+    };
+    wait("from-config-json");
+    fs::write(&yaml, plugin("v2", Some(&secret))).unwrap();
+    wait("from-k8s-secret");
+
+    // No credentials: a clear download_failure, and the previous version keeps serving.
+    fs::write(&yaml, plugin("v3", None)).unwrap();
+    let errs = wasm_errors(&fp, "download_failure");
+    let message = errs[0]["message"].as_str().unwrap();
+    assert!(message.contains("401") || message.to_lowercase().contains("unauthorized"), "{message}");
+    assert_eq!(x_wasm(&envoy).as_deref(), Some("from-k8s-secret"));
+    // The credentials never show: not in the API, not in the log.
+    let shown = [fp.api("/api/v1/config").to_string(), fp.log_text()];
+    for text in shown {
+        assert!(!text.contains("pa55-w0rd") && !text.contains(&auth) && !text.contains(&dockerconfigjson));
+    }
+}

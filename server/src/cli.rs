@@ -223,6 +223,9 @@ pub enum WasmCommand {
         /// An environment variable holding USER:PASSWORD for the registry.
         #[arg(long)]
         credentials_env: Option<String>,
+        /// PEM certificates of a private CA the registry's certificate comes from.
+        #[arg(long)]
+        registry_ca_file: Option<PathBuf>,
     },
 }
 

@@ -88,7 +88,9 @@ fn wasm_support(args: &ServeArgs, modules_url: String, metrics: Arc<Metrics>) ->
             docker.exists().then_some(docker)
         }),
         registry_ca_pem: match &w.registry_ca_file {
-            Some(path) => Some(std::fs::read(path).with_context(|| format!("read --registry-ca-file {}", path.display()))?),
+            Some(path) => {
+                Some(std::fs::read(path).with_context(|| format!("read --registry-ca-file {}", path.display()))?)
+            }
             None => None,
         },
     };
@@ -384,6 +386,7 @@ pub async fn wasm_push(
     reference: &str,
     insecure: bool,
     credentials_env: Option<&str>,
+    registry_ca_file: Option<&std::path::Path>,
 ) -> anyhow::Result<()> {
     use filterplane_config::wasm::ModuleSource;
     let bytes = std::fs::read(file).with_context(|| format!("read {}", file.display()))?;
@@ -407,7 +410,10 @@ pub async fn wasm_push(
         deadline: std::time::Duration::from_secs(60),
         guard: Default::default(),
         registry_auth_file: None,
-        registry_ca_pem: None,
+        registry_ca_pem: match registry_ca_file {
+            Some(p) => Some(std::fs::read(p).with_context(|| format!("read --registry-ca-file {}", p.display()))?),
+            None => None,
+        },
     };
     let client = wasm::oci::client(&settings);
     let target = wasm::oci::reference(&registry, &repository, tag.as_deref(), None);

@@ -48,7 +48,9 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Wasm { command: WasmCommand::Push { file, reference, insecure, credentials_env } } => {
+        Command::Wasm {
+            command: WasmCommand::Push { file, reference, insecure, credentials_env, registry_ca_file },
+        } => {
             let runtime = match tokio::runtime::Runtime::new() {
                 Ok(r) => r,
                 Err(e) => {
@@ -61,6 +63,7 @@ fn main() -> ExitCode {
                 &reference,
                 insecure,
                 credentials_env.as_deref(),
+                registry_ca_file.as_deref(),
             )) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {

@@ -31,10 +31,10 @@ pub fn parse(text: &str, registry: &str, from: &str) -> Result<RegistryAuth, Cre
     // JSON is YAML too; YAML covers a Secret written either way.
     let doc: Option<Value> = serde_yaml::from_str::<Value>(trimmed).ok().filter(|v| v.is_object());
     let Some(doc) = doc else {
-        let (user, password) = trimmed
-            .split_once(':')
-            .filter(|(u, _)| !u.contains(char::is_whitespace))
-            .ok_or_else(|| bad("must hold USER:PASSWORD, a Docker config.json, or a Kubernetes dockerconfigjson Secret"))?;
+        let (user, password) =
+            trimmed.split_once(':').filter(|(u, _)| !u.contains(char::is_whitespace)).ok_or_else(|| {
+                bad("must hold USER:PASSWORD, a Docker config.json, or a Kubernetes dockerconfigjson Secret")
+            })?;
         return Ok(RegistryAuth::Basic(user.to_owned(), password.to_owned()));
     };
     let config = if doc.get("kind").and_then(Value::as_str) == Some("Secret") {
@@ -63,7 +63,11 @@ fn secret_config(secret: &Value) -> Result<Value, String> {
     let key = match kind {
         "kubernetes.io/dockerconfigjson" => ".dockerconfigjson",
         "kubernetes.io/dockercfg" => ".dockercfg",
-        other => return Err(format!("a Secret of type {other:?}; expected kubernetes.io/dockerconfigjson or kubernetes.io/dockercfg")),
+        other => {
+            return Err(format!(
+                "a Secret of type {other:?}; expected kubernetes.io/dockerconfigjson or kubernetes.io/dockercfg"
+            ))
+        }
     };
     let text = if let Some(s) = secret.get("stringData").and_then(|d| d.get(key)).and_then(Value::as_str) {
         s.to_owned()
@@ -122,7 +126,9 @@ mod tests {
     fn every_form_users_have() {
         let want = ("alice".to_owned(), "s3cret".to_owned());
         assert_eq!(basic(parse("alice:s3cret\n", "r:5000", "f").unwrap()), want);
-        let config = format!(r#"{{"auths": {{"other:1": {{"auth": "eDp5"}}, "https://r:5000/v2/": {{"auth": "{USER_PASS_B64}"}}}}}}"#);
+        let config = format!(
+            r#"{{"auths": {{"other:1": {{"auth": "eDp5"}}, "https://r:5000/v2/": {{"auth": "{USER_PASS_B64}"}}}}}}"#
+        );
         assert_eq!(basic(parse(&config, "r:5000", "f").unwrap()), want);
         let split = r#"{"auths": {"r:5000": {"username": "alice", "password": "s3cret"}}}"#;
         assert_eq!(basic(parse(split, "r:5000", "f").unwrap()), want);
@@ -131,7 +137,9 @@ mod tests {
         let b64 = base64::engine::general_purpose::STANDARD.encode(&config);
         let secret = format!("apiVersion: v1\nkind: Secret\nmetadata: {{ name: pull }}\ntype: kubernetes.io/dockerconfigjson\ndata:\n  .dockerconfigjson: {b64}\n");
         assert_eq!(basic(parse(&secret, "r:5000", "f").unwrap()), want);
-        let string_data = format!("kind: Secret\ntype: kubernetes.io/dockerconfigjson\nstringData:\n  .dockerconfigjson: '{config}'\n");
+        let string_data = format!(
+            "kind: Secret\ntype: kubernetes.io/dockerconfigjson\nstringData:\n  .dockerconfigjson: '{config}'\n"
+        );
         assert_eq!(basic(parse(&string_data, "r:5000", "f").unwrap()), want);
         let token = r#"{"auths": {"r:5000": {"identitytoken": "tok"}}}"#;
         assert_eq!(basic(parse(token, "r:5000", "f").unwrap()).1, "tok");
