@@ -173,7 +173,12 @@ impl Compiler<'_> {
     /// An error at `sub` (may be empty) under the entry at `origin`.
     fn error_at(&mut self, origin: &Origin, sub: &str, message: impl Into<String>) {
         let path = if sub.is_empty() { origin.path.clone() } else { format!("{}.{sub}", origin.path) };
-        let error = match self.files.iter().find(|f| f.path == origin.file) {
+        // A file may hold several documents: the one whose lines hold the entry.
+        let error = match self
+            .files
+            .iter()
+            .find(|f| f.path == origin.file && origin.line.is_none_or(|l| f.span.contains(&l)))
+        {
             Some(f) => f.error(path, message),
             None => ConfigError { file: origin.file.clone(), line: origin.line, path, message: message.into() },
         };
@@ -247,7 +252,7 @@ impl Compiler<'_> {
 
     fn extension_config(&mut self, file: &ParsedFile, i: usize, spec: &ExtensionConfigSpec) {
         let at = format!("extension_configs[{i}]");
-        let origin = Origin { file: file.path.clone(), line: file.lines.line_of(&at), path: at };
+        let origin = Origin { file: file.path.clone(), line: file.lines.line_of(&at), path: file.lines.original_path(&at) };
         let rt = ResourceType::ExtensionConfig;
         let ok = self.register(rt, "extension config", "name", &spec.name, &spec.node_selector, &origin);
         let typed = match any_from_json(&spec.typed_config) {
@@ -312,7 +317,7 @@ impl Compiler<'_> {
 
     fn wasm_plugin(&mut self, file: &ParsedFile, i: usize, spec: &WasmPluginSpec) {
         let at = format!("wasm_plugins[{i}]");
-        let origin = Origin { file: file.path.clone(), line: file.lines.line_of(&at), path: at };
+        let origin = Origin { file: file.path.clone(), line: file.lines.line_of(&at), path: file.lines.original_path(&at) };
         let ok = self.register(
             ResourceType::ExtensionConfig,
             "wasm plugin",

@@ -5,6 +5,7 @@
 pub mod central;
 pub mod compile;
 pub mod error;
+pub mod istio;
 pub mod lines;
 pub mod load;
 pub mod model;

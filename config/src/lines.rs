@@ -15,6 +15,11 @@ pub struct LineIndex {
     /// The first key written twice in one mapping, with its second line: serde would keep
     /// the last one without a word.
     pub duplicate: Option<(String, usize)>,
+    /// Lines before this document in its file (documents after a `---`).
+    offset: usize,
+    /// For documents converted from another form (Istio's): a path of the converted
+    /// config (`wasm_plugins[0]`) and the path it came from (`spec`).
+    aliases: Vec<(String, String)>,
 }
 
 impl LineIndex {
@@ -26,16 +31,47 @@ impl LineIndex {
         if parser.load(&mut rx, false).is_err() {
             return Self::default();
         }
-        Self { lines: rx.lines, duplicate: rx.duplicate }
+        Self { lines: rx.lines, duplicate: rx.duplicate, ..Default::default() }
+    }
+
+    /// Counts lines from `offset` lines into the file (its later documents).
+    pub fn with_offset(mut self, offset: usize) -> Self {
+        self.offset = offset;
+        if let Some((_, line)) = &mut self.duplicate {
+            *line += offset;
+        }
+        self
+    }
+
+    /// Paths of a converted document: `from` (and what is under it) is where `to` was
+    /// written in the original.
+    pub fn alias(&mut self, from: impl Into<String>, to: impl Into<String>) {
+        self.aliases.push((from.into(), to.into()));
+    }
+
+    /// `path` as the original wrote it (see `alias`).
+    pub fn original_path(&self, path: &str) -> String {
+        let best = self
+            .aliases
+            .iter()
+            .filter(|(from, _)| {
+                path == from || path.starts_with(&format!("{from}.")) || path.starts_with(&format!("{from}["))
+            })
+            .max_by_key(|(from, _)| from.len());
+        match best {
+            Some((from, to)) => format!("{to}{}", &path[from.len()..]),
+            None => path.to_owned(),
+        }
     }
 
     /// The line of `path`, or of its nearest indexed ancestor (a path into a field that
     /// does not exist points at its parent).
     pub fn line_of(&self, path: &str) -> Option<usize> {
-        let mut p = path;
+        let original = self.original_path(path);
+        let mut p = original.as_str();
         loop {
             if let Some(l) = self.lines.get(p) {
-                return Some(*l);
+                return Some(*l + self.offset);
             }
             let cut = p.rfind(['.', '['])?;
             p = &p[..cut];

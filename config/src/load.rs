@@ -15,6 +15,8 @@ pub struct ParsedFile {
     pub path: PathBuf,
     pub doc: Document,
     pub lines: LineIndex,
+    /// The lines of the file this document takes (a file may hold several, after `---`).
+    pub span: std::ops::Range<usize>,
 }
 
 impl ParsedFile {
@@ -151,10 +153,26 @@ pub fn parse_all_with(path: &Path, max_file_bytes: u64) -> Result<Vec<ParsedFile
     let mut errors = Vec::new();
     for file in config_files(path)? {
         match read_bounded(&file, max_file_bytes) {
-            Ok(text) => match parse_file(&file, &text) {
-                Ok(p) => parsed.push(p),
-                Err(e) => errors.push(e),
-            },
+            Ok(text) => {
+                for (offset, doc) in documents(&text) {
+                    let result = if crate::istio::is_istio(doc) {
+                        crate::istio::parse(&file, doc).map_err(|e| e.0)
+                    } else {
+                        parse_file(&file, doc).map_err(|e| vec![e])
+                    };
+                    match result {
+                        Ok(mut p) => {
+                            p.lines = std::mem::take(&mut p.lines).with_offset(offset);
+                            p.span = p.span.start + offset..p.span.end + offset;
+                            parsed.push(p)
+                        }
+                        Err(es) => errors.extend(es.into_iter().map(|mut e| {
+                            e.line = e.line.map(|l| l + offset);
+                            e
+                        })),
+                    }
+                }
+            }
             Err(e) => {
                 errors.push(ConfigError { file, line: None, path: String::new(), message: format!("cannot read: {e}") })
             }
@@ -165,6 +183,31 @@ pub fn parse_all_with(path: &Path, max_file_bytes: u64) -> Result<Vec<ParsedFile
     } else {
         Err(ConfigErrors(errors))
     }
+}
+
+/// The YAML documents of a file (separated by `---` lines), each with the number of
+/// lines before it. Documents holding only comments are skipped; a file of nothing but
+/// comments is one (empty) document, so it still gets its error.
+pub fn documents(text: &str) -> Vec<(usize, &str)> {
+    let mut docs = Vec::new();
+    let (mut start, mut start_line) = (0usize, 0usize);
+    let mut at = 0usize;
+    for (n, line) in text.split_inclusive('\n').enumerate() {
+        let bare = line.trim_end_matches(['\n', '\r']);
+        if bare == "---" || bare.starts_with("--- ") {
+            docs.push((start_line, &text[start..at]));
+            start = at + line.len();
+            start_line = n + 1;
+        }
+        at += line.len();
+    }
+    docs.push((start_line, &text[start..]));
+    let content = |d: &str| d.lines().any(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#'));
+    let kept: Vec<(usize, &str)> = docs.iter().copied().filter(|(_, d)| content(d)).collect();
+    if kept.is_empty() {
+        return vec![(0, text)];
+    }
+    kept
 }
 
 /// A regular file's text, at most `max` bytes.
@@ -243,7 +286,7 @@ pub fn parse_file(file: &Path, text: &str) -> Result<ParsedFile, ConfigError> {
         }
         ConfigError { file: file.to_path_buf(), line, path: if path == "." { String::new() } else { path }, message }
     })?;
-    let parsed = ParsedFile { path: file.to_path_buf(), doc, lines };
+    let parsed = ParsedFile { path: file.to_path_buf(), doc, lines, span: 1..text.lines().count() + 2 };
     if parsed.doc.version != SCHEMA_VERSION {
         return Err(parsed.error(
             "version",
@@ -327,6 +370,19 @@ mod tests {
         let e = parse_file(Path::new("m.yaml"), two).unwrap_err();
         assert_eq!(e.line, Some(5), "{e}");
         assert!(e.message.contains("second YAML document"), "{e}");
+        // Read as a file, its documents are taken one by one.
+        let docs = documents(two);
+        assert_eq!(docs.iter().map(|(o, _)| *o).collect::<Vec<_>>(), [2, 5]);
+        assert_eq!(documents("# only a comment\n"), [(0, "# only a comment\n")]);
+    }
+
+    #[test]
+    fn later_documents_count_their_lines_from_the_top_of_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("c.yaml");
+        std::fs::write(&f, "version: 1\n---\nversion: 1\nextension_configs:\n  - name: a\n    typed_config: 3\n").unwrap();
+        let e = crate::load(&f).unwrap_err();
+        assert_eq!(e.0[0].line, Some(6), "{e}");
     }
 
     #[test]

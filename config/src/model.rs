@@ -9,7 +9,7 @@ use serde::Deserialize;
 pub const SCHEMA_VERSION: u32 = 1;
 
 /// One config file. A directory holds several, merged.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Document {
     /// Schema version, so a future Filterplane can tell old files from new ones.
@@ -147,6 +147,10 @@ pub struct NodeSelector {
     pub metadata: BTreeMap<String, String>,
     #[serde(default)]
     pub locality: LocalitySelector,
+    /// Workload labels, as Istio proxies carry them in `node.metadata.LABELS` (for a node
+    /// without `LABELS`: its top-level metadata keys). All must match.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
 }
 
 /// `node.locality` fields; each one given must be equal.
@@ -235,6 +239,9 @@ pub struct WasmVmConfig {
     /// Environment variables the plugin sees.
     #[serde(default)]
     pub env: BTreeMap<String, String>,
+    /// Environment variables of the Envoy process passed through to the plugin.
+    #[serde(default)]
+    pub host_env: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize)]
@@ -246,6 +253,9 @@ pub enum FailStrategy {
     /// A failing plugin is skipped.
     #[serde(rename = "FAIL_OPEN")]
     FailOpen,
+    /// A failing plugin's VM is started again (Envoy's FAIL_RELOAD).
+    #[serde(rename = "FAIL_RELOAD")]
+    FailReload,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize)]

@@ -13,6 +13,8 @@ pub struct NodeFacts {
     pub region: String,
     pub zone: String,
     pub sub_zone: String,
+    /// `node.metadata.LABELS`, when the node has it (Istio proxies do).
+    pub labels: Option<BTreeMap<String, String>>,
 }
 
 impl NodeSelector {
@@ -26,6 +28,10 @@ impl NodeSelector {
             && eq(&self.locality.region, &node.region)
             && eq(&self.locality.zone, &node.zone)
             && eq(&self.locality.sub_zone, &node.sub_zone)
+            && self.labels.iter().all(|(k, want)| {
+                let have = node.labels.as_ref().unwrap_or(&node.metadata).get(k);
+                have.is_some_and(|have| glob_match(want, have))
+            })
     }
 
     pub fn is_empty(&self) -> bool {
@@ -66,6 +72,7 @@ mod tests {
             region: "eu".into(),
             zone: "eu-1a".into(),
             sub_zone: String::new(),
+            labels: None,
         }
     }
 
@@ -81,6 +88,7 @@ mod tests {
             clusters: vec!["edge".into()],
             metadata: [("env".to_string(), "prod".to_string())].into(),
             locality: LocalitySelector { region: Some("eu".into()), ..Default::default() },
+            labels: Default::default(),
         };
         assert!(s.matches(&node()));
         s.locality.zone = Some("us-1a".into());
@@ -88,6 +96,19 @@ mod tests {
         s.locality.zone = None;
         s.metadata.insert("tier".into(), "gold".into());
         assert!(!s.matches(&node()), "missing metadata key never matches");
+    }
+
+    #[test]
+    fn labels_match_metadata_labels_or_top_level_metadata() {
+        let s = NodeSelector { labels: [("app".to_string(), "gw".to_string())].into(), ..Default::default() };
+        let mut n = node();
+        assert!(!s.matches(&n));
+        n.metadata.insert("app".into(), "gw".into());
+        assert!(s.matches(&n), "a node without LABELS: top-level metadata");
+        n.labels = Some([("app".to_string(), "other".to_string())].into());
+        assert!(!s.matches(&n), "LABELS, when present, is what counts");
+        n.labels = Some([("app".to_string(), "gw".to_string())].into());
+        assert!(s.matches(&n));
     }
 
     #[test]

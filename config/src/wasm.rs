@@ -106,6 +106,7 @@ pub struct WasmPlugin {
     pub plugin_config: Option<String>,
     pub root_id: String,
     pub env: BTreeMap<String, String>,
+    pub host_env: Vec<String>,
     pub fail_strategy: FailStrategy,
     pub plugin_type: PluginType,
     pub delivery: Option<Delivery>,
@@ -141,6 +142,7 @@ impl WasmPlugin {
             plugin_config: spec.plugin_config.as_ref().map(filterplane_api::json::canonical_string),
             root_id: spec.root_id.clone(),
             env: spec.vm_config.env.clone(),
+            host_env: spec.vm_config.host_env.clone(),
             fail_strategy: spec.fail_strategy,
             plugin_type: spec.plugin_type,
             delivery: spec.delivery,
@@ -168,6 +170,7 @@ impl WasmPlugin {
             plugin_config: None,
             root_id: String::new(),
             env: BTreeMap::new(),
+            host_env: Vec::new(),
             fail_strategy: FailStrategy::default(),
             plugin_type: PluginType::default(),
             delivery: None,
@@ -221,6 +224,7 @@ pub fn build_wasm_resource(p: &WasmPlugin, code: WasmCode<'_>, sha256: &str) -> 
         failure_policy: match p.fail_strategy {
             FailStrategy::FailClose => FailurePolicy::FailClosed as i32,
             FailStrategy::FailOpen => FailurePolicy::FailOpen as i32,
+            FailStrategy::FailReload => FailurePolicy::FailReload as i32,
         },
         vm: Some(plugin_config::Vm::VmConfig(VmConfig {
             // One VM per module: plugins sharing a module share it.
@@ -234,8 +238,8 @@ pub fn build_wasm_resource(p: &WasmPlugin, code: WasmCode<'_>, sha256: &str) -> 
             // into Envoy's code cache instead; the server sends the config again until it
             // is ACKed, which means the module runs.
             nack_on_code_cache_miss: matches!(code, WasmCode::Remote { .. }),
-            environment_variables: (!p.env.is_empty()).then(|| EnvironmentVariables {
-                host_env_keys: vec![],
+            environment_variables: (!p.env.is_empty() || !p.host_env.is_empty()).then(|| EnvironmentVariables {
+                host_env_keys: p.host_env.clone(),
                 key_values: p.env.clone().into_iter().collect(),
             }),
             ..Default::default()

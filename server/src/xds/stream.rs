@@ -24,22 +24,31 @@ pub struct NodeInfo {
     pub user_agent: String,
 }
 
+/// The scalar fields of a `Struct`, as text (strings, numbers, booleans).
+fn scalars<'a>(
+    fields: impl Iterator<Item = (&'a String, &'a filterplane_api::envoy_types::pb::google::protobuf::Value)>,
+) -> std::collections::BTreeMap<String, String> {
+    fields
+        .filter_map(|(k, v)| {
+            let text = match v.kind.as_ref()? {
+                Kind::StringValue(s) => s.clone(),
+                Kind::NumberValue(n) => n.to_string(),
+                Kind::BoolValue(b) => b.to_string(),
+                _ => return None,
+            };
+            Some((k.clone(), text))
+        })
+        .collect()
+}
+
 impl From<&Node> for NodeInfo {
     fn from(node: &Node) -> Self {
-        let metadata = node
-            .metadata
-            .iter()
-            .flat_map(|s| s.fields.iter())
-            .filter_map(|(k, v)| {
-                let text = match v.kind.as_ref()? {
-                    Kind::StringValue(s) => s.clone(),
-                    Kind::NumberValue(n) => n.to_string(),
-                    Kind::BoolValue(b) => b.to_string(),
-                    _ => return None,
-                };
-                Some((k.clone(), text))
-            })
-            .collect();
+        let metadata = scalars(node.metadata.iter().flat_map(|s| s.fields.iter()));
+        // Istio proxies carry their workload labels in metadata.LABELS.
+        let labels = node.metadata.as_ref().and_then(|s| s.fields.get("LABELS")).and_then(|v| match v.kind.as_ref() {
+            Some(Kind::StructValue(l)) => Some(scalars(l.fields.iter())),
+            _ => None,
+        });
         let locality = node.locality.clone().unwrap_or_default();
         let version = match &node.user_agent_version_type {
             Some(UserAgentVersionType::UserAgentVersion(v)) => v.clone(),
@@ -58,6 +67,7 @@ impl From<&Node> for NodeInfo {
                 region: locality.region,
                 zone: locality.zone,
                 sub_zone: locality.sub_zone,
+                labels,
             },
             user_agent: format!("{} {}", node.user_agent_name, version).trim().to_owned(),
         }
