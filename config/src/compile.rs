@@ -252,7 +252,8 @@ impl Compiler<'_> {
 
     fn extension_config(&mut self, file: &ParsedFile, i: usize, spec: &ExtensionConfigSpec) {
         let at = format!("extension_configs[{i}]");
-        let origin = Origin { file: file.path.clone(), line: file.lines.line_of(&at), path: file.lines.original_path(&at) };
+        let origin =
+            Origin { file: file.path.clone(), line: file.lines.line_of(&at), path: file.lines.original_path(&at) };
         let rt = ResourceType::ExtensionConfig;
         let ok = self.register(rt, "extension config", "name", &spec.name, &spec.node_selector, &origin);
         let typed = match any_from_json(&spec.typed_config) {
@@ -317,7 +318,8 @@ impl Compiler<'_> {
 
     fn wasm_plugin(&mut self, file: &ParsedFile, i: usize, spec: &WasmPluginSpec) {
         let at = format!("wasm_plugins[{i}]");
-        let origin = Origin { file: file.path.clone(), line: file.lines.line_of(&at), path: file.lines.original_path(&at) };
+        let origin =
+            Origin { file: file.path.clone(), line: file.lines.line_of(&at), path: file.lines.original_path(&at) };
         let ok = self.register(
             ResourceType::ExtensionConfig,
             "wasm plugin",

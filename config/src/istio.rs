@@ -121,7 +121,10 @@ pub fn parse(file: &Path, text: &str) -> Result<ParsedFile, ConfigErrors> {
     };
     let api = top.get("apiVersion").and_then(Value::as_str).unwrap_or_default().to_owned();
     let kind = top.get("kind").and_then(Value::as_str).unwrap_or_default().to_owned();
-    let (name, namespace) = match top.get("metadata").and_then(|m| r.object(m, "metadata", &["name", "namespace", "labels", "annotations"])) {
+    let (name, namespace) = match top
+        .get("metadata")
+        .and_then(|m| r.object(m, "metadata", &["name", "namespace", "labels", "annotations"]))
+    {
         Some(m) => {
             let name = r.string(m, "metadata", "name");
             let namespace = r.string(m, "metadata", "namespace").unwrap_or_else(|| "default".into());
@@ -329,7 +332,8 @@ fn envoy_filter(r: &mut Reader<'_>, spec: &Value) -> Vec<(ExtensionConfigSpec, S
         let at = format!("spec.configPatches[{i}]");
         let Some(p) = r.object(patch, &at, &["applyTo", "match", "patch"]) else { continue };
         let apply_to = r.string(p, &at, "applyTo").unwrap_or_default();
-        let Some(body) = p.get("patch").and_then(|b| r.object(b, &format!("{at}.patch"), &["operation", "value"])) else {
+        let Some(body) = p.get("patch").and_then(|b| r.object(b, &format!("{at}.patch"), &["operation", "value"]))
+        else {
             r.error(&at, "needs patch");
             continue;
         };
@@ -365,7 +369,9 @@ fn envoy_filter(r: &mut Reader<'_>, spec: &Value) -> Vec<(ExtensionConfigSpec, S
             }
             "HTTP_FILTER" => {
                 let placement = http_filter_placement(r, p, &at, &operation);
-                let Some(v) = r.object(value, &value_at, &["name", "typed_config", "config_discovery"]) else { continue };
+                let Some(v) = r.object(value, &value_at, &["name", "typed_config", "config_discovery"]) else {
+                    continue;
+                };
                 let Some(name) = r.string(v, &value_at, "name") else {
                     r.error(&value_at, "needs name");
                     continue;
@@ -392,8 +398,10 @@ fn envoy_filter(r: &mut Reader<'_>, spec: &Value) -> Vec<(ExtensionConfigSpec, S
                             &["config_source", "type_urls", "default_config", "apply_default_config_without_warming"],
                         ) {
                             placement.default_config = cd.get("default_config").cloned();
-                            placement.apply_default_config_without_warming =
-                                cd.get("apply_default_config_without_warming").and_then(Value::as_bool).unwrap_or(false);
+                            placement.apply_default_config_without_warming = cd
+                                .get("apply_default_config_without_warming")
+                                .and_then(Value::as_bool)
+                                .unwrap_or(false);
                         }
                         inserts.push((name, placement, value_at));
                     }
@@ -421,7 +429,12 @@ fn envoy_filter(r: &mut Reader<'_>, spec: &Value) -> Vec<(ExtensionConfigSpec, S
 /// Where an `HTTP_FILTER` insertion goes, as a placement: `INSERT_FIRST` is the front of
 /// the chain (phase AUTHN), `INSERT_BEFORE` the router is its end (just before the
 /// router); ports from `match.listener.portNumber`.
-fn http_filter_placement(r: &mut Reader<'_>, p: &Map<String, Value>, at: &str, operation: &str) -> Option<PlacementSpec> {
+fn http_filter_placement(
+    r: &mut Reader<'_>,
+    p: &Map<String, Value>,
+    at: &str,
+    operation: &str,
+) -> Option<PlacementSpec> {
     let mut ports = Vec::new();
     let mut before_router = false;
     if let Some(m) = p.get("match").and_then(|m| r.object(m, &format!("{at}.match"), &["context", "listener"])) {
@@ -442,12 +455,19 @@ fn http_filter_placement(r: &mut Reader<'_>, p: &Map<String, Value>, at: &str, o
             }
             let fat = format!("{lat}.filterChain");
             if let Some(fc) = l.get("filterChain").and_then(|f| r.object(f, &fat, &["filter"])) {
-                if let Some(f) = fc.get("filter").and_then(|f| r.object(f, &format!("{fat}.filter"), &["name", "subFilter"])) {
+                if let Some(f) =
+                    fc.get("filter").and_then(|f| r.object(f, &format!("{fat}.filter"), &["name", "subFilter"]))
+                {
                     let hcm = r.string(f, &format!("{fat}.filter"), "name");
                     if hcm.as_deref().is_some_and(|n| n != "envoy.filters.network.http_connection_manager") {
-                        r.error(&format!("{fat}.filter.name"), "HTTP filters go in envoy.filters.network.http_connection_manager");
+                        r.error(
+                            &format!("{fat}.filter.name"),
+                            "HTTP filters go in envoy.filters.network.http_connection_manager",
+                        );
                     }
-                    if let Some(sf) = f.get("subFilter").and_then(|s| r.object(s, &format!("{fat}.filter.subFilter"), &["name"])) {
+                    if let Some(sf) =
+                        f.get("subFilter").and_then(|s| r.object(s, &format!("{fat}.filter.subFilter"), &["name"]))
+                    {
                         before_router = r.string(sf, &format!("{fat}.filter.subFilter"), "name").as_deref()
                             == Some("envoy.filters.http.router");
                     }
@@ -551,6 +571,9 @@ spec:
         assert_eq!(c.node_selector.labels["istio"], "ingressgateway");
         let placement = c.placement.as_ref().unwrap();
         assert_eq!((placement.phase, placement.ports.clone()), (Phase::Unspecified, vec![8080]));
-        assert_eq!(p.lines.original_path("extension_configs[0].typed_config"), "spec.configPatches[0].patch.value.typed_config");
+        assert_eq!(
+            p.lines.original_path("extension_configs[0].typed_config"),
+            "spec.configPatches[0].patch.value.typed_config"
+        );
     }
 }

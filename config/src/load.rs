@@ -380,7 +380,8 @@ mod tests {
     fn later_documents_count_their_lines_from_the_top_of_the_file() {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("c.yaml");
-        std::fs::write(&f, "version: 1\n---\nversion: 1\nextension_configs:\n  - name: a\n    typed_config: 3\n").unwrap();
+        std::fs::write(&f, "version: 1\n---\nversion: 1\nextension_configs:\n  - name: a\n    typed_config: 3\n")
+            .unwrap();
         let e = crate::load(&f).unwrap_err();
         assert_eq!(e.0[0].line, Some(6), "{e}");
     }

@@ -267,3 +267,135 @@ fn a_registry_with_htpasswd_over_tls_pulls_with_docker_config_and_kubernetes_sec
         assert!(!text.contains("pa55-w0rd") && !text.contains(&auth) && !text.contains(&dockerconfigjson));
     }
 }
+
+fn listener(name: &str, node: &str, port: u16) -> String {
+    format!(
+        r#"  - name: {name}
+    node_selector: {{ ids: [{node}] }}
+    address: {{ socket_address: {{ address: 127.0.0.1, port_value: {port} }} }}
+    enable_reuse_port: false
+    filter_chains:
+      - filters:
+          - name: envoy.filters.network.http_connection_manager
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+              stat_prefix: {name}
+              route_config:
+                virtual_hosts: [ {{ name: all, domains: ["*"], routes: [ {{ match: {{ prefix: "/" }}, direct_response: {{ status: 200, body: {{ inline_string: "ok\n" }} }} }} ] }} ]
+              http_filters:
+                - name: envoy.filters.http.router
+                  typed_config: {{ "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router }}
+"#
+    )
+}
+
+const ISTIO_DOCS: &str = r#"# What an Istio user already has, as it is.
+apiVersion: extensions.istio.io/v1alpha1
+kind: WasmPlugin
+metadata:
+  name: add-header
+  namespace: edge
+spec:
+  selector:
+    matchLabels:
+      app: canary
+  url: file://hdr.wasm
+  phase: AUTHN
+  pluginConfig:
+    greeting: hello
+  failStrategy: FAIL_CLOSE
+---
+apiVersion: networking.istio.io/v1alpha3
+kind: EnvoyFilter
+metadata:
+  name: stamp
+  namespace: istio-system
+spec:
+  configPatches:
+    - applyTo: EXTENSION_CONFIG
+      patch:
+        operation: ADD
+        value:
+          name: stamp-response
+          typed_config:
+            "@type": type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutation
+            mutations:
+              response_mutations:
+                - append: { header: { key: x-envoyfilter, value: "yes" } }
+    - applyTo: HTTP_FILTER
+      match:
+        context: GATEWAY
+        listener:
+          filterChain:
+            filter:
+              name: envoy.filters.network.http_connection_manager
+              subFilter: { name: envoy.filters.http.router }
+      patch:
+        operation: INSERT_BEFORE
+        value:
+          name: stamp-response
+          config_discovery:
+            config_source: { ads: {} }
+            type_urls: [ type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutation ]
+"#;
+
+#[test]
+fn istio_wasm_plugin_and_envoy_filter_documents_run_in_envoy_by_label() {
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("conf");
+    fs::create_dir(&conf).unwrap();
+    fs::write(conf.join("hdr.wasm"), header_module("from-wasmplugin")).unwrap();
+    let (xds, admin) = (free_port(), free_port());
+    let (canary_ports, stable_ports) = (EnvoyPorts::new(xds), EnvoyPorts::new(xds));
+    let listeners = format!(
+        "version: 1\nlisteners:\n{}{}",
+        listener("edge-canary", "canary-proxy", canary_ports.listener),
+        listener("edge-stable", "stable-proxy", stable_ports.listener)
+    );
+    fs::write(conf.join("listeners.yaml"), listeners).unwrap();
+    fs::write(conf.join("istio.yaml"), ISTIO_DOCS).unwrap();
+    let fp = Filterplane::start_with_args(&conf, dir.path(), xds, admin, &[]);
+    let envoy = |ports: EnvoyPorts, node: &str, app: &str| {
+        let text = example_bootstrap("gateway/envoy.yaml", ports, node);
+        assert!(text.contains("  cluster: gateway\n"));
+        let text = text.replace(
+            "  cluster: gateway\n",
+            &format!("  cluster: gateway\n  metadata: {{ LABELS: {{ app: {app} }} }}\n"),
+        );
+        Envoy::start(&text, ports, dir.path(), node)
+    };
+    let canary = envoy(canary_ports, "canary-proxy", "canary");
+    let stable = envoy(stable_ports, "stable-proxy", "stable");
+    let headers = |e: &Envoy| {
+        e.get("/").map(|r| (r.header("x-wasm").map(str::to_owned), r.header("x-envoyfilter").map(str::to_owned)))
+    };
+    wait_until("the canary to run both", WAIT, || {
+        (headers(&canary)? == (Some("from-wasmplugin".into()), Some("yes".into()))).then_some(())
+    });
+    wait_until("the stable proxy to run the EnvoyFilter only", WAIT, || {
+        (headers(&stable)? == (None, Some("yes".into()))).then_some(())
+    });
+    // Served under Istio's names: NAMESPACE.NAME for the WasmPlugin, value.name for the patch.
+    let names: Vec<String> = fp.api("/api/v1/config")["resources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["name"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(names.contains(&"edge.add-header".to_owned()) && names.contains(&"stamp-response".to_owned()), "{names:?}");
+
+    // A field Filterplane does not implement: refused, named, with its line.
+    fs::write(
+        conf.join("istio.yaml"),
+        ISTIO_DOCS.replace("  failStrategy: FAIL_CLOSE\n", "  failStrategy: FAIL_CLOSE\n  verificationKey: abc\n"),
+    )
+    .unwrap();
+    let errors = wait_until("the refusal", WAIT, || {
+        let c = fp.api("/api/v1/config");
+        (c["last_outcome"]["result"] == "failed").then(|| c["last_outcome"]["errors"].clone())
+    });
+    assert_eq!(errors[0]["path"], "spec.verificationKey", "{errors}");
+    assert_eq!(errors[0]["line"], 16, "{errors}");
+    assert!(errors[0]["file"].as_str().unwrap().ends_with("istio.yaml"));
+    assert_eq!(headers(&canary).unwrap().0.as_deref(), Some("from-wasmplugin"), "the last good config keeps serving");
+}
