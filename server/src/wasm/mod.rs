@@ -12,6 +12,8 @@ pub mod serve;
 
 use std::collections::HashSet;
 
+use filterplane_api::ResourceType;
+use filterplane_config::NodeSelector;
 use filterplane_config::{
     model::Delivery,
     wasm::{build_wasm_resource, WasmCode, WasmPlugin},
@@ -55,6 +57,39 @@ pub struct PluginError {
     pub serving_version: Option<String>,
 }
 
+impl PluginError {
+    fn new(
+        name: &str,
+        url: &str,
+        e: &fetch::FetchError,
+        origin: &filterplane_config::compile::Origin,
+        path: String,
+        kept: Option<&CompiledResource>,
+    ) -> Self {
+        PluginError {
+            plugin: name.to_owned(),
+            url: url.to_owned(),
+            kind: e.kind().into(),
+            message: e.to_string(),
+            file: origin.file.display().to_string(),
+            line: origin.line,
+            path,
+            serving_version: kept.map(|r| r.version.to_string()),
+        }
+    }
+}
+
+/// The ECDS resource served before under this name and selector, kept when its new
+/// version cannot be had.
+fn kept_version(previous: Option<&Generation>, name: &str, selector: &NodeSelector) -> Option<CompiledResource> {
+    previous?
+        .config
+        .resources
+        .iter()
+        .find(|r| r.resource_type == ResourceType::ExtensionConfig && r.name == name && &r.selector == selector)
+        .cloned()
+}
+
 /// Fetches every plugin's module (concurrently) and adds the plugins' ECDS resources to
 /// `config`. A plugin that fails keeps the resource `previous` served under its name
 /// (or is left out if there was none), and is reported.
@@ -96,20 +131,10 @@ async fn resolve_plugins(
                 pinned.insert(module.sha256);
             }
             Err(e) => {
-                let kept = previous.and_then(|g| {
-                    g.config.resources.iter().find(|r| r.name == plugin.name && r.selector == plugin.selector).cloned()
-                });
+                let kept = kept_version(previous, &plugin.name, &plugin.selector);
                 tracing::error!(plugin = %plugin.name, url = %plugin.url, kind = e.kind(), error = %e, kept = kept.is_some(), "Wasm module refused; the previous version keeps serving");
-                errors.push(PluginError {
-                    plugin: plugin.name.clone(),
-                    url: plugin.url.clone(),
-                    kind: e.kind().into(),
-                    message: e.to_string(),
-                    file: plugin.origin.file.display().to_string(),
-                    line: plugin.origin.line,
-                    path: format!("{}.url", plugin.origin.path),
-                    serving_version: kept.as_ref().map(|r| r.version.to_string()),
-                });
+                let path = format!("{}.url", plugin.origin.path);
+                errors.push(PluginError::new(&plugin.name, &plugin.url, &e, &plugin.origin, path, kept.as_ref()));
                 if let Some(r) = kept {
                     // The module the kept version names must stay in the cache.
                     if let Some(sha) = &r.wasm_sha256 {
@@ -166,24 +191,10 @@ async fn resolve_central(
                 config.resources.push(r);
             }
             Err((r, code, e)) => {
-                let kept = previous.and_then(|g| {
-                    g.config
-                        .resources
-                        .iter()
-                        .find(|p| p.resource_type == r.resource_type && p.name == r.name && p.selector == r.selector)
-                        .cloned()
-                });
+                let kept = kept_version(previous, &r.name, &r.selector);
                 tracing::error!(config = %r.name, url = %code.url, kind = e.kind(), error = %e, kept = kept.is_some(), "Wasm module of an extension config refused; its previous version keeps serving");
-                errors.push(PluginError {
-                    plugin: r.name.clone(),
-                    url: code.url.clone(),
-                    kind: e.kind().into(),
-                    message: e.to_string(),
-                    file: r.origin.file.display().to_string(),
-                    line: r.origin.line,
-                    path: format!("{}.typed_config.{}", r.origin.path, code.path),
-                    serving_version: kept.as_ref().map(|k| k.version.to_string()),
-                });
+                let path = format!("{}.typed_config.{}", r.origin.path, code.path);
+                errors.push(PluginError::new(&r.name, &code.url, &e, &r.origin, path, kept.as_ref()));
                 match kept {
                     Some(k) => {
                         // The modules the kept version names stay in the cache.
