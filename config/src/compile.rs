@@ -19,7 +19,7 @@ use crate::{
 };
 
 /// Where a resource was written.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Origin {
     pub file: PathBuf,
     pub line: Option<usize>,
@@ -55,6 +55,8 @@ pub struct CompiledResource {
     /// Once the server fetched them: the SHA-256 of each module `central_wasm` named
     /// (kept in the module cache while served).
     pub central_shas: Vec<String>,
+    /// Extension configs and Wasm plugins: how a new version rolls out (`None`: at once).
+    pub rollout: Option<crate::model::RolloutSpec>,
 }
 
 /// Everything one reload produced.
@@ -88,19 +90,37 @@ impl CompiledConfig {
             .iter()
             .map(|r| {
                 format!(
-                    "{}\0{}\0{}\0{:?}\0{:?}",
+                    "{}\0{}\0{}\0{:?}\0{:?}\0{:?}",
                     r.resource_type.type_url(),
                     r.name,
                     r.version,
                     r.selector,
-                    r.placement
+                    r.placement,
+                    r.rollout
                 )
             })
-            .chain(self.wasm_plugins.iter().map(|w| format!("wasm\0{}\0{:?}", w.name, w.selector)))
+            .chain(self.wasm_plugins.iter().map(|w| format!("wasm\0{}\0{:?}\0{:?}", w.name, w.selector, w.rollout)))
             .collect();
         self.version = content_version(described.iter().map(|s| s.as_bytes()));
         self
     }
+}
+
+/// Steps increasing, each 1-100, the last 100.
+pub fn check_rollout(r: &crate::model::RolloutSpec) -> Result<(), String> {
+    if r.steps.is_empty() {
+        return Err("steps: at least one (100 is all at once)".into());
+    }
+    if r.steps.iter().any(|s| *s == 0 || *s > 100) {
+        return Err("steps: each a percent from 1 to 100".into());
+    }
+    if r.steps.windows(2).any(|w| w[0] >= w[1]) {
+        return Err("steps: increasing".into());
+    }
+    if r.steps.last() != Some(&100) {
+        return Err("steps: the last step is 100 (every proxy)".into());
+    }
+    Ok(())
 }
 
 /// The YAML sections holding Envoy resources as they are.
@@ -114,7 +134,15 @@ const SECTIONS: [(&str, ResourceType); 5] = [
 
 /// Validates and compiles the documents as one config, collecting every error.
 pub fn compile(files: &[ParsedFile]) -> Result<CompiledConfig, ConfigErrors> {
-    let mut c = Compiler { files, errors: Vec::new(), resources: Vec::new(), wasm: Vec::new(), seen: HashMap::new() };
+    let mut c = Compiler {
+        rollout: None,
+        files,
+        errors: Vec::new(),
+        resources: Vec::new(),
+        wasm: Vec::new(),
+        seen: HashMap::new(),
+    };
+    c.default_rollout();
     for file in files {
         for (i, spec) in file.doc.extension_configs.iter().enumerate() {
             c.extension_config(file, i, spec);
@@ -161,6 +189,8 @@ fn encode(rt: ResourceType, name: &str, mut json: Value) -> Result<(Any, Resourc
 }
 
 struct Compiler<'a> {
+    /// The config's default rollout (`rollout:` of a document).
+    rollout: Option<crate::model::RolloutSpec>,
     files: &'a [ParsedFile],
     errors: Vec<ConfigError>,
     resources: Vec<CompiledResource>,
@@ -183,6 +213,30 @@ impl Compiler<'_> {
             None => ConfigError { file: origin.file.clone(), line: origin.line, path, message: message.into() },
         };
         self.errors.push(error);
+    }
+
+    /// The one `rollout:` default of the config (documents may repeat it, not differ).
+    fn default_rollout(&mut self) {
+        let mut found: Option<(crate::model::RolloutSpec, &ParsedFile)> = None;
+        for file in self.files {
+            let Some(r) = &file.doc.rollout else { continue };
+            if let Err(m) = check_rollout(r) {
+                self.errors.push(file.error("rollout", m));
+                continue;
+            }
+            match &found {
+                Some((other, at)) if other != r => {
+                    let e = file.error(
+                        "rollout",
+                        format!("differs from the rollout of {}: one default for the whole config", at.path.display()),
+                    );
+                    self.errors.push(e);
+                }
+                Some(_) => {}
+                None => found = Some((r.clone(), file)),
+            }
+        }
+        self.rollout = found.map(|(r, _)| r);
     }
 
     /// Checks the name of an entry and that no earlier entry makes it unreachable.
@@ -293,6 +347,10 @@ impl Compiler<'_> {
             typed.any.type_url.as_bytes(),
             typed.canonical_json.as_bytes(),
         ]);
+        if let Some(Err(m)) = spec.rollout.as_ref().map(check_rollout) {
+            self.error_at(&origin, "rollout", m);
+            return;
+        }
         let central_wasm = match self.central_wasm(file, &origin, spec, &typed) {
             Ok(c) => c,
             Err(()) => return,
@@ -313,6 +371,7 @@ impl Compiler<'_> {
             envoy_fetches_code: false,
             central_wasm,
             central_shas: Vec::new(),
+            rollout: spec.rollout.clone().or_else(|| self.rollout.clone()),
         });
     }
 
@@ -336,6 +395,10 @@ impl Compiler<'_> {
                 return;
             }
         };
+        plugin.rollout = spec.rollout.clone().or_else(|| self.rollout.clone());
+        if let Some(Err(m)) = spec.rollout.as_ref().map(check_rollout) {
+            self.error_at(&origin, "rollout", m);
+        }
         if let Some(p) = &spec.placement {
             match self.placement(&origin, &spec.name, plugin.type_url(), p) {
                 Some(p) => plugin.placement = Some(Arc::new(p)),

@@ -302,6 +302,7 @@ fn wasm_plugin(r: &mut Reader<'_>, spec: &Value, name: &str, file: &Path) -> Opt
         fail_strategy,
         plugin_type,
         delivery: None,
+        rollout: None,
         // As Istio does, every WasmPlugin goes into the listeners (those Filterplane
         // serves), by phase and priority.
         placement: Some(PlacementSpec {
@@ -363,6 +364,7 @@ fn envoy_filter(r: &mut Reader<'_>, spec: &Value) -> Vec<(ExtensionConfigSpec, S
                         typed_config: typed_config.clone(),
                         placement: None,
                         wasm_fetch: None,
+                        rollout: None,
                     },
                     value_at,
                 ));
@@ -386,6 +388,7 @@ fn envoy_filter(r: &mut Reader<'_>, spec: &Value) -> Vec<(ExtensionConfigSpec, S
                             typed_config: tc.clone(),
                             placement: Some(placement),
                             wasm_fetch: None,
+                            rollout: None,
                         },
                         value_at,
                     )),

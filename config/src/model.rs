@@ -35,6 +35,64 @@ pub struct Document {
     /// Redacted wherever Filterplane shows them; see --sensitive-to-authenticated-only.
     #[serde(default)]
     pub secrets: Vec<EnvoyResourceSpec>,
+    /// How new versions of this file's extension configs and Wasm plugins roll out
+    /// (an entry's own `rollout` wins). Absent: to every proxy at once.
+    #[serde(default)]
+    pub rollout: Option<RolloutSpec>,
+}
+
+/// A progressive rollout: new versions go to a growing share of the matching proxies.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RolloutSpec {
+    /// Percent of the matching proxies on the new version at each step; increasing, the
+    /// last 100.
+    pub steps: Vec<u8>,
+    /// Time at a step, with every proxy of the step having ACKed, before the next.
+    #[serde(default = "default_bake", with = "duration_text")]
+    pub bake: std::time::Duration,
+    /// NACKs of the new version tolerated before the rollout fails.
+    #[serde(default)]
+    pub max_nacks: u32,
+    /// A proxy of the step that has not ACKed by then counts as failed.
+    #[serde(default = "default_ack_timeout", with = "duration_text")]
+    pub ack_timeout: std::time::Duration,
+    #[serde(default)]
+    pub on_failure: OnFailure,
+}
+
+fn default_bake() -> std::time::Duration {
+    std::time::Duration::from_secs(60)
+}
+
+fn default_ack_timeout() -> std::time::Duration {
+    std::time::Duration::from_secs(30)
+}
+
+/// What a failed rollout does.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnFailure {
+    /// The step's proxies go back to the last completed version.
+    #[default]
+    Rollback,
+    /// Stop where it is: the step keeps the new version, nobody else gets it.
+    Halt,
+}
+
+/// Durations written as `60s`, `1m30s`, `500ms`.
+mod duration_text {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<std::time::Duration, D::Error> {
+        let text = String::deserialize(d)?;
+        humantime::parse_duration(&text)
+            .map_err(|e| serde::de::Error::custom(format!("{text:?}: {e} (write e.g. 60s, 1m30s, 500ms)")))
+    }
+
+    pub fn serialize<S: Serializer>(v: &std::time::Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(*v).to_string())
+    }
 }
 
 /// An Envoy resource exactly as Envoy's docs write it (`"@type"` optional: the section
@@ -65,6 +123,9 @@ pub struct ExtensionConfigSpec {
     /// `envoy` (passed to Envoy as written).
     #[serde(default)]
     pub wasm_fetch: Option<WasmFetch>,
+    /// How new versions roll out (else the file's `rollout`, else all at once).
+    #[serde(default)]
+    pub rollout: Option<RolloutSpec>,
 }
 
 /// Who fetches the Wasm modules an extension config names.
@@ -107,7 +168,7 @@ pub struct PlacementSpec {
     pub apply_default_config_without_warming: bool,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ChainKind {
     Http,
@@ -117,7 +178,7 @@ pub enum ChainKind {
 /// Where in the chain, in the spirit of Istio's WasmPlugin phases: `AUTHN`, then
 /// `AUTHZ`, then `STATS` at the front of the chain, before the listener's own filters;
 /// `UNSPECIFIED` (the default) at the end, just before the terminal filter (the router).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize, serde::Serialize)]
 pub enum Phase {
     #[serde(rename = "AUTHN")]
     Authn,
@@ -132,7 +193,7 @@ pub enum Phase {
 
 /// Matches Envoy nodes. Every criterion given must hold; a list matches if any item does.
 /// Strings may use `*` as a wildcard (`edge-*`).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct NodeSelector {
     /// `node.id` values.
@@ -154,7 +215,7 @@ pub struct NodeSelector {
 }
 
 /// `node.locality` fields; each one given must be equal.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct LocalitySelector {
     pub region: Option<String>,
@@ -198,6 +259,9 @@ pub struct WasmPluginSpec {
     pub delivery: Option<Delivery>,
     #[serde(default)]
     pub placement: Option<PlacementSpec>,
+    /// How new versions roll out (else the file's `rollout`, else all at once).
+    #[serde(default)]
+    pub rollout: Option<RolloutSpec>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]

@@ -11,7 +11,7 @@ pub const HCM_TYPE: &str =
     "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
 
 /// A checked placement of one extension config.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Placement {
     /// The filter's name in the chain, which is the ECDS resource name.
     pub filter_name: String,

@@ -112,6 +112,8 @@ pub struct WasmPlugin {
     pub delivery: Option<Delivery>,
     pub placement: Option<Arc<Placement>>,
     pub origin: Origin,
+    /// How a new version rolls out (`None`: at once).
+    pub rollout: Option<crate::model::RolloutSpec>,
 }
 
 impl WasmPlugin {
@@ -148,6 +150,7 @@ impl WasmPlugin {
             delivery: spec.delivery,
             placement: None,
             origin,
+            rollout: spec.rollout.clone(),
         })
     }
 
@@ -176,6 +179,7 @@ impl WasmPlugin {
             delivery: None,
             placement: None,
             origin,
+            rollout: None,
         }
     }
 
@@ -259,8 +263,10 @@ pub fn build_wasm_resource(p: &WasmPlugin, code: WasmCode<'_>, sha256: &str) -> 
         WasmCode::Inline(_) => "inline".to_owned(),
         WasmCode::Remote { uri, cluster } => format!("remote {uri} {cluster}"),
     };
-    let described =
-        format!("{:?}", (&p.url, &p.root_id, &p.plugin_config, &p.env, p.fail_strategy, p.plugin_type, delivery));
+    let described = format!(
+        "{:?}",
+        (&p.url, &p.root_id, &p.plugin_config, &p.env, &p.host_env, p.fail_strategy, p.plugin_type, delivery)
+    );
     let version = content_version([
         rt.type_url().as_bytes(),
         p.name.as_bytes(),
@@ -283,6 +289,7 @@ pub fn build_wasm_resource(p: &WasmPlugin, code: WasmCode<'_>, sha256: &str) -> 
         envoy_fetches_code: matches!(code, WasmCode::Remote { .. }),
         central_wasm: None,
         central_shas: Vec::new(),
+        rollout: p.rollout.clone(),
     }
 }
 

@@ -7,7 +7,9 @@ use std::{collections::BTreeMap, sync::Arc};
 
 use dashmap::DashMap;
 use filterplane_api::{content_version, Any, ResourceType, ResourceVersion};
-use filterplane_config::{assemble_listener, placement::Placement, CompiledConfig, NodeFacts};
+use filterplane_config::{assemble_listener, placement::Placement, CompiledConfig, CompiledResource, NodeFacts};
+
+pub use crate::rollout::{Plan, PlanEntry};
 use tokio::sync::watch;
 
 /// One resource as served: encoded once per generation and shared by every stream.
@@ -69,13 +71,27 @@ pub struct Generation {
     /// Parallel to `config.resources`: holds a secret (an SDS Secret, or a field Envoy
     /// marks sensitive). Worked out the first time a proxy must go without them.
     sensitive: std::sync::OnceLock<Vec<bool>>,
+    /// Rollouts in progress: which proxies get an entry's new version, and what the
+    /// others get.
+    pub plan: Plan,
+    /// Per plan entry: the index of its resource in `config.resources`, and the last
+    /// completed version as served (`None`: the others do not get the entry).
+    planned: Vec<(u32, Option<(Arc<CompiledResource>, Arc<ServedResource>)>)>,
 }
+
+/// The group key's mark for an entry a node gets the last completed version of.
+const ON_OLD: u32 = 0x8000_0000;
 
 /// The group key's mark for proxies that get no sensitive resources.
 const WITHHELD: u32 = u32::MAX;
 
 impl Generation {
     pub fn new(config: CompiledConfig) -> Self {
+        Self::with_plan(Arc::new(config), Plan::default())
+    }
+
+    /// A generation of `config` with the rollouts of `plan`.
+    pub fn with_plan(config: Arc<CompiledConfig>, plan: Plan) -> Self {
         let served = config
             .resources
             .iter()
@@ -95,7 +111,27 @@ impl Generation {
             .filter(|(_, r)| !r.selector.is_empty())
             .map(|(i, _)| i as u32)
             .collect();
-        Self { config: Arc::new(config), served, selective, groups: DashMap::new(), sensitive: Default::default() }
+        let mut planned: Vec<(u32, Option<(Arc<CompiledResource>, Arc<ServedResource>)>)> = plan
+            .entries
+            .iter()
+            .filter_map(|e| {
+                let i = config.resources.iter().position(|r| {
+                    r.resource_type == ResourceType::ExtensionConfig && r.name == e.name && r.selector == e.selector
+                })?;
+                let old = e.old.clone().map(|o| {
+                    let served = Arc::new(ServedResource {
+                        name: o.name.clone(),
+                        version: o.version,
+                        any: o.resource.clone(),
+                        envoy_fetches_code: o.envoy_fetches_code,
+                    });
+                    (o, served)
+                });
+                Some((i as u32, old))
+            })
+            .collect();
+        planned.sort_by_key(|(i, _)| *i);
+        Self { config, served, selective, groups: DashMap::new(), sensitive: Default::default(), plan, planned }
     }
 
     pub fn version(&self) -> &ResourceVersion {
@@ -138,34 +174,58 @@ impl Generation {
             .copied()
             .filter(|&i| self.config.resources[i as usize].selector.matches(node))
             .collect();
+        // Entries in a rollout whose new version this node does not get yet (ascending,
+        // after the selective indices, so the key stays sorted).
+        let old_from = group.len();
+        for (i, _) in &self.planned {
+            let entry = self.plan_entry(*i);
+            if entry.is_some_and(|e| !e.gets_new(&node.id)) {
+                group.push(ON_OLD | *i);
+            }
+        }
         if withhold_sensitive {
             group.push(WITHHELD);
         }
         if let Some(s) = self.groups.get(&group) {
             return s.clone();
         }
-        // Every entry this group gets, in config order (which decides same-name entries).
-        let key: Vec<u32> = (0..self.config.resources.len() as u32)
-            .filter(|i| self.config.resources[*i as usize].selector.is_empty() || group.binary_search(i).is_ok())
+        let on_old = |i: u32| group[old_from..].binary_search(&(ON_OLD | i)).is_ok();
+        // Every entry this group gets, in config order (which decides same-name entries);
+        // `true`: its last completed version.
+        let key: Vec<(u32, bool)> = (0..self.config.resources.len() as u32)
+            .filter(|i| {
+                self.config.resources[*i as usize].selector.is_empty() || group[..old_from].binary_search(i).is_ok()
+            })
             .filter(|i| !withhold_sensitive || !self.is_sensitive(*i as usize))
+            .map(|i| (i, on_old(i)))
+            .filter(|(i, old)| !old || self.old_of(*i).is_some())
             .collect();
+        let resource = |(i, old): (u32, bool)| -> &CompiledResource {
+            match old.then(|| self.old_of(i)).flatten() {
+                Some((r, _)) => r,
+                None => &self.config.resources[i as usize],
+            }
+        };
         // Filters placed into listeners: those of the extension configs this group gets
         // (entries sharing a name share their placement).
         let mut placements: Vec<&Placement> = Vec::new();
-        for &i in &key {
-            if let Some(p) = self.config.resources[i as usize].placement.as_deref() {
+        for &k in &key {
+            if let Some(p) = resource(k).placement.as_deref() {
                 if !placements.iter().any(|q| q.filter_name == p.filter_name) {
                     placements.push(p);
                 }
             }
         }
         let mut types: BTreeMap<ResourceType, ResourceMap> = BTreeMap::new();
-        for &i in &key {
-            let r = &self.config.resources[i as usize];
+        for &(i, old) in &key {
+            let r = resource((i, old));
             // The first matching entry of a name wins (config keeps file order per name).
             let slot = types.entry(r.resource_type).or_default().entry(r.name.clone());
             if let std::collections::btree_map::Entry::Vacant(v) = slot {
-                v.insert(self.served_for_group(i as usize, &placements));
+                match old.then(|| self.old_of(i)).flatten() {
+                    Some((_, served)) => v.insert(served.clone()),
+                    None => v.insert(self.served_for_group(i as usize, &placements)),
+                };
             }
         }
         let versions: Vec<&[u8]> = types
@@ -177,6 +237,18 @@ impl Generation {
         placed.sort_unstable();
         let snap = Arc::new(Snapshot { config_version: content_version(versions), types, placed });
         self.groups.entry(group).or_insert(snap).clone()
+    }
+
+    /// The plan entry of resource `i`, if it is in a rollout.
+    fn plan_entry(&self, i: u32) -> Option<&PlanEntry> {
+        let r = &self.config.resources[i as usize];
+        self.plan.entries.iter().find(|e| e.name == r.name && e.selector == r.selector)
+    }
+
+    /// The last completed version of resource `i`, if it is in a rollout and has one.
+    fn old_of(&self, i: u32) -> Option<(&CompiledResource, &Arc<ServedResource>)> {
+        let at = self.planned.binary_search_by_key(&i, |(j, _)| *j).ok()?;
+        self.planned[at].1.as_ref().map(|(r, s)| (r.as_ref(), s))
     }
 
     /// A resource as this group is served it: listeners get the group's placed filters,
@@ -212,11 +284,13 @@ impl Generation {
 #[derive(Debug)]
 pub struct SnapshotCache {
     tx: watch::Sender<Option<Arc<Generation>>>,
+    /// Progressive rollouts, when the server runs them.
+    rollouts: Option<Arc<crate::rollout::Rollouts>>,
 }
 
 impl Default for SnapshotCache {
     fn default() -> Self {
-        Self { tx: watch::Sender::new(None) }
+        Self { tx: watch::Sender::new(None), rollouts: None }
     }
 }
 
@@ -227,8 +301,29 @@ impl SnapshotCache {
         if self.current().is_some_and(|g| *g.version() == config.version) {
             return false;
         }
-        self.tx.send_replace(Some(Arc::new(Generation::new(config))));
+        let plan = self.rollouts.as_ref().map(|r| r.on_config(&config)).unwrap_or_default();
+        self.tx.send_replace(Some(Arc::new(Generation::with_plan(Arc::new(config), plan))));
         true
+    }
+
+    /// Serves the current config with the rollouts of `plan` (a step moved, a rollout
+    /// ended or rolled back); nothing happens when the plan is the one served.
+    pub fn replan(&self, plan: Plan) {
+        let Some(current) = self.current() else { return };
+        if current.plan == plan {
+            return;
+        }
+        self.tx.send_replace(Some(Arc::new(Generation::with_plan(current.config.clone(), plan))));
+    }
+
+    /// Modules that rollouts still serve to some proxies (last completed versions).
+    pub fn pinned_modules(&self) -> Vec<String> {
+        self.rollouts.as_ref().map(|r| r.pinned_modules()).unwrap_or_default()
+    }
+
+    /// A cache whose publishes go through `rollouts`.
+    pub fn with_rollouts(rollouts: Arc<crate::rollout::Rollouts>) -> Self {
+        Self { tx: watch::Sender::new(None), rollouts: Some(rollouts) }
     }
 
     pub fn current(&self) -> Option<Arc<Generation>> {

@@ -43,6 +43,17 @@ pub enum Command {
         #[command(flatten)]
         client: AdminClientArgs,
     },
+    /// Progressive rollouts of a running `filterplane serve`: status, and (with the
+    /// server's admin token) pause, resume, promote and abort.
+    Rollout {
+        #[command(subcommand)]
+        command: RolloutCommand,
+        /// The admin address of the server.
+        #[arg(long, global = true, default_value = "http://127.0.0.1:18001", env = "FILTERPLANE_ADMIN_URL")]
+        admin: String,
+        #[command(flatten)]
+        client: AdminClientArgs,
+    },
     /// Wasm module tools.
     Wasm {
         #[command(subcommand)]
@@ -129,6 +140,10 @@ pub struct ServeArgs {
     pub wasm: WasmArgs,
     #[command(flatten)]
     pub security: SecurityArgs,
+    /// Where rollout state is kept across restarts (an embedded database). Default:
+    /// `state` in the module cache directory.
+    #[arg(long, env = "FILTERPLANE_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
 }
 
 /// TLS, client certificates, node identity and admin authentication.
@@ -204,6 +219,33 @@ impl ServeArgs {
             max_event_clients: self.max_event_clients,
             admin_request_timeout: std::time::Duration::from_secs(self.admin_request_timeout_secs),
             admin_idle_timeout: std::time::Duration::from_secs(self.admin_idle_timeout_secs),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum RolloutCommand {
+    /// Rollouts in progress (or of NAME) and the recent history.
+    Status { name: Option<String> },
+    /// Stop moving NAME's rollout to its next step.
+    Pause { name: String },
+    /// Let a paused rollout of NAME go on.
+    Resume { name: String },
+    /// Put every matching proxy on NAME's new version now; the rollout is complete.
+    Promote { name: String },
+    /// Send NAME's last completed version back to the proxies of the step, now.
+    Abort { name: String },
+}
+
+impl RolloutCommand {
+    /// The admin action, and the entry, of a state-changing command.
+    pub fn action(&self) -> Option<(&'static str, &str)> {
+        match self {
+            RolloutCommand::Status { .. } => None,
+            RolloutCommand::Pause { name } => Some(("pause", name)),
+            RolloutCommand::Resume { name } => Some(("resume", name)),
+            RolloutCommand::Promote { name } => Some(("promote", name)),
+            RolloutCommand::Abort { name } => Some(("abort", name)),
         }
     }
 }

@@ -9,6 +9,7 @@ pub mod limits;
 pub mod metrics;
 pub mod ports;
 pub mod reload;
+pub mod rollout;
 pub mod secret;
 pub mod status;
 pub mod tls;
@@ -177,8 +178,22 @@ pub async fn serve_on(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let config = args.config.clone();
-    let cache = Arc::new(SnapshotCache::default());
     let metrics = Arc::new(Metrics::default());
+    let state_dir = args
+        .state_dir
+        .clone()
+        .unwrap_or_else(|| args.wasm.cache_dir.clone().unwrap_or_else(default_cache_dir).join("state"));
+    let rollouts = Arc::new(
+        rollout::Rollouts::new(
+            Box::new(
+                rollout::store::RedbStore::open(&state_dir)
+                    .with_context(|| format!("open the rollout state in {}", state_dir.display()))?,
+            ),
+            metrics.clone(),
+        )
+        .with_context(|| format!("read the rollout state in {}", state_dir.display()))?,
+    );
+    let cache = Arc::new(SnapshotCache::with_rollouts(rollouts.clone()));
     let tracker = Arc::new(AckTracker::new(metrics.clone()));
     let tls = ports_tls(&args, &metrics)?;
     let modules_listener = match args.security.modules_addr {
@@ -231,6 +246,7 @@ pub async fn serve_on(
     // The watch starts first, so an edit made during the first load is not missed.
     tasks.spawn(reloader.start_watch().run(shutdown.clone()));
     reloader.reload("startup").await;
+    tasks.spawn(rollouts.clone().run(cache.clone(), tracker.clone(), shutdown.clone()));
 
     let settings = Arc::new(StreamSettings {
         drain_grace: std::time::Duration::from_secs(args.drain_grace_secs),
@@ -338,6 +354,7 @@ pub async fn serve_on(
             allowed_hosts,
             auth,
             modules: admin_modules,
+            rollouts,
         }),
     )
     .with_graceful_shutdown(shutdown.clone().cancelled_owned());

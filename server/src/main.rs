@@ -38,6 +38,27 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Rollout { command, admin, client } => {
+            let result = match command.action() {
+                Some((action, name)) => filterplane_server::status::rollout_action(&admin, &client, action, name),
+                None => match &command {
+                    filterplane_server::cli::RolloutCommand::Status { name } => {
+                        filterplane_server::status::rollout_status(&admin, &client, name.as_deref())
+                    }
+                    _ => unreachable!("only status has no action"),
+                },
+            };
+            match result {
+                Ok(text) => {
+                    print!("{}", if text.ends_with('\n') { text } else { format!("{text}\n") });
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("filterplane rollout: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Status { admin, client } => match filterplane_server::status::fetch_and_render(&admin, &client) {
             Ok(table) => {
                 print!("{table}");

@@ -54,6 +54,32 @@ impl ResultLabel {
     }
 }
 
+/// An entry's name: bounded by the config, never by clients.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NameLabel {
+    pub name: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabel {
+    pub outcome: &'static str,
+}
+
+impl OutcomeLabel {
+    pub fn new(outcome: &str) -> Self {
+        let outcome = match outcome {
+            "completed" => "completed",
+            "promoted" => "promoted",
+            "rolled_back" => "rolled_back",
+            "halted" => "halted",
+            "aborted" => "aborted",
+            "reverted" => "reverted",
+            _ => "superseded",
+        };
+        Self { outcome }
+    }
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PortLabel {
     pub port: &'static str,
@@ -110,6 +136,8 @@ pub struct Metrics {
     pub wasm_conversion_duration: Histogram,
     pub limit_hits: Family<LimitLabel, Counter>,
     pub tls_reloads: Family<ResultLabel, Counter>,
+    pub rollout_step: Family<NameLabel, Gauge>,
+    pub rollouts: Family<OutcomeLabel, Counter>,
     pub tls_handshake_failures: Family<PortLabel, Counter>,
     pub xds_identity_refusals: Counter,
     pub admin_unauthorized: Counter,
@@ -141,6 +169,8 @@ impl Default for Metrics {
             wasm_conversion_duration: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
             limit_hits: Family::default(),
             tls_reloads: Family::default(),
+            rollout_step: Family::default(),
+            rollouts: Family::default(),
             tls_handshake_failures: Family::default(),
             xds_identity_refusals: Counter::default(),
             admin_unauthorized: Counter::default(),
@@ -220,6 +250,16 @@ impl Default for Metrics {
             m.wasm_conversion_duration.clone(),
         );
         registry.register(
+            "rollout_step",
+            "Percent of an entry's matching proxies meant to be on its new version (100: no rollout in progress), by entry name",
+            m.rollout_step.clone(),
+        );
+        registry.register(
+            "rollouts",
+            "Rollouts that ended, by outcome (completed, promoted, rolled_back, halted, aborted, reverted, superseded)",
+            m.rollouts.clone(),
+        );
+        registry.register(
             "tls_reloads",
             "TLS certificate, key or client CA files read again after they changed, by result (applied, failed)",
             m.tls_reloads.clone(),
@@ -266,6 +306,9 @@ impl Default for Metrics {
         }
         for result in ["applied", "failed"] {
             let _ = m.tls_reloads.get_or_create(&ResultLabel { result });
+        }
+        for outcome in ["completed", "promoted", "rolled_back", "halted", "aborted", "reverted", "superseded"] {
+            let _ = m.rollouts.get_or_create(&OutcomeLabel::new(outcome));
         }
         for port in ["xds", "admin", "modules"] {
             let _ = m.tls_handshake_failures.get_or_create(&PortLabel { port });

@@ -203,7 +203,8 @@ impl ConfigReloader {
         let result = match (result, &self.wasm) {
             (Ok(config), Some(w)) if config.fetches_wasm() => {
                 let previous = self.cache.current();
-                let (config, errors) = resolve(config, &w.fetcher, &w.delivery, previous.as_deref()).await;
+                let pinned = self.cache.pinned_modules();
+                let (config, errors) = resolve(config, &w.fetcher, &w.delivery, previous.as_deref(), pinned).await;
                 wasm_errors = errors;
                 Ok(config)
             }

@@ -28,7 +28,8 @@ pub struct AdminClient {
 
 impl AdminClient {
     pub fn new(admin: &str, client: &AdminClientArgs, timeout: Duration) -> anyhow::Result<Self> {
-        let mut config = ureq::Agent::config_builder().timeout_global(Some(timeout)).proxy(None);
+        let mut config =
+            ureq::Agent::config_builder().timeout_global(Some(timeout)).proxy(None).http_status_as_error(false);
         if let Some(ca) = &client.ca_file {
             let pem = std::fs::read(ca).with_context(|| format!("read --ca-file {}", ca.display()))?;
             let certs: Vec<ureq::tls::Certificate<'static>> = ureq::tls::parse_pem(&pem)
@@ -71,13 +72,20 @@ impl AdminClient {
                 req.call()
             }
         };
-        let mut res = match result {
-            Err(ureq::Error::StatusCode(401)) => anyhow::bail!(
+        let mut res = result.with_context(|| format!("{method} {url}"))?;
+        let status = res.status().as_u16();
+        if status == 401 {
+            anyhow::bail!(
                 "{method} {url}: 401: the admin API needs its bearer token: --token-file FILE (or FILTERPLANE_TOKEN_FILE)"
-            ),
-            other => other.with_context(|| format!("{method} {url}"))?,
-        };
-        res.body_mut().read_json::<Value>().with_context(|| format!("{method} {url}: not the JSON Filterplane serves"))
+            );
+        }
+        let body = res.body_mut().read_to_string().unwrap_or_default();
+        let json: Option<Value> = serde_json::from_str(&body).ok();
+        if status >= 400 {
+            let why = json.as_ref().and_then(|j| j["error"].as_str().map(str::to_owned)).unwrap_or(body);
+            anyhow::bail!("{method} {url}: {status}: {}", why.trim());
+        }
+        json.with_context(|| format!("{method} {url}: not the JSON Filterplane serves"))
     }
 }
 
@@ -97,6 +105,87 @@ pub fn fetch_and_render(admin: &str, client: &AdminClientArgs) -> anyhow::Result
 pub fn request_reload(admin: &str, confirm: bool, client: &AdminClientArgs) -> anyhow::Result<(String, bool)> {
     let c = AdminClient::new(admin, client, Duration::from_secs(120))?;
     Ok(describe_outcome(&c.call("POST", &format!("/api/v1/reload?confirm={confirm}"))?))
+}
+
+/// `filterplane rollout status [NAME]`.
+pub fn rollout_status(admin: &str, client: &AdminClientArgs, name: Option<&str>) -> anyhow::Result<String> {
+    let c = AdminClient::new(admin, client, Duration::from_secs(10))?;
+    Ok(render_rollouts(&c.call("GET", "/api/v1/rollouts")?, name))
+}
+
+/// `filterplane rollout pause|resume|promote|abort NAME`.
+pub fn rollout_action(admin: &str, client: &AdminClientArgs, action: &str, name: &str) -> anyhow::Result<String> {
+    let c = AdminClient::new(admin, client, Duration::from_secs(10))?;
+    let path = format!("/api/v1/rollouts/{}/{action}", url_segment(name));
+    let r = c.call("POST", &path)?;
+    Ok(format!(
+        "{action}: {} ({} entr{})",
+        text(&r["name"]),
+        text(&r["entries"]),
+        if r["entries"] == 1 { "y" } else { "ies" }
+    ))
+}
+
+/// A path segment with everything but unreserved characters percent-encoded.
+fn url_segment(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// Rollouts and history as a terminal table.
+pub fn render_rollouts(v: &Value, name: Option<&str>) -> String {
+    let wanted = |r: &Value| name.is_none_or(|n| r["name"] == n);
+    let mut out = String::new();
+    let rollouts: Vec<&Value> =
+        v["rollouts"].as_array().map(|a| a.iter().filter(|r| wanted(r)).collect()).unwrap_or_default();
+    if rollouts.is_empty() {
+        out.push_str("No rollout in progress.\n");
+    }
+    for r in rollouts {
+        let steps: Vec<String> = r["steps"].as_array().map(|s| s.iter().map(text).collect()).unwrap_or_default();
+        out.push_str(&format!(
+            "{}  {}  step {}/{} ({}%, steps {})  on new: {} of {} (acked {}, nacked {}, waiting {})  {} -> {}\n",
+            text(&r["name"]),
+            text(&r["status"]).to_uppercase(),
+            r["step"].as_u64().unwrap_or(0) + 1,
+            steps.len(),
+            text(&r["percent"]),
+            steps.join(","),
+            text(&r["on_new"]),
+            text(&r["matching_proxies"]),
+            text(&r["acked"]),
+            text(&r["nacked"]),
+            text(&r["waiting"]),
+            short(&r["last_completed_version"]),
+            short(&r["new_version"]),
+        ));
+        if r["reason"].is_string() {
+            out.push_str(&format!("  {}\n", text(&r["reason"])));
+        }
+        for f in r["failures"].as_array().into_iter().flatten() {
+            out.push_str(&format!("  {}: {}\n", text(&f["node_id"]), text(&f["message"])));
+        }
+    }
+    let history: Vec<&Value> =
+        v["history"].as_array().map(|a| a.iter().filter(|r| wanted(r)).take(10).collect()).unwrap_or_default();
+    if !history.is_empty() {
+        out.push_str("History:\n");
+        for h in history {
+            out.push_str(&format!(
+                "  {}  {}  {} -> {}  ended {}\n",
+                text(&h["name"]),
+                text(&h["outcome"]).to_uppercase(),
+                short(&h["from_version"]),
+                short(&h["to_version"]),
+                text(&h["ended_at"])
+            ));
+        }
+    }
+    out
 }
 
 fn describe_outcome(o: &Value) -> (String, bool) {

@@ -72,6 +72,7 @@ impl Compiler<'_> {
             envoy_fetches_code: false,
             central_wasm: None,
             central_shas: Vec::new(),
+            rollout: None,
         });
     }
 }

@@ -20,6 +20,8 @@ pub fn routes() -> Router<AdminState> {
         .route("/proxies/{node_id}", get(proxy))
         .route("/rejects", get(rejects))
         .route("/refusals", get(refusals))
+        .route("/rollouts", get(rollouts))
+        .route("/rollouts/{name}/{action}", axum::routing::post(rollout_action))
         .route("/config", get(config))
         .route("/config_dump", get(config_dump))
         .route("/reload", axum::routing::post(reload))
@@ -40,6 +42,35 @@ async fn reload(State(s): State<AdminState>, Query(q): Query<ReloadQuery>) -> Re
         s.reloader.reload("admin API").await
     };
     Json(outcome).into_response()
+}
+
+/// Rollouts in progress (or failed and waiting for an edit), and the recent history.
+async fn rollouts(State(s): State<AdminState>) -> Response {
+    Json(s.rollouts.view(&s.tracker)).into_response()
+}
+
+/// `POST /api/v1/rollouts/{name}/{pause|resume|promote|abort}`. These change what
+/// proxies run, so they need the admin token: without one configured they answer 403.
+async fn rollout_action(State(s): State<AdminState>, Path((name, action)): Path<(String, String)>) -> Response {
+    if s.auth.is_none() {
+        return (
+            StatusCode::FORBIDDEN,
+            Json(json!({ "error": "rollout actions change what proxies run, so they need a bearer token: start the server with --admin-token-file FILE and send it (the CLI's --token-file)" })),
+        )
+            .into_response();
+    }
+    if !matches!(action.as_str(), "pause" | "resume" | "promote" | "abort") {
+        return (StatusCode::NOT_FOUND, Json(json!({ "error": "actions: pause, resume, promote, abort" })))
+            .into_response();
+    }
+    match s.rollouts.act(&name, &action) {
+        Ok(n) => {
+            // Serve the new plan now rather than at the next tick.
+            s.cache.replan(s.rollouts.plan());
+            Json(json!({ "name": name, "action": action, "entries": n })).into_response()
+        }
+        Err(e) => (StatusCode::CONFLICT, Json(json!({ "error": e.to_string() }))).into_response(),
+    }
 }
 
 /// Streams ended because the node they named does not match their client certificate.

@@ -49,6 +49,7 @@ pub struct AdminState {
     pub auth: Option<Arc<auth::AdminAuth>>,
     /// Modules for remote delivery, when no `--modules-addr` serves them.
     pub modules: Option<crate::wasm::serve::ModuleServer>,
+    pub rollouts: Arc<crate::rollout::Rollouts>,
 }
 
 pub fn app(state: AdminState) -> Router {
@@ -140,8 +141,10 @@ async fn events(State(s): State<AdminState>) -> axum::response::Response {
     };
     let tracker = WatchStream::new(s.tracker.changes()).map(|_| ());
     let reloads = WatchStream::new(s.reloader.changes()).map(|_| ());
+    let rollouts = WatchStream::new(s.rollouts.changes()).map(|_| ());
     let stream = tracker
         .merge(reloads)
+        .merge(rollouts)
         .throttle(Duration::from_millis(250))
         // (An SSE event with empty data is never dispatched by browsers.)
         .map(move |()| {

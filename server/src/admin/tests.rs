@@ -32,6 +32,13 @@ fn state(config: &str) -> (AdminState, tempfile::TempDir) {
         allowed_hosts: Arc::new(vec!["filterplane.internal".into()]),
         auth: None,
         modules: None,
+        rollouts: Arc::new(
+            crate::rollout::Rollouts::new(
+                Box::<crate::rollout::store::MemoryStore>::default(),
+                Arc::new(Metrics::default()),
+            )
+            .unwrap(),
+        ),
     };
     (s, dir)
 }

@@ -98,8 +98,10 @@ pub async fn resolve(
     fetcher: &WasmFetcher,
     delivery: &DeliverySettings,
     previous: Option<&Generation>,
+    also_pinned: Vec<String>,
 ) -> (CompiledConfig, Vec<PluginError>) {
     let (config, mut errors, mut pinned) = resolve_central(config, fetcher, delivery, previous).await;
+    pinned.extend(also_pinned);
     let (config, plugin_errors) = resolve_plugins(config, fetcher, delivery, previous, &mut pinned).await;
     errors.extend(plugin_errors);
     let evicted = fetcher.cache.evict(&pinned);

@@ -34,10 +34,13 @@ impl ModuleServer {
     /// The SHA-256 of the served module whose path key is `key`, if any.
     fn referenced(&self, key: &str) -> Option<String> {
         let generation = self.cache.current()?;
+        // The config's resources, and the last completed versions rollouts still serve.
+        let old = generation.plan.entries.iter().filter_map(|e| e.old.as_deref());
         generation
             .config
             .resources
             .iter()
+            .chain(old)
             .filter(|r| r.envoy_fetches_code)
             .filter_map(|r| r.wasm_sha256.as_deref())
             .find(|sha| secret::equal(secret::hmac_hex(&self.secret, sha.as_bytes()).as_bytes(), key.as_bytes()))

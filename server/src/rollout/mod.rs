@@ -1,0 +1,673 @@
+//! Progressive rollouts. When an extension config or Wasm plugin with a `rollout` gets a
+//! new version, the proxies of the first step get it and every other matching proxy keeps
+//! the last completed version; each step completes when its bake time has passed, every
+//! proxy of the step ACKed and NACKs stayed within `max_nacks`; a failure halts or rolls
+//! back. Step membership is a hash of node id and entry name against a threshold fixed at
+//! the step's start (the hash of the k-th proxy, k = ceil(p% of the matching proxies)), so
+//! it is stable as proxies come and go and never empty while p > 0.
+//!
+//! State survives restarts through a `RolloutStore`.
+
+pub mod store;
+
+use std::{
+    collections::{BTreeMap, VecDeque},
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use filterplane_api::ResourceType;
+use filterplane_config::{
+    model::{OnFailure, RolloutSpec},
+    CompiledConfig, CompiledResource, NodeSelector,
+};
+use serde::{Deserialize, Serialize};
+use sha2::Digest;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::{cache::SnapshotCache, metrics::Metrics, tracker::AckTracker};
+use store::{RolloutStore, StoredResource, StoredState};
+
+/// How many past rollouts are kept.
+pub const HISTORY: usize = 100;
+/// How often running rollouts are looked at.
+const TICK: Duration = Duration::from_millis(250);
+
+/// What a generation needs to serve rollouts in progress.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Plan {
+    pub entries: Vec<PlanEntry>,
+}
+
+/// One entry in a rollout.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PlanEntry {
+    pub name: String,
+    pub selector: NodeSelector,
+    /// Nodes whose rank is at most this get the new version; `None`: nobody (rolled back).
+    pub threshold: Option<u64>,
+    /// The last completed version, for everybody else (`None`: they do not get the entry).
+    pub old: Option<Arc<CompiledResource>>,
+}
+
+impl PlanEntry {
+    pub fn gets_new(&self, node_id: &str) -> bool {
+        self.threshold.is_some_and(|t| rank(node_id, &self.name) <= t)
+    }
+}
+
+/// A node's place in an entry's rollout order: stable across restarts and replicas.
+pub fn rank(node_id: &str, entry: &str) -> u64 {
+    let digest = sha2::Sha256::new()
+        .chain_update(node_id.as_bytes())
+        .chain_update([0])
+        .chain_update(entry.as_bytes())
+        .finalize();
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&digest[..8]);
+    u64::from_be_bytes(b)
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+fn rfc3339(ms: u64) -> String {
+    humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    Running,
+    Paused,
+    /// Failed: NACKs over `max_nacks`, ACK timeouts, or aborted by an operator. Stays so
+    /// until the entry is edited.
+    Failed,
+}
+
+/// A proxy that failed the new version.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Failure {
+    pub node_id: String,
+    /// Envoy's message, or why it counts as failed.
+    pub message: String,
+}
+
+/// A rollout in progress (or failed and waiting for an edit).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Active {
+    pub spec: RolloutSpec,
+    pub new: StoredResource,
+    /// Index into `spec.steps`.
+    pub step: usize,
+    pub threshold: Option<u64>,
+    pub started_ms: u64,
+    pub step_started_ms: u64,
+    pub status: Status,
+    pub failures: Vec<Failure>,
+    /// Why it failed (`on_failure` taken, or aborted).
+    pub reason: Option<String>,
+}
+
+/// One entry's rollout state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EntryState {
+    pub name: String,
+    pub selector: NodeSelector,
+    pub last_completed: Option<StoredResource>,
+    pub active: Option<Active>,
+}
+
+/// A past rollout.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HistoryEntry {
+    pub name: String,
+    pub from_version: Option<String>,
+    pub to_version: String,
+    /// `completed`, `promoted`, `rolled_back`, `halted`, `aborted`, `superseded`, `reverted`.
+    pub outcome: String,
+    pub started_at: String,
+    pub ended_at: String,
+    pub failures: Vec<Failure>,
+}
+
+fn key(name: &str, selector: &NodeSelector) -> String {
+    format!("{name}\0{selector:?}")
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    entries: BTreeMap<String, EntryState>,
+    /// The last completed versions, decoded once.
+    old: BTreeMap<String, Arc<CompiledResource>>,
+    history: VecDeque<HistoryEntry>,
+    /// The first config of this process was seen (entries without a completed version
+    /// are completed at once then: nothing to protect at start).
+    initialized: bool,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ActionError {
+    #[error("no rollout of {0:?} is in progress")]
+    NoRollout(String),
+    #[error("the rollout of {0:?} failed; edit the entry to start a new one")]
+    Failed(String),
+}
+
+/// Every rollout of the server.
+#[derive(Debug)]
+pub struct Rollouts {
+    inner: Mutex<Inner>,
+    store: Box<dyn RolloutStore>,
+    metrics: Arc<Metrics>,
+    changes: watch::Sender<u64>,
+}
+
+impl Rollouts {
+    /// Loads what `store` kept.
+    pub fn new(store: Box<dyn RolloutStore>, metrics: Arc<Metrics>) -> Result<Self, store::StoreError> {
+        let stored = store.load()?;
+        let mut inner = Inner::default();
+        for e in stored.entries {
+            if let Some(old) = &e.last_completed {
+                inner.old.insert(key(&e.name, &e.selector), Arc::new(old.to_compiled()?));
+            }
+            inner.entries.insert(key(&e.name, &e.selector), e);
+        }
+        inner.history = stored.history.into_iter().collect();
+        // A restart with state resumes: entries it knows are not new.
+        inner.initialized = !inner.entries.is_empty();
+        Ok(Self { inner: Mutex::new(inner), store, metrics, changes: watch::Sender::new(0) })
+    }
+
+    /// Wakes on every change (for the page).
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn persist(&self, inner: &Inner) {
+        let state = StoredState {
+            entries: inner.entries.values().cloned().collect(),
+            history: inner.history.iter().cloned().collect(),
+        };
+        if let Err(e) = self.store.save(&state) {
+            tracing::error!(error = %e, "cannot save the rollout state; a restart now would start these rollouts over");
+        }
+        self.changes.send_modify(|n| *n = n.wrapping_add(1));
+        self.update_metrics(inner);
+    }
+
+    fn update_metrics(&self, inner: &Inner) {
+        for e in inner.entries.values() {
+            let percent = e.active.as_ref().map_or(100, |a| match (a.status, a.threshold) {
+                (_, None) => 0,
+                _ => a.spec.steps[a.step.min(a.spec.steps.len() - 1)],
+            });
+            self.metrics
+                .rollout_step
+                .get_or_create(&crate::metrics::NameLabel { name: e.name.clone() })
+                .set(i64::from(percent));
+        }
+    }
+
+    fn finish(&self, inner: &mut Inner, k: &str, outcome: &str) {
+        let Some(e) = inner.entries.get_mut(k) else { return };
+        let Some(a) = e.active.take() else { return };
+        self.metrics.rollouts.get_or_create(&crate::metrics::OutcomeLabel::new(outcome)).inc();
+        tracing::info!(entry = %e.name, outcome, version = %a.new.version, "rollout ended");
+        let from_version = e.last_completed.as_ref().map(|l| l.version.clone());
+        let done = matches!(outcome, "completed" | "promoted");
+        if done {
+            e.last_completed = Some(a.new.clone());
+        }
+        let entry = HistoryEntry {
+            name: e.name.clone(),
+            from_version,
+            to_version: a.new.version.clone(),
+            outcome: outcome.to_owned(),
+            started_at: rfc3339(a.started_ms),
+            ended_at: rfc3339(now_ms()),
+            failures: a.failures,
+        };
+        if done {
+            if let Ok(r) = a.new.to_compiled() {
+                inner.old.insert(k.to_owned(), Arc::new(r));
+            }
+        }
+        inner.history.push_front(entry);
+        inner.history.truncate(HISTORY);
+    }
+
+    /// A new config: starts, continues or ends the rollouts its entries call for, and
+    /// returns the plan to serve it with.
+    pub fn on_config(&self, config: &CompiledConfig) -> Plan {
+        let mut inner = self.lock();
+        let first = !inner.initialized;
+        inner.initialized = true;
+        let mut seen = Vec::new();
+        for r in config.resources.iter().filter(|r| r.resource_type == ResourceType::ExtensionConfig) {
+            let k = key(&r.name, &r.selector);
+            seen.push(k.clone());
+            let version = r.version.to_string();
+            let state = inner.entries.entry(k.clone()).or_insert_with(|| EntryState {
+                name: r.name.clone(),
+                selector: r.selector.clone(),
+                last_completed: None,
+                active: None,
+            });
+            let completed = state.last_completed.as_ref().map(|l| l.version.clone());
+            let new_of_active = state.active.as_ref().map(|a| a.new.version.clone());
+            let Some(spec) = &r.rollout else {
+                // No rollout: at once.
+                if new_of_active.is_some() {
+                    self.finish(&mut inner, &k, "superseded");
+                }
+                self.complete_now(&mut inner, &k, r);
+                continue;
+            };
+            if completed.is_none() && first {
+                // Nothing served before, at start: nothing to protect.
+                self.complete_now(&mut inner, &k, r);
+            } else if completed.as_deref() == Some(version.as_str()) {
+                // Edited back to the last completed version: over at once.
+                if new_of_active.is_some() {
+                    self.finish(&mut inner, &k, "reverted");
+                }
+            } else if new_of_active.as_deref() == Some(version.as_str()) {
+                if let Some(a) = inner.entries.get_mut(&k).and_then(|e| e.active.as_mut()) {
+                    a.spec = spec.clone();
+                }
+            } else {
+                if new_of_active.is_some() {
+                    self.finish(&mut inner, &k, "superseded");
+                }
+                let now = now_ms();
+                if let Some(e) = inner.entries.get_mut(&k) {
+                    tracing::info!(entry = %r.name, version = %version, steps = ?spec.steps, "rollout started");
+                    e.active = Some(Active {
+                        spec: spec.clone(),
+                        new: StoredResource::from(r),
+                        step: 0,
+                        threshold: None,
+                        started_ms: now,
+                        step_started_ms: now,
+                        status: Status::Running,
+                        failures: Vec::new(),
+                        reason: None,
+                    });
+                }
+                // The first step's members are picked at the next tick (it sees the
+                // proxies); until then nobody has the new version.
+            }
+        }
+        inner.entries.retain(|k, _| seen.contains(k));
+        let keep: Vec<String> = inner.entries.keys().cloned().collect();
+        inner.old.retain(|k, _| keep.contains(k));
+        self.persist(&inner);
+        plan_of(&inner)
+    }
+
+    fn complete_now(&self, inner: &mut Inner, k: &str, r: &CompiledResource) {
+        if let Some(e) = inner.entries.get_mut(k) {
+            e.last_completed = Some(StoredResource::from(r));
+            e.active = None;
+            inner.old.insert(k.to_owned(), Arc::new(r.clone()));
+        }
+    }
+
+    /// The plan for the current state.
+    pub fn plan(&self) -> Plan {
+        plan_of(&self.lock())
+    }
+
+    /// Moves running rollouts along, from what the tracker knows of the proxies.
+    pub fn tick(&self, tracker: &AckTracker) -> Plan {
+        let mut inner = self.lock();
+        if inner.entries.values().all(|e| e.active.as_ref().is_none_or(|a| a.status != Status::Running)) {
+            return plan_of(&inner);
+        }
+        let proxies = tracker.proxies();
+        let now = now_ms();
+        let mut changed = false;
+        let keys: Vec<String> = inner.entries.keys().cloned().collect();
+        for k in keys {
+            let Some(e) = inner.entries.get(&k) else { continue };
+            let Some(a) = e.active.clone() else { continue };
+            if a.status != Status::Running {
+                continue;
+            }
+            // Proxies this entry is for (one per node id), with their rank.
+            let mut matching: Vec<(&crate::tracker::ProxyStatus, u64)> = Vec::new();
+            for p in &proxies {
+                if e.selector.matches(p.facts()) && !matching.iter().any(|(q, _)| q.node_id() == p.node_id()) {
+                    matching.push((p, rank(p.node_id(), &e.name)));
+                }
+            }
+            let percent = a.spec.steps[a.step];
+            let threshold = match a.threshold {
+                Some(t) => t,
+                None => {
+                    let t = threshold_for(percent, matching.iter().map(|(_, r)| *r).collect());
+                    if let Some(active) = inner.entries.get_mut(&k).and_then(|e| e.active.as_mut()) {
+                        active.threshold = Some(t);
+                        active.step_started_ms = now;
+                    }
+                    changed = true;
+                    continue;
+                }
+            };
+            let ecds = ResourceType::ExtensionConfig.type_url();
+            let mut failures = Vec::new();
+            let mut waiting = 0usize;
+            for (p, r) in &matching {
+                if *r > threshold {
+                    continue;
+                }
+                let Some(t) = p.types.get(&ecds) else { continue };
+                let Some(res) = t.resources.get(&e.name) else { continue };
+                if res.acked_version.as_ref().is_some_and(|v| *v == *a.new.version) {
+                    continue;
+                }
+                if res.nacked_version.as_ref().is_some_and(|v| *v == *a.new.version) {
+                    let message = t.last_nack.as_ref().map(|n| n.message.clone()).unwrap_or_default();
+                    failures.push(Failure { node_id: p.node_id().to_owned(), message });
+                    continue;
+                }
+                let since = a
+                    .step_started_ms
+                    .max(p.connected_since.duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0));
+                if now.saturating_sub(since) > a.spec.ack_timeout.as_millis() as u64 {
+                    failures.push(Failure {
+                        node_id: p.node_id().to_owned(),
+                        message: format!(
+                            "no ACK within {} (ack_timeout)",
+                            humantime::format_duration(a.spec.ack_timeout)
+                        ),
+                    });
+                } else {
+                    waiting += 1;
+                }
+            }
+            if failures.len() > a.spec.max_nacks as usize {
+                self.fail(&mut inner, &k, failures, None);
+                changed = true;
+                continue;
+            }
+            let baked = now.saturating_sub(a.step_started_ms) >= a.spec.bake.as_millis() as u64;
+            if waiting == 0 && baked {
+                if a.step + 1 >= a.spec.steps.len() {
+                    self.finish(&mut inner, &k, "completed");
+                } else if let Some(active) = inner.entries.get_mut(&k).and_then(|e| e.active.as_mut()) {
+                    active.step += 1;
+                    active.threshold =
+                        Some(threshold_for(active.spec.steps[active.step], matching.iter().map(|(_, r)| *r).collect()));
+                    active.step_started_ms = now;
+                    active.failures = failures;
+                    tracing::info!(entry = %e_name(&k), percent = active.spec.steps[active.step], "rollout step");
+                }
+                changed = true;
+            } else if let Some(active) = inner.entries.get_mut(&k).and_then(|e| e.active.as_mut()) {
+                if active.failures != failures {
+                    active.failures = failures;
+                    changed = true;
+                }
+            }
+        }
+        if changed {
+            self.persist(&inner);
+        }
+        plan_of(&inner)
+    }
+
+    fn fail(&self, inner: &mut Inner, k: &str, failures: Vec<Failure>, reason: Option<String>) {
+        let from_version = inner.entries.get(k).and_then(|e| e.last_completed.as_ref()).map(|l| l.version.clone());
+        let Some(a) = inner.entries.get_mut(k).and_then(|e| e.active.as_mut()) else { return };
+        let rollback = reason.is_some() || a.spec.on_failure == OnFailure::Rollback;
+        a.status = Status::Failed;
+        a.failures = failures;
+        a.reason = Some(reason.unwrap_or_else(|| {
+            format!(
+                "{} NACK(s) or ACK timeout(s), over max_nacks {}: {}",
+                a.failures.len(),
+                a.spec.max_nacks,
+                if rollback { "rolled back" } else { "halted" }
+            )
+        }));
+        if rollback {
+            a.threshold = None;
+        }
+        let outcome = if a.reason.as_deref().is_some_and(|r| r.starts_with("aborted")) {
+            "aborted"
+        } else if rollback {
+            "rolled_back"
+        } else {
+            "halted"
+        };
+        tracing::warn!(entry = %e_name(k), outcome, failures = ?a.failures, "rollout failed");
+        self.metrics.rollouts.get_or_create(&crate::metrics::OutcomeLabel::new(outcome)).inc();
+        let entry = HistoryEntry {
+            name: e_name(k).to_owned(),
+            from_version,
+            to_version: a.new.version.clone(),
+            outcome: outcome.to_owned(),
+            started_at: rfc3339(a.started_ms),
+            ended_at: rfc3339(now_ms()),
+            failures: a.failures.clone(),
+        };
+        inner.history.push_front(entry);
+        inner.history.truncate(HISTORY);
+    }
+
+    /// `pause`, `resume`, `promote` or `abort` the rollouts of entries named `name`.
+    pub fn act(&self, name: &str, action: &str) -> Result<usize, ActionError> {
+        let mut inner = self.lock();
+        let keys: Vec<String> = inner
+            .entries
+            .iter()
+            .filter(|(_, e)| e.name == name && e.active.is_some())
+            .map(|(k, _)| k.clone())
+            .collect();
+        if keys.is_empty() {
+            return Err(ActionError::NoRollout(name.to_owned()));
+        }
+        for k in &keys {
+            let status = inner.entries.get(k).and_then(|e| e.active.as_ref()).map(|a| a.status);
+            if status == Some(Status::Failed) && action != "abort" {
+                return Err(ActionError::Failed(name.to_owned()));
+            }
+            match action {
+                "pause" | "resume" => {
+                    if let Some(a) = inner.entries.get_mut(k).and_then(|e| e.active.as_mut()) {
+                        a.status = if action == "pause" { Status::Paused } else { Status::Running };
+                        if action == "resume" {
+                            a.step_started_ms = now_ms();
+                        }
+                    }
+                }
+                "promote" => self.finish(&mut inner, k, "promoted"),
+                _ => {
+                    if status != Some(Status::Failed) {
+                        self.fail(&mut inner, k, Vec::new(), Some("aborted by an operator: rolled back".into()));
+                    }
+                }
+            }
+            tracing::info!(entry = %name, action, "rollout action");
+        }
+        self.persist(&inner);
+        Ok(keys.len())
+    }
+
+    /// The modules rollouts still serve (last completed versions): kept in the cache.
+    pub fn pinned_modules(&self) -> Vec<String> {
+        let inner = self.lock();
+        inner.old.values().flat_map(|r| r.wasm_sha256.iter().chain(r.central_shas.iter()).cloned()).collect()
+    }
+
+    /// What `/api/v1/rollouts` shows.
+    pub fn view(&self, tracker: &AckTracker) -> RolloutsView {
+        let inner = self.lock();
+        let proxies = tracker.proxies();
+        let ecds = ResourceType::ExtensionConfig.type_url();
+        let rollouts = inner
+            .entries
+            .values()
+            .filter_map(|e| {
+                let a = e.active.as_ref()?;
+                let (mut members, mut acked, mut nacked, mut matching) = (0, 0, 0, 0);
+                let mut seen: Vec<&str> = Vec::new();
+                for p in &proxies {
+                    if !e.selector.matches(p.facts()) || seen.contains(&p.node_id()) {
+                        continue;
+                    }
+                    seen.push(p.node_id());
+                    matching += 1;
+                    if !a.threshold.is_some_and(|t| rank(p.node_id(), &e.name) <= t) {
+                        continue;
+                    }
+                    members += 1;
+                    let res = p.types.get(&ecds).and_then(|t| t.resources.get(&e.name));
+                    if res.and_then(|r| r.acked_version.as_ref()).is_some_and(|v| *v == *a.new.version) {
+                        acked += 1;
+                    } else if res.and_then(|r| r.nacked_version.as_ref()).is_some_and(|v| *v == *a.new.version) {
+                        nacked += 1;
+                    }
+                }
+                Some(RolloutView {
+                    name: e.name.clone(),
+                    selector: e.selector.clone(),
+                    status: a.status,
+                    steps: a.spec.steps.clone(),
+                    step: a.step,
+                    percent: if a.threshold.is_none() { 0 } else { a.spec.steps[a.step] },
+                    new_version: a.new.version.clone(),
+                    last_completed_version: e.last_completed.as_ref().map(|l| l.version.clone()),
+                    started_at: rfc3339(a.started_ms),
+                    step_started_at: rfc3339(a.step_started_ms),
+                    bake: humantime::format_duration(a.spec.bake).to_string(),
+                    on_failure: a.spec.on_failure,
+                    matching_proxies: matching,
+                    on_new: members,
+                    acked,
+                    nacked,
+                    waiting: members - acked - nacked,
+                    failures: a.failures.clone(),
+                    reason: a.reason.clone(),
+                })
+            })
+            .collect();
+        RolloutsView { rollouts, history: inner.history.iter().cloned().collect() }
+    }
+
+    /// Moves rollouts along until `shutdown`, serving each new plan.
+    pub async fn run(
+        self: Arc<Self>,
+        cache: Arc<SnapshotCache>,
+        tracker: Arc<AckTracker>,
+        shutdown: CancellationToken,
+    ) {
+        let mut interval = tokio::time::interval(TICK);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = interval.tick() => {
+                    let plan = self.tick(&tracker);
+                    cache.replan(plan);
+                }
+            }
+        }
+    }
+}
+
+fn e_name(k: &str) -> &str {
+    k.split('\0').next().unwrap_or(k)
+}
+
+/// The rank of the k-th proxy (k = ceil(percent of them), at least one), or, without
+/// proxies, that share of the rank space.
+fn threshold_for(percent: u8, mut ranks: Vec<u64>) -> u64 {
+    if percent >= 100 {
+        return u64::MAX;
+    }
+    if ranks.is_empty() {
+        return (u64::MAX / 100) * u64::from(percent);
+    }
+    ranks.sort_unstable();
+    let k = (ranks.len() * usize::from(percent)).div_ceil(100).max(1);
+    ranks[k - 1]
+}
+
+fn plan_of(inner: &Inner) -> Plan {
+    let entries = inner
+        .entries
+        .iter()
+        .filter_map(|(k, e)| {
+            let a = e.active.as_ref()?;
+            Some(PlanEntry {
+                name: e.name.clone(),
+                selector: e.selector.clone(),
+                threshold: a.threshold,
+                old: inner.old.get(k).cloned(),
+            })
+        })
+        .collect();
+    Plan { entries }
+}
+
+/// `/api/v1/rollouts`.
+#[derive(Debug, Clone, Serialize)]
+pub struct RolloutsView {
+    pub rollouts: Vec<RolloutView>,
+    pub history: Vec<HistoryEntry>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RolloutView {
+    pub name: String,
+    pub selector: NodeSelector,
+    pub status: Status,
+    pub steps: Vec<u8>,
+    pub step: usize,
+    /// Percent of the matching proxies meant to be on the new version now.
+    pub percent: u8,
+    pub new_version: String,
+    pub last_completed_version: Option<String>,
+    pub started_at: String,
+    pub step_started_at: String,
+    pub bake: String,
+    pub on_failure: OnFailure,
+    pub matching_proxies: usize,
+    /// Proxies of the step (on the new version), and how they stand.
+    pub on_new: usize,
+    pub acked: usize,
+    pub nacked: usize,
+    pub waiting: usize,
+    pub failures: Vec<Failure>,
+    pub reason: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn thresholds_pick_about_p_percent_and_never_none() {
+        let ranks: Vec<u64> = (0..1000).map(|i| rank(&format!("node-{i}"), "p")).collect();
+        for p in [1u8, 5, 10, 25, 50] {
+            let t = threshold_for(p, ranks.clone());
+            let n = ranks.iter().filter(|r| **r <= t).count();
+            assert_eq!(n, usize::from(p) * 10, "{p}%");
+        }
+        let few = vec![rank("a", "p"), rank("b", "p"), rank("c", "p")];
+        let t = threshold_for(5, few.clone());
+        assert_eq!(few.iter().filter(|r| **r <= t).count(), 1, "never none while p > 0");
+        assert_eq!(threshold_for(100, few), u64::MAX);
+        assert_eq!(rank("a", "p"), rank("a", "p"), "stable");
+    }
+}
