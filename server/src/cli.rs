@@ -72,10 +72,10 @@ pub enum Command {
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct AdminClientArgs {
     /// A file holding the admin bearer token (the server's --admin-token-file).
-    #[arg(long, env = "FILTERPLANE_TOKEN_FILE")]
+    #[arg(long, global = true, env = "FILTERPLANE_TOKEN_FILE")]
     pub token_file: Option<PathBuf>,
     /// CA certificates (PEM) to trust for an https:// admin address, besides the system's.
-    #[arg(long, env = "FILTERPLANE_ADMIN_CA")]
+    #[arg(long, global = true, env = "FILTERPLANE_ADMIN_CA")]
     pub ca_file: Option<PathBuf>,
 }
 

@@ -23,11 +23,16 @@ type Reply<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send +
 /// returns who got one (the step's proxies: the others are sent nothing).
 async fn answered(
     proxies: &mut [(String, SotwClient, String)],
-    reply: impl for<'a> Fn(&'a SotwClient, filterplane_api::envoy_types::pb::envoy::service::discovery::v3::DiscoveryResponse) -> Reply<'a>,
+    reply: impl for<'a> Fn(
+        &'a SotwClient,
+        filterplane_api::envoy_types::pb::envoy::service::discovery::v3::DiscoveryResponse,
+    ) -> Reply<'a>,
 ) -> Vec<String> {
     let window = std::time::Duration::from_millis(500);
     let got = futures_util::future::join_all(
-        proxies.iter_mut().map(|(id, c, _)| async move { (id.clone(), tokio::time::timeout(window, c.recv()).await.ok()) }),
+        proxies
+            .iter_mut()
+            .map(|(id, c, _)| async move { (id.clone(), tokio::time::timeout(window, c.recv()).await.ok()) }),
     )
     .await;
     let mut who = Vec::new();
@@ -66,14 +71,21 @@ async fn a_step_reaches_its_share_then_everyone() {
     plane.wait_for("the first step", |p| p.api("/api/v1/rollouts")["rollouts"][0]["on_new"] == 3).await;
     let view = plane.api("/api/v1/rollouts");
     assert_eq!(view["rollouts"][0]["percent"], 50, "{view}");
-    let first = answered(&mut proxies, |c, r| Box::pin(async move { c.request(ECDS, &["a"], &r.version_info, &r.nonce).await })).await;
+    let first = answered(&mut proxies, |c, r| {
+        Box::pin(async move { c.request(ECDS, &["a"], &r.version_info, &r.nonce).await })
+    })
+    .await;
     assert_eq!(first.len(), 3, "exactly the step's share: {first:?}");
     // After the bake with every member ACKed, the rest follow; once they ACK, it is done.
     for (id, c, v) in proxies.iter_mut().filter(|(id, _, _)| !first.contains(id)) {
         let r = c.recv_ack(&["a"]).await;
         assert_ne!(r.version_info, *v, "{id} moves to v2 at the last step");
     }
-    plane.wait_for("the rollout to complete", |p| p.api("/api/v1/rollouts")["rollouts"].as_array().is_some_and(|a| a.is_empty())).await;
+    plane
+        .wait_for("the rollout to complete", |p| {
+            p.api("/api/v1/rollouts")["rollouts"].as_array().is_some_and(|a| a.is_empty())
+        })
+        .await;
     let history = plane.api("/api/v1/rollouts")["history"].clone();
     assert_eq!(history[0]["outcome"], "completed", "{history}");
     assert!(plane.metric("filterplane_rollouts_total{outcome=\"completed\"}") >= 1.0);
@@ -112,10 +124,17 @@ async fn a_nack_rolls_the_step_back_and_nobody_else_sees_it() {
             let r = c.recv_ack(&["a"]).await;
             assert_eq!(r.version_info, v1, "{id} is back on v1");
         } else {
-            assert!(tokio::time::timeout(std::time::Duration::from_millis(300), c.recv()).await.is_err(), "{id} got nothing");
+            assert!(
+                tokio::time::timeout(std::time::Duration::from_millis(300), c.recv()).await.is_err(),
+                "{id} got nothing"
+            );
         }
     }
     // Failed until the entry is edited again: an edit back to v1 ends it at once.
     std::fs::write(plane.config_path(), with_rollout("v1", spec)).unwrap();
-    plane.wait_for("the rollout to end", |p| p.api("/api/v1/rollouts")["rollouts"].as_array().is_some_and(|a| a.is_empty())).await;
+    plane
+        .wait_for("the rollout to end", |p| {
+            p.api("/api/v1/rollouts")["rollouts"].as_array().is_some_and(|a| a.is_empty())
+        })
+        .await;
 }

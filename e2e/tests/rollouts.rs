@@ -1,0 +1,200 @@
+//! Progressive rollouts with ten real Envoys on the quickstart config: the first step's
+//! proxies only, then all; a version Envoy refuses rolled back (or halted) with only the
+//! step's proxies ever seeing it; pause, resume, promote, abort through the CLI with the
+//! token; a restart mid-rollout resumes without any proxy changing version.
+
+use std::{fs, process::Command, time::Duration};
+
+use filterplane_e2e::{
+    example_bootstrap, filterplane_bin, free_port,
+    quickstart::{yaml_envoy_refuses, yaml_with, STAT},
+    wait_until, Envoy, EnvoyPorts, Filterplane,
+};
+use serde_json::Value;
+
+const WAIT: Duration = Duration::from_secs(30);
+const PROXIES: usize = 10;
+
+fn with_rollout(yaml: &str, rollout: &str) -> String {
+    format!("{yaml}\nrollout: {rollout}\n")
+}
+
+struct Fleet {
+    fp: Filterplane,
+    envoys: Vec<Envoy>,
+    yaml: std::path::PathBuf,
+    token: std::path::PathBuf,
+    dir: tempfile::TempDir,
+}
+
+impl Fleet {
+    fn headers(&self) -> Vec<Option<String>> {
+        self.envoys.iter().map(|e| e.get("/").and_then(|r| r.header("x-plugin").map(str::to_owned))).collect()
+    }
+
+    fn count(&self, value: &str) -> usize {
+        self.headers().iter().filter(|h| h.as_deref() == Some(value)).count()
+    }
+
+    fn wait_count(&self, value: &str, n: usize) {
+        wait_until(&format!("{n} Envoys answering x-plugin: {value}"), WAIT, || (self.count(value) == n).then_some(()));
+    }
+
+    fn write(&self, text: &str) {
+        fs::write(&self.yaml, text).unwrap();
+    }
+
+    fn rollout(&self) -> Value {
+        self.fp.api("/api/v1/rollouts")
+    }
+
+    fn wait_rollout(&self, what: &str, f: impl Fn(&Value) -> bool) -> Value {
+        wait_until(what, WAIT, || {
+            let v = self.rollout();
+            f(&v).then_some(v)
+        })
+    }
+
+    fn cli(&self, args: &[&str], token: bool) -> (bool, String) {
+        let mut cmd = Command::new(filterplane_bin());
+        cmd.args(["rollout"]).args(args).args(["--admin", &self.fp.url("")]);
+        if token {
+            cmd.arg("--token-file").arg(&self.token);
+        }
+        let out = cmd.output().unwrap();
+        (
+            out.status.success(),
+            format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
+        )
+    }
+
+    fn rejected(&self) -> Vec<u64> {
+        self.envoys.iter().map(|e| e.stat(&format!("{STAT}.update_rejected")).unwrap_or(0)).collect()
+    }
+
+    fn successes(&self) -> Vec<u64> {
+        self.envoys.iter().map(|e| e.stat(&format!("{STAT}.update_success")).unwrap_or(0)).collect()
+    }
+}
+
+fn start(rollout: &str) -> Fleet {
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = dir.path().join("filterplane.yaml");
+    fs::write(&yaml, with_rollout(&yaml_with("v1"), rollout)).unwrap();
+    let token = dir.path().join("token");
+    fs::write(&token, "rollout-token\n").unwrap();
+    let mut fp = Filterplane::start_with_args(
+        &yaml,
+        dir.path(),
+        free_port(),
+        free_port(),
+        &["--admin-token-file", token.to_str().unwrap()],
+    );
+    fp.token = Some("rollout-token".into());
+    let envoys = (0..PROXIES)
+        .map(|i| {
+            let ports = EnvoyPorts::new(fp.xds_port);
+            let node = format!("fleet-{i}");
+            Envoy::start(&example_bootstrap("quickstart/envoy.yaml", ports, &node), ports, dir.path(), &node)
+        })
+        .collect();
+    let fleet = Fleet { fp, envoys, yaml, token, dir };
+    fleet.wait_count("v1", PROXIES);
+    fleet
+}
+
+#[test]
+fn ten_envoys_step_by_step_rollback_halt_and_operator_actions() {
+    let spec = "{ steps: [10, 100], bake: 3s, ack_timeout: 20s, on_failure: rollback }";
+    let f = start(spec);
+
+    // v2: one Envoy (10 % of 10) first, the others after the bake.
+    f.write(&with_rollout(&yaml_with("v2"), spec));
+    let v = f.wait_rollout("the first step ACKed", |v| v["rollouts"][0]["acked"] == 1);
+    assert_eq!((v["rollouts"][0]["percent"].clone(), v["rollouts"][0]["on_new"].clone()), (10.into(), 1.into()), "{v}");
+    assert_eq!((f.count("v2"), f.count("v1")), (1, PROXIES - 1), "during the first step only its proxy runs v2");
+    f.wait_count("v2", PROXIES);
+    let v = f.wait_rollout("the rollout to complete", |v| v["rollouts"].as_array().is_some_and(|a| a.is_empty()));
+    assert_eq!(v["history"][0]["outcome"], "completed");
+
+    // A version every Envoy refuses: only the step's proxy ever receives it; rolled back.
+    let before = f.rejected();
+    let nack_started = std::time::Instant::now();
+    f.write(&with_rollout(&yaml_envoy_refuses(1024), spec));
+    let v = f.wait_rollout("the rollback", |v| v["rollouts"][0]["status"] == "failed");
+    let rollback_took = nack_started.elapsed();
+    let r = &v["rollouts"][0];
+    assert_eq!(r["percent"], 0, "{v}");
+    assert!(r["reason"].as_str().unwrap().contains("rolled back"), "{v}");
+    assert!(r["failures"][0]["message"].as_str().unwrap().contains("Buffer"), "Envoy's own message: {v}");
+    let after = f.rejected();
+    let saw: Vec<usize> = (0..PROXIES).filter(|i| after[*i] > before[*i]).collect();
+    assert_eq!(saw.len(), 1, "only the first step's proxy ever received it: {saw:?}");
+    assert_eq!(f.count("v2"), PROXIES, "everyone still runs v2");
+    println!("refused version: write -> rolled back: {} ms", rollback_took.as_millis());
+    assert_eq!(v["history"][0]["outcome"], "rolled_back");
+
+    // The same with halt: the step keeps what it has (Envoy kept v2), nobody else gets it.
+    let halt = spec.replace("rollback", "halt");
+    let rolled_back = r["new_version"].clone();
+    f.write(&with_rollout(&yaml_envoy_refuses(2048), &halt));
+    let v = f.wait_rollout("the halt", |v| {
+        v["rollouts"][0]["status"] == "failed" && v["rollouts"][0]["new_version"] != rolled_back
+    });
+    assert_eq!(v["rollouts"][0]["percent"], 10, "halted where it was: {v}");
+    assert_eq!(v["history"][0]["outcome"], "halted");
+    let halted = f.rejected();
+    assert_eq!((0..PROXIES).filter(|i| halted[*i] > after[*i]).count(), 1);
+
+    // Back to v2, the last completed version: over at once.
+    f.write(&with_rollout(&yaml_with("v2"), spec));
+    f.wait_rollout("the revert", |v| v["rollouts"].as_array().is_some_and(|a| a.is_empty()));
+
+    // Operators: pause, resume, promote, abort; the token is required.
+    let slow = "{ steps: [10, 100], bake: 10m, ack_timeout: 20s }";
+    f.write(&with_rollout(&yaml_with("v3"), slow));
+    f.wait_rollout("v3's first step", |v| v["rollouts"][0]["acked"] == 1);
+    let (ok, out) = f.cli(&["pause", "add-header"], false);
+    assert!(!ok && out.contains("--token-file"), "{out}");
+    let (ok, out) = f.cli(&["pause", "add-header"], true);
+    assert!(ok, "{out}");
+    assert_eq!(f.rollout()["rollouts"][0]["status"], "paused");
+    let (ok, out) = f.cli(&["status"], true);
+    assert!(ok && out.contains("add-header  PAUSED  step 1/2 (10%"), "{out}");
+    let (ok, out) = f.cli(&["resume", "add-header"], true);
+    assert!(ok, "{out}");
+    let (ok, out) = f.cli(&["promote", "add-header"], true);
+    assert!(ok, "{out}");
+    f.wait_count("v3", PROXIES);
+    assert_eq!(f.rollout()["history"][0]["outcome"], "promoted");
+
+    f.write(&with_rollout(&yaml_with("v4"), slow));
+    f.wait_rollout("v4's first step", |v| v["rollouts"][0]["acked"] == 1);
+    assert_eq!(f.count("v4"), 1);
+    let (ok, out) = f.cli(&["abort", "add-header"], true);
+    assert!(ok, "{out}");
+    f.wait_count("v3", PROXIES);
+    let v = f.rollout();
+    assert_eq!(
+        (v["rollouts"][0]["status"].clone(), v["history"][0]["outcome"].clone()),
+        ("failed".into(), "aborted".into()),
+        "{v}"
+    );
+
+    // A restart mid-rollout: the same step, and no proxy changes version.
+    f.write(&with_rollout(&yaml_with("v5"), slow));
+    f.wait_rollout("v5's first step", |v| v["rollouts"][0]["acked"] == 1);
+    let headers = f.headers();
+    let successes = f.successes();
+    let mut f = f;
+    f.fp.restart();
+    f.wait_rollout("the proxies back after the restart", |v| {
+        v["rollouts"][0]["matching_proxies"] == PROXIES && v["rollouts"][0]["acked"] == 1
+    });
+    let v = f.rollout();
+    assert_eq!(v["rollouts"][0]["percent"], 10, "the same step: {v}");
+    assert_eq!(f.headers(), headers, "no proxy changed version across the restart");
+    assert_eq!(f.successes(), successes, "and none was sent anything new");
+    assert!(f.fp.metric(r#"filterplane_rollout_step{name="add-header"}"#) == Some(10.0));
+    drop(f.dir);
+}
