@@ -198,3 +198,66 @@ fn ten_envoys_step_by_step_rollback_halt_and_operator_actions() {
     assert!(f.fp.metric(r#"filterplane_rollout_step{name="add-header"}"#) == Some(10.0));
     drop(f.dir);
 }
+
+/// A thousand simulated proxies (xds-loadgen's engine, SotW, one connection each) through
+/// `steps: [5, 25, 100]`: each step's share of the fleet, measured from the rollout view.
+#[test]
+fn a_thousand_proxies_step_by_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = dir.path().join("filterplane.yaml");
+    let spec = "{ steps: [5, 25, 100], bake: 2s, ack_timeout: 60s }";
+    fs::write(&yaml, with_rollout(&yaml_with("v1"), spec)).unwrap();
+    let fp = Filterplane::start_with_args(&yaml, dir.path(), free_port(), free_port(), &[]);
+    let load = filterplane_bench::LoadSpec {
+        server: format!("http://127.0.0.1:{}", fp.xds_port),
+        streams: 1000,
+        mode: filterplane_bench::Mode::Sotw,
+        ecds: vec!["add-header".into()],
+        wildcard_lds_cds: false,
+        nack: None,
+        multiplex: 1,
+        node_prefix: "sim".into(),
+        cluster: "sim".into(),
+        metadata: vec![],
+        ramp_per_sec: 2000.0,
+        change: Some(filterplane_bench::Change {
+            file: yaml.clone(),
+            from: "value: v1".into(),
+            to: "value: v2".into(),
+        }),
+        admin: None,
+        timeout: Duration::from_secs(120),
+        server_pid: None,
+    };
+    let loadgen = std::thread::spawn(move || {
+        tokio::runtime::Runtime::new().unwrap().block_on(filterplane_bench::run(load)).map_err(|e| e.to_string())
+    });
+    // Each step's proxies on the new version, as the rollout view counts them.
+    let mut seen: std::collections::BTreeMap<u64, (u64, u64)> = Default::default();
+    while !loadgen.is_finished() {
+        let v = fp.api("/api/v1/rollouts");
+        if let Some(r) = v["rollouts"].as_array().and_then(|a| a.first()) {
+            let (p, on, of) = (
+                r["percent"].as_u64().unwrap_or(0),
+                r["on_new"].as_u64().unwrap_or(0),
+                r["matching_proxies"].as_u64().unwrap_or(0),
+            );
+            let e = seen.entry(p).or_default();
+            *e = (e.0.max(on), e.1.max(of));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let report = loadgen.join().unwrap().unwrap();
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    println!("1,000 proxies, steps [5, 25, 100]: on the new version at each step (of matching): {seen:?}");
+    for (p, (on, of)) in seen.iter().filter(|(p, _)| **p < 100) {
+        assert_eq!(*of, 1000, "every proxy matched");
+        let share = *on as f64 / *of as f64 * 100.0;
+        assert!((share - *p as f64).abs() <= 2.0, "step {p}%: {on} of {of} ({share:.1}%)");
+    }
+    assert!(seen.contains_key(&5) && seen.contains_key(&25), "{seen:?}");
+    // The last step still bakes after every proxy has v2.
+    wait_until("the rollout to complete", WAIT, || {
+        (fp.api("/api/v1/rollouts")["history"][0]["outcome"] == "completed").then_some(())
+    });
+}
