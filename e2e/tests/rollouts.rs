@@ -133,6 +133,15 @@ fn ten_envoys_step_by_step_rollback_halt_and_operator_actions() {
     assert_eq!(f.count("v2"), PROXIES, "everyone still runs v2");
     println!("refused version: write -> rolled back: {} ms", rollback_took.as_millis());
     assert_eq!(v["history"][0]["outcome"], "rolled_back");
+    // The page shows it, Envoy's message included.
+    let browser = filterplane_e2e::browser::Browser::start(f.dir.path());
+    browser.goto(&f.fp.url("/"));
+    browser.eval("document.getElementById('token').value = 'rollout-token'; document.getElementById('sign-in').click(); return true;");
+    wait_until("the page to show the failed rollout", WAIT, || {
+        let t = browser.text("#rollouts");
+        (t.contains("add-header") && t.contains("failed") && t.contains("Buffer")).then_some(())
+    });
+    assert!(browser.text("#rollout-history").contains("rolled_back"));
 
     // The same with halt: the step keeps what it has (Envoy kept v2), nobody else gets it.
     let halt = spec.replace("rollback", "halt");

@@ -177,3 +177,18 @@ async fn with_a_token_only_probes_and_public_metrics_are_open() {
         assert_eq!(get(app(s.clone()), &format!("/modules/{}", "0".repeat(64))).await.0, StatusCode::NOT_FOUND);
     }
 }
+
+#[tokio::test]
+async fn rollout_actions_need_a_configured_token() {
+    let (s, _dir) = state(GOOD);
+    s.reloader.reload("test").await;
+    let req = Request::post("/api/v1/rollouts/a/pause").body(Body::empty()).unwrap();
+    let res = app(s.clone()).oneshot(req).await.unwrap();
+    assert_eq!(res.status(), StatusCode::FORBIDDEN);
+    let body = String::from_utf8_lossy(&res.into_body().collect().await.unwrap().to_bytes()).into_owned();
+    assert!(body.contains("--admin-token-file"), "{body}");
+    // Reading stays open.
+    let (code, body) = get(app(s), "/api/v1/rollouts").await;
+    assert_eq!(code, StatusCode::OK);
+    assert_eq!(body, r#"{"rollouts":[],"history":[]}"#);
+}
