@@ -65,6 +65,9 @@ pub enum Command {
         /// A YAML file, or a directory whose *.yaml / *.yml files are merged.
         #[arg(long, short)]
         config: PathBuf,
+        /// Have this Envoy binary check the resources too (`--mode validate`).
+        #[arg(long)]
+        preflight_envoy: Option<PathBuf>,
     },
 }
 
@@ -140,6 +143,13 @@ pub struct ServeArgs {
     pub wasm: WasmArgs,
     #[command(flatten)]
     pub security: SecurityArgs,
+    /// An Envoy binary that checks every new or changed resource in `--mode validate`
+    /// before any proxy gets it; what it refuses is a refused reload with its message.
+    #[arg(long, env = "FILTERPLANE_PREFLIGHT_ENVOY")]
+    pub preflight_envoy: Option<PathBuf>,
+    /// Seconds one pre-flight Envoy run may take.
+    #[arg(long, default_value_t = 10)]
+    pub preflight_timeout_secs: u64,
     /// Where rollout state is kept across restarts (an embedded database). Default:
     /// `state` in the module cache directory.
     #[arg(long, env = "FILTERPLANE_STATE_DIR")]

@@ -8,6 +8,7 @@ pub mod identity;
 pub mod limits;
 pub mod metrics;
 pub mod ports;
+pub mod preflight;
 pub mod reload;
 pub mod rollout;
 pub mod secret;
@@ -221,7 +222,14 @@ pub async fn serve_on(
         ConfigReloader::new(config.clone(), cache.clone(), metrics.clone())
             .with_wasm(wasm)
             .with_removal_guard(args.max_removal_percent)
-            .with_max_config_bytes(args.max_config_bytes),
+            .with_max_config_bytes(args.max_config_bytes)
+            .with_preflight(args.preflight_envoy.clone().map(|envoy| {
+                Arc::new(preflight::Preflight::new(
+                    envoy,
+                    std::time::Duration::from_secs(args.preflight_timeout_secs),
+                    args.wasm.wasm_module_cluster.clone(),
+                ))
+            })),
     );
     let xds_listening = Arc::new(AtomicBool::new(false));
     let tasks = TaskTracker::new();
@@ -375,9 +383,29 @@ pub async fn serve_on(
     result.map(|_| ())
 }
 
-/// `filterplane validate`: prints every error; true when the config is valid.
-pub fn validate(path: &std::path::Path) -> bool {
-    match filterplane_config::load(path) {
+/// `filterplane validate`: prints every error; true when the config is valid. With
+/// `preflight_envoy`, that Envoy checks the resources too (Wasm plugins are not fetched,
+/// so their configs are not among them).
+pub fn validate(path: &std::path::Path, preflight_envoy: Option<&std::path::Path>) -> bool {
+    let loaded = filterplane_config::load(path);
+    let loaded = match (loaded, preflight_envoy) {
+        (Ok(config), Some(envoy)) => {
+            let p = Arc::new(preflight::Preflight::new(
+                envoy.to_path_buf(),
+                std::time::Duration::from_secs(30),
+                "filterplane_modules".into(),
+            ));
+            match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(rt) => rt.block_on(p.check(&config)).map(|()| config),
+                Err(e) => {
+                    eprintln!("cannot start the runtime: {e}");
+                    return false;
+                }
+            }
+        }
+        (other, _) => other,
+    };
+    match loaded {
         Ok(c) => {
             println!(
                 "{}: valid, {} resource(s), {} Wasm plugin(s) (modules are fetched by serve), version {}",

@@ -15,8 +15,8 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     match cli.command {
-        Command::Validate { config } => {
-            if filterplane_server::validate(&config) {
+        Command::Validate { config, preflight_envoy } => {
+            if filterplane_server::validate(&config, preflight_envoy.as_deref()) {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::FAILURE

@@ -104,6 +104,8 @@ pub struct ConfigReloader {
     max_removal_percent: u8,
     /// Largest config file read.
     max_config_bytes: u64,
+    /// `--preflight-envoy`: a real Envoy checks what changed before it is served.
+    preflight: Option<Arc<crate::preflight::Preflight>>,
 }
 
 impl ConfigReloader {
@@ -126,7 +128,14 @@ impl ConfigReloader {
             status: watch::Sender::new(status),
             max_removal_percent: 100,
             max_config_bytes: filterplane_config::load::MAX_FILE_BYTES,
+            preflight: None,
         }
+    }
+
+    /// Has a real Envoy validate what changed before it is served.
+    pub fn with_preflight(mut self, preflight: Option<Arc<crate::preflight::Preflight>>) -> Self {
+        self.preflight = preflight;
+        self
     }
 
     /// Reads no config file larger than `bytes`.
@@ -214,6 +223,15 @@ impl ConfigReloader {
                 path: "wasm_plugins".into(),
                 message: "this server was started without Wasm support".into(),
             }])),
+            (other, _) => other,
+        };
+        let result = match (result, &self.preflight) {
+            (Ok(config), Some(p)) => {
+                let checked = std::time::Instant::now();
+                let verdict = p.check(&config).await;
+                tracing::debug!(ms = checked.elapsed().as_secs_f64() * 1e3, "pre-flight validation");
+                verdict.map(|()| config)
+            }
             (other, _) => other,
         };
         let elapsed = started.elapsed();
