@@ -76,8 +76,11 @@ pub struct Generation {
     pub plan: Plan,
     /// Per plan entry: the index of its resource in `config.resources`, and the last
     /// completed version as served (`None`: the others do not get the entry).
-    planned: Vec<(u32, Option<(Arc<CompiledResource>, Arc<ServedResource>)>)>,
+    planned: Vec<(u32, Option<OldVersion>)>,
 }
+
+/// An entry's last completed version, as compiled and as served.
+type OldVersion = (Arc<CompiledResource>, Arc<ServedResource>);
 
 /// The group key's mark for an entry a node gets the last completed version of.
 const ON_OLD: u32 = 0x8000_0000;
@@ -111,7 +114,7 @@ impl Generation {
             .filter(|(_, r)| !r.selector.is_empty())
             .map(|(i, _)| i as u32)
             .collect();
-        let mut planned: Vec<(u32, Option<(Arc<CompiledResource>, Arc<ServedResource>)>)> = plan
+        let mut planned: Vec<(u32, Option<OldVersion>)> = plan
             .entries
             .iter()
             .filter_map(|e| {

@@ -527,7 +527,7 @@ impl Rollouts {
                     }
                     seen.push(p.node_id());
                     matching += 1;
-                    if !a.threshold.is_some_and(|t| rank(p.node_id(), &e.name) <= t) {
+                    if !e_gets_new(a, p.node_id(), &e.name) {
                         continue;
                     }
                     members += 1;
@@ -583,6 +583,10 @@ impl Rollouts {
             }
         }
     }
+}
+
+fn e_gets_new(a: &Active, node_id: &str, name: &str) -> bool {
+    a.threshold.is_some_and(|t| rank(node_id, name) <= t)
 }
 
 fn e_name(k: &str) -> &str {
