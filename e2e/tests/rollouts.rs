@@ -105,7 +105,7 @@ fn start(rollout: &str) -> Fleet {
 
 #[test]
 fn ten_envoys_step_by_step_rollback_halt_and_operator_actions() {
-    let spec = "{ steps: [10, 100], bake: 3s, ack_timeout: 20s, on_failure: rollback }";
+    let spec = "{ steps: [10, 100], bake: 5s, ack_timeout: 20s, on_failure: rollback }";
     let f = start(spec);
 
     // v2: one Envoy (10 % of 10) first, the others after the bake.
