@@ -352,6 +352,11 @@ pub struct AcceptSettings {
     pub cap_limit: &'static str,
 }
 
+/// TLS handshakes in progress at once, per port: more connections wait in the kernel's
+/// accept queue, so a flood of clients that never finish one cannot hold every file
+/// descriptor for the handshake timeout.
+pub const MAX_HANDSHAKES: usize = 1024;
+
 /// Accepts on `listener` until `shutdown`, handshakes each connection in its own task,
 /// and hands finished ones to the returned channel.
 pub fn accept_loop(
@@ -361,8 +366,17 @@ pub fn accept_loop(
     shutdown: CancellationToken,
 ) -> mpsc::Receiver<Accepted> {
     let (tx, rx) = mpsc::channel(64);
+    let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
     tokio::spawn(async move {
         loop {
+            // A slot for the next handshake before the next accept.
+            let slot = match &settings.tls {
+                Some(_) => match handshakes.clone().acquire_owned().await {
+                    Ok(s) => Some(s),
+                    Err(_) => return,
+                },
+                None => None,
+            };
             let accepted = tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tx.closed() => return,
@@ -405,6 +419,7 @@ pub fn accept_loop(
                     let (tx, metrics, port, timeout) =
                         (tx.clone(), metrics.clone(), settings.port, settings.handshake_timeout);
                     tokio::spawn(async move {
+                        let _slot = slot;
                         match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
                             Ok(Ok(stream)) => {
                                 let _ = tx.send(Accepted { io: MaybeTls::Tls(Box::new(stream)), addr, permit }).await;

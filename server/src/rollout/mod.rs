@@ -250,10 +250,10 @@ impl Rollouts {
         let mut inner = self.lock();
         let first = !inner.initialized;
         inner.initialized = true;
-        let mut seen = Vec::new();
+        let mut seen = std::collections::HashSet::new();
         for r in config.resources.iter().filter(|r| r.resource_type == ResourceType::ExtensionConfig) {
             let k = key(&r.name, &r.selector);
-            seen.push(k.clone());
+            seen.insert(k.clone());
             let version = r.version.to_string();
             let state = inner.entries.entry(k.clone()).or_insert_with(|| EntryState {
                 name: r.name.clone(),
@@ -307,8 +307,7 @@ impl Rollouts {
             }
         }
         inner.entries.retain(|k, _| seen.contains(k));
-        let keep: Vec<String> = inner.entries.keys().cloned().collect();
-        inner.old.retain(|k, _| keep.contains(k));
+        inner.old.retain(|k, _| seen.contains(k));
         self.persist(&inner);
         plan_of(&inner)
     }
@@ -497,7 +496,7 @@ impl Rollouts {
                     }
                 }
             }
-            tracing::info!(entry = %name, action, "rollout action");
+            tracing::info!(entry = ?name, action, "rollout action");
         }
         self.persist(&inner);
         Ok(keys.len())
