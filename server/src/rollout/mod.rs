@@ -111,6 +111,17 @@ pub struct Active {
     pub reason: Option<String>,
 }
 
+impl Active {
+    /// The current step's percent (a spec edited to fewer steps ends at 100).
+    fn percent(&self) -> u8 {
+        self.spec.steps.get(self.step).copied().unwrap_or(100)
+    }
+
+    fn last_step(&self) -> bool {
+        self.step + 1 >= self.spec.steps.len()
+    }
+}
+
 /// One entry's rollout state.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EntryState {
@@ -205,10 +216,7 @@ impl Rollouts {
 
     fn update_metrics(&self, inner: &Inner) {
         for e in inner.entries.values() {
-            let percent = e.active.as_ref().map_or(100, |a| match (a.status, a.threshold) {
-                (_, None) => 0,
-                _ => a.spec.steps[a.step.min(a.spec.steps.len() - 1)],
-            });
+            let percent = e.active.as_ref().map_or(100, |a| if a.threshold.is_none() { 0 } else { a.percent() });
             self.metrics
                 .rollout_step
                 .get_or_create(&crate::metrics::NameLabel { name: e.name.clone() })
@@ -281,7 +289,9 @@ impl Rollouts {
                 }
             } else if new_of_active.as_deref() == Some(version.as_str()) {
                 if let Some(a) = inner.entries.get_mut(&k).and_then(|e| e.active.as_mut()) {
+                    // Same version, new settings: stay at the step, within the new steps.
                     a.spec = spec.clone();
+                    a.step = a.step.min(a.spec.steps.len().saturating_sub(1));
                 }
             } else {
                 if new_of_active.is_some() {
@@ -348,7 +358,7 @@ impl Rollouts {
                     matching.push((p, rank(p.node_id(), &e.name)));
                 }
             }
-            let percent = a.spec.steps[a.step];
+            let percent = a.percent();
             let threshold = match a.threshold {
                 Some(t) => t,
                 None => {
@@ -400,15 +410,15 @@ impl Rollouts {
             }
             let baked = now.saturating_sub(a.step_started_ms) >= a.spec.bake.as_millis() as u64;
             if waiting == 0 && baked {
-                if a.step + 1 >= a.spec.steps.len() {
+                if a.last_step() {
                     self.finish(&mut inner, &k, "completed");
                 } else if let Some(active) = inner.entries.get_mut(&k).and_then(|e| e.active.as_mut()) {
                     active.step += 1;
                     active.threshold =
-                        Some(threshold_for(active.spec.steps[active.step], matching.iter().map(|(_, r)| *r).collect()));
+                        Some(threshold_for(active.percent(), matching.iter().map(|(_, r)| *r).collect()));
                     active.step_started_ms = now;
                     active.failures = failures;
-                    tracing::info!(entry = %e_name(&k), percent = active.spec.steps[active.step], "rollout step");
+                    tracing::info!(entry = %e_name(&k), percent = active.percent(), "rollout step");
                 }
                 changed = true;
             } else if let Some(active) = inner.entries.get_mut(&k).and_then(|e| e.active.as_mut()) {
@@ -543,7 +553,7 @@ impl Rollouts {
                     status: a.status,
                     steps: a.spec.steps.clone(),
                     step: a.step,
-                    percent: if a.threshold.is_none() { 0 } else { a.spec.steps[a.step] },
+                    percent: if a.threshold.is_none() { 0 } else { a.percent() },
                     new_version: a.new.version.clone(),
                     last_completed_version: e.last_completed.as_ref().map(|l| l.version.clone()),
                     started_at: rfc3339(a.started_ms),
