@@ -353,8 +353,9 @@ impl Rollouts {
             }
             // Proxies this entry is for (one per node id), with their rank.
             let mut matching: Vec<(&crate::tracker::ProxyStatus, u64)> = Vec::new();
+            let mut seen = std::collections::HashSet::new();
             for p in &proxies {
-                if e.selector.matches(p.facts()) && !matching.iter().any(|(q, _)| q.node_id() == p.node_id()) {
+                if e.selector.matches(p.facts()) && seen.insert(p.node_id()) {
                     matching.push((p, rank(p.node_id(), &e.name)));
                 }
             }
@@ -414,8 +415,9 @@ impl Rollouts {
                     self.finish(&mut inner, &k, "completed");
                 } else if let Some(active) = inner.entries.get_mut(&k).and_then(|e| e.active.as_mut()) {
                     active.step += 1;
-                    active.threshold =
-                        Some(threshold_for(active.percent(), matching.iter().map(|(_, r)| *r).collect()));
+                    // Never below the last step's: a proxy on the new version stays on it.
+                    let next = threshold_for(active.percent(), matching.iter().map(|(_, r)| *r).collect());
+                    active.threshold = Some(next.max(threshold));
                     active.step_started_ms = now;
                     active.failures = failures;
                     tracing::info!(entry = %e_name(&k), percent = active.percent(), "rollout step");
@@ -529,12 +531,11 @@ impl Rollouts {
             .filter_map(|e| {
                 let a = e.active.as_ref()?;
                 let (mut members, mut acked, mut nacked, mut matching) = (0, 0, 0, 0);
-                let mut seen: Vec<&str> = Vec::new();
+                let mut seen = std::collections::HashSet::new();
                 for p in &proxies {
-                    if !e.selector.matches(p.facts()) || seen.contains(&p.node_id()) {
+                    if !e.selector.matches(p.facts()) || !seen.insert(p.node_id()) {
                         continue;
                     }
-                    seen.push(p.node_id());
                     matching += 1;
                     if !e_gets_new(a, p.node_id(), &e.name) {
                         continue;
