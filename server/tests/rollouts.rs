@@ -138,3 +138,34 @@ async fn a_nack_rolls_the_step_back_and_nobody_else_sees_it() {
         })
         .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delta_streams_get_the_step_s_share_too() {
+    let plane = Plane::start(&[("a", "v1")]).await;
+    let spec = "{ steps: [50, 100], bake: 60s }";
+    std::fs::write(plane.config_path(), with_rollout("v1", spec)).unwrap();
+    plane.wait_for("the rollout spec", |p| p.api("/api/v1/config")["last_outcome"]["result"] == "applied").await;
+    let mut streams = Vec::new();
+    for i in 0..6 {
+        let mut c = DeltaClient::connect(&plane, &format!("delta-{i}")).await;
+        c.send(ECDS, Delta { subscribe: &["a"], ..Default::default() }).await;
+        let r = c.recv_ack().await;
+        assert_eq!(delta_names(&r), ["a"]);
+        streams.push((c, r.resources[0].version.clone()));
+    }
+    std::fs::write(plane.config_path(), with_rollout("v2", spec)).unwrap();
+    plane.wait_for("the first step", |p| p.api("/api/v1/rollouts")["rollouts"][0]["on_new"] == 3).await;
+    let window = std::time::Duration::from_millis(500);
+    let got = futures_util::future::join_all(
+        streams.iter_mut().map(|(c, _)| async move { tokio::time::timeout(window, c.recv_ack()).await.ok() }),
+    )
+    .await;
+    let updated: Vec<_> = got.iter().flatten().collect();
+    assert_eq!(updated.len(), 3, "half of six");
+    for (r, (_, v1)) in got.iter().zip(&streams) {
+        if let Some(r) = r {
+            assert_ne!(&r.resources[0].version, v1, "a step's proxy gets the new version");
+        }
+    }
+    plane.wait_for("every step proxy ACKed", |p| p.api("/api/v1/rollouts")["rollouts"][0]["acked"] == 3).await;
+}
