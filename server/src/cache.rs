@@ -74,9 +74,10 @@ pub struct Generation {
     /// Rollouts in progress: which proxies get an entry's new version, and what the
     /// others get.
     pub plan: Plan,
-    /// Per plan entry: the index of its resource in `config.resources`, and the last
-    /// completed version as served (`None`: the others do not get the entry).
-    planned: Vec<(u32, Option<OldVersion>)>,
+    /// Per plan entry, by resource index: the index of its resource in
+    /// `config.resources`, of the entry in `plan.entries`, and the last completed version
+    /// as served (`None`: the others do not get the entry).
+    planned: Vec<(u32, usize, Option<OldVersion>)>,
 }
 
 /// An entry's last completed version, as compiled and as served.
@@ -114,10 +115,11 @@ impl Generation {
             .filter(|(_, r)| !r.selector.is_empty())
             .map(|(i, _)| i as u32)
             .collect();
-        let mut planned: Vec<(u32, Option<OldVersion>)> = plan
+        let mut planned: Vec<(u32, usize, Option<OldVersion>)> = plan
             .entries
             .iter()
-            .filter_map(|e| {
+            .enumerate()
+            .filter_map(|(at, e)| {
                 let i = config.resources.iter().position(|r| {
                     r.resource_type == ResourceType::ExtensionConfig && r.name == e.name && r.selector == e.selector
                 })?;
@@ -130,10 +132,10 @@ impl Generation {
                     });
                     (o, served)
                 });
-                Some((i as u32, old))
+                Some((i as u32, at, old))
             })
             .collect();
-        planned.sort_by_key(|(i, _)| *i);
+        planned.sort_by_key(|(i, _, _)| *i);
         Self { config, served, selective, groups: DashMap::new(), sensitive: Default::default(), plan, planned }
     }
 
@@ -180,9 +182,8 @@ impl Generation {
         // Entries in a rollout whose new version this node does not get yet (ascending,
         // after the selective indices, so the key stays sorted).
         let old_from = group.len();
-        for (i, _) in &self.planned {
-            let entry = self.plan_entry(*i);
-            if entry.is_some_and(|e| !e.gets_new(&node.id)) {
+        for (i, at, _) in &self.planned {
+            if !self.plan.entries[*at].gets_new(&node.id) {
                 group.push(ON_OLD | *i);
             }
         }
@@ -242,16 +243,10 @@ impl Generation {
         self.groups.entry(group).or_insert(snap).clone()
     }
 
-    /// The plan entry of resource `i`, if it is in a rollout.
-    fn plan_entry(&self, i: u32) -> Option<&PlanEntry> {
-        let r = &self.config.resources[i as usize];
-        self.plan.entries.iter().find(|e| e.name == r.name && e.selector == r.selector)
-    }
-
     /// The last completed version of resource `i`, if it is in a rollout and has one.
     fn old_of(&self, i: u32) -> Option<(&CompiledResource, &Arc<ServedResource>)> {
-        let at = self.planned.binary_search_by_key(&i, |(j, _)| *j).ok()?;
-        self.planned[at].1.as_ref().map(|(r, s)| (r.as_ref(), s))
+        let at = self.planned.binary_search_by_key(&i, |(j, _, _)| *j).ok()?;
+        self.planned[at].2.as_ref().map(|(r, s)| (r.as_ref(), s))
     }
 
     /// A resource as this group is served it: listeners get the group's placed filters,
@@ -304,7 +299,12 @@ impl SnapshotCache {
         if self.current().is_some_and(|g| *g.version() == config.version) {
             return false;
         }
-        let plan = self.rollouts.as_ref().map(|r| r.on_config(&config)).unwrap_or_default();
+        let previous = self.current();
+        let plan = self
+            .rollouts
+            .as_ref()
+            .map(|r| r.on_config(&config, previous.as_ref().map(|g| g.config.as_ref())))
+            .unwrap_or_default();
         self.tx.send_replace(Some(Arc::new(Generation::with_plan(Arc::new(config), plan))));
         true
     }

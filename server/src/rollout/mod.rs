@@ -41,7 +41,7 @@ pub struct Plan {
 }
 
 /// One entry in a rollout.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct PlanEntry {
     pub name: String,
     pub selector: NodeSelector,
@@ -49,6 +49,17 @@ pub struct PlanEntry {
     pub threshold: Option<u64>,
     /// The last completed version, for everybody else (`None`: they do not get the entry).
     pub old: Option<Arc<CompiledResource>>,
+}
+
+/// Equal when they serve the same: versions are content hashes, so the old resource is
+/// compared by its version, not its (possibly megabytes of inline Wasm) bytes.
+impl PartialEq for PlanEntry {
+    fn eq(&self, other: &Self) -> bool {
+        self.name == other.name
+            && self.selector == other.selector
+            && self.threshold == other.threshold
+            && self.old.as_ref().map(|o| o.version) == other.old.as_ref().map(|o| o.version)
+    }
 }
 
 impl PlanEntry {
@@ -154,9 +165,6 @@ struct Inner {
     /// The last completed versions, decoded once.
     old: BTreeMap<String, Arc<CompiledResource>>,
     history: VecDeque<HistoryEntry>,
-    /// The first config of this process was seen (entries without a completed version
-    /// are completed at once then: nothing to protect at start).
-    initialized: bool,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -188,9 +196,10 @@ impl Rollouts {
             inner.entries.insert(key(&e.name, &e.selector), e);
         }
         inner.history = stored.history.into_iter().collect();
-        // A restart with state resumes: entries it knows are not new.
-        inner.initialized = !inner.entries.is_empty();
-        Ok(Self { inner: Mutex::new(inner), store, metrics, changes: watch::Sender::new(0) })
+        let me = Self { inner: Mutex::new(inner), store, metrics, changes: watch::Sender::new(0) };
+        // A restart mid-rollout shows its step at once.
+        me.update_metrics(&me.lock());
+        Ok(me)
     }
 
     /// Wakes on every change (for the page).
@@ -224,6 +233,10 @@ impl Rollouts {
         }
     }
 
+    fn forget_metric(&self, name: &str) {
+        self.metrics.rollout_step.remove(&crate::metrics::NameLabel { name: name.to_owned() });
+    }
+
     fn finish(&self, inner: &mut Inner, k: &str, outcome: &str) {
         let Some(e) = inner.entries.get_mut(k) else { return };
         let Some(a) = e.active.take() else { return };
@@ -253,45 +266,70 @@ impl Rollouts {
     }
 
     /// A new config: starts, continues or ends the rollouts its entries call for, and
-    /// returns the plan to serve it with.
-    pub fn on_config(&self, config: &CompiledConfig) -> Plan {
+    /// returns the plan to serve it with. `previous` is the config served until now
+    /// (`None` for the first of this process): what proxies run of an entry that gets a
+    /// rollout. Only entries with a rollout are kept, and stored only when something
+    /// changed.
+    pub fn on_config(&self, config: &CompiledConfig, previous: Option<&CompiledConfig>) -> Plan {
         let mut inner = self.lock();
-        let first = !inner.initialized;
-        inner.initialized = true;
+        let mut changed = false;
         let mut seen = std::collections::HashSet::new();
         for r in config.resources.iter().filter(|r| r.resource_type == ResourceType::ExtensionConfig) {
             let k = key(&r.name, &r.selector);
-            seen.insert(k.clone());
-            let version = r.version.to_string();
-            let state = inner.entries.entry(k.clone()).or_insert_with(|| EntryState {
-                name: r.name.clone(),
-                selector: r.selector.clone(),
-                last_completed: None,
-                active: None,
-            });
-            let completed = state.last_completed.as_ref().map(|l| l.version.clone());
-            let new_of_active = state.active.as_ref().map(|a| a.new.version.clone());
             let Some(spec) = &r.rollout else {
-                // No rollout: at once.
-                if new_of_active.is_some() {
+                // No rollout: at once, and nothing to keep.
+                if inner.entries.contains_key(&k) {
                     self.finish(&mut inner, &k, "superseded");
+                    self.forget_metric(&r.name);
+                    inner.entries.remove(&k);
+                    inner.old.remove(&k);
+                    changed = true;
                 }
-                self.complete_now(&mut inner, &k, r);
                 continue;
             };
-            if completed.is_none() && first {
-                // Nothing served before, at start: nothing to protect.
-                self.complete_now(&mut inner, &k, r);
-            } else if completed.as_deref() == Some(version.as_str()) {
+            seen.insert(k.clone());
+            if !inner.entries.contains_key(&k) {
+                // What the proxies run now: the entry as served until now; at the start of
+                // a process without state, this config (nothing to protect); none for a
+                // new entry (it rolls out from nothing).
+                let running = match previous {
+                    None => Some(r),
+                    Some(p) => p.resources.iter().find(|o| {
+                        o.resource_type == ResourceType::ExtensionConfig && o.name == r.name && o.selector == r.selector
+                    }),
+                };
+                if let Some(run) = running {
+                    inner.old.insert(k.clone(), Arc::new(run.clone()));
+                }
+                inner.entries.insert(
+                    k.clone(),
+                    EntryState {
+                        name: r.name.clone(),
+                        selector: r.selector.clone(),
+                        last_completed: running.map(StoredResource::from),
+                        active: None,
+                    },
+                );
+                changed = true;
+            }
+            let version = r.version.to_string();
+            let Some(state) = inner.entries.get(&k) else { continue };
+            let completed = state.last_completed.as_ref().map(|l| l.version.clone());
+            let new_of_active = state.active.as_ref().map(|a| a.new.version.clone());
+            if completed.as_deref() == Some(version.as_str()) {
                 // Edited back to the last completed version: over at once.
                 if new_of_active.is_some() {
                     self.finish(&mut inner, &k, "reverted");
+                    changed = true;
                 }
             } else if new_of_active.as_deref() == Some(version.as_str()) {
                 if let Some(a) = inner.entries.get_mut(&k).and_then(|e| e.active.as_mut()) {
-                    // Same version, new settings: stay at the step, within the new steps.
-                    a.spec = spec.clone();
-                    a.step = a.step.min(a.spec.steps.len().saturating_sub(1));
+                    if a.spec != *spec {
+                        // Same version, new settings: stay at the step, within the new steps.
+                        a.spec = spec.clone();
+                        a.step = a.step.min(a.spec.steps.len().saturating_sub(1));
+                        changed = true;
+                    }
                 }
             } else {
                 if new_of_active.is_some() {
@@ -312,22 +350,23 @@ impl Rollouts {
                         reason: None,
                     });
                 }
+                changed = true;
                 // The first step's members are picked at the next tick (it sees the
                 // proxies); until then nobody has the new version.
             }
         }
+        let before = inner.entries.len();
+        let gone: Vec<String> =
+            inner.entries.iter().filter(|(k, _)| !seen.contains(*k)).map(|(_, e)| e.name.clone()).collect();
+        for name in &gone {
+            self.forget_metric(name);
+        }
         inner.entries.retain(|k, _| seen.contains(k));
         inner.old.retain(|k, _| seen.contains(k));
-        self.persist(&inner);
-        plan_of(&inner)
-    }
-
-    fn complete_now(&self, inner: &mut Inner, k: &str, r: &CompiledResource) {
-        if let Some(e) = inner.entries.get_mut(k) {
-            e.last_completed = Some(StoredResource::from(r));
-            e.active = None;
-            inner.old.insert(k.to_owned(), Arc::new(r.clone()));
+        if changed || inner.entries.len() != before {
+            self.persist(&inner);
         }
+        plan_of(&inner)
     }
 
     /// The plan for the current state.
