@@ -5,20 +5,10 @@
 
 use std::path::Path;
 
-/// xorshift64*: enough randomness for mutations, no dependency.
-struct Rng(u64);
+#[path = "support/rng.rs"]
+mod rng;
 
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
-}
+use rng::Rng;
 
 const SEEDS: [&str; 4] = [
     include_str!("../../examples/quickstart/filterplane.yaml"),

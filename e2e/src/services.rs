@@ -21,6 +21,16 @@ pub struct Registry {
     pub addr: String,
 }
 
+/// The hex SHA-256 of `bytes` by the system's `sha256sum`, independent of Filterplane's
+/// own code.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let f = dir.path().join("hash-me");
+    fs::write(&f, bytes).expect("write");
+    let out = Command::new("sha256sum").arg(&f).output().expect("sha256sum runs");
+    String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap_or_default().to_owned()
+}
+
 /// A registry's TLS and htpasswd authentication.
 pub struct RegistrySecurity<'a> {
     pub cert: &'a Path,

@@ -7,20 +7,12 @@ use std::{fs, path::Path, process::Command, time::Duration};
 
 use filterplane_e2e::{
     example_bootstrap, free_port,
-    services::{header_module, FileServer},
+    services::{header_module, sha256_hex, FileServer},
     wait_until, Envoy, EnvoyPorts, Filterplane,
 };
 use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(20);
-
-fn sha256_hex(bytes: &[u8], dir: &Path) -> String {
-    // By the system's sha256sum, independent of Filterplane's code.
-    let f = dir.join("hash-me");
-    fs::write(&f, bytes).unwrap();
-    let out = Command::new("sha256sum").arg(&f).output().unwrap();
-    String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap().to_owned()
-}
 
 /// The shape of Istio's docs: a Wasm filter config in a TypedStruct, code `remote`.
 fn native_wasm(url: &str, sha: &str, greeting: &str) -> String {
@@ -87,7 +79,7 @@ fn envoy_native_remote_wasm_in_a_typed_struct_is_fetched_centrally() {
     let v2 = header_module("native-v2");
     fs::write(www.join("v1.wasm"), &v1).unwrap();
     fs::write(www.join("v2.wasm"), &v2).unwrap();
-    let (sha1, sha2) = (sha256_hex(&v1, scratch.path()), sha256_hex(&v2, scratch.path()));
+    let (sha1, sha2) = (sha256_hex(&v1), sha256_hex(&v2));
     // Envoy's bootstrap has no cluster for this server: only Filterplane can reach it.
     let server = FileServer::start(&www, scratch.path());
     let url = |f: &str| format!("{}/{f}", server.url);
@@ -104,7 +96,7 @@ fn envoy_native_remote_wasm_in_a_typed_struct_is_fetched_centrally() {
     // A wrong sha256 (of a module never fetched: a cached one would be served by its
     // hash): refused, reported with the entry's file, line and path; Envoy keeps v1.
     let applied = s.envoy.stat("extension_config_discovery.http_filter.add-header.update_success");
-    let other = sha256_hex(&header_module("never-served"), scratch.path());
+    let other = sha256_hex(&header_module("never-served"));
     fs::write(&s.yaml, native_wasm(&url("v2.wasm"), &other, "hi")).unwrap();
     let errs = wasm_errors(&s.fp, "checksum_mismatch");
     assert_eq!(errs[0]["path"], "extension_configs[0].typed_config.config.vm_config.code", "{errs:?}");

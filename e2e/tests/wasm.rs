@@ -143,14 +143,7 @@ fn http_module_with_remote_delivery_is_downloaded_once() {
     fs::create_dir(&modules).unwrap();
     let bytes = header_module("from-http");
     fs::write(modules.join("hdr.wasm"), &bytes).unwrap();
-    let sha = {
-        use std::fmt::Write;
-        let digest = sha2_digest(&bytes);
-        digest.iter().fold(String::new(), |mut s, b| {
-            let _ = write!(s, "{b:02x}");
-            s
-        })
-    };
+    let sha = filterplane_e2e::services::sha256_hex(&bytes);
     let server = FileServer::start(&modules, scratch.path());
     let url = format!("{}/hdr.wasm", server.url);
     let config = |greeting: &str| {
@@ -186,16 +179,6 @@ fn http_module_with_remote_delivery_is_downloaded_once() {
     assert_eq!(server.gets("/hdr.wasm"), 1, "Filterplane fetched the module once");
     assert_eq!(s.fp.metric("filterplane_wasm_module_downloads_total"), Some(1.0), "Envoy downloaded it once");
     drop(s.dir);
-}
-
-fn sha2_digest(bytes: &[u8]) -> Vec<u8> {
-    // SHA-256 by the system's sha256sum, independent of Filterplane's own code.
-    let dir = tempfile::tempdir().unwrap();
-    let f = dir.path().join("m");
-    fs::write(&f, bytes).unwrap();
-    let out = Command::new("sha256sum").arg(&f).output().unwrap();
-    let hex = String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap().to_owned();
-    (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap()).collect()
 }
 
 #[test]

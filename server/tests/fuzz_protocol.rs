@@ -25,22 +25,10 @@ use filterplane_server::{
     xds::{delta::DeltaStream, sotw::SotwStream, stream::StreamSettings},
 };
 
-struct Rng(u64);
+#[path = "../../config/tests/support/rng.rs"]
+mod rng;
 
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
-    fn pick<'a, T>(&mut self, from: &'a [T]) -> &'a T {
-        &from[self.below(from.len())]
-    }
-}
+use rng::Rng;
 
 /// Snapshots with a listener `l`, route `r`, clusters, and extension configs, some placed.
 fn snapshot(variant: usize) -> Arc<Snapshot> {
