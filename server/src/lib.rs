@@ -90,9 +90,10 @@ fn wasm_support(args: &ServeArgs, modules_url: String, metrics: Arc<Metrics>) ->
             docker.exists().then_some(docker)
         }),
         registry_ca_pem: match &w.registry_ca_file {
-            Some(path) => {
-                Some(std::fs::read(path).with_context(|| format!("read --registry-ca-file {}", path.display()))?)
-            }
+            Some(path) => Some(
+                secret::read_small_file(path, secret::MAX_SMALL_FILE)
+                    .with_context(|| format!("read --registry-ca-file {}", path.display()))?,
+            ),
             None => None,
         },
     };
@@ -456,7 +457,10 @@ pub async fn wasm_push(
         guard: Default::default(),
         registry_auth_file: None,
         registry_ca_pem: match registry_ca_file {
-            Some(p) => Some(std::fs::read(p).with_context(|| format!("read --registry-ca-file {}", p.display()))?),
+            Some(p) => Some(
+                secret::read_small_file(p, secret::MAX_SMALL_FILE)
+                    .with_context(|| format!("read --registry-ca-file {}", p.display()))?,
+            ),
             None => None,
         },
     };

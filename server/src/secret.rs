@@ -7,6 +7,23 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use subtle::ConstantTimeEq;
 
+/// Largest certificate, key, CA bundle, credentials or token file read.
+pub const MAX_SMALL_FILE: u64 = 1 << 20;
+
+/// A small file an operator names (a certificate, a key, credentials, a token): a regular
+/// file (a FIFO would block the reader forever) of at most `max` bytes.
+pub fn read_small_file(path: &Path, max: u64) -> std::io::Result<Vec<u8>> {
+    if !std::fs::metadata(path)?.is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)?.take(max + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > max {
+        return Err(std::io::Error::other(format!("larger than the limit of {max} bytes")));
+    }
+    Ok(bytes)
+}
+
 /// Bytes of every generated secret.
 pub const SECRET_BYTES: usize = 32;
 
@@ -34,7 +51,7 @@ pub fn equal(a: &[u8], b: &[u8]) -> bool {
 /// the file does not exist. A file holding fewer than `SECRET_BYTES` bytes is refused.
 pub fn load_or_create(path: &Path) -> std::io::Result<Vec<u8>> {
     use std::os::unix::fs::OpenOptionsExt;
-    match std::fs::read(path) {
+    match read_small_file(path, MAX_SMALL_FILE) {
         Ok(bytes) if bytes.len() >= SECRET_BYTES => return Ok(bytes),
         Ok(bytes) => {
             return Err(std::io::Error::new(
@@ -76,6 +93,19 @@ mod tests {
         assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
         std::fs::write(&path, b"short").unwrap();
         assert!(load_or_create(&path).unwrap_err().to_string().contains("at least 32 bytes"));
+    }
+
+    #[test]
+    fn small_files_are_regular_and_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("f");
+        std::fs::write(&f, vec![b'x'; 11]).unwrap();
+        assert_eq!(read_small_file(&f, 11).unwrap().len(), 11);
+        assert!(read_small_file(&f, 10).unwrap_err().to_string().contains("limit of 10 bytes"));
+        assert!(read_small_file(dir.path(), 10).unwrap_err().to_string().contains("not a regular file"));
+        let fifo = dir.path().join("fifo");
+        assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+        assert!(read_small_file(&fifo, 10).unwrap_err().to_string().contains("not a regular file"), "no hang");
     }
 
     #[test]

@@ -176,7 +176,8 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 
 fn build(files: &TlsFiles, alpn: &[Vec<u8>]) -> Result<Arc<ServerConfig>, TlsError> {
     let certs = read_certs(&files.cert)?;
-    let key = PrivateKeyDer::from_pem_file(&files.key)
+    let key_pem = read(&files.key)?;
+    let key = PrivateKeyDer::from_pem_slice(&key_pem)
         .map_err(|e| file_error(&files.key, format!("no PEM private key: {e}")))?;
     let builder = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
@@ -203,9 +204,14 @@ fn build(files: &TlsFiles, alpn: &[Vec<u8>]) -> Result<Arc<ServerConfig>, TlsErr
     Ok(Arc::new(config))
 }
 
+/// A PEM file: regular, at most `secret::MAX_SMALL_FILE` bytes.
+fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
+    crate::secret::read_small_file(path, crate::secret::MAX_SMALL_FILE).map_err(|e| file_error(path, e))
+}
+
 fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let certs: Vec<_> = CertificateDer::pem_file_iter(path)
-        .map_err(|e| file_error(path, e))?
+    let pem = read(path)?;
+    let certs: Vec<_> = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<_, _>>()
         .map_err(|e| file_error(path, format!("bad PEM: {e}")))?;
     if certs.is_empty() {

@@ -36,12 +36,14 @@ pub enum TokenError {
 
 /// The token in `path`: its text without surrounding whitespace.
 pub fn read_token(path: &Path) -> Result<String, TokenError> {
-    use std::io::Read;
-    let mut text = String::new();
-    std::fs::File::open(path)?.take(MAX_TOKEN_BYTES + 1).read_to_string(&mut text)?;
-    if text.len() as u64 > MAX_TOKEN_BYTES {
-        return Err(TokenError::TooLong);
-    }
+    let bytes = crate::secret::read_small_file(path, MAX_TOKEN_BYTES).map_err(|e| {
+        if e.to_string().contains("limit of") {
+            TokenError::TooLong
+        } else {
+            TokenError::Io(e)
+        }
+    })?;
+    let text = String::from_utf8(bytes).map_err(|_| TokenError::Io(std::io::Error::other("not UTF-8 text")))?;
     let token = text.trim();
     if token.is_empty() {
         return Err(TokenError::Empty);

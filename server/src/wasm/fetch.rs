@@ -359,8 +359,9 @@ pub fn registry_auth(
     default_file: Option<&std::path::Path>,
 ) -> Result<RegistryAuth, FetchError> {
     let read_file = |path: &std::path::Path, what: &str| {
-        std::fs::read_to_string(path)
-            .map_err(|e| FetchError::Download(format!("{what}: cannot read {}: {}", path.display(), e.kind())))
+        crate::secret::read_small_file(path, crate::secret::MAX_SMALL_FILE)
+            .and_then(|b| String::from_utf8(b).map_err(|_| std::io::Error::other("not UTF-8 text")))
+            .map_err(|e| FetchError::Download(format!("{what}: cannot read {}: {e}", path.display())))
     };
     let (text, from) = match secret {
         None => {
