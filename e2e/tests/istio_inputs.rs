@@ -111,9 +111,16 @@ fn envoy_native_remote_wasm_in_a_typed_struct_is_fetched_centrally() {
     assert_eq!(s.envoy.stat("extension_config_discovery.http_filter.add-header.update_success"), applied);
     assert_eq!(s.envoy.stat("extension_config_discovery.http_filter.add-header.update_rejected"), Some(0));
 
-    // The right module and sha256: rolled out.
+    // The right module and sha256: rolled out, with keep-alive clients on the listener
+    // the whole time (the plugin is FAIL_CLOSE by default: every response carries it).
+    let traffic = filterplane_e2e::traffic::Traffic::start(s.envoy.listener_port, 2, "/", "x-wasm");
     fs::write(&s.yaml, native_wasm(&url("v2.wasm"), &sha2, "hi")).unwrap();
     wait_until("v2 to run", WAIT, || (x_wasm(&s.envoy).as_deref() == Some("native-v2")).then_some(()));
+    std::thread::sleep(Duration::from_millis(500));
+    let tally = traffic.stop();
+    println!("Envoy-native Wasm v1 -> v2: {tally}");
+    assert_eq!((tally.not_ok(), tally.without_header()), (0, 0), "{tally}");
+    assert!(tally.by_header.contains_key("native-v2"), "{tally}");
 
     // Opting out: Envoy is handed the config as written (and fetches by itself).
     let out = native_wasm(&url("v2.wasm"), &sha2, "hi").replace(

@@ -108,6 +108,13 @@ fn ten_envoys_step_by_step_rollback_halt_and_operator_actions() {
     let spec = "{ steps: [10, 100], bake: 5s, ack_timeout: 20s, on_failure: rollback }";
     let f = start(spec);
 
+    // Keep-alive clients on every Envoy through the rollout and the rollback below.
+    let traffic: Vec<_> = f
+        .envoys
+        .iter()
+        .map(|e| filterplane_e2e::traffic::Traffic::start(e.listener_port, 1, "/", "x-plugin"))
+        .collect();
+
     // v2: one Envoy (10 % of 10) first, the others after the bake.
     f.write(&with_rollout(&yaml_with("v2"), spec));
     let v = f.wait_rollout("the first step ACKed", |v| v["rollouts"][0]["acked"] == 1);
@@ -142,6 +149,21 @@ fn ten_envoys_step_by_step_rollback_halt_and_operator_actions() {
         (t.contains("add-header") && t.contains("failed") && t.contains("Buffer")).then_some(())
     });
     assert!(browser.text("#rollout-history").contains("rolled_back"));
+
+    // Through the rollout and the rollback, every response a 200 with the plugin's header.
+    let mut seen = filterplane_e2e::traffic::Tally::default();
+    for t in traffic {
+        let tally = t.stop();
+        seen.responses += tally.responses;
+        assert_eq!((tally.not_ok(), tally.without_header()), (0, 0), "{tally}");
+        for (k, v) in tally.by_header {
+            *seen.by_header.entry(k).or_default() += v;
+        }
+    }
+    println!(
+        "ten Envoys through the rollout and the rollback: {} responses, all 200: {:?}",
+        seen.responses, seen.by_header
+    );
 
     // The same with halt: the step keeps what it has (Envoy kept v2), nobody else gets it.
     let halt = spec.replace("rollback", "halt");
