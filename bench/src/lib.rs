@@ -59,6 +59,8 @@ pub struct LoadSpec {
     pub timeout: Duration,
     /// The server's process id, to sample its memory and CPU time (Linux /proc).
     pub server_pid: Option<u32>,
+    /// Streams stay open this long after the change, before the report.
+    pub hold: Duration,
 }
 
 /// What the proxies share with the controller.
@@ -155,6 +157,7 @@ pub async fn run(spec: LoadSpec) -> anyhow::Result<Report> {
         (Some(admin), Some(at)) => Some(report::server_ack_latencies(admin, at, &spec, spec.timeout).await),
         _ => None,
     };
+    tokio::time::sleep(spec.hold).await;
     tasks.abort_all();
     let times: Vec<ProxyTimes> = times.iter().map(|t| t.lock().map(|t| t.clone()).unwrap_or_default()).collect();
     Ok(Report::new(&spec, ramp, &times, &shared, server_acks, server))

@@ -27,6 +27,7 @@ fn smoke(mode: Mode) {
         admin: Some(fp.url("")),
         timeout: Duration::from_secs(30),
         server_pid: None,
+        hold: Duration::ZERO,
     };
     let report = tokio::runtime::Runtime::new().unwrap().block_on(run(spec)).unwrap();
     println!("{report}");

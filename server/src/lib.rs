@@ -40,7 +40,6 @@ use crate::{
         DeliverySettings, WasmSupport,
     },
     xds::{
-        grpc::{AdsServer, EcdsServer},
         service::{XdsContext, XdsSecurity, XdsServices},
         stream::StreamSettings,
     },
@@ -291,18 +290,17 @@ pub async fn serve_on(
         metrics.clone(),
         shutdown.clone(),
     );
-    let incoming = {
-        let metrics = metrics.clone();
-        tokio_stream::StreamExt::map(tokio_stream::wrappers::ReceiverStream::new(accepted), move |a| {
-            Ok::<_, std::io::Error>(limits::Handshake::new(a.io, limits.handshake_timeout, metrics.clone()))
-        })
-    };
-    let grpc = tonic::transport::Server::builder()
-        .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
-        .max_concurrent_streams(limits.max_streams_per_connection)
-        .add_service(AdsServer(services.clone()))
-        .add_service(EcdsServer(services))
-        .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned());
+    let grpc = xds::h2::serve(
+        accepted,
+        services,
+        xds::h2::H2Settings {
+            max_streams: limits.max_streams_per_connection,
+            keepalive: std::time::Duration::from_secs(30),
+        },
+        limits.handshake_timeout,
+        metrics.clone(),
+        shutdown.clone(),
+    );
     xds_listening.store(true, std::sync::atomic::Ordering::Relaxed);
 
     let event_clients = Arc::new(tokio::sync::Semaphore::new(limits.max_event_clients));
@@ -369,7 +367,10 @@ pub async fn serve_on(
     .with_graceful_shutdown(shutdown.clone().cancelled_owned());
 
     let result = tokio::try_join!(
-        async { grpc.await.context("xDS server") },
+        async {
+            grpc.await;
+            anyhow::Ok(())
+        },
         async { admin.await.context("admin server") },
         async {
             match modules {

@@ -55,6 +55,10 @@ struct Args {
     /// The server's pid, to sample its memory and CPU (Linux).
     #[arg(long)]
     server_pid: Option<u32>,
+    /// Keep every stream open (and ACKing) this long after the change, before reporting:
+    /// to profile the server under further changes made by hand.
+    #[arg(long, default_value_t = 0)]
+    hold_secs: u64,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
@@ -87,6 +91,7 @@ async fn main() -> anyhow::Result<()> {
         admin: a.admin,
         timeout: Duration::from_secs(a.timeout_secs),
         server_pid: a.server_pid,
+        hold: Duration::from_secs(a.hold_secs),
     };
     let report = run(spec).await?;
     if a.json {

@@ -1,7 +1,7 @@
 //! The xDS protocol: state machines (pure) and the gRPC services around them.
 
 pub mod delta;
-pub mod grpc;
+pub mod h2;
 pub mod hold;
 pub mod service;
 pub mod sotw;

@@ -1,30 +1,25 @@
-//! The gRPC services: ADS and the standalone ECDS service, state of the world and delta.
-//! Each stream is one loop, the same for both flavours, that feeds requests and new
-//! snapshots to its state machine and sends what it returns.
+//! The xDS methods: ADS and the standalone ECDS service, state of the world and delta.
+//! Each stream is a handler that feeds requests and new configuration generations to
+//! its protocol state machine and hands back what it sends; the connection (`h2.rs`)
+//! does the I/O.
 
-use std::{pin::Pin, sync::Arc, time::Instant};
+use std::{sync::Arc, time::Instant};
 
 use filterplane_api::{
     envoy_types::pb::envoy::{
         config::core::v3::Node,
-        service::{
-            discovery::v3::{
-                aggregated_discovery_service_server::AggregatedDiscoveryService, DeltaDiscoveryRequest,
-                DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
-            },
-            extension::v3::extension_config_discovery_service_server::ExtensionConfigDiscoveryService,
-        },
+        service::discovery::v3::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse},
     },
     ResourceType,
 };
-use tokio_stream::Stream;
+use prost::Message;
 use tokio_util::sync::CancellationToken;
-use tonic::{Request, Response, Status, Streaming};
+use tonic::Status;
 
 use filterplane_config::NodeFacts;
 
 use crate::{
-    cache::{Snapshot, SnapshotCache},
+    cache::{Generation, Snapshot, SnapshotCache},
     identity::IdentityRules,
     tls::PeerInfo,
     tracker::{AckTracker, PeerAuth, StreamId, StreamKind},
@@ -147,191 +142,296 @@ impl Protocol for DeltaStream {
     }
 }
 
-/// Implements the gRPC service traits; cheap to clone.
+/// Builds the per-stream handlers of the xDS methods; cheap to clone.
 #[derive(Debug, Clone)]
 pub struct XdsServices {
     ctx: XdsContext,
 }
 
-pub type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+/// What every response names as its `control_plane.identifier`.
+pub const CONTROL_PLANE_ID: &str = concat!("filterplane/", env!("CARGO_PKG_VERSION"));
+
+const ECDS: Option<ResourceType> = Some(ResourceType::ExtensionConfig);
+
+/// The xDS methods, by gRPC path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    AdsSotw,
+    AdsDelta,
+    EcdsSotw,
+    EcdsDelta,
+    /// `FetchExtensionConfigs`: one request, one answer.
+    EcdsFetch,
+}
+
+impl Method {
+    pub fn from_path(path: &[u8]) -> Option<Method> {
+        Some(match path {
+            b"/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources" => Method::AdsSotw,
+            b"/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources" => Method::AdsDelta,
+            b"/envoy.service.extension.v3.ExtensionConfigDiscoveryService/StreamExtensionConfigs" => Method::EcdsSotw,
+            b"/envoy.service.extension.v3.ExtensionConfigDiscoveryService/DeltaExtensionConfigs" => Method::EcdsDelta,
+            b"/envoy.service.extension.v3.ExtensionConfigDiscoveryService/FetchExtensionConfigs" => Method::EcdsFetch,
+            _ => return None,
+        })
+    }
+}
+
+/// What a connection knows of its client, lent to its streams.
+#[derive(Debug, Clone, Default)]
+pub struct ConnPeer {
+    pub info: PeerInfo,
+    /// The address, as logged and shown.
+    pub addr: String,
+    /// Sensitive resources are kept from this connection's streams.
+    pub withhold: bool,
+}
 
 impl XdsServices {
     pub fn new(ctx: XdsContext) -> Self {
         Self { ctx }
     }
 
-    /// The response stream *is* the stream's loop: no task and no channel per stream.
-    /// It runs while tonic polls it, so a client that stops reading (HTTP/2 flow control)
-    /// also stops its requests from being read.
-    fn start<P: Protocol>(&self, machine: P, request: Request<Streaming<P::Request>>) -> ResponseStream<P::Response> {
-        let info = peer_info(&request);
-        let peer = info.addr.map(|a| a.to_string()).unwrap_or_default();
+    pub fn ctx(&self) -> &XdsContext {
+        &self.ctx
+    }
+
+    /// What the connection keeps of its client.
+    pub fn peer(&self, info: PeerInfo) -> ConnPeer {
+        let addr = info.addr.map(|a| a.to_string()).unwrap_or_default();
         let withhold = self.ctx.security.withholds(&info);
-        let state = StreamLoop {
-            info: Some(Box::new(info)),
-            withhold,
-            generations: self.ctx.cache.subscribe(),
-            ctx: self.ctx.clone(),
-            machine,
-            requests: request.into_inner(),
-            peer,
-            stream_id: None,
-            pending: Vec::new().into_iter(),
-            done: false,
-        };
-        Box::pin(futures_util::stream::unfold(state, |mut s| async move { s.next().await.map(|item| (item, s)) }))
+        ConnPeer { info, addr, withhold }
+    }
+
+    /// The handler of one new stream of `method`.
+    pub fn open(&self, method: Method) -> Handler {
+        let settings = self.ctx.settings.clone();
+        match method {
+            Method::AdsSotw => {
+                Handler::Sotw(Box::new(XdsStream::new(SotwStream::with_settings(None, CONTROL_PLANE_ID, settings))))
+            }
+            Method::EcdsSotw => {
+                Handler::Sotw(Box::new(XdsStream::new(SotwStream::with_settings(ECDS, CONTROL_PLANE_ID, settings))))
+            }
+            Method::AdsDelta => {
+                Handler::Delta(Box::new(XdsStream::new(DeltaStream::with_settings(None, CONTROL_PLANE_ID, settings))))
+            }
+            Method::EcdsDelta => {
+                Handler::Delta(Box::new(XdsStream::new(DeltaStream::with_settings(ECDS, CONTROL_PLANE_ID, settings))))
+            }
+            Method::EcdsFetch => Handler::Fetch,
+        }
+    }
+
+    /// REST-style fetch: one request, the current answer (also when unchanged).
+    pub fn fetch_extension_configs(&self, peer: &ConnPeer, mut req: DiscoveryRequest) -> Result<DiscoveryResponse, Status> {
+        let node = req.node.as_ref().ok_or(ProtocolError::MissingNode)?;
+        let facts = NodeInfo::from(node).facts;
+        self.ctx.security.admit(&self.ctx.tracker, &peer.info, &facts)?;
+        let generation = self.ctx.cache.current().ok_or_else(|| Status::unavailable("no configuration loaded yet"))?;
+        let mut machine = SotwStream::new(ECDS, CONTROL_PLANE_ID);
+        machine.on_snapshot(generation.snapshot_for_stream(&facts, peer.withhold));
+        // A fetch always answers: forget what the client says it has.
+        req.version_info.clear();
+        req.response_nonce.clear();
+        req.error_detail = None;
+        let mut step = machine.on_request(req)?;
+        step.responses.pop().ok_or_else(|| Status::internal("no response computed"))
     }
 }
 
-/// What every response names as its `control_plane.identifier`.
-pub const CONTROL_PLANE_ID: &str = concat!("filterplane/", env!("CARGO_PKG_VERSION"));
-
-/// One stream's loop state. Dropping it (the client went away, or the server shut the
-/// stream) takes the proxy out of the tracker.
-struct StreamLoop<P: Protocol> {
-    ctx: XdsContext,
-    machine: P,
-    requests: Streaming<P::Request>,
-    generations: tokio::sync::watch::Receiver<Option<Arc<crate::cache::Generation>>>,
-    peer: String,
-    /// The connection's TLS and client certificate, until the node is identified (boxed
-    /// and then dropped: every idle stream would carry it).
-    info: Option<Box<PeerInfo>>,
-    /// Sensitive resources are kept from this stream.
-    withhold: bool,
-    stream_id: Option<StreamId>,
-    /// Responses of the last step not sent yet. Emptied (allocation and all) once
-    /// sent, so an idle stream holds none.
-    pending: std::vec::IntoIter<P::Response>,
-    done: bool,
+/// One gRPC message: a zero compression flag, the length as 4 bytes big-endian, the
+/// protobuf; in a buffer of exactly its size, freed once sent.
+pub fn grpc_message<T: prost::Message>(message: &T) -> Result<Vec<u8>, Status> {
+    let len = message.encoded_len();
+    let prefix = u32::try_from(len).map_err(|_| Status::resource_exhausted("response over 4 GiB"))?;
+    let mut buf = Vec::with_capacity(5 + len);
+    buf.push(0);
+    buf.extend_from_slice(&prefix.to_be_bytes());
+    message.encode_raw(&mut buf);
+    Ok(buf)
 }
 
-impl<P: Protocol> Drop for StreamLoop<P> {
+/// What a stream handler asks of its connection after an event.
+#[derive(Debug, Default)]
+pub struct Output {
+    /// gRPC messages to send, in order.
+    pub messages: Vec<Vec<u8>>,
+    /// End the stream with this status (after the messages).
+    pub end: Option<Status>,
+}
+
+/// The handler of one stream, by method.
+#[derive(Debug)]
+pub enum Handler {
+    Sotw(Box<XdsStream<SotwStream>>),
+    Delta(Box<XdsStream<DeltaStream>>),
+    /// Waits for its one request.
+    Fetch,
+}
+
+macro_rules! each {
+    ($self:expr, $s:ident => $e:expr, fetch => $f:expr) => {
+        match $self {
+            Handler::Sotw($s) => $e,
+            Handler::Delta($s) => $e,
+            Handler::Fetch => $f,
+        }
+    };
+}
+
+impl Handler {
+    /// A request message arrived.
+    pub fn on_message(&mut self, services: &XdsServices, peer: &ConnPeer, bytes: &[u8], out: &mut Output) {
+        each!(self, s => s.on_message(&services.ctx, peer, bytes, out), fetch => {
+            let result = DiscoveryRequest::decode(bytes)
+                .map_err(|e| Status::internal(format!("could not decode the request: {e}")))
+                .and_then(|req| services.fetch_extension_configs(peer, req))
+                .and_then(|resp| grpc_message(&resp));
+            match result {
+                Ok(m) => {
+                    out.messages.push(m);
+                    out.end = Some(Status::ok(""));
+                }
+                Err(status) => out.end = Some(status),
+            }
+        })
+    }
+
+    /// The client ended its requests.
+    pub fn on_requests_end(&mut self, out: &mut Output) {
+        out.end = Some(match self {
+            Handler::Fetch => Status::invalid_argument("no request sent"),
+            _ => Status::ok(""),
+        });
+    }
+
+    /// A new generation of the configuration.
+    pub fn on_generation(&mut self, ctx: &XdsContext, peer: &ConnPeer, generation: &Generation, out: &mut Output) {
+        each!(self, s => s.on_generation(ctx, peer, generation, out), fetch => ())
+    }
+
+    pub fn next_wakeup(&self) -> Option<Instant> {
+        each!(self, s => s.machine.next_wakeup(), fetch => None)
+    }
+
+    pub fn on_timer(&mut self, ctx: &XdsContext, now: Instant, out: &mut Output) {
+        each!(self, s => {
+            let step = s.machine.on_timer(now);
+            s.after(ctx, step, out)
+        }, fetch => ())
+    }
+}
+
+/// One xDS stream: its protocol state machine, and its place in the tracker. Dropping it
+/// (the client went away, or the server ended the stream) takes the proxy out of the
+/// tracker.
+#[derive(Debug)]
+pub struct XdsStream<P: Protocol> {
+    machine: P,
+    /// Set once the node is identified; with the tracker to leave on drop.
+    registered: Option<(StreamId, Arc<AckTracker>, Box<str>)>,
+}
+
+impl<P: Protocol> Drop for XdsStream<P> {
     fn drop(&mut self) {
-        if let Some(id) = self.stream_id {
-            self.ctx.tracker.disconnect(id);
+        if let Some((id, tracker, peer)) = self.registered.take() {
+            tracker.disconnect(id);
             let node_id = self.machine.core().node().map(|n| n.facts.id.as_str()).unwrap_or_default();
-            tracing::info!(node_id = ?node_id, peer = %self.peer, "proxy disconnected");
+            tracing::info!(node_id = ?node_id, peer = %peer, "proxy disconnected");
         }
     }
 }
 
-impl<P: Protocol> StreamLoop<P> {
-    /// The next response to send; `None` ends the stream.
-    async fn next(&mut self) -> Option<Result<P::Response, Status>> {
-        loop {
-            if let Some(r) = self.pending.next() {
-                if self.pending.len() == 0 {
-                    self.pending = Vec::new().into_iter();
+impl<P: Protocol> XdsStream<P>
+where
+    P::Request: prost::Message + Default,
+    P::Response: prost::Message,
+{
+    fn new(machine: P) -> Self {
+        Self { machine, registered: None }
+    }
+
+    fn on_message(&mut self, ctx: &XdsContext, peer: &ConnPeer, bytes: &[u8], out: &mut Output) {
+        let req = match P::Request::decode(bytes) {
+            Ok(r) => r,
+            Err(e) => {
+                // Not protobuf: the client is told why, not given a clean end.
+                tracing::warn!(peer = %peer.addr, error = %e, "closing xDS stream: unreadable request");
+                out.end = Some(Status::internal(format!("could not decode the request: {e}")));
+                return;
+            }
+        };
+        if let Err(status) = self.identify(ctx, peer, &req) {
+            out.end = Some(status);
+            return;
+        }
+        match self.machine.on_request(req) {
+            Ok(step) => self.after(ctx, step, out),
+            Err(e) => {
+                if let Some(limit) = e.limit() {
+                    ctx.tracker.metrics().limit_hit(limit);
                 }
-                return Some(Ok(r));
+                tracing::warn!(peer = %peer.addr, error = %e, "closing xDS stream");
+                out.end = Some(e.into());
             }
-            if self.done {
-                return None;
+        }
+    }
+
+    fn on_generation(&mut self, ctx: &XdsContext, peer: &ConnPeer, generation: &Generation, out: &mut Output) {
+        let Some(node) = self.machine.core().node() else { return };
+        let snapshot = generation.snapshot_for_stream(&node.facts, peer.withhold);
+        let step = self.machine.on_snapshot(snapshot);
+        self.after(ctx, step, out);
+    }
+
+    /// Records what a step did and encodes what it sends.
+    fn after(&mut self, ctx: &XdsContext, step: Step<P::Response>, out: &mut Output) {
+        for limit in &step.limits {
+            ctx.tracker.metrics().limit_hit(limit);
+        }
+        let node_id = self.machine.core().node().map(|n| n.facts.id.as_str()).unwrap_or_default();
+        for event in &step.events {
+            log_event(node_id, event);
+            if let Some((id, tracker, _)) = &self.registered {
+                tracker.record(*id, event);
             }
-            let wakeup = self.machine.next_wakeup();
-            let step = tokio::select! {
-                _ = self.ctx.shutdown.cancelled() => return None,
-                _ = sleep_until(wakeup) => self.machine.on_timer(Instant::now()),
-                msg = self.requests.message() => match msg {
-                    Ok(Some(req)) => {
-                        if let Err(status) = self.identify(&req) {
-                            self.done = true;
-                            return Some(Err(status));
-                        }
-                        match self.machine.on_request(req) {
-                            Ok(step) => step,
-                            Err(e) => {
-                                if let Some(limit) = e.limit() {
-                                    self.ctx.tracker.metrics().limit_hit(limit);
-                                }
-                                tracing::warn!(peer = %self.peer, error = %e, "closing xDS stream");
-                                self.done = true;
-                                return Some(Err(e.into()));
-                            }
-                        }
-                    }
-                    Ok(None) => return None,
-                    // A request the server could not read (over the 4 MiB message limit, not
-                    // protobuf): the client is told why, not given a clean end.
-                    Err(status) if matches!(status.code(), tonic::Code::OutOfRange | tonic::Code::Internal) => {
-                        tracing::warn!(peer = %self.peer, status = ?status, "closing xDS stream: unreadable request");
-                        self.done = true;
-                        return Some(Err(status));
-                    }
-                    Err(status) => {
-                        tracing::debug!(peer = %self.peer, status = ?status, "xDS stream ended by the client");
-                        return None;
-                    }
-                },
-                changed = self.generations.changed() => {
-                    if changed.is_err() {
-                        return None;
-                    }
-                    let generation = self.generations.borrow_and_update().clone();
-                    match (generation, self.machine.core().node()) {
-                        (Some(g), Some(node)) => {
-                            let snapshot = g.snapshot_for_stream(&node.facts, self.withhold);
-                            self.machine.on_snapshot(snapshot)
-                        }
-                        _ => continue,
-                    }
-                }
-            };
-            for limit in &step.limits {
-                self.ctx.tracker.metrics().limit_hit(limit);
-            }
-            let node_id = self.machine.core().node().map(|n| n.facts.id.as_str()).unwrap_or_default();
-            for event in &step.events {
-                log_event(node_id, event);
-                if let Some(id) = self.stream_id {
-                    self.ctx.tracker.record(id, event);
+        }
+        for response in &step.responses {
+            match grpc_message(response) {
+                Ok(m) => out.messages.push(m),
+                Err(status) => {
+                    out.end = Some(status);
+                    return;
                 }
             }
-            self.pending = step.responses.into_iter();
         }
     }
 
     /// On the first request that names the node: check it against the client
     /// certificate, register the proxy and hand the machine its snapshot.
-    fn identify(&mut self, req: &P::Request) -> Result<(), Status> {
-        if self.stream_id.is_some() {
+    fn identify(&mut self, ctx: &XdsContext, peer: &ConnPeer, req: &P::Request) -> Result<(), Status> {
+        if self.registered.is_some() {
             return Ok(());
         }
         let Some(node) = P::request_node(req) else { return Ok(()) };
         let info = Arc::new(NodeInfo::from(node));
-        let peer = self.info.take().map(|b| *b).unwrap_or_default();
-        self.ctx.security.admit(&self.ctx.tracker, &peer, &info.facts)?;
+        ctx.security.admit(&ctx.tracker, &peer.info, &info.facts)?;
         self.machine.core_mut().set_node(info.clone());
         let auth = PeerAuth {
-            tls: peer.tls,
-            certificate: peer.identity.as_ref().map(|i| i.names()).unwrap_or_default(),
-            sensitive_withheld: self.withhold,
+            tls: peer.info.tls,
+            certificate: peer.info.identity.as_ref().map(|i| i.names()).unwrap_or_default(),
+            sensitive_withheld: peer.withhold,
         };
-        self.stream_id = Some(self.ctx.tracker.connect_as(info.clone(), P::KIND, self.peer.clone(), auth));
-        tracing::info!(node_id = ?info.facts.id, cluster = ?info.facts.cluster, peer = %self.peer, user_agent = ?info.user_agent, kind = P::KIND.label(), tls = peer.tls, authenticated = peer.identity.is_some(), "proxy connected");
-        if let Some(g) = self.generations.borrow_and_update().clone() {
-            self.machine.on_snapshot(g.snapshot_for_stream(&info.facts, self.withhold));
+        let id = ctx.tracker.connect_as(info.clone(), P::KIND, peer.addr.clone(), auth);
+        self.registered = Some((id, ctx.tracker.clone(), peer.addr.as_str().into()));
+        tracing::info!(node_id = ?info.facts.id, cluster = ?info.facts.cluster, peer = %peer.addr, user_agent = ?info.user_agent, kind = P::KIND.label(), tls = peer.info.tls, authenticated = peer.info.identity.is_some(), "proxy connected");
+        if let Some(g) = ctx.cache.current() {
+            // Nothing is subscribed yet: the first answer comes from the request itself,
+            // and this only sets the snapshot.
+            let _ = self.machine.on_snapshot(g.snapshot_for_stream(&info.facts, peer.withhold));
         }
         Ok(())
-    }
-}
-
-/// What the connection says about the client (TLS, certificate, address).
-fn peer_info<T>(request: &Request<T>) -> PeerInfo {
-    request
-        .extensions()
-        .get::<PeerInfo>()
-        .cloned()
-        .unwrap_or_else(|| PeerInfo { addr: request.remote_addr(), ..Default::default() })
-}
-
-/// Sleeps until `at`, or forever. The timer is boxed: nearly every stream has nothing
-/// due, and an inline `Sleep` would sit in every idle stream's state.
-async fn sleep_until(at: Option<Instant>) {
-    match at {
-        Some(at) => Box::pin(tokio::time::sleep_until(at.into())).await,
-        None => std::future::pending().await,
     }
 }
 
@@ -358,77 +458,6 @@ fn log_event(node_id: &str, event: &StreamEvent) {
         StreamEvent::UnsupportedType { type_url } => {
             tracing::warn!(node_id = ?node_id, type_url = ?type_url, "request for a type Filterplane does not serve; not answered")
         }
-    }
-}
-
-#[tonic::async_trait]
-impl AggregatedDiscoveryService for XdsServices {
-    type StreamAggregatedResourcesStream = ResponseStream<DiscoveryResponse>;
-    type DeltaAggregatedResourcesStream = ResponseStream<DeltaDiscoveryResponse>;
-
-    async fn stream_aggregated_resources(
-        &self,
-        request: Request<Streaming<DiscoveryRequest>>,
-    ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
-        Ok(Response::new(
-            self.start(SotwStream::with_settings(None, CONTROL_PLANE_ID, self.ctx.settings.clone()), request),
-        ))
-    }
-
-    async fn delta_aggregated_resources(
-        &self,
-        request: Request<Streaming<DeltaDiscoveryRequest>>,
-    ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
-        Ok(Response::new(
-            self.start(DeltaStream::with_settings(None, CONTROL_PLANE_ID, self.ctx.settings.clone()), request),
-        ))
-    }
-}
-
-const ECDS: Option<ResourceType> = Some(ResourceType::ExtensionConfig);
-
-#[tonic::async_trait]
-impl ExtensionConfigDiscoveryService for XdsServices {
-    type StreamExtensionConfigsStream = ResponseStream<DiscoveryResponse>;
-    type DeltaExtensionConfigsStream = ResponseStream<DeltaDiscoveryResponse>;
-
-    async fn stream_extension_configs(
-        &self,
-        request: Request<Streaming<DiscoveryRequest>>,
-    ) -> Result<Response<Self::StreamExtensionConfigsStream>, Status> {
-        Ok(Response::new(
-            self.start(SotwStream::with_settings(ECDS, CONTROL_PLANE_ID, self.ctx.settings.clone()), request),
-        ))
-    }
-
-    async fn delta_extension_configs(
-        &self,
-        request: Request<Streaming<DeltaDiscoveryRequest>>,
-    ) -> Result<Response<Self::DeltaExtensionConfigsStream>, Status> {
-        Ok(Response::new(
-            self.start(DeltaStream::with_settings(ECDS, CONTROL_PLANE_ID, self.ctx.settings.clone()), request),
-        ))
-    }
-
-    /// REST-style fetch: one request, the current answer (also when unchanged).
-    async fn fetch_extension_configs(
-        &self,
-        request: Request<DiscoveryRequest>,
-    ) -> Result<Response<DiscoveryResponse>, Status> {
-        let info = peer_info(&request);
-        let mut req = request.into_inner();
-        let node = req.node.as_ref().ok_or(ProtocolError::MissingNode)?;
-        let facts = NodeInfo::from(node).facts;
-        self.ctx.security.admit(&self.ctx.tracker, &info, &facts)?;
-        let generation = self.ctx.cache.current().ok_or_else(|| Status::unavailable("no configuration loaded yet"))?;
-        let mut machine = SotwStream::new(ECDS, CONTROL_PLANE_ID);
-        machine.on_snapshot(generation.snapshot_for_stream(&facts, self.ctx.security.withholds(&info)));
-        // A fetch always answers: forget what the client says it has.
-        req.version_info.clear();
-        req.response_nonce.clear();
-        req.error_detail = None;
-        let mut step = machine.on_request(req)?;
-        step.responses.pop().map(Response::new).ok_or_else(|| Status::internal("no response computed"))
     }
 }
 

@@ -1,0 +1,961 @@
+//! The xDS port's HTTP/2: just what gRPC over HTTP/2 needs (RFC 9113, the gRPC
+//! HTTP/2 protocol), one task per connection, written here for what it costs per proxy.
+//!
+//! A general HTTP/2 server (h2, under tonic) gives every connection a 16 KiB write
+//! buffer, an 8 KiB read buffer and a 4 KiB HPACK buffer for as long as it stays open,
+//! and runs each stream as a task of its own beside the connection's: with one
+//! connection per Envoy, that was most of the memory per proxy, and four task wake-ups
+//! per push and ACK. Here an idle connection holds no buffer at all (what is read is
+//! parsed in place; what is written is freed once sent), its streams are handled inside
+//! its task, and one notification of a new configuration wakes the connection once for
+//! all its streams.
+//!
+//! What it does: the connection preface and SETTINGS (both ways), HEADERS and
+//! CONTINUATION (HPACK decoded with `loona-hpack`; responses use literal fields only, so
+//! no encoder state), DATA with flow control both ways, WINDOW_UPDATE, PING (answered,
+//! and sent as keepalive), RST_STREAM and GOAWAY. PRIORITY and unknown frames are
+//! ignored, as the RFC allows; PUSH_PROMISE from a client is a protocol error.
+//! Everything a client sends is bounded: frame size, header block size, streams per
+//! connection, request size, and output waiting to be written (past it, the connection
+//! stops reading until the client reads).
+
+use std::{
+    collections::VecDeque,
+    future::Future,
+    io,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::{Duration, Instant},
+};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio_stream::Stream;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+use tonic::Status;
+
+use crate::{
+    cache::Generation,
+    xds::service::{ConnPeer, Handler, Method, Output, XdsServices},
+};
+
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+const DATA: u8 = 0x0;
+const HEADERS: u8 = 0x1;
+const PRIORITY: u8 = 0x2;
+const RST_STREAM: u8 = 0x3;
+const SETTINGS: u8 = 0x4;
+const PUSH_PROMISE: u8 = 0x5;
+const PING: u8 = 0x6;
+const GOAWAY: u8 = 0x7;
+const WINDOW_UPDATE: u8 = 0x8;
+const CONTINUATION: u8 = 0x9;
+
+const END_STREAM: u8 = 0x1;
+const ACK: u8 = 0x1;
+const END_HEADERS: u8 = 0x4;
+const PADDED: u8 = 0x8;
+const PRIORITY_FLAG: u8 = 0x20;
+
+const NO_ERROR: u32 = 0x0;
+const PROTOCOL_ERROR: u32 = 0x1;
+const FLOW_CONTROL_ERROR: u32 = 0x3;
+const STREAM_CLOSED: u32 = 0x5;
+const FRAME_SIZE_ERROR: u32 = 0x6;
+const REFUSED_STREAM: u32 = 0x7;
+const COMPRESSION_ERROR: u32 = 0x9;
+const ENHANCE_YOUR_CALM: u32 = 0xb;
+
+/// The largest frame a client may send (the protocol's default; not raised).
+const MAX_FRAME_IN: usize = 16_384;
+/// What a client may send on one stream before Filterplane says it read it: one
+/// window's worth is also what a stream may buffer of a request not yet complete.
+const STREAM_WINDOW: u32 = 1 << 20;
+/// The same for the whole connection.
+const CONN_WINDOW: u32 = 4 << 20;
+/// A header block (HEADERS and its CONTINUATIONs) may be at most this large; Envoy's
+/// are a few hundred bytes.
+pub const MAX_HEADER_BLOCK: usize = 16 << 10;
+/// Requests over 4 MiB are refused (tonic's default before); responses may be any size
+/// (inline Wasm modules).
+pub const MAX_REQUEST: usize = 4 << 20;
+/// Past this much output waiting to be written, the connection stops reading (and
+/// queuing) until the client reads: a client that never reads cannot grow it.
+const WRITE_HIGH: usize = 64 << 10;
+/// What is read from the socket at a time (on the stack; only a frame cut in two is
+/// kept between reads).
+const READ_CHUNK: usize = 8 << 10;
+/// How much of a status message goes into the `grpc-message` trailer.
+const MAX_STATUS_MESSAGE: usize = 1024;
+/// Loop turns in one poll before the task yields to others.
+const TURNS_PER_POLL: usize = 64;
+
+/// How connections behave; the same for all of them.
+#[derive(Debug, Clone)]
+pub struct H2Settings {
+    /// SETTINGS_MAX_CONCURRENT_STREAMS: streams one connection may have open.
+    pub max_streams: u32,
+    /// A PING is sent this long after the last one; a client that did not answer the
+    /// last one by then is gone, and its connection is closed.
+    pub keepalive: Duration,
+}
+
+impl Default for H2Settings {
+    fn default() -> Self {
+        Self { max_streams: 100, keepalive: Duration::from_secs(30) }
+    }
+}
+
+/// A connection error: GOAWAY with this code, then close.
+#[derive(Debug)]
+struct ConnError {
+    code: u32,
+    why: &'static str,
+}
+
+fn fail(code: u32, why: &'static str) -> ConnError {
+    ConnError { code, why }
+}
+
+/// One open stream.
+#[derive(Debug)]
+struct Slot {
+    id: u32,
+    handler: Handler,
+    /// What the client lets Filterplane send on this stream.
+    send_window: i64,
+    /// Bytes received since the last WINDOW_UPDATE for this stream.
+    recv_unacked: u32,
+    /// A request message not complete yet.
+    inbuf: Vec<u8>,
+    /// Messages to send, and how much of the first is sent.
+    out: VecDeque<Vec<u8>>,
+    out_pos: usize,
+    /// End the stream with this once `out` is sent.
+    end: Option<Status>,
+    /// The client ended its side.
+    remote_done: bool,
+}
+
+/// A header block arriving in pieces.
+#[derive(Debug)]
+struct Partial {
+    id: u32,
+    end_stream: bool,
+    block: Vec<u8>,
+}
+
+/// One HTTP/2 connection, run as a future until it closes.
+pub struct Connection<IO> {
+    io: IO,
+    services: XdsServices,
+    peer: ConnPeer,
+    settings: H2Settings,
+    /// A frame cut in two by a read; empty (unallocated) otherwise.
+    rbuf: Vec<u8>,
+    /// Output not written yet, from `wpos`; unallocated once written.
+    wbuf: Vec<u8>,
+    wpos: usize,
+    hpack: loona_hpack::Decoder<'static>,
+    preface_done: bool,
+    partial: Option<Box<Partial>>,
+    streams: Vec<Slot>,
+    last_stream_id: u32,
+    /// The client's SETTINGS_INITIAL_WINDOW_SIZE and SETTINGS_MAX_FRAME_SIZE.
+    peer_initial_window: i64,
+    peer_max_frame: usize,
+    /// What the client lets Filterplane send on the connection.
+    send_window: i64,
+    /// Bytes received since the last connection WINDOW_UPDATE.
+    recv_unacked: u32,
+    generations: tokio_stream::wrappers::WatchStream<Option<Arc<Generation>>>,
+    shutdown: Pin<Box<WaitForCancellationFutureOwned>>,
+    keepalive: Pin<Box<tokio::time::Sleep>>,
+    ping_outstanding: bool,
+    /// The earliest stream timer (a Wasm resend, a held removal), when one is due.
+    timer: Option<(Instant, Pin<Box<tokio::time::Sleep>>)>,
+    /// GOAWAY sent or received: no new streams; close once the output is written.
+    closing: bool,
+}
+
+impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
+    pub fn new(io: IO, services: XdsServices, peer: ConnPeer, settings: H2Settings, shutdown: CancellationToken) -> Self {
+        let generations = tokio_stream::wrappers::WatchStream::from_changes(services.ctx().cache.subscribe());
+        let mut hpack = loona_hpack::Decoder::new();
+        hpack.set_max_allowed_table_size(4096);
+        let keepalive = Box::pin(tokio::time::sleep(settings.keepalive));
+        let mut conn = Self {
+            io,
+            services,
+            peer,
+            rbuf: Vec::new(),
+            wbuf: Vec::new(),
+            wpos: 0,
+            hpack,
+            preface_done: false,
+            partial: None,
+            streams: Vec::new(),
+            last_stream_id: 0,
+            peer_initial_window: 65_535,
+            peer_max_frame: 16_384,
+            send_window: 65_535,
+            recv_unacked: 0,
+            generations,
+            shutdown: Box::pin(shutdown.cancelled_owned()),
+            keepalive,
+            ping_outstanding: false,
+            timer: None,
+            closing: false,
+            settings,
+        };
+        // The server's preface: its SETTINGS, then the connection window raised.
+        let mut s = Vec::with_capacity(18);
+        for (id, value) in [(0x3u16, conn.settings.max_streams), (0x4, STREAM_WINDOW), (0x6, MAX_HEADER_BLOCK as u32)] {
+            s.extend_from_slice(&id.to_be_bytes());
+            s.extend_from_slice(&value.to_be_bytes());
+        }
+        conn.frame(SETTINGS, 0, 0, &s);
+        conn.window_update(0, CONN_WINDOW - 65_535);
+        conn
+    }
+
+    fn frame(&mut self, ty: u8, flags: u8, id: u32, payload: &[u8]) {
+        frame_head(&mut self.wbuf, payload.len(), ty, flags, id);
+        self.wbuf.extend_from_slice(payload);
+    }
+
+    fn window_update(&mut self, id: u32, increment: u32) {
+        self.frame(WINDOW_UPDATE, 0, id, &increment.to_be_bytes());
+    }
+
+    fn rst(&mut self, id: u32, code: u32) {
+        self.frame(RST_STREAM, 0, id, &code.to_be_bytes());
+    }
+
+    /// GOAWAY: no stream after the last one seen will be served; close once written.
+    fn go_away(&mut self, code: u32, why: &str) {
+        if self.closing {
+            return;
+        }
+        let mut p = Vec::with_capacity(8 + why.len());
+        p.extend_from_slice(&self.last_stream_id.to_be_bytes());
+        p.extend_from_slice(&code.to_be_bytes());
+        p.extend_from_slice(why.as_bytes());
+        self.frame(GOAWAY, 0, 0, &p);
+        self.closing = true;
+    }
+
+    fn index(&self, id: u32) -> Option<usize> {
+        self.streams.iter().position(|s| s.id == id)
+    }
+
+    /// Hands a handler's output to its stream.
+    fn apply(&mut self, i: usize, out: Output) {
+        let slot = &mut self.streams[i];
+        slot.out.extend(out.messages);
+        if slot.end.is_none() {
+            slot.end = out.end;
+        }
+    }
+
+    /// Parses what was read; returns how much of `data` made whole frames.
+    fn process(&mut self, data: &[u8]) -> Result<usize, ConnError> {
+        let mut pos = 0;
+        if !self.preface_done {
+            if data.len() < PREFACE.len() {
+                return if PREFACE.starts_with(data) { Ok(0) } else { Err(fail(PROTOCOL_ERROR, "not HTTP/2")) };
+            }
+            if &data[..PREFACE.len()] != PREFACE {
+                return Err(fail(PROTOCOL_ERROR, "not HTTP/2"));
+            }
+            self.preface_done = true;
+            pos = PREFACE.len();
+        }
+        while data.len() - pos >= 9 && !self.closing {
+            let h = &data[pos..pos + 9];
+            let len = (usize::from(h[0]) << 16) | (usize::from(h[1]) << 8) | usize::from(h[2]);
+            if len > MAX_FRAME_IN {
+                return Err(fail(FRAME_SIZE_ERROR, "frame over SETTINGS_MAX_FRAME_SIZE"));
+            }
+            if data.len() - pos < 9 + len {
+                break;
+            }
+            let id = u32::from_be_bytes([h[5], h[6], h[7], h[8]]) & 0x7fff_ffff;
+            self.on_frame(h[3], h[4], id, &data[pos + 9..pos + 9 + len])?;
+            pos += 9 + len;
+        }
+        Ok(pos)
+    }
+
+    fn on_frame(&mut self, ty: u8, flags: u8, id: u32, p: &[u8]) -> Result<(), ConnError> {
+        if self.partial.as_ref().is_some_and(|h| ty != CONTINUATION || h.id != id) {
+            return Err(fail(PROTOCOL_ERROR, "a header block was interrupted"));
+        }
+        match ty {
+            DATA => self.on_data(flags, id, p),
+            HEADERS => self.on_headers(flags, id, p),
+            CONTINUATION => {
+                let Some(mut partial) = self.partial.take() else {
+                    return Err(fail(PROTOCOL_ERROR, "CONTINUATION without HEADERS"));
+                };
+                if partial.block.len() + p.len() > MAX_HEADER_BLOCK {
+                    self.services.ctx().tracker.metrics().limit_hit("header_block_bytes");
+                    return Err(fail(ENHANCE_YOUR_CALM, "header block over the limit"));
+                }
+                partial.block.extend_from_slice(p);
+                if flags & END_HEADERS != 0 {
+                    self.on_header_block(partial.id, partial.end_stream, &partial.block)
+                } else {
+                    self.partial = Some(partial);
+                    Ok(())
+                }
+            }
+            PRIORITY if id == 0 || p.len() != 5 => Err(fail(PROTOCOL_ERROR, "bad PRIORITY")),
+            RST_STREAM => {
+                if id == 0 || p.len() != 4 {
+                    return Err(fail(PROTOCOL_ERROR, "bad RST_STREAM"));
+                }
+                if let Some(i) = self.index(id) {
+                    self.streams.remove(i);
+                }
+                Ok(())
+            }
+            SETTINGS => self.on_settings(flags, id, p),
+            PUSH_PROMISE => Err(fail(PROTOCOL_ERROR, "PUSH_PROMISE from a client")),
+            PING => {
+                if id != 0 || p.len() != 8 {
+                    return Err(fail(FRAME_SIZE_ERROR, "bad PING"));
+                }
+                if flags & ACK != 0 {
+                    self.ping_outstanding = false;
+                } else {
+                    self.frame(PING, ACK, 0, p);
+                }
+                Ok(())
+            }
+            GOAWAY => {
+                // The client is going (Envoy says so as it shuts down or drains).
+                self.go_away(NO_ERROR, "");
+                Ok(())
+            }
+            WINDOW_UPDATE => self.on_window_update(id, p),
+            _ => Ok(()), // PRIORITY, and frame types this side does not know: ignored.
+        }
+    }
+
+    fn on_settings(&mut self, flags: u8, id: u32, p: &[u8]) -> Result<(), ConnError> {
+        if id != 0 {
+            return Err(fail(PROTOCOL_ERROR, "SETTINGS on a stream"));
+        }
+        if flags & ACK != 0 {
+            return if p.is_empty() { Ok(()) } else { Err(fail(FRAME_SIZE_ERROR, "SETTINGS ACK with a payload")) };
+        }
+        if !p.len().is_multiple_of(6) {
+            return Err(fail(FRAME_SIZE_ERROR, "SETTINGS length"));
+        }
+        for s in p.chunks_exact(6) {
+            let value = u32::from_be_bytes([s[2], s[3], s[4], s[5]]);
+            match u16::from_be_bytes([s[0], s[1]]) {
+                0x2 if value > 1 => return Err(fail(PROTOCOL_ERROR, "SETTINGS_ENABLE_PUSH")),
+                0x4 => {
+                    if value > 0x7fff_ffff {
+                        return Err(fail(FLOW_CONTROL_ERROR, "SETTINGS_INITIAL_WINDOW_SIZE"));
+                    }
+                    let delta = i64::from(value) - self.peer_initial_window;
+                    self.peer_initial_window = i64::from(value);
+                    for s in &mut self.streams {
+                        s.send_window += delta;
+                    }
+                }
+                0x5 => {
+                    if !(16_384..=16_777_215).contains(&value) {
+                        return Err(fail(PROTOCOL_ERROR, "SETTINGS_MAX_FRAME_SIZE"));
+                    }
+                    self.peer_max_frame = value as usize;
+                }
+                // Header table size (no field is ever indexed here), push, concurrency of
+                // pushes, header list size: nothing to do.
+                _ => {}
+            }
+        }
+        self.frame(SETTINGS, ACK, 0, &[]);
+        Ok(())
+    }
+
+    fn on_window_update(&mut self, id: u32, p: &[u8]) -> Result<(), ConnError> {
+        if p.len() != 4 {
+            return Err(fail(FRAME_SIZE_ERROR, "bad WINDOW_UPDATE"));
+        }
+        let increment = i64::from(u32::from_be_bytes([p[0], p[1], p[2], p[3]]) & 0x7fff_ffff);
+        if id == 0 {
+            if increment == 0 {
+                return Err(fail(PROTOCOL_ERROR, "WINDOW_UPDATE of 0"));
+            }
+            self.send_window += increment;
+            if self.send_window > 0x7fff_ffff {
+                return Err(fail(FLOW_CONTROL_ERROR, "connection window over 2^31-1"));
+            }
+            return Ok(());
+        }
+        let Some(i) = self.index(id) else { return Ok(()) };
+        let window = self.streams[i].send_window + increment;
+        if increment == 0 || window > 0x7fff_ffff {
+            self.streams.remove(i);
+            self.rst(id, if increment == 0 { PROTOCOL_ERROR } else { FLOW_CONTROL_ERROR });
+            return Ok(());
+        }
+        self.streams[i].send_window = window;
+        Ok(())
+    }
+
+    fn on_headers(&mut self, flags: u8, id: u32, p: &[u8]) -> Result<(), ConnError> {
+        if id == 0 || id.is_multiple_of(2) {
+            return Err(fail(PROTOCOL_ERROR, "HEADERS on an even stream"));
+        }
+        let mut p = p;
+        if flags & PADDED != 0 {
+            let (&pad, rest) = p.split_first().ok_or(fail(PROTOCOL_ERROR, "bad padding"))?;
+            p = rest.get(..rest.len().wrapping_sub(usize::from(pad))).ok_or(fail(PROTOCOL_ERROR, "bad padding"))?;
+        }
+        if flags & PRIORITY_FLAG != 0 {
+            p = p.get(5..).ok_or(fail(PROTOCOL_ERROR, "bad priority"))?;
+        }
+        let end_stream = flags & END_STREAM != 0;
+        if flags & END_HEADERS == 0 {
+            self.partial = Some(Box::new(Partial { id, end_stream, block: p.to_vec() }));
+            return Ok(());
+        }
+        self.on_header_block(id, end_stream, p)
+    }
+
+    fn on_header_block(&mut self, id: u32, end_stream: bool, block: &[u8]) -> Result<(), ConnError> {
+        // Decoded whatever becomes of the stream: the table must stay in step.
+        let (mut post, mut method, mut compressed) = (false, None, false);
+        self.hpack
+            .decode_with_cb(block, |name, value| match &*name {
+                b":method" => post = &*value == b"POST",
+                b":path" => method = Method::from_path(&value),
+                b"grpc-encoding" => compressed = &*value != b"identity",
+                _ => {}
+            })
+            .map_err(|_| fail(COMPRESSION_ERROR, "the header block does not decode"))?;
+        if let Some(i) = self.index(id) {
+            // Trailers: the client's requests end here.
+            if !end_stream {
+                return Err(fail(PROTOCOL_ERROR, "HEADERS in the middle of a stream"));
+            }
+            self.end_requests(i);
+            return Ok(());
+        }
+        if id <= self.last_stream_id {
+            return Err(fail(PROTOCOL_ERROR, "a stream id used again"));
+        }
+        self.last_stream_id = id;
+        if self.closing {
+            self.rst(id, REFUSED_STREAM);
+            return Ok(());
+        }
+        if self.streams.len() >= self.settings.max_streams as usize {
+            self.services.ctx().tracker.metrics().limit_hit("streams_per_connection");
+            self.rst(id, REFUSED_STREAM);
+            return Ok(());
+        }
+        let method = match method {
+            Some(_) if !post => Err(Status::unimplemented("gRPC methods are called with POST")),
+            None => Err(Status::unimplemented("no such method")),
+            // No compression is offered, so a compressed request stream is refused.
+            Some(_) if compressed => Err(Status::unimplemented("compressed requests are not supported")),
+            Some(m) => Ok(m),
+        };
+        let method = match method {
+            Ok(m) => m,
+            Err(status) => {
+                // Trailers only (gRPC over HTTP/2).
+                let mut block = Vec::with_capacity(64);
+                response_headers(&mut block);
+                trailers(&mut block, &status);
+                self.frame(HEADERS, END_HEADERS | END_STREAM, id, &block);
+                if !end_stream {
+                    self.rst(id, NO_ERROR);
+                }
+                return Ok(());
+            }
+        };
+        let mut block = Vec::with_capacity(32);
+        response_headers(&mut block);
+        self.frame(HEADERS, END_HEADERS, id, &block);
+        self.streams.push(Slot {
+            id,
+            handler: self.services.open(method),
+            send_window: self.peer_initial_window,
+            recv_unacked: 0,
+            inbuf: Vec::new(),
+            out: VecDeque::new(),
+            out_pos: 0,
+            end: None,
+            remote_done: false,
+        });
+        if end_stream {
+            let i = self.streams.len() - 1;
+            self.end_requests(i);
+        }
+        Ok(())
+    }
+
+    fn end_requests(&mut self, i: usize) {
+        let mut out = Output::default();
+        let slot = &mut self.streams[i];
+        slot.remote_done = true;
+        if slot.end.is_none() {
+            slot.handler.on_requests_end(&mut out);
+        }
+        self.apply(i, out);
+    }
+
+    fn on_data(&mut self, flags: u8, id: u32, p: &[u8]) -> Result<(), ConnError> {
+        if id == 0 {
+            return Err(fail(PROTOCOL_ERROR, "DATA on stream 0"));
+        }
+        // All of it counts against the windows, padding included.
+        let len = p.len() as u32;
+        if len > CONN_WINDOW - self.recv_unacked {
+            return Err(fail(FLOW_CONTROL_ERROR, "more data than the connection window"));
+        }
+        self.recv_unacked += len;
+        if self.recv_unacked >= CONN_WINDOW / 2 {
+            let n = std::mem::take(&mut self.recv_unacked);
+            self.window_update(0, n);
+        }
+        let mut data = p;
+        if flags & PADDED != 0 {
+            let (&pad, rest) = p.split_first().ok_or(fail(PROTOCOL_ERROR, "bad padding"))?;
+            data = rest.get(..rest.len().wrapping_sub(usize::from(pad))).ok_or(fail(PROTOCOL_ERROR, "bad padding"))?;
+        }
+        let Some(i) = self.index(id) else {
+            if id > self.last_stream_id {
+                return Err(fail(PROTOCOL_ERROR, "DATA on a stream never opened"));
+            }
+            // A stream this side ended already: what was in flight is dropped.
+            return Ok(());
+        };
+        let slot = &mut self.streams[i];
+        if slot.remote_done {
+            self.streams.remove(i);
+            self.rst(id, STREAM_CLOSED);
+            return Ok(());
+        }
+        if len > STREAM_WINDOW - slot.recv_unacked {
+            self.streams.remove(i);
+            self.rst(id, FLOW_CONTROL_ERROR);
+            return Ok(());
+        }
+        slot.recv_unacked += len;
+        let end_stream = flags & END_STREAM != 0;
+        let update = (slot.recv_unacked >= STREAM_WINDOW / 2 && !end_stream).then(|| std::mem::take(&mut slot.recv_unacked));
+        let mut out = Output::default();
+        if slot.end.is_none() {
+            let ctx = (&self.services, &self.peer);
+            read_messages(slot, data, ctx, &mut out);
+        }
+        self.apply(i, out);
+        if let Some(n) = update {
+            self.window_update(id, n);
+        }
+        if end_stream {
+            self.end_requests(i);
+        }
+        Ok(())
+    }
+
+    /// Moves what streams have to send into the output, as flow control allows; sends the
+    /// trailers of streams that are done, and forgets them.
+    fn pump(&mut self) {
+        let mut i = 0;
+        while i < self.streams.len() {
+            let slot = &mut self.streams[i];
+            while let Some(front) = slot.out.front() {
+                if self.wbuf.len() - self.wpos >= WRITE_HIGH {
+                    break;
+                }
+                let left = front.len() - slot.out_pos;
+                let n = (left as i64).min(self.send_window).min(slot.send_window).min(self.peer_max_frame as i64);
+                if n <= 0 && left > 0 {
+                    break;
+                }
+                let n = n.max(0) as usize;
+                frame_head(&mut self.wbuf, n, DATA, 0, slot.id);
+                self.wbuf.extend_from_slice(&front[slot.out_pos..slot.out_pos + n]);
+                self.send_window -= n as i64;
+                slot.send_window -= n as i64;
+                slot.out_pos += n;
+                if slot.out_pos == front.len() {
+                    slot.out.pop_front();
+                    slot.out_pos = 0;
+                }
+            }
+            if !slot.out.is_empty() {
+                i += 1;
+                continue;
+            }
+            if slot.out.capacity() > 0 {
+                slot.out = VecDeque::new();
+            }
+            let Some(status) = slot.end.take() else {
+                i += 1;
+                continue;
+            };
+            let (id, remote_done) = (slot.id, slot.remote_done);
+            // Dropping the handler takes the proxy out of the tracker.
+            self.streams.remove(i);
+            let mut block = Vec::with_capacity(32);
+            trailers(&mut block, &status);
+            self.frame(HEADERS, END_HEADERS | END_STREAM, id, &block);
+            if !remote_done {
+                // The client need not send more (RFC 9113, 8.1).
+                self.rst(id, NO_ERROR);
+            }
+        }
+    }
+
+    fn on_generation(&mut self, generation: &Generation) {
+        for i in 0..self.streams.len() {
+            let mut out = Output::default();
+            let slot = &mut self.streams[i];
+            if slot.end.is_none() {
+                slot.handler.on_generation(self.services.ctx(), &self.peer, generation, &mut out);
+            }
+            self.apply(i, out);
+        }
+    }
+
+    fn on_timers(&mut self, now: Instant) {
+        for i in 0..self.streams.len() {
+            let mut out = Output::default();
+            let slot = &mut self.streams[i];
+            if slot.end.is_none() && slot.handler.next_wakeup().is_some_and(|at| at <= now) {
+                slot.handler.on_timer(self.services.ctx(), now, &mut out);
+            }
+            self.apply(i, out);
+        }
+    }
+
+    /// The timer armed for the earliest stream wake-up; `true` when one is due now.
+    fn poll_timer(&mut self, cx: &mut Context<'_>) -> bool {
+        let next = self.streams.iter().filter_map(|s| s.handler.next_wakeup()).min();
+        let Some(at) = next else {
+            self.timer = None;
+            return false;
+        };
+        match &mut self.timer {
+            Some((armed, sleep)) if *armed == at => sleep.as_mut().poll(cx).is_ready(),
+            _ => {
+                let mut sleep = Box::pin(tokio::time::sleep_until(at.into()));
+                let due = sleep.as_mut().poll(cx).is_ready();
+                self.timer = Some((at, sleep));
+                due
+            }
+        }
+    }
+
+    /// Reads once; `Ready(true)` at the end of the input.
+    fn poll_read(&mut self, cx: &mut Context<'_>) -> Poll<Result<bool, ConnError>> {
+        let mut chunk = [0u8; READ_CHUNK];
+        let mut buf = ReadBuf::new(&mut chunk);
+        match Pin::new(&mut self.io).poll_read(cx, &mut buf) {
+            Poll::Pending => return Poll::Pending,
+            // Reset, timed out (no preface in time), TLS error: nothing to say to it.
+            Poll::Ready(Err(_)) => return Poll::Ready(Ok(true)),
+            Poll::Ready(Ok(())) => {}
+        }
+        let n = buf.filled().len();
+        if n == 0 {
+            return Poll::Ready(Ok(true));
+        }
+        if self.rbuf.is_empty() {
+            let used = self.process(&chunk[..n])?;
+            self.rbuf.extend_from_slice(&chunk[used..n]);
+        } else {
+            let mut data = std::mem::take(&mut self.rbuf);
+            data.extend_from_slice(&chunk[..n]);
+            let used = self.process(&data)?;
+            data.drain(..used);
+            self.rbuf = data;
+        }
+        if self.rbuf.is_empty() {
+            self.rbuf = Vec::new();
+        }
+        Poll::Ready(Ok(false))
+    }
+
+    /// Writes what is waiting; `Ready` once all of it is written.
+    fn poll_write(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while self.wpos < self.wbuf.len() {
+            let n = std::task::ready!(Pin::new(&mut self.io).poll_write(cx, &self.wbuf[self.wpos..]))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.wpos += n;
+        }
+        // Written: the buffer goes back, so an idle connection holds none.
+        self.wbuf = Vec::new();
+        self.wpos = 0;
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_run(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ConnError>> {
+        for _ in 0..TURNS_PER_POLL {
+            let mut progress = false;
+            if !self.closing && self.shutdown.as_mut().poll(cx).is_ready() {
+                // Streams end with OK, as when the server stops.
+                for s in &mut self.streams {
+                    s.end.get_or_insert_with(|| Status::ok(""));
+                }
+                self.pump();
+                self.go_away(NO_ERROR, "shutting down");
+            }
+            if !self.closing {
+                while let Poll::Ready(next) = Pin::new(&mut self.generations).poll_next(cx) {
+                    match next {
+                        Some(Some(g)) => self.on_generation(&g),
+                        Some(None) => {}
+                        None => self.go_away(NO_ERROR, "shutting down"),
+                    }
+                    progress = true;
+                }
+            }
+            if self.keepalive.as_mut().poll(cx).is_ready() {
+                if self.ping_outstanding {
+                    return Poll::Ready(Err(fail(NO_ERROR, "keepalive PING not answered")));
+                }
+                self.ping_outstanding = true;
+                self.frame(PING, 0, 0, &[0, 0, 0, 0, 0, 0, 0, 1]);
+                let next = tokio::time::Instant::now() + self.settings.keepalive;
+                self.keepalive.as_mut().reset(next);
+                progress = true;
+            }
+            if self.poll_timer(cx) {
+                self.timer = None;
+                self.on_timers(Instant::now());
+                progress = true;
+            }
+            if !self.closing && self.wbuf.len() - self.wpos < WRITE_HIGH {
+                match self.poll_read(cx) {
+                    Poll::Ready(Ok(true)) => return Poll::Ready(Ok(())),
+                    Poll::Ready(Ok(false)) => progress = true,
+                    Poll::Ready(Err(e)) => {
+                        self.go_away(e.code, e.why);
+                        progress = true;
+                    }
+                    Poll::Pending => {}
+                }
+            }
+            self.pump();
+            let (before, waiting) = (self.wpos, self.wbuf.len());
+            match self.poll_write(cx) {
+                Poll::Ready(Ok(())) if self.closing => {
+                    let _ = Pin::new(&mut self.io).poll_shutdown(cx);
+                    return Poll::Ready(Ok(()));
+                }
+                // Written: streams held back by the output bound may go on.
+                Poll::Ready(Ok(())) => progress |= waiting > before,
+                Poll::Ready(Err(_)) => return Poll::Ready(Ok(())),
+                Poll::Pending => progress |= self.wpos != before,
+            }
+            if !progress {
+                return Poll::Pending;
+            }
+        }
+        // Busy: let other connections run, then carry on.
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+}
+
+impl<IO: AsyncRead + AsyncWrite + Unpin> Future for Connection<IO> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.get_mut();
+        match this.poll_run(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Ok(())) => Poll::Ready(()),
+            Poll::Ready(Err(e)) => {
+                tracing::debug!(peer = %this.peer.addr, reason = e.why, "xDS connection closed");
+                Poll::Ready(())
+            }
+        }
+    }
+}
+
+/// Serves every connection `accepted` hands over until `shutdown`; then waits (at most
+/// five seconds) for connections to say goodbye.
+pub async fn serve(
+    mut accepted: tokio::sync::mpsc::Receiver<crate::tls::Accepted>,
+    services: XdsServices,
+    settings: H2Settings,
+    handshake_timeout: Duration,
+    metrics: Arc<crate::metrics::Metrics>,
+    shutdown: CancellationToken,
+) {
+    let tasks = tokio_util::task::TaskTracker::new();
+    loop {
+        let a = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            a = accepted.recv() => match a { Some(a) => a, None => break },
+        };
+        let peer = services.peer(a.io.peer());
+        let io = crate::limits::Handshake::new(a.io, handshake_timeout, metrics.clone());
+        tasks.spawn(Connection::new(io, services.clone(), peer, settings.clone(), shutdown.clone()));
+    }
+    tasks.close();
+    let _ = tokio::time::timeout(Duration::from_secs(5), tasks.wait()).await;
+}
+
+/// Splits a stream's request bytes into gRPC messages and hands each to its handler;
+/// keeps a message not complete yet (at most `MAX_REQUEST`).
+fn read_messages(slot: &mut Slot, data: &[u8], (services, peer): (&XdsServices, &ConnPeer), out: &mut Output) {
+    // The common case: the frame holds whole messages and nothing waits before it.
+    let mut owned = Vec::new();
+    let buf: &[u8] = if slot.inbuf.is_empty() {
+        data
+    } else {
+        owned = std::mem::take(&mut slot.inbuf);
+        owned.extend_from_slice(data);
+        &owned
+    };
+    let mut pos = 0;
+    while buf.len() - pos >= 5 && out.end.is_none() {
+        let compressed = buf[pos] != 0;
+        let len = u32::from_be_bytes([buf[pos + 1], buf[pos + 2], buf[pos + 3], buf[pos + 4]]) as usize;
+        if compressed {
+            out.end = Some(Status::unimplemented("compressed requests are not supported"));
+            break;
+        }
+        if len > MAX_REQUEST {
+            services.ctx().tracker.metrics().limit_hit("request_bytes");
+            tracing::warn!(peer = %peer.addr, bytes = len, "closing xDS stream: request over the size limit");
+            out.end = Some(Status::out_of_range(format!(
+                "a request of {len} bytes is over the limit of {MAX_REQUEST} bytes"
+            )));
+            break;
+        }
+        if buf.len() - pos - 5 < len {
+            break;
+        }
+        slot.handler.on_message(services, peer, &buf[pos + 5..pos + 5 + len], out);
+        pos += 5 + len;
+    }
+    if out.end.is_none() && pos < buf.len() {
+        slot.inbuf = buf[pos..].to_vec();
+    }
+    drop(owned);
+}
+
+fn frame_head(buf: &mut Vec<u8>, len: usize, ty: u8, flags: u8, id: u32) {
+    buf.extend_from_slice(&[(len >> 16) as u8, (len >> 8) as u8, len as u8, ty, flags]);
+    buf.extend_from_slice(&(id & 0x7fff_ffff).to_be_bytes());
+}
+
+/// An HPACK integer with an `n`-bit prefix (RFC 7541, 5.1).
+fn hpack_int(buf: &mut Vec<u8>, n: u8, flags: u8, value: usize) {
+    let max = (1usize << n) - 1;
+    if value < max {
+        buf.push(flags | value as u8);
+        return;
+    }
+    buf.push(flags | max as u8);
+    let mut v = value - max;
+    while v >= 128 {
+        buf.push((v % 128 + 128) as u8);
+        v /= 128;
+    }
+    buf.push(v as u8);
+}
+
+/// A literal header field without indexing, its name a literal too (RFC 7541, 6.2.2).
+fn literal(buf: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    buf.push(0);
+    hpack_int(buf, 7, 0, name.len());
+    buf.extend_from_slice(name);
+    hpack_int(buf, 7, 0, value.len());
+    buf.extend_from_slice(value);
+}
+
+/// `:status: 200` (static table entry 8) and `content-type: application/grpc` (name
+/// from static entry 31).
+fn response_headers(buf: &mut Vec<u8>) {
+    buf.push(0x88);
+    hpack_int(buf, 4, 0, 31);
+    hpack_int(buf, 7, 0, b"application/grpc".len());
+    buf.extend_from_slice(b"application/grpc");
+}
+
+/// `grpc-status` and, unless empty, `grpc-message` (percent-encoded, as gRPC asks).
+fn trailers(buf: &mut Vec<u8>, status: &Status) {
+    literal(buf, b"grpc-status", (status.code() as i32).to_string().as_bytes());
+    let message = status.message();
+    if message.is_empty() {
+        return;
+    }
+    let mut encoded = Vec::with_capacity(message.len().min(MAX_STATUS_MESSAGE));
+    for &b in message.as_bytes() {
+        if encoded.len() + 3 > MAX_STATUS_MESSAGE {
+            break;
+        }
+        if (0x20..0x7f).contains(&b) && b != b'%' {
+            encoded.push(b);
+        } else {
+            encoded.extend_from_slice(format!("%{b:02X}").as_bytes());
+        }
+    }
+    literal(buf, b"grpc-message", &encoded);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hpack_integers_follow_rfc_7541() {
+        // C.1.1 – C.1.3.
+        let mut b = Vec::new();
+        hpack_int(&mut b, 5, 0, 10);
+        assert_eq!(b, [10]);
+        b.clear();
+        hpack_int(&mut b, 5, 0, 1337);
+        assert_eq!(b, [31, 154, 10]);
+        b.clear();
+        hpack_int(&mut b, 8, 0, 42);
+        assert_eq!(b, [42]);
+    }
+
+    #[test]
+    fn response_headers_and_trailers_decode() {
+        let mut block = Vec::new();
+        response_headers(&mut block);
+        trailers(&mut block, &Status::out_of_range("too big: 100%\n"));
+        let mut d = loona_hpack::Decoder::new();
+        let headers = d.decode(&block).unwrap();
+        let text: Vec<(String, String)> = headers
+            .into_iter()
+            .map(|(n, v)| (String::from_utf8(n).unwrap(), String::from_utf8(v).unwrap()))
+            .collect();
+        assert_eq!(
+            text,
+            [
+                (":status".to_owned(), "200".to_owned()),
+                ("content-type".to_owned(), "application/grpc".to_owned()),
+                ("grpc-status".to_owned(), "11".to_owned()),
+                ("grpc-message".to_owned(), "too big: 100%25%0A".to_owned()),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_long_status_message_is_cut_to_fit_one_frame() {
+        let mut block = Vec::new();
+        trailers(&mut block, &Status::internal("é".repeat(10_000)));
+        assert!(block.len() < MAX_STATUS_MESSAGE + 64, "{}", block.len());
+    }
+}
