@@ -61,6 +61,9 @@ pub struct LoadSpec {
     pub server_pid: Option<u32>,
     /// Streams stay open this long after the change, before the report.
     pub hold: Duration,
+    /// How many times the change is made (back and forth); the first is the one the
+    /// report details, and every one gives a row of `repeats`.
+    pub changes: usize,
 }
 
 /// What the proxies share with the controller.
@@ -153,6 +156,34 @@ pub async fn run(spec: LoadSpec) -> anyhow::Result<Report> {
     };
     let server =
         report::ServerSample { rss_before_kib: rss_before, rss_idle_kib: rss_idle, cpu_secs_for_change: cpu_push };
+    let mut repeats = Vec::new();
+    if let (Some(change), Some(cpu)) = (&spec.change, cpu_push) {
+        let received = times.iter().filter_map(|t| t.lock().ok()?.change_received).collect();
+        repeats.push(report::Repeat::of(received, cpu));
+        for k in 1..spec.changes {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            for t in times.iter() {
+                if let Ok(mut t) = t.lock() {
+                    t.change_received = None;
+                }
+            }
+            let (from, to) = if k % 2 == 1 { (&change.to, &change.from) } else { (&change.from, &change.to) };
+            let text = std::fs::read_to_string(&change.file)?;
+            let cpu_before = spec.server_pid.and_then(report::cpu_secs);
+            *shared.change_written.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+            std::fs::write(&change.file, text.replacen(from.as_str(), to, 1))?;
+            let deadline = Instant::now() + spec.timeout;
+            while !all(&|t| t.change_received.is_some()) && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            let cpu = match (spec.server_pid.and_then(report::cpu_secs), cpu_before) {
+                (Some(after), Some(before)) => after - before,
+                _ => 0.0,
+            };
+            let received = times.iter().filter_map(|t| t.lock().ok()?.change_received).collect();
+            repeats.push(report::Repeat::of(received, cpu));
+        }
+    }
     let server_acks = match (&spec.admin, write_wall) {
         (Some(admin), Some(at)) => Some(report::server_ack_latencies(admin, at, &spec, spec.timeout).await),
         _ => None,
@@ -160,5 +191,7 @@ pub async fn run(spec: LoadSpec) -> anyhow::Result<Report> {
     tokio::time::sleep(spec.hold).await;
     tasks.abort_all();
     let times: Vec<ProxyTimes> = times.iter().map(|t| t.lock().map(|t| t.clone()).unwrap_or_default()).collect();
-    Ok(Report::new(&spec, ramp, &times, &shared, server_acks, server))
+    let mut report = Report::new(&spec, ramp, &times, &shared, server_acks, server);
+    report.repeats = repeats;
+    Ok(report)
 }

@@ -59,6 +59,8 @@ pub struct Report {
     pub nacks_sent: u64,
     pub server: ServerSample,
     pub errors: Vec<String>,
+    /// Every change of the run (`--changes`), in order.
+    pub repeats: Vec<Repeat>,
 }
 
 /// The server process, sampled through /proc.
@@ -92,6 +94,32 @@ pub fn cpu_secs(pid: u32) -> Option<f64> {
     let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
     // USER_HZ is 100 on Linux.
     Some(ticks / 100.0)
+}
+
+/// One change of a run: its p50 and p99 and the server's CPU for it.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Repeat {
+    pub received: usize,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub server_cpu_secs: f64,
+}
+
+impl Repeat {
+    pub fn of(received: Vec<Duration>, server_cpu_secs: f64) -> Self {
+        let received_n = received.len();
+        let p = Percentiles::of(received);
+        Repeat { received: received_n, p50_ms: p.p50_ms, p99_ms: p.p99_ms, server_cpu_secs }
+    }
+}
+
+/// Median, least and most of `v`.
+fn spread(mut v: Vec<f64>) -> (f64, f64, f64) {
+    v.sort_by(f64::total_cmp);
+    match (v.first(), v.last()) {
+        (Some(&lo), Some(&hi)) => (v[v.len() / 2], lo, hi),
+        _ => (0.0, 0.0, 0.0),
+    }
 }
 
 impl Report {
@@ -131,6 +159,7 @@ impl Report {
             nacks_sent: shared.nacks.load(Ordering::Relaxed),
             server,
             errors,
+            repeats: Vec::new(),
         }
     }
 }
@@ -162,6 +191,26 @@ impl std::fmt::Display for Report {
         }
         if let Some(cpu) = self.server.cpu_secs_for_change {
             writeln!(f, "server CPU for the change: {cpu:.2}s")?;
+        }
+        if self.repeats.len() > 1 {
+            let (cpu, cpu_lo, cpu_hi) = spread(self.repeats.iter().map(|r| r.server_cpu_secs).collect());
+            let (p99, p99_lo, p99_hi) = spread(self.repeats.iter().map(|r| r.p99_ms).collect());
+            writeln!(
+                f,
+                "{} changes: server CPU per push median {cpu:.3}s (min {cpu_lo:.3}, max {cpu_hi:.3}); p99 median {p99:.1}ms (min {p99_lo:.1}, max {p99_hi:.1})",
+                self.repeats.len()
+            )?;
+            for (i, r) in self.repeats.iter().enumerate() {
+                writeln!(
+                    f,
+                    "  change {}: {} received, p50 {:.1}ms p99 {:.1}ms, server CPU {:.3}s",
+                    i + 1,
+                    r.received,
+                    r.p50_ms,
+                    r.p99_ms,
+                    r.server_cpu_secs
+                )?;
+            }
         }
         write!(f, "errors: {}", self.errors.len())?;
         for e in self.errors.iter().take(10) {

@@ -28,6 +28,7 @@ fn smoke(mode: Mode) {
         timeout: Duration::from_secs(30),
         server_pid: None,
         hold: Duration::ZERO,
+        changes: 1,
     };
     let report = tokio::runtime::Runtime::new().unwrap().block_on(run(spec)).unwrap();
     println!("{report}");

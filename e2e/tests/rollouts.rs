@@ -260,6 +260,7 @@ fn a_thousand_proxies_step_by_step() {
         timeout: Duration::from_secs(120),
         server_pid: None,
         hold: Duration::ZERO,
+        changes: 1,
     };
     let loadgen = std::thread::spawn(move || {
         tokio::runtime::Runtime::new().unwrap().block_on(filterplane_bench::run(load)).map_err(|e| e.to_string())

@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod cache;
 pub mod cli;
+pub mod fleet;
 pub mod identity;
 pub mod limits;
 pub mod metrics;

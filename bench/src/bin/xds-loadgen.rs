@@ -55,6 +55,10 @@ struct Args {
     /// The server's pid, to sample its memory and CPU (Linux).
     #[arg(long)]
     server_pid: Option<u32>,
+    /// Make the change this many times (back and forth), each measured on its own: the
+    /// report gives the spread of server CPU per push and of the p99.
+    #[arg(long, default_value_t = 1)]
+    changes: usize,
     /// Keep every stream open (and ACKing) this long after the change, before reporting:
     /// to profile the server under further changes made by hand.
     #[arg(long, default_value_t = 0)]
@@ -92,6 +96,7 @@ async fn main() -> anyhow::Result<()> {
         timeout: Duration::from_secs(a.timeout_secs),
         server_pid: a.server_pid,
         hold: Duration::from_secs(a.hold_secs),
+        changes: a.changes.max(1),
     };
     let report = run(spec).await?;
     if a.json {

@@ -17,6 +17,7 @@ use crate::reload::ReloadStatus;
 pub fn routes() -> Router<AdminState> {
     Router::new()
         .route("/proxies", get(proxies))
+        .route("/summary", get(summary))
         .route("/proxies/{node_id}", get(proxy))
         .route("/rejects", get(rejects))
         .route("/refusals", get(refusals))
@@ -78,12 +79,25 @@ async fn refusals(State(s): State<AdminState>) -> Response {
     Json(s.tracker.refusals()).into_response()
 }
 
-async fn proxies(State(s): State<AdminState>) -> Response {
-    Json(s.tracker.proxies()).into_response()
+/// Without parameters: every proxy, by node id (for scripts; large at fleet scale). With
+/// any of `state`, `q`, `limit`, `cursor`: one page (`fleet::page`).
+async fn proxies(State(s): State<AdminState>, Query(q): Query<crate::fleet::ProxyQuery>) -> Response {
+    if !q.is_paged() {
+        return Json(s.tracker.proxies()).into_response();
+    }
+    match crate::fleet::page(&s.tracker, &q) {
+        Ok(page) => Json(page).into_response(),
+        Err(e) => (StatusCode::BAD_REQUEST, Json(json!({ "error": e.to_string() }))).into_response(),
+    }
+}
+
+/// Proxies per state and version, resources per version, NACKing proxies.
+async fn summary(State(s): State<AdminState>) -> Response {
+    Json(crate::fleet::summary(&s.tracker)).into_response()
 }
 
 async fn proxy(State(s): State<AdminState>, Path(node_id): Path<String>) -> Response {
-    let streams: Vec<_> = s.tracker.proxies().into_iter().filter(|p| p.node_id() == node_id).collect();
+    let streams = s.tracker.proxy(&node_id);
     if streams.is_empty() {
         return (
             StatusCode::NOT_FOUND,
@@ -162,7 +176,7 @@ async fn config_dump(State(s): State<AdminState>, Query(q): Query<DumpQuery>) ->
             .into_response();
     };
     if let Some(node_id) = q.node_id {
-        let Some(proxy) = s.tracker.proxies().into_iter().find(|p| p.node_id() == node_id) else {
+        let Some(proxy) = s.tracker.proxy(&node_id).into_iter().next() else {
             return (
                 StatusCode::NOT_FOUND,
                 Json(json!({ "error": format!("no connected proxy with node id \"{node_id}\"") })),

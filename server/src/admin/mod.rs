@@ -130,29 +130,74 @@ async fn metrics(State(s): State<AdminState>) -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], s.metrics.render())
 }
 
-/// Server-sent events: a `change` event whenever proxies, rejects or the config change,
-/// at most four a second (watch channels keep only the latest value, so bursts coalesce).
-async fn events(State(s): State<AdminState>) -> axum::response::Response {
+/// Server-sent events, at most four a second (bursts coalesce):
+/// - `proxies`: `{"summary": …, "page": …}` whenever the proxies moved: the summary and
+///   the page the client follows (`?state=&q=&limit=&cursor=`, as `/api/v1/proxies`),
+///   each only when it differs from what this client got last (`null` otherwise). The
+///   page never refetches proxies.
+/// - `change`: the config, a reload, rollouts or rejects changed (small: refetch those).
+async fn events(State(s): State<AdminState>, axum::extract::Query(mut query): axum::extract::Query<crate::fleet::ProxyQuery>) -> axum::response::Response {
     // Each client holds a connection for as long as it watches: a bounded number of them.
     let Ok(permit) = s.event_clients.clone().try_acquire_owned() else {
         s.metrics.limit_hit("event_clients");
         return (StatusCode::SERVICE_UNAVAILABLE, "too many event-stream clients; the page polls instead\n")
             .into_response();
     };
-    let tracker = WatchStream::new(s.tracker.changes()).map(|_| ());
-    let reloads = WatchStream::new(s.reloader.changes()).map(|_| ());
-    let rollouts = WatchStream::new(s.rollouts.changes()).map(|_| ());
-    let stream = tracker
-        .merge(reloads)
+    query.limit.get_or_insert(100);
+    if let Err(e) = crate::fleet::page(&s.tracker, &query) {
+        return (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response();
+    }
+    let every = Duration::from_millis(250);
+    let reloads = WatchStream::new(s.reloader.changes()).map(|_| Kind::Change);
+    let rollouts = WatchStream::new(s.rollouts.changes()).map(|_| Kind::Change);
+    let proxies = s.tracker.changes(every).map(|_| Kind::Proxies);
+    let (tracker, rejects_seen) = (s.tracker.clone(), std::sync::atomic::AtomicUsize::new(usize::MAX));
+    let (mut last_summary, mut last_page) = (String::new(), String::new());
+    let stream = reloads
         .merge(rollouts)
-        .throttle(Duration::from_millis(250))
-        // (An SSE event with empty data is never dispatched by browsers.)
-        .map(move |()| {
+        .throttle(every)
+        .merge(proxies)
+        .filter_map(move |kind| {
             let _held = &permit;
-            Ok::<_, Infallible>(Event::default().event("change").data("changed"))
-        });
+            match kind {
+                Kind::Change => Some(Event::default().event("change").data("changed")),
+                Kind::Proxies => {
+                    let mut summary = serde_json::to_string(&crate::fleet::summary(&tracker)).unwrap_or_default();
+                    let mut page = match crate::fleet::page(&tracker, &query) {
+                        Ok(p) => serde_json::to_string(&p).unwrap_or_default(),
+                        Err(_) => String::new(),
+                    };
+                    // `seq` moves on every event; what the client sees is the rest.
+                    let stable = summary.find(",\"seq\":").map_or(summary.as_str(), |i| &summary[..i]).to_owned();
+                    let summary_same = stable == last_summary;
+                    last_summary = stable;
+                    if page == last_page {
+                        page = "null".into();
+                    } else {
+                        last_page = page.clone();
+                    }
+                    if summary_same {
+                        summary = "null".into();
+                    }
+                    // Rejects live in the tracker too: a new one is a `change`.
+                    let rejects = tracker.rejects_len();
+                    let rejects_moved = rejects_seen.swap(rejects, std::sync::atomic::Ordering::Relaxed) != rejects;
+                    if summary == "null" && page == "null" {
+                        return rejects_moved.then(|| Event::default().event("change").data("changed"));
+                    }
+                    Some(Event::default().event("proxies").data(format!("{{\"summary\":{summary},\"page\":{page}}}")))
+                }
+            }
+        })
+        .map(Ok::<_, Infallible>);
     let stream = futures_util::StreamExt::take_until(stream, s.shutdown.cancelled_owned());
     Sse::new(stream).keep_alive(KeepAlive::default()).into_response()
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    Change,
+    Proxies,
 }
 
 #[cfg(test)]

@@ -107,12 +107,31 @@ async fn event_stream_announces_changes() {
     assert_eq!(res.status(), StatusCode::OK);
     assert_eq!(res.headers()["content-type"], "text/event-stream");
     let mut body = res.into_body();
-    // The first event says "look now"; a reload produces another.
-    let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
-    assert!(String::from_utf8_lossy(&first).contains("event: change\ndata: changed"), "{first:?}");
+    // Events until one contains `what`.
+    async fn until(body: &mut Body, what: &str) -> String {
+        loop {
+            let frame = tokio::time::timeout(std::time::Duration::from_secs(5), body.frame()).await.unwrap().unwrap();
+            let text = String::from_utf8_lossy(&frame.unwrap().into_data().unwrap()).into_owned();
+            if text.contains(what) {
+                return text;
+            }
+        }
+    }
+    // At once: "look now", and the proxies (none yet) with their summary.
+    until(&mut body, "event: change\ndata: changed").await;
+    let proxies = until(&mut body, "event: proxies").await;
+    assert!(proxies.contains("\"summary\":{\"proxies\":0"), "{proxies}");
+    // A reload produces another change.
     s.reloader.reload("test").await;
-    let next = tokio::time::timeout(std::time::Duration::from_secs(5), body.frame()).await.unwrap().unwrap().unwrap();
-    assert!(String::from_utf8_lossy(&next.into_data().unwrap()).contains("event: change"));
+    until(&mut body, "event: change").await;
+    // A proxy connecting produces a proxies event carrying it.
+    let node = std::sync::Arc::new(crate::xds::stream::NodeInfo {
+        facts: filterplane_config::NodeFacts { id: "evented".into(), ..Default::default() },
+        ..Default::default()
+    });
+    s.tracker.connect(node, crate::tracker::StreamKind::Sotw, "127.0.0.1:9".into());
+    let proxies = until(&mut body, "event: proxies").await;
+    assert!(proxies.contains("\"node_id\":\"evented\"") && proxies.contains("\"total\":1"), "{proxies}");
     // Shutdown ends the stream, so a graceful shutdown does not wait on open pages.
     s.shutdown.cancel();
     let end = tokio::time::timeout(std::time::Duration::from_secs(5), body.frame()).await.unwrap();

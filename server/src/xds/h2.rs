@@ -31,7 +31,8 @@ use std::{
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_stream::Stream;
-use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
 use crate::{
@@ -169,19 +170,21 @@ pub struct Connection<IO> {
     send_window: i64,
     /// Bytes received since the last connection WINDOW_UPDATE.
     recv_unacked: u32,
-    generations: tokio_stream::wrappers::WatchStream<Option<Arc<Generation>>>,
-    shutdown: Pin<Box<WaitForCancellationFutureOwned>>,
+    /// New configurations, and the server stopping.
+    signals: tokio_stream::wrappers::WatchStream<Signal>,
     keepalive: Pin<Box<tokio::time::Sleep>>,
     ping_outstanding: bool,
     /// The earliest stream timer (a Wasm resend, a held removal), when one is due.
     timer: Option<(Instant, Pin<Box<tokio::time::Sleep>>)>,
+    /// A handler ran since the timer was armed: its wake-up may have changed.
+    timer_stale: bool,
     /// GOAWAY sent or received: no new streams; close once the output is written.
     closing: bool,
 }
 
 impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
-    pub fn new(io: IO, services: XdsServices, peer: ConnPeer, settings: H2Settings, shutdown: CancellationToken) -> Self {
-        let generations = tokio_stream::wrappers::WatchStream::from_changes(services.ctx().cache.subscribe());
+    pub fn new(io: IO, services: XdsServices, peer: ConnPeer, settings: H2Settings, signals: watch::Receiver<Signal>) -> Self {
+        let signals = tokio_stream::wrappers::WatchStream::from_changes(signals);
         let mut hpack = loona_hpack::Decoder::new();
         hpack.set_max_allowed_table_size(4096);
         let keepalive = Box::pin(tokio::time::sleep(settings.keepalive));
@@ -201,11 +204,11 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
             peer_max_frame: 16_384,
             send_window: 65_535,
             recv_unacked: 0,
-            generations,
-            shutdown: Box::pin(shutdown.cancelled_owned()),
+            signals,
             keepalive,
             ping_outstanding: false,
             timer: None,
+            timer_stale: false,
             closing: false,
             settings,
         };
@@ -252,6 +255,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
 
     /// Hands a handler's output to its stream.
     fn apply(&mut self, i: usize, out: Output) {
+        self.timer_stale = true;
         let slot = &mut self.streams[i];
         slot.out.extend(out.messages);
         if slot.end.is_none() {
@@ -642,6 +646,10 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
 
     /// The timer armed for the earliest stream wake-up; `true` when one is due now.
     fn poll_timer(&mut self, cx: &mut Context<'_>) -> bool {
+        if !self.timer_stale {
+            return self.timer.as_mut().is_some_and(|(_, sleep)| sleep.as_mut().poll(cx).is_ready());
+        }
+        self.timer_stale = false;
         let next = self.streams.iter().filter_map(|s| s.handler.next_wakeup()).min();
         let Some(at) = next else {
             self.timer = None;
@@ -706,22 +714,22 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
     fn poll_run(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ConnError>> {
         for _ in 0..TURNS_PER_POLL {
             let mut progress = false;
-            if !self.closing && self.shutdown.as_mut().poll(cx).is_ready() {
-                // Streams end with OK, as when the server stops.
-                for s in &mut self.streams {
-                    s.end.get_or_insert_with(|| Status::ok(""));
-                }
-                self.pump();
-                self.go_away(NO_ERROR, "shutting down");
-            }
-            if !self.closing {
-                while let Poll::Ready(next) = Pin::new(&mut self.generations).poll_next(cx) {
-                    match next {
-                        Some(Some(g)) => self.on_generation(&g),
-                        Some(None) => {}
-                        None => self.go_away(NO_ERROR, "shutting down"),
+            while let Poll::Ready(next) = Pin::new(&mut self.signals).poll_next(cx) {
+                match next {
+                    Some(Signal::Generation(Some(g))) if !self.closing => self.on_generation(&g),
+                    Some(Signal::Generation(_)) => {}
+                    Some(Signal::Stop) | None => {
+                        // Streams end with OK, as when the server stops.
+                        for s in &mut self.streams {
+                            s.end.get_or_insert_with(|| Status::ok(""));
+                        }
+                        self.pump();
+                        self.go_away(NO_ERROR, "shutting down");
                     }
-                    progress = true;
+                }
+                progress = true;
+                if self.closing {
+                    break;
                 }
             }
             if self.keepalive.as_mut().poll(cx).is_ready() {
@@ -736,6 +744,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
             }
             if self.poll_timer(cx) {
                 self.timer = None;
+                self.timer_stale = true;
                 self.on_timers(Instant::now());
                 progress = true;
             }
@@ -788,6 +797,14 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Future for Connection<IO> {
     }
 }
 
+/// What every connection is told: a new configuration, or that the server stops. (One
+/// channel for both: an idle connection waits on one thing, and one wake-up per change.)
+#[derive(Debug, Clone)]
+pub enum Signal {
+    Generation(Option<Arc<Generation>>),
+    Stop,
+}
+
 /// Serves every connection `accepted` hands over until `shutdown`; then waits (at most
 /// five seconds) for connections to say goodbye.
 pub async fn serve(
@@ -798,6 +815,27 @@ pub async fn serve(
     metrics: Arc<crate::metrics::Metrics>,
     shutdown: CancellationToken,
 ) {
+    let (signals, _) = watch::channel(Signal::Generation(services.ctx().cache.current()));
+    let forward = {
+        let mut generations = services.ctx().cache.subscribe();
+        let (signals, shutdown) = (signals.clone(), shutdown.clone());
+        async move {
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    changed = generations.changed() => {
+                        if changed.is_err() {
+                            break;
+                        }
+                        let g = generations.borrow_and_update().clone();
+                        signals.send_replace(Signal::Generation(g));
+                    }
+                }
+            }
+            signals.send_replace(Signal::Stop);
+        }
+    };
+    let forwarding = tokio::spawn(forward);
     let tasks = tokio_util::task::TaskTracker::new();
     loop {
         let a = tokio::select! {
@@ -806,8 +844,9 @@ pub async fn serve(
         };
         let peer = services.peer(a.io.peer());
         let io = crate::limits::Handshake::new(a.io, handshake_timeout, metrics.clone());
-        tasks.spawn(Connection::new(io, services.clone(), peer, settings.clone(), shutdown.clone()));
+        tasks.spawn(Connection::new(io, services.clone(), peer, settings.clone(), signals.subscribe()));
     }
+    let _ = forwarding.await;
     tasks.close();
     let _ = tokio::time::timeout(Duration::from_secs(5), tasks.wait()).await;
 }

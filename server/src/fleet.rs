@@ -1,0 +1,429 @@
+//! The connected fleet at a glance, computed on the server so that the page and the API
+//! stay usable at 10,000 proxies and more: a summary (proxies per state and per version,
+//! NACKing proxies first), and pages of proxies found by state and text, in a stable order
+//! with a cursor. Neither copies a proxy that is not returned.
+
+use std::collections::{BTreeMap, BinaryHeap};
+
+use serde::Serialize;
+
+use crate::tracker::{AckTracker, ProxyStatus, SyncState};
+
+/// The most proxies one page holds.
+pub const MAX_PAGE: usize = 1000;
+/// NACKing proxies a summary names.
+pub const SUMMARY_NACKING: usize = 20;
+
+/// A proxy's state: the worst of its types (NACKed, then waiting, then nothing sent).
+pub fn proxy_state(p: &ProxyStatus) -> SyncState {
+    let states = p.types.values().map(|t| t.state);
+    let mut worst = SyncState::Synced;
+    for s in states {
+        if rank(s) < rank(worst) {
+            worst = s;
+        }
+    }
+    worst
+}
+
+/// Sort rank of a state: what needs attention first.
+fn rank(s: SyncState) -> u8 {
+    match s {
+        SyncState::Nacked => 0,
+        SyncState::Pending => 1,
+        SyncState::NotSent => 2,
+        SyncState::Synced => 3,
+    }
+}
+
+pub fn state_label(s: SyncState) -> &'static str {
+    match s {
+        SyncState::Nacked => "nacked",
+        SyncState::Pending => "pending",
+        SyncState::NotSent => "not_sent",
+        SyncState::Synced => "synced",
+    }
+}
+
+fn parse_state(s: &str) -> Option<SyncState> {
+    Some(match s {
+        "nacked" => SyncState::Nacked,
+        "pending" => SyncState::Pending,
+        "not_sent" => SyncState::NotSent,
+        "synced" => SyncState::Synced,
+        _ => return None,
+    })
+}
+
+/// A bad query, said back to the client.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum QueryError {
+    #[error("state must be one of nacked, pending, not_sent, synced (got {0:?})")]
+    State(String),
+    #[error("cursor {0:?} is not one this server handed out")]
+    Cursor(String),
+    #[error("limit must be 1 to {MAX_PAGE} (got {0})")]
+    Limit(usize),
+}
+
+/// `/api/v1/proxies?state=&q=&limit=&cursor=`.
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+pub struct ProxyQuery {
+    pub state: Option<String>,
+    /// Text the node id, cluster or peer address contains (any case).
+    pub q: Option<String>,
+    pub limit: Option<usize>,
+    /// `next_cursor` of the page before.
+    pub cursor: Option<String>,
+}
+
+impl ProxyQuery {
+    /// Whether this asks for a page (any parameter given) rather than every proxy.
+    pub fn is_paged(&self) -> bool {
+        self.state.is_some() || self.q.is_some() || self.limit.is_some() || self.cursor.is_some()
+    }
+}
+
+/// The order of the table, and what a cursor holds: state rank, node id, stream id.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct Key(u8, String, u64);
+
+impl Key {
+    fn cursor(&self) -> String {
+        format!("{}.{}.{}", self.0, self.2, hex::encode(self.1.as_bytes()))
+    }
+
+    fn parse(text: &str) -> Option<Key> {
+        let mut parts = text.splitn(3, '.');
+        let rank = parts.next()?.parse().ok()?;
+        let stream = parts.next()?.parse().ok()?;
+        let node = String::from_utf8(hex::decode(parts.next()?).ok()?).ok()?;
+        Some(Key(rank, node, stream))
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ProxyPage {
+    pub proxies: Vec<ProxyStatus>,
+    /// Pass as `cursor` for the next page; absent on the last.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_cursor: Option<String>,
+    /// Proxies the state and text match, on all pages.
+    pub matched: usize,
+    /// Proxies connected.
+    pub total: usize,
+}
+
+/// One page: NACKing proxies first, then waiting ones, then the rest, each by node id.
+pub fn page(tracker: &AckTracker, query: &ProxyQuery) -> Result<ProxyPage, QueryError> {
+    let state = match query.state.as_deref().filter(|s| !s.is_empty()) {
+        Some(s) => Some(parse_state(s).ok_or_else(|| QueryError::State(s.to_owned()))?),
+        None => None,
+    };
+    let after = match query.cursor.as_deref().filter(|c| !c.is_empty()) {
+        Some(c) => Some(Key::parse(c).ok_or_else(|| QueryError::Cursor(c.to_owned()))?),
+        None => None,
+    };
+    let limit = query.limit.unwrap_or(100);
+    if limit == 0 || limit > MAX_PAGE {
+        return Err(QueryError::Limit(limit));
+    }
+    let needle = query.q.as_deref().unwrap_or("").to_lowercase();
+    let (mut matched, mut total) = (0, 0);
+    // The `limit + 1` smallest keys after the cursor (one more tells whether a next page
+    // exists), kept in a heap: no proxy is copied or sorted beyond those.
+    let mut best: BinaryHeap<Key> = BinaryHeap::new();
+    tracker.for_each(|p| {
+        total += 1;
+        let s = proxy_state(p);
+        if state.is_some_and(|want| want != s) || !contains(p, &needle) {
+            return;
+        }
+        matched += 1;
+        let key = Key(rank(s), p.node_id().to_owned(), p.stream_id);
+        if after.as_ref().is_some_and(|a| key <= *a) {
+            return;
+        }
+        if best.len() <= limit {
+            best.push(key);
+        } else if best.peek().is_some_and(|top| key < *top) {
+            best.pop();
+            best.push(key);
+        }
+    });
+    let mut keys = best.into_sorted_vec();
+    let next_cursor = (keys.len() > limit).then(|| {
+        keys.truncate(limit);
+        keys.last().map(Key::cursor).unwrap_or_default()
+    });
+    let wanted: std::collections::HashMap<u64, usize> = keys.iter().enumerate().map(|(i, k)| (k.2, i)).collect();
+    let mut found: Vec<Option<ProxyStatus>> = vec![None; keys.len()];
+    tracker.for_each(|p| {
+        if let Some(&i) = wanted.get(&p.stream_id) {
+            found[i] = Some(p.clone());
+        }
+    });
+    // (A proxy that left between the two passes is left out.)
+    let proxies = found.into_iter().flatten().collect();
+    Ok(ProxyPage { proxies, next_cursor, matched, total })
+}
+
+fn contains(p: &ProxyStatus, needle: &str) -> bool {
+    if needle.is_empty() {
+        return true;
+    }
+    let has = |s: &str| s.to_lowercase().contains(needle);
+    has(p.node_id()) || has(&p.facts().cluster) || has(&p.peer)
+}
+
+/// How many proxies are in each state.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct StateCounts {
+    pub synced: usize,
+    pub pending: usize,
+    pub nacked: usize,
+    pub not_sent: usize,
+}
+
+impl StateCounts {
+    fn add(&mut self, s: SyncState) {
+        match s {
+            SyncState::Synced => self.synced += 1,
+            SyncState::Pending => self.pending += 1,
+            SyncState::Nacked => self.nacked += 1,
+            SyncState::NotSent => self.not_sent += 1,
+        }
+    }
+}
+
+/// Proxies by the version they run of one type.
+#[derive(Debug, Clone, Serialize)]
+pub struct VersionCount {
+    pub type_url: String,
+    /// The version the proxies ACKed last (`null`: none yet).
+    pub version: Option<String>,
+    pub proxies: usize,
+    pub states: StateCounts,
+}
+
+/// One resource across the fleet: how many proxies run which version of it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ResourceCount {
+    pub type_url: String,
+    pub name: String,
+    /// By version: proxies that ACKed it.
+    pub acked: BTreeMap<String, usize>,
+    /// By version: proxies that NACKed it.
+    pub nacked: BTreeMap<String, usize>,
+    /// Proxies it was sent to that did not answer yet.
+    pub waiting: usize,
+    /// A few of the proxies that NACKed it.
+    pub nacking: Vec<String>,
+}
+
+/// A proxy that refused its last response, with Envoy's words.
+#[derive(Debug, Clone, Serialize)]
+pub struct NackingProxy {
+    pub node_id: String,
+    pub cluster: String,
+    pub stream_id: u64,
+    pub type_url: String,
+    pub version: String,
+    pub message: String,
+    pub at: String,
+}
+
+/// What `/api/v1/summary` answers and the page shows first.
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    pub proxies: usize,
+    pub states: StateCounts,
+    /// Largest groups first.
+    pub versions: Vec<VersionCount>,
+    pub resources: Vec<ResourceCount>,
+    /// At most `SUMMARY_NACKING`, by node id.
+    pub nacking: Vec<NackingProxy>,
+    /// Moves whenever anything here may have changed.
+    pub seq: u64,
+}
+
+/// The summary, in one pass over the proxies.
+pub fn summary(tracker: &AckTracker) -> Summary {
+    let seq = tracker.seq();
+    let mut states = StateCounts::default();
+    let mut versions: BTreeMap<(&'static str, Option<String>), StateCounts> = BTreeMap::new();
+    let mut resources: BTreeMap<(&'static str, String), ResourceCount> = BTreeMap::new();
+    let mut nacking: Vec<NackingProxy> = Vec::new();
+    let mut proxies = 0;
+    tracker.for_each(|p| {
+        proxies += 1;
+        states.add(proxy_state(p));
+        for (type_url, t) in p.types.iter() {
+            versions.entry((type_url, t.acked_version.clone())).or_default().add(t.state);
+            for (name, r) in t.resources.iter() {
+                let c = resources.entry((type_url, name.clone())).or_insert_with(|| ResourceCount {
+                    type_url: (*type_url).to_owned(),
+                    name: name.clone(),
+                    acked: BTreeMap::new(),
+                    nacked: BTreeMap::new(),
+                    waiting: 0,
+                    nacking: Vec::new(),
+                });
+                if let Some(v) = r.nacked_version {
+                    *c.nacked.entry(v.to_string()).or_default() += 1;
+                    if c.nacking.len() < 5 {
+                        c.nacking.push(p.node_id().to_owned());
+                    }
+                } else if r.acked_version == Some(r.sent_version) {
+                    *c.acked.entry(r.sent_version.to_string()).or_default() += 1;
+                } else {
+                    c.waiting += 1;
+                    if let Some(v) = r.acked_version {
+                        *c.acked.entry(v.to_string()).or_default() += 1;
+                    }
+                }
+            }
+            if let Some(n) = t.last_nack.as_ref().filter(|_| t.state == SyncState::Nacked) {
+                nacking.push(NackingProxy {
+                    node_id: p.node_id().to_owned(),
+                    cluster: p.facts().cluster.clone(),
+                    stream_id: p.stream_id,
+                    type_url: (*type_url).to_owned(),
+                    version: n.version.clone(),
+                    message: n.message.clone(),
+                    at: n.at.clone(),
+                });
+                if nacking.len() > 4 * SUMMARY_NACKING {
+                    nacking.sort_by(|a, b| (&a.node_id, a.stream_id).cmp(&(&b.node_id, b.stream_id)));
+                    nacking.truncate(SUMMARY_NACKING);
+                }
+            }
+        }
+    });
+    nacking.sort_by(|a, b| (&a.node_id, a.stream_id).cmp(&(&b.node_id, b.stream_id)));
+    nacking.truncate(SUMMARY_NACKING);
+    let mut versions: Vec<VersionCount> = versions
+        .into_iter()
+        .map(|((type_url, version), states)| VersionCount {
+            type_url: type_url.to_owned(),
+            version,
+            proxies: states.synced + states.pending + states.nacked + states.not_sent,
+            states,
+        })
+        .collect();
+    versions.sort_by(|a, b| b.proxies.cmp(&a.proxies).then_with(|| a.type_url.cmp(&b.type_url)));
+    Summary { proxies, states, versions, resources: resources.into_values().collect(), nacking, seq }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use filterplane_api::ResourceType;
+
+    use super::*;
+    use crate::{
+        metrics::Metrics,
+        tracker::StreamKind,
+        xds::stream::{NodeInfo, StreamEvent},
+    };
+
+    fn node(id: &str) -> Arc<NodeInfo> {
+        let mut n = NodeInfo::default();
+        n.facts.id = id.into();
+        n.facts.cluster = if id.starts_with("edge") { "edge".into() } else { "core".into() };
+        Arc::new(n)
+    }
+
+    fn sent(nonce: &str) -> StreamEvent {
+        StreamEvent::Sent {
+            rt: ResourceType::ExtensionConfig,
+            version: format!("v{nonce}"),
+            nonce: nonce.into(),
+            resources: vec![("f".into(), filterplane_api::content_version([nonce.as_bytes()]))],
+            removed: vec![],
+            incremental: false,
+            bytes: 10,
+        }
+    }
+
+    /// 250 proxies: every tenth NACKs, the rest ACK.
+    fn fleet() -> AckTracker {
+        let t = AckTracker::new(Arc::new(Metrics::default()));
+        for i in 0..250 {
+            let name = if i % 2 == 0 { format!("edge-{i:03}") } else { format!("core-{i:03}") };
+            let id = t.connect(node(&name), StreamKind::Sotw, format!("127.0.0.1:{}", 1000 + i));
+            t.record(id, &sent("1"));
+            let answer = if i % 10 == 0 {
+                StreamEvent::Nacked {
+                    rt: ResourceType::ExtensionConfig,
+                    version: "v1".into(),
+                    kept_version: String::new(),
+                    nonce: "1".into(),
+                    code: 13,
+                    message: format!("no good on {name}"),
+                    resources: vec!["f".into()],
+                }
+            } else {
+                StreamEvent::Acked { rt: ResourceType::ExtensionConfig, version: "v1".into(), nonce: "1".into(), resources: None }
+            };
+            t.record(id, &answer);
+        }
+        t
+    }
+
+    #[test]
+    fn pages_walk_every_proxy_once_nacking_first() {
+        let t = fleet();
+        let mut seen = Vec::new();
+        let mut query = ProxyQuery { limit: Some(40), ..Default::default() };
+        loop {
+            let page = page(&t, &query).unwrap();
+            assert_eq!((page.total, page.matched), (250, 250));
+            seen.extend(page.proxies.iter().map(|p| (proxy_state(p), p.node_id().to_owned())));
+            match page.next_cursor {
+                Some(c) => query.cursor = Some(c),
+                None => break,
+            }
+        }
+        assert_eq!(seen.len(), 250);
+        assert!(seen[..25].iter().all(|(s, _)| *s == SyncState::Nacked), "NACKing proxies first");
+        assert!(seen[25..].iter().all(|(s, _)| *s == SyncState::Synced));
+        let mut sorted = seen.clone();
+        sorted.sort_by_key(|(s, n)| (rank(*s), n.clone()));
+        assert_eq!(seen, sorted);
+    }
+
+    #[test]
+    fn state_and_text_narrow_the_page() {
+        let t = fleet();
+        let q = ProxyQuery { state: Some("nacked".into()), q: Some("EDGE-".into()), ..Default::default() };
+        let p = page(&t, &q).unwrap();
+        assert_eq!(p.matched, 25, "edge-000, edge-010, … edge-240");
+        assert!(p.proxies.iter().all(|p| p.node_id().starts_with("edge-")));
+        let by_peer = page(&t, &ProxyQuery { q: Some("127.0.0.1:1007".into()), ..Default::default() }).unwrap();
+        assert_eq!(by_peer.matched, 1, "by peer address");
+        assert_eq!(
+            page(&t, &ProxyQuery { state: Some("lost".into()), ..Default::default() }).unwrap_err(),
+            QueryError::State("lost".into())
+        );
+        assert!(matches!(page(&t, &ProxyQuery { cursor: Some("zz".into()), ..Default::default() }), Err(QueryError::Cursor(_))));
+        assert_eq!(page(&t, &ProxyQuery { limit: Some(0), ..Default::default() }).unwrap_err(), QueryError::Limit(0));
+    }
+
+    #[test]
+    fn the_summary_counts_states_versions_and_names_nacking_proxies() {
+        let t = fleet();
+        let s = summary(&t);
+        assert_eq!(s.proxies, 250);
+        assert_eq!(s.states, StateCounts { synced: 225, pending: 0, nacked: 25, not_sent: 0 });
+        assert_eq!(s.nacking.len(), SUMMARY_NACKING);
+        assert!(s.nacking[0].message.starts_with("no good on"), "{:?}", s.nacking[0]);
+        let f = &s.resources[0];
+        assert_eq!(f.nacked.values().sum::<usize>(), 25);
+        assert_eq!(f.acked.values().sum::<usize>(), 225);
+        assert_eq!(f.nacking.len(), 5);
+        let total: usize = s.versions.iter().map(|v| v.proxies).sum();
+        assert_eq!(total, 250);
+    }
+}
