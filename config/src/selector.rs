@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use crate::model::NodeSelector;
 
 /// The parts of an Envoy `Node` that selectors look at, flattened to strings.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct NodeFacts {
     pub id: String,
     pub cluster: String,

@@ -154,6 +154,16 @@ pub struct ServeArgs {
     /// `state` in the module cache directory.
     #[arg(long, env = "FILTERPLANE_STATE_DIR")]
     pub state_dir: Option<PathBuf>,
+    /// Share state with other replicas through etcd (v3): `etcd://HOST:PORT/PREFIX`.
+    /// Rollout state lives there (instead of --state-dir); one replica at a time drives
+    /// rollout steps; every replica publishes a summary of its proxies, so each shows the
+    /// whole fleet. Give every replica the same value.
+    #[arg(long, env = "FILTERPLANE_STATE_STORE", value_name = "URL")]
+    pub state_store: Option<crate::etcd::EtcdUrl>,
+    /// This replica's name among the others (default: HOSTNAME:XDS_PORT). Unique per
+    /// replica.
+    #[arg(long, env = "FILTERPLANE_REPLICA_NAME")]
+    pub replica_name: Option<String>,
 }
 
 /// TLS, client certificates, node identity and admin authentication.

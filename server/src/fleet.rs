@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, BinaryHeap};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::tracker::{AckTracker, ProxyStatus, SyncState};
 
@@ -177,7 +177,7 @@ fn contains(p: &ProxyStatus, needle: &str) -> bool {
 }
 
 /// How many proxies are in each state.
-#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct StateCounts {
     pub synced: usize,
     pub pending: usize,
@@ -197,7 +197,7 @@ impl StateCounts {
 }
 
 /// Proxies by the version they run of one type.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct VersionCount {
     pub type_url: String,
     /// The version the proxies ACKed last (`null`: none yet).
@@ -207,7 +207,7 @@ pub struct VersionCount {
 }
 
 /// One resource across the fleet: how many proxies run which version of it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ResourceCount {
     pub type_url: String,
     pub name: String,
@@ -222,8 +222,11 @@ pub struct ResourceCount {
 }
 
 /// A proxy that refused its last response, with Envoy's words.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct NackingProxy {
+    /// The replica it is connected to (several replicas).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replica: Option<String>,
     pub node_id: String,
     pub cluster: String,
     pub stream_id: u64,
@@ -234,7 +237,7 @@ pub struct NackingProxy {
 }
 
 /// What `/api/v1/summary` answers and the page shows first.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Summary {
     pub proxies: usize,
     pub states: StateCounts,
@@ -245,6 +248,107 @@ pub struct Summary {
     pub nacking: Vec<NackingProxy>,
     /// Moves whenever anything here may have changed.
     pub seq: u64,
+    /// With several replicas: each one's share (this one's included).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub replicas: Vec<ReplicaShare>,
+}
+
+/// One replica's proxies, in a fleet-wide summary.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReplicaShare {
+    pub replica: String,
+    pub proxies: usize,
+    pub states: StateCounts,
+    /// It drives rollout steps.
+    pub leader: bool,
+    /// The replica answering.
+    pub this: bool,
+    /// How old its report is (0 for this one).
+    pub age_ms: u64,
+}
+
+impl Summary {
+    /// Adds another replica's summary: the fleet-wide view.
+    pub fn merge(&mut self, other: &Summary, replica: &str) {
+        self.proxies += other.proxies;
+        let s = &other.states;
+        self.states.synced += s.synced;
+        self.states.pending += s.pending;
+        self.states.nacked += s.nacked;
+        self.states.not_sent += s.not_sent;
+        for v in &other.versions {
+            match self.versions.iter_mut().find(|m| m.type_url == v.type_url && m.version == v.version) {
+                Some(m) => {
+                    m.proxies += v.proxies;
+                    m.states.synced += v.states.synced;
+                    m.states.pending += v.states.pending;
+                    m.states.nacked += v.states.nacked;
+                    m.states.not_sent += v.states.not_sent;
+                }
+                None => self.versions.push(v.clone()),
+            }
+        }
+        self.versions.sort_by(|a, b| b.proxies.cmp(&a.proxies).then_with(|| a.type_url.cmp(&b.type_url)));
+        for r in &other.resources {
+            match self.resources.iter_mut().find(|m| m.type_url == r.type_url && m.name == r.name) {
+                Some(m) => {
+                    for (v, n) in &r.acked {
+                        *m.acked.entry(v.clone()).or_default() += n;
+                    }
+                    for (v, n) in &r.nacked {
+                        *m.nacked.entry(v.clone()).or_default() += n;
+                    }
+                    m.waiting += r.waiting;
+                    for n in &r.nacking {
+                        if m.nacking.len() < 5 {
+                            m.nacking.push(format!("{n} (on {replica})"));
+                        }
+                    }
+                }
+                None => {
+                    let mut r = r.clone();
+                    r.nacking = r.nacking.iter().map(|n| format!("{n} (on {replica})")).collect();
+                    self.resources.push(r);
+                }
+            }
+        }
+        self.nacking.extend(other.nacking.iter().cloned().map(|mut n| {
+            n.replica = Some(replica.to_owned());
+            n
+        }));
+        self.nacking.sort_by(|a, b| (&a.node_id, a.stream_id).cmp(&(&b.node_id, b.stream_id)));
+        self.nacking.truncate(SUMMARY_NACKING);
+    }
+}
+
+/// The summary of the whole fleet: this replica's proxies, and with several replicas,
+/// every other replica's last report.
+pub fn fleet_summary(tracker: &AckTracker, replicas: &crate::replicas::Replicas) -> Summary {
+    let mut s = summary(tracker);
+    if !replicas.is_shared() {
+        return s;
+    }
+    let status = replicas.status();
+    let share = |name: &str, s: &Summary, this: bool, age_ms: u64| ReplicaShare {
+        replica: name.to_owned(),
+        proxies: s.proxies,
+        states: s.states.clone(),
+        leader: status.leader.as_deref() == Some(name),
+        this,
+        age_ms,
+    };
+    let mut shares = vec![share(&replicas.name, &s, true, 0)];
+    for n in &mut s.nacking {
+        n.replica = Some(replicas.name.clone());
+    }
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+    for r in replicas.others() {
+        shares.push(share(&r.replica, &r.summary, false, now.saturating_sub(r.at_ms)));
+        s.merge(&r.summary, &r.replica);
+    }
+    shares.sort_by(|a, b| a.replica.cmp(&b.replica));
+    s.replicas = shares;
+    s
 }
 
 /// The summary, in one pass over the proxies.
@@ -285,6 +389,7 @@ pub fn summary(tracker: &AckTracker) -> Summary {
             }
             if let Some(n) = t.last_nack.as_ref().filter(|_| t.state == SyncState::Nacked) {
                 nacking.push(NackingProxy {
+                    replica: None,
                     node_id: p.node_id().to_owned(),
                     cluster: p.facts().cluster.clone(),
                     stream_id: p.stream_id,
@@ -312,7 +417,7 @@ pub fn summary(tracker: &AckTracker) -> Summary {
         })
         .collect();
     versions.sort_by(|a, b| b.proxies.cmp(&a.proxies).then_with(|| a.type_url.cmp(&b.type_url)));
-    Summary { proxies, states, versions, resources: resources.into_values().collect(), nacking, seq }
+    Summary { proxies, states, versions, resources: resources.into_values().collect(), nacking, seq, replicas: Vec::new() }
 }
 
 #[cfg(test)]

@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod cache;
 pub mod cli;
+pub mod etcd;
 pub mod fleet;
 pub mod identity;
 pub mod limits;
@@ -11,6 +12,7 @@ pub mod metrics;
 pub mod ports;
 pub mod preflight;
 pub mod reload;
+pub mod replicas;
 pub mod rollout;
 pub mod secret;
 pub mod status;
@@ -185,15 +187,34 @@ pub async fn serve_on(
         .state_dir
         .clone()
         .unwrap_or_else(|| args.wasm.cache_dir.clone().unwrap_or_else(default_cache_dir).join("state"));
-    let rollouts = Arc::new(
-        rollout::Rollouts::new(
+    let replica_name = args.replica_name.clone().unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_owned()).unwrap_or_default();
+        let port = xds_listener.local_addr().map(|a| a.port()).unwrap_or(0);
+        format!("{}:{port}", if host.is_empty() { "filterplane" } else { host.as_str() })
+    });
+    let (replicas, store): (_, Box<dyn rollout::store::RolloutStore>) = match &args.state_store {
+        Some(url) => {
+            let replicas = replicas::Replicas::shared(replica_name.clone(), url.clone())?;
+            let store = replicas
+                .store()
+                .await
+                .with_context(|| format!("read the rollout state from etcd at {} (--state-store)", url.endpoint))?
+                .context("the etcd store")?;
+            tracing::info!(etcd = %url.endpoint, prefix = %url.prefix, replica = %replica_name, "state shared through etcd");
+            (replicas, store)
+        }
+        None => (
+            replicas::Replicas::alone(replica_name.clone()),
             Box::new(
                 rollout::store::RedbStore::open(&state_dir)
                     .with_context(|| format!("open the rollout state in {}", state_dir.display()))?,
             ),
-            metrics.clone(),
-        )
-        .with_context(|| format!("read the rollout state in {}", state_dir.display()))?,
+        ),
+    };
+    let rollouts = Arc::new(
+        rollout::Rollouts::new(store, metrics.clone())
+            .with_context(|| format!("read the rollout state in {}", state_dir.display()))?
+            .with_replicas(replicas.clone()),
     );
     let cache = Arc::new(SnapshotCache::with_rollouts(rollouts.clone()));
     let tracker = Arc::new(AckTracker::new(metrics.clone()));
@@ -256,6 +277,10 @@ pub async fn serve_on(
     tasks.spawn(reloader.start_watch().run(shutdown.clone()));
     reloader.reload("startup").await;
     tasks.spawn(rollouts.clone().run(cache.clone(), tracker.clone(), shutdown.clone()));
+    {
+        let active = rollouts.clone();
+        tasks.spawn(replicas.clone().run(tracker.clone(), move || active.active(), shutdown.clone()));
+    }
 
     let settings = Arc::new(StreamSettings {
         drain_grace: std::time::Duration::from_secs(args.drain_grace_secs),

@@ -152,6 +152,7 @@ async fn events(State(s): State<AdminState>, axum::extract::Query(mut query): ax
     let rollouts = WatchStream::new(s.rollouts.changes()).map(|_| Kind::Change);
     let proxies = s.tracker.changes(every).map(|_| Kind::Proxies);
     let (tracker, rejects_seen) = (s.tracker.clone(), std::sync::atomic::AtomicUsize::new(usize::MAX));
+    let replicas = s.rollouts.replicas().clone();
     let (mut last_summary, mut last_page) = (String::new(), String::new());
     let stream = reloads
         .merge(rollouts)
@@ -162,13 +163,18 @@ async fn events(State(s): State<AdminState>, axum::extract::Query(mut query): ax
             match kind {
                 Kind::Change => Some(Event::default().event("change").data("changed")),
                 Kind::Proxies => {
-                    let mut summary = serde_json::to_string(&crate::fleet::summary(&tracker)).unwrap_or_default();
+                    let full = crate::fleet::fleet_summary(&tracker, &replicas);
+                    let mut summary = serde_json::to_string(&full).unwrap_or_default();
+                    // Whether the client saw this already: all but the sequence number and
+                    // the report ages, which move every time.
+                    let mut bare = full;
+                    bare.seq = 0;
+                    bare.replicas.iter_mut().for_each(|r| r.age_ms = 0);
+                    let stable = serde_json::to_string(&bare).unwrap_or_default();
                     let mut page = match crate::fleet::page(&tracker, &query) {
                         Ok(p) => serde_json::to_string(&p).unwrap_or_default(),
                         Err(_) => String::new(),
                     };
-                    // `seq` moves on every event; what the client sees is the rest.
-                    let stable = summary.find(",\"seq\":").map_or(summary.as_str(), |i| &summary[..i]).to_owned();
                     let summary_same = stable == last_summary;
                     last_summary = stable;
                     if page == last_page {

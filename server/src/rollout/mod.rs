@@ -26,7 +26,12 @@ use sha2::Digest;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::{cache::SnapshotCache, metrics::Metrics, tracker::AckTracker};
+use crate::{
+    cache::SnapshotCache,
+    metrics::Metrics,
+    replicas::{FleetProxy, Replicas},
+    tracker::AckTracker,
+};
 use store::{RolloutStore, StoredResource, StoredState};
 
 /// How many past rollouts are kept.
@@ -165,6 +170,8 @@ struct Inner {
     /// The last completed versions, decoded once.
     old: BTreeMap<String, Arc<CompiledResource>>,
     history: VecDeque<HistoryEntry>,
+    /// The version each entry has in the config this replica serves.
+    config_versions: BTreeMap<String, String>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -182,6 +189,10 @@ pub struct Rollouts {
     store: Box<dyn RolloutStore>,
     metrics: Arc<Metrics>,
     changes: watch::Sender<u64>,
+    /// Who drives steps (one replica at a time), and whether the shared state is reachable.
+    replicas: Arc<Replicas>,
+    /// This replica drove at the last tick (a new leader writes what it has once).
+    drove: std::sync::atomic::AtomicBool,
 }
 
 impl Rollouts {
@@ -196,10 +207,74 @@ impl Rollouts {
             inner.entries.insert(key(&e.name, &e.selector), e);
         }
         inner.history = stored.history.into_iter().collect();
-        let me = Self { inner: Mutex::new(inner), store, metrics, changes: watch::Sender::new(0) };
+        let replicas = Replicas::alone(String::new());
+        let me = Self { inner: Mutex::new(inner), store, metrics, changes: watch::Sender::new(0), replicas, drove: true.into() };
         // A restart mid-rollout shows its step at once.
         me.update_metrics(&me.lock());
         Ok(me)
+    }
+
+    /// Shares the state with other replicas: only the leader moves rollouts along.
+    pub fn with_replicas(mut self, replicas: Arc<Replicas>) -> Self {
+        self.replicas = replicas;
+        self
+    }
+
+    pub fn replicas(&self) -> &Arc<Replicas> {
+        &self.replicas
+    }
+
+    /// Takes in what another replica stored. An entry whose stored state does not know
+    /// the version this replica's config has (the leader has not read the edit yet) keeps
+    /// this replica's own, so nobody gets a new version before its rollout exists.
+    fn sync(&self, inner: &mut Inner) {
+        let Some(stored) = self.store.load_if_changed() else { return };
+        let knows = |e: &EntryState, v: &str| {
+            e.active.as_ref().is_some_and(|a| a.new.version == v)
+                || e.last_completed.as_ref().is_some_and(|l| l.version == v)
+        };
+        let mut entries = BTreeMap::new();
+        for e in stored.entries {
+            let k = key(&e.name, &e.selector);
+            let take = match inner.config_versions.get(&k) {
+                Some(v) => knows(&e, v),
+                // Not in this replica's config (yet): keep it for when it is.
+                None => inner.config_versions.is_empty(),
+            };
+            if take {
+                entries.insert(k, e);
+            }
+        }
+        for (k, e) in &inner.entries {
+            entries.entry(k.clone()).or_insert_with(|| e.clone());
+        }
+        let changed = entries != inner.entries;
+        if changed {
+            for (k, e) in &entries {
+                let same_old = inner.entries.get(k).map(|o| &o.last_completed) == Some(&e.last_completed);
+                if same_old {
+                    continue;
+                }
+                match e.last_completed.as_ref().map(StoredResource::to_compiled) {
+                    Some(Ok(r)) => {
+                        inner.old.insert(k.clone(), Arc::new(r));
+                    }
+                    _ => {
+                        inner.old.remove(k);
+                    }
+                }
+            }
+            inner.old.retain(|k, _| entries.contains_key(k));
+            inner.entries = entries;
+        }
+        inner.history = stored.history.into_iter().collect();
+        self.changes.send_modify(|n| *n = n.wrapping_add(1));
+        self.update_metrics(inner);
+    }
+
+    /// Whether this replica may write and drive steps now.
+    fn drives(&self) -> bool {
+        self.replicas.is_leader() && self.replicas.reachable()
     }
 
     /// Wakes on every change (for the page).
@@ -212,6 +287,12 @@ impl Rollouts {
     }
 
     fn persist(&self, inner: &Inner) {
+        if !self.drives() {
+            // A follower's own view until the leader's state comes (`sync`).
+            self.changes.send_modify(|n| *n = n.wrapping_add(1));
+            self.update_metrics(inner);
+            return;
+        }
         let state = StoredState {
             entries: inner.entries.values().cloned().collect(),
             history: inner.history.iter().cloned().collect(),
@@ -272,6 +353,13 @@ impl Rollouts {
     /// changed.
     pub fn on_config(&self, config: &CompiledConfig, previous: Option<&CompiledConfig>) -> Plan {
         let mut inner = self.lock();
+        self.sync(&mut inner);
+        inner.config_versions = config
+            .resources
+            .iter()
+            .filter(|r| r.resource_type == ResourceType::ExtensionConfig && r.rollout.is_some())
+            .map(|r| (key(&r.name, &r.selector), r.version.to_string()))
+            .collect();
         let mut changed = false;
         let mut seen = std::collections::HashSet::new();
         for r in config.resources.iter().filter(|r| r.resource_type == ResourceType::ExtensionConfig) {
@@ -375,12 +463,23 @@ impl Rollouts {
     }
 
     /// Moves running rollouts along, from what the tracker knows of the proxies.
-    pub fn tick(&self, tracker: &AckTracker) -> Plan {
+    pub fn tick(&self, fleet: &dyn Fn() -> Vec<FleetProxy>) -> Plan {
         let mut inner = self.lock();
-        if inner.entries.values().all(|e| e.active.as_ref().is_none_or(|a| a.status != Status::Running)) {
+        self.sync(&mut inner);
+        // Only the leader moves rollouts along, and only while the shared state is
+        // reachable (an unreachable etcd pauses them; `view` says so).
+        let drives = self.drives();
+        if drives && !self.drove.swap(true, std::sync::atomic::Ordering::Relaxed) && !inner.entries.is_empty() {
+            // Leading now: what this replica computed while following goes in.
+            self.persist(&inner);
+        }
+        if !drives {
+            self.drove.store(false, std::sync::atomic::Ordering::Relaxed);
+        }
+        if !drives || !self.running(&inner) {
             return plan_of(&inner);
         }
-        let proxies = tracker.proxies();
+        let proxies = fleet();
         let now = now_ms();
         let mut changed = false;
         let keys: Vec<String> = inner.entries.keys().cloned().collect();
@@ -391,11 +490,11 @@ impl Rollouts {
                 continue;
             }
             // Proxies this entry is for (one per node id), with their rank.
-            let mut matching: Vec<(&crate::tracker::ProxyStatus, u64)> = Vec::new();
+            let mut matching: Vec<(&FleetProxy, u64)> = Vec::new();
             let mut seen = std::collections::HashSet::new();
             for p in &proxies {
-                if e.selector.matches(p.facts()) && seen.insert(p.node_id()) {
-                    matching.push((p, rank(p.node_id(), &e.name)));
+                if e.selector.matches(&p.facts) && seen.insert(p.facts.id.as_str()) {
+                    matching.push((p, rank(&p.facts.id, &e.name)));
                 }
             }
             let percent = a.percent();
@@ -411,29 +510,30 @@ impl Rollouts {
                     continue;
                 }
             };
-            let ecds = ResourceType::ExtensionConfig.type_url();
             let mut failures = Vec::new();
             let mut waiting = 0usize;
             for (p, r) in &matching {
                 if *r > threshold {
                     continue;
                 }
-                let Some(t) = p.types.get(&ecds) else { continue };
-                let Some(res) = t.resources.get(&e.name) else { continue };
-                if res.acked_version.as_ref().is_some_and(|v| *v == *a.new.version) {
+                let Some((acked, nacked)) = p.ecds.get(&e.name) else { continue };
+                if acked.as_deref() == Some(a.new.version.as_str()) {
                     continue;
                 }
-                if res.nacked_version.as_ref().is_some_and(|v| *v == *a.new.version) {
-                    let message = t.last_nack.as_ref().map(|n| n.message.clone()).unwrap_or_default();
-                    failures.push(Failure { node_id: p.node_id().to_owned(), message });
+                if nacked.as_deref() == Some(a.new.version.as_str()) {
+                    let message = p.nack_message.clone().unwrap_or_default();
+                    let node_id = if self.replicas.is_shared() {
+                        format!("{} (on {})", p.facts.id, p.replica)
+                    } else {
+                        p.facts.id.clone()
+                    };
+                    failures.push(Failure { node_id, message });
                     continue;
                 }
-                let since = a
-                    .step_started_ms
-                    .max(p.connected_since.duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0));
+                let since = a.step_started_ms.max(p.connected_ms);
                 if now.saturating_sub(since) > a.spec.ack_timeout.as_millis() as u64 {
                     failures.push(Failure {
-                        node_id: p.node_id().to_owned(),
+                        node_id: p.facts.id.clone(),
                         message: format!(
                             "no ACK within {} (ack_timeout)",
                             humantime::format_duration(a.spec.ack_timeout)
@@ -561,9 +661,9 @@ impl Rollouts {
 
     /// What `/api/v1/rollouts` shows.
     pub fn view(&self, tracker: &AckTracker) -> RolloutsView {
-        let inner = self.lock();
-        let proxies = tracker.proxies();
-        let ecds = ResourceType::ExtensionConfig.type_url();
+        let mut inner = self.lock();
+        self.sync(&mut inner);
+        let proxies = if self.running_or_failed(&inner) { self.fleet(tracker) } else { Vec::new() };
         let rollouts = inner
             .entries
             .values()
@@ -572,18 +672,18 @@ impl Rollouts {
                 let (mut members, mut acked, mut nacked, mut matching) = (0, 0, 0, 0);
                 let mut seen = std::collections::HashSet::new();
                 for p in &proxies {
-                    if !e.selector.matches(p.facts()) || !seen.insert(p.node_id()) {
+                    if !e.selector.matches(&p.facts) || !seen.insert(p.facts.id.as_str()) {
                         continue;
                     }
                     matching += 1;
-                    if !e_gets_new(a, p.node_id(), &e.name) {
+                    if !e_gets_new(a, &p.facts.id, &e.name) {
                         continue;
                     }
                     members += 1;
-                    let res = p.types.get(&ecds).and_then(|t| t.resources.get(&e.name));
-                    if res.and_then(|r| r.acked_version.as_ref()).is_some_and(|v| *v == *a.new.version) {
+                    let res = p.ecds.get(&e.name);
+                    if res.and_then(|r| r.0.as_deref()) == Some(a.new.version.as_str()) {
                         acked += 1;
-                    } else if res.and_then(|r| r.nacked_version.as_ref()).is_some_and(|v| *v == *a.new.version) {
+                    } else if res.and_then(|r| r.1.as_deref()) == Some(a.new.version.as_str()) {
                         nacked += 1;
                     }
                 }
@@ -610,7 +710,14 @@ impl Rollouts {
                 })
             })
             .collect();
-        RolloutsView { rollouts, history: inner.history.iter().cloned().collect() }
+        let shared = self.replicas.status();
+        let paused_because = (self.replicas.is_shared() && !shared.reachable).then(|| {
+            format!(
+                "etcd is unreachable ({}): rollouts are paused, and every replica serves what it has",
+                shared.error.clone().unwrap_or_default()
+            )
+        });
+        RolloutsView { rollouts, history: inner.history.iter().cloned().collect(), shared, paused_because }
     }
 
     /// Moves rollouts along until `shutdown`, serving each new plan.
@@ -626,11 +733,35 @@ impl Rollouts {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = interval.tick() => {
-                    let plan = self.tick(&tracker);
+                    let plan = self.tick(&|| self.fleet(&tracker));
                     cache.replan(plan);
                 }
             }
         }
+    }
+}
+
+impl Rollouts {
+    fn running(&self, inner: &Inner) -> bool {
+        inner.entries.values().any(|e| e.active.as_ref().is_some_and(|a| a.status == Status::Running))
+    }
+
+    fn running_or_failed(&self, inner: &Inner) -> bool {
+        inner.entries.values().any(|e| e.active.is_some())
+    }
+
+    /// Whether a rollout is in progress (the replicas then publish their proxies).
+    pub fn active(&self) -> bool {
+        self.running_or_failed(&self.lock())
+    }
+
+    /// Every proxy of the fleet: this replica's, and the other replicas' last reports.
+    pub fn fleet(&self, tracker: &AckTracker) -> Vec<FleetProxy> {
+        let mut v = crate::replicas::local_fleet(tracker, &self.replicas.name);
+        for r in self.replicas.others() {
+            v.extend(r.proxies);
+        }
+        v
     }
 }
 
@@ -678,6 +809,10 @@ fn plan_of(inner: &Inner) -> Plan {
 pub struct RolloutsView {
     pub rollouts: Vec<RolloutView>,
     pub history: Vec<HistoryEntry>,
+    /// The shared state: store, this replica, the leader.
+    pub shared: crate::replicas::SharedStatus,
+    /// Why no rollout moves now, when that is not their own state.
+    pub paused_because: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]

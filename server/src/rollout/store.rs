@@ -32,6 +32,10 @@ pub struct StoredState {
 pub trait RolloutStore: Send + Sync + std::fmt::Debug {
     fn load(&self) -> Result<StoredState, StoreError>;
     fn save(&self, state: &StoredState) -> Result<(), StoreError>;
+    /// State another replica wrote since this one last read or wrote (a shared store).
+    fn load_if_changed(&self) -> Option<StoredState> {
+        None
+    }
 }
 
 /// No store: state lives as long as the process (no `--state-dir`).
