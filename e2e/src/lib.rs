@@ -142,7 +142,7 @@ impl Process {
         Self { name: name.to_owned(), child, log }
     }
 
-    fn signal(&self, sig: &str) {
+    pub(crate) fn signal(&self, sig: &str) {
         let ok = Command::new("kill").args([sig, &self.child.id().to_string()]).status().map(|s| s.success());
         assert!(matches!(ok, Ok(true)), "kill {sig} {}", self.name);
     }
@@ -279,6 +279,14 @@ impl Filterplane {
             p.child.try_wait().ok().flatten()
         });
         assert!(status.success(), "filterplane exited with {status} after SIGTERM");
+    }
+
+    /// SIGKILL: dies at once, as a crashed or lost machine would.
+    pub fn kill(&mut self) {
+        if let Some(p) = self.process.take() {
+            p.signal("-KILL");
+            drop(p);
+        }
     }
 
     /// Stops and starts again on the same ports and config.

@@ -113,3 +113,55 @@ impl FileServer {
         log.lines().filter(|l| l.contains(&format!("\"GET {path} "))).count()
     }
 }
+
+/// A real etcd (Debian's `etcd-server`, v3 API) on loopback, its data in `dir`.
+pub struct EtcdServer {
+    process: Option<crate::Process>,
+    pub port: u16,
+    dir: std::path::PathBuf,
+    peer: u16,
+}
+
+impl EtcdServer {
+    pub fn start(dir: &Path) -> Self {
+        let mut e = EtcdServer { process: None, port: crate::free_port(), dir: dir.to_path_buf(), peer: crate::free_port() };
+        e.spawn();
+        e
+    }
+
+    fn spawn(&mut self) {
+        let client = format!("http://127.0.0.1:{}", self.port);
+        let peer = format!("http://127.0.0.1:{}", self.peer);
+        let mut cmd = std::process::Command::new("etcd");
+        cmd.args(["--name", "test", "--data-dir"])
+            .arg(self.dir.join("etcd-data"))
+            .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
+            .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
+            .args(["--initial-cluster", &format!("test={peer}")])
+            .args(["--log-level", "warn"]);
+        self.process = Some(crate::Process::spawn("etcd", &mut cmd, self.dir.join("etcd.log")));
+        let health = format!("{client}/health");
+        crate::wait_until("etcd /health", std::time::Duration::from_secs(20), || {
+            crate::http_get(&health).filter(|r| r.status == 200 && r.body.contains("true"))
+        });
+    }
+
+    /// `etcd://127.0.0.1:PORT/PREFIX`.
+    pub fn url(&self, prefix: &str) -> String {
+        format!("etcd://127.0.0.1:{}/{prefix}", self.port)
+    }
+
+    /// Stops it (SIGKILL): etcd is unreachable until `restart`.
+    pub fn kill(&mut self) {
+        if let Some(p) = self.process.take() {
+            p.signal("-KILL");
+            drop(p);
+        }
+    }
+
+    /// Starts it again on the same ports and data.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+}

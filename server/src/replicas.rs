@@ -143,6 +143,12 @@ impl Replicas {
         self.others.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
+    /// Whether every other replica reported since `ms` (a new step's members are picked
+    /// from the whole fleet, so not before every replica has said who it has).
+    pub fn reports_since(&self, ms: u64) -> bool {
+        self.others.lock().unwrap_or_else(|p| p.into_inner()).iter().all(|r| r.at_ms >= ms)
+    }
+
     /// The rollout store: etcd's key when shared.
     pub async fn store(self: &Arc<Self>) -> Result<Option<Box<dyn RolloutStore>>, StoreError> {
         let Some((etcd, url)) = &self.etcd else { return Ok(None) };

@@ -287,7 +287,12 @@ impl Rollouts {
     }
 
     fn persist(&self, inner: &Inner) {
-        if !self.drives() {
+        self.persist_as(inner, self.drives())
+    }
+
+    /// Writes the state when `write` (the leader, or an operator's action on any replica).
+    fn persist_as(&self, inner: &Inner, write: bool) {
+        if !write {
             // A follower's own view until the leader's state comes (`sync`).
             self.changes.send_modify(|n| *n = n.wrapping_add(1));
             self.update_metrics(inner);
@@ -500,6 +505,8 @@ impl Rollouts {
             let percent = a.percent();
             let threshold = match a.threshold {
                 Some(t) => t,
+                // Another replica's proxies are not known since the rollout started yet.
+                None if !self.replicas.reports_since(a.step_started_ms) => continue,
                 None => {
                     let t = threshold_for(percent, matching.iter().map(|(_, r)| *r).collect());
                     if let Some(active) = inner.entries.get_mut(&k).and_then(|e| e.active.as_mut()) {
@@ -617,6 +624,7 @@ impl Rollouts {
     /// `pause`, `resume`, `promote` or `abort` the rollouts of entries named `name`.
     pub fn act(&self, name: &str, action: &str) -> Result<usize, ActionError> {
         let mut inner = self.lock();
+        self.sync(&mut inner);
         let keys: Vec<String> = inner
             .entries
             .iter()
@@ -649,7 +657,8 @@ impl Rollouts {
             }
             tracing::info!(entry = ?name, action, "rollout action");
         }
-        self.persist(&inner);
+        // Any replica may act (the operator talks to whichever); the leader reads it.
+        self.persist_as(&inner, self.replicas.reachable());
         Ok(keys.len())
     }
 
