@@ -261,7 +261,10 @@ pub fn build_wasm_resource(p: &WasmPlugin, code: WasmCode<'_>, sha256: &str) -> 
     let rt = ResourceType::ExtensionConfig;
     let delivery = match code {
         WasmCode::Inline(_) => "inline".to_owned(),
-        WasmCode::Remote { uri, cluster } => format!("remote {uri} {cluster}"),
+        // Not the URI: its address and key are the replica's own (--wasm-module-url,
+        // the module path secret), and the module is the SHA-256 below. Versions are the
+        // same on every replica, so a proxy moving between them reloads nothing.
+        WasmCode::Remote { cluster, .. } => format!("remote {cluster}"),
     };
     let described = format!(
         "{:?}",
@@ -387,5 +390,10 @@ mod tests {
         let inline = build_wasm_resource(&plugin, WasmCode::Inline(b"\0asm"), "ab");
         assert!(!inline.envoy_fetches_code);
         assert_eq!(remote_code_resend(&inline.resource, 1), None, "inline code is never resent");
+        // Another replica's address and path key: other bytes, the same version.
+        let elsewhere = build_wasm_resource(&plugin, WasmCode::Remote { uri: "http://y:2/modules/k", cluster: "c" }, "ab");
+        assert_ne!(elsewhere.resource, built.resource);
+        assert_eq!(elsewhere.version, built.version, "versions never depend on a replica's own address");
+        assert_ne!(inline.version, built.version);
     }
 }
