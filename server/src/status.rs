@@ -89,15 +89,56 @@ impl AdminClient {
     }
 }
 
-/// Fetches `/api/v1/proxies`, `/api/v1/rejects` and `/api/v1/config` from `admin` and
-/// renders them.
+/// Fetches the fleet summary, the first page of proxies (NACKing first), the rejects and
+/// the config from `admin` and renders them.
 pub fn fetch_and_render(admin: &str, client: &AdminClientArgs) -> anyhow::Result<String> {
     let c = AdminClient::new(admin, client, Duration::from_secs(10))?;
-    Ok(render(
-        &c.call("GET", "/api/v1/proxies")?,
-        &c.call("GET", "/api/v1/rejects")?,
-        &c.call("GET", "/api/v1/config")?,
-    ))
+    let page = c.call("GET", "/api/v1/proxies?limit=100")?;
+    let mut out = render(&page["proxies"], &c.call("GET", "/api/v1/rejects")?, &c.call("GET", "/api/v1/config")?);
+    out.push_str(&render_fleet(&c.call("GET", "/api/v1/summary")?, &page));
+    Ok(out)
+}
+
+/// The whole fleet: states, replicas (with several), NACKing proxies and where they are.
+pub fn render_fleet(summary: &Value, page: &Value) -> String {
+    let mut out = String::new();
+    let s = &summary["states"];
+    out.push_str(&format!(
+        "\nfleet: {} proxies: {} synced, {} waiting for an ACK, {} NACKing, {} sent nothing yet\n",
+        text(&summary["proxies"]),
+        text(&s["synced"]),
+        text(&s["pending"]),
+        text(&s["nacked"]),
+        text(&s["not_sent"])
+    ));
+    if let Some(replicas) = summary["replicas"].as_array().filter(|r| !r.is_empty()) {
+        let list: Vec<String> = replicas
+            .iter()
+            .map(|r| {
+                let mut t = format!("{} ({} proxies", text(&r["replica"]), text(&r["proxies"]));
+                if r["leader"] == true {
+                    t.push_str(", leads rollouts");
+                }
+                if r["this"] == true {
+                    t.push_str(", answering");
+                }
+                t + ")"
+            })
+            .collect();
+        out.push_str(&format!("replicas: {}\n", list.join(", ")));
+    }
+    for n in summary["nacking"].as_array().map(Vec::as_slice).unwrap_or_default() {
+        let on = n["replica"].as_str().map(|r| format!(" on {}", text(&Value::from(r)))).unwrap_or_default();
+        out.push_str(&format!("  NACKing: {}{on}: {}\n", text(&n["node_id"]), text(&n["message"])));
+    }
+    if let (Some(total), Some(shown)) = (page["matched"].as_u64(), page["proxies"].as_array().map(Vec::len)) {
+        if total as usize > shown {
+            out.push_str(&format!(
+                "(the table shows {shown} of this replica's {total}, NACKing first; /api/v1/proxies?state=&q=&cursor= for more)\n"
+            ));
+        }
+    }
+    out
 }
 
 /// `filterplane reload [--confirm]`: asks the server to reload; returns what happened in
@@ -347,6 +388,23 @@ mod tests {
         assert!(lines[3].ends_with("NACKED fedcba98 (runs 01234567)"), "{out}");
         assert!(lines[4].ends_with("FETCHING 01234567→fedcba98 (resend 2/10)"), "{out}");
         assert!(out.contains("1 recent reject(s); latest at 2026-01-01T00:00:00Z from edge-2 (ECDS): boom"), "{out}");
+    }
+
+    #[test]
+    fn the_fleet_line_names_replicas_and_where_nacking_proxies_are() {
+        let summary = json!({
+            "proxies": 6, "states": {"synced": 5, "pending": 0, "nacked": 1, "not_sent": 0},
+            "replicas": [
+                {"replica": "r0", "proxies": 2, "leader": true, "this": false},
+                {"replica": "r1", "proxies": 4, "leader": false, "this": true},
+            ],
+            "nacking": [{"node_id": "edge-1", "replica": "r0", "message": "bad\u{1b}[2J"}],
+        });
+        let out = render_fleet(&summary, &json!({"proxies": [{}, {}], "matched": 4}));
+        assert!(out.contains("fleet: 6 proxies: 5 synced, 0 waiting for an ACK, 1 NACKing"), "{out}");
+        assert!(out.contains("replicas: r0 (2 proxies, leads rollouts), r1 (4 proxies, answering)"), "{out}");
+        assert!(out.contains("NACKing: edge-1 on r0: bad") && !out.contains('\u{1b}'), "{out}");
+        assert!(out.contains("shows 2 of this replica's 4"), "{out}");
     }
 
     #[test]
