@@ -192,19 +192,19 @@ impl std::fmt::Display for Report {
         if let Some(cpu) = self.server.cpu_secs_for_change {
             writeln!(f, "server CPU for the change: {cpu:.2}s")?;
         }
-        if self.repeats.len() > 1 {
+        if !self.repeats.is_empty() {
             let (cpu, cpu_lo, cpu_hi) = spread(self.repeats.iter().map(|r| r.server_cpu_secs).collect());
             let (p99, p99_lo, p99_hi) = spread(self.repeats.iter().map(|r| r.p99_ms).collect());
             writeln!(
                 f,
-                "{} changes: server CPU per push median {cpu:.3}s (min {cpu_lo:.3}, max {cpu_hi:.3}); p99 median {p99:.1}ms (min {p99_lo:.1}, max {p99_hi:.1})",
+                "{} more changes (CPU: push and ACKs): server CPU per push median {cpu:.3}s (min {cpu_lo:.3}, max {cpu_hi:.3}); p99 median {p99:.1}ms (min {p99_lo:.1}, max {p99_hi:.1})",
                 self.repeats.len()
             )?;
             for (i, r) in self.repeats.iter().enumerate() {
                 writeln!(
                     f,
                     "  change {}: {} received, p50 {:.1}ms p99 {:.1}ms, server CPU {:.3}s",
-                    i + 1,
+                    i + 2,
                     r.received,
                     r.p50_ms,
                     r.p99_ms,

@@ -281,6 +281,11 @@ impl Filterplane {
         assert!(status.success(), "filterplane exited with {status} after SIGTERM");
     }
 
+    /// The process id (to read its CPU time and memory).
+    pub fn pid(&self) -> u32 {
+        self.process.as_ref().expect("running").child.id()
+    }
+
     /// SIGKILL: dies at once, as a crashed or lost machine would.
     pub fn kill(&mut self) {
         if let Some(p) = self.process.take() {

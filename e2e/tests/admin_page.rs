@@ -51,3 +51,115 @@ fn admin_page_shows_proxies_and_rejects_and_updates_live() {
         (browser.eval("return document.querySelector('tr.nack') === null") == true).then_some(())
     });
 }
+
+/// 10,000 simulated proxies (100 of them NACKing): the page shows the summary and one
+/// page of 100 rows, NACKing ones first; search and paging are the server's. Prints how
+/// long the page takes to be usable, and what an open page costs the server during a
+/// rollout (numbers, not assertions: machines are noisy).
+#[test]
+fn the_page_at_ten_thousand_proxies() {
+    use filterplane_e2e::{free_port, Filterplane};
+    use std::time::{Duration, Instant};
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = dir.path().join("filterplane.yaml");
+    let config = |value: &str| {
+        format!(
+            "version: 1\nrollout: {{ steps: [10, 50, 100], bake: 1s, ack_timeout: 120s }}\nextension_configs:\n  - name: add-header\n    typed_config:\n      \"@type\": type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutation\n      mutations: {{ response_mutations: [ {{ append: {{ header: {{ key: x-plugin, value: {value} }} }} }} ] }}\n  - name: broken\n    typed_config:\n      \"@type\": type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutation\n      mutations: {{ response_mutations: [ {{ append: {{ header: {{ key: x-broken, value: b }} }} }} ] }}\n"
+        )
+    };
+    std::fs::write(&yaml, config("v1")).unwrap();
+    let fp = Filterplane::start_with_args(&yaml, dir.path(), free_port(), free_port(), &[]);
+    let load = |prefix: &str, streams: usize, ecds: &str, nack: Option<&str>| filterplane_bench::LoadSpec {
+        server: format!("http://127.0.0.1:{}", fp.xds_port),
+        streams,
+        mode: filterplane_bench::Mode::Sotw,
+        ecds: vec![ecds.into()],
+        wildcard_lds_cds: false,
+        nack: nack.map(str::to_owned),
+        multiplex: 1,
+        node_prefix: prefix.into(),
+        cluster: prefix.into(),
+        metadata: vec![],
+        ramp_per_sec: 4000.0,
+        change: None,
+        admin: None,
+        timeout: Duration::from_secs(120),
+        server_pid: None,
+        hold: Duration::from_secs(150),
+        changes: 1,
+    };
+    let runs = [load("fleet", 9_900, "add-header", None), load("edge-bad", 100, "broken", Some("broken"))];
+    let _generators: Vec<_> = runs
+        .into_iter()
+        .map(|spec| {
+            std::thread::spawn(move || {
+                tokio::runtime::Runtime::new().unwrap().block_on(filterplane_bench::run(spec)).map_err(|e| e.to_string())
+            })
+        })
+        .collect();
+    let summary = wait_until("10,000 proxies connected and answered", Duration::from_secs(120), || {
+        let s = fp.api("/api/v1/summary");
+        (s["proxies"] == 10_000 && s["states"]["synced"] == 9_900 && s["states"]["nacked"] == 100).then_some(s)
+    });
+    assert_eq!(summary["nacking"].as_array().map(Vec::len), Some(20), "the first NACKing proxies, with Envoy's words");
+
+    let browser = Browser::start(dir.path());
+    let started = Instant::now();
+    browser.goto(&fp.url("/"));
+    wait_until("the page to show the proxies", Duration::from_secs(30), || {
+        (browser.text("#proxies-count") == "(10000 of 10000)").then_some(())
+    });
+    let usable = started.elapsed();
+    let rows = browser.eval("return document.querySelectorAll('#proxies tbody tr').length");
+    let nacking = browser.eval("return document.querySelectorAll('#proxies tbody tr.nack').length");
+    assert_eq!((rows.as_u64(), nacking.as_u64()), (Some(100), Some(100)), "one page of 100, NACKing first");
+    assert!(browser.text("#fleet").contains("9900"), "{}", browser.text("#fleet"));
+    println!("page usable {} ms after navigation, 10,000 proxies", usable.as_millis());
+
+    // Search and paging are the server's.
+    browser.eval("const q = document.getElementById('q'); q.value = 'fleet-123'; q.dispatchEvent(new Event('input')); return null;");
+    wait_until("the search", Duration::from_secs(10), || (browser.text("#proxies-count") == "(11 of 10000)").then_some(()));
+    browser.eval("const q = document.getElementById('q'); q.value = ''; q.dispatchEvent(new Event('input')); return null;");
+    wait_until("the search cleared", Duration::from_secs(10), || (browser.text("#proxies-count") == "(10000 of 10000)").then_some(()));
+    browser.eval("document.getElementById('next').click(); return null;");
+    wait_until("the second page", Duration::from_secs(10), || (browser.text("#page-info") == "101–200 of 10000").then_some(()));
+    assert_eq!(browser.eval("return document.querySelectorAll('#proxies tbody tr.nack').length").as_u64(), Some(0));
+
+    // What an open page costs during a rollout: the server's CPU for the same rollout
+    // with the page open, then closed.
+    let cpu = || {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", fp.pid())).unwrap();
+        let fields: Vec<&str> = stat.rsplit(')').next().unwrap().split_whitespace().collect();
+        (fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap()) / 100.0
+    };
+    let rollout = |value: &str| {
+        let before = cpu();
+        std::fs::write(&yaml, config(value)).unwrap();
+        // Looked at twice a second, and only the cheap rollouts view: the measurement must
+        // not be the test's own polling.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            std::thread::sleep(Duration::from_millis(500));
+            let v = fp.api("/api/v1/rollouts");
+            if v["rollouts"].as_array().is_some_and(Vec::is_empty) && v["history"][0]["to_version"].is_string() {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the rollout did not complete: {v}");
+        }
+        std::thread::sleep(Duration::from_secs(1));
+        let spent = cpu() - before;
+        assert_eq!(fp.api("/api/v1/summary")["states"]["synced"], 9_900);
+        spent
+    };
+    // Closed, open, closed: the order is not what is measured.
+    browser.goto("about:blank");
+    let closed_before = rollout("v2");
+    browser.goto(&fp.url("/"));
+    wait_until("the page again", Duration::from_secs(30), || (browser.text("#proxies-count") == "(10000 of 10000)").then_some(()));
+    let open = rollout("v3");
+    browser.goto("about:blank");
+    let closed = (closed_before + rollout("v4")) / 2.0;
+    println!(
+        "server CPU for a 3-step rollout to 9,900 proxies: {open:.2} s with the page open, {closed:.2} s without (mean of {closed_before:.2} before and after; {:+.1} %)",        100.0 * (open - closed) / closed.max(0.01)
+    );
+}

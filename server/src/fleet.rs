@@ -3,11 +3,18 @@
 //! NACKing proxies first), and pages of proxies found by state and text, in a stable order
 //! with a cursor. Neither copies a proxy that is not returned.
 
-use std::collections::{BTreeMap, BinaryHeap};
+use std::collections::{BTreeMap, BinaryHeap, HashMap};
+
+use filterplane_api::ResourceVersion;
 
 use serde::{Deserialize, Serialize};
 
-use crate::tracker::{AckTracker, ProxyStatus, SyncState};
+use std::sync::Arc;
+
+use crate::{
+    tracker::{AckTracker, ProxyStatus, SyncState},
+    xds::stream::NodeInfo,
+};
 
 /// The most proxies one page holds.
 pub const MAX_PAGE: usize = 1000;
@@ -84,22 +91,45 @@ impl ProxyQuery {
     }
 }
 
-/// The order of the table, and what a cursor holds: state rank, node id, stream id.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
-struct Key(u8, String, u64);
+/// The order of the table, and what a cursor holds: state rank, node id, stream id. (The
+/// node id by its shared `NodeInfo`: no copy per proxy looked at.)
+#[derive(Debug, Clone)]
+struct Key(u8, Arc<NodeInfo>, u64);
 
 impl Key {
-    fn cursor(&self) -> String {
-        format!("{}.{}.{}", self.0, self.2, hex::encode(self.1.as_bytes()))
+    fn tuple(&self) -> (u8, &str, u64) {
+        (self.0, self.1.facts.id.as_str(), self.2)
     }
 
-    fn parse(text: &str) -> Option<Key> {
-        let mut parts = text.splitn(3, '.');
-        let rank = parts.next()?.parse().ok()?;
-        let stream = parts.next()?.parse().ok()?;
-        let node = String::from_utf8(hex::decode(parts.next()?).ok()?).ok()?;
-        Some(Key(rank, node, stream))
+    fn cursor(&self) -> String {
+        format!("{}.{}.{}", self.0, self.2, hex::encode(self.1.facts.id.as_bytes()))
     }
+}
+
+impl PartialEq for Key {
+    fn eq(&self, other: &Self) -> bool {
+        self.tuple() == other.tuple()
+    }
+}
+impl Eq for Key {}
+impl PartialOrd for Key {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Key {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.tuple().cmp(&other.tuple())
+    }
+}
+
+/// A cursor: rank, stream id, node id (hex).
+fn parse_cursor(text: &str) -> Option<(u8, String, u64)> {
+    let mut parts = text.splitn(3, '.');
+    let rank = parts.next()?.parse().ok()?;
+    let stream = parts.next()?.parse().ok()?;
+    let node = String::from_utf8(hex::decode(parts.next()?).ok()?).ok()?;
+    Some((rank, node, stream))
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -121,7 +151,7 @@ pub fn page(tracker: &AckTracker, query: &ProxyQuery) -> Result<ProxyPage, Query
         None => None,
     };
     let after = match query.cursor.as_deref().filter(|c| !c.is_empty()) {
-        Some(c) => Some(Key::parse(c).ok_or_else(|| QueryError::Cursor(c.to_owned()))?),
+        Some(c) => Some(parse_cursor(c).ok_or_else(|| QueryError::Cursor(c.to_owned()))?),
         None => None,
     };
     let limit = query.limit.unwrap_or(100);
@@ -140,15 +170,15 @@ pub fn page(tracker: &AckTracker, query: &ProxyQuery) -> Result<ProxyPage, Query
             return;
         }
         matched += 1;
-        let key = Key(rank(s), p.node_id().to_owned(), p.stream_id);
-        if after.as_ref().is_some_and(|a| key <= *a) {
+        let key = (rank(s), p.node_id(), p.stream_id);
+        if after.as_ref().is_some_and(|(r, n, id)| key <= (*r, n.as_str(), *id)) {
             return;
         }
         if best.len() <= limit {
-            best.push(key);
-        } else if best.peek().is_some_and(|top| key < *top) {
+            best.push(Key(key.0, p.node.clone(), key.2));
+        } else if best.peek().is_some_and(|top| key < top.tuple()) {
             best.pop();
-            best.push(key);
+            best.push(Key(key.0, p.node.clone(), key.2));
         }
     });
     let mut keys = best.into_sorted_vec();
@@ -355,35 +385,40 @@ pub fn fleet_summary(tracker: &AckTracker, replicas: &crate::replicas::Replicas)
 pub fn summary(tracker: &AckTracker) -> Summary {
     let seq = tracker.seq();
     let mut states = StateCounts::default();
-    let mut versions: BTreeMap<(&'static str, Option<String>), StateCounts> = BTreeMap::new();
-    let mut resources: BTreeMap<(&'static str, String), ResourceCount> = BTreeMap::new();
+    // Looked up by reference and filled in place: nothing is copied per proxy but what
+    // is new (a version or resource not seen yet).
+    let mut versions: BTreeMap<&'static str, HashMap<Option<String>, StateCounts>> = BTreeMap::new();
+    type PerVersion = HashMap<ResourceVersion, usize>;
+    let mut resources: BTreeMap<&'static str, HashMap<String, (PerVersion, PerVersion, usize, Vec<String>)>> =
+        BTreeMap::new();
     let mut nacking: Vec<NackingProxy> = Vec::new();
     let mut proxies = 0;
     tracker.for_each(|p| {
         proxies += 1;
         states.add(proxy_state(p));
         for (type_url, t) in p.types.iter() {
-            versions.entry((type_url, t.acked_version.clone())).or_default().add(t.state);
+            let by_version = versions.entry(type_url).or_default();
+            match by_version.get_mut(&t.acked_version) {
+                Some(c) => c.add(t.state),
+                None => by_version.entry(t.acked_version.clone()).or_default().add(t.state),
+            }
+            let of_type = resources.entry(type_url).or_default();
             for (name, r) in t.resources.iter() {
-                let c = resources.entry((type_url, name.clone())).or_insert_with(|| ResourceCount {
-                    type_url: (*type_url).to_owned(),
-                    name: name.clone(),
-                    acked: BTreeMap::new(),
-                    nacked: BTreeMap::new(),
-                    waiting: 0,
-                    nacking: Vec::new(),
-                });
+                let c = match of_type.get_mut(name.as_str()) {
+                    Some(c) => c,
+                    None => of_type.entry(name.clone()).or_default(),
+                };
                 if let Some(v) = r.nacked_version {
-                    *c.nacked.entry(v.to_string()).or_default() += 1;
-                    if c.nacking.len() < 5 {
-                        c.nacking.push(p.node_id().to_owned());
+                    *c.1.entry(v).or_default() += 1;
+                    if c.3.len() < 5 {
+                        c.3.push(p.node_id().to_owned());
                     }
                 } else if r.acked_version == Some(r.sent_version) {
-                    *c.acked.entry(r.sent_version.to_string()).or_default() += 1;
+                    *c.0.entry(r.sent_version).or_default() += 1;
                 } else {
-                    c.waiting += 1;
+                    c.2 += 1;
                     if let Some(v) = r.acked_version {
-                        *c.acked.entry(v.to_string()).or_default() += 1;
+                        *c.0.entry(v).or_default() += 1;
                     }
                 }
             }
@@ -405,6 +440,25 @@ pub fn summary(tracker: &AckTracker) -> Summary {
             }
         }
     });
+    let versions: BTreeMap<(&'static str, Option<String>), StateCounts> = versions
+        .into_iter()
+        .flat_map(|(t, by)| by.into_iter().map(move |(v, c)| ((t, v), c)))
+        .collect();
+    let named = |m: PerVersion| m.into_iter().map(|(v, n)| (v.to_string(), n)).collect::<BTreeMap<_, _>>();
+    let mut resources: Vec<ResourceCount> = resources
+        .into_iter()
+        .flat_map(|(t, by)| {
+            by.into_iter().map(move |(name, (acked, nacked, waiting, nacking))| ResourceCount {
+                type_url: t.to_owned(),
+                name,
+                acked: named(acked),
+                nacked: named(nacked),
+                waiting,
+                nacking,
+            })
+        })
+        .collect();
+    resources.sort_by(|a, b| (&a.type_url, &a.name).cmp(&(&b.type_url, &b.name)));
     nacking.sort_by(|a, b| (&a.node_id, a.stream_id).cmp(&(&b.node_id, b.stream_id)));
     nacking.truncate(SUMMARY_NACKING);
     let mut versions: Vec<VersionCount> = versions
@@ -417,7 +471,7 @@ pub fn summary(tracker: &AckTracker) -> Summary {
         })
         .collect();
     versions.sort_by(|a, b| b.proxies.cmp(&a.proxies).then_with(|| a.type_url.cmp(&b.type_url)));
-    Summary { proxies, states, versions, resources: resources.into_values().collect(), nacking, seq, replicas: Vec::new() }
+    Summary { proxies, states, versions, resources, nacking, seq, replicas: Vec::new() }
 }
 
 #[cfg(test)]

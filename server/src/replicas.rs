@@ -39,7 +39,8 @@ pub const BEAT: Duration = Duration::from_secs(1);
 /// What the rollout engine needs of one proxy, wherever it is connected.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct FleetProxy {
-    pub facts: filterplane_config::NodeFacts,
+    /// Shared with the tracker for this replica's own proxies (no copy per tick).
+    pub node: Arc<crate::xds::stream::NodeInfo>,
     pub connected_ms: u64,
     /// Extension configs: name → (version ACKed, version NACKed).
     pub ecds: BTreeMap<String, (Option<String>, Option<String>)>,
@@ -141,6 +142,11 @@ impl Replicas {
     /// The other replicas' latest reports.
     pub fn others(&self) -> Vec<Report> {
         self.others.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Moves whenever another replica's report came in.
+    pub fn others_seq(&self) -> u64 {
+        self.others.lock().unwrap_or_else(|p| p.into_inner()).iter().map(|r| r.at_ms).fold(0, |a, b| a ^ b)
     }
 
     /// Whether every other replica reported since `ms` (a new step's members are picked
@@ -268,7 +274,7 @@ pub fn local_fleet(tracker: &AckTracker, replica: &str) -> Vec<FleetProxy> {
     tracker.for_each(|p| {
         let t = p.types.get(&ecds);
         v.push(FleetProxy {
-            facts: p.facts().clone(),
+            node: p.node.clone(),
             connected_ms: p
                 .connected_since
                 .duration_since(std::time::UNIX_EPOCH)

@@ -236,8 +236,8 @@ pub struct AckTracker {
     /// Most recently refused last.
     refusals: Mutex<VecDeque<Refusal>>,
     metrics: Arc<Metrics>,
-    /// Bumped on every change (one atomic add on the hot path); watchers poll it
-    /// (`changes`), so a push to 10,000 proxies wakes nobody 20,000 times.
+    /// Bumped on every change (one atomic add on the hot path); watchers poll it (the
+    /// admin's event stream), so a push to 10,000 proxies wakes nobody 20,000 times.
     seq: AtomicU64,
 }
 
@@ -266,20 +266,6 @@ impl AckTracker {
     /// Moves on whenever proxies or rejects change: compare two readings.
     pub fn seq(&self) -> u64 {
         self.seq.load(Ordering::Relaxed)
-    }
-
-    /// A stream of `seq` readings, one whenever it moved, checked every `every`.
-    pub fn changes(self: &Arc<Self>, every: std::time::Duration) -> impl tokio_stream::Stream<Item = u64> + Send + 'static {
-        let tracker = self.clone();
-        let ticks = tokio_stream::wrappers::IntervalStream::new(tokio::time::interval(every));
-        let mut last = 0;
-        tokio_stream::StreamExt::filter_map(ticks, move |_| {
-            let now = tracker.seq();
-            (now != last).then(|| {
-                last = now;
-                now
-            })
-        })
     }
 
     fn changed(&self) {

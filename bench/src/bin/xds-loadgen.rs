@@ -55,8 +55,9 @@ struct Args {
     /// The server's pid, to sample its memory and CPU (Linux).
     #[arg(long)]
     server_pid: Option<u32>,
-    /// Make the change this many times (back and forth), each measured on its own: the
-    /// report gives the spread of server CPU per push and of the p99.
+    /// Make the change this many times (back and forth): the first as always, each later
+    /// one measured on its own, its server CPU including a second after the last receipt
+    /// (the ACKs); the report gives their spread.
     #[arg(long, default_value_t = 1)]
     changes: usize,
     /// Keep every stream open (and ACKing) this long after the change, before reporting:

@@ -498,8 +498,8 @@ impl Rollouts {
             let mut matching: Vec<(&FleetProxy, u64)> = Vec::new();
             let mut seen = std::collections::HashSet::new();
             for p in &proxies {
-                if e.selector.matches(&p.facts) && seen.insert(p.facts.id.as_str()) {
-                    matching.push((p, rank(&p.facts.id, &e.name)));
+                if e.selector.matches(&p.node.facts) && seen.insert(p.node.facts.id.as_str()) {
+                    matching.push((p, rank(&p.node.facts.id, &e.name)));
                 }
             }
             let percent = a.percent();
@@ -530,9 +530,9 @@ impl Rollouts {
                 if nacked.as_deref() == Some(a.new.version.as_str()) {
                     let message = p.nack_message.clone().unwrap_or_default();
                     let node_id = if self.replicas.is_shared() {
-                        format!("{} (on {})", p.facts.id, p.replica)
+                        format!("{} (on {})", p.node.facts.id, p.replica)
                     } else {
-                        p.facts.id.clone()
+                        p.node.facts.id.clone()
                     };
                     failures.push(Failure { node_id, message });
                     continue;
@@ -540,7 +540,7 @@ impl Rollouts {
                 let since = a.step_started_ms.max(p.connected_ms);
                 if now.saturating_sub(since) > a.spec.ack_timeout.as_millis() as u64 {
                     failures.push(Failure {
-                        node_id: p.facts.id.clone(),
+                        node_id: p.node.facts.id.clone(),
                         message: format!(
                             "no ACK within {} (ack_timeout)",
                             humantime::format_duration(a.spec.ack_timeout)
@@ -672,7 +672,8 @@ impl Rollouts {
     pub fn view(&self, tracker: &AckTracker) -> RolloutsView {
         let mut inner = self.lock();
         self.sync(&mut inner);
-        let proxies = if self.running_or_failed(&inner) { self.fleet(tracker) } else { Vec::new() };
+        let others = self.replicas.others();
+        let ecds = ResourceType::ExtensionConfig.type_url();
         let rollouts = inner
             .entries
             .values()
@@ -680,21 +681,34 @@ impl Rollouts {
                 let a = e.active.as_ref()?;
                 let (mut members, mut acked, mut nacked, mut matching) = (0, 0, 0, 0);
                 let mut seen = std::collections::HashSet::new();
-                for p in &proxies {
-                    if !e.selector.matches(&p.facts) || !seen.insert(p.facts.id.as_str()) {
-                        continue;
+                let new = a.new.version.as_str();
+                let mut count = |facts: &filterplane_config::NodeFacts, got: Option<(bool, bool)>| {
+                    if !e.selector.matches(facts) || !seen.insert(facts.id.clone()) {
+                        return;
                     }
                     matching += 1;
-                    if !e_gets_new(a, &p.facts.id, &e.name) {
-                        continue;
+                    if !e_gets_new(a, &facts.id, &e.name) {
+                        return;
                     }
                     members += 1;
-                    let res = p.ecds.get(&e.name);
-                    if res.and_then(|r| r.0.as_deref()) == Some(a.new.version.as_str()) {
-                        acked += 1;
-                    } else if res.and_then(|r| r.1.as_deref()) == Some(a.new.version.as_str()) {
-                        nacked += 1;
+                    match got {
+                        Some((true, _)) => acked += 1,
+                        Some((_, true)) => nacked += 1,
+                        _ => {}
                     }
+                };
+                // This replica's proxies, read in place (no copy of 10,000 of them per
+                // look), then the other replicas' reports.
+                tracker.for_each(|p| {
+                    let r = p.types.get(&ecds).and_then(|t| t.resources.get(&e.name));
+                    let got = r.map(|r| {
+                        (r.acked_version.is_some_and(|v| v == *new), r.nacked_version.is_some_and(|v| v == *new))
+                    });
+                    count(p.facts(), got);
+                });
+                for p in others.iter().flat_map(|r| &r.proxies) {
+                    let got = p.ecds.get(&e.name).map(|(a, n)| (a.as_deref() == Some(new), n.as_deref() == Some(new)));
+                    count(&p.node.facts, got);
                 }
                 Some(RolloutView {
                     name: e.name.clone(),

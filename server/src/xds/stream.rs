@@ -17,7 +17,7 @@ use filterplane_config::NodeFacts;
 use crate::cache::{ResourceMap, ServedResource, Snapshot};
 
 /// What a stream learns from the `node` of its first request.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct NodeInfo {
     pub facts: NodeFacts,
     /// e.g. "envoy 1.40.0".
