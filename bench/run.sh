@@ -40,11 +40,27 @@ for mode in sotw delta; do
     echo; echo "== $n streams, $mode, one 1 KiB change =="
     "$bin/xds-loadgen" --server http://127.0.0.1:28000 --streams "$n" --mode "$mode" \
       --change-file "$work/one.yaml" --change-from '"v0-' --change-to '"v1-' \
-      --admin http://127.0.0.1:28001 --server-pid "$server" || true
+      --admin http://127.0.0.1:28001 --server-pid "$server" --changes 6 || true
     sed -i 's/"v1-/"v0-/' "$work/one.yaml"
     stop_server
   done
 done
+
+# 1b. As many streams as the file-descriptor limit allows (one connection each; the
+# generator needs as many), and 100,000 streams multiplexed 10 per connection.
+if [ "$quick" != --quick ]; then
+  ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+  most=$(( $(ulimit -n) - 1000 )); [ "$most" -gt 100000 ] && most=100000
+  for spec in "--streams $most --ramp-per-sec 4000" "--streams 100000 --multiplex 10 --ramp-per-sec 20000 --no-wildcard"; do
+    start_server "$work/one.yaml"
+    echo; echo "== $spec, one 1 KiB change =="
+    # shellcheck disable=SC2086
+    "$bin/xds-loadgen" --server http://127.0.0.1:28000 $spec --timeout-secs 300 \
+      --change-file "$work/one.yaml" --change-from '"v0-' --change-to '"v1-' --server-pid "$server" --changes 3 || true
+    sed -i 's/"v1-/"v0-/' "$work/one.yaml"
+    stop_server
+  done
+fi
 
 # 2. A 1 MiB inline Wasm module among the ECDS resources of 1,000 proxies.
 "$bin/make-module" "$work/m1.wasm" v1 1048576 >/dev/null

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# The same load against this build and another, interleaved on this machine: memory per
+# idle stream, server CPU per push (push and ACKs) and p99 of a 1 KiB change, over several
+# changes per run. Usage: bench/compare.sh BASE_COMMIT [STREAMS] [ROUNDS]
+#   e.g. bench/compare.sh 465f9f5 10000 2
+set -euo pipefail
+cd "$(dirname "$0")/.."
+base=${1:?usage: bench/compare.sh BASE_COMMIT [STREAMS] [ROUNDS]}
+streams=${2:-10000}
+rounds=${3:-2}
+work=$(mktemp -d)
+trap 'kill $(jobs -p) 2>/dev/null || true; git worktree remove --force "$work/base" 2>/dev/null || true; rm -rf "$work"' EXIT
+cargo build --release --locked -p filterplane-server -p filterplane-bench
+git worktree add --detach "$work/base" "$base" >/dev/null
+(cd "$work/base" && CARGO_TARGET_DIR="$work/base-target" cargo build --release --locked -p filterplane-server)
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+filler=$(printf 'x%.0s' $(seq 1000))
+cat > "$work/one.yaml" <<YAML
+version: 1
+extension_configs:
+  - name: add-header
+    typed_config:
+      "@type": type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutation
+      mutations: { response_mutations: [ { append: { header: { key: x-plugin, value: "v0-$filler" } } } ] }
+YAML
+for round in $(seq "$rounds"); do
+  for mode in sotw delta; do
+    for build in new base; do
+      bin=target/release/filterplane
+      [ "$build" = base ] && bin="$work/base-target/release/filterplane"
+      RUST_LOG=warn "$bin" serve --config "$work/one.yaml" --xds-addr 127.0.0.1:28000 --admin-addr 127.0.0.1:28001 \
+        --cache-dir "$work/cache" > "$work/server.log" 2>&1 &
+      server=$!
+      for _ in $(seq 100); do curl -sf 127.0.0.1:28001/readyz >/dev/null 2>&1 && break; sleep 0.1; done
+      echo "== round $round, $build ($( [ "$build" = base ] && echo "$base" || git rev-parse --short HEAD)), $mode, $streams streams"
+      target/release/xds-loadgen --server http://127.0.0.1:28000 --streams "$streams" --mode "$mode" \
+        --change-file "$work/one.yaml" --change-from '"v0-' --change-to '"v1-' --server-pid "$server" --changes 6 \
+        | grep -E "KiB per stream|more changes|errors" || true
+      sed -i 's/"v1-/"v0-/' "$work/one.yaml"
+      kill "$server"; wait "$server" 2>/dev/null || true
+    done
+  done
+done
