@@ -55,8 +55,70 @@ pub struct Report {
     pub replica: String,
     pub at_ms: u64,
     pub summary: Summary,
-    /// Only while a rollout runs (the engine's input); empty otherwise.
+    /// Only while a rollout runs (the engine's input); empty otherwise. Published in
+    /// `parts` separate keys (`NAME/p0`, `NAME/p1`, …) and put together when read.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub proxies: Vec<FleetProxy>,
+    #[serde(default)]
+    pub parts: usize,
+}
+
+/// Proxies of one report, in a key of their own.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Part {
+    at_ms: u64,
+    proxies: Vec<FleetProxy>,
+}
+
+/// Proxies per part: a few hundred bytes each, well under etcd's 1.5 MiB per value.
+pub const PART_PROXIES: usize = 2000;
+
+mod erased {
+    /// Anything this module writes to etcd as JSON.
+    pub trait Json {
+        fn to_json(&self) -> Result<Vec<u8>, String>;
+    }
+    impl<T: serde::Serialize> Json for T {
+        fn to_json(&self) -> Result<Vec<u8>, String> {
+            serde_json::to_vec(self).map_err(|e| e.to_string())
+        }
+    }
+}
+
+/// The other replicas' reports from a listing of `prefix`, each with its parts put back
+/// together. A report whose parts are not all of its own moment (written meanwhile)
+/// keeps the proxies that replica reported last time.
+fn read_reports(listing: Vec<(String, Vec<u8>)>, prefix: &str, me: &str, previous: &[Report]) -> Vec<Report> {
+    let mut reports: Vec<Report> = Vec::new();
+    let mut parts: BTreeMap<(String, usize), Part> = BTreeMap::new();
+    for (key, value) in listing {
+        let Some(rest) = key.strip_prefix(prefix) else { continue };
+        match rest.rsplit_once("/p") {
+            Some((name, i)) => {
+                let (Ok(i), Ok(part)) = (i.parse::<usize>(), serde_json::from_slice::<Part>(&value)) else {
+                    tracing::warn!(key = ?key, "a replica report part does not read; left out");
+                    continue;
+                };
+                parts.insert((name.to_owned(), i), part);
+            }
+            None if rest == me => {}
+            None => match serde_json::from_slice::<Report>(&value) {
+                Ok(r) => reports.push(r),
+                Err(e) => tracing::warn!(key = ?key, error = %e, "a replica report does not read; left out"),
+            },
+        }
+    }
+    for r in &mut reports {
+        let mine: Option<Vec<FleetProxy>> = (0..r.parts)
+            .map(|i| parts.remove(&(r.replica.clone(), i)).filter(|p| p.at_ms == r.at_ms).map(|p| p.proxies))
+            .collect::<Option<Vec<_>>>()
+            .map(|v| v.into_iter().flatten().collect());
+        r.proxies = match mine {
+            Some(p) => p,
+            None => previous.iter().find(|o| o.replica == r.replica).map(|o| o.proxies.clone()).unwrap_or_default(),
+        };
+    }
+    reports
 }
 
 /// How this replica stands with the shared state.
@@ -110,6 +172,12 @@ impl Replicas {
     }
 
     pub fn shared(name: String, url: EtcdUrl) -> Result<Arc<Self>, crate::etcd::EtcdError> {
+        if name.is_empty() || name.len() > 128 || name.chars().any(|c| c == '/' || c.is_control()) {
+            return Err(crate::etcd::EtcdError::Call {
+                endpoint: url.endpoint,
+                message: format!("--replica-name {name:?}: 1 to 128 characters, no '/' and no control characters"),
+            });
+        }
         let etcd = Etcd::new(&url.endpoint)?;
         Ok(Arc::new(Self {
             status: Mutex::new(SharedStatus { store: "etcd", replica: name.clone(), ..Default::default() }),
@@ -213,27 +281,28 @@ impl Replicas {
                 if self.leader.swap(leading, Ordering::Relaxed) != leading {
                     tracing::info!(replica = %self.name, leading, "rollout leadership");
                 }
+                let at_ms = now_ms();
+                let proxies = if rollout_input() { local_fleet(&tracker, &self.name) } else { Vec::new() };
+                // The proxies go in parts of at most PART_PROXIES (etcd takes values of
+                // 1.5 MiB at most), written before the report that counts them.
+                let encode = |v: &dyn erased::Json| {
+                    v.to_json().map_err(|e| crate::etcd::EtcdError::Call { endpoint: url.endpoint.clone(), message: e })
+                };
+                let chunks: Vec<&[FleetProxy]> = proxies.chunks(PART_PROXIES).collect();
+                for (i, chunk) in chunks.iter().enumerate() {
+                    let part = Part { at_ms, proxies: chunk.to_vec() };
+                    etcd.put(&format!("{mine}/p{i}"), encode(&part)?, id).await?;
+                }
                 let report = Report {
                     replica: self.name.clone(),
-                    at_ms: now_ms(),
+                    at_ms,
                     summary: crate::fleet::summary(&tracker),
-                    proxies: if rollout_input() { local_fleet(&tracker, &self.name) } else { Vec::new() },
+                    proxies: Vec::new(),
+                    parts: chunks.len(),
                 };
-                let body = serde_json::to_vec(&report).map_err(|e| crate::etcd::EtcdError::Call {
-                    endpoint: url.endpoint.clone(),
-                    message: e.to_string(),
-                })?;
-                etcd.put(&mine, body, id).await?;
-                let mut others = Vec::new();
-                for (key, value) in etcd.list(&reports).await? {
-                    if key == mine {
-                        continue;
-                    }
-                    match serde_json::from_slice::<Report>(&value) {
-                        Ok(r) => others.push(r),
-                        Err(e) => tracing::warn!(key = ?key, error = %e, "a replica report does not read; left out"),
-                    }
-                }
+                etcd.put(&mine, encode(&report)?, id).await?;
+                let previous = self.others();
+                let others = read_reports(etcd.list(&reports).await?, &reports, &self.name, &previous);
                 *self.others.lock().unwrap_or_else(|p| p.into_inner()) = others;
                 let mut s = self.status.lock().unwrap_or_else(|p| p.into_inner());
                 s.leader = holder;
@@ -403,5 +472,67 @@ impl RolloutStore for EtcdStore {
 
     fn load_if_changed(&self) -> Option<StoredState> {
         self.shared.lock().unwrap_or_else(|p| p.into_inner()).unseen.take()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn proxy(id: &str, replica: &str) -> FleetProxy {
+        let mut node = crate::xds::stream::NodeInfo::default();
+        node.facts.id = id.into();
+        FleetProxy {
+            node: Arc::new(node),
+            connected_ms: 1,
+            ecds: BTreeMap::new(),
+            nack_message: None,
+            replica: replica.into(),
+        }
+    }
+
+    fn report(name: &str, at_ms: u64, parts: usize) -> Vec<u8> {
+        let summary = crate::fleet::summary(&AckTracker::new(Arc::new(crate::metrics::Metrics::default())));
+        serde_json::to_vec(&Report { replica: name.into(), at_ms, summary, proxies: Vec::new(), parts }).unwrap()
+    }
+
+    fn part(at_ms: u64, ids: &[&str], replica: &str) -> Vec<u8> {
+        serde_json::to_vec(&Part { at_ms, proxies: ids.iter().map(|i| proxy(i, replica)).collect() }).unwrap()
+    }
+
+    #[test]
+    fn reports_are_put_back_together_from_their_parts() {
+        let listing = vec![
+            ("fp/replicas/a".to_owned(), report("a", 7, 2)),
+            ("fp/replicas/a/p0".to_owned(), part(7, &["n1", "n2"], "a")),
+            ("fp/replicas/a/p1".to_owned(), part(7, &["n3"], "a")),
+            // Left from a larger report before: not counted.
+            ("fp/replicas/a/p2".to_owned(), part(5, &["old"], "a")),
+            ("fp/replicas/me".to_owned(), report("me", 7, 0)),
+            ("fp/replicas/b".to_owned(), report("b", 9, 1)),
+            // Written meanwhile: b's part is of another moment; b keeps what it had.
+            ("fp/replicas/b/p0".to_owned(), part(8, &["x"], "b")),
+            ("fp/replicas/c".to_owned(), b"not json".to_vec()),
+        ];
+        let previous = vec![Report {
+            replica: "b".into(),
+            at_ms: 8,
+            summary: crate::fleet::summary(&AckTracker::new(Arc::new(crate::metrics::Metrics::default()))),
+            proxies: vec![proxy("kept", "b")],
+            parts: 1,
+        }];
+        let got = read_reports(listing, "fp/replicas/", "me", &previous);
+        let ids = |r: &Report| r.proxies.iter().map(|p| p.node.facts.id.clone()).collect::<Vec<_>>();
+        assert_eq!(got.len(), 2, "me and the unreadable one are left out");
+        assert_eq!(ids(&got[0]), ["n1", "n2", "n3"]);
+        assert_eq!(ids(&got[1]), ["kept"]);
+    }
+
+    #[test]
+    fn replica_names_cannot_break_the_key_layout() {
+        let url: EtcdUrl = "etcd://127.0.0.1:1/x".parse().unwrap();
+        for bad in ["", "a/p1", "tab\there"] {
+            assert!(Replicas::shared(bad.into(), url.clone()).is_err(), "{bad:?}");
+        }
     }
 }

@@ -349,3 +349,57 @@ async fn an_admin_connection_that_sends_nothing_gives_its_slot_back() {
     plane.wait_for("the admin to answer again", |p| p.healthy()).await;
     assert_eq!(plane.metric("filterplane_limit_hits_total{limit=\"admin_idle\"}"), 2.0);
 }
+
+/// Random HTTP/2 from 400 clients (fixed seed): frames of every type with random flags,
+/// streams and payloads, header blocks of random bytes, frames cut short, no preface.
+/// The server answers each with GOAWAY or a reset or nothing, never panics or stalls,
+/// and keeps serving the client that behaves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_http2_never_takes_the_server_down() {
+    let plane = Plane::start(&[("a", "1")]).await;
+    let mut c = client_with_a(&plane).await;
+    let xds = plane.xds;
+    tokio::task::spawn_blocking(move || {
+        use std::io::{Read, Write};
+        let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+        for round in 0..400 {
+            let Ok(mut s) = std::net::TcpStream::connect(xds) else { continue };
+            s.set_read_timeout(Some(std::time::Duration::from_millis(50))).unwrap();
+            let mut out = Vec::new();
+            if round % 10 != 0 {
+                out.extend_from_slice(PREFACE);
+                out.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]);
+            }
+            for _ in 0..(next() % 12) {
+                let ty = (next() % 11) as u8;
+                let flags = (next() % 256) as u8;
+                let stream = (next() % 8) as u32;
+                let len = (next() % 64) as usize;
+                let mut payload: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+                if ty == 1 && next() % 2 == 0 {
+                    // Something like a real request now and then, so streams get opened.
+                    payload = vec![0x83, 0x86, 0x44, 0x0d];
+                    payload.extend_from_slice(b"/x.Y/Anything");
+                }
+                let declared = if next() % 20 == 0 { len + 5 } else { len };
+                out.extend_from_slice(&[(declared >> 16) as u8, (declared >> 8) as u8, declared as u8, ty, flags]);
+                out.extend_from_slice(&stream.to_be_bytes());
+                out.extend_from_slice(&payload);
+            }
+            let _ = s.write_all(&out);
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf);
+        }
+    })
+    .await
+    .unwrap();
+    assert!(plane.healthy());
+    still_serving(&plane, &mut c).await;
+}
