@@ -145,6 +145,8 @@ pub struct Replicas {
     status: Mutex<SharedStatus>,
     /// The other replicas' latest reports (fresh ones only).
     others: Mutex<Vec<Report>>,
+    /// When `others` was last read from etcd (ms since the epoch; `u64::MAX` alone).
+    read_at_ms: std::sync::atomic::AtomicU64,
 }
 
 fn now_ms() -> u64 {
@@ -168,6 +170,7 @@ impl Replicas {
             leader: AtomicBool::new(true),
             reachable: AtomicBool::new(true),
             others: Mutex::new(Vec::new()),
+            read_at_ms: u64::MAX.into(),
         })
     }
 
@@ -186,6 +189,7 @@ impl Replicas {
             leader: AtomicBool::new(false),
             reachable: AtomicBool::new(false),
             others: Mutex::new(Vec::new()),
+            read_at_ms: 0.into(),
         }))
     }
 
@@ -220,7 +224,8 @@ impl Replicas {
     /// Whether every other replica reported since `ms` (a new step's members are picked
     /// from the whole fleet, so not before every replica has said who it has).
     pub fn reports_since(&self, ms: u64) -> bool {
-        self.others.lock().unwrap_or_else(|p| p.into_inner()).iter().all(|r| r.at_ms >= ms)
+        self.read_at_ms.load(Ordering::Relaxed) >= ms
+            && self.others.lock().unwrap_or_else(|p| p.into_inner()).iter().all(|r| r.at_ms >= ms)
     }
 
     /// The rollout store: etcd's key when shared.
@@ -302,8 +307,10 @@ impl Replicas {
                 };
                 etcd.put(&mine, encode(&report)?, id).await?;
                 let previous = self.others();
+                let read_at = now_ms();
                 let others = read_reports(etcd.list(&reports).await?, &reports, &self.name, &previous);
                 *self.others.lock().unwrap_or_else(|p| p.into_inner()) = others;
+                self.read_at_ms.store(read_at, Ordering::Relaxed);
                 let mut s = self.status.lock().unwrap_or_else(|p| p.into_inner());
                 s.leader = holder;
                 s.is_leader = leading;
@@ -324,6 +331,7 @@ impl Replicas {
                     }
                     // Reports of others go stale; drop them rather than count old NACKs.
                     self.others.lock().unwrap_or_else(|p| p.into_inner()).clear();
+                    self.read_at_ms.store(0, Ordering::Relaxed);
                     let mut s = self.status.lock().unwrap_or_else(|p| p.into_inner());
                     s.is_leader = self.is_leader();
                 }

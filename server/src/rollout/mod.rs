@@ -517,6 +517,12 @@ impl Rollouts {
                     continue;
                 }
             };
+            // Every replica must have reported since the step began: a proxy of a report
+            // made before it would be missing or stale, and the step could complete
+            // without it.
+            if !self.replicas.reports_since(a.step_started_ms) {
+                continue;
+            }
             let mut failures = Vec::new();
             let mut waiting = 0usize;
             for (p, r) in &matching {
