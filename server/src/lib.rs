@@ -211,9 +211,13 @@ pub async fn serve_on(
             ),
         ),
     };
+    let where_state = match &args.state_store {
+        Some(url) => format!("etcd at {}", url.endpoint),
+        None => state_dir.display().to_string(),
+    };
     let rollouts = Arc::new(
         rollout::Rollouts::new(store, metrics.clone())
-            .with_context(|| format!("read the rollout state in {}", state_dir.display()))?
+            .with_context(|| format!("read the rollout state in {where_state}"))?
             .with_replicas(replicas.clone()),
     );
     let cache = Arc::new(SnapshotCache::with_rollouts(rollouts.clone()));
