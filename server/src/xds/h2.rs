@@ -453,7 +453,9 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
             return Ok(());
         }
         if id <= self.last_stream_id {
-            return Err(fail(PROTOCOL_ERROR, "a stream id used again"));
+            // A stream this side ended (its trailers or a reset crossed the client's last
+            // frames): what was in flight is dropped, as for DATA (RFC 9113, 5.1).
+            return Ok(());
         }
         self.last_stream_id = id;
         if self.closing {
