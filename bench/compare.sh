@@ -3,6 +3,7 @@
 # idle stream, server CPU per push (push and ACKs) and p99 of a 1 KiB change, over several
 # changes per run. Usage: bench/compare.sh BASE_COMMIT [STREAMS] [ROUNDS]
 #   e.g. bench/compare.sh 465f9f5 10000 2
+# BASE_BIN=path/to/filterplane uses that binary for the base instead of building it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 base=${1:?usage: bench/compare.sh BASE_COMMIT [STREAMS] [ROUNDS]}
@@ -11,8 +12,12 @@ rounds=${3:-2}
 work=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true; git worktree remove --force "$work/base" 2>/dev/null || true; rm -rf "$work"' EXIT
 cargo build --release --locked -p filterplane-server -p filterplane-bench
-git worktree add --detach "$work/base" "$base" >/dev/null
-(cd "$work/base" && CARGO_TARGET_DIR="$work/base-target" cargo build --release --locked -p filterplane-server)
+base_bin=${BASE_BIN:-}
+if [ -z "$base_bin" ]; then
+  git worktree add --detach "$work/base" "$base" >/dev/null
+  (cd "$work/base" && CARGO_TARGET_DIR="$work/base-target" cargo build --release --locked -p filterplane-server)
+  base_bin="$work/base-target/release/filterplane"
+fi
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 filler=$(printf 'x%.0s' $(seq 1000))
 cat > "$work/one.yaml" <<YAML
@@ -27,7 +32,7 @@ for round in $(seq "$rounds"); do
   for mode in sotw delta; do
     for build in new base; do
       bin=target/release/filterplane
-      [ "$build" = base ] && bin="$work/base-target/release/filterplane"
+      [ "$build" = base ] && bin="$base_bin"
       RUST_LOG=warn "$bin" serve --config "$work/one.yaml" --xds-addr 127.0.0.1:28000 --admin-addr 127.0.0.1:28001 \
         --cache-dir "$work/cache" > "$work/server.log" 2>&1 &
       server=$!
