@@ -211,6 +211,11 @@ impl Replicas {
         self.status.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
+    /// Calls `f` with the other replicas' latest reports, without copying them.
+    pub fn with_others<T>(&self, f: impl FnOnce(&[Report]) -> T) -> T {
+        f(&self.others.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
     /// The other replicas' latest reports.
     pub fn others(&self) -> Vec<Report> {
         self.others.lock().unwrap_or_else(|p| p.into_inner()).clone()

@@ -468,7 +468,7 @@ impl Rollouts {
     }
 
     /// Moves running rollouts along, from what the tracker knows of the proxies.
-    pub fn tick(&self, fleet: &dyn Fn() -> Vec<FleetProxy>) -> Plan {
+    pub fn tick(&self, fleet: &dyn Fleet) -> Plan {
         let mut inner = self.lock();
         self.sync(&mut inner);
         // Only the leader moves rollouts along, and only while the shared state is
@@ -484,7 +484,6 @@ impl Rollouts {
         if !drives || !self.running(&inner) {
             return plan_of(&inner);
         }
-        let proxies = fleet();
         let now = now_ms();
         let mut changed = false;
         let keys: Vec<String> = inner.entries.keys().cloned().collect();
@@ -494,21 +493,60 @@ impl Rollouts {
             if a.status != Status::Running {
                 continue;
             }
-            // Proxies this entry is for (one per node id), with their rank.
-            let mut matching: Vec<(&FleetProxy, u64)> = Vec::new();
+            // Proxies this entry is for (one per node: by rank, a hash of the node id),
+            // read where they are (no copy per proxy per tick); the step's members are
+            // judged in the same pass once the step has its threshold.
+            let threshold = a.threshold;
+            let new_version = a.new.version.as_str();
+            let ack_timeout = a.spec.ack_timeout.as_millis() as u64;
+            let shared = self.replicas.is_shared();
+            let mut ranks: Vec<u64> = Vec::new();
             let mut seen = std::collections::HashSet::new();
-            for p in &proxies {
-                if e.selector.matches(&p.node.facts) && seen.insert(p.node.facts.id.as_str()) {
-                    matching.push((p, rank(&p.node.facts.id, &e.name)));
+            let mut failures = Vec::new();
+            let mut waiting = 0usize;
+            fleet.visit(&mut |m: Member<'_>| {
+                if !e.selector.matches(m.facts) {
+                    return;
                 }
-            }
+                let r = rank(&m.facts.id, &e.name);
+                if !seen.insert(r) {
+                    return;
+                }
+                ranks.push(r);
+                if !threshold.is_some_and(|t| r <= t) {
+                    return;
+                }
+                let Some((acked, nacked)) = m.status(&e.name, new_version) else { return };
+                if acked {
+                    return;
+                }
+                if nacked {
+                    let message = m.nack_message().unwrap_or_default().to_owned();
+                    let node_id =
+                        if shared { format!("{} (on {})", m.facts.id, m.replica) } else { m.facts.id.clone() };
+                    failures.push(Failure { node_id, message });
+                    return;
+                }
+                let since = a.step_started_ms.max(m.connected_ms);
+                if now.saturating_sub(since) > ack_timeout {
+                    failures.push(Failure {
+                        node_id: m.facts.id.clone(),
+                        message: format!(
+                            "no ACK within {} (ack_timeout)",
+                            humantime::format_duration(a.spec.ack_timeout)
+                        ),
+                    });
+                } else {
+                    waiting += 1;
+                }
+            });
             let percent = a.percent();
             let threshold = match a.threshold {
                 Some(t) => t,
                 // Another replica's proxies are not known since the rollout started yet.
                 None if !self.replicas.reports_since(a.step_started_ms) => continue,
                 None => {
-                    let t = threshold_for(percent, matching.iter().map(|(_, r)| *r).collect());
+                    let t = threshold_for(percent, ranks);
                     if let Some(active) = inner.entries.get_mut(&k).and_then(|e| e.active.as_mut()) {
                         active.threshold = Some(t);
                         active.step_started_ms = now;
@@ -523,39 +561,6 @@ impl Rollouts {
             if !self.replicas.reports_since(a.step_started_ms) {
                 continue;
             }
-            let mut failures = Vec::new();
-            let mut waiting = 0usize;
-            for (p, r) in &matching {
-                if *r > threshold {
-                    continue;
-                }
-                let Some((acked, nacked)) = p.ecds.get(&e.name) else { continue };
-                if acked.as_deref() == Some(a.new.version.as_str()) {
-                    continue;
-                }
-                if nacked.as_deref() == Some(a.new.version.as_str()) {
-                    let message = p.nack_message.clone().unwrap_or_default();
-                    let node_id = if self.replicas.is_shared() {
-                        format!("{} (on {})", p.node.facts.id, p.replica)
-                    } else {
-                        p.node.facts.id.clone()
-                    };
-                    failures.push(Failure { node_id, message });
-                    continue;
-                }
-                let since = a.step_started_ms.max(p.connected_ms);
-                if now.saturating_sub(since) > a.spec.ack_timeout.as_millis() as u64 {
-                    failures.push(Failure {
-                        node_id: p.node.facts.id.clone(),
-                        message: format!(
-                            "no ACK within {} (ack_timeout)",
-                            humantime::format_duration(a.spec.ack_timeout)
-                        ),
-                    });
-                } else {
-                    waiting += 1;
-                }
-            }
             if failures.len() > a.spec.max_nacks as usize {
                 self.fail(&mut inner, &k, failures, None);
                 changed = true;
@@ -568,7 +573,7 @@ impl Rollouts {
                 } else if let Some(active) = inner.entries.get_mut(&k).and_then(|e| e.active.as_mut()) {
                     active.step += 1;
                     // Never below the last step's: a proxy on the new version stays on it.
-                    let next = threshold_for(active.percent(), matching.iter().map(|(_, r)| *r).collect());
+                    let next = threshold_for(active.percent(), ranks);
                     active.threshold = Some(next.max(threshold));
                     active.step_started_ms = now;
                     active.failures = failures;
@@ -678,8 +683,7 @@ impl Rollouts {
     pub fn view(&self, tracker: &AckTracker) -> RolloutsView {
         let mut inner = self.lock();
         self.sync(&mut inner);
-        let others = self.replicas.others();
-        let ecds = ResourceType::ExtensionConfig.type_url();
+        let fleet = LocalAndReported { tracker, replicas: &self.replicas };
         let rollouts = inner
             .entries
             .values()
@@ -688,34 +692,26 @@ impl Rollouts {
                 let (mut members, mut acked, mut nacked, mut matching) = (0, 0, 0, 0);
                 let mut seen = std::collections::HashSet::new();
                 let new = a.new.version.as_str();
-                let mut count = |facts: &filterplane_config::NodeFacts, got: Option<(bool, bool)>| {
-                    if !e.selector.matches(facts) || !seen.insert(facts.id.clone()) {
+                // Every proxy of the fleet, read where it is (no copy per look).
+                fleet.visit(&mut |m: Member<'_>| {
+                    if !e.selector.matches(m.facts) {
+                        return;
+                    }
+                    let r = rank(&m.facts.id, &e.name);
+                    if !seen.insert(r) {
                         return;
                     }
                     matching += 1;
-                    if !e_gets_new(a, &facts.id, &e.name) {
+                    if !a.threshold.is_some_and(|t| r <= t) {
                         return;
                     }
                     members += 1;
-                    match got {
+                    match m.status(&e.name, new) {
                         Some((true, _)) => acked += 1,
                         Some((_, true)) => nacked += 1,
                         _ => {}
                     }
-                };
-                // This replica's proxies, read in place (no copy of 10,000 of them per
-                // look), then the other replicas' reports.
-                tracker.for_each(|p| {
-                    let r = p.types.get(&ecds).and_then(|t| t.resources.get(&e.name));
-                    let got = r.map(|r| {
-                        (r.acked_version.is_some_and(|v| v == *new), r.nacked_version.is_some_and(|v| v == *new))
-                    });
-                    count(p.facts(), got);
                 });
-                for p in others.iter().flat_map(|r| &r.proxies) {
-                    let got = p.ecds.get(&e.name).map(|(a, n)| (a.as_deref() == Some(new), n.as_deref() == Some(new)));
-                    count(&p.node.facts, got);
-                }
                 Some(RolloutView {
                     name: e.name.clone(),
                     selector: e.selector.clone(),
@@ -762,7 +758,7 @@ impl Rollouts {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = interval.tick() => {
-                    let plan = self.tick(&|| self.fleet(&tracker));
+                    let plan = self.tick(&LocalAndReported { tracker: &tracker, replicas: &self.replicas });
                     cache.replan(plan);
                 }
             }
@@ -784,18 +780,79 @@ impl Rollouts {
         self.running_or_failed(&self.lock())
     }
 
-    /// Every proxy of the fleet: this replica's, and the other replicas' last reports.
-    pub fn fleet(&self, tracker: &AckTracker) -> Vec<FleetProxy> {
-        let mut v = crate::replicas::local_fleet(tracker, &self.replicas.name);
-        for r in self.replicas.others() {
-            v.extend(r.proxies);
+}
+
+/// One proxy of the fleet, wherever it is connected, as the rollout engine reads it.
+pub struct Member<'a> {
+    pub facts: &'a filterplane_config::NodeFacts,
+    pub connected_ms: u64,
+    pub replica: &'a str,
+    source: Source<'a>,
+}
+
+enum Source<'a> {
+    Local(&'a crate::tracker::ProxyStatus),
+    Reported(&'a FleetProxy),
+}
+
+impl Member<'_> {
+    /// Whether it ACKed, and whether it NACKed, `version` of extension config `name`;
+    /// `None` when it has not been sent that config.
+    pub fn status(&self, name: &str, version: &str) -> Option<(bool, bool)> {
+        match &self.source {
+            Source::Local(p) => {
+                let r = p.types.get(&ResourceType::ExtensionConfig.type_url())?.resources.get(name)?;
+                Some((r.acked_version.is_some_and(|v| v == *version), r.nacked_version.is_some_and(|v| v == *version)))
+            }
+            Source::Reported(p) => {
+                let (a, n) = p.ecds.get(name)?;
+                Some((a.as_deref() == Some(version), n.as_deref() == Some(version)))
+            }
         }
-        v
+    }
+
+    /// Envoy's message with its last NACK of extension configs.
+    pub fn nack_message(&self) -> Option<&str> {
+        match &self.source {
+            Source::Local(p) => p
+                .types
+                .get(&ResourceType::ExtensionConfig.type_url())
+                .and_then(|t| t.last_nack.as_ref())
+                .map(|n| n.message.as_str()),
+            Source::Reported(p) => p.nack_message.as_deref(),
+        }
     }
 }
 
-fn e_gets_new(a: &Active, node_id: &str, name: &str) -> bool {
-    a.threshold.is_some_and(|t| rank(node_id, name) <= t)
+/// Where the rollout engine finds the fleet's proxies.
+pub trait Fleet {
+    fn visit(&self, f: &mut dyn FnMut(Member<'_>));
+}
+
+/// This replica's proxies, read in place, and the other replicas' last reports.
+pub struct LocalAndReported<'a> {
+    pub tracker: &'a AckTracker,
+    pub replicas: &'a Replicas,
+}
+
+impl Fleet for LocalAndReported<'_> {
+    fn visit(&self, f: &mut dyn FnMut(Member<'_>)) {
+        let me = self.replicas.name.as_str();
+        self.tracker.for_each(|p| {
+            let connected_ms = p.connected_since.duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+            f(Member { facts: p.facts(), connected_ms, replica: me, source: Source::Local(p) });
+        });
+        self.replicas.with_others(|others| {
+            for p in others.iter().flat_map(|r| &r.proxies) {
+                f(Member {
+                    facts: &p.node.facts,
+                    connected_ms: p.connected_ms,
+                    replica: &p.replica,
+                    source: Source::Reported(p),
+                });
+            }
+        });
+    }
 }
 
 fn e_name(k: &str) -> &str {
