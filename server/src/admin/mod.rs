@@ -131,10 +131,10 @@ async fn metrics(State(s): State<AdminState>) -> impl IntoResponse {
 }
 
 /// Server-sent events, at most four a second (bursts coalesce):
-/// - `proxies`: `{"summary": …, "page": …}` whenever the proxies moved: the summary and
-///   the page the client follows (`?state=&q=&limit=&cursor=`, as `/api/v1/proxies`),
-///   each only when it differs from what this client got last (`null` otherwise). The
-///   page never refetches proxies.
+/// - `proxies`: `{"summary": …, "page": …, "rejects": bool}` whenever the proxies moved:
+///   the summary and the page the client follows (`?state=&q=&limit=&cursor=`, as
+///   `/api/v1/proxies`), each only when it differs from what this client got last (`null`
+///   otherwise), and whether new rejects came. The page never refetches proxies.
 /// - `change`: the config, a reload, rollouts or rejects changed (small: refetch those).
 async fn events(State(s): State<AdminState>, axum::extract::Query(mut query): axum::extract::Query<crate::fleet::ProxyQuery>) -> axum::response::Response {
     // Each client holds a connection for as long as it watches: a bounded number of them.
@@ -202,7 +202,10 @@ async fn events(State(s): State<AdminState>, axum::extract::Query(mut query): ax
                     if summary == "null" && page == "null" {
                         return rejects_moved.then(|| Event::default().event("change").data("changed"));
                     }
-                    Some(Event::default().event("proxies").data(format!("{{\"summary\":{summary},\"page\":{page}}}")))
+                    // `rejects`: a NACK came with these (the page then fetches the rejects).
+                    Some(Event::default().event("proxies").data(format!(
+                        "{{\"summary\":{summary},\"page\":{page},\"rejects\":{rejects_moved}}}"
+                    )))
                 }
             }
         })
