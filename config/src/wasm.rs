@@ -391,7 +391,8 @@ mod tests {
         assert!(!inline.envoy_fetches_code);
         assert_eq!(remote_code_resend(&inline.resource, 1), None, "inline code is never resent");
         // Another replica's address and path key: other bytes, the same version.
-        let elsewhere = build_wasm_resource(&plugin, WasmCode::Remote { uri: "http://y:2/modules/k", cluster: "c" }, "ab");
+        let elsewhere =
+            build_wasm_resource(&plugin, WasmCode::Remote { uri: "http://y:2/modules/k", cluster: "c" }, "ab");
         assert_ne!(elsewhere.resource, built.resource);
         assert_eq!(elsewhere.version, built.version, "versions never depend on a replica's own address");
         assert_ne!(inline.version, built.version);

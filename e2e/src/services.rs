@@ -124,7 +124,8 @@ pub struct EtcdServer {
 
 impl EtcdServer {
     pub fn start(dir: &Path) -> Self {
-        let mut e = EtcdServer { process: None, port: crate::free_port(), dir: dir.to_path_buf(), peer: crate::free_port() };
+        let mut e =
+            EtcdServer { process: None, port: crate::free_port(), dir: dir.to_path_buf(), peer: crate::free_port() };
         e.spawn();
         e
     }

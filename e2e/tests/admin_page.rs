@@ -93,7 +93,10 @@ fn the_page_at_ten_thousand_proxies() {
         .into_iter()
         .map(|spec| {
             std::thread::spawn(move || {
-                tokio::runtime::Runtime::new().unwrap().block_on(filterplane_bench::run(spec)).map_err(|e| e.to_string())
+                tokio::runtime::Runtime::new()
+                    .unwrap()
+                    .block_on(filterplane_bench::run(spec))
+                    .map_err(|e| e.to_string())
             })
         })
         .collect();
@@ -118,11 +121,19 @@ fn the_page_at_ten_thousand_proxies() {
 
     // Search and paging are the server's.
     browser.eval("const q = document.getElementById('q'); q.value = 'fleet-123'; q.dispatchEvent(new Event('input')); return null;");
-    wait_until("the search", Duration::from_secs(10), || (browser.text("#proxies-count") == "(11 of 10000)").then_some(()));
-    browser.eval("const q = document.getElementById('q'); q.value = ''; q.dispatchEvent(new Event('input')); return null;");
-    wait_until("the search cleared", Duration::from_secs(10), || (browser.text("#proxies-count") == "(10000 of 10000)").then_some(()));
+    wait_until("the search", Duration::from_secs(10), || {
+        (browser.text("#proxies-count") == "(11 of 10000)").then_some(())
+    });
+    browser.eval(
+        "const q = document.getElementById('q'); q.value = ''; q.dispatchEvent(new Event('input')); return null;",
+    );
+    wait_until("the search cleared", Duration::from_secs(10), || {
+        (browser.text("#proxies-count") == "(10000 of 10000)").then_some(())
+    });
     browser.eval("document.getElementById('next').click(); return null;");
-    wait_until("the second page", Duration::from_secs(10), || (browser.text("#page-info") == "101–200 of 10000").then_some(()));
+    wait_until("the second page", Duration::from_secs(10), || {
+        (browser.text("#page-info") == "101–200 of 10000").then_some(())
+    });
     assert_eq!(browser.eval("return document.querySelectorAll('#proxies tbody tr.nack').length").as_u64(), Some(0));
 
     // What an open page costs during a rollout: the server's CPU for the same rollout
@@ -155,7 +166,9 @@ fn the_page_at_ten_thousand_proxies() {
     browser.goto("about:blank");
     let closed_before = rollout("v2");
     browser.goto(&fp.url("/"));
-    wait_until("the page again", Duration::from_secs(30), || (browser.text("#proxies-count") == "(10000 of 10000)").then_some(()));
+    wait_until("the page again", Duration::from_secs(30), || {
+        (browser.text("#proxies-count") == "(10000 of 10000)").then_some(())
+    });
     let open = rollout("v3");
     browser.goto("about:blank");
     let closed = (closed_before + rollout("v4")) / 2.0;

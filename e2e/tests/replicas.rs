@@ -132,7 +132,8 @@ fn three_replicas_step_fleet_wide_survive_their_leader_and_pause_without_etcd() 
         let s = f.replicas[2].as_ref().unwrap().api("/api/v1/summary");
         (s["proxies"] == ENVOYS && s["replicas"].as_array().map(Vec::len) == Some(3)).then_some(s)
     });
-    let shares: Vec<u64> = summary["replicas"].as_array().unwrap().iter().map(|r| r["proxies"].as_u64().unwrap()).collect();
+    let shares: Vec<u64> =
+        summary["replicas"].as_array().unwrap().iter().map(|r| r["proxies"].as_u64().unwrap()).collect();
     assert_eq!(shares, [2, 2, 2], "{summary}");
     assert_eq!(summary["replicas"].as_array().unwrap().iter().filter(|r| r["leader"] == true).count(), 1, "{summary}");
     let leader = f.leader();
@@ -215,9 +216,8 @@ fn nacks_on_other_replicas_fail_the_rollout_the_leader_drives() {
     f.wait_count("v1", ENVOYS);
     let leader = f.leader();
     f.write(&with_rollout(&yaml_envoy_refuses(1024), spec));
-    let views = f.wait_all("the rollout rolled back on every replica's view", |v| {
-        v["history"][0]["outcome"] == "rolled_back"
-    });
+    let views =
+        f.wait_all("the rollout rolled back on every replica's view", |v| v["history"][0]["outcome"] == "rolled_back");
     let failures: Vec<String> = views[0]["history"][0]["failures"]
         .as_array()
         .unwrap()

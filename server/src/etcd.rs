@@ -342,7 +342,10 @@ impl Etcd {
 
     pub async fn delete(&self, key: &str) -> Result<(), EtcdError> {
         let _: DeleteRangeResponse = self
-            .unary("/etcdserverpb.KV/DeleteRange", DeleteRangeRequest { key: key.as_bytes().to_vec(), ..Default::default() })
+            .unary(
+                "/etcdserverpb.KV/DeleteRange",
+                DeleteRangeRequest { key: key.as_bytes().to_vec(), ..Default::default() },
+            )
             .await?;
         Ok(())
     }
@@ -354,12 +357,8 @@ impl Etcd {
             return Err(self.err(format!("a value of {} bytes for {key} is over {MAX_VALUE}", value.len())));
         }
         let k = key.as_bytes().to_vec();
-        let compare = Compare {
-            result: 0,
-            target: 2,
-            key: k.clone(),
-            target_union: Some(TargetUnion::ModRevision(revision)),
-        };
+        let compare =
+            Compare { result: 0, target: 2, key: k.clone(), target_union: Some(TargetUnion::ModRevision(revision)) };
         let r: TxnResponse = self
             .unary(
                 "/etcdserverpb.KV/Txn",

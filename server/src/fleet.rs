@@ -371,7 +371,8 @@ pub fn fleet_summary(tracker: &AckTracker, replicas: &crate::replicas::Replicas)
     for n in &mut s.nacking {
         n.replica = Some(replicas.name.clone());
     }
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+    let now =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
     for r in replicas.others() {
         shares.push(share(&r.replica, &r.summary, false, now.saturating_sub(r.at_ms)));
         s.merge(&r.summary, &r.replica);
@@ -440,10 +441,8 @@ pub fn summary(tracker: &AckTracker) -> Summary {
             }
         }
     });
-    let versions: BTreeMap<(&'static str, Option<String>), StateCounts> = versions
-        .into_iter()
-        .flat_map(|(t, by)| by.into_iter().map(move |(v, c)| ((t, v), c)))
-        .collect();
+    let versions: BTreeMap<(&'static str, Option<String>), StateCounts> =
+        versions.into_iter().flat_map(|(t, by)| by.into_iter().map(move |(v, c)| ((t, v), c))).collect();
     let named = |m: PerVersion| m.into_iter().map(|(v, n)| (v.to_string(), n)).collect::<BTreeMap<_, _>>();
     let mut resources: Vec<ResourceCount> = resources
         .into_iter()
@@ -524,7 +523,12 @@ mod tests {
                     resources: vec!["f".into()],
                 }
             } else {
-                StreamEvent::Acked { rt: ResourceType::ExtensionConfig, version: "v1".into(), nonce: "1".into(), resources: None }
+                StreamEvent::Acked {
+                    rt: ResourceType::ExtensionConfig,
+                    version: "v1".into(),
+                    nonce: "1".into(),
+                    resources: None,
+                }
             };
             t.record(id, &answer);
         }
@@ -566,7 +570,10 @@ mod tests {
             page(&t, &ProxyQuery { state: Some("lost".into()), ..Default::default() }).unwrap_err(),
             QueryError::State("lost".into())
         );
-        assert!(matches!(page(&t, &ProxyQuery { cursor: Some("zz".into()), ..Default::default() }), Err(QueryError::Cursor(_))));
+        assert!(matches!(
+            page(&t, &ProxyQuery { cursor: Some("zz".into()), ..Default::default() }),
+            Err(QueryError::Cursor(_))
+        ));
         assert_eq!(page(&t, &ProxyQuery { limit: Some(0), ..Default::default() }).unwrap_err(), QueryError::Limit(0));
     }
 

@@ -244,7 +244,9 @@ impl Replicas {
         let ok = error.is_none();
         if self.reachable.swap(ok, Ordering::Relaxed) != ok {
             match &error {
-                Some(e) => tracing::warn!(error = %e, "etcd unreachable: serving what this replica has; rollouts pause"),
+                Some(e) => {
+                    tracing::warn!(error = %e, "etcd unreachable: serving what this replica has; rollouts pause")
+                }
                 None => tracing::info!("etcd reachable"),
             }
         }
@@ -367,7 +369,10 @@ pub fn local_fleet(tracker: &AckTracker, replica: &str) -> Vec<FleetProxy> {
                     t.resources
                         .iter()
                         .map(|(n, r)| {
-                            (n.clone(), (r.acked_version.map(|v| v.to_string()), r.nacked_version.map(|v| v.to_string())))
+                            (
+                                n.clone(),
+                                (r.acked_version.map(|v| v.to_string()), r.nacked_version.map(|v| v.to_string())),
+                            )
                         })
                         .collect()
                 })

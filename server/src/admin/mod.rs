@@ -136,7 +136,10 @@ async fn metrics(State(s): State<AdminState>) -> impl IntoResponse {
 ///   `/api/v1/proxies`), each only when it differs from what this client got last (`null`
 ///   otherwise), and whether new rejects came. The page never refetches proxies.
 /// - `change`: the config, a reload, rollouts or rejects changed (small: refetch those).
-async fn events(State(s): State<AdminState>, axum::extract::Query(mut query): axum::extract::Query<crate::fleet::ProxyQuery>) -> axum::response::Response {
+async fn events(
+    State(s): State<AdminState>,
+    axum::extract::Query(mut query): axum::extract::Query<crate::fleet::ProxyQuery>,
+) -> axum::response::Response {
     // Each client holds a connection for as long as it watches: a bounded number of them.
     let Ok(permit) = s.event_clients.clone().try_acquire_owned() else {
         s.metrics.limit_hit("event_clients");
@@ -203,9 +206,11 @@ async fn events(State(s): State<AdminState>, axum::extract::Query(mut query): ax
                         return rejects_moved.then(|| Event::default().event("change").data("changed"));
                     }
                     // `rejects`: a NACK came with these (the page then fetches the rejects).
-                    Some(Event::default().event("proxies").data(format!(
-                        "{{\"summary\":{summary},\"page\":{page},\"rejects\":{rejects_moved}}}"
-                    )))
+                    Some(
+                        Event::default()
+                            .event("proxies")
+                            .data(format!("{{\"summary\":{summary},\"page\":{page},\"rejects\":{rejects_moved}}}")),
+                    )
                 }
             }
         })

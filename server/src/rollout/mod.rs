@@ -208,7 +208,14 @@ impl Rollouts {
         }
         inner.history = stored.history.into_iter().collect();
         let replicas = Replicas::alone(String::new());
-        let me = Self { inner: Mutex::new(inner), store, metrics, changes: watch::Sender::new(0), replicas, drove: true.into() };
+        let me = Self {
+            inner: Mutex::new(inner),
+            store,
+            metrics,
+            changes: watch::Sender::new(0),
+            replicas,
+            drove: true.into(),
+        };
         // A restart mid-rollout shows its step at once.
         me.update_metrics(&me.lock());
         Ok(me)
@@ -779,7 +786,6 @@ impl Rollouts {
     pub fn active(&self) -> bool {
         self.running_or_failed(&self.lock())
     }
-
 }
 
 /// One proxy of the fleet, wherever it is connected, as the rollout engine reads it.

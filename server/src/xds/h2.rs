@@ -30,8 +30,8 @@ use std::{
 };
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio_stream::Stream;
 use tokio::sync::watch;
+use tokio_stream::Stream;
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
@@ -183,7 +183,13 @@ pub struct Connection<IO> {
 }
 
 impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
-    pub fn new(io: IO, services: XdsServices, peer: ConnPeer, settings: H2Settings, signals: watch::Receiver<Signal>) -> Self {
+    pub fn new(
+        io: IO,
+        services: XdsServices,
+        peer: ConnPeer,
+        settings: H2Settings,
+        signals: watch::Receiver<Signal>,
+    ) -> Self {
         let signals = tokio_stream::wrappers::WatchStream::from_changes(signals);
         let mut hpack = loona_hpack::Decoder::new();
         hpack.set_max_allowed_table_size(4096);
@@ -558,7 +564,8 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
         }
         slot.recv_unacked += len;
         let end_stream = flags & END_STREAM != 0;
-        let update = (slot.recv_unacked >= STREAM_WINDOW / 2 && !end_stream).then(|| std::mem::take(&mut slot.recv_unacked));
+        let update =
+            (slot.recv_unacked >= STREAM_WINDOW / 2 && !end_stream).then(|| std::mem::take(&mut slot.recv_unacked));
         let mut out = Output::default();
         if slot.end.is_none() {
             let ctx = (&self.services, &self.peer);
@@ -978,10 +985,8 @@ mod tests {
         trailers(&mut block, &Status::out_of_range("too big: 100%\n"));
         let mut d = loona_hpack::Decoder::new();
         let headers = d.decode(&block).unwrap();
-        let text: Vec<(String, String)> = headers
-            .into_iter()
-            .map(|(n, v)| (String::from_utf8(n).unwrap(), String::from_utf8(v).unwrap()))
-            .collect();
+        let text: Vec<(String, String)> =
+            headers.into_iter().map(|(n, v)| (String::from_utf8(n).unwrap(), String::from_utf8(v).unwrap())).collect();
         assert_eq!(
             text,
             [

@@ -224,7 +224,11 @@ impl XdsServices {
     }
 
     /// REST-style fetch: one request, the current answer (also when unchanged).
-    pub fn fetch_extension_configs(&self, peer: &ConnPeer, mut req: DiscoveryRequest) -> Result<DiscoveryResponse, Status> {
+    pub fn fetch_extension_configs(
+        &self,
+        peer: &ConnPeer,
+        mut req: DiscoveryRequest,
+    ) -> Result<DiscoveryResponse, Status> {
         let node = req.node.as_ref().ok_or(ProtocolError::MissingNode)?;
         let facts = NodeInfo::from(node).facts;
         self.ctx.security.admit(&self.ctx.tracker, &peer.info, &facts)?;
