@@ -403,3 +403,64 @@ async fn random_http2_never_takes_the_server_down() {
     assert!(plane.healthy());
     still_serving(&plane, &mut c).await;
 }
+
+/// A client that half-sends a large request on many streams (each within its flow-control
+/// window) is cut off once the connection holds 8 MiB of unfinished requests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unfinished_requests_on_many_streams_are_bounded_per_connection() {
+    let plane = Plane::start(&[("a", "1")]).await;
+    let mut c = client_with_a(&plane).await;
+    let xds = plane.xds;
+    let goaway_code = tokio::task::spawn_blocking(move || {
+        use std::io::{Read, Write};
+        let frame = |out: &mut Vec<u8>, ty: u8, flags: u8, id: u32, payload: &[u8]| {
+            let n = payload.len();
+            out.extend_from_slice(&[(n >> 16) as u8, (n >> 8) as u8, n as u8, ty, flags]);
+            out.extend_from_slice(&id.to_be_bytes());
+            out.extend_from_slice(payload);
+        };
+        let path = b"/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources";
+        let mut s = std::net::TcpStream::connect(xds).unwrap();
+        s.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
+        let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        frame(&mut out, 4, 0, 0, &[]);
+        s.write_all(&out).unwrap();
+        // Twelve streams, each: a gRPC message that says 4 MiB, then 900 KiB of it.
+        for k in 0..12u32 {
+            let id = 2 * k + 1;
+            let mut out = Vec::new();
+            let mut block = vec![0x83, 0x86, 0x44, path.len() as u8];
+            block.extend_from_slice(path);
+            frame(&mut out, 1, 0x4, id, &block);
+            let mut first = vec![0u8];
+            first.extend_from_slice(&(4u32 << 20).to_be_bytes());
+            first.resize(16_000, b'x');
+            frame(&mut out, 0, 0, id, &first);
+            for _ in 0..56 {
+                frame(&mut out, 0, 0, id, &[b'x'; 16_000]);
+            }
+            if s.write_all(&out).is_err() {
+                break;
+            }
+        }
+        // Read until the server closes: the GOAWAY's error code.
+        let mut got = Vec::new();
+        let _ = s.read_to_end(&mut got);
+        let mut pos = 0;
+        let mut code = None;
+        while pos + 9 <= got.len() {
+            let len = (usize::from(got[pos]) << 16) | (usize::from(got[pos + 1]) << 8) | usize::from(got[pos + 2]);
+            if got[pos + 3] == 7 && pos + 9 + 8 <= got.len() {
+                let p = &got[pos + 9..];
+                code = Some(u32::from_be_bytes([p[4], p[5], p[6], p[7]]));
+            }
+            pos += 9 + len;
+        }
+        code
+    })
+    .await
+    .unwrap();
+    assert_eq!(goaway_code, Some(0xb), "GOAWAY with ENHANCE_YOUR_CALM");
+    assert_eq!(plane.metric("filterplane_limit_hits_total{limit=\"buffered_request_bytes\"}"), 1.0);
+    still_serving(&plane, &mut c).await;
+}

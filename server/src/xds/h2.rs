@@ -70,9 +70,13 @@ const ENHANCE_YOUR_CALM: u32 = 0xb;
 
 /// The largest frame a client may send (the protocol's default; not raised).
 const MAX_FRAME_IN: usize = 16_384;
-/// What a client may send on one stream before Filterplane says it read it: one
-/// window's worth is also what a stream may buffer of a request not yet complete.
+/// What a client may send on one stream before Filterplane says it read it. (A request
+/// not complete yet is buffered up to `MAX_REQUEST`; all of a connection's such requests
+/// together up to `MAX_BUFFERED`.)
 const STREAM_WINDOW: u32 = 1 << 20;
+/// Requests not complete yet, all streams of a connection together: a client that opens
+/// many streams and half-sends a large request on each is cut off here.
+pub const MAX_BUFFERED: usize = 8 << 20;
 /// The same for the whole connection.
 const CONN_WINDOW: u32 = 4 << 20;
 /// A header block (HEADERS and its CONTINUATIONs) may be at most this large; Envoy's
@@ -170,6 +174,8 @@ pub struct Connection<IO> {
     send_window: i64,
     /// Bytes received since the last connection WINDOW_UPDATE.
     recv_unacked: u32,
+    /// Bytes of requests not complete yet, all streams together (`MAX_BUFFERED`).
+    buffered: usize,
     /// New configurations, and the server stopping.
     signals: tokio_stream::wrappers::WatchStream<Signal>,
     keepalive: Pin<Box<tokio::time::Sleep>>,
@@ -210,6 +216,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
             peer_max_frame: 16_384,
             send_window: 65_535,
             recv_unacked: 0,
+            buffered: 0,
             signals,
             keepalive,
             ping_outstanding: false,
@@ -253,6 +260,12 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
         p.extend_from_slice(why.as_bytes());
         self.frame(GOAWAY, 0, 0, &p);
         self.closing = true;
+    }
+
+    /// Forgets stream `i` (dropping its handler takes the proxy out of the tracker).
+    fn remove_stream(&mut self, i: usize) {
+        let slot = self.streams.remove(i);
+        self.buffered -= slot.inbuf.len();
     }
 
     fn index(&self, id: u32) -> Option<usize> {
@@ -327,7 +340,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
                     return Err(fail(PROTOCOL_ERROR, "bad RST_STREAM"));
                 }
                 if let Some(i) = self.index(id) {
-                    self.streams.remove(i);
+                    self.remove_stream(i);
                 }
                 Ok(())
             }
@@ -411,7 +424,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
         let Some(i) = self.index(id) else { return Ok(()) };
         let window = self.streams[i].send_window + increment;
         if increment == 0 || window > 0x7fff_ffff {
-            self.streams.remove(i);
+            self.remove_stream(i);
             self.rst(id, if increment == 0 { PROTOCOL_ERROR } else { FLOW_CONTROL_ERROR });
             return Ok(());
         }
@@ -473,26 +486,24 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
             self.rst(id, REFUSED_STREAM);
             return Ok(());
         }
-        let method = match method {
-            Some(_) if !post => Err(Status::unimplemented("gRPC methods are called with POST")),
-            None => Err(Status::unimplemented("no such method")),
+        let refused = match method {
+            Some(_) if !post => Some(Status::unimplemented("gRPC methods are called with POST")),
+            None => Some(Status::unimplemented("no such method")),
             // No compression is offered, so a compressed request stream is refused.
-            Some(_) if compressed => Err(Status::unimplemented("compressed requests are not supported")),
-            Some(m) => Ok(m),
+            Some(_) if compressed => Some(Status::unimplemented("compressed requests are not supported")),
+            Some(_) => None,
         };
-        let method = match method {
-            Ok(m) => m,
-            Err(status) => {
-                // Trailers only (gRPC over HTTP/2).
-                let mut block = Vec::with_capacity(64);
-                response_headers(&mut block);
-                trailers(&mut block, &status);
-                self.frame(HEADERS, END_HEADERS | END_STREAM, id, &block);
-                if !end_stream {
-                    self.rst(id, NO_ERROR);
-                }
-                return Ok(());
+        let (Some(method), None) = (method, &refused) else {
+            let refused = refused.unwrap_or_else(|| Status::unimplemented("no such method"));
+            // Trailers only (gRPC over HTTP/2).
+            let mut block = Vec::with_capacity(64);
+            response_headers(&mut block);
+            trailers(&mut block, &refused);
+            self.frame(HEADERS, END_HEADERS | END_STREAM, id, &block);
+            if !end_stream {
+                self.rst(id, NO_ERROR);
             }
+            return Ok(());
         };
         let mut block = Vec::with_capacity(32);
         response_headers(&mut block);
@@ -553,12 +564,12 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
         };
         let slot = &mut self.streams[i];
         if slot.remote_done {
-            self.streams.remove(i);
+            self.remove_stream(i);
             self.rst(id, STREAM_CLOSED);
             return Ok(());
         }
         if len > STREAM_WINDOW - slot.recv_unacked {
-            self.streams.remove(i);
+            self.remove_stream(i);
             self.rst(id, FLOW_CONTROL_ERROR);
             return Ok(());
         }
@@ -569,7 +580,13 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
         let mut out = Output::default();
         if slot.end.is_none() {
             let ctx = (&self.services, &self.peer);
+            let before = slot.inbuf.len();
             read_messages(slot, data, ctx, &mut out);
+            self.buffered = self.buffered + slot.inbuf.len() - before;
+        }
+        if self.buffered > MAX_BUFFERED {
+            self.services.ctx().tracker.metrics().limit_hit("buffered_request_bytes");
+            return Err(fail(ENHANCE_YOUR_CALM, "too much of unfinished requests buffered"));
         }
         self.apply(i, out);
         if let Some(n) = update {
@@ -620,7 +637,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
             };
             let (id, remote_done) = (slot.id, slot.remote_done);
             // Dropping the handler takes the proxy out of the tracker.
-            self.streams.remove(i);
+            self.remove_stream(i);
             let mut block = Vec::with_capacity(32);
             trailers(&mut block, &status);
             self.frame(HEADERS, END_HEADERS | END_STREAM, id, &block);
