@@ -15,6 +15,8 @@ pub enum EtcdError {
     Call { endpoint: String, message: String },
     #[error("--state-store {0:?}: expected etcd://HOST:PORT/PREFIX")]
     Url(String),
+    #[error("--replica-name {0:?}: 1 to 128 characters, no '/' and no control characters")]
+    ReplicaName(String),
 }
 
 /// `etcd://HOST:PORT/PREFIX`, parsed.
@@ -299,9 +301,22 @@ impl Etcd {
             grpc.unary(tonic::Request::new(request), PathAndQuery::from_static(path), ProstCodec::<Q, R>::default())
                 .await
                 .map(tonic::Response::into_inner)
-                .map_err(|s| self.err(format!("{}: {}", s.code(), s.message())))
+                .map_err(|s| self.refused(s))
         };
         tokio::time::timeout(CALL_TIMEOUT, call).await.map_err(|_| self.err("no answer within 2 s"))?
+    }
+
+    /// A call etcd answered with an error status.
+    fn refused(&self, s: tonic::Status) -> EtcdError {
+        self.err(format!("{}: {}", s.code(), s.message()))
+    }
+
+    /// Values over `MAX_VALUE` are refused here, with the key, before etcd would.
+    fn fits(&self, key: &str, value: &[u8]) -> Result<(), EtcdError> {
+        if value.len() > MAX_VALUE {
+            return Err(self.err(format!("a value of {} bytes for {key} is over {MAX_VALUE}", value.len())));
+        }
+        Ok(())
     }
 
     /// The value of `key` and its modification revision (0: no such key).
@@ -332,9 +347,7 @@ impl Etcd {
 
     /// Puts `value` under `key` (tied to `lease` unless 0).
     pub async fn put(&self, key: &str, value: Vec<u8>, lease: i64) -> Result<(), EtcdError> {
-        if value.len() > MAX_VALUE {
-            return Err(self.err(format!("a value of {} bytes for {key} is over {MAX_VALUE}", value.len())));
-        }
+        self.fits(key, &value)?;
         let _: PutResponse =
             self.unary("/etcdserverpb.KV/Put", PutRequest { key: key.as_bytes().to_vec(), value, lease }).await?;
         Ok(())
@@ -353,9 +366,7 @@ impl Etcd {
     /// Puts `value` only if `key` was last modified at `revision` (0: does not exist).
     /// `Ok(Some(new revision))` when it was put, `Ok(None)` when someone else wrote first.
     pub async fn put_if(&self, key: &str, revision: i64, value: Vec<u8>, lease: i64) -> Result<Option<i64>, EtcdError> {
-        if value.len() > MAX_VALUE {
-            return Err(self.err(format!("a value of {} bytes for {key} is over {MAX_VALUE}", value.len())));
-        }
+        self.fits(key, &value)?;
         let k = key.as_bytes().to_vec();
         let compare =
             Compare { result: 0, target: 2, key: k.clone(), target_union: Some(TargetUnion::ModRevision(revision)) };
@@ -396,9 +407,9 @@ impl Etcd {
                     ProstCodec::<LeaseKeepAliveRequest, LeaseKeepAliveResponse>::default(),
                 )
                 .await
-                .map_err(|s| self.err(format!("{}: {}", s.code(), s.message())))?
+                .map_err(|s| self.refused(s))?
                 .into_inner();
-            let answer = responses.message().await.map_err(|s| self.err(format!("{}: {}", s.code(), s.message())))?;
+            let answer = responses.message().await.map_err(|s| self.refused(s))?;
             Ok(answer.is_some_and(|a| a.ttl > 0))
         };
         tokio::time::timeout(CALL_TIMEOUT, call).await.map_err(|_| self.err("no answer within 2 s"))?

@@ -373,10 +373,13 @@ pub fn fleet_summary(tracker: &AckTracker, replicas: &crate::replicas::Replicas)
     }
     let now =
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
-    for r in replicas.others() {
-        shares.push(share(&r.replica, &r.summary, false, now.saturating_sub(r.at_ms)));
-        s.merge(&r.summary, &r.replica);
-    }
+    // (Read in place: the reports hold every proxy of the other replicas during a rollout.)
+    replicas.with_others(|others| {
+        for r in others {
+            shares.push(share(&r.replica, &r.summary, false, now.saturating_sub(r.at_ms)));
+            s.merge(&r.summary, &r.replica);
+        }
+    });
     shares.sort_by(|a, b| a.replica.cmp(&b.replica));
     s.replicas = shares;
     s

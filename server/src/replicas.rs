@@ -176,10 +176,7 @@ impl Replicas {
 
     pub fn shared(name: String, url: EtcdUrl) -> Result<Arc<Self>, crate::etcd::EtcdError> {
         if name.is_empty() || name.len() > 128 || name.chars().any(|c| c == '/' || c.is_control()) {
-            return Err(crate::etcd::EtcdError::Call {
-                endpoint: url.endpoint,
-                message: format!("--replica-name {name:?}: 1 to 128 characters, no '/' and no control characters"),
-            });
+            return Err(crate::etcd::EtcdError::ReplicaName(name));
         }
         let etcd = Etcd::new(&url.endpoint)?;
         Ok(Arc::new(Self {

@@ -508,17 +508,9 @@ impl Rollouts {
             let ack_timeout = a.spec.ack_timeout.as_millis() as u64;
             let shared = self.replicas.is_shared();
             let mut ranks: Vec<u64> = Vec::new();
-            let mut seen = std::collections::HashSet::new();
             let mut failures = Vec::new();
             let mut waiting = 0usize;
-            fleet.visit(&mut |m: Member<'_>| {
-                if !e.selector.matches(m.facts) {
-                    return;
-                }
-                let r = rank(&m.facts.id, &e.name);
-                if !seen.insert(r) {
-                    return;
-                }
+            each_matching(fleet, e, &mut |m: Member<'_>, r: u64| {
                 ranks.push(r);
                 if !threshold.is_some_and(|t| r <= t) {
                     return;
@@ -697,17 +689,9 @@ impl Rollouts {
             .filter_map(|e| {
                 let a = e.active.as_ref()?;
                 let (mut members, mut acked, mut nacked, mut matching) = (0, 0, 0, 0);
-                let mut seen = std::collections::HashSet::new();
                 let new = a.new.version.as_str();
                 // Every proxy of the fleet, read where it is (no copy per look).
-                fleet.visit(&mut |m: Member<'_>| {
-                    if !e.selector.matches(m.facts) {
-                        return;
-                    }
-                    let r = rank(&m.facts.id, &e.name);
-                    if !seen.insert(r) {
-                        return;
-                    }
+                each_matching(&fleet, e, &mut |m: Member<'_>, r: u64| {
                     matching += 1;
                     if !a.threshold.is_some_and(|t| r <= t) {
                         return;
@@ -833,6 +817,21 @@ impl Member<'_> {
 /// Where the rollout engine finds the fleet's proxies.
 pub trait Fleet {
     fn visit(&self, f: &mut dyn FnMut(Member<'_>));
+}
+
+/// The proxies entry `e` is for, each once (by rank, a hash of node id and entry name),
+/// with their rank.
+fn each_matching(fleet: &dyn Fleet, e: &EntryState, f: &mut dyn FnMut(Member<'_>, u64)) {
+    let mut seen = std::collections::HashSet::new();
+    fleet.visit(&mut |m: Member<'_>| {
+        if !e.selector.matches(m.facts) {
+            return;
+        }
+        let r = rank(&m.facts.id, &e.name);
+        if seen.insert(r) {
+            f(m, r);
+        }
+    });
 }
 
 /// This replica's proxies, read in place, and the other replicas' last reports.
