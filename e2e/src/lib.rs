@@ -379,6 +379,23 @@ pub fn example_bootstrap(example: &str, ports: EnvoyPorts, node_id: &str) -> Str
         .join("\n")
 }
 
+/// What each Envoy's listener answers in `x-plugin` (the quickstart's header filter).
+pub fn plugin_headers(envoys: &[Envoy]) -> Vec<Option<String>> {
+    envoys.iter().map(|e| e.get("/").and_then(|r| r.header("x-plugin").map(str::to_owned))).collect()
+}
+
+/// How many of `envoys` answer `x-plugin: value`.
+pub fn count_plugin(envoys: &[Envoy], value: &str) -> usize {
+    plugin_headers(envoys).iter().filter(|h| h.as_deref() == Some(value)).count()
+}
+
+/// Waits until exactly `n` of `envoys` answer `x-plugin: value`.
+pub fn wait_plugin_count(envoys: &[Envoy], value: &str, n: usize, timeout: Duration) {
+    wait_until(&format!("{n} Envoys answering x-plugin: {value}"), timeout, || {
+        (count_plugin(envoys, value) == n).then_some(())
+    });
+}
+
 impl Envoy {
     /// Starts Envoy with `bootstrap` and waits until its admin answers.
     pub fn start(bootstrap: &str, ports: EnvoyPorts, dir: &Path, name: &str) -> Self {

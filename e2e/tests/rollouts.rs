@@ -29,15 +29,15 @@ struct Fleet {
 
 impl Fleet {
     fn headers(&self) -> Vec<Option<String>> {
-        self.envoys.iter().map(|e| e.get("/").and_then(|r| r.header("x-plugin").map(str::to_owned))).collect()
+        filterplane_e2e::plugin_headers(&self.envoys)
     }
 
     fn count(&self, value: &str) -> usize {
-        self.headers().iter().filter(|h| h.as_deref() == Some(value)).count()
+        filterplane_e2e::count_plugin(&self.envoys, value)
     }
 
     fn wait_count(&self, value: &str, n: usize) {
-        wait_until(&format!("{n} Envoys answering x-plugin: {value}"), WAIT, || (self.count(value) == n).then_some(()));
+        filterplane_e2e::wait_plugin_count(&self.envoys, value, n, WAIT);
     }
 
     fn write(&self, text: &str) {
