@@ -3,7 +3,10 @@
 //! entries share one immutable `Snapshot`, built on first use and kept for the life of
 //! the generation. New generations are published through a `watch` channel.
 
-use std::{collections::BTreeMap, sync::Arc};
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, OnceLock},
+};
 
 use dashmap::DashMap;
 use filterplane_api::{content_version, Any, ResourceType, ResourceVersion};
@@ -21,6 +24,27 @@ pub struct ServedResource {
     /// Envoy fetches this Wasm config's code itself: a NACK may only mean the module is
     /// not in Envoy's cache yet, and the response is sent again (see `StreamSettings`).
     pub envoy_fetches_code: bool,
+    /// What it becomes in a state-of-the-world and in a delta response, encoded when
+    /// the first stream sends it (`xds::wire`).
+    sotw_entry: OnceLock<Box<[u8]>>,
+    delta_entry: OnceLock<Box<[u8]>>,
+}
+
+impl ServedResource {
+    pub fn new(name: String, version: ResourceVersion, any: Any, envoy_fetches_code: bool) -> Self {
+        Self { name, version, any, envoy_fetches_code, sotw_entry: OnceLock::new(), delta_entry: OnceLock::new() }
+    }
+
+    /// Field 2 of a `DiscoveryResponse` carrying it.
+    pub fn sotw_entry(&self) -> &[u8] {
+        self.sotw_entry.get_or_init(|| crate::xds::wire::sotw_entry(&self.any).into())
+    }
+
+    /// Field 2 of a `DeltaDiscoveryResponse` carrying it.
+    pub fn delta_entry(&self) -> &[u8] {
+        self.delta_entry
+            .get_or_init(|| crate::xds::wire::delta_entry(&self.name, self.version.as_str(), &self.any).into())
+    }
 }
 
 /// Resources of one type in a snapshot, by name.
@@ -99,14 +123,7 @@ impl Generation {
         let served = config
             .resources
             .iter()
-            .map(|r| {
-                Arc::new(ServedResource {
-                    name: r.name.clone(),
-                    version: r.version,
-                    any: r.resource.clone(),
-                    envoy_fetches_code: r.envoy_fetches_code,
-                })
-            })
+            .map(|r| Arc::new(ServedResource::new(r.name.clone(), r.version, r.resource.clone(), r.envoy_fetches_code)))
             .collect();
         let selective = config
             .resources
@@ -124,12 +141,12 @@ impl Generation {
                     r.resource_type == ResourceType::ExtensionConfig && r.name == e.name && r.selector == e.selector
                 })?;
                 let old = e.old.clone().map(|o| {
-                    let served = Arc::new(ServedResource {
-                        name: o.name.clone(),
-                        version: o.version,
-                        any: o.resource.clone(),
-                        envoy_fetches_code: o.envoy_fetches_code,
-                    });
+                    let served = Arc::new(ServedResource::new(
+                        o.name.clone(),
+                        o.version,
+                        o.resource.clone(),
+                        o.envoy_fetches_code,
+                    ));
                     (o, served)
                 });
                 Some((i as u32, at, old))
@@ -258,9 +275,7 @@ impl Generation {
         }
         match assemble_listener(r, placements) {
             None => self.served[i].clone(),
-            Some(Ok((any, version))) => {
-                Arc::new(ServedResource { name: r.name.clone(), version, any, envoy_fetches_code: false })
-            }
+            Some(Ok((any, version))) => Arc::new(ServedResource::new(r.name.clone(), version, any, false)),
             Some(Err(e)) => {
                 // compile() placed every filter into every listener already, so this
                 // means a bug; serve the listener as written rather than nothing.

@@ -8,26 +8,23 @@
 use std::{collections::VecDeque, sync::Arc, time::Instant};
 
 use filterplane_api::{
-    envoy_types::pb::envoy::{
-        config::core::v3::ControlPlane,
-        service::discovery::v3::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource},
-    },
+    envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaDiscoveryResponse},
     ResourceType, ResourceVersion,
 };
-use prost::Message;
 
 use crate::{
-    cache::Snapshot,
+    cache::{ServedResource, Snapshot},
     vec_map::VecMap,
     xds::{
         hold::{Hold, Holds},
-        stream::{
-            set_version, wire_resource, CodeFetchRetry, Nack, Step, StreamCore, StreamEvent, StreamSettings,
-            Subscription,
-        },
+        stream::{set_version, CodeFetchRetry, Nack, Step, StreamCore, StreamEvent, StreamSettings, Subscription},
+        wire::{self, Header, Wire},
         ProtocolError,
     },
 };
+
+/// What a step of a delta stream sends: encoded responses.
+pub type DeltaStep = Step<Wire<DeltaDiscoveryResponse>>;
 
 /// How many un-ACKed responses per type are remembered; older ones are forgotten (their
 /// ACK, if it ever comes, is ignored like any unknown nonce).
@@ -80,7 +77,23 @@ impl DeltaStream {
         Self { core: StreamCore::new(only, control_plane, settings), types: VecMap::new(), holds: Holds::default() }
     }
 
+    /// A request, with the responses decoded (tests and tools; the server sends
+    /// `on_request_wire`'s bytes).
     pub fn on_request(&mut self, req: DeltaDiscoveryRequest) -> Result<Step<DeltaDiscoveryResponse>, ProtocolError> {
+        self.on_request_wire(req).map(Step::decoded)
+    }
+
+    /// A new snapshot, with the responses decoded (see `on_request`).
+    pub fn on_snapshot(&mut self, snapshot: Arc<Snapshot>) -> Step<DeltaDiscoveryResponse> {
+        self.on_snapshot_wire(snapshot).decoded()
+    }
+
+    /// Timers, with the responses decoded (see `on_request`).
+    pub fn on_timer(&mut self, now: Instant) -> Step<DeltaDiscoveryResponse> {
+        self.on_timer_wire(now).decoded()
+    }
+
+    pub fn on_request_wire(&mut self, req: DeltaDiscoveryRequest) -> Result<DeltaStep, ProtocolError> {
         let mut step = Step::default();
         let Some(rt) = self.core.check_request(req.node.as_ref(), &req.type_url, &mut step)? else {
             return Ok(step);
@@ -142,42 +155,50 @@ impl DeltaStream {
             }
         }
 
-        let before = state.subscription.clone();
-        state.subscription.apply_delta(
-            rt,
-            first,
-            &req.resource_names_subscribe,
-            &req.resource_names_unsubscribe,
-            self.core.settings.max_subscribed_names,
-        )?;
-        // The client drops what it unsubscribed from by itself. For a held extension
-        // config that is Envoy saying no listener refers to it any more: the hold is over.
-        let subscription = &state.subscription;
-        state.client.retain(|name, _| subscription.wants(name));
-        self.holds.retain(rt, |name| subscription.wants(name));
-        if first || before != state.subscription {
-            step.events.push(StreamEvent::Subscribed {
+        // A plain ACK (the hot path: one per proxy per push) changes no subscription and
+        // needs no answer: new snapshots are pushed by `on_snapshot` as they come.
+        if first || !req.resource_names_subscribe.is_empty() || !req.resource_names_unsubscribe.is_empty() {
+            let before = state.subscription.clone();
+            state.subscription.apply_delta(
                 rt,
-                wildcard: state.subscription.wildcard,
-                names: state.subscription.names().to_vec(),
-            });
+                first,
+                &req.resource_names_subscribe,
+                &req.resource_names_unsubscribe,
+                self.core.settings.max_subscribed_names,
+            )?;
+            // The client drops what it unsubscribed from by itself. For a held extension
+            // config that is Envoy saying no listener refers to it any more: the hold is over.
+            let subscription = &state.subscription;
+            state.client.retain(|name, _| subscription.wants(name));
+            self.holds.retain(rt, |name| subscription.wants(name));
+            if first || before != state.subscription {
+                step.events.push(StreamEvent::Subscribed {
+                    rt,
+                    wildcard: state.subscription.wildcard,
+                    names: state.subscription.names().to_vec(),
+                });
+            }
+            // Names newly asked for explicitly: if they do not exist, say so at once.
+            let newly: Vec<String> = req
+                .resource_names_subscribe
+                .iter()
+                .filter(|n| *n != "*" && !before.names_explicitly(n))
+                .cloned()
+                .collect();
+            // A resuming client may be draining listeners Filterplane never saw; what it
+            // has and no longer gets is held as if it had been placed.
+            let resuming = first && !req.initial_resource_versions.is_empty();
+            let hold =
+                if resuming && self.types.contains_key(&ResourceType::Listener) { Hold::Resuming } else { Hold::None };
+            self.respond(rt, &newly, first, hold, false, &mut step);
         }
-        // Names newly asked for explicitly: if they do not exist, say so at once.
-        let newly: Vec<String> =
-            req.resource_names_subscribe.iter().filter(|n| *n != "*" && !before.names_explicitly(n)).cloned().collect();
-        // A resuming client may be draining listeners Filterplane never saw; what it has
-        // and no longer gets is held as if it had been placed.
-        let resuming = first && !req.initial_resource_versions.is_empty();
-        let hold =
-            if resuming && self.types.contains_key(&ResourceType::Listener) { Hold::Resuming } else { Hold::None };
-        self.respond(rt, &newly, first, hold, false, &mut step);
         self.end_step(&mut step);
         Ok(step)
     }
 
     /// After a step: holds made wait for the listener and route responses it sent, and
     /// what is due at once (or became due by an ACK) goes out.
-    fn end_step(&mut self, step: &mut Step<DeltaDiscoveryResponse>) {
+    fn end_step(&mut self, step: &mut DeltaStep) {
         // Runs after every request (each ACK): nothing to do unless a removal is held.
         if self.holds.is_empty() {
             return;
@@ -188,7 +209,7 @@ impl DeltaStream {
         }
     }
 
-    pub fn on_snapshot(&mut self, snapshot: Arc<Snapshot>) -> Step<DeltaDiscoveryResponse> {
+    pub fn on_snapshot_wire(&mut self, snapshot: Arc<Snapshot>) -> DeltaStep {
         let before = self.core.snapshot.replace(snapshot);
         let hold = before.as_deref().map_or(Hold::None, Hold::Replacing);
         let mut step = Step::default();
@@ -209,7 +230,7 @@ impl DeltaStream {
 
     /// Sends what is due at `now`: held removals whose grace is over, and resources
     /// Envoy NACKed while fetching a Wasm module.
-    pub fn on_timer(&mut self, now: Instant) -> Step<DeltaDiscoveryResponse> {
+    pub fn on_timer_wire(&mut self, now: Instant) -> DeltaStep {
         let mut step = Step::default();
         for rt in self.holds.release_due(now) {
             self.respond(rt, &[], false, Hold::None, false, &mut step);
@@ -241,15 +262,15 @@ impl DeltaStream {
         first: bool,
         hold: Hold<'_>,
         resend: bool,
-        step: &mut Step<DeltaDiscoveryResponse>,
+        step: &mut DeltaStep,
     ) {
         let (Some(snapshot), Some(state)) = (self.core.snapshot.as_ref(), self.types.get_mut(&rt)) else {
             return;
         };
         let available = snapshot.resources(rt);
         let selected = state.subscription.select(available);
-        let changed: Vec<_> =
-            selected.iter().filter(|r| state.client.get(r.name.as_str()) != Some(&Some(r.version))).collect();
+        let changed: Vec<&Arc<ServedResource>> =
+            selected.iter().copied().filter(|r| state.client.get(r.name.as_str()) != Some(&Some(r.version))).collect();
         // `selected` is in name order.
         let mut removed: Vec<String> = state
             .client
@@ -295,22 +316,16 @@ impl DeltaStream {
             _ => 0,
         };
         let nonce = self.core.nonces.next_nonce();
-        let response = DeltaDiscoveryResponse {
-            system_version_info: version.clone(),
-            resources: changed
-                .iter()
-                .map(|r| Resource {
-                    name: r.name.clone(),
-                    version: r.version.to_string(),
-                    resource: Some(wire_resource(r, attempt)),
-                    ..Default::default()
-                })
-                .collect(),
-            type_url: rt.type_url().to_owned(),
-            removed_resources: removed.clone(),
-            nonce: nonce.clone(),
-            control_plane: Some(ControlPlane { identifier: self.core.control_plane.to_owned() }),
-            ..Default::default()
+        let header = Header {
+            version: &version,
+            type_url: rt.type_url(),
+            nonce: &nonce,
+            control_plane: self.core.control_plane,
+        };
+        let Some(response) = wire::delta_response(header, &changed, &removed, attempt) else {
+            // Over gRPC's 4 GiB: the config file's own limits keep this from happening.
+            tracing::error!(type_url = %rt, "response over 4 GiB not sent");
+            return;
         };
         for r in &changed {
             state.client.insert(r.name.clone(), Some(r.version));
@@ -326,7 +341,7 @@ impl DeltaStream {
             resources: changed.iter().map(|r| (r.name.clone(), r.version)).collect(),
             removed,
             incremental: true,
-            bytes: response.encoded_len(),
+            bytes: response.message_len(),
         });
         step.responses.push(response);
         if state.pending.len() == MAX_PENDING {

@@ -8,6 +8,7 @@ pub mod sotw;
 pub mod stream;
 #[cfg(test)]
 mod test_support;
+pub mod wire;
 
 /// A request the protocol cannot serve; ends the stream with a gRPC status. Converted to
 /// `tonic::Status` here and nowhere else. (An Envoy NACK is not one of these: it is

@@ -27,6 +27,7 @@ use crate::{
         delta::DeltaStream,
         sotw::SotwStream,
         stream::{NodeInfo, Step, StreamCore, StreamEvent, StreamSettings},
+        wire::Wire,
         ProtocolError,
     },
 };
@@ -73,17 +74,18 @@ impl XdsSecurity {
 /// A protocol state machine the stream loop can drive.
 pub trait Protocol: Send + 'static {
     type Request: Send + 'static;
-    type Response: Send + 'static;
+    /// What it sends, as decoded (its steps carry the encoded bytes).
+    type Response: prost::Message + Default + Send + 'static;
     const KIND: StreamKind;
 
     fn request_node(req: &Self::Request) -> Option<&Node>;
     fn core(&self) -> &StreamCore;
     fn core_mut(&mut self) -> &mut StreamCore;
-    fn on_request(&mut self, req: Self::Request) -> Result<Step<Self::Response>, ProtocolError>;
-    fn on_snapshot(&mut self, snapshot: Arc<Snapshot>) -> Step<Self::Response>;
+    fn on_request(&mut self, req: Self::Request) -> Result<Step<Wire<Self::Response>>, ProtocolError>;
+    fn on_snapshot(&mut self, snapshot: Arc<Snapshot>) -> Step<Wire<Self::Response>>;
     /// When `on_timer` has something to do next, if ever.
     fn next_wakeup(&self) -> Option<Instant>;
-    fn on_timer(&mut self, now: Instant) -> Step<Self::Response>;
+    fn on_timer(&mut self, now: Instant) -> Step<Wire<Self::Response>>;
 }
 
 impl Protocol for SotwStream {
@@ -100,17 +102,17 @@ impl Protocol for SotwStream {
     fn core_mut(&mut self) -> &mut StreamCore {
         &mut self.core
     }
-    fn on_request(&mut self, req: DiscoveryRequest) -> Result<Step<DiscoveryResponse>, ProtocolError> {
-        SotwStream::on_request(self, req)
+    fn on_request(&mut self, req: DiscoveryRequest) -> Result<Step<Wire<DiscoveryResponse>>, ProtocolError> {
+        SotwStream::on_request_wire(self, req)
     }
-    fn on_snapshot(&mut self, snapshot: Arc<Snapshot>) -> Step<DiscoveryResponse> {
-        SotwStream::on_snapshot(self, snapshot)
+    fn on_snapshot(&mut self, snapshot: Arc<Snapshot>) -> Step<Wire<DiscoveryResponse>> {
+        SotwStream::on_snapshot_wire(self, snapshot)
     }
     fn next_wakeup(&self) -> Option<Instant> {
         SotwStream::next_wakeup(self)
     }
-    fn on_timer(&mut self, now: Instant) -> Step<DiscoveryResponse> {
-        SotwStream::on_timer(self, now)
+    fn on_timer(&mut self, now: Instant) -> Step<Wire<DiscoveryResponse>> {
+        SotwStream::on_timer_wire(self, now)
     }
 }
 
@@ -128,17 +130,17 @@ impl Protocol for DeltaStream {
     fn core_mut(&mut self) -> &mut StreamCore {
         &mut self.core
     }
-    fn on_request(&mut self, req: DeltaDiscoveryRequest) -> Result<Step<DeltaDiscoveryResponse>, ProtocolError> {
-        DeltaStream::on_request(self, req)
+    fn on_request(&mut self, req: DeltaDiscoveryRequest) -> Result<Step<Wire<DeltaDiscoveryResponse>>, ProtocolError> {
+        DeltaStream::on_request_wire(self, req)
     }
-    fn on_snapshot(&mut self, snapshot: Arc<Snapshot>) -> Step<DeltaDiscoveryResponse> {
-        DeltaStream::on_snapshot(self, snapshot)
+    fn on_snapshot(&mut self, snapshot: Arc<Snapshot>) -> Step<Wire<DeltaDiscoveryResponse>> {
+        DeltaStream::on_snapshot_wire(self, snapshot)
     }
     fn next_wakeup(&self) -> Option<Instant> {
         DeltaStream::next_wakeup(self)
     }
-    fn on_timer(&mut self, now: Instant) -> Step<DeltaDiscoveryResponse> {
-        DeltaStream::on_timer(self, now)
+    fn on_timer(&mut self, now: Instant) -> Step<Wire<DeltaDiscoveryResponse>> {
+        DeltaStream::on_timer_wire(self, now)
     }
 }
 
@@ -228,32 +230,20 @@ impl XdsServices {
         &self,
         peer: &ConnPeer,
         mut req: DiscoveryRequest,
-    ) -> Result<DiscoveryResponse, Status> {
+    ) -> Result<Wire<DiscoveryResponse>, Status> {
         let node = req.node.as_ref().ok_or(ProtocolError::MissingNode)?;
         let facts = NodeInfo::from(node).facts;
         self.ctx.security.admit(&self.ctx.tracker, &peer.info, &facts)?;
         let generation = self.ctx.cache.current().ok_or_else(|| Status::unavailable("no configuration loaded yet"))?;
         let mut machine = SotwStream::new(ECDS, CONTROL_PLANE_ID);
-        machine.on_snapshot(generation.snapshot_for_stream(&facts, peer.withhold));
+        machine.on_snapshot_wire(generation.snapshot_for_stream(&facts, peer.withhold));
         // A fetch always answers: forget what the client says it has.
         req.version_info.clear();
         req.response_nonce.clear();
         req.error_detail = None;
-        let mut step = machine.on_request(req)?;
+        let mut step = machine.on_request_wire(req)?;
         step.responses.pop().ok_or_else(|| Status::internal("no response computed"))
     }
-}
-
-/// One gRPC message: a zero compression flag, the length as 4 bytes big-endian, the
-/// protobuf; in a buffer of exactly its size, freed once sent.
-pub fn grpc_message<T: prost::Message>(message: &T) -> Result<Vec<u8>, Status> {
-    let len = message.encoded_len();
-    let prefix = u32::try_from(len).map_err(|_| Status::resource_exhausted("response over 4 GiB"))?;
-    let mut buf = Vec::with_capacity(5 + len);
-    buf.push(0);
-    buf.extend_from_slice(&prefix.to_be_bytes());
-    message.encode_raw(&mut buf);
-    Ok(buf)
 }
 
 /// What a stream handler asks of its connection after an event.
@@ -291,7 +281,7 @@ impl Handler {
             let result = DiscoveryRequest::decode(bytes)
                 .map_err(|e| Status::internal(format!("could not decode the request: {e}")))
                 .and_then(|req| services.fetch_extension_configs(peer, req))
-                .and_then(|resp| grpc_message(&resp));
+                .map(Wire::into_grpc);
             match result {
                 Ok(m) => {
                     out.messages.push(m);
@@ -321,7 +311,7 @@ impl Handler {
 
     pub fn on_timer(&mut self, ctx: &XdsContext, now: Instant, out: &mut Output) {
         each!(self, s => {
-            let step = s.machine.on_timer(now);
+            let step = Protocol::on_timer(&mut s.machine, now);
             s.after(ctx, step, out)
         }, fetch => ())
     }
@@ -390,7 +380,7 @@ where
     }
 
     /// Records what a step did and encodes what it sends.
-    fn after(&mut self, ctx: &XdsContext, step: Step<P::Response>, out: &mut Output) {
+    fn after(&mut self, ctx: &XdsContext, step: Step<Wire<P::Response>>, out: &mut Output) {
         for limit in &step.limits {
             ctx.tracker.metrics().limit_hit(limit);
         }
@@ -401,15 +391,7 @@ where
                 tracker.record(*id, event);
             }
         }
-        for response in &step.responses {
-            match grpc_message(response) {
-                Ok(m) => out.messages.push(m),
-                Err(status) => {
-                    out.end = Some(status);
-                    return;
-                }
-            }
-        }
+        out.messages.extend(step.responses.into_iter().map(Wire::into_grpc));
     }
 
     /// On the first request that names the node: check it against the client

@@ -4,21 +4,19 @@
 use std::{sync::Arc, time::Instant};
 
 use filterplane_api::{
-    envoy_types::pb::envoy::{
-        config::core::v3::ControlPlane,
-        service::discovery::v3::{DiscoveryRequest, DiscoveryResponse},
-    },
+    envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse},
     ResourceType, ResourceVersion,
 };
-use prost::Message;
 
 use crate::xds::ProtocolError;
 use crate::xds::{
     hold::{Hold, Holds},
-    stream::{
-        set_version, wire_resource, CodeFetchRetry, Nack, Step, StreamCore, StreamEvent, StreamSettings, Subscription,
-    },
+    stream::{set_version, CodeFetchRetry, Nack, Step, StreamCore, StreamEvent, StreamSettings, Subscription},
+    wire::{self, Header, Wire},
 };
+
+/// What a step of a state-of-the-world stream sends: encoded responses.
+pub type SotwStep = Step<Wire<DiscoveryResponse>>;
 use crate::{cache::Snapshot, vec_map::VecMap};
 
 #[derive(Debug, Clone)]
@@ -66,7 +64,23 @@ impl SotwStream {
         Self { core: StreamCore::new(only, control_plane, settings), types: VecMap::new(), holds: Holds::default() }
     }
 
+    /// A request, with the responses decoded (tests and tools; the server sends
+    /// `on_request_wire`'s bytes).
     pub fn on_request(&mut self, req: DiscoveryRequest) -> Result<Step<DiscoveryResponse>, ProtocolError> {
+        self.on_request_wire(req).map(Step::decoded)
+    }
+
+    /// A new snapshot, with the responses decoded (see `on_request`).
+    pub fn on_snapshot(&mut self, snapshot: Arc<Snapshot>) -> Step<DiscoveryResponse> {
+        self.on_snapshot_wire(snapshot).decoded()
+    }
+
+    /// Timers, with the responses decoded (see `on_request`).
+    pub fn on_timer(&mut self, now: Instant) -> Step<DiscoveryResponse> {
+        self.on_timer_wire(now).decoded()
+    }
+
+    pub fn on_request_wire(&mut self, req: DiscoveryRequest) -> Result<SotwStep, ProtocolError> {
         let mut step = Step::default();
         let Some(rt) = self.core.check_request(req.node.as_ref(), &req.type_url, &mut step)? else {
             return Ok(step);
@@ -147,7 +161,7 @@ impl SotwStream {
 
     /// After a step: holds made wait for the listener and route responses it sent, and
     /// what is due at once (or became due by an ACK) goes out.
-    fn end_step(&mut self, step: &mut Step<DiscoveryResponse>) {
+    fn end_step(&mut self, step: &mut SotwStep) {
         // Runs after every request (each ACK): nothing to do unless a removal is held.
         if self.holds.is_empty() {
             return;
@@ -164,7 +178,7 @@ impl SotwStream {
     }
 
     /// Sends again what Envoy NACKed while fetching a Wasm module, once its time came.
-    pub fn on_timer(&mut self, now: Instant) -> Step<DiscoveryResponse> {
+    pub fn on_timer_wire(&mut self, now: Instant) -> SotwStep {
         let mut step = Step::default();
         for rt in self.holds.release_due(now) {
             self.respond(rt, false, Hold::None, &mut step);
@@ -181,7 +195,7 @@ impl SotwStream {
 
     /// A new snapshot for this stream's node: push every subscribed type whose
     /// selected resources changed, in dependency order.
-    pub fn on_snapshot(&mut self, snapshot: Arc<Snapshot>) -> Step<DiscoveryResponse> {
+    pub fn on_snapshot_wire(&mut self, snapshot: Arc<Snapshot>) -> SotwStep {
         let before = self.core.snapshot.replace(snapshot);
         let hold = before.as_deref().map_or(Hold::None, Hold::Replacing);
         let mut step = Step::default();
@@ -197,7 +211,7 @@ impl SotwStream {
     /// Sends the type's selected resources if they changed since last sent (or the client
     /// asks for a name anew), or in any case when `resend`. Resources held back from
     /// removal (make-before-break, `hold.rs`) are sent on with them.
-    fn respond(&mut self, rt: ResourceType, resend: bool, hold: Hold<'_>, step: &mut Step<DiscoveryResponse>) {
+    fn respond(&mut self, rt: ResourceType, resend: bool, hold: Hold<'_>, step: &mut SotwStep) {
         let (Some(snapshot), Some(state)) = (self.core.snapshot.as_ref(), self.types.get_mut(&rt)) else {
             return;
         };
@@ -259,13 +273,16 @@ impl SotwStream {
         }
         let nonce = self.core.nonces.next_nonce();
         let attempt = if resend { state.retry.as_ref().map_or(0, |r| r.attempt) } else { 0 };
-        let response = DiscoveryResponse {
-            version_info: version.to_string(),
-            resources: selected.iter().map(|r| wire_resource(r, attempt)).collect(),
-            type_url: rt.type_url().to_owned(),
-            nonce: nonce.clone(),
-            control_plane: Some(ControlPlane { identifier: self.core.control_plane.to_owned() }),
-            ..Default::default()
+        let header = Header {
+            version: version.as_str(),
+            type_url: rt.type_url(),
+            nonce: &nonce,
+            control_plane: self.core.control_plane,
+        };
+        let Some(response) = wire::sotw_response(header, &selected, attempt) else {
+            // Over gRPC's 4 GiB: the config file's own limits keep this from happening.
+            tracing::error!(type_url = %rt, "response over 4 GiB not sent");
+            return;
         };
         step.events.push(StreamEvent::Sent {
             rt,
@@ -274,7 +291,7 @@ impl SotwStream {
             resources: selected.iter().map(|r| (r.name.clone(), r.version)).collect(),
             removed: Vec::new(),
             incremental: false,
-            bytes: response.encoded_len(),
+            bytes: response.message_len(),
         });
         step.responses.push(response);
         state.last_sent = Some(Sent { version, nonce, subscription: state.subscription.clone(), answered: false });

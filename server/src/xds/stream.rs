@@ -97,6 +97,17 @@ impl<R> Step<R> {
     }
 }
 
+impl<M: prost::Message + Default> Step<crate::xds::wire::Wire<M>> {
+    /// The same step with its responses decoded (tests and tools).
+    pub fn decoded(self) -> Step<M> {
+        Step {
+            responses: self.responses.iter().map(|w| w.decode()).collect(),
+            events: self.events,
+            limits: self.limits,
+        }
+    }
+}
+
 impl<R> Default for Step<R> {
     fn default() -> Self {
         Self { responses: Vec::new(), events: Vec::new(), limits: Vec::new() }
