@@ -400,7 +400,8 @@ pub fn summary(tracker: &AckTracker) -> Summary {
     tracker.for_each(|p| {
         proxies += 1;
         states.add(proxy_state(p));
-        for (type_url, t) in p.types.iter() {
+        for (rt, t) in p.types.iter() {
+            let type_url = rt.type_url();
             let by_version = versions.entry(type_url).or_default();
             match by_version.get_mut(&t.acked_version) {
                 Some(c) => c.add(t.state),
@@ -432,7 +433,7 @@ pub fn summary(tracker: &AckTracker) -> Summary {
                     node_id: p.node_id().to_owned(),
                     cluster: p.facts().cluster.clone(),
                     stream_id: p.stream_id,
-                    type_url: (*type_url).to_owned(),
+                    type_url: type_url.to_owned(),
                     version: n.version.clone(),
                     message: n.message.clone(),
                     at: n.at.clone(),

@@ -350,7 +350,7 @@ impl Replicas {
 
 /// This replica's proxies as the rollout engine sees them.
 pub fn local_fleet(tracker: &AckTracker, replica: &str) -> Vec<FleetProxy> {
-    let ecds = filterplane_api::ResourceType::ExtensionConfig.type_url();
+    let ecds = filterplane_api::ResourceType::ExtensionConfig;
     let mut v = Vec::new();
     tracker.for_each(|p| {
         let t = p.types.get(&ecds);

@@ -48,7 +48,7 @@ fn nacked(version: &str, kept: &str, nonce: &str) -> StreamEvent {
 }
 
 fn ecds(t: &AckTracker) -> TypeStatus {
-    t.proxies()[0].types[ECDS.type_url()].clone()
+    t.proxies()[0].types[&ECDS].clone()
 }
 
 #[test]

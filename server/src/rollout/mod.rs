@@ -791,7 +791,7 @@ impl Member<'_> {
     pub fn status(&self, name: &str, version: &str) -> Option<(bool, bool)> {
         match &self.source {
             Source::Local(p) => {
-                let r = p.types.get(&ResourceType::ExtensionConfig.type_url())?.resources.get(name)?;
+                let r = p.types.get(&ResourceType::ExtensionConfig)?.resources.get(name)?;
                 Some((r.acked_version.is_some_and(|v| v == *version), r.nacked_version.is_some_and(|v| v == *version)))
             }
             Source::Reported(p) => {
@@ -806,7 +806,7 @@ impl Member<'_> {
         match &self.source {
             Source::Local(p) => p
                 .types
-                .get(&ResourceType::ExtensionConfig.type_url())
+                .get(&ResourceType::ExtensionConfig)
                 .and_then(|t| t.last_nack.as_ref())
                 .map(|n| n.message.as_str()),
             Source::Reported(p) => p.nack_message.as_deref(),

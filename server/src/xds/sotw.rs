@@ -24,7 +24,7 @@ struct Sent {
     version: ResourceVersion,
     /// Empty when nothing was sent because the client said it already had `version`.
     nonce: String,
-    subscription: Subscription,
+    subscription: Arc<Subscription>,
     /// Envoy ACKed or NACKed it. A later request may carry the same nonce again (Envoy
     /// does, with a subscription change); it is no second answer, and a client that
     /// repeats a NACK does not get it recorded again.
@@ -33,7 +33,8 @@ struct Sent {
 
 #[derive(Debug)]
 struct TypeState {
-    subscription: Subscription,
+    /// Shared with what was last sent under it (most pushes change no subscription).
+    subscription: Arc<Subscription>,
     /// Version the client says it has (from its last request).
     client_version: String,
     last_sent: Option<Sent>,
@@ -96,8 +97,16 @@ impl SotwStream {
         }
 
         let previous = state.map(|s| &s.subscription);
-        let subscription =
-            Subscription::from_sotw(rt, &req.resource_names, previous, self.core.settings.max_subscribed_names)?;
+        // An ACK states the same names again (the hot path: one per proxy per push).
+        let subscription = match previous.filter(|p| p.states_same(rt, &req.resource_names)) {
+            Some(same) => same.clone(),
+            None => Arc::new(Subscription::from_sotw(
+                rt,
+                &req.resource_names,
+                previous.map(|p| &**p),
+                self.core.settings.max_subscribed_names,
+            )?),
+        };
         let resubscribed = previous != Some(&subscription);
         if resubscribed {
             step.events.push(StreamEvent::Subscribed {

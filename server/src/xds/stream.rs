@@ -315,6 +315,19 @@ impl Subscription {
         Ok(Subscription { wildcard, names })
     }
 
+    /// Whether a state-of-the-world request naming `names` states exactly this
+    /// subscription again, known without building one: the names in order, without
+    /// repeats (as Envoy sends them). `false` may still mean the same.
+    pub fn states_same(&self, rt: ResourceType, names: &[String]) -> bool {
+        if names.is_empty() {
+            return self.names.is_empty() && (!self.wildcard || rt.legacy_wildcard());
+        }
+        match names {
+            [star] if star == "*" => self.wildcard && self.names.is_empty(),
+            _ => !self.wildcard && self.names.as_slice() == names,
+        }
+    }
+
     /// Applies a delta request's changes. xDS protocol, "Delta xDS": the first request of
     /// a type with nothing to subscribe is the legacy wildcard for LDS/CDS; `*` subscribes
     /// to the wildcard explicitly and unsubscribing `*` ends it; names accumulate until
