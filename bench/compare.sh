@@ -3,7 +3,8 @@
 # idle stream, server CPU per push (push and ACKs) and p99 of a 1 KiB change, over several
 # changes per run. Usage: bench/compare.sh BASE_COMMIT [STREAMS] [ROUNDS]
 #   e.g. bench/compare.sh 465f9f5 10000 2
-# BASE_BIN=path/to/filterplane uses that binary for the base instead of building it.
+# BASE_BIN=path/to/filterplane uses that binary for the base instead of building it;
+# CHANGES=N measures N changes per run (6 unless set).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 base=${1:?usage: bench/compare.sh BASE_COMMIT [STREAMS] [ROUNDS]}
@@ -39,7 +40,7 @@ for round in $(seq "$rounds"); do
       for _ in $(seq 100); do curl -sf 127.0.0.1:28001/readyz >/dev/null 2>&1 && break; sleep 0.1; done
       echo "== round $round, $build ($( [ "$build" = base ] && echo "$base" || git rev-parse --short HEAD)), $mode, $streams streams"
       target/release/xds-loadgen --server http://127.0.0.1:28000 --streams "$streams" --mode "$mode" \
-        --change-file "$work/one.yaml" --change-from '"v0-' --change-to '"v1-' --server-pid "$server" --changes 6 \
+        --change-file "$work/one.yaml" --change-from '"v0-' --change-to '"v1-' --server-pid "$server" --changes "${CHANGES:-6}" \
         | grep -E "KiB per stream|more changes|errors" || true
       sed -i 's/"v1-/"v0-/' "$work/one.yaml"
       kill "$server"; wait "$server" 2>/dev/null || true

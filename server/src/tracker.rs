@@ -264,7 +264,9 @@ pub struct Reject {
 #[derive(Debug)]
 pub struct AckTracker {
     next_id: AtomicU64,
-    proxies: DashMap<StreamId, ProxyStatus, IdHash>,
+    /// Each proxy behind its own lock, which its stream holds too (`Tracked`): what a
+    /// stream records takes no map lookup and no shard lock shared with other streams.
+    proxies: DashMap<StreamId, Arc<Mutex<ProxyStatus>>, IdHash>,
     rejects: Mutex<VecDeque<Reject>>,
     reject_limit: usize,
     /// Most recently refused last.
@@ -313,33 +315,44 @@ impl AckTracker {
 
     /// `connect`, with how the client authenticated.
     pub fn connect_as(&self, node: Arc<NodeInfo>, kind: StreamKind, peer: String, auth: PeerAuth) -> StreamId {
+        self.connect_tracked(node, kind, peer, auth).id
+    }
+
+    /// `connect_as`, handing back what the stream records into.
+    pub fn connect_tracked(&self, node: Arc<NodeInfo>, kind: StreamKind, peer: String, auth: PeerAuth) -> Tracked {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        self.proxies.insert(
-            id,
-            ProxyStatus {
-                stream_id: id,
-                node,
-                stream_kind: kind,
-                peer,
-                auth,
-                connected_since: SystemTime::now(),
-                types: VecMap::new(),
-            },
-        );
+        let status = Arc::new(Mutex::new(ProxyStatus {
+            stream_id: id,
+            node,
+            stream_kind: kind,
+            peer,
+            auth,
+            connected_since: SystemTime::now(),
+            types: VecMap::new(),
+        }));
+        self.proxies.insert(id, status.clone());
         self.metrics.connected_proxies.get_or_create(&KindLabel { stream_kind: kind.label() }).inc();
         self.changed();
-        id
+        Tracked { id, status }
     }
 
     pub fn disconnect(&self, id: StreamId) {
         if let Some((_, p)) = self.proxies.remove(&id) {
-            self.metrics.connected_proxies.get_or_create(&KindLabel { stream_kind: p.stream_kind.label() }).dec();
+            let kind = lock(&p).stream_kind;
+            self.metrics.connected_proxies.get_or_create(&KindLabel { stream_kind: kind.label() }).dec();
             self.changed();
         }
     }
 
+    /// Records what stream `id` did (tests and tools; streams use `record_on`).
     pub fn record(&self, id: StreamId, event: &StreamEvent) {
-        let Some(mut proxy) = self.proxies.get_mut(&id) else { return };
+        let Some(status) = self.proxies.get(&id).map(|p| p.value().clone()) else { return };
+        self.record_on(&Tracked { id, status }, event);
+    }
+
+    /// Records what a connected stream did.
+    pub fn record_on(&self, tracked: &Tracked, event: &StreamEvent) {
+        let mut proxy = lock(&tracked.status);
         let mut reject = None;
         match event {
             StreamEvent::Subscribed { rt, wildcard, names } => {
@@ -493,7 +506,7 @@ impl AckTracker {
     /// Calls `f` with every connected proxy, in no order, without copying any.
     pub fn for_each(&self, mut f: impl FnMut(&ProxyStatus)) {
         for p in self.proxies.iter() {
-            f(p.value());
+            f(&lock(p.value()));
         }
     }
 
@@ -511,7 +524,7 @@ impl AckTracker {
 
     /// Connected proxies, by node id then stream.
     pub fn proxies(&self) -> Vec<ProxyStatus> {
-        let mut v: Vec<ProxyStatus> = self.proxies.iter().map(|p| p.value().clone()).collect();
+        let mut v: Vec<ProxyStatus> = self.proxies.iter().map(|p| lock(p.value()).clone()).collect();
         v.sort_by(|a, b| (a.node_id(), a.stream_id).cmp(&(b.node_id(), b.stream_id)));
         v
     }
@@ -565,6 +578,18 @@ impl AckTracker {
         let rejects = self.rejects.lock().unwrap_or_else(|p| p.into_inner());
         rejects.iter().rev().cloned().collect()
     }
+}
+
+/// A connected stream's place in the tracker.
+#[derive(Debug, Clone)]
+pub struct Tracked {
+    pub id: StreamId,
+    status: Arc<Mutex<ProxyStatus>>,
+}
+
+/// A proxy's status, locked (a panic elsewhere while it was held leaves it as it was).
+fn lock(status: &Mutex<ProxyStatus>) -> std::sync::MutexGuard<'_, ProxyStatus> {
+    status.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// The status of one type.

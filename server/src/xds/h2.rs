@@ -179,6 +179,9 @@ pub struct Connection<IO> {
     /// New configurations, and the server stopping.
     signals: tokio_stream::wrappers::WatchStream<Signal>,
     keepalive: Pin<Box<tokio::time::Sleep>>,
+    /// The keepalive timer was polled since it was last set, so it wakes the connection
+    /// when due: until then, a wake-up (one per push) need not poll it again.
+    keepalive_armed: bool,
     ping_outstanding: bool,
     /// The earliest stream timer (a Wasm resend, a held removal), when one is due.
     timer: Option<(Instant, Pin<Box<tokio::time::Sleep>>)>,
@@ -219,6 +222,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
             buffered: 0,
             signals,
             keepalive,
+            keepalive_armed: false,
             ping_outstanding: false,
             timer: None,
             timer_stale: false,
@@ -670,6 +674,16 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
         }
     }
 
+    /// Whether the keepalive PING is due. Polls the timer only to arm it and once its
+    /// time has come.
+    fn keepalive_due(&mut self, cx: &mut Context<'_>) -> bool {
+        if self.keepalive_armed && tokio::time::Instant::now() < self.keepalive.deadline() {
+            return false;
+        }
+        self.keepalive_armed = true;
+        self.keepalive.as_mut().poll(cx).is_ready()
+    }
+
     /// The timer armed for the earliest stream wake-up; `true` when one is due now.
     fn poll_timer(&mut self, cx: &mut Context<'_>) -> bool {
         if !self.timer_stale {
@@ -694,24 +708,26 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
 
     /// Reads once; `Ready(true)` at the end of the input.
     fn poll_read(&mut self, cx: &mut Context<'_>) -> Poll<Result<bool, ConnError>> {
-        let mut chunk = [0u8; READ_CHUNK];
-        let mut buf = ReadBuf::new(&mut chunk);
+        // Not zeroed first (8 KiB per read, once per ACK): the reader fills what it reports.
+        let mut chunk = [std::mem::MaybeUninit::<u8>::uninit(); READ_CHUNK];
+        let mut buf = ReadBuf::uninit(&mut chunk);
         match Pin::new(&mut self.io).poll_read(cx, &mut buf) {
             Poll::Pending => return Poll::Pending,
             // Reset, timed out (no preface in time), TLS error: nothing to say to it.
             Poll::Ready(Err(_)) => return Poll::Ready(Ok(true)),
             Poll::Ready(Ok(())) => {}
         }
-        let n = buf.filled().len();
+        let read = buf.filled();
+        let n = read.len();
         if n == 0 {
             return Poll::Ready(Ok(true));
         }
         if self.rbuf.is_empty() {
-            let used = self.process(&chunk[..n])?;
-            self.rbuf.extend_from_slice(&chunk[used..n]);
+            let used = self.process(read)?;
+            self.rbuf.extend_from_slice(&read[used..]);
         } else {
             let mut data = std::mem::take(&mut self.rbuf);
-            data.extend_from_slice(&chunk[..n]);
+            data.extend_from_slice(read);
             let used = self.process(&data)?;
             data.drain(..used);
             self.rbuf = data;
@@ -758,7 +774,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
                     break;
                 }
             }
-            if self.keepalive.as_mut().poll(cx).is_ready() {
+            if self.keepalive_due(cx) {
                 if self.ping_outstanding {
                     return Poll::Ready(Err(fail(NO_ERROR, "keepalive PING not answered")));
                 }
@@ -766,6 +782,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
                 self.frame(PING, 0, 0, &[0, 0, 0, 0, 0, 0, 0, 1]);
                 let next = tokio::time::Instant::now() + self.settings.keepalive;
                 self.keepalive.as_mut().reset(next);
+                self.keepalive_armed = false;
                 progress = true;
             }
             if self.poll_timer(cx) {

@@ -22,7 +22,7 @@ use crate::{
     cache::{Generation, Snapshot, SnapshotCache},
     identity::IdentityRules,
     tls::PeerInfo,
-    tracker::{AckTracker, PeerAuth, StreamId, StreamKind},
+    tracker::{AckTracker, PeerAuth, StreamKind, Tracked},
     xds::{
         delta::DeltaStream,
         sotw::SotwStream,
@@ -390,13 +390,13 @@ impl Handler {
 pub struct XdsStream<P: Protocol> {
     machine: P,
     /// Set once the node is identified; with the tracker to leave on drop.
-    registered: Option<(StreamId, Arc<AckTracker>, Box<str>)>,
+    registered: Option<(Tracked, Arc<AckTracker>, Box<str>)>,
 }
 
 impl<P: Protocol> Drop for XdsStream<P> {
     fn drop(&mut self) {
-        if let Some((id, tracker, peer)) = self.registered.take() {
-            tracker.disconnect(id);
+        if let Some((tracked, tracker, peer)) = self.registered.take() {
+            tracker.disconnect(tracked.id);
             let node_id = self.machine.core().node().map(|n| n.facts.id.as_str()).unwrap_or_default();
             tracing::info!(node_id = ?node_id, peer = %peer, "proxy disconnected");
         }
@@ -457,8 +457,8 @@ where
         let node_id = self.machine.core().node().map(|n| n.facts.id.as_str()).unwrap_or_default();
         for event in &step.events {
             log_event(node_id, event);
-            if let Some((id, tracker, _)) = &self.registered {
-                tracker.record(*id, event);
+            if let Some((tracked, tracker, _)) = &self.registered {
+                tracker.record_on(tracked, event);
             }
         }
         out.messages.extend(step.responses.into_iter().map(Wire::into_grpc));
@@ -479,8 +479,8 @@ where
             certificate: peer.info.identity.as_ref().map(|i| i.names()).unwrap_or_default(),
             sensitive_withheld: peer.withhold,
         };
-        let id = ctx.tracker.connect_as(info.clone(), P::KIND, peer.addr.clone(), auth);
-        self.registered = Some((id, ctx.tracker.clone(), peer.addr.as_str().into()));
+        let tracked = ctx.tracker.connect_tracked(info.clone(), P::KIND, peer.addr.clone(), auth);
+        self.registered = Some((tracked, ctx.tracker.clone(), peer.addr.as_str().into()));
         tracing::info!(node_id = ?info.facts.id, cluster = ?info.facts.cluster, peer = %peer.addr, user_agent = ?info.user_agent, kind = P::KIND.label(), tls = peer.info.tls, authenticated = peer.info.identity.is_some(), "proxy connected");
         if let Some(g) = ctx.cache.current() {
             // Nothing is subscribed yet: the first answer comes from the request itself,

@@ -35,7 +35,7 @@ struct Sent {
 struct TypeState {
     /// Shared with what was last sent under it (most pushes change no subscription).
     subscription: Arc<Subscription>,
-    /// Version the client says it has (from its last request).
+    /// Version the client says it has (its last request before anything was sent).
     client_version: String,
     last_sent: Option<Sent>,
     /// The last response was NACKed while Envoy fetches a Wasm module: send it again.
@@ -81,8 +81,9 @@ impl SotwStream {
         self.on_timer_wire(now).decoded()
     }
 
-    pub fn on_request_wire(&mut self, req: DiscoveryRequest) -> Result<SotwStep, ProtocolError> {
+    pub fn on_request_wire(&mut self, mut req: DiscoveryRequest) -> Result<SotwStep, ProtocolError> {
         let mut step = Step::default();
+        let answers_us = !req.response_nonce.is_empty();
         let Some(rt) = self.core.check_request(req.node.as_ref(), &req.type_url, &mut step)? else {
             return Ok(step);
         };
@@ -148,16 +149,19 @@ impl SotwStream {
             } else {
                 state.retry = None;
                 self.holds.acked(rt, &req.response_nonce, self.core.settings.drain_grace);
+                // Moved, not copied (one per proxy per push): what the client has
+                // matters only before anything was sent.
                 step.events.push(StreamEvent::Acked {
                     rt,
-                    version: req.version_info.clone(),
-                    nonce: req.response_nonce.clone(),
+                    version: std::mem::take(&mut req.version_info),
+                    nonce: std::mem::take(&mut req.response_nonce),
                     resources: None,
                 });
             }
         }
-        let answers_us = !req.response_nonce.is_empty();
-        state.client_version = req.version_info;
+        if state.last_sent.is_none() {
+            state.client_version = req.version_info;
+        }
         state.subscription = subscription;
         // An ACK or NACK that keeps the subscription needs no answer: new snapshots are
         // pushed by `on_snapshot` as they come. (The hot path: one per proxy per push.)
