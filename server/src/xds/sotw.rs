@@ -11,7 +11,9 @@ use filterplane_api::{
 use crate::xds::ProtocolError;
 use crate::xds::{
     hold::{Hold, Holds},
-    stream::{set_version, CodeFetchRetry, Nack, Step, StreamCore, StreamEvent, StreamSettings, Subscription},
+    stream::{
+        set_version, CodeFetchRetry, Nack, NonceSource, Step, StreamCore, StreamEvent, StreamSettings, Subscription,
+    },
     wire::{self, Header, Wire},
 };
 
@@ -22,8 +24,10 @@ use crate::{cache::Snapshot, vec_map::VecMap};
 #[derive(Debug, Clone)]
 struct Sent {
     version: ResourceVersion,
-    /// Empty when nothing was sent because the client said it already had `version`.
-    nonce: String,
+    /// As a number (`NonceSource`), compared with each request's without reading a
+    /// string elsewhere in memory; 0 when nothing was sent because the client said it
+    /// already had `version`.
+    nonce: u64,
     subscription: Arc<Subscription>,
     /// Envoy ACKed or NACKed it. A later request may carry the same nonce again (Envoy
     /// does, with a subscription change); it is no second answer, and a client that
@@ -89,8 +93,8 @@ impl SotwStream {
         };
 
         let state = self.types.get(&rt);
-        let sent_nonce = state.and_then(|s| s.last_sent.as_ref()).map(|s| s.nonce.as_str());
-        if !req.response_nonce.is_empty() && sent_nonce != Some(req.response_nonce.as_str()) {
+        let sent_nonce = state.and_then(|s| s.last_sent.as_ref()).map(|s| s.nonce).filter(|n| *n > 0);
+        if answers_us && (sent_nonce.is_none() || sent_nonce != NonceSource::number(&req.response_nonce)) {
             // xDS protocol, "Resource updates": a request whose nonce is not the latest
             // response's is stale and is ignored (its ACK/NACK is for superseded data).
             tracing::debug!(type_url = %rt, nonce = %req.response_nonce, "stale nonce ignored");
@@ -262,18 +266,17 @@ impl SotwStream {
                     version: version.to_string(),
                     resources: selected.iter().map(|r| (r.name.clone(), r.version)).collect(),
                 });
-                state.last_sent = Some(Sent {
-                    version,
-                    nonce: String::new(),
-                    subscription: state.subscription.clone(),
-                    answered: true,
-                });
+                state.last_sent =
+                    Some(Sent { version, nonce: 0, subscription: state.subscription.clone(), answered: true });
                 return;
             }
             // Unchanged, unless the client asks for a name it did not ask for before: that
             // gets an answer even so (the resource may not exist; SotW says so by its absence).
             Some(sent)
-                if !resend && sent.version == version && !state.subscription.gained_since(&sent.subscription) =>
+                if !resend
+                    && sent.version == version
+                    && (Arc::ptr_eq(&state.subscription, &sent.subscription)
+                        || !state.subscription.gained_since(&sent.subscription)) =>
             {
                 return;
             }
@@ -300,13 +303,14 @@ impl SotwStream {
         step.events.push(StreamEvent::Sent {
             rt,
             version: version.to_string(),
-            nonce: nonce.clone(),
+            nonce,
             resources: selected.iter().map(|r| (r.name.clone(), r.version)).collect(),
             removed: Vec::new(),
             incremental: false,
             bytes: response.message_len(),
         });
         step.responses.push(response);
+        let nonce = self.core.nonces.last();
         state.last_sent = Some(Sent { version, nonce, subscription: state.subscription.clone(), answered: false });
     }
 }

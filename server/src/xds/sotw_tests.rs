@@ -287,3 +287,16 @@ fn a_removed_cluster_is_still_sent_until_the_route_that_left_it_is_acked() {
     assert_eq!(step.responses.len(), 1, "{:?}", step.events);
     assert_eq!(cluster_names(&step.responses[0]), ["c2"], "now without c1");
 }
+
+#[test]
+fn only_the_nonce_as_written_answers_a_response() {
+    let mut s = stream_with(snapshot(&[("a", "v1")]));
+    let r = s.on_request(request(ECDS, &["a"], "", "")).unwrap().responses.remove(0);
+    assert_eq!(r.nonce, "1");
+    for lookalike in ["01", "+1", "1 ", "0", "18446744073709551617"] {
+        let step = s.on_request(request(ECDS, &["a"], &r.version_info, lookalike)).unwrap();
+        assert!(step.events.is_empty() && step.responses.is_empty(), "{lookalike:?} is a stale nonce: {step:?}");
+    }
+    let ack = s.on_request(request(ECDS, &["a"], &r.version_info, "1")).unwrap();
+    assert!(matches!(ack.events.as_slice(), [StreamEvent::Acked { .. }]), "{ack:?}");
+}

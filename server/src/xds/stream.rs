@@ -436,9 +436,12 @@ impl NonceSource {
         self.0
     }
 
-    /// The number in a nonce this source handed out.
+    /// The number in a nonce this source handed out; `None` for anything it would not
+    /// have written ("05", "+5" and "0" included).
     pub fn number(nonce: &str) -> Option<u64> {
-        nonce.parse().ok()
+        let digits = nonce.as_bytes();
+        let canonical = !digits.is_empty() && digits[0] != b'0' && digits.iter().all(u8::is_ascii_digit);
+        canonical.then(|| nonce.parse().ok()).flatten()
     }
 }
 
