@@ -16,10 +16,10 @@ use crate::xds::{
     },
     wire::{self, Header, Wire},
 };
+use crate::{cache::Snapshot, vec_map::VecMap};
 
 /// What a step of a state-of-the-world stream sends: encoded responses.
 pub type SotwStep = Step<Wire<DiscoveryResponse>>;
-use crate::{cache::Snapshot, vec_map::VecMap};
 
 #[derive(Debug, Clone)]
 struct Sent {
