@@ -63,13 +63,13 @@ fn benches(c: &mut Criterion) {
         let mut flip = false;
         b.iter(|| {
             flip = !flip;
-            let step = stream.on_snapshot(if flip { s2.clone() } else { s1.clone() });
-            black_box(step.responses[0].encode_to_vec())
+            let step = stream.on_snapshot_wire(if flip { s2.clone() } else { s1.clone() });
+            black_box(step.responses.into_iter().map(|w| w.into_grpc()).collect::<Vec<_>>())
         })
     });
 
-    // The per-push work for 1,000 streams: wake, look up the group's snapshot, decide and
-    // build the response (encoding and sending happen per connection and are not here).
+    // The per-push work for 1,000 streams: look up the group's snapshot, decide and write
+    // the response (sending happens per connection and is not here).
     let mut streams: Vec<SotwStream> = (0..1000)
         .map(|_| {
             let mut s = SotwStream::new(None, "bench");
@@ -85,7 +85,7 @@ fn benches(c: &mut Criterion) {
             flip = !flip;
             let g = &gens[usize::from(flip)];
             for s in streams.iter_mut() {
-                black_box(s.on_snapshot(g.snapshot_for(&facts)));
+                black_box(s.on_snapshot_wire(g.snapshot_for(&facts)));
             }
         })
     });

@@ -92,6 +92,10 @@ pub struct Generation {
     /// Keyed by the indices of the selective entries a node matches (and `WITHHELD`
     /// for proxies that get no sensitive resources).
     groups: DashMap<Vec<u32>, Arc<Snapshot>>,
+    /// The group of proxies that match no selector, outside any rollout: most proxies
+    /// of most configs, each of which looks its snapshot up once per push (without the
+    /// map's hashing and shard lock, shared by every stream).
+    common: OnceLock<Arc<Snapshot>>,
     /// Parallel to `config.resources`: holds a secret (an SDS Secret, or a field Envoy
     /// marks sensitive). Worked out the first time a proxy must go without them.
     sensitive: std::sync::OnceLock<Vec<bool>>,
@@ -153,7 +157,16 @@ impl Generation {
             })
             .collect();
         planned.sort_by_key(|(i, _, _)| *i);
-        Self { config, served, selective, groups: DashMap::new(), sensitive: Default::default(), plan, planned }
+        Self {
+            config,
+            served,
+            selective,
+            groups: DashMap::new(),
+            common: OnceLock::new(),
+            sensitive: Default::default(),
+            plan,
+            planned,
+        }
     }
 
     pub fn version(&self) -> &ResourceVersion {
@@ -207,6 +220,10 @@ impl Generation {
         if withhold_sensitive {
             group.push(WITHHELD);
         }
+        let common = group.is_empty();
+        if let Some(s) = self.common.get().filter(|_| common) {
+            return s.clone();
+        }
         if let Some(s) = self.groups.get(&group) {
             return s.clone();
         }
@@ -257,7 +274,11 @@ impl Generation {
         let mut placed: Vec<String> = placements.iter().map(|p| p.filter_name.clone()).collect();
         placed.sort_unstable();
         let snap = Arc::new(Snapshot { config_version: content_version(versions), types, placed });
-        self.groups.entry(group).or_insert(snap).clone()
+        let snap = self.groups.entry(group).or_insert(snap).clone();
+        if common {
+            let _ = self.common.set(snap.clone());
+        }
+        snap
     }
 
     /// The last completed version of resource `i`, if it is in a rollout and has one.
