@@ -11,7 +11,6 @@ use filterplane_api::{
 };
 use filterplane_config::NodeFacts;
 use filterplane_server::{cache::Generation, xds::sotw::SotwStream};
-use prost::Message;
 
 /// `n` header-mutation configs, each about 1 KiB.
 fn yaml(n: usize, tag: &str) -> String {

@@ -278,7 +278,7 @@ mod tests {
             seed ^= seed << 17;
             seed % n.max(1)
         };
-        let mut text = |next: &mut dyn FnMut(u64) -> u64| -> String {
+        let text = |next: &mut dyn FnMut(u64) -> u64| -> String {
             let len = [0, 1, 5, 127, 128, 300][next(6) as usize];
             (0..len).map(|i| ['a', 'é', '*', '\u{1F600}', '0'][(next(5) as usize + i) % 5]).collect()
         };
