@@ -18,7 +18,7 @@ use crate::{
     xds::{
         hold::{Hold, Holds},
         stream::{set_version, CodeFetchRetry, Nack, Step, StreamCore, StreamEvent, StreamSettings, Subscription},
-        wire::{self, Header, Wire},
+        wire::{self, Header, Wire, RESPONSE_BYTES},
         ProtocolError,
     },
 };
@@ -323,8 +323,10 @@ impl DeltaStream {
             control_plane: self.core.control_plane,
         };
         let Some(response) = wire::delta_response(header, &changed, &removed, attempt) else {
-            // Over gRPC's 4 GiB: the config file's own limits keep this from happening.
-            tracing::error!(type_url = %rt, "response over 4 GiB not sent");
+            // Over gRPC's 4 GiB (many large inline Wasm modules for one proxy): the
+            // stream ends (`after` in service.rs), as it would for any client.
+            tracing::error!(type_url = %rt, "response over gRPC's 4 GiB not sent");
+            step.limits.push(RESPONSE_BYTES);
             return;
         };
         for r in &changed {

@@ -462,6 +462,11 @@ where
             }
         }
         out.messages.extend(step.responses.into_iter().map(Wire::into_grpc));
+        if step.limits.contains(&crate::xds::wire::RESPONSE_BYTES) {
+            out.end = Some(Status::resource_exhausted(
+                "a response for this proxy would be over gRPC's 4 GiB (its resources are too large together)",
+            ));
+        }
     }
 
     /// On the first request that names the node: check it against the client

@@ -14,7 +14,7 @@ use crate::xds::{
     stream::{
         set_version, CodeFetchRetry, Nack, NonceSource, Step, StreamCore, StreamEvent, StreamSettings, Subscription,
     },
-    wire::{self, Header, Wire},
+    wire::{self, Header, Wire, RESPONSE_BYTES},
 };
 use crate::{cache::Snapshot, vec_map::VecMap};
 
@@ -296,8 +296,10 @@ impl SotwStream {
             control_plane: self.core.control_plane,
         };
         let Some(response) = wire::sotw_response(header, &selected, attempt) else {
-            // Over gRPC's 4 GiB: the config file's own limits keep this from happening.
-            tracing::error!(type_url = %rt, "response over 4 GiB not sent");
+            // Over gRPC's 4 GiB (many large inline Wasm modules for one proxy): the
+            // stream ends (`after` in service.rs), as it would for any client.
+            tracing::error!(type_url = %rt, "response over gRPC's 4 GiB not sent");
+            step.limits.push(RESPONSE_BYTES);
             return;
         };
         step.events.push(StreamEvent::Sent {

@@ -30,6 +30,10 @@ impl<M> std::fmt::Debug for Wire<M> {
     }
 }
 
+/// The limit a response over gRPC's 4 GiB hits (`filterplane_limit_hits_total`); the
+/// stream ends with `RESOURCE_EXHAUSTED`.
+pub const RESPONSE_BYTES: &str = "response_bytes";
+
 /// gRPC's message prefix: a compression flag and a 4-byte length.
 const PREFIX: usize = 5;
 
@@ -313,6 +317,13 @@ mod tests {
                 .zip(&set)
                 .all(|(w, r)| w.version == r.version.as_str() && w.resource.as_ref() == Some(&r.any)));
         }
+    }
+
+    #[test]
+    fn a_message_over_grpcs_4_gib_is_refused_before_anything_is_allocated() {
+        let over = u32::MAX as usize + 1;
+        assert!(Wire::<DiscoveryResponse>::framed(over, |_| unreachable!("nothing is written")).is_none());
+        assert_eq!(Wire::<DiscoveryResponse>::framed(0, |_| {}).map(|w| w.into_grpc()), Some(vec![0, 0, 0, 0, 0]));
     }
 
     #[test]
