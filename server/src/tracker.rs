@@ -26,7 +26,6 @@ pub type StreamId = u64;
 
 /// Hashes stream ids (handed out in sequence) by one multiplication: SipHash, the
 /// default, protects against keys a client chooses, and a client chooses none of these.
-/// Two map lookups per proxy per push.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct IdHash;
 
