@@ -20,15 +20,9 @@ if [ -z "$base_bin" ]; then
   base_bin="$work/base-target/release/filterplane"
 fi
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
-filler=$(printf 'x%.0s' $(seq 1000))
-cat > "$work/one.yaml" <<YAML
-version: 1
-extension_configs:
-  - name: add-header
-    typed_config:
-      "@type": type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutation
-      mutations: { response_mutations: [ { append: { header: { key: x-plugin, value: "v0-$filler" } } } ] }
-YAML
+# shellcheck source=bench/one-config.sh
+. bench/one-config.sh
+write_one_config "$work/one.yaml"
 for round in $(seq "$rounds"); do
   for mode in sotw delta; do
     for build in new base; do

@@ -23,15 +23,9 @@ start_server() { # CONFIG
 stop_server() { kill "$server"; wait "$server" 2>/dev/null || true; }
 
 # 1. Streams: one 1 KiB extension config, one change.
-filler=$(printf 'x%.0s' $(seq 1000))
-cat > "$work/one.yaml" <<YAML
-version: 1
-extension_configs:
-  - name: add-header
-    typed_config:
-      "@type": type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutation
-      mutations: { response_mutations: [ { append: { header: { key: x-plugin, value: "v0-$filler" } } } ] }
-YAML
+# shellcheck source=bench/one-config.sh
+. bench/one-config.sh
+write_one_config "$work/one.yaml"
 sizes="1000 5000 10000"; [ "$quick" = --quick ] && sizes=1000
 for mode in sotw delta; do
   for n in $sizes; do

@@ -154,22 +154,7 @@ pub fn sotw_response(
     resources: &[&std::sync::Arc<ServedResource>],
     attempt: u32,
 ) -> Option<Wire<DiscoveryResponse>> {
-    let entries = || resources.iter().map(|r| entry(r, attempt, false));
-    let len = string_len(h.version)
-        + entries().map(|e| e.len()).sum::<usize>()
-        + string_len(h.type_url)
-        + string_len(h.nonce)
-        + control_plane_len(h.control_plane);
-    Wire::framed(len, |buf| {
-        // Fields in number order, as prost writes them.
-        put_string(buf, 1, h.version);
-        for e in entries() {
-            buf.put_slice(&e);
-        }
-        put_string(buf, 4, h.type_url);
-        put_string(buf, 5, h.nonce);
-        put_control_plane(buf, 6, h.control_plane);
-    })
+    response(h, resources, None, attempt)
 }
 
 /// A delta response carrying `resources` and removing `removed`.
@@ -179,12 +164,25 @@ pub fn delta_response(
     removed: &[String],
     attempt: u32,
 ) -> Option<Wire<DeltaDiscoveryResponse>> {
-    let entries = || resources.iter().map(|r| entry(r, attempt, true));
+    response(h, resources, Some(removed), attempt)
+}
+
+/// Both flavours share fields 1 (version), 2 (resources), 4 (type URL) and 5 (nonce);
+/// delta adds 6 (removed names) and has its control plane at 7 rather than 6.
+fn response<M: Message + Default>(
+    h: Header<'_>,
+    resources: &[&std::sync::Arc<ServedResource>],
+    removed: Option<&[String]>,
+    attempt: u32,
+) -> Option<Wire<M>> {
+    let delta = removed.is_some();
+    let removed = removed.unwrap_or_default();
+    let entries = || resources.iter().map(|r| entry(r, attempt, delta));
     let len = string_len(h.version)
         + entries().map(|e| e.len()).sum::<usize>()
         + string_len(h.type_url)
-        + removed.iter().map(|n| field_len(n.len())).sum::<usize>()
         + string_len(h.nonce)
+        + removed.iter().map(|n| field_len(n.len())).sum::<usize>()
         + control_plane_len(h.control_plane);
     Wire::framed(len, |buf| {
         // Fields in number order, as prost writes them.
@@ -198,7 +196,7 @@ pub fn delta_response(
             // Repeated strings are written even when empty.
             put_field(buf, 6, n.as_bytes());
         }
-        put_control_plane(buf, 7, h.control_plane);
+        put_control_plane(buf, if delta { 7 } else { 6 }, h.control_plane);
     })
 }
 
