@@ -175,6 +175,7 @@ pub async fn run(spec: LoadSpec) -> anyhow::Result<Report> {
             let (from, to) = if k % 2 == 1 { (&change.to, &change.from) } else { (&change.from, &change.to) };
             let text = std::fs::read_to_string(&change.file)?;
             let cpu_before = spec.server_pid.and_then(report::cpu_secs);
+            let own_before = report::cpu_secs(std::process::id());
             *shared.change_written.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
             std::fs::write(&change.file, text.replacen(from.as_str(), to, 1))?;
             let deadline = Instant::now() + spec.timeout;
@@ -187,8 +188,12 @@ pub async fn run(spec: LoadSpec) -> anyhow::Result<Report> {
                 (Some(after), Some(before)) => after - before,
                 _ => 0.0,
             };
+            let own = match (report::cpu_secs(std::process::id()), own_before) {
+                (Some(after), Some(before)) => after - before,
+                _ => 0.0,
+            };
             let received = times.iter().filter_map(|t| t.lock().ok()?.change_received).collect();
-            repeats.push(report::Repeat::of(received, cpu));
+            repeats.push(report::Repeat::of(received, cpu, own));
         }
     }
     let server_acks = match (&spec.admin, write_wall) {

@@ -96,20 +96,23 @@ pub fn cpu_secs(pid: u32) -> Option<f64> {
     Some(ticks / 100.0)
 }
 
-/// One change of a run: its p50 and p99 and the server's CPU for it.
+/// One change of a run: its p50 and p99, the server's CPU for it, and this load
+/// generator's over the same window (on one machine the two share the cores, so together
+/// they bound how soon the last proxy can have the change).
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct Repeat {
     pub received: usize,
     pub p50_ms: f64,
     pub p99_ms: f64,
     pub server_cpu_secs: f64,
+    pub loadgen_cpu_secs: f64,
 }
 
 impl Repeat {
-    pub fn of(received: Vec<Duration>, server_cpu_secs: f64) -> Self {
+    pub fn of(received: Vec<Duration>, server_cpu_secs: f64, loadgen_cpu_secs: f64) -> Self {
         let received_n = received.len();
         let p = Percentiles::of(received);
-        Repeat { received: received_n, p50_ms: p.p50_ms, p99_ms: p.p99_ms, server_cpu_secs }
+        Repeat { received: received_n, p50_ms: p.p50_ms, p99_ms: p.p99_ms, server_cpu_secs, loadgen_cpu_secs }
     }
 }
 
@@ -195,20 +198,22 @@ impl std::fmt::Display for Report {
         if !self.repeats.is_empty() {
             let (cpu, cpu_lo, cpu_hi) = spread(self.repeats.iter().map(|r| r.server_cpu_secs).collect());
             let (p99, p99_lo, p99_hi) = spread(self.repeats.iter().map(|r| r.p99_ms).collect());
+            let (lg, lg_lo, lg_hi) = spread(self.repeats.iter().map(|r| r.loadgen_cpu_secs).collect());
             writeln!(
                 f,
-                "{} more changes (CPU: push and ACKs): server CPU per push median {cpu:.3}s (min {cpu_lo:.3}, max {cpu_hi:.3}); p99 median {p99:.1}ms (min {p99_lo:.1}, max {p99_hi:.1})",
+                "{} more changes (CPU: push and ACKs): server CPU per push median {cpu:.3}s (min {cpu_lo:.3}, max {cpu_hi:.3}); p99 median {p99:.1}ms (min {p99_lo:.1}, max {p99_hi:.1}); load generator CPU median {lg:.3}s (min {lg_lo:.3}, max {lg_hi:.3})",
                 self.repeats.len()
             )?;
             for (i, r) in self.repeats.iter().enumerate() {
                 writeln!(
                     f,
-                    "  change {}: {} received, p50 {:.1}ms p99 {:.1}ms, server CPU {:.3}s",
+                    "  change {}: {} received, p50 {:.1}ms p99 {:.1}ms, server CPU {:.3}s, load generator CPU {:.3}s",
                     i + 2,
                     r.received,
                     r.p50_ms,
                     r.p99_ms,
-                    r.server_cpu_secs
+                    r.server_cpu_secs,
+                    r.loadgen_cpu_secs
                 )?;
             }
         }
