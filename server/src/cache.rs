@@ -13,6 +13,7 @@ use filterplane_api::{content_version, Any, ResourceType, ResourceVersion};
 use filterplane_config::{assemble_listener, placement::Placement, CompiledConfig, CompiledResource, NodeFacts};
 
 pub use crate::rollout::{Plan, PlanEntry};
+use crate::xds::stream::{set_version, Subscription};
 use tokio::sync::watch;
 
 /// One resource as served: encoded once per generation and shared by every stream.
@@ -58,9 +59,51 @@ pub struct Snapshot {
     /// Extension configs whose filters are placed into this snapshot's listeners, sorted:
     /// a proxy may still drain a listener that refers to one of them after it leaves.
     placed: Vec<String>,
+    /// Versions of what streams select, worked out once (`selection_version`).
+    selections: BTreeMap<ResourceType, SelectionVersions>,
+}
+
+/// The versions of a snapshot's selections of one type, for the streams that select
+/// the same set. Without it every stream hashed its set on every push (a SHA-256 per
+/// stream and type), though a group's proxies almost all select alike.
+#[derive(Debug, Default)]
+struct SelectionVersions {
+    /// Every resource of the type (a wildcard subscription).
+    all: OnceLock<ResourceVersion>,
+    /// The first list of names a stream selected by, and its version.
+    named: OnceLock<(Vec<String>, ResourceVersion)>,
 }
 
 impl Snapshot {
+    /// The version of `selected`, which `subscription` selected of this snapshot's `rt`:
+    /// `set_version(selected)`, hashed once for all streams that subscribe alike.
+    pub fn selection_version(
+        &self,
+        rt: ResourceType,
+        subscription: &Subscription,
+        selected: &[&Arc<ServedResource>],
+    ) -> ResourceVersion {
+        if selected.is_empty() {
+            // A type the snapshot has none of (most configs have no clusters), or names
+            // it does not have.
+            static EMPTY: OnceLock<ResourceVersion> = OnceLock::new();
+            return *EMPTY.get_or_init(|| set_version(&[]));
+        }
+        let Some(memo) = self.selections.get(&rt) else {
+            return set_version(selected);
+        };
+        // What a subscription selects depends only on these (`Subscription::select`).
+        if subscription.wildcard {
+            return *memo.all.get_or_init(|| set_version(selected));
+        }
+        let (names, version) = memo.named.get_or_init(|| (subscription.names().to_vec(), set_version(selected)));
+        if names.as_slice() == subscription.names() {
+            *version
+        } else {
+            set_version(selected)
+        }
+    }
+
     pub fn resources(&self, t: ResourceType) -> Option<&ResourceMap> {
         self.types.get(&t)
     }
@@ -273,7 +316,8 @@ impl Generation {
             .collect();
         let mut placed: Vec<String> = placements.iter().map(|p| p.filter_name.clone()).collect();
         placed.sort_unstable();
-        let snap = Arc::new(Snapshot { config_version: content_version(versions), types, placed });
+        let selections = types.keys().map(|&rt| (rt, SelectionVersions::default())).collect();
+        let snap = Arc::new(Snapshot { config_version: content_version(versions), types, placed, selections });
         let snap = self.groups.entry(group).or_insert(snap).clone();
         if common {
             let _ = self.common.set(snap.clone());
@@ -395,6 +439,37 @@ mod tests {
 
     fn node(id: &str, cluster: &str) -> NodeFacts {
         NodeFacts { id: id.into(), cluster: cluster.into(), ..Default::default() }
+    }
+
+    #[test]
+    fn a_selection_version_is_the_hash_of_what_that_subscription_selects() {
+        let g = generation(&format!(
+            "version: 1\nextension_configs:\n{}{}{}",
+            entry("a", "{}", "x"),
+            entry("b", "{}", "y"),
+            entry("c", "{}", "z")
+        ));
+        let snap = g.snapshot_for(&node("n", "edge"));
+        let sub = |names: &[&str]| {
+            let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+            crate::xds::stream::Subscription::from_sotw(ECDS, &names, None, 100).unwrap()
+        };
+        // Asked in this order, each after the memo holds another list, and again: every
+        // answer is the hash of that subscription's own selection.
+        for names in [&["b", "a"][..], &["*"], &["c"], &["a", "b"], &["*", "a"], &["missing"], &["c"], &["*"]] {
+            let s = sub(names);
+            let selected = s.select(snap.resources(ECDS));
+            assert_eq!(snap.selection_version(ECDS, &s, &selected), set_version(&selected), "{names:?}");
+        }
+        let all = sub(&["*"]);
+        let some = sub(&["a"]);
+        assert_ne!(
+            snap.selection_version(ECDS, &all, &all.select(snap.resources(ECDS))),
+            snap.selection_version(ECDS, &some, &some.select(snap.resources(ECDS)))
+        );
+        // A type the snapshot has none of: the empty set's version, as before.
+        let none: Vec<&Arc<ServedResource>> = Vec::new();
+        assert_eq!(snap.selection_version(ResourceType::Cluster, &sub(&["x"]), &none), set_version(&none));
     }
 
     #[test]

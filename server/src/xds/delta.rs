@@ -17,7 +17,7 @@ use crate::{
     vec_map::VecMap,
     xds::{
         hold::{Hold, Holds},
-        stream::{set_version, CodeFetchRetry, Nack, Step, StreamCore, StreamEvent, StreamSettings, Subscription},
+        stream::{CodeFetchRetry, Nack, Step, StreamCore, StreamEvent, StreamSettings, Subscription},
         wire::{self, Header, Wire, RESPONSE_BYTES},
         ProtocolError,
     },
@@ -291,10 +291,11 @@ impl DeltaStream {
             removed.sort_unstable();
             removed.dedup();
         }
-        let version = set_version(&selected).to_string();
+        let version = |subscription| snapshot.selection_version(rt, subscription, &selected).to_string();
         if changed.is_empty() && removed.is_empty() && !state.must_answer {
             if first {
                 // A resuming client that already has everything: nothing to send.
+                let version = version(&state.subscription);
                 step.events.push(StreamEvent::Current {
                     rt,
                     version: version.clone(),
@@ -305,6 +306,7 @@ impl DeltaStream {
             return;
         }
         state.must_answer = false;
+        let version = version(&state.subscription);
         // A resend after a code-fetch NACK carries what Envoy will build; anything else
         // that goes out for those names is newer and replaces the resend.
         let attempt = match &state.retry {

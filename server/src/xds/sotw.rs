@@ -233,7 +233,7 @@ impl SotwStream {
             return;
         };
         let mut selected = state.subscription.select(snapshot.resources(rt));
-        let mut version = set_version(&selected);
+        let mut version = snapshot.selection_version(rt, &state.subscription, &selected);
         // Removals to hold, and held ones to send on: only when something of this type
         // changed or is held (this runs per stream per push). State of the world cannot
         // remove an extension config at all: nothing to hold there.
