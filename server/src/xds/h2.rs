@@ -42,6 +42,9 @@ use crate::{
 
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
+/// Length of a frame's header (RFC 9113, 4.1).
+const FRAME_HEAD: usize = 9;
+
 const DATA: u8 = 0x0;
 const HEADERS: u8 = 0x1;
 const PRIORITY: u8 = 0x2;
@@ -241,6 +244,8 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
     }
 
     fn frame(&mut self, ty: u8, flags: u8, id: u32, payload: &[u8]) {
+        // One allocation for the frame (the buffer is usually empty: it is freed once written).
+        self.wbuf.reserve(FRAME_HEAD + payload.len());
         frame_head(&mut self.wbuf, payload.len(), ty, flags, id);
         self.wbuf.extend_from_slice(payload);
     }
@@ -618,6 +623,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
                     break;
                 }
                 let n = n.max(0) as usize;
+                self.wbuf.reserve(FRAME_HEAD + n);
                 frame_head(&mut self.wbuf, n, DATA, 0, slot.id);
                 self.wbuf.extend_from_slice(&front[slot.out_pos..slot.out_pos + n]);
                 self.send_window -= n as i64;
