@@ -385,6 +385,18 @@ pub fn fleet_summary(tracker: &AckTracker, replicas: &crate::replicas::Replicas)
     s
 }
 
+type PerVersion = HashMap<ResourceVersion, usize>;
+
+/// One resource's proxies while the summary counts them (`ResourceCount` once done).
+#[derive(Default)]
+struct Tally {
+    acked: PerVersion,
+    nacked: PerVersion,
+    waiting: usize,
+    /// The first few NACKing it.
+    nacking: Vec<String>,
+}
+
 /// The summary, in one pass over the proxies.
 pub fn summary(tracker: &AckTracker) -> Summary {
     let seq = tracker.seq();
@@ -392,9 +404,7 @@ pub fn summary(tracker: &AckTracker) -> Summary {
     // Looked up by reference and filled in place: nothing is copied per proxy but what
     // is new (a version or resource not seen yet).
     let mut versions: BTreeMap<&'static str, HashMap<Option<String>, StateCounts>> = BTreeMap::new();
-    type PerVersion = HashMap<ResourceVersion, usize>;
-    let mut resources: BTreeMap<&'static str, HashMap<String, (PerVersion, PerVersion, usize, Vec<String>)>> =
-        BTreeMap::new();
+    let mut resources: BTreeMap<&'static str, HashMap<String, Tally>> = BTreeMap::new();
     let mut nacking: Vec<NackingProxy> = Vec::new();
     let mut proxies = 0;
     tracker.for_each(|p| {
@@ -414,16 +424,16 @@ pub fn summary(tracker: &AckTracker) -> Summary {
                     None => of_type.entry(name.clone()).or_default(),
                 };
                 if let Some(v) = r.nacked_version {
-                    *c.1.entry(v).or_default() += 1;
-                    if c.3.len() < 5 {
-                        c.3.push(p.node_id().to_owned());
+                    *c.nacked.entry(v).or_default() += 1;
+                    if c.nacking.len() < 5 {
+                        c.nacking.push(p.node_id().to_owned());
                     }
                 } else if r.acked_version == Some(r.sent_version) {
-                    *c.0.entry(r.sent_version).or_default() += 1;
+                    *c.acked.entry(r.sent_version).or_default() += 1;
                 } else {
-                    c.2 += 1;
+                    c.waiting += 1;
                     if let Some(v) = r.acked_version {
-                        *c.0.entry(v).or_default() += 1;
+                        *c.acked.entry(v).or_default() += 1;
                     }
                 }
             }
@@ -451,13 +461,13 @@ pub fn summary(tracker: &AckTracker) -> Summary {
     let mut resources: Vec<ResourceCount> = resources
         .into_iter()
         .flat_map(|(t, by)| {
-            by.into_iter().map(move |(name, (acked, nacked, waiting, nacking))| ResourceCount {
+            by.into_iter().map(move |(name, c)| ResourceCount {
                 type_url: t.to_owned(),
                 name,
-                acked: named(acked),
-                nacked: named(nacked),
-                waiting,
-                nacking,
+                acked: named(c.acked),
+                nacked: named(c.nacked),
+                waiting: c.waiting,
+                nacking: c.nacking,
             })
         })
         .collect();

@@ -73,16 +73,10 @@ struct Part {
 /// Proxies per part: a few hundred bytes each, well under etcd's 1.5 MiB per value.
 pub const PART_PROXIES: usize = 2000;
 
-mod erased {
-    /// Anything this module writes to etcd as JSON.
-    pub trait Json {
-        fn to_json(&self) -> Result<Vec<u8>, String>;
-    }
-    impl<T: serde::Serialize> Json for T {
-        fn to_json(&self) -> Result<Vec<u8>, String> {
-            serde_json::to_vec(self).map_err(|e| e.to_string())
-        }
-    }
+/// What this module writes to etcd, as JSON.
+fn to_json(value: &impl Serialize, endpoint: &str) -> Result<Vec<u8>, crate::etcd::EtcdError> {
+    serde_json::to_vec(value)
+        .map_err(|e| crate::etcd::EtcdError::Call { endpoint: endpoint.to_owned(), message: e.to_string() })
 }
 
 /// The other replicas' reports from a listing of `prefix`, each with its parts put back
@@ -294,13 +288,10 @@ impl Replicas {
                 let proxies = if rollout_input() { local_fleet(&tracker, &self.name) } else { Vec::new() };
                 // The proxies go in parts of at most PART_PROXIES (etcd takes values of
                 // 1.5 MiB at most), written before the report that counts them.
-                let encode = |v: &dyn erased::Json| {
-                    v.to_json().map_err(|e| crate::etcd::EtcdError::Call { endpoint: url.endpoint.clone(), message: e })
-                };
                 let chunks: Vec<&[FleetProxy]> = proxies.chunks(PART_PROXIES).collect();
                 for (i, chunk) in chunks.iter().enumerate() {
                     let part = Part { at_ms, proxies: chunk.to_vec() };
-                    etcd.put(&format!("{mine}/p{i}"), encode(&part)?, id).await?;
+                    etcd.put(&format!("{mine}/p{i}"), to_json(&part, &url.endpoint)?, id).await?;
                 }
                 let report = Report {
                     replica: self.name.clone(),
@@ -309,7 +300,7 @@ impl Replicas {
                     proxies: Vec::new(),
                     parts: chunks.len(),
                 };
-                etcd.put(&mine, encode(&report)?, id).await?;
+                etcd.put(&mine, to_json(&report, &url.endpoint)?, id).await?;
                 let previous = self.others();
                 let read_at = now_ms();
                 let others = read_reports(etcd.list(&reports).await?, &reports, &self.name, &previous);

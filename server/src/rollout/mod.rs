@@ -503,6 +503,12 @@ impl Rollouts {
             // Proxies this entry is for (one per node: by rank, a hash of the node id),
             // read where they are (no copy per proxy per tick); the step's members are
             // judged in the same pass once the step has its threshold.
+            // Every replica must have reported since the step began: a proxy of a report
+            // made before it would be missing or stale, so the step's members could not be
+            // picked from the whole fleet, and the step could complete without one.
+            if !self.replicas.reports_since(a.step_started_ms) {
+                continue;
+            }
             let threshold = a.threshold;
             let new_version = a.new.version.as_str();
             let ack_timeout = a.spec.ack_timeout.as_millis() as u64;
@@ -512,7 +518,7 @@ impl Rollouts {
             let mut waiting = 0usize;
             each_matching(fleet, e, &mut |m: Member<'_>, r: u64| {
                 ranks.push(r);
-                if !threshold.is_some_and(|t| r <= t) {
+                if threshold.is_none_or(|t| r > t) {
                     return;
                 }
                 let Some((acked, nacked)) = m.status(&e.name, new_version) else { return };
@@ -542,8 +548,6 @@ impl Rollouts {
             let percent = a.percent();
             let threshold = match a.threshold {
                 Some(t) => t,
-                // Another replica's proxies are not known since the rollout started yet.
-                None if !self.replicas.reports_since(a.step_started_ms) => continue,
                 None => {
                     let t = threshold_for(percent, ranks);
                     if let Some(active) = inner.entries.get_mut(&k).and_then(|e| e.active.as_mut()) {
@@ -554,12 +558,6 @@ impl Rollouts {
                     continue;
                 }
             };
-            // Every replica must have reported since the step began: a proxy of a report
-            // made before it would be missing or stale, and the step could complete
-            // without it.
-            if !self.replicas.reports_since(a.step_started_ms) {
-                continue;
-            }
             if failures.len() > a.spec.max_nacks as usize {
                 self.fail(&mut inner, &k, failures, None);
                 changed = true;
@@ -693,7 +691,7 @@ impl Rollouts {
                 // Every proxy of the fleet, read where it is (no copy per look).
                 each_matching(&fleet, e, &mut |m: Member<'_>, r: u64| {
                     matching += 1;
-                    if !a.threshold.is_some_and(|t| r <= t) {
+                    if a.threshold.is_none_or(|t| r > t) {
                         return;
                     }
                     members += 1;

@@ -496,23 +496,25 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
             return Ok(());
         }
         let refused = match method {
-            Some(_) if !post => Some(Status::unimplemented("gRPC methods are called with POST")),
-            None => Some(Status::unimplemented("no such method")),
+            Some(m) if post && !compressed => Ok(m),
+            Some(_) if !post => Err("gRPC methods are called with POST"),
             // No compression is offered, so a compressed request stream is refused.
-            Some(_) if compressed => Some(Status::unimplemented("compressed requests are not supported")),
-            Some(_) => None,
+            Some(_) => Err("compressed requests are not supported"),
+            None => Err("no such method"),
         };
-        let (Some(method), None) = (method, &refused) else {
-            let refused = refused.unwrap_or_else(|| Status::unimplemented("no such method"));
-            // Trailers only (gRPC over HTTP/2).
-            let mut block = Vec::with_capacity(64);
-            response_headers(&mut block);
-            trailers(&mut block, &refused);
-            self.frame(HEADERS, END_HEADERS | END_STREAM, id, &block);
-            if !end_stream {
-                self.rst(id, NO_ERROR);
+        let method = match refused {
+            Ok(m) => m,
+            Err(why) => {
+                // Trailers only (gRPC over HTTP/2).
+                let mut block = Vec::with_capacity(64);
+                response_headers(&mut block);
+                trailers(&mut block, &Status::unimplemented(why));
+                self.frame(HEADERS, END_HEADERS | END_STREAM, id, &block);
+                if !end_stream {
+                    self.rst(id, NO_ERROR);
+                }
+                return Ok(());
             }
-            return Ok(());
         };
         let mut block = Vec::with_capacity(32);
         response_headers(&mut block);
