@@ -37,7 +37,11 @@ use tonic::Status;
 
 use crate::{
     cache::Generation,
-    xds::service::{ConnPeer, Handler, Method, Output, XdsServices},
+    xds::{
+        grpc_frames::{FrameError, MessageReader},
+        h2_request::HeadCheck,
+        service::{ConnPeer, Handler, Output, XdsServices},
+    },
 };
 
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -136,7 +140,7 @@ struct Slot {
     /// Bytes received since the last WINDOW_UPDATE for this stream.
     recv_unacked: u32,
     /// A request message not complete yet.
-    inbuf: Vec<u8>,
+    inbuf: MessageReader,
     /// Messages to send, and how much of the first is sent.
     out: VecDeque<Vec<u8>>,
     out_pos: usize,
@@ -144,6 +148,8 @@ struct Slot {
     end: Option<Status>,
     /// The client ended its side.
     remote_done: bool,
+    /// What is left of the request body its `content-length` announced (RFC 9113, 8.1.1).
+    content_left: Option<u64>,
 }
 
 /// A header block arriving in pieces.
@@ -151,6 +157,7 @@ struct Slot {
 struct Partial {
     id: u32,
     end_stream: bool,
+    self_dependent: bool,
     block: Vec<u8>,
 }
 
@@ -192,6 +199,26 @@ pub struct Connection<IO> {
     timer_stale: bool,
     /// GOAWAY sent or received: no new streams; close once the output is written.
     closing: bool,
+    /// The streams closed last, and whether the client closed its side of each (its
+    /// END_STREAM or RST_STREAM): a frame after that is an error (RFC 9113, 5.1), while
+    /// one crossing this side's reset or trailers is not. Older ones are forgotten.
+    recently_closed: VecDeque<(u32, bool)>,
+}
+
+/// How many closed streams a connection remembers (an Envoy closes almost none).
+const CLOSED_REMEMBERED: usize = 32;
+
+/// What a frame's stream id refers to (RFC 9113, 5.1).
+enum StreamState {
+    Open(usize),
+    /// Above every id the client used: not opened yet.
+    Idle,
+    /// Closed after the client closed its side: it may not send on it again.
+    ClosedByClient,
+    /// Ended by this side: frames the client sent before it knew are dropped.
+    ClosedHere,
+    /// Below the last id, never opened here (skipped) or closed too long ago to tell.
+    Unknown,
 }
 
 impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
@@ -230,6 +257,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
             timer: None,
             timer_stale: false,
             closing: false,
+            recently_closed: VecDeque::new(),
             settings,
         };
         // The server's preface: its SETTINGS, then the connection window raised.
@@ -274,11 +302,42 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
     /// Forgets stream `i` (dropping its handler takes the proxy out of the tracker).
     fn remove_stream(&mut self, i: usize) {
         let slot = self.streams.remove(i);
-        self.buffered -= slot.inbuf.len();
+        self.buffered -= slot.inbuf.buffered();
+        self.closed(slot.id, slot.remote_done);
+    }
+
+    /// Remembers a closed stream (`by_client`: the client had closed its side).
+    fn closed(&mut self, id: u32, by_client: bool) {
+        if self.recently_closed.len() == CLOSED_REMEMBERED {
+            self.recently_closed.pop_front();
+        }
+        self.recently_closed.push_back((id, by_client));
     }
 
     fn index(&self, id: u32) -> Option<usize> {
         self.streams.iter().position(|s| s.id == id)
+    }
+
+    fn state(&self, id: u32) -> StreamState {
+        if let Some(i) = self.index(id) {
+            return StreamState::Open(i);
+        }
+        if id > self.last_stream_id {
+            return StreamState::Idle;
+        }
+        match self.recently_closed.iter().find(|(c, _)| *c == id) {
+            Some((_, true)) => StreamState::ClosedByClient,
+            Some((_, false)) => StreamState::ClosedHere,
+            None => StreamState::Unknown,
+        }
+    }
+
+    /// A stream error (RFC 9113, 5.4.2): the stream is reset, the connection goes on.
+    fn stream_error(&mut self, id: u32, code: u32) {
+        if let Some(i) = self.index(id) {
+            self.remove_stream(i);
+        }
+        self.rst(id, code);
     }
 
     /// Hands a handler's output to its stream.
@@ -337,21 +396,33 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
                 }
                 partial.block.extend_from_slice(p);
                 if flags & END_HEADERS != 0 {
-                    self.on_header_block(partial.id, partial.end_stream, &partial.block)
+                    self.on_header_block(partial.id, partial.end_stream, partial.self_dependent, &partial.block)
                 } else {
                     self.partial = Some(partial);
                     Ok(())
                 }
             }
             PRIORITY if id == 0 || p.len() != 5 => Err(fail(PROTOCOL_ERROR, "bad PRIORITY")),
+            PRIORITY => {
+                if depends_on(p) == id {
+                    // RFC 9113, 5.3.1: a stream cannot depend on itself.
+                    self.stream_error(id, PROTOCOL_ERROR);
+                }
+                Ok(())
+            }
             RST_STREAM => {
                 if id == 0 || p.len() != 4 {
                     return Err(fail(PROTOCOL_ERROR, "bad RST_STREAM"));
                 }
-                if let Some(i) = self.index(id) {
-                    self.remove_stream(i);
+                match self.state(id) {
+                    StreamState::Idle => Err(fail(PROTOCOL_ERROR, "RST_STREAM on an idle stream")),
+                    StreamState::Open(i) => {
+                        self.streams[i].remote_done = true;
+                        self.remove_stream(i);
+                        Ok(())
+                    }
+                    _ => Ok(()),
                 }
-                Ok(())
             }
             SETTINGS => self.on_settings(flags, id, p),
             PUSH_PROMISE => Err(fail(PROTOCOL_ERROR, "PUSH_PROMISE from a client")),
@@ -430,7 +501,12 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
             }
             return Ok(());
         }
-        let Some(i) = self.index(id) else { return Ok(()) };
+        let i = match self.state(id) {
+            StreamState::Open(i) => i,
+            StreamState::Idle => return Err(fail(PROTOCOL_ERROR, "WINDOW_UPDATE on an idle stream")),
+            // A closed stream's window may still move for a while (RFC 9113, 5.1).
+            _ => return Ok(()),
+        };
         let window = self.streams[i].send_window + increment;
         if increment == 0 || window > 0x7fff_ffff {
             self.remove_stream(i);
@@ -450,54 +526,75 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
             let (&pad, rest) = p.split_first().ok_or(fail(PROTOCOL_ERROR, "bad padding"))?;
             p = rest.get(..rest.len().wrapping_sub(usize::from(pad))).ok_or(fail(PROTOCOL_ERROR, "bad padding"))?;
         }
+        let mut self_dependent = false;
         if flags & PRIORITY_FLAG != 0 {
+            self_dependent = p.len() >= 4 && depends_on(p) == id;
             p = p.get(5..).ok_or(fail(PROTOCOL_ERROR, "bad priority"))?;
         }
         let end_stream = flags & END_STREAM != 0;
         if flags & END_HEADERS == 0 {
-            self.partial = Some(Box::new(Partial { id, end_stream, block: p.to_vec() }));
+            self.partial = Some(Box::new(Partial { id, end_stream, self_dependent, block: p.to_vec() }));
             return Ok(());
         }
-        self.on_header_block(id, end_stream, p)
+        self.on_header_block(id, end_stream, self_dependent, p)
     }
 
-    fn on_header_block(&mut self, id: u32, end_stream: bool, block: &[u8]) -> Result<(), ConnError> {
+    fn on_header_block(&mut self, id: u32, end_stream: bool, self_dependent: bool, block: &[u8]) -> Result<(), ConnError> {
+        let state = self.state(id);
         // Decoded whatever becomes of the stream: the table must stay in step.
-        let (mut post, mut method, mut compressed) = (false, None, false);
+        let mut check = if matches!(state, StreamState::Idle) { HeadCheck::request() } else { HeadCheck::trailers() };
         self.hpack
-            .decode_with_cb(block, |name, value| match &*name {
-                b":method" => post = &*value == b"POST",
-                b":path" => method = Method::from_path(&value),
-                b"grpc-encoding" => compressed = &*value != b"identity",
-                _ => {}
-            })
+            .decode_with_cb(block, |name, value| check.field(&name, &value))
             .map_err(|_| fail(COMPRESSION_ERROR, "the header block does not decode"))?;
-        if let Some(i) = self.index(id) {
-            // Trailers: the client's requests end here.
-            if !end_stream {
-                return Err(fail(PROTOCOL_ERROR, "HEADERS in the middle of a stream"));
+        let head = check.finish();
+        match state {
+            StreamState::Idle => {}
+            StreamState::Open(i) if self.streams[i].remote_done => {
+                // Half-closed (remote): nothing more may come (RFC 9113, 5.1).
+                self.stream_error(id, STREAM_CLOSED);
+                return Ok(());
             }
-            self.end_requests(i);
-            return Ok(());
-        }
-        if id <= self.last_stream_id {
-            // A stream this side ended (its trailers or a reset crossed the client's last
-            // frames): what was in flight is dropped, as for DATA (RFC 9113, 5.1).
-            return Ok(());
+            StreamState::Open(i) => {
+                // Trailers: the client's requests end here, and the body is complete.
+                if !end_stream || head.is_err() || self.streams[i].content_left.is_some_and(|n| n != 0) {
+                    self.stream_error(id, PROTOCOL_ERROR);
+                } else {
+                    self.end_requests(i);
+                }
+                return Ok(());
+            }
+            StreamState::ClosedByClient => {
+                self.rst(id, STREAM_CLOSED);
+                return Ok(());
+            }
+            // Its trailers or a reset from this side crossed the client's last frames:
+            // what was in flight is dropped, as for DATA (RFC 9113, 5.1).
+            StreamState::ClosedHere => return Ok(()),
+            // RFC 9113, 5.1.1: a new stream's id is above every id used before.
+            StreamState::Unknown => return Err(fail(PROTOCOL_ERROR, "a new stream with a lower id than the last")),
         }
         self.last_stream_id = id;
         if self.closing {
-            self.rst(id, REFUSED_STREAM);
+            self.refuse(id, REFUSED_STREAM);
             return Ok(());
         }
+        let head = match head {
+            Ok(head) if !self_dependent => head,
+            // A malformed request (RFC 9113, 8.1.1), or one depending on itself (5.3.1).
+            _ => {
+                self.services.ctx().tracker.metrics().limit_hit("malformed_requests");
+                self.refuse(id, PROTOCOL_ERROR);
+                return Ok(());
+            }
+        };
         if self.streams.len() >= self.settings.max_streams as usize {
             self.services.ctx().tracker.metrics().limit_hit("streams_per_connection");
-            self.rst(id, REFUSED_STREAM);
+            self.refuse(id, REFUSED_STREAM);
             return Ok(());
         }
-        let refused = match method {
-            Some(m) if post && !compressed => Ok(m),
-            Some(_) if !post => Err("gRPC methods are called with POST"),
+        let refused = match head.method {
+            Some(m) if head.post && !head.compressed => Ok(m),
+            Some(_) if !head.post => Err("gRPC methods are called with POST"),
             // No compression is offered, so a compressed request stream is refused.
             Some(_) => Err("compressed requests are not supported"),
             None => Err("no such method"),
@@ -513,9 +610,14 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
                 if !end_stream {
                     self.rst(id, NO_ERROR);
                 }
+                self.closed(id, end_stream);
                 return Ok(());
             }
         };
+        if end_stream && head.content_length.is_some_and(|n| n != 0) {
+            self.refuse(id, PROTOCOL_ERROR);
+            return Ok(());
+        }
         let mut block = Vec::with_capacity(32);
         response_headers(&mut block);
         self.frame(HEADERS, END_HEADERS, id, &block);
@@ -524,17 +626,24 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
             handler: self.services.open(method),
             send_window: self.peer_initial_window,
             recv_unacked: 0,
-            inbuf: Vec::new(),
+            inbuf: MessageReader::default(),
             out: VecDeque::new(),
             out_pos: 0,
             end: None,
             remote_done: false,
+            content_left: head.content_length,
         });
         if end_stream {
             let i = self.streams.len() - 1;
             self.end_requests(i);
         }
         Ok(())
+    }
+
+    /// A new stream refused before it opened: reset, and remembered as closed here.
+    fn refuse(&mut self, id: u32, code: u32) {
+        self.rst(id, code);
+        self.closed(id, false);
     }
 
     fn end_requests(&mut self, i: usize) {
@@ -566,34 +675,46 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
             let (&pad, rest) = p.split_first().ok_or(fail(PROTOCOL_ERROR, "bad padding"))?;
             data = rest.get(..rest.len().wrapping_sub(usize::from(pad))).ok_or(fail(PROTOCOL_ERROR, "bad padding"))?;
         }
-        let Some(i) = self.index(id) else {
-            if id > self.last_stream_id {
-                return Err(fail(PROTOCOL_ERROR, "DATA on a stream never opened"));
+        let i = match self.state(id) {
+            StreamState::Open(i) => i,
+            StreamState::Idle => return Err(fail(PROTOCOL_ERROR, "DATA on a stream never opened")),
+            StreamState::ClosedByClient => {
+                // RFC 9113, 5.1: nothing may follow the client's END_STREAM or RST_STREAM.
+                self.rst(id, STREAM_CLOSED);
+                return Ok(());
             }
             // A stream this side ended already: what was in flight is dropped.
-            return Ok(());
+            StreamState::ClosedHere | StreamState::Unknown => return Ok(()),
         };
         let slot = &mut self.streams[i];
         if slot.remote_done {
-            self.remove_stream(i);
-            self.rst(id, STREAM_CLOSED);
+            self.stream_error(id, STREAM_CLOSED);
             return Ok(());
+        }
+        let end_stream = flags & END_STREAM != 0;
+        if let Some(left) = &mut slot.content_left {
+            // RFC 9113, 8.1.1: the body must be as long as content-length says.
+            let body = data.len() as u64;
+            if body > *left || (end_stream && body != *left) {
+                self.stream_error(id, PROTOCOL_ERROR);
+                return Ok(());
+            }
+            *left -= body;
         }
         if len > STREAM_WINDOW - slot.recv_unacked {
-            self.remove_stream(i);
-            self.rst(id, FLOW_CONTROL_ERROR);
+            self.stream_error(id, FLOW_CONTROL_ERROR);
             return Ok(());
         }
+        let slot = &mut self.streams[i];
         slot.recv_unacked += len;
-        let end_stream = flags & END_STREAM != 0;
         let update =
             (slot.recv_unacked >= STREAM_WINDOW / 2 && !end_stream).then(|| std::mem::take(&mut slot.recv_unacked));
         let mut out = Output::default();
         if slot.end.is_none() {
             let ctx = (&self.services, &self.peer);
-            let before = slot.inbuf.len();
+            let before = slot.inbuf.buffered();
             read_messages(slot, data, ctx, &mut out);
-            self.buffered = self.buffered + slot.inbuf.len() - before;
+            self.buffered = self.buffered + slot.inbuf.buffered() - before;
         }
         if self.buffered > MAX_BUFFERED {
             self.services.ctx().tracker.metrics().limit_hit("buffered_request_bytes");
@@ -905,41 +1026,25 @@ pub async fn serve(
 /// Splits a stream's request bytes into gRPC messages and hands each to its handler;
 /// keeps a message not complete yet (at most `MAX_REQUEST`).
 fn read_messages(slot: &mut Slot, data: &[u8], (services, peer): (&XdsServices, &ConnPeer), out: &mut Output) {
-    // The common case: the frame holds whole messages and nothing waits before it.
-    let mut owned = Vec::new();
-    let buf: &[u8] = if slot.inbuf.is_empty() {
-        data
-    } else {
-        owned = std::mem::take(&mut slot.inbuf);
-        owned.extend_from_slice(data);
-        &owned
-    };
-    let mut pos = 0;
-    while buf.len() - pos >= 5 && out.end.is_none() {
-        let compressed = buf[pos] != 0;
-        let len = u32::from_be_bytes([buf[pos + 1], buf[pos + 2], buf[pos + 3], buf[pos + 4]]) as usize;
-        if compressed {
-            out.end = Some(Status::unimplemented("compressed requests are not supported"));
-            break;
-        }
-        if len > MAX_REQUEST {
+    let handler = &mut slot.handler;
+    let read = slot.inbuf.push(data, MAX_REQUEST, |message| {
+        handler.on_message(services, peer, message, out);
+        out.end.is_none()
+    });
+    match read {
+        Ok(()) => {}
+        Err(e @ FrameError::Compressed) => out.end = Some(Status::unimplemented(e.to_string())),
+        Err(e @ FrameError::TooLarge { len, .. }) => {
             services.ctx().tracker.metrics().limit_hit("request_bytes");
             tracing::warn!(peer = %peer.addr, bytes = len, "closing xDS stream: request over the size limit");
-            out.end = Some(Status::out_of_range(format!(
-                "a request of {len} bytes is over the limit of {MAX_REQUEST} bytes"
-            )));
-            break;
+            out.end = Some(Status::out_of_range(e.to_string()));
         }
-        if buf.len() - pos - 5 < len {
-            break;
-        }
-        slot.handler.on_message(services, peer, &buf[pos + 5..pos + 5 + len], out);
-        pos += 5 + len;
     }
-    if out.end.is_none() && pos < buf.len() {
-        slot.inbuf = buf[pos..].to_vec();
-    }
-    drop(owned);
+}
+
+/// The stream a PRIORITY payload (or a HEADERS frame's priority part) depends on.
+fn depends_on(p: &[u8]) -> u32 {
+    u32::from_be_bytes([p[0], p[1], p[2], p[3]]) & 0x7fff_ffff
 }
 
 fn frame_head(buf: &mut Vec<u8>, len: usize, ty: u8, flags: u8, id: u32) {

@@ -1,7 +1,9 @@
 //! The xDS protocol: state machines (pure) and the gRPC services around them.
 
 pub mod delta;
+pub mod grpc_frames;
 pub mod h2;
+pub mod h2_request;
 pub mod hold;
 pub mod service;
 pub mod sotw;
