@@ -115,6 +115,28 @@ pub struct ServeArgs {
     /// Seconds an xDS connection has to send the HTTP/2 preface before it is closed.
     #[arg(long, default_value_t = 10)]
     pub handshake_timeout_secs: u64,
+    /// xDS connections open at once, all clients together. 0: the file-descriptor limit
+    /// less a reserve for the admin and module ports, probes and files (see the README).
+    /// When full, the oldest connection that has not sent a byte yet makes room, or the
+    /// new one is closed.
+    #[arg(long, default_value_t = 0)]
+    pub max_xds_connections: usize,
+    /// xDS connections open at once from one client address (Envoys behind one NAT
+    /// share one); more are closed at once.
+    #[arg(long, default_value_t = 1024)]
+    pub max_xds_connections_per_address: usize,
+    /// Bytes of responses one xDS stream may have waiting behind its client's
+    /// flow-control window; past it the stream is reset (ENHANCE_YOUR_CALM). A newer
+    /// SotW response of a type replaces an unsent older one, so this is rarely reached.
+    #[arg(long, default_value_t = crate::xds::h2_output::DEFAULT_PER_STREAM)]
+    pub max_queued_bytes_per_stream: usize,
+    /// The same for all streams of one xDS connection; past it, GOAWAY and close.
+    #[arg(long, default_value_t = crate::xds::h2_output::DEFAULT_PER_CONNECTION)]
+    pub max_queued_bytes_per_connection: usize,
+    /// The same for the whole server; past it, streams held by a window their client
+    /// keeps closed are reset.
+    #[arg(long, default_value_t = crate::xds::h2_output::DEFAULT_TOTAL)]
+    pub max_queued_bytes: usize,
     /// Admin connections open at once; more are answered 503 and closed, so admin
     /// clients never take the file descriptors Envoys need.
     #[arg(long, default_value_t = 1024)]
@@ -235,6 +257,11 @@ impl ServeArgs {
         crate::limits::ConnectionLimits {
             max_streams_per_connection: self.max_streams_per_connection,
             handshake_timeout: std::time::Duration::from_secs(self.handshake_timeout_secs),
+            max_xds_connections: self.max_xds_connections,
+            max_xds_connections_per_address: self.max_xds_connections_per_address,
+            max_queued_bytes_per_stream: self.max_queued_bytes_per_stream,
+            max_queued_bytes_per_connection: self.max_queued_bytes_per_connection,
+            max_queued_bytes: self.max_queued_bytes,
             max_admin_connections: self.max_admin_connections,
             max_event_clients: self.max_event_clients,
             admin_request_timeout: std::time::Duration::from_secs(self.admin_request_timeout_secs),

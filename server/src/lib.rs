@@ -326,6 +326,12 @@ pub async fn serve_on(
         xds::h2::H2Settings {
             max_streams: limits.max_streams_per_connection,
             keepalive: std::time::Duration::from_secs(30),
+            output: Arc::new(xds::h2_output::OutputBudget::new(
+                limits.max_queued_bytes_per_stream,
+                limits.max_queued_bytes_per_connection,
+                limits.max_queued_bytes,
+                metrics.xds_queued_bytes.clone(),
+            )),
         },
         limits.handshake_timeout,
         metrics.clone(),

@@ -34,6 +34,14 @@ pub struct ConnectionLimits {
     pub max_streams_per_connection: u32,
     /// Time an xDS connection has to send the HTTP/2 preface before it is closed.
     pub handshake_timeout: Duration,
+    /// xDS connections open at once (0: the file-descriptor limit less `fd_reserve`).
+    pub max_xds_connections: usize,
+    /// xDS connections open at once from one client address.
+    pub max_xds_connections_per_address: usize,
+    /// Output waiting behind flow control: per stream, per connection, in all.
+    pub max_queued_bytes_per_stream: usize,
+    pub max_queued_bytes_per_connection: usize,
+    pub max_queued_bytes: usize,
     /// Admin connections open at once; more are answered 503 and closed.
     pub max_admin_connections: usize,
     /// `/api/v1/events` clients at once; more are answered 503.

@@ -141,6 +141,10 @@ pub struct Metrics {
     pub tls_handshake_failures: Family<PortLabel, Counter>,
     pub xds_identity_refusals: Counter,
     pub admin_unauthorized: Counter,
+    /// Bytes of xDS responses waiting behind clients' flow-control windows.
+    pub xds_queued_bytes: Gauge,
+    /// Open xDS connections.
+    pub xds_connections: Gauge,
     /// When each limit was last logged (they are logged at most once a minute).
     limit_logged: std::sync::Mutex<std::collections::HashMap<&'static str, std::time::Instant>>,
 }
@@ -174,6 +178,8 @@ impl Default for Metrics {
             tls_handshake_failures: Family::default(),
             xds_identity_refusals: Counter::default(),
             admin_unauthorized: Counter::default(),
+            xds_queued_bytes: Gauge::default(),
+            xds_connections: Gauge::default(),
             limit_logged: Default::default(),
             registry: Registry::default(),
             by_type: Vec::new(),
@@ -229,6 +235,12 @@ impl Default for Metrics {
             "Modules Envoys downloaded from /modules (remote delivery)",
             m.wasm_module_downloads.clone(),
         );
+        registry.register(
+            "xds_queued_bytes",
+            "Bytes of xDS responses waiting to be sent behind clients' flow-control windows",
+            m.xds_queued_bytes.clone(),
+        );
+        registry.register("xds_connections", "Open xDS connections (TLS handshake done)", m.xds_connections.clone());
         registry.register(
             "limit_hits",
             "Inputs refused or cut at a limit (see the README's Limits and hardening), by limit",

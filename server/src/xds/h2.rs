@@ -39,6 +39,7 @@ use crate::{
     cache::Generation,
     xds::{
         grpc_frames::{FrameError, MessageReader},
+        h2_output::{OutMessage, OutputBudget},
         h2_request::HeadCheck,
         service::{ConnPeer, Handler, Output, XdsServices},
     },
@@ -111,11 +112,13 @@ pub struct H2Settings {
     /// A PING is sent this long after the last one; a client that did not answer the
     /// last one by then is gone, and its connection is closed.
     pub keepalive: Duration,
+    /// Output waiting behind flow control: its bounds, and what all connections hold.
+    pub output: Arc<OutputBudget>,
 }
 
 impl Default for H2Settings {
     fn default() -> Self {
-        Self { max_streams: 100, keepalive: Duration::from_secs(30) }
+        Self { max_streams: 100, keepalive: Duration::from_secs(30), output: Arc::default() }
     }
 }
 
@@ -142,8 +145,10 @@ struct Slot {
     /// A request message not complete yet.
     inbuf: MessageReader,
     /// Messages to send, and how much of the first is sent.
-    out: VecDeque<Vec<u8>>,
+    out: VecDeque<OutMessage>,
     out_pos: usize,
+    /// Over an output bound: reset with ENHANCE_YOUR_CALM at the next pump.
+    reset: bool,
     /// End the stream with this once `out` is sent.
     end: Option<Status>,
     /// The client ended its side.
@@ -186,6 +191,9 @@ pub struct Connection<IO> {
     recv_unacked: u32,
     /// Bytes of requests not complete yet, all streams together (`MAX_BUFFERED`).
     buffered: usize,
+    /// Bytes of messages waiting in the streams' queues, not yet framed into `wbuf`
+    /// (counted in `settings.output` too).
+    queued: usize,
     /// New configurations, and the server stopping.
     signals: tokio_stream::wrappers::WatchStream<Signal>,
     keepalive: Pin<Box<tokio::time::Sleep>>,
@@ -250,6 +258,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
             send_window: 65_535,
             recv_unacked: 0,
             buffered: 0,
+            queued: 0,
             signals,
             keepalive,
             keepalive_armed: false,
@@ -303,6 +312,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
     fn remove_stream(&mut self, i: usize) {
         let slot = self.streams.remove(i);
         self.buffered -= slot.inbuf.buffered();
+        self.unqueue(waiting(&slot));
         self.closed(slot.id, slot.remote_done);
     }
 
@@ -340,14 +350,70 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
         self.rst(id, code);
     }
 
-    /// Hands a handler's output to its stream.
+    fn unqueue(&mut self, n: usize) {
+        self.queued -= n;
+        self.settings.output.give_back(n);
+    }
+
+    /// Hands a handler's output to its stream, and holds the output bounds.
     fn apply(&mut self, i: usize, out: Output) {
         self.timer_stale = true;
         let slot = &mut self.streams[i];
-        slot.out.extend(out.messages);
         if slot.end.is_none() {
             slot.end = out.end;
         }
+        if out.messages.is_empty() {
+            return;
+        }
+        let (mut added, mut freed) = (0, 0);
+        for m in out.messages {
+            added += m.bytes.len();
+            // The first message may be partly sent already: it stays.
+            let unsent = usize::from(slot.out_pos > 0);
+            let older = m.supersedes.and_then(|k| slot.out.iter_mut().skip(unsent).find(|o| o.supersedes == Some(k)));
+            match older {
+                Some(older) => freed += std::mem::replace(older, m).bytes.len(),
+                None => slot.out.push_back(m),
+            }
+        }
+        let budget = &self.settings.output;
+        budget.take(added);
+        budget.give_back(freed);
+        self.queued = self.queued + added - freed;
+        let limit = if waiting(slot) > budget.per_stream && slot.out.len() > 1 {
+            "queued_bytes_per_stream"
+        } else if self.queued > budget.per_connection {
+            "queued_bytes_per_connection"
+        } else if budget.over_total() && self.held_by_window(i) {
+            "queued_bytes_total"
+        } else {
+            return;
+        };
+        self.over_output_bound(i, limit);
+    }
+
+    /// Whether stream `i` has output that its client's windows keep from going out.
+    fn held_by_window(&self, i: usize) -> bool {
+        let slot = &self.streams[i];
+        !slot.out.is_empty() && (slot.send_window <= 0 || self.send_window <= 0)
+    }
+
+    /// Stream `i` (or its connection) went over an output bound: the stream is reset at
+    /// the next pump; the connection, at once (its queued output dropped).
+    fn over_output_bound(&mut self, i: usize, limit: &'static str) {
+        self.services.ctx().tracker.metrics().limit_hit(limit);
+        tracing::debug!(peer = %self.peer.addr, limit, queued = self.queued, "xDS output over its bound");
+        if limit != "queued_bytes_per_connection" {
+            self.streams[i].reset = true;
+            return;
+        }
+        let queued = self.queued;
+        self.unqueue(queued);
+        for s in &mut self.streams {
+            s.out = VecDeque::new();
+            s.out_pos = 0;
+        }
+        self.go_away(ENHANCE_YOUR_CALM, "output waiting for the client over its bound");
     }
 
     /// Parses what was read; returns how much of `data` made whole frames.
@@ -629,6 +695,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
             inbuf: MessageReader::default(),
             out: VecDeque::new(),
             out_pos: 0,
+            reset: false,
             end: None,
             remote_done: false,
             content_left: head.content_length,
@@ -734,30 +801,45 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
     /// trailers of streams that are done, and forgets them.
     fn pump(&mut self) {
         let mut i = 0;
+        let mut framed = 0;
+        // A frame at most this large, whatever the client allows: the write buffer stays
+        // near `WRITE_HIGH`.
+        let max_frame = self.peer_max_frame.min(WRITE_HIGH) as i64;
         while i < self.streams.len() {
+            if self.streams[i].reset {
+                let id = self.streams[i].id;
+                self.remove_stream(i);
+                self.rst(id, ENHANCE_YOUR_CALM);
+                continue;
+            }
             let slot = &mut self.streams[i];
             while let Some(front) = slot.out.front() {
                 if self.wbuf.len() - self.wpos >= WRITE_HIGH {
                     break;
                 }
-                let left = front.len() - slot.out_pos;
-                let n = (left as i64).min(self.send_window).min(slot.send_window).min(self.peer_max_frame as i64);
+                let left = front.bytes.len() - slot.out_pos;
+                let n = (left as i64).min(self.send_window).min(slot.send_window).min(max_frame);
                 if n <= 0 && left > 0 {
                     break;
                 }
                 let n = n.max(0) as usize;
                 self.wbuf.reserve(FRAME_HEAD + n);
                 frame_head(&mut self.wbuf, n, DATA, 0, slot.id);
-                self.wbuf.extend_from_slice(&front[slot.out_pos..slot.out_pos + n]);
+                self.wbuf.extend_from_slice(&front.bytes[slot.out_pos..slot.out_pos + n]);
                 self.send_window -= n as i64;
                 slot.send_window -= n as i64;
                 slot.out_pos += n;
-                if slot.out_pos == front.len() {
+                framed += n;
+                if slot.out_pos == front.bytes.len() {
                     slot.out.pop_front();
                     slot.out_pos = 0;
                 }
             }
             if !slot.out.is_empty() {
+                if self.settings.output.over_total() && self.held_by_window(i) {
+                    self.over_output_bound(i, "queued_bytes_total");
+                    continue;
+                }
                 i += 1;
                 continue;
             }
@@ -779,6 +861,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
                 self.rst(id, NO_ERROR);
             }
         }
+        self.unqueue(framed);
     }
 
     fn on_generation(&mut self, generation: &Generation) {
@@ -951,6 +1034,17 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
         cx.waker().wake_by_ref();
         Poll::Pending
     }
+}
+
+impl<IO> Drop for Connection<IO> {
+    fn drop(&mut self) {
+        self.settings.output.give_back(self.queued);
+    }
+}
+
+/// Bytes of a stream's queue not framed yet.
+fn waiting(slot: &Slot) -> usize {
+    slot.out.iter().map(|m| m.bytes.len()).sum::<usize>() - slot.out_pos
 }
 
 impl<IO: AsyncRead + AsyncWrite + Unpin> Future for Connection<IO> {

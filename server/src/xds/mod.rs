@@ -3,6 +3,7 @@
 pub mod delta;
 pub mod grpc_frames;
 pub mod h2;
+pub mod h2_output;
 pub mod h2_request;
 pub mod hold;
 pub mod service;

@@ -25,6 +25,7 @@ use crate::{
     tracker::{AckTracker, PeerAuth, StreamKind, Tracked},
     xds::{
         delta::DeltaStream,
+        h2_output::OutMessage,
         sotw::SotwStream,
         stream::{NodeInfo, Step, StreamCore, StreamEvent, StreamSettings},
         wire::Wire,
@@ -316,7 +317,7 @@ impl XdsServices {
 #[derive(Debug, Default)]
 pub struct Output {
     /// gRPC messages to send, in order.
-    pub messages: Vec<Vec<u8>>,
+    pub messages: Vec<OutMessage>,
     /// End the stream with this status (after the messages).
     pub end: Option<Status>,
 }
@@ -349,8 +350,8 @@ impl Handler {
                 .and_then(|req| services.fetch_extension_configs(peer, req))
                 .map(Wire::into_grpc);
             match result {
-                Ok(m) => {
-                    out.messages.push(m);
+                Ok(bytes) => {
+                    out.messages.push(OutMessage { bytes, supersedes: None });
                     out.end = Some(Status::ok(""));
                 }
                 Err(status) => out.end = Some(status),
@@ -461,7 +462,18 @@ where
                 tracker.record_on(tracked, event);
             }
         }
-        out.messages.extend(step.responses.into_iter().map(Wire::into_grpc));
+        // Each response has its `Sent` event, in order. A SotW response (the whole state
+        // of its type) that still waits unsent is replaced by a newer one of its type.
+        let sent = step.events.iter().filter_map(|e| match e {
+            StreamEvent::Sent { rt, incremental, .. } => Some((!*incremental).then_some(*rt as u8)),
+            _ => None,
+        });
+        out.messages.extend(
+            step.responses
+                .into_iter()
+                .zip(sent.chain(std::iter::repeat(None)))
+                .map(|(w, supersedes)| OutMessage { bytes: w.into_grpc(), supersedes }),
+        );
         if step.limits.contains(&crate::xds::wire::RESPONSE_BYTES) {
             out.end = Some(Status::resource_exhausted(
                 "a response for this proxy would be over gRPC's 4 GiB (its resources are too large together)",

@@ -1,0 +1,69 @@
+//! Output waiting behind HTTP/2 flow control, bounded per stream, per connection and for
+//! the whole server. A client that reads its socket but never opens its window would
+//! otherwise hold one more response per new configuration, forever.
+
+use prometheus_client::metrics::gauge::Gauge;
+
+/// A gRPC message a stream's handler wants sent.
+#[derive(Debug)]
+pub struct OutMessage {
+    pub bytes: Vec<u8>,
+    /// While it waits unsent, a later message with the same key replaces it: a SotW
+    /// response carries the whole state of its type, so only the newest one matters
+    /// (the client ACKs that one's nonce). `None`: it must go out (a delta response).
+    pub supersedes: Option<u8>,
+}
+
+/// The bounds on queued output, and what all connections hold together.
+#[derive(Debug)]
+pub struct OutputBudget {
+    /// Bytes one stream may have waiting; past it (with more than one message waiting,
+    /// so one large response always goes) the stream is reset with ENHANCE_YOUR_CALM.
+    pub per_stream: usize,
+    /// Bytes one connection may have waiting, all streams together; past it, GOAWAY
+    /// with ENHANCE_YOUR_CALM and the connection is closed.
+    pub per_connection: usize,
+    /// Bytes all connections may have waiting; past it, a stream whose output is held
+    /// by a window its client keeps closed is reset with ENHANCE_YOUR_CALM (clients that
+    /// read go on).
+    pub total: usize,
+    /// Bytes waiting on every connection now (`filterplane_xds_queued_bytes`).
+    used: Gauge,
+}
+
+impl OutputBudget {
+    pub fn new(per_stream: usize, per_connection: usize, total: usize, used: Gauge) -> Self {
+        Self { per_stream, per_connection, total, used }
+    }
+
+    /// Bytes waiting on every connection now.
+    pub fn used(&self) -> usize {
+        self.used.get().max(0) as usize
+    }
+
+    pub fn over_total(&self) -> bool {
+        self.used() > self.total
+    }
+
+    pub fn take(&self, n: usize) {
+        if n > 0 {
+            self.used.inc_by(n as i64);
+        }
+    }
+
+    pub fn give_back(&self, n: usize) {
+        if n > 0 {
+            self.used.dec_by(n as i64);
+        }
+    }
+}
+
+impl Default for OutputBudget {
+    fn default() -> Self {
+        Self::new(DEFAULT_PER_STREAM, DEFAULT_PER_CONNECTION, DEFAULT_TOTAL, Gauge::default())
+    }
+}
+
+pub const DEFAULT_PER_STREAM: usize = 64 << 20;
+pub const DEFAULT_PER_CONNECTION: usize = 128 << 20;
+pub const DEFAULT_TOTAL: usize = 512 << 20;
