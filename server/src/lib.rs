@@ -1,6 +1,7 @@
 //! Filterplane's server: snapshot cache, xDS protocol, ACK/NACK tracker, admin HTTP and
 //! config reloading, wired together by `serve`.
 
+pub mod accept;
 pub mod admin;
 pub mod cache;
 pub mod cli;
@@ -8,6 +9,7 @@ pub mod etcd;
 pub mod fleet;
 pub mod identity;
 pub mod limits;
+pub mod log_limit;
 pub mod metrics;
 pub mod ports;
 pub mod preflight;
@@ -307,15 +309,32 @@ pub async fn serve_on(
     let limits = args.connection_limits();
     // Every connection is accepted, and its TLS handshake done, off the accept path; the
     // HTTP/2 preface then has its own deadline.
-    let accepted = tls::accept_loop(
+    let max_xds_connections = match limits.max_xds_connections {
+        0 => {
+            let fd_limit = rlimit::getrlimit(rlimit::Resource::NOFILE).map(|(soft, _)| soft).unwrap_or(1024);
+            let other_ports = limits.max_admin_connections * if modules_listener.is_some() { 2 } else { 1 };
+            accept::default_xds_cap(fd_limit, other_ports)
+        }
+        n => n,
+    };
+    tracing::info!(
+        max_xds_connections,
+        per_address = limits.max_xds_connections_per_address,
+        "xDS connections capped"
+    );
+    let accepted = accept::accept_loop(
         xds_listener,
-        tls::AcceptSettings {
+        accept::AcceptSettings {
             port: "xds",
             tls: tls.xds.clone(),
             handshake_timeout: limits.handshake_timeout,
-            cap: None,
+            max_connections: max_xds_connections,
+            max_per_address: Some(limits.max_xds_connections_per_address),
             busy_reply: b"",
-            cap_limit: "",
+            cap_limit: "xds_connections",
+            address_limit: "xds_connections_per_address",
+            silent_limit: "handshake_timeout",
+            gauge: Some(metrics.xds_connections.clone()),
         },
         metrics.clone(),
         shutdown.clone(),

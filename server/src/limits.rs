@@ -16,14 +16,15 @@ use std::{
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::TcpListener,
-    sync::{mpsc, OwnedSemaphorePermit, Semaphore},
+    sync::mpsc,
     time::Sleep,
 };
 use tokio_util::sync::CancellationToken;
 
 use crate::{
     metrics::Metrics,
-    tls::{accept_loop, AcceptSettings, Accepted, MaybeTls, PeerInfo, ReloadingTls},
+    accept::{accept_loop, AcceptSettings, Accepted, ConnectionHold},
+    tls::{MaybeTls, PeerInfo, ReloadingTls},
 };
 
 /// Connection-level bounds; their defaults are the command line's (`cli::ServeArgs`).
@@ -61,6 +62,8 @@ const PREFACE_BYTES: usize = 24;
 #[derive(Debug)]
 pub struct Handshake<IO> {
     io: IO,
+    /// The connection's place under the port's caps.
+    _hold: Option<ConnectionHold>,
     /// `None` once the preface is in.
     deadline: Option<Pin<Box<Sleep>>>,
     seen: usize,
@@ -68,8 +71,8 @@ pub struct Handshake<IO> {
 }
 
 impl<IO> Handshake<IO> {
-    pub fn new(io: IO, timeout: Duration, metrics: Arc<Metrics>) -> Self {
-        Self { io, deadline: Some(Box::pin(tokio::time::sleep(timeout))), seen: 0, metrics }
+    pub fn new(io: IO, hold: Option<ConnectionHold>, timeout: Duration, metrics: Arc<Metrics>) -> Self {
+        Self { io, _hold: hold, deadline: Some(Box::pin(tokio::time::sleep(timeout))), seen: 0, metrics }
     }
 }
 
@@ -126,7 +129,7 @@ impl tonic::transport::server::Connected for Handshake<MaybeTls> {
 }
 
 /// The admin (or module) listener, with at most `max_admin_connections` connections
-/// open: one more is answered 503 and closed (by `tls::accept_loop`), so admin clients can
+/// open: one more is answered 503 and closed (by `accept::accept_loop`), so admin clients can
 /// never take the file descriptors Envoys need.
 pub struct CappedListener {
     accepted: mpsc::Receiver<Accepted>,
@@ -150,9 +153,13 @@ impl CappedListener {
             port,
             tls,
             handshake_timeout: limits.admin_request_timeout,
-            cap: Some(Arc::new(Semaphore::new(limits.max_admin_connections))),
+            max_connections: limits.max_admin_connections,
+            max_per_address: None,
             busy_reply: BUSY,
             cap_limit: if port == "modules" { "module_connections" } else { "admin_connections" },
+            address_limit: "",
+            silent_limit: "admin_idle",
+            gauge: None,
         };
         let accepted = accept_loop(inner, settings, metrics.clone(), shutdown);
         Ok(Self { accepted, addr, limits, metrics })
@@ -164,7 +171,7 @@ impl CappedListener {
 /// module) does not get.
 pub struct Capped {
     io: MaybeTls,
-    _permit: Option<OwnedSemaphorePermit>,
+    _hold: ConnectionHold,
     deadline: Pin<Box<Sleep>>,
     idle: Duration,
     metrics: Arc<Metrics>,
@@ -184,13 +191,13 @@ impl axum::serve::Listener for CappedListener {
     type Addr = std::net::SocketAddr;
 
     async fn accept(&mut self) -> (Capped, std::net::SocketAddr) {
-        let Some(Accepted { io, addr, permit }) = self.accepted.recv().await else {
+        let Some(Accepted { io, addr, hold }) = self.accepted.recv().await else {
             // The accept loop ended: shutting down.
             return std::future::pending().await;
         };
         let deadline = Box::pin(tokio::time::sleep(self.limits.admin_request_timeout));
         let (idle, metrics) = (self.limits.admin_idle_timeout, self.metrics.clone());
-        (Capped { io, _permit: permit, deadline, idle, metrics }, addr)
+        (Capped { io, _hold: hold, deadline, idle, metrics }, addr)
     }
 
     fn local_addr(&self) -> io::Result<std::net::SocketAddr> {

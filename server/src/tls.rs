@@ -1,8 +1,8 @@
 //! TLS on Filterplane's ports (rustls): server certificates read from files and read again
 //! when the files change (checked at each handshake, so a renewed certificate is used by
 //! the next connection and open ones go on), optional client certificates (mTLS) with
-//! the identity they carry, and the accept loop that does every handshake in a task of
-//! its own, so a slow client never holds up the others.
+//! the identity they carry. (Connections are accepted, and handshakes run, in
+//! `accept`.)
 
 use std::{
     io,
@@ -11,7 +11,7 @@ use std::{
     pin::Pin,
     sync::{Arc, Mutex},
     task::{Context, Poll},
-    time::{Duration, SystemTime},
+    time::SystemTime,
 };
 
 use rustls::{
@@ -22,9 +22,7 @@ use rustls::{
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::TcpStream,
-    sync::{mpsc, OwnedSemaphorePermit, Semaphore},
 };
-use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
 
@@ -332,122 +330,6 @@ impl AsyncWrite for MaybeTls {
             MaybeTls::Tls(s) => s.is_write_vectored(),
         }
     }
-}
-
-/// A connection the accept loop finished: TLS handshake done, the port's connection
-/// permit held for as long as it lives.
-#[derive(Debug)]
-pub struct Accepted {
-    pub io: MaybeTls,
-    pub addr: SocketAddr,
-    pub permit: Option<OwnedSemaphorePermit>,
-}
-
-/// How one port accepts connections.
-#[derive(Debug, Clone)]
-pub struct AcceptSettings {
-    pub port: &'static str,
-    pub tls: Option<Arc<ReloadingTls>>,
-    /// Time a client has for the TLS handshake.
-    pub handshake_timeout: Duration,
-    /// Connections open at once (`None`: unbounded here, bounded elsewhere); one more is
-    /// closed (plaintext: after `busy_reply`).
-    pub cap: Option<Arc<Semaphore>>,
-    pub busy_reply: &'static [u8],
-    /// The `limit` label counted when the cap is hit.
-    pub cap_limit: &'static str,
-}
-
-/// TLS handshakes in progress at once, per port: more connections wait in the kernel's
-/// accept queue, so a flood of clients that never finish one cannot hold every file
-/// descriptor for the handshake timeout.
-pub const MAX_HANDSHAKES: usize = 1024;
-
-/// Accepts on `listener` until `shutdown`, handshakes each connection in its own task,
-/// and hands finished ones to the returned channel.
-pub fn accept_loop(
-    listener: tokio::net::TcpListener,
-    settings: AcceptSettings,
-    metrics: Arc<Metrics>,
-    shutdown: CancellationToken,
-) -> mpsc::Receiver<Accepted> {
-    let (tx, rx) = mpsc::channel(64);
-    let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
-    tokio::spawn(async move {
-        loop {
-            // A slot for the next handshake before the next accept.
-            let slot = match &settings.tls {
-                Some(_) => match handshakes.clone().acquire_owned().await {
-                    Ok(s) => Some(s),
-                    Err(_) => return,
-                },
-                None => None,
-            };
-            let accepted = tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tx.closed() => return,
-                a = listener.accept() => a,
-            };
-            let (tcp, addr) = match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    // Out of file descriptors, most likely: wait rather than spin.
-                    tracing::warn!(port = settings.port, error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            };
-            let _ = tcp.set_nodelay(true);
-            let _ = socket2::SockRef::from(&tcp)
-                .set_tcp_keepalive(&socket2::TcpKeepalive::new().with_time(Duration::from_secs(60)));
-            let permit = match &settings.cap {
-                None => None,
-                Some(cap) => match cap.clone().try_acquire_owned() {
-                    Ok(p) => Some(p),
-                    Err(_) => {
-                        metrics.limit_hit(settings.cap_limit);
-                        if settings.tls.is_none() {
-                            // Best effort: a fresh socket's send buffer takes this at once.
-                            let _ = tcp.try_write(settings.busy_reply);
-                        }
-                        continue;
-                    }
-                },
-            };
-            match &settings.tls {
-                None => {
-                    if tx.send(Accepted { io: MaybeTls::Plain(tcp), addr, permit }).await.is_err() {
-                        return;
-                    }
-                }
-                Some(tls) => {
-                    let acceptor = tokio_rustls::TlsAcceptor::from(tls.config());
-                    let (tx, metrics, port, timeout) =
-                        (tx.clone(), metrics.clone(), settings.port, settings.handshake_timeout);
-                    tokio::spawn(async move {
-                        let _slot = slot;
-                        match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
-                            Ok(Ok(stream)) => {
-                                let _ = tx.send(Accepted { io: MaybeTls::Tls(Box::new(stream)), addr, permit }).await;
-                            }
-                            Ok(Err(e)) => {
-                                metrics
-                                    .tls_handshake_failures
-                                    .get_or_create(&crate::metrics::PortLabel::new(port))
-                                    .inc();
-                                tracing::debug!(port, peer = %addr, error = %e, "TLS handshake failed");
-                            }
-                            Err(_) => {
-                                metrics.limit_hit("tls_handshake_timeout");
-                                tracing::debug!(port, peer = %addr, "TLS handshake timed out");
-                            }
-                        }
-                    });
-                }
-            }
-        }
-    });
-    rx
 }
 
 #[cfg(test)]

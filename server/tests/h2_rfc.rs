@@ -36,7 +36,7 @@ const ADS: &str = "/envoy.service.discovery.v3.AggregatedDiscoveryService/Stream
 #[derive(Debug)]
 struct Frame {
     ty: u8,
-    flags: u8,
+
     id: u32,
     payload: Vec<u8>,
 }
@@ -79,7 +79,7 @@ impl Peer {
         let mut payload = vec![0; len];
         self.s.read_exact(&mut payload).ok()?;
         let id = u32::from_be_bytes([h[5], h[6], h[7], h[8]]) & 0x7fff_ffff;
-        Some(Frame { ty: h[3], flags: h[4], id, payload })
+        Some(Frame { ty: h[3], id, payload })
     }
 
     /// The first frame of type `ty` on stream `id` (0 for the connection).
@@ -415,7 +415,7 @@ fn queued(plane: &Plane) -> f64 {
 async fn a_sotw_stream_behind_a_closed_window_holds_one_response_per_type() {
     let plane = plane_with_fifty(&[]).await;
     let addr = plane.xds;
-    let mut p = tokio::task::spawn_blocking(move || {
+    let p = tokio::task::spawn_blocking(move || {
         let mut p = Peer::zero_window(addr);
         p.subscribe_fifty(1, false, "stuck");
         p.expect(HEADERS, 1);

@@ -177,12 +177,14 @@ async fn admin_connections_and_event_clients_are_capped() {
         assert!(first.starts_with("HTTP/1.1 200"), "{first}");
         let (refused, second) = get("/api/v1/events");
         assert!(second.starts_with("HTTP/1.1 503") && second.contains("too many event-stream clients"), "{second}");
-        // Connections until the cap: held ones stay silent, and the first one over it is
-        // answered 503 at once (however many slots the harness's own requests still hold).
+        // Connections until the cap: held ones send half a request, and the first one over
+        // it is answered 503 at once (however many slots the harness's own requests still
+        // hold). (A connection that sends nothing holds no slot: a new one evicts it.)
         let mut held = vec![events, refused];
         let mut over = String::new();
         for _ in 0..6 {
             let mut s = std::net::TcpStream::connect(admin).unwrap();
+            let _ = s.write_all(b"GET /healthz HTTP/1.1\r\n");
             s.set_read_timeout(Some(std::time::Duration::from_millis(500))).unwrap();
             let mut buf = vec![0u8; 512];
             match s.read(&mut buf) {

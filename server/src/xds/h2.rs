@@ -1074,7 +1074,7 @@ pub enum Signal {
 /// Serves every connection `accepted` hands over until `shutdown`; then waits (at most
 /// five seconds) for connections to say goodbye.
 pub async fn serve(
-    mut accepted: tokio::sync::mpsc::Receiver<crate::tls::Accepted>,
+    mut accepted: tokio::sync::mpsc::Receiver<crate::accept::Accepted>,
     services: XdsServices,
     settings: H2Settings,
     handshake_timeout: Duration,
@@ -1109,7 +1109,7 @@ pub async fn serve(
             a = accepted.recv() => match a { Some(a) => a, None => break },
         };
         let peer = services.peer(a.io.peer());
-        let io = crate::limits::Handshake::new(a.io, handshake_timeout, metrics.clone());
+        let io = crate::limits::Handshake::new(a.io, Some(a.hold), handshake_timeout, metrics.clone());
         tasks.spawn(Connection::new(io, services.clone(), peer, settings.clone(), signals.subscribe()));
     }
     let _ = forwarding.await;
