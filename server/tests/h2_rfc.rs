@@ -517,3 +517,26 @@ async fn zero_window_clients_are_bounded_in_total_and_readers_go_on() {
     c.request(ECDS, &names, "", "").await;
     assert_eq!(c.recv_ack(&names).await.resources.len(), 50);
 }
+
+/// The admin port answers HTTP/2 too: its DNS-rebinding check reads `:authority` as it
+/// reads `Host` (before, `:authority: evil.example` got 200).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_port_checks_the_authority_of_http2_requests() {
+    let plane = Plane::start(&[("a", "1")]).await;
+    let admin = plane.admin;
+    let statuses = tokio::task::spawn_blocking(move || {
+        let mut p = Peer::connect(admin);
+        let mut decoder = loona_hpack::Decoder::new();
+        let mut status = |p: &mut Peer, id: u32, authority: &'static str| {
+            let fields = [(":method", "GET"), (":scheme", "http"), (":path", "/api/v1/config"), (":authority", authority)];
+            p.headers(id, END_STREAM, &fields);
+            let f = p.expect(HEADERS, id);
+            let fields = decoder.decode(&f.payload).unwrap();
+            String::from_utf8(fields.into_iter().find(|(n, _)| n == b":status").unwrap().1).unwrap()
+        };
+        (status(&mut p, 1, "evil.example"), status(&mut p, 3, "127.0.0.1"))
+    })
+    .await
+    .unwrap();
+    assert_eq!(statuses, ("421".to_owned(), "200".to_owned()));
+}

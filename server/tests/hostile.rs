@@ -263,6 +263,26 @@ async fn a_reload_that_removes_most_of_the_config_is_held_until_confirmed() {
     // The operator confirms a mass removal: applied.
     std::fs::write(plane.config_path(), "version: 1\n").unwrap();
     let admin = plane.admin;
+    // Not by a form on another site's page, nor on a page of another port of this host
+    // (issue 20: either applied the held removal).
+    let serving = plane.api("/api/v1/config")["serving_version"].clone();
+    for (origin, site) in [("http://evil.example", "cross-site"), ("http://127.0.0.1:1", "same-site")] {
+        let code = tokio::task::spawn_blocking(move || {
+            let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+            agent
+                .post(&format!("http://{admin}/api/v1/reload?confirm=true"))
+                .header("origin", origin)
+                .header("sec-fetch-site", site)
+                .header("content-type", "application/x-www-form-urlencoded")
+                .send("x=1")
+                .unwrap()
+                .status()
+        })
+        .await
+        .unwrap();
+        assert_eq!(code, 403, "{origin}");
+    }
+    assert_eq!(plane.api("/api/v1/config")["serving_version"], serving, "the cross-site requests changed nothing");
     let outcome: serde_json::Value = tokio::task::spawn_blocking(move || {
         ureq::post(&format!("http://{admin}/api/v1/reload?confirm=true"))
             .send_empty()

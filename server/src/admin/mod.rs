@@ -4,6 +4,7 @@
 
 mod api;
 pub mod auth;
+pub mod origin;
 
 use std::{
     convert::Infallible,
@@ -89,33 +90,23 @@ pub fn app(state: AdminState) -> Router {
             async move {
                 // Probes may use any name (a Kubernetes service, a load balancer).
                 let probe = matches!(req.uri().path(), "/healthz" | "/readyz");
-                let host = req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("");
-                if probe || host_allowed(host, &allowed) {
-                    return next.run(req).await;
+                if !probe && !origin::request_hosts(&req).all(|h| origin::host_allowed(h, &allowed)) {
+                    return (
+                        StatusCode::MISDIRECTED_REQUEST,
+                        "this admin server does not answer to that host name (DNS rebinding); use its address, localhost, or --admin-allowed-host\n",
+                    )
+                        .into_response();
                 }
-                (
-                    StatusCode::MISDIRECTED_REQUEST,
-                    "this admin server does not answer to that host name (DNS rebinding); use its address, localhost, or --admin-allowed-host\n",
-                )
-                    .into_response()
+                if let Some(why) = origin::cross_site(&req) {
+                    return (
+                        StatusCode::FORBIDDEN,
+                        format!("{why}: requests that change something come from the admin page itself or carry the bearer token\n"),
+                    )
+                        .into_response();
+                }
+                next.run(req).await
             }
         }))
-}
-
-/// Whether a request's `Host` may be answered. A DNS-rebinding page reaches the admin
-/// under a name the attacker controls; an IP address or `localhost` is no such name, and
-/// a request without `Host` (HTTP/1.0, a script) comes from no browser.
-pub fn host_allowed(host: &str, allowed: &[String]) -> bool {
-    if host.is_empty() {
-        return true;
-    }
-    // Strip the port: `name:port`, `[v6]:port`, `[v6]`.
-    let name = match host.strip_prefix('[') {
-        Some(rest) => rest.split(']').next().unwrap_or(""),
-        None => host.rsplit_once(':').map_or(host, |(n, _)| n),
-    };
-    let name = name.trim_end_matches('.').to_ascii_lowercase();
-    name.parse::<std::net::IpAddr>().is_ok() || name == "localhost" || allowed.contains(&name)
 }
 
 async fn readyz(State(s): State<AdminState>) -> (StatusCode, &'static str) {
