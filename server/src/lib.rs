@@ -417,7 +417,8 @@ pub async fn serve_on(
             auth,
             modules: admin_modules,
             rollouts,
-        }),
+        })
+        .into_make_service_with_connect_info::<admin::AdminPeer>(),
     )
     .with_graceful_shutdown(shutdown.clone().cancelled_owned());
 

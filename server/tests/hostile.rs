@@ -486,3 +486,42 @@ async fn unfinished_requests_on_many_streams_are_bounded_per_connection() {
     assert_eq!(plane.metric("filterplane_limit_hits_total{limit=\"buffered_request_bytes\"}"), 1.0);
     still_serving(&plane, &mut c).await;
 }
+
+/// `GET path` with a bearer token from a loopback address of the caller's choice; the
+/// status code.
+fn admin_get_from(admin: std::net::SocketAddr, from: [u8; 4], path: &str, token: &str) -> u16 {
+    use std::io::{Read, Write};
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.bind(&std::net::SocketAddr::from((from, 0)).into()).unwrap();
+    socket.connect(&admin.into()).unwrap();
+    let mut s: std::net::TcpStream = socket.into();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
+    let req = format!("GET {path} HTTP/1.1\r\nhost: 127.0.0.1\r\nauthorization: Bearer {token}\r\nconnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).unwrap();
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head).unwrap();
+    std::str::from_utf8(&head[9..12]).unwrap().parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_guesses_are_slowed_per_address_without_locking_out_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("token");
+    std::fs::write(&token, "right-token\n").unwrap();
+    let plane = Plane::start_with(&[("a", "1")], &["--admin-token-file", token.to_str().unwrap(), "--metrics-public"]).await;
+    let admin = plane.admin;
+    let (guesses, operator) = tokio::task::spawn_blocking(move || {
+        let guesses: Vec<u16> =
+            (0..8).map(|k| admin_get_from(admin, [127, 0, 0, 9], "/api/v1/config", &format!("guess-{k}"))).collect();
+        // Even the right token waits from the guessing address; another address is served.
+        let blocked = admin_get_from(admin, [127, 0, 0, 9], "/api/v1/config", "right-token");
+        let operator = admin_get_from(admin, [127, 0, 0, 1], "/api/v1/config", "right-token");
+        (guesses.into_iter().chain([blocked]).collect::<Vec<_>>(), operator)
+    })
+    .await
+    .unwrap();
+    assert_eq!(guesses[..5], [401; 5], "the first five are answered");
+    assert!(guesses[6..].iter().all(|&c| c == 429), "then the address waits: {guesses:?}");
+    assert_eq!(operator, 200);
+    assert!(plane.metric("filterplane_limit_hits_total{limit=\"sign_in_backoff\"}") >= 3.0);
+}

@@ -7,12 +7,12 @@
 use std::{
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
-    time::SystemTime,
+    time::{Instant, SystemTime},
 };
 
 use axum::{
-    extract::Request,
-    http::{header, HeaderMap, HeaderValue, StatusCode},
+    extract::{ConnectInfo, Request},
+    http::{header, HeaderMap, HeaderValue, Method, StatusCode},
     middleware::Next,
     response::{Html, IntoResponse, Redirect, Response},
 };
@@ -63,6 +63,8 @@ pub struct AdminAuth {
     /// The admin port is TLS: cookies get `Secure`.
     pub secure: bool,
     metrics: Arc<Metrics>,
+    /// Wrong tokens slow their address down.
+    backoff: super::backoff::SignInBackoff,
 }
 
 fn modified(path: &Path) -> Option<SystemTime> {
@@ -81,6 +83,7 @@ impl AdminAuth {
             metrics_public,
             secure,
             metrics,
+            backoff: Default::default(),
         })
     }
 
@@ -145,7 +148,9 @@ impl AdminAuth {
         let token = self.token();
         if !secret::equal(given.as_bytes(), token.as_bytes()) {
             self.metrics.admin_unauthorized.inc();
-            tracing::warn!("admin login with a wrong token");
+            if let Some(left_out) = crate::log_limit::SIGN_IN_FAILURES.admit() {
+                tracing::warn!(left_out, "admin login with a wrong token");
+            }
             return (StatusCode::UNAUTHORIZED, Html(login_page("That is not the token."))).into_response();
         }
         let cookie = format!(
@@ -175,12 +180,50 @@ impl AdminAuth {
     }
 }
 
-/// The middleware: every request but the exempt ones needs the token.
+/// The middleware: every request but the exempt ones needs the token; an address that
+/// keeps sending wrong ones waits (`backoff`).
 pub async fn require(auth: Option<Arc<AdminAuth>>, req: Request, next: Next) -> Response {
     let Some(auth) = auth else { return next.run(req).await };
     let path = req.uri().path().to_owned();
-    if auth.exempt(&path) || auth.authorized(req.headers()) {
+    let sign_in = path == "/login" && req.method() == Method::POST;
+    if auth.exempt(&path) && !sign_in {
         return next.run(req).await;
+    }
+    let ip = req.extensions().get::<ConnectInfo<super::AdminPeer>>().map(|c| c.0 .0.ip());
+    if let Some(ip) = ip {
+        if let Err(wait) = auth.backoff.check(ip, Instant::now()) {
+            auth.metrics.limit_hit("sign_in_backoff");
+            let secs = wait.as_secs().max(1).to_string();
+            return (
+                StatusCode::TOO_MANY_REQUESTS,
+                [(header::RETRY_AFTER, secs)],
+                "too many wrong tokens from this address; wait and try again\n",
+            )
+                .into_response();
+        }
+    }
+    if sign_in {
+        let res = next.run(req).await;
+        if let Some(ip) = ip {
+            match res.status() {
+                StatusCode::UNAUTHORIZED => auth.backoff.failed(ip, Instant::now()),
+                StatusCode::SEE_OTHER => auth.backoff.succeeded(ip),
+                _ => {}
+            }
+        }
+        return res;
+    }
+    if auth.authorized(req.headers()) {
+        if let Some(ip) = ip {
+            auth.backoff.succeeded(ip);
+        }
+        return next.run(req).await;
+    }
+    // A request with no token at all is no guess (a browser opening the page).
+    let guessed = req.headers().contains_key(header::AUTHORIZATION)
+        || req.headers().get_all(header::COOKIE).iter().any(|c| c.to_str().is_ok_and(|c| c.contains(COOKIE)));
+    if let (true, Some(ip)) = (guessed, ip) {
+        auth.backoff.failed(ip, Instant::now());
     }
     auth.refuse(&path)
 }

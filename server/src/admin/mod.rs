@@ -4,6 +4,7 @@
 
 mod api;
 pub mod auth;
+mod backoff;
 pub mod origin;
 
 use std::{
@@ -29,6 +30,18 @@ use tokio_stream::{wrappers::WatchStream, StreamExt};
 use tokio_util::sync::CancellationToken;
 
 use crate::{cache::SnapshotCache, metrics::Metrics, reload::ConfigReloader, tracker::AckTracker};
+
+/// The client address of an admin request (`ConnectInfo`), for the sign-in backoff.
+#[derive(Debug, Clone, Copy)]
+pub struct AdminPeer(pub std::net::SocketAddr);
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, crate::limits::CappedListener>>
+    for AdminPeer
+{
+    fn connect_info(stream: axum::serve::IncomingStream<'_, crate::limits::CappedListener>) -> Self {
+        AdminPeer(*stream.remote_addr())
+    }
+}
 
 /// What the admin handlers read.
 #[derive(Debug, Clone)]
