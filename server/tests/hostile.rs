@@ -525,3 +525,15 @@ async fn token_guesses_are_slowed_per_address_without_locking_out_others() {
     assert_eq!(operator, 200);
     assert!(plane.metric("filterplane_limit_hits_total{limit=\"sign_in_backoff\"}") >= 3.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_node_id_is_refused_with_a_clear_error() {
+    let plane = Plane::start(&[("a", "1")]).await;
+    let mut c = DeltaClient::connect(&plane, &"n".repeat(1_100_000)).await;
+    c.send(ECDS, Delta { subscribe: &["a"], ..Default::default() }).await;
+    let status = c.ended().await;
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert!(status.message().contains("1100000 bytes, over the limit of 1024"), "{}", status.message());
+    assert_eq!(plane.metric("filterplane_limit_hits_total{limit=\"node_id_bytes\"}"), 1.0);
+    assert_eq!(plane.api("/api/v1/proxies?limit=10")["total"].as_u64(), Some(0), "never tracked");
+}

@@ -19,6 +19,7 @@ use tonic::Status;
 use filterplane_config::NodeFacts;
 
 use crate::{
+    log_limit::{self, Cut},
     cache::{Generation, Snapshot, SnapshotCache},
     identity::IdentityRules,
     tls::PeerInfo,
@@ -43,6 +44,9 @@ pub struct XdsContext {
     pub security: Arc<XdsSecurity>,
 }
 
+/// The longest node id, and node cluster, a client may send.
+pub const MAX_NODE_ID_BYTES: usize = 1024;
+
 /// Who may claim which node, and who gets secrets.
 #[derive(Debug, Clone, Default)]
 pub struct XdsSecurity {
@@ -61,7 +65,9 @@ impl XdsSecurity {
         let addr = peer.addr.map(|a| a.to_string()).unwrap_or_default();
         let certificate = identity.map(|i| i.names()).unwrap_or_default();
         if tracker.refuse(&facts.id, &facts.cluster, &addr, certificate, &message) {
-            tracing::warn!(node_id = ?facts.id, cluster = ?facts.cluster, peer = %addr, reason = ?message, "xDS stream refused: the node does not match the client certificate (logged once per node and certificate; see /api/v1/refusals)");
+            if let Some(left_out) = log_limit::REFUSALS.admit() {
+                tracing::warn!(node_id = %Cut(&facts.id), cluster = %Cut(&facts.cluster), peer = %addr, reason = %Cut(&message), left_out, "xDS stream refused: the node does not match the client certificate (logged once per node and certificate; see /api/v1/refusals)");
+            }
         }
         Err(Status::permission_denied(message))
     }
@@ -399,7 +405,9 @@ impl<P: Protocol> Drop for XdsStream<P> {
         if let Some((tracked, tracker, peer)) = self.registered.take() {
             tracker.disconnect(tracked.id);
             let node_id = self.machine.core().node().map(|n| n.facts.id.as_str()).unwrap_or_default();
-            tracing::info!(node_id = ?node_id, peer = %peer, "proxy disconnected");
+            if let Some(left_out) = log_limit::CONNECTS.admit() {
+                tracing::info!(node_id = %Cut(node_id), peer = %peer, left_out, "proxy disconnected");
+            }
         }
     }
 }
@@ -422,7 +430,9 @@ where
             Ok(r) => r,
             Err(e) => {
                 // Not protobuf: the client is told why, not given a clean end.
-                tracing::warn!(peer = %peer.addr, error = %e, "closing xDS stream: unreadable request");
+                if let Some(left_out) = log_limit::REFUSALS.admit() {
+                    tracing::warn!(peer = %peer.addr, error = %e, left_out, "closing xDS stream: unreadable request");
+                }
                 out.end = Some(Status::internal(format!("could not decode the request: {e}")));
                 return;
             }
@@ -437,7 +447,9 @@ where
                 if let Some(limit) = e.limit() {
                     ctx.tracker.metrics().limit_hit(limit);
                 }
-                tracing::warn!(peer = %peer.addr, error = %e, "closing xDS stream");
+                if let Some(left_out) = log_limit::REFUSALS.admit() {
+                    tracing::warn!(peer = %peer.addr, error = %Cut(&e.to_string()), left_out, "closing xDS stream");
+                }
                 out.end = Some(e.into());
             }
         }
@@ -488,6 +500,15 @@ where
             return Ok(());
         }
         let Some(node) = P::request_node(req) else { return Ok(()) };
+        let longest = node.id.len().max(node.cluster.len());
+        if longest > MAX_NODE_ID_BYTES {
+            // Node ids go into every log line, report and page about the proxy (a 1.1 MB
+            // one made a replica's etcd report too large for etcd).
+            ctx.tracker.metrics().limit_hit("node_id_bytes");
+            return Err(Status::invalid_argument(format!(
+                "the node's id or cluster is {longest} bytes, over the limit of {MAX_NODE_ID_BYTES}"
+            )));
+        }
         let info = Arc::new(NodeInfo::from(node));
         ctx.security.admit(&ctx.tracker, &peer.info, &info.facts)?;
         self.machine.core_mut().set_node(info.clone());
@@ -498,7 +519,9 @@ where
         };
         let tracked = ctx.tracker.connect_tracked(info.clone(), P::KIND, peer.addr.clone(), auth);
         self.registered = Some((tracked, ctx.tracker.clone(), peer.addr.as_str().into()));
-        tracing::info!(node_id = ?info.facts.id, cluster = ?info.facts.cluster, peer = %peer.addr, user_agent = ?info.user_agent, kind = P::KIND.label(), tls = peer.info.tls, authenticated = peer.info.identity.is_some(), "proxy connected");
+        if let Some(left_out) = log_limit::CONNECTS.admit() {
+            tracing::info!(node_id = %Cut(&info.facts.id), cluster = %Cut(&info.facts.cluster), peer = %peer.addr, user_agent = %Cut(&info.user_agent), kind = P::KIND.label(), tls = peer.info.tls, authenticated = peer.info.identity.is_some(), left_out, "proxy connected");
+        }
         if let Some(g) = ctx.cache.current() {
             // Nothing is subscribed yet: the first answer comes from the request itself,
             // and this only sets the snapshot.
@@ -511,25 +534,31 @@ where
 fn log_event(node_id: &str, event: &StreamEvent) {
     match event {
         StreamEvent::Nacked { rt, version, nonce, code, message, .. } => {
-            tracing::warn!(node_id = ?node_id, type_url = %rt, version, nonce = ?nonce, code, error_detail = ?message, "NACK")
+            if let Some(left_out) = log_limit::NACKS.admit() {
+                tracing::warn!(node_id = %Cut(node_id), type_url = %rt, version, nonce = %Cut(nonce), code, error_detail = %Cut(message), left_out, "NACK")
+            }
         }
         StreamEvent::Acked { rt, version, nonce, .. } => {
-            tracing::debug!(node_id = ?node_id, type_url = %rt, version, nonce = ?nonce, "ACK")
+            tracing::debug!(node_id = %Cut(node_id), type_url = %rt, version, nonce = %Cut(nonce), "ACK")
         }
         StreamEvent::Sent { rt, version, nonce, resources, removed, bytes, .. } => {
-            tracing::debug!(node_id = ?node_id, type_url = %rt, version, nonce, resources = resources.len(), removed = removed.len(), bytes, "sent")
+            tracing::debug!(node_id = %Cut(node_id), type_url = %rt, version, nonce, resources = resources.len(), removed = removed.len(), bytes, "sent")
         }
         StreamEvent::Subscribed { rt, wildcard, names } => {
-            tracing::debug!(node_id = ?node_id, type_url = %rt, wildcard, names = names.len(), "subscription")
+            tracing::debug!(node_id = %Cut(node_id), type_url = %rt, wildcard, names = names.len(), "subscription")
         }
         StreamEvent::Current { rt, version, .. } => {
-            tracing::debug!(node_id = ?node_id, type_url = %rt, version, "client is up to date; nothing sent")
+            tracing::debug!(node_id = %Cut(node_id), type_url = %rt, version, "client is up to date; nothing sent")
         }
         StreamEvent::CodeFetchPending { rt, version, nonce, message, attempt, retries, .. } => {
-            tracing::info!(node_id = ?node_id, type_url = %rt, version, nonce = ?nonce, error_detail = ?message, attempt, retries, "NACK while Envoy fetches a Wasm module; sending it again")
+            if let Some(left_out) = log_limit::NACKS.admit() {
+                tracing::info!(node_id = %Cut(node_id), type_url = %rt, version, nonce = %Cut(nonce), error_detail = %Cut(message), attempt, retries, left_out, "NACK while Envoy fetches a Wasm module; sending it again")
+            }
         }
         StreamEvent::UnsupportedType { type_url } => {
-            tracing::warn!(node_id = ?node_id, type_url = ?type_url, "request for a type Filterplane does not serve; not answered")
+            if let Some(left_out) = log_limit::REFUSALS.admit() {
+                tracing::warn!(node_id = %Cut(node_id), type_url = %Cut(type_url), left_out, "request for a type Filterplane does not serve; not answered")
+            }
         }
     }
 }
