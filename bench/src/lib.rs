@@ -45,6 +45,10 @@ pub struct LoadSpec {
     pub wildcard_lds_cds: bool,
     /// NACK every response that holds this resource.
     pub nack: Option<String>,
+    /// ... only when its encoded config contains this text (a version's value).
+    pub nack_containing: Option<String>,
+    /// The NACK's message this long (0: a short one).
+    pub nack_message_bytes: usize,
     /// Streams per HTTP/2 connection (1: every proxy its own connection, as Envoys do).
     pub multiplex: usize,
     pub node_prefix: String,

@@ -93,10 +93,14 @@ impl Tally<'_> {
     }
 
     /// Counts the answer and gives the `error_detail` of a NACK.
-    fn answer(&self, refuse: bool) -> Option<Status> {
+    fn answer(&self, refuse: bool, message_bytes: usize) -> Option<Status> {
         if refuse {
             self.shared.nacks.fetch_add(1, Ordering::Relaxed);
-            Some(Status { code: 13, message: "xds-loadgen: NACK requested".into(), details: vec![] })
+            let mut message = String::from("xds-loadgen: NACK requested");
+            if message_bytes > message.len() {
+                message.extend(std::iter::repeat_n('.', message_bytes - message.len()));
+            }
+            Some(Status { code: 13, message, details: vec![] })
         } else {
             self.shared.acks.fetch_add(1, Ordering::Relaxed);
             None
@@ -148,14 +152,14 @@ async fn sotw(
     while let Some(r) = responses.message().await? {
         tally.received(&r.type_url, r.encoded_len());
         let names = subs.iter().find(|(rt, _)| rt.type_url() == r.type_url).map(|(_, n)| n.clone()).unwrap_or_default();
-        let refuse = spec.nack.as_ref().is_some_and(|n| holds(&r.resources, n));
+        let refuse = spec.nack.as_ref().is_some_and(|n| holds(&r.resources, n, spec.nack_containing.as_deref()));
         let req = DiscoveryRequest {
             type_url: r.type_url.clone(),
             resource_names: names,
             // A NACK keeps the last accepted version, as Envoy does.
             version_info: if refuse { String::new() } else { r.version_info.clone() },
             response_nonce: r.nonce.clone(),
-            error_detail: tally.answer(refuse),
+            error_detail: tally.answer(refuse, spec.nack_message_bytes),
             ..Default::default()
         };
         tx.send(req).await?;
@@ -190,11 +194,18 @@ async fn delta(
     let mut tally = Tally { i, started, seen: HashSet::new(), want: subs.len(), times, shared };
     while let Some(r) = responses.message().await? {
         tally.received(&r.type_url, r.encoded_len());
-        let refuse = spec.nack.as_ref().is_some_and(|n| r.resources.iter().any(|x| &x.name == n));
+        let refuse = spec.nack.as_ref().is_some_and(|n| {
+            r.resources.iter().any(|x| {
+                &x.name == n
+                    && spec.nack_containing.as_deref().is_none_or(|t| {
+                        x.resource.as_ref().is_some_and(|a| a.value.windows(t.len()).any(|w| w == t.as_bytes()))
+                    })
+            })
+        });
         let req = DeltaDiscoveryRequest {
             type_url: r.type_url.clone(),
             response_nonce: r.nonce.clone(),
-            error_detail: tally.answer(refuse),
+            error_detail: tally.answer(refuse, spec.nack_message_bytes),
             ..Default::default()
         };
         tx.send(req).await?;
@@ -204,10 +215,11 @@ async fn delta(
 
 /// Whether a SotW response holds the named resource (by the `name` field every xDS
 /// resource has first; good enough to find it without knowing the type).
-fn holds(resources: &[filterplane_api::Any], name: &str) -> bool {
+fn holds(resources: &[filterplane_api::Any], name: &str, containing: Option<&str>) -> bool {
     resources.iter().any(|a| {
-        filterplane_api::envoy_types::pb::envoy::config::core::v3::TypedExtensionConfig::decode(a.value.as_slice())
+        let named = filterplane_api::envoy_types::pb::envoy::config::core::v3::TypedExtensionConfig::decode(a.value.as_slice())
             .map(|t| t.name == name)
-            .unwrap_or(false)
+            .unwrap_or(false);
+        named && containing.is_none_or(|t| a.value.windows(t.len()).any(|w| w == t.as_bytes()))
     })
 }

@@ -76,6 +76,8 @@ fn the_page_at_ten_thousand_proxies() {
         ecds: vec![ecds.into()],
         wildcard_lds_cds: false,
         nack: nack.map(str::to_owned),
+        nack_containing: None,
+        nack_message_bytes: 0,
         multiplex: 1,
         node_prefix: prefix.into(),
         cluster: prefix.into(),

@@ -18,6 +18,8 @@ fn smoke(mode: Mode) {
         ecds: vec!["add-header".into()],
         wildcard_lds_cds: true,
         nack: None,
+        nack_containing: None,
+        nack_message_bytes: 0,
         multiplex: 1,
         node_prefix: "smoke".into(),
         cluster: "smoke".into(),

@@ -246,6 +246,8 @@ fn a_thousand_proxies_step_by_step() {
         ecds: vec!["add-header".into()],
         wildcard_lds_cds: false,
         nack: None,
+        nack_containing: None,
+        nack_message_bytes: 0,
         multiplex: 1,
         node_prefix: "sim".into(),
         cluster: "sim".into(),

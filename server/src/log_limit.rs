@@ -79,6 +79,8 @@ pub static CONNECTS: LogBudget = LogBudget::new(Duration::from_secs(1), 20);
 pub static NACKS: LogBudget = LogBudget::new(Duration::from_secs(1), 20);
 pub static REFUSALS: LogBudget = LogBudget::new(Duration::from_secs(1), 10);
 pub static SIGN_IN_FAILURES: LogBudget = LogBudget::new(Duration::from_secs(1), 10);
+/// A replica's report not written whole: one line a minute.
+pub static REPORT_FAILURES: LogBudget = LogBudget::new(Duration::from_secs(60), 1);
 /// Failed accepts (out of file descriptors, most likely): one line every ten seconds.
 pub static ACCEPT_FAILURES: LogBudget = LogBudget::new(Duration::from_secs(10), 1);
 

@@ -70,13 +70,45 @@ struct Part {
     proxies: Vec<FleetProxy>,
 }
 
-/// Proxies per part: a few hundred bytes each, well under etcd's 1.5 MiB per value.
-pub const PART_PROXIES: usize = 2000;
+/// Bytes of one part, at most: parts are filled by size, not by count (2,000 proxies
+/// with long NACK messages once made a part over etcd's limit, and that failed write
+/// stopped rollouts fleet-wide).
+pub const PART_BYTES: usize = 512 << 10;
+/// A NACK message as a report carries it (the page shows the whole one, from the
+/// replica that has the proxy).
+pub const REPORT_NACK_BYTES: usize = 1024;
 
-/// What this module writes to etcd, as JSON.
-fn to_json(value: &impl Serialize, endpoint: &str) -> Result<Vec<u8>, crate::etcd::EtcdError> {
-    serde_json::to_vec(value)
-        .map_err(|e| crate::etcd::EtcdError::Call { endpoint: endpoint.to_owned(), message: e.to_string() })
+/// The parts of a report: each proxy encoded once, packed into JSON `Part`s of at most
+/// `PART_BYTES`. A proxy that alone is larger (node metadata of hundreds of KiB) is left
+/// out and counted in the second value.
+fn pack_parts(proxies: &[FleetProxy], at_ms: u64) -> (Vec<Vec<u8>>, usize) {
+    let head = format!("{{\"at_ms\":{at_ms},\"proxies\":[");
+    let mut parts: Vec<Vec<u8>> = Vec::new();
+    let mut current = head.clone().into_bytes();
+    let mut left_out = 0;
+    for p in proxies {
+        let Ok(json) = serde_json::to_vec(p) else {
+            left_out += 1;
+            continue;
+        };
+        if head.len() + json.len() + 2 > PART_BYTES {
+            left_out += 1;
+            continue;
+        }
+        if current.len() + json.len() + 3 > PART_BYTES {
+            current.extend_from_slice(b"]}");
+            parts.push(std::mem::replace(&mut current, head.clone().into_bytes()));
+        }
+        if current.len() > head.len() {
+            current.push(b',');
+        }
+        current.extend_from_slice(&json);
+    }
+    if current.len() > head.len() {
+        current.extend_from_slice(b"]}");
+        parts.push(current);
+    }
+    (parts, left_out)
 }
 
 /// The other replicas' reports from a listing of `prefix`, each with its parts put back
@@ -127,6 +159,10 @@ pub struct SharedStatus {
     pub reachable: bool,
     /// The last error talking to etcd, while it is unreachable.
     pub error: Option<String>,
+    /// Why this replica's last report was not written whole (it keeps leading, and the
+    /// others keep its previous proxies meanwhile).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub report_error: Option<String>,
 }
 
 /// This replica's place among the others.
@@ -158,6 +194,7 @@ impl Replicas {
                 is_leader: true,
                 reachable: true,
                 error: None,
+                report_error: None,
             }),
             name,
             etcd: None,
@@ -284,23 +321,7 @@ impl Replicas {
                 if self.leader.swap(leading, Ordering::Relaxed) != leading {
                     tracing::info!(replica = %self.name, leading, "rollout leadership");
                 }
-                let at_ms = now_ms();
-                let proxies = if rollout_input() { local_fleet(&tracker, &self.name) } else { Vec::new() };
-                // The proxies go in parts of at most PART_PROXIES (etcd takes values of
-                // 1.5 MiB at most), written before the report that counts them.
-                let chunks: Vec<&[FleetProxy]> = proxies.chunks(PART_PROXIES).collect();
-                for (i, chunk) in chunks.iter().enumerate() {
-                    let part = Part { at_ms, proxies: chunk.to_vec() };
-                    etcd.put(&format!("{mine}/p{i}"), to_json(&part, &url.endpoint)?, id).await?;
-                }
-                let report = Report {
-                    replica: self.name.clone(),
-                    at_ms,
-                    summary: crate::fleet::summary(&tracker),
-                    proxies: Vec::new(),
-                    parts: chunks.len(),
-                };
-                etcd.put(&mine, to_json(&report, &url.endpoint)?, id).await?;
+                self.publish(&etcd, &mine, id, &tracker, rollout_input()).await;
                 let previous = self.others();
                 let read_at = now_ms();
                 let others = read_reports(etcd.list(&reports).await?, &reports, &self.name, &previous);
@@ -319,10 +340,15 @@ impl Replicas {
                 }
                 Err(e) => {
                     self.set_reachable(Some(e.to_string()));
-                    // The lease may be gone by now: stop leading before another replica can.
+                    // The lease may be gone by now: stop leading before another replica can,
+                    // and give the key up (revoking the lease deletes it) so that another
+                    // replica leads at once rather than nobody.
                     let since = *lost_since.get_or_insert_with(std::time::Instant::now);
                     if since.elapsed() >= LEASE_TTL / 2 && self.leader.swap(false, Ordering::Relaxed) {
-                        tracing::warn!(replica = %self.name, "etcd unreachable: no longer leading rollouts");
+                        tracing::warn!(replica = %self.name, "etcd unreachable: no longer leading rollouts; giving the leader key up");
+                        if let Some(id) = lease.take() {
+                            let _ = etcd.revoke(id).await;
+                        }
                     }
                     // Reports of others go stale; drop them rather than count old NACKs.
                     self.others.lock().unwrap_or_else(|p| p.into_inner()).clear();
@@ -336,6 +362,44 @@ impl Replicas {
         if let Some(id) = lease {
             let _ = etcd.revoke(id).await;
         }
+    }
+}
+
+impl Replicas {
+    /// Writes this replica's report: its proxies (during a rollout) in parts, then the
+    /// summary that counts them. A write that fails (a part etcd refuses) is logged and
+    /// shown, and does not end the beat: the lease and leadership were kept before it,
+    /// and the others' reports are read after it.
+    async fn publish(&self, etcd: &Etcd, mine: &str, lease: i64, tracker: &AckTracker, with_proxies: bool) {
+        let at_ms = now_ms();
+        let proxies = if with_proxies { local_fleet(tracker, &self.name) } else { Vec::new() };
+        let (parts, left_out) = pack_parts(&proxies, at_ms);
+        let mut errors: Vec<String> = Vec::new();
+        if left_out > 0 {
+            tracker.metrics().limit_hit("report_proxy_bytes");
+            errors.push(format!("{left_out} proxies over {PART_BYTES} bytes each left out"));
+        }
+        for (i, body) in parts.iter().enumerate() {
+            if let Err(e) = etcd.put(&format!("{mine}/p{i}"), body.clone(), lease).await {
+                errors.push(format!("part {i} ({} bytes): {e}", body.len()));
+            }
+        }
+        let report =
+            Report { replica: self.name.clone(), at_ms, summary: crate::fleet::summary(tracker), proxies: Vec::new(), parts: parts.len() };
+        let written = match serde_json::to_vec(&report) {
+            Ok(body) => etcd.put(mine, body, lease).await.map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        if let Err(e) = written {
+            errors.push(format!("the report: {e}"));
+        }
+        let error = (!errors.is_empty()).then(|| errors.join("; "));
+        if let Some(e) = &error {
+            if let Some(left_out) = crate::log_limit::REPORT_FAILURES.admit() {
+                tracing::warn!(replica = %self.name, error = %e, left_out, "this replica's report was not written whole; it keeps leading and reading the others'");
+            }
+        }
+        self.status.lock().unwrap_or_else(|p| p.into_inner()).report_error = error;
     }
 }
 
@@ -365,7 +429,9 @@ pub fn local_fleet(tracker: &AckTracker, replica: &str) -> Vec<FleetProxy> {
                         .collect()
                 })
                 .unwrap_or_default(),
-            nack_message: t.and_then(|t| t.last_nack.as_ref()).map(|n| n.message.clone()),
+            nack_message: t
+                .and_then(|t| t.last_nack.as_ref())
+                .map(|n| crate::xds::stream::truncated(&n.message, REPORT_NACK_BYTES)),
             replica: replica.to_owned(),
         });
     });
@@ -504,6 +570,31 @@ mod tests {
 
     fn part(at_ms: u64, ids: &[&str], replica: &str) -> Vec<u8> {
         serde_json::to_vec(&Part { at_ms, proxies: ids.iter().map(|i| proxy(i, replica)).collect() }).unwrap()
+    }
+
+    #[test]
+    fn parts_are_filled_by_size_and_read_back_whole() {
+        // Issue 20: 2,000 proxies a part, 300 of them with 5 KB NACK messages, made a part
+        // over etcd's limit. Messages are cut in reports, and parts sized by bytes.
+        let proxies: Vec<FleetProxy> = (0..3000)
+            .map(|i| {
+                let mut p = proxy(&format!("node-{i}"), "r1");
+                p.nack_message = Some(crate::xds::stream::truncated(&"x".repeat(5000), REPORT_NACK_BYTES));
+                p
+            })
+            .collect();
+        let mut huge = proxy("huge", "r1");
+        Arc::make_mut(&mut huge.node).facts.id = "h".repeat(PART_BYTES);
+        let with_huge: Vec<FleetProxy> = proxies.iter().cloned().chain([huge]).collect();
+        let (parts, left_out) = pack_parts(&with_huge, 7);
+        assert_eq!(left_out, 1, "a proxy larger than a part is left out, counted");
+        assert!(parts.len() > 1 && parts.iter().all(|p| p.len() <= PART_BYTES), "{:?}", parts.iter().map(Vec::len).collect::<Vec<_>>());
+        let mut listing = vec![("x/replicas/r1".to_owned(), report("r1", 7, parts.len()))];
+        listing.extend(parts.into_iter().enumerate().map(|(i, p)| (format!("x/replicas/r1/p{i}"), p)));
+        let reports = read_reports(listing, "x/replicas/", "r0", &[]);
+        let ids: Vec<&str> = reports[0].proxies.iter().map(|p| p.node.facts.id.as_str()).collect();
+        assert_eq!(ids.len(), 3000);
+        assert_eq!(ids[2999], "node-2999");
     }
 
     #[test]

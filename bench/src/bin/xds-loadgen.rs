@@ -87,6 +87,8 @@ async fn main() -> anyhow::Result<()> {
         ecds: a.ecds,
         wildcard_lds_cds: !a.no_wildcard,
         nack: a.nack,
+        nack_containing: None,
+        nack_message_bytes: 0,
         multiplex: a.multiplex,
         node_prefix: a.node_prefix,
         cluster: a.cluster,
