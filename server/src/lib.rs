@@ -176,6 +176,21 @@ fn ports_tls(args: &ServeArgs, metrics: &Arc<Metrics>) -> anyhow::Result<PortsTl
     })
 }
 
+/// The rollout state in `--state-dir`. A directory another `serve` holds is no reason not
+/// to serve: rollouts then live in memory, and the rollouts view and a warning say so.
+fn embedded_store(state_dir: &std::path::Path) -> anyhow::Result<Box<dyn rollout::store::RolloutStore>> {
+    use rollout::store::{MemoryStore, RedbStore, StoreError};
+    match RedbStore::open(state_dir) {
+        Ok(store) => Ok(Box::new(store)),
+        Err(e @ StoreError::InUse { .. }) => {
+            let note = format!("{e}; rollout state is kept in memory only, and a restart starts rollouts over");
+            tracing::warn!("{note}");
+            Ok(Box::new(MemoryStore::with_note(note)))
+        }
+        Err(e) => Err(anyhow::Error::from(e).context(format!("open the rollout state in {} (--state-dir)", state_dir.display()))),
+    }
+}
+
 /// `serve` on listeners the caller bound (tests bind port 0).
 pub async fn serve_on(
     args: ServeArgs,
@@ -205,13 +220,7 @@ pub async fn serve_on(
             tracing::info!(etcd = %url.endpoint, prefix = %url.prefix, replica = %replica_name, "state shared through etcd");
             (replicas, store)
         }
-        None => (
-            replicas::Replicas::alone(replica_name.clone()),
-            Box::new(
-                rollout::store::RedbStore::open(&state_dir)
-                    .with_context(|| format!("open the rollout state in {}", state_dir.display()))?,
-            ),
-        ),
+        None => (replicas::Replicas::alone(replica_name.clone()), embedded_store(&state_dir)?),
     };
     let where_state = match &args.state_store {
         Some(url) => format!("etcd at {}", url.endpoint),
@@ -219,7 +228,10 @@ pub async fn serve_on(
     };
     let rollouts = Arc::new(
         rollout::Rollouts::new(store, metrics.clone())
-            .with_context(|| format!("read the rollout state in {where_state}"))?
+            .with_context(|| {
+                let hint = if args.state_store.is_none() { " (move rollouts.redb aside to start without it)" } else { "" };
+                format!("read the rollout state in {where_state}{hint}")
+            })?
             .with_replicas(replicas.clone()),
     );
     let cache = Arc::new(SnapshotCache::with_rollouts(rollouts.clone()));

@@ -143,6 +143,8 @@ pub struct Metrics {
     pub admin_unauthorized: Counter,
     /// Bytes of xDS responses waiting behind clients' flow-control windows.
     pub xds_queued_bytes: Gauge,
+    /// Saves of the rollout state that failed (a full disk).
+    pub rollout_state_save_failures: Counter,
     /// Open xDS connections.
     pub xds_connections: Gauge,
     /// When each limit was last logged (they are logged at most once a minute).
@@ -179,6 +181,7 @@ impl Default for Metrics {
             xds_identity_refusals: Counter::default(),
             admin_unauthorized: Counter::default(),
             xds_queued_bytes: Gauge::default(),
+            rollout_state_save_failures: Counter::default(),
             xds_connections: Gauge::default(),
             limit_logged: Default::default(),
             registry: Registry::default(),
@@ -239,6 +242,11 @@ impl Default for Metrics {
             "xds_queued_bytes",
             "Bytes of xDS responses waiting to be sent behind clients' flow-control windows",
             m.xds_queued_bytes.clone(),
+        );
+        registry.register(
+            "rollout_state_save_failures",
+            "Saves of the rollout state that failed (retried every second until one works)",
+            m.rollout_state_save_failures.clone(),
         );
         registry.register("xds_connections", "Open xDS connections (TLS handshake done)", m.xds_connections.clone());
         registry.register(

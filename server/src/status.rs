@@ -207,8 +207,13 @@ pub fn render_rollouts(v: &Value, name: Option<&str>) -> String {
         if r["reason"].is_string() {
             out.push_str(&format!("  {}\n", text(&r["reason"])));
         }
-        for f in r["failures"].as_array().into_iter().flatten() {
+        let examples = r["failures"].as_array().map_or(&[][..], Vec::as_slice);
+        for f in examples {
             out.push_str(&format!("  {}: {}\n", text(&f["node_id"]), text(&f["message"])));
+        }
+        let all = r["failure_count"].as_u64().unwrap_or(0) as usize;
+        if all > examples.len() {
+            out.push_str(&format!("  … and {} more\n", all - examples.len()));
         }
     }
     let history: Vec<&Value> =

@@ -537,3 +537,29 @@ async fn an_oversized_node_id_is_refused_with_a_clear_error() {
     assert_eq!(plane.metric("filterplane_limit_hits_total{limit=\"node_id_bytes\"}"), 1.0);
     assert_eq!(plane.api("/api/v1/proxies?limit=10")["total"].as_u64(), Some(0), "never tracked");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_server_on_the_same_state_directory_serves_and_says_why_state_is_not_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().to_str().unwrap();
+    let first = Plane::start_with(&[("a", "1")], &["--state-dir", state]).await;
+    // Before: "Database already open. Cannot acquire lock", exit at start.
+    let second = Plane::start_with(&[("a", "1")], &["--state-dir", state]).await;
+    let note = second.api("/api/v1/rollouts")["store_error"].as_str().unwrap_or_default().to_owned();
+    assert!(note.contains("--state-dir") && note.contains("in use by another process"), "{note}");
+    assert!(first.api("/api/v1/rollouts")["store_error"].is_null());
+    let mut c = SotwClient::connect(&second, "on-second").await;
+    c.request(ECDS, &["a"], "", "").await;
+    assert_eq!(ecds_names(&c.recv().await.resources), ["a"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupted_state_file_is_moved_aside_and_the_server_starts() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("rollouts.redb"), vec![0x5a; 8192]).unwrap();
+    // Before: a panic at start (exit 101: a crash loop under any supervisor).
+    let plane = Plane::start_with(&[("a", "1")], &["--state-dir", dir.path().to_str().unwrap()]).await;
+    let note = plane.api("/api/v1/rollouts")["store_error"].as_str().unwrap_or_default().to_owned();
+    assert!(note.contains("moved to") && note.contains("rollouts.redb.unreadable-"), "{note}");
+    assert!(plane.healthy());
+}

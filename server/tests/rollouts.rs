@@ -169,3 +169,31 @@ async fn delta_streams_get_the_step_s_share_too() {
     }
     plane.wait_for("every step proxy ACKed", |p| p.api("/api/v1/rollouts")["rollouts"][0]["acked"] == 3).await;
 }
+
+/// Issue 20: a failing rollout kept every failing proxy and its whole message (400 with
+/// 4 KiB messages and 40 edits: a 67 MB rollouts view). It keeps a count and a few
+/// examples, their messages cut.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollout_counts_its_failures_and_keeps_a_few_examples() {
+    let plane = Plane::start(&[("a", "v1")]).await;
+    let spec = "{ steps: [50, 100], bake: 60s, max_nacks: 1000 }";
+    std::fs::write(plane.config_path(), with_rollout("v1", spec)).unwrap();
+    plane.wait_for("the rollout spec", |p| p.api("/api/v1/config")["last_outcome"]["result"] == "applied").await;
+    let mut proxies = clients(&plane, 40).await;
+    let v1 = proxies[0].2.clone();
+    std::fs::write(plane.config_path(), with_rollout("v2", spec)).unwrap();
+    plane.wait_for("the first step", |p| p.api("/api/v1/rollouts")["rollouts"][0]["on_new"] == 20).await;
+    let long = "Envoy says no. ".repeat(300);
+    let nacked = answered(&mut proxies, move |c, r| {
+        let (kept, long) = (v1.clone(), long.clone());
+        Box::pin(async move { c.nack(ECDS, &["a"], &kept, &r.nonce, &long).await })
+    })
+    .await;
+    assert_eq!(nacked.len(), 20);
+    plane.wait_for("every NACK counted", |p| p.api("/api/v1/rollouts")["rollouts"][0]["failure_count"] == 20).await;
+    let view = plane.api("/api/v1/rollouts");
+    let failures = view["rollouts"][0]["failures"].as_array().unwrap();
+    assert_eq!(failures.len(), 10, "ten examples");
+    assert!(failures.iter().all(|f| f["message"].as_str().unwrap().len() < 1100), "messages cut to 1 KiB");
+    assert!(view.to_string().len() < 40_000, "{} bytes", view.to_string().len());
+}

@@ -111,6 +111,29 @@ pub struct Failure {
     pub message: String,
 }
 
+/// Failing proxies a rollout keeps as examples (it counts them all): 400 NACKing proxies
+/// with 4 KiB messages kept whole made a 67 MB rollouts view and a 540 MB state file.
+pub const FAILURE_EXAMPLES: usize = 10;
+/// An example's message, cut to this.
+pub const FAILURE_MESSAGE_BYTES: usize = 1024;
+
+/// The proxies that failed a step: how many, and the first few.
+#[derive(Debug, Default, PartialEq)]
+struct Failures {
+    count: usize,
+    examples: Vec<Failure>,
+}
+
+impl Failures {
+    fn push(&mut self, node_id: impl FnOnce() -> String, message: impl FnOnce() -> String) {
+        self.count += 1;
+        if self.examples.len() < FAILURE_EXAMPLES {
+            let message = crate::xds::stream::truncated(&message(), FAILURE_MESSAGE_BYTES);
+            self.examples.push(Failure { node_id: node_id(), message });
+        }
+    }
+}
+
 /// A rollout in progress (or failed and waiting for an edit).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Active {
@@ -122,7 +145,11 @@ pub struct Active {
     pub started_ms: u64,
     pub step_started_ms: u64,
     pub status: Status,
+    /// The first `FAILURE_EXAMPLES` failing proxies.
     pub failures: Vec<Failure>,
+    /// Failing proxies in all.
+    #[serde(default)]
+    pub failure_count: usize,
     /// Why it failed (`on_failure` taken, or aborted).
     pub reason: Option<String>,
 }
@@ -157,7 +184,10 @@ pub struct HistoryEntry {
     pub outcome: String,
     pub started_at: String,
     pub ended_at: String,
+    /// The first `FAILURE_EXAMPLES` failing proxies, and how many in all.
     pub failures: Vec<Failure>,
+    #[serde(default)]
+    pub failure_count: usize,
 }
 
 fn key(name: &str, selector: &NodeSelector) -> String {
@@ -193,6 +223,8 @@ pub struct Rollouts {
     replicas: Arc<Replicas>,
     /// This replica drove at the last tick (a new leader writes what it has once).
     drove: std::sync::atomic::AtomicBool,
+    /// Why the last save failed, while saves fail: each tick tries again.
+    save_error: Mutex<Option<String>>,
 }
 
 impl Rollouts {
@@ -215,6 +247,7 @@ impl Rollouts {
             changes: watch::Sender::new(0),
             replicas,
             drove: true.into(),
+            save_error: Mutex::new(None),
         };
         // A restart mid-rollout shows its step at once.
         me.update_metrics(&me.lock());
@@ -309,9 +342,23 @@ impl Rollouts {
             entries: inner.entries.values().cloned().collect(),
             history: inner.history.iter().cloned().collect(),
         };
-        if let Err(e) = self.store.save(&state) {
-            tracing::error!(error = %e, "cannot save the rollout state; a restart now would start these rollouts over");
+        let result = self.store.save(&state);
+        let mut failing = self.save_error.lock().unwrap_or_else(|p| p.into_inner());
+        match result {
+            Err(e) => {
+                self.metrics.rollout_state_save_failures.inc();
+                if let Some(left_out) = SAVE_FAILURES.admit() {
+                    tracing::error!(error = %e, left_out, "cannot save the rollout state (tried again every second; logged once a minute); a restart now would start these rollouts over");
+                }
+                *failing = Some(e.to_string());
+            }
+            Ok(()) => {
+                if failing.take().is_some() {
+                    tracing::info!("the rollout state is saved again");
+                }
+            }
         }
+        drop(failing);
         self.changes.send_modify(|n| *n = n.wrapping_add(1));
         self.update_metrics(inner);
     }
@@ -348,6 +395,7 @@ impl Rollouts {
             started_at: rfc3339(a.started_ms),
             ended_at: rfc3339(now_ms()),
             failures: a.failures,
+            failure_count: a.failure_count,
         };
         if done {
             if let Ok(r) = a.new.to_compiled() {
@@ -447,6 +495,7 @@ impl Rollouts {
                         step_started_ms: now,
                         status: Status::Running,
                         failures: Vec::new(),
+                        failure_count: 0,
                         reason: None,
                     });
                 }
@@ -485,6 +534,10 @@ impl Rollouts {
             // Leading now: what this replica computed while following goes in.
             self.persist(&inner);
         }
+        if drives && self.save_error.lock().unwrap_or_else(|p| p.into_inner()).is_some() {
+            // The last save failed (a full disk): try again until one works.
+            self.persist(&inner);
+        }
         if !drives {
             self.drove.store(false, std::sync::atomic::Ordering::Relaxed);
         }
@@ -514,7 +567,7 @@ impl Rollouts {
             let ack_timeout = a.spec.ack_timeout.as_millis() as u64;
             let shared = self.replicas.is_shared();
             let mut ranks: Vec<u64> = Vec::new();
-            let mut failures = Vec::new();
+            let mut failures = Failures::default();
             let mut waiting = 0usize;
             each_matching(fleet, e, &mut |m: Member<'_>, r: u64| {
                 ranks.push(r);
@@ -526,21 +579,18 @@ impl Rollouts {
                     return;
                 }
                 if nacked {
-                    let message = m.nack_message().unwrap_or_default().to_owned();
-                    let node_id =
-                        if shared { format!("{} (on {})", m.facts.id, m.replica) } else { m.facts.id.clone() };
-                    failures.push(Failure { node_id, message });
+                    failures.push(
+                        || if shared { format!("{} (on {})", m.facts.id, m.replica) } else { m.facts.id.clone() },
+                        || m.nack_message().unwrap_or_default().to_owned(),
+                    );
                     return;
                 }
                 let since = a.step_started_ms.max(m.connected_ms);
                 if now.saturating_sub(since) > ack_timeout {
-                    failures.push(Failure {
-                        node_id: m.facts.id.clone(),
-                        message: format!(
-                            "no ACK within {} (ack_timeout)",
-                            humantime::format_duration(a.spec.ack_timeout)
-                        ),
-                    });
+                    failures.push(
+                        || m.facts.id.clone(),
+                        || format!("no ACK within {} (ack_timeout)", humantime::format_duration(a.spec.ack_timeout)),
+                    );
                 } else {
                     waiting += 1;
                 }
@@ -558,7 +608,7 @@ impl Rollouts {
                     continue;
                 }
             };
-            if failures.len() > a.spec.max_nacks as usize {
+            if failures.count > a.spec.max_nacks as usize {
                 self.fail(&mut inner, &k, failures, None);
                 changed = true;
                 continue;
@@ -573,13 +623,13 @@ impl Rollouts {
                     let next = threshold_for(active.percent(), ranks);
                     active.threshold = Some(next.max(threshold));
                     active.step_started_ms = now;
-                    active.failures = failures;
+                    (active.failures, active.failure_count) = (failures.examples, failures.count);
                     tracing::info!(entry = %e_name(&k), percent = active.percent(), "rollout step");
                 }
                 changed = true;
             } else if let Some(active) = inner.entries.get_mut(&k).and_then(|e| e.active.as_mut()) {
-                if active.failures != failures {
-                    active.failures = failures;
+                if (active.failure_count, &active.failures) != (failures.count, &failures.examples) {
+                    (active.failures, active.failure_count) = (failures.examples, failures.count);
                     changed = true;
                 }
             }
@@ -590,16 +640,16 @@ impl Rollouts {
         plan_of(&inner)
     }
 
-    fn fail(&self, inner: &mut Inner, k: &str, failures: Vec<Failure>, reason: Option<String>) {
+    fn fail(&self, inner: &mut Inner, k: &str, failures: Failures, reason: Option<String>) {
         let from_version = inner.entries.get(k).and_then(|e| e.last_completed.as_ref()).map(|l| l.version.clone());
         let Some(a) = inner.entries.get_mut(k).and_then(|e| e.active.as_mut()) else { return };
         let rollback = reason.is_some() || a.spec.on_failure == OnFailure::Rollback;
         a.status = Status::Failed;
-        a.failures = failures;
+        (a.failures, a.failure_count) = (failures.examples, failures.count);
         a.reason = Some(reason.unwrap_or_else(|| {
             format!(
                 "{} NACK(s) or ACK timeout(s), over max_nacks {}: {}",
-                a.failures.len(),
+                a.failure_count,
                 a.spec.max_nacks,
                 if rollback { "rolled back" } else { "halted" }
             )
@@ -614,7 +664,7 @@ impl Rollouts {
         } else {
             "halted"
         };
-        tracing::warn!(entry = %e_name(k), outcome, failures = ?a.failures, "rollout failed");
+        tracing::warn!(entry = %e_name(k), outcome, failures = a.failure_count, examples = ?a.failures, "rollout failed");
         self.metrics.rollouts.get_or_create(&crate::metrics::OutcomeLabel::new(outcome)).inc();
         let entry = HistoryEntry {
             name: e_name(k).to_owned(),
@@ -624,6 +674,7 @@ impl Rollouts {
             started_at: rfc3339(a.started_ms),
             ended_at: rfc3339(now_ms()),
             failures: a.failures.clone(),
+            failure_count: a.failure_count,
         };
         inner.history.push_front(entry);
         inner.history.truncate(HISTORY);
@@ -659,7 +710,7 @@ impl Rollouts {
                 "promote" => self.finish(&mut inner, k, "promoted"),
                 _ => {
                     if status != Some(Status::Failed) {
-                        self.fail(&mut inner, k, Vec::new(), Some("aborted by an operator: rolled back".into()));
+                        self.fail(&mut inner, k, Failures::default(), Some("aborted by an operator: rolled back".into()));
                     }
                 }
             }
@@ -720,6 +771,7 @@ impl Rollouts {
                     nacked,
                     waiting: members - acked - nacked,
                     failures: a.failures.clone(),
+                    failure_count: a.failure_count,
                     reason: a.reason.clone(),
                 })
             })
@@ -731,7 +783,12 @@ impl Rollouts {
                 shared.error.clone().unwrap_or_default()
             )
         });
-        RolloutsView { rollouts, history: inner.history.iter().cloned().collect(), shared, paused_because }
+        let save_error = self.save_error.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let store_error = match (self.store.problem_at_start(), save_error) {
+            (_, Some(e)) => Some(format!("the rollout state is not being saved: {e}")),
+            (at_start, None) => at_start,
+        };
+        RolloutsView { rollouts, history: inner.history.iter().cloned().collect(), shared, paused_because, store_error }
     }
 
     /// Moves rollouts along until `shutdown`, serving each new plan.
@@ -902,7 +959,14 @@ pub struct RolloutsView {
     pub shared: crate::replicas::SharedStatus,
     /// Why no rollout moves now, when that is not their own state.
     pub paused_because: Option<String>,
+    /// What is wrong with where rollout state is kept: saves failing now, or a problem
+    /// found at start (an unreadable file moved aside; the directory another process's).
+    pub store_error: Option<String>,
 }
+
+/// Failed saves: one line a minute.
+static SAVE_FAILURES: crate::log_limit::LogBudget =
+    crate::log_limit::LogBudget::new(std::time::Duration::from_secs(60), 1);
 
 #[derive(Debug, Clone, Serialize)]
 pub struct RolloutView {
@@ -925,7 +989,9 @@ pub struct RolloutView {
     pub acked: usize,
     pub nacked: usize,
     pub waiting: usize,
+    /// The first `FAILURE_EXAMPLES` failing proxies, and how many in all.
     pub failures: Vec<Failure>,
+    pub failure_count: usize,
     pub reason: Option<String>,
 }
 
