@@ -15,7 +15,7 @@ echo "machine: $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB, $(uname 
 
 start_server() { # CONFIG
   RUST_LOG=warn "$bin/filterplane" serve --config "$1" --xds-addr 127.0.0.1:28000 --admin-addr 127.0.0.1:28001 \
-    --cache-dir "$work/cache" > "$work/server.log" 2>&1 &
+    --cache-dir "$work/cache" --max-xds-connections-per-address 1000000 > "$work/server.log" 2>&1 &
   server=$!
   for _ in $(seq 100); do curl -sf 127.0.0.1:28001/readyz >/dev/null 2>&1 && return; sleep 0.1; done
   echo "server did not become ready"; cat "$work/server.log"; exit 1

@@ -68,7 +68,14 @@ fn the_page_at_ten_thousand_proxies() {
         )
     };
     std::fs::write(&yaml, config("v1")).unwrap();
-    let fp = Filterplane::start_with_args(&yaml, dir.path(), free_port(), free_port(), &[]);
+    // 10,000 connections from one address: over the default per-address cap.
+    let fp = Filterplane::start_with_args(
+        &yaml,
+        dir.path(),
+        free_port(),
+        free_port(),
+        &["--max-xds-connections-per-address", "20000"],
+    );
     let load = |prefix: &str, streams: usize, ecds: &str, nack: Option<&str>| filterplane_bench::LoadSpec {
         server: format!("http://127.0.0.1:{}", fp.xds_port),
         streams,
