@@ -499,6 +499,9 @@ async fn zero_window_clients_are_bounded_in_total_and_readers_go_on() {
     })
     .await
     .unwrap();
+    // Stuck for over a second, then a new configuration: each of them gets new output.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    set_fifty(&plane, "v1").await;
     let resets = tokio::task::spawn_blocking(move || {
         peers
             .into_iter()

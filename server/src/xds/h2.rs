@@ -96,6 +96,10 @@ pub const MAX_REQUEST: usize = 4 << 20;
 /// Past this much output waiting to be written, the connection stops reading (and
 /// queuing) until the client reads: a client that never reads cannot grow it.
 const WRITE_HIGH: usize = 64 << 10;
+/// How long output may wait on a closed window before, with the server over its total
+/// output bound, the stream counts as stuck and is reset. (Checked when the stream gets
+/// new output, and at every turn of its connection: at the latest at the next keepalive.)
+const STALL: Duration = Duration::from_secs(1);
 /// What is read from the socket at a time (on the stack; only a frame cut in two is
 /// kept between reads).
 const READ_CHUNK: usize = 8 << 10;
@@ -149,6 +153,8 @@ struct Slot {
     out_pos: usize,
     /// Over an output bound: reset with ENHANCE_YOUR_CALM at the next pump.
     reset: bool,
+    /// Since when output has waited on a window the client keeps closed.
+    blocked_since: Option<Instant>,
     /// End the stream with this once `out` is sent.
     end: Option<Status>,
     /// The client ended its side.
@@ -384,7 +390,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
             "queued_bytes_per_stream"
         } else if self.queued > budget.per_connection {
             "queued_bytes_per_connection"
-        } else if budget.over_total() && self.held_by_window(i) {
+        } else if budget.over_total() && self.stuck(i, Instant::now()) {
             "queued_bytes_total"
         } else {
             return;
@@ -392,10 +398,10 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
         self.over_output_bound(i, limit);
     }
 
-    /// Whether stream `i` has output that its client's windows keep from going out.
-    fn held_by_window(&self, i: usize) -> bool {
-        let slot = &self.streams[i];
-        !slot.out.is_empty() && (slot.send_window <= 0 || self.send_window <= 0)
+    /// Whether stream `i` has output that its client's windows have kept from going out
+    /// for `STALL` or more (a client that reads opens them within a round trip).
+    fn stuck(&self, i: usize, now: Instant) -> bool {
+        self.streams[i].blocked_since.is_some_and(|t| now.duration_since(t) >= STALL)
     }
 
     /// Stream `i` (or its connection) went over an output bound: the stream is reset at
@@ -696,6 +702,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
             out: VecDeque::new(),
             out_pos: 0,
             reset: false,
+            blocked_since: None,
             end: None,
             remote_done: false,
             content_left: head.content_length,
@@ -805,6 +812,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
         // A frame at most this large, whatever the client allows: the write buffer stays
         // near `WRITE_HIGH`.
         let max_frame = self.peer_max_frame.min(WRITE_HIGH) as i64;
+        let mut now = None;
         while i < self.streams.len() {
             if self.streams[i].reset {
                 let id = self.streams[i].id;
@@ -836,13 +844,20 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
                 }
             }
             if !slot.out.is_empty() {
-                if self.settings.output.over_total() && self.held_by_window(i) {
-                    self.over_output_bound(i, "queued_bytes_total");
-                    continue;
+                if slot.send_window > 0 && self.send_window > 0 {
+                    slot.blocked_since = None;
+                } else {
+                    let now = *now.get_or_insert_with(Instant::now);
+                    slot.blocked_since.get_or_insert(now);
+                    if self.settings.output.over_total() && self.stuck(i, now) {
+                        self.over_output_bound(i, "queued_bytes_total");
+                        continue;
+                    }
                 }
                 i += 1;
                 continue;
             }
+            slot.blocked_since = None;
             if slot.out.capacity() > 0 {
                 slot.out = VecDeque::new();
             }

@@ -23,9 +23,11 @@ pub struct OutputBudget {
     /// Bytes one connection may have waiting, all streams together; past it, GOAWAY
     /// with ENHANCE_YOUR_CALM and the connection is closed.
     pub per_connection: usize,
-    /// Bytes all connections may have waiting; past it, a stream whose output is held
-    /// by a window its client keeps closed is reset with ENHANCE_YOUR_CALM (clients that
-    /// read go on).
+    /// Bytes all connections may have waiting; past it, a stream whose output has been
+    /// held for a second or more by a window its client keeps closed is reset with
+    /// ENHANCE_YOUR_CALM (clients that read, whose windows open within a round trip, go
+    /// on). Checked when the stream gets new output and at each turn of its connection
+    /// (at the latest its next keepalive PING).
     pub total: usize,
     /// Bytes waiting on every connection now (`filterplane_xds_queued_bytes`).
     used: Gauge,
@@ -66,4 +68,4 @@ impl Default for OutputBudget {
 
 pub const DEFAULT_PER_STREAM: usize = 64 << 20;
 pub const DEFAULT_PER_CONNECTION: usize = 128 << 20;
-pub const DEFAULT_TOTAL: usize = 512 << 20;
+pub const DEFAULT_TOTAL: usize = 256 << 20;
