@@ -19,7 +19,9 @@ trap 'kill $(jobs -p) 2>/dev/null || true; git worktree remove --force "$work/ba
 new_bin=${NEW_BIN:-target/release/filterplane}
 loadgen=${LOADGEN_BIN:-target/release/xds-loadgen}
 [ -n "${NEW_BIN:-}" ] && [ -n "${LOADGEN_BIN:-}" ] || cargo build --release --locked -p filterplane-server -p filterplane-bench
-pin() { local cpus=$1; shift; if [ -n "$cpus" ]; then taskset -c "$cpus" "$@"; else "$@"; fi; }
+# taskset execs what it runs: `$!` stays the server's pid.
+server_pin=(); [ -n "${SERVER_CPUS:-}" ] && server_pin=(taskset -c "$SERVER_CPUS")
+loadgen_pin=(); [ -n "${LOADGEN_CPUS:-}" ] && loadgen_pin=(taskset -c "$LOADGEN_CPUS")
 new_name=$(git rev-parse --short HEAD 2>/dev/null || echo new)
 base_bin=${BASE_BIN:-}
 if [ -z "$base_bin" ]; then
@@ -38,12 +40,12 @@ for round in $(seq "$rounds"); do
       # The generator's streams all come from 127.0.0.1: over this build's per-address cap.
       extra=(--max-xds-connections-per-address 1000000)
       [ "$build" = base ] && bin="$base_bin" && extra=()
-      RUST_LOG=warn pin "${SERVER_CPUS:-}" "$bin" serve --config "$work/one.yaml" --xds-addr 127.0.0.1:28000 --admin-addr 127.0.0.1:28001 \
+      RUST_LOG=warn "${server_pin[@]}" "$bin" serve --config "$work/one.yaml" --xds-addr 127.0.0.1:28000 --admin-addr 127.0.0.1:28001 \
         --cache-dir "$work/cache" "${extra[@]}" > "$work/server.log" 2>&1 &
       server=$!
       for _ in $(seq 100); do curl -sf 127.0.0.1:28001/readyz >/dev/null 2>&1 && break; sleep 0.1; done
       echo "== round $round, $build ($( [ "$build" = base ] && echo "$base" || echo "$new_name")), $mode, $streams streams"
-      pin "${LOADGEN_CPUS:-}" "$loadgen" --server http://127.0.0.1:28000 --streams "$streams" --mode "$mode" \
+      "${loadgen_pin[@]}" "$loadgen" --server http://127.0.0.1:28000 --streams "$streams" --mode "$mode" \
         --change-file "$work/one.yaml" --change-from '"v0-' --change-to '"v1-' --server-pid "$server" --changes "${CHANGES:-6}" \
         | grep -E "KiB per stream|more changes|errors" || true
       sed -i 's/"v1-/"v0-/' "$work/one.yaml"

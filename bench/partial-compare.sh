@@ -12,12 +12,14 @@ trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
 # shellcheck source=bench/one-config.sh
 . bench/one-config.sh
 write_one_config "$work/one.yaml"
-pin() { local cpus=$1; shift; if [ -n "$cpus" ]; then taskset -c "$cpus" "$@"; else "$@"; fi; }
+# taskset execs what it runs: `$!` stays the server's pid.
+server_pin=(); [ -n "${SERVER_CPUS:-}" ] && server_pin=(taskset -c "$SERVER_CPUS")
+loadgen_pin=(); [ -n "${LOADGEN_CPUS:-}" ] && loadgen_pin=(taskset -c "$LOADGEN_CPUS")
 for round in $(seq "$rounds"); do
   for build in base new; do
     bin=$new_bin
     [ "$build" = base ] && bin=$base_bin
-    RUST_LOG=error pin "${SERVER_CPUS:-}" "$bin" serve --config "$work/one.yaml" --xds-addr 127.0.0.1:28100 \
+    RUST_LOG=error "${server_pin[@]}" "$bin" serve --config "$work/one.yaml" --xds-addr 127.0.0.1:28100 \
       --admin-addr 127.0.0.1:28101 --cache-dir "$work/cache-$build" > "$work/server.log" 2>&1 &
     server=$!
     for _ in $(seq 100); do python3 -c 'import urllib.request as u; u.urlopen("http://127.0.0.1:28101/readyz")' 2>/dev/null && break; sleep 0.1; done
