@@ -217,9 +217,10 @@ async fn delta(
 /// resource has first; good enough to find it without knowing the type).
 fn holds(resources: &[filterplane_api::Any], name: &str, containing: Option<&str>) -> bool {
     resources.iter().any(|a| {
-        let named = filterplane_api::envoy_types::pb::envoy::config::core::v3::TypedExtensionConfig::decode(a.value.as_slice())
-            .map(|t| t.name == name)
-            .unwrap_or(false);
+        let named =
+            filterplane_api::envoy_types::pb::envoy::config::core::v3::TypedExtensionConfig::decode(a.value.as_slice())
+                .map(|t| t.name == name)
+                .unwrap_or(false);
         named && containing.is_none_or(|t| a.value.windows(t.len()).any(|w| w == t.as_bytes()))
     })
 }

@@ -40,7 +40,11 @@ fn nacks_with_long_messages_fail_a_rollout_led_through_etcd() {
         cluster: "big".into(),
         metadata: vec![],
         ramp_per_sec: 2000.0,
-        change: Some(filterplane_bench::Change { file: yaml.clone(), from: "value: v1".into(), to: "value: v2".into() }),
+        change: Some(filterplane_bench::Change {
+            file: yaml.clone(),
+            from: "value: v1".into(),
+            to: "value: v2".into(),
+        }),
         admin: None,
         timeout: Duration::from_secs(60),
         server_pid: None,

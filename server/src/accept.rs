@@ -14,7 +14,7 @@ use std::{
 };
 
 use prometheus_client::metrics::gauge::Gauge;
-use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -32,18 +32,56 @@ pub struct Accepted {
     pub hold: ConnectionHold,
 }
 
-/// A connection's place under its port's caps, given back when dropped.
+/// A connection's place under its port's caps, given back when dropped. (Small: every
+/// proxy's connection holds one.)
 #[derive(Debug)]
 pub struct ConnectionHold {
-    _permit: OwnedSemaphorePermit,
-    address: Option<AddressSlot>,
-    gauge: Option<Gauge>,
+    port: Arc<PortPlaces>,
+    /// Counted under this address.
+    ip: Option<IpAddr>,
+    /// Counted in the port's gauge.
+    gauged: bool,
 }
 
 impl Drop for ConnectionHold {
     fn drop(&mut self) {
-        if let Some(g) = &self.gauge {
+        self.port.cap.add_permits(1);
+        if let Some(ip) = self.ip {
+            self.port.leave(ip);
+        }
+        if let (true, Some(g)) = (self.gauged, &self.port.gauge) {
             g.dec();
+        }
+    }
+}
+
+/// A port's places: connections open in all, per client address, and its gauge.
+#[derive(Debug)]
+struct PortPlaces {
+    cap: Semaphore,
+    by_address: Mutex<HashMap<IpAddr, usize>>,
+    gauge: Option<Gauge>,
+}
+
+impl PortPlaces {
+    /// One more connection from `ip`, unless it has `max` already.
+    fn enter(&self, ip: IpAddr, max: usize) -> bool {
+        let mut m = self.by_address.lock().unwrap_or_else(|p| p.into_inner());
+        let n = m.entry(ip).or_insert(0);
+        if *n >= max {
+            return false;
+        }
+        *n += 1;
+        true
+    }
+
+    fn leave(&self, ip: IpAddr) {
+        let mut m = self.by_address.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = m.get_mut(&ip) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&ip);
+            }
         }
     }
 }
@@ -99,41 +137,6 @@ impl SilentQueue {
     }
 }
 
-/// Connections open per client address.
-#[derive(Debug, Default)]
-struct AddressCounts(Mutex<HashMap<IpAddr, usize>>);
-
-/// One connection's count under its address; taken back when dropped.
-#[derive(Debug)]
-struct AddressSlot {
-    counts: Arc<AddressCounts>,
-    ip: IpAddr,
-}
-
-impl AddressCounts {
-    fn take(self: &Arc<Self>, ip: IpAddr, max: usize) -> Option<AddressSlot> {
-        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        let n = m.entry(ip).or_insert(0);
-        if *n >= max {
-            return None;
-        }
-        *n += 1;
-        Some(AddressSlot { counts: self.clone(), ip })
-    }
-}
-
-impl Drop for AddressSlot {
-    fn drop(&mut self) {
-        let mut m = self.counts.0.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = m.get_mut(&self.ip) {
-            *n -= 1;
-            if *n == 0 {
-                m.remove(&self.ip);
-            }
-        }
-    }
-}
-
 /// How long a new connection waits for an evicted silent one to give its place back.
 const EVICTION_WAIT: Duration = Duration::from_millis(200);
 
@@ -146,9 +149,12 @@ pub fn accept_loop(
     shutdown: CancellationToken,
 ) -> mpsc::Receiver<Accepted> {
     let (tx, rx) = mpsc::channel(64);
-    let cap = Arc::new(Semaphore::new(settings.max_connections));
+    let port = Arc::new(PortPlaces {
+        cap: Semaphore::new(settings.max_connections),
+        by_address: Mutex::default(),
+        gauge: settings.gauge.clone(),
+    });
     let silent = Arc::new(SilentQueue::default());
-    let addresses = Arc::new(AddressCounts::default());
     tokio::spawn(async move {
         loop {
             let accepted = tokio::select! {
@@ -169,26 +175,28 @@ pub fn accept_loop(
                     continue;
                 }
             };
-            let permit = match cap.clone().try_acquire_owned() {
+            let placed = match port.cap.try_acquire() {
                 Ok(p) => Some(p),
                 // Full: the oldest connection that has not said a word makes room.
                 Err(_) if silent.evict_oldest() => {
                     metrics.limit_hit("silent_connections_evicted");
-                    tokio::time::timeout(EVICTION_WAIT, cap.clone().acquire_owned()).await.ok().and_then(Result::ok)
+                    tokio::time::timeout(EVICTION_WAIT, port.cap.acquire()).await.ok().and_then(Result::ok)
                 }
                 Err(_) => None,
             };
-            let Some(permit) = permit else {
+            let Some(permit) = placed else {
                 metrics.limit_hit(settings.cap_limit);
                 refuse(&tcp, &settings);
                 continue;
             };
+            // Given back by the hold's drop.
+            permit.forget();
             let _ = tcp.set_nodelay(true);
             let _ = socket2::SockRef::from(&tcp)
                 .set_tcp_keepalive(&socket2::TcpKeepalive::new().with_time(Duration::from_secs(60)));
-            let mut hold = ConnectionHold { _permit: permit, address: None, gauge: None };
+            let mut hold = ConnectionHold { port: port.clone(), ip: None, gauged: false };
             let token = silent.enter();
-            let (tx, metrics, settings, addresses) = (tx.clone(), metrics.clone(), settings.clone(), addresses.clone());
+            let (tx, metrics, settings) = (tx.clone(), metrics.clone(), settings.clone());
             tokio::spawn(async move {
                 let started = tokio::time::Instant::now();
                 // A byte really there, not a readiness that may be spurious.
@@ -204,21 +212,23 @@ pub fn accept_loop(
                     // Closed without a byte, or failed.
                     Ok(_) => return,
                     Err(_) => {
-                        metrics.limit_hit(if settings.tls.is_some() { "tls_handshake_timeout" } else { settings.silent_limit });
+                        metrics.limit_hit(if settings.tls.is_some() {
+                            "tls_handshake_timeout"
+                        } else {
+                            settings.silent_limit
+                        });
                         return;
                     }
                 }
                 // Counted per address once it speaks (silent ones are bounded by the cap,
                 // and evicted first): one address cannot hold every place.
                 if let Some(max) = settings.max_per_address {
-                    match addresses.take(addr.ip(), max) {
-                        Some(slot) => hold.address = Some(slot),
-                        None => {
-                            metrics.limit_hit(settings.address_limit);
-                            refuse(&tcp, &settings);
-                            return;
-                        }
+                    if !hold.port.enter(addr.ip(), max) {
+                        metrics.limit_hit(settings.address_limit);
+                        refuse(&tcp, &settings);
+                        return;
                     }
+                    hold.ip = Some(addr.ip());
                 }
                 let io = match &settings.tls {
                     None => MaybeTls::Plain(tcp),
@@ -243,9 +253,9 @@ pub fn accept_loop(
                         }
                     }
                 };
-                if let Some(g) = &settings.gauge {
+                if let Some(g) = &hold.port.gauge {
                     g.inc();
-                    hold.gauge = Some(g.clone());
+                    hold.gauged = true;
                 }
                 let _ = tx.send(Accepted { io, addr, hold }).await;
             });
@@ -296,14 +306,21 @@ mod tests {
     }
 
     #[test]
-    fn addresses_are_counted_and_given_back() {
-        let counts = Arc::new(AddressCounts::default());
+    fn places_are_counted_and_given_back() {
+        let port = Arc::new(PortPlaces { cap: Semaphore::new(3), by_address: Mutex::default(), gauge: None });
         let ip: IpAddr = [127, 0, 0, 1].into();
-        let one = counts.take(ip, 2).unwrap();
-        let _two = counts.take(ip, 2).unwrap();
-        assert!(counts.take(ip, 2).is_none());
-        assert!(counts.take([127, 0, 0, 2].into(), 2).is_some());
+        let hold = |ip: Option<IpAddr>| {
+            port.cap.try_acquire().unwrap().forget();
+            ConnectionHold { port: port.clone(), ip, gauged: false }
+        };
+        assert!(port.enter(ip, 2) && port.enter(ip, 2));
+        let (one, _two) = (hold(Some(ip)), hold(Some(ip)));
+        assert!(!port.enter(ip, 2), "two from one address at most");
+        assert!(port.enter([127, 0, 0, 2].into(), 2));
+        let _three = hold(Some([127, 0, 0, 2].into()));
+        assert!(port.cap.try_acquire().is_err(), "three in all");
         drop(one);
-        assert!(counts.take(ip, 2).is_some());
+        assert!(port.cap.try_acquire().is_ok() && port.enter(ip, 2), "both places given back");
+        assert!(std::mem::size_of::<ConnectionHold>() <= 32);
     }
 }

@@ -187,7 +187,10 @@ fn embedded_store(state_dir: &std::path::Path) -> anyhow::Result<Box<dyn rollout
             tracing::warn!("{note}");
             Ok(Box::new(MemoryStore::with_note(note)))
         }
-        Err(e) => Err(anyhow::Error::from(e).context(format!("open the rollout state in {} (--state-dir)", state_dir.display()))),
+        Err(e) => {
+            Err(anyhow::Error::from(e)
+                .context(format!("open the rollout state in {} (--state-dir)", state_dir.display())))
+        }
     }
 }
 
@@ -229,7 +232,8 @@ pub async fn serve_on(
     let rollouts = Arc::new(
         rollout::Rollouts::new(store, metrics.clone())
             .with_context(|| {
-                let hint = if args.state_store.is_none() { " (move rollouts.redb aside to start without it)" } else { "" };
+                let hint =
+                    if args.state_store.is_none() { " (move rollouts.redb aside to start without it)" } else { "" };
                 format!("read the rollout state in {where_state}{hint}")
             })?
             .with_replicas(replicas.clone()),
@@ -329,11 +333,7 @@ pub async fn serve_on(
         }
         n => n,
     };
-    tracing::info!(
-        max_xds_connections,
-        per_address = limits.max_xds_connections_per_address,
-        "xDS connections capped"
-    );
+    tracing::info!(max_xds_connections, per_address = limits.max_xds_connections_per_address, "xDS connections capped");
     let accepted = accept::accept_loop(
         xds_listener,
         accept::AcceptSettings {

@@ -22,8 +22,8 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    metrics::Metrics,
     accept::{accept_loop, AcceptSettings, Accepted, ConnectionHold},
+    metrics::Metrics,
     tls::{MaybeTls, PeerInfo, ReloadingTls},
 };
 

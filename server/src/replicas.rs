@@ -384,8 +384,13 @@ impl Replicas {
                 errors.push(format!("part {i} ({} bytes): {e}", body.len()));
             }
         }
-        let report =
-            Report { replica: self.name.clone(), at_ms, summary: crate::fleet::summary(tracker), proxies: Vec::new(), parts: parts.len() };
+        let report = Report {
+            replica: self.name.clone(),
+            at_ms,
+            summary: crate::fleet::summary(tracker),
+            proxies: Vec::new(),
+            parts: parts.len(),
+        };
         let written = match serde_json::to_vec(&report) {
             Ok(body) => etcd.put(mine, body, lease).await.map_err(|e| e.to_string()),
             Err(e) => Err(e.to_string()),
@@ -588,7 +593,11 @@ mod tests {
         let with_huge: Vec<FleetProxy> = proxies.iter().cloned().chain([huge]).collect();
         let (parts, left_out) = pack_parts(&with_huge, 7);
         assert_eq!(left_out, 1, "a proxy larger than a part is left out, counted");
-        assert!(parts.len() > 1 && parts.iter().all(|p| p.len() <= PART_BYTES), "{:?}", parts.iter().map(Vec::len).collect::<Vec<_>>());
+        assert!(
+            parts.len() > 1 && parts.iter().all(|p| p.len() <= PART_BYTES),
+            "{:?}",
+            parts.iter().map(Vec::len).collect::<Vec<_>>()
+        );
         let mut listing = vec![("x/replicas/r1".to_owned(), report("r1", 7, parts.len()))];
         listing.extend(parts.into_iter().enumerate().map(|(i, p)| (format!("x/replicas/r1/p{i}"), p)));
         let reports = read_reports(listing, "x/replicas/", "r0", &[]);

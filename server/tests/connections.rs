@@ -31,11 +31,9 @@ fn speaking_connection(server: SocketAddr, from: [u8; 4]) -> Option<TcpStream> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn xds_connections_are_capped_in_total_and_per_address() {
-    let plane = Plane::start_with(
-        &[("a", "1")],
-        &["--max-xds-connections", "50", "--max-xds-connections-per-address", "30"],
-    )
-    .await;
+    let plane =
+        Plane::start_with(&[("a", "1")], &["--max-xds-connections", "50", "--max-xds-connections-per-address", "30"])
+            .await;
     let xds = plane.xds;
     let (from_one, refused_same, from_two, refused_full) = tokio::task::spawn_blocking(move || {
         let one: Vec<_> = (0..31).filter_map(|_| speaking_connection(xds, [127, 0, 0, 1])).collect();
@@ -112,8 +110,8 @@ async fn silent_connections_do_not_delay_a_tls_handshake() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn when_the_port_is_full_the_oldest_silent_connection_makes_room() {
-    let plane = Plane::start_with(&[("a", "1")], &["--max-xds-connections", "100", "--handshake-timeout-secs", "60"])
-        .await;
+    let plane =
+        Plane::start_with(&[("a", "1")], &["--max-xds-connections", "100", "--handshake-timeout-secs", "60"]).await;
     let mut silent = Vec::new();
     for _ in 0..100 {
         silent.push(tokio::net::TcpStream::connect(plane.xds).await.unwrap());

@@ -531,7 +531,8 @@ async fn the_admin_port_checks_the_authority_of_http2_requests() {
         let mut p = Peer::connect(admin);
         let mut decoder = loona_hpack::Decoder::new();
         let mut status = |p: &mut Peer, id: u32, authority: &'static str| {
-            let fields = [(":method", "GET"), (":scheme", "http"), (":path", "/api/v1/config"), (":authority", authority)];
+            let fields =
+                [(":method", "GET"), (":scheme", "http"), (":path", "/api/v1/config"), (":authority", authority)];
             p.headers(id, END_STREAM, &fields);
             let f = p.expect(HEADERS, id);
             let fields = decoder.decode(&f.payload).unwrap();

@@ -496,7 +496,8 @@ fn admin_get_from(admin: std::net::SocketAddr, from: [u8; 4], path: &str, token:
     socket.connect(&admin.into()).unwrap();
     let mut s: std::net::TcpStream = socket.into();
     s.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
-    let req = format!("GET {path} HTTP/1.1\r\nhost: 127.0.0.1\r\nauthorization: Bearer {token}\r\nconnection: close\r\n\r\n");
+    let req =
+        format!("GET {path} HTTP/1.1\r\nhost: 127.0.0.1\r\nauthorization: Bearer {token}\r\nconnection: close\r\n\r\n");
     s.write_all(req.as_bytes()).unwrap();
     let mut head = [0u8; 12];
     s.read_exact(&mut head).unwrap();
@@ -508,7 +509,8 @@ async fn token_guesses_are_slowed_per_address_without_locking_out_others() {
     let dir = tempfile::tempdir().unwrap();
     let token = dir.path().join("token");
     std::fs::write(&token, "right-token\n").unwrap();
-    let plane = Plane::start_with(&[("a", "1")], &["--admin-token-file", token.to_str().unwrap(), "--metrics-public"]).await;
+    let plane =
+        Plane::start_with(&[("a", "1")], &["--admin-token-file", token.to_str().unwrap(), "--metrics-public"]).await;
     let admin = plane.admin;
     let (guesses, operator) = tokio::task::spawn_blocking(move || {
         let guesses: Vec<u16> =

@@ -30,11 +30,7 @@ impl Write for Captured {
 async fn a_flood_of_streams_with_long_node_ids_logs_a_bounded_amount() {
     let log = Captured::default();
     let writer = log.clone();
-    tracing_subscriber::fmt()
-        .with_env_filter("info")
-        .with_ansi(false)
-        .with_writer(move || writer.clone())
-        .init();
+    tracing_subscriber::fmt().with_env_filter("info").with_ansi(false).with_writer(move || writer.clone()).init();
     let plane = Plane::start(&[("a", "1")]).await;
     let long = "n".repeat(1000);
     let started = std::time::Instant::now();
@@ -52,5 +48,9 @@ async fn a_flood_of_streams_with_long_node_ids_logs_a_bounded_amount() {
     assert!(text.contains("left_out="), "the lines let through say how many were left out");
     let longest = text.lines().map(str::len).max().unwrap_or(0);
     assert!(longest < 1500, "client text is cut in logs: a line of {longest} bytes");
-    assert!(text.contains("…(cut, 1004 bytes)") || text.contains("…(cut, 1005 bytes)") || text.contains("…(cut, 1006 bytes)"));
+    assert!(
+        text.contains("…(cut, 1004 bytes)")
+            || text.contains("…(cut, 1005 bytes)")
+            || text.contains("…(cut, 1006 bytes)")
+    );
 }

@@ -89,14 +89,25 @@ mod tests {
     fn a_form_post_from_another_site_is_refused() {
         let from = |h: &[(&str, &str)]| cross_site(&post(h));
         // A page of another site (what issue 20 did with a form).
-        assert!(from(&[("host", "127.0.0.1:18001"), ("origin", "http://evil.example"), ("sec-fetch-site", "cross-site")]).is_some());
+        assert!(from(&[
+            ("host", "127.0.0.1:18001"),
+            ("origin", "http://evil.example"),
+            ("sec-fetch-site", "cross-site")
+        ])
+        .is_some());
         // Another port of the same host: same site, not the same origin.
         assert!(from(&[("host", "127.0.0.1:18001"), ("origin", "http://127.0.0.1:8080")]).is_some());
         assert!(from(&[("host", "127.0.0.1:18001"), ("sec-fetch-site", "same-site")]).is_some());
         assert!(from(&[("host", "127.0.0.1:18001"), ("origin", "null")]).is_some());
         // The page itself, the CLI (bearer), curl (no browser headers).
-        assert!(from(&[("host", "127.0.0.1:18001"), ("origin", "http://127.0.0.1:18001"), ("sec-fetch-site", "same-origin")]).is_none());
-        assert!(from(&[("host", "127.0.0.1:18001"), ("origin", "http://evil.example"), ("authorization", "Bearer t")]).is_none());
+        assert!(from(&[
+            ("host", "127.0.0.1:18001"),
+            ("origin", "http://127.0.0.1:18001"),
+            ("sec-fetch-site", "same-origin")
+        ])
+        .is_none());
+        assert!(from(&[("host", "127.0.0.1:18001"), ("origin", "http://evil.example"), ("authorization", "Bearer t")])
+            .is_none());
         assert!(from(&[("host", "127.0.0.1:18001")]).is_none());
         // Reading is never refused here.
         let get = Request::get("/api/v1/config").header("origin", "http://evil.example").body(Body::empty()).unwrap();

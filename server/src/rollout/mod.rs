@@ -710,7 +710,12 @@ impl Rollouts {
                 "promote" => self.finish(&mut inner, k, "promoted"),
                 _ => {
                     if status != Some(Status::Failed) {
-                        self.fail(&mut inner, k, Failures::default(), Some("aborted by an operator: rolled back".into()));
+                        self.fail(
+                            &mut inner,
+                            k,
+                            Failures::default(),
+                            Some("aborted by an operator: rolled back".into()),
+                        );
                     }
                 }
             }

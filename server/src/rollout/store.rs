@@ -9,11 +9,11 @@ use std::{
 };
 
 use base64::Engine;
-use redb::TableHandle;
-use sha2::Digest;
 use filterplane_api::{Any, ResourceType, ResourceVersion};
 use filterplane_config::{compile::Origin, model::RolloutSpec, placement::Placement, CompiledResource, NodeSelector};
+use redb::TableHandle;
 use serde::{Deserialize, Serialize};
+use sha2::Digest;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -128,9 +128,8 @@ impl RedbStore {
             Ok(db) => db,
             Err(Opened::InUse) => return Err(StoreError::InUse { path }),
             Err(Opened::Unreadable(why)) => {
-                let secs = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_secs());
+                let secs =
+                    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
                 let aside = path.with_extension(format!("redb.unreadable-{secs}"));
                 std::fs::rename(&path, &aside)
                     .map_err(|e| StoreError::Db(format!("{}: {why}; moving it aside failed: {e}", path.display())))?;
@@ -202,9 +201,8 @@ fn rows(state: &StoredState) -> Result<BTreeMap<String, Vec<u8>>, StoreError> {
 
 impl RolloutStore for RedbStore {
     fn load(&self) -> Result<StoredState, StoreError> {
-        let decode = |what: &str, e: serde_json::Error| {
-            StoreError::Decode(format!("{}: {what}: {e}", self.path.display()))
-        };
+        let decode =
+            |what: &str, e: serde_json::Error| StoreError::Decode(format!("{}: {what}: {e}", self.path.display()));
         let (state, rows) = self.with_db(|db| {
             let read = db.begin_read().map_err(db_error)?;
             let mut state = StoredState::default();

@@ -216,7 +216,7 @@ pub struct Connection<IO> {
     /// The streams closed last, and whether the client closed its side of each (its
     /// END_STREAM or RST_STREAM): a frame after that is an error (RFC 9113, 5.1), while
     /// one crossing this side's reset or trailers is not. Older ones are forgotten.
-    recently_closed: VecDeque<(u32, bool)>,
+    recently_closed: Option<Box<VecDeque<(u32, bool)>>>,
 }
 
 /// How many closed streams a connection remembers (an Envoy closes almost none).
@@ -272,7 +272,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
             timer: None,
             timer_stale: false,
             closing: false,
-            recently_closed: VecDeque::new(),
+            recently_closed: None,
             settings,
         };
         // The server's preface: its SETTINGS, then the connection window raised.
@@ -324,10 +324,11 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
 
     /// Remembers a closed stream (`by_client`: the client had closed its side).
     fn closed(&mut self, id: u32, by_client: bool) {
-        if self.recently_closed.len() == CLOSED_REMEMBERED {
-            self.recently_closed.pop_front();
+        let closed = self.recently_closed.get_or_insert_with(Default::default);
+        if closed.len() == CLOSED_REMEMBERED {
+            closed.pop_front();
         }
-        self.recently_closed.push_back((id, by_client));
+        closed.push_back((id, by_client));
     }
 
     fn index(&self, id: u32) -> Option<usize> {
@@ -341,7 +342,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
         if id > self.last_stream_id {
             return StreamState::Idle;
         }
-        match self.recently_closed.iter().find(|(c, _)| *c == id) {
+        match self.recently_closed.iter().flat_map(|c| c.iter()).find(|(c, _)| *c == id) {
             Some((_, true)) => StreamState::ClosedByClient,
             Some((_, false)) => StreamState::ClosedHere,
             None => StreamState::Unknown,
@@ -611,7 +612,13 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
         self.on_header_block(id, end_stream, self_dependent, p)
     }
 
-    fn on_header_block(&mut self, id: u32, end_stream: bool, self_dependent: bool, block: &[u8]) -> Result<(), ConnError> {
+    fn on_header_block(
+        &mut self,
+        id: u32,
+        end_stream: bool,
+        self_dependent: bool,
+        block: &[u8],
+    ) -> Result<(), ConnError> {
         let state = self.state(id);
         // Decoded whatever becomes of the stream: the table must stay in step.
         let mut check = if matches!(state, StreamState::Idle) { HeadCheck::request() } else { HeadCheck::trailers() };
@@ -693,6 +700,10 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
         let mut block = Vec::with_capacity(32);
         response_headers(&mut block);
         self.frame(HEADERS, END_HEADERS, id, &block);
+        if self.streams.capacity() == 0 {
+            // An Envoy opens one stream: room for one (a Vec's first growth is to four).
+            self.streams.reserve_exact(1);
+        }
         self.streams.push(Slot {
             id,
             handler: self.services.open(method),

@@ -19,9 +19,9 @@ use tonic::Status;
 use filterplane_config::NodeFacts;
 
 use crate::{
-    log_limit::{self, Cut},
     cache::{Generation, Snapshot, SnapshotCache},
     identity::IdentityRules,
+    log_limit::{self, Cut},
     tls::PeerInfo,
     tracker::{AckTracker, PeerAuth, StreamKind, Tracked},
     xds::{
