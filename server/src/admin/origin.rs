@@ -58,7 +58,7 @@ pub fn cross_site(req: &Request) -> Option<&'static str> {
             return Some("a request from another site (Sec-Fetch-Site)");
         }
     }
-    let Some(origin) = headers.get(header::ORIGIN) else { return None };
+    let origin = headers.get(header::ORIGIN)?;
     // `scheme://host[:port]`; the scheme is not compared (TLS may end in front).
     let origin_host = origin.to_str().ok().and_then(|o| o.split_once("://")).map(|(_, h)| h);
     let Some(origin_host) = origin_host else {
