@@ -196,13 +196,15 @@ pub fn accept_loop(
                 .set_tcp_keepalive(&socket2::TcpKeepalive::new().with_time(Duration::from_secs(60)));
             let mut hold = ConnectionHold { port: port.clone(), ip: None, gauged: false };
             let token = silent.enter();
-            let (tx, metrics, settings) = (tx.clone(), metrics.clone(), settings.clone());
+            let (tx, metrics, settings, shutdown) = (tx.clone(), metrics.clone(), settings.clone(), shutdown.clone());
+            // Ends within the handshake timeout, or at shutdown.
             tokio::spawn(async move {
                 let started = tokio::time::Instant::now();
                 // A byte really there, not a readiness that may be spurious.
                 let mut first = [0u8; 1];
                 let spoke = tokio::select! {
                     _ = token.cancelled() => return,
+                    _ = shutdown.cancelled() => return,
                     r = tokio::time::timeout(settings.handshake_timeout, tcp.peek(&mut first)) => r,
                 };
                 // Spoke (or timed out): no longer a candidate for eviction.
@@ -235,7 +237,11 @@ pub fn accept_loop(
                     Some(tls) => {
                         let acceptor = tokio_rustls::TlsAcceptor::from(tls.config());
                         let left = settings.handshake_timeout.saturating_sub(started.elapsed());
-                        match tokio::time::timeout(left, acceptor.accept(tcp)).await {
+                        let handshake = tokio::select! {
+                            _ = shutdown.cancelled() => return,
+                            h = tokio::time::timeout(left, acceptor.accept(tcp)) => h,
+                        };
+                        match handshake {
                             Ok(Ok(stream)) => MaybeTls::Tls(Box::new(stream)),
                             Ok(Err(e)) => {
                                 metrics
