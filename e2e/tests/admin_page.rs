@@ -185,3 +185,44 @@ fn the_page_at_ten_thousand_proxies() {
         "server CPU for a 3-step rollout to 9,900 proxies: {open:.2} s with the page open, {closed:.2} s without (mean of {closed_before:.2} before and after; {:+.1} %)",        100.0 * (open - closed) / closed.max(0.01)
     );
 }
+
+/// Issue 20: a page on another port of 127.0.0.1 (same site, another origin) that posts a
+/// form to the admin API, in a real Chromium. Before, it applied a held mass removal; the
+/// browser's own `Origin` and `Sec-Fetch-Site` now get it refused.
+#[test]
+fn a_page_of_another_origin_cannot_confirm_a_held_removal() {
+    use filterplane_e2e::{free_port, services::FileServer, Filterplane};
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = dir.path().join("filterplane.yaml");
+    std::fs::write(&yaml, yaml_with("v1")).unwrap();
+    let fp = Filterplane::start_with_args(&yaml, dir.path(), free_port(), free_port(), &[]);
+    let serving = fp.api("/api/v1/config")["serving_version"].clone();
+    // Everything would go: held until confirmed.
+    std::fs::write(&yaml, "version: 1\n").unwrap();
+    wait_until("the removal to be held", WAIT, || {
+        (fp.api("/api/v1/config")["last_outcome"]["result"] == "held").then_some(())
+    });
+    let site = dir.path().join("site");
+    std::fs::create_dir_all(&site).unwrap();
+    let confirm = fp.url("/api/v1/reload?confirm=true");
+    std::fs::write(
+        site.join("attack.html"),
+        format!(
+            "<form method=post action=\"{confirm}\"><input name=x value=1></form>\
+             <script>fetch(\"{confirm}\", {{method: \"POST\", mode: \"no-cors\", credentials: \"include\"}}); \
+             setTimeout(() => document.forms[0].submit(), 300);</script>"
+        ),
+    )
+    .unwrap();
+    let attacker = FileServer::start(&site, dir.path());
+    let browser = Browser::start(dir.path());
+    browser.goto(&format!("{}/attack.html", attacker.url));
+    let landed = wait_until("the form's answer", WAIT, || {
+        let body = browser.text("body");
+        body.contains("another").then_some(body)
+    });
+    assert!(landed.contains("come from the admin page itself or carry the bearer token"), "{landed}");
+    let config = fp.api("/api/v1/config");
+    assert_eq!(config["serving_version"], serving, "the held removal was not applied: {config}");
+    assert_eq!(config["last_outcome"]["result"], "held");
+}
