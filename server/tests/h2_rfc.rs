@@ -6,136 +6,12 @@
 #[allow(dead_code)]
 #[path = "conformance/harness.rs"]
 mod harness;
-
-use std::{
-    io::{Read, Write},
-    net::{SocketAddr, TcpStream},
-    time::Duration,
-};
+#[allow(dead_code)]
+#[path = "conformance/raw_h2.rs"]
+mod raw_h2;
 
 use harness::Plane;
-
-const DATA: u8 = 0x0;
-const HEADERS: u8 = 0x1;
-const PRIORITY: u8 = 0x2;
-const RST_STREAM: u8 = 0x3;
-const SETTINGS: u8 = 0x4;
-const GOAWAY: u8 = 0x7;
-const WINDOW_UPDATE: u8 = 0x8;
-
-const END_STREAM: u8 = 0x1;
-const END_HEADERS: u8 = 0x4;
-const PRIORITY_FLAG: u8 = 0x20;
-
-const PROTOCOL_ERROR: u32 = 0x1;
-const STREAM_CLOSED: u32 = 0x5;
-
-const ADS: &str = "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources";
-
-/// A frame the server sent.
-#[derive(Debug)]
-struct Frame {
-    ty: u8,
-
-    id: u32,
-    payload: Vec<u8>,
-}
-
-impl Frame {
-    fn code(&self) -> u32 {
-        let p = if self.ty == GOAWAY { &self.payload[4..8] } else { &self.payload[..4] };
-        u32::from_be_bytes([p[0], p[1], p[2], p[3]])
-    }
-}
-
-/// One raw HTTP/2 client connection, past the preface and SETTINGS.
-struct Peer {
-    s: TcpStream,
-}
-
-impl Peer {
-    fn connect(addr: SocketAddr) -> Peer {
-        let mut s = TcpStream::connect(addr).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").unwrap();
-        let mut p = Peer { s };
-        p.send(SETTINGS, 0, 0, &[]);
-        p
-    }
-
-    fn send(&mut self, ty: u8, flags: u8, id: u32, payload: &[u8]) {
-        let n = payload.len();
-        let mut out = vec![(n >> 16) as u8, (n >> 8) as u8, n as u8, ty, flags];
-        out.extend_from_slice(&id.to_be_bytes());
-        out.extend_from_slice(payload);
-        self.s.write_all(&out).unwrap();
-    }
-
-    /// The next frame, or `None` once the server closed the connection.
-    fn next(&mut self) -> Option<Frame> {
-        let mut h = [0u8; 9];
-        self.s.read_exact(&mut h).ok()?;
-        let len = (usize::from(h[0]) << 16) | (usize::from(h[1]) << 8) | usize::from(h[2]);
-        let mut payload = vec![0; len];
-        self.s.read_exact(&mut payload).ok()?;
-        let id = u32::from_be_bytes([h[5], h[6], h[7], h[8]]) & 0x7fff_ffff;
-        Some(Frame { ty: h[3], id, payload })
-    }
-
-    /// The first frame of type `ty` on stream `id` (0 for the connection).
-    fn expect(&mut self, ty: u8, id: u32) -> Frame {
-        loop {
-            let f = self.next().unwrap_or_else(|| panic!("closed before a frame of type {ty} on stream {id}"));
-            if f.ty == ty && f.id == id {
-                return f;
-            }
-            assert!(f.ty != GOAWAY, "unexpected GOAWAY (code {}) waiting for type {ty} on {id}", f.code());
-            assert!(f.ty != RST_STREAM || f.id != id, "unexpected RST_STREAM {} on {id}", f.code());
-        }
-    }
-
-    fn expect_reset(&mut self, id: u32, code: u32) {
-        let f = self.expect(RST_STREAM, id);
-        assert_eq!(f.code(), code, "RST_STREAM code on stream {id}");
-    }
-
-    fn expect_goaway(&mut self, code: u32) {
-        let f = self.expect(GOAWAY, 0);
-        assert_eq!(f.code(), code, "GOAWAY code: {}", String::from_utf8_lossy(&f.payload[8..]));
-    }
-
-    /// A request on `id` that is well-formed, with the fields in `extra` after the usual ones.
-    fn request(&mut self, id: u32, flags: u8, extra: &[(&str, &str)]) {
-        let mut fields = vec![(":method", "POST"), (":scheme", "http"), (":path", ADS), (":authority", "xds")];
-        fields.extend([("content-type", "application/grpc"), ("te", "trailers")]);
-        fields.extend_from_slice(extra);
-        self.headers(id, flags, &fields);
-    }
-
-    /// HEADERS with these fields, each a literal without indexing (RFC 7541, 6.2.2).
-    fn headers(&mut self, id: u32, flags: u8, fields: &[(&str, &str)]) {
-        self.send(HEADERS, flags | END_HEADERS, id, &block(fields));
-    }
-
-    /// After a stream error the connection goes on: a request on `id` is answered.
-    fn still_serves(&mut self, id: u32) {
-        self.request(id, END_STREAM, &[]);
-        let f = self.expect(HEADERS, id);
-        assert_eq!(f.payload.first(), Some(&0x88), ":status 200 (static table entry 8)");
-    }
-}
-
-fn block(fields: &[(&str, &str)]) -> Vec<u8> {
-    let mut b = Vec::new();
-    for (name, value) in fields {
-        b.push(0);
-        b.push(name.len() as u8);
-        b.extend_from_slice(name.as_bytes());
-        b.push(value.len() as u8);
-        b.extend_from_slice(value.as_bytes());
-    }
-    b
-}
+use raw_h2::*;
 
 /// Runs `script` against a fresh server on a blocking thread.
 async fn against_server(script: impl FnOnce(Peer) + Send + 'static) {
@@ -333,194 +209,6 @@ async fn data_in_flight_when_this_side_ended_the_stream_is_dropped_quietly() {
     .await;
 }
 
-// Output waiting behind flow control (issue 20, item 2): clients that read their socket
-// but never open their HTTP/2 window.
-
-const ECDS: &str = "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig";
-const DELTA_ADS: &str = "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources";
-const ENHANCE_YOUR_CALM: u32 = 0xb;
-
-/// Fifty extension configs of about 10 KB each (`tag` in every value): a SotW response
-/// for all of them is about 500 KB.
-fn fifty(tag: &str) -> Vec<(String, String)> {
-    (0..50).map(|i| (format!("e{i}"), format!("{tag}-{}", "x".repeat(10_000)))).collect()
-}
-
-async fn set_fifty(plane: &Plane, tag: &str) {
-    let entries = fifty(tag);
-    let refs: Vec<(&str, &str)> = entries.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
-    plane.set(&refs).await;
-}
-
-async fn plane_with_fifty(flags: &[&str]) -> Plane {
-    let entries = fifty("v0");
-    let refs: Vec<(&str, &str)> = entries.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
-    Plane::start_with(&refs, flags).await
-}
-
-fn grpc(message: &impl prost::Message) -> Vec<u8> {
-    let body = message.encode_to_vec();
-    let mut m = vec![0];
-    m.extend_from_slice(&(body.len() as u32).to_be_bytes());
-    m.extend(body);
-    m
-}
-
-impl Peer {
-    /// A client whose windows stay closed: SETTINGS_INITIAL_WINDOW_SIZE 0, and never a
-    /// WINDOW_UPDATE. It reads whatever comes.
-    fn zero_window(addr: SocketAddr) -> Peer {
-        let mut s = TcpStream::connect(addr).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").unwrap();
-        let mut p = Peer { s };
-        p.send(SETTINGS, 0, 0, &[0, 4, 0, 0, 0, 0]);
-        p
-    }
-
-    /// Opens stream `id` (SotW or delta ADS) and subscribes it to the fifty configs.
-    fn subscribe_fifty(&mut self, id: u32, delta: bool, node: &str) {
-        use filterplane_api::envoy_types::pb::envoy::{
-            config::core::v3::Node,
-            service::discovery::v3::{DeltaDiscoveryRequest, DiscoveryRequest},
-        };
-        let names: Vec<String> = (0..50).map(|i| format!("e{i}")).collect();
-        let node = Some(Node { id: node.into(), cluster: "c".into(), ..Default::default() });
-        let body = if delta {
-            grpc(&DeltaDiscoveryRequest {
-                node,
-                type_url: ECDS.into(),
-                resource_names_subscribe: names,
-                ..Default::default()
-            })
-        } else {
-            grpc(&DiscoveryRequest { node, type_url: ECDS.into(), resource_names: names, ..Default::default() })
-        };
-        self.headers(id, 0, &[METHOD, SCHEME, (":path", if delta { DELTA_ADS } else { ADS }), ("te", "trailers")]);
-        self.send(DATA, 0, id, &body);
-    }
-
-    /// Reads until the server closes, or nothing comes for a second; the frames seen.
-    fn drain(&mut self) -> Vec<Frame> {
-        self.s.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
-        std::iter::from_fn(|| self.next()).collect()
-    }
-}
-
-fn queued(plane: &Plane) -> f64 {
-    plane.metric("filterplane_xds_queued_bytes")
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_sotw_stream_behind_a_closed_window_holds_one_response_per_type() {
-    let plane = plane_with_fifty(&[]).await;
-    let addr = plane.xds;
-    let p = tokio::task::spawn_blocking(move || {
-        let mut p = Peer::zero_window(addr);
-        p.subscribe_fifty(1, false, "stuck");
-        p.expect(HEADERS, 1);
-        p
-    })
-    .await
-    .unwrap();
-    plane.wait_for("the first response queued", |p| queued(p) > 400_000.0).await;
-    // Twenty new configurations: each response replaces the one still unsent (before, each
-    // was queued behind the others: 20 × 500 KB for one stuck client).
-    for k in 1..=20 {
-        set_fifty(&plane, &format!("v{k}")).await;
-    }
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let q = queued(&plane);
-    assert!(q > 400_000.0 && q < 1_100_000.0, "one response waits, not twenty: {q} bytes");
-    // Once the client is gone, so is what waited for it.
-    drop(tokio::task::spawn_blocking(move || p.s.shutdown(std::net::Shutdown::Both)).await);
-    plane.wait_for("the queue freed", |p| queued(p) == 0.0).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_delta_stream_behind_a_closed_window_is_reset_past_its_bound() {
-    let plane = plane_with_fifty(&["--max-queued-bytes-per-stream", "1500000"]).await;
-    let addr = plane.xds;
-    let p = tokio::task::spawn_blocking(move || {
-        let mut p = Peer::zero_window(addr);
-        p.subscribe_fifty(1, true, "stuck-delta");
-        p.expect(HEADERS, 1);
-        p
-    })
-    .await
-    .unwrap();
-    // Delta responses cannot replace each other: four of 500 KB go over 1.5 MB.
-    for k in 1..=4 {
-        set_fifty(&plane, &format!("v{k}")).await;
-    }
-    let mut p = p;
-    let frames = tokio::task::spawn_blocking(move || p.drain()).await.unwrap();
-    assert!(
-        frames.iter().any(|f| f.ty == RST_STREAM && f.id == 1 && f.code() == ENHANCE_YOUR_CALM),
-        "the stream is reset with ENHANCE_YOUR_CALM"
-    );
-    assert!(plane.metric("filterplane_limit_hits_total{limit=\"queued_bytes_per_stream\"}") >= 1.0);
-    assert_eq!(queued(&plane), 0.0);
-    assert!(plane.healthy());
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_connection_over_its_output_bound_is_closed() {
-    let plane = plane_with_fifty(&["--max-queued-bytes-per-connection", "1500000"]).await;
-    let addr = plane.xds;
-    let frames = tokio::task::spawn_blocking(move || {
-        let mut p = Peer::zero_window(addr);
-        for (k, id) in [1, 3, 5, 7].into_iter().enumerate() {
-            p.subscribe_fifty(id, false, &format!("stuck-{k}"));
-        }
-        p.drain()
-    })
-    .await
-    .unwrap();
-    let goaway = frames.iter().find(|f| f.ty == GOAWAY).expect("GOAWAY");
-    assert_eq!(goaway.code(), ENHANCE_YOUR_CALM);
-    assert!(plane.metric("filterplane_limit_hits_total{limit=\"queued_bytes_per_connection\"}") >= 1.0);
-    plane.wait_for("the queue freed", |p| queued(p) == 0.0).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn zero_window_clients_are_bounded_in_total_and_readers_go_on() {
-    // Before: 500 zero-window streams with a 1 MB resource took RSS from 70 to 550 MB.
-    let plane = plane_with_fifty(&["--max-queued-bytes", "2000000"]).await;
-    let addr = plane.xds;
-    let peers = tokio::task::spawn_blocking(move || {
-        (0..10)
-            .map(|k| {
-                let mut p = Peer::zero_window(addr);
-                p.subscribe_fifty(1, false, &format!("stuck-{k}"));
-                p
-            })
-            .collect::<Vec<_>>()
-    })
-    .await
-    .unwrap();
-    // Stuck for over a second, then a new configuration: each of them gets new output.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    set_fifty(&plane, "v1").await;
-    let resets = tokio::task::spawn_blocking(move || {
-        peers
-            .into_iter()
-            .map(|mut p| p.drain().iter().any(|f| f.ty == RST_STREAM && f.code() == ENHANCE_YOUR_CALM))
-            .filter(|&r| r)
-            .count()
-    })
-    .await
-    .unwrap();
-    assert!(resets >= 5, "streams past 2 MB in all are reset: {resets} of 10");
-    assert!(plane.metric("filterplane_limit_hits_total{limit=\"queued_bytes_total\"}") >= 1.0);
-    // A client that reads gets everything.
-    let mut c = harness::SotwClient::connect(&plane, "reader").await;
-    let names: Vec<String> = (0..50).map(|i| format!("e{i}")).collect();
-    let names: Vec<&str> = names.iter().map(String::as_str).collect();
-    c.request(ECDS, &names, "", "").await;
-    assert_eq!(c.recv_ack(&names).await.resources.len(), 50);
-}
-
 /// The admin port answers HTTP/2 too: its DNS-rebinding check reads `:authority` as it
 /// reads `Host` (before, `:authority: evil.example` got 200).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -543,4 +231,239 @@ async fn the_admin_port_checks_the_authority_of_http2_requests() {
     .await
     .unwrap();
     assert_eq!(statuses, ("421".to_owned(), "200".to_owned()));
+}
+
+// The rules b5fbd7f already kept, written down as tests too (h2spec's other sections).
+
+/// A connection error with `code`, for a frame sent after a good start.
+async fn connection_error(ty: u8, flags: u8, id: u32, payload: &'static [u8], code: u32) {
+    against_server(move |mut p| {
+        p.send(ty, flags, id, payload);
+        p.expect_goaway(code);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rfc9113_3_4_a_connection_without_the_preface_is_refused() {
+    let plane = Plane::start(&[("a", "1")]).await;
+    let addr = plane.xds;
+    let answer = tokio::task::spawn_blocking(move || {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n").unwrap();
+        let mut got = Vec::new();
+        let _ = s.read_to_end(&mut got);
+        got
+    })
+    .await
+    .unwrap();
+    // Its SETTINGS, then GOAWAY with PROTOCOL_ERROR, then the connection is closed.
+    let (mut pos, mut goaway) = (0, None);
+    while pos + 9 <= answer.len() {
+        let len = (usize::from(answer[pos]) << 16) | (usize::from(answer[pos + 1]) << 8) | usize::from(answer[pos + 2]);
+        if answer[pos + 3] == GOAWAY {
+            let p = &answer[pos + 9..pos + 9 + len];
+            goaway = Some(u32::from_be_bytes([p[4], p[5], p[6], p[7]]));
+        }
+        pos += 9 + len;
+    }
+    assert_eq!(goaway, Some(PROTOCOL_ERROR), "{answer:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rfc9113_4_2_a_frame_over_the_max_frame_size_is_a_connection_error() {
+    against_server(|mut p| {
+        p.request(1, 0, &[]);
+        p.send(DATA, 0, 1, &[0; 16_385]);
+        p.expect_goaway(FRAME_SIZE_ERROR);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rfc9113_4_3_a_header_block_that_does_not_decode_is_a_compression_error() {
+    // An indexed field past the end of both tables.
+    connection_error(HEADERS, END_HEADERS | END_STREAM, 1, &[0xff, 0xff, 0x7f], COMPRESSION_ERROR).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rfc9113_6_1_data_on_stream_zero_is_a_connection_error() {
+    connection_error(DATA, 0, 0, &[0; 4], PROTOCOL_ERROR).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rfc9113_6_2_headers_with_more_padding_than_payload_is_a_connection_error() {
+    connection_error(HEADERS, END_HEADERS | PADDED, 1, &[200, 0x82], PROTOCOL_ERROR).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rfc9113_6_4_rst_stream_on_stream_zero_is_a_connection_error() {
+    connection_error(RST_STREAM, 0, 0, &[0, 0, 0, 8], PROTOCOL_ERROR).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rfc9113_6_5_settings_on_a_stream_is_a_connection_error() {
+    connection_error(SETTINGS, 0, 1, &[], PROTOCOL_ERROR).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rfc9113_6_5_settings_of_a_length_not_a_multiple_of_six_is_a_frame_size_error() {
+    connection_error(SETTINGS, 0, 0, &[0, 3, 0, 0, 0], FRAME_SIZE_ERROR).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rfc9113_6_5_a_settings_ack_with_a_payload_is_a_frame_size_error() {
+    connection_error(SETTINGS, ACK, 0, &[0, 3, 0, 0, 0, 1], FRAME_SIZE_ERROR).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rfc9113_6_5_2_bad_setting_values_are_connection_errors() {
+    // SETTINGS_ENABLE_PUSH 2; SETTINGS_INITIAL_WINDOW_SIZE 2^31; SETTINGS_MAX_FRAME_SIZE 2^24.
+    connection_error(SETTINGS, 0, 0, &[0, 2, 0, 0, 0, 2], PROTOCOL_ERROR).await;
+    connection_error(SETTINGS, 0, 0, &[0, 4, 0x80, 0, 0, 0], FLOW_CONTROL_ERROR).await;
+    connection_error(SETTINGS, 0, 0, &[0, 5, 1, 0, 0, 0], PROTOCOL_ERROR).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rfc9113_6_5_3_settings_are_acknowledged() {
+    against_server(|mut p| {
+        p.send(SETTINGS, 0, 0, &[0, 3, 0, 0, 0, 10]);
+        let ack = loop {
+            let f = p.expect(SETTINGS, 0);
+            if f.flags & ACK != 0 {
+                break f;
+            }
+        };
+        assert!(ack.payload.is_empty());
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rfc9113_6_6_push_promise_from_a_client_is_a_connection_error() {
+    connection_error(PUSH_PROMISE, END_HEADERS, 1, &[0, 0, 0, 2], PROTOCOL_ERROR).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rfc9113_6_7_a_ping_is_answered_with_its_payload() {
+    against_server(|mut p| {
+        p.send(PING, 0, 0, b"filtrpln");
+        let pong = loop {
+            let f = p.expect(PING, 0);
+            if f.flags & ACK != 0 {
+                break f;
+            }
+        };
+        assert_eq!(pong.payload, b"filtrpln");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rfc9113_6_7_a_ping_on_a_stream_or_of_another_length_is_a_connection_error() {
+    connection_error(PING, 0, 0, &[0; 7], FRAME_SIZE_ERROR).await;
+    connection_error(PING, 0, 1, &[0; 8], PROTOCOL_ERROR).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rfc9113_6_8_the_clients_goaway_ends_the_connection_in_order() {
+    against_server(|mut p| {
+        p.send(GOAWAY, 0, 0, &[0, 0, 0, 0, 0, 0, 0, 0]);
+        p.expect_goaway(0);
+        assert!(p.next().is_none(), "closed");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rfc9113_6_9_a_window_update_of_zero_is_an_error() {
+    // On the connection: a connection error.
+    connection_error(WINDOW_UPDATE, 0, 0, &[0, 0, 0, 0], PROTOCOL_ERROR).await;
+    // On a stream: a stream error.
+    against_server(|mut p| {
+        p.request(1, 0, &[]);
+        p.expect(HEADERS, 1);
+        p.send(WINDOW_UPDATE, 0, 1, &[0, 0, 0, 0]);
+        p.expect_reset(1, PROTOCOL_ERROR);
+        p.still_serves(3);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rfc9113_6_9_1_a_window_over_two_to_the_31_is_a_flow_control_error() {
+    connection_error(WINDOW_UPDATE, 0, 0, &[0x7f, 0xff, 0xff, 0xff], FLOW_CONTROL_ERROR).await;
+    against_server(|mut p| {
+        p.request(1, 0, &[]);
+        p.expect(HEADERS, 1);
+        p.send(WINDOW_UPDATE, 0, 1, &[0x7f, 0xff, 0xff, 0xff]);
+        p.expect_reset(1, FLOW_CONTROL_ERROR);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rfc9113_6_10_an_interrupted_header_block_is_a_connection_error() {
+    against_server(|mut p| {
+        // HEADERS without END_HEADERS, then something other than its CONTINUATION.
+        p.send(HEADERS, 0, 1, &block(&[METHOD]));
+        p.send(DATA, 0, 1, &[0; 5]);
+        p.expect_goaway(PROTOCOL_ERROR);
+    })
+    .await;
+    connection_error(CONTINUATION, END_HEADERS, 1, &[0x82], PROTOCOL_ERROR).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rfc9113_6_10_a_header_block_in_continuations_is_read_whole() {
+    against_server(|mut p| {
+        let whole = block(&[METHOD, SCHEME, PATH, ("te", "trailers")]);
+        let (a, b) = whole.split_at(10);
+        p.send(HEADERS, END_STREAM, 1, a);
+        p.send(CONTINUATION, END_HEADERS, 1, b);
+        let f = p.expect(HEADERS, 1);
+        assert_eq!(f.payload.first(), Some(&0x88), ":status 200");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rfc9113_6_3_a_priority_frame_of_another_length_is_a_stream_error() {
+    against_server(|mut p| {
+        p.request(1, 0, &[]);
+        p.expect(HEADERS, 1);
+        p.send(PRIORITY, 0, 1, &[0, 0, 0, 3]);
+        p.expect_reset(1, FRAME_SIZE_ERROR);
+        p.still_serves(3);
+    })
+    .await;
+    connection_error(PRIORITY, 0, 0, &[0, 0, 0, 3, 16], PROTOCOL_ERROR).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rfc9113_6_4_rst_stream_of_another_length_is_a_frame_size_error() {
+    against_server(|mut p| {
+        p.request(1, 0, &[]);
+        p.expect(HEADERS, 1);
+        p.send(RST_STREAM, 0, 1, &[0, 0, 0, 8, 0]);
+        p.expect_goaway(FRAME_SIZE_ERROR);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rfc9113_6_8_goaway_on_a_stream_is_a_connection_error() {
+    connection_error(GOAWAY, 0, 1, &[0, 0, 0, 0, 0, 0, 0, 0], PROTOCOL_ERROR).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rfc9113_5_5_unknown_frame_types_and_settings_are_ignored() {
+    against_server(|mut p| {
+        p.send(0xee, 0xff, 0, b"whatever");
+        p.send(SETTINGS, 0, 0, &[0x12, 0x34, 0, 0, 0, 1]);
+        p.still_serves(1);
+    })
+    .await;
 }

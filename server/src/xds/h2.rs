@@ -477,17 +477,23 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
                     Ok(())
                 }
             }
-            PRIORITY if id == 0 || p.len() != 5 => Err(fail(PROTOCOL_ERROR, "bad PRIORITY")),
+            PRIORITY if id == 0 => Err(fail(PROTOCOL_ERROR, "PRIORITY on stream 0")),
             PRIORITY => {
-                if depends_on(p) == id {
+                // RFC 9113, 6.3: another length than 5 is a stream error.
+                if p.len() != 5 {
+                    self.stream_error(id, FRAME_SIZE_ERROR);
+                } else if depends_on(p) == id {
                     // RFC 9113, 5.3.1: a stream cannot depend on itself.
                     self.stream_error(id, PROTOCOL_ERROR);
                 }
                 Ok(())
             }
             RST_STREAM => {
-                if id == 0 || p.len() != 4 {
-                    return Err(fail(PROTOCOL_ERROR, "bad RST_STREAM"));
+                if id == 0 {
+                    return Err(fail(PROTOCOL_ERROR, "RST_STREAM on stream 0"));
+                }
+                if p.len() != 4 {
+                    return Err(fail(FRAME_SIZE_ERROR, "RST_STREAM of another length than 4"));
                 }
                 match self.state(id) {
                     StreamState::Idle => Err(fail(PROTOCOL_ERROR, "RST_STREAM on an idle stream")),
@@ -502,8 +508,12 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
             SETTINGS => self.on_settings(flags, id, p),
             PUSH_PROMISE => Err(fail(PROTOCOL_ERROR, "PUSH_PROMISE from a client")),
             PING => {
-                if id != 0 || p.len() != 8 {
-                    return Err(fail(FRAME_SIZE_ERROR, "bad PING"));
+                // RFC 9113, 6.7: on a stream, PROTOCOL_ERROR; of another length, FRAME_SIZE_ERROR.
+                if id != 0 {
+                    return Err(fail(PROTOCOL_ERROR, "PING on a stream"));
+                }
+                if p.len() != 8 {
+                    return Err(fail(FRAME_SIZE_ERROR, "PING of another length than 8"));
                 }
                 if flags & ACK != 0 {
                     self.ping_outstanding = false;
@@ -512,6 +522,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
                 }
                 Ok(())
             }
+            GOAWAY if id != 0 => Err(fail(PROTOCOL_ERROR, "GOAWAY on a stream")),
             GOAWAY => {
                 // The client is going (Envoy says so as it shuts down or drains).
                 self.go_away(NO_ERROR, "");
