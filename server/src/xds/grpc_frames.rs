@@ -178,6 +178,38 @@ mod tests {
     }
 
     #[test]
+    fn any_split_into_frames_gives_the_same_messages() {
+        // Fixed-seed xorshift: messages of random sizes, cut at random points.
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move |below: usize| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed % below as u64) as usize
+        };
+        for _ in 0..200 {
+            let messages: Vec<Vec<u8>> =
+                (0..next(8) + 1).map(|i| vec![i as u8; [0, 1, 4, 5, 100, 70_000][next(6)]]).collect();
+            let bytes: Vec<u8> = messages.iter().flat_map(|m| framed(m)).collect();
+            let mut r = MessageReader::default();
+            let mut got = Vec::new();
+            let mut rest = &bytes[..];
+            while !rest.is_empty() {
+                let (chunk, after) = rest.split_at((next(20_000) + 1).min(rest.len()));
+                r.push(chunk, 1 << 20, |m| {
+                    got.push(m.to_vec());
+                    true
+                })
+                .unwrap();
+                rest = after;
+            }
+            assert_eq!(got, messages);
+            assert_eq!(r.buffered(), 0);
+            assert!(r.copied <= bytes.len(), "never more than one copy");
+        }
+    }
+
+    #[test]
     fn the_handler_can_stop_reading() {
         let mut bytes = framed(b"a");
         bytes.extend(framed(b"b"));
