@@ -37,4 +37,8 @@ if [ ${#apt_packages[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends "${apt_packages[@]}"
 fi
 
-cargo test --workspace --locked "$@"
+# Habits first, then the fast tests, then the slow suites: a fresh machine fails fast.
+cargo fmt --all --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+cargo test --workspace --locked --lib --bins "$@"
+cargo test --workspace --locked --test '*' "$@"
