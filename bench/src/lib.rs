@@ -70,6 +70,35 @@ pub struct LoadSpec {
     pub changes: usize,
 }
 
+impl LoadSpec {
+    /// `streams` SotW proxies against `server`, each on its own connection, subscribed to
+    /// the extension config `ecds` (named `NODE_PREFIX-N` in cluster `NODE_PREFIX`), ACKing
+    /// everything, with no change made: tests set the rest with struct update syntax.
+    pub fn sotw(server: String, streams: usize, ecds: &str, node_prefix: &str) -> Self {
+        Self {
+            server,
+            streams,
+            mode: Mode::Sotw,
+            ecds: vec![ecds.to_owned()],
+            wildcard_lds_cds: false,
+            nack: None,
+            nack_containing: None,
+            nack_message_bytes: 0,
+            multiplex: 1,
+            node_prefix: node_prefix.to_owned(),
+            cluster: node_prefix.to_owned(),
+            metadata: Vec::new(),
+            ramp_per_sec: 2000.0,
+            change: None,
+            admin: None,
+            timeout: Duration::from_secs(120),
+            server_pid: None,
+            hold: Duration::ZERO,
+            changes: 1,
+        }
+    }
+}
+
 /// What the proxies share with the controller.
 #[derive(Debug, Default)]
 pub(crate) struct Shared {

@@ -28,34 +28,29 @@ def text(num, s):
     return field(num, s.encode())
 
 
+def read_varint(buf, pos):
+    n, shift = 0, 0
+    while True:
+        b = buf[pos]
+        pos += 1
+        n |= (b & 0x7F) << shift
+        shift += 7
+        if not b & 0x80:
+            return n, pos
+
+
 def fields(buf):
     """Top-level length-delimited fields of a message: (number, bytes)."""
     pos, out = 0, []
     while pos < len(buf):
-        key, shift = 0, 0
-        while True:
-            b = buf[pos]
-            pos += 1
-            key |= (b & 0x7F) << shift
-            shift += 7
-            if not b & 0x80:
-                break
+        key, pos = read_varint(buf, pos)
         num, wire = key >> 3, key & 7
         if wire == 2:
-            n, shift = 0, 0
-            while True:
-                b = buf[pos]
-                pos += 1
-                n |= (b & 0x7F) << shift
-                shift += 7
-                if not b & 0x80:
-                    break
+            n, pos = read_varint(buf, pos)
             out.append((num, buf[pos:pos + n]))
             pos += n
         elif wire == 0:
-            while buf[pos] & 0x80:
-                pos += 1
-            pos += 1
+            _, pos = read_varint(buf, pos)
         else:
             raise ValueError(f"wire type {wire}")
     return out

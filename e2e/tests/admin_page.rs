@@ -77,25 +77,10 @@ fn the_page_at_ten_thousand_proxies() {
         &["--max-xds-connections-per-address", "20000"],
     );
     let load = |prefix: &str, streams: usize, ecds: &str, nack: Option<&str>| filterplane_bench::LoadSpec {
-        server: format!("http://127.0.0.1:{}", fp.xds_port),
-        streams,
-        mode: filterplane_bench::Mode::Sotw,
-        ecds: vec![ecds.into()],
-        wildcard_lds_cds: false,
         nack: nack.map(str::to_owned),
-        nack_containing: None,
-        nack_message_bytes: 0,
-        multiplex: 1,
-        node_prefix: prefix.into(),
-        cluster: prefix.into(),
-        metadata: vec![],
         ramp_per_sec: 4000.0,
-        change: None,
-        admin: None,
-        timeout: Duration::from_secs(120),
-        server_pid: None,
         hold: Duration::from_secs(150),
-        changes: 1,
+        ..filterplane_bench::LoadSpec::sotw(format!("http://127.0.0.1:{}", fp.xds_port), streams, ecds, prefix)
     };
     let runs = [load("fleet", 9_900, "add-header", None), load("edge-bad", 100, "broken", Some("broken"))];
     let _generators: Vec<_> = runs

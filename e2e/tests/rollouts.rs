@@ -240,29 +240,12 @@ fn a_thousand_proxies_step_by_step() {
     fs::write(&yaml, with_rollout(&yaml_with("v1"), spec)).unwrap();
     let fp = Filterplane::start_with_args(&yaml, dir.path(), free_port(), free_port(), &[]);
     let load = filterplane_bench::LoadSpec {
-        server: format!("http://127.0.0.1:{}", fp.xds_port),
-        streams: 1000,
-        mode: filterplane_bench::Mode::Sotw,
-        ecds: vec!["add-header".into()],
-        wildcard_lds_cds: false,
-        nack: None,
-        nack_containing: None,
-        nack_message_bytes: 0,
-        multiplex: 1,
-        node_prefix: "sim".into(),
-        cluster: "sim".into(),
-        metadata: vec![],
-        ramp_per_sec: 2000.0,
         change: Some(filterplane_bench::Change {
             file: yaml.clone(),
             from: "value: v1".into(),
             to: "value: v2".into(),
         }),
-        admin: None,
-        timeout: Duration::from_secs(120),
-        server_pid: None,
-        hold: Duration::ZERO,
-        changes: 1,
+        ..filterplane_bench::LoadSpec::sotw(format!("http://127.0.0.1:{}", fp.xds_port), 1000, "add-header", "sim")
     };
     let loadgen = std::thread::spawn(move || {
         tokio::runtime::Runtime::new().unwrap().block_on(filterplane_bench::run(load)).map_err(|e| e.to_string())

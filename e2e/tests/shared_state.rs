@@ -27,29 +27,16 @@ fn nacks_with_long_messages_fail_a_rollout_led_through_etcd() {
     // 600 simulated proxies; the step's 300 NACK v2 with 5 KB messages (4 KiB kept each:
     // 1.2 MB of messages, more than etcd takes in one value).
     let load = filterplane_bench::LoadSpec {
-        server: format!("http://127.0.0.1:{}", fp.xds_port),
-        streams: 600,
-        mode: filterplane_bench::Mode::Sotw,
-        ecds: vec!["add-header".into()],
-        wildcard_lds_cds: false,
         nack: Some("add-header".into()),
         nack_containing: Some("v2".into()),
         nack_message_bytes: 5000,
-        multiplex: 1,
-        node_prefix: "big".into(),
-        cluster: "big".into(),
-        metadata: vec![],
-        ramp_per_sec: 2000.0,
         change: Some(filterplane_bench::Change {
             file: yaml.clone(),
             from: "value: v1".into(),
             to: "value: v2".into(),
         }),
-        admin: None,
         timeout: Duration::from_secs(60),
-        server_pid: None,
-        hold: Duration::ZERO,
-        changes: 1,
+        ..filterplane_bench::LoadSpec::sotw(format!("http://127.0.0.1:{}", fp.xds_port), 600, "add-header", "big")
     };
     let _loadgen = std::thread::spawn(move || {
         tokio::runtime::Runtime::new().unwrap().block_on(filterplane_bench::run(load)).map_err(|e| e.to_string())
