@@ -97,8 +97,8 @@ pub const MAX_REQUEST: usize = 4 << 20;
 /// queuing) until the client reads: a client that never reads cannot grow it.
 const WRITE_HIGH: usize = 64 << 10;
 /// How long output may wait on a closed window before, with the server over its total
-/// output bound, the stream counts as stuck and is reset. (Checked when the stream gets
-/// new output, and at every turn of its connection: at the latest at the next keepalive.)
+/// output bound, the stream counts as stuck and is reset (the connection's timer wakes
+/// it then).
 const STALL: Duration = Duration::from_secs(1);
 /// What is read from the socket at a time (on the stack; only a frame cut in two is
 /// kept between reads).
@@ -872,7 +872,11 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
                     slot.blocked_since = None;
                 } else {
                     let now = *now.get_or_insert_with(Instant::now);
-                    slot.blocked_since.get_or_insert(now);
+                    if slot.blocked_since.is_none() {
+                        slot.blocked_since = Some(now);
+                        // Its stall may need a wake-up (`poll_timer`).
+                        self.timer_stale = true;
+                    }
                     if self.settings.output.over_total() && self.stuck(i, now) {
                         self.over_output_bound(i, "queued_bytes_total");
                         continue;
@@ -941,7 +945,15 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
             return self.timer.as_mut().is_some_and(|(_, sleep)| sleep.as_mut().poll(cx).is_ready());
         }
         self.timer_stale = false;
-        let next = self.streams.iter().filter_map(|s| s.handler.next_wakeup()).min();
+        // Stream timers; and, with the server over its output bound, when a stream held by
+        // a closed window will count as stuck (so it is cut then, not at the next PING).
+        let over = self.settings.output.over_total();
+        let next = self
+            .streams
+            .iter()
+            .flat_map(|s| [s.handler.next_wakeup(), s.blocked_since.filter(|_| over).map(|t| t + STALL)])
+            .flatten()
+            .min();
         let Some(at) = next else {
             self.timer = None;
             return false;
@@ -1054,6 +1066,9 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
                 }
             }
             self.pump();
+            // A wake-up changed since the timer was armed (a stream started waiting on a
+            // closed window): one more turn arms it before this task sleeps.
+            progress |= self.timer_stale;
             let (before, waiting) = (self.wpos, self.wbuf.len());
             match self.poll_write(cx) {
                 Poll::Ready(Ok(())) if self.closing => {

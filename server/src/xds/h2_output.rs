@@ -26,8 +26,7 @@ pub struct OutputBudget {
     /// Bytes all connections may have waiting; past it, a stream whose output has been
     /// held for a second or more by a window its client keeps closed is reset with
     /// ENHANCE_YOUR_CALM (clients that read, whose windows open within a round trip, go
-    /// on). Checked when the stream gets new output and at each turn of its connection
-    /// (at the latest its next keepalive PING).
+    /// on). The connection wakes when a stream's second is up.
     pub total: usize,
     /// Bytes waiting on every connection now (`filterplane_xds_queued_bytes`).
     used: Gauge,
