@@ -39,7 +39,7 @@ use crate::{
     cache::Generation,
     xds::{
         grpc_frames::{FrameError, MessageReader},
-        h2_output::{OutMessage, OutputBudget},
+        h2_output::{OutQueue, OutputBudget},
         h2_request::HeadCheck,
         service::{ConnPeer, Handler, Output, XdsServices},
     },
@@ -149,7 +149,7 @@ struct Slot {
     /// A request message not complete yet.
     inbuf: MessageReader,
     /// Messages to send, and how much of the first is sent.
-    out: VecDeque<OutMessage>,
+    out: OutQueue,
     out_pos: usize,
     /// Over an output bound: reset with ENHANCE_YOUR_CALM at the next pump.
     reset: bool,
@@ -389,11 +389,12 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
         budget.take(added);
         budget.give_back(freed);
         self.queued = self.queued + added - freed;
-        let limit = if waiting(slot) > budget.per_stream && slot.out.len() > 1 {
+        // Cheapest checks first: a push usually leaves one message waiting.
+        let limit = if slot.out.len() > 1 && waiting(slot) > budget.per_stream {
             "queued_bytes_per_stream"
         } else if self.queued > budget.per_connection {
             "queued_bytes_per_connection"
-        } else if budget.over_total() && self.stuck(i, Instant::now()) {
+        } else if slot.blocked_since.is_some() && budget.over_total() && self.stuck(i, Instant::now()) {
             "queued_bytes_total"
         } else {
             return;
@@ -419,7 +420,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
         let queued = self.queued;
         self.unqueue(queued);
         for s in &mut self.streams {
-            s.out = VecDeque::new();
+            s.out = OutQueue::Empty;
             s.out_pos = 0;
         }
         self.go_away(ENHANCE_YOUR_CALM, "output waiting for the client over its bound");
@@ -723,7 +724,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
             send_window: self.peer_initial_window,
             recv_unacked: 0,
             inbuf: MessageReader::default(),
-            out: VecDeque::new(),
+            out: OutQueue::Empty,
             out_pos: 0,
             reset: false,
             blocked_since: None,
@@ -886,9 +887,6 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
                 continue;
             }
             slot.blocked_since = None;
-            if slot.out.capacity() > 0 {
-                slot.out = VecDeque::new();
-            }
             let Some(status) = slot.end.take() else {
                 i += 1;
                 continue;

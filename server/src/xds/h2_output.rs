@@ -68,3 +68,103 @@ impl Default for OutputBudget {
 pub const DEFAULT_PER_STREAM: usize = 64 << 20;
 pub const DEFAULT_PER_CONNECTION: usize = 128 << 20;
 pub const DEFAULT_TOTAL: usize = 256 << 20;
+
+/// A stream's messages waiting to be sent, oldest first. Most of the time there is one (a
+/// push, then the next push after it went out): held inline, so a push allocates no queue.
+#[derive(Debug, Default)]
+pub enum OutQueue {
+    #[default]
+    Empty,
+    One(OutMessage),
+    Many(std::collections::VecDeque<OutMessage>),
+}
+
+impl OutQueue {
+    pub fn front(&self) -> Option<&OutMessage> {
+        match self {
+            OutQueue::Empty => None,
+            OutQueue::One(m) => Some(m),
+            OutQueue::Many(q) => q.front(),
+        }
+    }
+
+    pub fn push_back(&mut self, m: OutMessage) {
+        match std::mem::take(self) {
+            OutQueue::Empty => *self = OutQueue::One(m),
+            OutQueue::One(first) => *self = OutQueue::Many([first, m].into()),
+            OutQueue::Many(mut q) => {
+                q.push_back(m);
+                *self = OutQueue::Many(q);
+            }
+        }
+    }
+
+    /// Drops the oldest message; an emptied queue frees what it held.
+    pub fn pop_front(&mut self) {
+        match self {
+            OutQueue::Empty => {}
+            OutQueue::One(_) => *self = OutQueue::Empty,
+            OutQueue::Many(q) => {
+                q.pop_front();
+                if q.is_empty() {
+                    *self = OutQueue::Empty;
+                }
+            }
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        matches!(self, OutQueue::Empty)
+    }
+
+    pub fn len(&self) -> usize {
+        match self {
+            OutQueue::Empty => 0,
+            OutQueue::One(_) => 1,
+            OutQueue::Many(q) => q.len(),
+        }
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &OutMessage> {
+        let (one, many) = match self {
+            OutQueue::Empty => (None, None),
+            OutQueue::One(m) => (Some(m), None),
+            OutQueue::Many(q) => (None, Some(q.iter())),
+        };
+        one.into_iter().chain(many.into_iter().flatten())
+    }
+
+    pub fn iter_mut(&mut self) -> impl Iterator<Item = &mut OutMessage> {
+        let (one, many) = match self {
+            OutQueue::Empty => (None, None),
+            OutQueue::One(m) => (Some(m), None),
+            OutQueue::Many(q) => (None, Some(q.iter_mut())),
+        };
+        one.into_iter().chain(many.into_iter().flatten())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn m(n: u8) -> OutMessage {
+        OutMessage { bytes: vec![n], supersedes: None }
+    }
+
+    #[test]
+    fn a_queue_keeps_order_and_holds_one_message_inline() {
+        let mut q = OutQueue::default();
+        q.push_back(m(1));
+        assert!(matches!(q, OutQueue::One(_)));
+        q.push_back(m(2));
+        q.push_back(m(3));
+        assert_eq!(q.iter().map(|m| m.bytes[0]).collect::<Vec<_>>(), [1, 2, 3]);
+        q.iter_mut().for_each(|m| m.bytes[0] *= 10);
+        assert_eq!((q.len(), q.front().map(|m| m.bytes[0])), (3, Some(10)));
+        q.pop_front();
+        q.pop_front();
+        q.pop_front();
+        assert!(q.is_empty() && matches!(q, OutQueue::Empty));
+    }
+}
