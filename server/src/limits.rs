@@ -63,7 +63,7 @@ const PREFACE_BYTES: usize = 24;
 pub struct Handshake<IO> {
     io: IO,
     /// The connection's place under the port's caps.
-    _hold: Option<ConnectionHold>,
+    _hold: ConnectionHold,
     /// `None` once the preface is in.
     deadline: Option<Pin<Box<Sleep>>>,
     seen: usize,
@@ -71,7 +71,7 @@ pub struct Handshake<IO> {
 }
 
 impl<IO> Handshake<IO> {
-    pub fn new(io: IO, hold: Option<ConnectionHold>, timeout: Duration, metrics: Arc<Metrics>) -> Self {
+    pub fn new(io: IO, hold: ConnectionHold, timeout: Duration, metrics: Arc<Metrics>) -> Self {
         Self { io, _hold: hold, deadline: Some(Box::pin(tokio::time::sleep(timeout))), seen: 0, metrics }
     }
 }

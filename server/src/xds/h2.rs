@@ -1161,7 +1161,7 @@ pub async fn serve(
             a = accepted.recv() => match a { Some(a) => a, None => break },
         };
         let peer = services.peer(a.io.peer());
-        let io = crate::limits::Handshake::new(a.io, Some(a.hold), handshake_timeout, metrics.clone());
+        let io = crate::limits::Handshake::new(a.io, a.hold, handshake_timeout, metrics.clone());
         tasks.spawn(Connection::new(io, services.clone(), peer, settings.clone(), signals.subscribe()));
     }
     let _ = forwarding.await;
