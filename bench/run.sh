@@ -90,5 +90,5 @@ echo; echo "== reload =="
 # 4. Micro-benchmarks.
 if [ "$quick" != --quick ]; then
   echo; echo "== criterion =="
-  cargo bench --locked -p filterplane-server --bench hot_paths -- --warm-up-time 1 --measurement-time 3 2>&1 | grep -E "^[a-z]|time:"
+  cargo bench --locked -p filterplane-xds --bench hot_paths -- --warm-up-time 1 --measurement-time 3 2>&1 | grep -E "^[a-z]|time:"
 fi

@@ -273,7 +273,7 @@ impl Filterplane {
         self.starts += 1;
         let log = self.logs.join(format!("filterplane-{}.log", self.starts));
         let mut cmd = Command::new(filterplane_bin());
-        cmd.env("RUST_LOG", "info,filterplane_server=debug")
+        cmd.env("RUST_LOG", "info,filterplane=debug")
             .env("NO_COLOR", "1")
             .arg("serve")
             .arg("--config")

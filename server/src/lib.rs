@@ -20,7 +20,6 @@ pub mod secret;
 pub mod status;
 pub mod tls;
 pub mod tracker;
-pub mod vec_map;
 pub mod wasm;
 pub mod xds;
 

@@ -18,9 +18,10 @@ use serde::Serialize;
 
 use crate::{
     metrics::{KindLabel, Metrics},
-    vec_map::VecMap,
     xds::stream::{NodeInfo, StreamEvent},
 };
+pub use filterplane_xds::stream::StreamKind;
+use filterplane_xds::vec_map::VecMap;
 
 pub type StreamId = u64;
 
@@ -85,22 +86,6 @@ pub struct Refusal {
     pub peer: String,
     pub certificate: Vec<String>,
     pub message: String,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum StreamKind {
-    Sotw,
-    Delta,
-}
-
-impl StreamKind {
-    pub fn label(self) -> &'static str {
-        match self {
-            StreamKind::Sotw => "sotw",
-            StreamKind::Delta => "delta",
-        }
-    }
 }
 
 /// One proxy stream as the admin API shows it.

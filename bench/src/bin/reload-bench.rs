@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use filterplane_config::NodeFacts;
-use filterplane_server::cache::Generation;
+use filterplane_xds::snapshot::Generation;
 
 /// A ~200-byte header-mutation config per entry, like the quickstart's.
 fn yaml(n: usize) -> String {

@@ -21,7 +21,8 @@ use filterplane_config::{
 };
 use serde::Serialize;
 
-use crate::{cache::Generation, wasm::fetch::WasmFetcher};
+use crate::wasm::fetch::WasmFetcher;
+use filterplane_xds::snapshot::Generation;
 
 /// How Envoy gets modules by default, and where it downloads them from (remote).
 #[derive(Debug, Clone)]

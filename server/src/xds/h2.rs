@@ -35,14 +35,13 @@ use tokio_stream::Stream;
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
-use crate::{
-    cache::Generation,
-    xds::{
-        grpc_frames::{FrameError, MessageReader},
-        h2_output::{OutQueue, OutputBudget},
-        h2_request::HeadCheck,
-        service::{ConnPeer, Handler, Output, XdsServices},
-    },
+use filterplane_xds::snapshot::Generation;
+
+use crate::xds::{
+    grpc_frames::{FrameError, MessageReader},
+    h2_output::{OutQueue, OutputBudget},
+    h2_request::HeadCheck,
+    service::{ConnPeer, Handler, Output, XdsServices},
 };
 
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";

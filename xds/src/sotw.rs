@@ -8,15 +8,15 @@ use filterplane_api::{
     ResourceType, ResourceVersion,
 };
 
-use crate::xds::ProtocolError;
-use crate::xds::{
+use crate::ProtocolError;
+use crate::{
     hold::{Hold, Holds},
     stream::{
         set_version, CodeFetchRetry, Nack, NonceSource, Step, StreamCore, StreamEvent, StreamSettings, Subscription,
     },
     wire::{self, Header, Wire, RESPONSE_BYTES},
 };
-use crate::{cache::Snapshot, vec_map::VecMap};
+use crate::{snapshot::Snapshot, vec_map::VecMap};
 
 /// What a step of a state-of-the-world stream sends: encoded responses.
 pub type SotwStep = Step<Wire<DiscoveryResponse>>;
@@ -71,13 +71,17 @@ impl SotwStream {
 
     /// A request, with the responses decoded (tests and tools; the server sends
     /// `on_request_wire`'s bytes).
-    pub fn on_request(&mut self, req: DiscoveryRequest) -> Result<Step<DiscoveryResponse>, ProtocolError> {
-        self.on_request_wire(req).map(Step::decoded)
+    pub fn on_request(
+        &mut self,
+        req: DiscoveryRequest,
+        now: Instant,
+    ) -> Result<Step<DiscoveryResponse>, ProtocolError> {
+        self.on_request_wire(req, now).map(Step::decoded)
     }
 
     /// A new snapshot, with the responses decoded (see `on_request`).
-    pub fn on_snapshot(&mut self, snapshot: Arc<Snapshot>) -> Step<DiscoveryResponse> {
-        self.on_snapshot_wire(snapshot).decoded()
+    pub fn on_snapshot(&mut self, snapshot: Arc<Snapshot>, now: Instant) -> Step<DiscoveryResponse> {
+        self.on_snapshot_wire(snapshot, now).decoded()
     }
 
     /// Timers, with the responses decoded (see `on_request`).
@@ -85,7 +89,7 @@ impl SotwStream {
         self.on_timer_wire(now).decoded()
     }
 
-    pub fn on_request_wire(&mut self, mut req: DiscoveryRequest) -> Result<SotwStep, ProtocolError> {
+    pub fn on_request_wire(&mut self, mut req: DiscoveryRequest, now: Instant) -> Result<SotwStep, ProtocolError> {
         let mut step = Step::default();
         let answers_us = !req.response_nonce.is_empty();
         let Some(rt) = self.core.check_request(req.node.as_ref(), &req.type_url, &mut step)? else {
@@ -149,10 +153,10 @@ impl SotwStream {
                     step.limits.push("nack_message_bytes");
                 }
                 // SotW resends the whole response: no names to keep.
-                step.events.push(self.core.on_nack(nack, selected.into_iter(), Vec::new(), &mut state.retry));
+                step.events.push(self.core.on_nack(nack, selected.into_iter(), Vec::new(), &mut state.retry, now));
             } else {
                 state.retry = None;
-                self.holds.acked(rt, &req.response_nonce, self.core.settings.drain_grace);
+                self.holds.acked(rt, &req.response_nonce, self.core.settings.drain_grace, now);
                 // Moved, not copied (one per proxy per push): what the client has
                 // matters only before anything was sent.
                 step.events.push(StreamEvent::Acked {
@@ -172,19 +176,19 @@ impl SotwStream {
         if resubscribed || !answers_us {
             self.respond(rt, false, Hold::None, &mut step);
         }
-        self.end_step(&mut step);
+        self.end_step(&mut step, now);
         Ok(step)
     }
 
     /// After a step: holds made wait for the listener and route responses it sent, and
     /// what is due at once (or became due by an ACK) goes out.
-    fn end_step(&mut self, step: &mut SotwStep) {
+    fn end_step(&mut self, step: &mut SotwStep, now: Instant) {
         // Runs after every request (each ACK): nothing to do unless a removal is held.
         if self.holds.is_empty() {
             return;
         }
-        self.holds.end_step(&step.sent(), self.core.settings.drain_grace);
-        for rt in self.holds.release_due(Instant::now()) {
+        self.holds.end_step(&step.sent(), self.core.settings.drain_grace, now);
+        for rt in self.holds.release_due(now) {
             self.respond(rt, false, Hold::None, step);
         }
     }
@@ -212,7 +216,7 @@ impl SotwStream {
 
     /// A new snapshot for this stream's node: push every subscribed type whose
     /// selected resources changed, in dependency order.
-    pub fn on_snapshot_wire(&mut self, snapshot: Arc<Snapshot>) -> SotwStep {
+    pub fn on_snapshot_wire(&mut self, snapshot: Arc<Snapshot>, now: Instant) -> SotwStep {
         let before = self.core.snapshot.replace(snapshot);
         let hold = before.as_deref().map_or(Hold::None, Hold::Replacing);
         let mut step = Step::default();
@@ -221,7 +225,7 @@ impl SotwStream {
                 self.respond(rt, false, hold, &mut step);
             }
         }
-        self.end_step(&mut step);
+        self.end_step(&mut step, now);
         step
     }
 
@@ -239,7 +243,7 @@ impl SotwStream {
         // remove an extension config at all: nothing to hold there.
         let changed = state.last_sent.as_ref().is_some_and(|s| s.version != version);
         if rt != ResourceType::ExtensionConfig && (changed || self.holds.holds_any(rt)) {
-            let by_name = |list: &[&Arc<crate::cache::ServedResource>], name: &str| {
+            let by_name = |list: &[&Arc<crate::snapshot::ServedResource>], name: &str| {
                 list.binary_search_by(|r| r.name.as_str().cmp(name)).is_ok()
             };
             if let (Hold::Replacing(before), Some(sent)) = (hold, &state.last_sent) {

@@ -4,7 +4,7 @@ use std::{path::Path, sync::Arc};
 
 use filterplane_config::NodeFacts;
 
-use crate::cache::{Generation, Snapshot};
+use crate::snapshot::{Generation, Snapshot};
 
 /// A snapshot holding one header-mutation extension config per (name, header value).
 pub fn snapshot(entries: &[(&str, &str)]) -> Arc<Snapshot> {
@@ -68,4 +68,9 @@ pub fn route_snapshot(to: &str, clusters: &[&str]) -> Arc<Snapshot> {
     let parsed = filterplane_config::load::parse_file(Path::new("test.yaml"), &yaml).expect("test YAML parses");
     let config = filterplane_config::compile(&[parsed]).expect("test YAML compiles");
     Generation::new(config).snapshot_for(&NodeFacts::default())
+}
+
+/// The time a step happens at: the tests' one clock read.
+pub fn now() -> std::time::Instant {
+    std::time::Instant::now()
 }

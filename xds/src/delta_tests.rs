@@ -11,7 +11,7 @@ use filterplane_api::{
 };
 
 use super::*;
-use crate::xds::test_support::{listener_snapshot, remote_wasm_snapshot, route_snapshot, snapshot};
+use crate::test_support::{listener_snapshot, now, remote_wasm_snapshot, route_snapshot, snapshot};
 
 const ECDS: ResourceType = ResourceType::ExtensionConfig;
 const LDS: ResourceType = ResourceType::Listener;
@@ -33,40 +33,40 @@ fn names(r: &DeltaDiscoveryResponse) -> Vec<&str> {
 
 fn stream(snap: Arc<Snapshot>) -> DeltaStream {
     let mut s = DeltaStream::new(None, "test");
-    s.on_snapshot(snap);
+    s.on_snapshot(snap, now());
     s
 }
 
 #[test]
 fn empty_wildcard_is_answered_once_so_envoy_can_finish_initializing() {
     let mut s = stream(snapshot(&[("a", "1")]));
-    let step = s.on_request(req(ResourceType::Listener, &[], &[], "")).unwrap();
+    let step = s.on_request(req(ResourceType::Listener, &[], &[], ""), now()).unwrap();
     assert_eq!(step.responses.len(), 1);
     assert!(step.responses[0].resources.is_empty() && step.responses[0].removed_resources.is_empty());
     let nonce = step.responses[0].nonce.clone();
-    assert!(s.on_request(req(ResourceType::Listener, &[], &[], &nonce)).unwrap().responses.is_empty());
-    assert!(s.on_snapshot(snapshot(&[("a", "2")])).responses.is_empty(), "no listener changed");
+    assert!(s.on_request(req(ResourceType::Listener, &[], &[], &nonce), now()).unwrap().responses.is_empty());
+    assert!(s.on_snapshot(snapshot(&[("a", "2")]), now()).responses.is_empty(), "no listener changed");
 }
 
 #[test]
 fn explicit_wildcard_can_be_unsubscribed() {
     let mut s = stream(snapshot(&[("a", "1"), ("b", "1")]));
-    let r = s.on_request(req(ECDS, &["*"], &[], "")).unwrap().responses.remove(0);
+    let r = s.on_request(req(ECDS, &["*"], &[], ""), now()).unwrap().responses.remove(0);
     assert_eq!(names(&r), ["a", "b"]);
-    let step = s.on_request(req(ECDS, &["a"], &["*"], &r.nonce)).unwrap();
+    let step = s.on_request(req(ECDS, &["a"], &["*"], &r.nonce), now()).unwrap();
     assert!(step.responses.is_empty(), "a is already there; b is dropped by the client itself");
-    assert_eq!(names(&s.on_snapshot(snapshot(&[("a", "2"), ("b", "2")])).responses[0]), ["a"]);
+    assert_eq!(names(&s.on_snapshot(snapshot(&[("a", "2"), ("b", "2")]), now()).responses[0]), ["a"]);
 }
 
 #[test]
 fn nack_keeps_the_acked_version_and_the_rejected_one_is_not_resent() {
     let mut s = stream(snapshot(&[("a", "1")]));
-    let r1 = s.on_request(req(ECDS, &["a"], &[], "")).unwrap().responses.remove(0);
-    s.on_request(req(ECDS, &[], &[], &r1.nonce)).unwrap();
-    let r2 = s.on_snapshot(snapshot(&[("a", "2")])).responses.remove(0);
+    let r1 = s.on_request(req(ECDS, &["a"], &[], ""), now()).unwrap().responses.remove(0);
+    s.on_request(req(ECDS, &[], &[], &r1.nonce), now()).unwrap();
+    let r2 = s.on_snapshot(snapshot(&[("a", "2")]), now()).responses.remove(0);
     let mut nack = req(ECDS, &[], &[], &r2.nonce);
     nack.error_detail = Some(Status { code: 13, message: "no".into(), details: vec![] });
-    let step = s.on_request(nack).unwrap();
+    let step = s.on_request(nack, now()).unwrap();
     assert!(step.responses.is_empty());
     let Some(StreamEvent::Nacked { version, kept_version, resources, .. }) = step.events.first() else {
         panic!("{:?}", step.events)
@@ -75,18 +75,18 @@ fn nack_keeps_the_acked_version_and_the_rejected_one_is_not_resent() {
         (version, kept_version, resources.as_slice()),
         (&r2.system_version_info, &r1.system_version_info, ["a".to_string()].as_slice())
     );
-    assert!(s.on_snapshot(snapshot(&[("a", "2")])).responses.is_empty());
+    assert!(s.on_snapshot(snapshot(&[("a", "2")]), now()).responses.is_empty());
 }
 
 #[test]
 fn resource_that_stops_matching_is_removed() {
     let mut s = stream(snapshot(&[("a", "1"), ("b", "1")]));
-    let r = s.on_request(req(ECDS, &["a", "b"], &[], "")).unwrap().responses.remove(0);
-    s.on_request(req(ECDS, &[], &[], &r.nonce)).unwrap();
-    let r = s.on_snapshot(snapshot(&[("b", "1")])).responses.remove(0);
+    let r = s.on_request(req(ECDS, &["a", "b"], &[], ""), now()).unwrap().responses.remove(0);
+    s.on_request(req(ECDS, &[], &[], &r.nonce), now()).unwrap();
+    let r = s.on_snapshot(snapshot(&[("b", "1")]), now()).responses.remove(0);
     assert_eq!(r.removed_resources, ["a"]);
     // Coming back, it is sent again.
-    assert_eq!(names(&s.on_snapshot(snapshot(&[("a", "1"), ("b", "1")])).responses[0]), ["a"]);
+    assert_eq!(names(&s.on_snapshot(snapshot(&[("a", "1"), ("b", "1")]), now()).responses[0]), ["a"]);
 }
 
 fn nack(rt: ResourceType, nonce: &str) -> DeltaDiscoveryRequest {
@@ -101,13 +101,13 @@ fn nack(rt: ResourceType, nonce: &str) -> DeltaDiscoveryRequest {
 fn ads_with_listener(placed: &[&str], grace: std::time::Duration) -> DeltaStream {
     let settings = StreamSettings { drain_grace: grace, ..Default::default() };
     let mut s = DeltaStream::with_settings(None, "test", Arc::new(settings));
-    s.on_snapshot(listener_snapshot(&[("a", "1"), ("b", "1")], placed));
-    let lds = s.on_request(req(LDS, &[], &[], "")).unwrap().responses.remove(0);
+    s.on_snapshot(listener_snapshot(&[("a", "1"), ("b", "1")], placed), now());
+    let lds = s.on_request(req(LDS, &[], &[], ""), now()).unwrap().responses.remove(0);
     assert_eq!(names(&lds), ["l"]);
-    s.on_request(req(LDS, &[], &[], &lds.nonce)).unwrap();
-    let ecds = s.on_request(req(ECDS, &["a", "b"], &[], "")).unwrap().responses.remove(0);
+    s.on_request(req(LDS, &[], &[], &lds.nonce), now()).unwrap();
+    let ecds = s.on_request(req(ECDS, &["a", "b"], &[], ""), now()).unwrap().responses.remove(0);
     assert_eq!(names(&ecds), ["a", "b"]);
-    s.on_request(req(ECDS, &[], &[], &ecds.nonce)).unwrap();
+    s.on_request(req(ECDS, &[], &[], &ecds.nonce), now()).unwrap();
     s
 }
 
@@ -121,20 +121,20 @@ const GRACE: std::time::Duration = std::time::Duration::from_secs(30);
 fn a_placed_filter_removed_keeps_its_config_until_envoy_unsubscribes_it() {
     let mut s = ads_with_listener(&["a", "b"], GRACE);
     // `a` leaves the config: the listener without it goes out, the config stays.
-    let step = s.on_snapshot(listener_snapshot(&[("b", "1")], &["b"]));
+    let step = s.on_snapshot(listener_snapshot(&[("b", "1")], &["b"]), now());
     assert_eq!(step.responses.len(), 1, "{step:?}");
     assert_eq!(step.responses[0].type_url, LDS.type_url());
     assert!(removed_anywhere(&step).is_empty(), "nothing removed while a draining listener may use it");
     let lds = step.responses[0].nonce.clone();
-    assert!(s.on_request(req(LDS, &[], &[], &lds)).unwrap().responses.is_empty());
+    assert!(s.on_request(req(LDS, &[], &[], &lds), now()).unwrap().responses.is_empty());
     assert!(s.next_wakeup().is_some(), "the grace runs from the listener ACK");
     // The old listener drained away: Envoy unsubscribes by itself. Nothing to send.
-    let step = s.on_request(req(ECDS, &[], &["a"], "")).unwrap();
+    let step = s.on_request(req(ECDS, &[], &["a"], ""), now()).unwrap();
     assert!(step.responses.is_empty(), "{step:?}");
     assert_eq!(s.next_wakeup(), None, "the hold is over");
     // It stays gone.
     assert!(s
-        .on_snapshot(listener_snapshot(&[("b", "2")], &["b"]))
+        .on_snapshot(listener_snapshot(&[("b", "2")], &["b"]), now())
         .responses
         .iter()
         .all(|r| r.removed_resources.is_empty()));
@@ -143,10 +143,10 @@ fn a_placed_filter_removed_keeps_its_config_until_envoy_unsubscribes_it() {
 #[test]
 fn a_held_removal_goes_out_once_the_grace_after_the_listener_ack_is_over() {
     let mut s = ads_with_listener(&["a", "b"], GRACE);
-    let step = s.on_snapshot(listener_snapshot(&[("b", "1")], &["b"]));
+    let step = s.on_snapshot(listener_snapshot(&[("b", "1")], &["b"]), now());
     assert_eq!(s.next_wakeup(), None, "no grace before the listener update is ACKed");
     let acked_at = std::time::Instant::now();
-    s.on_request(req(LDS, &[], &[], &step.responses[0].nonce)).unwrap();
+    s.on_request(req(LDS, &[], &[], &step.responses[0].nonce), now()).unwrap();
     let due = s.next_wakeup().expect("a release time");
     assert!(due >= acked_at + GRACE && due <= std::time::Instant::now() + GRACE, "grace after the ACK");
     assert!(s.on_timer(due - std::time::Duration::from_secs(1)).responses.is_empty(), "not yet");
@@ -162,19 +162,19 @@ fn a_held_removal_goes_out_once_the_grace_after_the_listener_ack_is_over() {
 #[test]
 fn a_refused_listener_update_keeps_the_config_held() {
     let mut s = ads_with_listener(&["a", "b"], GRACE);
-    let step = s.on_snapshot(listener_snapshot(&[("b", "1")], &["b"]));
+    let step = s.on_snapshot(listener_snapshot(&[("b", "1")], &["b"]), now());
     let mut refused = req(LDS, &[], &[], &step.responses[0].nonce);
     refused.error_detail = Some(Status { code: 13, message: "no".into(), details: vec![] });
-    s.on_request(refused).unwrap();
+    s.on_request(refused, now()).unwrap();
     assert_eq!(s.next_wakeup(), None, "Envoy still runs the listener with the filter");
 }
 
 #[test]
 fn a_held_config_added_back_is_not_sent_again() {
     let mut s = ads_with_listener(&["a", "b"], GRACE);
-    let step = s.on_snapshot(listener_snapshot(&[("b", "1")], &["b"]));
-    s.on_request(req(LDS, &[], &[], &step.responses[0].nonce)).unwrap();
-    let step = s.on_snapshot(listener_snapshot(&[("a", "1"), ("b", "1")], &["a", "b"]));
+    let step = s.on_snapshot(listener_snapshot(&[("b", "1")], &["b"]), now());
+    s.on_request(req(LDS, &[], &[], &step.responses[0].nonce), now()).unwrap();
+    let step = s.on_snapshot(listener_snapshot(&[("a", "1"), ("b", "1")], &["a", "b"]), now());
     assert_eq!(step.responses.len(), 1, "only the listener: Envoy still has a's config");
     assert_eq!(step.responses[0].type_url, LDS.type_url());
     assert_eq!(s.next_wakeup(), None, "no hold left");
@@ -185,7 +185,7 @@ fn a_config_no_served_listener_placed_is_removed_at_once() {
     // Referred to only by a bootstrap listener: removal makes Envoy use the filter's
     // default_config, as before.
     let mut s = ads_with_listener(&[], GRACE);
-    let step = s.on_snapshot(listener_snapshot(&[("b", "1")], &[]));
+    let step = s.on_snapshot(listener_snapshot(&[("b", "1")], &[]), now());
     assert_eq!(removed_anywhere(&step), ["a"]);
     assert_eq!(s.next_wakeup(), None);
 }
@@ -195,10 +195,10 @@ fn a_stream_without_listeners_holds_for_the_grace_from_the_removal() {
     // The standalone ECDS service: the listener update travels elsewhere.
     let settings = StreamSettings { drain_grace: GRACE, ..Default::default() };
     let mut s = DeltaStream::with_settings(Some(ECDS), "test", Arc::new(settings));
-    s.on_snapshot(listener_snapshot(&[("a", "1"), ("b", "1")], &["a", "b"]));
-    let r = s.on_request(req(ECDS, &["a", "b"], &[], "")).unwrap().responses.remove(0);
-    s.on_request(req(ECDS, &[], &[], &r.nonce)).unwrap();
-    assert!(s.on_snapshot(listener_snapshot(&[("b", "1")], &["b"])).responses.is_empty());
+    s.on_snapshot(listener_snapshot(&[("a", "1"), ("b", "1")], &["a", "b"]), now());
+    let r = s.on_request(req(ECDS, &["a", "b"], &[], ""), now()).unwrap().responses.remove(0);
+    s.on_request(req(ECDS, &[], &[], &r.nonce), now()).unwrap();
+    assert!(s.on_snapshot(listener_snapshot(&[("b", "1")], &["b"]), now()).responses.is_empty());
     let due = s.next_wakeup().expect("the grace runs from the removal");
     assert_eq!(removed_anywhere(&s.on_timer(due)), ["a"]);
 }
@@ -207,12 +207,12 @@ fn a_stream_without_listeners_holds_for_the_grace_from_the_removal() {
 fn a_resuming_client_keeps_configs_it_may_still_drain() {
     let settings = StreamSettings { drain_grace: GRACE, ..Default::default() };
     let mut s = DeltaStream::with_settings(None, "test", Arc::new(settings));
-    s.on_snapshot(listener_snapshot(&[("b", "1")], &["b"]));
+    s.on_snapshot(listener_snapshot(&[("b", "1")], &["b"]), now());
     // After a control-plane restart Envoy names what it has; `a` is gone meanwhile.
-    s.on_request(req(LDS, &[], &[], "")).unwrap();
+    s.on_request(req(LDS, &[], &[], ""), now()).unwrap();
     let mut resume = req(ECDS, &["a", "b"], &[], "");
     resume.initial_resource_versions = [("a".to_string(), "x".to_string()), ("b".to_string(), "y".to_string())].into();
-    let step = s.on_request(resume).unwrap();
+    let step = s.on_request(resume, now()).unwrap();
     assert!(removed_anywhere(&step).is_empty(), "{step:?}");
     assert_eq!(names(&step.responses[0]), ["b"], "b's version differs: sent");
     // Unless Envoy unsubscribes first, the removal goes out after the grace.
@@ -224,9 +224,9 @@ fn a_resuming_client_keeps_configs_it_may_still_drain() {
 fn a_remote_wasm_config_nacked_while_envoy_fetches_is_sent_again_until_acked() {
     let settings = StreamSettings { code_fetch_retries: 2, ..Default::default() };
     let mut s = DeltaStream::with_settings(None, "test", Arc::new(settings));
-    s.on_snapshot(remote_wasm_snapshot(&"a".repeat(64)));
-    let r = s.on_request(req(ECDS, &["w", "plain"], &[], "")).unwrap().responses.remove(0);
-    let step = s.on_request(nack(ECDS, &r.nonce)).unwrap();
+    s.on_snapshot(remote_wasm_snapshot(&"a".repeat(64)), now());
+    let r = s.on_request(req(ECDS, &["w", "plain"], &[], ""), now()).unwrap().responses.remove(0);
+    let step = s.on_request(nack(ECDS, &r.nonce), now()).unwrap();
     assert!(step.responses.is_empty(), "not at once: Envoy is fetching");
     assert!(
         matches!(step.events.last(), Some(StreamEvent::CodeFetchPending { attempt: 1, retries: 2, .. })),
@@ -241,12 +241,12 @@ fn a_remote_wasm_config_nacked_while_envoy_fetches_is_sent_again_until_acked() {
     assert_eq!(w(&again).version, w(&r).version, "same version all the same");
     // A second NACK: the last resend.
     assert!(matches!(
-        s.on_request(nack(ECDS, &again.nonce)).unwrap().events.last(),
+        s.on_request(nack(ECDS, &again.nonce), now()).unwrap().events.last(),
         Some(StreamEvent::CodeFetchPending { attempt: 2, .. })
     ));
     let last = s.on_timer(s.next_wakeup().unwrap()).responses.remove(0);
     // Resends used up: this NACK counts.
-    let step = s.on_request(nack(ECDS, &last.nonce)).unwrap();
+    let step = s.on_request(nack(ECDS, &last.nonce), now()).unwrap();
     assert!(matches!(step.events.last(), Some(StreamEvent::Nacked { .. })), "{:?}", step.events);
     assert_eq!(s.next_wakeup(), None);
 }
@@ -254,8 +254,8 @@ fn a_remote_wasm_config_nacked_while_envoy_fetches_is_sent_again_until_acked() {
 #[test]
 fn a_nack_of_configs_envoy_does_not_fetch_is_not_retried() {
     let mut s = stream(snapshot(&[("a", "1")]));
-    let r = s.on_request(req(ECDS, &["a"], &[], "")).unwrap().responses.remove(0);
-    let step = s.on_request(nack(ECDS, &r.nonce)).unwrap();
+    let r = s.on_request(req(ECDS, &["a"], &[], ""), now()).unwrap().responses.remove(0);
+    let step = s.on_request(nack(ECDS, &r.nonce), now()).unwrap();
     assert!(matches!(step.events.last(), Some(StreamEvent::Nacked { .. })));
     assert_eq!(s.next_wakeup(), None);
 }
@@ -266,11 +266,11 @@ const RDS: ResourceType = ResourceType::RouteConfiguration;
 /// An ADS stream with route `r` to cluster `c1`, clusters `c1` and `c2`, all ACKed.
 fn ads_with_route() -> DeltaStream {
     let mut s = stream(route_snapshot("c1", &["c1", "c2"]));
-    let cds = s.on_request(req(CDS, &[], &[], "")).unwrap().responses.remove(0);
+    let cds = s.on_request(req(CDS, &[], &[], ""), now()).unwrap().responses.remove(0);
     assert_eq!(names(&cds), ["c1", "c2"]);
-    s.on_request(req(CDS, &[], &[], &cds.nonce)).unwrap();
-    let rds = s.on_request(req(RDS, &["r"], &[], "")).unwrap().responses.remove(0);
-    s.on_request(req(RDS, &[], &[], &rds.nonce)).unwrap();
+    s.on_request(req(CDS, &[], &[], &cds.nonce), now()).unwrap();
+    let rds = s.on_request(req(RDS, &["r"], &[], ""), now()).unwrap().responses.remove(0);
+    s.on_request(req(RDS, &[], &[], &rds.nonce), now()).unwrap();
     s
 }
 
@@ -278,10 +278,10 @@ fn ads_with_route() -> DeltaStream {
 fn a_cluster_is_removed_only_once_the_route_that_left_it_is_acked() {
     let mut s = ads_with_route();
     // The route moves to c2 and c1 leaves: the route goes out, c1 stays for now.
-    let step = s.on_snapshot(route_snapshot("c2", &["c2"]));
+    let step = s.on_snapshot(route_snapshot("c2", &["c2"]), now());
     assert_eq!(step.responses.len(), 1, "{step:?}");
     assert_eq!(step.responses[0].type_url, RDS.type_url());
-    let step = s.on_request(req(RDS, &[], &[], &step.responses[0].nonce)).unwrap();
+    let step = s.on_request(req(RDS, &[], &[], &step.responses[0].nonce), now()).unwrap();
     // No listener changed, so nothing drains: c1 goes at once.
     assert_eq!(removed_anywhere(&step), ["c1"]);
     assert_eq!(step.responses[0].type_url, CDS.type_url());
@@ -291,7 +291,7 @@ fn a_cluster_is_removed_only_once_the_route_that_left_it_is_acked() {
 #[test]
 fn a_cluster_no_route_changed_for_is_removed_at_once() {
     let mut s = ads_with_route();
-    let step = s.on_snapshot(route_snapshot("c1", &["c1"]));
+    let step = s.on_snapshot(route_snapshot("c1", &["c1"]), now());
     assert_eq!(removed_anywhere(&step), ["c2"]);
     assert_eq!(step.responses.len(), 1);
 }
@@ -299,12 +299,12 @@ fn a_cluster_no_route_changed_for_is_removed_at_once() {
 #[test]
 fn a_refused_route_update_keeps_the_cluster() {
     let mut s = ads_with_route();
-    let step = s.on_snapshot(route_snapshot("c2", &["c2"]));
+    let step = s.on_snapshot(route_snapshot("c2", &["c2"]), now());
     let mut refused = req(RDS, &[], &[], &step.responses[0].nonce);
     refused.error_detail = Some(Status { code: 13, message: "no".into(), details: vec![] });
-    let step = s.on_request(refused).unwrap();
+    let step = s.on_request(refused, now()).unwrap();
     assert!(removed_anywhere(&step).is_empty(), "Envoy still routes to c1");
     // The next route update is what the removal then waits for.
-    let step = s.on_snapshot(route_snapshot("c2", &["c2"]));
+    let step = s.on_snapshot(route_snapshot("c2", &["c2"]), now());
     assert!(removed_anywhere(&step).is_empty());
 }

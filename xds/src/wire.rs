@@ -15,7 +15,7 @@ use filterplane_api::{
 };
 use prost::{encoding, Message};
 
-use crate::cache::ServedResource;
+use crate::snapshot::ServedResource;
 
 /// One response as it goes on the wire: a gRPC message (compression flag, length,
 /// protobuf) of an `M`.
@@ -133,7 +133,7 @@ pub(crate) fn delta_entry(name: &str, version: &str, any: &Any) -> Vec<u8> {
 /// Envoy fetches itself, which must differ from the NACKed bytes (`wire_resource`).
 fn entry<'a>(r: &'a ServedResource, attempt: u32, delta: bool) -> Cow<'a, [u8]> {
     if attempt > 0 && r.envoy_fetches_code {
-        let any = crate::xds::stream::wire_resource(r, attempt);
+        let any = crate::stream::wire_resource(r, attempt);
         return Cow::Owned(if delta { delta_entry(&r.name, r.version.as_str(), &any) } else { sotw_entry(&any) });
     }
     Cow::Borrowed(if delta { r.delta_entry() } else { r.sotw_entry() })
@@ -332,6 +332,6 @@ mod tests {
         let first = sotw_response(h, &[&r, &plain], 0).unwrap().decode();
         let again = sotw_response(h, &[&r, &plain], 1).unwrap().decode();
         assert_eq!(first.resources[1], again.resources[1], "only code Envoy fetches changes");
-        assert_eq!(again.resources[0], crate::xds::stream::wire_resource(&r, 1));
+        assert_eq!(again.resources[0], crate::stream::wire_resource(&r, 1));
     }
 }

@@ -15,7 +15,7 @@ use std::{
 
 use filterplane_api::ResourceType;
 
-use crate::{cache::ServedResource, cache::Snapshot, xds::stream::NonceSource};
+use crate::{snapshot::ServedResource, snapshot::Snapshot, stream::NonceSource};
 
 /// Types a listener or route refers to, whose removal waits for them.
 pub fn held_on_removal(rt: ResourceType) -> bool {
@@ -128,13 +128,12 @@ impl Holds {
     /// (`sent`: type and nonce of every response of the step). Without any, an extension
     /// config's grace starts now (a listener it may drain is none of this stream's), and
     /// anything else is due at once.
-    pub fn end_step(&mut self, sent: &[(ResourceType, String)], grace: Duration) {
+    pub fn end_step(&mut self, sent: &[(ResourceType, String)], grace: Duration, now: Instant) {
         let referrers: Vec<(ResourceType, u64)> = sent
             .iter()
             .filter(|(rt, _)| refers(*rt))
             .filter_map(|(rt, nonce)| Some((*rt, NonceSource::number(nonce)?)))
             .collect();
-        let now = Instant::now();
         for h in &mut self.0 {
             let ecds = h.rt == ResourceType::ExtensionConfig;
             // Extension configs are placed into listeners only.
@@ -163,9 +162,8 @@ impl Holds {
 
     /// The proxy ACKed response `nonce` of `rt`. A hold whose awaited responses are all
     /// ACKed is due: after the drain grace if listeners changed, else at once.
-    pub fn acked(&mut self, rt: ResourceType, nonce: &str, grace: Duration) {
+    pub fn acked(&mut self, rt: ResourceType, nonce: &str, grace: Duration, now: Instant) {
         let Some(nonce) = NonceSource::number(nonce) else { return };
-        let now = Instant::now();
         for h in &mut self.0 {
             let Some(waiting) = h.waiting.as_mut().filter(|w| !w.is_empty()) else { continue };
             waiting.retain(|w| *w != (rt, nonce));

@@ -10,7 +10,7 @@ use filterplane_api::{
     ResourceType,
 };
 use filterplane_config::NodeFacts;
-use filterplane_server::{cache::Generation, xds::sotw::SotwStream};
+use filterplane_xds::{snapshot::Generation, sotw::SotwStream};
 
 /// `n` header-mutation configs, each about 1 KiB.
 fn yaml(n: usize, tag: &str) -> String {
@@ -56,13 +56,13 @@ fn benches(c: &mut Criterion) {
     let (s1, s2) = (g1.snapshot_for(&facts), g2.snapshot_for(&facts));
     c.bench_function("one stream: push a 1 KiB config and encode it", |b| {
         let mut stream = SotwStream::new(None, "bench");
-        stream.on_snapshot(s1.clone());
-        let first = stream.on_request(request(&["cfg-0"])).expect("ok");
+        stream.on_snapshot(s1.clone(), now());
+        let first = stream.on_request(request(&["cfg-0"]), now()).expect("ok");
         assert_eq!(first.responses.len(), 1);
         let mut flip = false;
         b.iter(|| {
             flip = !flip;
-            let step = stream.on_snapshot_wire(if flip { s2.clone() } else { s1.clone() });
+            let step = stream.on_snapshot_wire(if flip { s2.clone() } else { s1.clone() }, now());
             black_box(step.responses.into_iter().map(|w| w.into_grpc()).collect::<Vec<_>>())
         })
     });
@@ -72,8 +72,8 @@ fn benches(c: &mut Criterion) {
     let mut streams: Vec<SotwStream> = (0..1000)
         .map(|_| {
             let mut s = SotwStream::new(None, "bench");
-            s.on_snapshot(s1.clone());
-            s.on_request(request(&["cfg-0"])).expect("ok");
+            s.on_snapshot(s1.clone(), now());
+            s.on_request(request(&["cfg-0"]), now()).expect("ok");
             s
         })
         .collect();
@@ -84,7 +84,7 @@ fn benches(c: &mut Criterion) {
             flip = !flip;
             let g = &gens[usize::from(flip)];
             for s in streams.iter_mut() {
-                black_box(s.on_snapshot_wire(g.snapshot_for(&facts)));
+                black_box(s.on_snapshot_wire(g.snapshot_for(&facts), now()));
             }
         })
     });
@@ -92,3 +92,8 @@ fn benches(c: &mut Criterion) {
 
 criterion_group!(hot_paths, benches);
 criterion_main!(hot_paths);
+
+/// The time a step happens at.
+fn now() -> std::time::Instant {
+    std::time::Instant::now()
+}

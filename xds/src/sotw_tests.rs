@@ -12,8 +12,8 @@ use filterplane_api::{
 };
 
 use super::*;
-use crate::xds::stream::Step;
-use crate::xds::test_support::{remote_wasm_snapshot, route_snapshot, snapshot};
+use crate::stream::Step;
+use crate::test_support::{now, remote_wasm_snapshot, route_snapshot, snapshot};
 
 const ECDS: ResourceType = ResourceType::ExtensionConfig;
 
@@ -53,21 +53,21 @@ fn names_of(step: &Step<DiscoveryResponse>) -> Vec<Vec<String>> {
 
 fn stream_with(snap: Arc<Snapshot>) -> SotwStream {
     let mut s = SotwStream::new(None, "test");
-    assert!(s.on_snapshot(snap).responses.is_empty(), "nothing is pushed before a request");
+    assert!(s.on_snapshot(snap, now()).responses.is_empty(), "nothing is pushed before a request");
     s
 }
 
 #[test]
 fn first_request_gets_the_subscribed_resources_and_the_ack_is_recorded() {
     let mut s = stream_with(snapshot(&[("a", "v1"), ("b", "v1")]));
-    let step = s.on_request(request(ECDS, &["a"], "", "")).unwrap();
+    let step = s.on_request(request(ECDS, &["a"], "", ""), now()).unwrap();
     assert_eq!(names_of(&step), [["a"]]);
     let r = &step.responses[0];
     assert_eq!(r.type_url, ECDS.type_url());
     assert!(!r.nonce.is_empty() && !r.version_info.is_empty());
     assert_eq!(s.core.node().unwrap().facts.id, "envoy-1");
 
-    let ack = s.on_request(request(ECDS, &["a"], &r.version_info, &r.nonce)).unwrap();
+    let ack = s.on_request(request(ECDS, &["a"], &r.version_info, &r.nonce), now()).unwrap();
     assert!(ack.responses.is_empty(), "an ACK is not answered");
     assert!(ack.events.contains(&StreamEvent::Acked {
         rt: ECDS,
@@ -80,8 +80,9 @@ fn first_request_gets_the_subscribed_resources_and_the_ack_is_recorded() {
 #[test]
 fn nack_is_recorded_with_envoys_message_and_never_resent() {
     let mut s = stream_with(snapshot(&[("a", "v1")]));
-    let r = s.on_request(request(ECDS, &["a"], "", "")).unwrap().responses.remove(0);
-    let step = s.on_request(nack(ECDS, &["a"], "", &r.nonce, "filter config has type URL x but expect y")).unwrap();
+    let r = s.on_request(request(ECDS, &["a"], "", ""), now()).unwrap().responses.remove(0);
+    let step =
+        s.on_request(nack(ECDS, &["a"], "", &r.nonce, "filter config has type URL x but expect y"), now()).unwrap();
     assert!(step.responses.is_empty(), "no resend loop after a NACK");
     let Some(StreamEvent::Nacked { version, message, code, resources, .. }) =
         step.events.iter().find(|e| matches!(e, StreamEvent::Nacked { .. }))
@@ -91,67 +92,67 @@ fn nack_is_recorded_with_envoys_message_and_never_resent() {
     assert_eq!((version, code, resources.as_slice()), (&r.version_info, &13, ["a".to_string()].as_slice()));
     assert!(message.contains("expect y"));
     // The same snapshot again (e.g. a reload that changed nothing for this node) sends nothing.
-    assert!(s.on_snapshot(snapshot(&[("a", "v1")])).responses.is_empty());
+    assert!(s.on_snapshot(snapshot(&[("a", "v1")]), now()).responses.is_empty());
 }
 
 #[test]
 fn nack_then_fixed_config_sends_the_new_version() {
     let mut s = stream_with(snapshot(&[("a", "v1")]));
-    let r1 = s.on_request(request(ECDS, &["a"], "", "")).unwrap().responses.remove(0);
-    s.on_request(nack(ECDS, &["a"], "", &r1.nonce, "bad")).unwrap();
-    let step = s.on_snapshot(snapshot(&[("a", "v2")]));
+    let r1 = s.on_request(request(ECDS, &["a"], "", ""), now()).unwrap().responses.remove(0);
+    s.on_request(nack(ECDS, &["a"], "", &r1.nonce, "bad"), now()).unwrap();
+    let step = s.on_snapshot(snapshot(&[("a", "v2")]), now());
     assert_eq!(step.responses.len(), 1);
     let r2 = &step.responses[0];
     assert_ne!(r2.version_info, r1.version_info);
     assert_ne!(r2.nonce, r1.nonce);
-    let ack = s.on_request(request(ECDS, &["a"], &r2.version_info, &r2.nonce)).unwrap();
+    let ack = s.on_request(request(ECDS, &["a"], &r2.version_info, &r2.nonce), now()).unwrap();
     assert!(matches!(ack.events.last(), Some(StreamEvent::Acked { .. })));
 }
 
 #[test]
 fn stale_nonce_is_ignored() {
     let mut s = stream_with(snapshot(&[("a", "v1")]));
-    let r1 = s.on_request(request(ECDS, &["a"], "", "")).unwrap().responses.remove(0);
-    let r2 = s.on_snapshot(snapshot(&[("a", "v2")])).responses.remove(0);
+    let r1 = s.on_request(request(ECDS, &["a"], "", ""), now()).unwrap().responses.remove(0);
+    let r2 = s.on_snapshot(snapshot(&[("a", "v2")]), now()).responses.remove(0);
     // The ACK of r1 arrives after r2 was sent: superseded, ignored entirely.
-    let step = s.on_request(request(ECDS, &["a", "b"], &r1.version_info, &r1.nonce)).unwrap();
+    let step = s.on_request(request(ECDS, &["a", "b"], &r1.version_info, &r1.nonce), now()).unwrap();
     assert!(step.responses.is_empty() && step.events.is_empty(), "{step:?}");
-    let step = s.on_request(request(ECDS, &["a"], &r2.version_info, &r2.nonce)).unwrap();
+    let step = s.on_request(request(ECDS, &["a"], &r2.version_info, &r2.nonce), now()).unwrap();
     assert!(matches!(step.events.last(), Some(StreamEvent::Acked { .. })));
 }
 
 #[test]
 fn unsubscribe_drops_the_resource_from_the_next_response() {
     let mut s = stream_with(snapshot(&[("a", "v1"), ("b", "v1")]));
-    let r1 = s.on_request(request(ECDS, &["a", "b"], "", "")).unwrap().responses.remove(0);
+    let r1 = s.on_request(request(ECDS, &["a", "b"], "", ""), now()).unwrap().responses.remove(0);
     assert_eq!(r1.resources.len(), 2);
-    let step = s.on_request(request(ECDS, &["a"], &r1.version_info, &r1.nonce)).unwrap();
+    let step = s.on_request(request(ECDS, &["a"], &r1.version_info, &r1.nonce), now()).unwrap();
     assert_eq!(names_of(&step), [["a"]]);
     assert!(step.events.iter().any(|e| matches!(e, StreamEvent::Subscribed { names, .. } if names == &["a"])));
     // A change to the resource no longer subscribed is not pushed.
     let r2 = &step.responses[0];
-    s.on_request(request(ECDS, &["a"], &r2.version_info, &r2.nonce)).unwrap();
-    assert!(s.on_snapshot(snapshot(&[("a", "v1"), ("b", "v2")])).responses.is_empty());
+    s.on_request(request(ECDS, &["a"], &r2.version_info, &r2.nonce), now()).unwrap();
+    assert!(s.on_snapshot(snapshot(&[("a", "v1"), ("b", "v2")]), now()).responses.is_empty());
 }
 
 #[test]
 fn only_a_change_to_what_the_proxy_subscribed_to_is_pushed() {
     let mut s = stream_with(snapshot(&[("a", "v1"), ("b", "v1")]));
-    let r = s.on_request(request(ECDS, &["a"], "", "")).unwrap().responses.remove(0);
-    s.on_request(request(ECDS, &["a"], &r.version_info, &r.nonce)).unwrap();
-    assert!(s.on_snapshot(snapshot(&[("a", "v1"), ("b", "v9"), ("c", "v1")])).responses.is_empty());
-    assert_eq!(names_of(&s.on_snapshot(snapshot(&[("a", "v2")]))), [["a"]]);
+    let r = s.on_request(request(ECDS, &["a"], "", ""), now()).unwrap().responses.remove(0);
+    s.on_request(request(ECDS, &["a"], &r.version_info, &r.nonce), now()).unwrap();
+    assert!(s.on_snapshot(snapshot(&[("a", "v1"), ("b", "v9"), ("c", "v1")]), now()).responses.is_empty());
+    assert_eq!(names_of(&s.on_snapshot(snapshot(&[("a", "v2")]), now())), [["a"]]);
 }
 
 #[test]
 fn reconnect_with_the_current_version_gets_no_response() {
     let snap = snapshot(&[("a", "v1")]);
     let mut first = stream_with(snap.clone());
-    let r = first.on_request(request(ECDS, &["a"], "", "")).unwrap().responses.remove(0);
+    let r = first.on_request(request(ECDS, &["a"], "", ""), now()).unwrap().responses.remove(0);
 
     // The control plane restarted: Envoy resubscribes with its version and no nonce.
     let mut again = stream_with(snap);
-    let step = again.on_request(request(ECDS, &["a"], &r.version_info, "")).unwrap();
+    let step = again.on_request(request(ECDS, &["a"], &r.version_info, ""), now()).unwrap();
     assert!(step.responses.is_empty(), "same version: Envoy must not reload");
     assert!(
         matches!(&step.events[..], [StreamEvent::Subscribed { .. }, StreamEvent::Current { version, .. }] if *version == r.version_info),
@@ -159,75 +160,75 @@ fn reconnect_with_the_current_version_gets_no_response() {
         step.events
     );
     // ... but a later change still reaches it.
-    assert_eq!(again.on_snapshot(snapshot(&[("a", "v2")])).responses.len(), 1);
+    assert_eq!(again.on_snapshot(snapshot(&[("a", "v2")]), now()).responses.len(), 1);
 
     // A reconnect with an old version is answered at once.
     let mut stale = stream_with(snapshot(&[("a", "v2")]));
-    assert_eq!(stale.on_request(request(ECDS, &["a"], &r.version_info, "")).unwrap().responses.len(), 1);
+    assert_eq!(stale.on_request(request(ECDS, &["a"], &r.version_info, ""), now()).unwrap().responses.len(), 1);
 }
 
 #[test]
 fn unknown_resource_name_gets_an_answer_without_it() {
     let mut s = stream_with(snapshot(&[("a", "v1")]));
-    let r = s.on_request(request(ECDS, &["a"], "", "")).unwrap().responses.remove(0);
-    let step = s.on_request(request(ECDS, &["a", "missing"], &r.version_info, &r.nonce)).unwrap();
+    let r = s.on_request(request(ECDS, &["a"], "", ""), now()).unwrap().responses.remove(0);
+    let step = s.on_request(request(ECDS, &["a", "missing"], &r.version_info, &r.nonce), now()).unwrap();
     assert_eq!(names_of(&step), [["a"]], "SotW says 'missing' does not exist by leaving it out");
 }
 
 #[test]
 fn empty_names_are_wildcard_for_lds_and_cds_only() {
     let mut s = stream_with(snapshot(&[("a", "v1")]));
-    let lds = s.on_request(request(ResourceType::Listener, &[], "", "")).unwrap();
+    let lds = s.on_request(request(ResourceType::Listener, &[], "", ""), now()).unwrap();
     assert!(lds.events.iter().any(|e| matches!(e, StreamEvent::Subscribed { wildcard: true, .. })));
     assert_eq!(lds.responses.len(), 1, "wildcard LDS is answered even when empty");
-    let ecds = s.on_request(request(ECDS, &[], "", "")).unwrap();
+    let ecds = s.on_request(request(ECDS, &[], "", ""), now()).unwrap();
     assert!(ecds.events.iter().any(|e| matches!(e, StreamEvent::Subscribed { wildcard: false, .. })));
     assert!(names_of(&ecds).iter().all(|n| n.is_empty()));
-    let explicit = s.on_request(request(ECDS, &["*"], "", &ecds.responses[0].nonce)).unwrap();
+    let explicit = s.on_request(request(ECDS, &["*"], "", &ecds.responses[0].nonce), now()).unwrap();
     assert_eq!(names_of(&explicit), [["a"]], "`*` is the explicit wildcard for any type");
 }
 
 #[test]
 fn several_types_share_one_stream_with_their_own_nonces() {
     let mut s = stream_with(snapshot(&[("a", "v1")]));
-    let cds = s.on_request(request(ResourceType::Cluster, &[], "", "")).unwrap().responses.remove(0);
-    let ecds = s.on_request(request(ECDS, &["a"], "", "")).unwrap().responses.remove(0);
+    let cds = s.on_request(request(ResourceType::Cluster, &[], "", ""), now()).unwrap().responses.remove(0);
+    let ecds = s.on_request(request(ECDS, &["a"], "", ""), now()).unwrap().responses.remove(0);
     assert_ne!(cds.nonce, ecds.nonce);
     // An ECDS request quoting the CDS nonce is stale for ECDS.
-    assert!(s.on_request(request(ECDS, &["a"], "", &cds.nonce)).unwrap().events.is_empty());
-    let ack = s.on_request(request(ResourceType::Cluster, &[], &cds.version_info, &cds.nonce)).unwrap();
+    assert!(s.on_request(request(ECDS, &["a"], "", &cds.nonce), now()).unwrap().events.is_empty());
+    let ack = s.on_request(request(ResourceType::Cluster, &[], &cds.version_info, &cds.nonce), now()).unwrap();
     assert!(matches!(ack.events.last(), Some(StreamEvent::Acked { rt: ResourceType::Cluster, .. })));
 }
 
 #[test]
 fn requests_wait_for_the_first_snapshot() {
     let mut s = SotwStream::new(None, "test");
-    assert!(s.on_request(request(ECDS, &["a"], "", "")).unwrap().responses.is_empty());
-    assert_eq!(names_of(&s.on_snapshot(snapshot(&[("a", "v1")]))), [["a"]]);
+    assert!(s.on_request(request(ECDS, &["a"], "", ""), now()).unwrap().responses.is_empty());
+    assert_eq!(names_of(&s.on_snapshot(snapshot(&[("a", "v1")]), now())), [["a"]]);
 }
 
 #[test]
 fn protocol_errors() {
     let mut s = SotwStream::new(None, "test");
     let no_node = DiscoveryRequest { node: None, ..request(ECDS, &["a"], "", "") };
-    assert_eq!(s.on_request(no_node).unwrap_err(), ProtocolError::MissingNode);
+    assert_eq!(s.on_request(no_node, now()).unwrap_err(), ProtocolError::MissingNode);
 
     let mut ecds_only = SotwStream::new(Some(ECDS), "test");
-    let err = ecds_only.on_request(request(ResourceType::Listener, &[], "", "")).unwrap_err();
+    let err = ecds_only.on_request(request(ResourceType::Listener, &[], "", ""), now()).unwrap_err();
     assert!(matches!(err, ProtocolError::WrongType { .. }));
 
     let mut ads = SotwStream::new(None, "test");
     let mut odd = request(ECDS, &[], "", "");
     odd.type_url = "type.googleapis.com/envoy.service.runtime.v3.Runtime".into();
-    let step = ads.on_request(odd).unwrap();
+    let step = ads.on_request(odd, now()).unwrap();
     assert!(matches!(&step.events[..], [StreamEvent::UnsupportedType { .. }]));
 }
 
 #[test]
 fn a_remote_wasm_config_nacked_while_envoy_fetches_is_sent_again_until_acked() {
     let mut s = stream_with(remote_wasm_snapshot(&"a".repeat(64)));
-    let first = s.on_request(request(ECDS, &["w"], "", "")).unwrap().responses.remove(0);
-    let step = s.on_request(nack(ECDS, &["w"], "", &first.nonce, "Unable to create Wasm plugin w")).unwrap();
+    let first = s.on_request(request(ECDS, &["w"], "", ""), now()).unwrap().responses.remove(0);
+    let step = s.on_request(nack(ECDS, &["w"], "", &first.nonce, "Unable to create Wasm plugin w"), now()).unwrap();
     assert!(step.responses.is_empty(), "not at once: Envoy is fetching the module");
     assert!(matches!(step.events.as_slice(), [StreamEvent::CodeFetchPending { attempt: 1, .. }]), "{:?}", step.events);
     let due = s.next_wakeup().expect("a resend is due");
@@ -241,7 +242,7 @@ fn a_remote_wasm_config_nacked_while_envoy_fetches_is_sent_again_until_acked() {
     assert_ne!(again.resources, first.resources, "Envoy skips a config it saw NACKed: the resend must differ");
     assert_eq!(s.next_wakeup(), None, "one resend at a time");
     // Envoy has the module now and ACKs: done.
-    let step = s.on_request(request(ECDS, &["w"], &again.version_info, &again.nonce)).unwrap();
+    let step = s.on_request(request(ECDS, &["w"], &again.version_info, &again.nonce), now()).unwrap();
     assert!(matches!(step.events.as_slice(), [StreamEvent::Acked { .. }]), "{:?}", step.events);
     assert_eq!(s.next_wakeup(), None);
 }
@@ -249,10 +250,10 @@ fn a_remote_wasm_config_nacked_while_envoy_fetches_is_sent_again_until_acked() {
 #[test]
 fn a_new_version_replaces_a_pending_resend() {
     let mut s = stream_with(remote_wasm_snapshot(&"a".repeat(64)));
-    let first = s.on_request(request(ECDS, &["w"], "", "")).unwrap().responses.remove(0);
-    s.on_request(nack(ECDS, &["w"], "", &first.nonce, "Unable to create Wasm plugin w")).unwrap();
+    let first = s.on_request(request(ECDS, &["w"], "", ""), now()).unwrap().responses.remove(0);
+    s.on_request(nack(ECDS, &["w"], "", &first.nonce, "Unable to create Wasm plugin w"), now()).unwrap();
     assert!(s.next_wakeup().is_some());
-    let newer = s.on_snapshot(remote_wasm_snapshot(&"b".repeat(64))).responses.remove(0);
+    let newer = s.on_snapshot(remote_wasm_snapshot(&"b".repeat(64)), now()).responses.remove(0);
     assert_ne!(newer.version_info, first.version_info);
     assert_eq!(s.next_wakeup(), None, "the new version is what Envoy answers next");
 }
@@ -273,17 +274,17 @@ fn a_removed_cluster_is_still_sent_until_the_route_that_left_it_is_acked() {
     const CDS: ResourceType = ResourceType::Cluster;
     const RDS: ResourceType = ResourceType::RouteConfiguration;
     let mut s = stream_with(route_snapshot("c1", &["c1", "c2"]));
-    let cds = s.on_request(request(CDS, &[], "", "")).unwrap().responses.remove(0);
-    s.on_request(request(CDS, &[], &cds.version_info, &cds.nonce)).unwrap();
-    let rds = s.on_request(request(RDS, &["r"], "", "")).unwrap().responses.remove(0);
-    s.on_request(request(RDS, &["r"], &rds.version_info, &rds.nonce)).unwrap();
+    let cds = s.on_request(request(CDS, &[], "", ""), now()).unwrap().responses.remove(0);
+    s.on_request(request(CDS, &[], &cds.version_info, &cds.nonce), now()).unwrap();
+    let rds = s.on_request(request(RDS, &["r"], "", ""), now()).unwrap().responses.remove(0);
+    s.on_request(request(RDS, &["r"], &rds.version_info, &rds.nonce), now()).unwrap();
 
     // The route moves to c2 and c1 leaves: the route goes out, the cluster list keeps c1.
-    let step = s.on_snapshot(route_snapshot("c2", &["c2"]));
+    let step = s.on_snapshot(route_snapshot("c2", &["c2"]), now());
     let types: Vec<&str> = step.responses.iter().map(|r| r.type_url.as_str()).collect();
     assert_eq!(types, [RDS.type_url()], "c2 was there already and c1 is kept: no cluster change yet");
     let rds = step.responses[0].clone();
-    let step = s.on_request(request(RDS, &["r"], &rds.version_info, &rds.nonce)).unwrap();
+    let step = s.on_request(request(RDS, &["r"], &rds.version_info, &rds.nonce), now()).unwrap();
     assert_eq!(step.responses.len(), 1, "{:?}", step.events);
     assert_eq!(cluster_names(&step.responses[0]), ["c2"], "now without c1");
 }
@@ -291,12 +292,12 @@ fn a_removed_cluster_is_still_sent_until_the_route_that_left_it_is_acked() {
 #[test]
 fn only_the_nonce_as_written_answers_a_response() {
     let mut s = stream_with(snapshot(&[("a", "v1")]));
-    let r = s.on_request(request(ECDS, &["a"], "", "")).unwrap().responses.remove(0);
+    let r = s.on_request(request(ECDS, &["a"], "", ""), now()).unwrap().responses.remove(0);
     assert_eq!(r.nonce, "1");
     for lookalike in ["01", "+1", "1 ", "0", "18446744073709551617"] {
-        let step = s.on_request(request(ECDS, &["a"], &r.version_info, lookalike)).unwrap();
+        let step = s.on_request(request(ECDS, &["a"], &r.version_info, lookalike), now()).unwrap();
         assert!(step.events.is_empty() && step.responses.is_empty(), "{lookalike:?} is a stale nonce: {step:?}");
     }
-    let ack = s.on_request(request(ECDS, &["a"], &r.version_info, "1")).unwrap();
+    let ack = s.on_request(request(ECDS, &["a"], &r.version_info, "1"), now()).unwrap();
     assert!(matches!(ack.events.as_slice(), [StreamEvent::Acked { .. }]), "{ack:?}");
 }

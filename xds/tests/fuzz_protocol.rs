@@ -20,9 +20,11 @@ use filterplane_api::{
     ResourceType,
 };
 use filterplane_config::NodeFacts;
-use filterplane_server::{
-    cache::{Generation, Snapshot},
-    xds::{delta::DeltaStream, sotw::SotwStream, stream::StreamSettings},
+use filterplane_xds::{
+    delta::DeltaStream,
+    snapshot::{Generation, Snapshot},
+    sotw::SotwStream,
+    stream::StreamSettings,
 };
 
 #[path = "../../config/tests/support/rng.rs"]
@@ -89,7 +91,7 @@ fn random_sotw_sequences_never_panic() {
         let mut now = Instant::now();
         for _ in 0..40 {
             let step = match rng.below(6) {
-                0 => s.on_snapshot(rng.pick(&snaps).clone()),
+                0 => s.on_snapshot(rng.pick(&snaps).clone(), now),
                 1 => {
                     now += Duration::from_millis(rng.below(20_000) as u64);
                     s.on_timer(now)
@@ -104,7 +106,7 @@ fn random_sotw_sequences_never_panic() {
                         error_detail: error(&mut rng),
                         ..Default::default()
                     };
-                    match s.on_request(req) {
+                    match s.on_request(req, now) {
                         Ok(step) => step,
                         Err(_) => break, // the stream ends, as the service ends it
                     }
@@ -130,7 +132,7 @@ fn random_delta_sequences_never_panic() {
         let mut now = Instant::now();
         for _ in 0..40 {
             let step = match rng.below(6) {
-                0 => s.on_snapshot(rng.pick(&snaps).clone()),
+                0 => s.on_snapshot(rng.pick(&snaps).clone(), now),
                 1 => {
                     now += Duration::from_millis(rng.below(20_000) as u64);
                     s.on_timer(now)
@@ -151,7 +153,7 @@ fn random_delta_sequences_never_panic() {
                         error_detail: error(&mut rng),
                         ..Default::default()
                     };
-                    match s.on_request(req) {
+                    match s.on_request(req, now) {
                         Ok(step) => step,
                         Err(_) => break,
                     }

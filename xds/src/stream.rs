@@ -14,7 +14,7 @@ use filterplane_api::{
 };
 use filterplane_config::NodeFacts;
 
-use crate::cache::{ResourceMap, ServedResource, Snapshot};
+use crate::snapshot::{ResourceMap, ServedResource, Snapshot};
 
 /// What a stream learns from the `node` of its first request.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -97,7 +97,7 @@ impl<R> Step<R> {
     }
 }
 
-impl<M: prost::Message + Default> Step<crate::xds::wire::Wire<M>> {
+impl<M: prost::Message + Default> Step<crate::wire::Wire<M>> {
     /// The same step with its responses decoded (tests and tools).
     pub fn decoded(self) -> Step<M> {
         Step {
@@ -206,6 +206,7 @@ impl StreamCore {
         mut resources: impl Iterator<Item = &'a Arc<ServedResource>>,
         retry_names: Vec<String>,
         retry: &mut Option<Box<CodeFetchRetry>>,
+        now: Instant,
     ) -> StreamEvent {
         let nack = Nack { message: truncated(&nack.message, self.settings.max_nack_message_bytes), ..nack };
         let attempt = retry.as_ref().map_or(0, |r| r.attempt) + 1;
@@ -215,7 +216,7 @@ impl StreamCore {
             let Nack { rt, version, kept_version, nonce, code, message, names } = nack;
             return StreamEvent::Nacked { rt, version, kept_version, nonce, code, message, resources: names };
         }
-        let at = Some(Instant::now() + code_fetch_backoff(attempt));
+        let at = Some(now + code_fetch_backoff(attempt));
         *retry = Some(Box::new(CodeFetchRetry { attempt, at, names: retry_names }));
         let Nack { rt, version, nonce, message, names, .. } = nack;
         StreamEvent::CodeFetchPending { rt, version, nonce, message, resources: names, attempt, retries }
@@ -260,8 +261,8 @@ impl StreamCore {
         req_node: Option<&Node>,
         type_url: &str,
         step: &mut Step<R>,
-    ) -> Result<Option<ResourceType>, crate::xds::ProtocolError> {
-        use crate::xds::ProtocolError;
+    ) -> Result<Option<ResourceType>, crate::ProtocolError> {
+        use crate::ProtocolError;
         if self.node.is_none() {
             self.node = Some(Arc::new(NodeInfo::from(req_node.ok_or(ProtocolError::MissingNode)?)));
         }
@@ -300,13 +301,13 @@ impl Subscription {
         names: &[String],
         previous: Option<&Subscription>,
         limit: usize,
-    ) -> Result<Self, crate::xds::ProtocolError> {
+    ) -> Result<Self, crate::ProtocolError> {
         if names.is_empty() {
             let legacy = rt.legacy_wildcard() && previous.is_none_or(|p| p.wildcard);
             return Ok(Subscription { wildcard: legacy, names: Vec::new() });
         }
         if names.len() > limit {
-            return Err(crate::xds::ProtocolError::TooManyNames { names: names.len(), limit });
+            return Err(crate::ProtocolError::TooManyNames { names: names.len(), limit });
         }
         let wildcard = names.iter().any(|n| n == "*");
         let mut names: Vec<String> = names.iter().filter(|n| *n != "*").cloned().collect();
@@ -339,7 +340,7 @@ impl Subscription {
         subscribe: &[String],
         unsubscribe: &[String],
         limit: usize,
-    ) -> Result<(), crate::xds::ProtocolError> {
+    ) -> Result<(), crate::ProtocolError> {
         if first && subscribe.is_empty() && rt.legacy_wildcard() {
             self.wildcard = true;
         }
@@ -365,7 +366,7 @@ impl Subscription {
             self.names.retain(|n| gone.binary_search(&n.as_str()).is_err());
         }
         if self.names.len() > limit {
-            return Err(crate::xds::ProtocolError::TooManyNames { names: self.names.len(), limit });
+            return Err(crate::ProtocolError::TooManyNames { names: self.names.len(), limit });
         }
         Ok(())
     }
@@ -504,4 +505,21 @@ pub enum StreamEvent {
         version: String,
         resources: Vec<(String, ResourceVersion)>,
     },
+}
+
+/// Which protocol a stream speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StreamKind {
+    Sotw,
+    Delta,
+}
+
+impl StreamKind {
+    pub fn label(self) -> &'static str {
+        match self {
+            StreamKind::Sotw => "sotw",
+            StreamKind::Delta => "delta",
+        }
+    }
 }

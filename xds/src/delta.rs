@@ -13,14 +13,12 @@ use filterplane_api::{
 };
 
 use crate::{
-    cache::{ServedResource, Snapshot},
+    hold::{Hold, Holds},
+    snapshot::{ServedResource, Snapshot},
+    stream::{CodeFetchRetry, Nack, Step, StreamCore, StreamEvent, StreamSettings, Subscription},
     vec_map::VecMap,
-    xds::{
-        hold::{Hold, Holds},
-        stream::{CodeFetchRetry, Nack, Step, StreamCore, StreamEvent, StreamSettings, Subscription},
-        wire::{self, Header, Wire, RESPONSE_BYTES},
-        ProtocolError,
-    },
+    wire::{self, Header, Wire, RESPONSE_BYTES},
+    ProtocolError,
 };
 
 /// What a step of a delta stream sends: encoded responses.
@@ -79,13 +77,17 @@ impl DeltaStream {
 
     /// A request, with the responses decoded (tests and tools; the server sends
     /// `on_request_wire`'s bytes).
-    pub fn on_request(&mut self, req: DeltaDiscoveryRequest) -> Result<Step<DeltaDiscoveryResponse>, ProtocolError> {
-        self.on_request_wire(req).map(Step::decoded)
+    pub fn on_request(
+        &mut self,
+        req: DeltaDiscoveryRequest,
+        now: Instant,
+    ) -> Result<Step<DeltaDiscoveryResponse>, ProtocolError> {
+        self.on_request_wire(req, now).map(Step::decoded)
     }
 
     /// A new snapshot, with the responses decoded (see `on_request`).
-    pub fn on_snapshot(&mut self, snapshot: Arc<Snapshot>) -> Step<DeltaDiscoveryResponse> {
-        self.on_snapshot_wire(snapshot).decoded()
+    pub fn on_snapshot(&mut self, snapshot: Arc<Snapshot>, now: Instant) -> Step<DeltaDiscoveryResponse> {
+        self.on_snapshot_wire(snapshot, now).decoded()
     }
 
     /// Timers, with the responses decoded (see `on_request`).
@@ -93,7 +95,7 @@ impl DeltaStream {
         self.on_timer_wire(now).decoded()
     }
 
-    pub fn on_request_wire(&mut self, req: DeltaDiscoveryRequest) -> Result<DeltaStep, ProtocolError> {
+    pub fn on_request_wire(&mut self, req: DeltaDiscoveryRequest, now: Instant) -> Result<DeltaStep, ProtocolError> {
         let mut step = Step::default();
         let Some(rt) = self.core.check_request(req.node.as_ref(), &req.type_url, &mut step)? else {
             return Ok(step);
@@ -136,11 +138,11 @@ impl DeltaStream {
                             message: err.message.clone(),
                             names: names.clone(),
                         };
-                        step.events.push(self.core.on_nack(nack, current.into_iter(), names, &mut state.retry));
+                        step.events.push(self.core.on_nack(nack, current.into_iter(), names, &mut state.retry, now));
                     }
                     None => {
                         state.retry = None;
-                        self.holds.acked(rt, &answered.nonce, self.core.settings.drain_grace);
+                        self.holds.acked(rt, &answered.nonce, self.core.settings.drain_grace, now);
                         state.acked_version = answered.version.clone();
                         step.events.push(StreamEvent::Acked {
                             rt,
@@ -192,24 +194,24 @@ impl DeltaStream {
                 if resuming && self.types.contains_key(&ResourceType::Listener) { Hold::Resuming } else { Hold::None };
             self.respond(rt, &newly, first, hold, false, &mut step);
         }
-        self.end_step(&mut step);
+        self.end_step(&mut step, now);
         Ok(step)
     }
 
     /// After a step: holds made wait for the listener and route responses it sent, and
     /// what is due at once (or became due by an ACK) goes out.
-    fn end_step(&mut self, step: &mut DeltaStep) {
+    fn end_step(&mut self, step: &mut DeltaStep, now: Instant) {
         // Runs after every request (each ACK): nothing to do unless a removal is held.
         if self.holds.is_empty() {
             return;
         }
-        self.holds.end_step(&step.sent(), self.core.settings.drain_grace);
-        for rt in self.holds.release_due(Instant::now()) {
+        self.holds.end_step(&step.sent(), self.core.settings.drain_grace, now);
+        for rt in self.holds.release_due(now) {
             self.respond(rt, &[], false, Hold::None, false, step);
         }
     }
 
-    pub fn on_snapshot_wire(&mut self, snapshot: Arc<Snapshot>) -> DeltaStep {
+    pub fn on_snapshot_wire(&mut self, snapshot: Arc<Snapshot>, now: Instant) -> DeltaStep {
         let before = self.core.snapshot.replace(snapshot);
         let hold = before.as_deref().map_or(Hold::None, Hold::Replacing);
         let mut step = Step::default();
@@ -218,7 +220,7 @@ impl DeltaStream {
                 self.respond(rt, &[], false, hold, false, &mut step);
             }
         }
-        self.end_step(&mut step);
+        self.end_step(&mut step, now);
         step
     }
 

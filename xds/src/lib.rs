@@ -1,0 +1,43 @@
+//! The xDS protocol, pure: snapshot values and the rollout plan they are served under,
+//! wire encoding, node facts, subscriptions, and the state of the world, delta and hold
+//! state machines that take requests, snapshots and the time in and give responses and
+//! tracker events out. No I/O, no runtime, no clock: every `now` is passed in, so the
+//! machines are tested with plain values. The server runs a loop around them.
+
+pub mod delta;
+pub mod hold;
+pub mod plan;
+pub mod protocol;
+pub mod snapshot;
+pub mod sotw;
+pub mod stream;
+#[cfg(test)]
+mod test_support;
+pub mod vec_map;
+pub mod wire;
+
+/// A request the protocol cannot serve; ends the stream with a gRPC status (the server
+/// maps it to one). An Envoy NACK is not one of these: it is stream state, recorded by
+/// the tracker.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ProtocolError {
+    #[error("the first request of a stream must carry the node")]
+    MissingNode,
+    #[error("type URL \"{got}\" is not served on this service")]
+    WrongType { got: String },
+    #[error("a subscription of {names} names is over the limit of {limit} per type (--max-subscribed-names)")]
+    TooManyNames { names: usize, limit: usize },
+}
+
+impl ProtocolError {
+    /// The limit this error enforces, as the metrics name it.
+    pub fn limit(&self) -> Option<&'static str> {
+        matches!(self, ProtocolError::TooManyNames { .. }).then_some("subscribed_names")
+    }
+
+    /// Whether the error is a limit the client went over (gRPC `RESOURCE_EXHAUSTED`)
+    /// rather than a request that is wrong (`INVALID_ARGUMENT`).
+    pub fn exhausted(&self) -> bool {
+        matches!(self, ProtocolError::TooManyNames { .. })
+    }
+}

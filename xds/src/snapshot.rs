@@ -1,0 +1,442 @@
+//! Snapshots: the one seam between compiled config and the xDS protocol. A `Generation`
+//! is one successfully compiled config (with the rollout plan it is served under);
+//! proxies that match the same entries share one immutable `Snapshot`, built on first use
+//! and kept for the life of the generation. Publishing generations is the server's.
+
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, OnceLock},
+};
+
+use dashmap::DashMap;
+use filterplane_api::{content_version, Any, ResourceType, ResourceVersion};
+use filterplane_config::{assemble_listener, placement::Placement, CompiledConfig, CompiledResource, NodeFacts};
+
+pub use crate::plan::{Plan, PlanEntry};
+use crate::stream::{set_version, Subscription};
+
+/// One resource as served: encoded once per generation and shared by every stream.
+#[derive(Debug)]
+pub struct ServedResource {
+    pub name: String,
+    pub version: ResourceVersion,
+    pub any: Any,
+    /// Envoy fetches this Wasm config's code itself: a NACK may only mean the module is
+    /// not in Envoy's cache yet, and the response is sent again (see `StreamSettings`).
+    pub envoy_fetches_code: bool,
+    /// What it becomes in a state-of-the-world and in a delta response, encoded when
+    /// the first stream sends it (`xds::wire`).
+    sotw_entry: OnceLock<Box<[u8]>>,
+    delta_entry: OnceLock<Box<[u8]>>,
+}
+
+impl ServedResource {
+    pub fn new(name: String, version: ResourceVersion, any: Any, envoy_fetches_code: bool) -> Self {
+        Self { name, version, any, envoy_fetches_code, sotw_entry: OnceLock::new(), delta_entry: OnceLock::new() }
+    }
+
+    /// Field 2 of a `DiscoveryResponse` carrying it.
+    pub fn sotw_entry(&self) -> &[u8] {
+        self.sotw_entry.get_or_init(|| crate::wire::sotw_entry(&self.any).into())
+    }
+
+    /// Field 2 of a `DeltaDiscoveryResponse` carrying it.
+    pub fn delta_entry(&self) -> &[u8] {
+        self.delta_entry.get_or_init(|| crate::wire::delta_entry(&self.name, self.version.as_str(), &self.any).into())
+    }
+}
+
+/// Resources of one type in a snapshot, by name.
+pub type ResourceMap = BTreeMap<String, Arc<ServedResource>>;
+
+/// What one group of proxies is served. Immutable.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    pub config_version: ResourceVersion,
+    types: BTreeMap<ResourceType, ResourceMap>,
+    /// Extension configs whose filters are placed into this snapshot's listeners, sorted:
+    /// a proxy may still drain a listener that refers to one of them after it leaves.
+    placed: Vec<String>,
+    /// Versions of what streams select, worked out once (`selection_version`).
+    selections: BTreeMap<ResourceType, SelectionVersions>,
+}
+
+/// The versions of a snapshot's selections of one type, for the streams that select
+/// the same set. Without it every stream hashed its set on every push (a SHA-256 per
+/// stream and type), though a group's proxies almost all select alike.
+#[derive(Debug, Default)]
+struct SelectionVersions {
+    /// Every resource of the type (a wildcard subscription).
+    all: OnceLock<ResourceVersion>,
+    /// The first list of names a stream selected by, and its version.
+    named: OnceLock<(Vec<String>, ResourceVersion)>,
+}
+
+impl Snapshot {
+    /// The version of `selected`, which `subscription` selected of this snapshot's `rt`:
+    /// `set_version(selected)`, hashed once for all streams that subscribe alike.
+    pub fn selection_version(
+        &self,
+        rt: ResourceType,
+        subscription: &Subscription,
+        selected: &[&Arc<ServedResource>],
+    ) -> ResourceVersion {
+        if selected.is_empty() {
+            // A type the snapshot has none of (most configs have no clusters), or names
+            // it does not have.
+            static EMPTY: OnceLock<ResourceVersion> = OnceLock::new();
+            return *EMPTY.get_or_init(|| set_version(&[]));
+        }
+        let Some(memo) = self.selections.get(&rt) else {
+            return set_version(selected);
+        };
+        // What a subscription selects depends only on these (`Subscription::select`).
+        if subscription.wildcard {
+            return *memo.all.get_or_init(|| set_version(selected));
+        }
+        let (names, version) = memo.named.get_or_init(|| (subscription.names().to_vec(), set_version(selected)));
+        if names.as_slice() == subscription.names() {
+            *version
+        } else {
+            set_version(selected)
+        }
+    }
+
+    pub fn resources(&self, t: ResourceType) -> Option<&ResourceMap> {
+        self.types.get(&t)
+    }
+
+    pub fn resource(&self, t: ResourceType, name: &str) -> Option<&Arc<ServedResource>> {
+        self.types.get(&t)?.get(name)
+    }
+
+    /// Whether the filter of extension config `name` is placed into this snapshot's
+    /// listeners.
+    pub fn places(&self, name: &str) -> bool {
+        self.placed.binary_search_by(|n| n.as_str().cmp(name)).is_ok()
+    }
+
+    /// Every resource, by type then name.
+    pub fn all(&self) -> impl Iterator<Item = (ResourceType, &Arc<ServedResource>)> {
+        self.types.iter().flat_map(|(t, m)| m.values().map(move |r| (*t, r)))
+    }
+}
+
+/// A compiled config and the per-group snapshots cut from it.
+#[derive(Debug)]
+pub struct Generation {
+    pub config: Arc<CompiledConfig>,
+    /// Parallel to `config.resources`.
+    served: Vec<Arc<ServedResource>>,
+    /// Entries with a node selector: the only ones a node's group depends on.
+    selective: Vec<u32>,
+    /// Keyed by the indices of the selective entries a node matches (and `WITHHELD`
+    /// for proxies that get no sensitive resources).
+    groups: DashMap<Vec<u32>, Arc<Snapshot>>,
+    /// The group of proxies that match no selector, outside any rollout: most proxies
+    /// of most configs, each of which looks its snapshot up once per push (without the
+    /// map's hashing and shard lock, shared by every stream).
+    common: OnceLock<Arc<Snapshot>>,
+    /// Parallel to `config.resources`: holds a secret (an SDS Secret, or a field Envoy
+    /// marks sensitive). Worked out the first time a proxy must go without them.
+    sensitive: std::sync::OnceLock<Vec<bool>>,
+    /// Rollouts in progress: which proxies get an entry's new version, and what the
+    /// others get.
+    pub plan: Plan,
+    /// Per plan entry, by resource index: the index of its resource in
+    /// `config.resources`, of the entry in `plan.entries`, and the last completed version
+    /// as served (`None`: the others do not get the entry).
+    planned: Vec<(u32, usize, Option<OldVersion>)>,
+}
+
+/// An entry's last completed version, as compiled and as served.
+type OldVersion = (Arc<CompiledResource>, Arc<ServedResource>);
+
+/// The group key's mark for an entry a node gets the last completed version of.
+const ON_OLD: u32 = 0x8000_0000;
+
+/// The group key's mark for proxies that get no sensitive resources.
+const WITHHELD: u32 = u32::MAX;
+
+impl Generation {
+    pub fn new(config: CompiledConfig) -> Self {
+        Self::with_plan(Arc::new(config), Plan::default())
+    }
+
+    /// A generation of `config` with the rollouts of `plan`.
+    pub fn with_plan(config: Arc<CompiledConfig>, plan: Plan) -> Self {
+        let served = config
+            .resources
+            .iter()
+            .map(|r| Arc::new(ServedResource::new(r.name.clone(), r.version, r.resource.clone(), r.envoy_fetches_code)))
+            .collect();
+        let selective = config
+            .resources
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| !r.selector.is_empty())
+            .map(|(i, _)| i as u32)
+            .collect();
+        let mut planned: Vec<(u32, usize, Option<OldVersion>)> = plan
+            .entries
+            .iter()
+            .enumerate()
+            .filter_map(|(at, e)| {
+                let i = config.resources.iter().position(|r| {
+                    r.resource_type == ResourceType::ExtensionConfig && r.name == e.name && r.selector == e.selector
+                })?;
+                let old = e.old.clone().map(|o| {
+                    let served = Arc::new(ServedResource::new(
+                        o.name.clone(),
+                        o.version,
+                        o.resource.clone(),
+                        o.envoy_fetches_code,
+                    ));
+                    (o, served)
+                });
+                Some((i as u32, at, old))
+            })
+            .collect();
+        planned.sort_by_key(|(i, _, _)| *i);
+        Self {
+            config,
+            served,
+            selective,
+            groups: DashMap::new(),
+            common: OnceLock::new(),
+            sensitive: Default::default(),
+            plan,
+            planned,
+        }
+    }
+
+    pub fn version(&self) -> &ResourceVersion {
+        &self.config.version
+    }
+
+    /// The snapshot for a node: shared with every node that matches the same entries.
+    /// Runs once per stream per config change, so it only looks at entries that have a
+    /// selector: every node gets the others.
+    pub fn snapshot_for(&self, node: &NodeFacts) -> Arc<Snapshot> {
+        self.snapshot_for_stream(node, false)
+    }
+
+    /// Whether entry `i` holds a secret.
+    fn is_sensitive(&self, i: usize) -> bool {
+        let flags = self.sensitive.get_or_init(|| {
+            self.config
+                .resources
+                .iter()
+                .map(|r| r.resource_type == ResourceType::Secret || filterplane_api::json::holds_sensitive(&r.resource))
+                .collect()
+        });
+        flags.get(i).copied().unwrap_or(false)
+    }
+
+    /// The names of the resources a proxy that may not have secrets goes without.
+    pub fn withheld(&self, node: &NodeFacts) -> Vec<String> {
+        let all = self.snapshot_for_stream(node, false);
+        let without = self.snapshot_for_stream(node, true);
+        all.all().filter(|(t, r)| without.resource(*t, &r.name).is_none()).map(|(_, r)| r.name.clone()).collect()
+    }
+
+    /// As `snapshot_for`; with `withhold_sensitive`, without the resources that hold
+    /// secrets (`--sensitive-to-authenticated-only`, for a proxy without a client
+    /// certificate).
+    pub fn snapshot_for_stream(&self, node: &NodeFacts, withhold_sensitive: bool) -> Arc<Snapshot> {
+        let mut group: Vec<u32> = self
+            .selective
+            .iter()
+            .copied()
+            .filter(|&i| self.config.resources[i as usize].selector.matches(node))
+            .collect();
+        // Entries in a rollout whose new version this node does not get yet (ascending,
+        // after the selective indices, so the key stays sorted).
+        let old_from = group.len();
+        for (i, at, _) in &self.planned {
+            if !self.plan.entries[*at].gets_new(&node.id) {
+                group.push(ON_OLD | *i);
+            }
+        }
+        if withhold_sensitive {
+            group.push(WITHHELD);
+        }
+        let common = group.is_empty();
+        if let Some(s) = self.common.get().filter(|_| common) {
+            return s.clone();
+        }
+        if let Some(s) = self.groups.get(&group) {
+            return s.clone();
+        }
+        let on_old = |i: u32| group[old_from..].binary_search(&(ON_OLD | i)).is_ok();
+        // Every entry this group gets, in config order (which decides same-name entries);
+        // `true`: its last completed version.
+        let key: Vec<(u32, bool)> = (0..self.config.resources.len() as u32)
+            .filter(|i| {
+                self.config.resources[*i as usize].selector.is_empty() || group[..old_from].binary_search(i).is_ok()
+            })
+            .filter(|i| !withhold_sensitive || !self.is_sensitive(*i as usize))
+            .map(|i| (i, on_old(i)))
+            .filter(|(i, old)| !old || self.old_of(*i).is_some())
+            .collect();
+        let resource = |(i, old): (u32, bool)| -> &CompiledResource {
+            match old.then(|| self.old_of(i)).flatten() {
+                Some((r, _)) => r,
+                None => &self.config.resources[i as usize],
+            }
+        };
+        // Filters placed into listeners: those of the extension configs this group gets
+        // (entries sharing a name share their placement).
+        let mut placements: Vec<&Placement> = Vec::new();
+        for &k in &key {
+            if let Some(p) = resource(k).placement.as_deref() {
+                if !placements.iter().any(|q| q.filter_name == p.filter_name) {
+                    placements.push(p);
+                }
+            }
+        }
+        let mut types: BTreeMap<ResourceType, ResourceMap> = BTreeMap::new();
+        for &(i, old) in &key {
+            let r = resource((i, old));
+            // The first matching entry of a name wins (config keeps file order per name).
+            let slot = types.entry(r.resource_type).or_default().entry(r.name.clone());
+            if let std::collections::btree_map::Entry::Vacant(v) = slot {
+                match old.then(|| self.old_of(i)).flatten() {
+                    Some((_, served)) => v.insert(served.clone()),
+                    None => v.insert(self.served_for_group(i as usize, &placements)),
+                };
+            }
+        }
+        let versions: Vec<&[u8]> = types
+            .values()
+            .flat_map(|m| m.values())
+            .flat_map(|s| [s.name.as_bytes(), s.version.as_str().as_bytes()])
+            .collect();
+        let mut placed: Vec<String> = placements.iter().map(|p| p.filter_name.clone()).collect();
+        placed.sort_unstable();
+        let selections = types.keys().map(|&rt| (rt, SelectionVersions::default())).collect();
+        let snap = Arc::new(Snapshot { config_version: content_version(versions), types, placed, selections });
+        let snap = self.groups.entry(group).or_insert(snap).clone();
+        if common {
+            let _ = self.common.set(snap.clone());
+        }
+        snap
+    }
+
+    /// The last completed version of resource `i`, if it is in a rollout and has one.
+    fn old_of(&self, i: u32) -> Option<(&CompiledResource, &Arc<ServedResource>)> {
+        let at = self.planned.binary_search_by_key(&i, |(j, _, _)| *j).ok()?;
+        self.planned[at].2.as_ref().map(|(r, s)| (r.as_ref(), s))
+    }
+
+    /// A resource as this group is served it: listeners get the group's placed filters,
+    /// encoded here once per group.
+    fn served_for_group(&self, i: usize, placements: &[&Placement]) -> Arc<ServedResource> {
+        let r = &self.config.resources[i];
+        if placements.is_empty() {
+            return self.served[i].clone();
+        }
+        match assemble_listener(r, placements) {
+            None => self.served[i].clone(),
+            Some(Ok((any, version))) => Arc::new(ServedResource::new(r.name.clone(), version, any, false)),
+            Some(Err(e)) => {
+                // compile() placed every filter into every listener already, so this
+                // means a bug; serve the listener as written rather than nothing.
+                tracing::error!(listener = %r.name, error = %e, "cannot place filters; serving the listener as written");
+                self.served[i].clone()
+            }
+        }
+    }
+
+    /// How many distinct snapshots (node groups) have been cut so far.
+    pub fn group_count(&self) -> usize {
+        self.groups.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+
+    const ECDS: ResourceType = ResourceType::ExtensionConfig;
+
+    fn generation(yaml: &str) -> Generation {
+        let parsed = filterplane_config::load::parse_file(Path::new("t.yaml"), yaml).unwrap();
+        Generation::new(filterplane_config::compile(&[parsed]).unwrap())
+    }
+
+    fn entry(name: &str, selector: &str, value: &str) -> String {
+        format!(
+            "  - name: {name}\n    node_selector: {selector}\n    typed_config: {{ \"@type\": type.googleapis.com/google.protobuf.StringValue, value: {value} }}\n"
+        )
+    }
+
+    fn node(id: &str, cluster: &str) -> NodeFacts {
+        NodeFacts { id: id.into(), cluster: cluster.into(), ..Default::default() }
+    }
+
+    #[test]
+    fn a_selection_version_is_the_hash_of_what_that_subscription_selects() {
+        let g = generation(&format!(
+            "version: 1\nextension_configs:\n{}{}{}",
+            entry("a", "{}", "x"),
+            entry("b", "{}", "y"),
+            entry("c", "{}", "z")
+        ));
+        let snap = g.snapshot_for(&node("n", "edge"));
+        let sub = |names: &[&str]| {
+            let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+            crate::stream::Subscription::from_sotw(ECDS, &names, None, 100).unwrap()
+        };
+        // Asked in this order, each after the memo holds another list, and again: every
+        // answer is the hash of that subscription's own selection.
+        for names in [&["b", "a"][..], &["*"], &["c"], &["a", "b"], &["*", "a"], &["missing"], &["c"], &["*"]] {
+            let s = sub(names);
+            let selected = s.select(snap.resources(ECDS));
+            assert_eq!(snap.selection_version(ECDS, &s, &selected), set_version(&selected), "{names:?}");
+        }
+        let all = sub(&["*"]);
+        let some = sub(&["a"]);
+        assert_ne!(
+            snap.selection_version(ECDS, &all, &all.select(snap.resources(ECDS))),
+            snap.selection_version(ECDS, &some, &some.select(snap.resources(ECDS)))
+        );
+        // A type the snapshot has none of: the empty set's version, as before.
+        let none: Vec<&Arc<ServedResource>> = Vec::new();
+        assert_eq!(snap.selection_version(ResourceType::Cluster, &sub(&["x"]), &none), set_version(&none));
+    }
+
+    #[test]
+    fn nodes_matching_the_same_entries_share_one_snapshot() {
+        let g = generation(&format!(
+            "version: 1\nextension_configs:\n{}{}",
+            entry("all", "{}", "x"),
+            entry("edge-only", "{ clusters: [edge] }", "y")
+        ));
+        let a = g.snapshot_for(&node("a", "edge"));
+        let b = g.snapshot_for(&node("b", "edge"));
+        let c = g.snapshot_for(&node("c", "mesh"));
+        assert!(Arc::ptr_eq(&a, &b));
+        assert_eq!(g.group_count(), 2);
+        assert!(a.resource(ECDS, "edge-only").is_some());
+        assert!(c.resource(ECDS, "edge-only").is_none());
+        assert!(c.resource(ECDS, "all").is_some());
+        assert_ne!(a.config_version, c.config_version);
+    }
+
+    #[test]
+    fn first_matching_entry_of_a_name_wins() {
+        let g = generation(&format!(
+            "version: 1\nextension_configs:\n{}{}",
+            entry("hdr", "{ clusters: [canary] }", "canary"),
+            entry("hdr", "{}", "stable")
+        ));
+        let canary = g.snapshot_for(&node("a", "canary"));
+        let stable = g.snapshot_for(&node("b", "edge"));
+        let v = |s: &Snapshot| s.resource(ECDS, "hdr").unwrap().version;
+        assert_ne!(v(&canary), v(&stable));
+        assert_eq!(v(&stable), g.config.resources.iter().find(|r| r.selector.is_empty()).unwrap().version);
+    }
+}
