@@ -128,14 +128,14 @@ pub struct ServeArgs {
     /// Bytes of responses one xDS stream may have waiting behind its client's
     /// flow-control window; past it the stream is reset (ENHANCE_YOUR_CALM). A newer
     /// SotW response of a type replaces an unsent older one, so this is rarely reached.
-    #[arg(long, default_value_t = crate::xds::h2_output::DEFAULT_PER_STREAM)]
+    #[arg(long, default_value_t = filterplane_h2::output::DEFAULT_PER_STREAM)]
     pub max_queued_bytes_per_stream: usize,
     /// The same for all streams of one xDS connection; past it, GOAWAY and close.
-    #[arg(long, default_value_t = crate::xds::h2_output::DEFAULT_PER_CONNECTION)]
+    #[arg(long, default_value_t = filterplane_h2::output::DEFAULT_PER_CONNECTION)]
     pub max_queued_bytes_per_connection: usize,
     /// The same for the whole server; past it, streams held by a window their client
     /// keeps closed are reset.
-    #[arg(long, default_value_t = crate::xds::h2_output::DEFAULT_TOTAL)]
+    #[arg(long, default_value_t = filterplane_h2::output::DEFAULT_TOTAL)]
     pub max_queued_bytes: usize,
     /// Admin connections open at once; more are answered 503 and closed, so admin
     /// clients never take the file descriptors Envoys need.

@@ -350,13 +350,13 @@ pub async fn serve_on(
         metrics.clone(),
         shutdown.clone(),
     );
-    let grpc = xds::h2::serve(
+    let grpc = xds::port::serve(
         accepted,
         services,
-        xds::h2::H2Settings {
+        filterplane_h2::H2Settings {
             max_streams: limits.max_streams_per_connection,
             keepalive: std::time::Duration::from_secs(30),
-            output: Arc::new(xds::h2_output::OutputBudget::new(
+            output: Arc::new(filterplane_h2::OutputBudget::new(
                 limits.max_queued_bytes_per_stream,
                 limits.max_queued_bytes_per_connection,
                 limits.max_queued_bytes,

@@ -9,9 +9,9 @@ use filterplane_api::{
     envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse},
     ResourceType,
 };
+use filterplane_h2::{ConnContext, OutMessage, Output, Status};
 use prost::Message;
 use tokio_util::sync::CancellationToken;
-use tonic::Status;
 
 use filterplane_config::NodeFacts;
 
@@ -23,7 +23,6 @@ use crate::{
     tracker::{AckTracker, PeerAuth, Tracked},
     xds::{
         delta::DeltaStream,
-        h2_output::OutMessage,
         sotw::SotwStream,
         status_of,
         stream::{NodeInfo, Step, StreamEvent, StreamSettings},
@@ -180,15 +179,6 @@ impl XdsServices {
     }
 }
 
-/// What a stream handler asks of its connection after an event.
-#[derive(Debug, Default)]
-pub struct Output {
-    /// gRPC messages to send, in order.
-    pub messages: Vec<OutMessage>,
-    /// End the stream with this status (after the messages).
-    pub end: Option<Status>,
-}
-
 /// The handler of one stream, by method.
 #[derive(Debug)]
 pub enum Handler {
@@ -208,9 +198,38 @@ macro_rules! each {
     };
 }
 
-impl Handler {
-    /// A request message arrived.
-    pub fn on_message(&mut self, services: &XdsServices, peer: &ConnPeer, bytes: &[u8], out: &mut Output) {
+/// What one connection's streams share: the xDS services and the peer.
+#[derive(Debug)]
+pub struct XdsConn {
+    pub services: XdsServices,
+    pub peer: ConnPeer,
+}
+
+impl ConnContext for XdsConn {
+    fn peer(&self) -> &str {
+        &self.peer.addr
+    }
+
+    fn limit_hit(&self, limit: &'static str) {
+        self.services.ctx.tracker.metrics().limit_hit(limit);
+    }
+}
+
+impl filterplane_h2::Handler for Handler {
+    type Context = XdsConn;
+    type Event = Option<Arc<Generation>>;
+    type Method = Method;
+
+    fn route(path: &[u8]) -> Option<Method> {
+        Method::from_path(path)
+    }
+
+    fn open(ctx: &XdsConn, method: Method) -> Self {
+        ctx.services.open(method)
+    }
+
+    fn on_message(&mut self, ctx: &XdsConn, bytes: &[u8], out: &mut Output) {
+        let (services, peer) = (&ctx.services, &ctx.peer);
         each!(self, s => s.on_message(&services.ctx, peer, bytes, out), fetch => {
             let result = DiscoveryRequest::decode(bytes)
                 .map_err(|e| Status::internal(format!("could not decode the request: {e}")))
@@ -226,8 +245,7 @@ impl Handler {
         })
     }
 
-    /// The client ended its requests.
-    pub fn on_requests_end(&mut self, out: &mut Output) {
+    fn on_requests_end(&mut self, _ctx: &XdsConn, out: &mut Output) {
         out.end = Some(match self {
             Handler::Fetch => Status::invalid_argument("no request sent"),
             _ => Status::ok(""),
@@ -235,18 +253,19 @@ impl Handler {
     }
 
     /// A new generation of the configuration.
-    pub fn on_generation(&mut self, ctx: &XdsContext, peer: &ConnPeer, generation: &Generation, out: &mut Output) {
-        each!(self, s => s.on_generation(ctx, peer, generation, out), fetch => ())
+    fn on_event(&mut self, ctx: &XdsConn, generation: &Option<Arc<Generation>>, out: &mut Output) {
+        let Some(generation) = generation else { return };
+        each!(self, s => s.on_generation(&ctx.services.ctx, &ctx.peer, generation, out), fetch => ())
     }
 
-    pub fn next_wakeup(&self) -> Option<Instant> {
+    fn next_wakeup(&self) -> Option<Instant> {
         each!(self, s => s.machine.next_wakeup(), fetch => None)
     }
 
-    pub fn on_timer(&mut self, ctx: &XdsContext, now: Instant, out: &mut Output) {
+    fn on_timer(&mut self, ctx: &XdsConn, now: Instant, out: &mut Output) {
         each!(self, s => {
             let step = Protocol::on_timer(&mut s.machine, now);
-            s.after(ctx, step, out)
+            s.after(&ctx.services.ctx, step, out)
         }, fetch => ())
     }
 }

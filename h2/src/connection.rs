@@ -1,0 +1,235 @@
+//! The I/O around a connection's state machine: reads from the socket into it, writes
+//! what it framed, and its timers (keepalive PING, the streams' wake-ups) and signals
+//! (events every stream hears of, the server stopping). One task per connection.
+
+use std::{
+    future::Future,
+    io,
+    pin::Pin,
+    task::{Context, Poll},
+    time::Instant,
+};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::watch;
+use tokio_stream::Stream;
+
+use crate::{
+    frames::{NO_ERROR, PING},
+    state::{fail, ConnError, ConnState, WRITE_HIGH},
+    ConnContext, H2Settings, Handler,
+};
+
+/// What is read from the socket at a time (on the stack; only a frame cut in two is
+/// kept between reads).
+const READ_CHUNK: usize = 8 << 10;
+/// Loop turns in one poll before the task yields to others.
+const TURNS_PER_POLL: usize = 64;
+
+/// One HTTP/2 connection, run as a future until it closes.
+pub struct Connection<IO, H: Handler> {
+    io: IO,
+    state: ConnState<H>,
+    /// A frame cut in two by a read; empty (unallocated) otherwise.
+    rbuf: Vec<u8>,
+    /// Events for every stream, and the server stopping.
+    signals: tokio_stream::wrappers::WatchStream<Signal<H::Event>>,
+    keepalive: Pin<Box<tokio::time::Sleep>>,
+    /// The keepalive timer was polled since it was last set, so it wakes the connection
+    /// when due: until then, a wake-up (one per push) need not poll it again.
+    keepalive_armed: bool,
+    /// The earliest stream timer (a Wasm resend, a held removal), when one is due.
+    timer: Option<(Instant, Pin<Box<tokio::time::Sleep>>)>,
+}
+
+/// What every connection is told: an event for its streams (a new configuration), or
+/// that the server stops. (One channel for both: an idle connection waits on one thing,
+/// and one wake-up per change.)
+#[derive(Debug, Clone)]
+pub enum Signal<E> {
+    Event(E),
+    Stop,
+}
+
+impl<IO: AsyncRead + AsyncWrite + Unpin, H: Handler> Connection<IO, H>
+where
+    H::Event: Clone,
+{
+    /// A connection on `io`, its streams sharing `ctx`, told of events by `signals`.
+    pub fn new(io: IO, ctx: H::Context, settings: H2Settings, signals: watch::Receiver<Signal<H::Event>>) -> Self {
+        let keepalive = Box::pin(tokio::time::sleep(settings.keepalive));
+        Self {
+            io,
+            state: ConnState::new(ctx, settings),
+            rbuf: Vec::new(),
+            signals: tokio_stream::wrappers::WatchStream::from_changes(signals),
+            keepalive,
+            keepalive_armed: false,
+            timer: None,
+        }
+    }
+
+    /// Whether the keepalive PING is due. Polls the timer only to arm it and once its
+    /// time has come.
+    fn keepalive_due(&mut self, cx: &mut Context<'_>) -> bool {
+        if self.keepalive_armed && tokio::time::Instant::now() < self.keepalive.deadline() {
+            return false;
+        }
+        self.keepalive_armed = true;
+        self.keepalive.as_mut().poll(cx).is_ready()
+    }
+
+    /// The timer armed for the earliest stream wake-up; `true` when one is due now.
+    fn poll_timer(&mut self, cx: &mut Context<'_>) -> bool {
+        if !self.state.timer_stale {
+            return self.timer.as_mut().is_some_and(|(_, sleep)| sleep.as_mut().poll(cx).is_ready());
+        }
+        self.state.timer_stale = false;
+        let Some(at) = self.state.next_wakeup() else {
+            self.timer = None;
+            return false;
+        };
+        match &mut self.timer {
+            Some((armed, sleep)) if *armed == at => sleep.as_mut().poll(cx).is_ready(),
+            _ => {
+                let mut sleep = Box::pin(tokio::time::sleep_until(at.into()));
+                let due = sleep.as_mut().poll(cx).is_ready();
+                self.timer = Some((at, sleep));
+                due
+            }
+        }
+    }
+
+    /// Reads once; `Ready(true)` at the end of the input.
+    fn poll_read(&mut self, cx: &mut Context<'_>) -> Poll<Result<bool, ConnError>> {
+        // Not zeroed first (8 KiB per read, once per ACK): the reader fills what it reports.
+        let mut chunk = [std::mem::MaybeUninit::<u8>::uninit(); READ_CHUNK];
+        let mut buf = ReadBuf::uninit(&mut chunk);
+        match Pin::new(&mut self.io).poll_read(cx, &mut buf) {
+            Poll::Pending => return Poll::Pending,
+            // Reset, timed out (no preface in time), TLS error: nothing to say to it.
+            Poll::Ready(Err(_)) => return Poll::Ready(Ok(true)),
+            Poll::Ready(Ok(())) => {}
+        }
+        let read = buf.filled();
+        let n = read.len();
+        if n == 0 {
+            return Poll::Ready(Ok(true));
+        }
+        if self.rbuf.is_empty() {
+            let used = self.state.process(read)?;
+            self.rbuf.extend_from_slice(&read[used..]);
+        } else {
+            let mut data = std::mem::take(&mut self.rbuf);
+            data.extend_from_slice(read);
+            let used = self.state.process(&data)?;
+            data.drain(..used);
+            self.rbuf = data;
+        }
+        if self.rbuf.is_empty() {
+            self.rbuf = Vec::new();
+        }
+        Poll::Ready(Ok(false))
+    }
+
+    /// Writes what is waiting; `Ready` once all of it is written.
+    fn poll_write(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while self.state.wpos < self.state.wbuf.len() {
+            let n = std::task::ready!(Pin::new(&mut self.io).poll_write(cx, &self.state.wbuf[self.state.wpos..]))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.state.wpos += n;
+        }
+        // Written: the buffer goes back, so an idle connection holds none.
+        self.state.wbuf = Vec::new();
+        self.state.wpos = 0;
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_run(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ConnError>> {
+        for _ in 0..TURNS_PER_POLL {
+            let mut progress = false;
+            while let Poll::Ready(next) = Pin::new(&mut self.signals).poll_next(cx) {
+                match next {
+                    Some(Signal::Event(e)) if !self.state.closing => self.state.on_event(&e),
+                    Some(Signal::Event(_)) => {}
+                    // Streams end with OK, as when the server stops.
+                    Some(Signal::Stop) | None => self.state.stop(),
+                }
+                progress = true;
+                if self.state.closing {
+                    break;
+                }
+            }
+            if self.keepalive_due(cx) {
+                if self.state.ping_outstanding {
+                    return Poll::Ready(Err(fail(NO_ERROR, "keepalive PING not answered")));
+                }
+                self.state.ping_outstanding = true;
+                self.state.frame(PING, 0, 0, &[0, 0, 0, 0, 0, 0, 0, 1]);
+                let next = tokio::time::Instant::now() + self.state.settings.keepalive;
+                self.keepalive.as_mut().reset(next);
+                self.keepalive_armed = false;
+                progress = true;
+            }
+            if self.poll_timer(cx) {
+                self.timer = None;
+                self.state.timer_stale = true;
+                self.state.on_timers(Instant::now());
+                progress = true;
+            }
+            if !self.state.closing && self.state.wbuf.len() - self.state.wpos < WRITE_HIGH {
+                match self.poll_read(cx) {
+                    Poll::Ready(Ok(true)) => return Poll::Ready(Ok(())),
+                    Poll::Ready(Ok(false)) => progress = true,
+                    Poll::Ready(Err(e)) => {
+                        self.state.go_away(e.code, e.why);
+                        progress = true;
+                    }
+                    Poll::Pending => {}
+                }
+            }
+            self.state.pump();
+            // A wake-up changed since the timer was armed (a stream started waiting on a
+            // closed window): one more turn arms it before this task sleeps.
+            progress |= self.state.timer_stale;
+            let (before, waiting) = (self.state.wpos, self.state.wbuf.len());
+            match self.poll_write(cx) {
+                Poll::Ready(Ok(())) if self.state.closing => {
+                    let _ = Pin::new(&mut self.io).poll_shutdown(cx);
+                    return Poll::Ready(Ok(()));
+                }
+                // Written: streams held back by the output bound may go on.
+                Poll::Ready(Ok(())) => progress |= waiting > before,
+                Poll::Ready(Err(_)) => return Poll::Ready(Ok(())),
+                Poll::Pending => progress |= self.state.wpos != before,
+            }
+            if !progress {
+                return Poll::Pending;
+            }
+        }
+        // Busy: let other connections run, then carry on.
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+}
+
+impl<IO: AsyncRead + AsyncWrite + Unpin, H: Handler> Future for Connection<IO, H>
+where
+    H::Event: Clone,
+{
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.get_mut();
+        match this.poll_run(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Ok(())) => Poll::Ready(()),
+            Poll::Ready(Err(e)) => {
+                tracing::debug!(peer = %this.state.ctx.peer(), reason = e.why, "HTTP/2 connection closed");
+                Poll::Ready(())
+            }
+        }
+    }
+}

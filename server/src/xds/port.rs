@@ -1,0 +1,59 @@
+//! The xDS port's connections: each accepted connection (after its TLS handshake, under
+//! the connection caps) becomes an HTTP/2 connection whose streams are the xDS services;
+//! every new configuration generation is signalled to all of them at once.
+
+use std::{sync::Arc, time::Duration};
+
+use filterplane_h2::{Connection, H2Settings, Signal};
+use filterplane_xds::snapshot::Generation;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::xds::service::{Handler, XdsConn, XdsServices};
+
+/// Serves every connection `accepted` hands over until `shutdown`; then waits (at most
+/// five seconds) for connections to say goodbye.
+pub async fn serve(
+    mut accepted: tokio::sync::mpsc::Receiver<crate::accept::Accepted>,
+    services: XdsServices,
+    settings: H2Settings,
+    handshake_timeout: Duration,
+    metrics: Arc<crate::metrics::Metrics>,
+    shutdown: CancellationToken,
+) {
+    let (signals, _) = watch::channel(Signal::Event(services.ctx().cache.current()));
+    let forward = {
+        let mut generations = services.ctx().cache.subscribe();
+        let (signals, shutdown) = (signals.clone(), shutdown.clone());
+        async move {
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    changed = generations.changed() => {
+                        if changed.is_err() {
+                            break;
+                        }
+                        let g: Option<Arc<Generation>> = generations.borrow_and_update().clone();
+                        signals.send_replace(Signal::Event(g));
+                    }
+                }
+            }
+            signals.send_replace(Signal::Stop);
+        }
+    };
+    let forwarding = tokio::spawn(forward);
+    let tasks = tokio_util::task::TaskTracker::new();
+    loop {
+        let a = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            a = accepted.recv() => match a { Some(a) => a, None => break },
+        };
+        let peer = services.peer(a.io.peer());
+        let io = crate::limits::Handshake::new(a.io, a.hold, handshake_timeout, metrics.clone());
+        let ctx = XdsConn { services: services.clone(), peer };
+        tasks.spawn(Connection::<_, Handler>::new(io, ctx, settings.clone(), signals.subscribe()));
+    }
+    let _ = forwarding.await;
+    tasks.close();
+    let _ = tokio::time::timeout(Duration::from_secs(5), tasks.wait()).await;
+}
