@@ -1,6 +1,6 @@
 //! Filterplane's view of the xDS API: type URLs, Envoy's protobuf descriptor pool,
 //! Envoy-native JSON to protobuf `Any`, and content hashing for resource versions.
-//! Knows nothing about files, sockets or tokio.
+//! Knows nothing about sockets or tokio; the one file reader, bounded, is `files`.
 
 pub mod descriptors;
 pub mod json;
@@ -12,3 +12,4 @@ pub use envoy_types::pb::google::protobuf::Any;
 pub use json::{any_from_json, JsonToAnyError, TypedMessage};
 pub use types::ResourceType;
 pub use version::{content_version, ResourceVersion};
+pub mod files;

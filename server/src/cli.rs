@@ -376,11 +376,11 @@ pub struct WasmArgs {
     /// link-local and cloud metadata ranges; checked after DNS and on every redirect.
     /// Repeatable.
     #[arg(long, value_name = "CIDR")]
-    pub wasm_fetch_deny_cidr: Vec<crate::wasm::guard::Cidr>,
+    pub wasm_fetch_deny_cidr: Vec<filterplane_wasm::guard::Cidr>,
     /// Addresses (CIDR) exempt from the deny list (e.g. a registry on a link-local
     /// address). Repeatable.
     #[arg(long, value_name = "CIDR")]
-    pub wasm_fetch_allow_cidr: Vec<crate::wasm::guard::Cidr>,
+    pub wasm_fetch_allow_cidr: Vec<filterplane_wasm::guard::Cidr>,
     /// Registry credentials for plugins without `image_pull_secret`: a Docker
     /// config.json, a Kubernetes dockerconfigjson Secret, or USER:PASSWORD. Default:
     /// $DOCKER_CONFIG/config.json when it exists. A registry without an entry is pulled

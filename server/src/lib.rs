@@ -11,6 +11,7 @@ pub mod identity;
 pub mod limits;
 pub mod log_limit;
 pub mod metrics;
+pub mod modules;
 pub mod ports;
 pub mod preflight;
 pub mod reload;
@@ -20,7 +21,7 @@ pub mod secret;
 pub mod status;
 pub mod tls;
 pub mod tracker;
-pub mod wasm;
+
 pub mod xds;
 
 use std::sync::{atomic::AtomicBool, Arc};
@@ -38,17 +39,18 @@ use crate::{
     reload::ConfigReloader,
     tls::{ReloadingTls, TlsFiles},
     tracker::AckTracker,
-    wasm::{
-        cache::WasmModuleCache,
-        fetch::{FetchSettings, WasmFetcher},
-        DeliverySettings, WasmSupport,
-    },
     xds::{
         service::{XdsContext, XdsSecurity, XdsServices},
         stream::StreamSettings,
     },
 };
 use filterplane_config::model::Delivery;
+use filterplane_wasm::{
+    self as wasm,
+    cache::WasmModuleCache,
+    fetch::{FetchSettings, WasmFetcher},
+    DeliverySettings, WasmSupport,
+};
 
 /// Runs the server until `shutdown` is cancelled, then stops in order: stop accepting,
 /// end the streams, wait for the tasks.
@@ -100,7 +102,7 @@ fn wasm_support(args: &ServeArgs, modules_url: String, metrics: Arc<Metrics>) ->
             None => None,
         },
     };
-    let fetcher = Arc::new(WasmFetcher::new(cache, settings, metrics)?);
+    let fetcher = Arc::new(WasmFetcher::new(cache, settings, metrics.wasm.clone())?);
     let secret_file = args.security.modules_secret_file.clone().unwrap_or_else(|| cache_dir.join("module-path-secret"));
     let module_secret = Arc::new(
         secret::load_or_create(&secret_file)
@@ -385,7 +387,7 @@ pub async fn serve_on(
             .chain(module_host)
             .collect(),
     );
-    let module_server = wasm::serve::ModuleServer {
+    let module_server = modules::ModuleServer {
         cache: cache.clone(),
         reloader: reloader.clone(),
         secret: module_secret,
@@ -402,7 +404,7 @@ pub async fn serve_on(
                 metrics.clone(),
                 shutdown.clone(),
             )?;
-            let app = wasm::serve::listener_app(module_server);
+            let app = modules::listener_app(module_server);
             (Some(axum::serve(listener, app).with_graceful_shutdown(shutdown.clone().cancelled_owned())), None)
         }
         None => (None, Some(module_server)),

@@ -124,16 +124,10 @@ pub struct Metrics {
     pub connected_proxies: Family<KindLabel, Gauge>,
     pub config_reloads: Family<ResultLabel, Counter>,
     pub config_reload_duration: Histogram,
-    pub wasm_cache_lookups: Family<ResultLabel, Counter>,
-    pub wasm_cache_entries: Gauge,
-    pub wasm_cache_bytes: Gauge,
-    pub wasm_fetches: Family<ResultLabel, Counter>,
-    pub wasm_fetch_duration: Histogram,
-    pub wasm_compile_duration: Histogram,
+    /// Fetching and checking modules (registered here).
+    pub wasm: filterplane_wasm::metrics::WasmMetrics,
     pub wasm_module_downloads: Counter,
     pub wasm_code_fetch_resends: Counter,
-    pub wasm_conversions: Family<ResultLabel, Counter>,
-    pub wasm_conversion_duration: Histogram,
     pub limit_hits: Family<LimitLabel, Counter>,
     pub tls_reloads: Family<ResultLabel, Counter>,
     pub rollout_step: Family<NameLabel, Gauge>,
@@ -163,16 +157,9 @@ impl Default for Metrics {
             connected_proxies: Family::default(),
             config_reloads: Family::default(),
             config_reload_duration: Histogram::new(exponential_buckets(0.0005, 2.0, 15)),
-            wasm_cache_lookups: Family::default(),
-            wasm_cache_entries: Gauge::default(),
-            wasm_cache_bytes: Gauge::default(),
-            wasm_fetches: Family::default(),
-            wasm_fetch_duration: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
-            wasm_compile_duration: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
+            wasm: Default::default(),
             wasm_module_downloads: Counter::default(),
             wasm_code_fetch_resends: Counter::default(),
-            wasm_conversions: Family::default(),
-            wasm_conversion_duration: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
             limit_hits: Family::default(),
             tls_reloads: Family::default(),
             rollout_step: Family::default(),
@@ -215,24 +202,7 @@ impl Default for Metrics {
             "Time to read, validate and compile the config",
             m.config_reload_duration.clone(),
         );
-        registry.register(
-            "wasm_cache_lookups",
-            "Wasm module cache lookups, by result (hit, miss)",
-            m.wasm_cache_lookups.clone(),
-        );
-        registry.register("wasm_cache_entries", "Modules in the Wasm module cache", m.wasm_cache_entries.clone());
-        registry.register("wasm_cache_bytes", "Bytes in the Wasm module cache", m.wasm_cache_bytes.clone());
-        registry.register(
-            "wasm_remote_fetches",
-            "Wasm module fetches, by result (success, download_failure, checksum_mismatch, invalid_module)",
-            m.wasm_fetches.clone(),
-        );
-        registry.register("wasm_fetch_duration_seconds", "Time to fetch a Wasm module", m.wasm_fetch_duration.clone());
-        registry.register(
-            "wasm_compile_duration_seconds",
-            "Time to parse and check a Wasm module before serving it",
-            m.wasm_compile_duration.clone(),
-        );
+        m.wasm.register(&mut registry);
         registry.register(
             "wasm_module_downloads",
             "Modules Envoys downloaded from /modules (remote delivery)",
@@ -258,16 +228,6 @@ impl Default for Metrics {
             "wasm_code_fetch_resends",
             "Wasm configs sent again because Envoy NACKed them while fetching the module (remote delivery)",
             m.wasm_code_fetch_resends.clone(),
-        );
-        registry.register(
-            "wasm_config_conversions",
-            "Envoy-native Wasm configs whose modules Filterplane fetched and rewrote to its delivery, by result (success, download_failure, checksum_mismatch, invalid_module)",
-            m.wasm_conversions.clone(),
-        );
-        registry.register(
-            "wasm_config_conversion_duration_seconds",
-            "Time to fetch, check and rewrite the modules of one Envoy-native Wasm config",
-            m.wasm_conversion_duration.clone(),
         );
         registry.register(
             "rollout_step",
@@ -317,13 +277,6 @@ impl Default for Metrics {
         for result in ["applied", "unchanged", "failed", "held"] {
             let _ = m.config_reloads.get_or_create(&ResultLabel { result });
         }
-        for result in ["hit", "miss"] {
-            let _ = m.wasm_cache_lookups.get_or_create(&ResultLabel { result });
-        }
-        for result in ["success", "download_failure", "checksum_mismatch", "invalid_module"] {
-            let _ = m.wasm_fetches.get_or_create(&ResultLabel { result });
-            let _ = m.wasm_conversions.get_or_create(&ResultLabel { result });
-        }
         for result in ["applied", "failed"] {
             let _ = m.tls_reloads.get_or_create(&ResultLabel { result });
         }
@@ -364,10 +317,6 @@ impl Metrics {
             last.insert(limit, now);
             tracing::warn!(limit, "a limit was hit (counted in filterplane_limit_hits_total; logged once a minute)");
         }
-    }
-
-    pub fn wasm_cache_lookup(&self, result: &'static str) {
-        self.wasm_cache_lookups.get_or_create(&ResultLabel { result }).inc();
     }
 
     /// The Prometheus text exposition format.

@@ -17,12 +17,8 @@ use serde::Serialize;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::{
-    cache::SnapshotCache,
-    metrics::Metrics,
-    tracker::now,
-    wasm::{resolve, PluginError, WasmSupport},
-};
+use crate::{cache::SnapshotCache, metrics::Metrics, tracker::now};
+use filterplane_wasm::{resolve, PluginError, WasmSupport};
 
 /// Quiet time after the last file event before reloading: editors write a file in
 /// several steps (truncate, write, rename), and one reload should see the end result.
@@ -213,7 +209,9 @@ impl ConfigReloader {
             (Ok(config), Some(w)) if config.fetches_wasm() => {
                 let previous = self.cache.current();
                 let pinned = self.cache.pinned_modules();
-                let (config, errors) = resolve(config, &w.fetcher, &w.delivery, previous.as_deref(), pinned).await;
+                let (config, errors) =
+                    resolve(config, &w.fetcher, &w.delivery, previous.as_deref().map(|g| g.config.as_ref()), pinned)
+                        .await;
                 wasm_errors = errors;
                 Ok(config)
             }

@@ -30,12 +30,8 @@ fn every_limit_label_counted_is_in_the_readme() {
     let mut labels = std::collections::BTreeSet::new();
     // Every crate's sources: the transport and the protocol count limits too.
     let root = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.."));
-    let mut dirs: Vec<std::path::PathBuf> = std::fs::read_dir(root)
-        .unwrap()
-        .flatten()
-        .map(|e| e.path().join("src"))
-        .filter(|src| src.is_dir())
-        .collect();
+    let mut dirs: Vec<std::path::PathBuf> =
+        std::fs::read_dir(root).unwrap().flatten().map(|e| e.path().join("src")).filter(|src| src.is_dir()).collect();
     while let Some(dir) = dirs.pop() {
         for e in std::fs::read_dir(dir).unwrap().flatten() {
             let path = e.path();

@@ -62,7 +62,7 @@ pub struct AdminState {
     /// `--admin-token-file`: who may use everything but the probes.
     pub auth: Option<Arc<auth::AdminAuth>>,
     /// Modules for remote delivery, when no `--modules-addr` serves them.
-    pub modules: Option<crate::wasm::serve::ModuleServer>,
+    pub modules: Option<crate::modules::ModuleServer>,
     pub rollouts: Arc<crate::rollout::Rollouts>,
 }
 
@@ -92,7 +92,7 @@ pub fn app(state: AdminState) -> Router {
         .fallback(|| async { (StatusCode::NOT_FOUND, "no such page; see / and /api/v1/*\n") })
         .with_state(state.clone());
     if let Some(modules) = state.modules.clone() {
-        router = router.merge(crate::wasm::serve::routes(modules));
+        router = router.merge(crate::modules::routes(modules));
     }
     router
         .layer(axum::middleware::from_fn(move |req: axum::extract::Request, next: axum::middleware::Next| {

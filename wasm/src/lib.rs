@@ -7,8 +7,8 @@ pub mod check;
 pub mod creds;
 pub mod fetch;
 pub mod guard;
+pub mod metrics;
 pub mod oci;
-pub mod serve;
 
 use std::collections::HashSet;
 
@@ -21,8 +21,23 @@ use filterplane_config::{
 };
 use serde::Serialize;
 
-use crate::wasm::fetch::WasmFetcher;
-use filterplane_xds::snapshot::Generation;
+use crate::fetch::WasmFetcher;
+
+/// The key in the path Envoy fetches the module with this SHA-256 from (remote
+/// delivery): an HMAC-SHA256 of it under the server's secret, so nobody can fetch a
+/// module by guessing.
+pub fn module_key(secret: &[u8], sha256: &str) -> String {
+    use hmac::Mac;
+    // HMAC takes a key of any length.
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret).unwrap_or_else(|_| unreachable!());
+    mac.update(sha256.as_bytes());
+    hex::encode(mac.finalize().into_bytes())
+}
+
+/// The path Envoy fetches the module with this SHA-256 from.
+pub fn module_path(secret: &[u8], sha256: &str) -> String {
+    format!("/modules/{}", module_key(secret, sha256))
+}
 
 /// How Envoy gets modules by default, and where it downloads them from (remote).
 #[derive(Debug, Clone)]
@@ -32,7 +47,7 @@ pub struct DeliverySettings {
     pub module_base_url: String,
     /// The Envoy cluster that reaches `module_base_url`.
     pub module_cluster: String,
-    /// The key of module paths (`serve::module_path`).
+    /// The key of module paths (`module_path`).
     pub module_secret: std::sync::Arc<Vec<u8>>,
 }
 
@@ -82,9 +97,8 @@ impl PluginError {
 
 /// The ECDS resource served before under this name and selector, kept when its new
 /// version cannot be had.
-fn kept_version(previous: Option<&Generation>, name: &str, selector: &NodeSelector) -> Option<CompiledResource> {
+fn kept_version(previous: Option<&CompiledConfig>, name: &str, selector: &NodeSelector) -> Option<CompiledResource> {
     previous?
-        .config
         .resources
         .iter()
         .find(|r| r.resource_type == ResourceType::ExtensionConfig && r.name == name && &r.selector == selector)
@@ -98,7 +112,7 @@ pub async fn resolve(
     config: CompiledConfig,
     fetcher: &WasmFetcher,
     delivery: &DeliverySettings,
-    previous: Option<&Generation>,
+    previous: Option<&CompiledConfig>,
     also_pinned: Vec<String>,
 ) -> (CompiledConfig, Vec<PluginError>) {
     let (config, mut errors, mut pinned) = resolve_central(config, fetcher, delivery, previous).await;
@@ -117,7 +131,7 @@ async fn resolve_plugins(
     config: CompiledConfig,
     fetcher: &WasmFetcher,
     delivery: &DeliverySettings,
-    previous: Option<&Generation>,
+    previous: Option<&CompiledConfig>,
     pinned: &mut HashSet<String>,
 ) -> (CompiledConfig, Vec<PluginError>) {
     if config.wasm_plugins.is_empty() {
@@ -159,7 +173,7 @@ async fn resolve_central(
     config: CompiledConfig,
     fetcher: &WasmFetcher,
     delivery: &DeliverySettings,
-    previous: Option<&Generation>,
+    previous: Option<&CompiledConfig>,
 ) -> (CompiledConfig, Vec<PluginError>, HashSet<String>) {
     let mut pinned = HashSet::new();
     if config.resources.iter().all(|r| r.central_wasm.is_none()) {
@@ -174,12 +188,12 @@ async fn resolve_central(
                 let started = std::time::Instant::now();
                 let result = convert(&r, &central, fetcher, delivery).await;
                 let metrics = &fetcher.metrics;
-                metrics.wasm_conversion_duration.observe(started.elapsed().as_secs_f64());
+                metrics.conversion_duration.observe(started.elapsed().as_secs_f64());
                 let label = match &result {
                     Ok(_) => "success",
                     Err((_, e)) => e.kind(),
                 };
-                metrics.wasm_conversions.get_or_create(&crate::metrics::ResultLabel::new(label)).inc();
+                metrics.conversions.get_or_create(&crate::metrics::ResultLabel::new(label)).inc();
                 result.map_err(|(code, e)| (r, code, e))
             }
         }
@@ -241,7 +255,7 @@ async fn convert(
             let uri = format!(
                 "{}{}",
                 delivery.module_base_url.trim_end_matches('/'),
-                serve::module_path(&delivery.module_secret, &module.sha256)
+                module_path(&delivery.module_secret, &module.sha256)
             );
             serde_json::json!({ "remote": { "http_uri": { "uri": uri, "cluster": delivery.module_cluster, "timeout": "30s" }, "sha256": module.sha256 } })
         } else {
@@ -284,7 +298,7 @@ fn build(plugin: &WasmPlugin, bytes: &[u8], sha256: &str, delivery: &DeliverySet
             let uri = format!(
                 "{}{}",
                 delivery.module_base_url.trim_end_matches('/'),
-                serve::module_path(&delivery.module_secret, sha256)
+                module_path(&delivery.module_secret, sha256)
             );
             build_wasm_resource(plugin, WasmCode::Remote { uri: &uri, cluster: &delivery.module_cluster }, sha256)
         }

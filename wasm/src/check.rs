@@ -123,7 +123,7 @@ pub mod tests {
     /// The module text shared with the end-to-end tests (`e2e/testdata/add_header.wat`),
     /// with `{VALUE}`, `{LEN}` and `{EXTRA}` filled in.
     pub fn header_module_wat(value: &str, extra: &str) -> String {
-        include_str!("../../../e2e/testdata/add_header.wat")
+        include_str!("../../e2e/testdata/add_header.wat")
             .replace("{VALUE}", value)
             .replace("{LEN}", &value.len().to_string())
             .replace("{EXTRA}", extra)

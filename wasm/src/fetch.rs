@@ -16,12 +16,11 @@ use filterplane_config::{
 use oci_client::secrets::RegistryAuth;
 
 use crate::{
-    metrics::{Metrics, ResultLabel},
-    wasm::{
-        cache::{sha256_hex, WasmModuleCache},
-        check::check_module,
-        creds, oci,
-    },
+    cache::{sha256_hex, WasmModuleCache},
+    check::check_module,
+    creds,
+    metrics::{ResultLabel, WasmMetrics},
+    oci,
 };
 
 /// How fetching behaves; from the command line.
@@ -40,7 +39,7 @@ pub struct FetchSettings {
     /// source never holds the rest of the config.
     pub deadline: Duration,
     /// Addresses HTTP(S) downloads may not connect to (SSRF guard).
-    pub guard: Arc<crate::wasm::guard::AddressGuard>,
+    pub guard: Arc<crate::guard::AddressGuard>,
     /// Credentials for plugins without `image_pull_secret` (`--registry-auth-file`, else
     /// `$DOCKER_CONFIG/config.json`): a registry without an entry is pulled anonymously.
     pub registry_auth_file: Option<PathBuf>,
@@ -81,7 +80,7 @@ pub struct WasmFetcher {
     pub cache: WasmModuleCache,
     settings: FetchSettings,
     http: reqwest::Client,
-    pub metrics: Arc<Metrics>,
+    pub metrics: WasmMetrics,
 }
 
 impl std::fmt::Debug for WasmFetcher {
@@ -94,13 +93,13 @@ impl std::fmt::Debug for WasmFetcher {
 }
 
 impl WasmFetcher {
-    pub fn new(cache: WasmModuleCache, settings: FetchSettings, metrics: Arc<Metrics>) -> anyhow::Result<Self> {
+    pub fn new(cache: WasmModuleCache, settings: FetchSettings, metrics: WasmMetrics) -> anyhow::Result<Self> {
         let http = reqwest::Client::builder()
             .connect_timeout(settings.timeout)
             .timeout(settings.timeout)
             .no_proxy()
-            .dns_resolver(Arc::new(crate::wasm::guard::GuardedResolver(settings.guard.clone())))
-            .redirect(crate::wasm::guard::redirect_policy(settings.guard.clone()))
+            .dns_resolver(Arc::new(crate::guard::GuardedResolver(settings.guard.clone())))
+            .redirect(crate::guard::redirect_policy(settings.guard.clone()))
             .tls_certs_merge(match &settings.registry_ca_pem {
                 Some(pem) => reqwest::Certificate::from_pem_bundle(pem)?,
                 None => Vec::new(),
@@ -113,15 +112,15 @@ impl WasmFetcher {
 
     fn update_cache_gauges(&self) {
         let (entries, bytes) = self.cache.usage();
-        self.metrics.wasm_cache_entries.set(entries as i64);
-        self.metrics.wasm_cache_bytes.set(bytes as i64);
+        self.metrics.cache_entries.set(entries as i64);
+        self.metrics.cache_bytes.set(bytes as i64);
     }
 
     /// `module`, given up after the reload's deadline.
     pub async fn module_in_time(&self, plugin: &WasmPlugin) -> Result<Module, FetchError> {
         let deadline = self.settings.deadline;
         tokio::time::timeout(deadline, self.module(plugin)).await.unwrap_or_else(|_| {
-            self.metrics.wasm_fetches.get_or_create(&ResultLabel { result: "download_failure" }).inc();
+            self.metrics.fetches.get_or_create(&ResultLabel { result: "download_failure" }).inc();
             Err(FetchError::Download(format!(
                 "not fetched within {} s (--wasm-fetch-deadline-secs); tried again at the next reload",
                 deadline.as_secs()
@@ -140,8 +139,8 @@ impl WasmFetcher {
             Err(e) => Some(e.kind()),
         };
         if let Some(result) = label {
-            self.metrics.wasm_fetches.get_or_create(&ResultLabel { result }).inc();
-            self.metrics.wasm_fetch_duration.observe(started.elapsed().as_secs_f64());
+            self.metrics.fetches.get_or_create(&ResultLabel { result }).inc();
+            self.metrics.fetch_duration.observe(started.elapsed().as_secs_f64());
         }
         self.update_cache_gauges();
         result.map(|(m, _)| m)
@@ -178,7 +177,7 @@ impl WasmFetcher {
         let Module { bytes, .. } = verify(plugin, Module { sha256: sha.clone(), bytes })?;
         let started = Instant::now();
         check_module(&bytes).map_err(FetchError::Invalid)?;
-        self.metrics.wasm_compile_duration.observe(started.elapsed().as_secs_f64());
+        self.metrics.compile_duration.observe(started.elapsed().as_secs_f64());
         self.cache.put(&bytes).map_err(|e| FetchError::Download(format!("cannot write to the module cache: {e}")))?;
         Ok(Module { sha256: sha, bytes })
     }
@@ -359,7 +358,7 @@ pub fn registry_auth(
     default_file: Option<&std::path::Path>,
 ) -> Result<RegistryAuth, FetchError> {
     let read_file = |path: &std::path::Path, what: &str| {
-        crate::secret::read_small_file(path, crate::secret::MAX_SMALL_FILE)
+        filterplane_api::files::read_small_file(path, filterplane_api::files::MAX_SMALL_FILE)
             .and_then(|b| String::from_utf8(b).map_err(|_| std::io::Error::other("not UTF-8 text")))
             .map_err(|e| FetchError::Download(format!("{what}: cannot read {}: {e}", path.display())))
     };
@@ -395,7 +394,7 @@ mod tests {
     use filterplane_config::{compile::Origin, model::WasmPluginSpec};
 
     use super::*;
-    use crate::wasm::check::tests::header_module;
+    use crate::check::tests::header_module;
 
     fn fetcher(dir: &Path, file_root: &Path) -> WasmFetcher {
         let cache = WasmModuleCache::open(&dir.join("cache"), 1 << 20).unwrap();
@@ -410,7 +409,7 @@ mod tests {
             registry_auth_file: None,
             registry_ca_pem: None,
         };
-        WasmFetcher::new(cache, settings, Arc::new(Metrics::default())).unwrap()
+        WasmFetcher::new(cache, settings, WasmMetrics::default()).unwrap()
     }
 
     fn plugin(yaml: &str, base: &Path) -> WasmPlugin {
@@ -442,7 +441,7 @@ mod tests {
     async fn denied_addresses_are_refused_directly_and_through_redirects() {
         let dir = tempfile::tempdir().unwrap();
         let module = header_module("guarded");
-        let sha = crate::wasm::cache::sha256_hex(&module);
+        let sha = crate::cache::sha256_hex(&module);
         // The module on 127.0.0.2 (denied below), and a redirect to it from 127.0.0.1.
         let (target, target_hits) = http_server(
             "127.0.0.2",
@@ -463,8 +462,8 @@ mod tests {
         )
         .await;
         let mut f = fetcher(dir.path(), dir.path());
-        let deny: crate::wasm::guard::Cidr = "127.0.0.2/32".parse().unwrap();
-        f.settings.guard = Arc::new(crate::wasm::guard::AddressGuard::new(&[deny], &[]));
+        let deny: crate::guard::Cidr = "127.0.0.2/32".parse().unwrap();
+        f.settings.guard = Arc::new(crate::guard::AddressGuard::new(&[deny], &[]));
         let f = WasmFetcher::new(
             WasmModuleCache::open(&dir.path().join("cache2"), 1 << 20).unwrap(),
             f.settings.clone(),
@@ -480,9 +479,8 @@ mod tests {
         assert_eq!(target_hits.load(std::sync::atomic::Ordering::Relaxed), 0, "nothing was sent to the denied address");
         // A name that resolves only to denied addresses: refused after DNS.
         let mut by_name = f.settings.clone();
-        let deny: Vec<crate::wasm::guard::Cidr> =
-            ["127.0.0.0/8", "::1/128"].iter().map(|c| c.parse().unwrap()).collect();
-        by_name.guard = Arc::new(crate::wasm::guard::AddressGuard::new(&deny, &[]));
+        let deny: Vec<crate::guard::Cidr> = ["127.0.0.0/8", "::1/128"].iter().map(|c| c.parse().unwrap()).collect();
+        by_name.guard = Arc::new(crate::guard::AddressGuard::new(&deny, &[]));
         let g = WasmFetcher::new(
             WasmModuleCache::open(&dir.path().join("cache3"), 1 << 20).unwrap(),
             by_name,
@@ -602,7 +600,7 @@ mod tests {
             registry_auth_file: None,
             registry_ca_pem: None,
         };
-        WasmFetcher::new(cache, settings, Arc::new(Metrics::default())).unwrap()
+        WasmFetcher::new(cache, settings, WasmMetrics::default()).unwrap()
     }
 
     /// A registry on loopback that asks for Basic auth and records, per manifest request,

@@ -13,7 +13,7 @@ use std::{
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
 
-use crate::metrics::Metrics;
+use crate::metrics::WasmMetrics;
 
 #[derive(Debug, Clone, Copy)]
 struct Entry {
@@ -64,12 +64,12 @@ impl WasmModuleCache {
 
     /// The module, if cached; counts a hit or a miss. The bytes are checked against
     /// their name, so a corrupted file is a miss (and is dropped).
-    pub fn get(&self, sha256: &str, metrics: &Metrics) -> Option<Bytes> {
+    pub fn get(&self, sha256: &str, metrics: &WasmMetrics) -> Option<Bytes> {
         let found = self.file(sha256).and_then(|p| std::fs::read(p).ok()).filter(|b| sha256_hex(b) == sha256);
         let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
         match found {
             Some(bytes) => {
-                metrics.wasm_cache_lookup("hit");
+                metrics.cache_lookup("hit");
                 if let Some(e) = entries.get_mut(sha256) {
                     e.last_used = SystemTime::now();
                 }
@@ -81,7 +81,7 @@ impl WasmModuleCache {
                 Some(Bytes::from(bytes))
             }
             None => {
-                metrics.wasm_cache_lookup("miss");
+                metrics.cache_lookup("miss");
                 if entries.remove(sha256).is_some() {
                     let _ = std::fs::remove_file(self.path_of(sha256));
                 }
@@ -177,7 +177,7 @@ mod tests {
     #[test]
     fn lru_eviction_spares_pinned_modules_and_survives_reopen() {
         let dir = tempfile::tempdir().unwrap();
-        let m = Metrics::default();
+        let m = WasmMetrics::default();
         let cache = WasmModuleCache::open(dir.path(), 25).unwrap();
         let a = cache.put(&[1u8; 10]).unwrap();
         std::thread::sleep(std::time::Duration::from_millis(5));
@@ -204,7 +204,7 @@ mod tests {
     #[test]
     fn corrupted_file_is_a_miss_and_refs_round_trip() {
         let dir = tempfile::tempdir().unwrap();
-        let m = Metrics::default();
+        let m = WasmMetrics::default();
         let cache = WasmModuleCache::open(dir.path(), 1 << 20).unwrap();
         let a = cache.put(b"module").unwrap();
         std::fs::write(dir.path().join("sha256").join(format!("{a}.wasm")), b"tampered").unwrap();

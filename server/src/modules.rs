@@ -16,11 +16,6 @@ use axum::{
 
 use crate::{cache::SnapshotCache, metrics::Metrics, reload::ConfigReloader, secret};
 
-/// The path Envoy fetches the module with this SH-256 from.
-pub fn module_path(secret: &[u8], sha256: &str) -> String {
-    format!("/modules/{}", secret::hmac_hex(secret, sha256.as_bytes()))
-}
-
 /// What the module handler reads.
 #[derive(Debug, Clone)]
 pub struct ModuleServer {
@@ -43,7 +38,7 @@ impl ModuleServer {
             .chain(old)
             .filter(|r| r.envoy_fetches_code)
             .filter_map(|r| r.wasm_sha256.as_deref())
-            .find(|sha| secret::equal(secret::hmac_hex(&self.secret, sha.as_bytes()).as_bytes(), key.as_bytes()))
+            .find(|sha| secret::equal(filterplane_wasm::module_key(&self.secret, sha).as_bytes(), key.as_bytes()))
             .map(str::to_owned)
     }
 }

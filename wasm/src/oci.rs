@@ -13,7 +13,7 @@ use oci_client::{
     Client, Reference, RegistryOperation,
 };
 
-use crate::wasm::fetch::FetchSettings;
+use crate::fetch::FetchSettings;
 
 /// The Wasm OCI artifact layer and config media types (as Istio and `wasm push` write them).
 pub const WASM_LAYER: &str = "application/vnd.module.wasm.content.layer.v1+wasm";
@@ -135,11 +135,11 @@ impl Registry<'_> {
         let url = format!("{}/v2/{}/blobs/{}", self.base(reference), reference.repository(), layer.digest);
         let req = authorize(self.http.get(&url), token, auth);
         let limit = u64::try_from(layer.size).unwrap_or(0);
-        let body = crate::wasm::fetch::get_bounded(req, &url, "layer (past the size its manifest declared)", limit)
+        let body = crate::fetch::get_bounded(req, &url, "layer (past the size its manifest declared)", limit)
             .await
             .map_err(|(retry, e)| if retry { PullError::Transient(e) } else { PullError::Permanent(e) })?;
         if let Some(want) = layer.digest.strip_prefix("sha256:") {
-            let got = crate::wasm::cache::sha256_hex(&body);
+            let got = crate::cache::sha256_hex(&body);
             if got != want {
                 return Err(PullError::Invalid(format!(
                     "{url}: the blob's sha256 is {got}, not the {want} its manifest names"
@@ -165,10 +165,10 @@ impl Registry<'_> {
     ) -> Result<(OciManifest, String), PullError> {
         let url = format!("{}/v2/{}/manifests/{which}", self.base(reference), reference.repository());
         let req = authorize(self.http.get(&url).header(reqwest::header::ACCEPT, MANIFEST_TYPES), token, auth);
-        let body = crate::wasm::fetch::get_bounded(req, &url, "manifest", MAX_MANIFEST_BYTES as u64)
+        let body = crate::fetch::get_bounded(req, &url, "manifest", MAX_MANIFEST_BYTES as u64)
             .await
             .map_err(|(retry, e)| if retry { PullError::Transient(e) } else { PullError::Permanent(e) })?;
-        let digest = format!("sha256:{}", crate::wasm::cache::sha256_hex(&body));
+        let digest = format!("sha256:{}", crate::cache::sha256_hex(&body));
         let manifest = serde_json::from_slice(&body)
             .map_err(|e| PullError::Invalid(format!("{url}: not an OCI manifest: {e}")))?;
         Ok((manifest, digest))
