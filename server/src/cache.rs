@@ -7,19 +7,27 @@ use filterplane_config::CompiledConfig;
 use filterplane_xds::snapshot::{Generation, Plan};
 use tokio::sync::watch;
 
+/// Decides the plan a new config is served with.
+pub trait Planner: Send + Sync + std::fmt::Debug {
+    /// The plan for `config`; `previous` is the config served until now.
+    fn plan_for(&self, config: &CompiledConfig, previous: Option<&CompiledConfig>) -> Plan;
+    /// Modules the plan still serves to some proxies (kept in the module cache).
+    fn pinned_modules(&self) -> Vec<String>;
+}
+
 /// Holds the current generation. `None` until the first config loads: streams wait
 /// rather than being told "nothing exists", which would delete a reconnecting Envoy's
 /// listeners and clusters.
 #[derive(Debug)]
 pub struct SnapshotCache {
     tx: watch::Sender<Option<Arc<Generation>>>,
-    /// Progressive rollouts, when the server runs them.
-    rollouts: Option<Arc<crate::rollout::Rollouts>>,
+    /// Decides each new config's plan (progressive rollouts), when the server runs them.
+    planner: Option<Arc<dyn Planner>>,
 }
 
 impl Default for SnapshotCache {
     fn default() -> Self {
-        Self { tx: watch::Sender::new(None), rollouts: None }
+        Self { tx: watch::Sender::new(None), planner: None }
     }
 }
 
@@ -32,9 +40,9 @@ impl SnapshotCache {
         }
         let previous = self.current();
         let plan = self
-            .rollouts
+            .planner
             .as_ref()
-            .map(|r| r.on_config(&config, previous.as_ref().map(|g| g.config.as_ref())))
+            .map(|p| p.plan_for(&config, previous.as_ref().map(|g| g.config.as_ref())))
             .unwrap_or_default();
         self.tx.send_replace(Some(Arc::new(Generation::with_plan(Arc::new(config), plan))));
         true
@@ -52,12 +60,12 @@ impl SnapshotCache {
 
     /// Modules that rollouts still serve to some proxies (last completed versions).
     pub fn pinned_modules(&self) -> Vec<String> {
-        self.rollouts.as_ref().map(|r| r.pinned_modules()).unwrap_or_default()
+        self.planner.as_ref().map(|p| p.pinned_modules()).unwrap_or_default()
     }
 
-    /// A cache whose publishes go through `rollouts`.
-    pub fn with_rollouts(rollouts: Arc<crate::rollout::Rollouts>) -> Self {
-        Self { tx: watch::Sender::new(None), rollouts: Some(rollouts) }
+    /// A cache whose publishes go through `planner`.
+    pub fn with_planner(planner: Arc<dyn Planner>) -> Self {
+        Self { tx: watch::Sender::new(None), planner: Some(planner) }
     }
 
     pub fn current(&self) -> Option<Arc<Generation>> {

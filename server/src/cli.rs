@@ -181,7 +181,7 @@ pub struct ServeArgs {
     /// rollout steps; every replica publishes a summary of its proxies, so each shows the
     /// whole fleet. Give every replica the same value.
     #[arg(long, env = "FILTERPLANE_STATE_STORE", value_name = "URL")]
-    pub state_store: Option<crate::etcd::EtcdUrl>,
+    pub state_store: Option<filterplane_state::etcd::EtcdUrl>,
     /// This replica's name among the others (default: HOSTNAME:XDS_PORT). Unique per
     /// replica.
     #[arg(long, env = "FILTERPLANE_REPLICA_NAME")]

@@ -5,7 +5,6 @@ pub mod accept;
 pub mod admin;
 pub mod cache;
 pub mod cli;
-pub mod etcd;
 pub mod fleet;
 pub mod identity;
 pub mod limits;
@@ -16,7 +15,7 @@ pub mod ports;
 pub mod preflight;
 pub mod reload;
 pub mod replicas;
-pub mod rollout;
+pub mod rollouts;
 pub mod secret;
 pub mod status;
 pub mod tls;
@@ -179,8 +178,8 @@ fn ports_tls(args: &ServeArgs, metrics: &Arc<Metrics>) -> anyhow::Result<PortsTl
 
 /// The rollout state in `--state-dir`. A directory another `serve` holds is no reason not
 /// to serve: rollouts then live in memory, and the rollouts view and a warning say so.
-fn embedded_store(state_dir: &std::path::Path) -> anyhow::Result<Box<dyn rollout::store::RolloutStore>> {
-    use rollout::store::{MemoryStore, RedbStore, StoreError};
+fn embedded_store(state_dir: &std::path::Path) -> anyhow::Result<Box<dyn filterplane_state::Store>> {
+    use filterplane_state::{MemoryStore, RedbStore, StoreError};
     match RedbStore::open(state_dir) {
         Ok(store) => Ok(Box::new(store)),
         Err(e @ StoreError::InUse { .. }) => {
@@ -213,11 +212,11 @@ pub async fn serve_on(
         let port = xds_listener.local_addr().map(|a| a.port()).unwrap_or(0);
         format!("{}:{port}", if host.is_empty() { "filterplane" } else { host.as_str() })
     });
-    let (replicas, store): (_, Box<dyn rollout::store::RolloutStore>) = match &args.state_store {
+    let (replicas, store): (_, Box<dyn filterplane_state::Store>) = match &args.state_store {
         Some(url) => {
             let replicas = replicas::Replicas::shared(replica_name.clone(), url.clone())?;
             let store = replicas
-                .store()
+                .store(shutdown.clone())
                 .await
                 .with_context(|| format!("read the rollout state from etcd at {} (--state-store)", url.endpoint))?
                 .context("the etcd store")?;
@@ -231,7 +230,7 @@ pub async fn serve_on(
         None => state_dir.display().to_string(),
     };
     let rollouts = Arc::new(
-        rollout::Rollouts::new(store, metrics.clone())
+        rollouts::Rollouts::new(store, metrics.clone(), &where_state)
             .with_context(|| {
                 let hint =
                     if args.state_store.is_none() { " (move rollouts.redb aside to start without it)" } else { "" };
@@ -239,7 +238,7 @@ pub async fn serve_on(
             })?
             .with_replicas(replicas.clone()),
     );
-    let cache = Arc::new(SnapshotCache::with_rollouts(rollouts.clone()));
+    let cache = Arc::new(SnapshotCache::with_planner(rollouts.clone()));
     let tracker = Arc::new(AckTracker::new(metrics.clone()));
     let tls = ports_tls(&args, &metrics)?;
     let modules_listener = match args.security.modules_addr {
@@ -429,7 +428,7 @@ pub async fn serve_on(
             allowed_hosts,
             auth,
             modules: admin_modules,
-            rollouts,
+            rollouts: rollouts.clone(),
         })
         .into_make_service_with_connect_info::<admin::AdminPeer>(),
     )
@@ -451,6 +450,9 @@ pub async fn serve_on(
     shutdown.cancel();
     tasks.close();
     tasks.wait().await;
+    // The last rollout state handed to the writer goes to disk before the process ends.
+    let writer = rollouts.clone();
+    let _ = tokio::task::spawn_blocking(move || writer.flush(std::time::Duration::from_secs(5))).await;
     result.map(|_| ())
 }
 

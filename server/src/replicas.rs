@@ -24,12 +24,13 @@ use std::{
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use crate::{
+use filterplane_state::{
     etcd::{Etcd, EtcdUrl},
-    fleet::Summary,
-    rollout::store::{RolloutStore, StoreError, StoredState},
-    tracker::AckTracker,
+    shared::EtcdStore,
+    Store, StoreError,
 };
+
+use crate::{fleet::Summary, tracker::AckTracker};
 
 /// The lease that holds a replica's report and leadership.
 pub const LEASE_TTL: Duration = Duration::from_secs(5);
@@ -205,9 +206,9 @@ impl Replicas {
         })
     }
 
-    pub fn shared(name: String, url: EtcdUrl) -> Result<Arc<Self>, crate::etcd::EtcdError> {
+    pub fn shared(name: String, url: EtcdUrl) -> Result<Arc<Self>, filterplane_state::etcd::EtcdError> {
         if name.is_empty() || name.len() > 128 || name.chars().any(|c| c == '/' || c.is_control()) {
-            return Err(crate::etcd::EtcdError::ReplicaName(name));
+            return Err(filterplane_state::etcd::EtcdError::ReplicaName(name));
         }
         let etcd = Etcd::new(&url.endpoint)?;
         Ok(Arc::new(Self {
@@ -262,9 +263,12 @@ impl Replicas {
     }
 
     /// The rollout store: etcd's key when shared.
-    pub async fn store(self: &Arc<Self>) -> Result<Option<Box<dyn RolloutStore>>, StoreError> {
+    /// The rollout store: etcd's key when shared, kept in step until `shutdown`.
+    pub async fn store(self: &Arc<Self>, shutdown: CancellationToken) -> Result<Option<Box<dyn Store>>, StoreError> {
         let Some((etcd, url)) = &self.etcd else { return Ok(None) };
-        let store = EtcdStore::open(etcd.clone(), format!("{}rollouts", url.prefix), self.clone()).await?;
+        let me = self.clone();
+        let reachability = Arc::new(move |error: Option<String>| me.set_reachable(error));
+        let store = EtcdStore::open(etcd.clone(), format!("{}rollouts", url.prefix), reachability, shutdown).await?;
         Ok(Some(Box::new(store)))
     }
 
@@ -304,7 +308,7 @@ impl Replicas {
                 _ = shutdown.cancelled() => break,
                 _ = beat.tick() => {}
             }
-            let result: Result<(), crate::etcd::EtcdError> = async {
+            let result: Result<(), filterplane_state::etcd::EtcdError> = async {
                 let id = match lease {
                     Some(id) if etcd.keep_alive(id).await? => id,
                     _ => {
@@ -441,115 +445,6 @@ pub fn local_fleet(tracker: &AckTracker, replica: &str) -> Vec<FleetProxy> {
         });
     });
     v
-}
-
-/// Rollout state in etcd: a facade over a background task, since the rollout engine is
-/// synchronous. `save` hands the state to the task, which writes it with
-/// compare-and-swap; `load_if_changed` returns what another replica wrote.
-#[derive(Debug)]
-pub struct EtcdStore {
-    shared: Arc<Mutex<StoreShared>>,
-    wake: Arc<tokio::sync::Notify>,
-}
-
-#[derive(Debug, Default)]
-struct StoreShared {
-    initial: StoredState,
-    /// Written by another replica, not read by the engine yet.
-    unseen: Option<StoredState>,
-    /// To write.
-    pending: Option<StoredState>,
-    /// The revision of the key as last read or written.
-    revision: i64,
-}
-
-impl EtcdStore {
-    async fn open(etcd: Etcd, key: String, replicas: Arc<Replicas>) -> Result<Self, StoreError> {
-        let db = |e: crate::etcd::EtcdError| StoreError::Db(e.to_string());
-        let (value, revision) = etcd.get(&key).await.map_err(db)?;
-        let initial = match value {
-            Some(v) => serde_json::from_slice(&v).map_err(|e| StoreError::Decode(e.to_string()))?,
-            None => StoredState::default(),
-        };
-        let shared = Arc::new(Mutex::new(StoreShared { initial, revision, ..Default::default() }));
-        let wake = Arc::new(tokio::sync::Notify::new());
-        tokio::spawn(sync_loop(etcd, key, shared.clone(), wake.clone(), replicas));
-        Ok(Self { shared, wake })
-    }
-}
-
-async fn sync_loop(
-    etcd: Etcd,
-    key: String,
-    shared: Arc<Mutex<StoreShared>>,
-    wake: Arc<tokio::sync::Notify>,
-    replicas: Arc<Replicas>,
-) {
-    let lock = || shared.lock().unwrap_or_else(|p| p.into_inner());
-    loop {
-        tokio::select! {
-            _ = wake.notified() => {}
-            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
-        }
-        let (pending, revision) = {
-            let s = lock();
-            (s.pending.clone(), s.revision)
-        };
-        let result = async {
-            if let Some(state) = pending {
-                let body = serde_json::to_vec(&state).map_err(|e| e.to_string())?;
-                match etcd.put_if(&key, revision, body, 0).await.map_err(|e| e.to_string())? {
-                    Some(rev) => {
-                        let mut s = lock();
-                        s.revision = rev;
-                        // (A newer save may have come meanwhile: it goes next turn.)
-                        if s.pending.as_ref() == Some(&state) {
-                            s.pending = None;
-                        }
-                        return Ok(());
-                    }
-                    None => {
-                        // Someone else wrote first: theirs is read below, and the engine
-                        // merges it with what it has before it saves again.
-                        lock().pending = None;
-                        tracing::info!("the rollout state changed in etcd meanwhile; reading it");
-                    }
-                }
-            }
-            let (value, rev) = etcd.get(&key).await.map_err(|e| e.to_string())?;
-            let mut s = lock();
-            if rev != s.revision {
-                s.revision = rev;
-                if let Some(v) = value {
-                    match serde_json::from_slice(&v) {
-                        Ok(state) => s.unseen = Some(state),
-                        Err(e) => tracing::error!(error = %e, "the rollout state in etcd does not read; ignored"),
-                    }
-                }
-            }
-            Ok::<(), String>(())
-        }
-        .await;
-        if let Err(e) = result {
-            replicas.set_reachable(Some(e));
-        }
-    }
-}
-
-impl RolloutStore for EtcdStore {
-    fn load(&self) -> Result<StoredState, StoreError> {
-        Ok(self.shared.lock().unwrap_or_else(|p| p.into_inner()).initial.clone())
-    }
-
-    fn save(&self, state: &StoredState) -> Result<(), StoreError> {
-        self.shared.lock().unwrap_or_else(|p| p.into_inner()).pending = Some(state.clone());
-        self.wake.notify_one();
-        Ok(())
-    }
-
-    fn load_if_changed(&self) -> Option<StoredState> {
-        self.shared.lock().unwrap_or_else(|p| p.into_inner()).unseen.take()
-    }
 }
 
 #[cfg(test)]

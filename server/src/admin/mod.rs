@@ -63,7 +63,7 @@ pub struct AdminState {
     pub auth: Option<Arc<auth::AdminAuth>>,
     /// Modules for remote delivery, when no `--modules-addr` serves them.
     pub modules: Option<crate::modules::ModuleServer>,
-    pub rollouts: Arc<crate::rollout::Rollouts>,
+    pub rollouts: Arc<crate::rollouts::Rollouts>,
 }
 
 pub fn app(state: AdminState) -> Router {

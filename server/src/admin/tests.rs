@@ -33,9 +33,10 @@ fn state(config: &str) -> (AdminState, tempfile::TempDir) {
         auth: None,
         modules: None,
         rollouts: Arc::new(
-            crate::rollout::Rollouts::new(
-                Box::<crate::rollout::store::MemoryStore>::default(),
+            crate::rollouts::Rollouts::new(
+                Box::<filterplane_state::MemoryStore>::default(),
                 Arc::new(Metrics::default()),
+                "memory",
             )
             .unwrap(),
         ),

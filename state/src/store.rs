@@ -1,25 +1,23 @@
-//! Where rollout state lives between restarts: behind `RolloutStore`, so a shared store
-//! (several replicas) can take the embedded one's place. The embedded one is redb, one
-//! file in `--state-dir`.
+//! Bytes between restarts: rows (name → bytes) behind one `Store` trait, so a shared
+//! store (etcd, several replicas) can take the embedded one's place. The embedded one is
+//! redb, one file in `--state-dir`, one table per row, each written only when it changed.
 
 use std::{
     collections::BTreeMap,
     path::{Path, PathBuf},
-    sync::{Arc, Mutex},
+    sync::Mutex,
 };
 
-use base64::Engine;
-use filterplane_api::{Any, ResourceType, ResourceVersion};
-use filterplane_config::{compile::Origin, model::RolloutSpec, placement::Placement, CompiledResource, NodeSelector};
 use redb::TableHandle;
-use serde::{Deserialize, Serialize};
-use sha2::Digest;
+
+/// What a store holds: rows by name.
+pub type Rows = BTreeMap<String, Vec<u8>>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("rollout state store: {0}")]
+    #[error("state store: {0}")]
     Db(String),
-    #[error("rollout state store: a stored record does not read: {0}")]
+    #[error("state store: a stored record does not read: {0}")]
     Decode(String),
     #[error("rollout state {} is in use by another process (another `filterplane serve` on this host?): give each its own --state-dir, or share state through --state-store", path.display())]
     InUse { path: PathBuf },
@@ -29,19 +27,13 @@ fn db_error<E: std::fmt::Display>(e: E) -> StoreError {
     StoreError::Db(e.to_string())
 }
 
-/// Everything a restart needs to resume.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
-pub struct StoredState {
-    pub entries: Vec<super::EntryState>,
-    pub history: Vec<super::HistoryEntry>,
-}
-
-/// Keeps rollout state.
-pub trait RolloutStore: Send + Sync + std::fmt::Debug {
-    fn load(&self) -> Result<StoredState, StoreError>;
-    fn save(&self, state: &StoredState) -> Result<(), StoreError>;
-    /// State another replica wrote since this one last read or wrote (a shared store).
-    fn load_if_changed(&self) -> Option<StoredState> {
+/// Keeps rows.
+pub trait Store: Send + Sync + std::fmt::Debug {
+    fn load(&self) -> Result<Rows, StoreError>;
+    /// Makes the store hold `rows` (and no other row).
+    fn save(&self, rows: &Rows) -> Result<(), StoreError>;
+    /// Rows another replica wrote since this one last read or wrote (a shared store).
+    fn load_if_changed(&self) -> Option<Rows> {
         None
     }
     /// Something the operator should know about the store since start (shown with the
@@ -54,7 +46,7 @@ pub trait RolloutStore: Send + Sync + std::fmt::Debug {
 /// No store: state lives as long as the process (the state directory is another
 /// process's; the note says so).
 #[derive(Debug, Default)]
-pub struct MemoryStore(std::sync::Mutex<StoredState>, Option<String>);
+pub struct MemoryStore(std::sync::Mutex<Rows>, Option<String>);
 
 impl MemoryStore {
     pub fn with_note(note: String) -> Self {
@@ -62,29 +54,23 @@ impl MemoryStore {
     }
 }
 
-impl RolloutStore for MemoryStore {
+impl Store for MemoryStore {
     fn problem_at_start(&self) -> Option<String> {
         self.1.clone()
     }
-    fn load(&self) -> Result<StoredState, StoreError> {
+    fn load(&self) -> Result<Rows, StoreError> {
         Ok(self.0.lock().unwrap_or_else(|p| p.into_inner()).clone())
     }
-    fn save(&self, state: &StoredState) -> Result<(), StoreError> {
-        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = state.clone();
+    fn save(&self, rows: &Rows) -> Result<(), StoreError> {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = rows.clone();
         Ok(())
     }
 }
 
-/// The table earlier versions kept the whole state in, as one row (`LEGACY_KEY`): read,
-/// then replaced by rows.
+/// The table earlier versions kept the whole state in, as one value under `LEGACY_KEY`:
+/// read as the row of that name; a save without that row drops the table.
 const TABLE: redb::TableDefinition<&str, &[u8]> = redb::TableDefinition::new("rollouts");
-const LEGACY_KEY: &str = "state";
-/// Each row is a table of its own (one value, key ""): redb copies a whole leaf when any
-/// of its values changes, so rows sharing a table would rewrite a large neighbour (an
-/// entry holding an inline Wasm module) at every save of a small one.
-const ROW_PREFIX: &str = "rollout-state/";
-const HISTORY_KEY: &str = "history";
-const ENTRY_PREFIX: &str = "entry/";
+pub const LEGACY_KEY: &str = "state";
 
 fn row_table(name: &str) -> redb::TableDefinition<'_, &'static str, &'static [u8]> {
     redb::TableDefinition::new(name)
@@ -93,8 +79,7 @@ fn row_table(name: &str) -> redb::TableDefinition<'_, &'static str, &'static [u8
 /// Opens (or creates) the database file; tests put a failing disk under it.
 pub type Opener = Box<dyn Fn(&Path) -> Result<redb::Database, redb::DatabaseError> + Send + Sync>;
 
-/// redb in `DIR/rollouts.redb`, one row per entry and one for the history, each written
-/// only when it changed. A save that fails (a full disk) drops the database handle, so
+/// redb in `DIR/rollouts.redb`, each row written only when it changed. A save that fails (a full disk) drops the database handle, so
 /// the next save opens it again: redb refuses every write after an I/O error until then.
 pub struct RedbStore {
     path: PathBuf,
@@ -184,36 +169,18 @@ fn open_checked(open: &Opener, path: &Path) -> Result<redb::Database, Opened> {
     }
 }
 
-/// The rows `state` is written as.
-fn rows(state: &StoredState) -> Result<BTreeMap<String, Vec<u8>>, StoreError> {
-    fn json<T: Serialize>(v: &T) -> Result<Vec<u8>, StoreError> {
-        serde_json::to_vec(v).map_err(|e| StoreError::Decode(e.to_string()))
-    }
-    let mut rows = BTreeMap::new();
-    for e in &state.entries {
-        // Named by a digest of the entry's key, so a table name stays short.
-        let digest = sha2::Sha256::digest(format!("{}\0{:?}", e.name, e.selector).as_bytes());
-        rows.insert(format!("{ROW_PREFIX}{ENTRY_PREFIX}{}", hex::encode(&digest[..12])), json(e)?);
-    }
-    rows.insert(format!("{ROW_PREFIX}{HISTORY_KEY}"), json(&state.history)?);
-    Ok(rows)
-}
-
-impl RolloutStore for RedbStore {
-    fn load(&self) -> Result<StoredState, StoreError> {
-        let decode =
-            |what: &str, e: serde_json::Error| StoreError::Decode(format!("{}: {what}: {e}", self.path.display()));
-        let (state, rows) = self.with_db(|db| {
+/// Each row is a table of its own (one value, key ""): redb copies a whole leaf when any
+/// of its values changes, so rows sharing a table would rewrite a large neighbour (an
+/// entry holding an inline Wasm module) at every save of a small one.
+impl Store for RedbStore {
+    fn load(&self) -> Result<Rows, StoreError> {
+        let rows = self.with_db(|db| {
             let read = db.begin_read().map_err(db_error)?;
-            let mut state = StoredState::default();
             let mut rows = BTreeMap::new();
             match read.open_table(TABLE) {
                 Ok(t) => {
                     if let Some(v) = t.get(LEGACY_KEY).map_err(db_error)? {
-                        let old: StoredState = serde_json::from_slice(v.value()).map_err(|e| decode(LEGACY_KEY, e))?;
-                        state = old;
-                        // Not a row: the next save writes rows and drops the table.
-                        rows.insert(LEGACY_KEY.to_owned(), Vec::new());
+                        rows.insert(LEGACY_KEY.to_owned(), v.value().to_vec());
                     }
                 }
                 Err(redb::TableError::TableDoesNotExist(_)) => {}
@@ -221,25 +188,20 @@ impl RolloutStore for RedbStore {
             }
             for handle in read.list_tables().map_err(db_error)? {
                 let name = handle.name().to_owned();
-                let Some(key) = name.strip_prefix(ROW_PREFIX) else { continue };
+                if name == TABLE.name() {
+                    continue;
+                }
                 let table = read.open_table(row_table(&name)).map_err(db_error)?;
                 let Some(v) = table.get("").map_err(db_error)? else { continue };
-                let value = v.value().to_vec();
-                if key == HISTORY_KEY {
-                    state.history = serde_json::from_slice(&value).map_err(|e| decode(key, e))?;
-                } else {
-                    state.entries.push(serde_json::from_slice(&value).map_err(|e| decode(key, e))?);
-                }
-                rows.insert(name, value);
+                rows.insert(name, v.value().to_vec());
             }
-            Ok((state, rows))
+            Ok(rows)
         })?;
-        *self.written.lock().unwrap_or_else(|p| p.into_inner()) = rows;
-        Ok(state)
+        *self.written.lock().unwrap_or_else(|p| p.into_inner()) = rows.clone();
+        Ok(rows)
     }
 
-    fn save(&self, state: &StoredState) -> Result<(), StoreError> {
-        let rows = rows(state)?;
+    fn save(&self, rows: &Rows) -> Result<(), StoreError> {
         let mut written = self.written.lock().unwrap_or_else(|p| p.into_inner());
         let changed: Vec<(&String, &Vec<u8>)> = rows.iter().filter(|(k, v)| written.get(*k) != Some(*v)).collect();
         let gone: Vec<&String> = written.keys().filter(|k| !rows.contains_key(*k)).collect();
@@ -249,7 +211,11 @@ impl RolloutStore for RedbStore {
         self.with_db(|db| {
             let write = db.begin_write().map_err(db_error)?;
             for (k, v) in &changed {
-                write.open_table(row_table(k)).map_err(db_error)?.insert("", v.as_slice()).map_err(db_error)?;
+                if k.as_str() == LEGACY_KEY {
+                    write.open_table(TABLE).map_err(db_error)?.insert(LEGACY_KEY, v.as_slice()).map_err(db_error)?;
+                } else {
+                    write.open_table(row_table(k)).map_err(db_error)?.insert("", v.as_slice()).map_err(db_error)?;
+                }
             }
             for k in &gone {
                 if k.as_str() == LEGACY_KEY {
@@ -260,7 +226,7 @@ impl RolloutStore for RedbStore {
             }
             write.commit().map_err(db_error)
         })?;
-        *written = rows;
+        *written = rows.clone();
         Ok(())
     }
 
@@ -269,75 +235,14 @@ impl RolloutStore for RedbStore {
     }
 }
 
-/// A compiled extension config as stored: what it takes to serve it again after a
-/// restart, without its YAML or a fetch.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct StoredResource {
-    pub name: String,
-    pub selector: NodeSelector,
-    pub type_url: String,
-    /// The encoded resource, base64.
-    pub value: String,
-    pub inner_type_url: String,
-    pub version: String,
-    pub origin: Origin,
-    pub placement: Option<Placement>,
-    pub wasm_sha256: Option<String>,
-    pub envoy_fetches_code: bool,
-    pub central_shas: Vec<String>,
-    pub rollout: Option<RolloutSpec>,
-}
-
-impl From<&CompiledResource> for StoredResource {
-    fn from(r: &CompiledResource) -> Self {
-        StoredResource {
-            name: r.name.clone(),
-            selector: r.selector.clone(),
-            type_url: r.resource.type_url.clone(),
-            value: base64::engine::general_purpose::STANDARD.encode(&r.resource.value),
-            inner_type_url: r.inner_type_url.clone(),
-            version: r.version.to_string(),
-            origin: r.origin.clone(),
-            placement: r.placement.as_deref().cloned(),
-            wasm_sha256: r.wasm_sha256.clone(),
-            envoy_fetches_code: r.envoy_fetches_code,
-            central_shas: r.central_shas.clone(),
-            rollout: r.rollout.clone(),
-        }
-    }
-}
-
-impl StoredResource {
-    pub fn to_compiled(&self) -> Result<CompiledResource, StoreError> {
-        let bad = |what: &str| StoreError::Decode(format!("{}: {what}", self.name));
-        Ok(CompiledResource {
-            resource_type: ResourceType::ExtensionConfig,
-            name: self.name.clone(),
-            selector: self.selector.clone(),
-            resource: Any {
-                type_url: self.type_url.clone(),
-                value: base64::engine::general_purpose::STANDARD.decode(&self.value).map_err(|_| bad("value"))?,
-            },
-            inner_type_url: self.inner_type_url.clone(),
-            version: ResourceVersion::parse(&self.version).ok_or_else(|| bad("version"))?,
-            origin: self.origin.clone(),
-            placement: self.placement.clone().map(Arc::new),
-            listener_json: None,
-            wasm_sha256: self.wasm_sha256.clone(),
-            envoy_fetches_code: self.envoy_fetches_code,
-            central_wasm: None,
-            central_shas: self.central_shas.clone(),
-            rollout: self.rollout.clone(),
-        })
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc,
+    };
 
     use super::*;
-    use crate::rollout::{EntryState, HistoryEntry};
 
     /// A real file under redb, whose writes can be made to fail as on a full disk, and
     /// which counts what is written.
@@ -384,23 +289,23 @@ mod tests {
         (RedbStore::open_with(dir, open).unwrap(), full, written)
     }
 
-    fn entry(name: &str) -> EntryState {
-        EntryState { name: name.into(), selector: NodeSelector::default(), last_completed: None, active: None }
+    /// The rows of a state with these entries (each row as large as its name) and a
+    /// history of `history` records (about as large as the rollout history's).
+    fn rows(entries: &[&str], history: usize) -> Rows {
+        let mut rows: Rows = entries
+            .iter()
+            .map(|e| (format!("rollout-state/entry/{}-{}", &e[..e.len().min(8)], e.len()), e.as_bytes().to_vec()))
+            .collect();
+        rows.insert("rollout-state/history".into(), vec![b'h'; history * 150]);
+        rows
     }
 
-    fn history(n: usize) -> Vec<HistoryEntry> {
-        (0..n)
-            .map(|i| HistoryEntry {
-                name: "a".into(),
-                from_version: None,
-                to_version: format!("v{i}"),
-                outcome: "rolled_back".into(),
-                started_at: String::new(),
-                ended_at: String::new(),
-                failures: Vec::new(),
-                failure_count: 400,
-            })
-            .collect()
+    fn entries(rows: &Rows) -> usize {
+        rows.keys().filter(|k| k.contains("/entry/")).count()
+    }
+
+    fn history_len(rows: &Rows) -> usize {
+        rows.get("rollout-state/history").map_or(0, |h| h.len() / 150)
     }
 
     #[test]
@@ -408,30 +313,30 @@ mod tests {
         // Issue 20: every save rewrote the whole state (a 540 MB file after 40 edits).
         let dir = tempfile::tempdir().unwrap();
         let (store, _, written) = store_on_disk(dir.path());
-        let big = entry(&"b".repeat(1 << 20));
-        store.save(&StoredState { entries: vec![big.clone(), entry("small")], history: history(1) }).unwrap();
+        let big = "b".repeat(1 << 20);
+        store.save(&rows(&[&big, "small"], 1)).unwrap();
         let first = written.swap(0, Ordering::Relaxed);
         assert!(first > 1 << 20, "{first}");
         for n in 2..42 {
-            store.save(&StoredState { entries: vec![big.clone(), entry("small")], history: history(n) }).unwrap();
+            store.save(&rows(&[&big, "small"], n)).unwrap();
         }
         let later = written.load(Ordering::Relaxed) / 40;
         println!("bytes written: first save {first}, then {later} per save that changed only the history");
         assert!(later < 200 << 10, "a save that changed only the history wrote {later} bytes");
         let back = store.load().unwrap();
-        assert_eq!((back.entries.len(), back.history.len()), (2, 41));
+        assert_eq!((entries(&back), history_len(&back)), (2, 41));
         // An entry that went is removed.
-        store.save(&StoredState { entries: vec![entry("small")], history: history(1) }).unwrap();
-        assert_eq!(store.load().unwrap().entries, vec![entry("small")]);
+        store.save(&rows(&["small"], 1)).unwrap();
+        assert_eq!(store.load().unwrap(), rows(&["small"], 1));
     }
 
     #[test]
     fn saves_recover_by_themselves_once_the_disk_has_room() {
         let dir = tempfile::tempdir().unwrap();
         let (store, full, _) = store_on_disk(dir.path());
-        store.save(&StoredState { entries: vec![entry("a")], history: history(1) }).unwrap();
+        store.save(&rows(&["a"], 1)).unwrap();
         full.store(true, Ordering::Relaxed);
-        let state = StoredState { entries: vec![entry("a"), entry(&"x".repeat(100_000))], history: history(2) };
+        let state = rows(&["a", &"x".repeat(100_000)], 2);
         assert!(store.save(&state).is_err(), "the disk is full");
         assert!(store.save(&state).is_err(), "still full");
         full.store(false, Ordering::Relaxed);
@@ -448,7 +353,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let store = RedbStore::open(dir.path()).unwrap();
-            store.save(&StoredState { entries: vec![entry("a")], history: history(3) }).unwrap();
+            store.save(&rows(&["a"], 3)).unwrap();
         }
         // Truncated (a crash during a copy, a full disk at the wrong moment).
         let path = dir.path().join("rollouts.redb");
@@ -457,7 +362,7 @@ mod tests {
         let store = RedbStore::open(dir.path()).expect("starts");
         let note = store.problem_at_start().expect("says so");
         assert!(note.contains("rollouts.redb") && note.contains("moved to"), "{note}");
-        assert_eq!(store.load().unwrap(), StoredState::default());
+        assert_eq!(store.load().unwrap(), Rows::default());
         let aside: Vec<_> = std::fs::read_dir(dir.path())
             .unwrap()
             .filter_map(|e| e.ok()?.file_name().into_string().ok())
@@ -488,15 +393,21 @@ mod tests {
             let w = db.begin_write().unwrap();
             {
                 let mut t = w.open_table(TABLE).unwrap();
-                let old = StoredState { entries: vec![entry("a")], history: history(2) };
-                t.insert(LEGACY_KEY, serde_json::to_vec(&old).unwrap().as_slice()).unwrap();
+                t.insert(LEGACY_KEY, b"the whole state, as earlier versions wrote it".as_slice()).unwrap();
             }
             w.commit().unwrap();
         }
         let store = RedbStore::open(dir.path()).unwrap();
         let state = store.load().unwrap();
-        assert_eq!((state.entries.len(), state.history.len()), (1, 2));
-        store.save(&state).unwrap();
-        assert_eq!(store.load().unwrap(), state, "rewritten as rows, the old one gone");
+        assert_eq!(
+            state.get(LEGACY_KEY).map(Vec::as_slice),
+            Some(&b"the whole state, as earlier versions wrote it"[..])
+        );
+        // The caller reads it and saves its rows: the old table goes.
+        store.save(&rows(&["a"], 2)).unwrap();
+        assert_eq!(store.load().unwrap(), rows(&["a"], 2), "rewritten as rows, the old one gone");
+        drop(store);
+        let reopened = RedbStore::open(dir.path()).unwrap();
+        assert!(!reopened.load().unwrap().contains_key(LEGACY_KEY));
     }
 }

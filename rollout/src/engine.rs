@@ -1,0 +1,654 @@
+//! The rollout engine, pure: each call takes what happened (a new config, a tick with the
+//! fleet as it is, an operator's action, state another replica stored) and the time, and
+//! moves the state; what the caller must then do (save, count, forget) comes back as
+//! `Effects`, and the plan to serve is one call away. No I/O, no clock, no lock.
+
+use std::{
+    collections::{BTreeMap, HashSet, VecDeque},
+    sync::Arc,
+    time::{Duration, UNIX_EPOCH},
+};
+
+use filterplane_api::ResourceType;
+use filterplane_config::{model::OnFailure, CompiledConfig, CompiledResource, NodeSelector};
+use filterplane_xds::plan::{Plan, PlanEntry};
+
+use crate::{
+    fleet::{each_matching, threshold_for, Fleet, Member},
+    state::{
+        ActionError, Active, DecodeError, EntryState, Failures, HistoryEntry, RolloutView, Status, StoredResource,
+        StoredState,
+    },
+};
+
+/// How many past rollouts are kept.
+pub const HISTORY: usize = 100;
+
+fn rfc3339(ms: u64) -> String {
+    humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
+}
+
+fn key(name: &str, selector: &NodeSelector) -> String {
+    format!("{name}\0{selector:?}")
+}
+
+fn e_name(k: &str) -> &str {
+    k.split('\0').next().unwrap_or(k)
+}
+
+/// What the caller applies after a call.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Effects {
+    /// The state changed: save it (where this replica writes) and tell whoever watches.
+    pub changed: bool,
+    /// Rollouts that ended, by outcome (`completed`, `promoted`, `rolled_back`, `halted`,
+    /// `aborted`, `reverted`, `superseded`): each is counted.
+    pub ended: Vec<&'static str>,
+    /// Entries no longer under rollout: their step gauge goes.
+    pub forgotten: Vec<String>,
+}
+
+/// Every rollout: each entry's state, the last completed versions (decoded once), the
+/// history, and the versions the config this replica serves has.
+#[derive(Debug, Default)]
+pub struct Engine {
+    entries: BTreeMap<String, EntryState>,
+    old: BTreeMap<String, Arc<CompiledResource>>,
+    history: VecDeque<HistoryEntry>,
+    config_versions: BTreeMap<String, String>,
+}
+
+impl Engine {
+    /// The engine as `stored` left it.
+    pub fn from_stored(stored: StoredState) -> Result<Self, DecodeError> {
+        let mut engine = Engine::default();
+        for e in stored.entries {
+            if let Some(old) = &e.last_completed {
+                engine.old.insert(key(&e.name, &e.selector), Arc::new(old.to_compiled()?));
+            }
+            engine.entries.insert(key(&e.name, &e.selector), e);
+        }
+        engine.history = stored.history.into_iter().collect();
+        Ok(engine)
+    }
+
+    /// What a store keeps.
+    pub fn stored(&self) -> StoredState {
+        StoredState {
+            entries: self.entries.values().cloned().collect(),
+            history: self.history.iter().cloned().collect(),
+        }
+    }
+
+    /// Takes in what another replica stored. An entry whose stored state does not know
+    /// the version this replica's config has (the leader has not read the edit yet) keeps
+    /// this replica's own, so nobody gets a new version before its rollout exists.
+    pub fn sync(&mut self, stored: StoredState) {
+        let knows = |e: &EntryState, v: &str| {
+            e.active.as_ref().is_some_and(|a| a.new.version == v)
+                || e.last_completed.as_ref().is_some_and(|l| l.version == v)
+        };
+        let mut entries = BTreeMap::new();
+        for e in stored.entries {
+            let k = key(&e.name, &e.selector);
+            let take = match self.config_versions.get(&k) {
+                Some(v) => knows(&e, v),
+                // Not in this replica's config (yet): keep it for when it is.
+                None => self.config_versions.is_empty(),
+            };
+            if take {
+                entries.insert(k, e);
+            }
+        }
+        for (k, e) in &self.entries {
+            entries.entry(k.clone()).or_insert_with(|| e.clone());
+        }
+        if entries != self.entries {
+            for (k, e) in &entries {
+                let same_old = self.entries.get(k).map(|o| &o.last_completed) == Some(&e.last_completed);
+                if same_old {
+                    continue;
+                }
+                match e.last_completed.as_ref().map(StoredResource::to_compiled) {
+                    Some(Ok(r)) => {
+                        self.old.insert(k.clone(), Arc::new(r));
+                    }
+                    _ => {
+                        self.old.remove(k);
+                    }
+                }
+            }
+            self.old.retain(|k, _| entries.contains_key(k));
+            self.entries = entries;
+        }
+        self.history = stored.history.into_iter().collect();
+    }
+
+    fn finish(&mut self, k: &str, outcome: &'static str, now_ms: u64, effects: &mut Effects) {
+        let Some(e) = self.entries.get_mut(k) else { return };
+        let Some(a) = e.active.take() else { return };
+        effects.ended.push(outcome);
+        tracing::info!(entry = %e.name, outcome, version = %a.new.version, "rollout ended");
+        let from_version = e.last_completed.as_ref().map(|l| l.version.clone());
+        let done = matches!(outcome, "completed" | "promoted");
+        if done {
+            e.last_completed = Some(a.new.clone());
+        }
+        let entry = HistoryEntry {
+            name: e.name.clone(),
+            from_version,
+            to_version: a.new.version.clone(),
+            outcome: outcome.to_owned(),
+            started_at: rfc3339(a.started_ms),
+            ended_at: rfc3339(now_ms),
+            failures: a.failures,
+            failure_count: a.failure_count,
+        };
+        if done {
+            if let Ok(r) = a.new.to_compiled() {
+                self.old.insert(k.to_owned(), Arc::new(r));
+            }
+        }
+        self.history.push_front(entry);
+        self.history.truncate(HISTORY);
+    }
+
+    /// A new config: starts, continues or ends the rollouts its entries call for.
+    /// `previous` is the config served until now (`None` for the first of this
+    /// process): what proxies run of an entry that gets a rollout. Only entries with a
+    /// rollout are kept; `changed` only when something did.
+    pub fn on_config(&mut self, config: &CompiledConfig, previous: Option<&CompiledConfig>, now_ms: u64) -> Effects {
+        let mut effects = Effects::default();
+        self.config_versions = config
+            .resources
+            .iter()
+            .filter(|r| r.resource_type == ResourceType::ExtensionConfig && r.rollout.is_some())
+            .map(|r| (key(&r.name, &r.selector), r.version.to_string()))
+            .collect();
+        let mut changed = false;
+        let mut seen = HashSet::new();
+        for r in config.resources.iter().filter(|r| r.resource_type == ResourceType::ExtensionConfig) {
+            let k = key(&r.name, &r.selector);
+            let Some(spec) = &r.rollout else {
+                // No rollout: at once, and nothing to keep.
+                if self.entries.contains_key(&k) {
+                    self.finish(&k, "superseded", now_ms, &mut effects);
+                    effects.forgotten.push(r.name.clone());
+                    self.entries.remove(&k);
+                    self.old.remove(&k);
+                    changed = true;
+                }
+                continue;
+            };
+            seen.insert(k.clone());
+            if !self.entries.contains_key(&k) {
+                // What the proxies run now: the entry as served until now; at the start of
+                // a process without state, this config (nothing to protect); none for a
+                // new entry (it rolls out from nothing).
+                let running = match previous {
+                    None => Some(r),
+                    Some(p) => p.resources.iter().find(|o| {
+                        o.resource_type == ResourceType::ExtensionConfig && o.name == r.name && o.selector == r.selector
+                    }),
+                };
+                if let Some(run) = running {
+                    self.old.insert(k.clone(), Arc::new(run.clone()));
+                }
+                self.entries.insert(
+                    k.clone(),
+                    EntryState {
+                        name: r.name.clone(),
+                        selector: r.selector.clone(),
+                        last_completed: running.map(StoredResource::from),
+                        active: None,
+                    },
+                );
+                changed = true;
+            }
+            let version = r.version.to_string();
+            let Some(state) = self.entries.get(&k) else { continue };
+            let completed = state.last_completed.as_ref().map(|l| l.version.clone());
+            let new_of_active = state.active.as_ref().map(|a| a.new.version.clone());
+            if completed.as_deref() == Some(version.as_str()) {
+                // Edited back to the last completed version: over at once.
+                if new_of_active.is_some() {
+                    self.finish(&k, "reverted", now_ms, &mut effects);
+                    changed = true;
+                }
+            } else if new_of_active.as_deref() == Some(version.as_str()) {
+                if let Some(a) = self.entries.get_mut(&k).and_then(|e| e.active.as_mut()) {
+                    if a.spec != *spec {
+                        // Same version, new settings: stay at the step, within the new steps.
+                        a.spec = spec.clone();
+                        a.step = a.step.min(a.spec.steps.len().saturating_sub(1));
+                        changed = true;
+                    }
+                }
+            } else {
+                if new_of_active.is_some() {
+                    self.finish(&k, "superseded", now_ms, &mut effects);
+                }
+                if let Some(e) = self.entries.get_mut(&k) {
+                    tracing::info!(entry = %r.name, version = %version, steps = ?spec.steps, "rollout started");
+                    e.active = Some(Active {
+                        spec: spec.clone(),
+                        new: StoredResource::from(r),
+                        step: 0,
+                        threshold: None,
+                        started_ms: now_ms,
+                        step_started_ms: now_ms,
+                        status: Status::Running,
+                        failures: Vec::new(),
+                        failure_count: 0,
+                        reason: None,
+                    });
+                }
+                changed = true;
+                // The first step's members are picked at the next tick (it sees the
+                // proxies); until then nobody has the new version.
+            }
+        }
+        let before = self.entries.len();
+        effects.forgotten.extend(self.entries.iter().filter(|(k, _)| !seen.contains(*k)).map(|(_, e)| e.name.clone()));
+        self.entries.retain(|k, _| seen.contains(k));
+        self.old.retain(|k, _| seen.contains(k));
+        effects.changed = changed || self.entries.len() != before;
+        effects
+    }
+
+    /// The plan for the current state.
+    pub fn plan(&self) -> Plan {
+        let entries = self
+            .entries
+            .iter()
+            .filter_map(|(k, e)| {
+                let a = e.active.as_ref()?;
+                Some(PlanEntry {
+                    name: e.name.clone(),
+                    selector: e.selector.clone(),
+                    threshold: a.threshold,
+                    old: self.old.get(k).cloned(),
+                })
+            })
+            .collect();
+        Plan { entries }
+    }
+
+    /// Moves running rollouts along, from what `fleet` says of the proxies at `now_ms`.
+    /// Only the replica that drives rollouts calls it.
+    pub fn tick(&mut self, fleet: &dyn Fleet, now_ms: u64) -> Effects {
+        let mut effects = Effects::default();
+        if !self.running() {
+            return effects;
+        }
+        let now = now_ms;
+        let shared = fleet.shared();
+        let keys: Vec<String> = self.entries.keys().cloned().collect();
+        for k in keys {
+            let Some(e) = self.entries.get(&k) else { continue };
+            let Some(a) = e.active.clone() else { continue };
+            if a.status != Status::Running {
+                continue;
+            }
+            // Every replica must have reported since the step began: a proxy of a report
+            // made before it would be missing or stale, so the step's members could not be
+            // picked from the whole fleet, and the step could complete without one.
+            if !fleet.reported_since(a.step_started_ms) {
+                continue;
+            }
+            // Proxies this entry is for (one per node: by rank, a hash of the node id),
+            // read where they are (no copy per proxy per tick); the step's members are
+            // judged in the same pass once the step has its threshold.
+            let threshold = a.threshold;
+            let new_version = a.new.version.as_str();
+            let ack_timeout = a.spec.ack_timeout.as_millis() as u64;
+            let mut ranks: Vec<u64> = Vec::new();
+            let mut failures = Failures::default();
+            let mut waiting = 0usize;
+            each_matching(fleet, e, &mut |m: &dyn Member, r: u64| {
+                ranks.push(r);
+                if threshold.is_none_or(|t| r > t) {
+                    return;
+                }
+                let Some((acked, nacked)) = m.status(&e.name, new_version) else { return };
+                if acked {
+                    return;
+                }
+                if nacked {
+                    failures.push(
+                        || if shared { format!("{} (on {})", m.facts().id, m.replica()) } else { m.facts().id.clone() },
+                        || m.nack_message().unwrap_or_default().to_owned(),
+                    );
+                    return;
+                }
+                let since = a.step_started_ms.max(m.connected_ms());
+                if now.saturating_sub(since) > ack_timeout {
+                    failures.push(
+                        || m.facts().id.clone(),
+                        || format!("no ACK within {} (ack_timeout)", humantime::format_duration(a.spec.ack_timeout)),
+                    );
+                } else {
+                    waiting += 1;
+                }
+            });
+            let percent = a.percent();
+            let threshold = match a.threshold {
+                Some(t) => t,
+                None => {
+                    let t = threshold_for(percent, ranks);
+                    if let Some(active) = self.entries.get_mut(&k).and_then(|e| e.active.as_mut()) {
+                        active.threshold = Some(t);
+                        active.step_started_ms = now;
+                    }
+                    effects.changed = true;
+                    continue;
+                }
+            };
+            if failures.count > a.spec.max_nacks as usize {
+                self.fail(&k, failures, None, now, &mut effects);
+                effects.changed = true;
+                continue;
+            }
+            let baked = now.saturating_sub(a.step_started_ms) >= a.spec.bake.as_millis() as u64;
+            if waiting == 0 && baked {
+                if a.last_step() {
+                    self.finish(&k, "completed", now, &mut effects);
+                } else if let Some(active) = self.entries.get_mut(&k).and_then(|e| e.active.as_mut()) {
+                    active.step += 1;
+                    // Never below the last step's: a proxy on the new version stays on it.
+                    let next = threshold_for(active.percent(), ranks);
+                    active.threshold = Some(next.max(threshold));
+                    active.step_started_ms = now;
+                    (active.failures, active.failure_count) = (failures.examples, failures.count);
+                    tracing::info!(entry = %e_name(&k), percent = active.percent(), "rollout step");
+                }
+                effects.changed = true;
+            } else if let Some(active) = self.entries.get_mut(&k).and_then(|e| e.active.as_mut()) {
+                if (active.failure_count, &active.failures) != (failures.count, &failures.examples) {
+                    (active.failures, active.failure_count) = (failures.examples, failures.count);
+                    effects.changed = true;
+                }
+            }
+        }
+        effects
+    }
+
+    fn fail(&mut self, k: &str, failures: Failures, reason: Option<String>, now_ms: u64, effects: &mut Effects) {
+        let from_version = self.entries.get(k).and_then(|e| e.last_completed.as_ref()).map(|l| l.version.clone());
+        let Some(a) = self.entries.get_mut(k).and_then(|e| e.active.as_mut()) else { return };
+        let rollback = reason.is_some() || a.spec.on_failure == OnFailure::Rollback;
+        a.status = Status::Failed;
+        (a.failures, a.failure_count) = (failures.examples, failures.count);
+        a.reason = Some(reason.unwrap_or_else(|| {
+            format!(
+                "{} NACK(s) or ACK timeout(s), over max_nacks {}: {}",
+                a.failure_count,
+                a.spec.max_nacks,
+                if rollback { "rolled back" } else { "halted" }
+            )
+        }));
+        if rollback {
+            a.threshold = None;
+        }
+        let outcome = if a.reason.as_deref().is_some_and(|r| r.starts_with("aborted")) {
+            "aborted"
+        } else if rollback {
+            "rolled_back"
+        } else {
+            "halted"
+        };
+        tracing::warn!(entry = %e_name(k), outcome, failures = a.failure_count, examples = ?a.failures, "rollout failed");
+        effects.ended.push(outcome);
+        let entry = HistoryEntry {
+            name: e_name(k).to_owned(),
+            from_version,
+            to_version: a.new.version.clone(),
+            outcome: outcome.to_owned(),
+            started_at: rfc3339(a.started_ms),
+            ended_at: rfc3339(now_ms),
+            failures: a.failures.clone(),
+            failure_count: a.failure_count,
+        };
+        self.history.push_front(entry);
+        self.history.truncate(HISTORY);
+    }
+
+    /// `pause`, `resume`, `promote` or `abort` the rollouts of entries named `name`;
+    /// how many there were.
+    pub fn act(&mut self, name: &str, action: &str, now_ms: u64) -> Result<(usize, Effects), ActionError> {
+        let mut effects = Effects { changed: true, ..Effects::default() };
+        let keys: Vec<String> =
+            self.entries.iter().filter(|(_, e)| e.name == name && e.active.is_some()).map(|(k, _)| k.clone()).collect();
+        if keys.is_empty() {
+            return Err(ActionError::NoRollout(name.to_owned()));
+        }
+        for k in &keys {
+            let status = self.entries.get(k).and_then(|e| e.active.as_ref()).map(|a| a.status);
+            if status == Some(Status::Failed) && action != "abort" {
+                return Err(ActionError::Failed(name.to_owned()));
+            }
+            match action {
+                "pause" | "resume" => {
+                    if let Some(a) = self.entries.get_mut(k).and_then(|e| e.active.as_mut()) {
+                        a.status = if action == "pause" { Status::Paused } else { Status::Running };
+                        if action == "resume" {
+                            a.step_started_ms = now_ms;
+                        }
+                    }
+                }
+                "promote" => self.finish(k, "promoted", now_ms, &mut effects),
+                _ => {
+                    if status != Some(Status::Failed) {
+                        self.fail(
+                            k,
+                            Failures::default(),
+                            Some("aborted by an operator: rolled back".into()),
+                            now_ms,
+                            &mut effects,
+                        );
+                    }
+                }
+            }
+            tracing::info!(entry = ?name, action, "rollout action");
+        }
+        Ok((keys.len(), effects))
+    }
+
+    /// The modules rollouts still serve (last completed versions): kept in the cache.
+    pub fn pinned_modules(&self) -> Vec<String> {
+        self.old.values().flat_map(|r| r.wasm_sha256.iter().chain(r.central_shas.iter()).cloned()).collect()
+    }
+
+    /// Each entry's step, as the step gauge shows it (0: rolled back; 100: none running).
+    pub fn step_percents(&self) -> impl Iterator<Item = (&str, u8)> {
+        self.entries.values().map(|e| {
+            let percent = e.active.as_ref().map_or(100, |a| if a.threshold.is_none() { 0 } else { a.percent() });
+            (e.name.as_str(), percent)
+        })
+    }
+
+    /// Every rollout in progress (or failed), with how the fleet stands on it.
+    pub fn views(&self, fleet: &dyn Fleet) -> Vec<RolloutView> {
+        self.entries
+            .values()
+            .filter_map(|e| {
+                let a = e.active.as_ref()?;
+                let (mut members, mut acked, mut nacked, mut matching) = (0, 0, 0, 0);
+                let new = a.new.version.as_str();
+                // Every proxy of the fleet, read where it is (no copy per look).
+                each_matching(fleet, e, &mut |m: &dyn Member, r: u64| {
+                    matching += 1;
+                    if a.threshold.is_none_or(|t| r > t) {
+                        return;
+                    }
+                    members += 1;
+                    match m.status(&e.name, new) {
+                        Some((true, _)) => acked += 1,
+                        Some((_, true)) => nacked += 1,
+                        _ => {}
+                    }
+                });
+                Some(RolloutView {
+                    name: e.name.clone(),
+                    selector: e.selector.clone(),
+                    status: a.status,
+                    steps: a.spec.steps.clone(),
+                    step: a.step,
+                    percent: if a.threshold.is_none() { 0 } else { a.percent() },
+                    new_version: a.new.version.clone(),
+                    last_completed_version: e.last_completed.as_ref().map(|l| l.version.clone()),
+                    started_at: rfc3339(a.started_ms),
+                    step_started_at: rfc3339(a.step_started_ms),
+                    bake: humantime::format_duration(a.spec.bake).to_string(),
+                    on_failure: a.spec.on_failure,
+                    matching_proxies: matching,
+                    on_new: members,
+                    acked,
+                    nacked,
+                    waiting: members - acked - nacked,
+                    failures: a.failures.clone(),
+                    failure_count: a.failure_count,
+                    reason: a.reason.clone(),
+                })
+            })
+            .collect()
+    }
+
+    /// Past rollouts, newest first.
+    pub fn history(&self) -> Vec<HistoryEntry> {
+        self.history.iter().cloned().collect()
+    }
+
+    /// Whether a rollout is running (not paused, not failed).
+    pub fn running(&self) -> bool {
+        self.entries.values().any(|e| e.active.as_ref().is_some_and(|a| a.status == Status::Running))
+    }
+
+    /// Whether a rollout is in progress or failed (the replicas then publish their
+    /// proxies).
+    pub fn active(&self) -> bool {
+        self.entries.values().any(|e| e.active.is_some())
+    }
+
+    /// Whether any entry is kept.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{collections::HashMap, path::Path};
+
+    use filterplane_config::NodeFacts;
+
+    use super::*;
+
+    /// Proxies with what each ACKed or NACKed of entry `hdr`, the time passed in: the
+    /// engine runs on plain values.
+    #[derive(Default)]
+    struct TestFleet(Vec<(NodeFacts, HashMap<String, bool>)>);
+
+    struct Proxy<'a>(&'a NodeFacts, &'a HashMap<String, bool>);
+
+    impl Member for Proxy<'_> {
+        fn facts(&self) -> &NodeFacts {
+            self.0
+        }
+        fn connected_ms(&self) -> u64 {
+            0
+        }
+        fn replica(&self) -> &str {
+            "here"
+        }
+        fn status(&self, _name: &str, version: &str) -> Option<(bool, bool)> {
+            self.1.get(version).map(|acked| (*acked, !*acked))
+        }
+        fn nack_message(&self) -> Option<&str> {
+            Some("refused")
+        }
+    }
+
+    impl Fleet for TestFleet {
+        fn visit(&self, f: &mut dyn FnMut(&dyn Member)) {
+            for (facts, versions) in &self.0 {
+                f(&Proxy(facts, versions));
+            }
+        }
+        fn reported_since(&self, _ms: u64) -> bool {
+            true
+        }
+        fn shared(&self) -> bool {
+            false
+        }
+    }
+
+    fn config(value: &str) -> CompiledConfig {
+        let yaml = format!(
+            "version: 1\nextension_configs:\n  - name: hdr\n    rollout: {{ steps: [50, 100], bake: 10s, max_nacks: 0, ack_timeout: 60s }}\n    typed_config: {{ \"@type\": type.googleapis.com/google.protobuf.StringValue, value: {value} }}\n"
+        );
+        let parsed = filterplane_config::load::parse_file(Path::new("t.yaml"), &yaml).unwrap();
+        filterplane_config::compile(&[parsed]).unwrap()
+    }
+
+    fn fleet(n: usize) -> TestFleet {
+        TestFleet((0..n).map(|i| (NodeFacts { id: format!("n{i}"), ..Default::default() }, HashMap::new())).collect())
+    }
+
+    /// Every proxy on the step's side of the threshold answers `acked` for `version`.
+    fn answer(engine: &Engine, fleet: &mut TestFleet, version: &str, acked: bool) -> usize {
+        let plan = engine.plan();
+        let entry = &plan.entries[0];
+        let mut on_new = 0;
+        for (facts, versions) in &mut fleet.0 {
+            if entry.gets_new(&facts.id) {
+                versions.insert(version.to_owned(), acked);
+                on_new += 1;
+            }
+        }
+        on_new
+    }
+
+    #[test]
+    fn a_rollout_steps_after_its_bake_and_completes_on_acks() {
+        let (v1, v2) = (config("one"), config("two"));
+        let new = v2.resources[0].version.to_string();
+        let mut engine = Engine::default();
+        assert!(engine.on_config(&v1, None, 0).changed, "the entry is kept");
+        let started = engine.on_config(&v2, Some(&v1), 1_000);
+        assert!(started.changed && started.ended.is_empty());
+        assert_eq!(engine.plan().entries[0].threshold, None, "nobody has it before the first tick");
+        let mut fleet = fleet(20);
+        assert!(engine.tick(&fleet, 1_100).changed, "the first step's members are picked");
+        assert_eq!(answer(&engine, &mut fleet, &new, true), 10, "50% of 20");
+        assert!(!engine.tick(&fleet, 5_000).changed, "still baking");
+        assert!(engine.tick(&fleet, 11_200).changed, "baked and ACKed: the next step");
+        assert_eq!(answer(&engine, &mut fleet, &new, true), 20);
+        let done = engine.tick(&fleet, 21_300);
+        assert_eq!(done.ended, ["completed"]);
+        assert!(engine.plan().entries.is_empty() && !engine.active());
+        assert_eq!(engine.history()[0].to_version, new);
+    }
+
+    #[test]
+    fn nacks_over_max_roll_back_and_the_state_round_trips() {
+        let (v1, v2) = (config("one"), config("two"));
+        let new = v2.resources[0].version.to_string();
+        let mut engine = Engine::default();
+        engine.on_config(&v1, None, 0);
+        engine.on_config(&v2, Some(&v1), 0);
+        let mut fleet = fleet(4);
+        engine.tick(&fleet, 1);
+        answer(&engine, &mut fleet, &new, false);
+        let failed = engine.tick(&fleet, 2);
+        assert_eq!(failed.ended, ["rolled_back"]);
+        let plan = engine.plan();
+        assert_eq!(plan.entries[0].threshold, None, "everybody on the last completed version");
+        assert_eq!(plan.entries[0].old.as_ref().map(|o| o.version), Some(v1.resources[0].version));
+        let rows = engine.stored().to_rows().unwrap();
+        let again = Engine::from_stored(StoredState::from_rows(&rows, "t").unwrap()).unwrap();
+        assert_eq!(again.stored(), engine.stored());
+        assert_eq!(again.plan(), plan);
+        assert!(matches!(engine.act("hdr", "resume", 3), Err(ActionError::Failed(_))));
+    }
+}
