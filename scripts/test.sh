@@ -29,6 +29,8 @@ command -v openssl >/dev/null || apt_packages+=(openssl)
 [ -x /usr/bin/docker-registry ] || apt_packages+=(docker-registry)
 # etcd (v3 API) for several replicas sharing state.
 command -v etcd >/dev/null || apt_packages+=(etcd-server)
+# etcdctl (etcd's own client) sets up TLS users and auth for the etcd tests.
+command -v etcdctl >/dev/null || apt_packages+=(etcd-client)
 if [ ${#apt_packages[@]} -gt 0 ]; then
   echo "installing ${apt_packages[*]} from Debian"
   sudo=""

@@ -120,18 +120,41 @@ pub struct EtcdServer {
     pub port: u16,
     dir: std::path::PathBuf,
     peer: u16,
+    /// Serving TLS with this CA's server certificate, asking clients for theirs.
+    tls: Option<EtcdTls>,
+}
+
+/// What a TLS etcd is started with.
+#[derive(Debug, Clone)]
+pub struct EtcdTls {
+    pub ca: std::path::PathBuf,
+    pub server: crate::pki::Pair,
+    /// `etcdctl`'s client certificate.
+    pub client: crate::pki::Pair,
 }
 
 impl EtcdServer {
     pub fn start(dir: &Path) -> Self {
-        let mut e =
-            EtcdServer { process: None, port: crate::free_port(), dir: dir.to_path_buf(), peer: crate::free_port() };
+        Self::start_with(dir, None)
+    }
+
+    /// With `tls`: clients over TLS only, each with a certificate the CA signed
+    /// (`--client-cert-auth`).
+    pub fn start_with(dir: &Path, tls: Option<EtcdTls>) -> Self {
+        let mut e = EtcdServer {
+            process: None,
+            port: crate::free_port(),
+            dir: dir.to_path_buf(),
+            peer: crate::free_port(),
+            tls,
+        };
         e.spawn();
         e
     }
 
     fn spawn(&mut self) {
-        let client = format!("http://127.0.0.1:{}", self.port);
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let client = format!("{scheme}://127.0.0.1:{}", self.port);
         let peer = format!("http://127.0.0.1:{}", self.peer);
         let mut cmd = std::process::Command::new("etcd");
         cmd.args(["--name", "test", "--data-dir"])
@@ -140,16 +163,54 @@ impl EtcdServer {
             .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
             .args(["--initial-cluster", &format!("test={peer}")])
             .args(["--log-level", "warn"]);
+        if let Some(tls) = &self.tls {
+            cmd.arg("--cert-file").arg(&tls.server.cert).arg("--key-file").arg(&tls.server.key);
+            cmd.arg("--trusted-ca-file").arg(&tls.ca).arg("--client-cert-auth");
+        }
         self.process = Some(crate::Process::spawn("etcd", &mut cmd, self.dir.join("etcd.log")));
+        if self.tls.is_some() {
+            // Its own client, with a certificate the CA signed.
+            crate::wait_until("etcd endpoint health", std::time::Duration::from_secs(20), || {
+                self.etcdctl(None, &["endpoint", "health"]).ok()
+            });
+            return;
+        }
         let health = format!("{client}/health");
         crate::wait_until("etcd /health", std::time::Duration::from_secs(20), || {
             crate::http_get(&health).filter(|r| r.status == 200 && r.body.contains("true"))
         });
     }
 
-    /// `etcd://127.0.0.1:PORT/PREFIX`.
+    /// Runs etcd's own `etcdctl` against it (as `user`, `NAME:PASSWORD`, when given);
+    /// its output, or why it failed.
+    pub fn etcdctl(&self, user: Option<&str>, args: &[&str]) -> Result<String, String> {
+        let mut cmd = std::process::Command::new("etcdctl");
+        cmd.env("ETCDCTL_API", "3");
+        match &self.tls {
+            Some(tls) => {
+                cmd.arg(format!("--endpoints=https://127.0.0.1:{}", self.port));
+                cmd.arg("--cacert").arg(&tls.ca).arg("--cert").arg(&tls.client.cert).arg("--key").arg(&tls.client.key);
+            }
+            None => {
+                cmd.arg(format!("--endpoints=http://127.0.0.1:{}", self.port));
+            }
+        }
+        if let Some(user) = user {
+            cmd.arg(format!("--user={user}"));
+        }
+        let out = cmd.args(args).output().map_err(|e| format!("etcdctl: {e}"))?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if out.status.success() {
+            Ok(text)
+        } else {
+            Err(format!("etcdctl {args:?}: {text}{}", String::from_utf8_lossy(&out.stderr)))
+        }
+    }
+
+    /// `etcd://127.0.0.1:PORT/PREFIX` (`etcds://` over TLS).
     pub fn url(&self, prefix: &str) -> String {
-        format!("etcd://127.0.0.1:{}/{prefix}", self.port)
+        let scheme = if self.tls.is_some() { "etcds" } else { "etcd" };
+        format!("{scheme}://127.0.0.1:{}/{prefix}", self.port)
     }
 
     /// Stops it (SIGKILL): etcd is unreachable until `restart`.

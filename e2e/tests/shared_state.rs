@@ -51,3 +51,97 @@ fn nacks_with_long_messages_fail_a_rollout_led_through_etcd() {
     assert!(shared.get("report_error").is_none(), "the report was written whole: {shared}");
     drop(etcd);
 }
+
+/// Issue 21: etcd as production runs it. TLS with client certificates, authentication
+/// by user and password (set up by etcd's own `etcdctl`, a user allowed only under its
+/// prefix), and several endpoints, the first one dead: the replica fails over, leads,
+/// and its keys are in etcd. A replica with a wrong password does not start, and says why.
+#[test]
+fn etcd_over_tls_with_a_client_certificate_auth_and_a_dead_first_endpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = filterplane_e2e::pki::Ca::new(dir.path(), "etcd");
+    let tls = filterplane_e2e::services::EtcdTls {
+        ca: ca.cert.clone(),
+        server: ca.server("etcd-server"),
+        client: ca.issue("etcdctl", &["dns:etcdctl"], false),
+    };
+    let etcd = EtcdServer::start_with(dir.path(), Some(tls));
+    for args in [
+        &["role", "add", "root"][..],
+        &["user", "add", "root:rootpw"],
+        &["user", "grant-role", "root", "root"],
+        &["role", "add", "fp"],
+        &["role", "grant-permission", "fp", "--prefix=true", "readwrite", "secure/"],
+        &["user", "add", "fp:fp-password"],
+        &["user", "grant-role", "fp", "fp"],
+        &["auth", "enable"],
+    ] {
+        etcd.etcdctl(None, args).unwrap();
+    }
+    let client = ca.issue("filterplane-client", &["dns:filterplane"], false);
+    fs::write(dir.path().join("password"), "fp-password\n").unwrap();
+    fs::write(dir.path().join("wrong"), "not-it\n").unwrap();
+    let yaml = dir.path().join("filterplane.yaml");
+    fs::write(&yaml, yaml_with("v1")).unwrap();
+    // Nothing listens on the first endpoint.
+    let url = etcd.url("secure").replace("etcds://", &format!("etcds://127.0.0.1:{},", free_port()));
+    let fp = {
+        let dir_for = dir.path().join("one");
+        fs::create_dir_all(&dir_for).unwrap();
+        let (cert, key) = (client.cert.to_str().unwrap(), client.key.to_str().unwrap());
+        let password = dir.path().join("password");
+        Filterplane::start_with_args(
+            &yaml,
+            &dir_for,
+            free_port(),
+            free_port(),
+            &[
+                "--state-store",
+                &url,
+                "--state-store-ca-file",
+                ca.cert.to_str().unwrap(),
+                "--state-store-cert-file",
+                cert,
+                "--state-store-key-file",
+                key,
+                "--state-store-user",
+                "fp",
+                "--state-store-password-file",
+                password.to_str().unwrap(),
+                "--replica-name",
+                "one",
+            ],
+        )
+    };
+    let shared = wait_until("leading through the second endpoint", Duration::from_secs(30), || {
+        let s = fp.api("/api/v1/rollouts")["shared"].clone();
+        (s["is_leader"] == true && s["reachable"] == true).then_some(s)
+    });
+    assert_eq!(shared["leader"], "one", "{shared}");
+    let leader = etcd.etcdctl(Some("fp:fp-password"), &["get", "--print-value-only", "secure/leader"]).unwrap();
+    assert_eq!(leader.trim(), "one", "the leader key, as etcd's own client reads it");
+    let reports =
+        etcd.etcdctl(Some("fp:fp-password"), &["get", "--prefix", "--keys-only", "secure/replicas/"]).unwrap();
+    assert!(reports.contains("secure/replicas/one"), "{reports}");
+    // The wrong password: refused by etcd at start, and said so (nothing served from a
+    // state it cannot read).
+    let out = std::process::Command::new(filterplane_e2e::filterplane_bin())
+        .arg("serve")
+        .arg("--config")
+        .arg(&yaml)
+        .args(["--xds-addr", &format!("127.0.0.1:{}", free_port())])
+        .args(["--admin-addr", &format!("127.0.0.1:{}", free_port())])
+        .arg("--cache-dir")
+        .arg(dir.path().join("two"))
+        .args(["--state-store", &url, "--state-store-ca-file", ca.cert.to_str().unwrap()])
+        .args(["--state-store-cert-file", client.cert.to_str().unwrap()])
+        .args(["--state-store-key-file", client.key.to_str().unwrap()])
+        .args(["--state-store-user", "fp", "--state-store-password-file"])
+        .arg(dir.path().join("wrong"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("--state-store") && stderr.contains("authentication failed"), "{stderr}");
+    assert_eq!(fp.api("/api/v1/rollouts")["shared"]["leader"], "one", "the other one leads on");
+}

@@ -176,12 +176,31 @@ pub struct ServeArgs {
     /// `state` in the module cache directory.
     #[arg(long, env = "FILTERPLANE_STATE_DIR")]
     pub state_dir: Option<PathBuf>,
-    /// Share state with other replicas through etcd (v3): `etcd://HOST:PORT/PREFIX`.
-    /// Rollout state lives there (instead of --state-dir); one replica at a time drives
-    /// rollout steps; every replica publishes a summary of its proxies, so each shows the
-    /// whole fleet. Give every replica the same value.
+    /// Share state with other replicas through etcd (v3):
+    /// `etcd://HOST:PORT[,HOST:PORT...]/PREFIX`, or `etcds://...` for TLS. Several
+    /// members: calls go to the one that answered last, and on to the next when it cannot
+    /// be reached. Rollout state lives there (instead of --state-dir); one replica at a
+    /// time drives rollout steps; every replica publishes a summary of its proxies, so
+    /// each shows the whole fleet. Give every replica the same value.
     #[arg(long, env = "FILTERPLANE_STATE_STORE", value_name = "URL")]
     pub state_store: Option<filterplane_state::etcd::EtcdUrl>,
+    /// etcd over TLS (`etcds://`): the CA that signed the members' certificates (PEM).
+    /// Without it, the public web roots are trusted.
+    #[arg(long, env = "FILTERPLANE_STATE_STORE_CA_FILE", value_name = "FILE")]
+    pub state_store_ca_file: Option<PathBuf>,
+    /// etcd over TLS: a client certificate (PEM), for members that ask for one
+    /// (`--client-cert-auth`); with --state-store-key-file.
+    #[arg(long, env = "FILTERPLANE_STATE_STORE_CERT_FILE", value_name = "FILE", requires = "state_store_key_file")]
+    pub state_store_cert_file: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, env = "FILTERPLANE_STATE_STORE_KEY_FILE", value_name = "FILE", requires = "state_store_cert_file")]
+    pub state_store_key_file: Option<PathBuf>,
+    /// etcd authentication: the user (with --state-store-password-file).
+    #[arg(long, env = "FILTERPLANE_STATE_STORE_USER", requires = "state_store_password_file")]
+    pub state_store_user: Option<String>,
+    /// etcd authentication: a file holding the user's password (its first line).
+    #[arg(long, env = "FILTERPLANE_STATE_STORE_PASSWORD_FILE", value_name = "FILE", requires = "state_store_user")]
+    pub state_store_password_file: Option<PathBuf>,
     /// This replica's name among the others (default: HOSTNAME:XDS_PORT). Unique per
     /// replica.
     #[arg(long, env = "FILTERPLANE_REPLICA_NAME")]

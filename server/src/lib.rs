@@ -194,6 +194,31 @@ fn embedded_store(state_dir: &std::path::Path) -> anyhow::Result<Box<dyn filterp
     }
 }
 
+/// How to reach etcd: its CA, a client certificate, a user and password.
+fn etcd_access(args: &ServeArgs) -> anyhow::Result<filterplane_state::etcd::EtcdAccess> {
+    let read = |path: &std::path::Path, flag: &str| {
+        secret::read_small_file(path, secret::MAX_SMALL_FILE).with_context(|| format!("{flag} {}", path.display()))
+    };
+    let ca = args.state_store_ca_file.as_deref().map(|p| read(p, "--state-store-ca-file")).transpose()?;
+    let identity = match (&args.state_store_cert_file, &args.state_store_key_file) {
+        (Some(cert), Some(key)) => Some((read(cert, "--state-store-cert-file")?, read(key, "--state-store-key-file")?)),
+        _ => None,
+    };
+    let user = match (&args.state_store_user, &args.state_store_password_file) {
+        (Some(user), Some(file)) => {
+            let bytes = read(file, "--state-store-password-file")?;
+            let text = String::from_utf8(bytes).context("--state-store-password-file: not UTF-8")?;
+            let password = text.lines().next().unwrap_or_default().to_owned();
+            Some((user.clone(), password))
+        }
+        _ => None,
+    };
+    if (ca.is_some() || identity.is_some()) && !args.state_store.as_ref().is_some_and(|u| u.tls) {
+        anyhow::bail!("--state-store-ca-file and --state-store-cert-file need an etcds:// --state-store");
+    }
+    Ok(filterplane_state::etcd::EtcdAccess { ca, identity, user })
+}
+
 /// `serve` on listeners the caller bound (tests bind port 0).
 pub async fn serve_on(
     args: ServeArgs,
@@ -214,19 +239,21 @@ pub async fn serve_on(
     });
     let (replicas, store): (_, Box<dyn filterplane_state::Store>) = match &args.state_store {
         Some(url) => {
-            let replicas = replicas::Replicas::shared(replica_name.clone(), url.clone())?;
+            let replicas = replicas::Replicas::shared(replica_name.clone(), url.clone(), &etcd_access(&args)?)?;
             let store = replicas
                 .store(shutdown.clone())
                 .await
-                .with_context(|| format!("read the rollout state from etcd at {} (--state-store)", url.endpoint))?
+                .with_context(|| {
+                    format!("read the rollout state from etcd at {} (--state-store)", url.endpoint_list())
+                })?
                 .context("the etcd store")?;
-            tracing::info!(etcd = %url.endpoint, prefix = %url.prefix, replica = %replica_name, "state shared through etcd");
+            tracing::info!(etcd = %url.endpoint_list(), prefix = %url.prefix, replica = %replica_name, "state shared through etcd");
             (replicas, store)
         }
         None => (replicas::Replicas::alone(replica_name.clone()), embedded_store(&state_dir)?),
     };
     let where_state = match &args.state_store {
-        Some(url) => format!("etcd at {}", url.endpoint),
+        Some(url) => format!("etcd at {}", url.endpoint_list()),
         None => state_dir.display().to_string(),
     };
     let rollouts = Arc::new(

@@ -206,11 +206,15 @@ impl Replicas {
         })
     }
 
-    pub fn shared(name: String, url: EtcdUrl) -> Result<Arc<Self>, filterplane_state::etcd::EtcdError> {
+    pub fn shared(
+        name: String,
+        url: EtcdUrl,
+        access: &filterplane_state::etcd::EtcdAccess,
+    ) -> Result<Arc<Self>, filterplane_state::etcd::EtcdError> {
         if name.is_empty() || name.len() > 128 || name.chars().any(|c| c == '/' || c.is_control()) {
             return Err(filterplane_state::etcd::EtcdError::ReplicaName(name));
         }
-        let etcd = Etcd::new(&url.endpoint)?;
+        let etcd = Etcd::new(&url, access)?;
         Ok(Arc::new(Self {
             status: Mutex::new(SharedStatus { store: "etcd", replica: name.clone(), ..Default::default() }),
             name,
@@ -533,7 +537,7 @@ mod tests {
     fn replica_names_cannot_break_the_key_layout() {
         let url: EtcdUrl = "etcd://127.0.0.1:1/x".parse().unwrap();
         for bad in ["", "a/p1", "tab\there"] {
-            assert!(Replicas::shared(bad.into(), url.clone()).is_err(), "{bad:?}");
+            assert!(Replicas::shared(bad.into(), url.clone(), &Default::default()).is_err(), "{bad:?}");
         }
     }
 }
