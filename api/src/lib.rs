@@ -2,6 +2,8 @@
 //! Envoy-native JSON to protobuf `Any`, and content hashing for resource versions.
 //! Knows nothing about sockets or tokio; the one file reader, bounded, is `files`.
 
+#![deny(clippy::unwrap_used)]
+
 pub mod descriptors;
 pub mod json;
 pub mod types;

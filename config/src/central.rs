@@ -8,7 +8,7 @@ use std::path::Path;
 
 use serde_json::Value;
 
-use crate::wasm::{check_sha256, ModuleSource};
+use crate::sources::{check_sha256, ModuleSource};
 
 /// One module an extension config's code names.
 #[derive(Debug, Clone, PartialEq, Eq)]

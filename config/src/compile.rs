@@ -1,7 +1,7 @@
 //! Validation and compilation: parsed documents to xDS resources, each encoded once and
 //! versioned by its content. Every error is collected, with file, line and path.
 
-use std::{collections::HashMap, path::PathBuf, sync::Arc};
+use std::{collections::HashMap, sync::Arc};
 
 use filterplane_api::{
     any_from_json, content_version, envoy_types::pb::envoy::config::core::v3::TypedExtensionConfig, Any, ResourceType,
@@ -12,99 +12,12 @@ use serde_json::Value;
 
 use crate::{
     error::{ConfigError, ConfigErrors},
-    load::ParsedFile,
     model::{ExtensionConfigSpec, NodeSelector, WasmPluginSpec},
-    placement::Placement,
+    parsed::ParsedFile,
     wasm::WasmPlugin,
 };
 
-/// Where a resource was written.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Origin {
-    pub file: PathBuf,
-    pub line: Option<usize>,
-    /// Path of the entry inside the document, e.g. `extension_configs[2]`.
-    pub path: String,
-}
-
-/// A resource ready to serve to the proxies its selector matches.
-#[derive(Debug, Clone, PartialEq)]
-pub struct CompiledResource {
-    pub resource_type: ResourceType,
-    pub name: String,
-    pub selector: NodeSelector,
-    /// The resource itself (a `TypedExtensionConfig`, a `Listener`, ...), encoded once.
-    pub resource: Any,
-    /// For extension configs, the `@type` of the config inside; else the resource's.
-    pub inner_type_url: String,
-    pub version: ResourceVersion,
-    pub origin: Origin,
-    /// Extension configs: where their filter goes in the served listeners.
-    pub placement: Option<Arc<Placement>>,
-    /// Listeners: the listener as written, to place filters into per group of proxies.
-    pub listener_json: Option<Arc<Value>>,
-    /// Wasm plugins: the SHA-256 of the module this version serves.
-    pub wasm_sha256: Option<String>,
-    /// Envoy downloads this resource's Wasm code itself (remote delivery). Such a config
-    /// asks Envoy to NACK while the code is not in its cache yet and to fetch it in the
-    /// background (`nack_on_code_cache_miss`), so the server sends it again after a NACK.
-    pub envoy_fetches_code: bool,
-    /// Extension configs with Envoy-native Wasm code Filterplane fetches (see
-    /// `central`): the server fetches the modules and rewrites the code before serving.
-    pub central_wasm: Option<Arc<crate::central::CentralWasm>>,
-    /// Once the server fetched them: the SHA-256 of each module `central_wasm` named
-    /// (kept in the module cache while served).
-    pub central_shas: Vec<String>,
-    /// Extension configs and Wasm plugins: how a new version rolls out (`None`: at once).
-    pub rollout: Option<crate::model::RolloutSpec>,
-}
-
-/// Everything one reload produced.
-#[derive(Debug, Clone, PartialEq)]
-pub struct CompiledConfig {
-    /// Hash of every resource version, selector and placement: equal YAML gives equal
-    /// versions.
-    pub version: ResourceVersion,
-    pub resources: Vec<CompiledResource>,
-    /// Wasm plugins, whose ECDS resources the server adds (`with_resources`) once their
-    /// modules are fetched and checked.
-    pub wasm_plugins: Vec<Arc<WasmPlugin>>,
-    pub files: Vec<PathBuf>,
-}
-
-impl CompiledConfig {
-    /// Whether serving it needs Wasm modules fetched: plugins, or extension configs whose
-    /// code Filterplane fetches.
-    pub fn fetches_wasm(&self) -> bool {
-        !self.wasm_plugins.is_empty() || self.resources.iter().any(|r| r.central_wasm.is_some())
-    }
-
-    /// This config with `extra` resources (built Wasm plugins) added, version recomputed.
-    pub fn with_resources(mut self, extra: Vec<CompiledResource>) -> Self {
-        self.resources.extend(extra);
-        // Stable: entries of the same name keep their file order, which decides which
-        // one a node that matches several gets.
-        self.resources.sort_by(|a, b| (a.resource_type, &a.name).cmp(&(b.resource_type, &b.name)));
-        let described: Vec<String> = self
-            .resources
-            .iter()
-            .map(|r| {
-                format!(
-                    "{}\0{}\0{}\0{:?}\0{:?}\0{:?}",
-                    r.resource_type.type_url(),
-                    r.name,
-                    r.version,
-                    r.selector,
-                    r.placement,
-                    r.rollout
-                )
-            })
-            .chain(self.wasm_plugins.iter().map(|w| format!("wasm\0{}\0{:?}\0{:?}", w.name, w.selector, w.rollout)))
-            .collect();
-        self.version = content_version(described.iter().map(|s| s.as_bytes()));
-        self
-    }
-}
+pub use crate::compiled::{CompiledConfig, CompiledResource, Origin};
 
 /// Steps increasing, each 1-100, the last 100.
 pub fn check_rollout(r: &crate::model::RolloutSpec) -> Result<(), String> {
@@ -387,7 +300,7 @@ impl Compiler<'_> {
             &spec.node_selector,
             &origin,
         );
-        let base = crate::load::config_dir(&file.path);
+        let base = crate::parsed::config_dir(&file.path);
         let mut plugin = match WasmPlugin::from_spec(spec, base, origin.clone()) {
             Ok(p) => p,
             Err((sub, message)) => {

@@ -11,11 +11,11 @@ use serde_json::{Map, Value};
 use crate::{
     error::{ConfigError, ConfigErrors},
     lines::LineIndex,
-    load::{nesting_bound, ParsedFile},
     model::{
         Document, ExtensionConfigSpec, FailStrategy, Phase, PlacementSpec, PluginType, PullPolicy, PullSecret,
         WasmPluginSpec, WasmVmConfig,
     },
+    parsed::{nesting_bound, ParsedFile},
 };
 
 const WASM_PLUGIN_API: &str = "extensions.istio.io/v1alpha1";

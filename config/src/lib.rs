@@ -2,15 +2,20 @@
 //! Envoy's descriptors with file/line/path errors, and compiling to xDS resources.
 //! Opens no sockets and keeps no global state.
 
+#![deny(clippy::unwrap_used)]
+
 pub mod central;
 pub mod compile;
+pub mod compiled;
 pub mod error;
 pub mod istio;
 pub mod lines;
 pub mod load;
 pub mod model;
+pub mod parsed;
 pub mod placement;
 pub mod selector;
+pub mod sources;
 pub mod wasm;
 
 use std::path::Path;

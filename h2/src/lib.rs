@@ -27,6 +27,8 @@
 //! state machine: bytes in, frames out, RFC 9113's stream states), and `connection` (the
 //! I/O and timers around it).
 
+#![deny(clippy::unwrap_used)]
+
 use std::time::{Duration, Instant};
 
 pub mod connection;

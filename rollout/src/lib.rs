@@ -9,6 +9,8 @@
 //! The engine is pure (`engine`): the server drives it, stores its state (`state`'s
 //! rows) and gives it the fleet (`fleet`).
 
+#![deny(clippy::unwrap_used)]
+
 pub mod engine;
 pub mod fleet;
 pub mod state;

@@ -1,5 +1,9 @@
-//! Filterplane's server: snapshot cache, xDS protocol, ACK/NACK tracker, admin HTTP and
-//! config reloading, wired together by `serve`.
+//! Filterplane's server: the wiring and I/O around the other crates — ports, TLS and the
+//! connection caps, the snapshot cache, the xDS services on the HTTP/2 transport, the
+//! ACK/NACK tracker and fleet read model, replicas, the rollout driver, config reloading,
+//! the module server, admin HTTP and metrics — put together by `serve`.
+
+#![deny(clippy::unwrap_used)]
 
 pub mod accept;
 pub mod admin;

@@ -2,6 +2,8 @@
 //! cache, and turning a compiled config's plugins into ECDS resources. A plugin whose
 //! module cannot be had keeps its previous good version; nothing else is held back.
 
+#![deny(clippy::unwrap_used)]
+
 pub mod cache;
 pub mod check;
 pub mod creds;

@@ -2,6 +2,8 @@
 //! proxy's response, and the per-push work across many streams (everything but the send).
 //! `cargo bench -p filterplane-server`.
 
+#![allow(clippy::disallowed_methods)] // a test drives the machines with the real clock
+
 use std::{hint::black_box, path::Path, sync::Arc};
 
 use criterion::{criterion_group, criterion_main, Criterion};

@@ -4,6 +4,8 @@
 //! tracker events out. No I/O, no runtime, no clock: every `now` is passed in, so the
 //! machines are tested with plain values. The server runs a loop around them.
 
+#![deny(clippy::unwrap_used)]
+
 pub mod delta;
 pub mod hold;
 pub mod plan;

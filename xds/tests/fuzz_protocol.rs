@@ -3,6 +3,8 @@
 //! long messages, resumes) interleaved with config changes and timers. No panic, and the
 //! responses stay well-formed. Deterministic: the seed is fixed.
 
+#![allow(clippy::disallowed_methods)] // a test drives the machines with the real clock
+
 use std::{
     path::Path,
     sync::Arc,

@@ -8,8 +8,8 @@ use serde_json::Value;
 
 use super::{encode, CompiledResource, Compiler, Origin};
 use crate::{
-    load::ParsedFile,
     model::{EnvoyResourceSpec, NodeSelector},
+    parsed::ParsedFile,
 };
 
 impl Compiler<'_> {

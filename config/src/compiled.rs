@@ -1,0 +1,126 @@
+//! What compiling produces: resources ready to serve, Wasm plugins waiting for their
+//! modules, and the config they make up. A leaf: the compiler writes these, the Wasm
+//! builder adds to them, the server serves them.
+
+use std::{collections::BTreeMap, path::PathBuf, sync::Arc};
+
+use filterplane_api::{content_version, Any, ResourceType, ResourceVersion};
+use serde_json::Value;
+
+use crate::{
+    model::{Delivery, FailStrategy, NodeSelector, PluginType, PullPolicy, PullSecret},
+    placement::Placement,
+    sources::ModuleSource,
+};
+
+/// Where a resource was written.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Origin {
+    pub file: PathBuf,
+    pub line: Option<usize>,
+    /// Path of the entry inside the document, e.g. `extension_configs[2]`.
+    pub path: String,
+}
+
+/// A resource ready to serve to the proxies its selector matches.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CompiledResource {
+    pub resource_type: ResourceType,
+    pub name: String,
+    pub selector: NodeSelector,
+    /// The resource itself (a `TypedExtensionConfig`, a `Listener`, ...), encoded once.
+    pub resource: Any,
+    /// For extension configs, the `@type` of the config inside; else the resource's.
+    pub inner_type_url: String,
+    pub version: ResourceVersion,
+    pub origin: Origin,
+    /// Extension configs: where their filter goes in the served listeners.
+    pub placement: Option<Arc<Placement>>,
+    /// Listeners: the listener as written, to place filters into per group of proxies.
+    pub listener_json: Option<Arc<Value>>,
+    /// Wasm plugins: the SHA-256 of the module this version serves.
+    pub wasm_sha256: Option<String>,
+    /// Envoy downloads this resource's Wasm code itself (remote delivery). Such a config
+    /// asks Envoy to NACK while the code is not in its cache yet and to fetch it in the
+    /// background (`nack_on_code_cache_miss`), so the server sends it again after a NACK.
+    pub envoy_fetches_code: bool,
+    /// Extension configs with Envoy-native Wasm code Filterplane fetches (see
+    /// `central`): the server fetches the modules and rewrites the code before serving.
+    pub central_wasm: Option<Arc<crate::central::CentralWasm>>,
+    /// Once the server fetched them: the SHA-256 of each module `central_wasm` named
+    /// (kept in the module cache while served).
+    pub central_shas: Vec<String>,
+    /// Extension configs and Wasm plugins: how a new version rolls out (`None`: at once).
+    pub rollout: Option<crate::model::RolloutSpec>,
+}
+
+/// Everything one reload produced.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CompiledConfig {
+    /// Hash of every resource version, selector and placement: equal YAML gives equal
+    /// versions.
+    pub version: ResourceVersion,
+    pub resources: Vec<CompiledResource>,
+    /// Wasm plugins, whose ECDS resources the server adds (`with_resources`) once their
+    /// modules are fetched and checked.
+    pub wasm_plugins: Vec<Arc<WasmPlugin>>,
+    pub files: Vec<PathBuf>,
+}
+
+impl CompiledConfig {
+    /// Whether serving it needs Wasm modules fetched: plugins, or extension configs whose
+    /// code Filterplane fetches.
+    pub fn fetches_wasm(&self) -> bool {
+        !self.wasm_plugins.is_empty() || self.resources.iter().any(|r| r.central_wasm.is_some())
+    }
+
+    /// This config with `extra` resources (built Wasm plugins) added, version recomputed.
+    pub fn with_resources(mut self, extra: Vec<CompiledResource>) -> Self {
+        self.resources.extend(extra);
+        // Stable: entries of the same name keep their file order, which decides which
+        // one a node that matches several gets.
+        self.resources.sort_by(|a, b| (a.resource_type, &a.name).cmp(&(b.resource_type, &b.name)));
+        let described: Vec<String> = self
+            .resources
+            .iter()
+            .map(|r| {
+                format!(
+                    "{}\0{}\0{}\0{:?}\0{:?}\0{:?}",
+                    r.resource_type.type_url(),
+                    r.name,
+                    r.version,
+                    r.selector,
+                    r.placement,
+                    r.rollout
+                )
+            })
+            .chain(self.wasm_plugins.iter().map(|w| format!("wasm\0{}\0{:?}\0{:?}", w.name, w.selector, w.rollout)))
+            .collect();
+        self.version = content_version(described.iter().map(|s| s.as_bytes()));
+        self
+    }
+}
+
+/// A checked Wasm plugin, waiting for its module.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WasmPlugin {
+    pub name: String,
+    pub selector: NodeSelector,
+    pub url: String,
+    pub source: ModuleSource,
+    pub sha256: Option<String>,
+    pub pull_policy: PullPolicy,
+    pub pull_secret: Option<PullSecret>,
+    /// The plugin configuration as canonical JSON text.
+    pub plugin_config: Option<String>,
+    pub root_id: String,
+    pub env: BTreeMap<String, String>,
+    pub host_env: Vec<String>,
+    pub fail_strategy: FailStrategy,
+    pub plugin_type: PluginType,
+    pub delivery: Option<Delivery>,
+    pub placement: Option<Arc<Placement>>,
+    pub origin: Origin,
+    /// How a new version rolls out (`None`: at once).
+    pub rollout: Option<crate::model::RolloutSpec>,
+}
