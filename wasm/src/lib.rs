@@ -7,6 +7,7 @@
 pub mod cache;
 pub mod check;
 pub mod creds;
+pub mod download;
 pub mod fetch;
 pub mod guard;
 pub mod metrics;

@@ -13,7 +13,7 @@ use oci_client::{
     Client, Reference, RegistryOperation,
 };
 
-use crate::fetch::FetchSettings;
+use crate::download::FetchSettings;
 
 /// The Wasm OCI artifact layer and config media types (as Istio and `wasm push` write them).
 pub const WASM_LAYER: &str = "application/vnd.module.wasm.content.layer.v1+wasm";
@@ -135,7 +135,7 @@ impl Registry<'_> {
         let url = format!("{}/v2/{}/blobs/{}", self.base(reference), reference.repository(), layer.digest);
         let req = authorize(self.http.get(&url), token, auth);
         let limit = u64::try_from(layer.size).unwrap_or(0);
-        let body = crate::fetch::get_bounded(req, &url, "layer (past the size its manifest declared)", limit)
+        let body = crate::download::get_bounded(req, &url, "layer (past the size its manifest declared)", limit)
             .await
             .map_err(|(retry, e)| if retry { PullError::Transient(e) } else { PullError::Permanent(e) })?;
         if let Some(want) = layer.digest.strip_prefix("sha256:") {
@@ -165,7 +165,7 @@ impl Registry<'_> {
     ) -> Result<(OciManifest, String), PullError> {
         let url = format!("{}/v2/{}/manifests/{which}", self.base(reference), reference.repository());
         let req = authorize(self.http.get(&url).header(reqwest::header::ACCEPT, MANIFEST_TYPES), token, auth);
-        let body = crate::fetch::get_bounded(req, &url, "manifest", MAX_MANIFEST_BYTES as u64)
+        let body = crate::download::get_bounded(req, &url, "manifest", MAX_MANIFEST_BYTES as u64)
             .await
             .map_err(|(retry, e)| if retry { PullError::Transient(e) } else { PullError::Permanent(e) })?;
         let digest = format!("sha256:{}", crate::cache::sha256_hex(&body));
