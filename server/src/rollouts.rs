@@ -102,11 +102,14 @@ impl Writer {
                         tracing::error!(error = %e, left_out, "cannot save the rollout state (tried again every second; logged once a minute); a restart now would start these rollouts over");
                     }
                     s.error = Some(e.to_string());
+                    if s.stop {
+                        // Stopping, and the store refuses: nothing more to try.
+                        self.wake.notify_all();
+                        return;
+                    }
                     // Tried again unless newer rows came meanwhile.
                     s.next.get_or_insert(rows);
-                    if !s.stop {
-                        drop(self.wake.wait_timeout(s, SAVE_RETRY));
-                    }
+                    drop(self.wake.wait_timeout(s, SAVE_RETRY));
                 }
             }
             self.wake.notify_all();
@@ -448,5 +451,66 @@ impl Fleet for LocalAndReported<'_> {
 
     fn shared(&self) -> bool {
         self.replicas.is_shared()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+
+    use filterplane_state::{Store, StoreError};
+
+    use super::*;
+
+    /// A store that refuses its first `fail` saves (a full disk), then keeps what it gets.
+    #[derive(Debug, Default)]
+    struct Flaky {
+        fail: AtomicUsize,
+        saved: Mutex<Vec<Rows>>,
+        thread: Mutex<Option<String>>,
+    }
+
+    impl Store for Flaky {
+        fn load(&self) -> Result<Rows, StoreError> {
+            Ok(Rows::default())
+        }
+        fn save(&self, rows: &Rows) -> Result<(), StoreError> {
+            *self.thread.lock().unwrap() = std::thread::current().name().map(str::to_owned);
+            if self.fail.load(Ordering::Relaxed) > 0 {
+                self.fail.fetch_sub(1, Ordering::Relaxed);
+                return Err(StoreError::Db("no space left on device".into()));
+            }
+            self.saved.lock().unwrap().push(rows.clone());
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn saves_run_on_the_writer_thread_and_are_retried_until_one_works() {
+        let store = Arc::new(Flaky { fail: AtomicUsize::new(2), ..Default::default() });
+        let metrics = Arc::new(Metrics::default());
+        let writer = Arc::new(Writer::default());
+        let thread = {
+            let (w, s, m) = (writer.clone(), store.clone() as Arc<dyn Store>, metrics.clone());
+            std::thread::Builder::new().name("rollout-state-writer".into()).spawn(move || w.run(s, m)).unwrap()
+        };
+        let rows: Rows = [("rollout-state/history".to_owned(), b"[]".to_vec())].into();
+        writer.hand(rows.clone());
+        // Two failures, a second apart each, then the save.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while store.saved.lock().unwrap().is_empty() && std::time::Instant::now() < deadline {
+            writer.flush(Duration::from_millis(100));
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(*store.saved.lock().unwrap(), [rows]);
+        assert_eq!(metrics.rollout_state_save_failures.get(), 2);
+        assert!(writer.lock().error.is_none(), "the error clears once a save works");
+        assert_eq!(store.thread.lock().unwrap().as_deref(), Some("rollout-state-writer"));
+        // Stopping with a store that refuses ends the thread.
+        store.fail.store(usize::MAX, Ordering::Relaxed);
+        writer.hand(Rows::default());
+        writer.lock().stop = true;
+        writer.wake.notify_all();
+        thread.join().unwrap();
     }
 }
