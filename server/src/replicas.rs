@@ -64,88 +64,37 @@ pub struct Report {
     pub parts: usize,
 }
 
-/// Proxies of one report, in a key of their own.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct Part {
-    at_ms: u64,
-    proxies: Vec<FleetProxy>,
-}
-
-/// Bytes of one part, at most: parts are filled by size, not by count (2,000 proxies
-/// with long NACK messages once made a part over etcd's limit, and that failed write
-/// stopped rollouts fleet-wide).
-pub const PART_BYTES: usize = 512 << 10;
 /// A NACK message as a report carries it (the page shows the whole one, from the
 /// replica that has the proxy).
 pub const REPORT_NACK_BYTES: usize = 1024;
 
-/// The parts of a report: each proxy encoded once, packed into JSON `Part`s of at most
-/// `PART_BYTES`. A proxy that alone is larger (node metadata of hundreds of KiB) is left
-/// out and counted in the second value.
-fn pack_parts(proxies: &[FleetProxy], at_ms: u64) -> (Vec<Vec<u8>>, usize) {
-    let head = format!("{{\"at_ms\":{at_ms},\"proxies\":[");
-    let mut parts: Vec<Vec<u8>> = Vec::new();
-    let mut current = head.clone().into_bytes();
-    let mut left_out = 0;
-    for p in proxies {
-        let Ok(json) = serde_json::to_vec(p) else {
-            left_out += 1;
-            continue;
-        };
-        if head.len() + json.len() + 2 > PART_BYTES {
-            left_out += 1;
-            continue;
-        }
-        if current.len() + json.len() + 3 > PART_BYTES {
-            current.extend_from_slice(b"]}");
-            parts.push(std::mem::replace(&mut current, head.clone().into_bytes()));
-        }
-        if current.len() > head.len() {
-            current.push(b',');
-        }
-        current.extend_from_slice(&json);
+pub use filterplane_state::reports::PART_BYTES;
+
+impl filterplane_state::reports::Report for Report {
+    type Item = FleetProxy;
+    fn replica(&self) -> &str {
+        &self.replica
     }
-    if current.len() > head.len() {
-        current.extend_from_slice(b"]}");
-        parts.push(current);
+    fn at_ms(&self) -> u64 {
+        self.at_ms
     }
-    (parts, left_out)
+    fn parts(&self) -> usize {
+        self.parts
+    }
+    fn set_items(&mut self, items: Vec<FleetProxy>) {
+        self.proxies = items;
+    }
+    fn items(&self) -> &[FleetProxy] {
+        &self.proxies
+    }
 }
 
-/// The other replicas' reports from a listing of `prefix`, each with its parts put back
-/// together. A report whose parts are not all of its own moment (written meanwhile)
-/// keeps the proxies that replica reported last time.
+fn pack_parts(proxies: &[FleetProxy], at_ms: u64) -> (Vec<Vec<u8>>, usize) {
+    filterplane_state::reports::pack_parts(proxies, at_ms)
+}
+
 fn read_reports(listing: Vec<(String, Vec<u8>)>, prefix: &str, me: &str, previous: &[Report]) -> Vec<Report> {
-    let mut reports: Vec<Report> = Vec::new();
-    let mut parts: BTreeMap<(String, usize), Part> = BTreeMap::new();
-    for (key, value) in listing {
-        let Some(rest) = key.strip_prefix(prefix) else { continue };
-        match rest.rsplit_once("/p") {
-            Some((name, i)) => {
-                let (Ok(i), Ok(part)) = (i.parse::<usize>(), serde_json::from_slice::<Part>(&value)) else {
-                    tracing::warn!(key = ?key, "a replica report part does not read; left out");
-                    continue;
-                };
-                parts.insert((name.to_owned(), i), part);
-            }
-            None if rest == me => {}
-            None => match serde_json::from_slice::<Report>(&value) {
-                Ok(r) => reports.push(r),
-                Err(e) => tracing::warn!(key = ?key, error = %e, "a replica report does not read; left out"),
-            },
-        }
-    }
-    for r in &mut reports {
-        let mine: Option<Vec<FleetProxy>> = (0..r.parts)
-            .map(|i| parts.remove(&(r.replica.clone(), i)).filter(|p| p.at_ms == r.at_ms).map(|p| p.proxies))
-            .collect::<Option<Vec<_>>>()
-            .map(|v| v.into_iter().flatten().collect());
-        r.proxies = match mine {
-            Some(p) => p,
-            None => previous.iter().find(|o| o.replica == r.replica).map(|o| o.proxies.clone()).unwrap_or_default(),
-        };
-    }
-    reports
+    filterplane_state::reports::read_reports(listing, prefix, me, previous)
 }
 
 /// How this replica stands with the shared state.
@@ -473,7 +422,11 @@ mod tests {
     }
 
     fn part(at_ms: u64, ids: &[&str], replica: &str) -> Vec<u8> {
-        serde_json::to_vec(&Part { at_ms, proxies: ids.iter().map(|i| proxy(i, replica)).collect() }).unwrap()
+        serde_json::to_vec(&filterplane_state::reports::Part {
+            at_ms,
+            proxies: ids.iter().map(|i| proxy(i, replica)).collect::<Vec<_>>(),
+        })
+        .unwrap()
     }
 
     #[test]
