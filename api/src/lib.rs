@@ -13,5 +13,5 @@ pub use envoy_types;
 pub use envoy_types::pb::google::protobuf::Any;
 pub use json::{any_from_json, JsonToAnyError, TypedMessage};
 pub use types::ResourceType;
-pub use version::{content_version, ResourceVersion};
+pub use version::{content_version, hmac_sha256_hex, ResourceVersion};
 pub mod files;

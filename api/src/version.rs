@@ -67,6 +67,16 @@ pub fn content_version<'a>(parts: impl IntoIterator<Item = &'a [u8]>) -> Resourc
     ResourceVersion(hex)
 }
 
+/// HMAC-SHA256 of `message` under `key`, in lowercase hex (the module server's path
+/// keys, the admin API's session tokens).
+pub fn hmac_sha256_hex(key: &[u8], message: &[u8]) -> String {
+    use hmac::Mac;
+    // HMAC takes keys of any length: this cannot fail.
+    let mut mac = hmac::Hmac::<Sha256>::new_from_slice(key).unwrap_or_else(|_| unreachable!("HMAC takes any key"));
+    mac.update(message);
+    hex::encode(mac.finalize().into_bytes())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -3,8 +3,6 @@
 
 use std::{io::Read, path::Path};
 
-use hmac::{Hmac, Mac};
-use sha2::Sha256;
 use subtle::ConstantTimeEq;
 
 pub use filterplane_api::files::{read_small_file, MAX_SMALL_FILE};
@@ -21,10 +19,7 @@ pub fn random_bytes(n: usize) -> std::io::Result<Vec<u8>> {
 
 /// HMAC-SHA256 of `message` under `key`, in lowercase hex.
 pub fn hmac_hex(key: &[u8], message: &[u8]) -> String {
-    // HMAC takes keys of any length: this cannot fail.
-    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(key).unwrap_or_else(|_| unreachable!("HMAC takes any key"));
-    mac.update(message);
-    hex::encode(mac.finalize().into_bytes())
+    filterplane_api::hmac_sha256_hex(key, message)
 }
 
 /// Whether `a == b`, in time that depends on their lengths only.

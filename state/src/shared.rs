@@ -69,7 +69,7 @@ impl EtcdStore {
     ) -> Result<Self, StoreError> {
         let (value, revision) = etcd.get(&key).await.map_err(|e| StoreError::Db(e.to_string()))?;
         let initial = match value {
-            Some(v) => decode(&v).map_err(StoreError::Decode)?,
+            Some(v) => decode(&v).map_err(|e| StoreError::Decode(format!("etcd key {key}: {e}")))?,
             None => Rows::default(),
         };
         let shared = Arc::new(Mutex::new(StoreShared { initial, revision, ..Default::default() }));
@@ -126,7 +126,7 @@ async fn sync_loop(
                 if let Some(v) = value {
                     match decode(&v) {
                         Ok(rows) => s.unseen = Some(rows),
-                        Err(e) => tracing::error!(error = %e, "the state in etcd does not read; ignored"),
+                        Err(e) => tracing::error!(key = %key, error = %e, "the state in etcd does not read; ignored"),
                     }
                 }
             }

@@ -30,11 +30,7 @@ use crate::fetch::WasmFetcher;
 /// delivery): an HMAC-SHA256 of it under the server's secret, so nobody can fetch a
 /// module by guessing.
 pub fn module_key(secret: &[u8], sha256: &str) -> String {
-    use hmac::Mac;
-    // HMAC takes a key of any length.
-    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret).unwrap_or_else(|_| unreachable!());
-    mac.update(sha256.as_bytes());
-    hex::encode(mac.finalize().into_bytes())
+    filterplane_api::hmac_sha256_hex(secret, sha256.as_bytes())
 }
 
 /// The path Envoy fetches the module with this SHA-256 from.

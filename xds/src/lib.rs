@@ -36,10 +36,4 @@ impl ProtocolError {
     pub fn limit(&self) -> Option<&'static str> {
         matches!(self, ProtocolError::TooManyNames { .. }).then_some("subscribed_names")
     }
-
-    /// Whether the error is a limit the client went over (gRPC `RESOURCE_EXHAUSTED`)
-    /// rather than a request that is wrong (`INVALID_ARGUMENT`).
-    pub fn exhausted(&self) -> bool {
-        matches!(self, ProtocolError::TooManyNames { .. })
-    }
 }

@@ -6,9 +6,10 @@ pub mod service;
 
 pub use filterplane_xds::{delta, hold, sotw, stream, wire, ProtocolError};
 
-/// The gRPC status a protocol error ends its stream with.
+/// The gRPC status a protocol error ends its stream with: a limit the client went over
+/// is `RESOURCE_EXHAUSTED`, a wrong request `INVALID_ARGUMENT`.
 pub fn status_of(e: ProtocolError) -> filterplane_h2::Status {
-    if e.exhausted() {
+    if e.limit().is_some() {
         filterplane_h2::Status::resource_exhausted(e.to_string())
     } else {
         filterplane_h2::Status::invalid_argument(e.to_string())

@@ -2,14 +2,17 @@
 //! the connection caps) becomes an HTTP/2 connection whose streams are the xDS services;
 //! every new configuration generation is signalled to all of them at once.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use filterplane_h2::{Connection, H2Settings, Signal};
 use filterplane_xds::snapshot::Generation;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::xds::service::{Handler, XdsConn, XdsServices};
+use crate::xds::service::{Handler, NewGeneration, XdsConn, XdsServices};
 
 /// Serves every connection `accepted` hands over until `shutdown`; then waits (at most
 /// five seconds) for connections to say goodbye.
@@ -21,7 +24,7 @@ pub async fn serve(
     metrics: Arc<crate::metrics::Metrics>,
     shutdown: CancellationToken,
 ) {
-    let (signals, _) = watch::channel(Signal::Event(services.ctx().cache.current()));
+    let (signals, _) = watch::channel(Signal::Event(NewGeneration(services.ctx().cache.current(), Instant::now())));
     let forward = {
         let mut generations = services.ctx().cache.subscribe();
         let (signals, shutdown) = (signals.clone(), shutdown.clone());
@@ -34,7 +37,8 @@ pub async fn serve(
                             break;
                         }
                         let g: Option<Arc<Generation>> = generations.borrow_and_update().clone();
-                        signals.send_replace(Signal::Event(g));
+                        // The clock is read once per generation, not once per stream.
+                        signals.send_replace(Signal::Event(NewGeneration(g, Instant::now())));
                     }
                 }
             }

@@ -198,6 +198,13 @@ macro_rules! each {
     };
 }
 
+/// A configuration generation (`None`: none loaded yet), and when it was published:
+/// every stream takes its step as happening then, so a push reads the clock once, not
+/// once per stream. (A hold's grace then counts from the publish, at most a scheduling
+/// delay earlier than from the stream's turn.)
+#[derive(Debug, Clone)]
+pub struct NewGeneration(pub Option<Arc<Generation>>, pub Instant);
+
 /// What one connection's streams share: the xDS services and the peer.
 #[derive(Debug)]
 pub struct XdsConn {
@@ -217,7 +224,7 @@ impl ConnContext for XdsConn {
 
 impl filterplane_h2::Handler for Handler {
     type Context = XdsConn;
-    type Event = Option<Arc<Generation>>;
+    type Event = NewGeneration;
     type Method = Method;
 
     fn route(path: &[u8]) -> Option<Method> {
@@ -253,9 +260,9 @@ impl filterplane_h2::Handler for Handler {
     }
 
     /// A new generation of the configuration.
-    fn on_event(&mut self, ctx: &XdsConn, generation: &Option<Arc<Generation>>, out: &mut Output) {
-        let Some(generation) = generation else { return };
-        each!(self, s => s.on_generation(&ctx.services.ctx, &ctx.peer, generation, out), fetch => ())
+    fn on_event(&mut self, ctx: &XdsConn, event: &NewGeneration, out: &mut Output) {
+        let NewGeneration(Some(generation), at) = event else { return };
+        each!(self, s => s.on_generation(&ctx.services.ctx, &ctx.peer, generation, *at, out), fetch => ())
     }
 
     fn next_wakeup(&self) -> Option<Instant> {
@@ -335,10 +342,18 @@ where
         }
     }
 
-    fn on_generation(&mut self, ctx: &XdsContext, peer: &ConnPeer, generation: &Generation, out: &mut Output) {
+    /// A new generation, published at `at`: the step happens then for every stream.
+    fn on_generation(
+        &mut self,
+        ctx: &XdsContext,
+        peer: &ConnPeer,
+        generation: &Generation,
+        at: Instant,
+        out: &mut Output,
+    ) {
         let Some(node) = self.machine.core().node() else { return };
         let snapshot = generation.snapshot_for_stream(&node.facts, peer.withhold);
-        let step = self.machine.on_snapshot(snapshot, Instant::now());
+        let step = self.machine.on_snapshot(snapshot, at);
         self.after(ctx, step, out);
     }
 
