@@ -18,7 +18,7 @@ work=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true; git worktree remove --force "$work/base" 2>/dev/null || true; rm -rf "$work"' EXIT
 new_bin=${NEW_BIN:-target/release/filterplane}
 loadgen=${LOADGEN_BIN:-target/release/xds-loadgen}
-[ -n "${NEW_BIN:-}" ] && [ -n "${LOADGEN_BIN:-}" ] || cargo build --release --locked -p filterplane-server -p filterplane-bench
+[ -n "${NEW_BIN:-}" ] && [ -n "${LOADGEN_BIN:-}" ] || cargo build --release --locked -p filterplane -p filterplane-bench
 # taskset execs what it runs: `$!` stays the server's pid.
 server_pin=(); [ -n "${SERVER_CPUS:-}" ] && server_pin=(taskset -c "$SERVER_CPUS")
 loadgen_pin=(); [ -n "${LOADGEN_CPUS:-}" ] && loadgen_pin=(taskset -c "$LOADGEN_CPUS")
@@ -26,7 +26,7 @@ new_name=$(git rev-parse --short HEAD 2>/dev/null || echo new)
 base_bin=${BASE_BIN:-}
 if [ -z "$base_bin" ]; then
   git worktree add --detach "$work/base" "$base" >/dev/null
-  (cd "$work/base" && CARGO_TARGET_DIR="$work/base-target" cargo build --release --locked -p filterplane-server)
+  (cd "$work/base" && CARGO_TARGET_DIR="$work/base-target" cargo build --release --locked --bin filterplane)
   base_bin="$work/base-target/release/filterplane"
 fi
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true

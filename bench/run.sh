@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 quick=${1:-}
-cargo build --release --locked -p filterplane-server -p filterplane-bench
+cargo build --release --locked -p filterplane -p filterplane-bench
 bin=target/release
 work=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT

@@ -18,3 +18,33 @@ pub fn read_small_file(path: &Path, max: u64) -> std::io::Result<Vec<u8>> {
     }
     Ok(bytes)
 }
+
+/// Longest token file read.
+pub const MAX_TOKEN_BYTES: u64 = 4096;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("the token file is empty")]
+    Empty,
+    #[error("the token file is over {MAX_TOKEN_BYTES} bytes")]
+    TooLong,
+}
+
+/// The token in `path`: its text without surrounding whitespace.
+pub fn read_token(path: &Path) -> Result<String, TokenError> {
+    let bytes = read_small_file(path, MAX_TOKEN_BYTES).map_err(|e| {
+        if e.to_string().contains("limit of") {
+            TokenError::TooLong
+        } else {
+            TokenError::Io(e)
+        }
+    })?;
+    let text = String::from_utf8(bytes).map_err(|_| TokenError::Io(std::io::Error::other("not UTF-8 text")))?;
+    let token = text.trim();
+    if token.is_empty() {
+        return Err(TokenError::Empty);
+    }
+    Ok(token.to_owned())
+}

@@ -81,7 +81,7 @@ pub fn filterplane_bin() -> &'static Path {
         }
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let out = Command::new(cargo)
-            .args(["build", "--quiet", "-p", "filterplane-server", "--bin", "filterplane", "--message-format=json"])
+            .args(["build", "--quiet", "-p", "filterplane", "--bin", "filterplane", "--message-format=json"])
             .current_dir(workspace_root())
             .stderr(Stdio::inherit())
             .output()

@@ -43,15 +43,6 @@ fn rank(s: SyncState) -> u8 {
     }
 }
 
-pub fn state_label(s: SyncState) -> &'static str {
-    match s {
-        SyncState::Nacked => "nacked",
-        SyncState::Pending => "pending",
-        SyncState::NotSent => "not_sent",
-        SyncState::Synced => "synced",
-    }
-}
-
 fn parse_state(s: &str) -> Option<SyncState> {
     Some(match s {
         "nacked" => SyncState::Nacked,

@@ -230,10 +230,6 @@ impl IdentityRule {
 pub struct IdentityRules(pub Vec<IdentityRule>);
 
 impl IdentityRules {
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-
     /// Whether a stream with this client identity may claim this node; `Err` says why
     /// not, in words for the gRPC status and the page.
     pub fn check(&self, identity: Option<&PeerIdentity>, node_id: &str, cluster: &str) -> Result<(), String> {

@@ -5,27 +5,26 @@
 
 #![deny(clippy::unwrap_used)]
 
-pub mod accept;
-pub mod admin;
-pub mod cache;
-pub mod cli;
-pub mod fleet;
-pub mod identity;
-pub mod limits;
-pub mod log_limit;
-pub mod metrics;
-pub mod modules;
-pub mod ports;
-pub mod preflight;
-pub mod reload;
-pub mod replicas;
-pub mod rollouts;
-pub mod secret;
-pub mod status;
-pub mod tls;
-pub mod tracker;
+mod accept;
+mod admin;
+mod cache;
+mod fleet;
+mod identity;
+mod limits;
+mod log_limit;
+mod metrics;
+mod modules;
+mod ports;
+mod preflight;
+mod reload;
+mod replicas;
+mod rollouts;
+mod secret;
+pub mod settings;
+mod tls;
+mod tracker;
 
-pub mod xds;
+mod xds;
 
 use std::sync::{atomic::AtomicBool, Arc};
 
@@ -35,11 +34,11 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use crate::{
     admin::AdminState,
     cache::SnapshotCache,
-    cli::{DeliveryArg, ServeArgs},
     identity::IdentityRules,
     metrics::Metrics,
     ports::PortSecurity,
     reload::ConfigReloader,
+    settings::{Settings, WasmDelivery},
     tls::{ReloadingTls, TlsFiles},
     tracker::AckTracker,
     xds::{
@@ -57,7 +56,7 @@ use filterplane_wasm::{
 
 /// Runs the server until `shutdown` is cancelled, then stops in order: stop accepting,
 /// end the streams, wait for the tasks.
-pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn serve(args: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
     let xds_listener = tokio::net::TcpListener::bind(args.xds_addr)
         .await
         .with_context(|| format!("bind xDS address {}", args.xds_addr))?;
@@ -78,21 +77,21 @@ fn default_cache_dir() -> std::path::PathBuf {
 
 /// Wasm fetching and delivery as the command line sets them up; `modules_url` is where
 /// Envoys reach the module server when `--wasm-module-url` does not say.
-fn wasm_support(args: &ServeArgs, modules_url: String, metrics: Arc<Metrics>) -> anyhow::Result<WasmSupport> {
+fn wasm_support(args: &Settings, modules_url: String, metrics: Arc<Metrics>) -> anyhow::Result<WasmSupport> {
     let w = &args.wasm;
     let cache_dir = w.cache_dir.clone().unwrap_or_else(default_cache_dir);
     let cache = WasmModuleCache::open(&cache_dir, w.cache_max_bytes)
         .with_context(|| format!("open the Wasm module cache in {}", cache_dir.display()))?;
     let file_root =
-        w.wasm_file_root.clone().unwrap_or_else(|| filterplane_config::load::config_dir(&args.config).to_path_buf());
+        w.file_root.clone().unwrap_or_else(|| filterplane_config::load::config_dir(&args.config).to_path_buf());
     let settings = FetchSettings {
         file_root,
         insecure_registries: w.insecure_registries.clone(),
-        timeout: std::time::Duration::from_secs(w.wasm_fetch_timeout_secs),
-        attempts: w.wasm_fetch_attempts.max(1),
-        max_module_bytes: w.wasm_max_module_bytes,
-        deadline: std::time::Duration::from_secs(w.wasm_fetch_deadline_secs),
-        guard: Arc::new(wasm::guard::AddressGuard::new(&w.wasm_fetch_deny_cidr, &w.wasm_fetch_allow_cidr)),
+        timeout: w.fetch_timeout,
+        attempts: w.fetch_attempts.max(1),
+        max_module_bytes: w.max_module_bytes,
+        deadline: w.fetch_deadline,
+        guard: Arc::new(wasm::guard::AddressGuard::new(&w.fetch_deny_cidr, &w.fetch_allow_cidr)),
         registry_auth_file: w.registry_auth_file.clone().or_else(|| {
             let docker = std::path::Path::new(&std::env::var_os("DOCKER_CONFIG")?).join("config.json");
             docker.exists().then_some(docker)
@@ -112,12 +111,12 @@ fn wasm_support(args: &ServeArgs, modules_url: String, metrics: Arc<Metrics>) ->
             .with_context(|| format!("the module path secret {}", secret_file.display()))?,
     );
     let delivery = DeliverySettings {
-        default: match w.wasm_delivery {
-            DeliveryArg::Inline => Delivery::Inline,
-            DeliveryArg::Remote => Delivery::Remote,
+        default: match w.delivery {
+            WasmDelivery::Inline => Delivery::Inline,
+            WasmDelivery::Remote => Delivery::Remote,
         },
-        module_base_url: w.wasm_module_url.clone().unwrap_or(modules_url),
-        module_cluster: w.wasm_module_cluster.clone(),
+        module_base_url: w.module_url.clone().unwrap_or(modules_url),
+        module_cluster: w.module_cluster.clone(),
         module_secret,
     };
     Ok(WasmSupport { fetcher, delivery })
@@ -138,7 +137,7 @@ struct PortsTls {
     modules: Option<Arc<ReloadingTls>>,
 }
 
-fn ports_tls(args: &ServeArgs, metrics: &Arc<Metrics>) -> anyhow::Result<PortsTls> {
+fn ports_tls(args: &Settings, metrics: &Arc<Metrics>) -> anyhow::Result<PortsTls> {
     let s = &args.security;
     let load = |port: &'static str, files: Option<TlsFiles>, alpn: &[&[u8]]| -> anyhow::Result<_> {
         files.map(|f| ReloadingTls::new(port, f, alpn, metrics.clone())).transpose().map_err(anyhow::Error::from)
@@ -199,16 +198,16 @@ fn embedded_store(state_dir: &std::path::Path) -> anyhow::Result<Box<dyn filterp
 }
 
 /// How to reach etcd: its CA, a client certificate, a user and password.
-fn etcd_access(args: &ServeArgs) -> anyhow::Result<filterplane_state::etcd::EtcdAccess> {
+fn etcd_access(args: &Settings) -> anyhow::Result<filterplane_state::etcd::EtcdAccess> {
     let read = |path: &std::path::Path, flag: &str| {
         secret::read_small_file(path, secret::MAX_SMALL_FILE).with_context(|| format!("{flag} {}", path.display()))
     };
-    let ca = args.state_store_ca_file.as_deref().map(|p| read(p, "--state-store-ca-file")).transpose()?;
-    let identity = match (&args.state_store_cert_file, &args.state_store_key_file) {
+    let ca = args.state.ca_file.as_deref().map(|p| read(p, "--state-store-ca-file")).transpose()?;
+    let identity = match (&args.state.cert_file, &args.state.key_file) {
         (Some(cert), Some(key)) => Some((read(cert, "--state-store-cert-file")?, read(key, "--state-store-key-file")?)),
         _ => None,
     };
-    let user = match (&args.state_store_user, &args.state_store_password_file) {
+    let user = match (&args.state.user, &args.state.password_file) {
         (Some(user), Some(file)) => {
             let bytes = read(file, "--state-store-password-file")?;
             let text = String::from_utf8(bytes).context("--state-store-password-file: not UTF-8")?;
@@ -217,7 +216,7 @@ fn etcd_access(args: &ServeArgs) -> anyhow::Result<filterplane_state::etcd::Etcd
         }
         _ => None,
     };
-    if (ca.is_some() || identity.is_some()) && !args.state_store.as_ref().is_some_and(|u| u.tls) {
+    if (ca.is_some() || identity.is_some()) && !args.state.store.as_ref().is_some_and(|u| u.tls) {
         anyhow::bail!("--state-store-ca-file and --state-store-cert-file need an etcds:// --state-store");
     }
     Ok(filterplane_state::etcd::EtcdAccess { ca, identity, user })
@@ -225,7 +224,7 @@ fn etcd_access(args: &ServeArgs) -> anyhow::Result<filterplane_state::etcd::Etcd
 
 /// `serve` on listeners the caller bound (tests bind port 0).
 pub async fn serve_on(
-    args: ServeArgs,
+    args: Settings,
     xds_listener: tokio::net::TcpListener,
     admin_listener: tokio::net::TcpListener,
     shutdown: CancellationToken,
@@ -233,15 +232,16 @@ pub async fn serve_on(
     let config = args.config.clone();
     let metrics = Arc::new(Metrics::default());
     let state_dir = args
-        .state_dir
+        .state
+        .dir
         .clone()
         .unwrap_or_else(|| args.wasm.cache_dir.clone().unwrap_or_else(default_cache_dir).join("state"));
-    let replica_name = args.replica_name.clone().unwrap_or_else(|| {
+    let replica_name = args.state.replica_name.clone().unwrap_or_else(|| {
         let host = std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_owned()).unwrap_or_default();
         let port = xds_listener.local_addr().map(|a| a.port()).unwrap_or(0);
         format!("{}:{port}", if host.is_empty() { "filterplane" } else { host.as_str() })
     });
-    let (replicas, store): (_, Box<dyn filterplane_state::Store>) = match &args.state_store {
+    let (replicas, store): (_, Box<dyn filterplane_state::Store>) = match &args.state.store {
         Some(url) => {
             let replicas = replicas::Replicas::shared(replica_name.clone(), url.clone(), &etcd_access(&args)?)?;
             let store = replicas
@@ -256,7 +256,7 @@ pub async fn serve_on(
         }
         None => (replicas::Replicas::alone(replica_name.clone()), embedded_store(&state_dir)?),
     };
-    let where_state = match &args.state_store {
+    let where_state = match &args.state.store {
         Some(url) => format!("etcd at {}", url.endpoint_list()),
         None => state_dir.display().to_string(),
     };
@@ -264,7 +264,7 @@ pub async fn serve_on(
         rollouts::Rollouts::new(store, metrics.clone(), &where_state)
             .with_context(|| {
                 let hint =
-                    if args.state_store.is_none() { " (move rollouts.redb aside to start without it)" } else { "" };
+                    if args.state.store.is_none() { " (move rollouts.redb aside to start without it)" } else { "" };
                 format!("read the rollout state in {where_state}{hint}")
             })?
             .with_replicas(replicas.clone()),
@@ -299,11 +299,7 @@ pub async fn serve_on(
             .with_removal_guard(args.max_removal_percent)
             .with_max_config_bytes(args.max_config_bytes)
             .with_preflight(args.preflight_envoy.clone().map(|envoy| {
-                Arc::new(preflight::Preflight::new(
-                    envoy,
-                    std::time::Duration::from_secs(args.preflight_timeout_secs),
-                    args.wasm.wasm_module_cluster.clone(),
-                ))
+                Arc::new(preflight::Preflight::new(envoy, args.preflight_timeout, args.wasm.module_cluster.clone()))
             })),
     );
     let xds_listening = Arc::new(AtomicBool::new(false));
@@ -336,8 +332,8 @@ pub async fn serve_on(
     }
 
     let settings = Arc::new(StreamSettings {
-        drain_grace: std::time::Duration::from_secs(args.drain_grace_secs),
-        code_fetch_retries: args.wasm.wasm_code_fetch_retries,
+        drain_grace: args.drain_grace,
+        code_fetch_retries: args.wasm.code_fetch_retries,
         max_subscribed_names: args.max_subscribed_names,
         max_nack_message_bytes: args.max_nack_message_bytes,
     });
@@ -345,15 +341,9 @@ pub async fn serve_on(
         rules: IdentityRules(args.security.node_identity.clone()),
         sensitive_to_authenticated_only: args.security.sensitive_to_authenticated_only,
     });
-    let ctx = XdsContext {
-        cache: cache.clone(),
-        tracker: tracker.clone(),
-        shutdown: shutdown.clone(),
-        settings,
-        security: xds_security,
-    };
+    let ctx = XdsContext { cache: cache.clone(), tracker: tracker.clone(), settings, security: xds_security };
     let services = XdsServices::new(ctx);
-    let limits = args.connection_limits();
+    let limits = args.limits;
     // Every connection is accepted, and its TLS handshake done, off the accept path; the
     // HTTP/2 preface then has its own deadline.
     let max_xds_connections = match limits.max_xds_connections {
@@ -387,7 +377,7 @@ pub async fn serve_on(
         services,
         filterplane_h2::H2Settings {
             max_streams: limits.max_streams_per_connection,
-            keepalive: std::time::Duration::from_secs(30),
+            keepalive: settings::defaults::XDS_KEEPALIVE,
             output: Arc::new(filterplane_h2::OutputBudget::new(
                 limits.max_queued_bytes_per_stream,
                 limits.max_queued_bytes_per_connection,
@@ -406,7 +396,7 @@ pub async fn serve_on(
     // the operator's --admin-allowed-host.
     let module_host = args
         .wasm
-        .wasm_module_url
+        .module_url
         .as_deref()
         .and_then(|u| reqwest::Url::parse(u).ok())
         .and_then(|u| u.host_str().map(str::to_ascii_lowercase));

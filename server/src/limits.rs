@@ -27,7 +27,7 @@ use crate::{
     tls::{MaybeTls, PeerInfo, ReloadingTls},
 };
 
-/// Connection-level bounds; their defaults are the command line's (`cli::ServeArgs`).
+/// Connection-level bounds; their defaults are in `settings::defaults`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ConnectionLimits {
     /// xDS streams one HTTP/2 connection may have open (SETTINGS_MAX_CONCURRENT_STREAMS).

@@ -35,7 +35,6 @@ pub struct Preflight {
     passed: Mutex<HashSet<String>>,
     /// The cluster remote Wasm code names (a static cluster in the bootstrap).
     module_cluster: String,
-    runs: std::sync::atomic::AtomicU64,
 }
 
 fn key(r: &CompiledResource) -> String {
@@ -44,12 +43,7 @@ fn key(r: &CompiledResource) -> String {
 
 impl Preflight {
     pub fn new(envoy: PathBuf, timeout: Duration, module_cluster: String) -> Self {
-        Self { envoy, timeout, passed: Mutex::default(), module_cluster, runs: Default::default() }
-    }
-
-    /// How many times Envoy ran.
-    pub fn runs(&self) -> u64 {
-        self.runs.load(std::sync::atomic::Ordering::Relaxed)
+        Self { envoy, timeout, passed: Mutex::default(), module_cluster }
     }
 
     /// Checks every resource of `config` that Envoy has not accepted before.
@@ -119,7 +113,6 @@ impl Preflight {
 
     /// Runs Envoy on `bootstrap`; `Err` is Envoy's reason.
     async fn run(&self, bootstrap: &Value) -> Result<(), String> {
-        self.runs.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let dir = tempfile::tempdir().map_err(|e| format!("cannot make a temp dir: {e}"))?;
         let file = dir.path().join("preflight.json");
         std::fs::write(&file, bootstrap.to_string()).map_err(|e| format!("cannot write the bootstrap: {e}"))?;

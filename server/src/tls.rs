@@ -39,7 +39,7 @@ fn file_error(path: &Path, message: impl std::fmt::Display) -> TlsError {
 }
 
 /// Whether clients must show a certificate from the client CA.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ClientAuth {
     /// A client without a valid certificate is refused in the handshake.
     #[default]

@@ -303,11 +303,13 @@ impl AckTracker {
     }
 
     /// A stream identified its node (first request).
+    #[cfg(test)]
     pub fn connect(&self, node: Arc<NodeInfo>, kind: StreamKind, peer: String) -> StreamId {
         self.connect_as(node, kind, peer, PeerAuth::default())
     }
 
     /// `connect`, with how the client authenticated.
+    #[cfg(test)]
     pub fn connect_as(&self, node: Arc<NodeInfo>, kind: StreamKind, peer: String, auth: PeerAuth) -> StreamId {
         self.connect_tracked(node, kind, peer, auth).id
     }
@@ -338,7 +340,8 @@ impl AckTracker {
         }
     }
 
-    /// Records what stream `id` did (tests and tools; streams use `record_on`).
+    /// Records what stream `id` did (tests; streams use `record_on`).
+    #[cfg(test)]
     pub fn record(&self, id: StreamId, event: &StreamEvent) {
         let Some(status) = self.proxies.get(&id).map(|p| p.value().clone()) else { return };
         self.record_on(&Tracked { id, status }, event);

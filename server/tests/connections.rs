@@ -31,9 +31,11 @@ fn speaking_connection(server: SocketAddr, from: [u8; 4]) -> Option<TcpStream> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn xds_connections_are_capped_in_total_and_per_address() {
-    let plane =
-        Plane::start_with(&[("a", "1")], &["--max-xds-connections", "50", "--max-xds-connections-per-address", "30"])
-            .await;
+    let plane = Plane::start_with(&[("a", "1")], |s| {
+        s.limits.max_xds_connections = 50;
+        s.limits.max_xds_connections_per_address = 30;
+    })
+    .await;
     let xds = plane.xds;
     let (from_one, refused_same, from_two, refused_full) = tokio::task::spawn_blocking(move || {
         let one: Vec<_> = (0..31).filter_map(|_| speaking_connection(xds, [127, 0, 0, 1])).collect();
@@ -78,17 +80,11 @@ async fn silent_connections_do_not_delay_a_tls_handshake() {
     let _ = rlimit::increase_nofile_limit(u64::MAX);
     let dir = tempfile::tempdir().unwrap();
     let (cert, key, der) = certificate(dir.path());
-    let plane = Plane::start_with(
-        &[("a", "1")],
-        &[
-            "--xds-tls-cert",
-            cert.to_str().unwrap(),
-            "--xds-tls-key",
-            key.to_str().unwrap(),
-            "--handshake-timeout-secs",
-            "60",
-        ],
-    )
+    let plane = Plane::start_with(&[("a", "1")], |s| {
+        s.security.xds_tls_cert = Some(cert.clone());
+        s.security.xds_tls_key = Some(key.clone());
+        s.limits.handshake_timeout = std::time::Duration::from_secs(60);
+    })
     .await;
     let mut silent = Vec::new();
     for _ in 0..1100 {
@@ -112,8 +108,11 @@ async fn silent_connections_do_not_delay_a_tls_handshake() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn when_the_port_is_full_the_oldest_silent_connection_makes_room() {
-    let plane =
-        Plane::start_with(&[("a", "1")], &["--max-xds-connections", "100", "--handshake-timeout-secs", "60"]).await;
+    let plane = Plane::start_with(&[("a", "1")], |s| {
+        s.limits.max_xds_connections = 100;
+        s.limits.handshake_timeout = std::time::Duration::from_secs(60);
+    })
+    .await;
     let mut silent = Vec::new();
     for _ in 0..100 {
         silent.push(tokio::net::TcpStream::connect(plane.xds).await.unwrap());

@@ -14,6 +14,7 @@ use std::{
     time::Duration,
 };
 
+use filterplane_server::settings::Settings;
 use harness::Plane;
 use raw_h2::*;
 
@@ -38,10 +39,10 @@ async fn set_fifty(plane: &Plane, tag: &str) {
     plane.set(&refs).await;
 }
 
-async fn plane_with_fifty(flags: &[&str]) -> Plane {
+async fn plane_with_fifty(set: impl FnOnce(&mut Settings)) -> Plane {
     let entries = fifty("v0");
     let refs: Vec<(&str, &str)> = entries.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
-    Plane::start_with(&refs, flags).await
+    Plane::start_with(&refs, set).await
 }
 
 fn grpc(message: &impl prost::Message) -> Vec<u8> {
@@ -104,7 +105,7 @@ fn queued(plane: &Plane) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sotw_stream_behind_a_closed_window_holds_one_response_per_type() {
-    let plane = plane_with_fifty(&[]).await;
+    let plane = plane_with_fifty(|_| {}).await;
     let addr = plane.xds;
     let p = tokio::task::spawn_blocking(move || {
         let mut p = Peer::zero_window(addr);
@@ -130,7 +131,7 @@ async fn a_sotw_stream_behind_a_closed_window_holds_one_response_per_type() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_delta_stream_behind_a_closed_window_is_reset_past_its_bound() {
-    let plane = plane_with_fifty(&["--max-queued-bytes-per-stream", "1500000"]).await;
+    let plane = plane_with_fifty(|s| s.limits.max_queued_bytes_per_stream = 1_500_000).await;
     let addr = plane.xds;
     let p = tokio::task::spawn_blocking(move || {
         let mut p = Peer::zero_window(addr);
@@ -157,7 +158,7 @@ async fn a_delta_stream_behind_a_closed_window_is_reset_past_its_bound() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_over_its_output_bound_is_closed() {
-    let plane = plane_with_fifty(&["--max-queued-bytes-per-connection", "1500000"]).await;
+    let plane = plane_with_fifty(|s| s.limits.max_queued_bytes_per_connection = 1_500_000).await;
     let addr = plane.xds;
     let frames = tokio::task::spawn_blocking(move || {
         let mut p = Peer::zero_window(addr);
@@ -177,7 +178,7 @@ async fn a_connection_over_its_output_bound_is_closed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn zero_window_clients_are_bounded_in_total_and_readers_go_on() {
     // Before: 500 zero-window streams with a 1 MB resource took RSS from 70 to 550 MB.
-    let plane = plane_with_fifty(&["--max-queued-bytes", "2000000"]).await;
+    let plane = plane_with_fifty(|s| s.limits.max_queued_bytes = 2_000_000).await;
     let addr = plane.xds;
     let peers = tokio::task::spawn_blocking(move || {
         (0..10)

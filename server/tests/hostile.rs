@@ -131,8 +131,11 @@ fn server_settings(addr: std::net::SocketAddr) -> Vec<(u16, u32)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_are_bounded_in_streams_and_handshake_time() {
-    let plane =
-        Plane::start_with(&[("a", "1")], &["--max-streams-per-connection", "7", "--handshake-timeout-secs", "1"]).await;
+    let plane = Plane::start_with(&[("a", "1")], |s| {
+        s.limits.max_streams_per_connection = 7;
+        s.limits.handshake_timeout = std::time::Duration::from_secs(1);
+    })
+    .await;
     let mut c = client_with_a(&plane).await;
     // SETTINGS_MAX_CONCURRENT_STREAMS (0x3) is advertised.
     let xds = plane.xds;
@@ -159,7 +162,11 @@ async fn connections_are_bounded_in_streams_and_handshake_time() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_connections_and_event_clients_are_capped() {
-    let plane = Plane::start_with(&[("a", "1")], &["--max-admin-connections", "3", "--max-event-clients", "1"]).await;
+    let plane = Plane::start_with(&[("a", "1")], |s| {
+        s.limits.max_admin_connections = 3;
+        s.limits.max_event_clients = 1;
+    })
+    .await;
     let mut c = client_with_a(&plane).await;
     let admin = plane.admin;
     let body = tokio::task::spawn_blocking(move || {
@@ -318,7 +325,7 @@ async fn a_slow_module_source_does_not_hold_the_rest_of_the_config() {
             });
         }
     });
-    let plane = Plane::start_with(&[("a", "1")], &["--wasm-fetch-deadline-secs", "1"]).await;
+    let plane = Plane::start_with(&[("a", "1")], |s| s.wasm.fetch_deadline = std::time::Duration::from_secs(1)).await;
     let mut c = client_with_a(&plane).await;
     let serving = plane.api("/api/v1/config")["serving_version"].clone();
     let text = format!(
@@ -350,8 +357,11 @@ async fn a_request_over_the_size_limit_ends_the_stream_with_an_error_status() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_admin_connection_that_sends_nothing_gives_its_slot_back() {
-    let plane =
-        Plane::start_with(&[("a", "1")], &["--max-admin-connections", "3", "--admin-request-timeout-secs", "1"]).await;
+    let plane = Plane::start_with(&[("a", "1")], |s| {
+        s.limits.max_admin_connections = 3;
+        s.limits.admin_request_timeout = std::time::Duration::from_secs(1);
+    })
+    .await;
     let admin = plane.admin;
     tokio::task::spawn_blocking(move || {
         use std::io::Read;
@@ -509,8 +519,11 @@ async fn token_guesses_are_slowed_per_address_without_locking_out_others() {
     let dir = tempfile::tempdir().unwrap();
     let token = dir.path().join("token");
     std::fs::write(&token, "right-token\n").unwrap();
-    let plane =
-        Plane::start_with(&[("a", "1")], &["--admin-token-file", token.to_str().unwrap(), "--metrics-public"]).await;
+    let plane = Plane::start_with(&[("a", "1")], |s| {
+        s.security.admin_token_file = Some(token.clone());
+        s.security.metrics_public = true;
+    })
+    .await;
     let admin = plane.admin;
     let (guesses, operator) = tokio::task::spawn_blocking(move || {
         let guesses: Vec<u16> =
@@ -544,9 +557,9 @@ async fn an_oversized_node_id_is_refused_with_a_clear_error() {
 async fn a_second_server_on_the_same_state_directory_serves_and_says_why_state_is_not_kept() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().to_str().unwrap();
-    let first = Plane::start_with(&[("a", "1")], &["--state-dir", state]).await;
+    let first = Plane::start_with(&[("a", "1")], |s| s.state.dir = Some(state.into())).await;
     // Before: "Database already open. Cannot acquire lock", exit at start.
-    let second = Plane::start_with(&[("a", "1")], &["--state-dir", state]).await;
+    let second = Plane::start_with(&[("a", "1")], |s| s.state.dir = Some(state.into())).await;
     let note = second.api("/api/v1/rollouts")["store_error"].as_str().unwrap_or_default().to_owned();
     assert!(note.contains("--state-dir") && note.contains("in use by another process"), "{note}");
     assert!(first.api("/api/v1/rollouts")["store_error"].is_null());
@@ -560,7 +573,7 @@ async fn a_corrupted_state_file_is_moved_aside_and_the_server_starts() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("rollouts.redb"), vec![0x5a; 8192]).unwrap();
     // Before: a panic at start (exit 101: a crash loop under any supervisor).
-    let plane = Plane::start_with(&[("a", "1")], &["--state-dir", dir.path().to_str().unwrap()]).await;
+    let plane = Plane::start_with(&[("a", "1")], |s| s.state.dir = Some(dir.path().into())).await;
     let note = plane.api("/api/v1/rollouts")["store_error"].as_str().unwrap_or_default().to_owned();
     assert!(note.contains("moved to") && note.contains("rollouts.redb.unreadable-"), "{note}");
     assert!(plane.healthy());

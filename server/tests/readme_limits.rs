@@ -1,26 +1,33 @@
-//! The README's "Limits and hardening" table and metrics list are kept by hand: this
-//! checks that every bound flag of `serve` and every `limit` label the code counts is
-//! named there. (Labels chosen in a branch, as the output bounds', are read by eye.)
-
-use clap::CommandFactory;
+//! The README's "Limits and hardening" table and metrics list are checked against the
+//! code: every bound in `settings::bounds` with its default, and every `limit` label the
+//! code counts. (Labels chosen in a branch, as the output bounds', are read by eye.)
 
 fn readme() -> String {
     std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap()
 }
 
+/// Every bound the settings hold (`settings::bounds`) has its row in the README's limits
+/// table, and the row states the default the code has. (The binary's tests check that
+/// every bound flag is among them.)
 #[test]
-fn every_bound_flag_of_serve_is_in_the_readme() {
+fn the_readme_limits_table_states_every_bound_and_its_default() {
     let text = readme();
-    let cli = filterplane_server::cli::Cli::command();
-    let serve = cli.find_subcommand("serve").expect("serve");
-    let missing: Vec<String> = serve
-        .get_arguments()
-        .filter_map(|a| a.get_long())
-        .filter(|l| l.starts_with("max-") || l.ends_with("-timeout-secs"))
-        .map(|l| format!("--{l}"))
-        .filter(|flag| !text.contains(&format!("`{flag}`")))
-        .collect();
-    assert!(missing.is_empty(), "flags the README's limits table does not name: {missing:?}");
+    let start = text.find("## Limits and hardening").expect("the limits section");
+    let table: Vec<&str> =
+        text[start..].lines().skip_while(|l| !l.starts_with('|')).take_while(|l| l.starts_with('|')).collect();
+    let mut wrong = Vec::new();
+    for bound in filterplane_server::settings::bounds() {
+        let key = if bound.flag { format!("`{}`", bound.key) } else { bound.key.to_owned() };
+        let rows: Vec<&&str> = table.iter().filter(|row| row.contains(&key)).collect();
+        // The default is a row's second column; a flag may share a row with others.
+        let defaults: Vec<&str> = rows.iter().map(|row| row.split('|').nth(2).unwrap_or_default().trim()).collect();
+        if rows.is_empty() {
+            wrong.push(format!("{key}: no row"));
+        } else if !defaults.iter().any(|d| d.contains(&bound.default)) {
+            wrong.push(format!("{key}: the README says {defaults:?}, the code {}", bound.default));
+        }
+    }
+    assert!(wrong.is_empty(), "the README's limits table disagrees with the code: {wrong:#?}");
 }
 
 #[test]

@@ -55,7 +55,7 @@ fn names(resources: &[Any]) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn secrets_are_kept_from_proxies_without_a_client_certificate() {
-    let plane = Plane::start_with(&[("a", "1")], &["--sensitive-to-authenticated-only"]).await;
+    let plane = Plane::start_with(&[("a", "1")], |s| s.security.sensitive_to_authenticated_only = true).await;
     std::fs::write(plane.config_path(), CONFIG).unwrap();
     plane
         .wait_for("the config with secrets", |p| p.api("/api/v1/config_dump").to_string().contains("server-key"))

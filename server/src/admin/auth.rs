@@ -21,35 +21,7 @@ use crate::{metrics::Metrics, secret};
 
 /// The session cookie's name.
 pub const COOKIE: &str = "filterplane_session";
-/// Longest token file read.
-const MAX_TOKEN_BYTES: u64 = 4096;
-
-#[derive(Debug, thiserror::Error)]
-pub enum TokenError {
-    #[error("{0}")]
-    Io(#[from] std::io::Error),
-    #[error("the token file is empty")]
-    Empty,
-    #[error("the token file is over {MAX_TOKEN_BYTES} bytes")]
-    TooLong,
-}
-
-/// The token in `path`: its text without surrounding whitespace.
-pub fn read_token(path: &Path) -> Result<String, TokenError> {
-    let bytes = crate::secret::read_small_file(path, MAX_TOKEN_BYTES).map_err(|e| {
-        if e.to_string().contains("limit of") {
-            TokenError::TooLong
-        } else {
-            TokenError::Io(e)
-        }
-    })?;
-    let text = String::from_utf8(bytes).map_err(|_| TokenError::Io(std::io::Error::other("not UTF-8 text")))?;
-    let token = text.trim();
-    if token.is_empty() {
-        return Err(TokenError::Empty);
-    }
-    Ok(token.to_owned())
-}
+pub use filterplane_api::files::read_token;
 
 /// Who may use the admin API.
 #[derive(Debug)]

@@ -4,7 +4,7 @@
 pub mod port;
 pub mod service;
 
-pub use filterplane_xds::{delta, hold, sotw, stream, wire, ProtocolError};
+pub use filterplane_xds::{delta, sotw, stream, wire, ProtocolError};
 
 /// The gRPC status a protocol error ends its stream with: a limit the client went over
 /// is `RESOURCE_EXHAUSTED`, a wrong request `INVALID_ARGUMENT`.

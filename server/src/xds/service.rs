@@ -11,7 +11,6 @@ use filterplane_api::{
 };
 use filterplane_h2::{ConnContext, OutMessage, Output, Status};
 use prost::Message;
-use tokio_util::sync::CancellationToken;
 
 use filterplane_config::NodeFacts;
 
@@ -37,7 +36,6 @@ use filterplane_xds::{protocol::Protocol, snapshot::Generation};
 pub struct XdsContext {
     pub cache: Arc<SnapshotCache>,
     pub tracker: Arc<AckTracker>,
-    pub shutdown: CancellationToken,
     pub settings: Arc<StreamSettings>,
     pub security: Arc<XdsSecurity>,
 }

@@ -13,6 +13,7 @@ use filterplane_api::envoy_types::pb::{
     },
     google::rpc::Status,
 };
+use filterplane_server::settings::{Settings, XdsHttp2};
 use prost::Message;
 use serde_json::Value;
 use tokio::sync::mpsc;
@@ -49,13 +50,22 @@ impl Drop for Plane {
     }
 }
 
+/// The xDS port's HTTP/2 these tests run over: `FILTERPLANE_TEST_XDS_HTTP2=tonic` runs
+/// them over the fallback (the test script runs the suites both ways).
+pub fn transport() -> XdsHttp2 {
+    match std::env::var("FILTERPLANE_TEST_XDS_HTTP2").as_deref() {
+        Ok("tonic") => XdsHttp2::Tonic,
+        _ => XdsHttp2::Lean,
+    }
+}
+
 impl Plane {
     pub async fn start(entries: &[(&str, &str)]) -> Plane {
-        Self::start_with(entries, &[]).await
+        Self::start_with(entries, |_| {}).await
     }
 
-    /// Starts with more `serve` flags.
-    pub async fn start_with(entries: &[(&str, &str)], flags: &[&str]) -> Plane {
+    /// Starts with settings changed by `set`.
+    pub async fn start_with(entries: &[(&str, &str)], set: impl FnOnce(&mut Settings)) -> Plane {
         let dir = tempfile::tempdir().unwrap();
         let yaml = dir.path().join("filterplane.yaml");
         std::fs::write(&yaml, self::yaml(entries)).unwrap();
@@ -64,20 +74,11 @@ impl Plane {
         let (xds, admin) = (xds_l.local_addr().unwrap(), admin_l.local_addr().unwrap());
         let shutdown = CancellationToken::new();
         let cache_dir = dir.path().join("cache");
-        let cli = <filterplane_server::cli::Cli as clap::Parser>::parse_from(
-            [
-                "filterplane".as_ref(),
-                "serve".as_ref(),
-                "--config".as_ref(),
-                yaml.as_os_str(),
-                "--cache-dir".as_ref(),
-                cache_dir.as_os_str(),
-            ]
-            .into_iter()
-            .chain(flags.iter().map(|f| f.as_ref())),
-        );
-        let filterplane_server::cli::Command::Serve(args) = cli.command else { unreachable!("parsed serve") };
-        tokio::spawn(filterplane_server::serve_on(args, xds_l, admin_l, shutdown.clone()));
+        let mut settings = Settings::new(&yaml);
+        settings.wasm.cache_dir = Some(cache_dir);
+        settings.xds_http2 = transport();
+        set(&mut settings);
+        tokio::spawn(filterplane_server::serve_on(settings, xds_l, admin_l, shutdown.clone()));
         let plane = Plane { _dir: dir, yaml, xds, admin, shutdown };
         plane.wait_for("readiness", |p| p.get_text("/readyz").is_some_and(|t| t.starts_with("ready"))).await;
         plane

@@ -1,9 +1,13 @@
-//! The `filterplane` binary: wiring only.
+//! The `filterplane` binary: the command line turned into the server's settings, and the
+//! CLI commands that talk to a running server's admin API (`client`).
+
+mod args;
+mod client;
 
 use std::process::ExitCode;
 
+use args::{Cli, Command, WasmCommand};
 use clap::Parser;
-use filterplane_server::cli::{Cli, Command, WasmCommand};
 use tokio_util::sync::CancellationToken;
 
 fn main() -> ExitCode {
@@ -22,29 +26,25 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         }
-        Command::Reload { confirm, admin, client } => {
-            match filterplane_server::status::request_reload(&admin, confirm, &client) {
-                Ok((text, applied)) => {
-                    println!("{text}");
-                    if applied {
-                        ExitCode::SUCCESS
-                    } else {
-                        ExitCode::FAILURE
-                    }
-                }
-                Err(e) => {
-                    eprintln!("filterplane reload: {e:#}");
+        Command::Reload { confirm, admin, client } => match client::request_reload(&admin, confirm, &client) {
+            Ok((text, applied)) => {
+                println!("{text}");
+                if applied {
+                    ExitCode::SUCCESS
+                } else {
                     ExitCode::FAILURE
                 }
             }
-        }
+            Err(e) => {
+                eprintln!("filterplane reload: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Rollout { command, admin, client } => {
             let result = match command.action() {
-                Some((action, name)) => filterplane_server::status::rollout_action(&admin, &client, action, name),
+                Some((action, name)) => client::rollout_action(&admin, &client, action, name),
                 None => match &command {
-                    filterplane_server::cli::RolloutCommand::Status { name } => {
-                        filterplane_server::status::rollout_status(&admin, &client, name.as_deref())
-                    }
+                    args::RolloutCommand::Status { name } => client::rollout_status(&admin, &client, name.as_deref()),
                     _ => unreachable!("only status has no action"),
                 },
             };
@@ -59,7 +59,7 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Status { admin, client } => match filterplane_server::status::fetch_and_render(&admin, &client) {
+        Command::Status { admin, client } => match client::fetch_and_render(&admin, &client) {
             Ok(table) => {
                 print!("{table}");
                 ExitCode::SUCCESS
@@ -115,7 +115,7 @@ fn main() -> ExitCode {
                     tracing::info!("shutting down");
                     signals.cancel();
                 });
-                match filterplane_server::serve(args, shutdown).await {
+                match filterplane_server::serve(args.into_settings(), shutdown).await {
                     Ok(()) => ExitCode::SUCCESS,
                     Err(e) => {
                         tracing::error!("{e:#}");

@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::Context;
 use serde_json::Value;
 
-use crate::cli::AdminClientArgs;
+use crate::args::AdminClientArgs;
 
 /// Columns in the order operators read them; a type no proxy subscribes to is left out.
 const COLUMNS: [(&str, &str); 6] = [
@@ -45,7 +45,7 @@ impl AdminClient {
         }
         let authorization = match &client.token_file {
             Some(path) => {
-                let token = crate::admin::auth::read_token(path)
+                let token = filterplane_api::files::read_token(path)
                     .with_context(|| format!("read --token-file {}", path.display()))?;
                 Some(format!("Bearer {token}"))
             }

@@ -1,8 +1,12 @@
-//! The command line.
+//! The command line: clap's types, turned into the server's `Settings`.
 
 use std::{net::SocketAddr, path::PathBuf};
 
 use clap::{Parser, Subcommand};
+use filterplane_server::settings::{
+    defaults, ClientAuth, ConnectionLimits, IdentityRule, SecuritySettings, Settings, StateSettings, WasmDelivery,
+    WasmSettings, XdsHttp2,
+};
 
 /// Filterplane: a standalone xDS control plane for Envoy. Serves extension configs
 /// (ECDS) and the resources around them from Envoy-native YAML, validated against
@@ -88,78 +92,83 @@ pub struct ServeArgs {
     #[arg(long, short, env = "FILTERPLANE_CONFIG")]
     pub config: PathBuf,
     /// Where Envoy connects for xDS (gRPC, HTTP/2 cleartext).
-    #[arg(long, default_value = "0.0.0.0:18000", env = "FILTERPLANE_XDS_ADDR")]
+    #[arg(long, default_value = defaults::XDS_ADDR, env = "FILTERPLANE_XDS_ADDR")]
     pub xds_addr: SocketAddr,
     /// The admin HTTP server: /healthz, /readyz, /api/v1/*.
-    #[arg(long, default_value = "127.0.0.1:18001", env = "FILTERPLANE_ADMIN_ADDR")]
+    #[arg(long, default_value = defaults::ADMIN_ADDR, env = "FILTERPLANE_ADMIN_ADDR")]
     pub admin_addr: SocketAddr,
+    /// The HTTP/2 implementation of the xDS port: `lean` (Filterplane's own, least memory
+    /// per connection) or `tonic` (hyper's h2, a fallback should the lean one ever fail
+    /// you). The same services, bounds and caps either way.
+    #[arg(long, value_enum, default_value_t = Http2Arg::Lean, env = "FILTERPLANE_XDS_HTTP2")]
+    pub xds_http2: Http2Arg,
     /// Make-before-break: seconds a resource that left a proxy's config (an extension config
     /// whose filter left its listeners, over delta; a cluster, endpoints or secret a changed
     /// listener may have used) stays served to that proxy after it ACKed the listener
     /// update, unless Envoy unsubscribes it first (it does once nothing, draining listeners
     /// included, refers to it). Set it to at least your Envoys' --drain-time-s (600 unless set).
-    #[arg(long, default_value_t = 600)]
+    #[arg(long, default_value_t = defaults::DRAIN_GRACE.as_secs())]
     pub drain_grace_secs: u64,
     /// Names one xDS stream may subscribe to, per type; a stream that asks for more is
     /// ended with RESOURCE_EXHAUSTED (counted in filterplane_limit_hits_total).
-    #[arg(long, default_value_t = 10_000)]
+    #[arg(long, default_value_t = defaults::MAX_SUBSCRIBED_NAMES)]
     pub max_subscribed_names: usize,
     /// A reload that would remove more than this percent of the served resources (a
     /// truncated file, an emptied directory) is held until `filterplane reload --confirm`
     /// or SIGHUP; 100 turns the guard off.
-    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u8).range(0..=100))]
+    #[arg(long, default_value_t = defaults::MAX_REMOVAL_PERCENT, value_parser = clap::value_parser!(u8).range(0..=100))]
     pub max_removal_percent: u8,
     /// xDS streams one HTTP/2 connection may have open (SETTINGS_MAX_CONCURRENT_STREAMS).
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = defaults::MAX_STREAMS_PER_CONNECTION)]
     pub max_streams_per_connection: u32,
     /// Seconds an xDS connection has to send the HTTP/2 preface before it is closed.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = defaults::HANDSHAKE_TIMEOUT.as_secs())]
     pub handshake_timeout_secs: u64,
     /// xDS connections open at once, all clients together. 0: the file-descriptor limit
     /// less a reserve for the admin and module ports, probes and files (see the README).
     /// When full, the oldest connection that has not sent a byte yet makes room, or the
     /// new one is closed.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = defaults::MAX_XDS_CONNECTIONS)]
     pub max_xds_connections: usize,
     /// xDS connections open at once from one client address (Envoys behind one NAT
     /// share one); more are closed at once.
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, default_value_t = defaults::MAX_XDS_CONNECTIONS_PER_ADDRESS)]
     pub max_xds_connections_per_address: usize,
     /// Bytes of responses one xDS stream may have waiting behind its client's
     /// flow-control window; past it the stream is reset (ENHANCE_YOUR_CALM). A newer
     /// SotW response of a type replaces an unsent older one, so this is rarely reached.
-    #[arg(long, default_value_t = filterplane_h2::output::DEFAULT_PER_STREAM)]
+    #[arg(long, default_value_t = defaults::MAX_QUEUED_BYTES_PER_STREAM)]
     pub max_queued_bytes_per_stream: usize,
     /// The same for all streams of one xDS connection; past it, GOAWAY and close.
-    #[arg(long, default_value_t = filterplane_h2::output::DEFAULT_PER_CONNECTION)]
+    #[arg(long, default_value_t = defaults::MAX_QUEUED_BYTES_PER_CONNECTION)]
     pub max_queued_bytes_per_connection: usize,
     /// The same for the whole server; past it, streams held by a window their client
     /// keeps closed are reset.
-    #[arg(long, default_value_t = filterplane_h2::output::DEFAULT_TOTAL)]
+    #[arg(long, default_value_t = defaults::MAX_QUEUED_BYTES)]
     pub max_queued_bytes: usize,
     /// Admin connections open at once; more are answered 503 and closed, so admin
     /// clients never take the file descriptors Envoys need.
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, default_value_t = defaults::MAX_ADMIN_CONNECTIONS)]
     pub max_admin_connections: usize,
     /// Clients of /api/v1/events (the page's live updates) at once; more get 503.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = defaults::MAX_EVENT_CLIENTS)]
     pub max_event_clients: usize,
     /// A host name the admin server answers to besides its address, IP literals and
     /// localhost (a DNS-rebinding page uses a name of its own). Repeatable.
     #[arg(long = "admin-allowed-host")]
     pub admin_allowed_hosts: Vec<String>,
     /// Seconds an admin connection has to send its first request before it is closed.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = defaults::ADMIN_REQUEST_TIMEOUT.as_secs())]
     pub admin_request_timeout_secs: u64,
     /// Seconds an admin connection may go without reading or writing before it is closed
     /// (event streams write a keep-alive every 15 s).
-    #[arg(long, default_value_t = 60)]
+    #[arg(long, default_value_t = defaults::ADMIN_IDLE_TIMEOUT.as_secs())]
     pub admin_idle_timeout_secs: u64,
     /// Bytes of a NACK's message kept, logged and shown; the rest is cut (counted).
-    #[arg(long, default_value_t = 4096)]
+    #[arg(long, default_value_t = defaults::MAX_NACK_MESSAGE_BYTES)]
     pub max_nack_message_bytes: usize,
     /// Largest config file read, in bytes.
-    #[arg(long, default_value_t = 16 << 20)]
+    #[arg(long, default_value_t = defaults::MAX_CONFIG_BYTES)]
     pub max_config_bytes: u64,
     #[command(flatten)]
     pub wasm: WasmArgs,
@@ -170,7 +179,7 @@ pub struct ServeArgs {
     #[arg(long, env = "FILTERPLANE_PREFLIGHT_ENVOY")]
     pub preflight_envoy: Option<PathBuf>,
     /// Seconds one pre-flight Envoy run may take.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = defaults::PREFLIGHT_TIMEOUT.as_secs())]
     pub preflight_timeout_secs: u64,
     /// Where rollout state is kept across restarts (an embedded database). Default:
     /// `state` in the module cache directory.
@@ -224,14 +233,14 @@ pub struct SecurityArgs {
     /// With --xds-client-ca: `optional` also lets clients without a certificate connect,
     /// unauthenticated (no node identity; no sensitive resources with
     /// --sensitive-to-authenticated-only).
-    #[arg(long, value_enum, default_value_t = crate::tls::ClientAuth::Required)]
-    pub xds_client_auth: crate::tls::ClientAuth,
+    #[arg(long, value_enum, default_value_t = ClientAuthArg::Required)]
+    pub xds_client_auth: ClientAuthArg,
     /// Which node ids and clusters a client certificate may claim (needs --xds-client-ca),
     /// e.g. `uri=spiffe://example.org/node/*,node=$1` or
     /// `dns=*.edge.example.com,node=edge-$1-*,cluster=edge`. Repeatable; a stream must
     /// match one rule, else it is ended with PERMISSION_DENIED. See the README.
     #[arg(long = "node-identity", value_name = "RULE")]
-    pub node_identity: Vec<crate::identity::IdentityRule>,
+    pub node_identity: Vec<IdentityRule>,
     /// Serve secrets (SDS Secrets, and listeners, clusters or other resources holding a
     /// private key or other field Envoy marks sensitive) only to proxies that
     /// authenticated with a client certificate; others get the rest without them.
@@ -271,22 +280,114 @@ pub struct SecurityArgs {
 }
 
 impl ServeArgs {
-    /// The connection-level bounds these flags set.
-    pub fn connection_limits(&self) -> crate::limits::ConnectionLimits {
-        crate::limits::ConnectionLimits {
-            max_streams_per_connection: self.max_streams_per_connection,
-            handshake_timeout: std::time::Duration::from_secs(self.handshake_timeout_secs),
-            max_xds_connections: self.max_xds_connections,
-            max_xds_connections_per_address: self.max_xds_connections_per_address,
-            max_queued_bytes_per_stream: self.max_queued_bytes_per_stream,
-            max_queued_bytes_per_connection: self.max_queued_bytes_per_connection,
-            max_queued_bytes: self.max_queued_bytes,
-            max_admin_connections: self.max_admin_connections,
-            max_event_clients: self.max_event_clients,
-            admin_request_timeout: std::time::Duration::from_secs(self.admin_request_timeout_secs),
-            admin_idle_timeout: std::time::Duration::from_secs(self.admin_idle_timeout_secs),
+    /// What the server runs with.
+    pub fn into_settings(self) -> Settings {
+        let secs = std::time::Duration::from_secs;
+        let w = self.wasm;
+        let s = self.security;
+        Settings {
+            config: self.config,
+            xds_addr: self.xds_addr,
+            admin_addr: self.admin_addr,
+            xds_http2: match self.xds_http2 {
+                Http2Arg::Lean => XdsHttp2::Lean,
+                Http2Arg::Tonic => XdsHttp2::Tonic,
+            },
+            drain_grace: secs(self.drain_grace_secs),
+            max_subscribed_names: self.max_subscribed_names,
+            max_removal_percent: self.max_removal_percent,
+            limits: ConnectionLimits {
+                max_streams_per_connection: self.max_streams_per_connection,
+                handshake_timeout: secs(self.handshake_timeout_secs),
+                max_xds_connections: self.max_xds_connections,
+                max_xds_connections_per_address: self.max_xds_connections_per_address,
+                max_queued_bytes_per_stream: self.max_queued_bytes_per_stream,
+                max_queued_bytes_per_connection: self.max_queued_bytes_per_connection,
+                max_queued_bytes: self.max_queued_bytes,
+                max_admin_connections: self.max_admin_connections,
+                max_event_clients: self.max_event_clients,
+                admin_request_timeout: secs(self.admin_request_timeout_secs),
+                admin_idle_timeout: secs(self.admin_idle_timeout_secs),
+            },
+            admin_allowed_hosts: self.admin_allowed_hosts,
+            max_nack_message_bytes: self.max_nack_message_bytes,
+            max_config_bytes: self.max_config_bytes,
+            preflight_envoy: self.preflight_envoy,
+            preflight_timeout: secs(self.preflight_timeout_secs),
+            state: StateSettings {
+                dir: self.state_dir,
+                store: self.state_store,
+                ca_file: self.state_store_ca_file,
+                cert_file: self.state_store_cert_file,
+                key_file: self.state_store_key_file,
+                user: self.state_store_user,
+                password_file: self.state_store_password_file,
+                replica_name: self.replica_name,
+            },
+            wasm: WasmSettings {
+                cache_dir: w.cache_dir,
+                cache_max_bytes: w.cache_max_bytes,
+                file_root: w.wasm_file_root,
+                insecure_registries: w.insecure_registries,
+                delivery: match w.wasm_delivery {
+                    DeliveryArg::Inline => WasmDelivery::Inline,
+                    DeliveryArg::Remote => WasmDelivery::Remote,
+                },
+                module_url: w.wasm_module_url,
+                module_cluster: w.wasm_module_cluster,
+                fetch_timeout: secs(w.wasm_fetch_timeout_secs),
+                fetch_attempts: w.wasm_fetch_attempts,
+                fetch_deadline: secs(w.wasm_fetch_deadline_secs),
+                max_module_bytes: w.wasm_max_module_bytes,
+                code_fetch_retries: w.wasm_code_fetch_retries,
+                fetch_deny_cidr: w.wasm_fetch_deny_cidr,
+                fetch_allow_cidr: w.wasm_fetch_allow_cidr,
+                registry_auth_file: w.registry_auth_file,
+                registry_ca_file: w.registry_ca_file,
+            },
+            security: SecuritySettings {
+                xds_tls_cert: s.xds_tls_cert,
+                xds_tls_key: s.xds_tls_key,
+                xds_client_ca: s.xds_client_ca,
+                xds_client_auth: match s.xds_client_auth {
+                    ClientAuthArg::Required => ClientAuth::Required,
+                    ClientAuthArg::Optional => ClientAuth::Optional,
+                },
+                node_identity: s.node_identity,
+                sensitive_to_authenticated_only: s.sensitive_to_authenticated_only,
+                admin_token_file: s.admin_token_file,
+                metrics_public: s.metrics_public,
+                admin_tls_cert: s.admin_tls_cert,
+                admin_tls_key: s.admin_tls_key,
+                modules_addr: s.modules_addr,
+                modules_tls_cert: s.modules_tls_cert,
+                modules_tls_key: s.modules_tls_key,
+                modules_secret_file: s.modules_secret_file,
+            },
         }
     }
+}
+
+/// Whether xDS clients must show a certificate from the client CA.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum ClientAuthArg {
+    /// A client without a valid certificate is refused in the handshake.
+    #[default]
+    Required,
+    /// A client may connect without a certificate; it is then unauthenticated (no node
+    /// identity, and no sensitive resources with --sensitive-to-authenticated-only). A
+    /// certificate it does show must still be valid.
+    Optional,
+}
+
+/// The xDS port's HTTP/2 implementation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Http2Arg {
+    /// Filterplane's own: one task per connection, no buffer held while idle.
+    #[default]
+    Lean,
+    /// tonic's (hyper and h2): the fallback.
+    Tonic,
 }
 
 #[derive(Debug, Clone, Subcommand)]
@@ -356,7 +457,7 @@ pub struct WasmArgs {
     #[arg(long, env = "FILTERPLANE_CACHE_DIR")]
     pub cache_dir: Option<PathBuf>,
     /// Size bound of the module cache; least recently used modules not being served go first.
-    #[arg(long, default_value_t = 1 << 30)]
+    #[arg(long, default_value_t = defaults::CACHE_MAX_BYTES)]
     pub cache_max_bytes: u64,
     /// file:// modules must be under this directory. Default: the config's directory.
     #[arg(long)]
@@ -371,25 +472,25 @@ pub struct WasmArgs {
     #[arg(long)]
     pub wasm_module_url: Option<String>,
     /// The Envoy cluster that reaches --wasm-module-url (remote delivery).
-    #[arg(long, default_value = "filterplane_modules")]
+    #[arg(long, default_value = defaults::WASM_MODULE_CLUSTER)]
     pub wasm_module_cluster: String,
     /// Timeout of one fetch attempt, in seconds.
-    #[arg(long, default_value_t = 30)]
+    #[arg(long, default_value_t = defaults::WASM_FETCH_TIMEOUT.as_secs())]
     pub wasm_fetch_timeout_secs: u64,
     /// Attempts per fetch (with exponential backoff between them).
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = defaults::WASM_FETCH_ATTEMPTS)]
     pub wasm_fetch_attempts: u32,
     /// Seconds one reload waits for its modules; a fetch still running then fails for
     /// that reload (the plugin keeps its previous version) and the rest is applied.
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = defaults::WASM_FETCH_DEADLINE.as_secs())]
     pub wasm_fetch_deadline_secs: u64,
     /// Largest module accepted, in bytes.
-    #[arg(long, default_value_t = 64 << 20)]
+    #[arg(long, default_value_t = defaults::WASM_MAX_MODULE_BYTES)]
     pub wasm_max_module_bytes: u64,
     /// Remote delivery: how many times a Wasm config is sent again after Envoy NACKs it
     /// while it fetches the module into its cache (100 ms apart, doubling, at most 5 s),
     /// before the NACK counts as a reject.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = defaults::WASM_CODE_FETCH_RETRIES)]
     pub wasm_code_fetch_retries: u32,
     /// Addresses (CIDR) module downloads may not connect to, besides the default
     /// link-local and cloud metadata ranges; checked after DNS and on every redirect.
@@ -410,4 +511,64 @@ pub struct WasmArgs {
     /// besides the system's.
     #[arg(long)]
     pub registry_ca_file: Option<PathBuf>,
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    /// Every bound flag of `serve` is among the settings' bounds, whose README rows the
+    /// server's tests check, so no bound escapes the limits table.
+    #[test]
+    fn every_bound_flag_of_serve_is_a_documented_bound() {
+        let cli = Cli::command();
+        let serve = cli.find_subcommand("serve").expect("serve");
+        let bounds: Vec<String> =
+            filterplane_server::settings::bounds().into_iter().map(|b| b.key.to_owned()).collect();
+        let missing: Vec<String> = serve
+            .get_arguments()
+            .filter_map(|a| a.get_long())
+            .filter(|l| l.starts_with("max-") || l.ends_with("-timeout-secs") || l.ends_with("-bytes"))
+            .map(|l| format!("--{l}"))
+            .filter(|flag| !bounds.contains(flag))
+            .collect();
+        assert!(missing.is_empty(), "bound flags missing from settings::bounds: {missing:?}");
+    }
+
+    /// The flags turn into the settings they name; defaults are the settings' own.
+    #[test]
+    fn flags_become_settings() {
+        let Command::Serve(args) = Cli::parse_from([
+            "filterplane",
+            "serve",
+            "--config",
+            "c.yaml",
+            "--max-streams-per-connection",
+            "7",
+            "--xds-http2",
+            "tonic",
+            "--wasm-fetch-deadline-secs",
+            "3",
+            "--xds-client-auth",
+            "optional",
+        ])
+        .command
+        else {
+            panic!("serve")
+        };
+        let s = args.into_settings();
+        let defaults = Settings::new("c.yaml");
+        assert_eq!(s.limits.max_streams_per_connection, 7);
+        assert_eq!(s.xds_http2, XdsHttp2::Tonic);
+        assert_eq!(s.wasm.fetch_deadline, std::time::Duration::from_secs(3));
+        assert_eq!(s.security.xds_client_auth, ClientAuth::Optional);
+        assert_eq!(s.limits.max_queued_bytes, defaults.limits.max_queued_bytes);
+        assert_eq!(s.drain_grace, defaults.drain_grace);
+        assert_eq!(s.xds_addr, defaults.xds_addr);
+        assert_eq!(s.admin_addr, defaults.admin_addr);
+        assert_eq!(s.max_config_bytes, defaults.max_config_bytes);
+        assert_eq!(s.wasm.module_cluster, defaults.wasm.module_cluster);
+    }
 }
