@@ -342,40 +342,6 @@ impl Summary {
     }
 }
 
-/// The summary of the whole fleet: this replica's proxies, and with several replicas,
-/// every other replica's last report.
-pub fn fleet_summary(tracker: &AckTracker, replicas: &crate::replicas::Replicas) -> Summary {
-    let mut s = summary(tracker);
-    if !replicas.is_shared() {
-        return s;
-    }
-    let status = replicas.status();
-    let share = |name: &str, s: &Summary, this: bool, age_ms: u64| ReplicaShare {
-        replica: name.to_owned(),
-        proxies: s.proxies,
-        states: s.states.clone(),
-        leader: status.leader.as_deref() == Some(name),
-        this,
-        age_ms,
-    };
-    let mut shares = vec![share(&replicas.name, &s, true, 0)];
-    for n in &mut s.nacking {
-        n.replica = Some(replicas.name.clone());
-    }
-    let now =
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
-    // (Read in place: the reports hold every proxy of the other replicas during a rollout.)
-    replicas.with_others(|others| {
-        for r in others {
-            shares.push(share(&r.replica, &r.summary, false, now.saturating_sub(r.at_ms)));
-            s.merge(&r.summary, &r.replica);
-        }
-    });
-    shares.sort_by(|a, b| a.replica.cmp(&b.replica));
-    s.replicas = shares;
-    s
-}
-
 type PerVersion = HashMap<ResourceVersion, usize>;
 
 /// One resource's proxies while the summary counts them (`ResourceCount` once done).

@@ -10,7 +10,8 @@
 //!   its proxies, and while a rollout runs, what the rollout engine needs of each of them.
 //!
 //! When etcd cannot be reached, replicas keep serving what they have, no rollout moves,
-//! and the page and API say why.
+//! and the page and API say why. The lease and the leader key are kept by
+//! `filterplane_state::lease`; the report's format by `filterplane_state::reports`.
 
 use std::{
     collections::BTreeMap,
@@ -26,11 +27,49 @@ use tokio_util::sync::CancellationToken;
 
 use filterplane_state::{
     etcd::{Etcd, EtcdUrl},
+    lease::{Beat, Leadership},
     shared::EtcdStore,
     Store, StoreError,
 };
 
-use crate::{fleet::Summary, tracker::AckTracker};
+use crate::{
+    fleet::{ReplicaShare, Summary},
+    tracker::AckTracker,
+};
+
+/// The summary of the whole fleet: this replica's proxies, and with several replicas,
+/// every other replica's last report.
+pub fn fleet_summary(tracker: &AckTracker, replicas: &Replicas) -> Summary {
+    let mut s = crate::fleet::summary(tracker);
+    if !replicas.is_shared() {
+        return s;
+    }
+    let status = replicas.status();
+    let share = |name: &str, s: &Summary, this: bool, age_ms: u64| ReplicaShare {
+        replica: name.to_owned(),
+        proxies: s.proxies,
+        states: s.states.clone(),
+        leader: status.leader.as_deref() == Some(name),
+        this,
+        age_ms,
+    };
+    let mut shares = vec![share(&replicas.name, &s, true, 0)];
+    for n in &mut s.nacking {
+        n.replica = Some(replicas.name.clone());
+    }
+    let now =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+    // (Read in place: the reports hold every proxy of the other replicas during a rollout.)
+    replicas.with_others(|others| {
+        for r in others {
+            shares.push(share(&r.replica, &r.summary, false, now.saturating_sub(r.at_ms)));
+            s.merge(&r.summary, &r.replica);
+        }
+    });
+    shares.sort_by(|a, b| a.replica.cmp(&b.replica));
+    s.replicas = shares;
+    s
+}
 
 /// The lease that holds a replica's report and leadership.
 pub const LEASE_TTL: Duration = Duration::from_secs(5);
@@ -249,11 +288,9 @@ impl Replicas {
         shutdown: CancellationToken,
     ) {
         let Some((etcd, url)) = self.etcd.clone() else { return };
-        let leader_key = format!("{}leader", url.prefix);
+        let mut leadership = Leadership::new(format!("{}leader", url.prefix), self.name.clone(), LEASE_TTL);
         let reports = format!("{}replicas/", url.prefix);
         let mine = format!("{reports}{}", self.name);
-        let mut lease: Option<i64> = None;
-        let mut lost_since: Option<std::time::Instant> = None;
         let mut beat = tokio::time::interval(BEAT);
         beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -262,23 +299,11 @@ impl Replicas {
                 _ = beat.tick() => {}
             }
             let result: Result<(), filterplane_state::etcd::EtcdError> = async {
-                let id = match lease {
-                    Some(id) if etcd.keep_alive(id).await? => id,
-                    _ => {
-                        let id = etcd.grant(LEASE_TTL).await?;
-                        lease = Some(id);
-                        id
-                    }
-                };
-                // Leader: whoever holds the key; take it if nobody does.
-                etcd.put_if(&leader_key, 0, self.name.as_bytes().to_vec(), id).await?;
-                let (holder, _) = etcd.get(&leader_key).await?;
-                let holder = holder.map(|h| String::from_utf8_lossy(&h).into_owned());
-                let leading = holder.as_deref() == Some(self.name.as_str());
+                let Beat { lease, holder, leading } = leadership.beat(&etcd).await?;
                 if self.leader.swap(leading, Ordering::Relaxed) != leading {
                     tracing::info!(replica = %self.name, leading, "rollout leadership");
                 }
-                self.publish(&etcd, &mine, id, &tracker, rollout_input()).await;
+                self.publish(&etcd, &mine, lease, &tracker, rollout_input()).await;
                 let previous = self.others();
                 let read_at = now_ms();
                 let others = read_reports(etcd.list(&reports).await?, &reports, &self.name, &previous);
@@ -291,21 +316,12 @@ impl Replicas {
             }
             .await;
             match result {
-                Ok(()) => {
-                    lost_since = None;
-                    self.set_reachable(None);
-                }
+                Ok(()) => self.set_reachable(None),
                 Err(e) => {
                     self.set_reachable(Some(e.to_string()));
-                    // The lease may be gone by now: stop leading before another replica can,
-                    // and give the key up (revoking the lease deletes it) so that another
-                    // replica leads at once rather than nobody.
-                    let since = *lost_since.get_or_insert_with(std::time::Instant::now);
-                    if since.elapsed() >= LEASE_TTL / 2 && self.leader.swap(false, Ordering::Relaxed) {
+                    if leadership.on_error(&etcd, std::time::Instant::now(), self.is_leader()).await {
+                        self.leader.store(false, Ordering::Relaxed);
                         tracing::warn!(replica = %self.name, "etcd unreachable: no longer leading rollouts; giving the leader key up");
-                        if let Some(id) = lease.take() {
-                            let _ = etcd.revoke(id).await;
-                        }
                     }
                     // Reports of others go stale; drop them rather than count old NACKs.
                     self.others.lock().unwrap_or_else(|p| p.into_inner()).clear();
@@ -316,9 +332,7 @@ impl Replicas {
             }
         }
         self.leader.store(false, Ordering::Relaxed);
-        if let Some(id) = lease {
-            let _ = etcd.revoke(id).await;
-        }
+        leadership.release(&etcd).await;
     }
 }
 

@@ -93,7 +93,7 @@ async fn proxies(State(s): State<AdminState>, Query(q): Query<crate::fleet::Prox
 
 /// Proxies per state and version, resources per version, NACKing proxies.
 async fn summary(State(s): State<AdminState>) -> Response {
-    Json(crate::fleet::fleet_summary(&s.tracker, s.rollouts.replicas())).into_response()
+    Json(crate::replicas::fleet_summary(&s.tracker, s.rollouts.replicas())).into_response()
 }
 
 async fn proxy(State(s): State<AdminState>, Path(node_id): Path<String>) -> Response {

@@ -180,7 +180,7 @@ async fn events(
                     }
                     last_seq = seq;
                     let started = std::time::Instant::now();
-                    let full = crate::fleet::fleet_summary(&tracker, &replicas);
+                    let full = crate::replicas::fleet_summary(&tracker, &replicas);
                     let mut summary = serde_json::to_string(&full).unwrap_or_default();
                     // Whether the client saw this already: all but the sequence number and
                     // the report ages, which move every time.
