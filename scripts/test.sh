@@ -52,3 +52,13 @@ else
   echo "no rustup-managed Rust $msrv here: the build at the declared minimum is not checked"
 fi
 cargo test --workspace --locked --test '*' "$@"
+# The fallback transport (`--xds-http2 tonic`): the conformance, hostile and end-to-end
+# suites again, over tonic's HTTP/2 (the binary and the in-process harness read
+# FILTERPLANE_XDS_HTTP2). Left out: h2_rfc (the lean layer's own frame rules) and the
+# page's browser test (no xDS in it).
+tonic_suites=(conformance hostile connections sensitive h2_output logs)
+for t in e2e/tests/*.rs; do
+  t=$(basename "$t" .rs)
+  [ "$t" = admin_page ] || tonic_suites+=("$t")
+done
+FILTERPLANE_XDS_HTTP2=tonic cargo test --workspace --locked $(printf -- '--test %s ' "${tonic_suites[@]}") "$@"

@@ -305,7 +305,7 @@ pub async fn serve_on(
     let xds_listening = Arc::new(AtomicBool::new(false));
     let tasks = TaskTracker::new();
     let (xds_addr, admin_addr) = (xds_listener.local_addr()?, admin_listener.local_addr()?);
-    tracing::info!(xds = %xds_addr, admin = %admin_addr, config = %config.display(), "listening");
+    tracing::info!(xds = %xds_addr, admin = %admin_addr, config = %config.display(), xds_http2 = ?args.xds_http2, "listening");
     let security = PortSecurity {
         xds_tls: tls.xds.as_ref().map(|t| t.files().security()),
         node_identity: !args.security.node_identity.is_empty(),
@@ -385,6 +385,7 @@ pub async fn serve_on(
                 metrics.xds_queued_bytes.clone(),
             )),
         },
+        args.xds_http2,
         limits.handshake_timeout,
         metrics.clone(),
         shutdown.clone(),

@@ -1,6 +1,7 @@
 //! The xDS port's connections: each accepted connection (after its TLS handshake, under
 //! the connection caps) becomes an HTTP/2 connection whose streams are the xDS services;
-//! every new configuration generation is signalled to all of them at once.
+//! every new configuration generation is signalled to all of them at once. With
+//! `--xds-http2 tonic`, tonic's server carries the same handlers (`fallback`).
 
 use std::{
     sync::Arc,
@@ -12,7 +13,15 @@ use filterplane_xds::snapshot::Generation;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::xds::service::{Handler, NewGeneration, XdsConn, XdsServices};
+use tokio_stream::StreamExt;
+
+use crate::{
+    settings::XdsHttp2,
+    xds::{
+        fallback::{self, FallbackService},
+        service::{Handler, NewGeneration, XdsConn, XdsServices},
+    },
+};
 
 /// Serves every connection `accepted` hands over until `shutdown`; then waits (at most
 /// five seconds) for connections to say goodbye.
@@ -20,6 +29,7 @@ pub async fn serve(
     mut accepted: tokio::sync::mpsc::Receiver<crate::accept::Accepted>,
     services: XdsServices,
     settings: H2Settings,
+    transport: XdsHttp2,
     handshake_timeout: Duration,
     metrics: Arc<crate::metrics::Metrics>,
     shutdown: CancellationToken,
@@ -46,6 +56,26 @@ pub async fn serve(
         }
     };
     let forwarding = tokio::spawn(forward);
+    if transport == XdsHttp2::Tonic {
+        let incoming = tokio_stream::wrappers::ReceiverStream::new(accepted).map(move |a| {
+            let peer = a.io.peer();
+            let io = crate::limits::Handshake::new(a.io, a.hold, handshake_timeout, metrics.clone());
+            Ok::<_, std::io::Error>(fallback::Closable::new(io, peer))
+        });
+        let service = FallbackService::<Handler> {
+            context: Arc::new(move |info| XdsConn { services: services.clone(), peer: services.peer(info.clone()) }),
+            signals: signals.subscribe(),
+            budget: settings.output.clone(),
+        };
+        let server = fallback::serve(incoming, service, &settings, shutdown.clone().cancelled_owned());
+        // As below: connections get five seconds to say goodbye.
+        tokio::select! {
+            _ = server => {}
+            _ = async { shutdown.cancelled().await; tokio::time::sleep(Duration::from_secs(5)).await } => {}
+        }
+        let _ = forwarding.await;
+        return;
+    }
     let tasks = tokio_util::task::TaskTracker::new();
     loop {
         let a = tokio::select! {

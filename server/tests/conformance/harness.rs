@@ -50,10 +50,10 @@ impl Drop for Plane {
     }
 }
 
-/// The xDS port's HTTP/2 these tests run over: `FILTERPLANE_TEST_XDS_HTTP2=tonic` runs
+/// The xDS port's HTTP/2 these tests run over: `FILTERPLANE_XDS_HTTP2=tonic` runs
 /// them over the fallback (the test script runs the suites both ways).
 pub fn transport() -> XdsHttp2 {
-    match std::env::var("FILTERPLANE_TEST_XDS_HTTP2").as_deref() {
+    match std::env::var("FILTERPLANE_XDS_HTTP2").as_deref() {
         Ok("tonic") => XdsHttp2::Tonic,
         _ => XdsHttp2::Lean,
     }
