@@ -119,6 +119,24 @@ impl Traffic {
         sum
     }
 
+    /// Waits (at most `within`) until `n` responses since the last `take` carried the
+    /// watched header with `value`: traffic seen on the new config, not a fixed pause.
+    pub fn wait_for_header(&self, value: &str, n: u64, within: Duration) {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            let seen: u64 = self
+                .tallies
+                .iter()
+                .map(|t| t.lock().unwrap_or_else(|p| p.into_inner()).by_header.get(value).copied().unwrap_or(0))
+                .sum();
+            if seen >= n {
+                return;
+            }
+            assert!(std::time::Instant::now() < deadline, "{n} responses with {value}: {seen} in {within:?}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// Stops the clients and returns what they saw since the last `take`.
     pub fn stop(mut self) -> Tally {
         self.halt();

@@ -60,6 +60,16 @@ impl Gateway {
         fs::write(&self.yaml, text).unwrap();
     }
 
+    /// Waits until the proxy has ACKed the listeners it was last sent. (Other types may
+    /// wait longer on purpose: a removed cluster is held while a drain may use it.)
+    fn wait_listeners_synced(&self) {
+        const LDS: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
+        wait_until("the listeners ACKed", WAIT, || {
+            let proxies = self.fp.api("/api/v1/proxies");
+            (proxies.as_array()?.first()?["types"][LDS]["state"] == "synced").then_some(())
+        });
+    }
+
     /// Waits until Envoy has no listener or filter chain draining: the change is done
     /// with, old connections included.
     fn wait_drained(&self) {
@@ -81,8 +91,9 @@ fn phase(gw: &Gateway, traffic: &Traffic, what: &str, change: impl FnOnce(), don
     traffic.take();
     change();
     wait_until(what, WAIT, || done().then_some(()));
-    // A drain starts when Envoy applies the listener; give it a moment to register.
-    std::thread::sleep(Duration::from_millis(200));
+    // A drain starts when Envoy applies a listener, before it ACKs it: once the listeners
+    // are ACKed, any drain the change started is counted.
+    gw.wait_listeners_synced();
     gw.wait_drained();
     let tally = traffic.take();
     println!("{what}: {tally}");

@@ -116,7 +116,7 @@ fn envoy_native_remote_wasm_in_a_typed_struct_is_fetched_centrally() {
     let traffic = filterplane_e2e::traffic::Traffic::start(s.envoy.listener_port, 2, "/", "x-wasm");
     fs::write(&s.yaml, native_wasm(&url("v2.wasm"), &sha2, "hi")).unwrap();
     wait_until("v2 to run", WAIT, || (x_wasm(&s.envoy).as_deref() == Some("native-v2")).then_some(()));
-    std::thread::sleep(Duration::from_millis(500));
+    traffic.wait_for_header("native-v2", 50, WAIT);
     let tally = traffic.stop();
     println!("Envoy-native Wasm v1 -> v2: {tally}");
     assert_eq!((tally.not_ok(), tally.without_header()), (0, 0), "{tally}");

@@ -169,7 +169,8 @@ fn three_replicas_step_fleet_wide_survive_their_leader_and_pause_without_etcd() 
     wait_until("the failed-over Envoys on the other replicas", WAIT, || {
         (f.any().api("/api/v1/summary")["proxies"] == ENVOYS).then_some(())
     });
-    // Reconnected: nothing reloaded (the same versions, so nothing was sent).
+    // Reconnected: nothing reloaded (the same versions, so nothing was sent). A window
+    // in which nothing may happen, so a fixed one.
     std::thread::sleep(Duration::from_secs(2));
     let after: Vec<[u64; 3]> = failing_over.iter().map(|&i| counters(i)).collect();
     assert_eq!(before, after, "ECDS, LDS, CDS updates of the Envoys that failed over");
@@ -196,6 +197,7 @@ fn three_replicas_step_fleet_wide_survive_their_leader_and_pause_without_etcd() 
         v["paused_because"].as_str().is_some_and(|r| r.contains("etcd is unreachable"))
     });
     println!("without etcd: {}", views[0]["paused_because"]);
+    // Past the 2 s bake with nothing moving: a window in which nothing may happen.
     std::thread::sleep(Duration::from_secs(5));
     assert_eq!(f.count("v3"), 3, "still half, past the bake: {:?}", f.headers());
     assert_eq!(f.count("v2"), 3, "{:?}", f.headers());

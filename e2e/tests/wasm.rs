@@ -237,8 +237,8 @@ fn wasm_updates_under_traffic(api_type: &str) {
         traffic.take();
         fs::write(&s.yaml, config(value, delivery)).unwrap();
         let took = wait_for(&s.envoy, value);
-        // A moment of traffic on the new module too.
-        std::thread::sleep(Duration::from_millis(300));
+        // Traffic on the new module too: every client through it.
+        traffic.wait_for_header(value, 50, WAIT);
         let tally = traffic.take();
         println!("Wasm {api_type} {what}: {} ms to run the new module; {tally}", took.as_millis());
         assert_eq!(downloads(), downloaded, "{what}: Envoy downloaded each remote module once");

@@ -141,7 +141,14 @@ async fn a_sotw_stream_behind_a_closed_window_holds_one_response_per_type() {
     for k in 1..=20 {
         set_fifty(&plane, &format!("v{k}")).await;
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The stream has been handed the last one (the tracker records what it is sent).
+    let served = |p: &Plane| {
+        let config = p.api("/api/v1/config");
+        let e0 = config["resources"].as_array()?.iter().find(|r| r["name"] == "e0")?["version"].clone();
+        let proxy = p.api("/api/v1/proxies/stuck");
+        (proxy[0]["types"][ECDS]["resources"]["e0"]["sent_version"] == e0).then_some(())
+    };
+    plane.wait_for("the last config handed to the stuck stream", |p| served(p).is_some()).await;
     let q = queued(&plane);
     assert!(q > 400_000.0 && q < 1_100_000.0, "one response waits, not twenty: {q} bytes");
     // Once the client is gone, so is what waited for it.

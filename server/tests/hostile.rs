@@ -226,6 +226,8 @@ async fn a_file_written_in_chunks_is_applied_only_once_closed() {
     let mut f = std::fs::File::create(plane.config_path()).unwrap();
     f.write_all(head.as_bytes()).unwrap();
     f.flush().unwrap();
+    // A window in which nothing may happen (a reload takes ~50 ms here): no event marks
+    // "a reload was not applied", so this waits a fixed time on purpose.
     tokio::time::sleep(std::time::Duration::from_millis(600)).await;
     assert_eq!(plane.api("/api/v1/config")["serving_version"], serving, "the half-written file was not applied");
     f.write_all(tail.as_bytes()).unwrap();
