@@ -41,6 +41,8 @@ pub mod defaults {
     pub const WASM_FETCH_DEADLINE: Duration = Duration::from_secs(20);
     pub const WASM_MAX_MODULE_BYTES: u64 = 64 << 20;
     pub const WASM_CODE_FETCH_RETRIES: u32 = 10;
+    /// The longest node id, and node cluster, a client may send (fixed).
+    pub const MAX_NODE_ID_BYTES: usize = 1024;
     /// HTTP/2 keepalive: a PING this often; no answer by the next one closes the connection.
     pub const XDS_KEEPALIVE: Duration = Duration::from_secs(30);
 }
@@ -283,7 +285,7 @@ pub fn bounds() -> Vec<Bound> {
         fixed("a gRPC request", size(filterplane_h2::MAX_REQUEST as u64)),
         fixed("a header block", size(filterplane_h2::MAX_HEADER_BLOCK as u64)),
         fixed("requests not complete yet", size(filterplane_h2::MAX_BUFFERED as u64)),
-        fixed("a node's id or cluster", size(crate::xds::service::MAX_NODE_ID_BYTES as u64)),
+        fixed("a node's id or cluster", size(MAX_NODE_ID_BYTES as u64)),
         fixed("client text in a log line", format!("{} characters", crate::log_limit::MAX_LOGGED_CHARS)),
         fixed(
             "a type URL Filterplane does not serve",

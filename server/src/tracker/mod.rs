@@ -14,11 +14,9 @@ use std::{
 use dashmap::DashMap;
 use filterplane_api::ResourceType;
 
-use crate::{
-    metrics::{KindLabel, Metrics},
-    xds::stream::{NodeInfo, StreamEvent},
-};
+use crate::metrics::{KindLabel, Metrics};
 pub use filterplane_xds::stream::StreamKind;
+use filterplane_xds::stream::{NodeInfo, StreamEvent};
 use filterplane_xds::vec_map::VecMap;
 
 pub type StreamId = u64;

@@ -13,7 +13,7 @@ use filterplane_xds::vec_map::VecMap;
 use serde::Serialize;
 
 use super::{StreamId, StreamKind};
-use crate::xds::stream::NodeInfo;
+use filterplane_xds::stream::NodeInfo;
 
 /// Hashes stream ids (handed out in sequence) by one multiplication: SipHash, the
 /// default, protects against keys a client chooses, and a client chooses none of these.

@@ -40,8 +40,7 @@ pub struct XdsContext {
     pub security: Arc<XdsSecurity>,
 }
 
-/// The longest node id, and node cluster, a client may send.
-pub const MAX_NODE_ID_BYTES: usize = 1024;
+pub use crate::settings::defaults::MAX_NODE_ID_BYTES;
 
 /// Who may claim which node, and who gets secrets.
 #[derive(Debug, Clone, Default)]
