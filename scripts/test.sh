@@ -31,6 +31,8 @@ command -v openssl >/dev/null || apt_packages+=(openssl)
 command -v etcd >/dev/null || apt_packages+=(etcd-server)
 # etcdctl (etcd's own client) sets up TLS users and auth for the etcd tests.
 command -v etcdctl >/dev/null || apt_packages+=(etcd-client)
+# promtool (Prometheus's own checker) reads a live /metrics.
+command -v promtool >/dev/null || apt_packages+=(prometheus)
 if [ ${#apt_packages[@]} -gt 0 ]; then
   echo "installing ${apt_packages[*]} from Debian"
   sudo=""

@@ -16,6 +16,25 @@ use filterplane_server::settings::{
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+    /// Log lines as text, or as one JSON object per line (the same fields) for a log
+    /// pipeline. Text is coloured only on a terminal (and never with NO_COLOR set).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "FILTERPLANE_LOG_FORMAT")]
+    pub log_format: LogFormat,
+}
+
+/// How a command prints what it found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Output {
+    Table,
+    Json,
+    Yaml,
+}
+
+/// How log lines are written (to standard error).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 // Parsed once per process: the size of the `serve` variant costs nothing.
@@ -28,13 +47,48 @@ pub enum Command {
     /// Show every connected proxy and whether it runs what was sent (SYNCED), is still
     /// applying it (STALE) or refused it (NACKED), per xDS type, like `istioctl
     /// proxy-status`. Reads the admin API of a running `filterplane serve`.
+    ///
+    /// With NODE: that proxy alone, each resource it was sent, its version, and whether
+    /// Envoy ACKed or NACKed it (with Envoy's message).
+    ///
+    /// Exit status: 0; 1 when the server cannot be asked; 3 when the last reload failed;
+    /// 4 with --wait-synced when a proxy NACKs or is not synced in time (or NODE is not
+    /// connected).
     Status {
+        /// One proxy's node id.
+        node: Option<String>,
+        /// table (for people), json or yaml (for scripts: every proxy, all pages).
+        #[arg(long, short, value_enum, default_value_t = Output::Table)]
+        output: Output,
+        /// Wait (at most DURATION, e.g. 30s, 2m) until every proxy, or NODE, runs what it
+        /// was sent; exit 4 as soon as one NACKs, or if time runs out.
+        #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+        wait_synced: Option<std::time::Duration>,
         /// The admin address of the server.
         #[arg(long, default_value = "http://127.0.0.1:18001", env = "FILTERPLANE_ADMIN_URL")]
         admin: String,
         #[command(flatten)]
         client: AdminClientArgs,
     },
+    /// What one connected proxy is sent, as Envoy-native JSON (or YAML): every resource,
+    /// selectors applied and filters placed; private keys and other fields Envoy marks
+    /// sensitive are redacted.
+    ConfigDump {
+        /// The proxy's node id.
+        node: String,
+        /// json or yaml.
+        #[arg(long, short, value_enum, default_value_t = Output::Json)]
+        output: Output,
+        /// The admin address of the server.
+        #[arg(long, default_value = "http://127.0.0.1:18001", env = "FILTERPLANE_ADMIN_URL")]
+        admin: String,
+        #[command(flatten)]
+        client: AdminClientArgs,
+    },
+    /// Print a shell completion script: `filterplane completions bash > /etc/bash_completion.d/filterplane`.
+    Completions { shell: clap_complete::Shell },
+    /// Print the man page (roff): `filterplane man | man -l -`.
+    Man,
     /// Reload the config of a running `filterplane serve` now. A reload that would remove
     /// more than --max-removal-percent of what is served is held; --confirm applies it.
     Reload {

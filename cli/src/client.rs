@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::Context;
 use serde_json::Value;
 
-use crate::args::AdminClientArgs;
+use crate::args::{AdminClientArgs, Output};
 
 /// Columns in the order operators read them; a type no proxy subscribes to is left out.
 const COLUMNS: [(&str, &str); 6] = [
@@ -89,14 +89,179 @@ impl AdminClient {
     }
 }
 
-/// Fetches the fleet summary, the first page of proxies (NACKing first), the rejects and
-/// the config from `admin` and renders them.
-pub fn fetch_and_render(admin: &str, client: &AdminClientArgs) -> anyhow::Result<String> {
+/// Exit statuses `filterplane status` gates a pipeline with.
+pub const EXIT_RELOAD_FAILED: u8 = 3;
+pub const EXIT_NOT_SYNCED: u8 = 4;
+
+/// Every proxy, following the pages (NACKing first).
+fn all_proxies(c: &AdminClient) -> anyhow::Result<(Vec<Value>, Value)> {
+    let mut proxies = Vec::new();
+    let mut path = "/api/v1/proxies?limit=1000".to_owned();
+    loop {
+        let page = c.call("GET", &path)?;
+        proxies.extend(page["proxies"].as_array().cloned().unwrap_or_default());
+        match page["next_cursor"].as_str() {
+            Some(cursor) => path = format!("/api/v1/proxies?limit=1000&cursor={}", url_segment(cursor)),
+            None => return Ok((proxies, page)),
+        }
+    }
+}
+
+/// Whether every type of every stream runs what it was sent; `Err` names the first
+/// proxy that NACKs.
+fn synced(streams: &[Value]) -> Result<bool, String> {
+    let mut all = true;
+    for p in streams {
+        for t in p["types"].as_object().map(|m| m.values().collect::<Vec<_>>()).unwrap_or_default() {
+            match t["state"].as_str() {
+                Some("synced") => {}
+                Some("nacked") => {
+                    return Err(format!("{} NACKs: {}", text(&p["node_id"]), text(&t["last_nack"]["message"])))
+                }
+                _ => all = false,
+            }
+        }
+    }
+    Ok(all)
+}
+
+/// `filterplane status [NODE]`: what it prints and its exit status.
+pub fn status(
+    admin: &str,
+    client: &AdminClientArgs,
+    node: Option<&str>,
+    output: Output,
+    wait: Option<Duration>,
+) -> anyhow::Result<(String, u8)> {
     let c = AdminClient::new(admin, client, Duration::from_secs(10))?;
-    let page = c.call("GET", "/api/v1/proxies?limit=100")?;
-    let mut out = render(&page["proxies"], &c.call("GET", "/api/v1/rejects")?, &c.call("GET", "/api/v1/config")?);
-    out.push_str(&render_fleet(&c.call("GET", "/api/v1/summary")?, &page));
-    Ok(out)
+    let streams_of = |c: &AdminClient| -> anyhow::Result<Vec<Value>> {
+        match node {
+            Some(n) => match c.call("GET", &format!("/api/v1/proxies/{}", url_segment(n))) {
+                Ok(v) => Ok(v.as_array().cloned().unwrap_or_default()),
+                Err(e) if e.to_string().contains(": 404:") => Ok(Vec::new()),
+                Err(e) => Err(e),
+            },
+            None => Ok(all_proxies(c)?.0),
+        }
+    };
+    let mut verdict = None;
+    if let Some(wait) = wait {
+        let deadline = std::time::Instant::now() + wait;
+        verdict = Some(loop {
+            let streams = streams_of(&c)?;
+            match synced(&streams) {
+                Err(nack) => break Err(nack),
+                Ok(true) if node.is_none() || !streams.is_empty() => break Ok(()),
+                Ok(_) if std::time::Instant::now() >= deadline => {
+                    break Err(match node {
+                        Some(n) if streams.is_empty() => format!("{n} is not connected"),
+                        _ => format!("not synced within {}", humantime::format_duration(wait)),
+                    })
+                }
+                Ok(_) => std::thread::sleep(Duration::from_millis(250)),
+            }
+        });
+    }
+    let config = c.call("GET", "/api/v1/config")?;
+    let rejects = c.call("GET", "/api/v1/rejects")?;
+    let mut out = match (node, output) {
+        (Some(n), Output::Table) => render_node(n, &streams_of(&c)?),
+        (Some(n), _) => encode(&serde_json::json!({ "node_id": n, "streams": streams_of(&c)? }), output)?,
+        (None, Output::Table) => {
+            let (proxies, page) = all_proxies(&c)?;
+            let mut t = render(&Value::Array(proxies), &rejects, &config);
+            t.push_str(&render_fleet(&c.call("GET", "/api/v1/summary")?, &page));
+            t
+        }
+        (None, _) => {
+            let doc = serde_json::json!({
+                "serving_version": config["serving_version"],
+                "last_reload": config["last_outcome"],
+                "summary": c.call("GET", "/api/v1/summary")?,
+                "proxies": all_proxies(&c)?.0,
+                "rejects": rejects,
+            });
+            encode(&doc, output)?
+        }
+    };
+    let mut code = 0;
+    if config["last_outcome"]["result"] == "failed" {
+        code = EXIT_RELOAD_FAILED;
+    }
+    if let Some(Err(why)) = &verdict {
+        code = EXIT_NOT_SYNCED;
+        if output == Output::Table {
+            out.push_str(&format!("NOT SYNCED: {why}\n"));
+        } else {
+            eprintln!("filterplane status: not synced: {why}");
+        }
+    }
+    Ok((out, code))
+}
+
+/// A document as JSON or YAML.
+fn encode(doc: &Value, output: Output) -> anyhow::Result<String> {
+    Ok(match output {
+        Output::Yaml => serde_yaml::to_string(doc)?,
+        _ => serde_json::to_string_pretty(doc)? + "\n",
+    })
+}
+
+/// One proxy: each stream, each resource it was sent, and how Envoy took it.
+pub fn render_node(node: &str, streams: &[Value]) -> String {
+    if streams.is_empty() {
+        return format!("{} is not connected\n", text(&Value::from(node)));
+    }
+    let mut out = String::new();
+    for p in streams {
+        out.push_str(&format!(
+            "{}  cluster {}  {}  {} stream from {}\n",
+            text(&p["node_id"]),
+            text(&p["cluster"]),
+            text(&p["user_agent"]),
+            text(&p["stream_kind"]),
+            text(&p["peer"])
+        ));
+        let mut rows = vec![["TYPE", "RESOURCE", "SENT", "ACKED", "STATUS"].map(str::to_owned).to_vec()];
+        for (short_name, url) in COLUMNS {
+            let t = &p["types"][url];
+            let Some(resources) = t["resources"].as_object() else { continue };
+            for (name, r) in resources {
+                let state = if !r["nacked_version"].is_null() {
+                    "NACKED"
+                } else if r["acked_version"] == r["sent_version"] {
+                    "ACKED"
+                } else {
+                    "SENT, not ACKed yet"
+                };
+                rows.push(vec![
+                    short_name.to_owned(),
+                    text(&Value::from(name.as_str())),
+                    short(&r["sent_version"]),
+                    short(&r["acked_version"]),
+                    state.to_owned(),
+                ]);
+            }
+        }
+        out.push_str(&table(&rows));
+        for (short_name, url) in COLUMNS {
+            let nack = &p["types"][url]["last_nack"];
+            if nack.is_object() {
+                out.push_str(&format!(
+                    "{short_name} NACK of {}: {}\n",
+                    short(&nack["version"]),
+                    text(&nack["message"])
+                ));
+            }
+        }
+    }
+    out
+}
+
+/// `filterplane config-dump NODE`.
+pub fn config_dump(admin: &str, client: &AdminClientArgs, node: &str, output: Output) -> anyhow::Result<String> {
+    let c = AdminClient::new(admin, client, Duration::from_secs(30))?;
+    encode(&c.call("GET", &format!("/api/v1/config_dump?node_id={}", url_segment(node)))?, output)
 }
 
 /// The whole fleet: states, replicas (with several), NACKing proxies and where they are.
@@ -148,10 +313,29 @@ pub fn request_reload(admin: &str, confirm: bool, client: &AdminClientArgs) -> a
     Ok(describe_outcome(&c.call("POST", &format!("/api/v1/reload?confirm={confirm}"))?))
 }
 
-/// `filterplane rollout status [NAME]`.
+/// `filterplane rollout status [NAME]`; a NAME no rollout or history entry has is an
+/// error (its names listed).
 pub fn rollout_status(admin: &str, client: &AdminClientArgs, name: Option<&str>) -> anyhow::Result<String> {
     let c = AdminClient::new(admin, client, Duration::from_secs(10))?;
-    Ok(render_rollouts(&c.call("GET", "/api/v1/rollouts")?, name))
+    let v = c.call("GET", "/api/v1/rollouts")?;
+    if let Some(n) = name {
+        let known: Vec<String> = ["rollouts", "history"]
+            .iter()
+            .flat_map(|k| v[*k].as_array().cloned().unwrap_or_default())
+            .filter_map(|r| r["name"].as_str().map(str::to_owned))
+            .collect();
+        if !known.iter().any(|k| k == n) {
+            let mut names = known;
+            names.sort();
+            names.dedup();
+            anyhow::bail!(
+                "no rollout of \"{}\" in progress or in the history (known: {})",
+                text(&Value::from(n)),
+                if names.is_empty() { "none".to_owned() } else { names.join(", ") }
+            );
+        }
+    }
+    Ok(render_rollouts(&v, name))
 }
 
 /// `filterplane rollout pause|resume|promote|abort NAME`.
@@ -188,6 +372,27 @@ pub fn render_rollouts(v: &Value, name: Option<&str>) -> String {
     }
     for r in rollouts {
         let steps: Vec<String> = r["steps"].as_array().map(|s| s.iter().map(text).collect()).unwrap_or_default();
+        if r["status"] == "failed" {
+            // Its proxies are back on (or held at) the old version: no "on new" counts.
+            out.push_str(&format!(
+                "{}  FAILED at step {}/{} ({}%, steps {})  {} -> {}: {}\n",
+                text(&r["name"]),
+                r["step"].as_u64().unwrap_or(0) + 1,
+                steps.len(),
+                text(&r["percent"]),
+                steps.join(","),
+                short(&r["last_completed_version"]),
+                short(&r["new_version"]),
+                text(&r["failure_count"]) + " proxy failure(s)",
+            ));
+            if r["reason"].is_string() {
+                out.push_str(&format!("  {}\n", text(&r["reason"])));
+            }
+            for f in r["failures"].as_array().map_or(&[][..], Vec::as_slice) {
+                out.push_str(&format!("  {}: {}\n", text(&f["node_id"]), text(&f["message"])));
+            }
+            continue;
+        }
         out.push_str(&format!(
             "{}  {}  step {}/{} ({}%, steps {})  on new: {} of {} (acked {}, nacked {}, waiting {})  {} -> {}\n",
             text(&r["name"]),

@@ -14,10 +14,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // One TLS implementation for the whole process (servers, registry and admin clients).
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .init();
+    init_logs(cli.log_format);
     match cli.command {
         Command::Validate { config, preflight_envoy } => {
             if filterplane_server::validate(&config, preflight_envoy.as_deref()) {
@@ -59,16 +56,45 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Status { admin, client } => match client::fetch_and_render(&admin, &client) {
-            Ok(table) => {
-                print!("{table}");
-                ExitCode::SUCCESS
+        Command::Status { node, output, wait_synced, admin, client } => {
+            match client::status(&admin, &client, node.as_deref(), output, wait_synced) {
+                Ok((text, code)) => {
+                    print!("{text}");
+                    ExitCode::from(code)
+                }
+                Err(e) => {
+                    eprintln!("filterplane status: {e:#}");
+                    ExitCode::FAILURE
+                }
             }
-            Err(e) => {
-                eprintln!("filterplane status: {e:#}");
-                ExitCode::FAILURE
+        }
+        Command::ConfigDump { node, output, admin, client } => {
+            match client::config_dump(&admin, &client, &node, output) {
+                Ok(text) => {
+                    print!("{text}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("filterplane config-dump: {e:#}");
+                    ExitCode::FAILURE
+                }
             }
-        },
+        }
+        Command::Completions { shell } => {
+            let mut cmd = <args::Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "filterplane", &mut std::io::stdout());
+            ExitCode::SUCCESS
+        }
+        Command::Man => {
+            let cmd = <args::Cli as clap::CommandFactory>::command();
+            match clap_mangen::Man::new(cmd).render(&mut std::io::stdout()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("filterplane man: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Wasm {
             command: WasmCommand::Push { file, reference, insecure, credentials_env, registry_ca_file },
         } => {
@@ -139,5 +165,20 @@ async fn wait_for_stop_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term => {}
+    }
+}
+
+/// Log lines to standard error: `RUST_LOG` picks what (default `info`); text is coloured
+/// only on a terminal, and never with `NO_COLOR` set (no-color.org).
+fn init_logs(format: args::LogFormat) {
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        args::LogFormat::Json => builder.json().with_current_span(false).init(),
+        args::LogFormat::Text => {
+            let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+            builder.with_ansi(colour).init()
+        }
     }
 }

@@ -397,7 +397,9 @@ impl Engine {
         } else {
             "halted"
         };
-        tracing::warn!(entry = %e_name(k), outcome, failures = a.failure_count, examples = ?a.failures, "rollout failed");
+        let examples: Vec<String> =
+            a.failures.iter().map(|f| format!("{}: {}", f.node_id.escape_debug(), f.message.escape_debug())).collect();
+        tracing::warn!(entry = %e_name(k), outcome, failures = a.failure_count, examples = %examples.join("; "), "rollout failed");
         effects.ended.push(outcome);
         let entry = HistoryEntry {
             name: e_name(k).to_owned(),
@@ -449,7 +451,7 @@ impl Engine {
                     }
                 }
             }
-            tracing::info!(entry = ?name, action, "rollout action");
+            tracing::info!(entry = %name, action, "rollout action");
         }
         Ok((keys.len(), effects))
     }

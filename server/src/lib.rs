@@ -8,6 +8,7 @@
 mod accept;
 mod admin;
 mod cache;
+mod exposition;
 mod fleet;
 mod identity;
 mod limits;

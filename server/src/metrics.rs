@@ -5,12 +5,16 @@
 use std::time::Duration;
 
 use prometheus_client::{
-    encoding::{text::encode, EncodeLabelSet},
+    encoding::{
+        text::{encode_eof, encode_registry},
+        EncodeLabelSet,
+    },
     metrics::{
         counter::Counter,
         family::{Family, MetricConstructor},
         gauge::Gauge,
         histogram::{exponential_buckets, Histogram},
+        info::Info,
     },
     registry::Registry,
 };
@@ -81,6 +85,63 @@ impl OutcomeLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabel {
+    pub state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabels {
+    version: &'static str,
+    commit: &'static str,
+}
+
+/// The process's own metrics, in a registry without the `filterplane` prefix.
+#[derive(Debug)]
+struct ProcessMetrics {
+    registry: Registry,
+    cpu_seconds: Counter<f64, std::sync::atomic::AtomicU64>,
+    cpu_seen: std::sync::Mutex<f64>,
+    resident: Gauge,
+    virtual_bytes: Gauge,
+    open_fds: Gauge,
+    max_fds: Gauge,
+}
+
+impl ProcessMetrics {
+    fn new() -> Self {
+        let mut registry = Registry::default();
+        let cpu_seconds = Counter::<f64, std::sync::atomic::AtomicU64>::default();
+        let (resident, virtual_bytes, open_fds, max_fds) =
+            (Gauge::default(), Gauge::default(), Gauge::default(), Gauge::default());
+        let start = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        start.set(crate::exposition::epoch_seconds(std::time::SystemTime::now()));
+        registry.register("process_cpu_seconds", "User and system CPU time spent, in seconds", cpu_seconds.clone());
+        registry.register("process_resident_memory_bytes", "Resident memory, in bytes", resident.clone());
+        registry.register("process_virtual_memory_bytes", "Virtual memory, in bytes", virtual_bytes.clone());
+        registry.register("process_open_fds", "Open file descriptors", open_fds.clone());
+        registry.register("process_max_fds", "The file descriptor limit (soft)", max_fds.clone());
+        registry.register("process_start_time_seconds", "When the server started, in seconds since the epoch", start);
+        Self { registry, cpu_seconds, cpu_seen: Default::default(), resident, virtual_bytes, open_fds, max_fds }
+    }
+
+    fn update(&self) {
+        let s = crate::exposition::ProcessStats::read();
+        let mut seen = self.cpu_seen.lock().unwrap_or_else(|p| p.into_inner());
+        if s.cpu_seconds > *seen {
+            self.cpu_seconds.inc_by(s.cpu_seconds - *seen);
+            *seen = s.cpu_seconds;
+        }
+        self.resident.set(s.resident_bytes as i64);
+        self.virtual_bytes.set(s.virtual_bytes as i64);
+        self.open_fds.set(s.open_fds as i64);
+        self.max_fds.set(s.max_fds as i64);
+    }
+}
+
+/// The commit this binary was built from (`build.rs`), or `unknown`.
+pub const COMMIT: &str = env!("FILTERPLANE_COMMIT");
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PortLabel {
     pub port: &'static str,
 }
@@ -141,6 +202,13 @@ pub struct Metrics {
     pub rollout_state_save_failures: Counter,
     /// Open xDS connections.
     pub xds_connections: Gauge,
+    /// xDS streams whose proxy does not run what it was last sent, by type (set when
+    /// scraped).
+    pub proxies_not_synced: Family<TypeLabel, Gauge>,
+    /// Rollouts in progress, by state (set when scraped).
+    pub rollouts_active: Family<StateLabel, Gauge>,
+    /// `process_*`, unprefixed, as every exporter names them.
+    process: ProcessMetrics,
     /// When each limit was last logged (they are logged at most once a minute).
     limit_logged: std::sync::Mutex<std::collections::HashMap<&'static str, std::time::Instant>>,
 }
@@ -171,6 +239,9 @@ impl Default for Metrics {
             rollout_state_save_failures: Counter::default(),
             xds_connections: Gauge::default(),
             limit_logged: Default::default(),
+            proxies_not_synced: Family::default(),
+            rollouts_active: Family::default(),
+            process: ProcessMetrics::new(),
             registry: Registry::default(),
             by_type: Vec::new(),
         };
@@ -219,6 +290,21 @@ impl Default for Metrics {
             m.rollout_state_save_failures.clone(),
         );
         registry.register("xds_connections", "Open xDS connections (TLS handshake done)", m.xds_connections.clone());
+        registry.register(
+            "proxies_not_synced",
+            "xDS streams whose proxy does not run what it was last sent (applying it, refused it, or not sent it yet), by type URL",
+            m.proxies_not_synced.clone(),
+        );
+        registry.register(
+            "rollouts_active",
+            "Rollouts in progress, by state (running, paused, failed: stays until the entry is edited)",
+            m.rollouts_active.clone(),
+        );
+        registry.register(
+            "build",
+            "The running build: its version and commit",
+            Info::new(BuildLabels { version: env!("CARGO_PKG_VERSION"), commit: COMMIT }),
+        );
         registry.register(
             "limit_hits",
             "Inputs refused or cut at a limit (see the README's Limits and hardening), by limit",
@@ -319,12 +405,20 @@ impl Metrics {
         }
     }
 
-    /// The Prometheus text exposition format.
+    /// Every metric in the OpenMetrics text format, the process's included.
     pub fn render(&self) -> String {
+        self.process.update();
         let mut out = String::new();
         // Writing to a String cannot fail.
-        let _ = encode(&mut out, &self.registry);
+        let _ = encode_registry(&mut out, &self.registry);
+        let _ = encode_registry(&mut out, &self.process.registry);
+        let _ = encode_eof(&mut out);
         out
+    }
+
+    /// The same in the Prometheus text format 0.0.4.
+    pub fn render_prometheus(&self) -> String {
+        crate::exposition::to_prometheus_text(&self.render())
     }
 }
 

@@ -18,7 +18,7 @@ use std::{
 
 use axum::{
     extract::State,
-    http::{header, StatusCode},
+    http::{header, HeaderMap, StatusCode},
     response::{
         sse::{Event, KeepAlive, Sse},
         Html, IntoResponse,
@@ -130,8 +130,34 @@ async fn readyz(State(s): State<AdminState>) -> (StatusCode, &'static str) {
     }
 }
 
-async fn metrics(State(s): State<AdminState>) -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], s.metrics.render())
+/// `/metrics`: OpenMetrics when the scraper asks for it, else the Prometheus text format.
+/// The gauges that describe the fleet and rollouts are counted now, when asked.
+async fn metrics(State(s): State<AdminState>, headers: HeaderMap) -> impl IntoResponse {
+    use crate::exposition;
+    for (rt, n) in s.tracker.not_synced_by_type() {
+        s.metrics
+            .proxies_not_synced
+            .get_or_create(&crate::metrics::TypeLabel { type_url: rt.type_url() })
+            .set(n as i64);
+    }
+    let mut states = [("running", 0i64), ("paused", 0), ("failed", 0)];
+    for r in s.rollouts.view(&s.tracker).rollouts {
+        let i = match r.status {
+            filterplane_rollout::state::Status::Running => 0,
+            filterplane_rollout::state::Status::Paused => 1,
+            filterplane_rollout::state::Status::Failed => 2,
+        };
+        states[i].1 += 1;
+    }
+    for (state, n) in states {
+        s.metrics.rollouts_active.get_or_create(&crate::metrics::StateLabel { state }).set(n);
+    }
+    let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
+    if exposition::wants_openmetrics(accept) {
+        ([(header::CONTENT_TYPE, exposition::OPENMETRICS)], s.metrics.render())
+    } else {
+        ([(header::CONTENT_TYPE, exposition::PROMETHEUS_TEXT)], s.metrics.render_prometheus())
+    }
 }
 
 /// Server-sent events, at most four a second (bursts coalesce):

@@ -95,7 +95,8 @@ async fn page_metrics_and_unknown_paths() {
     let (code, body) = get(app(s.clone()), "/metrics").await;
     assert_eq!(code, StatusCode::OK);
     assert!(body.contains("filterplane_config_reloads_total{result=\"applied\"} 1"), "{body}");
-    assert!(body.contains("# TYPE filterplane_xds_rejects counter"), "{body}");
+    // A scraper that does not ask for OpenMetrics gets the Prometheus text format.
+    assert!(body.contains("# TYPE filterplane_xds_rejects_total counter"), "{body}");
     let (code, body) = get(app(s), "/nope").await;
     assert_eq!(code, StatusCode::NOT_FOUND);
     assert!(body.contains("/api/v1"));

@@ -111,6 +111,23 @@ impl AckTracker {
         Tracked { id, status }
     }
 
+    /// Streams whose proxy does not run what it was last sent, per type of every type
+    /// (zero included).
+    pub fn not_synced_by_type(&self) -> Vec<(ResourceType, usize)> {
+        let mut counts: Vec<(ResourceType, usize)> = ResourceType::ALL.iter().map(|rt| (*rt, 0)).collect();
+        for p in self.proxies.iter() {
+            let p = lock(p.value());
+            for (rt, t) in p.types.iter() {
+                if t.state != SyncState::Synced {
+                    if let Some(c) = counts.iter_mut().find(|(r, _)| r == rt) {
+                        c.1 += 1;
+                    }
+                }
+            }
+        }
+        counts
+    }
+
     pub fn disconnect(&self, id: StreamId) {
         if let Some((_, p)) = self.proxies.remove(&id) {
             let kind = lock(&p).stream_kind;
