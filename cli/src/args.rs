@@ -172,6 +172,10 @@ pub struct ServeArgs {
     /// or SIGHUP; 100 turns the guard off.
     #[arg(long, default_value_t = defaults::MAX_REMOVAL_PERCENT, value_parser = clap::value_parser!(u8).range(0..=100))]
     pub max_removal_percent: u8,
+    /// Seconds after a start during which rollout steps do not pick their proxies yet:
+    /// proxies reconnecting are counted first, so a step never holds more than its share.
+    #[arg(long, default_value_t = defaults::ROLLOUT_SETTLE.as_secs())]
+    pub rollout_settle_secs: u64,
     /// xDS streams one HTTP/2 connection may have open (SETTINGS_MAX_CONCURRENT_STREAMS).
     #[arg(long, default_value_t = defaults::MAX_STREAMS_PER_CONNECTION)]
     pub max_streams_per_connection: u32,
@@ -350,6 +354,7 @@ impl ServeArgs {
             drain_grace: secs(self.drain_grace_secs),
             max_subscribed_names: self.max_subscribed_names,
             max_removal_percent: self.max_removal_percent,
+            rollout_settle: secs(self.rollout_settle_secs),
             limits: ConnectionLimits {
                 max_streams_per_connection: self.max_streams_per_connection,
                 handshake_timeout: secs(self.handshake_timeout_secs),

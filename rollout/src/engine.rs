@@ -16,8 +16,8 @@ use filterplane_xds::plan::{Plan, PlanEntry};
 use crate::{
     fleet::{each_matching, threshold_for, Fleet, Member},
     state::{
-        ActionError, Active, DecodeError, EntryState, Failures, HistoryEntry, RolloutView, Status, StoredResource,
-        StoredState,
+        ActionError, Active, Carried, DecodeError, EntryState, Failures, HistoryEntry, RolloutView, Status,
+        StoredResource, StoredState,
     },
 };
 
@@ -54,6 +54,10 @@ pub struct Effects {
 pub struct Engine {
     entries: BTreeMap<String, EntryState>,
     old: BTreeMap<String, Arc<CompiledResource>>,
+    /// Each active rollout's carried versions, decoded once (as `Active::carried`).
+    carried: BTreeMap<String, Vec<(u64, Arc<CompiledResource>)>>,
+    /// No step picks its proxies before this (ms since the epoch): see `settle_until`.
+    settle_until_ms: u64,
     history: VecDeque<HistoryEntry>,
     config_versions: BTreeMap<String, String>,
 }
@@ -66,10 +70,39 @@ impl Engine {
             if let Some(old) = &e.last_completed {
                 engine.old.insert(key(&e.name, &e.selector), Arc::new(old.to_compiled()?));
             }
-            engine.entries.insert(key(&e.name, &e.selector), e);
+            let k = key(&e.name, &e.selector);
+            engine.entries.insert(k.clone(), e);
+            engine.decode_carried(&k);
         }
         engine.history = stored.history.into_iter().collect();
         Ok(engine)
+    }
+
+    /// No step picks its proxies before `ms`: the server sets it to its start plus the
+    /// time proxies take to reconnect, so a step is picked from the whole fleet.
+    pub fn settle_until(&mut self, ms: u64) {
+        self.settle_until_ms = ms;
+    }
+
+    /// Decodes entry `k`'s carried versions (a version that does not decode is left out:
+    /// its proxies get the last completed one).
+    fn decode_carried(&mut self, k: &str) {
+        let layers: Vec<(u64, Arc<CompiledResource>)> = self
+            .entries
+            .get(k)
+            .and_then(|e| e.active.as_ref())
+            .map(|a| {
+                a.carried
+                    .iter()
+                    .filter_map(|c| c.version.to_compiled().ok().map(|r| (c.threshold, Arc::new(r))))
+                    .collect()
+            })
+            .unwrap_or_default();
+        if layers.is_empty() {
+            self.carried.remove(k);
+        } else {
+            self.carried.insert(k.to_owned(), layers);
+        }
     }
 
     /// What a store keeps.
@@ -120,6 +153,11 @@ impl Engine {
             }
             self.old.retain(|k, _| entries.contains_key(k));
             self.entries = entries;
+            let keys: Vec<String> = self.entries.keys().cloned().collect();
+            self.carried.clear();
+            for k in keys {
+                self.decode_carried(&k);
+            }
         }
         self.history = stored.history.into_iter().collect();
     }
@@ -127,6 +165,7 @@ impl Engine {
     fn finish(&mut self, k: &str, outcome: &'static str, now_ms: u64, effects: &mut Effects) {
         let Some(e) = self.entries.get_mut(k) else { return };
         let Some(a) = e.active.take() else { return };
+        self.carried.remove(k);
         effects.ended.push(outcome);
         tracing::info!(entry = %e.name, outcome, version = %a.new.version, "rollout ended");
         let from_version = e.last_completed.as_ref().map(|l| l.version.clone());
@@ -225,6 +264,9 @@ impl Engine {
                     }
                 }
             } else {
+                // What the superseded rollout's proxies run stays theirs: its version as far
+                // as its threshold reached, and what it carried itself.
+                let carried = self.entries.get(&k).and_then(|e| e.active.as_ref()).map(carry).unwrap_or_default();
                 if new_of_active.is_some() {
                     self.finish(&k, "superseded", now_ms, &mut effects);
                 }
@@ -241,8 +283,10 @@ impl Engine {
                         failures: Vec::new(),
                         failure_count: 0,
                         reason: None,
+                        carried,
                     });
                 }
+                self.decode_carried(&k);
                 changed = true;
                 // The first step's members are picked at the next tick (it sees the
                 // proxies); until then nobody has the new version.
@@ -252,6 +296,7 @@ impl Engine {
         effects.forgotten.extend(self.entries.iter().filter(|(k, _)| !seen.contains(*k)).map(|(_, e)| e.name.clone()));
         self.entries.retain(|k, _| seen.contains(k));
         self.old.retain(|k, _| seen.contains(k));
+        self.carried.retain(|k, _| seen.contains(k));
         effects.changed = changed || self.entries.len() != before;
         effects
     }
@@ -263,10 +308,20 @@ impl Engine {
             .iter()
             .filter_map(|(k, e)| {
                 let a = e.active.as_ref()?;
+                // A layer the new version's threshold covers has no proxy left on it.
+                let covered = a.threshold.unwrap_or(0);
+                let carried = self
+                    .carried
+                    .get(k)
+                    .map(|layers| {
+                        layers.iter().filter(|(t, _)| a.threshold.is_none() || *t > covered).cloned().collect()
+                    })
+                    .unwrap_or_default();
                 Some(PlanEntry {
                     name: e.name.clone(),
                     selector: e.selector.clone(),
                     threshold: a.threshold,
+                    carried,
                     old: self.old.get(k).cloned(),
                 })
             })
@@ -334,6 +389,10 @@ impl Engine {
             let percent = a.percent();
             let threshold = match a.threshold {
                 Some(t) => t,
+                // Right after this process started, proxies are still coming back: a step
+                // picked from the first few would hold more than its share once the rest
+                // are back (the first to reconnect, and the ones the hash picks).
+                None if now < self.settle_until_ms => continue,
                 None => {
                     let t = threshold_for(percent, ranks);
                     if let Some(active) = self.entries.get_mut(&k).and_then(|e| e.active.as_mut()) {
@@ -541,3 +600,21 @@ impl Engine {
 #[cfg(test)]
 #[path = "engine_tests.rs"]
 mod tests;
+
+/// The layers a rollout superseding `a` carries: `a`'s version up to the threshold it
+/// reached (if it put anybody on it), then what `a` carried; a layer a newer one covers
+/// entirely goes, and at most `MAX_CARRIED` are kept.
+fn carry(a: &Active) -> Vec<Carried> {
+    let mut layers: Vec<Carried> = Vec::new();
+    // (A rollout rolled back has no threshold: its proxies went back already.)
+    if let Some(t) = a.threshold {
+        layers.push(Carried { threshold: t, version: a.new.clone() });
+    }
+    for c in &a.carried {
+        if layers.iter().all(|l| l.threshold < c.threshold) {
+            layers.push(c.clone());
+        }
+    }
+    layers.truncate(filterplane_xds::plan::MAX_CARRIED);
+    layers
+}

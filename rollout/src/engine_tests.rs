@@ -5,6 +5,7 @@ use std::{collections::HashMap, path::Path};
 use filterplane_config::NodeFacts;
 
 use super::*;
+use filterplane_xds::plan::Side;
 
 /// Proxies with what each ACKed or NACKed of entry `hdr`, the time passed in: the
 /// engine runs on plain values.
@@ -112,4 +113,88 @@ fn nacks_over_max_roll_back_and_the_state_round_trips() {
     assert_eq!(again.stored(), engine.stored());
     assert_eq!(again.plan(), plan);
     assert!(matches!(engine.act("hdr", "resume", 3), Err(ActionError::Failed(_))));
+}
+
+fn config_with(value: &str, rollout: &str) -> CompiledConfig {
+    let yaml = format!(
+        "version: 1\nextension_configs:\n  - name: hdr\n    rollout: {rollout}\n    typed_config: {{ \"@type\": type.googleapis.com/google.protobuf.StringValue, value: {value} }}\n"
+    );
+    let parsed = filterplane_config::load::parse_file(Path::new("t.yaml"), &yaml).unwrap();
+    filterplane_config::compile(&[parsed]).unwrap()
+}
+
+/// Issue 22: every proxy was on v2 and baking its last step when v3 came; v3's rollout
+/// started from v1, and 9 of 10 went back to v1 at once. An edit never moves a proxy to
+/// an older version: the superseding rollout starts from what each proxy runs.
+#[test]
+fn an_edit_during_a_rollout_starts_from_what_each_proxy_runs() {
+    let (v1, v2, v3) = (config("one"), config("two"), config("three"));
+    let (new2, new3) = (v2.resources[0].version, v3.resources[0].version);
+    let mut engine = Engine::default();
+    engine.on_config(&v1, None, 0);
+    engine.on_config(&v2, Some(&v1), 1_000);
+    let mut fleet = fleet(10);
+    engine.tick(&fleet, 1_100);
+    assert_eq!(answer(&engine, &mut fleet, &new2.to_string(), true), 5, "v2's first step: 50 %");
+    let on_v2: Vec<String> =
+        fleet.0.iter().filter(|(f, _)| engine.plan().entries[0].gets_new(&f.id)).map(|(f, _)| f.id.clone()).collect();
+
+    let superseded = engine.on_config(&v3, Some(&v2), 2_000);
+    assert_eq!(superseded.ended, ["superseded"]);
+    let plan = engine.plan();
+    let entry = &plan.entries[0];
+    assert_eq!(entry.threshold, None, "v3's step is picked at the next tick");
+    for (facts, _) in &fleet.0 {
+        let gets = match entry.side(&facts.id) {
+            Side::New => new3,
+            Side::Carried(i) => entry.carried[i].1.version,
+            Side::Old => entry.old.as_ref().unwrap().version,
+        };
+        let had = if on_v2.contains(&facts.id) { new2 } else { v1.resources[0].version };
+        assert_eq!(gets, had, "{} keeps what it runs until v3 reaches it", facts.id);
+    }
+    // The state, carried version included, survives a restart.
+    let rows = engine.stored().to_rows().unwrap();
+    let again = Engine::from_stored(StoredState::from_rows(&rows, "t").unwrap()).unwrap();
+    assert_eq!(again.plan(), plan);
+    // Once v3's threshold covers v2's proxies, nobody is left on v2; at the end, all on v3.
+    engine.tick(&fleet, 2_100);
+    answer(&engine, &mut fleet, &new3.to_string(), true);
+    engine.tick(&fleet, 13_000);
+    assert!(engine.plan().entries[0].carried.is_empty(), "v3 at 100 % covers every v2 proxy");
+    answer(&engine, &mut fleet, &new3.to_string(), true);
+    assert_eq!(engine.tick(&fleet, 24_000).ended, ["completed"]);
+}
+
+/// `steps: [100]`: every proxy gets the new version at the first tick, and the rollout
+/// still watches it: done once all ACKed and the bake passed.
+#[test]
+fn steps_of_100_alone_put_everybody_on_the_new_version_at_once_and_watch_it() {
+    let spec = "{ steps: [100], bake: 1s }";
+    let (v1, v2) = (config_with("one", spec), config_with("two", spec));
+    let mut engine = Engine::default();
+    engine.on_config(&v1, None, 0);
+    engine.on_config(&v2, Some(&v1), 1_000);
+    let mut all = fleet(6);
+    engine.tick(&all, 1_100);
+    assert_eq!(answer(&engine, &mut all, &v2.resources[0].version.to_string(), true), 6, "everybody at once");
+    assert_eq!(engine.tick(&all, 2_200).ended, ["completed"]);
+}
+
+/// Right after a start, a step does not pick its proxies from the first few back: it
+/// waits for the settle time, then holds max(1, ⌈p % × n⌉) of the whole fleet.
+#[test]
+fn a_step_is_not_picked_before_the_proxies_are_back() {
+    let (v1, v2) =
+        (config_with("one", "{ steps: [5, 100], bake: 10s }"), config_with("two", "{ steps: [5, 100], bake: 10s }"));
+    let mut engine = Engine::default();
+    engine.settle_until(5_000);
+    engine.on_config(&v1, None, 0);
+    engine.on_config(&v2, Some(&v1), 0);
+    let mut all = fleet(4);
+    let first_back = TestFleet(vec![all.0[3].clone()]);
+    assert!(!engine.tick(&first_back, 1_000).changed, "settling: no pick from one proxy of four");
+    assert_eq!(engine.plan().entries[0].threshold, None);
+    engine.tick(&all, 5_000);
+    assert_eq!(answer(&engine, &mut all, &v2.resources[0].version.to_string(), true), 1, "5 % of 4: one");
 }

@@ -73,6 +73,17 @@ pub struct Active {
     pub failure_count: usize,
     /// Why it failed (`on_failure` taken, or aborted).
     pub reason: Option<String>,
+    /// The new versions of rollouts this one superseded, newest first, with the
+    /// thresholds they had reached: proxies not on this rollout's version keep those.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub carried: Vec<Carried>,
+}
+
+/// A superseded rollout's version, still run by the proxies its threshold covers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Carried {
+    pub threshold: u64,
+    pub version: StoredResource,
 }
 
 impl Active {

@@ -262,7 +262,7 @@ pub async fn serve_on(
         None => state_dir.display().to_string(),
     };
     let rollouts = Arc::new(
-        rollouts::Rollouts::new(store, metrics.clone(), &where_state)
+        rollouts::Rollouts::new(store, metrics.clone(), &where_state, args.rollout_settle)
             .with_context(|| {
                 let hint =
                     if args.state.store.is_none() { " (move rollouts.redb aside to start without it)" } else { "" };

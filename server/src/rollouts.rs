@@ -153,9 +153,17 @@ pub enum LoadError {
 
 impl Rollouts {
     /// Loads what `store` kept (`where_` names it in errors).
-    pub fn new(store: Box<dyn Store>, metrics: Arc<Metrics>, where_: &str) -> Result<Self, LoadError> {
+    /// No rollout step picks its proxies within `settle` of now (proxies reconnecting
+    /// after a restart are counted first).
+    pub fn new(
+        store: Box<dyn Store>,
+        metrics: Arc<Metrics>,
+        where_: &str,
+        settle: Duration,
+    ) -> Result<Self, LoadError> {
         let store: Arc<dyn Store> = Arc::from(store);
-        let engine = Engine::from_stored(StoredState::from_rows(&store.load()?, where_)?)?;
+        let mut engine = Engine::from_stored(StoredState::from_rows(&store.load()?, where_)?)?;
+        engine.settle_until(now_ms() + settle.as_millis() as u64);
         let writer = Arc::new(Writer::default());
         {
             let (writer, store, metrics) = (writer.clone(), store.clone(), metrics.clone());

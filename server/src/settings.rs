@@ -19,6 +19,7 @@ pub mod defaults {
     pub const DRAIN_GRACE: Duration = Duration::from_secs(600);
     pub const MAX_SUBSCRIBED_NAMES: usize = 10_000;
     pub const MAX_REMOVAL_PERCENT: u8 = 50;
+    pub const ROLLOUT_SETTLE: Duration = Duration::from_secs(5);
     pub const MAX_STREAMS_PER_CONNECTION: u32 = 100;
     pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
     /// 0: derived from the file-descriptor limit.
@@ -71,6 +72,9 @@ pub struct Settings {
     pub drain_grace: Duration,
     pub max_subscribed_names: usize,
     pub max_removal_percent: u8,
+    /// After a start, how long rollout steps wait before picking their proxies (those
+    /// reconnecting are counted first).
+    pub rollout_settle: Duration,
     pub limits: ConnectionLimits,
     /// Host names the admin server answers to besides its address.
     pub admin_allowed_hosts: Vec<String>,
@@ -204,6 +208,7 @@ impl Settings {
             drain_grace: DRAIN_GRACE,
             max_subscribed_names: MAX_SUBSCRIBED_NAMES,
             max_removal_percent: MAX_REMOVAL_PERCENT,
+            rollout_settle: ROLLOUT_SETTLE,
             limits: ConnectionLimits::default(),
             admin_allowed_hosts: vec![],
             max_nack_message_bytes: MAX_NACK_MESSAGE_BYTES,

@@ -123,19 +123,31 @@ impl WasmFetcher {
 
     /// The module, and whether it came from the cache.
     async fn module_inner(&self, plugin: &WasmPlugin) -> Result<(Module, bool), FetchError> {
-        // An HTTP(S) URL is pinned by its SHA-256: a cached module with that SHA-256 is what
-        // the URL serves, so there is no need to go out. Not so for OCI: a tag names
-        // whatever it was last pushed to, and a pin that disagrees with the tag's
-        // resolution is a mismatch to report, never a cached module to serve instead
-        // (`pull_oci` resolves the tag as the pull policy says and verifies the pin).
-        if let (Some(sha), ModuleSource::Http(_)) = (&plugin.sha256, &plugin.source) {
-            if let Some(bytes) = self.cache.get(sha, &self.metrics) {
-                return Ok((Module { sha256: sha.clone(), bytes }, true));
+        // An HTTP(S) URL is pinned by its SHA-256: once that URL was fetched and served
+        // that SHA-256, the cached module is what it serves, so there is no need to go out.
+        // A URL not fetched before is fetched and verified, even when a module with the
+        // pinned SHA-256 is cached: a URL changed with a stale pin is a checksum mismatch
+        // naming both digests, never the old module served silently. Not so for OCI: a
+        // tag names whatever it was last pushed to, and a pin that disagrees with the
+        // tag's resolution is a mismatch to report, never a cached module to serve
+        // instead (`pull_oci` resolves the tag as the pull policy says and verifies it).
+        if let (Some(sha), ModuleSource::Http(url)) = (&plugin.sha256, &plugin.source) {
+            let fetched_before = self.cache.resolved(&Self::url_key(url)).is_some_and(|(_, s)| s == *sha);
+            if fetched_before {
+                if let Some(bytes) = self.cache.get(sha, &self.metrics) {
+                    return Ok((Module { sha256: sha.clone(), bytes }, true));
+                }
             }
         }
         let bytes = match &plugin.source {
             ModuleSource::File(path) => self.read_file(path).await?,
-            ModuleSource::Http(url) => self.download(url).await?,
+            ModuleSource::Http(url) => {
+                let bytes = self.download(url).await?;
+                let module = self.accept(plugin, bytes)?;
+                // Remembered (with the cache): this URL served this module.
+                let _ = self.cache.set_resolved(&Self::url_key(url), url, &module.sha256);
+                return Ok((module, false));
+            }
             ModuleSource::Oci { registry, repository, tag, digest } => {
                 let auth =
                     registry_auth(plugin.pull_secret.as_ref(), registry, self.settings.registry_auth_file.as_deref())?;
@@ -144,6 +156,11 @@ impl WasmFetcher {
             }
         };
         self.accept(plugin, bytes).map(|m| (m, false))
+    }
+
+    /// Where the cache remembers what an HTTP(S) URL served.
+    fn url_key(url: &str) -> String {
+        format!("url {url}")
     }
 
     /// Verifies, checks and caches fetched bytes.

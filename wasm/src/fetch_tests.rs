@@ -129,8 +129,13 @@ async fn pinned_sha256_in_the_cache_needs_no_download() {
     let dir = tempfile::tempdir().unwrap();
     let f = fetcher(dir.path(), dir.path());
     let sha = f.cache.put(&header_module("v1")).unwrap();
+    // That URL served that module before (remembered with the cache, across restarts).
+    f.cache.set_resolved("url http://127.0.0.1:1/m.wasm", "http://127.0.0.1:1/m.wasm", &sha).unwrap();
     let p = plugin(&format!("{{name: p, url: 'http://127.0.0.1:1/m.wasm', sha256: {sha}}}"), dir.path());
     assert_eq!(f.module(&p).await.unwrap().sha256, sha);
+    // Another URL with the same pin is fetched (here: nothing listens, so it fails).
+    let moved = plugin(&format!("{{name: p, url: 'http://127.0.0.1:1/other.wasm', sha256: {sha}}}"), dir.path());
+    assert_eq!(f.module(&moved).await.unwrap_err().kind(), "download_failure");
     let other = "0".repeat(64);
     let p = plugin(&format!("{{name: p, url: 'http://127.0.0.1:1/m.wasm', sha256: '{other}'}}"), dir.path());
     assert_eq!(f.module(&p).await.unwrap_err().kind(), "download_failure");
@@ -368,4 +373,27 @@ fn credentials_come_from_env_or_file_and_errors_do_not_show_them() {
     assert!(matches!(auth, RegistryAuth::Basic(u, _) if u == "d"));
     assert!(matches!(registry_auth(None, "other:2", Some(&docker)).unwrap(), RegistryAuth::Anonymous));
     assert!(matches!(registry_auth(None, "r:1", None).unwrap(), RegistryAuth::Anonymous));
+}
+
+/// A URL changed to another module while the YAML keeps the old pin: fetched, and a
+/// checksum mismatch naming both digests, though a module with the old pin is cached.
+#[tokio::test]
+async fn a_changed_url_with_a_stale_pin_is_a_checksum_mismatch_not_the_old_module() {
+    let dir = tempfile::tempdir().unwrap();
+    let (v1, v2) = (header_module("v1"), header_module("v2"));
+    let (sha1, sha2) = (crate::cache::sha256_hex(&v1), crate::cache::sha256_hex(&v2));
+    let (server, hits) = http_server(
+        "127.0.0.1",
+        [format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n", v2.len()).into_bytes(), v2]
+            .concat(),
+    )
+    .await;
+    let f = fetcher(dir.path(), dir.path());
+    f.cache.put(&v1).unwrap();
+    f.cache.set_resolved("url http://127.0.0.1:1/v1.wasm", "http://127.0.0.1:1/v1.wasm", &sha1).unwrap();
+    let stale = plugin(&format!("{{name: p, url: '{server}/v2.wasm', sha256: {sha1}}}"), dir.path());
+    let e = f.module(&stale).await.unwrap_err();
+    assert_eq!(e.kind(), "checksum_mismatch", "{e}");
+    assert!(e.to_string().contains(&sha1) && e.to_string().contains(&sha2), "both digests: {e}");
+    assert_eq!(hits.load(std::sync::atomic::Ordering::Relaxed), 1, "the new URL was fetched");
 }

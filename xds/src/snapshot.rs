@@ -146,14 +146,35 @@ pub struct Generation {
     /// Per plan entry, by resource index: the index of its resource in
     /// `config.resources`, of the entry in `plan.entries`, and the last completed version
     /// as served (`None`: the others do not get the entry).
-    planned: Vec<(u32, usize, Option<OldVersion>)>,
+    planned: Vec<Planned>,
 }
+
+/// An entry under rollout: its index in the config, in the plan, its last completed
+/// version and its carried ones.
+type Planned = (u32, usize, Option<OldVersion>, Vec<OldVersion>);
 
 /// An entry's last completed version, as compiled and as served.
 type OldVersion = (Arc<CompiledResource>, Arc<ServedResource>);
 
 /// The group key's mark for an entry a node gets the last completed version of.
 const ON_OLD: u32 = 0x8000_0000;
+/// The group key's mark for an entry a node gets a carried version of: `ON_CARRIED |
+/// layer << 24 | index` (layers below `MAX_CARRIED`, indices below 2^24).
+const ON_CARRIED: u32 = 0x4000_0000;
+const INDEX_BITS: u32 = 0x00FF_FFFF;
+
+/// The version of an entry a group gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Got {
+    New,
+    Old,
+    Carried(usize),
+}
+
+fn served_version(o: &Arc<CompiledResource>) -> OldVersion {
+    let served = Arc::new(ServedResource::new(o.name.clone(), o.version, o.resource.clone(), o.envoy_fetches_code));
+    (o.clone(), served)
+}
 
 /// The group key's mark for proxies that get no sensitive resources.
 const WITHHELD: u32 = u32::MAX;
@@ -177,7 +198,7 @@ impl Generation {
             .filter(|(_, r)| !r.selector.is_empty())
             .map(|(i, _)| i as u32)
             .collect();
-        let mut planned: Vec<(u32, usize, Option<OldVersion>)> = plan
+        let mut planned: Vec<Planned> = plan
             .entries
             .iter()
             .enumerate()
@@ -185,19 +206,12 @@ impl Generation {
                 let i = config.resources.iter().position(|r| {
                     r.resource_type == ResourceType::ExtensionConfig && r.name == e.name && r.selector == e.selector
                 })?;
-                let old = e.old.clone().map(|o| {
-                    let served = Arc::new(ServedResource::new(
-                        o.name.clone(),
-                        o.version,
-                        o.resource.clone(),
-                        o.envoy_fetches_code,
-                    ));
-                    (o, served)
-                });
-                Some((i as u32, at, old))
+                let old = e.old.as_ref().map(served_version);
+                let carried = e.carried.iter().take(crate::plan::MAX_CARRIED).map(|(_, r)| served_version(r)).collect();
+                Some((i as u32, at, old, carried))
             })
             .collect();
-        planned.sort_by_key(|(i, _, _)| *i);
+        planned.sort_by_key(|(i, _, _, _)| *i);
         Self {
             config,
             served,
@@ -253,11 +267,14 @@ impl Generation {
         // Entries in a rollout whose new version this node does not get yet (ascending,
         // after the selective indices, so the key stays sorted).
         let old_from = group.len();
-        for (i, at, _) in &self.planned {
-            if !self.plan.entries[*at].gets_new(&node.id) {
-                group.push(ON_OLD | *i);
+        for (i, at, _, _) in &self.planned {
+            match self.plan.entries[*at].side(&node.id) {
+                crate::plan::Side::New => {}
+                crate::plan::Side::Old => group.push(ON_OLD | *i),
+                crate::plan::Side::Carried(layer) => group.push(ON_CARRIED | ((layer as u32) << 24) | *i),
             }
         }
+        group[old_from..].sort_unstable();
         if withhold_sensitive {
             group.push(WITHHELD);
         }
@@ -268,19 +285,28 @@ impl Generation {
         if let Some(s) = self.groups.get(&group) {
             return s.clone();
         }
-        let on_old = |i: u32| group[old_from..].binary_search(&(ON_OLD | i)).is_ok();
-        // Every entry this group gets, in config order (which decides same-name entries);
-        // `true`: its last completed version.
-        let key: Vec<(u32, bool)> = (0..self.config.resources.len() as u32)
+        let marks = &group[old_from..];
+        let got = |i: u32| -> Got {
+            if marks.binary_search(&(ON_OLD | i)).is_ok() {
+                return Got::Old;
+            }
+            match marks.iter().find(|&&m| m & 0xC000_0000 == ON_CARRIED && m & INDEX_BITS == i) {
+                Some(m) => Got::Carried(((m >> 24) & 0x3F) as usize),
+                None => Got::New,
+            }
+        };
+        // Every entry this group gets, in config order (which decides same-name entries),
+        // and which of its versions.
+        let key: Vec<(u32, Got)> = (0..self.config.resources.len() as u32)
             .filter(|i| {
                 self.config.resources[*i as usize].selector.is_empty() || group[..old_from].binary_search(i).is_ok()
             })
             .filter(|i| !withhold_sensitive || !self.is_sensitive(*i as usize))
-            .map(|i| (i, on_old(i)))
-            .filter(|(i, old)| !old || self.old_of(*i).is_some())
+            .map(|i| (i, got(i)))
+            .filter(|(i, g)| *g == Got::New || self.version_of(*i, *g).is_some())
             .collect();
-        let resource = |(i, old): (u32, bool)| -> &CompiledResource {
-            match old.then(|| self.old_of(i)).flatten() {
+        let resource = |(i, g): (u32, Got)| -> &CompiledResource {
+            match self.version_of(i, g) {
                 Some((r, _)) => r,
                 None => &self.config.resources[i as usize],
             }
@@ -296,12 +322,12 @@ impl Generation {
             }
         }
         let mut types: BTreeMap<ResourceType, ResourceMap> = BTreeMap::new();
-        for &(i, old) in &key {
-            let r = resource((i, old));
+        for &(i, g) in &key {
+            let r = resource((i, g));
             // The first matching entry of a name wins (config keeps file order per name).
             let slot = types.entry(r.resource_type).or_default().entry(r.name.clone());
             if let std::collections::btree_map::Entry::Vacant(v) = slot {
-                match old.then(|| self.old_of(i)).flatten() {
+                match self.version_of(i, g) {
                     Some((_, served)) => v.insert(served.clone()),
                     None => v.insert(self.served_for_group(i as usize, &placements)),
                 };
@@ -323,10 +349,17 @@ impl Generation {
         snap
     }
 
-    /// The last completed version of resource `i`, if it is in a rollout and has one.
-    fn old_of(&self, i: u32) -> Option<(&CompiledResource, &Arc<ServedResource>)> {
-        let at = self.planned.binary_search_by_key(&i, |(j, _, _)| *j).ok()?;
-        self.planned[at].2.as_ref().map(|(r, s)| (r.as_ref(), s))
+    /// The version `g` of resource `i` when it is not the config's: the last completed
+    /// one, or a carried one, if it is in a rollout and has it.
+    fn version_of(&self, i: u32, g: Got) -> Option<(&CompiledResource, &Arc<ServedResource>)> {
+        let at = self.planned.binary_search_by_key(&i, |(j, _, _, _)| *j).ok()?;
+        let (_, _, old, carried) = &self.planned[at];
+        let v = match g {
+            Got::New => return None,
+            Got::Old => old.as_ref()?,
+            Got::Carried(layer) => carried.get(layer)?,
+        };
+        Some((v.0.as_ref(), &v.1))
     }
 
     /// A resource as this group is served it: listeners get the group's placed filters,
@@ -375,6 +408,40 @@ mod tests {
 
     fn node(id: &str, cluster: &str) -> NodeFacts {
         NodeFacts { id: id.into(), cluster: cluster.into(), ..Default::default() }
+    }
+
+    /// A node outside the new version's threshold gets the newest carried version its
+    /// rank falls under, else the last completed one; each group its own snapshot.
+    #[test]
+    fn a_plan_serves_new_carried_and_old_versions_by_rank() {
+        let compiled = |v: &str| {
+            let yaml = format!("version: 1\nextension_configs:\n{}", entry("hdr", "{}", v));
+            let parsed = filterplane_config::load::parse_file(Path::new("t.yaml"), &yaml).unwrap();
+            filterplane_config::compile(&[parsed]).unwrap()
+        };
+        let (v1, v2, v3) = (compiled("one"), compiled("two"), compiled("three"));
+        let r = |c: &CompiledConfig| Arc::new(c.resources[0].clone());
+        let ids: Vec<String> = (0..40).map(|i| format!("n{i}")).collect();
+        let mut ranks: Vec<u64> = ids.iter().map(|id| crate::plan::rank(id, "hdr")).collect();
+        ranks.sort_unstable();
+        // The lowest ten get v3, the next ten keep v2, the rest keep v1.
+        let plan = Plan {
+            entries: vec![PlanEntry {
+                name: "hdr".into(),
+                selector: Default::default(),
+                threshold: Some(ranks[9]),
+                carried: vec![(ranks[19], r(&v2))],
+                old: Some(r(&v1)),
+            }],
+        };
+        let g = Generation::with_plan(Arc::new(v3.clone()), plan);
+        let mut got = std::collections::HashMap::new();
+        for id in &ids {
+            let version = g.snapshot_for(&node(id, "c")).resource(ECDS, "hdr").unwrap().version;
+            *got.entry(version).or_insert(0) += 1;
+        }
+        let count = |c: &CompiledConfig| got.get(&c.resources[0].version).copied().unwrap_or(0);
+        assert_eq!((count(&v3), count(&v2), count(&v1)), (10, 10, 20), "{got:?}");
     }
 
     #[test]

@@ -37,6 +37,7 @@ fn state(config: &str) -> (AdminState, tempfile::TempDir) {
                 Box::<filterplane_state::MemoryStore>::default(),
                 Arc::new(Metrics::default()),
                 "memory",
+                std::time::Duration::ZERO,
             )
             .unwrap(),
         ),

@@ -77,6 +77,9 @@ impl Plane {
         let mut settings = Settings::new(&yaml);
         settings.wasm.cache_dir = Some(cache_dir);
         settings.xds_http2 = transport();
+        // Rollouts here start right after the server: no settle time (its rule is the
+        // engine's to test).
+        settings.rollout_settle = Duration::ZERO;
         set(&mut settings);
         tokio::spawn(filterplane_server::serve_on(settings, xds_l, admin_l, shutdown.clone()));
         let plane = Plane { _dir: dir, yaml, xds, admin, shutdown };
