@@ -42,6 +42,8 @@ pub mod defaults {
     pub const WASM_FETCH_DEADLINE: Duration = Duration::from_secs(20);
     pub const WASM_MAX_MODULE_BYTES: u64 = 64 << 20;
     pub const WASM_CODE_FETCH_RETRIES: u32 = 10;
+    /// The largest client status (CSDS) answer (fixed).
+    pub const MAX_CSDS_RESPONSE_BYTES: usize = 64 << 20;
     /// The longest node id, and node cluster, a client may send (fixed).
     pub const MAX_NODE_ID_BYTES: usize = 1024;
     /// HTTP/2 keepalive: a PING this often; no answer by the next one closes the connection.
@@ -291,6 +293,7 @@ pub fn bounds() -> Vec<Bound> {
         fixed("a header block", size(filterplane_h2::MAX_HEADER_BLOCK as u64)),
         fixed("requests not complete yet", size(filterplane_h2::MAX_BUFFERED as u64)),
         fixed("a node's id or cluster", size(MAX_NODE_ID_BYTES as u64)),
+        fixed("a client status (CSDS) answer", size(MAX_CSDS_RESPONSE_BYTES as u64)),
         fixed("client text in a log line", format!("{} characters", crate::log_limit::MAX_LOGGED_CHARS)),
         fixed(
             "a type URL Filterplane does not serve",

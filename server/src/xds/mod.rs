@@ -1,6 +1,7 @@
 //! The xDS port: the gRPC services around the protocol's state machines (which are
 //! `filterplane_xds`'s), run on the lean HTTP/2 transport (`filterplane_h2`).
 
+pub mod csds;
 pub mod fallback;
 pub mod port;
 pub mod service;

@@ -40,7 +40,7 @@ pub struct XdsContext {
     pub security: Arc<XdsSecurity>,
 }
 
-pub use crate::settings::defaults::MAX_NODE_ID_BYTES;
+pub use crate::settings::defaults::{MAX_CSDS_RESPONSE_BYTES, MAX_NODE_ID_BYTES};
 
 /// Who may claim which node, and who gets secrets.
 #[derive(Debug, Clone, Default)]
@@ -93,6 +93,9 @@ pub enum Method {
     EcdsDelta,
     /// `FetchExtensionConfigs`: one request, one answer.
     EcdsFetch,
+    /// Client status: `StreamClientStatus` and `FetchClientStatus`.
+    CsdsStream,
+    CsdsFetch,
 }
 
 impl Method {
@@ -103,6 +106,8 @@ impl Method {
             b"/envoy.service.extension.v3.ExtensionConfigDiscoveryService/StreamExtensionConfigs" => Method::EcdsSotw,
             b"/envoy.service.extension.v3.ExtensionConfigDiscoveryService/DeltaExtensionConfigs" => Method::EcdsDelta,
             b"/envoy.service.extension.v3.ExtensionConfigDiscoveryService/FetchExtensionConfigs" => Method::EcdsFetch,
+            b"/envoy.service.status.v3.ClientStatusDiscoveryService/StreamClientStatus" => Method::CsdsStream,
+            b"/envoy.service.status.v3.ClientStatusDiscoveryService/FetchClientStatus" => Method::CsdsFetch,
             _ => return None,
         })
     }
@@ -151,7 +156,36 @@ impl XdsServices {
                 Handler::Delta(Box::new(XdsStream::new(DeltaStream::with_settings(ECDS, CONTROL_PLANE_ID, settings))))
             }
             Method::EcdsFetch => Handler::Fetch,
+            Method::CsdsStream => Handler::Csds { unary: false },
+            Method::CsdsFetch => Handler::Csds { unary: true },
         }
+    }
+
+    /// A client status (CSDS) request, answered as a gRPC message. With `--node-identity`
+    /// rules only a client with a certificate may ask (it sees other proxies' configs);
+    /// resources that hold a secret are never sent with their content.
+    pub fn client_status(&self, peer: &ConnPeer, bytes: &[u8]) -> Result<Vec<u8>, Status> {
+        if !self.ctx.security.rules.0.is_empty() && peer.info.identity.is_none() {
+            return Err(Status::permission_denied(
+                "client status needs a client certificate here (--node-identity is set)",
+            ));
+        }
+        let req = filterplane_api::envoy_types::pb::envoy::service::status::v3::ClientStatusRequest::decode(bytes)
+            .map_err(|e| Status::invalid_argument(format!("could not decode the request: {e}")))?;
+        let answer = crate::xds::csds::answer(&req, &self.ctx.tracker, &self.ctx.cache, !peer.withhold)?;
+        let body = answer.encode_to_vec();
+        if body.len() > MAX_CSDS_RESPONSE_BYTES {
+            self.ctx.tracker.metrics().limit_hit("csds_response_bytes");
+            return Err(Status::resource_exhausted(format!(
+                "the client status of every proxy asked for is {} bytes, over the limit of {MAX_CSDS_RESPONSE_BYTES}: ask for fewer (node_matchers) or set exclude_resource_contents",
+                body.len()
+            )));
+        }
+        let mut framed = Vec::with_capacity(body.len() + 5);
+        framed.push(0);
+        framed.extend_from_slice(&(body.len() as u32).to_be_bytes());
+        framed.extend_from_slice(&body);
+        Ok(framed)
     }
 
     /// REST-style fetch: one request, the current answer (also when unchanged).
@@ -183,6 +217,10 @@ pub enum Handler {
     Delta(Box<XdsStream<DeltaStream>>),
     /// Waits for its one request.
     Fetch,
+    /// Client status (CSDS): each request answered; `unary`: one request, one answer.
+    Csds {
+        unary: bool,
+    },
 }
 
 macro_rules! each {
@@ -190,7 +228,7 @@ macro_rules! each {
         match $self {
             Handler::Sotw($s) => $e,
             Handler::Delta($s) => $e,
-            Handler::Fetch => $f,
+            Handler::Fetch | Handler::Csds { .. } => $f,
         }
     };
 }
@@ -234,6 +272,16 @@ impl filterplane_h2::Handler for Handler {
 
     fn on_message(&mut self, ctx: &XdsConn, bytes: &[u8], out: &mut Output) {
         let (services, peer) = (&ctx.services, &ctx.peer);
+        if let Handler::Csds { unary } = self {
+            match services.client_status(peer, bytes) {
+                Ok(bytes) => out.messages.push(OutMessage { bytes, supersedes: None }),
+                Err(status) => out.end = Some(status),
+            }
+            if *unary && out.end.is_none() {
+                out.end = Some(Status::ok(""));
+            }
+            return;
+        }
         each!(self, s => s.on_message(&services.ctx, peer, bytes, out), fetch => {
             let result = DiscoveryRequest::decode(bytes)
                 .map_err(|e| Status::internal(format!("could not decode the request: {e}")))
@@ -251,7 +299,7 @@ impl filterplane_h2::Handler for Handler {
 
     fn on_requests_end(&mut self, _ctx: &XdsConn, out: &mut Output) {
         out.end = Some(match self {
-            Handler::Fetch => Status::invalid_argument("no request sent"),
+            Handler::Fetch | Handler::Csds { unary: true } => Status::invalid_argument("no request sent"),
             _ => Status::ok(""),
         });
     }
