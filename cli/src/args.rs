@@ -161,72 +161,72 @@ pub struct ServeArgs {
     /// listener may have used) stays served to that proxy after it ACKed the listener
     /// update, unless Envoy unsubscribes it first (it does once nothing, draining listeners
     /// included, refers to it). Set it to at least your Envoys' --drain-time-s (600 unless set).
-    #[arg(long, default_value_t = defaults::DRAIN_GRACE.as_secs())]
+    #[arg(long, default_value_t = defaults::DRAIN_GRACE.as_secs(), env = "FILTERPLANE_DRAIN_GRACE_SECS")]
     pub drain_grace_secs: u64,
     /// Names one xDS stream may subscribe to, per type; a stream that asks for more is
     /// ended with RESOURCE_EXHAUSTED (counted in filterplane_limit_hits_total).
-    #[arg(long, default_value_t = defaults::MAX_SUBSCRIBED_NAMES)]
+    #[arg(long, default_value_t = defaults::MAX_SUBSCRIBED_NAMES, env = "FILTERPLANE_MAX_SUBSCRIBED_NAMES")]
     pub max_subscribed_names: usize,
     /// A reload that would remove more than this percent of the served resources (a
     /// truncated file, an emptied directory) is held until `filterplane reload --confirm`
     /// or SIGHUP; 100 turns the guard off.
-    #[arg(long, default_value_t = defaults::MAX_REMOVAL_PERCENT, value_parser = clap::value_parser!(u8).range(0..=100))]
+    #[arg(long, default_value_t = defaults::MAX_REMOVAL_PERCENT, value_parser = clap::value_parser!(u8).range(0..=100), env = "FILTERPLANE_MAX_REMOVAL_PERCENT")]
     pub max_removal_percent: u8,
     /// Seconds after a start during which rollout steps do not pick their proxies yet:
     /// proxies reconnecting are counted first, so a step never holds more than its share.
-    #[arg(long, default_value_t = defaults::ROLLOUT_SETTLE.as_secs())]
+    #[arg(long, default_value_t = defaults::ROLLOUT_SETTLE.as_secs(), env = "FILTERPLANE_ROLLOUT_SETTLE_SECS")]
     pub rollout_settle_secs: u64,
     /// xDS streams one HTTP/2 connection may have open (SETTINGS_MAX_CONCURRENT_STREAMS).
-    #[arg(long, default_value_t = defaults::MAX_STREAMS_PER_CONNECTION)]
+    #[arg(long, default_value_t = defaults::MAX_STREAMS_PER_CONNECTION, env = "FILTERPLANE_MAX_STREAMS_PER_CONNECTION")]
     pub max_streams_per_connection: u32,
     /// Seconds an xDS connection has to send the HTTP/2 preface before it is closed.
-    #[arg(long, default_value_t = defaults::HANDSHAKE_TIMEOUT.as_secs())]
+    #[arg(long, default_value_t = defaults::HANDSHAKE_TIMEOUT.as_secs(), env = "FILTERPLANE_HANDSHAKE_TIMEOUT_SECS")]
     pub handshake_timeout_secs: u64,
     /// xDS connections open at once, all clients together. 0: the file-descriptor limit
     /// less a reserve for the admin and module ports, probes and files (see the README).
     /// When full, the oldest connection that has not sent a byte yet makes room, or the
     /// new one is closed.
-    #[arg(long, default_value_t = defaults::MAX_XDS_CONNECTIONS)]
+    #[arg(long, default_value_t = defaults::MAX_XDS_CONNECTIONS, env = "FILTERPLANE_MAX_XDS_CONNECTIONS")]
     pub max_xds_connections: usize,
     /// xDS connections open at once from one client address (Envoys behind one NAT
     /// share one); more are closed at once.
-    #[arg(long, default_value_t = defaults::MAX_XDS_CONNECTIONS_PER_ADDRESS)]
+    #[arg(long, default_value_t = defaults::MAX_XDS_CONNECTIONS_PER_ADDRESS, env = "FILTERPLANE_MAX_XDS_CONNECTIONS_PER_ADDRESS")]
     pub max_xds_connections_per_address: usize,
     /// Bytes of responses one xDS stream may have waiting behind its client's
     /// flow-control window; past it the stream is reset (ENHANCE_YOUR_CALM). A newer
     /// SotW response of a type replaces an unsent older one, so this is rarely reached.
-    #[arg(long, default_value_t = defaults::MAX_QUEUED_BYTES_PER_STREAM)]
+    #[arg(long, default_value_t = defaults::MAX_QUEUED_BYTES_PER_STREAM, env = "FILTERPLANE_MAX_QUEUED_BYTES_PER_STREAM")]
     pub max_queued_bytes_per_stream: usize,
     /// The same for all streams of one xDS connection; past it, GOAWAY and close.
-    #[arg(long, default_value_t = defaults::MAX_QUEUED_BYTES_PER_CONNECTION)]
+    #[arg(long, default_value_t = defaults::MAX_QUEUED_BYTES_PER_CONNECTION, env = "FILTERPLANE_MAX_QUEUED_BYTES_PER_CONNECTION")]
     pub max_queued_bytes_per_connection: usize,
     /// The same for the whole server; past it, streams held by a window their client
     /// keeps closed are reset.
-    #[arg(long, default_value_t = defaults::MAX_QUEUED_BYTES)]
+    #[arg(long, default_value_t = defaults::MAX_QUEUED_BYTES, env = "FILTERPLANE_MAX_QUEUED_BYTES")]
     pub max_queued_bytes: usize,
     /// Admin connections open at once; more are answered 503 and closed, so admin
     /// clients never take the file descriptors Envoys need.
-    #[arg(long, default_value_t = defaults::MAX_ADMIN_CONNECTIONS)]
+    #[arg(long, default_value_t = defaults::MAX_ADMIN_CONNECTIONS, env = "FILTERPLANE_MAX_ADMIN_CONNECTIONS")]
     pub max_admin_connections: usize,
     /// Clients of /api/v1/events (the page's live updates) at once; more get 503.
-    #[arg(long, default_value_t = defaults::MAX_EVENT_CLIENTS)]
+    #[arg(long, default_value_t = defaults::MAX_EVENT_CLIENTS, env = "FILTERPLANE_MAX_EVENT_CLIENTS")]
     pub max_event_clients: usize,
     /// A host name the admin server answers to besides its address, IP literals and
     /// localhost (a DNS-rebinding page uses a name of its own). Repeatable.
-    #[arg(long = "admin-allowed-host")]
+    #[arg(long = "admin-allowed-host", env = "FILTERPLANE_ADMIN_ALLOWED_HOST", value_delimiter = ',')]
     pub admin_allowed_hosts: Vec<String>,
     /// Seconds an admin connection has to send its first request before it is closed.
-    #[arg(long, default_value_t = defaults::ADMIN_REQUEST_TIMEOUT.as_secs())]
+    #[arg(long, default_value_t = defaults::ADMIN_REQUEST_TIMEOUT.as_secs(), env = "FILTERPLANE_ADMIN_REQUEST_TIMEOUT_SECS")]
     pub admin_request_timeout_secs: u64,
     /// Seconds an admin connection may go without reading or writing before it is closed
     /// (event streams write a keep-alive every 15 s).
-    #[arg(long, default_value_t = defaults::ADMIN_IDLE_TIMEOUT.as_secs())]
+    #[arg(long, default_value_t = defaults::ADMIN_IDLE_TIMEOUT.as_secs(), env = "FILTERPLANE_ADMIN_IDLE_TIMEOUT_SECS")]
     pub admin_idle_timeout_secs: u64,
     /// Bytes of a NACK's message kept, logged and shown; the rest is cut (counted).
-    #[arg(long, default_value_t = defaults::MAX_NACK_MESSAGE_BYTES)]
+    #[arg(long, default_value_t = defaults::MAX_NACK_MESSAGE_BYTES, env = "FILTERPLANE_MAX_NACK_MESSAGE_BYTES")]
     pub max_nack_message_bytes: usize,
     /// Largest config file read, in bytes.
-    #[arg(long, default_value_t = defaults::MAX_CONFIG_BYTES)]
+    #[arg(long, default_value_t = defaults::MAX_CONFIG_BYTES, env = "FILTERPLANE_MAX_CONFIG_BYTES")]
     pub max_config_bytes: u64,
     #[command(flatten)]
     pub wasm: WasmArgs,
@@ -237,10 +237,10 @@ pub struct ServeArgs {
     #[arg(long, env = "FILTERPLANE_PREFLIGHT_ENVOY")]
     pub preflight_envoy: Option<PathBuf>,
     /// Seconds one pre-flight Envoy run may take.
-    #[arg(long, default_value_t = defaults::PREFLIGHT_TIMEOUT.as_secs())]
+    #[arg(long, default_value_t = defaults::PREFLIGHT_TIMEOUT.as_secs(), env = "FILTERPLANE_PREFLIGHT_TIMEOUT_SECS")]
     pub preflight_timeout_secs: u64,
     /// Where rollout state is kept across restarts (an embedded database). Default:
-    /// `state` in the module cache directory.
+    /// a directory per config path under `state/` in the module cache directory.
     #[arg(long, env = "FILTERPLANE_STATE_DIR")]
     pub state_dir: Option<PathBuf>,
     /// Share state with other replicas through etcd (v3):
@@ -279,30 +279,30 @@ pub struct ServeArgs {
 pub struct SecurityArgs {
     /// xDS over TLS: the server certificate chain (PEM, leaf first). Read again when it
     /// changes: new connections use the new one, open streams go on.
-    #[arg(long, requires = "xds_tls_key")]
+    #[arg(long, requires = "xds_tls_key", env = "FILTERPLANE_XDS_TLS_CERT")]
     pub xds_tls_cert: Option<PathBuf>,
     /// xDS over TLS: the private key (PEM) of --xds-tls-cert.
-    #[arg(long, requires = "xds_tls_cert")]
+    #[arg(long, requires = "xds_tls_cert", env = "FILTERPLANE_XDS_TLS_KEY")]
     pub xds_tls_key: Option<PathBuf>,
     /// mTLS: the CA certificates (PEM) proxies' client certificates must chain to; a
     /// client without a valid one is refused in the handshake. Read again when it changes.
-    #[arg(long, requires = "xds_tls_cert")]
+    #[arg(long, requires = "xds_tls_cert", env = "FILTERPLANE_XDS_CLIENT_CA")]
     pub xds_client_ca: Option<PathBuf>,
     /// With --xds-client-ca: `optional` also lets clients without a certificate connect,
     /// unauthenticated (no node identity; no sensitive resources with
     /// --sensitive-to-authenticated-only).
-    #[arg(long, value_enum, default_value_t = ClientAuthArg::Required)]
+    #[arg(long, value_enum, default_value_t = ClientAuthArg::Required, env = "FILTERPLANE_XDS_CLIENT_AUTH")]
     pub xds_client_auth: ClientAuthArg,
     /// Which node ids and clusters a client certificate may claim (needs --xds-client-ca),
     /// e.g. `uri=spiffe://example.org/node/*,node=$1` or
     /// `dns=*.edge.example.com,node=edge-$1-*,cluster=edge`. Repeatable; a stream must
     /// match one rule, else it is ended with PERMISSION_DENIED. See the README.
-    #[arg(long = "node-identity", value_name = "RULE")]
+    #[arg(long = "node-identity", value_name = "RULE", env = "FILTERPLANE_NODE_IDENTITY")]
     pub node_identity: Vec<IdentityRule>,
     /// Serve secrets (SDS Secrets, and listeners, clusters or other resources holding a
     /// private key or other field Envoy marks sensitive) only to proxies that
     /// authenticated with a client certificate; others get the rest without them.
-    #[arg(long)]
+    #[arg(long, env = "FILTERPLANE_SENSITIVE_TO_AUTHENTICATED_ONLY")]
     pub sensitive_to_authenticated_only: bool,
     /// A file holding the admin API's bearer token: every endpoint but /healthz, /readyz
     /// (and /metrics with --metrics-public) then needs `Authorization: Bearer TOKEN` (the
@@ -310,30 +310,30 @@ pub struct SecurityArgs {
     #[arg(long, env = "FILTERPLANE_ADMIN_TOKEN_FILE")]
     pub admin_token_file: Option<PathBuf>,
     /// With --admin-token-file: /metrics stays open to scrapers without the token.
-    #[arg(long)]
+    #[arg(long, env = "FILTERPLANE_METRICS_PUBLIC")]
     pub metrics_public: bool,
     /// Admin over TLS: the server certificate chain (PEM). Read again when it changes.
-    #[arg(long, requires = "admin_tls_key")]
+    #[arg(long, requires = "admin_tls_key", env = "FILTERPLANE_ADMIN_TLS_CERT")]
     pub admin_tls_cert: Option<PathBuf>,
     /// Admin over TLS: the private key (PEM) of --admin-tls-cert.
-    #[arg(long, requires = "admin_tls_cert")]
+    #[arg(long, requires = "admin_tls_cert", env = "FILTERPLANE_ADMIN_TLS_KEY")]
     pub admin_tls_key: Option<PathBuf>,
     /// A listener of its own for remote Wasm delivery: it serves module bytes only (the
     /// modules served configs refer to, at unguessable paths), nothing of the admin API.
     /// Without it, the admin port serves them.
-    #[arg(long)]
+    #[arg(long, env = "FILTERPLANE_MODULES_ADDR")]
     pub modules_addr: Option<SocketAddr>,
     /// The module listener over TLS: the server certificate chain (PEM). Envoy's module
     /// cluster then needs a TLS transport socket.
-    #[arg(long, requires = "modules_tls_key")]
+    #[arg(long, requires = "modules_tls_key", env = "FILTERPLANE_MODULES_TLS_CERT")]
     pub modules_tls_cert: Option<PathBuf>,
     /// The private key (PEM) of --modules-tls-cert.
-    #[arg(long, requires = "modules_tls_cert")]
+    #[arg(long, requires = "modules_tls_cert", env = "FILTERPLANE_MODULES_TLS_KEY")]
     pub modules_tls_key: Option<PathBuf>,
     /// The secret module paths are derived from (HMAC-SHA256 of the module's SHA-256), at
     /// least 32 bytes. Default: `module-path-secret` in the cache directory, created with
     /// random bytes on first start. Replicas serving the same proxies share it.
-    #[arg(long)]
+    #[arg(long, env = "FILTERPLANE_MODULES_SECRET_FILE")]
     pub modules_secret_file: Option<PathBuf>,
 }
 
@@ -516,49 +516,49 @@ pub struct WasmArgs {
     #[arg(long, env = "FILTERPLANE_CACHE_DIR")]
     pub cache_dir: Option<PathBuf>,
     /// Size bound of the module cache; least recently used modules not being served go first.
-    #[arg(long, default_value_t = defaults::CACHE_MAX_BYTES)]
+    #[arg(long, default_value_t = defaults::CACHE_MAX_BYTES, env = "FILTERPLANE_CACHE_MAX_BYTES")]
     pub cache_max_bytes: u64,
     /// file:// modules must be under this directory. Default: the config's directory.
-    #[arg(long)]
+    #[arg(long, env = "FILTERPLANE_WASM_FILE_ROOT")]
     pub wasm_file_root: Option<PathBuf>,
     /// A registry (HOST:PORT) that may be reached over plain HTTP. Repeatable.
-    #[arg(long = "insecure-registry")]
+    #[arg(long = "insecure-registry", env = "FILTERPLANE_INSECURE_REGISTRY", value_delimiter = ',')]
     pub insecure_registries: Vec<String>,
     /// Default delivery of modules to Envoy (a plugin's `delivery` overrides it).
-    #[arg(long, value_enum, default_value_t = DeliveryArg::Inline)]
+    #[arg(long, value_enum, default_value_t = DeliveryArg::Inline, env = "FILTERPLANE_WASM_DELIVERY")]
     pub wasm_delivery: DeliveryArg,
     /// Base URL Envoy downloads modules from (remote delivery). Default: http://ADMIN-ADDR.
-    #[arg(long)]
+    #[arg(long, env = "FILTERPLANE_WASM_MODULE_URL")]
     pub wasm_module_url: Option<String>,
     /// The Envoy cluster that reaches --wasm-module-url (remote delivery).
-    #[arg(long, default_value = defaults::WASM_MODULE_CLUSTER)]
+    #[arg(long, default_value = defaults::WASM_MODULE_CLUSTER, env = "FILTERPLANE_WASM_MODULE_CLUSTER")]
     pub wasm_module_cluster: String,
     /// Timeout of one fetch attempt, in seconds.
-    #[arg(long, default_value_t = defaults::WASM_FETCH_TIMEOUT.as_secs())]
+    #[arg(long, default_value_t = defaults::WASM_FETCH_TIMEOUT.as_secs(), env = "FILTERPLANE_WASM_FETCH_TIMEOUT_SECS")]
     pub wasm_fetch_timeout_secs: u64,
     /// Attempts per fetch (with exponential backoff between them).
-    #[arg(long, default_value_t = defaults::WASM_FETCH_ATTEMPTS)]
+    #[arg(long, default_value_t = defaults::WASM_FETCH_ATTEMPTS, env = "FILTERPLANE_WASM_FETCH_ATTEMPTS")]
     pub wasm_fetch_attempts: u32,
     /// Seconds one reload waits for its modules; a fetch still running then fails for
     /// that reload (the plugin keeps its previous version) and the rest is applied.
-    #[arg(long, default_value_t = defaults::WASM_FETCH_DEADLINE.as_secs())]
+    #[arg(long, default_value_t = defaults::WASM_FETCH_DEADLINE.as_secs(), env = "FILTERPLANE_WASM_FETCH_DEADLINE_SECS")]
     pub wasm_fetch_deadline_secs: u64,
     /// Largest module accepted, in bytes.
-    #[arg(long, default_value_t = defaults::WASM_MAX_MODULE_BYTES)]
+    #[arg(long, default_value_t = defaults::WASM_MAX_MODULE_BYTES, env = "FILTERPLANE_WASM_MAX_MODULE_BYTES")]
     pub wasm_max_module_bytes: u64,
     /// Remote delivery: how many times a Wasm config is sent again after Envoy NACKs it
     /// while it fetches the module into its cache (100 ms apart, doubling, at most 5 s),
     /// before the NACK counts as a reject.
-    #[arg(long, default_value_t = defaults::WASM_CODE_FETCH_RETRIES)]
+    #[arg(long, default_value_t = defaults::WASM_CODE_FETCH_RETRIES, env = "FILTERPLANE_WASM_CODE_FETCH_RETRIES")]
     pub wasm_code_fetch_retries: u32,
     /// Addresses (CIDR) module downloads may not connect to, besides the default
     /// link-local and cloud metadata ranges; checked after DNS and on every redirect.
     /// Repeatable.
-    #[arg(long, value_name = "CIDR")]
+    #[arg(long, value_name = "CIDR", env = "FILTERPLANE_WASM_FETCH_DENY_CIDR", value_delimiter = ',')]
     pub wasm_fetch_deny_cidr: Vec<filterplane_wasm::guard::Cidr>,
     /// Addresses (CIDR) exempt from the deny list (e.g. a registry on a link-local
     /// address). Repeatable.
-    #[arg(long, value_name = "CIDR")]
+    #[arg(long, value_name = "CIDR", env = "FILTERPLANE_WASM_FETCH_ALLOW_CIDR", value_delimiter = ',')]
     pub wasm_fetch_allow_cidr: Vec<filterplane_wasm::guard::Cidr>,
     /// Registry credentials for plugins without `image_pull_secret`: a Docker
     /// config.json, a Kubernetes dockerconfigjson Secret, or USER:PASSWORD. Default:
@@ -568,7 +568,7 @@ pub struct WasmArgs {
     pub registry_auth_file: Option<PathBuf>,
     /// PEM certificates of a private CA that registries and module servers use, trusted
     /// besides the system's.
-    #[arg(long)]
+    #[arg(long, env = "FILTERPLANE_REGISTRY_CA_FILE")]
     pub registry_ca_file: Option<PathBuf>,
 }
 
@@ -594,6 +594,23 @@ mod tests {
             .filter(|flag| !bounds.contains(flag))
             .collect();
         assert!(missing.is_empty(), "bound flags missing from settings::bounds: {missing:?}");
+    }
+
+    /// Every flag of `serve` reads its `FILTERPLANE_*` variable (the README says so).
+    #[test]
+    fn every_serve_flag_has_its_environment_variable() {
+        let cli = Cli::command();
+        let serve = cli.find_subcommand("serve").expect("serve");
+        let missing: Vec<String> = serve
+            .get_arguments()
+            .filter(|a| a.get_long().is_some_and(|l| l != "help"))
+            .filter(|a| {
+                let want = format!("FILTERPLANE_{}", a.get_long().unwrap_or_default().to_uppercase().replace('-', "_"));
+                a.get_env().and_then(|e| e.to_str()) != Some(want.as_str())
+            })
+            .filter_map(|a| a.get_long().map(|l| format!("--{l}")))
+            .collect();
+        assert!(missing.is_empty(), "flags without their FILTERPLANE_* variable: {missing:?}");
     }
 
     /// The flags turn into the settings they name; defaults are the settings' own.

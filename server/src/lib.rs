@@ -180,6 +180,39 @@ fn ports_tls(args: &Settings, metrics: &Arc<Metrics>) -> anyhow::Result<PortsTls
     })
 }
 
+/// Where rollout state lives without `--state-dir`: one directory per config path under
+/// the cache directory (`state/NAME-HASH`), so two configs served from one user's
+/// account never share rollouts and history. The path is written beside the state, for
+/// people. State an earlier version kept in `state/` itself (for whichever config) is not
+/// read; a warning names it.
+fn default_state_dir(cache_dir: &std::path::Path, config: &std::path::Path) -> std::path::PathBuf {
+    let canonical = std::fs::canonicalize(config).unwrap_or_else(|_| config.to_path_buf());
+    let text = canonical.to_string_lossy();
+    let hash = filterplane_api::hmac_sha256_hex(b"filterplane state dir", text.as_bytes());
+    let stem: String = canonical
+        .file_stem()
+        .map(|s| {
+            s.to_string_lossy()
+                .chars()
+                .filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_')
+                .take(32)
+                .collect()
+        })
+        .unwrap_or_default();
+    let base = cache_dir.join("state");
+    let dir = base.join(format!("{stem}-{}", &hash[..12]));
+    let _ = std::fs::create_dir_all(&dir).and_then(|()| std::fs::write(dir.join("config-path"), format!("{text}\n")));
+    let legacy = base.join("rollouts.redb");
+    if legacy.exists() {
+        tracing::warn!(
+            legacy = %legacy.display(),
+            now = %dir.display(),
+            "rollout state of an earlier version is not read: state is kept per config path now; if that file belongs to this config, move it into the new directory while the server is stopped"
+        );
+    }
+    dir
+}
+
 /// The rollout state in `--state-dir`. A directory another `serve` holds is no reason not
 /// to serve: rollouts then live in memory, and the rollouts view and a warning say so.
 fn embedded_store(state_dir: &std::path::Path) -> anyhow::Result<Box<dyn filterplane_state::Store>> {
@@ -232,11 +265,10 @@ pub async fn serve_on(
 ) -> anyhow::Result<()> {
     let config = args.config.clone();
     let metrics = Arc::new(Metrics::default());
-    let state_dir = args
-        .state
-        .dir
-        .clone()
-        .unwrap_or_else(|| args.wasm.cache_dir.clone().unwrap_or_else(default_cache_dir).join("state"));
+    let state_dir = match args.state.dir.clone() {
+        Some(dir) => dir,
+        None => default_state_dir(&args.wasm.cache_dir.clone().unwrap_or_else(default_cache_dir), &config),
+    };
     let replica_name = args.state.replica_name.clone().unwrap_or_else(|| {
         let host = std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_owned()).unwrap_or_default();
         let port = xds_listener.local_addr().map(|a| a.port()).unwrap_or(0);
@@ -568,4 +600,26 @@ pub async fn wasm_push(
     println!("sha256: {sha256}");
     println!("\nwasm_plugins:\n  - name: my-plugin\n    url: oci://{registry}/{repository}@{manifest_digest}\n    sha256: {sha256}");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    /// Two configs served from one account keep their rollouts apart; one config keeps
+    /// its own across restarts.
+    #[test]
+    fn each_config_path_has_its_own_default_state_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("quickstart.yaml"), dir.path().join("gateway.yaml"));
+        std::fs::write(&a, "version: 1\n").unwrap();
+        std::fs::write(&b, "version: 1\n").unwrap();
+        let cache = dir.path().join("cache");
+        let (sa, sb) = (super::default_state_dir(&cache, &a), super::default_state_dir(&cache, &b));
+        assert_ne!(sa, sb);
+        assert_eq!(super::default_state_dir(&cache, &a), sa, "stable");
+        assert!(
+            sa.starts_with(cache.join("state")) && sa.file_name().unwrap().to_string_lossy().starts_with("quickstart-")
+        );
+        let recorded = std::fs::read_to_string(sa.join("config-path")).unwrap();
+        assert_eq!(recorded.trim(), std::fs::canonicalize(&a).unwrap().to_string_lossy());
+    }
 }
