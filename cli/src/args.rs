@@ -142,6 +142,16 @@ pub struct AdminClientArgs {
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct ServeArgs {
+    /// A YAML file of these flags, keyed by their names without the dashes
+    /// (`max-streams-per-connection: 64`; lists as YAML lists; on/off flags as true or
+    /// false; paths relative to the file). The command line and FILTERPLANE_* variables
+    /// override it; it overrides the defaults. An unknown key is an error.
+    #[arg(long, env = "FILTERPLANE_SETTINGS", value_name = "FILE")]
+    pub settings: Option<PathBuf>,
+    /// Print every setting in effect and where it came from (command line, environment,
+    /// settings file and line, default), as a settings file, and exit.
+    #[arg(long)]
+    pub print_settings: bool,
     /// A YAML file, or a directory whose *.yaml / *.yml files are merged.
     #[arg(long, short, env = "FILTERPLANE_CONFIG")]
     pub config: PathBuf,
@@ -603,7 +613,7 @@ mod tests {
         let serve = cli.find_subcommand("serve").expect("serve");
         let missing: Vec<String> = serve
             .get_arguments()
-            .filter(|a| a.get_long().is_some_and(|l| l != "help"))
+            .filter(|a| a.get_long().is_some_and(|l| l != "help" && l != "print-settings"))
             .filter(|a| {
                 let want = format!("FILTERPLANE_{}", a.get_long().unwrap_or_default().to_uppercase().replace('-', "_"));
                 a.get_env().and_then(|e| e.to_str()) != Some(want.as_str())

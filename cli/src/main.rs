@@ -3,15 +3,23 @@
 
 mod args;
 mod client;
+mod settings_file;
 
 use std::process::ExitCode;
 
 use args::{Cli, Command, WasmCommand};
-use clap::Parser;
+use clap::{parser::ValueSource, CommandFactory, FromArgMatches};
 use tokio_util::sync::CancellationToken;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let (cli, report) = match parse(std::env::args_os().collect()) {
+        Ok(parsed) => parsed,
+        Err(code) => return code,
+    };
+    if let Some(report) = report {
+        print!("{report}");
+        return ExitCode::SUCCESS;
+    }
     // One TLS implementation for the whole process (servers, registry and admin clients).
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     init_logs(cli.log_format);
@@ -151,6 +159,61 @@ fn main() -> ExitCode {
             })
         }
     }
+}
+
+/// The command line, with `serve --settings FILE`'s entries as the flags they name where
+/// neither the command line nor a variable set them; and, with `serve --print-settings`,
+/// the settings in effect. A bad command line or settings file is printed here.
+fn parse(argv: Vec<std::ffi::OsString>) -> Result<(Cli, Option<String>), ExitCode> {
+    let command = Cli::command();
+    let clap_failed = |e: clap::Error| {
+        let _ = e.print();
+        ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2))
+    };
+    // A first, lenient look: is there a settings file, and which flags were given?
+    let first = command.clone().ignore_errors(true).try_get_matches_from(&argv).ok();
+    let serve = first.as_ref().and_then(|m| m.subcommand_matches("serve"));
+    let settings_path = serve.and_then(|m| m.get_one::<std::path::PathBuf>("settings").cloned());
+    let serve_command = command.find_subcommand("serve").cloned().unwrap_or_else(|| clap::Command::new("serve"));
+    let mut file = None;
+    let mut from_file = Vec::new();
+    let mut full = argv.clone();
+    if let (Some(path), Some(given)) = (settings_path, serve) {
+        let read = match settings_file::SettingsFile::read(&path, &serve_command) {
+            Ok(f) => f,
+            Err(e) => {
+                eprintln!("filterplane serve: {e}");
+                return Err(ExitCode::from(2));
+            }
+        };
+        let set_otherwise = |key: &str| {
+            let id = serve_command.get_arguments().find(|a| a.get_long() == Some(key)).map(|a| a.get_id().clone());
+            id.is_some_and(|id| {
+                matches!(given.value_source(id.as_str()), Some(ValueSource::CommandLine | ValueSource::EnvVariable))
+            })
+        };
+        from_file = read.entries.iter().filter(|e| !set_otherwise(&e.key)).map(|e| e.key.clone()).collect();
+        full.extend(read.args(set_otherwise));
+        file = Some(read);
+    }
+    let matches = match command.clone().try_get_matches_from(&full) {
+        Ok(m) => m,
+        Err(e) => {
+            let code = clap_failed(e);
+            if let Some(f) = &file {
+                eprintln!("(the settings file {} counts as flags here)", f.path.display());
+            }
+            return Err(code);
+        }
+    };
+    let cli = Cli::from_arg_matches(&matches).map_err(clap_failed)?;
+    let report = match (&cli.command, matches.subcommand_matches("serve")) {
+        (Command::Serve(args), Some(serve)) if args.print_settings => {
+            Some(settings_file::report(&serve_command, serve, file.as_ref(), &from_file))
+        }
+        _ => None,
+    };
+    Ok((cli, report))
 }
 
 async fn wait_for_stop_signal() {

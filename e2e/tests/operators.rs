@@ -184,3 +184,73 @@ fn completions_parse_in_bash_and_the_man_page_is_roff() {
     assert!(man.starts_with(".ie") || man.starts_with(".TH"), "{}", &man[..man.len().min(200)]);
     assert!(man.contains("filterplane"), "{man}");
 }
+
+/// A reviewed settings file runs the server; the command line and FILTERPLANE_*
+/// variables override it, it overrides the defaults, `--print-settings` says where each
+/// value came from, and a key that is no setting stops `serve` naming the file and line.
+#[test]
+fn a_settings_file_runs_serve_below_flags_and_variables() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("filterplane.yaml"), example_yaml()).unwrap();
+    let admin = free_port();
+    let settings = dir.path().join("settings.yaml");
+    std::fs::write(
+        &settings,
+        format!(
+            "# reviewed in change 1234\nconfig: filterplane.yaml\nadmin-addr: 127.0.0.1:{admin}\n\
+             xds-addr: 127.0.0.1:{}\ncache-dir: cache\nmax-streams-per-connection: 64\nmetrics-public: true\n\
+             max-nack-message-bytes: 100\n",
+            free_port()
+        ),
+    )
+    .unwrap();
+    let settings_arg = settings.to_str().unwrap();
+
+    let o = Command::new(filterplane_bin())
+        .env("FILTERPLANE_MAX_NACK_MESSAGE_BYTES", "200")
+        .args(["serve", "--settings", settings_arg, "--max-streams-per-connection", "9", "--print-settings"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let report = stdout(&o);
+    let at = |line: usize| format!("# settings file {settings_arg}:{line}");
+    let config = dir.path().join("filterplane.yaml");
+    for want in [
+        format!("config: {}  {}", config.display(), at(2)),
+        format!("admin-addr: 127.0.0.1:{admin}  {}", at(3)),
+        "max-streams-per-connection: 9  # command line".to_owned(),
+        "max-nack-message-bytes: 200  # environment (FILTERPLANE_MAX_NACK_MESSAGE_BYTES)".to_owned(),
+        format!("metrics-public: true  {}", at(7)),
+        "drain-grace-secs: 600  # default".to_owned(),
+        "# state-dir:  # not set".to_owned(),
+    ] {
+        assert!(report.lines().any(|l| l == want), "no line {want:?} in\n{report}");
+    }
+    // The report is itself a settings file serve reads.
+    let copy = dir.path().join("copy.yaml");
+    std::fs::write(&copy, &report).unwrap();
+    let again = cli(&["serve", "--settings", copy.to_str().unwrap(), "--print-settings"]);
+    assert!(again.status.success(), "{}", String::from_utf8_lossy(&again.stderr));
+    assert!(stdout(&again).contains("max-streams-per-connection: 9  # settings file"), "{}", stdout(&again));
+
+    // It serves with what the file says.
+    let mut child = Command::new(filterplane_bin())
+        .env("FILTERPLANE_SETTINGS", settings_arg)
+        .arg("serve")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until("ready on the file's admin address", Duration::from_secs(20), || {
+        filterplane_e2e::http_get(&format!("http://127.0.0.1:{admin}/readyz")).filter(|r| r.status == 200)
+    });
+    let _ = child.kill();
+    let _ = child.wait();
+
+    // A mistake is named with its file and line, and nothing starts.
+    std::fs::write(&settings, "config: filterplane.yaml\n\nmax-streams: 5\n").unwrap();
+    let o = cli(&["serve", "--settings", settings_arg]);
+    assert_eq!(o.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains(&format!("{settings_arg}:3: max-streams: not a setting")), "{err}");
+}
