@@ -113,6 +113,15 @@ impl Browser {
         self.eval(&script).as_str().unwrap_or_default().to_owned()
     }
 
+    /// Sets the window's outer size in CSS pixels.
+    pub fn resize(&self, width: u32, height: u32) {
+        self.call(
+            "POST",
+            &format!("/session/{}/window/rect", self.session),
+            Some(json!({ "width": width, "height": height })),
+        );
+    }
+
     /// A PNG of the viewport.
     pub fn screenshot(&self, path: &Path) {
         let b64 = self.call("GET", &format!("/session/{}/screenshot", self.session), None);

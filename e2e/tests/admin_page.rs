@@ -36,7 +36,7 @@ fn admin_page_shows_proxies_and_rejects_and_updates_live() {
     let png = std::fs::read(&shot).expect("screenshot written");
     assert!(png.starts_with(b"\x89PNG\r\n\x1a\n") && png.len() > 2_000, "a real PNG screenshot");
     if let Ok(dir) = std::env::var("FILTERPLANE_SCREENSHOT_DIR") {
-        std::fs::copy(&shot, Path::new(&dir).join("admin-page.png")).expect("copy screenshot");
+        std::fs::copy(&shot, Path::new(&dir).join("admin-page-nack.png")).expect("copy screenshot");
     }
 
     // A refused edit shows its error; fixing it clears the NACK highlight.
@@ -210,4 +210,137 @@ fn a_page_of_another_origin_cannot_confirm_a_held_removal() {
     let config = fp.api("/api/v1/config");
     assert_eq!(config["serving_version"], serving, "the held removal was not applied: {config}");
     assert_eq!(config["last_outcome"]["result"], "held");
+}
+
+/// Tables wider than their section (the page at `width`), by section id.
+fn overflowing(browser: &Browser) -> Vec<String> {
+    let v = browser.eval(
+        "return [...document.querySelectorAll('section')].filter(s => s.scrollWidth > s.clientWidth + 1)\
+         .map(s => s.querySelector('h2').innerText);",
+    );
+    v.as_array().unwrap().iter().map(|s| s.as_str().unwrap_or_default().to_owned()).collect()
+}
+
+fn save_screenshot(browser: &Browser, dir: &Path, name: &str) {
+    let shot = dir.join(name);
+    browser.screenshot(&shot);
+    let png = std::fs::read(&shot).expect("screenshot written");
+    assert!(png.starts_with(b"\x89PNG\r\n\x1a\n") && png.len() > 2_000, "a real PNG screenshot");
+    if let Ok(out) = std::env::var("FILTERPLANE_SCREENSHOT_DIR") {
+        std::fs::copy(&shot, Path::new(&out).join(name)).expect("copy screenshot");
+    }
+}
+
+/// Four real Envoys through a rollout: mid-way the entry reads "old: 3, new: 1", all
+/// green (held back on purpose is not behind); after a version Envoy refuses is rolled
+/// back, the failure stands at the top, the entry says its version was refused and that
+/// every proxy runs the last good one, and nothing is amber.
+#[test]
+fn a_rollout_reads_old_and_new_and_a_rollback_stands_at_the_top() {
+    use filterplane_e2e::{example_bootstrap, filterplane_bin, wait_plugin_count, Envoy, EnvoyPorts, Filterplane};
+    let spec = "\nrollout: { steps: [25, 100], bake: 10m, ack_timeout: 20s, on_failure: rollback }\n";
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("filterplane.yaml"), yaml_with("v1") + spec).unwrap();
+    std::fs::write(dir.path().join("token"), "page-token\n").unwrap();
+    let mut fp = Filterplane::start_in(dir.path(), "filterplane.yaml", dir.path(), &["--admin-token-file", "token"]);
+    fp.token = Some("page-token".into());
+    let envoys: Vec<Envoy> = (0..4)
+        .map(|i| {
+            let ports = EnvoyPorts::new(fp.xds_port);
+            let node = format!("envoy-{i}");
+            Envoy::start(&example_bootstrap("quickstart/envoy.yaml", ports, &node), ports, dir.path(), &node)
+        })
+        .collect();
+    wait_plugin_count(&envoys, "v1", 4, WAIT);
+
+    std::fs::write(dir.path().join("filterplane.yaml"), yaml_with("v2") + spec).unwrap();
+    wait_until("the first step ACKed", WAIT, || {
+        (fp.api("/api/v1/rollouts")["rollouts"][0]["acked"] == 1).then_some(())
+    });
+    let browser = Browser::start(dir.path());
+    browser.resize(1280, 1000);
+    browser.goto(&fp.url("/"));
+    browser.eval("document.getElementById('token').value = 'page-token'; document.getElementById('sign-in').click(); return true;");
+    let row = "#configs tr[data-entry=\"add-header\"]";
+    let text = wait_until("the entry's old and new versions", WAIT, || {
+        let t = browser.text(row);
+        (t.contains("old") && t.contains("new")).then_some(t)
+    });
+    let rollout = &fp.api("/api/v1/rollouts")["rollouts"][0];
+    let short = |v: &serde_json::Value| v.as_str().unwrap()[..8].to_owned();
+    let (old, new) = (short(&rollout["last_completed_version"]), short(&rollout["new_version"]));
+    assert!(text.contains(&format!("old {old}: synced 3")), "{text}");
+    assert!(text.contains(&format!("new {new}: synced 1")), "{text}");
+    assert!(text.contains("filterplane.yaml:5"), "where the version comes from: {text}");
+    assert_eq!(browser.eval("return document.querySelectorAll('tr.stale, tr.nack').length"), 0, "nothing amber or red");
+    assert!(browser.text("#tiles").contains("1\nROLLOUTS IN PROGRESS"), "{}", browser.text("#tiles"));
+    assert!(browser.text("#fleet-count") == "(4 proxies)");
+    assert!(overflowing(&browser).is_empty(), "at 1280 px: {:?}", overflowing(&browser));
+    save_screenshot(&browser, dir.path(), "admin-page-rollout.png");
+
+    let promoted = std::process::Command::new(filterplane_bin())
+        .args(["rollout", "promote", "add-header", "--admin", &fp.url("")])
+        .arg("--token-file")
+        .arg(dir.path().join("token"))
+        .output()
+        .unwrap();
+    assert!(promoted.status.success(), "{}", String::from_utf8_lossy(&promoted.stderr));
+    wait_plugin_count(&envoys, "v2", 4, WAIT);
+
+    std::fs::write(dir.path().join("filterplane.yaml"), yaml_envoy_refuses(1024) + spec).unwrap();
+    wait_until("the refused version rolled back", WAIT, || {
+        (fp.api("/api/v1/rollouts")["history"][0]["outcome"] == "rolled_back").then_some(())
+    });
+    wait_plugin_count(&envoys, "v2", 4, WAIT);
+    let alert = wait_until("the failure at the top", WAIT, || {
+        let t = browser.text("#alerts");
+        t.contains("Rollout of add-header rolled back").then_some(t)
+    });
+    assert!(alert.contains(&format!("Proxies run the last good version {new}")), "{alert}");
+    assert!(alert.contains("filterplane.yaml:5 still holds the refused version"), "{alert}");
+    let text = wait_until("every proxy back and synced", WAIT, || {
+        let t = browser.text(row);
+        t.contains(&format!("last good {new}: synced 4")).then_some(t)
+    });
+    assert!(text.contains("refused"), "{text}");
+    let rollouts = browser.text("#rollouts");
+    assert!(rollouts.contains("failed at step 1: 1 proxy refused it or timed out; rolled back"), "{rollouts}");
+    assert!(!rollouts.contains("on new: 0"), "no count that contradicts the failure: {rollouts}");
+    assert_eq!(browser.eval("return document.querySelectorAll('#configs tr.stale, #configs tr.nack').length"), 0);
+    save_screenshot(&browser, dir.path(), "admin-page-rollback.png");
+}
+
+/// The gateway example: the `edge` listener is served with its filters placed, and a
+/// proxy that ACKed it is green, not "older"; five xDS types fit 1280 px.
+#[test]
+fn the_gateway_example_is_green_when_synced_and_fits_1280_pixels() {
+    use filterplane_e2e::{example_bootstrap, free_port, gateway::gateway_config, Envoy, EnvoyPorts, Filterplane};
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = dir.path().join("filterplane.yaml");
+    let (xds_port, admin_port) = (free_port(), free_port());
+    let ports = EnvoyPorts::new(xds_port);
+    std::fs::write(&yaml, gateway_config(&ports, admin_port)).unwrap();
+    let fp = Filterplane::start_on(&yaml, dir.path(), xds_port, admin_port);
+    let envoy = Envoy::start(&example_bootstrap("gateway/envoy.yaml", ports, "gateway"), ports, dir.path(), "envoy");
+    wait_until("the gateway to answer with its plugins", WAIT, || {
+        envoy.get("/").filter(|r| r.header("x-served-by") == Some("filterplane-gateway"))
+    });
+    wait_until("every type synced", WAIT, || (fp.api("/api/v1/summary")["states"]["synced"] == 1).then_some(()));
+    let browser = Browser::start(dir.path());
+    browser.resize(1280, 1000);
+    browser.goto(&fp.url("/"));
+    let edge = wait_until("the edge listener's row", WAIT, || {
+        let t = browser.text("#configs tr[data-entry=\"edge\"]");
+        t.contains("synced 1").then_some(t)
+    });
+    assert!(!edge.contains("applying"), "{edge}");
+    assert_eq!(browser.eval("return document.querySelectorAll('tr.stale, tr.nack').length"), 0, "nothing amber");
+    let types = browser.eval("return document.querySelectorAll('#proxies thead th').length").as_u64().unwrap();
+    assert!(types >= 5 + 5, "five types besides the proxy's own columns: {types}");
+    assert!(overflowing(&browser).is_empty(), "at 1280 px: {:?}", overflowing(&browser));
+    let count = browser.text("#configs-count");
+    assert!(count.contains("2 extension configs") && count.contains("1 listener"), "{count}");
+    let tiles = browser.text("#tiles");
+    assert!(tiles.contains("2\nEXTENSION CONFIGS"), "only ECDS counts as extension configs: {tiles}");
+    drop(fp);
 }

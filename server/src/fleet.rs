@@ -227,16 +227,24 @@ pub struct VersionCount {
     pub states: StateCounts,
 }
 
-/// One resource across the fleet: how many proxies run which version of it.
+/// One resource across the fleet: how many proxies run which version of it, and whether
+/// that is what each is sent (a proxy a rollout holds on the old version runs what it
+/// should: it is `synced`, not behind).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ResourceCount {
     pub type_url: String,
     pub name: String,
-    /// By version: proxies that ACKed it.
+    /// By version: proxies that run it (their last ACK), whatever they are sent now.
     pub acked: BTreeMap<String, usize>,
-    /// By version: proxies that NACKed it.
+    /// By version: proxies that run it and are sent it: as planned.
+    #[serde(default)]
+    pub synced: BTreeMap<String, usize>,
+    /// By version: proxies sent it that did not answer yet.
+    #[serde(default)]
+    pub applying: BTreeMap<String, usize>,
+    /// By version: proxies that NACKed it (they run what `acked` counts them under).
     pub nacked: BTreeMap<String, usize>,
-    /// Proxies it was sent to that did not answer yet.
+    /// Proxies it was sent to that did not answer yet (all of `applying`).
     pub waiting: usize,
     /// A few of the proxies that NACKed it.
     pub nacking: Vec<String>,
@@ -319,6 +327,12 @@ impl Summary {
                     for (v, n) in &r.nacked {
                         *m.nacked.entry(v.clone()).or_default() += n;
                     }
+                    for (v, n) in &r.synced {
+                        *m.synced.entry(v.clone()).or_default() += n;
+                    }
+                    for (v, n) in &r.applying {
+                        *m.applying.entry(v.clone()).or_default() += n;
+                    }
                     m.waiting += r.waiting;
                     for n in &r.nacking {
                         if m.nacking.len() < 5 {
@@ -348,6 +362,8 @@ type PerVersion = HashMap<ResourceVersion, usize>;
 #[derive(Default)]
 struct Tally {
     acked: PerVersion,
+    synced: PerVersion,
+    applying: PerVersion,
     nacked: PerVersion,
     waiting: usize,
     /// The first few NACKing it.
@@ -380,18 +396,19 @@ pub fn summary(tracker: &AckTracker) -> Summary {
                     Some(c) => c,
                     None => of_type.entry(name.clone()).or_default(),
                 };
+                if let Some(v) = r.acked_version {
+                    *c.acked.entry(v).or_default() += 1;
+                }
                 if let Some(v) = r.nacked_version {
                     *c.nacked.entry(v).or_default() += 1;
                     if c.nacking.len() < 5 {
                         c.nacking.push(p.node_id().to_owned());
                     }
                 } else if r.acked_version == Some(r.sent_version) {
-                    *c.acked.entry(r.sent_version).or_default() += 1;
+                    *c.synced.entry(r.sent_version).or_default() += 1;
                 } else {
                     c.waiting += 1;
-                    if let Some(v) = r.acked_version {
-                        *c.acked.entry(v).or_default() += 1;
-                    }
+                    *c.applying.entry(r.sent_version).or_default() += 1;
                 }
             }
             if let Some(n) = t.last_nack.as_ref().filter(|_| t.state == SyncState::Nacked) {
@@ -422,6 +439,8 @@ pub fn summary(tracker: &AckTracker) -> Summary {
                 type_url: t.to_owned(),
                 name,
                 acked: named(c.acked),
+                synced: named(c.synced),
+                applying: named(c.applying),
                 nacked: named(c.nacked),
                 waiting: c.waiting,
                 nacking: c.nacking,
@@ -560,7 +579,36 @@ mod tests {
         assert_eq!(f.nacked.values().sum::<usize>(), 25);
         assert_eq!(f.acked.values().sum::<usize>(), 225);
         assert_eq!(f.nacking.len(), 5);
+        assert_eq!(f.synced.values().sum::<usize>(), 225, "ACKed what they were sent");
+        assert!(f.applying.is_empty());
         let total: usize = s.versions.iter().map(|v| v.proxies).sum();
         assert_eq!(total, 250);
+    }
+
+    /// A proxy a rollout keeps on the old version runs what it is sent: synced, not
+    /// behind; only a proxy sent a version it did not ACK yet is applying it.
+    #[test]
+    fn a_proxy_held_on_the_old_version_is_synced_and_one_sent_the_new_is_applying() {
+        let t = AckTracker::new(Arc::new(Metrics::default()));
+        let ack = |nonce: &str| StreamEvent::Acked {
+            rt: ResourceType::ExtensionConfig,
+            version: format!("v{nonce}"),
+            nonce: nonce.into(),
+            resources: None,
+        };
+        let held = t.connect(node("held"), StreamKind::Sotw, "127.0.0.1:1".into());
+        t.record(held, &sent("1"));
+        t.record(held, &ack("1"));
+        let moving = t.connect(node("moving"), StreamKind::Sotw, "127.0.0.1:2".into());
+        t.record(moving, &sent("1"));
+        t.record(moving, &ack("1"));
+        t.record(moving, &sent("2"));
+        let s = summary(&t);
+        let f = &s.resources[0];
+        let v = |n: &str| filterplane_api::content_version([n.as_bytes()]).to_string();
+        assert_eq!(f.acked, BTreeMap::from([(v("1"), 2)]), "both run v1");
+        assert_eq!(f.synced, BTreeMap::from([(v("1"), 1)]), "the held one as planned");
+        assert_eq!(f.applying, BTreeMap::from([(v("2"), 1)]), "the other is applying v2");
+        assert_eq!(f.waiting, 1);
     }
 }

@@ -157,7 +157,7 @@ async fn config(State(s): State<AdminState>) -> Response {
 
 fn selector_json(s: &filterplane_config::NodeSelector) -> Value {
     json!({
-        "ids": s.ids, "clusters": s.clusters, "metadata": s.metadata,
+        "ids": s.ids, "clusters": s.clusters, "metadata": s.metadata, "labels": s.labels,
         "locality": { "region": s.locality.region, "zone": s.locality.zone, "sub_zone": s.locality.sub_zone },
     })
 }

@@ -248,12 +248,15 @@ impl AckTracker {
                     message: message.clone(),
                     at: at.clone(),
                 }));
+                let mut resource_versions = std::collections::BTreeMap::new();
                 for name in resources {
                     if let Some(r) = t.resources.get_mut(name.as_str()) {
                         r.nacked_version = Some(r.sent_version);
+                        resource_versions.insert(name.clone(), r.sent_version.to_string());
                     }
                 }
                 reject = Some(Reject {
+                    resource_versions,
                     at,
                     node_id: proxy.node.facts.id.clone(),
                     cluster: proxy.node.facts.cluster.clone(),

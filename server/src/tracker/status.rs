@@ -228,6 +228,9 @@ pub struct Reject {
     pub cluster: String,
     pub type_url: String,
     pub resources: Vec<String>,
+    /// The version of each resource it refused (the one the page and API name
+    /// everywhere; `version` is the response's, as Envoy's config dump shows it).
+    pub resource_versions: std::collections::BTreeMap<String, String>,
     pub version: String,
     pub kept_version: String,
     pub nonce: String,
