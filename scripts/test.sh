@@ -54,6 +54,14 @@ else
   echo "no rustup-managed Rust $msrv here: the build at the declared minimum is not checked"
 fi
 cargo test --workspace --locked --test '*' "$@"
+# The README's install command installs a binary that runs. `--debug` and the shared
+# target directory reuse what the tests just built (the release build the README
+# installs is the same code, optimised; it would cost minutes more here).
+install_root=$(mktemp -d)
+CARGO_TARGET_DIR=target cargo install --quiet --locked --path cli --debug --root "$install_root"
+"$install_root/bin/filterplane" --version
+"$install_root/bin/filterplane" validate --config examples/quickstart/filterplane.yaml
+rm -rf "$install_root"
 # The fallback transport (`--xds-http2 tonic`): the conformance, hostile and end-to-end
 # suites again, over tonic's HTTP/2 (the binary and the in-process harness read
 # FILTERPLANE_XDS_HTTP2). Left out: h2_rfc (the lean layer's own frame rules) and the

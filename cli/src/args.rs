@@ -193,7 +193,7 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = defaults::HANDSHAKE_TIMEOUT.as_secs(), env = "FILTERPLANE_HANDSHAKE_TIMEOUT_SECS")]
     pub handshake_timeout_secs: u64,
     /// xDS connections open at once, all clients together. 0: the file-descriptor limit
-    /// less a reserve for the admin and module ports, probes and files (see the README).
+    /// less a reserve for the admin and module ports, probes and files (see docs/operations.md).
     /// When full, the oldest connection that has not sent a byte yet makes room, or the
     /// new one is closed.
     #[arg(long, default_value_t = defaults::MAX_XDS_CONNECTIONS, env = "FILTERPLANE_MAX_XDS_CONNECTIONS")]
@@ -306,7 +306,7 @@ pub struct SecurityArgs {
     /// Which node ids and clusters a client certificate may claim (needs --xds-client-ca),
     /// e.g. `uri=spiffe://example.org/node/*,node=$1` or
     /// `dns=*.edge.example.com,node=edge-$1-*,cluster=edge`. Repeatable; a stream must
-    /// match one rule, else it is ended with PERMISSION_DENIED. See the README.
+    /// match one rule, else it is ended with PERMISSION_DENIED. See docs/network.md.
     #[arg(long = "node-identity", value_name = "RULE", env = "FILTERPLANE_NODE_IDENTITY")]
     pub node_identity: Vec<IdentityRule>,
     /// Serve secrets (SDS Secrets, and listeners, clusters or other resources holding a
@@ -656,5 +656,118 @@ mod tests {
         assert_eq!(s.admin_addr, defaults.admin_addr);
         assert_eq!(s.max_config_bytes, defaults.max_config_bytes);
         assert_eq!(s.wasm.module_cluster, defaults.wasm.module_cluster);
+    }
+}
+
+/// Every `filterplane` command line the README and docs/ show in a shell block parses with
+/// these very flags: the docs cannot drift from the binary.
+#[cfg(test)]
+mod docs_commands {
+    use clap::Parser;
+
+    use super::Cli;
+
+    /// Shell words of `line` (quotes kept together, `#` comments dropped).
+    fn words(line: &str) -> Vec<String> {
+        let (mut out, mut cur, mut quote, mut any) = (Vec::new(), String::new(), None, false);
+        for c in line.chars() {
+            match (quote, c) {
+                (None, '#') if cur.is_empty() => break,
+                (None, '\'' | '"') => {
+                    quote = Some(c);
+                    any = true;
+                }
+                (Some(q), c) if c == q => quote = None,
+                (None, c) if c.is_whitespace() => {
+                    if any || !cur.is_empty() {
+                        out.push(std::mem::take(&mut cur));
+                        any = false;
+                    }
+                }
+                (_, c) => cur.push(c),
+            }
+        }
+        if any || !cur.is_empty() {
+            out.push(cur);
+        }
+        out
+    }
+
+    /// The `filterplane …` invocations of the shell blocks of `text`.
+    fn commands(text: &str) -> Vec<Vec<String>> {
+        let mut found = Vec::new();
+        let mut in_sh = false;
+        let mut joined = String::new();
+        for line in text.lines() {
+            let trimmed = line.trim_start();
+            if trimmed.starts_with("```") {
+                in_sh = matches!(trimmed, "```sh" | "```bash" | "```shell");
+                continue;
+            }
+            if !in_sh {
+                continue;
+            }
+            joined.push_str(trimmed.trim_end_matches('\\'));
+            joined.push(' ');
+            if trimmed.ends_with('\\') {
+                continue;
+            }
+            let line = std::mem::take(&mut joined);
+            for part in line.split(['|', ';', '&']) {
+                let w = words(part);
+                let start = if w.first().map(String::as_str) == Some("filterplane") {
+                    Some(0)
+                } else {
+                    w.windows(4)
+                        .position(|x| x[0] == "cargo" && x[1] == "run" && x[2] == "--bin" && x[3] == "filterplane")
+                        .and_then(|i| w.iter().skip(i).position(|a| a == "--").map(|j| i + j))
+                };
+                if let Some(s) = start {
+                    let mut args = vec!["filterplane".to_owned()];
+                    args.extend(w[s + 1..].iter().cloned());
+                    found.push(args);
+                }
+            }
+        }
+        found
+    }
+
+    #[test]
+    fn every_command_line_in_the_docs_parses() {
+        let root = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.."));
+        let mut files = vec![root.join("README.md")];
+        for e in std::fs::read_dir(root.join("docs")).expect("docs/").flatten() {
+            if e.path().extension().is_some_and(|x| x == "md") {
+                files.push(e.path());
+            }
+        }
+        let mut checked = 0;
+        let mut wrong = Vec::new();
+        for file in &files {
+            let text = std::fs::read_to_string(file).expect("read a doc");
+            for args in commands(&text) {
+                checked += 1;
+                if let Err(e) = Cli::try_parse_from(&args) {
+                    if !matches!(e.kind(), clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion)
+                    {
+                        let first = e.to_string().lines().next().unwrap_or_default().to_owned();
+                        wrong.push(format!("{}: {}: {first}", file.display(), args.join(" ")));
+                    }
+                }
+            }
+        }
+        assert!(checked >= 12, "only {checked} command lines found: the extractor broke");
+        assert!(wrong.is_empty(), "command lines in the docs the binary refuses:\n{}", wrong.join("\n"));
+    }
+
+    #[test]
+    fn words_and_commands_read_shell_as_written() {
+        assert_eq!(words("a 'b c' \"d\" # e"), ["a", "b c", "d"]);
+        let found = commands(
+            "```sh\nfilterplane reload && filterplane status --wait-synced 2m || rollback.sh\n\
+             cargo run --bin filterplane -- serve \\\n  --config x.yaml\n```\n```\nfilterplane nope\n```\n",
+        );
+        assert_eq!(found.len(), 3, "{found:?}");
+        assert_eq!(found[2], ["filterplane", "serve", "--config", "x.yaml"]);
     }
 }

@@ -68,7 +68,7 @@ fn ephemeral_low() -> u32 {
         .unwrap_or(32_768)
 }
 
-fn workspace_root() -> PathBuf {
+pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("e2e/ is inside the workspace").to_path_buf()
 }
 

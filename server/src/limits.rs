@@ -1,7 +1,7 @@
 //! Bounds on what clients can make the server hold that live below the protocol, and
 //! the connection wrappers that enforce them: a deadline for an xDS connection's HTTP/2
 //! preface, and caps on admin connections and event-stream clients. (Bounds inside the
-//! protocol are in `xds::stream::StreamSettings`; the README's "Limits and hardening"
+//! protocol are in `xds::stream::StreamSettings`; docs/operations.md's "Limits and hardening"
 //! table lists them all.) Every hit is counted in `filterplane_limit_hits_total`.
 
 use std::{

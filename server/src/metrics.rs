@@ -307,7 +307,7 @@ impl Default for Metrics {
         );
         registry.register(
             "limit_hits",
-            "Inputs refused or cut at a limit (see the README's Limits and hardening), by limit",
+            "Inputs refused or cut at a limit (see docs/operations.md, Limits and hardening), by limit",
             m.limit_hits.clone(),
         );
         registry.register(

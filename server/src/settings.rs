@@ -224,7 +224,7 @@ impl Settings {
     }
 }
 
-/// One bound, as the README's limits table shows it.
+/// One bound, as the limits table (docs/operations.md) shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Bound {
     /// The flag that sets it, or, for a fixed bound, words its README row contains.

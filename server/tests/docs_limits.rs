@@ -1,9 +1,9 @@
-//! The README's "Limits and hardening" table and metrics list are checked against the
+//! The "Limits and hardening" table and metrics list of docs/operations.md are checked against the
 //! code: every bound in `settings::bounds` with its default, and every `limit` label the
 //! code counts. (Labels chosen in a branch, as the output bounds', are read by eye.)
 
 fn readme() -> String {
-    std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap()
+    std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/operations.md")).unwrap()
 }
 
 /// Every bound the settings hold (`settings::bounds`) has its row in the README's limits
@@ -24,10 +24,10 @@ fn the_readme_limits_table_states_every_bound_and_its_default() {
         if rows.is_empty() {
             wrong.push(format!("{key}: no row"));
         } else if !defaults.iter().any(|d| d.contains(&bound.default)) {
-            wrong.push(format!("{key}: the README says {defaults:?}, the code {}", bound.default));
+            wrong.push(format!("{key}: docs/operations.md says {defaults:?}, the code {}", bound.default));
         }
     }
-    assert!(wrong.is_empty(), "the README's limits table disagrees with the code: {wrong:#?}");
+    assert!(wrong.is_empty(), "docs/operations.md's limits table disagrees with the code: {wrong:#?}");
 }
 
 #[test]
@@ -60,5 +60,5 @@ fn every_limit_label_counted_is_in_the_readme() {
     }
     assert!(labels.len() > 15, "{labels:?}");
     let missing: Vec<&String> = labels.iter().filter(|l| !row.contains(&format!("`{l}`"))).collect();
-    assert!(missing.is_empty(), "limit labels the README's metrics table does not name: {missing:?}");
+    assert!(missing.is_empty(), "limit labels docs/operations.md's metrics table does not name: {missing:?}");
 }
