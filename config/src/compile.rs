@@ -51,6 +51,7 @@ pub fn compile(files: &[ParsedFile]) -> Result<CompiledConfig, ConfigErrors> {
         rollout: None,
         files,
         errors: Vec::new(),
+        notices: Vec::new(),
         resources: Vec::new(),
         wasm: Vec::new(),
         seen: HashMap::new(),
@@ -87,6 +88,7 @@ pub fn compile(files: &[ParsedFile]) -> Result<CompiledConfig, ConfigErrors> {
         resources: Vec::new(),
         wasm_plugins: c.wasm.into_iter().map(Arc::new).collect(),
         files: files.iter().map(|f| f.path.clone()).collect(),
+        notices: c.notices,
     };
     Ok(config.with_resources(c.resources))
 }
@@ -106,6 +108,8 @@ struct Compiler<'a> {
     rollout: Option<crate::model::RolloutSpec>,
     files: &'a [ParsedFile],
     errors: Vec<ConfigError>,
+    /// What is worth saying about a valid config (an Istio document placed nowhere).
+    notices: Vec<ConfigError>,
     resources: Vec<CompiledResource>,
     wasm: Vec<WasmPlugin>,
     /// Entries so far per (type, name): their selectors and where they are.
@@ -115,17 +119,19 @@ struct Compiler<'a> {
 impl Compiler<'_> {
     /// An error at `sub` (may be empty) under the entry at `origin`.
     fn error_at(&mut self, origin: &Origin, sub: &str, message: impl Into<String>) {
+        let error = self.located(origin, sub, message);
+        self.errors.push(error);
+    }
+
+    /// `message` at `sub` (may be empty) under the entry at `origin`, with the file, line
+    /// and path as the document wrote them.
+    fn located(&self, origin: &Origin, sub: &str, message: impl Into<String>) -> ConfigError {
         let path = if sub.is_empty() { origin.path.clone() } else { format!("{}.{sub}", origin.path) };
         // A file may hold several documents: the one whose lines hold the entry.
-        let error = match self
-            .files
-            .iter()
-            .find(|f| f.path == origin.file && origin.line.is_none_or(|l| f.span.contains(&l)))
-        {
+        match self.files.iter().find(|f| f.path == origin.file && origin.line.is_none_or(|l| f.span.contains(&l))) {
             Some(f) => f.error(path, message),
             None => ConfigError { file: origin.file.clone(), line: origin.line, path, message: message.into() },
-        };
-        self.errors.push(error);
+        }
     }
 
     /// The one `rollout:` default of the config (documents may repeat it, not differ).

@@ -65,6 +65,9 @@ pub struct CompiledConfig {
     /// modules are fetched and checked.
     pub wasm_plugins: Vec<Arc<WasmPlugin>>,
     pub files: Vec<PathBuf>,
+    /// What `validate`, the API and the page say about a valid config: each names the
+    /// entry's file, line and path (an Istio document placed in no served listener).
+    pub notices: Vec<crate::ConfigError>,
 }
 
 impl CompiledConfig {

@@ -23,7 +23,7 @@ use std::path::Path;
 pub use compile::{assemble_listener, compile, CompiledConfig, CompiledResource, Origin};
 pub use error::{ConfigError, ConfigErrors};
 pub use model::{Document, NodeSelector, SCHEMA_VERSION};
-pub use selector::NodeFacts;
+pub use selector::{NodeFacts, VersionPattern};
 
 /// Reads, validates and compiles the config at `path` (a file or a directory).
 pub fn load(path: &Path) -> Result<CompiledConfig, ConfigErrors> {

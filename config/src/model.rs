@@ -166,6 +166,10 @@ pub struct PlacementSpec {
     /// Do not hold the listener back waiting for the first ECDS response.
     #[serde(default)]
     pub apply_default_config_without_warming: bool,
+    /// Istio's documents place into whatever listeners the proxy has: a placement that
+    /// lands nowhere is noted, not refused, and the config is served over ECDS anyway.
+    #[serde(skip)]
+    pub implied: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, serde::Serialize)]
@@ -212,6 +216,10 @@ pub struct NodeSelector {
     /// without `LABELS`: its top-level metadata keys). All must match.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// A regular expression the proxy's own version must match (Envoy's build version,
+    /// `1.40.0`, from `node.user_agent_build_version`); Istio's `match.proxy.proxyVersion`.
+    #[serde(default)]
+    pub envoy_version: Option<crate::selector::VersionPattern>,
 }
 
 /// `node.locality` fields; each one given must be equal.
@@ -233,10 +241,13 @@ pub struct WasmPluginSpec {
     pub node_selector: NodeSelector,
     /// `file://PATH`, `http(s)://...`, `oci://REGISTRY/REPO:TAG` or `oci://REGISTRY/REPO@sha256:DIGEST`.
     pub url: String,
-    /// Hex SHA-256 of the module. Required for http(s); checked whenever given.
+    /// Hex SHA-256 of the module, checked whenever given. Without it, an http(s) module is
+    /// served pinned to the digest of what Filterplane fetched (see `image_pull_policy`).
     #[serde(default)]
     pub sha256: Option<String>,
-    /// Default: `Always` for an OCI tag `latest` (or none), else `IfNotPresent`.
+    /// When to fetch again: `Always` at every reload, `IfNotPresent` only when the tag (or
+    /// the unpinned http(s) URL) was not fetched before. Default: `Always` for an OCI tag
+    /// `latest` (or none), else `IfNotPresent`.
     #[serde(default)]
     pub image_pull_policy: Option<PullPolicy>,
     /// Registry credentials, `USER:PASSWORD`, read from an environment variable or a file.

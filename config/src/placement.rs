@@ -25,6 +25,9 @@ pub struct Placement {
     pub type_url: String,
     pub default_config: Option<Value>,
     pub apply_default_config_without_warming: bool,
+    /// From an Istio document (see `PlacementSpec::implied`).
+    #[serde(default)]
+    pub implied: bool,
 }
 
 impl Placement {

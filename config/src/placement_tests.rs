@@ -16,6 +16,7 @@ fn placement(name: &str, phase: Phase, priority: i32) -> Placement {
         type_url: "type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutation".into(),
         default_config: None,
         apply_default_config_without_warming: false,
+        implied: false,
     }
 }
 

@@ -15,6 +15,67 @@ pub struct NodeFacts {
     pub sub_zone: String,
     /// `node.metadata.LABELS`, when the node has it (Istio proxies do).
     pub labels: Option<BTreeMap<String, String>>,
+    /// The version the proxy reports (`1.40.0` for Envoy 1.40.0); empty when it says none.
+    #[serde(default)]
+    pub version: String,
+}
+
+/// A regular expression over a proxy's version, compiled once; compared and hashed by
+/// its text. Bounded: a pattern is at most 256 bytes and compiles under regex's own size
+/// limit, so no pattern can cost more than linear time per match.
+#[derive(Debug, Clone)]
+pub struct VersionPattern {
+    text: String,
+    regex: regex::Regex,
+}
+
+impl VersionPattern {
+    pub const MAX_BYTES: usize = 256;
+
+    pub fn new(text: &str) -> Result<Self, String> {
+        if text.len() > Self::MAX_BYTES {
+            return Err(format!("a version pattern is at most {} bytes", Self::MAX_BYTES));
+        }
+        let regex = regex::RegexBuilder::new(text).size_limit(1 << 20).build().map_err(|e| {
+            format!("{text:?} is not a regular expression: {}", e.to_string().lines().last().unwrap_or(""))
+        })?;
+        Ok(Self { text: text.to_owned(), regex })
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+
+    pub fn is_match(&self, version: &str) -> bool {
+        self.regex.is_match(version)
+    }
+}
+
+impl PartialEq for VersionPattern {
+    fn eq(&self, other: &Self) -> bool {
+        self.text == other.text
+    }
+}
+
+impl Eq for VersionPattern {}
+
+impl std::hash::Hash for VersionPattern {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.text.hash(state);
+    }
+}
+
+impl serde::Serialize for VersionPattern {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.text)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for VersionPattern {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        VersionPattern::new(&text).map_err(serde::de::Error::custom)
+    }
 }
 
 impl NodeSelector {
@@ -32,6 +93,7 @@ impl NodeSelector {
                 let have = node.labels.as_ref().unwrap_or(&node.metadata).get(k);
                 have.is_some_and(|have| glob_match(want, have))
             })
+            && self.envoy_version.as_ref().is_none_or(|p| p.is_match(&node.version))
     }
 
     pub fn is_empty(&self) -> bool {
@@ -73,6 +135,7 @@ mod tests {
             zone: "eu-1a".into(),
             sub_zone: String::new(),
             labels: None,
+            version: "1.40.0".into(),
         }
     }
 
@@ -89,6 +152,7 @@ mod tests {
             metadata: [("env".to_string(), "prod".to_string())].into(),
             locality: LocalitySelector { region: Some("eu".into()), ..Default::default() },
             labels: Default::default(),
+            envoy_version: None,
         };
         assert!(s.matches(&node()));
         s.locality.zone = Some("us-1a".into());
@@ -109,6 +173,20 @@ mod tests {
         assert!(!s.matches(&n), "LABELS, when present, is what counts");
         n.labels = Some([("app".to_string(), "gw".to_string())].into());
         assert!(s.matches(&n));
+    }
+
+    #[test]
+    fn a_version_pattern_is_a_regular_expression_over_the_reported_version() {
+        let s = |p: &str| NodeSelector { envoy_version: Some(VersionPattern::new(p).unwrap()), ..Default::default() };
+        assert!(s(r"^1\.40\..*").matches(&node()));
+        assert!(s("1.4").matches(&node()), "unanchored, as Istio's proxyVersion");
+        assert!(!s(r"^1\.39\.").matches(&node()));
+        assert!(
+            !s(".+").matches(&NodeFacts { version: String::new(), ..node() }),
+            "no version: only patterns that match empty"
+        );
+        assert!(VersionPattern::new("(").unwrap_err().contains("not a regular expression"));
+        assert!(VersionPattern::new(&"a".repeat(300)).is_err());
     }
 
     #[test]

@@ -41,9 +41,9 @@ impl WasmPlugin {
         if let Some(h) = &spec.sha256 {
             check_sha256(h).map_err(|m| ("sha256".to_owned(), m))?;
         }
-        if matches!(source, ModuleSource::Http(_)) && spec.sha256.is_none() {
-            return Err(("sha256".into(), "required for http(s) URLs: what is downloaded must be pinned".into()));
-        }
+        // An http(s) module without a pin is fetched by Filterplane, once (IfNotPresent)
+        // or at every reload (Always), and served pinned to the digest of what it fetched;
+        // the API and the page say the author pinned none.
         let pull_policy = spec.image_pull_policy.unwrap_or(match &source {
             // As Kubernetes: a floating tag is checked every time.
             ModuleSource::Oci { tag, digest: None, .. } if tag.as_deref().is_none_or(|t| t == "latest") => {

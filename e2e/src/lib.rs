@@ -409,6 +409,29 @@ pub fn example_bootstrap(example: &str, ports: EnvoyPorts, node_id: &str) -> Str
         .join("\n")
 }
 
+/// A served listener (Filterplane YAML, an item of `listeners:`) on 127.0.0.1:`port` for
+/// the proxy `node`, answering 200 "ok" itself, with only the router in its chain.
+pub fn direct_response_listener(name: &str, node: &str, port: u16) -> String {
+    format!(
+        r#"  - name: {name}
+    node_selector: {{ ids: [{node}] }}
+    address: {{ socket_address: {{ address: 127.0.0.1, port_value: {port} }} }}
+    enable_reuse_port: false
+    filter_chains:
+      - filters:
+          - name: envoy.filters.network.http_connection_manager
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+              stat_prefix: {name}
+              route_config:
+                virtual_hosts: [ {{ name: all, domains: ["*"], routes: [ {{ match: {{ prefix: "/" }}, direct_response: {{ status: 200, body: {{ inline_string: "ok\n" }} }} }} ] }} ]
+              http_filters:
+                - name: envoy.filters.http.router
+                  typed_config: {{ "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router }}
+"#
+    )
+}
+
 /// What each Envoy's listener answers in `x-plugin` (the quickstart's header filter).
 pub fn plugin_headers(envoys: &[Envoy]) -> Vec<Option<String>> {
     envoys.iter().map(|e| e.get("/").and_then(|r| r.header("x-plugin").map(str::to_owned))).collect()

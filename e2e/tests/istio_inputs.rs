@@ -6,7 +6,7 @@
 use std::{fs, path::Path, process::Command, time::Duration};
 
 use filterplane_e2e::{
-    example_bootstrap, free_port,
+    direct_response_listener, example_bootstrap, free_port,
     services::{header_module, sha256_hex, FileServer},
     wait_until, Envoy, EnvoyPorts, Filterplane,
 };
@@ -267,27 +267,6 @@ fn a_registry_with_htpasswd_over_tls_pulls_with_docker_config_and_kubernetes_sec
     }
 }
 
-fn listener(name: &str, node: &str, port: u16) -> String {
-    format!(
-        r#"  - name: {name}
-    node_selector: {{ ids: [{node}] }}
-    address: {{ socket_address: {{ address: 127.0.0.1, port_value: {port} }} }}
-    enable_reuse_port: false
-    filter_chains:
-      - filters:
-          - name: envoy.filters.network.http_connection_manager
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-              stat_prefix: {name}
-              route_config:
-                virtual_hosts: [ {{ name: all, domains: ["*"], routes: [ {{ match: {{ prefix: "/" }}, direct_response: {{ status: 200, body: {{ inline_string: "ok\n" }} }} }} ] }} ]
-              http_filters:
-                - name: envoy.filters.http.router
-                  typed_config: {{ "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router }}
-"#
-    )
-}
-
 const ISTIO_DOCS: &str = r#"# What an Istio user already has, as it is.
 apiVersion: extensions.istio.io/v1alpha1
 kind: WasmPlugin
@@ -348,8 +327,8 @@ fn istio_wasm_plugin_and_envoy_filter_documents_run_in_envoy_by_label() {
     let (canary_ports, stable_ports) = (EnvoyPorts::new(xds), EnvoyPorts::new(xds));
     let listeners = format!(
         "version: 1\nlisteners:\n{}{}",
-        listener("edge-canary", "canary-proxy", canary_ports.listener),
-        listener("edge-stable", "stable-proxy", stable_ports.listener)
+        direct_response_listener("edge-canary", "canary-proxy", canary_ports.listener),
+        direct_response_listener("edge-stable", "stable-proxy", stable_ports.listener)
     );
     fs::write(conf.join("listeners.yaml"), listeners).unwrap();
     fs::write(conf.join("istio.yaml"), ISTIO_DOCS).unwrap();

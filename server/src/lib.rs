@@ -542,6 +542,9 @@ pub fn validate(path: &std::path::Path, preflight_envoy: Option<&std::path::Path
                 c.wasm_plugins.len(),
                 c.version
             );
+            for n in &c.notices {
+                println!("note: {n}");
+            }
             true
         }
         Err(errors) => {

@@ -246,6 +246,9 @@ impl ConfigReloader {
             Ok(config) => {
                 let version = config.version.to_string();
                 let resources = config.resources.len();
+                for n in &config.notices {
+                    tracing::info!(notice = %n, "config note");
+                }
                 if self.cache.publish(config) {
                     tracing::info!(%version, resources, trigger, ms = elapsed.as_secs_f64() * 1e3, "config applied");
                     ReloadOutcome::Applied { version }

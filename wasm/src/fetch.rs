@@ -139,6 +139,17 @@ impl WasmFetcher {
                 }
             }
         }
+        // An HTTP(S) URL without a pin (as Istio's docs write them): `IfNotPresent` serves
+        // what the URL gave the last time it was fetched; `Always` fetches at every reload.
+        if let (None, ModuleSource::Http(url), PullPolicy::IfNotPresent) =
+            (&plugin.sha256, &plugin.source, plugin.pull_policy)
+        {
+            if let Some((_, sha)) = self.cache.resolved(&Self::url_key(url)) {
+                if let Some(bytes) = self.cache.get(&sha, &self.metrics) {
+                    return Ok((Module { sha256: sha, bytes }, true));
+                }
+            }
+        }
         let bytes = match &plugin.source {
             ModuleSource::File(path) => self.read_file(path).await?,
             ModuleSource::Http(url) => {

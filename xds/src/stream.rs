@@ -68,6 +68,7 @@ impl From<&Node> for NodeInfo {
                 zone: locality.zone,
                 sub_zone: locality.sub_zone,
                 labels,
+                version: version.clone(),
             },
             user_agent: format!("{} {}", node.user_agent_name, version).trim().to_owned(),
         }

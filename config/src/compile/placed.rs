@@ -95,6 +95,7 @@ impl Compiler<'_> {
             type_url: type_url.to_owned(),
             default_config,
             apply_default_config_without_warming: spec.apply_default_config_without_warming,
+            implied: spec.implied,
         })
     }
 
@@ -154,7 +155,23 @@ impl Compiler<'_> {
                     ChainKind::Http => "HTTP connection manager",
                     ChainKind::Network => "network filter chain",
                 };
-                self.error_at(origin, "placement", format!("matches no {what} in the listeners this config serves"));
+                if p.implied {
+                    // Istio's documents go wherever the proxy's listeners take them; a
+                    // listener of the proxy's own bootstrap can, through config_discovery.
+                    let notice = format!(
+                        "placed in no listener: no {what} in the listeners this config serves{}; served over ECDS as \"{}\" for a listener's config_discovery (a bootstrap listener's, say) to take",
+                        if p.ports.is_empty() { String::new() } else { format!(" on port {:?}", p.ports) },
+                        p.filter_name
+                    );
+                    let error = self.located(origin, "", notice);
+                    self.notices.push(error);
+                } else {
+                    self.error_at(
+                        origin,
+                        "placement",
+                        format!("matches no {what} in the listeners this config serves"),
+                    );
+                }
             }
         }
     }

@@ -117,6 +117,9 @@ struct ConfigView {
     #[serde(flatten)]
     status: ReloadStatus,
     resources: Vec<ResourceView>,
+    /// What is worth saying about the served config (an Istio document placed in no
+    /// served listener), each with file, line and path.
+    notices: Vec<Value>,
 }
 
 #[derive(Serialize)]
@@ -129,36 +132,54 @@ struct ResourceView {
     file: String,
     line: Option<usize>,
     path: String,
+    /// Wasm plugins: the module served, and whether its author pinned its digest.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    module: Option<Value>,
+    /// Why this entry is placed in no listener, when it is not (an Istio document).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    notice: Option<String>,
 }
 
 async fn config(State(s): State<AdminState>) -> Response {
-    let resources = s
-        .cache
-        .current()
+    let current = s.cache.current();
+    let notices = current.as_ref().map(|g| g.config.notices.clone()).unwrap_or_default();
+    let resources = current
         .map(|g| {
             g.config
                 .resources
                 .iter()
-                .map(|r| ResourceView {
-                    type_url: r.resource_type.type_url(),
-                    name: r.name.clone(),
-                    version: r.version.to_string(),
-                    config_type_url: r.inner_type_url.clone(),
-                    node_selector: selector_json(&r.selector),
-                    file: r.origin.file.display().to_string(),
-                    line: r.origin.line,
-                    path: r.origin.path.clone(),
+                .map(|r| {
+                    let plugin = g.config.wasm_plugins.iter().find(|w| w.name == r.name && w.origin == r.origin);
+                    let served_as = format!("served over ECDS as \"{}\"", r.name);
+                    ResourceView {
+                        type_url: r.resource_type.type_url(),
+                        name: r.name.clone(),
+                        version: r.version.to_string(),
+                        config_type_url: r.inner_type_url.clone(),
+                        node_selector: selector_json(&r.selector),
+                        file: r.origin.file.display().to_string(),
+                        line: r.origin.line,
+                        path: r.origin.path.clone(),
+                        module: plugin
+                            .map(|w| json!({ "url": w.url, "sha256": r.wasm_sha256, "pinned": w.sha256.is_some() })),
+                        notice: notices.iter().find(|n| n.message.contains(&served_as)).map(|n| n.message.clone()),
+                    }
                 })
                 .collect()
         })
         .unwrap_or_default();
-    Json(ConfigView { status: s.reloader.status(), resources }).into_response()
+    let notices = notices
+        .iter()
+        .map(|n| json!({ "file": n.file.display().to_string(), "line": n.line, "path": n.path, "message": n.message }))
+        .collect();
+    Json(ConfigView { status: s.reloader.status(), resources, notices }).into_response()
 }
 
 fn selector_json(s: &filterplane_config::NodeSelector) -> Value {
     json!({
         "ids": s.ids, "clusters": s.clusters, "metadata": s.metadata, "labels": s.labels,
         "locality": { "region": s.locality.region, "zone": s.locality.zone, "sub_zone": s.locality.sub_zone },
+        "envoy_version": s.envoy_version.as_ref().map(|p| p.as_str()),
     })
 }
 
