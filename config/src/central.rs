@@ -1,6 +1,6 @@
 //! Envoy-native Wasm configs whose code Filterplane fetches itself (as Istio's agent
 //! does): any `vm_config.code` in an extension config that is `remote` (an `http_uri` and
-//! a `sha256`) or `local.filename`. The server fetches and checks each module like a
+//! a `sha256`, which may be left out: then what was fetched is pinned) or `local.filename`. The server fetches and checks each module like a
 //! `wasm_plugins` entry's and rewrites the code to Filterplane's own delivery, so the
 //! original URL never reaches Envoy. `wasm_fetch: envoy` on the entry opts out.
 
@@ -106,12 +106,8 @@ fn code_ref(code: &Value, at: &[Step], base: &Path) -> Result<Option<CodeRef>, (
     if let Some(h) = &sha256 {
         check_sha256(h).map_err(|m| (format!("{path}.remote.sha256"), m))?;
     }
-    if matches!(source, ModuleSource::Http(_)) && sha256.is_none() {
-        return Err((
-            format!("{path}.remote.sha256"),
-            "required for http(s) URLs: what is downloaded must be pinned".into(),
-        ));
-    }
+    // Without a sha256 (Istio's EnvoyFilter Wasm examples), the module is fetched once and
+    // the code rewritten to what was fetched, pinned to its digest, like a plugin's.
     Ok(Some(CodeRef { at: at.to_vec(), path, url, source, sha256 }))
 }
 
@@ -147,10 +143,11 @@ mod tests {
     }
 
     #[test]
-    fn an_unpinned_download_is_refused_with_its_path() {
+    fn an_unpinned_download_is_fetched_and_pinned_by_what_was_fetched() {
         let config = json!({ "config": { "vm_config": { "code": { "remote": { "http_uri": { "uri": "https://x.test/m.wasm" } } } } } });
-        let (path, message) = find(&config, Path::new("/")).unwrap_err();
-        assert_eq!(path, "config.vm_config.code.remote.sha256");
-        assert!(message.contains("pinned"), "{message}");
+        let found = find(&config, Path::new("/")).unwrap();
+        assert_eq!((found[0].url.as_str(), found[0].sha256.as_deref()), ("https://x.test/m.wasm", None));
+        let bad = json!({ "config": { "vm_config": { "code": { "remote": { "http_uri": { "uri": "https://x.test/m.wasm" }, "sha256": "nope" } } } } });
+        assert_eq!(find(&bad, Path::new("/")).unwrap_err().0, "config.vm_config.code.remote.sha256");
     }
 }

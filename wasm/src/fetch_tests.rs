@@ -397,3 +397,33 @@ async fn a_changed_url_with_a_stale_pin_is_a_checksum_mismatch_not_the_old_modul
     assert!(e.to_string().contains(&sha1) && e.to_string().contains(&sha2), "both digests: {e}");
     assert_eq!(hits.load(std::sync::atomic::Ordering::Relaxed), 1, "the new URL was fetched");
 }
+
+#[tokio::test]
+async fn an_unpinned_url_is_fetched_once_if_not_present_and_every_time_always() {
+    let dir = tempfile::tempdir().unwrap();
+    let module = header_module("v1");
+    let reply = |m: &[u8]| {
+        [
+            format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n", m.len()).into_bytes(),
+            m.to_vec(),
+        ]
+        .concat()
+    };
+    let (server, hits) = http_server("127.0.0.1", reply(&module)).await;
+    let f = fetcher(dir.path(), dir.path());
+    let once = plugin(&format!("{{name: p, url: '{server}/m.wasm'}}"), dir.path());
+    assert_eq!(once.pull_policy, PullPolicy::IfNotPresent);
+    for _ in 0..2 {
+        let m = f.module(&once).await.unwrap();
+        assert_eq!(m.sha256, crate::cache::sha256_hex(&module), "pinned to what was fetched");
+    }
+    assert_eq!(hits.load(std::sync::atomic::Ordering::Relaxed), 1, "IfNotPresent: fetched once");
+    let always = plugin(&format!("{{name: p, url: '{server}/m.wasm', image_pull_policy: Always}}"), dir.path());
+    f.module(&always).await.unwrap();
+    f.module(&always).await.unwrap();
+    assert_eq!(hits.load(std::sync::atomic::Ordering::Relaxed), 3, "Always: fetched each time");
+    // An unpinned module is still checked: what is not Wasm never serves.
+    let (bad, _) = http_server("127.0.0.1", reply(b"not wasm")).await;
+    let e = f.module(&plugin(&format!("{{name: q, url: '{bad}/m.wasm'}}"), dir.path())).await.unwrap_err();
+    assert_eq!(e.kind(), "invalid_module", "{e}");
+}
