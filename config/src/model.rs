@@ -59,6 +59,90 @@ pub struct RolloutSpec {
     pub ack_timeout: std::time::Duration,
     #[serde(default)]
     pub on_failure: OnFailure,
+    /// Gates on the step's own traffic, from Envoy's metrics service sink.
+    #[serde(default)]
+    pub health: Option<HealthSpec>,
+}
+
+/// A step's health gates: judged over the step's proxies' traffic since the step began
+/// (docs/rollouts.md). A gate that fails is a failure of the rollout, like a NACK.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthSpec {
+    /// Downstream 5xx / completed requests on the step's proxies.
+    #[serde(default)]
+    pub max_5xx_ratio: Option<Ratio>,
+    /// Fewer requests than this on the step's proxies: no verdict yet.
+    #[serde(default)]
+    pub min_requests: u64,
+    /// The largest downstream request time p99 a step's proxy reports (Envoy's histogram).
+    #[serde(default, with = "opt_duration_text")]
+    pub max_p99_latency: Option<std::time::Duration>,
+    /// Judge the 5xx ratio against the proxies still on the old version in the same
+    /// window: the step fails only if its ratio exceeds theirs by more than this.
+    #[serde(default)]
+    pub baseline_margin: Option<Ratio>,
+    /// How long after the bake a step without `min_requests` waits for them.
+    #[serde(default = "default_max_wait", with = "duration_text")]
+    pub max_wait: std::time::Duration,
+    /// What a step that still has too few requests after `max_wait` does.
+    #[serde(default)]
+    pub insufficient_traffic: InsufficientTraffic,
+}
+
+fn default_max_wait() -> std::time::Duration {
+    std::time::Duration::from_secs(600)
+}
+
+/// A fraction from 0 to 1 (compared and hashed by its bits).
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+#[serde(transparent)]
+pub struct Ratio(pub f64);
+
+impl Eq for Ratio {}
+
+impl std::hash::Hash for Ratio {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.0.to_bits().hash(state);
+    }
+}
+
+impl<'de> Deserialize<'de> for Ratio {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let v = f64::deserialize(d)?;
+        if (0.0..=1.0).contains(&v) {
+            Ok(Ratio(v))
+        } else {
+            Err(serde::de::Error::custom(format!("{v}: a ratio from 0 to 1 (0.01 is 1 %)")))
+        }
+    }
+}
+
+/// What a step that never got `min_requests` does once `max_wait` is over.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InsufficientTraffic {
+    /// The rollout fails (too little traffic is not a pass).
+    #[default]
+    Fail,
+    /// The step completes on its ACKs alone.
+    Pass,
+}
+
+/// `Option<Duration>` written as `250ms`.
+mod opt_duration_text {
+    use serde::{Deserializer, Serializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<std::time::Duration>, D::Error> {
+        super::duration_text::deserialize(d).map(Some)
+    }
+
+    pub fn serialize<S: Serializer>(v: &Option<std::time::Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(v) => super::duration_text::serialize(v, s),
+            None => s.serialize_none(),
+        }
+    }
 }
 
 fn default_bake() -> std::time::Duration {

@@ -14,9 +14,10 @@ use filterplane_config::{model::OnFailure, CompiledConfig, CompiledResource, Nod
 use filterplane_xds::plan::{Plan, PlanEntry};
 
 use crate::{
-    fleet::{each_matching, threshold_for, Fleet, Member},
+    fleet::{each_matching, threshold_for, Fleet, Member, Traffic},
+    gates::{judge, Verdict},
     state::{
-        ActionError, Active, Carried, DecodeError, EntryState, Failures, HistoryEntry, RolloutView, Status,
+        ActionError, Active, Carried, DecodeError, EntryState, Failures, HistoryEntry, RolloutView, Status, StepHealth,
         StoredResource, StoredState,
     },
 };
@@ -34,6 +35,21 @@ fn key(name: &str, selector: &NodeSelector) -> String {
 
 fn e_name(k: &str) -> &str {
     k.split('\0').next().unwrap_or(k)
+}
+
+/// What the step's proxies that run `new` (rank within `threshold`) and the others did
+/// since `since_ms`, from their stats.
+fn step_traffic(fleet: &dyn Fleet, e: &EntryState, new: &str, threshold: u64, since_ms: u64) -> (Traffic, Traffic) {
+    let (mut step, mut baseline) = (Traffic::default(), Traffic::default());
+    each_matching(fleet, e, &mut |m: &dyn Member, r: u64| {
+        let Some(t) = m.traffic(since_ms) else { return };
+        if r > threshold {
+            baseline.add(&t);
+        } else if m.status(&e.name, new).is_some_and(|(acked, _)| acked) {
+            step.add(&t);
+        }
+    });
+    (step, baseline)
 }
 
 /// What the caller applies after a call.
@@ -387,6 +403,14 @@ impl Engine {
                 }
             });
             let percent = a.percent();
+            let health = match (&a.spec.health, a.threshold) {
+                (Some(spec), Some(t)) => {
+                    let (step, baseline) = step_traffic(fleet, e, new_version, t, a.step_started_ms);
+                    let elapsed = Duration::from_millis(now.saturating_sub(a.step_started_ms));
+                    judge(spec, &step, &baseline, elapsed, a.spec.bake)
+                }
+                _ => Verdict::Pass,
+            };
             let threshold = match a.threshold {
                 Some(t) => t,
                 // Right after this process started, proxies are still coming back: a step
@@ -408,8 +432,18 @@ impl Engine {
                 effects.changed = true;
                 continue;
             }
+            if let Verdict::Fail(why) = &health {
+                // A gate that fails is a failure of the rollout, exactly like a NACK.
+                let mut failures = failures;
+                failures.push(|| "health gate".to_owned(), || why.clone());
+                let outcome = if a.spec.on_failure == OnFailure::Rollback { "rolled back" } else { "halted" };
+                let reason = format!("health gate failed at step {}: {why}: {outcome}", a.step + 1);
+                self.fail_with(&k, failures, reason, a.spec.on_failure == OnFailure::Rollback, now, &mut effects);
+                effects.changed = true;
+                continue;
+            }
             let baked = now.saturating_sub(a.step_started_ms) >= a.spec.bake.as_millis() as u64;
-            if waiting == 0 && baked {
+            if waiting == 0 && baked && health == Verdict::Pass {
                 if a.last_step() {
                     self.finish(&k, "completed", now, &mut effects);
                 } else if let Some(active) = self.entries.get_mut(&k).and_then(|e| e.active.as_mut()) {
@@ -432,20 +466,36 @@ impl Engine {
         effects
     }
 
+    /// Fails the rollout of `k`: on NACKs over `max_nacks` (`reason` `None`; it rolls back
+    /// or halts as `on_failure` says), or for `reason` (an operator's abort: rolled back).
     fn fail(&mut self, k: &str, failures: Failures, reason: Option<String>, now_ms: u64, effects: &mut Effects) {
-        let from_version = self.entries.get(k).and_then(|e| e.last_completed.as_ref()).map(|l| l.version.clone());
-        let Some(a) = self.entries.get_mut(k).and_then(|e| e.active.as_mut()) else { return };
+        let Some(a) = self.entries.get(k).and_then(|e| e.active.as_ref()) else { return };
         let rollback = reason.is_some() || a.spec.on_failure == OnFailure::Rollback;
-        a.status = Status::Failed;
-        (a.failures, a.failure_count) = (failures.examples, failures.count);
-        a.reason = Some(reason.unwrap_or_else(|| {
+        let reason = reason.unwrap_or_else(|| {
             format!(
                 "{} NACK(s) or ACK timeout(s), over max_nacks {}: {}",
-                a.failure_count,
+                failures.count,
                 a.spec.max_nacks,
                 if rollback { "rolled back" } else { "halted" }
             )
-        }));
+        });
+        self.fail_with(k, failures, reason, rollback, now_ms, effects);
+    }
+
+    fn fail_with(
+        &mut self,
+        k: &str,
+        failures: Failures,
+        reason: String,
+        rollback: bool,
+        now_ms: u64,
+        effects: &mut Effects,
+    ) {
+        let from_version = self.entries.get(k).and_then(|e| e.last_completed.as_ref()).map(|l| l.version.clone());
+        let Some(a) = self.entries.get_mut(k).and_then(|e| e.active.as_mut()) else { return };
+        a.status = Status::Failed;
+        (a.failures, a.failure_count) = (failures.examples, failures.count);
+        a.reason = Some(reason);
         if rollback {
             a.threshold = None;
         }
@@ -549,7 +599,15 @@ impl Engine {
                         _ => {}
                     }
                 });
+                let health = match (&a.spec.health, a.threshold, a.status) {
+                    (Some(_), Some(t), Status::Running | Status::Paused) => {
+                        let (step, baseline) = step_traffic(fleet, e, new, t, a.step_started_ms);
+                        Some(StepHealth::of(&step, &baseline))
+                    }
+                    _ => None,
+                };
                 Some(RolloutView {
+                    health,
                     name: e.name.clone(),
                     selector: e.selector.clone(),
                     status: a.status,

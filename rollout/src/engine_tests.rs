@@ -10,9 +10,9 @@ use filterplane_xds::plan::Side;
 /// Proxies with what each ACKed or NACKed of entry `hdr`, the time passed in: the
 /// engine runs on plain values.
 #[derive(Default)]
-struct TestFleet(Vec<(NodeFacts, HashMap<String, bool>)>);
+struct TestFleet(Vec<(NodeFacts, HashMap<String, bool>)>, HashMap<String, Traffic>);
 
-struct Proxy<'a>(&'a NodeFacts, &'a HashMap<String, bool>);
+struct Proxy<'a>(&'a NodeFacts, &'a HashMap<String, bool>, Option<&'a Traffic>);
 
 impl Member for Proxy<'_> {
     fn facts(&self) -> &NodeFacts {
@@ -30,12 +30,15 @@ impl Member for Proxy<'_> {
     fn nack_message(&self) -> Option<&str> {
         Some("refused")
     }
+    fn traffic(&self, _since_ms: u64) -> Option<Traffic> {
+        self.2.copied()
+    }
 }
 
 impl Fleet for TestFleet {
     fn visit(&self, f: &mut dyn FnMut(&dyn Member)) {
         for (facts, versions) in &self.0 {
-            f(&Proxy(facts, versions));
+            f(&Proxy(facts, versions, self.1.get(&facts.id)));
         }
     }
     fn reported_since(&self, _ms: u64) -> bool {
@@ -55,7 +58,10 @@ fn config(value: &str) -> CompiledConfig {
 }
 
 fn fleet(n: usize) -> TestFleet {
-    TestFleet((0..n).map(|i| (NodeFacts { id: format!("n{i}"), ..Default::default() }, HashMap::new())).collect())
+    TestFleet(
+        (0..n).map(|i| (NodeFacts { id: format!("n{i}"), ..Default::default() }, HashMap::new())).collect(),
+        HashMap::new(),
+    )
 }
 
 /// Every proxy on the step's side of the threshold answers `acked` for `version`.
@@ -192,9 +198,60 @@ fn a_step_is_not_picked_before_the_proxies_are_back() {
     engine.on_config(&v1, None, 0);
     engine.on_config(&v2, Some(&v1), 0);
     let mut all = fleet(4);
-    let first_back = TestFleet(vec![all.0[3].clone()]);
+    let first_back = TestFleet(vec![all.0[3].clone()], HashMap::new());
     assert!(!engine.tick(&first_back, 1_000).changed, "settling: no pick from one proxy of four");
     assert_eq!(engine.plan().entries[0].threshold, None);
     engine.tick(&all, 5_000);
     assert_eq!(answer(&engine, &mut all, &v2.resources[0].version.to_string(), true), 1, "5 % of 4: one");
+}
+
+/// Issue 24: a version Envoy accepts but that fails requests fails its step's health gate
+/// and rolls back, with the figures; a healthy one completes; without enough requests a
+/// step waits.
+#[test]
+fn a_step_whose_traffic_fails_a_gate_rolls_back_like_a_nack() {
+    let gated = "{ steps: [25, 100], bake: 15s, health: { max_5xx_ratio: 0.05, min_requests: 50, max_wait: 30s } }";
+    let (v1, v2) = (config_with("one", gated), config_with("two", gated));
+    let new = v2.resources[0].version.to_string();
+    let mut engine = Engine::default();
+    engine.on_config(&v1, None, 0);
+    engine.on_config(&v2, Some(&v1), 0);
+    let mut fleet = fleet(4);
+    engine.tick(&fleet, 1);
+    assert_eq!(answer(&engine, &mut fleet, &new, true), 1);
+    let plan = engine.plan();
+    let member = fleet.0.iter().find(|(f, _)| plan.entries[0].gets_new(&f.id)).map(|(f, _)| f.id.clone()).unwrap();
+    // Too few requests yet: no verdict, whatever the ratio.
+    fleet.1.insert(member.clone(), Traffic { requests: 10.0, errors_5xx: 10.0, proxies: 1, ..Default::default() });
+    assert!(engine.tick(&fleet, 2_000).ended.is_empty());
+    let view = &engine.views(&fleet)[0];
+    assert_eq!(view.health.as_ref().map(|h| h.requests), Some(10.0), "live health in the view");
+    // Enough requests and the gate crossed: fails at once, during the bake.
+    fleet.1.insert(member, Traffic { requests: 80.0, errors_5xx: 40.0, proxies: 1, ..Default::default() });
+    let failed = engine.tick(&fleet, 3_000);
+    assert_eq!(failed.ended, ["rolled_back"]);
+    let h = &engine.history()[0];
+    assert_eq!(h.failures[0].node_id, "health gate");
+    assert!(h.failures[0].message.contains("5xx ratio 0.5000 (40 of 80 requests on 1 proxies)"), "{:?}", h.failures);
+    assert_eq!(engine.plan().entries[0].threshold, None, "everybody back on the last completed version");
+
+    // A healthy version passes every gate and completes.
+    let v3 = config_with("three", gated);
+    let newer = v3.resources[0].version.to_string();
+    engine.on_config(&v3, Some(&v2), 10_000);
+    let mut fleet = fleet_with_traffic(4, 100.0, 1.0);
+    engine.tick(&fleet, 10_001);
+    answer(&engine, &mut fleet, &newer, true);
+    assert!(engine.tick(&fleet, 20_000).ended.is_empty(), "baking");
+    engine.tick(&fleet, 25_002);
+    answer(&engine, &mut fleet, &newer, true);
+    assert_eq!(engine.tick(&fleet, 40_003).ended, ["completed"]);
+}
+
+fn fleet_with_traffic(n: usize, requests: f64, errors_5xx: f64) -> TestFleet {
+    let mut f = fleet(n);
+    for (facts, _) in &f.0 {
+        f.1.insert(facts.id.clone(), Traffic { requests, errors_5xx, proxies: 1, ..Default::default() });
+    }
+    f
 }

@@ -19,6 +19,48 @@ pub trait Member {
     fn status(&self, name: &str, version: &str) -> Option<(bool, bool)>;
     /// Envoy's message with its last NACK of extension configs.
     fn nack_message(&self) -> Option<&str>;
+    /// What its traffic was since `since_ms`, from the stats it sends; `None` when it
+    /// sends none (or they are not known here).
+    fn traffic(&self, _since_ms: u64) -> Option<Traffic> {
+        None
+    }
+}
+
+/// What proxies' traffic was in a window, summed over them, from their own stats.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Traffic {
+    /// Downstream requests completed.
+    pub requests: f64,
+    /// Of them, answered 5xx.
+    pub errors_5xx: f64,
+    /// Wasm VM failures.
+    pub wasm_failures: f64,
+    /// The largest downstream request time p99 reported in the window (ms).
+    pub p99_ms: Option<f64>,
+    /// Proxies whose stats are in it.
+    pub proxies: usize,
+}
+
+impl Traffic {
+    pub fn add(&mut self, other: &Traffic) {
+        self.requests += other.requests;
+        self.errors_5xx += other.errors_5xx;
+        self.wasm_failures += other.wasm_failures;
+        self.p99_ms = match (self.p99_ms, other.p99_ms) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
+        self.proxies += other.proxies;
+    }
+
+    /// 5xx / requests (0 without requests).
+    pub fn ratio_5xx(&self) -> f64 {
+        if self.requests > 0.0 {
+            self.errors_5xx / self.requests
+        } else {
+            0.0
+        }
+    }
 }
 
 /// Where the rollout engine finds the fleet's proxies.

@@ -13,11 +13,12 @@
 
 pub mod engine;
 pub mod fleet;
+pub mod gates;
 pub mod state;
 
 pub use engine::{Effects, Engine, HISTORY};
 pub use filterplane_xds::plan::{rank, Plan, PlanEntry};
-pub use fleet::{Fleet, Member};
+pub use fleet::{Fleet, Member, Traffic};
 pub use state::{
     ActionError, DecodeError, EntryState, Failure, HistoryEntry, RolloutView, Status, StoredResource, StoredState,
     FAILURE_EXAMPLES, FAILURE_MESSAGE_BYTES,

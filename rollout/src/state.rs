@@ -155,6 +155,37 @@ pub struct RolloutView {
     pub failures: Vec<Failure>,
     pub failure_count: usize,
     pub reason: Option<String>,
+    /// With health gates, while it runs: the step's traffic since the step began, and
+    /// the other proxies' (the baseline).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub health: Option<StepHealth>,
+}
+
+/// A running step's live health, from its proxies' stats.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct StepHealth {
+    pub requests: f64,
+    pub errors_5xx: f64,
+    pub ratio_5xx: f64,
+    pub p99_ms: Option<f64>,
+    /// Step proxies whose stats are in it.
+    pub proxies: usize,
+    pub baseline_requests: f64,
+    pub baseline_ratio_5xx: f64,
+}
+
+impl StepHealth {
+    pub fn of(step: &crate::fleet::Traffic, baseline: &crate::fleet::Traffic) -> Self {
+        StepHealth {
+            requests: step.requests,
+            errors_5xx: step.errors_5xx,
+            ratio_5xx: step.ratio_5xx(),
+            p99_ms: step.p99_ms,
+            proxies: step.proxies,
+            baseline_requests: baseline.requests,
+            baseline_ratio_5xx: baseline.ratio_5xx(),
+        }
+    }
 }
 
 /// A stored record that does not read.

@@ -10,6 +10,7 @@ mod admin;
 mod cache;
 mod exposition;
 mod fleet;
+mod health;
 mod identity;
 mod limits;
 mod log_limit;
@@ -374,7 +375,14 @@ pub async fn serve_on(
         rules: IdentityRules(args.security.node_identity.clone()),
         sensitive_to_authenticated_only: args.security.sensitive_to_authenticated_only,
     });
-    let ctx = XdsContext { cache: cache.clone(), tracker: tracker.clone(), settings, security: xds_security };
+    let health = rollouts.health();
+    let ctx = XdsContext {
+        cache: cache.clone(),
+        tracker: tracker.clone(),
+        settings,
+        security: xds_security,
+        health: health.clone(),
+    };
     let services = XdsServices::new(ctx);
     let limits = args.limits;
     // Every connection is accepted, and its TLS handshake done, off the accept path; the

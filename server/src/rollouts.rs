@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     cache::{Planner, SnapshotCache},
+    health::HealthStore,
     metrics::Metrics,
     replicas::{FleetProxy, Replicas},
     tracker::{AckTracker, ProxyStatus},
@@ -50,6 +51,8 @@ pub struct Rollouts {
     replicas: Arc<Replicas>,
     /// This replica drove at the last tick (a new leader writes what it has once).
     drove: AtomicBool,
+    /// What this replica's proxies report of their traffic (health gates).
+    health: Arc<HealthStore>,
 }
 
 /// Saves, one at a time, the latest state handed over.
@@ -180,6 +183,7 @@ impl Rollouts {
             changes: watch::Sender::new(0),
             replicas: Replicas::alone(String::new()),
             drove: true.into(),
+            health: Arc::default(),
         };
         // A restart mid-rollout shows its step at once.
         me.update_metrics(&me.lock());
@@ -301,6 +305,11 @@ impl Rollouts {
         Ok(n)
     }
 
+    /// Where this replica's proxies' stats are kept (the metrics service writes them).
+    pub fn health(&self) -> Arc<HealthStore> {
+        self.health.clone()
+    }
+
     /// The modules rollouts still serve (last completed versions): kept in the cache.
     pub fn pinned_modules(&self) -> Vec<String> {
         self.lock().pinned_modules()
@@ -319,7 +328,7 @@ impl Rollouts {
     /// What `/api/v1/rollouts` shows.
     pub fn view(&self, tracker: &AckTracker) -> RolloutsView {
         let engine = self.synced();
-        let fleet = LocalAndReported { tracker, replicas: &self.replicas };
+        let fleet = LocalAndReported { tracker, replicas: &self.replicas, health: &self.health };
         let rollouts = engine.views(&fleet);
         let shared = self.replicas.status();
         let paused_because = (self.replicas.is_shared() && !shared.reachable).then(|| {
@@ -349,7 +358,7 @@ impl Rollouts {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = interval.tick() => {
-                    let plan = self.tick(&LocalAndReported { tracker: &tracker, replicas: &self.replicas });
+                    let plan = self.tick(&LocalAndReported { tracker: &tracker, replicas: &self.replicas, health: &self.health });
                     cache.replan(plan);
                 }
             }
@@ -389,6 +398,7 @@ struct Local<'a> {
     proxy: &'a ProxyStatus,
     connected_ms: u64,
     replica: &'a str,
+    health: &'a HealthStore,
 }
 
 impl Member for Local<'_> {
@@ -404,6 +414,9 @@ impl Member for Local<'_> {
     fn status(&self, name: &str, version: &str) -> Option<(bool, bool)> {
         let r = self.proxy.types.get(&ResourceType::ExtensionConfig)?.resources.get(name)?;
         Some((r.acked_version.is_some_and(|v| v == *version), r.nacked_version.is_some_and(|v| v == *version)))
+    }
+    fn traffic(&self, since_ms: u64) -> Option<filterplane_rollout::Traffic> {
+        self.health.window(&self.proxy.facts().id, since_ms)
     }
     fn nack_message(&self) -> Option<&str> {
         self.proxy
@@ -437,6 +450,7 @@ impl Member for FleetProxy {
 pub struct LocalAndReported<'a> {
     pub tracker: &'a AckTracker,
     pub replicas: &'a Replicas,
+    pub health: &'a HealthStore,
 }
 
 impl Fleet for LocalAndReported<'_> {
@@ -444,7 +458,7 @@ impl Fleet for LocalAndReported<'_> {
         let me = self.replicas.name.as_str();
         self.tracker.for_each(|p| {
             let connected_ms = p.connected_since.duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
-            f(&Local { proxy: p, connected_ms, replica: me });
+            f(&Local { proxy: p, connected_ms, replica: me, health: self.health });
         });
         self.replicas.with_others(|others| {
             for p in others.iter().flat_map(|r| &r.proxies) {

@@ -3,6 +3,7 @@
 
 pub mod csds;
 pub mod fallback;
+pub mod metrics_service;
 pub mod port;
 pub mod service;
 

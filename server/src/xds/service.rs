@@ -38,6 +38,8 @@ pub struct XdsContext {
     pub tracker: Arc<AckTracker>,
     pub settings: Arc<StreamSettings>,
     pub security: Arc<XdsSecurity>,
+    /// What proxies report of their traffic (the metrics service), for rollout gates.
+    pub health: Arc<crate::health::HealthStore>,
 }
 
 pub use crate::settings::defaults::{MAX_CSDS_RESPONSE_BYTES, MAX_NODE_ID_BYTES};
@@ -54,7 +56,7 @@ pub struct XdsSecurity {
 impl XdsSecurity {
     /// Whether the node a client claims goes with its certificate; the refusal is
     /// recorded (and logged the first time) when it does not.
-    fn admit(&self, tracker: &AckTracker, peer: &PeerInfo, facts: &NodeFacts) -> Result<(), Status> {
+    pub(crate) fn admit(&self, tracker: &AckTracker, peer: &PeerInfo, facts: &NodeFacts) -> Result<(), Status> {
         let identity = peer.identity.as_deref();
         let Err(message) = self.rules.check(identity, &facts.id, &facts.cluster) else { return Ok(()) };
         let addr = peer.addr.map(|a| a.to_string()).unwrap_or_default();
@@ -96,6 +98,8 @@ pub enum Method {
     /// Client status: `StreamClientStatus` and `FetchClientStatus`.
     CsdsStream,
     CsdsFetch,
+    /// Envoy's metrics service sink: `StreamMetrics`.
+    Metrics,
 }
 
 impl Method {
@@ -108,6 +112,7 @@ impl Method {
             b"/envoy.service.extension.v3.ExtensionConfigDiscoveryService/FetchExtensionConfigs" => Method::EcdsFetch,
             b"/envoy.service.status.v3.ClientStatusDiscoveryService/StreamClientStatus" => Method::CsdsStream,
             b"/envoy.service.status.v3.ClientStatusDiscoveryService/FetchClientStatus" => Method::CsdsFetch,
+            b"/envoy.service.metrics.v3.MetricsService/StreamMetrics" => Method::Metrics,
             _ => return None,
         })
     }
@@ -158,6 +163,7 @@ impl XdsServices {
             Method::EcdsFetch => Handler::Fetch,
             Method::CsdsStream => Handler::Csds { unary: false },
             Method::CsdsFetch => Handler::Csds { unary: true },
+            Method::Metrics => Handler::Metrics(Box::default()),
         }
     }
 
@@ -221,6 +227,8 @@ pub enum Handler {
     Csds {
         unary: bool,
     },
+    /// Envoy's stats, for rollout health gates.
+    Metrics(Box<crate::xds::metrics_service::MetricsStream>),
 }
 
 macro_rules! each {
@@ -228,7 +236,7 @@ macro_rules! each {
         match $self {
             Handler::Sotw($s) => $e,
             Handler::Delta($s) => $e,
-            Handler::Fetch | Handler::Csds { .. } => $f,
+            Handler::Fetch | Handler::Csds { .. } | Handler::Metrics(_) => $f,
         }
     };
 }
@@ -272,6 +280,10 @@ impl filterplane_h2::Handler for Handler {
 
     fn on_message(&mut self, ctx: &XdsConn, bytes: &[u8], out: &mut Output) {
         let (services, peer) = (&ctx.services, &ctx.peer);
+        if let Handler::Metrics(m) = self {
+            m.on_message(&services.ctx, peer, bytes, out);
+            return;
+        }
         if let Handler::Csds { unary } = self {
             match services.client_status(peer, bytes) {
                 Ok(bytes) => out.messages.push(OutMessage { bytes, supersedes: None }),
@@ -298,6 +310,10 @@ impl filterplane_h2::Handler for Handler {
     }
 
     fn on_requests_end(&mut self, _ctx: &XdsConn, out: &mut Output) {
+        if let Handler::Metrics(m) = self {
+            m.on_end(out);
+            return;
+        }
         out.end = Some(match self {
             Handler::Fetch | Handler::Csds { unary: true } => Status::invalid_argument("no request sent"),
             _ => Status::ok(""),

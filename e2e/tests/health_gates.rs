@@ -1,0 +1,137 @@
+//! Rollouts gated on the proxies' own traffic: four real Envoys stream their stats to
+//! Filterplane (the metrics service sink, as docs/rollouts.md writes it), keep-alive
+//! clients on each. A version Envoy accepts but that fails requests (Envoy's fault filter
+//! aborting with 503) fails its first step's 5xx gate and rolls back: only the step's
+//! proxy ever answered 503. The same version without `health:` reaches all four. A
+//! healthy version passes every gate and completes.
+
+use std::{
+    fs,
+    time::{Duration, Instant},
+};
+
+use filterplane_e2e::{
+    direct_response_listener, example_bootstrap, free_port, traffic::Traffic, wait_until, workspace_root, Envoy,
+    EnvoyPorts, Filterplane,
+};
+use serde_json::Value;
+
+const WAIT: Duration = Duration::from_secs(60);
+const GATED: &str = "{ steps: [25, 100], bake: 15s, health: { max_5xx_ratio: 0.05, min_requests: 50 } }";
+
+/// The bootstrap lines docs/rollouts.md gives for the metrics service sink.
+fn sink_snippet() -> String {
+    let doc = fs::read_to_string(workspace_root().join("docs/rollouts.md")).unwrap();
+    let at = doc.find("**Envoy's side.**").expect("the sink section");
+    let block = &doc[at..];
+    let start = block.find("```yaml\n").unwrap() + "```yaml\n".len();
+    let end = start + block[start..].find("```").unwrap();
+    block[start..end].to_owned()
+}
+
+/// The fault filter: `abort` percent of requests answered `status`.
+fn config(listeners: &str, abort: u32, status: u32, rollout: &str) -> String {
+    format!(
+        r#"version: 1
+listeners:
+{listeners}extension_configs:
+  - name: fault
+    rollout: {rollout}
+    placement: {{ phase: AUTHN }}
+    typed_config:
+      "@type": type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault
+      abort:
+        http_status: {status}
+        percentage: {{ numerator: {abort}, denominator: HUNDRED }}
+"#
+    )
+}
+
+fn rollouts(fp: &Filterplane) -> Value {
+    fp.api("/api/v1/rollouts")
+}
+
+#[test]
+fn a_version_that_fails_requests_fails_its_step_gate_and_rolls_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let xds = free_port();
+    let ports: Vec<EnvoyPorts> = (0..4).map(|_| EnvoyPorts::new(xds)).collect();
+    let listeners: String = ports
+        .iter()
+        .enumerate()
+        .map(|(i, p)| direct_response_listener(&format!("l{i}"), &format!("e{i}"), p.listener))
+        .collect();
+    let yaml = dir.path().join("filterplane.yaml");
+    fs::write(&yaml, config(&listeners, 0, 503, GATED)).unwrap();
+    let fp = Filterplane::start_with_args(&yaml, dir.path(), xds, free_port(), &[]);
+    let sink = sink_snippet();
+    let envoys: Vec<Envoy> = ports
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let bootstrap = example_bootstrap("gateway/envoy.yaml", *p, &format!("e{i}"))
+                .replace("static_resources:", &format!("{sink}static_resources:"));
+            Envoy::start(&bootstrap, *p, dir.path(), &format!("e{i}"))
+        })
+        .collect();
+    for e in &envoys {
+        wait_until("the listener with the healthy fault filter", WAIT, || (e.get("/")?.status == 200).then_some(()));
+    }
+    let traffic: Vec<Traffic> = ports.iter().map(|p| Traffic::start(p.listener, 1, "/", "x-none")).collect();
+    wait_until("stats from every Envoy", WAIT, || {
+        fp.log_text().matches("stats stream opened").count().ge(&4).then_some(())
+    });
+
+    // A version Envoy accepts and that answers every request 503.
+    let written = Instant::now();
+    fs::write(&yaml, config(&listeners, 100, 503, GATED)).unwrap();
+    let mut first_503 = None;
+    let failed = wait_until("the rollout to fail its health gate", WAIT, || {
+        if first_503.is_none() && envoys.iter().any(|e| e.get("/").is_some_and(|r| r.status == 503)) {
+            first_503 = Some(Instant::now());
+        }
+        let r = rollouts(&fp);
+        (r["history"][0]["outcome"] == "rolled_back").then(|| r["history"][0].clone())
+    });
+    let rolled_back = Instant::now();
+    let failure = &failed["failures"][0];
+    assert_eq!(failure["node_id"], "health gate", "{failed}");
+    assert!(failure["message"].as_str().unwrap().contains("over max_5xx_ratio 0.05"), "{failed}");
+    // Every Envoy answers 200 again; only the step's proxy ever answered 503.
+    for e in &envoys {
+        wait_until("200 again", WAIT, || (e.get("/")?.status == 200).then_some(()));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let tallies: Vec<_> = traffic.iter().map(Traffic::take).collect();
+    let saw_503: Vec<u64> = tallies.iter().map(|t| t.by_status.get(&503).copied().unwrap_or(0)).collect();
+    assert_eq!(saw_503.iter().filter(|n| **n > 0).count(), 1, "one proxy served the bad version: {saw_503:?}");
+    let first_503 = first_503.expect("the step's proxy answered 503 before the rollback");
+    eprintln!(
+        "first 503 seen {:?} after the write; rolled back {:?} after it ({:?} after the write); 503s per Envoy {saw_503:?}",
+        first_503 - written,
+        rolled_back - first_503,
+        rolled_back - written
+    );
+
+    // A healthy version passes every gate and completes.
+    fs::write(&yaml, config(&listeners, 0, 500, GATED)).unwrap();
+    let live = wait_until("live health of the step", WAIT, || {
+        let r = rollouts(&fp);
+        let h = &r["rollouts"][0]["health"];
+        (h["requests"].as_f64()? > 0.0).then(|| h.clone())
+    });
+    assert_eq!(live["errors_5xx"], 0.0, "{live}");
+    wait_until("the healthy rollout to complete", WAIT, || {
+        (rollouts(&fp)["history"][0]["outcome"] == "completed").then_some(())
+    });
+
+    // The bad version without `health:` reaches all four.
+    fs::write(&yaml, config(&listeners, 100, 503, "{ steps: [25, 100], bake: 2s }")).unwrap();
+    for e in &envoys {
+        wait_until("503 everywhere without gates", WAIT, || (e.get("/")?.status == 503).then_some(()));
+    }
+    assert_eq!(rollouts(&fp)["history"][0]["outcome"], "completed", "ACKs alone let it through");
+    for t in traffic {
+        t.stop();
+    }
+}

@@ -1,0 +1,252 @@
+//! What proxies say about their own traffic, from Envoy's metrics service sink
+//! (`envoy.service.metrics.v3.MetricsService/StreamMetrics` on the xDS port): per proxy,
+//! only the few series rollout health gates read (downstream requests completed, 5xx,
+//! request time p99, Wasm VM failures), as running totals sampled at each flush. Bounded
+//! per proxy (the last `MAX_SAMPLES` flushes) and in proxies (`MAX_PROXIES`); a message
+//! is read without decoding the families it does not need.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    sync::Mutex,
+};
+
+use bytes::Buf;
+use prost::{
+    encoding::{decode_key, decode_varint, skip_field, DecodeContext, WireType},
+    Message,
+};
+
+use filterplane_api::envoy_types::pb::io::prometheus::client::{MetricFamily, MetricType};
+pub use filterplane_rollout::Traffic;
+
+/// Flushes kept per proxy: 10 minutes at Envoy's default 5 s flush, 2 minutes at 1 s.
+pub const MAX_SAMPLES: usize = 120;
+/// Proxies whose stats are kept at once; a stream beyond it is refused.
+pub const MAX_PROXIES: usize = 100_000;
+
+/// The series of one flush, as Envoy reports them.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Flush {
+    /// `http.*.downstream_rq_completed`, summed over HTTP connection managers (not admin).
+    pub requests: f64,
+    /// `http.*.downstream_rq_5xx`.
+    pub errors_5xx: f64,
+    /// `wasm.*` failure counters (see `is_wasm_failure`).
+    pub wasm_failures: f64,
+    /// The p99 of `http.*.downstream_rq_time` (ms), the largest over connection managers.
+    pub p99_ms: Option<f64>,
+    /// Whether any series was there at all.
+    pub seen: bool,
+}
+
+/// A running total at one flush.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Sample {
+    pub at_ms: u64,
+    pub requests: f64,
+    pub errors_5xx: f64,
+    pub wasm_failures: f64,
+    pub p99_ms: Option<f64>,
+}
+
+#[derive(Debug, Default)]
+struct ProxyStats {
+    /// Counters read as deltas (`report_counters_as_deltas: true`), else cumulative.
+    deltas: bool,
+    /// The last cumulative values Envoy sent, to take differences from (a smaller one is
+    /// a restart: counted from zero).
+    last_raw: Option<Flush>,
+    samples: VecDeque<Sample>,
+}
+
+/// Every proxy's recent health, by node id.
+#[derive(Debug, Default)]
+pub struct HealthStore {
+    proxies: Mutex<HashMap<String, ProxyStats>>,
+}
+
+impl HealthStore {
+    /// Opens a proxy's stats (its stream began); `false` when `MAX_PROXIES` are kept
+    /// already. `deltas`: its counters come as deltas.
+    pub fn open(&self, node_id: &str, deltas: bool) -> bool {
+        let mut proxies = self.proxies.lock().unwrap_or_else(|p| p.into_inner());
+        if !proxies.contains_key(node_id) && proxies.len() >= MAX_PROXIES {
+            return false;
+        }
+        let p = proxies.entry(node_id.to_owned()).or_default();
+        if p.deltas != deltas {
+            p.deltas = deltas;
+            p.last_raw = None;
+        }
+        true
+    }
+
+    /// One flush of `node_id` at `now_ms`.
+    pub fn record(&self, node_id: &str, flush: Flush, now_ms: u64) {
+        if !flush.seen {
+            return;
+        }
+        let mut proxies = self.proxies.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(p) = proxies.get_mut(node_id) else { return };
+        let last = p.samples.back().copied().unwrap_or_default();
+        let (requests, errors_5xx, wasm_failures) = if p.deltas {
+            (flush.requests, flush.errors_5xx, flush.wasm_failures)
+        } else {
+            let prev = p.last_raw.unwrap_or_default();
+            let step = |now: f64, before: f64| if now >= before { now - before } else { now };
+            p.last_raw = Some(flush);
+            (
+                step(flush.requests, prev.requests),
+                step(flush.errors_5xx, prev.errors_5xx),
+                step(flush.wasm_failures, prev.wasm_failures),
+            )
+        };
+        if p.samples.len() >= MAX_SAMPLES {
+            p.samples.pop_front();
+        }
+        p.samples.push_back(Sample {
+            at_ms: now_ms,
+            requests: last.requests + requests,
+            errors_5xx: last.errors_5xx + errors_5xx,
+            wasm_failures: last.wasm_failures + wasm_failures,
+            p99_ms: if requests > 0.0 { flush.p99_ms } else { None },
+        });
+    }
+
+    /// What `node_id` did since `since_ms`, counted from its first flush at or after it (a
+    /// window reaching further back than what is kept counts from the oldest kept);
+    /// `None` without stats.
+    pub fn window(&self, node_id: &str, since_ms: u64) -> Option<Traffic> {
+        let proxies = self.proxies.lock().unwrap_or_else(|p| p.into_inner());
+        let p = proxies.get(node_id)?;
+        let last = p.samples.back()?;
+        // The running total at the first flush at or after the start: the flush before
+        // it also counts traffic from before the start (when the proxy ran another
+        // version), so that interval is left out rather than mixed in.
+        let Some(base) = p.samples.iter().find(|s| s.at_ms >= since_ms).copied() else {
+            return Some(Traffic { proxies: 1, ..Traffic::default() });
+        };
+        let p99_ms = p.samples.iter().filter(|s| s.at_ms > base.at_ms).filter_map(|s| s.p99_ms).reduce(f64::max);
+        Some(Traffic {
+            requests: last.requests - base.requests,
+            errors_5xx: last.errors_5xx - base.errors_5xx,
+            wasm_failures: last.wasm_failures - base.wasm_failures,
+            p99_ms,
+            proxies: 1,
+        })
+    }
+}
+
+/// Whether a counter is one of Envoy's Wasm failure counters (docs/rollouts.md names
+/// them).
+fn is_wasm_failure(name: &str) -> bool {
+    name.starts_with("wasm.") && (name.ends_with(".failed") || name.ends_with(".crashed"))
+}
+
+/// The label value of `name` on `m`, if any.
+fn label<'a>(m: &'a filterplane_api::envoy_types::pb::io::prometheus::client::Metric, name: &str) -> Option<&'a str> {
+    m.label.iter().find(|l| l.name.as_deref() == Some(name)).and_then(|l| l.value.as_deref())
+}
+
+/// Which of the wanted series a family name is, with tags in the name or as labels
+/// (`emit_tags_as_labels`); `None` for every other family, which is skipped unread.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Wanted {
+    Completed,
+    Errors5xx,
+    /// `http.downstream_rq_xx` with `envoy_response_code_class` as a label.
+    ByClass,
+    Time,
+    Wasm,
+}
+
+fn wanted(name: &str) -> Option<Wanted> {
+    if is_wasm_failure(name) {
+        return Some(Wanted::Wasm);
+    }
+    let rest = name.strip_prefix("http.")?;
+    if rest.starts_with("admin.") {
+        return None;
+    }
+    if rest.ends_with("downstream_rq_completed") {
+        Some(Wanted::Completed)
+    } else if rest.ends_with("downstream_rq_5xx") {
+        Some(Wanted::Errors5xx)
+    } else if rest == "downstream_rq_xx" {
+        Some(Wanted::ByClass)
+    } else if rest.ends_with("downstream_rq_time") {
+        Some(Wanted::Time)
+    } else {
+        None
+    }
+}
+
+/// The name of an encoded `MetricFamily` (field 1), read without decoding the rest.
+fn family_name(mut buf: &[u8]) -> Option<String> {
+    while buf.has_remaining() {
+        let (tag, wire) = decode_key(&mut buf).ok()?;
+        if tag == 1 && wire == WireType::LengthDelimited {
+            let len = decode_varint(&mut buf).ok()? as usize;
+            let bytes = buf.get(..len)?;
+            return String::from_utf8(bytes.to_vec()).ok();
+        }
+        skip_field(wire, tag, &mut buf, DecodeContext::default()).ok()?;
+    }
+    None
+}
+
+/// The identifier's node (first message only) and the series gates read, from one
+/// encoded `StreamMetricsMessage`. Families gates do not read are skipped, not decoded.
+pub fn read_message(
+    mut buf: &[u8],
+) -> Result<(Option<filterplane_api::envoy_types::pb::envoy::config::core::v3::Node>, Flush), String> {
+    use filterplane_api::envoy_types::pb::envoy::service::metrics::v3::stream_metrics_message::Identifier;
+    let mut node = None;
+    let mut flush = Flush::default();
+    while buf.has_remaining() {
+        let (tag, wire) = decode_key(&mut buf).map_err(|e| e.to_string())?;
+        if wire != WireType::LengthDelimited || !(tag == 1 || tag == 2) {
+            skip_field(wire, tag, &mut buf, DecodeContext::default()).map_err(|e| e.to_string())?;
+            continue;
+        }
+        let len = decode_varint(&mut buf).map_err(|e| e.to_string())? as usize;
+        if len > buf.remaining() {
+            return Err("a field runs past the message".into());
+        }
+        let (field, rest) = buf.split_at(len);
+        buf = rest;
+        if tag == 1 {
+            node = Identifier::decode(field).map_err(|e| e.to_string())?.node;
+            continue;
+        }
+        let Some(kind) = family_name(field).as_deref().and_then(wanted) else { continue };
+        let family = MetricFamily::decode(field).map_err(|e| e.to_string())?;
+        flush.seen = true;
+        for m in &family.metric {
+            if label(m, "envoy_http_conn_manager_prefix") == Some("admin") {
+                continue;
+            }
+            let counter = m.counter.as_ref().and_then(|c| c.value).unwrap_or(0.0);
+            match kind {
+                Wanted::Completed => flush.requests += counter,
+                Wanted::Errors5xx => flush.errors_5xx += counter,
+                Wanted::ByClass if label(m, "envoy_response_code_class") == Some("5") => flush.errors_5xx += counter,
+                Wanted::ByClass => {}
+                Wanted::Wasm => flush.wasm_failures += counter,
+                Wanted::Time if family.r#type == Some(MetricType::Summary as i32) => {
+                    let p99 = m.summary.as_ref().and_then(|s| {
+                        s.quantile.iter().find(|q| q.quantile.is_some_and(|v| (v - 0.99).abs() < 1e-9))?.value
+                    });
+                    if let Some(v) = p99.filter(|v| v.is_finite()) {
+                        flush.p99_ms = Some(flush.p99_ms.map_or(v, |p| p.max(v)));
+                    }
+                }
+                Wanted::Time => {}
+            }
+        }
+    }
+    Ok((node, flush))
+}
+
+#[cfg(test)]
+mod tests;
