@@ -78,6 +78,10 @@ pub struct HealthSpec {
     /// The largest downstream request time p99 a step's proxy reports (Envoy's histogram).
     #[serde(default, with = "opt_duration_text")]
     pub max_p99_latency: Option<std::time::Duration>,
+    /// Wasm VM failures (Envoy's `wasm.*.vm_reload*` counters) tolerated on the step's
+    /// proxies; any more fails the step, whatever the request count.
+    #[serde(default)]
+    pub max_wasm_failures: Option<u64>,
     /// Judge the 5xx ratio against the proxies still on the old version in the same
     /// window: the step fails only if its ratio exceeds theirs by more than this.
     #[serde(default)]

@@ -15,6 +15,16 @@ pub fn header_module(value: &str) -> Vec<u8> {
     wat::parse_str(text).expect("the test module is valid WebAssembly text")
 }
 
+/// A module that adds `x-wasm` to responses but traps (`unreachable`) on every request's
+/// headers: Envoy accepts it, and it fails at the first request.
+pub fn trapping_module() -> Vec<u8> {
+    let text = include_str!("../testdata/add_header.wat").replace("{VALUE}", "trap").replace("{LEN}", "4").replace(
+        "{EXTRA}",
+        r#"(func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32) unreachable)"#,
+    );
+    wat::parse_str(text).expect("the trapping module is valid WebAssembly text")
+}
+
 /// A local OCI registry, plain HTTP on 127.0.0.1.
 pub struct Registry {
     _process: Process,

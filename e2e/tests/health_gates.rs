@@ -11,8 +11,10 @@ use std::{
 };
 
 use filterplane_e2e::{
-    direct_response_listener, example_bootstrap, free_port, traffic::Traffic, wait_until, workspace_root, Envoy,
-    EnvoyPorts, Filterplane,
+    direct_response_listener, example_bootstrap, free_port,
+    services::{header_module, trapping_module},
+    traffic::Traffic,
+    wait_until, workspace_root, Envoy, EnvoyPorts, Filterplane,
 };
 use serde_json::Value;
 
@@ -51,18 +53,31 @@ fn rollouts(fp: &Filterplane) -> Value {
     fp.api("/api/v1/rollouts")
 }
 
-#[test]
-fn a_version_that_fails_requests_fails_its_step_gate_and_rolls_back() {
+/// `n` Envoys with the metrics sink, each with its own served listener (in `listeners`),
+/// started on `yaml` as `config(listeners)` writes it, with keep-alive clients on each.
+struct Gated {
+    fp: Filterplane,
+    envoys: Vec<Envoy>,
+    traffic: Vec<Traffic>,
+    listeners: String,
+    yaml: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+fn start(n: usize, config: impl Fn(&str) -> String, files: &[(&str, Vec<u8>)]) -> Gated {
     let dir = tempfile::tempdir().unwrap();
+    for (name, bytes) in files {
+        fs::write(dir.path().join(name), bytes).unwrap();
+    }
     let xds = free_port();
-    let ports: Vec<EnvoyPorts> = (0..4).map(|_| EnvoyPorts::new(xds)).collect();
+    let ports: Vec<EnvoyPorts> = (0..n).map(|_| EnvoyPorts::new(xds)).collect();
     let listeners: String = ports
         .iter()
         .enumerate()
         .map(|(i, p)| direct_response_listener(&format!("l{i}"), &format!("e{i}"), p.listener))
         .collect();
     let yaml = dir.path().join("filterplane.yaml");
-    fs::write(&yaml, config(&listeners, 0, 503, GATED)).unwrap();
+    fs::write(&yaml, config(&listeners)).unwrap();
     let fp = Filterplane::start_with_args(&yaml, dir.path(), xds, free_port(), &[]);
     let sink = sink_snippet();
     let envoys: Vec<Envoy> = ports
@@ -75,12 +90,18 @@ fn a_version_that_fails_requests_fails_its_step_gate_and_rolls_back() {
         })
         .collect();
     for e in &envoys {
-        wait_until("the listener with the healthy fault filter", WAIT, || (e.get("/")?.status == 200).then_some(()));
+        wait_until("the listener with the first version", WAIT, || (e.get("/")?.status == 200).then_some(()));
     }
-    let traffic: Vec<Traffic> = ports.iter().map(|p| Traffic::start(p.listener, 1, "/", "x-none")).collect();
+    let traffic: Vec<Traffic> = ports.iter().map(|p| Traffic::start(p.listener, 1, "/", "x-wasm")).collect();
     wait_until("stats from every Envoy", WAIT, || {
-        fp.log_text().matches("stats stream opened").count().ge(&4).then_some(())
+        fp.log_text().matches("stats stream opened").count().ge(&n).then_some(())
     });
+    Gated { fp, envoys, traffic, listeners, yaml, _dir: dir }
+}
+
+#[test]
+fn a_version_that_fails_requests_fails_its_step_gate_and_rolls_back() {
+    let Gated { fp, envoys, traffic, listeners, yaml, _dir } = start(4, |l| config(l, 0, 503, GATED), &[]);
 
     // A version Envoy accepts and that answers every request 503.
     let written = Instant::now();
@@ -134,4 +155,36 @@ fn a_version_that_fails_requests_fails_its_step_gate_and_rolls_back() {
     for t in traffic {
         t.stop();
     }
+}
+
+/// A Wasm plugin whose new module traps on every request (Envoy accepts it): with
+/// `FAIL_RELOAD`, Envoy counts its VM reloads, and `max_wasm_failures: 0` rolls it back.
+#[test]
+fn a_wasm_plugin_that_traps_fails_the_wasm_gate() {
+    let plugin = |listeners: &str, module: &str| {
+        format!(
+            "version: 1\nlisteners:\n{listeners}wasm_plugins:\n  - name: authz\n    url: file://{module}\n    fail_strategy: FAIL_RELOAD\n    placement: {{ phase: AUTHN }}\n    rollout: {{ steps: [50, 100], bake: 10s, health: {{ max_wasm_failures: 0, min_requests: 10 }} }}\n"
+        )
+    };
+    let files = [("good.wasm", header_module("good")), ("trap.wasm", trapping_module())];
+    let g = start(2, |l| plugin(l, "good.wasm"), &files);
+    for e in &g.envoys {
+        wait_until("the good module", WAIT, || (e.get("/")?.header("x-wasm")? == "good").then_some(()));
+    }
+    fs::write(&g.yaml, plugin(&g.listeners, "trap.wasm")).unwrap();
+    let failed = wait_until("the rollout to fail its Wasm gate", WAIT, || {
+        let r = rollouts(&g.fp);
+        (r["history"][0]["outcome"] == "rolled_back").then(|| r["history"][0].clone())
+    });
+    assert!(failed["failures"][0]["message"].as_str().unwrap().contains("Wasm VM failures"), "{failed}");
+    for e in &g.envoys {
+        wait_until("the good module back", WAIT, || (e.get("/")?.header("x-wasm")? == "good").then_some(()));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let not_ok: Vec<u64> = g.traffic.into_iter().map(|t| t.stop().not_ok()).collect();
+    assert_eq!(
+        not_ok.iter().filter(|n| **n > 0).count(),
+        1,
+        "only the step's proxy ran the trapping module: {not_ok:?}"
+    );
 }

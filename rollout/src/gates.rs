@@ -25,6 +25,15 @@ pub enum Verdict {
 /// the step has `min_requests`; a pass needs the bake over.
 pub fn judge(spec: &HealthSpec, step: &Traffic, baseline: &Traffic, elapsed: Duration, bake: Duration) -> Verdict {
     let requests = step.requests;
+    if let Some(max) = spec.max_wasm_failures {
+        // A failing VM is decisive at any request count.
+        if step.wasm_failures > max as f64 {
+            return Verdict::Fail(format!(
+                "{:.0} Wasm VM failures (wasm.*.vm_reload*) on the step's {} proxies, over max_wasm_failures {max}",
+                step.wasm_failures, step.proxies
+            ));
+        }
+    }
     if requests < spec.min_requests as f64 || requests == 0.0 {
         let figures = format!(
             "{requests:.0} requests on the step's {} proxies with stats, min_requests {}",
@@ -88,6 +97,7 @@ mod tests {
             max_5xx_ratio: Some(Ratio(0.05)),
             min_requests: 50,
             max_p99_latency: Some(Duration::from_millis(250)),
+            max_wasm_failures: Some(0),
             baseline_margin: None,
             max_wait: Duration::from_secs(60),
             insufficient_traffic: InsufficientTraffic::Fail,
@@ -108,6 +118,10 @@ mod tests {
         assert!(matches!(&v, Verdict::Fail(m) if m.contains("0.3000") && m.contains("30 of 100")), "{v:?}");
         assert!(matches!(judge(&s, &traffic(100.0, 1.0), &none, Duration::from_secs(2), BAKE), Verdict::Wait(_)));
         assert_eq!(judge(&s, &traffic(100.0, 1.0), &none, BAKE, BAKE), Verdict::Pass);
+        let trapped = Traffic { wasm_failures: 2.0, ..traffic(3.0, 0.0) };
+        assert!(
+            matches!(judge(&s, &trapped, &none, Duration::ZERO, BAKE), Verdict::Fail(m) if m.contains("2 Wasm VM failures"))
+        );
         let slow = Traffic { p99_ms: Some(900.0), ..traffic(100.0, 0.0) };
         assert!(matches!(judge(&s, &slow, &none, BAKE, BAKE), Verdict::Fail(m) if m.contains("p99 900.0 ms")));
     }

@@ -137,10 +137,13 @@ impl HealthStore {
     }
 }
 
-/// Whether a counter is one of Envoy's Wasm failure counters (docs/rollouts.md names
-/// them).
+/// Whether a counter is one of Envoy's Wasm failure counters: `wasm.PLUGIN.vm_reload`,
+/// `vm_reload_backoff`, `vm_reload_success`, `vm_reload_failure`, each of which moves only
+/// after a plugin's VM failed (`FAIL_RELOAD`). Envoy 1.40 counts no failure for
+/// `FAIL_CLOSE` (a trap is a 503) or `FAIL_OPEN` (the trapping request is a 5xx, then the
+/// plugin is skipped).
 fn is_wasm_failure(name: &str) -> bool {
-    name.starts_with("wasm.") && (name.ends_with(".failed") || name.ends_with(".crashed"))
+    name.starts_with("wasm.") && name.rsplit('.').next().is_some_and(|last| last.starts_with("vm_reload"))
 }
 
 /// The label value of `name` on `m`, if any.

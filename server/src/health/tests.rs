@@ -62,6 +62,8 @@ fn only_the_series_gates_read_are_taken_and_admin_is_left_out() {
             counter("http.downstream_rq_xx", 2.0, &[("envoy_response_code_class", "5")]),
             counter("http.downstream_rq_xx", 50.0, &[("envoy_response_code_class", "2")]),
             counter("cluster.x.upstream_rq_5xx", 99.0, &[]),
+            counter("wasm.authz.vm_reload_backoff", 4.0, &[]),
+            counter("wasm.envoy.wasm.runtime.v8.created", 9.0, &[]),
             counter("http.downstream_rq_completed", 5.0, &[("envoy_http_conn_manager_prefix", "admin")]),
             time,
         ],
@@ -69,6 +71,7 @@ fn only_the_series_gates_read_are_taken_and_admin_is_left_out() {
     let (node, flush) = read_message(&bytes).unwrap();
     assert_eq!(node.unwrap().id, "edge-1");
     assert_eq!((flush.requests, flush.errors_5xx, flush.p99_ms), (100.0, 5.0, Some(42.0)));
+    assert_eq!(flush.wasm_failures, 4.0);
     assert!(read_message(&bytes[..bytes.len() - 3]).is_err(), "cut short: an error, not a guess");
 }
 
