@@ -188,3 +188,30 @@ fn a_wasm_plugin_that_traps_fails_the_wasm_gate() {
         "only the step's proxy ran the trapping module: {not_ok:?}"
     );
 }
+
+/// Background errors on every proxy (the old version fails 2 % of requests too): judged
+/// against the proxies still on the old version, a new version that adds no errors
+/// completes; judged by the ratio alone, the same change fails its 1 % gate.
+#[test]
+fn with_background_errors_the_baseline_lets_a_version_that_adds_none_through() {
+    let with_baseline =
+        "{ steps: [25, 100], bake: 5s, health: { max_5xx_ratio: 0.01, min_requests: 200, baseline_margin: 0.02 } }";
+    let ratio_only = "{ steps: [25, 100], bake: 5s, health: { max_5xx_ratio: 0.01, min_requests: 200 } }";
+    let g = start(4, |l| config(l, 2, 503, with_baseline), &[]);
+    fs::write(&g.yaml, config(&g.listeners, 2, 500, with_baseline)).unwrap();
+    let done = wait_until("the rollout judged against its baseline", WAIT, || {
+        let h = rollouts(&g.fp)["history"][0].clone();
+        (h["to_version"].is_string() && h["outcome"] != "superseded").then_some(h)
+    });
+    assert_eq!(done["outcome"], "completed", "{done}");
+    fs::write(&g.yaml, config(&g.listeners, 2, 503, ratio_only)).unwrap();
+    let failed = wait_until("the same change judged by its ratio alone", WAIT, || {
+        let h = rollouts(&g.fp)["history"][0].clone();
+        (h["to_version"] != done["to_version"]).then_some(h)
+    });
+    assert_eq!(failed["outcome"], "rolled_back", "{failed}");
+    assert!(failed["failures"][0]["message"].as_str().unwrap().contains("over max_5xx_ratio 0.01"), "{failed}");
+    for t in g.traffic {
+        t.stop();
+    }
+}

@@ -17,8 +17,8 @@ use crate::{
     fleet::{each_matching, threshold_for, Fleet, Member, Traffic},
     gates::{judge, Verdict},
     state::{
-        ActionError, Active, Carried, DecodeError, EntryState, Failures, HistoryEntry, RolloutView, Status, StepHealth,
-        StoredResource, StoredState,
+        ActionError, Active, Baseline, Carried, DecodeError, EntryState, Failures, HistoryEntry, RolloutView, Status,
+        StepHealth, StoredResource, StoredState,
     },
 };
 
@@ -300,6 +300,7 @@ impl Engine {
                         failure_count: 0,
                         reason: None,
                         carried,
+                        baseline: None,
                     });
                 }
                 self.decode_carried(&k);
@@ -403,9 +404,26 @@ impl Engine {
                 }
             });
             let percent = a.percent();
+            let mut measured_baseline = None;
             let health = match (&a.spec.health, a.threshold) {
                 (Some(spec), Some(t)) => {
-                    let (step, baseline) = step_traffic(fleet, e, new_version, t, a.step_started_ms);
+                    let (step, mut baseline) = step_traffic(fleet, e, new_version, t, a.step_started_ms);
+                    if baseline.requests > 0.0 {
+                        measured_baseline = Some(Baseline {
+                            requests: baseline.requests,
+                            errors_5xx: baseline.errors_5xx,
+                            proxies: baseline.proxies,
+                        });
+                    } else if let Some(b) = a.baseline {
+                        // The last step has no proxy left on the old version: the figures
+                        // of the step before stand in.
+                        baseline = Traffic {
+                            requests: b.requests,
+                            errors_5xx: b.errors_5xx,
+                            proxies: b.proxies,
+                            ..Traffic::default()
+                        };
+                    }
                     let elapsed = Duration::from_millis(now.saturating_sub(a.step_started_ms));
                     judge(spec, &step, &baseline, elapsed, a.spec.bake)
                 }
@@ -448,6 +466,9 @@ impl Engine {
                     self.finish(&k, "completed", now, &mut effects);
                 } else if let Some(active) = self.entries.get_mut(&k).and_then(|e| e.active.as_mut()) {
                     active.step += 1;
+                    if measured_baseline.is_some() {
+                        active.baseline = measured_baseline;
+                    }
                     // Never below the last step's: a proxy on the new version stays on it.
                     let next = threshold_for(active.percent(), ranks);
                     active.threshold = Some(next.max(threshold));

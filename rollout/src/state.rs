@@ -77,6 +77,18 @@ pub struct Active {
     /// thresholds they had reached: proxies not on this rollout's version keep those.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub carried: Vec<Carried>,
+    /// With `baseline_margin`: the last baseline measured (the proxies not on the new
+    /// version, over the step that completed last), for the last step, which has none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub baseline: Option<Baseline>,
+}
+
+/// The old version's figures over a completed step, kept for the steps that follow.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Baseline {
+    pub requests: f64,
+    pub errors_5xx: f64,
+    pub proxies: usize,
 }
 
 /// A superseded rollout's version, still run by the proxies its threshold covers.
