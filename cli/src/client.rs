@@ -409,6 +409,9 @@ pub fn render_rollouts(v: &Value, name: Option<&str>) -> String {
             short(&r["last_completed_version"]),
             short(&r["new_version"]),
         ));
+        if let Some(h) = health_line(&r["health"]) {
+            out.push_str(&format!("  {h}\n"));
+        }
         if r["reason"].is_string() {
             out.push_str(&format!("  {}\n", text(&r["reason"])));
         }
@@ -530,6 +533,27 @@ fn text(v: &Value) -> String {
     raw.chars().map(|c| if c.is_control() { c.escape_default().to_string() } else { c.to_string() }).collect()
 }
 
+/// A running rollout's live step health (its gates' figures), when it has gates.
+fn health_line(h: &Value) -> Option<String> {
+    let requests = h["requests"].as_f64()?;
+    let mut line = format!(
+        "health: {requests:.0} requests on {} step proxies with stats, 5xx {:.0} (ratio {:.4})",
+        text(&h["proxies"]),
+        h["errors_5xx"].as_f64().unwrap_or(0.0),
+        h["ratio_5xx"].as_f64().unwrap_or(0.0)
+    );
+    if let Some(p99) = h["p99_ms"].as_f64() {
+        line.push_str(&format!(", p99 {p99:.1} ms"));
+    }
+    if let Some(b) = h["baseline_requests"].as_f64().filter(|b| *b > 0.0) {
+        line.push_str(&format!(
+            "; baseline {b:.0} requests, ratio {:.4}",
+            h["baseline_ratio_5xx"].as_f64().unwrap_or(0.0)
+        ));
+    }
+    Some(line)
+}
+
 fn short(v: &Value) -> String {
     v.as_str().map(|s| s.chars().take(8).collect()).unwrap_or_default()
 }
@@ -625,6 +649,20 @@ mod tests {
         assert!(!out.contains('\u{1b}'), "no raw escape sequence: {out:?}");
         assert!(out.contains("evil\\u{1b}[2J\\nforged"), "{out}");
         assert!(out.contains("line\\nFAKE LINE"), "{out}");
+    }
+
+    #[test]
+    fn a_gated_rollout_shows_its_step_health_beside_the_ack_counts() {
+        let v = json!({"rollouts": [{"name": "fault", "status": "running", "steps": [25, 100], "step": 0, "percent": 25,
+            "on_new": 1, "matching_proxies": 4, "acked": 1, "nacked": 0, "waiting": 0, "failures": [], "failure_count": 0,
+            "health": {"requests": 1200.0, "errors_5xx": 6.0, "ratio_5xx": 0.005, "p99_ms": 12.5, "proxies": 1,
+                       "baseline_requests": 3600.0, "baseline_ratio_5xx": 0.004}}], "history": []});
+        let out = render_rollouts(&v, None);
+        assert!(out.contains("on new: 1 of 4 (acked 1, nacked 0, waiting 0)"), "{out}");
+        assert!(
+            out.contains("health: 1200 requests on 1 step proxies with stats, 5xx 6 (ratio 0.0050), p99 12.5 ms; baseline 3600 requests, ratio 0.0040"),
+            "{out}"
+        );
     }
 
     #[test]

@@ -118,6 +118,8 @@ fn a_version_that_fails_requests_fails_its_step_gate_and_rolls_back() {
     let failure = &failed["failures"][0];
     assert_eq!(failure["node_id"], "health gate", "{failed}");
     assert!(failure["message"].as_str().unwrap().contains("over max_5xx_ratio 0.05"), "{failed}");
+    let metrics = filterplane_e2e::http_get(&fp.url("/metrics")).unwrap().body;
+    assert!(metrics.contains("filterplane_rollout_gate_failures_total{gate=\"max_5xx_ratio\"} 1"), "{metrics}");
     // Every Envoy answers 200 again; only the step's proxy ever answered 503.
     for e in &envoys {
         wait_until("200 again", WAIT, || (e.get("/")?.status == 200).then_some(()));

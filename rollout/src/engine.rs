@@ -62,6 +62,8 @@ pub struct Effects {
     pub ended: Vec<&'static str>,
     /// Entries no longer under rollout: their step gauge goes.
     pub forgotten: Vec<String>,
+    /// Health gates that failed a rollout, by name (`max_5xx_ratio`, ...): each counted.
+    pub gate_failures: Vec<&'static str>,
 }
 
 /// Every rollout: each entry's state, the last completed versions (decoded once), the
@@ -450,7 +452,8 @@ impl Engine {
                 effects.changed = true;
                 continue;
             }
-            if let Verdict::Fail(why) = &health {
+            if let Verdict::Fail(gate, why) = &health {
+                effects.gate_failures.push(gate);
                 // A gate that fails is a failure of the rollout, exactly like a NACK.
                 let mut failures = failures;
                 failures.push(|| "health gate".to_owned(), || why.clone());

@@ -15,8 +15,9 @@ pub enum Verdict {
     Pass,
     /// No verdict yet: too few requests, or the bake is not over.
     Wait(String),
-    /// A gate failed, with the figures that failed it.
-    Fail(String),
+    /// A gate failed (its name, as `filterplane_rollout_gate_failures_total` counts it),
+    /// with the figures that failed it.
+    Fail(&'static str, String),
 }
 
 /// Judges `step` (the step's proxies that run the new version) against `spec`, with
@@ -28,10 +29,13 @@ pub fn judge(spec: &HealthSpec, step: &Traffic, baseline: &Traffic, elapsed: Dur
     if let Some(max) = spec.max_wasm_failures {
         // A failing VM is decisive at any request count.
         if step.wasm_failures > max as f64 {
-            return Verdict::Fail(format!(
-                "{:.0} Wasm VM failures (wasm.*.vm_reload*) on the step's {} proxies, over max_wasm_failures {max}",
-                step.wasm_failures, step.proxies
-            ));
+            return Verdict::Fail(
+                "max_wasm_failures",
+                format!(
+                    "{:.0} Wasm VM failures (wasm.*.vm_reload*) on the step's {} proxies, over max_wasm_failures {max}",
+                    step.wasm_failures, step.proxies
+                ),
+            );
         }
     }
     if requests < spec.min_requests as f64 || requests == 0.0 {
@@ -43,10 +47,13 @@ pub fn judge(spec: &HealthSpec, step: &Traffic, baseline: &Traffic, elapsed: Dur
             return Verdict::Wait(figures);
         }
         return match spec.insufficient_traffic {
-            InsufficientTraffic::Fail => Verdict::Fail(format!(
+            InsufficientTraffic::Fail => Verdict::Fail(
+                "min_requests",
+                format!(
                 "too little traffic to judge: {figures} after the bake and max_wait {} (insufficient_traffic: fail)",
                 humantime::format_duration(spec.max_wait)
-            )),
+            ),
+            ),
             InsufficientTraffic::Pass => Verdict::Pass,
         };
     }
@@ -66,18 +73,24 @@ pub fn judge(spec: &HealthSpec, step: &Traffic, baseline: &Traffic, elapsed: Dur
             );
         }
         if ratio > limit {
-            return Verdict::Fail(format!(
+            return Verdict::Fail(
+                "max_5xx_ratio",
+                format!(
                 "5xx ratio {ratio:.4} ({:.0} of {requests:.0} requests on {} proxies) over max_5xx_ratio {}{against}",
                 step.errors_5xx, step.proxies, max.0
-            ));
+            ),
+            );
         }
     }
     if let (Some(max), Some(p99)) = (spec.max_p99_latency, step.p99_ms) {
         if p99 > max.as_secs_f64() * 1e3 {
-            return Verdict::Fail(format!(
-                "request time p99 {p99:.1} ms over max_p99_latency {} ({requests:.0} requests)",
-                humantime::format_duration(max)
-            ));
+            return Verdict::Fail(
+                "max_p99_latency",
+                format!(
+                    "request time p99 {p99:.1} ms over max_p99_latency {} ({requests:.0} requests)",
+                    humantime::format_duration(max)
+                ),
+            );
         }
     }
     if elapsed < bake {
@@ -115,15 +128,15 @@ mod tests {
         let s = spec();
         let none = Traffic::default();
         let v = judge(&s, &traffic(100.0, 30.0), &none, Duration::from_secs(2), BAKE);
-        assert!(matches!(&v, Verdict::Fail(m) if m.contains("0.3000") && m.contains("30 of 100")), "{v:?}");
+        assert!(matches!(&v, Verdict::Fail(_, m) if m.contains("0.3000") && m.contains("30 of 100")), "{v:?}");
         assert!(matches!(judge(&s, &traffic(100.0, 1.0), &none, Duration::from_secs(2), BAKE), Verdict::Wait(_)));
         assert_eq!(judge(&s, &traffic(100.0, 1.0), &none, BAKE, BAKE), Verdict::Pass);
         let trapped = Traffic { wasm_failures: 2.0, ..traffic(3.0, 0.0) };
         assert!(
-            matches!(judge(&s, &trapped, &none, Duration::ZERO, BAKE), Verdict::Fail(m) if m.contains("2 Wasm VM failures"))
+            matches!(judge(&s, &trapped, &none, Duration::ZERO, BAKE), Verdict::Fail(_, m) if m.contains("2 Wasm VM failures"))
         );
         let slow = Traffic { p99_ms: Some(900.0), ..traffic(100.0, 0.0) };
-        assert!(matches!(judge(&s, &slow, &none, BAKE, BAKE), Verdict::Fail(m) if m.contains("p99 900.0 ms")));
+        assert!(matches!(judge(&s, &slow, &none, BAKE, BAKE), Verdict::Fail(_, m) if m.contains("p99 900.0 ms")));
     }
 
     #[test]
@@ -133,7 +146,7 @@ mod tests {
         let few = traffic(10.0, 10.0);
         assert!(matches!(judge(&s, &few, &none, BAKE, BAKE), Verdict::Wait(m) if m.contains("min_requests 50")));
         let late = BAKE + s.max_wait;
-        assert!(matches!(judge(&s, &few, &none, late, BAKE), Verdict::Fail(m) if m.contains("too little traffic")));
+        assert!(matches!(judge(&s, &few, &none, late, BAKE), Verdict::Fail(_, m) if m.contains("too little traffic")));
         s.insufficient_traffic = InsufficientTraffic::Pass;
         assert_eq!(judge(&s, &few, &none, late, BAKE), Verdict::Pass);
         s.min_requests = 0;
@@ -151,6 +164,6 @@ mod tests {
         let old = Traffic { proxies: 3, ..traffic(300.0, 6.0) };
         assert_eq!(judge(&s, &traffic(100.0, 2.0), &old, BAKE, BAKE), Verdict::Pass, "2 % like the old version");
         let v = judge(&s, &traffic(100.0, 8.0), &old, BAKE, BAKE);
-        assert!(matches!(&v, Verdict::Fail(m) if m.contains("baseline 0.0200")), "{v:?}");
+        assert!(matches!(&v, Verdict::Fail(_, m) if m.contains("baseline 0.0200")), "{v:?}");
     }
 }

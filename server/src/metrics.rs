@@ -85,6 +85,11 @@ impl OutcomeLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GateLabel {
+    pub gate: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StateLabel {
     pub state: &'static str,
 }
@@ -193,6 +198,7 @@ pub struct Metrics {
     pub tls_reloads: Family<ResultLabel, Counter>,
     pub rollout_step: Family<NameLabel, Gauge>,
     pub rollouts: Family<OutcomeLabel, Counter>,
+    pub rollout_gate_failures: Family<GateLabel, Counter>,
     pub tls_handshake_failures: Family<PortLabel, Counter>,
     pub xds_identity_refusals: Counter,
     pub admin_unauthorized: Counter,
@@ -232,6 +238,7 @@ impl Default for Metrics {
             tls_reloads: Family::default(),
             rollout_step: Family::default(),
             rollouts: Family::default(),
+            rollout_gate_failures: Family::default(),
             tls_handshake_failures: Family::default(),
             xds_identity_refusals: Counter::default(),
             admin_unauthorized: Counter::default(),
@@ -324,6 +331,11 @@ impl Default for Metrics {
             "rollouts",
             "Rollouts that ended, by outcome (completed, promoted, rolled_back, halted, aborted, reverted, superseded)",
             m.rollouts.clone(),
+        );
+        registry.register(
+            "rollout_gate_failures",
+            "Rollouts failed by a health gate on their proxies' own traffic, by gate (max_5xx_ratio, max_p99_latency, max_wasm_failures, min_requests)",
+            m.rollout_gate_failures.clone(),
         );
         registry.register(
             "tls_reloads",

@@ -234,6 +234,9 @@ impl Rollouts {
         for outcome in effects.ended {
             self.metrics.rollouts.get_or_create(&crate::metrics::OutcomeLabel::new(outcome)).inc();
         }
+        for gate in effects.gate_failures {
+            self.metrics.rollout_gate_failures.get_or_create(&crate::metrics::GateLabel { gate }).inc();
+        }
         for name in effects.forgotten {
             self.metrics.rollout_step.remove(&crate::metrics::NameLabel { name });
         }
