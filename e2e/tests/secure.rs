@@ -347,3 +347,30 @@ fn admin_token_tls_host_check_and_private_keys_never_shown() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let _: Value = serde_json::from_str(&body).unwrap();
 }
+
+/// Envoy's metrics service on the same port, under the same rules: stats claiming a node
+/// the client certificate may not claim are refused; a client flooding stats messages gets
+/// them merged (one kept a second), and its stream is answered.
+#[test]
+fn stats_for_another_node_are_refused_and_a_flood_is_merged() {
+    let s = start(&quickstart_with("v1"), &[]);
+    let client = s.ca.issue("stats-client", &[&format!("uri:{SPIFFE}secure-envoy")], false);
+    let stats = |node: &str, count: usize| {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/stats_client.py");
+        let out = std::process::Command::new("python3")
+            .arg(script)
+            .arg(s.fp.xds_port.to_string())
+            .args([&s.ca.cert, &client.cert, &client.key])
+            .args([node, &count.to_string()])
+            .output()
+            .expect("python3 runs");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    let refused = stats("impostor", 3);
+    assert!(refused.starts_with("PERMISSION_DENIED"), "{refused}");
+    assert_eq!(stats("secure-envoy", 2_000), "OK");
+    let merged = s.fp.metric("filterplane_limit_hits_total{limit=\"stats_flushes_merged\"}").unwrap_or(0.0);
+    assert!(merged >= 1_990.0, "a flood is merged, not kept: {merged}");
+    assert!(s.fp.metric("filterplane_xds_identity_refusals_total").unwrap() >= 1.0);
+}
