@@ -135,10 +135,16 @@ pub enum InsufficientTraffic {
 
 /// `Option<Duration>` written as `250ms`.
 mod opt_duration_text {
-    use serde::{Deserializer, Serializer};
+    use serde::{Deserialize, Deserializer, Serializer};
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<std::time::Duration>, D::Error> {
-        super::duration_text::deserialize(d).map(Some)
+        // `null` is what `serialize` writes for none (stored rollout state reads it back).
+        match Option::<String>::deserialize(d)? {
+            None => Ok(None),
+            Some(text) => humantime::parse_duration(&text)
+                .map(Some)
+                .map_err(|e| serde::de::Error::custom(format!("{text:?}: {e} (write e.g. 250ms, 1s)"))),
+        }
     }
 
     pub fn serialize<S: Serializer>(v: &Option<std::time::Duration>, s: S) -> Result<S::Ok, S::Error> {

@@ -3,7 +3,7 @@
 //! rollout steps fleet-wide; the leader killed mid-rollout, another continues at the same
 //! step, and the Envoys that fail over reload nothing; etcd unreachable, every replica
 //! keeps serving and rollouts pause, saying why; a NACK on proxies of other replicas fails
-//! a rollout the leader drives.
+//! a rollout the leader drives, and so do their stats failing a health gate.
 
 use std::{fs, path::PathBuf, time::Duration};
 
@@ -51,6 +51,11 @@ fn with_rollout(yaml: &str, rollout: &str) -> String {
 
 impl Fleet {
     fn start(prefix: &str, config: &str) -> Fleet {
+        Fleet::start_with(prefix, config, |b| b)
+    }
+
+    /// As `start`, each Envoy's bootstrap passed through `bootstrap` first.
+    fn start_with(prefix: &str, config: &str, edit: impl Fn(String) -> String) -> Fleet {
         let dir = tempfile::tempdir().unwrap();
         let etcd = EtcdServer::start(dir.path());
         let yaml = dir.path().join("filterplane.yaml");
@@ -79,7 +84,7 @@ impl Fleet {
             .map(|i| {
                 let node = format!("replicated-{i}");
                 let p = EnvoyPorts::new(ports[i % 3]);
-                Envoy::start(&bootstrap(&node, p, ports[i % 3], ports[(i + 1) % 3]), p, dir.path(), &node)
+                Envoy::start(&edit(bootstrap(&node, p, ports[i % 3], ports[(i + 1) % 3])), p, dir.path(), &node)
             })
             .collect();
         Fleet { etcd, replicas, envoys, yaml, _dir: dir }
@@ -234,4 +239,64 @@ fn nacks_on_other_replicas_fail_the_rollout_the_leader_drives() {
     );
     // Envoy refused it, so every proxy still runs v1.
     f.wait_count("v1", ENVOYS);
+}
+
+/// The fault filter as `add-header` (the quickstart listener's discovered filter, its
+/// type allowed instead of HeaderMutation), aborting `abort` % of requests with 503.
+fn fault(abort: u32) -> String {
+    format!(
+        "  - name: add-header\n    typed_config:\n      \"@type\": type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault\n      abort: {{ http_status: 503, percentage: {{ numerator: {abort}, denominator: HUNDRED }} }}\n"
+    )
+}
+
+/// Issue 24: health gates count every replica's proxies. The gated entry is only for
+/// proxies on replicas that do not lead, so the leader judges the step on the stats other
+/// replicas report: a version that answers 503 rolls back.
+#[test]
+fn a_health_gate_fails_on_stats_of_proxies_on_replicas_that_do_not_lead() {
+    let sink = {
+        let doc = fs::read_to_string(filterplane_e2e::workspace_root().join("docs/rollouts.md")).unwrap();
+        let at = doc.find("**Envoy's side.**").unwrap();
+        let start = at + doc[at..].find("```yaml\n").unwrap() + "```yaml\n".len();
+        doc[start..start + doc[start..].find("```").unwrap()].to_owned()
+    };
+    let config = |entries: &str| format!("version: 1\nextension_configs:\n{entries}");
+    let f = Fleet::start_with("gates", &config(&fault(0)), |b| {
+        b.replace(
+            "type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
+            "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault",
+        )
+        .replace("static_resources:", &format!("{sink}static_resources:"))
+    });
+    for e in &f.envoys {
+        wait_until("the healthy fault filter", WAIT, || (e.get("/")?.status == 200).then_some(()));
+    }
+    let leader = f.leader();
+    let others: Vec<String> =
+        (0..ENVOYS).filter(|i| format!("r{}", i % 3) != leader).map(|i| format!("replicated-{i}")).collect();
+    let gated = |abort: u32| {
+        format!(
+            "{}    node_selector: {{ ids: [{}] }}\n    rollout: {{ steps: [25, 100], bake: 10s, health: {{ max_5xx_ratio: 0.05, min_requests: 50 }} }}\n{}",
+            fault(abort),
+            others.join(", "),
+            fault(0)
+        )
+    };
+    f.write(&config(&gated(0)));
+    let traffic: Vec<filterplane_e2e::traffic::Traffic> =
+        f.envoys.iter().map(|e| filterplane_e2e::traffic::Traffic::start(e.listener_port, 1, "/", "x-none")).collect();
+    std::thread::sleep(Duration::from_secs(3));
+    f.write(&config(&gated(100)));
+    let views = f.wait_all("the gated rollout rolled back", |v| v["history"][0]["outcome"] == "rolled_back");
+    let failure = &views[0]["history"][0]["failures"][0];
+    assert_eq!(failure["node_id"], "health gate", "{}", views[0]);
+    let served_503: Vec<u64> =
+        traffic.into_iter().map(|t| t.stop().by_status.get(&503).copied().unwrap_or(0)).collect();
+    println!("leader {leader}; 503s per Envoy {served_503:?}");
+    for (i, n) in served_503.iter().enumerate() {
+        if format!("r{}", i % 3) == leader {
+            assert_eq!(*n, 0, "the leader's proxies never had the gated entry");
+        }
+    }
+    assert!(served_503.iter().any(|n| *n > 0), "the step's proxy (on another replica) served the bad version");
 }

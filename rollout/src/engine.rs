@@ -673,6 +673,21 @@ impl Engine {
         self.entries.values().any(|e| e.active.is_some())
     }
 
+    /// When the steps of running rollouts with health gates began: every replica reports
+    /// its proxies' traffic since each (the gates count the whole fleet's).
+    pub fn gated_step_starts(&self) -> Vec<u64> {
+        let mut starts: Vec<u64> = self
+            .entries
+            .values()
+            .filter_map(|e| e.active.as_ref())
+            .filter(|a| a.spec.health.is_some() && a.status == Status::Running)
+            .map(|a| a.step_started_ms)
+            .collect();
+        starts.sort_unstable();
+        starts.dedup();
+        starts
+    }
+
     /// Whether any entry is kept.
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()

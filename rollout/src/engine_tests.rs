@@ -234,6 +234,10 @@ fn a_step_whose_traffic_fails_a_gate_rolls_back_like_a_nack() {
     assert_eq!(h.failures[0].node_id, "health gate");
     assert!(h.failures[0].message.contains("5xx ratio 0.5000 (40 of 80 requests on 1 proxies)"), "{:?}", h.failures);
     assert_eq!(engine.plan().entries[0].threshold, None, "everybody back on the last completed version");
+    // Gates and their absent options are stored and read back (redb and etcd).
+    let rows = engine.stored().to_rows().unwrap();
+    let again = Engine::from_stored(StoredState::from_rows(&rows, "t").unwrap()).unwrap();
+    assert_eq!(again.stored(), engine.stored());
 
     // A healthy version passes every gate and completes.
     let v3 = config_with("three", gated);

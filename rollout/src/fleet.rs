@@ -27,7 +27,7 @@ pub trait Member {
 }
 
 /// What proxies' traffic was in a window, summed over them, from their own stats.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Traffic {
     /// Downstream requests completed.
     pub requests: f64,

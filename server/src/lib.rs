@@ -362,7 +362,8 @@ pub async fn serve_on(
     tasks.spawn(rollouts.clone().run(cache.clone(), tracker.clone(), shutdown.clone()));
     {
         let active = rollouts.clone();
-        tasks.spawn(replicas.clone().run(tracker.clone(), move || active.active(), shutdown.clone()));
+        let input = move || active.active().then(|| active.gated_step_starts());
+        tasks.spawn(replicas.clone().run(tracker.clone(), input, rollouts.health(), shutdown.clone()));
     }
 
     let settings = Arc::new(StreamSettings {

@@ -87,6 +87,10 @@ pub struct FleetProxy {
     /// Envoy's message with its last NACK of extension configs.
     pub nack_message: Option<String>,
     pub replica: String,
+    /// Its traffic since each running gated rollout's step began (by that time), from its
+    /// stats: the leader's health gates count every replica's proxies.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub traffic: BTreeMap<u64, filterplane_rollout::Traffic>,
 }
 
 /// What one replica publishes.
@@ -284,7 +288,8 @@ impl Replicas {
     pub async fn run(
         self: Arc<Self>,
         tracker: Arc<AckTracker>,
-        rollout_input: impl Fn() -> bool + Send + 'static,
+        rollout_input: impl Fn() -> Option<Vec<u64>> + Send + 'static,
+        health: Arc<crate::health::HealthStore>,
         shutdown: CancellationToken,
     ) {
         let Some((etcd, url)) = self.etcd.clone() else { return };
@@ -303,7 +308,7 @@ impl Replicas {
                 if self.leader.swap(leading, Ordering::Relaxed) != leading {
                     tracing::info!(replica = %self.name, leading, "rollout leadership");
                 }
-                self.publish(&etcd, &mine, lease, &tracker, rollout_input()).await;
+                self.publish(&etcd, &mine, lease, &tracker, rollout_input(), &health).await;
                 let previous = self.others();
                 let read_at = now_ms();
                 let others = read_reports(etcd.list(&reports).await?, &reports, &self.name, &previous);
@@ -341,9 +346,20 @@ impl Replicas {
     /// summary that counts them. A write that fails (a part etcd refuses) is logged and
     /// shown, and does not end the beat: the lease and leadership were kept before it,
     /// and the others' reports are read after it.
-    async fn publish(&self, etcd: &Etcd, mine: &str, lease: i64, tracker: &AckTracker, with_proxies: bool) {
+    async fn publish(
+        &self,
+        etcd: &Etcd,
+        mine: &str,
+        lease: i64,
+        tracker: &AckTracker,
+        rollout: Option<Vec<u64>>,
+        health: &crate::health::HealthStore,
+    ) {
         let at_ms = now_ms();
-        let proxies = if with_proxies { local_fleet(tracker, &self.name) } else { Vec::new() };
+        let proxies = match rollout {
+            Some(step_starts) => local_fleet(tracker, &self.name, health, &step_starts),
+            None => Vec::new(),
+        };
         let (parts, left_out) = pack_parts(&proxies, at_ms);
         let mut errors: Vec<String> = Vec::new();
         if left_out > 0 {
@@ -379,8 +395,14 @@ impl Replicas {
     }
 }
 
-/// This replica's proxies as the rollout engine sees them.
-pub fn local_fleet(tracker: &AckTracker, replica: &str) -> Vec<FleetProxy> {
+/// This replica's proxies as the rollout engine sees them, with their traffic since each
+/// of `step_starts` (running gated rollouts' steps).
+pub fn local_fleet(
+    tracker: &AckTracker,
+    replica: &str,
+    health: &crate::health::HealthStore,
+    step_starts: &[u64],
+) -> Vec<FleetProxy> {
     let ecds = filterplane_api::ResourceType::ExtensionConfig;
     let mut v = Vec::new();
     tracker.for_each(|p| {
@@ -409,6 +431,10 @@ pub fn local_fleet(tracker: &AckTracker, replica: &str) -> Vec<FleetProxy> {
                 .and_then(|t| t.last_nack.as_ref())
                 .map(|n| crate::xds::stream::truncated(&n.message, REPORT_NACK_BYTES)),
             replica: replica.to_owned(),
+            traffic: step_starts
+                .iter()
+                .filter_map(|since| Some((*since, health.window(&p.facts().id, *since)?)))
+                .collect(),
         });
     });
     v
@@ -427,6 +453,7 @@ mod tests {
             ecds: BTreeMap::new(),
             nack_message: None,
             replica: replica.into(),
+            traffic: BTreeMap::new(),
         }
     }
 

@@ -323,6 +323,11 @@ impl Rollouts {
         self.lock().active()
     }
 
+    /// When the steps of running gated rollouts began (see `Engine::gated_step_starts`).
+    pub fn gated_step_starts(&self) -> Vec<u64> {
+        self.lock().gated_step_starts()
+    }
+
     /// Waits (at most `timeout`) until the state handed to the writer is saved.
     pub fn flush(&self, timeout: Duration) {
         self.writer.flush(timeout);
@@ -446,6 +451,9 @@ impl Member for FleetProxy {
     }
     fn nack_message(&self) -> Option<&str> {
         self.nack_message.as_deref()
+    }
+    fn traffic(&self, since_ms: u64) -> Option<filterplane_rollout::Traffic> {
+        self.traffic.get(&since_ms).copied()
     }
 }
 
