@@ -65,6 +65,11 @@ struct Gated {
 }
 
 fn start(n: usize, config: impl Fn(&str) -> String, files: &[(&str, Vec<u8>)]) -> Gated {
+    start_with(n, config, files, false)
+}
+
+/// As `start`; with `deltas`, each sink reports counters as deltas and the node says so.
+fn start_with(n: usize, config: impl Fn(&str) -> String, files: &[(&str, Vec<u8>)], deltas: bool) -> Gated {
     let dir = tempfile::tempdir().unwrap();
     for (name, bytes) in files {
         fs::write(dir.path().join(name), bytes).unwrap();
@@ -79,13 +84,26 @@ fn start(n: usize, config: impl Fn(&str) -> String, files: &[(&str, Vec<u8>)]) -
     let yaml = dir.path().join("filterplane.yaml");
     fs::write(&yaml, config(&listeners)).unwrap();
     let fp = Filterplane::start_with_args(&yaml, dir.path(), xds, free_port(), &[]);
-    let sink = sink_snippet();
+    let mut sink = sink_snippet();
+    if deltas {
+        sink = sink.replace(
+            "transport_api_version: V3\n",
+            "transport_api_version: V3\n      report_counters_as_deltas: true\n",
+        );
+        assert!(sink.contains("report_counters_as_deltas"), "{sink}");
+    }
     let envoys: Vec<Envoy> = ports
         .iter()
         .enumerate()
         .map(|(i, p)| {
-            let bootstrap = example_bootstrap("gateway/envoy.yaml", *p, &format!("e{i}"))
+            let mut bootstrap = example_bootstrap("gateway/envoy.yaml", *p, &format!("e{i}"))
                 .replace("static_resources:", &format!("{sink}static_resources:"));
+            if deltas {
+                bootstrap = bootstrap.replace(
+                    "  cluster: gateway\n",
+                    "  cluster: gateway\n  metadata: { filterplane.stats_counters: deltas }\n",
+                );
+            }
             Envoy::start(&bootstrap, *p, dir.path(), &format!("e{i}"))
         })
         .collect();
@@ -213,6 +231,23 @@ fn with_background_errors_the_baseline_lets_a_version_that_adds_none_through() {
     });
     assert_eq!(failed["outcome"], "rolled_back", "{failed}");
     assert!(failed["failures"][0]["message"].as_str().unwrap().contains("over max_5xx_ratio 0.01"), "{failed}");
+    for t in g.traffic {
+        t.stop();
+    }
+}
+
+/// The sink with `report_counters_as_deltas: true` (and the node saying so): the same
+/// failing version fails the same gate.
+#[test]
+fn delta_counters_are_added_up_and_fail_the_gate_the_same() {
+    let g = start_with(2, |l| config(l, 0, 503, GATED), &[], true);
+    assert!(g.fp.log_text().contains("deltas=true"), "the stats streams read deltas");
+    fs::write(&g.yaml, config(&g.listeners, 100, 503, GATED)).unwrap();
+    let failed = wait_until("the rollout to fail its health gate", WAIT, || {
+        let r = rollouts(&g.fp);
+        (r["history"][0]["outcome"] == "rolled_back").then(|| r["history"][0].clone())
+    });
+    assert!(failed["failures"][0]["message"].as_str().unwrap().contains("over max_5xx_ratio 0.05"), "{failed}");
     for t in g.traffic {
         t.stop();
     }

@@ -199,6 +199,8 @@ pub struct Metrics {
     pub rollout_step: Family<NameLabel, Gauge>,
     pub rollouts: Family<OutcomeLabel, Counter>,
     pub rollout_gate_failures: Family<GateLabel, Counter>,
+    /// Stats messages received from proxies' metrics service sinks.
+    pub stats_messages: Counter,
     pub tls_handshake_failures: Family<PortLabel, Counter>,
     pub xds_identity_refusals: Counter,
     pub admin_unauthorized: Counter,
@@ -239,6 +241,7 @@ impl Default for Metrics {
             rollout_step: Family::default(),
             rollouts: Family::default(),
             rollout_gate_failures: Family::default(),
+            stats_messages: Counter::default(),
             tls_handshake_failures: Family::default(),
             xds_identity_refusals: Counter::default(),
             admin_unauthorized: Counter::default(),
@@ -331,6 +334,11 @@ impl Default for Metrics {
             "rollouts",
             "Rollouts that ended, by outcome (completed, promoted, rolled_back, halted, aborted, reverted, superseded)",
             m.rollouts.clone(),
+        );
+        registry.register(
+            "stats_messages",
+            "Stats messages received from proxies' metrics service sinks (StreamMetrics), read for rollout health gates",
+            m.stats_messages.clone(),
         );
         registry.register(
             "rollout_gate_failures",

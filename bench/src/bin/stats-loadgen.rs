@@ -43,6 +43,16 @@ struct Args {
     secs: u64,
     #[arg(long)]
     server_pid: Option<u32>,
+    /// The server's admin URL, to count the messages it received
+    /// (`filterplane_stats_messages_total`).
+    #[arg(long)]
+    admin: Option<String>,
+}
+
+/// `filterplane_stats_messages_total` at `admin`.
+fn received(admin: Option<&str>) -> Option<f64> {
+    let body = ureq::get(&format!("{}/metrics", admin?)).call().ok()?.into_body().read_to_string().ok()?;
+    body.lines().find_map(|l| l.strip_prefix("filterplane_stats_messages_total ")?.trim().parse().ok())
 }
 
 fn family(name: String, value: f64) -> MetricFamily {
@@ -107,10 +117,12 @@ async fn main() -> anyhow::Result<()> {
     tokio::time::sleep(interval * 2).await;
     let ramp = started.elapsed();
     let (cpu0, rss0) = (args.server_pid.and_then(cpu_secs), args.server_pid.and_then(rss_kib));
+    let got0 = received(args.admin.as_deref());
     let t0 = Instant::now();
     tokio::time::sleep(Duration::from_secs(args.secs)).await;
     let wall = t0.elapsed().as_secs_f64();
     let (cpu1, rss1) = (args.server_pid.and_then(cpu_secs), args.server_pid.and_then(rss_kib));
+    let got = received(args.admin.as_deref()).zip(got0).map(|(b, a)| (b - a) / wall);
     println!(
         "stats-loadgen: {} streams over {channels} connections, a flush of {} families ({bytes} bytes) every {} ms each: {:.0} messages/s, {:.1} MB/s; ramp {:.1} s",
         args.streams,
@@ -120,11 +132,15 @@ async fn main() -> anyhow::Result<()> {
         args.streams as f64 * bytes as f64 * 1000.0 / args.interval_ms as f64 / 1e6,
         ramp.as_secs_f64()
     );
+    let rate = got.unwrap_or(args.streams as f64 * 1000.0 / args.interval_ms as f64);
+    if let Some(got) = got {
+        println!("server received {got:.0} messages/s");
+    }
     if let (Some(c0), Some(c1), Some(r1)) = (cpu0, cpu1, rss1) {
         println!(
-            "server: {:.3} cores over {wall:.1} s ({:.1} µs of CPU per message); resident {:.1} MiB ({:+.1} MiB over the run)",
+            "server: {:.3} cores over {wall:.1} s ({:.1} µs of CPU per message received); resident {:.1} MiB ({:+.1} MiB over the run)",
             (c1 - c0) / wall,
-            (c1 - c0) / wall / (args.streams as f64 * 1000.0 / args.interval_ms as f64) * 1e6,
+            (c1 - c0) / wall / rate * 1e6,
             r1 as f64 / 1024.0,
             (r1 as f64 - rss0.unwrap_or(r1) as f64) / 1024.0,
         );

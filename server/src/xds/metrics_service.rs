@@ -41,6 +41,7 @@ fn now_ms() -> u64 {
 
 impl MetricsStream {
     pub fn on_message(&mut self, ctx: &XdsContext, peer: &ConnPeer, bytes: &[u8], out: &mut Output) {
+        ctx.tracker.metrics().stats_messages.inc();
         let (node, flush) = match read_message(bytes) {
             Ok(m) => m,
             Err(e) => {
