@@ -252,3 +252,25 @@ fn delta_counters_are_added_up_and_fail_the_gate_the_same() {
         t.stop();
     }
 }
+
+/// A version that answers slowly (the fault filter delaying every request 400 ms): the
+/// step's request time p99, from Envoy's own histogram, crosses `max_p99_latency`.
+#[test]
+fn a_slow_version_fails_the_latency_gate() {
+    let slow = |listeners: &str, delay: &str| {
+        format!(
+            "version: 1\nlisteners:\n{listeners}extension_configs:\n  - name: fault\n    rollout: {{ steps: [50, 100], bake: 15s, health: {{ max_p99_latency: 250ms, min_requests: 5 }} }}\n    placement: {{ phase: AUTHN }}\n    typed_config:\n      \"@type\": type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault\n      delay: {{ fixed_delay: {delay}, percentage: {{ numerator: 100, denominator: HUNDRED }} }}\n"
+        )
+    };
+    let g = start(2, |l| slow(l, "0.001s"), &[]);
+    fs::write(&g.yaml, slow(&g.listeners, "0.4s")).unwrap();
+    let failed = wait_until("the rollout to fail its latency gate", WAIT, || {
+        let r = rollouts(&g.fp);
+        (r["history"][0]["outcome"] == "rolled_back").then(|| r["history"][0].clone())
+    });
+    let message = failed["failures"][0]["message"].as_str().unwrap();
+    assert!(message.contains("over max_p99_latency 250ms"), "{failed}");
+    for t in g.traffic {
+        t.stop();
+    }
+}
