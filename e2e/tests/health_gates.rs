@@ -162,6 +162,14 @@ fn a_version_that_fails_requests_fails_its_step_gate_and_rolls_back() {
         (h["requests"].as_f64()? > 0.0).then(|| h.clone())
     });
     assert_eq!(live["errors_5xx"], 0.0, "{live}");
+    // The page shows it beside the ACK counts (a real browser).
+    let browser = filterplane_e2e::browser::Browser::start(_dir.path());
+    browser.goto(&fp.url("/"));
+    wait_until("the page's step health", WAIT, || {
+        let t = browser.text("#rollouts");
+        (t.contains("health: ") && t.contains("with stats, 5xx 0.00 %")).then_some(())
+    });
+    drop(browser);
     wait_until("the healthy rollout to complete", WAIT, || {
         (rollouts(&fp)["history"][0]["outcome"] == "completed").then_some(())
     });
