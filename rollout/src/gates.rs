@@ -38,11 +38,19 @@ pub fn judge(spec: &HealthSpec, step: &Traffic, baseline: &Traffic, elapsed: Dur
             );
         }
     }
-    if requests < spec.min_requests as f64 || requests == 0.0 {
-        let figures = format!(
+    // With a baseline to judge against, it needs its requests too (its proxies' first
+    // flush since the step began may come after the step's).
+    let baseline_short = spec.baseline_margin.is_some()
+        && baseline.proxies > 0
+        && baseline.requests < (spec.min_requests as f64).max(1.0);
+    if requests < spec.min_requests as f64 || requests == 0.0 || baseline_short {
+        let mut figures = format!(
             "{requests:.0} requests on the step's {} proxies with stats, min_requests {}",
             step.proxies, spec.min_requests
         );
+        if baseline_short {
+            figures.push_str(&format!("; baseline {:.0} requests on {} proxies", baseline.requests, baseline.proxies));
+        }
         if elapsed < bake + spec.max_wait {
             return Verdict::Wait(figures);
         }
@@ -161,6 +169,9 @@ mod tests {
         let mut s = spec();
         s.max_5xx_ratio = Some(Ratio(0.01));
         s.baseline_margin = Some(Ratio(0.005));
+        let quiet = Traffic { proxies: 3, ..Traffic::default() };
+        let v = judge(&s, &traffic(100.0, 2.0), &quiet, BAKE, BAKE);
+        assert!(matches!(&v, Verdict::Wait(m) if m.contains("baseline 0 requests on 3 proxies")), "{v:?}");
         let old = Traffic { proxies: 3, ..traffic(300.0, 6.0) };
         assert_eq!(judge(&s, &traffic(100.0, 2.0), &old, BAKE, BAKE), Verdict::Pass, "2 % like the old version");
         let v = judge(&s, &traffic(100.0, 8.0), &old, BAKE, BAKE);
