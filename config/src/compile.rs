@@ -49,6 +49,7 @@ const SECTIONS: [(&str, ResourceType); 5] = [
 pub fn compile(files: &[ParsedFile]) -> Result<CompiledConfig, ConfigErrors> {
     let mut c = Compiler {
         rollout: None,
+        verification: None,
         files,
         errors: Vec::new(),
         notices: Vec::new(),
@@ -57,6 +58,7 @@ pub fn compile(files: &[ParsedFile]) -> Result<CompiledConfig, ConfigErrors> {
         seen: HashMap::new(),
     };
     c.default_rollout();
+    c.default_verification();
     for file in files {
         for (i, spec) in file.doc.extension_configs.iter().enumerate() {
             c.extension_config(file, i, spec);
@@ -88,6 +90,7 @@ pub fn compile(files: &[ParsedFile]) -> Result<CompiledConfig, ConfigErrors> {
         resources: Vec::new(),
         wasm_plugins: c.wasm.into_iter().map(Arc::new).collect(),
         files: files.iter().map(|f| f.path.clone()).collect(),
+        wasm_verification: c.verification.clone(),
         notices: c.notices,
     };
     Ok(config.with_resources(c.resources))
@@ -106,6 +109,8 @@ fn encode(rt: ResourceType, name: &str, mut json: Value) -> Result<(Any, Resourc
 struct Compiler<'a> {
     /// The config's default rollout (`rollout:` of a document).
     rollout: Option<crate::model::RolloutSpec>,
+    /// The config's default module verification (`wasm_verification:` of a document).
+    verification: Option<Arc<crate::compiled::Verification>>,
     files: &'a [ParsedFile],
     errors: Vec<ConfigError>,
     /// What is worth saying about a valid config (an Istio document placed nowhere).
@@ -156,6 +161,68 @@ impl Compiler<'_> {
             }
         }
         self.rollout = found.map(|(r, _)| r);
+    }
+
+    /// The config's `wasm_verification` (one for the whole config), its keys read.
+    fn default_verification(&mut self) {
+        let mut found: Option<(crate::model::VerificationSpec, &ParsedFile)> = None;
+        for file in self.files {
+            let Some(v) = &file.doc.wasm_verification else { continue };
+            match &found {
+                Some((other, at)) if other != v => {
+                    let e = file.error(
+                        "wasm_verification",
+                        format!("differs from the one of {}: one default for the whole config", at.path.display()),
+                    );
+                    self.errors.push(e);
+                }
+                Some(_) => {}
+                None => found = Some((v.clone(), file)),
+            }
+        }
+        let Some((v, file)) = found else { return };
+        let base = crate::parsed::config_dir(&file.path);
+        let mut keys = Vec::new();
+        for (i, path) in v.keys.iter().enumerate() {
+            match read_key(base, path) {
+                Ok(k) => keys.push(k),
+                Err(m) => self.errors.push(file.error(format!("wasm_verification.keys[{i}]"), m)),
+            }
+        }
+        if v.require && keys.is_empty() {
+            self.errors.push(file.error("wasm_verification", "require: true needs at least one key"));
+        }
+        self.verification =
+            Some(Arc::new(crate::compiled::Verification { keys, require: v.require, signature_url: None }));
+    }
+
+    /// A plugin's verification: its own keys (which replace the default ones) or the
+    /// config's; `Err` with the sub-path and message.
+    fn plugin_verification(
+        &self,
+        base: &std::path::Path,
+        spec: &crate::model::PluginVerificationSpec,
+    ) -> Result<Arc<crate::compiled::Verification>, (String, String)> {
+        let mut keys = Vec::new();
+        for (i, path) in spec.keys.iter().enumerate() {
+            keys.push(read_key(base, path).map_err(|m| (format!("verification.keys[{i}]"), m))?);
+        }
+        for pem in &spec.inline_keys {
+            // Inline keys come from Istio's `verificationKey`.
+            check_pem(pem).map_err(|m| ("verificationKey".to_owned(), m))?;
+            keys.push(("inline".to_owned(), pem.clone()));
+        }
+        if keys.is_empty() {
+            keys = self.verification.as_ref().map(|v| v.keys.clone()).unwrap_or_default();
+        }
+        if keys.is_empty() {
+            return Err(("verification".into(), "no keys: name them here or in wasm_verification".into()));
+        }
+        Ok(Arc::new(crate::compiled::Verification {
+            keys,
+            require: spec.require.unwrap_or(true),
+            signature_url: spec.signature_url.clone(),
+        }))
     }
 
     /// Checks the name of an entry and that no earlier entry makes it unreachable.
@@ -315,6 +382,16 @@ impl Compiler<'_> {
             }
         };
         plugin.rollout = spec.rollout.clone().or_else(|| self.rollout.clone());
+        plugin.verification = match &spec.verification {
+            Some(v) => match self.plugin_verification(base, v) {
+                Ok(v) => Some(v),
+                Err((sub, message)) => {
+                    self.error_at(&origin, &sub, message);
+                    return;
+                }
+            },
+            None => self.verification.clone(),
+        };
         if let Some(Err(m)) = spec.rollout.as_ref().map(check_rollout) {
             self.error_at(&origin, "rollout", m);
         }
@@ -334,3 +411,25 @@ mod placed;
 mod resources;
 
 pub use placed::assemble_listener;
+
+/// A public key file, read (small) and checked to hold a PEM public key: (its path as
+/// written, its text).
+fn read_key(base: &std::path::Path, path: &std::path::Path) -> Result<(String, String), String> {
+    let full = if path.is_absolute() { path.to_path_buf() } else { base.join(path) };
+    let bytes = filterplane_api::files::read_small_file(&full, 64 * 1024)
+        .map_err(|e| format!("cannot read {}: {e}", full.display()))?;
+    let text = String::from_utf8(bytes).map_err(|_| format!("{}: not PEM text", full.display()))?;
+    check_pem(&text).map_err(|m| format!("{}: {m}", full.display()))?;
+    Ok((path.display().to_string(), text))
+}
+
+/// Whether `text` holds a PEM public key block (its contents are checked when used).
+fn check_pem(text: &str) -> Result<(), String> {
+    if text.contains("-----BEGIN PUBLIC KEY-----") && text.contains("-----END PUBLIC KEY-----") {
+        Ok(())
+    } else if text.contains("PRIVATE KEY") {
+        Err("a private key: give the public key (`openssl pkey -pubout`)".into())
+    } else {
+        Err("expected a -----BEGIN PUBLIC KEY----- block (ECDSA P-256, RSA or Ed25519)".into())
+    }
+}

@@ -65,6 +65,9 @@ pub struct CompiledConfig {
     /// modules are fetched and checked.
     pub wasm_plugins: Vec<Arc<WasmPlugin>>,
     pub files: Vec<PathBuf>,
+    /// The config's default verification for modules Filterplane fetches
+    /// (`wasm_verification`), for Envoy-native Wasm configs' code.
+    pub wasm_verification: Option<Arc<Verification>>,
     /// What `validate`, the API and the page say about a valid config: each names the
     /// entry's file, line and path (an Istio document placed in no served listener).
     pub notices: Vec<crate::ConfigError>,
@@ -126,4 +129,17 @@ pub struct WasmPlugin {
     pub origin: Origin,
     /// How a new version rolls out (`None`: at once).
     pub rollout: Option<crate::model::RolloutSpec>,
+    /// Who may have signed the module (`None`: nobody is asked).
+    pub verification: Option<Arc<Verification>>,
+}
+
+/// Trusted keys for a module's signature, read from the config.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Verification {
+    /// (name as the config gives it: a path, or `inline`; the PEM text).
+    pub keys: Vec<(String, String)>,
+    /// A module without a valid signature by one of the keys is refused.
+    pub require: bool,
+    /// Where the detached signature of an http(s) or file module is (default: `URL.sig`).
+    pub signature_url: Option<String>,
 }

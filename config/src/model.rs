@@ -39,6 +39,40 @@ pub struct Document {
     /// (an entry's own `rollout` wins). Absent: to every proxy at once.
     #[serde(default)]
     pub rollout: Option<RolloutSpec>,
+    /// Who may have built the Wasm modules Filterplane fetches (plugins and Envoy-native
+    /// Wasm configs): trusted public keys, and whether a signature is required.
+    #[serde(default)]
+    pub wasm_verification: Option<VerificationSpec>,
+}
+
+/// Trusted keys for module signatures (docs/wasm.md, Signed modules).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VerificationSpec {
+    /// PEM public keys (`PUBLIC KEY`: ECDSA P-256, RSA, Ed25519), relative to the file.
+    #[serde(default)]
+    pub keys: Vec<std::path::PathBuf>,
+    /// A module without a valid signature by one of the keys is refused.
+    #[serde(default)]
+    pub require: bool,
+}
+
+/// A plugin's own verification: its keys replace the default ones.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginVerificationSpec {
+    #[serde(default)]
+    pub keys: Vec<std::path::PathBuf>,
+    /// Default: `true` (a plugin that names its keys means them), else the config's.
+    #[serde(default)]
+    pub require: Option<bool>,
+    /// Where the detached signature of an http(s) or file module is (default: the
+    /// module's URL with `.sig` appended).
+    #[serde(default)]
+    pub signature_url: Option<String>,
+    /// Keys written inline (Istio's `verificationKey`).
+    #[serde(skip)]
+    pub inline_keys: Vec<String>,
 }
 
 /// A progressive rollout: new versions go to a growing share of the matching proxies.
@@ -367,6 +401,9 @@ pub struct WasmPluginSpec {
     /// How new versions roll out (else the file's `rollout`, else all at once).
     #[serde(default)]
     pub rollout: Option<RolloutSpec>,
+    /// Keys that may have signed this plugin's module (else `wasm_verification`'s).
+    #[serde(default)]
+    pub verification: Option<PluginVerificationSpec>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]

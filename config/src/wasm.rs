@@ -69,6 +69,7 @@ impl WasmPlugin {
             placement: None,
             origin,
             rollout: spec.rollout.clone(),
+            verification: None,
         })
     }
 
@@ -98,6 +99,7 @@ impl WasmPlugin {
             placement: None,
             origin,
             rollout: None,
+            verification: None,
         }
     }
 

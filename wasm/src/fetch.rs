@@ -32,6 +32,9 @@ pub enum FetchError {
     Checksum { expected: String, actual: String },
     #[error("invalid module: {0}")]
     Invalid(String),
+    /// `signature_missing`, `signature_invalid` or `signature_untrusted_key`.
+    #[error("{0}: {1}")]
+    Signature(&'static str, String),
 }
 
 impl FetchError {
@@ -40,6 +43,7 @@ impl FetchError {
             FetchError::Download(_) => "download_failure",
             FetchError::Checksum { .. } => "checksum_mismatch",
             FetchError::Invalid(_) => "invalid_module",
+            FetchError::Signature(kind, _) => kind,
         }
     }
 }
@@ -51,11 +55,27 @@ pub struct Module {
     pub bytes: Bytes,
 }
 
+/// Where the detached signature of a file or http(s) module is: `signature_url` when
+/// given, else the module's own location with `.sig` appended.
+fn signature_location(source: &ModuleSource, signature_url: Option<&str>) -> Option<ModuleSource> {
+    match signature_url {
+        Some(u) if u.starts_with("http://") || u.starts_with("https://") => Some(ModuleSource::Http(u.to_owned())),
+        Some(u) => Some(ModuleSource::File(u.strip_prefix("file://").unwrap_or(u).into())),
+        None => match source {
+            ModuleSource::File(p) => Some(ModuleSource::File(format!("{}.sig", p.display()).into())),
+            ModuleSource::Http(u) => Some(ModuleSource::Http(format!("{u}.sig"))),
+            ModuleSource::Oci { .. } => None,
+        },
+    }
+}
+
 pub struct WasmFetcher {
     pub cache: WasmModuleCache,
     settings: FetchSettings,
     http: reqwest::Client,
     pub metrics: WasmMetrics,
+    /// The trusted key that verified each module (by SHA-256) the last time it was checked.
+    verified: std::sync::Mutex<std::collections::HashMap<String, String>>,
 }
 
 impl std::fmt::Debug for WasmFetcher {
@@ -80,9 +100,14 @@ impl WasmFetcher {
                 None => Vec::new(),
             })
             .build()?;
-        let fetcher = Self { cache, settings, http, metrics };
+        let fetcher = Self { cache, settings, http, metrics, verified: Default::default() };
         fetcher.update_cache_gauges();
         Ok(fetcher)
+    }
+
+    /// The trusted key that verified the module with this SHA-256, if one did.
+    pub fn verified_by(&self, sha256: &str) -> Option<String> {
+        self.verified.lock().unwrap_or_else(|p| p.into_inner()).get(sha256).cloned()
     }
 
     fn update_cache_gauges(&self) {
@@ -91,10 +116,18 @@ impl WasmFetcher {
         self.metrics.cache_bytes.set(bytes as i64);
     }
 
-    /// `module`, given up after the reload's deadline.
+    /// `module`, its signature checked (`check_signature`), given up after the reload's
+    /// deadline.
     pub async fn module_in_time(&self, plugin: &WasmPlugin) -> Result<Module, FetchError> {
         let deadline = self.settings.deadline;
-        tokio::time::timeout(deadline, self.module(plugin)).await.unwrap_or_else(|_| {
+        let checked = async {
+            let module = self.module(plugin).await?;
+            if let Some(key) = self.check_signature(plugin, &module).await? {
+                self.verified.lock().unwrap_or_else(|p| p.into_inner()).insert(module.sha256.clone(), key);
+            }
+            Ok(module)
+        };
+        tokio::time::timeout(deadline, checked).await.unwrap_or_else(|_| {
             self.metrics.fetches.get_or_create(&ResultLabel { result: "download_failure" }).inc();
             Err(FetchError::Download(format!(
                 "not fetched within {} s (--wasm-fetch-deadline-secs); tried again at the next reload",
@@ -119,6 +152,105 @@ impl WasmFetcher {
         }
         self.update_cache_gauges();
         result.map(|(m, _)| m)
+    }
+
+    /// Which trusted key signed `module` (`None`: no keys asked, or none required and no
+    /// signature there); a module that fails the check is refused like a checksum
+    /// mismatch. Signatures are small and fetched each time: a module verified under other
+    /// keys is verified again.
+    pub async fn check_signature(&self, plugin: &WasmPlugin, module: &Module) -> Result<Option<String>, FetchError> {
+        let Some(v) = &plugin.verification else { return Ok(None) };
+        let result = self.signature_inner(plugin, v, module).await;
+        let label = match &result {
+            Ok(Some(_)) => "verified",
+            Ok(None) => "unsigned",
+            Err(e) => e.kind(),
+        };
+        self.metrics.signature_verifications.get_or_create(&ResultLabel { result: label }).inc();
+        result
+    }
+
+    async fn signature_inner(
+        &self,
+        plugin: &WasmPlugin,
+        v: &filterplane_config::compiled::Verification,
+        module: &Module,
+    ) -> Result<Option<String>, FetchError> {
+        let digest = &module.sha256;
+        let missing = |why: String| {
+            if v.require {
+                Err(FetchError::Signature(
+                    "signature_missing",
+                    format!("{why} (module sha256 {digest}; require: true)"),
+                ))
+            } else {
+                Ok(None)
+            }
+        };
+        let Some(at) = signature_location(&plugin.source, v.signature_url.as_deref()) else {
+            return missing(
+                "signatures of OCI modules (cosign's .sig tag) are not checked yet: serve it over http(s) or from a file with a .sig beside it, or set require: false".into(),
+            );
+        };
+        let text = match &at {
+            ModuleSource::File(path) => match tokio::fs::metadata(path).await {
+                Ok(m) if m.is_file() && m.len() <= crate::sign::MAX_SIGNATURE_BYTES as u64 => {
+                    tokio::fs::read(path).await.map_err(|e| FetchError::Download(format!("{}: {e}", path.display())))?
+                }
+                Ok(m) if m.is_file() => {
+                    return Err(FetchError::Signature(
+                        "signature_invalid",
+                        format!(
+                            "{}: {} bytes, over the limit of {}",
+                            path.display(),
+                            m.len(),
+                            crate::sign::MAX_SIGNATURE_BYTES
+                        ),
+                    ))
+                }
+                _ => return missing(format!("no signature at {}", path.display())),
+            },
+            ModuleSource::Http(url) => {
+                if let Ok(parsed) = reqwest::Url::parse(url) {
+                    self.settings
+                        .guard
+                        .check_url(&parsed)
+                        .map_err(|e| FetchError::Download(format!("{url}: refused: {e}")))?;
+                }
+                match get_bounded(self.http.get(url), url, "signature", crate::sign::MAX_SIGNATURE_BYTES as u64).await {
+                    Ok(b) => b.to_vec(),
+                    Err((_, e)) if e.contains("HTTP 404") => return missing(format!("no signature at {url} (404)")),
+                    Err((_, e)) if e.contains("larger than the limit") => {
+                        return Err(FetchError::Signature("signature_invalid", e))
+                    }
+                    Err((_, e)) => return Err(FetchError::Download(e)),
+                }
+            }
+            ModuleSource::Oci { .. } => return missing("no signature".into()),
+        };
+        let place = match &at {
+            ModuleSource::File(p) => p.display().to_string(),
+            ModuleSource::Http(u) => u.clone(),
+            ModuleSource::Oci { .. } => String::new(),
+        };
+        let sig = crate::sign::decode_signature(&text)
+            .map_err(|m| FetchError::Signature("signature_invalid", format!("{place}: {m}")))?;
+        let mut keys = Vec::new();
+        for (name, pem) in &v.keys {
+            let key = crate::sign::PublicKey::from_pem(name, pem)
+                .map_err(|e| FetchError::Signature("signature_untrusted_key", format!("key {name}: {e}")))?;
+            keys.push(key);
+        }
+        match crate::sign::verified_by(&keys, &module.bytes, &sig) {
+            Some(k) => Ok(Some(k.name.clone())),
+            None => Err(FetchError::Signature(
+                "signature_untrusted_key",
+                format!(
+                    "the signature at {place} over module sha256 {digest} verifies with none of the trusted keys ({})",
+                    v.keys.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>().join(", ")
+                ),
+            )),
+        }
     }
 
     /// The module, and whether it came from the cache.

@@ -12,6 +12,7 @@ pub mod fetch;
 pub mod guard;
 pub mod metrics;
 pub mod oci;
+pub mod sign;
 
 use std::collections::HashSet;
 
@@ -180,12 +181,13 @@ async fn resolve_central(
     }
     let mut config = config;
     let resources = std::mem::take(&mut config.resources);
+    let verification = &config.wasm_verification;
     let converted = futures_util::future::join_all(resources.into_iter().map(|r| async move {
         match r.central_wasm.clone() {
             None => Ok((r, Vec::new())),
             Some(central) => {
                 let started = std::time::Instant::now();
-                let result = convert(&r, &central, fetcher, delivery).await;
+                let result = convert(&r, &central, fetcher, delivery, verification).await;
                 let metrics = &fetcher.metrics;
                 metrics.conversion_duration.observe(started.elapsed().as_secs_f64());
                 let label = match &result {
@@ -237,6 +239,7 @@ async fn convert(
     central: &filterplane_config::central::CentralWasm,
     fetcher: &WasmFetcher,
     delivery: &DeliverySettings,
+    verification: &Option<std::sync::Arc<filterplane_config::compiled::Verification>>,
 ) -> Result<(CompiledResource, Vec<String>), (filterplane_config::central::CodeRef, fetch::FetchError)> {
     use base64::Engine;
     use filterplane_api::envoy_types::pb::envoy::config::core::v3::TypedExtensionConfig;
@@ -248,7 +251,8 @@ async fn convert(
     let remote = delivery.default == Delivery::Remote && central.modules.len() == 1;
     for code in &central.modules {
         let origin = r.origin.clone();
-        let plugin = WasmPlugin::for_code(&r.name, &r.selector, code, origin);
+        let mut plugin = WasmPlugin::for_code(&r.name, &r.selector, code, origin);
+        plugin.verification = verification.clone();
         let module = fetcher.module_in_time(&plugin).await.map_err(|e| (code.clone(), e))?;
         let new_code = if remote {
             let uri = format!(

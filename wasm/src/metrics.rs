@@ -34,6 +34,9 @@ pub struct WasmMetrics {
     pub compile_duration: Histogram,
     pub conversions: Family<ResultLabel, Counter>,
     pub conversion_duration: Histogram,
+    /// Module signatures checked, by result (`verified`, `unsigned`, `signature_missing`,
+    /// `signature_invalid`, `signature_untrusted_key`).
+    pub signature_verifications: Family<ResultLabel, Counter>,
 }
 
 impl Default for WasmMetrics {
@@ -46,6 +49,7 @@ impl Default for WasmMetrics {
             fetch_duration: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
             compile_duration: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
             conversions: Family::default(),
+            signature_verifications: Family::default(),
             conversion_duration: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
         };
         // Every label value shows from the start, at zero.
@@ -71,6 +75,11 @@ impl WasmMetrics {
             "wasm_cache_lookups",
             "Wasm module cache lookups, by result (hit, miss)",
             self.cache_lookups.clone(),
+        );
+        registry.register(
+            "wasm_signature_verifications",
+            "Wasm module signatures checked against the trusted keys, by result (verified, unsigned, signature_missing, signature_invalid, signature_untrusted_key)",
+            self.signature_verifications.clone(),
         );
         registry.register("wasm_cache_entries", "Modules in the Wasm module cache", self.cache_entries.clone());
         registry.register("wasm_cache_bytes", "Bytes in the Wasm module cache", self.cache_bytes.clone());

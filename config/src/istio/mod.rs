@@ -197,13 +197,13 @@ pub fn parse(file: &Path, text: &str) -> Result<ParsedFile, ConfigErrors> {
         }
         (EXTENSIONS_API, "TrafficExtension") => match plugin::traffic_extension(&mut r, &spec, &full_name, file) {
             Some(plugin::Extension::Wasm(p)) => {
-                out.wasm_plugins.push(p);
+                out.wasm_plugins.push(*p);
                 aliases.push(("wasm_plugins[0]".to_owned(), "spec.wasm".to_owned()));
                 aliases.push(("wasm_plugins[0].node_selector".to_owned(), "spec.selector".to_owned()));
                 aliases.push(("wasm_plugins[0].placement".to_owned(), "spec".to_owned()));
             }
             Some(plugin::Extension::Lua(c)) => {
-                out.extension_configs.push(c);
+                out.extension_configs.push(*c);
                 aliases.push(("extension_configs[0].typed_config".to_owned(), "spec.lua".to_owned()));
                 aliases.push((
                     "extension_configs[0].typed_config.default_source_code".to_owned(),

@@ -18,13 +18,10 @@ pub const LUA_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.http.lu
 /// Istio's bound on `lua.inlineCode` (its CRD's MaxLength), kept here.
 pub const MAX_LUA_BYTES: usize = 65_536;
 
-const VERIFICATION_KEY: &str = "Istio does not implement verificationKey (its API hides the field \
-     until a design exists); leave it out";
-
 /// What a TrafficExtension becomes.
 pub enum Extension {
-    Wasm(WasmPluginSpec),
-    Lua(ExtensionConfigSpec),
+    Wasm(Box<WasmPluginSpec>),
+    Lua(Box<ExtensionConfigSpec>),
 }
 
 /// Where and for which proxies: the fields WasmPlugin and TrafficExtension share.
@@ -181,11 +178,19 @@ fn wasm_module(
         delivery: None,
         rollout: None,
         placement: Some(targeting.placement),
+        // Istio's `verificationKey` (a PEM public key), which Istio itself does not
+        // implement: the module must be signed by it.
+        verification: r.string(w, at, "verificationKey").map(|pem| crate::model::PluginVerificationSpec {
+            inline_keys: vec![pem],
+            require: Some(true),
+            ..Default::default()
+        }),
     })
 }
 
 const TARGETING_FIELDS: [&str; 4] = ["selector", "phase", "priority", "match"];
-const WASM_FIELDS: [&str; 9] = [
+const WASM_FIELDS: [&str; 10] = [
+    "verificationKey",
     "url",
     "sha256",
     "imagePullPolicy",
@@ -196,8 +201,7 @@ const WASM_FIELDS: [&str; 9] = [
     "type",
     "failStrategy",
 ];
-const REFUSED: [(&str, &str); 3] =
-    [("targetRef", TARGET_REFS), ("targetRefs", TARGET_REFS), ("verificationKey", VERIFICATION_KEY)];
+const REFUSED: [(&str, &str); 2] = [("targetRef", TARGET_REFS), ("targetRefs", TARGET_REFS)];
 
 /// A `WasmPlugin`: its module, fetched and checked by Filterplane, placed and served.
 pub(super) fn wasm_plugin(r: &mut Reader<'_>, spec: &Value, name: &str, file: &Path) -> Option<WasmPluginSpec> {
@@ -211,12 +215,12 @@ pub(super) fn wasm_plugin(r: &mut Reader<'_>, spec: &Value, name: &str, file: &P
 /// Envoy's Lua filter, at most 64 KiB as Istio's API bounds it).
 pub(super) fn traffic_extension(r: &mut Reader<'_>, spec: &Value, name: &str, file: &Path) -> Option<Extension> {
     let known: Vec<&str> = TARGETING_FIELDS.iter().chain(&["wasm", "lua"]).copied().collect();
-    let s = r.object_refusing(spec, "spec", &known, &REFUSED[..2])?;
+    let s = r.object_refusing(spec, "spec", &known, &REFUSED)?;
     let targeting = targeting(r, s);
     match (s.get("wasm"), s.get("lua")) {
         (Some(w), None) => {
-            let w = r.object_refusing(w, "spec.wasm", &WASM_FIELDS, &REFUSED[2..])?;
-            wasm_module(r, w, "spec.wasm", name, file, targeting).map(Extension::Wasm)
+            let w = r.object(w, "spec.wasm", &WASM_FIELDS)?;
+            wasm_module(r, w, "spec.wasm", name, file, targeting).map(|w| Extension::Wasm(Box::new(w)))
         }
         (None, Some(l)) => {
             let l = r.object(l, "spec.lua", &["inlineCode"])?;
@@ -237,14 +241,14 @@ pub(super) fn traffic_extension(r: &mut Reader<'_>, spec: &Value, name: &str, fi
             }
             let mut placement = targeting.placement;
             placement.chain = Some(ChainKind::Http);
-            Some(Extension::Lua(ExtensionConfigSpec {
+            Some(Extension::Lua(Box::new(ExtensionConfigSpec {
                 name: name.to_owned(),
                 node_selector: targeting.node_selector,
                 typed_config: json!({ "@type": LUA_TYPE, "default_source_code": { "inline_string": code } }),
                 placement: Some(placement),
                 wasm_fetch: None,
                 rollout: None,
-            }))
+            })))
         }
         _ => {
             r.error("spec", "needs exactly one of wasm or lua");

@@ -225,6 +225,12 @@ fn a_traffic_extension_with_wasm_is_a_wasm_plugin_and_takes_one_of_the_two() {
     assert_eq!((p.phase, p.priority), (Phase::Authz, 1000));
     let e = read("apiVersion: extensions.istio.io/v1alpha1\nkind: TrafficExtension\nmetadata: { name: x }\nspec:\n  wasm: { url: oci://r/p }\n  lua: { inlineCode: 'x' }\n").unwrap_err();
     assert!(e.0[0].message.contains("exactly one of wasm or lua"), "{e}");
-    let e = read("apiVersion: extensions.istio.io/v1alpha1\nkind: TrafficExtension\nmetadata: { name: x }\nspec:\n  wasm: { url: oci://r/p, verificationKey: abc }\n").unwrap_err();
+    // Istio's verificationKey is the plugin's trusted key: a PEM public key.
+    let e = compiled("apiVersion: extensions.istio.io/v1alpha1\nkind: TrafficExtension\nmetadata: { name: x }\nspec:\n  wasm: { url: oci://r/p, verificationKey: abc }\n").unwrap_err();
     assert_eq!(e.0[0].path, "spec.wasm.verificationKey", "{e}");
+    assert!(e.0[0].message.contains("BEGIN PUBLIC KEY"), "{e}");
+    let pem = "-----BEGIN PUBLIC KEY-----\\nMFkw\\n-----END PUBLIC KEY-----\\n";
+    let c = compiled(&format!("apiVersion: extensions.istio.io/v1alpha1\nkind: WasmPlugin\nmetadata: {{ name: x }}\nspec:\n  url: oci://r/p\n  verificationKey: \"{pem}\"\n")).unwrap();
+    let v = c.wasm_plugins[0].verification.as_ref().unwrap();
+    assert_eq!((v.keys[0].0.as_str(), v.require), ("inline", true));
 }

@@ -160,8 +160,13 @@ async fn config(State(s): State<AdminState>) -> Response {
                         file: r.origin.file.display().to_string(),
                         line: r.origin.line,
                         path: r.origin.path.clone(),
-                        module: plugin
-                            .map(|w| json!({ "url": w.url, "sha256": r.wasm_sha256, "pinned": w.sha256.is_some() })),
+                        module: plugin.map(|w| {
+                            let verified_by = r
+                                .wasm_sha256
+                                .as_deref()
+                                .and_then(|sha| s.reloader.wasm().and_then(|f| f.fetcher.verified_by(sha)));
+                            json!({ "url": w.url, "sha256": r.wasm_sha256, "pinned": w.sha256.is_some(), "verified_by": verified_by })
+                        }),
                         notice: notices.iter().find(|n| n.message.contains(&served_as)).map(|n| n.message.clone()),
                     }
                 })

@@ -1,0 +1,115 @@
+//! Signed Wasm modules, checked before any Envoy runs them. Keys and signatures are made by
+//! openssl (code that is not Filterplane's), as `cosign sign-blob` writes them: base64 of
+//! the signature over the module's bytes, in `MODULE.sig`. A module signed by a trusted
+//! key runs in a real Envoy and the API names the key; one signed by another key, one
+//! whose signature is not base64, and one without a signature under `require: true` are
+//! each refused with their reason while the previous version keeps serving; an http
+//! module's `.sig` is fetched beside it.
+
+use std::{fs, path::Path, process::Command, time::Duration};
+
+use filterplane_e2e::{
+    direct_response_listener, example_bootstrap, free_port,
+    services::{header_module, FileServer},
+    wait_until, Envoy, EnvoyPorts, Filterplane,
+};
+use serde_json::Value;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn openssl(args: &[&str], dir: &Path) {
+    let ok = Command::new("openssl").args(args).current_dir(dir).status().unwrap().success();
+    assert!(ok, "openssl {args:?}");
+}
+
+/// A P-256 key pair NAME.key / NAME.pub in `dir`.
+fn key_pair(dir: &Path, name: &str) {
+    openssl(
+        &["genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", &format!("{name}.key")],
+        dir,
+    );
+    openssl(&["pkey", "-pubout", "-in", &format!("{name}.key"), "-out", &format!("{name}.pub")], dir);
+}
+
+/// `module` written to `dir/file`, with `file.sig` signed by `key` (as cosign sign-blob).
+fn signed(dir: &Path, file: &str, module: &[u8], key: &str) {
+    fs::write(dir.join(file), module).unwrap();
+    openssl(&["dgst", "-sha256", "-sign", &format!("{key}.key"), "-out", &format!("{file}.der"), file], dir);
+    openssl(&["base64", "-A", "-in", &format!("{file}.der"), "-out", &format!("{file}.sig")], dir);
+}
+
+fn config(listener: &str, url: &str) -> String {
+    format!(
+        "version: 1\nwasm_verification:\n  keys: [release.pub]\n  require: true\nlisteners:\n{listener}wasm_plugins:\n  - name: authz\n    url: {url}\n    placement: {{ phase: AUTHN }}\n"
+    )
+}
+
+fn refusal(fp: &Filterplane, kind: &str) -> Value {
+    wait_until(&format!("a {kind} refusal"), WAIT, || {
+        let errors = fp.api("/api/v1/config")["wasm_errors"].as_array().cloned().unwrap_or_default();
+        errors.into_iter().find(|e| e["kind"] == kind)
+    })
+}
+
+#[test]
+fn only_modules_signed_by_a_trusted_key_reach_envoy() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    key_pair(d, "release");
+    key_pair(d, "stranger");
+    signed(d, "good.wasm", &header_module("signed"), "release");
+    signed(d, "other.wasm", &header_module("by-a-stranger"), "stranger");
+    fs::write(d.join("unsigned.wasm"), header_module("unsigned")).unwrap();
+    fs::write(d.join("garbled.wasm"), header_module("garbled")).unwrap();
+    fs::write(d.join("garbled.wasm.sig"), "not a signature!").unwrap();
+
+    let xds = free_port();
+    let ports = EnvoyPorts::new(xds);
+    let listener = direct_response_listener("edge", "gw", ports.listener);
+    let yaml = d.join("filterplane.yaml");
+    fs::write(&yaml, config(&listener, "file://good.wasm")).unwrap();
+    let fp = Filterplane::start_with_args(&yaml, d, xds, free_port(), &[]);
+    let envoy = Envoy::start(&example_bootstrap("gateway/envoy.yaml", ports, "gw"), ports, d, "gw");
+    let x_wasm = || envoy.get("/").and_then(|r| r.header("x-wasm").map(str::to_owned));
+    wait_until("the signed module in Envoy", WAIT, || (x_wasm()? == "signed").then_some(()));
+    let config_view = fp.api("/api/v1/config");
+    let entry = config_view["resources"].as_array().unwrap().iter().find(|r| r["name"] == "authz").unwrap().clone();
+    assert_eq!(entry["module"]["verified_by"], "release.pub", "{entry}");
+
+    // Each refused before Envoy, with its reason; the signed version keeps serving.
+    for (file, kind) in [
+        ("other.wasm", "signature_untrusted_key"),
+        ("garbled.wasm", "signature_invalid"),
+        ("unsigned.wasm", "signature_missing"),
+    ] {
+        fs::write(&yaml, config(&listener, &format!("file://{file}"))).unwrap();
+        let e = refusal(&fp, kind);
+        let message = e["message"].as_str().unwrap();
+        assert!(e["file"].as_str().unwrap().ends_with("filterplane.yaml") && e["line"].is_u64(), "{e}");
+        assert_eq!(e["plugin"], "authz", "{e}");
+        assert!(kind != "signature_untrusted_key" || message.contains("release.pub"), "names the key: {e}");
+        assert!(kind == "signature_invalid" || message.contains("sha256"), "names the digest: {e}");
+        assert_eq!(x_wasm().as_deref(), Some("signed"), "{file}: the previous version keeps serving");
+    }
+    let metrics = filterplane_e2e::http_get(&fp.url("/metrics")).unwrap().body;
+    for result in ["verified", "signature_untrusted_key", "signature_invalid", "signature_missing"] {
+        assert!(
+            metrics.contains(&format!("filterplane_wasm_signature_verifications_total{{result=\"{result}\"}}")),
+            "{result}"
+        );
+    }
+
+    // Over HTTP: the `.sig` beside the module is fetched and checked; none there is missing.
+    let served = d.join("served");
+    fs::create_dir(&served).unwrap();
+    fs::copy(d.join("release.key"), served.join("release.key")).unwrap();
+    signed(&served, "http.wasm", &header_module("over-http"), "release");
+    fs::write(served.join("bare.wasm"), header_module("bare")).unwrap();
+    let server = FileServer::start(&served, d);
+    fs::write(&yaml, config(&listener, &format!("{}/http.wasm", server.url))).unwrap();
+    wait_until("the signed http module in Envoy", WAIT, || (x_wasm()? == "over-http").then_some(()));
+    fs::write(&yaml, config(&listener, &format!("{}/bare.wasm", server.url))).unwrap();
+    let e = refusal(&fp, "signature_missing");
+    assert!(e["message"].as_str().unwrap().contains("bare.wasm.sig"), "{e}");
+    assert_eq!(x_wasm().as_deref(), Some("over-http"));
+}
