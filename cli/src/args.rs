@@ -505,6 +505,31 @@ pub enum WasmCommand {
         #[arg(long)]
         registry_ca_file: Option<PathBuf>,
     },
+    /// Sign a module file with a private key (unencrypted PKCS#8 PEM: ECDSA P-256, RSA or
+    /// Ed25519) and write the detached signature as `cosign sign-blob` does: base64, to
+    /// FILE.sig beside it unless --output says where.
+    Sign {
+        /// The .wasm file.
+        file: PathBuf,
+        /// The private key.
+        #[arg(long)]
+        key: PathBuf,
+        /// Where the signature goes (default: FILE.sig).
+        #[arg(long)]
+        output: Option<PathBuf>,
+    },
+    /// Check a module file's detached signature (FILE.sig unless --signature says) against
+    /// trusted public keys; exit 0 and name the key that signed it, else exit 1 and say why.
+    Verify {
+        /// The .wasm file.
+        file: PathBuf,
+        /// A trusted PEM public key (repeatable).
+        #[arg(long = "key", required = true)]
+        keys: Vec<PathBuf>,
+        /// The signature file (default: FILE.sig).
+        #[arg(long)]
+        signature: Option<PathBuf>,
+    },
 }
 
 /// How Envoy gets Wasm modules.

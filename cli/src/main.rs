@@ -103,6 +103,30 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Wasm { command: WasmCommand::Sign { file, key, output } } => {
+            match filterplane_server::wasm_sign(&file, &key, output.as_deref()) {
+                Ok(at) => {
+                    println!("{}", at.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("filterplane wasm sign: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Wasm { command: WasmCommand::Verify { file, keys, signature } } => {
+            match filterplane_server::wasm_verify(&file, &keys, signature.as_deref()) {
+                Ok(key) => {
+                    println!("{}: signed by {key}", file.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("filterplane wasm verify: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Wasm {
             command: WasmCommand::Push { file, reference, insecure, credentials_env, registry_ca_file },
         } => {

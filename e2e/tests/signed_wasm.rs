@@ -113,3 +113,31 @@ fn only_modules_signed_by_a_trusted_key_reach_envoy() {
     assert!(e["message"].as_str().unwrap().contains("bare.wasm.sig"), "{e}");
     assert_eq!(x_wasm().as_deref(), Some("over-http"));
 }
+
+/// `filterplane wasm sign` writes what openssl (and so cosign) verifies, and
+/// `filterplane wasm verify` names the key or says why not.
+#[test]
+fn wasm_sign_and_verify_agree_with_openssl() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    key_pair(d, "release");
+    key_pair(d, "stranger");
+    fs::write(d.join("m.wasm"), header_module("m")).unwrap();
+    let fp =
+        |args: &[&str]| Command::new(filterplane_e2e::filterplane_bin()).args(args).current_dir(d).output().unwrap();
+    let out = fp(&["wasm", "sign", "m.wasm", "--key", "release.key"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    openssl(&["base64", "-d", "-A", "-in", "m.wasm.sig", "-out", "m.wasm.der"], d);
+    let check = Command::new("openssl")
+        .args(["dgst", "-sha256", "-verify", "release.pub", "-signature", "m.wasm.der", "m.wasm"])
+        .current_dir(d)
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&check.stdout).contains("Verified OK"), "openssl verifies ours");
+    let ok = fp(&["wasm", "verify", "m.wasm", "--key", "stranger.pub", "--key", "release.pub"]);
+    assert!(ok.status.success());
+    assert!(String::from_utf8_lossy(&ok.stdout).contains("signed by release.pub"));
+    let refused = fp(&["wasm", "verify", "m.wasm", "--key", "stranger.pub"]);
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("signature_untrusted_key"));
+}

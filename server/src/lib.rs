@@ -564,6 +564,53 @@ pub fn validate(path: &std::path::Path, preflight_envoy: Option<&std::path::Path
     }
 }
 
+/// `filterplane wasm sign`: the module's detached signature (base64, as `cosign
+/// sign-blob` writes it) written to `output` (default FILE.sig); where it went.
+pub fn wasm_sign(
+    file: &std::path::Path,
+    key: &std::path::Path,
+    output: Option<&std::path::Path>,
+) -> anyhow::Result<std::path::PathBuf> {
+    use base64::Engine;
+    let bytes = std::fs::read(file).with_context(|| format!("read {}", file.display()))?;
+    let pem = std::fs::read_to_string(key).with_context(|| format!("read {}", key.display()))?;
+    let sig = wasm::sign::sign(&pem, &bytes).map_err(|e| anyhow::anyhow!("{}: {e}", key.display()))?;
+    let at = output.map(std::path::Path::to_path_buf).unwrap_or_else(|| format!("{}.sig", file.display()).into());
+    std::fs::write(&at, base64::engine::general_purpose::STANDARD.encode(sig))
+        .with_context(|| format!("write {}", at.display()))?;
+    Ok(at)
+}
+
+/// `filterplane wasm verify`: which of `keys` signed `file` (its signature in
+/// `signature`, default FILE.sig).
+pub fn wasm_verify(
+    file: &std::path::Path,
+    keys: &[std::path::PathBuf],
+    signature: Option<&std::path::Path>,
+) -> anyhow::Result<String> {
+    let bytes = std::fs::read(file).with_context(|| format!("read {}", file.display()))?;
+    let at = signature.map(std::path::Path::to_path_buf).unwrap_or_else(|| format!("{}.sig", file.display()).into());
+    let text = std::fs::read(&at).with_context(|| format!("signature_missing: read {}", at.display()))?;
+    let sig =
+        wasm::sign::decode_signature(&text).map_err(|m| anyhow::anyhow!("signature_invalid: {}: {m}", at.display()))?;
+    let mut trusted = Vec::new();
+    for k in keys {
+        let pem = std::fs::read_to_string(k).with_context(|| format!("read {}", k.display()))?;
+        trusted.push(
+            wasm::sign::PublicKey::from_pem(&k.display().to_string(), &pem)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", k.display()))?,
+        );
+    }
+    match wasm::sign::verified_by(&trusted, &bytes, &sig) {
+        Some(k) => Ok(k.name.clone()),
+        None => anyhow::bail!(
+            "signature_untrusted_key: {} over sha256 {} verifies with none of the keys",
+            at.display(),
+            wasm::cache::sha256_hex(&bytes)
+        ),
+    }
+}
+
 /// `filterplane wasm push`: checks the module, pushes it as a Wasm OCI artifact and
 /// prints what to put in the YAML.
 pub async fn wasm_push(
