@@ -193,23 +193,27 @@ impl WasmFetcher {
             );
         };
         let text = match &at {
-            ModuleSource::File(path) => match tokio::fs::metadata(path).await {
-                Ok(m) if m.is_file() && m.len() <= crate::sign::MAX_SIGNATURE_BYTES as u64 => {
-                    tokio::fs::read(path).await.map_err(|e| FetchError::Download(format!("{}: {e}", path.display())))?
+            ModuleSource::File(path) => {
+                match self.confined(path).and_then(|p| Some((std::fs::metadata(&p).ok()?, p))) {
+                    Some((m, full)) if m.is_file() && m.len() <= crate::sign::MAX_SIGNATURE_BYTES as u64 => {
+                        tokio::fs::read(&full)
+                            .await
+                            .map_err(|e| FetchError::Download(format!("{}: {e}", path.display())))?
+                    }
+                    Some((m, _)) if m.is_file() => {
+                        return Err(FetchError::Signature(
+                            "signature_invalid",
+                            format!(
+                                "{}: {} bytes, over the limit of {}",
+                                path.display(),
+                                m.len(),
+                                crate::sign::MAX_SIGNATURE_BYTES
+                            ),
+                        ))
+                    }
+                    _ => return missing(format!("no signature at {}", path.display())),
                 }
-                Ok(m) if m.is_file() => {
-                    return Err(FetchError::Signature(
-                        "signature_invalid",
-                        format!(
-                            "{}: {} bytes, over the limit of {}",
-                            path.display(),
-                            m.len(),
-                            crate::sign::MAX_SIGNATURE_BYTES
-                        ),
-                    ))
-                }
-                _ => return missing(format!("no signature at {}", path.display())),
-            },
+            }
             ModuleSource::Http(url) => {
                 if let Ok(parsed) = reqwest::Url::parse(url) {
                     self.settings
@@ -315,6 +319,13 @@ impl WasmFetcher {
         self.metrics.compile_duration.observe(started.elapsed().as_secs_f64());
         self.cache.put(&bytes).map_err(|e| FetchError::Download(format!("cannot write to the module cache: {e}")))?;
         Ok(Module { sha256: sha, bytes })
+    }
+
+    /// `path`, if it exists and is inside `--wasm-file-root` (a signature beside a module
+    /// is read under the same rule as the module).
+    fn confined(&self, path: &std::path::Path) -> Option<std::path::PathBuf> {
+        let root = self.settings.file_root.canonicalize().ok()?;
+        path.canonicalize().ok().filter(|full| full.starts_with(&root))
     }
 
     async fn read_file(&self, path: &std::path::Path) -> Result<Bytes, FetchError> {
