@@ -44,10 +44,11 @@ fn config(listener: &str, url: &str) -> String {
     )
 }
 
-fn refusal(fp: &Filterplane, kind: &str) -> Value {
-    wait_until(&format!("a {kind} refusal"), WAIT, || {
+/// The plugin's refusal of `kind` whose message contains `naming`, once there is one.
+fn refusal(fp: &Filterplane, kind: &str, naming: &str) -> Value {
+    wait_until(&format!("a {kind} refusal naming {naming}"), WAIT, || {
         let errors = fp.api("/api/v1/config")["wasm_errors"].as_array().cloned().unwrap_or_default();
-        errors.into_iter().find(|e| e["kind"] == kind)
+        errors.into_iter().find(|e| e["kind"] == kind && e["message"].as_str().is_some_and(|m| m.contains(naming)))
     })
 }
 
@@ -83,7 +84,7 @@ fn only_modules_signed_by_a_trusted_key_reach_envoy() {
         ("unsigned.wasm", "signature_missing"),
     ] {
         fs::write(&yaml, config(&listener, &format!("file://{file}"))).unwrap();
-        let e = refusal(&fp, kind);
+        let e = refusal(&fp, kind, file);
         let message = e["message"].as_str().unwrap();
         assert!(e["file"].as_str().unwrap().ends_with("filterplane.yaml") && e["line"].is_u64(), "{e}");
         assert_eq!(e["plugin"], "authz", "{e}");
@@ -109,8 +110,7 @@ fn only_modules_signed_by_a_trusted_key_reach_envoy() {
     fs::write(&yaml, config(&listener, &format!("{}/http.wasm", server.url))).unwrap();
     wait_until("the signed http module in Envoy", WAIT, || (x_wasm()? == "over-http").then_some(()));
     fs::write(&yaml, config(&listener, &format!("{}/bare.wasm", server.url))).unwrap();
-    let e = refusal(&fp, "signature_missing");
-    assert!(e["message"].as_str().unwrap().contains("bare.wasm.sig"), "{e}");
+    refusal(&fp, "signature_missing", "bare.wasm.sig");
     assert_eq!(x_wasm().as_deref(), Some("over-http"));
 }
 
@@ -140,4 +140,101 @@ fn wasm_sign_and_verify_agree_with_openssl() {
     let refused = fp(&["wasm", "verify", "m.wasm", "--key", "stranger.pub"]);
     assert_eq!(refused.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&refused.stderr).contains("signature_untrusted_key"));
+}
+
+/// Pushes `module` to `oci://REGISTRY/plugins/authz:TAG` with `filterplane wasm push`: the
+/// manifest digest.
+fn push(registry: &filterplane_e2e::services::Registry, d: &Path, module: &[u8], tag: &str) -> String {
+    let file = d.join(format!("{tag}.wasm"));
+    fs::write(&file, module).unwrap();
+    let target = format!("oci://{}/plugins/authz:{tag}", registry.addr);
+    let out = Command::new(filterplane_e2e::filterplane_bin())
+        .args(["wasm", "push"])
+        .arg(&file)
+        .args([&target, "--insecure"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    stdout.lines().find_map(|l| l.strip_prefix("digest: ")).unwrap().to_owned()
+}
+
+/// cosign's signature of `digest`, pushed by the test's own script (registry HTTP API and
+/// openssl); `extra`: the digest the payload names instead, and `tamper`.
+fn cosign_sign(registry: &filterplane_e2e::services::Registry, d: &Path, digest: &str, key: &str, extra: &[&str]) {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/cosign_sign.py");
+    let out = Command::new("python3")
+        .arg(script)
+        .args([&registry.addr, "plugins/authz", digest, &format!("{key}.key")])
+        .args(extra)
+        .current_dir(d)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// OCI modules signed as cosign signs images: the signature manifest beside the module's,
+/// its payload naming the manifest digest. Trusted: served; by another key, over another
+/// digest, tampered or absent: refused, the previous version serving; a tag moved to an
+/// unsigned module is refused, moved back it is served again.
+#[test]
+fn oci_modules_signed_as_cosign_signs_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    key_pair(d, "release");
+    key_pair(d, "stranger");
+    let registry = filterplane_e2e::services::Registry::start(d);
+    let good = push(&registry, d, &header_module("oci-signed"), "v1");
+    cosign_sign(&registry, d, &good, "release", &[]);
+    let xds = free_port();
+    let ports = EnvoyPorts::new(xds);
+    let listener = direct_response_listener("edge", "gw", ports.listener);
+    let yaml = d.join("filterplane.yaml");
+    let url = |tag: &str| format!("oci://{}/plugins/authz:{tag}", registry.addr);
+    // Always: the tag is resolved at each reload, so a moved tag is seen.
+    let oci_config = |url: &str| format!("{}    image_pull_policy: Always\n", config(&listener, url));
+    fs::write(&yaml, oci_config(&url("v1"))).unwrap();
+    let insecure = registry.addr.clone();
+    let fp = Filterplane::start_with_args(&yaml, d, xds, free_port(), &["--insecure-registry", &insecure]);
+    let envoy = Envoy::start(&example_bootstrap("gateway/envoy.yaml", ports, "gw"), ports, d, "gw");
+    let x_wasm = || envoy.get("/").and_then(|r| r.header("x-wasm").map(str::to_owned));
+    wait_until("the cosign-signed OCI module in Envoy", WAIT, || (x_wasm()? == "oci-signed").then_some(()));
+
+    for (tag, key, extra, kind) in [
+        ("v2", "stranger", &[][..], "signature_untrusted_key"),
+        (
+            "v3",
+            "release",
+            &["sha256:0000000000000000000000000000000000000000000000000000000000000000"][..],
+            "signature_invalid",
+        ),
+        ("v4", "release", &["-", "tamper"][..], "signature_untrusted_key"),
+        ("v5", "", &[][..], "signature_missing"),
+    ] {
+        let digest = push(&registry, d, &header_module(tag), tag);
+        if !key.is_empty() {
+            let extra: Vec<&str> = extra.iter().map(|e| if *e == "-" { digest.as_str() } else { e }).collect();
+            cosign_sign(&registry, d, &digest, key, &extra);
+        }
+        fs::write(&yaml, oci_config(&url(tag))).unwrap();
+        refusal(&fp, kind, &digest);
+        assert_eq!(x_wasm().as_deref(), Some("oci-signed"), "{tag}: the previous version keeps serving");
+    }
+
+    // The tag moved to an unsigned module, then back.
+    fs::write(&yaml, oci_config(&url("v1"))).unwrap();
+    wait_until("v1 again", WAIT, || (fp.api("/api/v1/config")["wasm_errors"] == serde_json::json!([])).then_some(()));
+    let moved = push(&registry, d, &header_module("moved"), "v1");
+    fs::write(&yaml, format!("{}# again\n", oci_config(&url("v1")))).unwrap();
+    refusal(&fp, "signature_missing", &moved);
+    assert_eq!(x_wasm().as_deref(), Some("oci-signed"));
+    let back = push(&registry, d, &header_module("oci-signed"), "v1");
+    if back != good {
+        cosign_sign(&registry, d, &back, "release", &[]);
+    }
+    fs::write(&yaml, oci_config(&url("v1"))).unwrap();
+    wait_until("served again", WAIT, || {
+        (fp.api("/api/v1/config")["wasm_errors"] == serde_json::json!([])).then_some(())
+    });
+    assert_eq!(x_wasm().as_deref(), Some("oci-signed"));
 }

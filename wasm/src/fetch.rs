@@ -188,9 +188,7 @@ impl WasmFetcher {
             }
         };
         let Some(at) = signature_location(&plugin.source, v.signature_url.as_deref()) else {
-            return missing(
-                "signatures of OCI modules (cosign's .sig tag) are not checked yet: serve it over http(s) or from a file with a .sig beside it, or set require: false".into(),
-            );
+            return self.check_cosign(plugin, v, module).await;
         };
         let text = match &at {
             ModuleSource::File(path) => {
@@ -255,6 +253,78 @@ impl WasmFetcher {
                 ),
             )),
         }
+    }
+
+    /// An OCI module's cosign signatures (the `sha256-HEX.sig` tag beside the manifest it
+    /// was pulled from): any payload naming that manifest and signed by a trusted key.
+    async fn check_cosign(
+        &self,
+        plugin: &WasmPlugin,
+        v: &filterplane_config::compiled::Verification,
+        module: &Module,
+    ) -> Result<Option<String>, FetchError> {
+        let ModuleSource::Oci { registry, repository, tag, digest } = &plugin.source else { return Ok(None) };
+        let reference = oci::reference(registry, repository, tag.as_deref(), digest.as_deref());
+        let key = reference.whole();
+        let manifest_digest = match self.cache.resolved(&key) {
+            Some((d, sha)) if sha == module.sha256 => d,
+            _ => {
+                return Err(FetchError::Download(format!(
+                    "{key}: the manifest of module sha256 {} is not known",
+                    module.sha256
+                )))
+            }
+        };
+        let auth = registry_auth(plugin.pull_secret.as_ref(), registry, self.settings.registry_auth_file.as_deref())?;
+        let client = oci::client(&self.settings);
+        let reg = oci::Registry { client: &client, http: &self.http, insecure: &self.settings.insecure_registries };
+        let found = oci::cosign_signatures(&reg, &reference, &auth, &manifest_digest).await.map_err(|e| match e {
+            oci::PullError::Invalid(m) => FetchError::Signature("signature_invalid", format!("{key}: {m}")),
+            oci::PullError::Permanent(m) | oci::PullError::Transient(m) => FetchError::Download(format!("{key}: {m}")),
+        })?;
+        let place = format!("{key} (tag {}.sig)", manifest_digest.replace(':', "-"));
+        if found.is_empty() {
+            return if v.require {
+                Err(FetchError::Signature(
+                    "signature_missing",
+                    format!("no cosign signature of manifest {manifest_digest} at {place} (module sha256 {}; require: true)", module.sha256),
+                ))
+            } else {
+                Ok(None)
+            };
+        }
+        let mut keys = Vec::new();
+        for (name, pem) in &v.keys {
+            keys.push(
+                crate::sign::PublicKey::from_pem(name, pem)
+                    .map_err(|e| FetchError::Signature("signature_untrusted_key", format!("key {name}: {e}")))?,
+            );
+        }
+        let mut named = 0;
+        for (payload, sig) in &found {
+            if !oci::payload_names(payload, &manifest_digest) {
+                continue;
+            }
+            named += 1;
+            let Ok(sig) = crate::sign::decode_signature(sig.as_bytes()) else { continue };
+            if let Some(k) = crate::sign::verified_by(&keys, payload, &sig) {
+                return Ok(Some(k.name.clone()));
+            }
+        }
+        let names = v.keys.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>().join(", ");
+        if named == 0 {
+            return Err(FetchError::Signature(
+                "signature_invalid",
+                format!(
+                    "{place}: {} payload(s), none a cosign container image signature of manifest {manifest_digest}",
+                    found.len()
+                ),
+            ));
+        }
+        Err(FetchError::Signature(
+            "signature_untrusted_key",
+            format!("{place}: no signature of manifest {manifest_digest} (module sha256 {}) verifies with the trusted keys ({names})", module.sha256),
+        ))
     }
 
     /// The module, and whether it came from the cache.

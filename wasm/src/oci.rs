@@ -246,6 +246,52 @@ pub async fn pull(
     Ok(Pulled { bytes: Bytes::from(bytes), manifest_digest, from_cache: false })
 }
 
+/// cosign's payload layers and their signature annotation.
+pub const COSIGN_PAYLOAD: &str = "application/vnd.dev.cosign.simplesigning.v1+json";
+pub const COSIGN_SIGNATURE: &str = "dev.cosignproject.cosign/signature";
+/// A signature payload is at most this long; at most this many are read per module.
+pub const MAX_PAYLOAD_BYTES: i64 = 64 * 1024;
+pub const MAX_SIGNATURE_LAYERS: usize = 32;
+
+/// cosign's signatures of the manifest `manifest_digest` (`sha256:HEX`), from the tag
+/// `sha256-HEX.sig` of the same repository: each payload layer's bytes and its
+/// `dev.cosignproject.cosign/signature` annotation. Empty when there is no such tag.
+pub async fn cosign_signatures(
+    registry: &Registry<'_>,
+    reference: &Reference,
+    auth: &RegistryAuth,
+    manifest_digest: &str,
+) -> Result<Vec<(Vec<u8>, String)>, PullError> {
+    let token = registry.client.auth(reference, auth, RegistryOperation::Pull).await.map_err(classify)?;
+    let tag = format!("{}.sig", manifest_digest.replace(':', "-"));
+    let manifest = match registry.manifest_once(reference, token.as_deref(), auth, &tag).await {
+        Ok((OciManifest::Image(m), _)) => m,
+        Ok(_) => return Err(PullError::Invalid(format!("{tag}: an image index, not cosign's signature manifest"))),
+        Err(PullError::Permanent(e)) if e.contains("HTTP 404") => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    let mut out = Vec::new();
+    for layer in manifest.layers.iter().filter(|l| l.media_type == COSIGN_PAYLOAD).take(MAX_SIGNATURE_LAYERS) {
+        let Some(sig) = layer.annotations.as_ref().and_then(|a| a.get(COSIGN_SIGNATURE)) else { continue };
+        if layer.size < 0 || layer.size > MAX_PAYLOAD_BYTES {
+            return Err(PullError::Invalid(format!(
+                "{tag}: a signature payload of {} bytes, over the limit of {MAX_PAYLOAD_BYTES}",
+                layer.size
+            )));
+        }
+        let payload = registry.blob(reference, token.as_deref(), auth, layer).await?;
+        out.push((payload, sig.clone()));
+    }
+    Ok(out)
+}
+
+/// Whether a cosign payload says it signs the image `manifest_digest`.
+pub fn payload_names(payload: &[u8], manifest_digest: &str) -> bool {
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(payload) else { return false };
+    v["critical"]["type"] == "cosign container image signature"
+        && v["critical"]["image"]["docker-manifest-digest"] == manifest_digest
+}
+
 /// `plugin.wasm` (or the only `*.wasm`) from a gzipped tar layer.
 fn plugin_from_tar_gz(blob: &[u8], max_bytes: u64) -> Result<Vec<u8>, String> {
     // A gzip bomb expands a small layer without end: read at most twice the module limit
