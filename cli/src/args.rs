@@ -504,6 +504,10 @@ pub enum WasmCommand {
         /// PEM certificates of a private CA the registry's certificate comes from.
         #[arg(long)]
         registry_ca_file: Option<PathBuf>,
+        /// Also push a signature of the module's manifest, in cosign's format (the tag
+        /// sha256-DIGEST.sig beside it), made with this unencrypted PKCS#8 private key.
+        #[arg(long)]
+        sign_key: Option<PathBuf>,
     },
     /// Sign a module file with a private key (unencrypted PKCS#8 PEM: ECDSA P-256, RSA or
     /// Ed25519) and write the detached signature as `cosign sign-blob` does: base64, to

@@ -128,7 +128,7 @@ fn main() -> ExitCode {
             }
         }
         Command::Wasm {
-            command: WasmCommand::Push { file, reference, insecure, credentials_env, registry_ca_file },
+            command: WasmCommand::Push { file, reference, insecure, credentials_env, registry_ca_file, sign_key },
         } => {
             let runtime = match tokio::runtime::Runtime::new() {
                 Ok(r) => r,
@@ -143,6 +143,7 @@ fn main() -> ExitCode {
                 insecure,
                 credentials_env.as_deref(),
                 registry_ca_file.as_deref(),
+                sign_key.as_deref(),
             )) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {

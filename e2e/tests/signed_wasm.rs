@@ -145,6 +145,16 @@ fn wasm_sign_and_verify_agree_with_openssl() {
 /// Pushes `module` to `oci://REGISTRY/plugins/authz:TAG` with `filterplane wasm push`: the
 /// manifest digest.
 fn push(registry: &filterplane_e2e::services::Registry, d: &Path, module: &[u8], tag: &str) -> String {
+    push_with(registry, d, module, tag, &[])
+}
+
+fn push_with(
+    registry: &filterplane_e2e::services::Registry,
+    d: &Path,
+    module: &[u8],
+    tag: &str,
+    args: &[&str],
+) -> String {
     let file = d.join(format!("{tag}.wasm"));
     fs::write(&file, module).unwrap();
     let target = format!("oci://{}/plugins/authz:{tag}", registry.addr);
@@ -152,6 +162,8 @@ fn push(registry: &filterplane_e2e::services::Registry, d: &Path, module: &[u8],
         .args(["wasm", "push"])
         .arg(&file)
         .args([&target, "--insecure"])
+        .args(args)
+        .current_dir(d)
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();

@@ -619,9 +619,14 @@ pub async fn wasm_push(
     insecure: bool,
     credentials_env: Option<&str>,
     registry_ca_file: Option<&std::path::Path>,
+    sign_key: Option<&std::path::Path>,
 ) -> anyhow::Result<()> {
     use filterplane_config::wasm::ModuleSource;
     let bytes = std::fs::read(file).with_context(|| format!("read {}", file.display()))?;
+    let private = match sign_key {
+        Some(k) => Some(std::fs::read_to_string(k).with_context(|| format!("read {}", k.display()))?),
+        None => None,
+    };
     wasm::check::check_module(&bytes).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
     let ModuleSource::Oci { registry, repository, tag, digest: None } =
         ModuleSource::parse(reference, std::path::Path::new(".")).map_err(anyhow::Error::msg)?
@@ -657,6 +662,12 @@ pub async fn wasm_push(
     println!("pushed {} to {}", file.display(), target.whole());
     println!("digest: {manifest_digest}");
     println!("sha256: {sha256}");
+    if let (Some(pem), Some(k)) = (private, sign_key) {
+        let tag = wasm::oci::push_cosign_signature(&client, &target, &auth, &manifest_digest, &pem)
+            .await
+            .with_context(|| format!("sign with {}", k.display()))?;
+        println!("signature: {tag} (cosign's format, key {})", k.display());
+    }
     println!("\nwasm_plugins:\n  - name: my-plugin\n    url: oci://{registry}/{repository}@{manifest_digest}\n    sha256: {sha256}");
     Ok(())
 }

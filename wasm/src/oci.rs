@@ -285,6 +285,39 @@ pub async fn cosign_signatures(
     Ok(out)
 }
 
+/// Pushes cosign's signature of the image `manifest_digest` beside it (the tag
+/// `sha256-HEX.sig`): a simplesigning payload naming the manifest, signed with
+/// `private_pem`, as `cosign sign --key` writes it. The tag it went to.
+pub async fn push_cosign_signature(
+    client: &Client,
+    reference: &Reference,
+    auth: &RegistryAuth,
+    manifest_digest: &str,
+    private_pem: &str,
+) -> anyhow::Result<String> {
+    use base64::Engine;
+    let payload = serde_json::to_vec(&serde_json::json!({
+        "critical": {
+            "identity": { "docker-reference": format!("{}/{}", reference.registry(), reference.repository()) },
+            "image": { "docker-manifest-digest": manifest_digest },
+            "type": "cosign container image signature",
+        },
+        "optional": null,
+    }))?;
+    let sig = crate::sign::sign(private_pem, &payload)?;
+    let annotations = std::collections::BTreeMap::from([(
+        COSIGN_SIGNATURE.to_owned(),
+        base64::engine::general_purpose::STANDARD.encode(sig),
+    )]);
+    let tag = format!("{}.sig", manifest_digest.replace(':', "-"));
+    let target = Reference::with_tag(reference.registry().to_owned(), reference.repository().to_owned(), tag.clone());
+    let layers = vec![ImageLayer::new(payload, COSIGN_PAYLOAD.to_owned(), Some(annotations))];
+    let config = Config::new(b"{}".to_vec(), "application/vnd.oci.image.config.v1+json".to_owned(), None);
+    let manifest = OciImageManifest::build(&layers, &config, None);
+    client.push(&target, &layers, config, auth, Some(manifest)).await?;
+    Ok(tag)
+}
+
 /// Whether a cosign payload says it signs the image `manifest_digest`.
 pub fn payload_names(payload: &[u8], manifest_digest: &str) -> bool {
     let Ok(v) = serde_json::from_slice::<serde_json::Value>(payload) else { return false };
