@@ -211,6 +211,14 @@ fn oci_modules_signed_as_cosign_signs_them() {
     let envoy = Envoy::start(&example_bootstrap("gateway/envoy.yaml", ports, "gw"), ports, d, "gw");
     let x_wasm = || envoy.get("/").and_then(|r| r.header("x-wasm").map(str::to_owned));
     wait_until("the cosign-signed OCI module in Envoy", WAIT, || (x_wasm()? == "oci-signed").then_some(()));
+    // Envoy's own count of configs it refused, summed over its subscriptions.
+    let rejected = || -> u64 {
+        let stats =
+            filterplane_e2e::http_get(&format!("http://127.0.0.1:{}/stats?filter=update_rejected", ports.admin));
+        let body = stats.map(|r| r.body).unwrap_or_default();
+        body.lines().filter_map(|l| l.rsplit_once(": ")?.1.trim().parse::<u64>().ok()).sum()
+    };
+    let rejected_before = rejected();
 
     for (tag, key, extra, kind) in [
         ("v2", "stranger", &[][..], "signature_untrusted_key"),
@@ -232,6 +240,8 @@ fn oci_modules_signed_as_cosign_signs_them() {
         refusal(&fp, kind, &digest);
         assert_eq!(x_wasm().as_deref(), Some("oci-signed"), "{tag}: the previous version keeps serving");
     }
+
+    assert_eq!(rejected(), rejected_before, "Envoy never saw a refused module");
 
     // The tag moved to an unsigned module, then back.
     fs::write(&yaml, oci_config(&url("v1"))).unwrap();
