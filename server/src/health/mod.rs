@@ -23,6 +23,11 @@ pub use filterplane_rollout::Traffic;
 pub const MAX_SAMPLES: usize = 120;
 /// Proxies whose stats are kept at once; a stream beyond it is refused.
 pub const MAX_PROXIES: usize = 100_000;
+/// How long a proxy's stats are kept after its last stats stream ended (a reconnect
+/// within it keeps its history); then they go.
+pub const RETAIN_AFTER_END_MS: u64 = 10 * 60 * 1000;
+/// Departed proxies are looked for at most this often.
+const SWEEP_EVERY_MS: u64 = 10_000;
 
 /// The series of one flush, as Envoy reports them.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -57,19 +62,26 @@ struct ProxyStats {
     /// a restart: counted from zero).
     last_raw: Option<Flush>,
     samples: VecDeque<Sample>,
+    /// Stats streams open now (a reconnect may overlap the old stream's end).
+    streams: u32,
+    /// When the last one ended, while none is open.
+    ended_ms: Option<u64>,
 }
 
 /// Every proxy's recent health, by node id.
 #[derive(Debug, Default)]
 pub struct HealthStore {
     proxies: Mutex<HashMap<String, ProxyStats>>,
+    last_sweep_ms: std::sync::atomic::AtomicU64,
 }
 
 impl HealthStore {
-    /// Opens a proxy's stats (its stream began); `false` when `MAX_PROXIES` are kept
-    /// already. `deltas`: its counters come as deltas.
-    pub fn open(&self, node_id: &str, deltas: bool) -> bool {
+    /// Opens a proxy's stats (a stats stream began at `now_ms`); `false` when
+    /// `MAX_PROXIES` are kept already. `deltas`: its counters come as deltas.
+    pub fn open(&self, node_id: &str, deltas: bool, now_ms: u64) -> bool {
         let mut proxies = self.proxies.lock().unwrap_or_else(|p| p.into_inner());
+        let full = proxies.len() >= MAX_PROXIES;
+        self.sweep(&mut proxies, now_ms, full);
         if !proxies.contains_key(node_id) && proxies.len() >= MAX_PROXIES {
             return false;
         }
@@ -78,7 +90,38 @@ impl HealthStore {
             p.deltas = deltas;
             p.last_raw = None;
         }
+        p.streams += 1;
+        p.ended_ms = None;
         true
+    }
+
+    /// A stats stream of `node_id` ended at `now_ms`.
+    pub fn close(&self, node_id: &str, now_ms: u64) {
+        let mut proxies = self.proxies.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(p) = proxies.get_mut(node_id) {
+            p.streams = p.streams.saturating_sub(1);
+            if p.streams == 0 {
+                p.ended_ms = Some(now_ms);
+            }
+        }
+    }
+
+    /// Forgets proxies whose last stats stream ended over `RETAIN_AFTER_END_MS` ago; at
+    /// most every `SWEEP_EVERY_MS` unless `now` (the store is full).
+    fn sweep(&self, proxies: &mut HashMap<String, ProxyStats>, now_ms: u64, now: bool) {
+        use std::sync::atomic::Ordering;
+        let last = self.last_sweep_ms.load(Ordering::Relaxed);
+        if !now && now_ms.saturating_sub(last) < SWEEP_EVERY_MS {
+            return;
+        }
+        self.last_sweep_ms.store(now_ms, Ordering::Relaxed);
+        proxies.retain(|_, p| p.ended_ms.is_none_or(|end| now_ms.saturating_sub(end) < RETAIN_AFTER_END_MS));
+    }
+
+    /// Proxies whose stats are kept.
+    #[cfg(test)]
+    pub fn len(&self) -> usize {
+        self.proxies.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 
     /// One flush of `node_id` at `now_ms`.

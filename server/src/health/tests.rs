@@ -78,7 +78,7 @@ fn only_the_series_gates_read_are_taken_and_admin_is_left_out() {
 #[test]
 fn cumulative_and_delta_counters_give_the_same_windows_and_restarts_count_from_zero() {
     let store = HealthStore::default();
-    assert!(store.open("cum", false) && store.open("delta", true));
+    assert!(store.open("cum", false, 0) && store.open("delta", true, 0));
     let flush = |requests: f64, errors_5xx: f64| Flush { requests, errors_5xx, seen: true, ..Default::default() };
     for (t, (cum, delta)) in
         [((100.0, 0.0), (100.0, 0.0)), ((150.0, 5.0), (50.0, 5.0)), ((170.0, 5.0), (20.0, 0.0))].into_iter().enumerate()
@@ -104,7 +104,7 @@ fn cumulative_and_delta_counters_give_the_same_windows_and_restarts_count_from_z
 #[test]
 fn samples_and_proxies_are_bounded() {
     let store = HealthStore::default();
-    store.open("p", false);
+    store.open("p", false, 0);
     for i in 0..(MAX_SAMPLES as u64 * 2) {
         store.record("p", Flush { requests: i as f64, seen: true, ..Default::default() }, i * 1_000);
     }
@@ -113,4 +113,19 @@ fn samples_and_proxies_are_bounded() {
     // A window reaching past what is kept counts from the oldest kept flush.
     let w = store.window("p", 0).unwrap();
     assert_eq!(w.requests, (MAX_SAMPLES - 1) as f64);
+}
+
+#[test]
+fn a_departed_proxys_stats_go_some_minutes_after_its_stream_ended() {
+    let store = HealthStore::default();
+    store.open("stays", false, 0);
+    store.open("leaves", false, 0);
+    store.open("back", false, 0);
+    let ten_minutes = RETAIN_AFTER_END_MS;
+    store.close("leaves", 1_000);
+    store.close("back", 1_000);
+    store.open("back", false, ten_minutes / 2); // reconnected in time: its history stays
+    store.open("other", false, ten_minutes + 2_000);
+    assert_eq!(store.len(), 3, "leaves went; stays, back and other are kept");
+    assert_eq!(store.window("leaves", 0), None);
 }

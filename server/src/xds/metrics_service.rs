@@ -28,6 +28,8 @@ pub const DELTAS_METADATA: &str = "filterplane.stats_counters";
 /// One stats stream.
 #[derive(Debug, Default)]
 pub struct MetricsStream {
+    /// Where its node's stats are kept, once the node is known (its end is told there).
+    store: Option<std::sync::Arc<crate::health::HealthStore>>,
     node_id: Option<String>,
     deltas: bool,
     /// Flushes not kept yet, merged; and when the last one was kept.
@@ -67,7 +69,7 @@ impl MetricsStream {
                 return;
             }
             self.deltas = info.facts.metadata.get(DELTAS_METADATA).is_some_and(|v| v == "deltas");
-            if !ctx.health.open(&info.facts.id, self.deltas) {
+            if !ctx.health.open(&info.facts.id, self.deltas, now_ms()) {
                 ctx.tracker.metrics().limit_hit("stats_proxies");
                 out.end = Some(Status::resource_exhausted(format!(
                     "stats are kept for at most {} proxies",
@@ -79,6 +81,7 @@ impl MetricsStream {
                 tracing::info!(node_id = %Cut(&info.facts.id), peer = %peer.addr, deltas = self.deltas, left_out, "stats stream opened");
             }
             self.node_id = Some(info.facts.id);
+            self.store = Some(ctx.health.clone());
         }
         self.merge(flush);
         let now = now_ms();
@@ -117,5 +120,13 @@ impl MetricsStream {
     pub fn on_end(&mut self, out: &mut Output) {
         out.messages.push(OutMessage { bytes: vec![0, 0, 0, 0, 0], supersedes: None });
         out.end = Some(Status::ok(""));
+    }
+}
+
+impl Drop for MetricsStream {
+    fn drop(&mut self) {
+        if let (Some(store), Some(id)) = (&self.store, &self.node_id) {
+            store.close(id, now_ms());
+        }
     }
 }
