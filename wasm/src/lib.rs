@@ -63,7 +63,8 @@ pub struct WasmSupport {
 pub struct PluginError {
     pub plugin: String,
     pub url: String,
-    /// `download_failure`, `checksum_mismatch` or `invalid_module`.
+    /// `download_failure`, `checksum_mismatch`, `invalid_module`, `signature_missing`,
+    /// `signature_invalid` or `signature_untrusted_key`.
     pub kind: String,
     pub message: String,
     pub file: String,
