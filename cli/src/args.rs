@@ -173,8 +173,9 @@ pub struct ServeArgs {
     /// included, refers to it). Set it to at least your Envoys' --drain-time-s (600 unless set).
     #[arg(long, default_value_t = defaults::DRAIN_GRACE.as_secs(), env = "FILTERPLANE_DRAIN_GRACE_SECS")]
     pub drain_grace_secs: u64,
-    /// Names one xDS stream may subscribe to, per type; a stream that asks for more is
-    /// ended with RESOURCE_EXHAUSTED (counted in filterplane_limit_hits_total).
+    /// Names one xDS stream may subscribe to per type beyond what that proxy is served of
+    /// the type (names that do not exist); a stream that asks for more is ended with
+    /// RESOURCE_EXHAUSTED (counted in filterplane_limit_hits_total).
     #[arg(long, default_value_t = defaults::MAX_SUBSCRIBED_NAMES, env = "FILTERPLANE_MAX_SUBSCRIBED_NAMES")]
     pub max_subscribed_names: usize,
     /// A reload that would remove more than this percent of the served resources (a

@@ -102,6 +102,7 @@ impl DeltaStream {
         };
 
         let first = !self.types.contains_key(&rt);
+        let name_limit = self.core.name_limit(rt);
         let state = self.types.get_or_insert_with(rt, TypeState::default);
         if first {
             // xDS protocol, "Delta xDS": a client resuming a stream names the versions it
@@ -166,7 +167,7 @@ impl DeltaStream {
                 first,
                 &req.resource_names_subscribe,
                 &req.resource_names_unsubscribe,
-                self.core.settings.max_subscribed_names,
+                name_limit,
             )?;
             // The client drops what it unsubscribed from by itself. For a held extension
             // config that is Envoy saying no listener refers to it any more: the hold is over.

@@ -311,3 +311,24 @@ fn a_refused_route_update_keeps_the_cluster() {
     let step = s.on_snapshot(route_snapshot("c2", &["c2"]), now());
     assert!(removed_anywhere(&step).is_empty());
 }
+
+/// Issue 26: subscriptions are bounded by what the proxy is served plus
+/// `max_subscribed_names` names that do not exist, not by a fixed count a mesh-sized
+/// Envoy exceeds.
+#[test]
+fn a_subscription_may_name_everything_served_plus_a_bounded_number_of_unknown_names() {
+    let settings = StreamSettings { max_subscribed_names: 3, ..Default::default() };
+    let served: Vec<(String, String)> = (0..10).map(|i| (format!("c{i}"), "1".to_owned())).collect();
+    let entries: Vec<(&str, &str)> = served.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
+    let names: Vec<String> = (0..10).map(|i| format!("c{i}")).chain((0..3).map(|i| format!("missing-{i}"))).collect();
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let mut s = DeltaStream::with_settings(None, "test", Arc::new(settings.clone()));
+    s.on_snapshot(snapshot(&entries), now());
+    let r = s.on_request(req(ECDS, &refs, &[], ""), now()).unwrap().responses.remove(0);
+    assert_eq!(r.resources.len(), 10, "13 names: the 10 served and 3 that do not exist");
+    let mut greedy = DeltaStream::with_settings(None, "test", Arc::new(settings));
+    greedy.on_snapshot(snapshot(&entries), now());
+    let more: Vec<&str> = refs.iter().copied().chain(["missing-3"]).collect();
+    let e = greedy.on_request(req(ECDS, &more, &[], ""), now()).unwrap_err();
+    assert!(matches!(e, ProtocolError::TooManyNames { names: 14, limit: 13 }), "{e}");
+}

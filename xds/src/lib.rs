@@ -27,7 +27,7 @@ pub enum ProtocolError {
     MissingNode,
     #[error("type URL \"{got}\" is not served on this service")]
     WrongType { got: String },
-    #[error("a subscription of {names} names is over the limit of {limit} per type (--max-subscribed-names)")]
+    #[error("a subscription of {names} names is over the limit of {limit} for this type: what this proxy is served of it plus --max-subscribed-names")]
     TooManyNames { names: usize, limit: usize },
 }
 

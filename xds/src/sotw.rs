@@ -113,7 +113,7 @@ impl SotwStream {
                 rt,
                 &req.resource_names,
                 previous.map(|p| &**p),
-                self.core.settings.max_subscribed_names,
+                self.core.name_limit(rt),
             )?),
         };
         let resubscribed = previous != Some(&subscription);

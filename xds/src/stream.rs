@@ -242,6 +242,15 @@ impl StreamCore {
         Self { only, node: None, snapshot: None, nonces: NonceSource::default(), control_plane, settings }
     }
 
+    /// How many names a subscription of `rt` may hold: what this proxy is served of that
+    /// type, plus `--max-subscribed-names` more (names that do not exist cost little but
+    /// are bounded). An Envoy with 50,000 EDS clusters subscribes to 50,000 names; a
+    /// fixed count would end its stream.
+    pub fn name_limit(&self, rt: ResourceType) -> usize {
+        let served = self.snapshot.as_ref().and_then(|s| s.resources(rt)).map_or(0, |m| m.len());
+        self.settings.max_subscribed_names.saturating_add(served)
+    }
+
     /// The node, once the first request has named it.
     pub fn node(&self) -> Option<&Arc<NodeInfo>> {
         self.node.as_ref()
