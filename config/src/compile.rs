@@ -121,7 +121,7 @@ struct Compiler<'a> {
     seen: HashMap<(ResourceType, String), Vec<(NodeSelector, Origin)>>,
 }
 
-impl Compiler<'_> {
+impl<'a> Compiler<'a> {
     /// An error at `sub` (may be empty) under the entry at `origin`.
     fn error_at(&mut self, origin: &Origin, sub: &str, message: impl Into<String>) {
         let error = self.located(origin, sub, message);
@@ -139,47 +139,43 @@ impl Compiler<'_> {
         }
     }
 
-    /// The one `rollout:` default of the config (documents may repeat it, not differ).
-    fn default_rollout(&mut self) {
-        let mut found: Option<(crate::model::RolloutSpec, &ParsedFile)> = None;
+    /// The one value of a config-wide default (`key`, as `get` reads it from a document):
+    /// documents may repeat it, not differ; with the file that first gives it.
+    fn one_default<T: Clone + PartialEq + 'a>(
+        &mut self,
+        key: &str,
+        get: impl Fn(&'a ParsedFile) -> Option<&'a T>,
+    ) -> Option<(T, &'a ParsedFile)> {
+        let mut found: Option<(T, &ParsedFile)> = None;
         for file in self.files {
-            let Some(r) = &file.doc.rollout else { continue };
-            if let Err(m) = check_rollout(r) {
-                self.errors.push(file.error("rollout", m));
-                continue;
-            }
-            match &found {
-                Some((other, at)) if other != r => {
-                    let e = file.error(
-                        "rollout",
-                        format!("differs from the rollout of {}: one default for the whole config", at.path.display()),
-                    );
-                    self.errors.push(e);
-                }
-                Some(_) => {}
-                None => found = Some((r.clone(), file)),
-            }
-        }
-        self.rollout = found.map(|(r, _)| r);
-    }
-
-    /// The config's `wasm_verification` (one for the whole config), its keys read.
-    fn default_verification(&mut self) {
-        let mut found: Option<(crate::model::VerificationSpec, &ParsedFile)> = None;
-        for file in self.files {
-            let Some(v) = &file.doc.wasm_verification else { continue };
+            let Some(v) = get(file) else { continue };
             match &found {
                 Some((other, at)) if other != v => {
-                    let e = file.error(
-                        "wasm_verification",
-                        format!("differs from the one of {}: one default for the whole config", at.path.display()),
-                    );
-                    self.errors.push(e);
+                    let message =
+                        format!("differs from the one of {}: one default for the whole config", at.path.display());
+                    self.errors.push(file.error(key, message));
                 }
                 Some(_) => {}
                 None => found = Some((v.clone(), file)),
             }
         }
+        found
+    }
+
+    /// The one `rollout:` default of the config (documents may repeat it, not differ).
+    fn default_rollout(&mut self) {
+        for file in self.files {
+            if let Some(Err(m)) = file.doc.rollout.as_ref().map(check_rollout) {
+                self.errors.push(file.error("rollout", m));
+            }
+        }
+        let valid = |f: &'a ParsedFile| f.doc.rollout.as_ref().filter(|r| check_rollout(r).is_ok());
+        self.rollout = self.one_default("rollout", valid).map(|(r, _)| r);
+    }
+
+    /// The config's `wasm_verification` (one for the whole config), its keys read.
+    fn default_verification(&mut self) {
+        let found = self.one_default("wasm_verification", |f: &'a ParsedFile| f.doc.wasm_verification.as_ref());
         let Some((v, file)) = found else { return };
         let base = crate::parsed::config_dir(&file.path);
         let mut keys = Vec::new();

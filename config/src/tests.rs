@@ -284,3 +284,42 @@ fn a_duplicate_key_inside_typed_config_is_an_error_with_its_line() {
     assert_eq!((e.line, e.path.as_str()), (Some(7), "extension_configs[0].typed_config.value"), "{e}");
     assert!(e.message.contains("duplicate key"), "{e}");
 }
+
+#[test]
+fn trusted_keys_are_read_at_load_and_bad_ones_are_errors_with_their_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let pem = "-----BEGIN PUBLIC KEY-----\nMFkw\n-----END PUBLIC KEY-----\n";
+    write(dir.path(), "release.pub", pem);
+    write(dir.path(), "private.pem", "-----BEGIN PRIVATE KEY-----\nMC4\n-----END PRIVATE KEY-----\n");
+    let plugin = "wasm_plugins:\n  - name: p\n    url: oci://r/p:v1\n";
+    let with = |verification: &str| format!("version: 1\n{verification}{plugin}");
+    write(dir.path(), "a.yaml", &with("wasm_verification: { keys: [release.pub], require: true }\n"));
+    let c = load(&dir.path().join("a.yaml")).unwrap();
+    let v = c.wasm_plugins[0].verification.as_ref().unwrap();
+    assert_eq!((v.keys[0].0.as_str(), v.keys[0].1.as_str(), v.require), ("release.pub", pem, true));
+    assert_eq!(c.wasm_verification.as_deref(), Some(&**v), "the default, for Envoy-native Wasm code too");
+
+    for (verification, path, says) in [
+        ("wasm_verification: { keys: [missing.pub] }\n", "wasm_verification.keys[0]", "cannot read"),
+        ("wasm_verification: { keys: [private.pem] }\n", "wasm_verification.keys[0]", "public key"),
+        ("wasm_verification: { require: true }\n", "wasm_verification", "at least one key"),
+    ] {
+        write(dir.path(), "a.yaml", &with(verification));
+        let e = load(&dir.path().join("a.yaml")).unwrap_err();
+        assert_eq!((e.0[0].path.as_str(), e.0[0].line), (path, Some(2)), "{e}");
+        assert!(e.0[0].message.contains(says), "{e}");
+    }
+    // A plugin's own keys replace the default; without any keys anywhere it is an error.
+    write(
+        dir.path(),
+        "a.yaml",
+        &format!("version: 1\n{plugin}    verification: {{ signature_url: https://x/p.sig }}\n"),
+    );
+    let e = load(&dir.path().join("a.yaml")).unwrap_err();
+    assert_eq!(e.0[0].path, "wasm_plugins[0].verification", "{e}");
+    // One default for the whole config: two files may repeat it, not differ.
+    write(dir.path(), "a.yaml", &with("wasm_verification: { keys: [release.pub] }\n"));
+    write(dir.path(), "b.yaml", "version: 1\nwasm_verification: { keys: [release.pub], require: true }\n");
+    let e = load(dir.path()).unwrap_err();
+    assert!(e.0[0].message.contains("one default for the whole config"), "{e}");
+}
