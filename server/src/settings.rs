@@ -301,6 +301,13 @@ pub fn bounds() -> Vec<Bound> {
         ),
         fixed("a client that does not answer", secs(XDS_KEEPALIVE)),
         fixed("a replica's report to etcd", size(filterplane_state::reports::PART_BYTES as u64)),
+        fixed("proxies whose stats (metrics service) are kept", thousands(crate::health::MAX_PROXIES as u64)),
+        fixed("flushes of stats kept per proxy", thousands(crate::health::MAX_SAMPLES as u64)),
+        fixed("a module signature", size(filterplane_wasm::sign::MAX_SIGNATURE_BYTES as u64)),
+        fixed("a cosign payload", size(filterplane_wasm::oci::MAX_PAYLOAD_BYTES as u64)),
+        fixed("payloads read per module", thousands(filterplane_wasm::oci::MAX_SIGNATURE_LAYERS as u64)),
+        fixed("a TrafficExtension's inline Lua code", size(filterplane_config::istio::MAX_LUA_BYTES as u64)),
+        fixed("a proxy version pattern", size(filterplane_config::VersionPattern::MAX_BYTES as u64)),
     ]
 }
 

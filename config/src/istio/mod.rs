@@ -9,6 +9,8 @@
 mod envoy_filter;
 mod plugin;
 
+pub use plugin::MAX_LUA_BYTES;
+
 use std::path::Path;
 
 use serde_json::{Map, Value};
