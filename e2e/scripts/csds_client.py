@@ -7,56 +7,11 @@ import sys
 
 import grpc
 
+from protowire import field, fields, varint
+
 SERVICE = "/envoy.service.status.v3.ClientStatusDiscoveryService/"
 CONFIG_STATUS = {0: "UNKNOWN", 1: "SYNCED", 2: "NOT_SENT", 3: "STALE", 4: "ERROR"}
 CLIENT_STATUS = {0: "UNKNOWN", 1: "REQUESTED", 2: "DOES_NOT_EXIST", 3: "ACKED", 4: "NACKED", 5: "RECEIVED_ERROR", 6: "TIMEOUT"}
-
-
-def varint(n):
-    out = bytearray()
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        out.append(b | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def field(num, payload):
-    return varint(num << 3 | 2) + varint(len(payload)) + payload
-
-
-def read_varint(buf, pos):
-    n, shift = 0, 0
-    while True:
-        b = buf[pos]
-        pos += 1
-        n |= (b & 0x7F) << shift
-        shift += 7
-        if not b & 0x80:
-            return n, pos
-
-
-def fields(buf):
-    """Every field of a message: (number, bytes or int)."""
-    pos, out = 0, []
-    while pos < len(buf):
-        key, pos = read_varint(buf, pos)
-        num, wire = key >> 3, key & 7
-        if wire == 2:
-            n, pos = read_varint(buf, pos)
-            out.append((num, buf[pos:pos + n]))
-            pos += n
-        elif wire == 0:
-            v, pos = read_varint(buf, pos)
-            out.append((num, v))
-        elif wire == 1:
-            pos += 8
-        elif wire == 5:
-            pos += 4
-        else:
-            raise ValueError(f"wire type {wire}")
-    return out
 
 
 def first(fs, num, default=b""):

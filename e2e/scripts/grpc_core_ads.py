@@ -6,54 +6,10 @@ import threading
 
 import grpc
 
+from protowire import field, fields, text
+
 ECDS = "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig"
 SERVICE = "/envoy.service.discovery.v3.AggregatedDiscoveryService/"
-
-
-def varint(n):
-    out = bytearray()
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        out.append(b | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def field(num, payload):
-    return varint(num << 3 | 2) + varint(len(payload)) + payload
-
-
-def text(num, s):
-    return field(num, s.encode())
-
-
-def read_varint(buf, pos):
-    n, shift = 0, 0
-    while True:
-        b = buf[pos]
-        pos += 1
-        n |= (b & 0x7F) << shift
-        shift += 7
-        if not b & 0x80:
-            return n, pos
-
-
-def fields(buf):
-    """Top-level length-delimited fields of a message: (number, bytes)."""
-    pos, out = 0, []
-    while pos < len(buf):
-        key, pos = read_varint(buf, pos)
-        num, wire = key >> 3, key & 7
-        if wire == 2:
-            n, pos = read_varint(buf, pos)
-            out.append((num, buf[pos:pos + n]))
-            pos += n
-        elif wire == 0:
-            _, pos = read_varint(buf, pos)
-        else:
-            raise ValueError(f"wire type {wire}")
-    return out
 
 
 def main():

@@ -8,21 +8,9 @@ import sys
 
 import grpc
 
+from protowire import field
+
 METHOD = "/envoy.service.metrics.v3.MetricsService/StreamMetrics"
-
-
-def varint(n):
-    out = bytearray()
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        out.append(b | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def field(num, payload):
-    return varint(num << 3 | 2) + varint(len(payload)) + payload
 
 
 def counter_family(name, value):
