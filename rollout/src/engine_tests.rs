@@ -57,6 +57,14 @@ fn config(value: &str) -> CompiledConfig {
     filterplane_config::compile(&[parsed]).unwrap()
 }
 
+/// The engine stored as rows and read back: the same state.
+fn round_trip(engine: &Engine) -> Engine {
+    let rows = engine.stored().to_rows().unwrap();
+    let again = Engine::from_stored(StoredState::from_rows(&rows, "t").unwrap()).unwrap();
+    assert_eq!(again.stored(), engine.stored());
+    again
+}
+
 fn fleet(n: usize) -> TestFleet {
     TestFleet(
         (0..n).map(|i| (NodeFacts { id: format!("n{i}"), ..Default::default() }, HashMap::new())).collect(),
@@ -114,9 +122,7 @@ fn nacks_over_max_roll_back_and_the_state_round_trips() {
     let plan = engine.plan();
     assert_eq!(plan.entries[0].threshold, None, "everybody on the last completed version");
     assert_eq!(plan.entries[0].old.as_ref().map(|o| o.version), Some(v1.resources[0].version));
-    let rows = engine.stored().to_rows().unwrap();
-    let again = Engine::from_stored(StoredState::from_rows(&rows, "t").unwrap()).unwrap();
-    assert_eq!(again.stored(), engine.stored());
+    let again = round_trip(&engine);
     assert_eq!(again.plan(), plan);
     assert!(matches!(engine.act("hdr", "resume", 3), Err(ActionError::Failed(_))));
 }
@@ -235,9 +241,7 @@ fn a_step_whose_traffic_fails_a_gate_rolls_back_like_a_nack() {
     assert!(h.failures[0].message.contains("5xx ratio 0.5000 (40 of 80 requests on 1 proxies)"), "{:?}", h.failures);
     assert_eq!(engine.plan().entries[0].threshold, None, "everybody back on the last completed version");
     // Gates and their absent options are stored and read back (redb and etcd).
-    let rows = engine.stored().to_rows().unwrap();
-    let again = Engine::from_stored(StoredState::from_rows(&rows, "t").unwrap()).unwrap();
-    assert_eq!(again.stored(), engine.stored());
+    round_trip(&engine);
 
     // A healthy version passes every gate and completes.
     let v3 = config_with("three", gated);
