@@ -12,6 +12,7 @@ pub mod plan;
 pub mod protocol;
 pub mod snapshot;
 pub mod sotw;
+pub mod stats;
 pub mod stream;
 #[cfg(test)]
 mod test_support;
