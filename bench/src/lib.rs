@@ -6,6 +6,7 @@
 //! takes to reach every proxy, and (with a Filterplane admin URL) for Filterplane to see
 //! every ACK.
 
+pub mod mesh;
 mod proxy;
 pub mod report;
 

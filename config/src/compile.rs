@@ -37,7 +37,7 @@ pub fn check_rollout(r: &crate::model::RolloutSpec) -> Result<(), String> {
 }
 
 /// The YAML sections holding Envoy resources as they are.
-const SECTIONS: [(&str, ResourceType); 5] = [
+pub const SECTIONS: [(&str, ResourceType); 5] = [
     ("listeners", ResourceType::Listener),
     ("routes", ResourceType::RouteConfiguration),
     ("clusters", ResourceType::Cluster),
@@ -47,6 +47,14 @@ const SECTIONS: [(&str, ResourceType); 5] = [
 
 /// Validates and compiles the documents as one config, collecting every error.
 pub fn compile(files: &[ParsedFile]) -> Result<CompiledConfig, ConfigErrors> {
+    compile_with(files, Vec::new())
+}
+
+/// `compile`, where `entries[k]` are Envoy resource entries of `files[k]` already
+/// compiled on their own (`resources::envoy_entry`, cached by incremental loading) and
+/// left out of its document: they are checked against the rest as if read from it.
+pub fn compile_with(files: &[ParsedFile], entries: Vec<Vec<CompiledResource>>) -> Result<CompiledConfig, ConfigErrors> {
+    let mut entries = entries.into_iter();
     let mut c = Compiler {
         rollout: None,
         verification: None,
@@ -77,6 +85,10 @@ pub fn compile(files: &[ParsedFile]) -> Result<CompiledConfig, ConfigErrors> {
             for (i, spec) in items.iter().enumerate() {
                 c.envoy_resource(file, section, i, rt, spec);
             }
+        }
+        for r in entries.next().unwrap_or_default() {
+            let section = SECTIONS.iter().find(|(_, rt)| *rt == r.resource_type).map_or("resources", |(s, _)| s);
+            c.admit(section, r);
         }
     }
     if c.errors.is_empty() {
@@ -134,7 +146,12 @@ impl<'a> Compiler<'a> {
         let path = if sub.is_empty() { origin.path.clone() } else { format!("{}.{sub}", origin.path) };
         // A file may hold several documents: the one whose lines hold the entry.
         match self.files.iter().find(|f| f.path == origin.file && origin.line.is_none_or(|l| f.span.contains(&l))) {
-            Some(f) => f.error(path, message),
+            // (An entry compiled on its own is not in its document's index: its own line.)
+            Some(f) => {
+                let mut e = f.error(path, message);
+                e.line = e.line.or(origin.line);
+                e
+            }
             None => ConfigError { file: origin.file.clone(), line: origin.line, path, message: message.into() },
         }
     }
@@ -407,6 +424,7 @@ mod placed;
 mod resources;
 
 pub use placed::assemble_listener;
+pub use resources::envoy_entry;
 
 /// A public key file, read (small) and checked to hold a PEM public key: (its path as
 /// written, its text).

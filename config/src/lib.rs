@@ -8,6 +8,7 @@ pub mod central;
 pub mod compile;
 pub mod compiled;
 pub mod error;
+pub mod incremental;
 pub mod istio;
 pub mod lines;
 pub mod load;

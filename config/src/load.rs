@@ -69,21 +69,9 @@ pub fn parse_all_with(path: &Path, max_file_bytes: u64) -> Result<Vec<ParsedFile
         match read_bounded(&file, max_file_bytes) {
             Ok(text) => {
                 for (offset, doc) in documents(&text) {
-                    let result = if crate::istio::is_istio(doc) {
-                        crate::istio::parse(&file, doc).map_err(|e| e.0)
-                    } else {
-                        parse_file(&file, doc).map_err(|e| vec![e])
-                    };
-                    match result {
-                        Ok(mut p) => {
-                            p.lines = std::mem::take(&mut p.lines).with_offset(offset);
-                            p.span = p.span.start + offset..p.span.end + offset;
-                            parsed.push(p)
-                        }
-                        Err(es) => errors.extend(es.into_iter().map(|mut e| {
-                            e.line = e.line.map(|l| l + offset);
-                            e
-                        })),
+                    match parse_document(&file, offset, doc) {
+                        Ok(p) => parsed.push(p),
+                        Err(es) => errors.extend(es),
                     }
                 }
             }
@@ -96,6 +84,29 @@ pub fn parse_all_with(path: &Path, max_file_bytes: u64) -> Result<Vec<ParsedFile
         Ok(parsed)
     } else {
         Err(ConfigErrors(errors))
+    }
+}
+
+/// Document `doc` of `file`, `offset` lines into it: Filterplane's schema or Istio's.
+pub fn parse_document(file: &Path, offset: usize, doc: &str) -> Result<ParsedFile, Vec<ConfigError>> {
+    let result = if crate::istio::is_istio(doc) {
+        crate::istio::parse(file, doc).map_err(|e| e.0)
+    } else {
+        parse_file(file, doc).map_err(|e| vec![e])
+    };
+    match result {
+        Ok(mut p) => {
+            p.lines = std::mem::take(&mut p.lines).with_offset(offset);
+            p.span = p.span.start + offset..p.span.end + offset;
+            Ok(p)
+        }
+        Err(es) => Err(es
+            .into_iter()
+            .map(|mut e| {
+                e.line = e.line.map(|l| l + offset);
+                e
+            })
+            .collect()),
     }
 }
 
@@ -125,14 +136,14 @@ pub fn documents(text: &str) -> Vec<(usize, &str)> {
 }
 
 /// A regular file's text, at most `max` bytes.
-fn read_bounded(file: &Path, max: u64) -> std::io::Result<String> {
+pub(crate) fn read_bounded(file: &Path, max: u64) -> std::io::Result<String> {
     use std::io::Read;
     // A FIFO or a device would block the read forever (or never end).
     if !std::fs::metadata(file)?.is_file() {
         return Err(std::io::Error::other("not a regular file"));
     }
     let mut text = String::new();
-    std::fs::File::open(file)?.take(max + 1).read_to_string(&mut text)?;
+    std::fs::File::open(file)?.take(max.saturating_add(1)).read_to_string(&mut text)?;
     if text.len() as u64 > max {
         return Err(std::io::Error::other(format!("larger than the limit of {max} bytes (--max-config-bytes)")));
     }

@@ -102,6 +102,8 @@ pub struct ConfigReloader {
     max_config_bytes: u64,
     /// `--preflight-envoy`: a real Envoy checks what changed before it is served.
     preflight: Option<Arc<crate::preflight::Preflight>>,
+    /// Compiles only the entries whose text changed since the last reload.
+    loader: Arc<std::sync::Mutex<filterplane_config::incremental::Loader>>,
 }
 
 impl ConfigReloader {
@@ -125,6 +127,7 @@ impl ConfigReloader {
             max_removal_percent: 100,
             max_config_bytes: filterplane_config::load::MAX_FILE_BYTES,
             preflight: None,
+            loader: Default::default(),
         }
     }
 
@@ -150,10 +153,14 @@ impl ConfigReloader {
     /// allows: (removed, served, a few of the removed).
     fn removes_too_much(&self, config: &filterplane_config::CompiledConfig) -> Option<(usize, usize, Vec<String>)> {
         let current = self.cache.current()?;
-        let key = |r: &filterplane_config::CompiledResource| (r.resource_type, r.name.clone());
-        let served: std::collections::BTreeSet<_> = current.config.resources.iter().map(key).collect();
-        let kept: std::collections::BTreeSet<_> = config.resources.iter().map(key).collect();
-        let removed: Vec<_> = served.difference(&kept).collect();
+        // Borrowed keys: this runs on every reload, over every resource.
+        fn key(r: &filterplane_config::CompiledResource) -> (filterplane_api::ResourceType, &str) {
+            (r.resource_type, r.name.as_str())
+        }
+        let served: std::collections::HashSet<_> = current.config.resources.iter().map(key).collect();
+        let kept: std::collections::HashSet<_> = config.resources.iter().map(key).collect();
+        let mut removed: Vec<_> = served.difference(&kept).collect();
+        removed.sort_unstable();
         let over = removed.len() * 100 > served.len() * usize::from(self.max_removal_percent);
         (over && !removed.is_empty()).then(|| {
             let examples = removed.iter().take(5).map(|(rt, name)| format!("{rt} {name}")).collect();
@@ -194,16 +201,22 @@ impl ConfigReloader {
 
     async fn reload_with(&self, trigger: &str, confirmed: bool) -> ReloadOutcome {
         let started = Instant::now();
-        let (path, max) = (self.path.clone(), self.max_config_bytes);
-        let result =
-            tokio::task::spawn_blocking(move || filterplane_config::load_with(&path, max)).await.unwrap_or_else(|e| {
-                Err(ConfigErrors(vec![ConfigError {
-                    file: self.path.clone(),
-                    line: None,
-                    path: String::new(),
-                    message: format!("config load task failed: {e}"),
-                }]))
-            });
+        let (path, max, loader) = (self.path.clone(), self.max_config_bytes, self.loader.clone());
+        // (Reloads run one at a time; the lock only hands the cache to the blocking task.)
+        let loaded = tokio::task::spawn_blocking(move || {
+            let mut loader = loader.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            (loader.load(&path, max), loader.stats())
+        })
+        .await;
+        let stats = loaded.as_ref().map(|(_, s)| *s).unwrap_or_default();
+        let result = loaded.map(|(r, _)| r).unwrap_or_else(|e| {
+            Err(ConfigErrors(vec![ConfigError {
+                file: self.path.clone(),
+                line: None,
+                path: String::new(),
+                message: format!("config load task failed: {e}"),
+            }]))
+        });
         let mut wasm_errors = Vec::new();
         let result = match (result, &self.wasm) {
             (Ok(config), Some(w)) if config.fetches_wasm() => {
@@ -250,7 +263,14 @@ impl ConfigReloader {
                     tracing::info!(notice = %n, "config note");
                 }
                 if self.cache.publish(config) {
-                    tracing::info!(%version, resources, trigger, ms = elapsed.as_secs_f64() * 1e3, "config applied");
+                    tracing::info!(
+                        %version,
+                        resources,
+                        compiled = stats.compiled,
+                        trigger,
+                        ms = elapsed.as_secs_f64() * 1e3,
+                        "config applied"
+                    );
                     ReloadOutcome::Applied { version }
                 } else {
                     tracing::info!(%version, trigger, "config unchanged");

@@ -1,5 +1,6 @@
-//! The sections holding Envoy resources as Envoy writes them: listeners, routes,
-//! clusters, endpoints.
+//! The sections holding Envoy resources as they are: listeners, routes, clusters,
+//! endpoints, secrets. Each entry compiles on its own (`envoy_entry`, which incremental
+//! loading caches by the entry's text); the compiler then admits it against the rest.
 
 use std::sync::Arc;
 
@@ -8,9 +9,76 @@ use serde_json::Value;
 
 use super::{encode, CompiledResource, Compiler, Origin};
 use crate::{
+    error::ConfigError,
     model::{EnvoyResourceSpec, NodeSelector},
     parsed::ParsedFile,
 };
+
+/// Entry `i` of `section` (of type `rt`) of `file`, compiled on its own: everything but
+/// the checks against other entries (`Compiler::admit`).
+pub fn envoy_entry(
+    file: &ParsedFile,
+    section: &str,
+    i: usize,
+    rt: ResourceType,
+    spec: &EnvoyResourceSpec,
+) -> Result<CompiledResource, ConfigError> {
+    let at = format!("{section}[{i}]");
+    let origin = Origin { file: file.path.clone(), line: file.lines.line_of(&at), path: at };
+    let error = |sub: &str, message: String| file.error(format!("{}.{sub}", origin.path), message);
+    let mut json = spec.0.clone();
+    let selector = match json.remove("node_selector").map(serde_json::from_value::<NodeSelector>) {
+        None => NodeSelector::default(),
+        Some(Ok(s)) => s,
+        Some(Err(e)) => return Err(error("node_selector", e.to_string())),
+    };
+    match json.get("@type") {
+        Some(Value::String(t)) if t != rt.type_url() => {
+            return Err(error("@type", format!("must be {} in `{section}` (or left out)", rt.type_url())));
+        }
+        _ => {}
+    }
+    json.remove("@type");
+    let name = [name_key(rt), &camel(name_key(rt))]
+        .iter()
+        .find_map(|k| json.get(*k))
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_owned();
+    let json = Value::Object(json);
+    let (any, version) = encode(rt, &name, json.clone()).map_err(|(path, message)| {
+        if path.is_empty() {
+            file.error(origin.path.clone(), message)
+        } else {
+            error(&path, message)
+        }
+    })?;
+    Ok(CompiledResource {
+        resource_type: rt,
+        name,
+        selector,
+        resource: any,
+        inner_type_url: rt.type_url().to_owned(),
+        version,
+        origin,
+        placement: None,
+        listener_json: (rt == ResourceType::Listener).then(|| Arc::new(json)),
+        wasm_sha256: None,
+        envoy_fetches_code: false,
+        central_wasm: None,
+        central_shas: Vec::new(),
+        rollout: None,
+    })
+}
+
+/// The field holding an entry's name.
+fn name_key(rt: ResourceType) -> &'static str {
+    if rt == ResourceType::ClusterLoadAssignment {
+        "cluster_name"
+    } else {
+        "name"
+    }
+}
 
 impl Compiler<'_> {
     pub(super) fn envoy_resource(
@@ -21,59 +89,19 @@ impl Compiler<'_> {
         rt: ResourceType,
         spec: &EnvoyResourceSpec,
     ) {
-        let at = format!("{section}[{i}]");
-        let origin = Origin { file: file.path.clone(), line: file.lines.line_of(&at), path: at };
-        let mut json = spec.0.clone();
-        let selector = match json.remove("node_selector").map(serde_json::from_value::<NodeSelector>) {
-            None => NodeSelector::default(),
-            Some(Ok(s)) => s,
-            Some(Err(e)) => {
-                self.error_at(&origin, "node_selector", e.to_string());
-                return;
-            }
-        };
-        match json.get("@type") {
-            Some(Value::String(t)) if t != rt.type_url() => {
-                self.error_at(&origin, "@type", format!("must be {} in `{section}` (or left out)", rt.type_url()));
-                return;
-            }
-            _ => {}
+        match envoy_entry(file, section, i, rt, spec) {
+            Ok(r) => self.admit(section, r),
+            Err(e) => self.errors.push(e),
         }
-        json.remove("@type");
-        let name_key = if rt == ResourceType::ClusterLoadAssignment { "cluster_name" } else { "name" };
-        let name = [name_key, &camel(name_key)]
-            .iter()
-            .find_map(|k| json.get(*k))
-            .and_then(Value::as_str)
-            .unwrap_or_default()
-            .to_owned();
-        let json = Value::Object(json);
-        let (any, version) = match encode(rt, &name, json.clone()) {
-            Ok(v) => v,
-            Err((path, message)) => {
-                self.error_at(&origin, &path, message);
-                return;
-            }
-        };
-        if !self.register(rt, section.trim_end_matches('s'), name_key, &name, &selector, &origin) {
-            return;
+    }
+
+    /// Takes an entry compiled on its own into the config, unless its name is empty or
+    /// an earlier entry already serves every proxy it selects.
+    pub(super) fn admit(&mut self, section: &str, r: CompiledResource) {
+        let kind = section.trim_end_matches('s');
+        if self.register(r.resource_type, kind, name_key(r.resource_type), &r.name, &r.selector, &r.origin) {
+            self.resources.push(r);
         }
-        self.resources.push(CompiledResource {
-            resource_type: rt,
-            name,
-            selector,
-            resource: any,
-            inner_type_url: rt.type_url().to_owned(),
-            version,
-            origin,
-            placement: None,
-            listener_json: (rt == ResourceType::Listener).then(|| Arc::new(json)),
-            wasm_sha256: None,
-            envoy_fetches_code: false,
-            central_wasm: None,
-            central_shas: Vec::new(),
-            rollout: None,
-        });
     }
 }
 

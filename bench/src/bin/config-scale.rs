@@ -1,0 +1,62 @@
+//! `config-scale SERVICES...`: a mesh config of SERVICES EDS clusters and their
+//! ClusterLoadAssignments (2·SERVICES resources); times the full load (what every reload
+//! did before incremental loading) and its parts.
+
+use std::time::{Duration, Instant};
+
+use filterplane_config::{incremental::Loader, NodeFacts};
+use filterplane_xds::snapshot::Generation;
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn main() -> anyhow::Result<()> {
+    let sizes: Vec<usize> = std::env::args().skip(1).map(|a| a.parse()).collect::<Result<_, _>>()?;
+    let _ = filterplane_api::descriptors::pool();
+    let dir = tempfile::tempdir()?;
+    for n in sizes {
+        for files in [1usize, 100].into_iter().filter(|f| std::env::var("FILES").map_or(true, |v| v == f.to_string())) {
+            let sub = dir.path().join(format!("n{n}-{files}"));
+            std::fs::create_dir_all(&sub)?;
+            let path = filterplane_bench::mesh::write(&sub, n, files, |_| 8081)?;
+            let t = Instant::now();
+            let full = filterplane_config::load(&path).map_err(|e| anyhow::anyhow!("{e}"))?;
+            let full_ms = ms(t.elapsed());
+            drop(full);
+            let mut loader = Loader::new();
+            let t = Instant::now();
+            loader.load(&path, u64::MAX).map_err(|e| anyhow::anyhow!("{e}"))?;
+            let first = ms(t.elapsed());
+            let mut edits = Vec::new();
+            let rounds = std::env::var("EDITS").ok().and_then(|v| v.parse().ok()).unwrap_or(5u16);
+            for k in 0..rounds {
+                let i = (k as usize * 7919) % n;
+                filterplane_bench::mesh::write(&sub, n, files, |j| if j == i { 9000 + k } else { 8081 })?;
+                let t = Instant::now();
+                let c = loader.load(&path, u64::MAX).map_err(|e| anyhow::anyhow!("{e}"))?;
+                let load = t.elapsed();
+                let t = Instant::now();
+                let g = Generation::new(c);
+                let gen = t.elapsed();
+                let t = Instant::now();
+                let s = g.snapshot_for(&NodeFacts::default());
+                let snap = t.elapsed();
+                anyhow::ensure!(s.all().count() == 2 * n);
+                let st = loader.stats();
+                edits.push(format!(
+                    "{:.1} (read {:.1} entries {:.1} check {:.1}) gen {:.1} snap {:.1} compiled {}",
+                    ms(load),
+                    ms(st.read),
+                    ms(st.entries_time),
+                    ms(st.check),
+                    ms(gen),
+                    ms(snap),
+                    st.compiled
+                ));
+            }
+            println!("{n} services, {files} files: full {full_ms:.1} ms, first incremental {first:.1} ms, edits (load, generation, snapshot, compiled): {edits:?}");
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,63 @@
+//! Mesh-sized configs for the config-scale benchmark and tests: `n` EDS clusters and
+//! their `n` ClusterLoadAssignments (2·n resources), as one file or spread over files.
+
+use std::path::Path;
+
+/// Cluster `i` of a mesh config, as YAML list items (EDS over ADS).
+pub fn cluster(i: usize) -> String {
+    format!(
+        "  - name: svc-{i}\n    type: EDS\n    connect_timeout: 1s\n    eds_cluster_config: {{ eds_config: {{ ads: {{}}, resource_api_version: V3 }} }}\n"
+    )
+}
+
+/// The ClusterLoadAssignment of cluster `i`, its endpoints' last port `port`.
+pub fn assignment(i: usize, port: u16) -> String {
+    let a = 1 + (i / 250) % 250;
+    let b = 1 + i % 250;
+    format!(
+        "  - cluster_name: svc-{i}\n    endpoints:\n      - lb_endpoints:\n          - endpoint: {{ address: {{ socket_address: {{ address: 10.{a}.{b}.1, port_value: 8080 }} }} }}\n          - endpoint: {{ address: {{ socket_address: {{ address: 10.{a}.{b}.2, port_value: {port} }} }} }}\n"
+    )
+}
+
+/// Services `range` as one document.
+pub fn document(range: std::ops::Range<usize>, port_of: impl Fn(usize) -> u16) -> String {
+    let mut y = String::with_capacity(range.len() * 420);
+    y.push_str("version: 1\nclusters:\n");
+    for i in range.clone() {
+        y.push_str(&cluster(i));
+    }
+    y.push_str("endpoints:\n");
+    for i in range {
+        y.push_str(&assignment(i, port_of(i)));
+    }
+    y
+}
+
+/// Writes `services` services as `files` files (`files` = 1: `dir/mesh.yaml`), each
+/// endpoint's port 8081 except where `port_of` says; returns the config path.
+pub fn write(
+    dir: &Path,
+    services: usize,
+    files: usize,
+    port_of: impl Fn(usize) -> u16,
+) -> std::io::Result<std::path::PathBuf> {
+    if files <= 1 {
+        let path = dir.join("mesh.yaml");
+        std::fs::write(&path, document(0..services, port_of))?;
+        return Ok(path);
+    }
+    let per = services.div_ceil(files);
+    for f in 0..files {
+        let range = (f * per).min(services)..((f + 1) * per).min(services);
+        std::fs::write(dir.join(format!("svc-{f:04}.yaml")), document(range, &port_of))?;
+    }
+    Ok(dir.to_path_buf())
+}
+
+/// The file of a `files`-file config holding service `i`.
+pub fn file_of(dir: &Path, services: usize, files: usize, i: usize) -> std::path::PathBuf {
+    if files <= 1 {
+        return dir.join("mesh.yaml");
+    }
+    dir.join(format!("svc-{:04}.yaml", i / services.div_ceil(files)))
+}

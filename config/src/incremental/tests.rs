@@ -1,0 +1,160 @@
+use std::path::Path;
+
+use super::*;
+
+const MAX: u64 = crate::load::MAX_FILE_BYTES;
+
+fn cluster(i: usize) -> String {
+    format!("  - name: svc-{i}\n    type: EDS\n    eds_cluster_config: {{ eds_config: {{ ads: {{}} }} }}\n")
+}
+
+fn assignment(i: usize, port: u16) -> String {
+    format!(
+        "  - cluster_name: svc-{i}\n    endpoints:\n      - lb_endpoints:\n          - endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {port} }} }} }}\n"
+    )
+}
+
+fn mesh(n: usize, changed: Option<(usize, u16)>) -> String {
+    let mut y = String::from("version: 1\n# the mesh\nclusters:\n");
+    for i in 0..n {
+        y.push_str(&cluster(i));
+    }
+    y.push_str("endpoints:\n");
+    for i in 0..n {
+        let port = match changed {
+            Some((c, p)) if c == i => p,
+            _ => 8080,
+        };
+        y.push_str(&assignment(i, port));
+    }
+    y
+}
+
+/// The incremental load of `path` and the full one agree, result or errors.
+fn same_as_full(loader: &mut Loader, path: &Path) -> Result<CompiledConfig, ConfigErrors> {
+    let full = crate::load_with(path, MAX);
+    let incremental = loader.load(path, MAX);
+    match (&full, &incremental) {
+        (Ok(a), Ok(b)) => assert_eq!(a, b, "incremental and full loads differ"),
+        (Err(a), Err(b)) => assert_eq!(a.0, b.0, "the errors differ"),
+        _ => panic!("full: {full:?}\nincremental: {incremental:?}"),
+    }
+    incremental
+}
+
+#[test]
+fn every_example_loads_as_the_full_load_does() {
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    let mut n = 0;
+    for dir in std::fs::read_dir(&examples).unwrap() {
+        let config = dir.unwrap().path().join("filterplane.yaml");
+        if config.exists() {
+            same_as_full(&mut Loader::new(), &config).unwrap();
+            n += 1;
+        }
+    }
+    assert!(n >= 3, "{n} examples");
+}
+
+#[test]
+fn an_edit_compiles_only_the_changed_entry() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("mesh.yaml");
+    std::fs::write(&f, mesh(50, None)).unwrap();
+    let mut loader = Loader::new();
+    let first = same_as_full(&mut loader, &f).unwrap();
+    let s = loader.stats();
+    assert_eq!((s.entries, s.compiled, s.whole_documents), (100, 100, 0));
+    std::fs::write(&f, mesh(50, Some((7, 9090)))).unwrap();
+    let second = same_as_full(&mut loader, &f).unwrap();
+    let s = loader.stats();
+    assert_eq!((s.entries, s.compiled, s.whole_documents), (100, 1, 0));
+    assert_ne!(first.version, second.version);
+    let changed: Vec<_> = first
+        .resources
+        .iter()
+        .zip(&second.resources)
+        .filter(|(a, b)| a.version != b.version)
+        .map(|(_, b)| &b.name)
+        .collect();
+    assert_eq!(changed, ["svc-7"]);
+    // Lines added above every entry: nothing compiles again, every line moves.
+    std::fs::write(&f, format!("# moved\n# down\n{}", mesh(50, Some((7, 9090))))).unwrap();
+    same_as_full(&mut loader, &f).unwrap();
+    assert_eq!(loader.stats().compiled, 0);
+    assert_eq!(loader.cached(), 100);
+}
+
+#[test]
+fn errors_name_file_line_and_path_as_a_full_load_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("mesh.yaml");
+    let mut loader = Loader::new();
+    std::fs::write(&f, mesh(20, None)).unwrap();
+    same_as_full(&mut loader, &f).unwrap();
+    // A bad field in one entry; a duplicate name whose other entry is cached.
+    let bad = mesh(20, None).replace(
+        "port_value: 8080 } } }\n  - cluster_name: svc-4\n",
+        "port_valu: 8080 } } }\n  - cluster_name: svc-4\n",
+    );
+    std::fs::write(&f, &bad).unwrap();
+    let e = same_as_full(&mut loader, &f).unwrap_err();
+    assert_eq!(e.0.len(), 1, "{e}");
+    assert!(e.0[0].path.starts_with("endpoints[3]"), "{e}");
+    assert!(e.0[0].line.is_some(), "{e}");
+    let dup = format!("{}{}", mesh(20, None), assignment(5, 1));
+    std::fs::write(&f, &dup).unwrap();
+    let e = same_as_full(&mut loader, &f).unwrap_err();
+    assert!(e.0[0].message.contains("duplicate endpoint name \"svc-5\""), "{e}");
+    assert_eq!(e.0[0].path, "endpoints[20].cluster_name", "{e}");
+}
+
+#[test]
+fn documents_it_cannot_cut_are_read_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("c.yaml");
+    let mut loader = Loader::new();
+    let anchors = "version: 1\nclusters:\n  - &c { name: a, type: STATIC }\n  - <<: *c\n    name: b\n";
+    let flow = "version: 1\nclusters: [ { name: a, type: STATIC } ]\n";
+    let twice = "version: 1\nclusters:\n  - name: a\nclusters:\n  - name: b\n";
+    let compact = "version: 1\nclusters:\n- name: a\n  type: STATIC\n- name: b\n  type: STATIC\n";
+    let ragged = "version: 1\nclusters:\n    - name: a\n  - name: b\n";
+    let crlf = "version: 1\r\nclusters:\r\n  - name: a\r\n    type: STATIC\r\n";
+    let docs = "version: 1\nclusters:\n  - name: a\n---\nversion: 1\nendpoints:\n  - cluster_name: a\n";
+    for (text, whole) in [(anchors, 1), (flow, 1), (twice, 1), (compact, 0), (ragged, 1), (crlf, 0), (docs, 0)] {
+        std::fs::write(&f, text).unwrap();
+        let _ = same_as_full(&mut loader, &f);
+        assert_eq!(loader.stats().whole_documents, whole, "{text}");
+    }
+}
+
+#[test]
+fn a_directory_compiles_only_the_changed_file_s_entry() {
+    let dir = tempfile::tempdir().unwrap();
+    for k in 0..4 {
+        std::fs::write(dir.path().join(format!("s{k}.yaml")), mesh(10, None).replace("svc-", &format!("s{k}-")))
+            .unwrap();
+    }
+    let mut loader = Loader::new();
+    same_as_full(&mut loader, dir.path()).unwrap();
+    assert_eq!(loader.stats().compiled, 80);
+    std::fs::write(dir.path().join("s2.yaml"), mesh(10, Some((3, 1))).replace("svc-", "s2-")).unwrap();
+    same_as_full(&mut loader, dir.path()).unwrap();
+    assert_eq!(loader.stats().compiled, 1);
+    // The same text in another file is another entry (its origin differs).
+    std::fs::write(dir.path().join("s4.yaml"), "version: 1\nclusters:\n".to_owned() + &cluster(99)).unwrap();
+    same_as_full(&mut loader, dir.path()).unwrap();
+    assert_eq!(loader.stats().compiled, 1);
+}
+
+#[test]
+fn after_a_failed_load_only_the_fixed_entry_compiles() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("mesh.yaml");
+    let mut loader = Loader::new();
+    std::fs::write(&f, mesh(30, None).replace("svc-3\n    endpoints", "svc-3\n    endpoint")).unwrap();
+    same_as_full(&mut loader, &f).unwrap_err();
+    std::fs::write(&f, mesh(30, None)).unwrap();
+    same_as_full(&mut loader, &f).unwrap();
+    assert_eq!(loader.stats().compiled, 1);
+}
