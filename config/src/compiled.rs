@@ -86,23 +86,27 @@ impl CompiledConfig {
         // Stable: entries of the same name keep their file order, which decides which
         // one a node that matches several gets.
         self.resources.sort_by(|a, b| (a.resource_type, &a.name).cmp(&(b.resource_type, &b.name)));
-        let described: Vec<String> = self
+        // Type, name and version of each resource; its selector, placement and rollout
+        // only where it has one (most have none: no text is made for them).
+        let described = |d: &dyn std::fmt::Debug| format!("{d:?}");
+        let extras: Vec<[String; 4]> =
+            self.resources
+                .iter()
+                .filter(|r| !r.selector.is_empty() || r.placement.is_some() || r.rollout.is_some())
+                .map(|r| {
+                    let at = format!("{}\0{}", r.resource_type.type_url(), r.name);
+                    [at, described(&r.selector), described(&r.placement), described(&r.rollout)]
+                })
+                .chain(self.wasm_plugins.iter().map(|w| {
+                    [format!("wasm\0{}", w.name), described(&w.selector), described(&w.rollout), String::new()]
+                }))
+                .collect();
+        let parts = self
             .resources
             .iter()
-            .map(|r| {
-                format!(
-                    "{}\0{}\0{}\0{:?}\0{:?}\0{:?}",
-                    r.resource_type.type_url(),
-                    r.name,
-                    r.version,
-                    r.selector,
-                    r.placement,
-                    r.rollout
-                )
-            })
-            .chain(self.wasm_plugins.iter().map(|w| format!("wasm\0{}\0{:?}\0{:?}", w.name, w.selector, w.rollout)))
-            .collect();
-        self.version = content_version(described.iter().map(|s| s.as_bytes()));
+            .flat_map(|r| [r.resource_type.type_url().as_bytes(), r.name.as_bytes(), r.version.as_str().as_bytes()])
+            .chain(extras.iter().flat_map(|e| e.iter().map(|s| s.as_bytes())));
+        self.version = content_version(parts);
         self
     }
 }

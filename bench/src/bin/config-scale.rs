@@ -1,6 +1,10 @@
 //! `config-scale SERVICES...`: a mesh config of SERVICES EDS clusters and their
-//! ClusterLoadAssignments (2·SERVICES resources); times the full load (what every reload
-//! did before incremental loading) and its parts.
+//! ClusterLoadAssignments (2·SERVICES resources), as one file and as 100 files; times,
+//! in one run, the full load (what every reload did before incremental loading, as
+//! b5fbd7f did) and incremental reloads after one endpoint changed, with their parts
+//! and the generation and snapshot built from them.
+//! `config-scale write DIR SERVICES FILES [CHANGED PORT]`: writes such a config (only the
+//! file holding service CHANGED, its endpoint's port PORT), for bench/config-scale.sh.
 
 use std::time::{Duration, Instant};
 
@@ -12,6 +16,26 @@ fn ms(d: Duration) -> f64 {
 }
 
 fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("write") {
+        let n = |i: usize| args.get(i).map(|a| a.parse::<usize>()).transpose();
+        let (dir, services, files) = (std::path::Path::new(&args[1]), n(2)?.unwrap_or(1000), n(3)?.unwrap_or(1));
+        let changed = n(4)?;
+        let port = n(5)?.unwrap_or(8081) as u16;
+        let port_of = |j: usize| if Some(j) == changed { port } else { 8081 };
+        match changed {
+            Some(c) if files > 1 => {
+                let file = filterplane_bench::mesh::file_of(dir, services, files, c);
+                let per = services.div_ceil(files);
+                let first = c / per * per;
+                std::fs::write(file, filterplane_bench::mesh::document(first..(first + per).min(services), port_of))?;
+            }
+            _ => {
+                filterplane_bench::mesh::write(dir, services, files, port_of)?;
+            }
+        }
+        return Ok(());
+    }
     let sizes: Vec<usize> = std::env::args().skip(1).map(|a| a.parse()).collect::<Result<_, _>>()?;
     let _ = filterplane_api::descriptors::pool();
     let dir = tempfile::tempdir()?;
@@ -21,7 +45,7 @@ fn main() -> anyhow::Result<()> {
             std::fs::create_dir_all(&sub)?;
             let path = filterplane_bench::mesh::write(&sub, n, files, |_| 8081)?;
             let t = Instant::now();
-            let full = filterplane_config::load(&path).map_err(|e| anyhow::anyhow!("{e}"))?;
+            let full = filterplane_config::load_with(&path, u64::MAX).map_err(|e| anyhow::anyhow!("{e}"))?;
             let full_ms = ms(t.elapsed());
             drop(full);
             let mut loader = Loader::new();
