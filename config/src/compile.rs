@@ -75,14 +75,7 @@ pub fn compile_with(files: &[ParsedFile], entries: Vec<Vec<CompiledResource>>) -
             c.wasm_plugin(file, i, spec);
         }
         for (section, rt) in SECTIONS {
-            let items = match rt {
-                ResourceType::Listener => &file.doc.listeners,
-                ResourceType::RouteConfiguration => &file.doc.routes,
-                ResourceType::Cluster => &file.doc.clusters,
-                ResourceType::Secret => &file.doc.secrets,
-                _ => &file.doc.endpoints,
-            };
-            for (i, spec) in items.iter().enumerate() {
+            for (i, spec) in file.doc.envoy_section(rt).iter().enumerate() {
                 c.envoy_resource(file, section, i, rt, spec);
             }
         }

@@ -188,14 +188,7 @@ fn compile_item(file: &Path, section: &str, rt: ResourceType, text: &str, line: 
     let mini = format!("{section}:\n{text}{newline}version: {SCHEMA_VERSION}\n");
     let mut p = parse_file(file, &mini).ok()?;
     p.lines = std::mem::take(&mut p.lines).with_offset(line.checked_sub(2)?);
-    let specs = match rt {
-        ResourceType::Listener => &p.doc.listeners,
-        ResourceType::RouteConfiguration => &p.doc.routes,
-        ResourceType::Cluster => &p.doc.clusters,
-        ResourceType::Secret => &p.doc.secrets,
-        _ => &p.doc.endpoints,
-    };
-    match specs.as_slice() {
+    match p.doc.envoy_section(rt) {
         [spec] => envoy_entry(&p, section, 0, rt, spec).ok(),
         _ => None,
     }

@@ -45,6 +45,22 @@ pub struct Document {
     pub wasm_verification: Option<VerificationSpec>,
 }
 
+impl Document {
+    /// The entries of the section holding Envoy resources of type `rt` (`endpoints` for
+    /// ClusterLoadAssignments; types without a section have none).
+    pub fn envoy_section(&self, rt: filterplane_api::ResourceType) -> &[EnvoyResourceSpec] {
+        use filterplane_api::ResourceType as T;
+        match rt {
+            T::Listener => &self.listeners,
+            T::RouteConfiguration => &self.routes,
+            T::Cluster => &self.clusters,
+            T::Secret => &self.secrets,
+            T::ClusterLoadAssignment => &self.endpoints,
+            _ => &[],
+        }
+    }
+}
+
 /// Trusted keys for module signatures (docs/wasm.md, Signed modules).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
