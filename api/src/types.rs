@@ -65,6 +65,15 @@ impl ResourceType {
     pub const fn legacy_wildcard(self) -> bool {
         matches!(self, ResourceType::Listener | ResourceType::Cluster)
     }
+
+    /// xDS protocol, "Grouping resources into responses": a state-of-the-world response
+    /// must hold every resource of the type only for LDS and CDS (a client drops what it
+    /// lacks). For the others a client keeps what a response leaves out, so a server may
+    /// send only what changed (Envoy's `GrpcMuxImpl` passes each watch only the resources
+    /// named in the response; gRPC's `AllResourcesRequiredInSotW` is false for them).
+    pub const fn sotw_requires_full_state(self) -> bool {
+        matches!(self, ResourceType::Listener | ResourceType::Cluster)
+    }
 }
 
 impl fmt::Display for ResourceType {

@@ -136,6 +136,19 @@ pub fn http_get(url: &str) -> Option<Reply> {
     http_get_with(url, &[])
 }
 
+/// GET of a body of any size (an Envoy's `/clusters` with 50,000 clusters is 60 MB;
+/// `http_get` stops at ureq's 10 MB), within a minute.
+pub fn http_get_large(url: &str) -> Option<String> {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .proxy(None)
+        .timeout_global(Some(Duration::from_secs(60)))
+        .build()
+        .into();
+    let mut res = agent.get(url).call().ok()?;
+    res.body_mut().with_config().limit(u64::MAX).read_to_string().ok()
+}
+
 /// GET with request headers.
 pub fn http_get_with(url: &str, headers: &[(&str, &str)]) -> Option<Reply> {
     let agent: ureq::Agent = ureq::Agent::config_builder()
@@ -296,7 +309,8 @@ impl Filterplane {
             return;
         }
         let url = self.url("/healthz");
-        wait_until("filterplane /healthz", Duration::from_secs(20), || http_get(&url).filter(|r| r.status == 200));
+        // A debug build reads a mesh-sized config (100,000 resources) in tens of seconds.
+        wait_until("filterplane /healthz", Duration::from_secs(120), || http_get(&url).filter(|r| r.status == 200));
     }
 
     /// SIGTERM, and wait for a clean exit.

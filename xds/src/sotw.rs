@@ -16,7 +16,10 @@ use crate::{
     },
     wire::{self, Header, Wire, RESPONSE_BYTES},
 };
-use crate::{snapshot::Snapshot, vec_map::VecMap};
+use crate::{
+    snapshot::{ServedResource, Snapshot},
+    vec_map::VecMap,
+};
 
 /// What a step of a state-of-the-world stream sends: encoded responses.
 pub type SotwStep = Step<Wire<DiscoveryResponse>>;
@@ -33,6 +36,23 @@ struct Sent {
     /// does, with a subscription change); it is no second answer, and a client that
     /// repeats a NACK does not get it recorded again.
     answered: bool,
+    /// The snapshot it was cut from: once ACKed, what the client holds (`Baseline`).
+    snapshot: Arc<Snapshot>,
+    /// What it carried when it carried only what changed (`None`: the whole selection).
+    carried: Option<Box<[Arc<ServedResource>]>>,
+}
+
+/// What the client holds of a type whose responses may carry only what changed
+/// (`ResourceType::sotw_requires_full_state`): the selection of the last response it
+/// ACKed. Each response carries what differs from it, so a newer response holds all an
+/// older unsent one did and may replace it in the output queue (`service.rs`). Kept as
+/// the snapshot it was cut from (shared by every stream of the group), not a list per
+/// stream; moved to the current snapshot whenever the selection is the same.
+#[derive(Debug)]
+struct Baseline {
+    snapshot: Arc<Snapshot>,
+    subscription: Arc<Subscription>,
+    version: ResourceVersion,
 }
 
 #[derive(Debug)]
@@ -42,6 +62,7 @@ struct TypeState {
     /// Version the client says it has (its last request before anything was sent).
     client_version: String,
     last_sent: Option<Sent>,
+    baseline: Option<Baseline>,
     /// The last response was NACKed while Envoy fetches a Wasm module: send it again.
     retry: Option<Box<CodeFetchRetry>>,
 }
@@ -129,6 +150,7 @@ impl SotwStream {
             subscription: subscription.clone(),
             client_version: String::new(),
             last_sent: None,
+            baseline: None,
             retry: None,
         });
         if let Some(sent) = state.last_sent.as_mut().filter(|s| !req.response_nonce.is_empty() && !s.answered) {
@@ -138,8 +160,14 @@ impl SotwStream {
                 // NACK: record it and do not resend the same version; a new snapshot or
                 // a subscription change is what produces the next response. Unless the
                 // response holds Wasm code Envoy is fetching: then it is sent again.
-                let selected = self.core.snapshot.as_ref().map(|s| sent.subscription.select(s.resources(rt)));
-                let selected = selected.unwrap_or_default();
+                // What the response carried: only what changed, or the whole selection.
+                let selected = match &sent.carried {
+                    Some(carried) => carried.iter().collect(),
+                    None => {
+                        let selected = self.core.snapshot.as_ref().map(|s| sent.subscription.select(s.resources(rt)));
+                        selected.unwrap_or_default()
+                    }
+                };
                 let nack = Nack {
                     rt,
                     version: sent.version.to_string(),
@@ -155,6 +183,13 @@ impl SotwStream {
                 // SotW resends the whole response: no names to keep.
                 step.events.push(self.core.on_nack(nack, selected.into_iter(), Vec::new(), &mut state.retry, now));
             } else {
+                if !rt.sotw_requires_full_state() {
+                    state.baseline = Some(Baseline {
+                        snapshot: sent.snapshot.clone(),
+                        subscription: sent.subscription.clone(),
+                        version: sent.version,
+                    });
+                }
                 state.retry = None;
                 self.holds.acked(rt, &req.response_nonce, self.core.settings.drain_grace, now);
                 // Moved, not copied (one per proxy per push): what the client has
@@ -270,8 +305,16 @@ impl SotwStream {
                     version: version.to_string(),
                     resources: selected.iter().map(|r| (r.name.clone(), r.version)).collect(),
                 });
-                state.last_sent =
-                    Some(Sent { version, nonce: 0, subscription: state.subscription.clone(), answered: true });
+                state.last_sent = Some(Sent {
+                    version,
+                    nonce: 0,
+                    subscription: state.subscription.clone(),
+                    answered: true,
+                    snapshot: snapshot.clone(),
+                    carried: None,
+                });
+                state.baseline =
+                    Some(Baseline { snapshot: snapshot.clone(), subscription: state.subscription.clone(), version });
                 return;
             }
             // Unchanged, unless the client asks for a name it did not ask for before: that
@@ -282,10 +325,26 @@ impl SotwStream {
                     && (Arc::ptr_eq(&state.subscription, &sent.subscription)
                         || !state.subscription.gained_since(&sent.subscription)) =>
             {
+                // The same selection: let go of the older snapshot the baseline was cut from.
+                if let Some(b) = state.baseline.as_mut().filter(|b| b.version == version) {
+                    if !Arc::ptr_eq(&b.snapshot, snapshot) {
+                        b.snapshot = snapshot.clone();
+                        b.subscription = state.subscription.clone();
+                    }
+                }
                 return;
             }
             _ => {}
         }
+        // Only what changed since the client's last ACK, for types where it keeps the rest;
+        // a resend (Wasm code Envoy fetches) and the first response carry everything.
+        let carried = match &state.baseline {
+            Some(b) if !resend && !rt.sotw_requires_full_state() => {
+                Some(changed_since(&selected, &b.subscription.select(b.snapshot.resources(rt))))
+            }
+            _ => None,
+        };
+        let carries = carried.as_deref().unwrap_or(&selected);
         if !resend {
             // Something new goes out: whatever Envoy was fetching for the old one, the
             // new response starts afresh.
@@ -299,13 +358,14 @@ impl SotwStream {
             nonce: &nonce,
             control_plane: self.core.control_plane,
         };
-        let Some(response) = wire::sotw_response(header, &selected, attempt) else {
+        let Some(response) = wire::sotw_response(header, carries, attempt) else {
             // Over gRPC's 4 GiB (many large inline Wasm modules for one proxy): the
             // stream ends (`after` in service.rs), as it would for any client.
             tracing::error!(type_url = %rt, "response over gRPC's 4 GiB not sent");
             step.limits.push(RESPONSE_BYTES);
             return;
         };
+        // `resources` is what the client holds once it ACKs: the whole selection.
         step.events.push(StreamEvent::Sent {
             rt,
             version: version.to_string(),
@@ -317,8 +377,34 @@ impl SotwStream {
         });
         step.responses.push(response);
         let nonce = self.core.nonces.last();
-        state.last_sent = Some(Sent { version, nonce, subscription: state.subscription.clone(), answered: false });
+        let carried = carried.map(|c| c.into_iter().cloned().collect());
+        state.last_sent = Some(Sent {
+            version,
+            nonce,
+            subscription: state.subscription.clone(),
+            answered: false,
+            snapshot: snapshot.clone(),
+            carried,
+        });
     }
+}
+
+/// What of `selected` differs from `before` (both in name order): new names and new
+/// versions.
+fn changed_since<'a>(
+    selected: &[&'a Arc<ServedResource>],
+    before: &[&Arc<ServedResource>],
+) -> Vec<&'a Arc<ServedResource>> {
+    let mut before = before.iter().peekable();
+    let mut changed = Vec::new();
+    for r in selected {
+        while before.next_if(|b| b.name < r.name).is_some() {}
+        match before.peek() {
+            Some(b) if b.name == r.name && b.version == r.version => {}
+            _ => changed.push(*r),
+        }
+    }
+    changed
 }
 
 #[cfg(test)]

@@ -130,7 +130,10 @@ fn unsubscribe_drops_the_resource_from_the_next_response() {
     let r1 = s.on_request(request(ECDS, &["a", "b"], "", ""), now()).unwrap().responses.remove(0);
     assert_eq!(r1.resources.len(), 2);
     let step = s.on_request(request(ECDS, &["a"], &r1.version_info, &r1.nonce), now()).unwrap();
-    assert_eq!(names_of(&step), [["a"]]);
+    // The version of what it subscribes to changed; it has "a" already (ECDS carries only
+    // what changed), so the response is empty.
+    assert_eq!(names_of(&step), [Vec::<String>::new()]);
+    assert_ne!(step.responses[0].version_info, r1.version_info);
     assert!(step.events.iter().any(|e| matches!(e, StreamEvent::Subscribed { names, .. } if names == &["a"])));
     // A change to the resource no longer subscribed is not pushed.
     let r2 = &step.responses[0];
@@ -175,7 +178,76 @@ fn unknown_resource_name_gets_an_answer_without_it() {
     let mut s = stream_with(snapshot(&[("a", "v1")]));
     let r = s.on_request(request(ECDS, &["a"], "", ""), now()).unwrap().responses.remove(0);
     let step = s.on_request(request(ECDS, &["a", "missing"], &r.version_info, &r.nonce), now()).unwrap();
-    assert_eq!(names_of(&step), [["a"]], "SotW says 'missing' does not exist by leaving it out");
+    assert_eq!(names_of(&step), [Vec::<String>::new()], "SotW says 'missing' does not exist by leaving it out");
+    // A name asked for anew that exists is sent, alone (the client has "a").
+    let r = &step.responses[0];
+    let step = s.on_request(request(ECDS, &["a", "missing"], &r.version_info, &r.nonce), now()).unwrap();
+    assert!(step.responses.is_empty());
+    let step = s.on_snapshot(snapshot(&[("a", "v1"), ("missing", "v1")]), now());
+    assert_eq!(names_of(&step), [["missing"]]);
+}
+
+/// xDS protocol: in state of the world only LDS and CDS must carry every resource; the
+/// client keeps other types' resources a response leaves out, so a change to one
+/// extension config (or endpoint assignment, route, secret) costs each proxy that one.
+#[test]
+fn a_change_carries_only_what_changed_since_the_last_ack_except_for_lds_and_cds() {
+    let mut s = stream_with(snapshot(&[("a", "v1"), ("b", "v1"), ("c", "v1")]));
+    let r1 = s.on_request(request(ECDS, &["a", "b", "c"], "", ""), now()).unwrap().responses.remove(0);
+    assert_eq!(r1.resources.len(), 3, "the first response carries everything");
+    s.on_request(request(ECDS, &["a", "b", "c"], &r1.version_info, &r1.nonce), now()).unwrap();
+
+    let next = snapshot(&[("a", "v1"), ("b", "v2"), ("c", "v1")]);
+    let step = s.on_snapshot(next.clone(), now());
+    assert_eq!(names_of(&step), [["b"]]);
+    let r2 = step.responses[0].clone();
+    // Its version is that of the whole selection, as a full response's would be.
+    let mut full = stream_with(next);
+    let whole = full.on_request(request(ECDS, &["a", "b", "c"], "", ""), now()).unwrap().responses.remove(0);
+    assert_eq!(r2.version_info, whole.version_info);
+    // The tracker learns the whole selection (what the proxy holds once it ACKs).
+    let sent = step.events.iter().find_map(|e| match e {
+        StreamEvent::Sent { resources, bytes, .. } => Some((resources.len(), *bytes)),
+        _ => None,
+    });
+    assert_eq!(sent.map(|s| s.0), Some(3));
+
+    // Not ACKed yet when the next change comes: the next response carries both changes
+    // (it may replace the unsent one in the output queue).
+    let step = s.on_snapshot(snapshot(&[("a", "v1"), ("b", "v2"), ("c", "v2")]), now());
+    assert_eq!(names_of(&step), [["b", "c"]]);
+    let r3 = step.responses[0].clone();
+    // The ACK of r2 is stale (r3 is out); once r3 is ACKed only new changes go.
+    s.on_request(request(ECDS, &["a", "b", "c"], &r3.version_info, &r3.nonce), now()).unwrap();
+    let step = s.on_snapshot(snapshot(&[("a", "v3"), ("b", "v2"), ("c", "v2")]), now());
+    assert_eq!(names_of(&step), [["a"]]);
+
+    // A NACK names only what the response carried, and what it carried goes again with
+    // the next change (the client kept its old version).
+    let r4 = step.responses[0].clone();
+    let step = s.on_request(nack(ECDS, &["a", "b", "c"], &r3.version_info, &r4.nonce, "bad a"), now()).unwrap();
+    let nacked = step.events.iter().find_map(|e| match e {
+        StreamEvent::Nacked { resources, .. } => Some(resources.clone()),
+        _ => None,
+    });
+    assert_eq!(nacked, Some(vec!["a".to_string()]));
+    let step = s.on_snapshot(snapshot(&[("a", "v3"), ("b", "v2"), ("c", "v4")]), now());
+    assert_eq!(names_of(&step), [["a", "c"]]);
+
+    // A new stream (a reconnect) gets everything again.
+    let mut again = stream_with(snapshot(&[("a", "v3"), ("b", "v2"), ("c", "v4")]));
+    let r = again.on_request(request(ECDS, &["a", "b", "c"], &r3.version_info, ""), now()).unwrap();
+    assert_eq!(names_of(&r), [["a", "b", "c"]]);
+
+    // CDS is always the whole state: a new cluster comes with the others.
+    let mut s = stream_with(route_snapshot("a", &["a", "b"]));
+    let cds = ResourceType::Cluster;
+    let r = s.on_request(request(cds, &[], "", ""), now()).unwrap().responses.remove(0);
+    assert_eq!(cluster_names(&r), ["a", "b"]);
+    s.on_request(request(cds, &[], &r.version_info, &r.nonce), now()).unwrap();
+    let step = s.on_snapshot(route_snapshot("a", &["a", "b", "c"]), now());
+    let cds_response = step.responses.iter().find(|r| r.type_url == cds.type_url()).expect("a CDS response");
+    assert_eq!(cluster_names(cds_response), ["a", "b", "c"]);
 }
 
 #[test]
