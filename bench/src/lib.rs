@@ -42,6 +42,9 @@ pub struct LoadSpec {
     pub mode: Mode,
     /// ECDS resource names each proxy subscribes to.
     pub ecds: Vec<String>,
+    /// ClusterLoadAssignment names each proxy subscribes to (as an Envoy with EDS
+    /// clusters does).
+    pub eds: Vec<String>,
     /// Also subscribe to CDS and LDS (wildcard), as Envoy with ADS LDS/CDS does.
     pub wildcard_lds_cds: bool,
     /// NACK every response that holds this resource.
@@ -81,6 +84,7 @@ impl LoadSpec {
             streams,
             mode: Mode::Sotw,
             ecds: vec![ecds.to_owned()],
+            eds: Vec::new(),
             wildcard_lds_cds: false,
             nack: None,
             nack_containing: None,

@@ -42,11 +42,16 @@ fn node(i: usize, spec: &LoadSpec) -> Node {
     }
 }
 
-/// The types this proxy subscribes to, in Envoy's order: CDS, LDS, then ECDS.
+/// The types this proxy subscribes to, in Envoy's order: CDS, EDS, LDS, then ECDS.
 fn subscriptions(spec: &LoadSpec) -> Vec<(ResourceType, Vec<String>)> {
     let mut subs = Vec::new();
     if spec.wildcard_lds_cds {
         subs.push((ResourceType::Cluster, vec![]));
+    }
+    if !spec.eds.is_empty() {
+        subs.push((ResourceType::ClusterLoadAssignment, spec.eds.clone()));
+    }
+    if spec.wildcard_lds_cds {
         subs.push((ResourceType::Listener, vec![]));
     }
     if !spec.ecds.is_empty() {
@@ -85,7 +90,9 @@ impl Tally<'_> {
         if t.first_full_config.is_none() && self.seen.len() >= self.want {
             t.first_full_config = Some(now - self.started);
         }
-        if armed && type_url == ResourceType::ExtensionConfig.type_url() && t.change_received.is_none() {
+        // A change is an extension config's or an endpoint assignment's.
+        let changeable = [ResourceType::ExtensionConfig, ResourceType::ClusterLoadAssignment];
+        if armed && changeable.iter().any(|rt| rt.type_url() == type_url) && t.change_received.is_none() {
             if let Some(written) = *shared.change_written.lock().unwrap_or_else(|p| p.into_inner()) {
                 t.change_received = Some(now.saturating_duration_since(written));
             }

@@ -16,6 +16,7 @@ fn smoke(mode: Mode) {
         streams: 50,
         mode,
         ecds: vec!["add-header".into()],
+        eds: Vec::new(),
         wildcard_lds_cds: true,
         nack: None,
         nack_containing: None,

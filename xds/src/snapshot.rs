@@ -5,7 +5,7 @@
 
 use std::{
     collections::BTreeMap,
-    sync::{Arc, OnceLock},
+    sync::{Arc, Mutex, OnceLock, Weak},
 };
 
 use dashmap::DashMap;
@@ -59,6 +59,26 @@ pub struct Snapshot {
     placed: Vec<String>,
     /// Versions of what streams select, worked out once (`selection_version`).
     selections: BTreeMap<ResourceType, SelectionVersions>,
+    /// What changed of a type since a snapshot this one replaced, worked out once for
+    /// all the group's streams (`changes_from`); the last `MAX_CHANGE_MEMOS`.
+    changes: Mutex<Vec<ChangeMemo>>,
+}
+
+/// A snapshot this one replaced (held weakly: its allocation stays while the memo does,
+/// so its address cannot name another), a type, and what changed of it.
+type ChangeMemo = (Weak<Snapshot>, ResourceType, Arc<TypeChanges>);
+
+/// How many `changes_from` answers a snapshot keeps (a group's streams almost all come
+/// from the same snapshot).
+const MAX_CHANGE_MEMOS: usize = 8;
+
+/// What changed of one type between two snapshots, in name order.
+#[derive(Debug, Default)]
+pub struct TypeChanges {
+    /// New names and new versions.
+    pub changed: Vec<Arc<ServedResource>>,
+    /// Names that left.
+    pub removed: Vec<String>,
 }
 
 /// The versions of a snapshot's selections of one type, for the streams that select
@@ -100,6 +120,54 @@ impl Snapshot {
         } else {
             set_version(selected)
         }
+    }
+
+    /// The version of what `subscription` selects of `rt`, as `selection_version`.
+    /// Selects only when no stream of the group worked it out before.
+    pub fn selection_version_of(&self, rt: ResourceType, subscription: &Subscription) -> ResourceVersion {
+        let memo = self.selections.get(&rt);
+        let known = memo.and_then(|m| match subscription.wildcard {
+            true => m.all.get().copied(),
+            false => m.named.get().filter(|(names, _)| names.as_slice() == subscription.names()).map(|(_, v)| *v),
+        });
+        match known {
+            Some(version) => version,
+            None => self.selection_version(rt, subscription, &subscription.select(self.resources(rt))),
+        }
+    }
+
+    /// What changed of `rt` since `before`: worked out once per pair of snapshots (one
+    /// pass over both), then shared by every stream of the group, each of which takes what
+    /// it subscribes to. What a push costs a stream is then what changed, not what it
+    /// subscribes to.
+    pub fn changes_from(&self, before: &Arc<Snapshot>, rt: ResourceType) -> Arc<TypeChanges> {
+        let key = Arc::downgrade(before);
+        // Held while working it out: the group's other streams wait for it rather than
+        // work it out again.
+        let mut memo = self.changes.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, _, c)) = memo.iter().find(|(w, t, _)| *t == rt && Weak::ptr_eq(w, &key)) {
+            return c.clone();
+        }
+        let empty = ResourceMap::new();
+        let (old, new) = (before.resources(rt).unwrap_or(&empty), self.resources(rt).unwrap_or(&empty));
+        let mut changes = TypeChanges::default();
+        let mut old_iter = old.iter().peekable();
+        for (name, r) in new {
+            while let Some((gone, _)) = old_iter.next_if(|(o, _)| *o < name) {
+                changes.removed.push(gone.clone());
+            }
+            match old_iter.next_if(|(o, _)| *o == name) {
+                Some((_, o)) if Arc::ptr_eq(o, r) || o.version == r.version => {}
+                _ => changes.changed.push(r.clone()),
+            }
+        }
+        changes.removed.extend(old_iter.map(|(n, _)| n.clone()));
+        let changes = Arc::new(changes);
+        if memo.len() >= MAX_CHANGE_MEMOS {
+            memo.remove(0);
+        }
+        memo.push((key, rt, changes.clone()));
+        changes
     }
 
     pub fn resources(&self, t: ResourceType) -> Option<&ResourceMap> {
@@ -341,7 +409,13 @@ impl Generation {
         let mut placed: Vec<String> = placements.iter().map(|p| p.filter_name.clone()).collect();
         placed.sort_unstable();
         let selections = types.keys().map(|&rt| (rt, SelectionVersions::default())).collect();
-        let snap = Arc::new(Snapshot { config_version: content_version(versions), types, placed, selections });
+        let snap = Arc::new(Snapshot {
+            config_version: content_version(versions),
+            types,
+            placed,
+            selections,
+            changes: Mutex::default(),
+        });
         let snap = self.groups.entry(group).or_insert(snap).clone();
         if common {
             let _ = self.common.set(snap.clone());

@@ -205,12 +205,12 @@ fn a_change_carries_only_what_changed_since_the_last_ack_except_for_lds_and_cds(
     let mut full = stream_with(next);
     let whole = full.on_request(request(ECDS, &["a", "b", "c"], "", ""), now()).unwrap().responses.remove(0);
     assert_eq!(r2.version_info, whole.version_info);
-    // The tracker learns the whole selection (what the proxy holds once it ACKs).
+    // The tracker learns what changed in what the proxy holds.
     let sent = step.events.iter().find_map(|e| match e {
-        StreamEvent::Sent { resources, bytes, .. } => Some((resources.len(), *bytes)),
+        StreamEvent::Sent { resources, incremental, .. } => Some((resources.len(), *incremental)),
         _ => None,
     });
-    assert_eq!(sent.map(|s| s.0), Some(3));
+    assert_eq!(sent, Some((1, true)));
 
     // Not ACKed yet when the next change comes: the next response carries both changes
     // (it may replace the unsent one in the output queue).
@@ -375,4 +375,30 @@ fn only_the_nonce_as_written_answers_a_response() {
     }
     let ack = s.on_request(request(ECDS, &["a"], &r.version_info, "1"), now()).unwrap();
     assert!(matches!(ack.events.as_slice(), [StreamEvent::Acked { .. }]), "{ack:?}");
+}
+
+/// Envoy states its names in no set order (a hash set's), and each ACK may order them
+/// differently: the subscription stays the same one, and a push carries what changed,
+/// worked out once per snapshot (`incremental` for the tracker), not per stream.
+#[test]
+fn names_in_any_order_keep_the_subscription_and_pushes_carry_what_changed() {
+    let mut s = stream_with(snapshot(&[("a", "v1"), ("b", "v1"), ("c", "v1")]));
+    let r = s.on_request(request(ECDS, &["c", "a", "b"], "", ""), now()).unwrap().responses.remove(0);
+    let step = s.on_request(request(ECDS, &["b", "c", "a"], &r.version_info, &r.nonce), now()).unwrap();
+    assert!(step.responses.is_empty());
+    assert!(!step.events.iter().any(|e| matches!(e, StreamEvent::Subscribed { .. })), "{:?}", step.events);
+    let step = s.on_snapshot(snapshot(&[("a", "v1"), ("b", "v2")]), now());
+    assert_eq!(names_of(&step), [["b"]]);
+    let sent = step.events.iter().find_map(|e| match e {
+        StreamEvent::Sent { resources, removed, incremental, .. } => {
+            Some((resources.iter().map(|r| r.0.clone()).collect::<Vec<_>>(), removed.clone(), *incremental))
+        }
+        _ => None,
+    });
+    assert_eq!(sent, Some((vec!["b".to_string()], vec!["c".to_string()], true)));
+    let r = &step.responses[0];
+    s.on_request(request(ECDS, &["a", "c", "b"], &r.version_info, &r.nonce), now()).unwrap();
+    // A change to nothing it subscribes to sends nothing; "c" coming back is sent.
+    assert!(s.on_snapshot(snapshot(&[("a", "v1"), ("b", "v2"), ("d", "v1")]), now()).responses.is_empty());
+    assert_eq!(names_of(&s.on_snapshot(snapshot(&[("a", "v1"), ("b", "v2"), ("c", "v1")]), now())), [["c"]]);
 }

@@ -20,6 +20,10 @@ struct Args {
     /// ECDS resource names to subscribe to (comma-separated).
     #[arg(long, value_delimiter = ',', default_value = "add-header")]
     ecds: Vec<String>,
+    /// Subscribe to the ClusterLoadAssignments `PREFIX0` … `PREFIX{N-1}` (`svc-` names
+    /// the services of `config-scale write`): `N` or `PREFIX:N`.
+    #[arg(long, value_parser = parse_eds)]
+    eds: Option<(String, usize)>,
     /// Do not subscribe to wildcard CDS and LDS.
     #[arg(long)]
     no_wildcard: bool,
@@ -69,6 +73,12 @@ struct Args {
     json: bool,
 }
 
+fn parse_eds(s: &str) -> Result<(String, usize), String> {
+    let (prefix, n) = s.rsplit_once(':').unwrap_or(("svc-", s));
+    let n = n.parse().map_err(|e| format!("{s}: {e}"))?;
+    Ok((prefix.to_owned(), n))
+}
+
 fn parse_kv(s: &str) -> Result<(String, String), String> {
     s.split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned())).ok_or_else(|| format!("{s}: expected KEY=VALUE"))
 }
@@ -84,7 +94,8 @@ async fn main() -> anyhow::Result<()> {
         server: a.server,
         streams: a.streams,
         mode: a.mode,
-        ecds: a.ecds,
+        ecds: a.ecds.into_iter().filter(|n| !n.is_empty()).collect(),
+        eds: a.eds.map(|(prefix, n)| (0..n).map(|i| format!("{prefix}{i}")).collect()).unwrap_or_default(),
         wildcard_lds_cds: !a.no_wildcard,
         nack: a.nack,
         nack_containing: None,
