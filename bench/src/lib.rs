@@ -9,6 +9,7 @@
 pub mod mesh;
 mod proxy;
 pub mod report;
+pub mod tls;
 
 use std::{
     path::PathBuf,
@@ -72,6 +73,8 @@ pub struct LoadSpec {
     /// How many times the change is made (back and forth); the first is the one the
     /// report details, and every one gives a row of `repeats`.
     pub changes: usize,
+    /// Mutual TLS for every connection (`None`: plaintext).
+    pub tls: Option<tls::ClientTls>,
 }
 
 impl LoadSpec {
@@ -100,6 +103,7 @@ impl LoadSpec {
             server_pid: None,
             hold: Duration::ZERO,
             changes: 1,
+            tls: None,
         }
     }
 }
@@ -151,7 +155,12 @@ pub async fn run(spec: LoadSpec) -> anyhow::Result<Report> {
         // A new connection for every `multiplex` streams.
         let connect_started = Instant::now();
         if i % spec.multiplex.max(1) == 0 {
-            channel = match tonic::transport::Endpoint::from_shared(spec.server.clone())?.connect().await {
+            let endpoint = tonic::transport::Endpoint::from_shared(spec.server.clone())?;
+            let connected = match &spec.tls {
+                Some(tls) => tls.connect(endpoint).await,
+                None => endpoint.connect().await,
+            };
+            channel = match connected {
                 Ok(c) => Some(c),
                 Err(e) => {
                     shared.errors.lock().unwrap_or_else(|p| p.into_inner()).push(format!("connect: {e}"));

@@ -17,6 +17,7 @@ fn smoke(mode: Mode) {
         mode,
         ecds: vec!["add-header".into()],
         eds: Vec::new(),
+        tls: None,
         wildcard_lds_cds: true,
         nack: None,
         nack_containing: None,

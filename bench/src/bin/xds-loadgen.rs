@@ -3,7 +3,7 @@
 use std::{path::PathBuf, time::Duration};
 
 use clap::Parser;
-use filterplane_bench::{run, Change, LoadSpec, Mode};
+use filterplane_bench::{run, tls::ClientTls, Change, LoadSpec, Mode};
 
 /// Simulates N Envoys against any ADS server and reports connect time, time to first
 /// full config, and the propagation of a change it triggers by rewriting a file.
@@ -68,6 +68,17 @@ struct Args {
     /// to profile the server under further changes made by hand.
     #[arg(long, default_value_t = 0)]
     hold_secs: u64,
+    /// Mutual TLS: the CA that signed the server's certificate (PEM); with --tls-cert
+    /// and --tls-key, this client's certificate and key.
+    #[arg(long, requires_all = ["tls_cert", "tls_key"])]
+    tls_ca: Option<PathBuf>,
+    #[arg(long)]
+    tls_cert: Option<PathBuf>,
+    #[arg(long)]
+    tls_key: Option<PathBuf>,
+    /// The name the server's certificate must hold.
+    #[arg(long, default_value = "localhost")]
+    tls_server_name: String,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
@@ -88,6 +99,10 @@ async fn main() -> anyhow::Result<()> {
     let a = Args::parse();
     let change = match (a.change_file, a.change_from, a.change_to) {
         (Some(file), Some(from), Some(to)) => Some(Change { file, from, to }),
+        _ => None,
+    };
+    let tls = match (&a.tls_ca, &a.tls_cert, &a.tls_key) {
+        (Some(ca), Some(cert), Some(key)) => Some(ClientTls::load(ca, cert, key, &a.tls_server_name)?),
         _ => None,
     };
     let spec = LoadSpec {
@@ -111,6 +126,7 @@ async fn main() -> anyhow::Result<()> {
         server_pid: a.server_pid,
         hold: Duration::from_secs(a.hold_secs),
         changes: a.changes.max(1),
+        tls,
     };
     let report = run(spec).await?;
     if a.json {
