@@ -53,7 +53,7 @@ pub fn compile(files: &[ParsedFile]) -> Result<CompiledConfig, ConfigErrors> {
 /// `compile`, where `entries[k]` are Envoy resource entries of `files[k]` already
 /// compiled on their own (`resources::envoy_entry`, cached by incremental loading) and
 /// left out of its document: they are checked against the rest as if read from it.
-pub fn compile_with(files: &[ParsedFile], entries: Vec<Vec<CompiledResource>>) -> Result<CompiledConfig, ConfigErrors> {
+pub fn compile_with(files: &[ParsedFile], entries: Vec<Vec<Arc<CompiledResource>>>) -> Result<CompiledConfig, ConfigErrors> {
     let mut entries = entries.into_iter();
     let mut c = Compiler {
         rollout: None,
@@ -120,7 +120,7 @@ struct Compiler<'a> {
     errors: Vec<ConfigError>,
     /// What is worth saying about a valid config (an Istio document placed nowhere).
     notices: Vec<ConfigError>,
-    resources: Vec<CompiledResource>,
+    resources: Vec<Arc<CompiledResource>>,
     wasm: Vec<WasmPlugin>,
     /// Entries so far per (type, name): their selectors and where they are.
     seen: HashMap<(ResourceType, String), Vec<(NodeSelector, Origin)>>,
@@ -349,7 +349,7 @@ impl<'a> Compiler<'a> {
         };
         let inner_type_url = typed.any.type_url.clone();
         let tec = TypedExtensionConfig { name: spec.name.clone(), typed_config: Some(typed.any) };
-        self.resources.push(CompiledResource {
+        self.resources.push(Arc::new(CompiledResource {
             resource_type: rt,
             name: spec.name.clone(),
             selector: spec.node_selector.clone(),
@@ -364,7 +364,7 @@ impl<'a> Compiler<'a> {
             central_wasm,
             central_shas: Vec::new(),
             rollout: spec.rollout.clone().or_else(|| self.rollout.clone()),
-        });
+        }));
     }
 
     fn wasm_plugin(&mut self, file: &ParsedFile, i: usize, spec: &WasmPluginSpec) {

@@ -60,7 +60,9 @@ pub struct CompiledConfig {
     /// Hash of every resource version, selector and placement: equal YAML gives equal
     /// versions.
     pub version: ResourceVersion,
-    pub resources: Vec<CompiledResource>,
+    /// Shared with the incremental loader's cache and the generations that serve them:
+    /// a reload that changes one entry allocates one.
+    pub resources: Vec<Arc<CompiledResource>>,
     /// Wasm plugins, whose ECDS resources the server adds (`with_resources`) once their
     /// modules are fetched and checked.
     pub wasm_plugins: Vec<Arc<WasmPlugin>>,
@@ -81,7 +83,7 @@ impl CompiledConfig {
     }
 
     /// This config with `extra` resources (built Wasm plugins) added, version recomputed.
-    pub fn with_resources(mut self, extra: Vec<CompiledResource>) -> Self {
+    pub fn with_resources(mut self, extra: Vec<Arc<CompiledResource>>) -> Self {
         self.resources.extend(extra);
         // Stable: entries of the same name keep their file order, which decides which
         // one a node that matches several gets.

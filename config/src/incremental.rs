@@ -131,7 +131,7 @@ impl Loader {
         cut: &Cut<'_>,
         next: &mut HashMap<[u8; 16], Cached>,
         stats: &mut LoadStats,
-    ) -> Option<(ParsedFile, Vec<CompiledResource>)> {
+    ) -> Option<(ParsedFile, Vec<Arc<CompiledResource>>)> {
         // Items are compiled even when the header or another item fails, so that the
         // reload after the fix finds them cached.
         let header = crate::load::parse_document(file, offset, &cut.header).ok();
@@ -158,7 +158,7 @@ impl Loader {
                 let mut r = CompiledResource::clone(&cached.resource);
                 r.origin.line = cached.line_delta.map(|d| line + d);
                 r.origin.path = format!("{section}[{}]", item.index);
-                items.push(r);
+                items.push(Arc::new(r));
             }
             next.insert(key, cached);
         }

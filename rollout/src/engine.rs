@@ -249,14 +249,14 @@ impl Engine {
                     }),
                 };
                 if let Some(run) = running {
-                    self.old.insert(k.clone(), Arc::new(run.clone()));
+                    self.old.insert(k.clone(), run.clone());
                 }
                 self.entries.insert(
                     k.clone(),
                     EntryState {
                         name: r.name.clone(),
                         selector: r.selector.clone(),
-                        last_completed: running.map(StoredResource::from),
+                        last_completed: running.map(|r| StoredResource::from(r.as_ref())),
                         active: None,
                     },
                 );
@@ -292,7 +292,7 @@ impl Engine {
                     tracing::info!(entry = %r.name, version = %version, steps = ?spec.steps, "rollout started");
                     e.active = Some(Active {
                         spec: spec.clone(),
-                        new: StoredResource::from(r),
+                        new: StoredResource::from(r.as_ref()),
                         step: 0,
                         threshold: None,
                         started_ms: now_ms,

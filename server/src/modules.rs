@@ -35,6 +35,7 @@ impl ModuleServer {
             .config
             .resources
             .iter()
+            .map(Arc::as_ref)
             .chain(old)
             .filter(|r| r.envoy_fetches_code)
             .filter_map(|r| r.wasm_sha256.as_deref())

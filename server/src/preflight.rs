@@ -50,7 +50,7 @@ impl Preflight {
     pub async fn check(self: &Arc<Self>, config: &CompiledConfig) -> Result<(), ConfigErrors> {
         let changed: Vec<&CompiledResource> = {
             let passed = self.passed.lock().unwrap_or_else(|p| p.into_inner());
-            config.resources.iter().filter(|r| checkable(r) && !passed.contains(&key(r))).collect()
+            config.resources.iter().map(Arc::as_ref).filter(|r| checkable(r) && !passed.contains(&key(r))).collect()
         };
         if changed.is_empty() {
             return Ok(());
@@ -58,9 +58,10 @@ impl Preflight {
         let context: Vec<&CompiledResource> = config
             .resources
             .iter()
+            .map(Arc::as_ref)
             .filter(|r| matches!(r.resource_type, ResourceType::Cluster | ResourceType::Secret))
             .collect();
-        let all: Vec<&CompiledResource> = config.resources.iter().filter(|r| checkable(r)).collect();
+        let all: Vec<&CompiledResource> = config.resources.iter().map(Arc::as_ref).filter(|r| checkable(r)).collect();
         let batch = match self.run(&bootstrap(&all, &self.module_cluster)).await {
             Ok(()) => {
                 self.remember(&changed);

@@ -154,7 +154,7 @@ impl ConfigReloader {
     fn removes_too_much(&self, config: &filterplane_config::CompiledConfig) -> Option<(usize, usize, Vec<String>)> {
         let current = self.cache.current()?;
         // Borrowed keys: this runs on every reload, over every resource.
-        fn key(r: &filterplane_config::CompiledResource) -> (filterplane_api::ResourceType, &str) {
+        fn key(r: &Arc<filterplane_config::CompiledResource>) -> (filterplane_api::ResourceType, &str) {
             (r.resource_type, r.name.as_str())
         }
         let served: std::collections::HashSet<_> = current.config.resources.iter().map(key).collect();

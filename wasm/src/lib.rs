@@ -98,7 +98,11 @@ impl PluginError {
 
 /// The ECDS resource served before under this name and selector, kept when its new
 /// version cannot be had.
-fn kept_version(previous: Option<&CompiledConfig>, name: &str, selector: &NodeSelector) -> Option<CompiledResource> {
+fn kept_version(
+    previous: Option<&CompiledConfig>,
+    name: &str,
+    selector: &NodeSelector,
+) -> Option<std::sync::Arc<CompiledResource>> {
     previous?
         .resources
         .iter()
@@ -145,14 +149,14 @@ async fn resolve_plugins(
     for (plugin, result) in plugins.iter().zip(fetched) {
         match result {
             Ok(module) => {
-                resources.push(build(plugin, &module.bytes, &module.sha256, delivery));
+                resources.push(std::sync::Arc::new(build(plugin, &module.bytes, &module.sha256, delivery)));
                 pinned.insert(module.sha256);
             }
             Err(e) => {
                 let kept = kept_version(previous, &plugin.name, &plugin.selector);
                 tracing::error!(plugin = %plugin.name, url = %plugin.url, kind = e.kind(), error = %e, kept = kept.is_some(), "Wasm module refused; the previous version keeps serving");
                 let path = format!("{}.url", plugin.origin.path);
-                errors.push(PluginError::new(&plugin.name, &plugin.url, &e, &plugin.origin, path, kept.as_ref()));
+                errors.push(PluginError::new(&plugin.name, &plugin.url, &e, &plugin.origin, path, kept.as_deref()));
                 if let Some(r) = kept {
                     // The module the kept version names must stay in the cache.
                     if let Some(sha) = &r.wasm_sha256 {
@@ -188,7 +192,7 @@ async fn resolve_central(
             None => Ok((r, Vec::new())),
             Some(central) => {
                 let started = std::time::Instant::now();
-                let result = convert(&r, &central, fetcher, delivery, verification).await;
+                let result = convert(&r, &central, fetcher, delivery, verification).await.map(|(c, s)| (std::sync::Arc::new(c), s));
                 let metrics = &fetcher.metrics;
                 metrics.conversion_duration.observe(started.elapsed().as_secs_f64());
                 let label = match &result {
@@ -213,7 +217,7 @@ async fn resolve_central(
                 let kept = kept_version(previous, &r.name, &r.selector);
                 tracing::error!(config = %r.name, url = %code.url, kind = e.kind(), error = %e, kept = kept.is_some(), "Wasm module of an extension config refused; its previous version keeps serving");
                 let path = format!("{}.typed_config.{}", r.origin.path, code.path);
-                errors.push(PluginError::new(&r.name, &code.url, &e, &r.origin, path, kept.as_ref()));
+                errors.push(PluginError::new(&r.name, &code.url, &e, &r.origin, path, kept.as_deref()));
                 match kept {
                     Some(k) => {
                         // The modules the kept version names stay in the cache.

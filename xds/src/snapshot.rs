@@ -494,7 +494,7 @@ mod tests {
             filterplane_config::compile(&[parsed]).unwrap()
         };
         let (v1, v2, v3) = (compiled("one"), compiled("two"), compiled("three"));
-        let r = |c: &CompiledConfig| Arc::new(c.resources[0].clone());
+        let r = |c: &CompiledConfig| c.resources[0].clone();
         let ids: Vec<String> = (0..40).map(|i| format!("n{i}")).collect();
         let mut ranks: Vec<u64> = ids.iter().map(|id| crate::plan::rank(id, "hdr")).collect();
         ranks.sort_unstable();

@@ -50,7 +50,7 @@ pub fn remote_wasm_snapshot(sha: &str) -> Arc<Snapshot> {
     let origin = filterplane_config::Origin { file: "test.yaml".into(), line: None, path: "wasm_plugins[0]".into() };
     let plugin = WasmPlugin::from_spec(&spec, Path::new("."), origin).expect("test plugin is valid");
     let code = WasmCode::Remote { uri: "http://127.0.0.1:1/modules", cluster: "modules" };
-    let config = config.with_resources(vec![build_wasm_resource(&plugin, code, sha)]);
+    let config = config.with_resources(vec![Arc::new(build_wasm_resource(&plugin, code, sha))]);
     Generation::new(config).snapshot_for(&NodeFacts::default())
 }
 

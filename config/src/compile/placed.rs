@@ -114,7 +114,7 @@ impl Compiler<'_> {
         if placements.is_empty() {
             return;
         }
-        let listeners: Vec<CompiledResource> =
+        let listeners: Vec<Arc<CompiledResource>> =
             self.resources.iter().filter(|r| r.listener_json.is_some()).cloned().collect();
         for (p, origin) in &placements {
             for (k, l) in p.listeners.iter().enumerate() {

@@ -90,14 +90,14 @@ impl Compiler<'_> {
         spec: &EnvoyResourceSpec,
     ) {
         match envoy_entry(file, section, i, rt, spec) {
-            Ok(r) => self.admit(section, r),
+            Ok(r) => self.admit(section, Arc::new(r)),
             Err(e) => self.errors.push(e),
         }
     }
 
     /// Takes an entry compiled on its own into the config, unless its name is empty or
     /// an earlier entry already serves every proxy it selects.
-    pub(super) fn admit(&mut self, section: &str, r: CompiledResource) {
+    pub(super) fn admit(&mut self, section: &str, r: Arc<CompiledResource>) {
         let kind = section.trim_end_matches('s');
         if self.register(r.resource_type, kind, name_key(r.resource_type), &r.name, &r.selector, &r.origin) {
             self.resources.push(r);
