@@ -55,6 +55,21 @@ pub fn write(
 }
 
 /// The file of a `files`-file config holding service `i`.
+/// Rewrites only the file of `write(dir, services, files, port_of)` that holds service
+/// `changed`, as an operator's edit of one service does.
+pub fn write_one(
+    dir: &Path,
+    services: usize,
+    files: usize,
+    changed: usize,
+    port_of: impl Fn(usize) -> u16,
+) -> std::io::Result<()> {
+    let file = file_of(dir, services, files, changed);
+    let per = if files <= 1 { services } else { services.div_ceil(files) };
+    let first = changed / per * per;
+    std::fs::write(file, document(first..(first + per).min(services), port_of))
+}
+
 pub fn file_of(dir: &Path, services: usize, files: usize, i: usize) -> std::path::PathBuf {
     if files <= 1 {
         return dir.join("mesh.yaml");

@@ -47,27 +47,33 @@ pub const SECTIONS: [(&str, ResourceType); 5] = [
 
 /// Validates and compiles the documents as one config, collecting every error.
 pub fn compile(files: &[ParsedFile]) -> Result<CompiledConfig, ConfigErrors> {
-    compile_with(files, Vec::new())
+    let files: Vec<&ParsedFile> = files.iter().collect();
+    compile_with(&files, &[], &[])
 }
 
 /// `compile`, where `entries[k]` are Envoy resource entries of `files[k]` already
 /// compiled on their own (`resources::envoy_entry`, cached by incremental loading) and
 /// left out of its document: they are checked against the rest as if read from it.
-pub fn compile_with(files: &[ParsedFile], entries: Vec<Vec<Arc<CompiledResource>>>) -> Result<CompiledConfig, ConfigErrors> {
-    let mut entries = entries.into_iter();
+/// `previous` is the last config's resources (`CompiledConfig::resources`, in serving
+/// order): entries among them keep their order instead of being sorted again.
+pub fn compile_with(
+    files: &[&ParsedFile],
+    entries: &[&[Arc<CompiledResource>]],
+    previous: &[Arc<CompiledResource>],
+) -> Result<CompiledConfig, ConfigErrors> {
     let mut c = Compiler {
         rollout: None,
         verification: None,
         files,
         errors: Vec::new(),
         notices: Vec::new(),
-        resources: Vec::new(),
+        resources: Vec::with_capacity(entries.iter().map(|e| e.len()).sum()),
         wasm: Vec::new(),
         seen: HashMap::new(),
     };
     c.default_rollout();
     c.default_verification();
-    for file in files {
+    for (k, &file) in files.iter().enumerate() {
         for (i, spec) in file.doc.extension_configs.iter().enumerate() {
             c.extension_config(file, i, spec);
         }
@@ -79,11 +85,14 @@ pub fn compile_with(files: &[ParsedFile], entries: Vec<Vec<Arc<CompiledResource>
                 c.envoy_resource(file, section, i, rt, spec);
             }
         }
-        for r in entries.next().unwrap_or_default() {
-            let section = SECTIONS.iter().find(|(_, rt)| *rt == r.resource_type).map_or("resources", |(s, _)| s);
-            c.admit(section, r);
+        for r in entries.get(k).copied().unwrap_or_default() {
+            c.admit(r.clone());
         }
     }
+    // In serving order (by type and name, each name's entries in file order): what
+    // serving needs, and what the duplicate check walks.
+    c.resources = crate::order::serving_order(std::mem::take(&mut c.resources), previous);
+    c.check_duplicates();
     if c.errors.is_empty() {
         c.check_placements();
     }
@@ -92,13 +101,13 @@ pub fn compile_with(files: &[ParsedFile], entries: Vec<Vec<Arc<CompiledResource>
     }
     let config = CompiledConfig {
         version: ResourceVersion::default(),
-        resources: Vec::new(),
+        resources: c.resources,
         wasm_plugins: c.wasm.into_iter().map(Arc::new).collect(),
         files: files.iter().map(|f| f.path.clone()).collect(),
         wasm_verification: c.verification.clone(),
         notices: c.notices,
     };
-    Ok(config.with_resources(c.resources))
+    Ok(config.with_resources(Vec::new()))
 }
 
 /// Encodes an Envoy resource written as JSON; the version hashes its canonical form.
@@ -116,13 +125,15 @@ struct Compiler<'a> {
     rollout: Option<crate::model::RolloutSpec>,
     /// The config's default module verification (`wasm_verification:` of a document).
     verification: Option<Arc<crate::compiled::Verification>>,
-    files: &'a [ParsedFile],
+    files: &'a [&'a ParsedFile],
     errors: Vec<ConfigError>,
     /// What is worth saying about a valid config (an Istio document placed nowhere).
     notices: Vec<ConfigError>,
     resources: Vec<Arc<CompiledResource>>,
     wasm: Vec<WasmPlugin>,
-    /// Entries so far per (type, name): their selectors and where they are.
+    /// Extension configs and Wasm plugins so far per name: their selectors and where
+    /// they are (entries of the Envoy sections are checked once sorted:
+    /// `check_duplicates`).
     seen: HashMap<(ResourceType, String), Vec<(NodeSelector, Origin)>>,
 }
 
@@ -157,7 +168,7 @@ impl<'a> Compiler<'a> {
         get: impl Fn(&'a ParsedFile) -> Option<&'a T>,
     ) -> Option<(T, &'a ParsedFile)> {
         let mut found: Option<(T, &ParsedFile)> = None;
-        for file in self.files {
+        for &file in self.files {
             let Some(v) = get(file) else { continue };
             match &found {
                 Some((other, at)) if other != v => {
@@ -174,7 +185,7 @@ impl<'a> Compiler<'a> {
 
     /// The one `rollout:` default of the config (documents may repeat it, not differ).
     fn default_rollout(&mut self) {
-        for file in self.files {
+        for &file in self.files {
             if let Some(Err(m)) = file.doc.rollout.as_ref().map(check_rollout) {
                 self.errors.push(file.error("rollout", m));
             }

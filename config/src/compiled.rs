@@ -82,14 +82,19 @@ impl CompiledConfig {
         !self.wasm_plugins.is_empty() || self.resources.iter().any(|r| r.central_wasm.is_some())
     }
 
-    /// This config with `extra` resources (built Wasm plugins) added, version recomputed.
+    /// This config with `extra` resources (built Wasm plugins) added in their places,
+    /// version recomputed. `resources` are in serving order (by type and name, each
+    /// name's entries in file order), as the compiler leaves them; `extra` come after
+    /// them in file order.
     pub fn with_resources(mut self, extra: Vec<Arc<CompiledResource>>) -> Self {
-        self.resources.extend(extra);
-        // Stable: entries of the same name keep their file order, which decides which
-        // one a node that matches several gets.
-        self.resources.sort_by(|a, b| (a.resource_type, &a.name).cmp(&(b.resource_type, &b.name)));
-        // Type, name and version of each resource; its selector, placement and rollout
-        // only where it has one (most have none: no text is made for them).
+        if !extra.is_empty() {
+            let mut all = self.resources.clone();
+            all.extend(extra);
+            self.resources = crate::order::serving_order(all, &self.resources);
+        }
+        // Each resource's version (which hashes its type and name with its content); its
+        // selector, placement and rollout only where it has one (most have none: no text
+        // is made for them).
         let described = |d: &dyn std::fmt::Debug| format!("{d:?}");
         let extras: Vec<[String; 4]> =
             self.resources
@@ -106,7 +111,7 @@ impl CompiledConfig {
         let parts = self
             .resources
             .iter()
-            .flat_map(|r| [r.resource_type.type_url().as_bytes(), r.name.as_bytes(), r.version.as_str().as_bytes()])
+            .map(|r| r.version.as_str().as_bytes())
             .chain(extras.iter().flat_map(|e| e.iter().map(|s| s.as_bytes())));
         self.version = content_version(parts);
         self

@@ -1,15 +1,27 @@
-//! Incremental loading: a reload parses, validates, compiles and hashes only the entries
-//! whose text changed. Each document is cut, by its text, into its header (everything
-//! but the items of the Envoy resource sections) and those items; an item compiles on its
-//! own (`compile::envoy_entry`), cached by its file, section and text, and the checks
-//! across entries (names, placement, defaults) run over the whole config as before.
+//! Incremental loading: a reload parses, validates, compiles and hashes only what
+//! changed, by file, by document and by entry.
+//!
+//! - A file whose identity and times are what they were at the last load, when they had
+//!   not changed for a while (`Stamp`), is not read again: its documents and entries
+//!   stand as they were.
+//! - A file read again is cut, by its text, into each document's header (everything but
+//!   the items of the Envoy resource sections) and those items; an item compiles on its
+//!   own (`compile::envoy_entry`), cached by its section and text, and keeps its shared
+//!   resource while its place in the file is the same.
+//! - The checks across entries (names, placement, defaults) run over the whole config as
+//!   before, each at a cost of a comparison or two per entry.
 //!
 //! The cut is a fast path, never a second reading of YAML: a document it cannot cut
 //! plainly (flow-style sections, anchors and aliases, tabs, a key written twice, odd
 //! indentation), and every document in which anything fails, is read whole as `load`
 //! reads it, so errors are the same as ever.
 
-use std::{collections::HashMap, path::Path, sync::Arc};
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::{Duration, Instant, SystemTime},
+};
 
 use filterplane_api::ResourceType;
 use sha2::{Digest, Sha256};
@@ -26,37 +38,114 @@ use crate::{
 /// What one load did, for logs and benchmarks.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct LoadStats {
-    /// Envoy resource entries read as items (cut from their document).
+    /// Envoy resource entries read as items (cut from their document, or standing with
+    /// their unchanged file).
     pub entries: usize,
     /// Of those, the ones parsed and compiled this time (their text was new).
     pub compiled: usize,
     /// Documents read whole (not cut, or something in them failed).
     pub whole_documents: usize,
+    /// Files read again (the others had not changed).
+    pub files_read: usize,
     /// Time spent reading files, reading documents and their entries (from the cache or
     /// anew), and checking and assembling the whole config.
-    pub read: std::time::Duration,
-    pub entries_time: std::time::Duration,
-    pub check: std::time::Duration,
+    pub read: Duration,
+    pub entries_time: Duration,
+    pub check: Duration,
 }
 
-/// An entry compiled on its own, and its line relative to its item's first line.
+/// An entry compiled on its own as it was last placed (its line and path in its file),
+/// and its line relative to its item's first line.
 #[derive(Debug, Clone)]
 struct Cached {
     resource: Arc<CompiledResource>,
     line_delta: Option<usize>,
 }
 
+/// A file's identity, size and times.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+/// How long a file must have been unchanged when it is read for its stamp to vouch for
+/// its text at later loads. A write after the read then gives the file a later change
+/// time even where the filesystem keeps times coarsely (seconds, or FAT's two).
+const SETTLED: Duration = Duration::from_secs(2);
+
+impl Stamp {
+    #[cfg(unix)]
+    fn of(file: &Path) -> Option<Self> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(file).ok()?;
+        Some(Self {
+            dev: m.dev(),
+            ino: m.ino(),
+            len: m.size(),
+            mtime: (m.mtime(), m.mtime_nsec()),
+            ctime: (m.ctime(), m.ctime_nsec()),
+        })
+    }
+
+    #[cfg(not(unix))]
+    fn of(_file: &Path) -> Option<Self> {
+        None
+    }
+
+    /// Whether the file's last change (`ctime`, which no tool sets back) was at least
+    /// `settle` before `read_at`.
+    fn settled_before(&self, read_at: SystemTime, settle: Duration) -> bool {
+        let (secs, nanos) = self.ctime;
+        let Ok(secs) = u64::try_from(secs) else { return false };
+        let changed = SystemTime::UNIX_EPOCH + Duration::new(secs, nanos.clamp(0, 999_999_999) as u32);
+        changed + settle <= read_at
+    }
+}
+
+/// One document of a file as the last load read it: its header (or the whole document)
+/// and the entries cut from it.
+#[derive(Debug)]
+struct Doc {
+    parsed: ParsedFile,
+    entries: Vec<Arc<CompiledResource>>,
+}
+
+/// What the loader keeps of one file between loads.
+#[derive(Debug, Default)]
+struct FileState {
+    /// Its stamp when it was read, if it had settled then: while the stamp is the same,
+    /// `docs` stand without reading it.
+    stamp: Option<Stamp>,
+    /// Its entries compiled on their own, by `key(section, text)`.
+    items: HashMap<[u8; 16], Cached>,
+    /// Its documents, when it read without errors.
+    docs: Option<Vec<Doc>>,
+}
+
 /// Loads a config again and again, compiling each time only what changed.
 #[derive(Debug, Default)]
 pub struct Loader {
-    /// By `key(file, section, text)`: the entries of the last load.
-    cache: HashMap<[u8; 16], Cached>,
+    /// The files of the last load, in config order.
+    files: Vec<(PathBuf, FileState)>,
+    /// The resources of the last load that compiled, in serving order.
+    last: Vec<Arc<CompiledResource>>,
+    /// `SETTLED`, shorter in tests.
+    settle: Option<Duration>,
     stats: LoadStats,
 }
 
 impl Loader {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A loader that trusts a file's stamp once it is `settle` old (`SETTLED` by default).
+    pub fn with_settle(settle: Duration) -> Self {
+        Self { settle: Some(settle), ..Self::default() }
     }
 
     /// What the last `load` did.
@@ -66,112 +155,159 @@ impl Loader {
 
     /// Entries held for the next load.
     pub fn cached(&self) -> usize {
-        self.cache.len()
+        self.files.iter().map(|(_, f)| f.items.len()).sum()
     }
 
     /// Reads, validates and compiles the config at `path` as `crate::load_with` does,
     /// with the same result and errors.
     pub fn load(&mut self, path: &Path, max_file_bytes: u64) -> Result<CompiledConfig, ConfigErrors> {
-        let mut next: HashMap<[u8; 16], Cached> = HashMap::with_capacity(self.cache.len());
         let mut stats = LoadStats::default();
-        let mut parsed = Vec::new();
-        let mut entries = Vec::new();
+        let paths = config_files(path)?;
+        let mut before: HashMap<PathBuf, FileState> = std::mem::take(&mut self.files).into_iter().collect();
         let mut errors = Vec::new();
-        for file in config_files(path)? {
-            let started = std::time::Instant::now();
-            let text = read_bounded(&file, max_file_bytes);
-            stats.read += started.elapsed();
-            let started = std::time::Instant::now();
-            let text = match text {
-                Ok(t) => t,
-                Err(e) => {
-                    let message = format!("cannot read: {e}");
-                    errors.push(ConfigError { file, line: None, path: String::new(), message });
-                    continue;
-                }
-            };
-            for (offset, doc) in documents(&text) {
-                let cut = (!crate::istio::is_istio(doc)).then(|| cut(doc)).flatten();
-                if let Some(cut) = cut {
-                    if let Some((header, items)) = self.read_cut(&file, offset, &cut, &mut next, &mut stats) {
-                        parsed.push(header);
-                        entries.push(items);
-                        continue;
-                    }
-                }
-                stats.whole_documents += 1;
-                match crate::load::parse_document(&file, offset, doc) {
-                    Ok(p) => {
-                        parsed.push(p);
-                        entries.push(Vec::new());
-                    }
-                    Err(es) => errors.extend(es),
-                }
-            }
-            stats.entries_time += started.elapsed();
+        for file in paths {
+            let old = before.remove(&file).unwrap_or_default();
+            let settle = self.settle.unwrap_or(SETTLED);
+            let state = read_file(&file, old, max_file_bytes, settle, &mut stats, &mut errors);
+            self.files.push((file, state));
         }
-        self.cache = next;
         if !errors.is_empty() {
             self.stats = stats;
             return Err(ConfigErrors(errors));
         }
-        let started = std::time::Instant::now();
-        let config = crate::compile::compile_with(&parsed, entries);
+        let started = Instant::now();
+        let docs = self.files.iter().flat_map(|(_, f)| f.docs.iter().flatten());
+        let (parsed, entries): (Vec<&ParsedFile>, Vec<&[Arc<CompiledResource>]>) =
+            docs.map(|d| (&d.parsed, d.entries.as_slice())).unzip();
+        let config = crate::compile::compile_with(&parsed, &entries, &self.last);
+        if let Ok(c) = &config {
+            self.last.clone_from(&c.resources);
+        }
         stats.check = started.elapsed();
         self.stats = stats;
         config
     }
-
-    /// A cut document's header parsed and its items compiled (from the cache where their
-    /// text is known); `None` when anything in it fails (it is then read whole).
-    fn read_cut(
-        &self,
-        file: &Path,
-        offset: usize,
-        cut: &Cut<'_>,
-        next: &mut HashMap<[u8; 16], Cached>,
-        stats: &mut LoadStats,
-    ) -> Option<(ParsedFile, Vec<Arc<CompiledResource>>)> {
-        // Items are compiled even when the header or another item fails, so that the
-        // reload after the fix finds them cached.
-        let header = crate::load::parse_document(file, offset, &cut.header).ok();
-        let mut items = Vec::with_capacity(cut.items.len());
-        let mut failed = false;
-        for item in &cut.items {
-            let (section, rt) = SECTIONS[item.section];
-            // The item's first line in the file, 1-based.
-            let line = offset + item.line + 1;
-            let key = key(file, section, item.text);
-            let cached = match self.cache.get(&key).or_else(|| next.get(&key)) {
-                Some(c) => c.clone(),
-                None => {
-                    stats.compiled += 1;
-                    let Some(resource) = compile_item(file, section, rt, item.text, line) else {
-                        failed = true;
-                        continue;
-                    };
-                    let line_delta = resource.origin.line.and_then(|l| l.checked_sub(line));
-                    Cached { resource: Arc::new(resource), line_delta }
-                }
-            };
-            if !failed {
-                let mut r = CompiledResource::clone(&cached.resource);
-                r.origin.line = cached.line_delta.map(|d| line + d);
-                r.origin.path = format!("{section}[{}]", item.index);
-                items.push(Arc::new(r));
-            }
-            next.insert(key, cached);
-        }
-        stats.entries += cut.items.len();
-        Some((header?, items)).filter(|_| !failed)
-    }
 }
 
-/// The cache key of an item: its file, section and text.
-fn key(file: &Path, section: &str, text: &str) -> [u8; 16] {
+/// `file` read for this load: as it stood, if its stamp says it did not change; else read
+/// again, its entries compiled where their text is new. Errors go to `errors`.
+fn read_file(
+    file: &Path,
+    old: FileState,
+    max_file_bytes: u64,
+    settle: Duration,
+    stats: &mut LoadStats,
+    errors: &mut Vec<ConfigError>,
+) -> FileState {
+    let stamp = Stamp::of(file);
+    if let (Some(docs), true) = (&old.docs, old.stamp.is_some() && old.stamp == stamp) {
+        stats.entries += docs.iter().map(|d| d.entries.len()).sum::<usize>();
+        return old;
+    }
+    stats.files_read += 1;
+    let read_at = SystemTime::now();
+    let started = Instant::now();
+    let text = read_bounded(file, max_file_bytes);
+    stats.read += started.elapsed();
+    let started = Instant::now();
+    let text = match text {
+        Ok(t) => t,
+        Err(e) => {
+            let message = format!("cannot read: {e}");
+            errors.push(ConfigError { file: file.to_path_buf(), line: None, path: String::new(), message });
+            return FileState { stamp: None, items: old.items, docs: None };
+        }
+    };
+    let mut items = HashMap::with_capacity(old.items.len());
+    let mut docs = Vec::new();
+    let mut failed = false;
+    for (offset, doc) in documents(&text) {
+        let cut = (!crate::istio::is_istio(doc)).then(|| cut(doc)).flatten();
+        if let Some(cut) = cut {
+            if let Some((parsed, entries)) = read_cut(file, offset, &cut, &old.items, &mut items, stats) {
+                docs.push(Doc { parsed, entries });
+                continue;
+            }
+        }
+        stats.whole_documents += 1;
+        match crate::load::parse_document(file, offset, doc) {
+            Ok(parsed) => docs.push(Doc { parsed, entries: Vec::new() }),
+            Err(es) => {
+                errors.extend(es);
+                failed = true;
+            }
+        }
+    }
+    stats.entries_time += started.elapsed();
+    let stamp = stamp.filter(|s| !failed && s.settled_before(read_at, settle));
+    FileState { stamp, items, docs: (!failed).then_some(docs) }
+}
+
+/// A cut document's header parsed and its items compiled (from `old` where their text
+/// is known); `None` when anything in it fails (it is then read whole). Every item
+/// compiled goes to `next`.
+fn read_cut(
+    file: &Path,
+    offset: usize,
+    cut: &Cut<'_>,
+    old: &HashMap<[u8; 16], Cached>,
+    next: &mut HashMap<[u8; 16], Cached>,
+    stats: &mut LoadStats,
+) -> Option<(ParsedFile, Vec<Arc<CompiledResource>>)> {
+    // Items are compiled even when the header or another item fails, so that the
+    // reload after the fix finds them cached.
+    let header = crate::load::parse_document(file, offset, &cut.header).ok();
+    let mut items = Vec::with_capacity(cut.items.len());
+    let mut failed = false;
+    for item in &cut.items {
+        let (section, rt) = SECTIONS[item.section];
+        // The item's first line in the file, 1-based.
+        let line = offset + item.line + 1;
+        let key = key(section, item.text);
+        let cached = match next.get(&key).or_else(|| old.get(&key)) {
+            Some(c) => c.clone(),
+            None => {
+                stats.compiled += 1;
+                let Some(resource) = compile_item(file, section, rt, item.text, line) else {
+                    failed = true;
+                    continue;
+                };
+                let line_delta = resource.origin.line.and_then(|l| l.checked_sub(line));
+                Cached { resource: Arc::new(resource), line_delta }
+            }
+        };
+        // Placed where it was: the same resource; moved: a copy that says where it is.
+        let at_line = cached.line_delta.map(|d| line + d);
+        let placed =
+            if cached.resource.origin.line == at_line && path_is(&cached.resource.origin.path, section, item.index) {
+                cached
+            } else {
+                let mut r = CompiledResource::clone(&cached.resource);
+                r.origin.line = at_line;
+                r.origin.path = format!("{section}[{}]", item.index);
+                Cached { resource: Arc::new(r), line_delta: cached.line_delta }
+            };
+        if !failed {
+            items.push(placed.resource.clone());
+        }
+        next.insert(key, placed);
+    }
+    stats.entries += cut.items.len();
+    Some((header?, items)).filter(|_| !failed)
+}
+
+/// Whether `path` is `{section}[{index}]`.
+fn path_is(path: &str, section: &str, index: usize) -> bool {
+    path.strip_prefix(section)
+        .and_then(|p| p.strip_prefix('['))
+        .and_then(|p| p.strip_suffix(']'))
+        .is_some_and(|n| n.parse() == Ok(index))
+}
+
+/// The cache key of an item of a file: its section and text.
+fn key(section: &str, text: &str) -> [u8; 16] {
     let mut h = Sha256::new();
-    let file = file.as_os_str().as_encoded_bytes();
-    for part in [file, section.as_bytes(), text.as_bytes()] {
+    for part in [section.as_bytes(), text.as_bytes()] {
         h.update((part.len() as u64).to_be_bytes());
         h.update(part);
     }

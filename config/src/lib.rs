@@ -13,6 +13,7 @@ pub mod istio;
 pub mod lines;
 pub mod load;
 pub mod model;
+pub mod order;
 pub mod parsed;
 pub mod placement;
 pub mod selector;

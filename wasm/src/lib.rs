@@ -192,7 +192,9 @@ async fn resolve_central(
             None => Ok((r, Vec::new())),
             Some(central) => {
                 let started = std::time::Instant::now();
-                let result = convert(&r, &central, fetcher, delivery, verification).await.map(|(c, s)| (std::sync::Arc::new(c), s));
+                let result = convert(&r, &central, fetcher, delivery, verification)
+                    .await
+                    .map(|(c, s)| (std::sync::Arc::new(c), s));
                 let metrics = &fetcher.metrics;
                 metrics.conversion_duration.observe(started.elapsed().as_secs_f64());
                 let label = match &result {

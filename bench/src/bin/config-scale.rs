@@ -24,13 +24,8 @@ fn main() -> anyhow::Result<()> {
         let port = n(5)?.unwrap_or(8081) as u16;
         let port_of = |j: usize| if Some(j) == changed { port } else { 8081 };
         match changed {
-            Some(c) if files > 1 => {
-                let file = filterplane_bench::mesh::file_of(dir, services, files, c);
-                let per = services.div_ceil(files);
-                let first = c / per * per;
-                std::fs::write(file, filterplane_bench::mesh::document(first..(first + per).min(services), port_of))?;
-            }
-            _ => {
+            Some(c) => filterplane_bench::mesh::write_one(dir, services, files, c, port_of)?,
+            None => {
                 filterplane_bench::mesh::write(dir, services, files, port_of)?;
             }
         }
@@ -48,6 +43,9 @@ fn main() -> anyhow::Result<()> {
             let full = filterplane_config::load_with(&path, u64::MAX).map_err(|e| anyhow::anyhow!("{e}"))?;
             let full_ms = ms(t.elapsed());
             drop(full);
+            // A config's files have stood a while before an edit: the loader trusts a
+            // file's times only once they are older than its settle time (2 s).
+            std::thread::sleep(Duration::from_millis(2100));
             let mut loader = Loader::new();
             let t = Instant::now();
             loader.load(&path, u64::MAX).map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -56,7 +54,7 @@ fn main() -> anyhow::Result<()> {
             let rounds = std::env::var("EDITS").ok().and_then(|v| v.parse().ok()).unwrap_or(5u16);
             for k in 0..rounds {
                 let i = (k as usize * 7919) % n;
-                filterplane_bench::mesh::write(&sub, n, files, |j| if j == i { 9000 + k } else { 8081 })?;
+                filterplane_bench::mesh::write_one(&sub, n, files, i, |j| if j == i { 9000 + k } else { 8081 })?;
                 let t = Instant::now();
                 let c = loader.load(&path, u64::MAX).map_err(|e| anyhow::anyhow!("{e}"))?;
                 let load = t.elapsed();
@@ -69,13 +67,14 @@ fn main() -> anyhow::Result<()> {
                 anyhow::ensure!(s.all().count() == 2 * n);
                 let st = loader.stats();
                 edits.push(format!(
-                    "{:.1} (read {:.1} entries {:.1} check {:.1}) gen {:.1} snap {:.1} compiled {}",
+                    "{:.1} (read {:.1} entries {:.1} check {:.1}) gen {:.1} snap {:.1} files read {} compiled {}",
                     ms(load),
                     ms(st.read),
                     ms(st.entries_time),
                     ms(st.check),
                     ms(gen),
                     ms(snap),
+                    st.files_read,
                     st.compiled
                 ));
             }

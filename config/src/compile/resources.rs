@@ -7,7 +7,7 @@ use std::sync::Arc;
 use filterplane_api::ResourceType;
 use serde_json::Value;
 
-use super::{encode, CompiledResource, Compiler, Origin};
+use super::{encode, CompiledResource, Compiler, Origin, SECTIONS};
 use crate::{
     error::ConfigError,
     model::{EnvoyResourceSpec, NodeSelector},
@@ -90,18 +90,63 @@ impl Compiler<'_> {
         spec: &EnvoyResourceSpec,
     ) {
         match envoy_entry(file, section, i, rt, spec) {
-            Ok(r) => self.admit(section, Arc::new(r)),
+            Ok(r) => self.admit(Arc::new(r)),
             Err(e) => self.errors.push(e),
         }
     }
 
-    /// Takes an entry compiled on its own into the config, unless its name is empty or
-    /// an earlier entry already serves every proxy it selects.
-    pub(super) fn admit(&mut self, section: &str, r: Arc<CompiledResource>) {
-        let kind = section.trim_end_matches('s');
-        if self.register(r.resource_type, kind, name_key(r.resource_type), &r.name, &r.selector, &r.origin) {
-            self.resources.push(r);
+    /// Takes an entry compiled on its own into the config, unless its name is empty
+    /// (whether an earlier entry already serves every proxy it selects is checked once
+    /// all are in: `check_duplicates`).
+    pub(super) fn admit(&mut self, r: Arc<CompiledResource>) {
+        if r.name.trim().is_empty() {
+            self.error_at(&r.origin, name_key(r.resource_type), "must not be empty");
+            return;
         }
+        self.resources.push(r);
+    }
+
+    /// Entries of the Envoy sections that share a name: the first entry a node matches
+    /// wins, so an earlier entry (in file order) with the same selector, or with none,
+    /// leaves a later one unreachable. Walks the resources sorted by type and name (each
+    /// name's entries in file order): one comparison per entry, no map of every name.
+    pub(super) fn check_duplicates(&mut self) {
+        let mut errors = Vec::new();
+        let rs = &self.resources;
+        let mut start = 0;
+        while start < rs.len() {
+            let first = &rs[start];
+            let len = rs[start..]
+                .iter()
+                .take_while(|r| r.resource_type == first.resource_type && r.name == first.name)
+                .count();
+            let run = &rs[start..start + len];
+            start += len;
+            if run.len() < 2 || first.resource_type == ResourceType::ExtensionConfig {
+                continue;
+            }
+            let kind = SECTIONS
+                .iter()
+                .find(|(_, rt)| *rt == first.resource_type)
+                .map_or("resource", |(s, _)| s.trim_end_matches('s'));
+            let mut kept: Vec<&CompiledResource> = Vec::new();
+            for r in run {
+                match kept.iter().find(|k| k.selector.is_empty() || k.selector == r.selector) {
+                    Some(k) => {
+                        let message = format!(
+                            "duplicate {kind} name \"{}\": the entry at {}{}: {} already matches every proxy this one selects",
+                            r.name,
+                            k.origin.file.display(),
+                            k.origin.line.map(|l| format!(":{l}")).unwrap_or_default(),
+                            k.origin.path
+                        );
+                        errors.push(self.located(&r.origin, name_key(r.resource_type), message));
+                    }
+                    None => kept.push(r),
+                }
+            }
+        }
+        self.errors.extend(errors);
     }
 }
 

@@ -1,4 +1,4 @@
-use std::path::Path;
+use std::{path::Path, time::Duration};
 
 use super::*;
 
@@ -157,4 +157,51 @@ fn after_a_failed_load_only_the_fixed_entry_compiles() {
     std::fs::write(&f, mesh(30, None)).unwrap();
     same_as_full(&mut loader, &f).unwrap();
     assert_eq!(loader.stats().compiled, 1);
+}
+
+#[test]
+fn files_that_did_not_change_are_not_read_again_and_keep_their_resources() {
+    let dir = tempfile::tempdir().unwrap();
+    for k in 0..3 {
+        std::fs::write(dir.path().join(format!("s{k}.yaml")), mesh(10, None).replace("svc-", &format!("s{k}-")))
+            .unwrap();
+    }
+    let mut loader = Loader::with_settle(Duration::ZERO);
+    let first = same_as_full(&mut loader, dir.path()).unwrap();
+    assert_eq!(loader.stats().files_read, 3);
+    let again = same_as_full(&mut loader, dir.path()).unwrap();
+    assert_eq!((loader.stats().files_read, loader.stats().entries), (0, 60));
+    assert!(first.resources.iter().zip(&again.resources).all(|(a, b)| Arc::ptr_eq(a, b)));
+    // A longer port: another size, so the stamp differs however coarse the clock.
+    std::fs::write(dir.path().join("s1.yaml"), mesh(10, Some((3, 18080))).replace("svc-", "s1-")).unwrap();
+    let edited = same_as_full(&mut loader, dir.path()).unwrap();
+    assert_eq!((loader.stats().files_read, loader.stats().compiled), (1, 1));
+    let moved: Vec<&str> = again
+        .resources
+        .iter()
+        .zip(&edited.resources)
+        .filter(|(a, b)| !Arc::ptr_eq(a, b))
+        .map(|(_, b)| b.name.as_str())
+        .collect();
+    assert_eq!(moved, ["s1-3"], "only the edited entry is a new resource");
+    // A file removed, one added: their entries leave and arrive in their places.
+    std::fs::remove_file(dir.path().join("s0.yaml")).unwrap();
+    std::fs::write(dir.path().join("s5.yaml"), mesh(2, None).replace("svc-", "s5-")).unwrap();
+    same_as_full(&mut loader, dir.path()).unwrap();
+    assert_eq!(loader.stats().files_read, 1);
+}
+
+#[test]
+fn an_edit_right_after_a_load_is_read_even_at_the_same_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("mesh.yaml");
+    let mut loader = Loader::new();
+    std::fs::write(&f, mesh(5, None)).unwrap();
+    same_as_full(&mut loader, &f).unwrap();
+    // The same size, within the same tick of the file system's clock: the file had not
+    // settled when it was read, so its stamp vouches for nothing.
+    std::fs::write(&f, mesh(5, Some((2, 9090)))).unwrap();
+    // (`same_as_full`: the full load reads the new text, and this load must agree.)
+    same_as_full(&mut loader, &f).unwrap();
+    assert_eq!((loader.stats().files_read, loader.stats().compiled), (1, 1));
 }
