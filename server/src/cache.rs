@@ -44,7 +44,8 @@ impl SnapshotCache {
             .as_ref()
             .map(|p| p.plan_for(&config, previous.as_ref().map(|g| g.config.as_ref())))
             .unwrap_or_default();
-        self.tx.send_replace(Some(Arc::new(Generation::with_plan(Arc::new(config), plan))));
+        let next = Generation::with_plan_after(Arc::new(config), plan, previous.as_deref());
+        self.tx.send_replace(Some(Arc::new(next)));
         true
     }
 
@@ -55,7 +56,8 @@ impl SnapshotCache {
         if current.plan == plan {
             return;
         }
-        self.tx.send_replace(Some(Arc::new(Generation::with_plan(current.config.clone(), plan))));
+        let next = Generation::with_plan_after(current.config.clone(), plan, Some(&current));
+        self.tx.send_replace(Some(Arc::new(next)));
     }
 
     /// Modules that rollouts still serve to some proxies (last completed versions).

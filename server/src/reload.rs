@@ -152,19 +152,15 @@ impl ConfigReloader {
     /// What `config` would remove of what is served, when that is more than the guard
     /// allows: (removed, served, a few of the removed).
     fn removes_too_much(&self, config: &filterplane_config::CompiledConfig) -> Option<(usize, usize, Vec<String>)> {
-        let current = self.cache.current()?;
-        // Borrowed keys: this runs on every reload, over every resource.
-        fn key(r: &Arc<filterplane_config::CompiledResource>) -> (filterplane_api::ResourceType, &str) {
-            (r.resource_type, r.name.as_str())
+        if self.max_removal_percent >= 100 {
+            return None;
         }
-        let served: std::collections::HashSet<_> = current.config.resources.iter().map(key).collect();
-        let kept: std::collections::HashSet<_> = config.resources.iter().map(key).collect();
-        let mut removed: Vec<_> = served.difference(&kept).collect();
-        removed.sort_unstable();
-        let over = removed.len() * 100 > served.len() * usize::from(self.max_removal_percent);
+        let current = self.cache.current()?;
+        let (served, removed) = removed_names(&current.config.resources, &config.resources);
+        let over = removed.len() * 100 > served * usize::from(self.max_removal_percent);
         (over && !removed.is_empty()).then(|| {
             let examples = removed.iter().take(5).map(|(rt, name)| format!("{rt} {name}")).collect();
-            (removed.len(), served.len(), examples)
+            (removed.len(), served, examples)
         })
     }
 
@@ -361,6 +357,44 @@ impl ConfigReloader {
 
 /// The watched directory's device and inode: they change when it is removed and created
 /// again, which ends an inotify watch on it.
+/// The (type, name)s `old` serves and `new` does not, and how many `old` serves. Both
+/// are in serving order (by type and name), so one walk over them answers; an entry
+/// both share (the same allocation, as the loader keeps unchanged entries) is matched
+/// without comparing names. Runs on every reload, over every resource.
+fn removed_names<'a>(
+    old: &'a [Arc<filterplane_config::CompiledResource>],
+    new: &[Arc<filterplane_config::CompiledResource>],
+) -> (usize, Vec<(filterplane_api::ResourceType, &'a str)>) {
+    fn key(r: &filterplane_config::CompiledResource) -> (filterplane_api::ResourceType, &str) {
+        (r.resource_type, r.name.as_str())
+    }
+    let (mut served, mut removed, mut j) = (0, Vec::new(), 0);
+    for (i, o) in old.iter().enumerate() {
+        if i > 0 && key(&old[i - 1]) == key(o) {
+            continue;
+        }
+        served += 1;
+        loop {
+            let Some(n) = new.get(j) else {
+                removed.push(key(o));
+                break;
+            };
+            if Arc::ptr_eq(n, o) {
+                break;
+            }
+            match key(n).cmp(&key(o)) {
+                std::cmp::Ordering::Less => j += 1,
+                std::cmp::Ordering::Equal => break,
+                std::cmp::Ordering::Greater => {
+                    removed.push(key(o));
+                    break;
+                }
+            }
+        }
+    }
+    (served, removed)
+}
+
 fn dir_identity(config: &Path) -> Option<(u64, u64)> {
     use std::os::unix::fs::MetadataExt;
     let meta = std::fs::metadata(filterplane_config::load::config_dir(config)).ok()?;
@@ -531,6 +565,27 @@ impl RelevantPaths {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_removal_guard_counts_names_that_leave() {
+        let config = |names: &[&str]| {
+            let yaml: String = names
+                .iter()
+                .map(|n| format!("  - name: {n}\n    node_selector: {{ clusters: [{n}x] }}\n    connect_timeout: 1s\n  - name: {n}\n    connect_timeout: 1s\n"))
+                .collect();
+            let parsed =
+                filterplane_config::load::parse_file(Path::new("t.yaml"), &format!("version: 1\nclusters:\n{yaml}"))
+                    .unwrap();
+            filterplane_config::compile(&[parsed]).unwrap()
+        };
+        let (old, new) = (config(&["a", "b", "c", "e"]), config(&["b", "d", "e", "f"]));
+        let (served, removed) = removed_names(&old.resources, &new.resources);
+        let names: Vec<&str> = removed.iter().map(|(_, n)| *n).collect();
+        assert_eq!((served, names), (4, vec!["a", "c"]), "two entries per name, counted once");
+        let (served, removed) = removed_names(&old.resources, &old.resources);
+        assert_eq!((served, removed.len()), (4, 0));
+        assert_eq!(removed_names(&old.resources, &[]).1.len(), 4);
+    }
 
     #[test]
     fn only_changes_to_the_config_wake_the_reloader() {

@@ -217,6 +217,48 @@ pub struct Generation {
     planned: Vec<Planned>,
 }
 
+/// What each of `resources` is served as: `previous`'s resource where it served the same
+/// entry (the same allocation, or the same type, name and version: an entry compiled
+/// anew from the same text), else a new one. Both lists are in serving order, so one
+/// walk over them pairs them, comparing names only where the two differ.
+fn served_after(resources: &[Arc<CompiledResource>], previous: Option<&Generation>) -> Vec<Arc<ServedResource>> {
+    let new = |r: &CompiledResource| {
+        Arc::new(ServedResource::new(r.name.clone(), r.version, r.resource.clone(), r.envoy_fetches_code))
+    };
+    let Some(previous) = previous else { return resources.iter().map(|r| new(r)).collect() };
+    let before = &previous.config.resources;
+    fn key(r: &CompiledResource) -> (ResourceType, &str) {
+        (r.resource_type, r.name.as_str())
+    }
+    let mut out = Vec::with_capacity(resources.len());
+    let mut i = 0;
+    for r in resources {
+        let mut taken = None;
+        while let Some(b) = before.get(i) {
+            if Arc::ptr_eq(b, r) {
+                taken = Some(i);
+                i += 1;
+                break;
+            }
+            match key(b).cmp(&key(r)) {
+                std::cmp::Ordering::Less => i += 1,
+                std::cmp::Ordering::Greater => break,
+                std::cmp::Ordering::Equal => {
+                    let same = b.version == r.version && b.envoy_fetches_code == r.envoy_fetches_code;
+                    taken = same.then_some(i);
+                    i += 1;
+                    break;
+                }
+            }
+        }
+        out.push(match taken.and_then(|k| previous.served.get(k)) {
+            Some(s) => s.clone(),
+            None => new(r),
+        });
+    }
+    out
+}
+
 /// An entry under rollout: its index in the config, in the plan, its last completed
 /// version and its carried ones.
 type Planned = (u32, usize, Option<OldVersion>, Vec<OldVersion>);
@@ -254,11 +296,14 @@ impl Generation {
 
     /// A generation of `config` with the rollouts of `plan`.
     pub fn with_plan(config: Arc<CompiledConfig>, plan: Plan) -> Self {
-        let served = config
-            .resources
-            .iter()
-            .map(|r| Arc::new(ServedResource::new(r.name.clone(), r.version, r.resource.clone(), r.envoy_fetches_code)))
-            .collect();
+        Self::with_plan_after(config, plan, None)
+    }
+
+    /// `with_plan`, taking from `previous` (the generation it replaces) each resource it
+    /// served alike, with what that resource encoded for the streams: a reload that
+    /// changes one entry of a large config makes one.
+    pub fn with_plan_after(config: Arc<CompiledConfig>, plan: Plan, previous: Option<&Generation>) -> Self {
+        let served = served_after(&config.resources, previous);
         let selective = config
             .resources
             .iter()
@@ -472,6 +517,31 @@ mod tests {
     fn generation(yaml: &str) -> Generation {
         let parsed = filterplane_config::load::parse_file(Path::new("t.yaml"), yaml).unwrap();
         Generation::new(filterplane_config::compile(&[parsed]).unwrap())
+    }
+
+    #[test]
+    fn a_new_generation_takes_what_the_last_one_served_alike() {
+        let cluster = |name: &str, timeout: &str| format!("  - name: {name}\n    connect_timeout: {timeout}\n");
+        let yaml = |b: &str, extra: &str| {
+            format!("version: 1\nclusters:\n{}{}{}{extra}", cluster("a", "1s"), cluster("b", b), cluster("d", "1s"))
+        };
+        let first = generation(&yaml("1s", ""));
+        // Compiled anew from the same text (other allocations): b changed, c arrived.
+        let parsed =
+            filterplane_config::load::parse_file(Path::new("t.yaml"), &yaml("2s", &cluster("c", "1s"))).unwrap();
+        let config = Arc::new(filterplane_config::compile(&[parsed]).unwrap());
+        let next = Generation::with_plan_after(config, Plan::default(), Some(&first));
+        let (s1, s2) = (first.snapshot_for(&NodeFacts::default()), next.snapshot_for(&NodeFacts::default()));
+        let same = |n: &str| {
+            let (a, b) = (s1.resource(ResourceType::Cluster, n), s2.resource(ResourceType::Cluster, n));
+            a.zip(b).is_some_and(|(a, b)| Arc::ptr_eq(a, b))
+        };
+        assert_eq!([same("a"), same("b"), same("c"), same("d")], [true, false, false, true]);
+        assert!(s2.resource(ResourceType::Cluster, "c").is_some());
+        assert_ne!(
+            s1.resource(ResourceType::Cluster, "b").unwrap().version,
+            s2.resource(ResourceType::Cluster, "b").unwrap().version
+        );
     }
 
     fn entry(name: &str, selector: &str, value: &str) -> String {

@@ -9,7 +9,9 @@
 use std::time::{Duration, Instant};
 
 use filterplane_config::{incremental::Loader, NodeFacts};
-use filterplane_xds::snapshot::Generation;
+use std::sync::Arc;
+
+use filterplane_xds::{plan::Plan, snapshot::Generation};
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
@@ -51,6 +53,7 @@ fn main() -> anyhow::Result<()> {
             loader.load(&path, u64::MAX).map_err(|e| anyhow::anyhow!("{e}"))?;
             let first = ms(t.elapsed());
             let mut edits = Vec::new();
+            let mut previous: Option<Generation> = None;
             let rounds = std::env::var("EDITS").ok().and_then(|v| v.parse().ok()).unwrap_or(5u16);
             for k in 0..rounds {
                 let i = (k as usize * 7919) % n;
@@ -59,12 +62,14 @@ fn main() -> anyhow::Result<()> {
                 let c = loader.load(&path, u64::MAX).map_err(|e| anyhow::anyhow!("{e}"))?;
                 let load = t.elapsed();
                 let t = Instant::now();
-                let g = Generation::new(c);
+                let g = Generation::with_plan_after(Arc::new(c), Plan::default(), previous.as_ref());
                 let gen = t.elapsed();
                 let t = Instant::now();
                 let s = g.snapshot_for(&NodeFacts::default());
                 let snap = t.elapsed();
                 anyhow::ensure!(s.all().count() == 2 * n);
+                drop(s);
+                previous = Some(g);
                 let st = loader.stats();
                 edits.push(format!(
                     "{:.1} (read {:.1} entries {:.1} check {:.1}) gen {:.1} snap {:.1} files read {} compiled {}",
