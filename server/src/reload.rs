@@ -29,6 +29,11 @@ pub const DEBOUNCE: Duration = Duration::from_millis(50);
 /// to take in a burst of such events as one reload.
 pub const SETTLE: Duration = Duration::from_millis(5);
 
+/// Quiet time after one file of a config directory was closed after writing or renamed
+/// into place: that file is whole, and a tool writing several (`cp`, `rsync`, a checkout)
+/// writes the next within a millisecond or two, which restarts the wait.
+pub const FILE_SETTLE: Duration = Duration::from_millis(20);
+
 /// Quiet time after a write that has not been closed yet: the writer is still at it (a
 /// file written in chunks must never be applied half-written), and only a writer that
 /// died with the file open leaves it this long.
@@ -490,6 +495,9 @@ enum Change {
     /// The change is finished: the config file was closed after writing or renamed into
     /// place, or a ConfigMap's `..data` was swapped (all its files at once).
     Complete,
+    /// One file of a config directory is finished (closed after writing, or renamed into
+    /// place); others may follow at once.
+    FileFinished,
 }
 
 impl Change {
@@ -498,6 +506,7 @@ impl Change {
             Change::Writing => WRITE_FALLBACK,
             Change::Partial => DEBOUNCE,
             Change::Complete => SETTLE,
+            Change::FileFinished => FILE_SETTLE,
         }
     }
 }
@@ -540,6 +549,8 @@ impl RelevantPaths {
         let writing = !configmap && matches!(ev.kind, EventKind::Modify(ModifyKind::Data(_) | ModifyKind::Any));
         Some(if complete {
             Change::Complete
+        } else if finished && !configmap {
+            Change::FileFinished
         } else if writing && !renamed {
             Change::Writing
         } else {
@@ -630,7 +641,8 @@ mod tests {
 
         // A directory: one file closed may be one of several; only the ConfigMap swap is whole.
         let for_dir = RelevantPaths::new(dir.path());
-        assert_eq!(for_dir.classify(&event(closed, &[&file])), Some(Change::Partial));
+        assert_eq!(for_dir.classify(&event(closed, &[&file])), Some(Change::FileFinished));
+        assert_eq!(for_dir.classify(&event(renamed, &[&swap, &file])), Some(Change::FileFinished));
         let (tmp, data) = (dir.path().join("..data_tmp"), dir.path().join("..data"));
         assert_eq!(
             for_dir.classify(&event(EventKind::Create(notify::event::CreateKind::Any), &[&tmp])),
@@ -642,6 +654,7 @@ mod tests {
         assert_eq!(for_dir.classify(&event(renamed, &[&tmp, &data])), Some(Change::Complete));
         assert_eq!(Change::Complete.quiet_time(), SETTLE);
         assert_eq!(Change::Partial.quiet_time(), DEBOUNCE);
+        assert_eq!(Change::FileFinished.quiet_time(), FILE_SETTLE);
         assert_eq!(Change::Writing.quiet_time(), WRITE_FALLBACK);
     }
 }
