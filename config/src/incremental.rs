@@ -47,6 +47,8 @@ pub struct LoadStats {
     pub whole_documents: usize,
     /// Files read again (the others had not changed).
     pub files_read: usize,
+    /// Of those, the ones edited inside one entry, taken in place (`patch`).
+    pub patched: usize,
     /// Time spent reading files, reading documents and their entries (from the cache or
     /// anew), and checking and assembling the whole config.
     pub read: Duration,
@@ -124,7 +126,15 @@ struct FileState {
     items: HashMap<[u8; 16], Cached>,
     /// Its documents, when it read without errors.
     docs: Option<Vec<Doc>>,
+    /// A large file every document of which was cut: its text and where each entry lies
+    /// in it, so that an edit inside one entry reads that entry alone (`patch`).
+    text: Option<String>,
+    spans: Vec<patch::Span>,
 }
+
+/// Files from this size on keep their text for `patch` (smaller ones are read again in
+/// about the time a comparison takes).
+const PATCH_AT_LEAST: usize = 256 * 1024;
 
 /// Loads a config again and again, compiling each time only what changed.
 #[derive(Debug, Default)]
@@ -135,6 +145,8 @@ pub struct Loader {
     last: Vec<Arc<CompiledResource>>,
     /// `SETTLED`, shorter in tests.
     settle: Option<Duration>,
+    /// `PATCH_AT_LEAST`, smaller in tests.
+    patch_at_least: Option<usize>,
     stats: LoadStats,
 }
 
@@ -146,6 +158,12 @@ impl Loader {
     /// A loader that trusts a file's stamp once it is `settle` old (`SETTLED` by default).
     pub fn with_settle(settle: Duration) -> Self {
         Self { settle: Some(settle), ..Self::default() }
+    }
+
+    /// A loader that edits in place files from `bytes` on (`PATCH_AT_LEAST` by default).
+    pub fn patching_from(mut self, bytes: usize) -> Self {
+        self.patch_at_least = Some(bytes);
+        self
     }
 
     /// What the last `load` did.
@@ -167,8 +185,8 @@ impl Loader {
         let mut errors = Vec::new();
         for file in paths {
             let old = before.remove(&file).unwrap_or_default();
-            let settle = self.settle.unwrap_or(SETTLED);
-            let state = read_file(&file, old, max_file_bytes, settle, &mut stats, &mut errors);
+            let tuning = (self.settle.unwrap_or(SETTLED), self.patch_at_least.unwrap_or(PATCH_AT_LEAST));
+            let state = read_file(&file, old, max_file_bytes, tuning, &mut stats, &mut errors);
             self.files.push((file, state));
         }
         if !errors.is_empty() {
@@ -193,9 +211,9 @@ impl Loader {
 /// again, its entries compiled where their text is new. Errors go to `errors`.
 fn read_file(
     file: &Path,
-    old: FileState,
+    mut old: FileState,
     max_file_bytes: u64,
-    settle: Duration,
+    (settle, patch_at_least): (Duration, usize),
     stats: &mut LoadStats,
     errors: &mut Vec<ConfigError>,
 ) -> FileState {
@@ -215,20 +233,46 @@ fn read_file(
         Err(e) => {
             let message = format!("cannot read: {e}");
             errors.push(ConfigError { file: file.to_path_buf(), line: None, path: String::new(), message });
-            return FileState { stamp: None, items: old.items, docs: None };
+            return FileState { items: old.items, ..FileState::default() };
         }
     };
+    if text.len() >= patch_at_least && patch::patch(file, &mut old, &text, stats) {
+        stats.entries += old.spans.len();
+        stats.entries_time += started.elapsed();
+        old.stamp = stamp.filter(|s| s.settled_before(read_at, settle));
+        old.text = Some(text);
+        return old;
+    }
     let mut items = HashMap::with_capacity(old.items.len());
     let mut docs = Vec::new();
     let mut failed = false;
+    // Where each entry lies, while every document is cut.
+    let mut spans = Some(Vec::new()).filter(|_| text.len() >= patch_at_least);
     for (offset, doc) in documents(&text) {
         let cut = (!crate::istio::is_istio(doc)).then(|| cut(doc)).flatten();
         if let Some(cut) = cut {
-            if let Some((parsed, entries)) = read_cut(file, offset, &cut, &old.items, &mut items, stats) {
+            if let Some((parsed, entries, keys)) = read_cut(file, offset, &cut, &old.items, &mut items, stats) {
+                if let Some(spans) = spans.as_mut() {
+                    spans.extend(cut.items.iter().zip(keys).enumerate().map(|(entry, (item, key))| {
+                        let start = item.text.as_ptr() as usize - text.as_ptr() as usize;
+                        patch::Span {
+                            doc: docs.len(),
+                            entry,
+                            start,
+                            end: start + item.text.len(),
+                            section: item.section,
+                            index: item.index,
+                            line: offset + item.line + 1,
+                            indent: item.text.len() - item.text.trim_start_matches(' ').len(),
+                            key,
+                        }
+                    }));
+                }
                 docs.push(Doc { parsed, entries });
                 continue;
             }
         }
+        spans = None;
         stats.whole_documents += 1;
         match crate::load::parse_document(file, offset, doc) {
             Ok(parsed) => docs.push(Doc { parsed, entries: Vec::new() }),
@@ -240,8 +284,18 @@ fn read_file(
     }
     stats.entries_time += started.elapsed();
     let stamp = stamp.filter(|s| !failed && s.settled_before(read_at, settle));
-    FileState { stamp, items, docs: (!failed).then_some(docs) }
+    let spans = spans.filter(|_| !failed);
+    FileState {
+        stamp,
+        items,
+        docs: (!failed).then_some(docs),
+        text: spans.is_some().then_some(text),
+        spans: spans.unwrap_or_default(),
+    }
 }
+
+/// A cut document's header, its entries and their cache keys.
+type CutRead = (ParsedFile, Vec<Arc<CompiledResource>>, Vec<[u8; 16]>);
 
 /// A cut document's header parsed and its items compiled (from `old` where their text
 /// is known); `None` when anything in it fails (it is then read whole). Every item
@@ -253,11 +307,12 @@ fn read_cut(
     old: &HashMap<[u8; 16], Cached>,
     next: &mut HashMap<[u8; 16], Cached>,
     stats: &mut LoadStats,
-) -> Option<(ParsedFile, Vec<Arc<CompiledResource>>)> {
+) -> Option<CutRead> {
     // Items are compiled even when the header or another item fails, so that the
     // reload after the fix finds them cached.
     let header = crate::load::parse_document(file, offset, &cut.header).ok();
     let mut items = Vec::with_capacity(cut.items.len());
+    let mut keys = Vec::with_capacity(cut.items.len());
     let mut failed = false;
     for item in &cut.items {
         let (section, rt) = SECTIONS[item.section];
@@ -276,24 +331,28 @@ fn read_cut(
                 Cached { resource: Arc::new(resource), line_delta }
             }
         };
-        // Placed where it was: the same resource; moved: a copy that says where it is.
-        let at_line = cached.line_delta.map(|d| line + d);
-        let placed =
-            if cached.resource.origin.line == at_line && path_is(&cached.resource.origin.path, section, item.index) {
-                cached
-            } else {
-                let mut r = CompiledResource::clone(&cached.resource);
-                r.origin.line = at_line;
-                r.origin.path = format!("{section}[{}]", item.index);
-                Cached { resource: Arc::new(r), line_delta: cached.line_delta }
-            };
+        let placed = place(cached, line, section, item.index);
         if !failed {
             items.push(placed.resource.clone());
+            keys.push(key);
         }
         next.insert(key, placed);
     }
     stats.entries += cut.items.len();
-    Some((header?, items)).filter(|_| !failed)
+    Some((header?, items, keys)).filter(|_| !failed)
+}
+
+/// `cached` as entry `index` of `section` whose first line is `line`: itself where it was
+/// placed so before; moved, a copy that says where it is.
+fn place(cached: Cached, line: usize, section: &str, index: usize) -> Cached {
+    let at_line = cached.line_delta.map(|d| line + d);
+    if cached.resource.origin.line == at_line && path_is(&cached.resource.origin.path, section, index) {
+        return cached;
+    }
+    let mut r = CompiledResource::clone(&cached.resource);
+    r.origin.line = at_line;
+    r.origin.path = format!("{section}[{index}]");
+    Cached { resource: Arc::new(r), line_delta: cached.line_delta }
 }
 
 /// Whether `path` is `{section}[{index}]`.
@@ -445,5 +504,6 @@ fn has_anchor_or_alias(doc: &str) -> bool {
     })
 }
 
+mod patch;
 #[cfg(test)]
 mod tests;

@@ -3,8 +3,9 @@
 //! in one run, the full load (what every reload did before incremental loading, as
 //! b5fbd7f did) and incremental reloads after one endpoint changed, with their parts
 //! and the generation and snapshot built from them.
-//! `config-scale write DIR SERVICES FILES [CHANGED PORT]`: writes such a config (only the
-//! file holding service CHANGED, its endpoint's port PORT), for bench/config-scale.sh.
+//! `config-scale write DIR SERVICES FILES [SERVICE:PORT...]`: writes such a config, or,
+//! given the edits so far (each a service whose endpoint's port changed), only the file
+//! holding the last one, for bench/config-scale.sh.
 
 use std::time::{Duration, Instant};
 
@@ -22,11 +23,17 @@ fn main() -> anyhow::Result<()> {
     if args.first().map(String::as_str) == Some("write") {
         let n = |i: usize| args.get(i).map(|a| a.parse::<usize>()).transpose();
         let (dir, services, files) = (std::path::Path::new(&args[1]), n(2)?.unwrap_or(1000), n(3)?.unwrap_or(1));
-        let changed = n(4)?;
-        let port = n(5)?.unwrap_or(8081) as u16;
-        let port_of = |j: usize| if Some(j) == changed { port } else { 8081 };
-        match changed {
-            Some(c) => filterplane_bench::mesh::write_one(dir, services, files, c, port_of)?,
+        // Edits so far, each `SERVICE:PORT`: the file of the last one is written.
+        let edits: Vec<(usize, u16)> = args[4.min(args.len())..]
+            .iter()
+            .map(|e| -> anyhow::Result<(usize, u16)> {
+                let (c, p) = e.split_once(':').ok_or_else(|| anyhow::anyhow!("SERVICE:PORT, not {e}"))?;
+                Ok((c.parse()?, p.parse()?))
+            })
+            .collect::<Result<_, _>>()?;
+        let port_of = |j: usize| edits.iter().rev().find(|(c, _)| *c == j).map_or(8081, |(_, p)| *p);
+        match edits.last() {
+            Some(&(c, _)) => filterplane_bench::mesh::write_one(dir, services, files, c, port_of)?,
             None => {
                 filterplane_bench::mesh::write(dir, services, files, port_of)?;
             }
@@ -55,9 +62,12 @@ fn main() -> anyhow::Result<()> {
             let mut edits = Vec::new();
             let mut previous: Option<Generation> = None;
             let rounds = std::env::var("EDITS").ok().and_then(|v| v.parse().ok()).unwrap_or(5u16);
+            // Each edit changes one more endpoint, as an operator's edits do.
+            let mut ports = std::collections::HashMap::new();
             for k in 0..rounds {
                 let i = (k as usize * 7919) % n;
-                filterplane_bench::mesh::write_one(&sub, n, files, i, |j| if j == i { 9000 + k } else { 8081 })?;
+                ports.insert(i, 9000 + k);
+                filterplane_bench::mesh::write_one(&sub, n, files, i, |j| ports.get(&j).copied().unwrap_or(8081))?;
                 let t = Instant::now();
                 let c = loader.load(&path, u64::MAX).map_err(|e| anyhow::anyhow!("{e}"))?;
                 let load = t.elapsed();

@@ -205,3 +205,55 @@ fn an_edit_right_after_a_load_is_read_even_at_the_same_size() {
     same_as_full(&mut loader, &f).unwrap();
     assert_eq!((loader.stats().files_read, loader.stats().compiled), (1, 1));
 }
+
+#[test]
+fn an_edit_inside_one_entry_of_a_large_file_reads_that_entry_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("mesh.yaml");
+    let mut loader = Loader::with_settle(Duration::ZERO).patching_from(0);
+    std::fs::write(&f, mesh(20, None)).unwrap();
+    let first = same_as_full(&mut loader, &f).unwrap();
+    // (The text; whether it is taken in place; how many entries compile then.)
+    let edits = [
+        // A port: inside one entry, as many lines.
+        (mesh(20, Some((7, 9090))), Some(1)),
+        // Back (the old text's entry went with it, as a full read drops it).
+        (mesh(20, None), Some(1)),
+        // A line more: every later entry moves.
+        (mesh(20, None).replace("  - cluster_name: svc-4\n", "  - cluster_name: svc-4\n    # four\n"), None),
+        // Two entries where there was one.
+        (
+            mesh(20, None).replace(
+                "  - cluster_name: svc-4\n",
+                "  - cluster_name: svc-40\n    endpoints: []\n  - cluster_name: svc-4\n",
+            ),
+            None,
+        ),
+        // The header.
+        (mesh(20, None).replace("# the mesh", "# a mesh!"), None),
+        // A broken entry: the errors of a full read.
+        (mesh(20, None).replace("svc-3\n    endpoints", "svc-3\n    endpoint"), None),
+        // Fixed again, and a same-length edit elsewhere at once.
+        (mesh(20, Some((11, 9191))), None),
+        // Then one inside an entry again.
+        (mesh(20, Some((11, 9292))), Some(1)),
+    ];
+    for (k, (text, patched)) in edits.into_iter().enumerate() {
+        std::fs::write(&f, &text).unwrap();
+        let got = same_as_full(&mut loader, &f);
+        let st = loader.stats();
+        assert_eq!(st.patched == 1, patched.is_some(), "edit {k}");
+        if let Some(compiled) = patched {
+            assert_eq!(st.compiled, compiled, "edit {k}");
+        }
+        if k == 0 {
+            let got = got.unwrap();
+            let same = first.resources.iter().zip(&got.resources).filter(|(a, b)| Arc::ptr_eq(a, b)).count();
+            assert_eq!(same, 39, "every other entry keeps its resource");
+        }
+    }
+    // The same text again (touched): nothing compiled.
+    std::fs::write(&f, mesh(20, Some((11, 9292)))).unwrap();
+    same_as_full(&mut loader, &f).unwrap();
+    assert_eq!(loader.stats().compiled, 0);
+}
