@@ -108,11 +108,13 @@ impl CompiledConfig {
                     [format!("wasm\0{}", w.name), described(&w.selector), described(&w.rollout), String::new()]
                 }))
                 .collect();
-        let parts = self
-            .resources
-            .iter()
-            .map(|r| r.version.as_str().as_bytes())
-            .chain(extras.iter().flat_map(|e| e.iter().map(|s| s.as_bytes())));
+        // The versions as one part (each 16 bytes: no ambiguity), hashed in one go.
+        let mut versions = Vec::with_capacity(self.resources.len() * 16);
+        for r in &self.resources {
+            versions.extend_from_slice(r.version.as_str().as_bytes());
+        }
+        let parts =
+            std::iter::once(versions.as_slice()).chain(extras.iter().flat_map(|e| e.iter().map(|s| s.as_bytes())));
         self.version = content_version(parts);
         self
     }

@@ -97,7 +97,16 @@ impl NodeSelector {
     }
 
     pub fn is_empty(&self) -> bool {
-        *self == NodeSelector::default()
+        // Field by field: this runs for every resource of every reload.
+        let NodeSelector { ids, clusters, metadata, locality, labels, envoy_version } = self;
+        ids.is_empty()
+            && clusters.is_empty()
+            && metadata.is_empty()
+            && locality.region.is_none()
+            && locality.zone.is_none()
+            && locality.sub_zone.is_none()
+            && labels.is_empty()
+            && envoy_version.is_none()
     }
 }
 

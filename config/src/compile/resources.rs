@@ -45,6 +45,9 @@ pub fn envoy_entry(
         .and_then(Value::as_str)
         .unwrap_or_default()
         .to_owned();
+    if name.trim().is_empty() {
+        return Err(file.error(format!("{}.{}", origin.path, name_key(rt)), "must not be empty"));
+    }
     let json = Value::Object(json);
     let (any, version) = encode(rt, &name, json.clone()).map_err(|(path, message)| {
         if path.is_empty() {
@@ -95,14 +98,10 @@ impl Compiler<'_> {
         }
     }
 
-    /// Takes an entry compiled on its own into the config, unless its name is empty
-    /// (whether an earlier entry already serves every proxy it selects is checked once
-    /// all are in: `check_duplicates`).
+    /// Takes an entry compiled on its own (`envoy_entry`, which refuses an empty name)
+    /// into the config; whether an earlier entry already serves every proxy it selects is
+    /// checked once all are in (`check_duplicates`).
     pub(super) fn admit(&mut self, r: Arc<CompiledResource>) {
-        if r.name.trim().is_empty() {
-            self.error_at(&r.origin, name_key(r.resource_type), "must not be empty");
-            return;
-        }
         self.resources.push(r);
     }
 
