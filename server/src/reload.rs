@@ -34,6 +34,11 @@ pub const SETTLE: Duration = Duration::from_millis(5);
 /// writes the next within a millisecond or two, which restarts the wait.
 pub const FILE_SETTLE: Duration = Duration::from_millis(20);
 
+/// The longest a reload waits for the files to be quiet once they changed (unless a write
+/// is still open): under a steady stream of edits, each reload takes what came in since
+/// the last one.
+pub const BURST_LIMIT: Duration = Duration::from_millis(100);
+
 /// Quiet time after a write that has not been closed yet: the writer is still at it (a
 /// file written in chunks must never be applied half-written), and only a writer that
 /// died with the file open leaves it this long.
@@ -360,8 +365,6 @@ impl ConfigReloader {
     }
 }
 
-/// The watched directory's device and inode: they change when it is removed and created
-/// again, which ends an inotify watch on it.
 /// The (type, name)s `old` serves and `new` does not, and how many `old` serves. Both
 /// are in serving order (by type and name), so one walk over them answers; an entry
 /// both share (the same allocation, as the loader keeps unchanged entries) is matched
@@ -400,6 +403,8 @@ fn removed_names<'a>(
     (served, removed)
 }
 
+/// The watched directory's device and inode: they change when it is removed and created
+/// again, which ends an inotify watch on it.
 fn dir_identity(config: &Path) -> Option<(u64, u64)> {
     use std::os::unix::fs::MetadataExt;
     let meta = std::fs::metadata(filterplane_config::load::config_dir(config)).ok()?;
@@ -467,10 +472,14 @@ impl ConfigWatch {
                 Some(mut change) = self.events.recv() => {
                     // Debounce: wait until the files have been quiet for as long as the
                     // last event asks (a write not closed yet: WRITE_FALLBACK; a partial
-                    // change: DEBOUNCE; a finished one: SETTLE).
+                    // change: DEBOUNCE; a finished one: SETTLE or FILE_SETTLE), but no
+                    // longer than BURST_LIMIT unless a write is still open: files that
+                    // change without pause (endpoints churning) are read at that pace.
+                    let limit = tokio::time::Instant::now() + BURST_LIMIT;
                     loop {
                         tokio::select! {
                             _ = tokio::time::sleep(change.quiet_time()) => break,
+                            _ = tokio::time::sleep_until(limit), if change != Change::Writing => break,
                             more = self.events.recv() => match more {
                                 Some(c) => change = c,
                                 None => break,
@@ -576,6 +585,43 @@ impl RelevantPaths {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn files_that_never_rest_are_read_at_the_burst_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().to_path_buf();
+        let file = move |k: usize| root.join(format!("s{}.yaml", k % 4));
+        let yaml =
+            |k: usize| format!("version: 1\nclusters:\n  - name: c{}\n    connect_timeout: {}s\n", k % 4, 1 + k % 7);
+        for k in 0..4 {
+            std::fs::write(file(k), yaml(k)).unwrap();
+        }
+        let cache = Arc::new(SnapshotCache::default());
+        let reloader = Arc::new(ConfigReloader::new(dir.path().to_path_buf(), cache, Arc::new(Metrics::default())));
+        let watch = reloader.start_watch();
+        assert!(matches!(reloader.reload("startup").await, ReloadOutcome::Applied { .. }));
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(watch.run(shutdown.clone()));
+        let mut changes = reloader.changes();
+        changes.borrow_and_update();
+        // A file written and closed every 5 ms for 1.5 s: never 20 ms of quiet.
+        let writer = tokio::spawn(async move {
+            for k in 4..304 {
+                std::fs::write(file(k), yaml(k)).unwrap();
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        });
+        let mut reloads = 0;
+        while !writer.is_finished() {
+            if tokio::time::timeout(Duration::from_millis(50), changes.changed()).await.is_ok() {
+                reloads += 1;
+            }
+        }
+        shutdown.cancel();
+        let _ = task.await;
+        // One every BURST_LIMIT plus the reload: at least several while the writes went on.
+        assert!(reloads >= 4, "{reloads} reloads in 1.5 s of writes");
+    }
 
     #[test]
     fn the_removal_guard_counts_names_that_leave() {
