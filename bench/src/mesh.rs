@@ -56,7 +56,7 @@ pub fn write(
 
 /// The file of a `files`-file config holding service `i`.
 /// Rewrites only the file of `write(dir, services, files, port_of)` that holds service
-/// `changed`, as an operator's edit of one service does.
+/// `changed`, as an operator's edit of one service does (renamed into place).
 pub fn write_one(
     dir: &Path,
     services: usize,
@@ -67,7 +67,12 @@ pub fn write_one(
     let file = file_of(dir, services, files, changed);
     let per = if files <= 1 { services } else { services.div_ceil(files) };
     let first = changed / per * per;
-    std::fs::write(file, document(first..(first + per).min(services), port_of))
+    // Renamed into place, as a writer that never pauses must: a file written in place may
+    // be read half-written.
+    let name = file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = file.with_file_name(format!(".{name}.tmp"));
+    std::fs::write(&tmp, document(first..(first + per).min(services), port_of))?;
+    std::fs::rename(&tmp, file)
 }
 
 pub fn file_of(dir: &Path, services: usize, files: usize, i: usize) -> std::path::PathBuf {

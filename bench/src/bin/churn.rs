@@ -79,6 +79,10 @@ struct Log {
     /// watching proxy got.
     seen: Mutex<Vec<(u32, u32)>>,
     bytes: AtomicU64,
+    /// Changes received by SotW and by delta proxies.
+    by_mode: [AtomicU64; 2],
+    /// When the first change was written.
+    writing: std::sync::OnceLock<Instant>,
 }
 
 /// One proxy's view of one service: how many of its changes it has.
@@ -88,7 +92,7 @@ struct Watch {
 
 impl Watch {
     /// An assignment arrived: every change of its service up to the one it holds is here.
-    fn received(&mut self, log: &Log, started: Instant, any: &Any) {
+    fn received(&mut self, log: &Log, any: &Any, mode: usize) {
         let Ok(cla) = ClusterLoadAssignment::decode(any.value.as_slice()) else { return };
         let Some(service) = cla.cluster_name.strip_prefix("svc-").and_then(|n| n.parse::<usize>().ok()) else {
             return;
@@ -118,8 +122,10 @@ impl Watch {
         let upto = changes.partition_point(|(s, _)| *s <= seq);
         if upto > *from {
             let mut seen = log.seen.lock().unwrap_or_else(|p| p.into_inner());
+            let started = log.writing.get().copied().unwrap_or(now);
+            log.by_mode[mode].fetch_add((upto - *from) as u64, Ordering::Relaxed);
             for (_, written) in &changes[*from..upto] {
-                let at = written.duration_since(started).as_secs() as u32;
+                let at = written.saturating_duration_since(started).as_secs() as u32;
                 seen.push((at, now.duration_since(*written).as_micros() as u32));
             }
             *from = upto;
@@ -136,7 +142,6 @@ async fn sotw(
     channel: tonic::transport::Channel,
     names: Vec<String>,
     log: Arc<Log>,
-    started: Instant,
 ) -> anyhow::Result<()> {
     let (tx, rx) = mpsc::channel(16);
     let t = ResourceType::ClusterLoadAssignment.type_url().to_owned();
@@ -155,7 +160,7 @@ async fn sotw(
     while let Some(r) = responses.message().await? {
         log.bytes.fetch_add(r.encoded_len() as u64, Ordering::Relaxed);
         for any in &r.resources {
-            watch.received(&log, started, any);
+            watch.received(&log, any, 0);
         }
         let ack = DiscoveryRequest {
             type_url: t.clone(),
@@ -174,7 +179,6 @@ async fn delta(
     channel: tonic::transport::Channel,
     names: Vec<String>,
     log: Arc<Log>,
-    started: Instant,
 ) -> anyhow::Result<()> {
     let (tx, rx) = mpsc::channel(16);
     let t = ResourceType::ClusterLoadAssignment.type_url().to_owned();
@@ -194,7 +198,7 @@ async fn delta(
         log.bytes.fetch_add(r.encoded_len() as u64, Ordering::Relaxed);
         for res in &r.resources {
             if let Some(any) = &res.resource {
-                watch.received(&log, started, any);
+                watch.received(&log, any, 1);
             }
         }
         tx.send(DeltaDiscoveryRequest { type_url: t.clone(), response_nonce: r.nonce, ..Default::default() }).await?;
@@ -210,9 +214,10 @@ fn free_port() -> anyhow::Result<u16> {
 fn cpu(pid: u32) -> Duration {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let f: Vec<u64> = after.split_whitespace().filter_map(|x| x.parse().ok()).collect();
-    // utime and stime are fields 14 and 15; after the command name, 12 and 13 (0-based 11, 12).
-    let ticks = f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0);
+    let f: Vec<&str> = after.split_whitespace().collect();
+    // utime and stime are fields 14 and 15; after the command name, 0-based 11 and 12.
+    let field = |i: usize| f.get(i).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0);
+    let ticks = field(11) + field(12);
     Duration::from_millis(ticks * 10)
 }
 
@@ -243,14 +248,16 @@ async fn main() -> anyhow::Result<()> {
     // A config's files have stood a while before endpoints start to move.
     std::thread::sleep(Duration::from_millis(2100));
     let (xds, admin) = (free_port()?, free_port()?);
-    let log_path = dir.path().join("server.log");
+    let log_path = std::env::var_os("CHURN_SERVER_LOG").map_or_else(|| dir.path().join("server.log"), PathBuf::from);
     let mut server = std::process::Command::new(&a.server_bin)
         .args(["serve", "--config"])
         .arg(&config)
         .args(["--xds-addr", &format!("127.0.0.1:{xds}"), "--admin-addr", &format!("127.0.0.1:{admin}")])
         .args(["--max-config-bytes", &(1u64 << 30).to_string()])
-        .stdout(std::fs::File::create(&log_path)?)
-        .stderr(std::process::Stdio::inherit())
+        // Every proxy connects from 127.0.0.1.
+        .args(["--max-xds-connections-per-address", "1000000", "--cache-dir"])
+        .arg(dir.path().join("cache"))
+        .stderr(std::fs::File::create(&log_path)?)
         .spawn()?;
     let pid = server.id();
     let waited = Instant::now();
@@ -259,20 +266,20 @@ async fn main() -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let log = Arc::new(Log { changes: (0..a.services).map(|_| Mutex::default()).collect(), ..Default::default() });
-    let started = Instant::now();
+    let mut watchers = vec![0usize; a.services];
     let endpoint = format!("http://127.0.0.1:{xds}");
     let mut proxies = Vec::new();
     for (mode, count) in [("sotw", a.sotw), ("delta", a.delta)] {
         for k in 0..count {
             let first = k * a.window % a.services;
-            let names = (0..a.window).map(|j| format!("svc-{}", (first + j) % a.services)).collect();
+            let names = (0..a.window.min(a.services)).map(|j| (first + j) % a.services).inspect(|&s| watchers[s] += 1).map(|s| format!("svc-{s}")).collect();
             let channel = tonic::transport::Endpoint::from_shared(endpoint.clone())?.connect().await?;
             let (log, task) = (log.clone(), mode == "sotw");
             proxies.push(tokio::spawn(async move {
                 let r = if task {
-                    sotw(k, channel, names, log, started).await
+                    sotw(k, channel, names, log).await
                 } else {
-                    delta(k, channel, names, log, started).await
+                    delta(k, channel, names, log).await
                 };
                 if let Err(e) = r {
                     eprintln!("proxy {k}: {e}");
@@ -284,6 +291,7 @@ async fn main() -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_secs(3)).await;
     let connected_bytes = log.bytes.load(Ordering::Relaxed);
     let (cpu0, t0, applied0) = (cpu(pid), Instant::now(), applied(admin));
+    let _ = log.writing.set(Instant::now());
     let writer = {
         let (log, dir) = (log.clone(), dir.path().to_path_buf());
         let (services, files, rate, secs) = (a.services, a.files, a.rate, a.secs);
@@ -295,6 +303,7 @@ async fn main() -> anyhow::Result<()> {
     // Time for the last changes to arrive.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let reloads = applied(admin) - applied0;
+    let ended = proxies.iter().filter(|p| p.is_finished()).count();
     let pushed = log.bytes.load(Ordering::Relaxed) - connected_bytes;
     let _ = server.kill();
     let _ = server.wait();
@@ -302,14 +311,19 @@ async fn main() -> anyhow::Result<()> {
         p.abort();
     }
     let seen = std::mem::take(&mut *log.seen.lock().unwrap_or_else(|p| p.into_inner()));
-    let watchers = (a.sotw + a.delta) * a.window / a.services;
-    let expected = written * watchers;
+    let expected: usize = log
+        .changes
+        .iter()
+        .zip(&watchers)
+        .map(|(c, w)| c.lock().unwrap_or_else(|p| p.into_inner()).len() * w)
+        .sum();
+    let watched = watchers.iter().sum::<usize>() as f64 / a.services as f64;
     println!(
-        "{} services in {} files; {} SotW + {} delta proxies, {} assignments each (each service watched by ~{watchers}); {} changes/s for {} s",
+        "{} services in {} files; {} SotW + {} delta proxies, {} assignments each (each service watched by {watched:.1} on average); {} changes/s for {} s",
         a.services, a.files, a.sotw, a.delta, a.window, a.rate, a.secs
     );
     println!(
-        "written {written} changes in {:.1} s; {reloads} reloads applied ({:.1} changes per reload); received {} of ~{expected} (change, watching proxy) pairs ({} missing)",
+        "written {written} changes in {:.1} s; {reloads} reloads applied ({:.1} changes per reload); received {} of {expected} (change, watching proxy) pairs ({} missing)",
         wall.as_secs_f64(),
         written as f64 / reloads.max(1) as f64,
         seen.len(),
@@ -323,6 +337,11 @@ async fn main() -> anyhow::Result<()> {
         cpu_writing.as_secs_f64() * 1e3 / written.max(1) as f64,
         pushed as f64 / 1e6,
         pushed as f64 / seen.len().max(1) as f64
+    );
+    println!(
+        "received by SotW proxies {}, by delta proxies {}; proxies whose stream ended before the run did: {ended}",
+        log.by_mode[0].load(Ordering::Relaxed),
+        log.by_mode[1].load(Ordering::Relaxed)
     );
     let mut all: Vec<u32> = seen.iter().map(|(_, s)| *s).collect();
     all.sort_unstable();
