@@ -137,12 +137,7 @@ fn node(mode: &str, k: usize) -> Node {
     Node { id: format!("churn-{mode}-{k}"), cluster: "churn".into(), ..Default::default() }
 }
 
-async fn sotw(
-    k: usize,
-    channel: tonic::transport::Channel,
-    names: Vec<String>,
-    log: Arc<Log>,
-) -> anyhow::Result<()> {
+async fn sotw(k: usize, channel: tonic::transport::Channel, names: Vec<String>, log: Arc<Log>) -> anyhow::Result<()> {
     let (tx, rx) = mpsc::channel(16);
     let t = ResourceType::ClusterLoadAssignment.type_url().to_owned();
     tx.send(DiscoveryRequest {
@@ -174,12 +169,7 @@ async fn sotw(
     Ok(())
 }
 
-async fn delta(
-    k: usize,
-    channel: tonic::transport::Channel,
-    names: Vec<String>,
-    log: Arc<Log>,
-) -> anyhow::Result<()> {
+async fn delta(k: usize, channel: tonic::transport::Channel, names: Vec<String>, log: Arc<Log>) -> anyhow::Result<()> {
     let (tx, rx) = mpsc::channel(16);
     let t = ResourceType::ClusterLoadAssignment.type_url().to_owned();
     tx.send(DeltaDiscoveryRequest {
@@ -272,15 +262,15 @@ async fn main() -> anyhow::Result<()> {
     for (mode, count) in [("sotw", a.sotw), ("delta", a.delta)] {
         for k in 0..count {
             let first = k * a.window % a.services;
-            let names = (0..a.window.min(a.services)).map(|j| (first + j) % a.services).inspect(|&s| watchers[s] += 1).map(|s| format!("svc-{s}")).collect();
+            let names = (0..a.window.min(a.services))
+                .map(|j| (first + j) % a.services)
+                .inspect(|&s| watchers[s] += 1)
+                .map(|s| format!("svc-{s}"))
+                .collect();
             let channel = tonic::transport::Endpoint::from_shared(endpoint.clone())?.connect().await?;
             let (log, task) = (log.clone(), mode == "sotw");
             proxies.push(tokio::spawn(async move {
-                let r = if task {
-                    sotw(k, channel, names, log).await
-                } else {
-                    delta(k, channel, names, log).await
-                };
+                let r = if task { sotw(k, channel, names, log).await } else { delta(k, channel, names, log).await };
                 if let Err(e) = r {
                     eprintln!("proxy {k}: {e}");
                 }
@@ -311,12 +301,8 @@ async fn main() -> anyhow::Result<()> {
         p.abort();
     }
     let seen = std::mem::take(&mut *log.seen.lock().unwrap_or_else(|p| p.into_inner()));
-    let expected: usize = log
-        .changes
-        .iter()
-        .zip(&watchers)
-        .map(|(c, w)| c.lock().unwrap_or_else(|p| p.into_inner()).len() * w)
-        .sum();
+    let expected: usize =
+        log.changes.iter().zip(&watchers).map(|(c, w)| c.lock().unwrap_or_else(|p| p.into_inner()).len() * w).sum();
     let watched = watchers.iter().sum::<usize>() as f64 / a.services as f64;
     println!(
         "{} services in {} files; {} SotW + {} delta proxies, {} assignments each (each service watched by {watched:.1} on average); {} changes/s for {} s",
