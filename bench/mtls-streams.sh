@@ -2,14 +2,21 @@
 # STREAMS simulated Envoys over plaintext and over mutual TLS (certificates made here
 # with openssl: a CA, the server's, one client certificate all proxies present), against
 # this build with one 1 KiB extension config: resident memory per idle stream and server
-# CPU per push of one change, interleaved (plaintext, mTLS, plaintext, mTLS).
-# Usage: bench/mtls-streams.sh [STREAMS] [CHANGES]   e.g. bench/mtls-streams.sh 10000 5
+# CPU per push of one change, interleaved (plaintext, mTLS, plaintext, mTLS); with more
+# than one server binary named, each round runs each of them in turn (to compare builds,
+# e.g. allocators, in one run).
+# Usage: bench/mtls-streams.sh [STREAMS] [CHANGES] [SERVER_BINARY...]
+#   e.g. bench/mtls-streams.sh 10000 5
+#        bench/mtls-streams.sh 4000 3 /tmp/filterplane-glibc target/release/filterplane
 set -euo pipefail
 cd "$(dirname "$0")/.."
 streams=${1:-10000}
 changes=${2:-5}
+shift $(( $# < 2 ? $# : 2 ))
 bin=${BIN_DIR:-target/release}
 [ -n "${BIN_DIR:-}" ] || cargo build --release --locked -p filterplane -p filterplane-bench
+servers=("$@")
+[ ${#servers[@]} -gt 0 ] || servers=("$bin/filterplane")
 work=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
 
@@ -29,13 +36,14 @@ done
 write_one_config "$work/one.yaml"
 echo "machine: $(nproc) cores; commit $(git rev-parse --short HEAD); $streams streams, one 1 KiB extension config"
 for round in 1 2; do
+ for server_bin in "${servers[@]}"; do
   for mode in plaintext mtls; do
     tls_server=(); tls_client=()
     if [ "$mode" = mtls ]; then
       tls_server=(--xds-tls-cert "$pki/server.pem" --xds-tls-key "$pki/server.key" --xds-client-ca "$pki/ca.pem")
       tls_client=(--tls-ca "$pki/ca.pem" --tls-cert "$pki/client.pem" --tls-key "$pki/client.key")
     fi
-    RUST_LOG=warn "$bin/filterplane" serve --config "$work/one.yaml" --xds-addr 127.0.0.1:28100 \
+    RUST_LOG=warn "$server_bin" serve --config "$work/one.yaml" --xds-addr 127.0.0.1:28100 \
       --admin-addr 127.0.0.1:28101 --cache-dir "$work/cache" --max-xds-connections-per-address 1000000 \
       "${tls_server[@]}" > "$work/server.log" 2>&1 &
     server=$!
@@ -45,16 +53,17 @@ for round in 1 2; do
       --server-pid "$server" --timeout-secs 300 --json) || { echo "$mode: xds-loadgen failed"; tail -5 "$work/server.log"; }
     kill "$server"; wait "$server" 2>/dev/null || true
     sed -i 's/"v1-/"v0-/' "$work/one.yaml"
-    python3 - "$mode" "$round" "$streams" <<PY
+    python3 - "$mode" "$round" "$streams" "$server_bin" <<PY
 import json, sys
-mode, rnd, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+mode, rnd, n, who = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 r = json.loads('''$out''')
 s = r["server"]
 per = (s["rss_idle_kib"] - s["rss_before_kib"]) / n
 cpu = sorted(x["server_cpu_secs"] for x in r["repeats"])
 p99 = sorted(x["p99_ms"] for x in r["repeats"])
-print(f"round {rnd} {mode}: {per:.1f} KiB per idle stream; server CPU per push median {cpu[len(cpu)//2]:.3f} s "
+print(f"round {rnd} {who} {mode}: {per:.1f} KiB per idle stream; server CPU per push median {cpu[len(cpu)//2]:.3f} s "
       f"(min {cpu[0]:.3f}, max {cpu[-1]:.3f}); p99 median {p99[len(p99)//2]:.0f} ms; errors {len(r['errors'])}")
 PY
   done
+ done
 done

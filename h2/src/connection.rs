@@ -141,6 +141,9 @@ where
             }
             self.state.wpos += n;
         }
+        // Through whatever the transport keeps (a TLS connection's records the socket has
+        // not taken yet).
+        std::task::ready!(Pin::new(&mut self.io).poll_flush(cx))?;
         // Written: the buffer goes back, so an idle connection holds none.
         self.state.wbuf = Vec::new();
         self.state.wpos = 0;

@@ -235,11 +235,10 @@ pub fn accept_loop(
                 let io = match &settings.tls {
                     None => MaybeTls::Plain(tcp),
                     Some(tls) => {
-                        let acceptor = tokio_rustls::TlsAcceptor::from(tls.config());
                         let left = settings.handshake_timeout.saturating_sub(started.elapsed());
                         let handshake = tokio::select! {
                             _ = shutdown.cancelled() => return,
-                            h = tokio::time::timeout(left, acceptor.accept(tcp)) => h,
+                            h = tokio::time::timeout(left, crate::tls::TlsConn::accept(tcp, tls.config())) => h,
                         };
                         match handshake {
                             Ok(Ok(stream)) => MaybeTls::Tls(Box::new(stream)),

@@ -2,7 +2,11 @@
 //! when the files change (checked at each handshake, so a renewed certificate is used by
 //! the next connection and open ones go on), optional client certificates (mTLS) with
 //! the identity they carry. (Connections are accepted, and handshakes run, in
-//! `accept`.)
+//! `accept`; `conn` is the connection itself, holding no buffer while idle.)
+
+mod conn;
+
+pub use conn::TlsConn;
 
 use std::{
     io,
@@ -266,7 +270,7 @@ pub struct PeerInfo {
 #[derive(Debug)]
 pub enum MaybeTls {
     Plain(TcpStream),
-    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+    Tls(Box<TlsConn>),
 }
 
 impl MaybeTls {
@@ -274,13 +278,13 @@ impl MaybeTls {
         match self {
             MaybeTls::Plain(s) => PeerInfo { addr: s.peer_addr().ok(), tls: false, identity: None },
             MaybeTls::Tls(s) => {
-                let (tcp, conn) = s.get_ref();
-                let identity = conn
+                let identity = s
+                    .common()
                     .peer_certificates()
                     .and_then(|c| c.first())
                     .and_then(|leaf| PeerIdentity::from_der(leaf.as_ref()))
                     .map(Arc::new);
-                PeerInfo { addr: tcp.peer_addr().ok(), tls: true, identity }
+                PeerInfo { addr: s.tcp().peer_addr().ok(), tls: true, identity }
             }
         }
     }
