@@ -323,6 +323,8 @@ impl Subscription {
         let mut names: Vec<String> = names.iter().filter(|n| *n != "*").cloned().collect();
         names.sort_unstable();
         names.dedup();
+        // Kept for the stream's life: no empty slots (a filter's collect starts at four).
+        names.shrink_to_fit();
         Ok(Subscription { wildcard, names })
     }
 
