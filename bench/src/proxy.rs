@@ -3,6 +3,7 @@
 
 use std::{
     collections::HashSet,
+    marker::PhantomData,
     sync::{atomic::Ordering, Arc, Mutex},
     time::Instant,
 };
@@ -12,8 +13,7 @@ use filterplane_api::{
         envoy::{
             config::core::v3::Node,
             service::discovery::v3::{
-                aggregated_discovery_service_client::AggregatedDiscoveryServiceClient, DeltaDiscoveryRequest,
-                DiscoveryRequest,
+                DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
             },
         },
         google::{
@@ -115,6 +115,66 @@ impl Tally<'_> {
     }
 }
 
+/// A stream's requests, boxed in the channel: tokio's channel allocates 32 slots at a time
+/// whatever its capacity, and a request (with its node) is hundreds of bytes, which made the
+/// channel most of the generator's memory per stream (about 22 KiB each, so 1,000,000
+/// streams did not fit this machine).
+fn request_channel<T: Send + 'static>() -> (mpsc::Sender<Box<T>>, impl tokio_stream::Stream<Item = T> + Send + 'static)
+{
+    let (tx, rx) = mpsc::channel(16);
+    (tx, tokio_stream::StreamExt::map(ReceiverStream::new(rx), |b: Box<T>| *b))
+}
+
+const SOTW_PATH: &str = "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources";
+const DELTA_PATH: &str = "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources";
+
+/// Starts an ADS stream (the generated client's call, with smaller buffers): tonic's codec
+/// keeps an 8 KiB encode and an 8 KiB decode buffer per stream by default, 16 of the 22 KiB
+/// each simulated proxy held. Requests are a few hundred bytes and responses grow the
+/// decode buffer as they need.
+async fn ads_stream<Req, Resp>(
+    channel: Channel,
+    path: &'static str,
+    requests: impl tokio_stream::Stream<Item = Req> + Send + 'static,
+) -> Result<tonic::Streaming<Resp>, tonic::Status>
+where
+    Req: Message + Send + Sync + 'static,
+    Resp: Message + Default + Send + Sync + 'static,
+{
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.map_err(|e| tonic::Status::unknown(format!("channel not ready: {e}")))?;
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static(path);
+    let response = grpc.streaming(tonic::Request::new(requests), path, SmallBuffers::<Req, Resp>(PhantomData)).await?;
+    Ok(response.into_inner())
+}
+
+/// prost's codec with 1 KiB buffers to start with.
+struct SmallBuffers<Req, Resp>(PhantomData<(Req, Resp)>);
+
+impl<Req, Resp> tonic::codec::Codec for SmallBuffers<Req, Resp>
+where
+    Req: Message + Send + 'static,
+    Resp: Message + Default + Send + 'static,
+{
+    type Encode = Req;
+    type Decode = Resp;
+    type Encoder = tonic_prost::ProstEncoder<Req>;
+    type Decoder = tonic_prost::ProstDecoder<Resp>;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        tonic_prost::ProstCodec::<Req, Resp>::raw_encoder(small_buffers())
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        tonic_prost::ProstCodec::<Req, Resp>::raw_decoder(small_buffers())
+    }
+}
+
+fn small_buffers() -> tonic::codec::BufferSettings {
+    // The yield threshold as tonic's default.
+    tonic::codec::BufferSettings::new(1024, 32 * 1024)
+}
+
 pub(crate) async fn run(
     i: usize,
     spec: LoadSpec,
@@ -138,7 +198,7 @@ async fn sotw(
     shared: &Shared,
     times: &[Mutex<ProxyTimes>],
 ) -> anyhow::Result<()> {
-    let (tx, rx) = mpsc::channel(16);
+    let (tx, rx) = request_channel();
     let node = node(i, spec);
     let subs = subscriptions(spec);
     let started = Instant::now();
@@ -149,12 +209,9 @@ async fn sotw(
             resource_names: names.clone(),
             ..Default::default()
         };
-        tx.send(req).await?;
+        tx.send(Box::new(req)).await?;
     }
-    let mut responses = AggregatedDiscoveryServiceClient::new(channel)
-        .stream_aggregated_resources(ReceiverStream::new(rx))
-        .await?
-        .into_inner();
+    let mut responses = ads_stream::<_, DiscoveryResponse>(channel, SOTW_PATH, rx).await?;
     let mut tally = Tally { i, started, seen: HashSet::new(), want: subs.len(), times, shared };
     while let Some(r) = responses.message().await? {
         tally.received(&r.type_url, r.encoded_len());
@@ -169,7 +226,7 @@ async fn sotw(
             error_detail: tally.answer(refuse, spec.nack_message_bytes),
             ..Default::default()
         };
-        tx.send(req).await?;
+        tx.send(Box::new(req)).await?;
     }
     Ok(())
 }
@@ -181,7 +238,7 @@ async fn delta(
     shared: &Shared,
     times: &[Mutex<ProxyTimes>],
 ) -> anyhow::Result<()> {
-    let (tx, rx) = mpsc::channel(16);
+    let (tx, rx) = request_channel();
     let node = node(i, spec);
     let subs = subscriptions(spec);
     let started = Instant::now();
@@ -192,12 +249,9 @@ async fn delta(
             resource_names_subscribe: names.clone(),
             ..Default::default()
         };
-        tx.send(req).await?;
+        tx.send(Box::new(req)).await?;
     }
-    let mut responses = AggregatedDiscoveryServiceClient::new(channel)
-        .delta_aggregated_resources(ReceiverStream::new(rx))
-        .await?
-        .into_inner();
+    let mut responses = ads_stream::<_, DeltaDiscoveryResponse>(channel, DELTA_PATH, rx).await?;
     let mut tally = Tally { i, started, seen: HashSet::new(), want: subs.len(), times, shared };
     while let Some(r) = responses.message().await? {
         tally.received(&r.type_url, r.encoded_len());
@@ -215,7 +269,7 @@ async fn delta(
             error_detail: tally.answer(refuse, spec.nack_message_bytes),
             ..Default::default()
         };
-        tx.send(req).await?;
+        tx.send(Box::new(req)).await?;
     }
     Ok(())
 }
