@@ -157,6 +157,21 @@ fn tls_error(e: rustls::Error) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, e)
 }
 
+/// The size rustls asked for, when the output given was too small.
+fn encode_size(e: EncodeError) -> Option<usize> {
+    match e {
+        EncodeError::InsufficientSize(InsufficientSizeError { required_size }) => Some(required_size),
+        _ => None,
+    }
+}
+
+fn encrypt_size(e: EncryptError) -> Option<usize> {
+    match e {
+        EncryptError::InsufficientSize(InsufficientSizeError { required_size }) => Some(required_size),
+        _ => None,
+    }
+}
+
 /// Grows `out` until rustls's write into it fits.
 fn write_into(
     out: &mut Buffer,
@@ -223,11 +238,7 @@ impl TlsConn {
         // second would look at what was received again, and fail on it again.
         let UnbufferedStatus { discard, state } = self.conn.process_tls_records(self.incoming.pending_mut());
         if let Ok(ConnectionState::EncodeTlsData(mut encode)) = state {
-            let _ = write_into(&mut self.outgoing, 256, |spare| match encode.encode(spare) {
-                Ok(n) => Ok(n),
-                Err(EncodeError::InsufficientSize(InsufficientSizeError { required_size })) => Err(Some(required_size)),
-                Err(_) => Err(None),
-            });
+            let _ = write_into(&mut self.outgoing, 256, |spare| encode.encode(spare).map_err(encode_size));
         }
         self.incoming.consume(discard);
         while !self.outgoing.is_empty() {
@@ -253,13 +264,7 @@ impl TlsConn {
                 Step::Progress
             }
             Ok(ConnectionState::EncodeTlsData(mut encode)) => {
-                write_into(&mut self.outgoing, 1024, |spare| match encode.encode(spare) {
-                    Ok(n) => Ok(n),
-                    Err(EncodeError::InsufficientSize(InsufficientSizeError { required_size })) => {
-                        Err(Some(required_size))
-                    }
-                    Err(_) => Err(None),
-                })?;
+                write_into(&mut self.outgoing, 1024, |spare| encode.encode(spare).map_err(encode_size))?;
                 Step::Progress
             }
             // Sent with the rest of `outgoing`, before anything more is read.
@@ -273,24 +278,15 @@ impl TlsConn {
                 Send::Data(data) => {
                     let take = data.len().min(WRITE_CHUNK);
                     let size = take + (take / MAX_FRAGMENT + 1) * RECORD_OVERHEAD;
-                    write_into(&mut self.outgoing, size, |spare| match traffic.encrypt(&data[..take], spare) {
-                        Ok(n) => Ok(n),
-                        Err(EncryptError::InsufficientSize(InsufficientSizeError { required_size })) => {
-                            Err(Some(required_size))
-                        }
-                        Err(_) => Err(None),
+                    write_into(&mut self.outgoing, size, |spare| {
+                        traffic.encrypt(&data[..take], spare).map_err(encrypt_size)
                     })?;
                     Step::Wrote(take)
                 }
                 Send::CloseNotify => {
-                    // The alert itself comes out as encoded data on the next call; this
-                    // writes a key update rustls may have pending.
-                    write_into(&mut self.outgoing, 256, |spare| match traffic.queue_close_notify(spare) {
-                        Ok(n) => Ok(n),
-                        Err(EncryptError::InsufficientSize(InsufficientSizeError { required_size })) => {
-                            Err(Some(required_size))
-                        }
-                        Err(_) => Err(None),
+                    // close_notify is written here, after anything rustls queued before it.
+                    write_into(&mut self.outgoing, 256, |spare| {
+                        traffic.queue_close_notify(spare).map_err(encrypt_size)
                     })?;
                     self.close_queued = true;
                     Step::Progress

@@ -88,6 +88,22 @@ async fn pair(
     (server, client)
 }
 
+/// The server's handshake when a client sends `bytes` and closes its side.
+async fn handshake_after(server: Arc<rustls::ServerConfig>, bytes: &[u8]) -> std::io::Result<TlsConn> {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accept = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        TlsConn::accept(tcp, server).await
+    });
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(bytes).await.unwrap();
+    tcp.shutdown().await.unwrap();
+    let result = tokio::time::timeout(Duration::from_secs(10), accept).await.unwrap().unwrap();
+    drop(tcp);
+    result
+}
+
 fn idle(conn: &TlsConn) -> bool {
     conn.incoming.bytes.capacity() == 0 && conn.plaintext.bytes.capacity() == 0 && conn.outgoing.bytes.capacity() == 0
 }
@@ -195,17 +211,8 @@ async fn a_client_without_a_certificate_is_refused_with_an_alert() {
 #[tokio::test]
 async fn bytes_that_are_not_tls_fail_the_handshake() {
     let pki = pki();
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let config = server_config(&pki, false);
-    let accept = tokio::spawn(async move {
-        let (tcp, _) = listener.accept().await.unwrap();
-        TlsConn::accept(tcp, config).await
-    });
-    let mut tcp = TcpStream::connect(addr).await.unwrap();
-    tcp.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await.unwrap();
-    let result = tokio::time::timeout(Duration::from_secs(10), accept).await.unwrap().unwrap();
-    let e = result.expect_err("refused");
+    let e =
+        handshake_after(server_config(&pki, false), b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await.expect_err("refused");
     assert_eq!(e.kind(), std::io::ErrorKind::InvalidData, "{e}");
 }
 
@@ -213,17 +220,8 @@ async fn bytes_that_are_not_tls_fail_the_handshake() {
 async fn a_peer_that_stops_mid_handshake_or_mid_stream_ends_the_connection() {
     let pki = pki();
     // Mid-handshake: half a ClientHello, then the end of the stream.
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let config = server_config(&pki, false);
-    let accept = tokio::spawn(async move {
-        let (tcp, _) = listener.accept().await.unwrap();
-        TlsConn::accept(tcp, config).await
-    });
-    let mut tcp = TcpStream::connect(addr).await.unwrap();
-    tcp.write_all(&[0x16, 0x03, 0x01, 0x01, 0x00, 0x01]).await.unwrap();
-    drop(tcp);
-    let e = tokio::time::timeout(Duration::from_secs(10), accept).await.unwrap().unwrap().expect_err("refused");
+    let e =
+        handshake_after(server_config(&pki, false), &[0x16, 0x03, 0x01, 0x01, 0x00, 0x01]).await.expect_err("refused");
     assert_eq!(e.kind(), std::io::ErrorKind::UnexpectedEof, "{e}");
 
     // Mid-stream, without close_notify: the reader is told the data may be cut.
