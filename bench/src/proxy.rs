@@ -115,10 +115,9 @@ impl Tally<'_> {
     }
 }
 
-/// A stream's requests, boxed in the channel: tokio's channel allocates 32 slots at a time
-/// whatever its capacity, and a request (with its node) is hundreds of bytes, which made the
-/// channel most of the generator's memory per stream (about 22 KiB each, so 1,000,000
-/// streams did not fit this machine).
+/// A stream's requests, boxed in the channel: tokio's channel allocates a block of 32 slots
+/// whatever its capacity, and boxed, a slot is a pointer rather than a whole request (the
+/// generator's memory per stream is what bounds how many streams one machine simulates).
 fn request_channel<T: Send + 'static>() -> (mpsc::Sender<Box<T>>, impl tokio_stream::Stream<Item = T> + Send + 'static)
 {
     let (tx, rx) = mpsc::channel(16);
