@@ -157,18 +157,25 @@ fn tls_error(e: rustls::Error) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, e)
 }
 
-/// The size rustls asked for, when the output given was too small.
-fn encode_size(e: EncodeError) -> Option<usize> {
+/// Why rustls did not write into the output it was given.
+enum Unwritten {
+    /// Too small: the size it needs.
+    Needs(usize),
+    /// Anything else, as rustls said it.
+    Failed(String),
+}
+
+fn encode_error(e: EncodeError) -> Unwritten {
     match e {
-        EncodeError::InsufficientSize(InsufficientSizeError { required_size }) => Some(required_size),
-        _ => None,
+        EncodeError::InsufficientSize(InsufficientSizeError { required_size }) => Unwritten::Needs(required_size),
+        other => Unwritten::Failed(other.to_string()),
     }
 }
 
-fn encrypt_size(e: EncryptError) -> Option<usize> {
+fn encrypt_error(e: EncryptError) -> Unwritten {
     match e {
-        EncryptError::InsufficientSize(InsufficientSizeError { required_size }) => Some(required_size),
-        _ => None,
+        EncryptError::InsufficientSize(InsufficientSizeError { required_size }) => Unwritten::Needs(required_size),
+        other => Unwritten::Failed(other.to_string()),
     }
 }
 
@@ -176,7 +183,7 @@ fn encrypt_size(e: EncryptError) -> Option<usize> {
 fn write_into(
     out: &mut Buffer,
     mut size: usize,
-    mut write: impl FnMut(&mut [u8]) -> Result<usize, Option<usize>>,
+    mut write: impl FnMut(&mut [u8]) -> Result<usize, Unwritten>,
 ) -> Result<(), rustls::Error> {
     // Twice at most: rustls says the size it needs when the first guess is short.
     for _ in 0..2 {
@@ -186,13 +193,13 @@ fn write_into(
                 out.commit(size, n);
                 return Ok(());
             }
-            Err(Some(required)) => {
+            Err(Unwritten::Needs(required)) => {
                 out.commit(size, 0);
                 size = required;
             }
-            Err(None) => {
+            Err(Unwritten::Failed(why)) => {
                 out.commit(size, 0);
-                return Err(rustls::Error::General("TLS output could not be written".into()));
+                return Err(rustls::Error::General(format!("TLS output could not be written: {why}")));
             }
         }
     }
@@ -238,7 +245,7 @@ impl TlsConn {
         // second would look at what was received again, and fail on it again.
         let UnbufferedStatus { discard, state } = self.conn.process_tls_records(self.incoming.pending_mut());
         if let Ok(ConnectionState::EncodeTlsData(mut encode)) = state {
-            let _ = write_into(&mut self.outgoing, 256, |spare| encode.encode(spare).map_err(encode_size));
+            let _ = write_into(&mut self.outgoing, 256, |spare| encode.encode(spare).map_err(encode_error));
         }
         self.incoming.consume(discard);
         while !self.outgoing.is_empty() {
@@ -264,7 +271,7 @@ impl TlsConn {
                 Step::Progress
             }
             Ok(ConnectionState::EncodeTlsData(mut encode)) => {
-                write_into(&mut self.outgoing, 1024, |spare| encode.encode(spare).map_err(encode_size))?;
+                write_into(&mut self.outgoing, 1024, |spare| encode.encode(spare).map_err(encode_error))?;
                 Step::Progress
             }
             // Sent with the rest of `outgoing`, before anything more is read.
@@ -279,14 +286,14 @@ impl TlsConn {
                     let take = data.len().min(WRITE_CHUNK);
                     let size = take + (take / MAX_FRAGMENT + 1) * RECORD_OVERHEAD;
                     write_into(&mut self.outgoing, size, |spare| {
-                        traffic.encrypt(&data[..take], spare).map_err(encrypt_size)
+                        traffic.encrypt(&data[..take], spare).map_err(encrypt_error)
                     })?;
                     Step::Wrote(take)
                 }
                 Send::CloseNotify => {
                     // close_notify is written here, after anything rustls queued before it.
                     write_into(&mut self.outgoing, 256, |spare| {
-                        traffic.queue_close_notify(spare).map_err(encrypt_size)
+                        traffic.queue_close_notify(spare).map_err(encrypt_error)
                     })?;
                     self.close_queued = true;
                     Step::Progress
@@ -447,7 +454,7 @@ impl AsyncWrite for TlsConn {
         let Some(first) = slices.next() else {
             return Poll::Ready(Ok(0));
         };
-        if first.len() >= WRITE_CHUNK || bufs.iter().filter(|b| !b.is_empty()).count() == 1 {
+        if first.len() >= WRITE_CHUNK || slices.next().is_none() {
             return self.poll_write(cx, first);
         }
         let mut joined = Vec::with_capacity(bufs.iter().map(|b| b.len()).sum::<usize>().min(WRITE_CHUNK));

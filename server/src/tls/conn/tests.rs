@@ -236,3 +236,37 @@ async fn a_peer_that_stops_mid_handshake_or_mid_stream_ends_the_connection() {
     use std::io::ErrorKind::*;
     assert!(matches!(e.kind(), UnexpectedEof | ConnectionReset | BrokenPipe), "{e}");
 }
+
+#[tokio::test]
+async fn vectored_writes_come_out_whole_and_in_order() {
+    let pki = pki();
+    let (server, client) =
+        pair(server_config(&pki, false), client_config(&pki, false, &[&rustls::version::TLS13])).await;
+    let (mut server, mut client) = (server.unwrap(), client.unwrap());
+    // A frame header beside its payload, an empty slice, then more than one write takes.
+    let parts: [Vec<u8>; 4] = [vec![1; 9], vec![2; 100], Vec::new(), (0..70_000u32).map(|i| i as u8).collect()];
+    let expected: Vec<u8> = parts.concat();
+    let writer = tokio::spawn(async move {
+        let mut at = 0;
+        while at < expected.len() {
+            // What is left of the parts, as slices, as a writer of frames would pass them.
+            let mut skip = at;
+            let mut slices = Vec::new();
+            for part in &parts {
+                let from = skip.min(part.len());
+                skip -= from;
+                slices.push(std::io::IoSlice::new(&part[from..]));
+            }
+            let n = server.write_vectored(&slices).await.unwrap();
+            assert!(n > 0, "a vectored write makes progress");
+            at += n;
+        }
+        server.flush().await.unwrap();
+        (server, expected)
+    });
+    let mut got = vec![0u8; 9 + 100 + 70_000];
+    client.read_exact(&mut got).await.unwrap();
+    let (server, expected) = writer.await.unwrap();
+    assert!(got == expected, "the bytes arrive as the slices held them");
+    assert!(idle(&server), "nothing held once written: {server:?}");
+}
