@@ -92,7 +92,8 @@ pub trait Handler: Sized + Send + Unpin + 'static {
     /// The client ended its requests.
     fn on_requests_end(&mut self, ctx: &Self::Context, out: &mut Output);
     fn on_event(&mut self, ctx: &Self::Context, event: &Self::Event, out: &mut Output);
-    /// When `on_timer` has something to do next, if ever.
+    /// When `on_timer` has something to do next, if ever. Asked after each call into the
+    /// handler (it may change only then).
     fn next_wakeup(&self) -> Option<Instant>;
     fn on_timer(&mut self, ctx: &Self::Context, now: Instant, out: &mut Output);
 }

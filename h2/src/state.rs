@@ -70,6 +70,9 @@ struct Slot<H> {
     reset: bool,
     /// Since when output has waited on a window the client keeps closed.
     blocked_since: Option<Instant>,
+    /// The handler's `next_wakeup`, as it said after it last ran: the connection's timer
+    /// is worked out from these, without going through every stream's state again.
+    wakeup: Option<Instant>,
     /// End the stream with this once `out` is sent.
     end: Option<Status>,
     /// The client ended its side.
@@ -255,8 +258,14 @@ impl<H: Handler> ConnState<H> {
 
     /// Hands a handler's output to its stream, and holds the output bounds.
     fn apply(&mut self, i: usize, out: Output) {
-        self.timer_stale = true;
         let slot = &mut self.streams[i];
+        // Asked while the stream's state is at hand; the timer is armed anew only when
+        // it moved (most steps set none: a push, an ACK).
+        let wakeup = slot.handler.next_wakeup();
+        if wakeup != slot.wakeup {
+            slot.wakeup = wakeup;
+            self.timer_stale = true;
+        }
         if slot.end.is_none() {
             slot.end = out.end;
         }
@@ -407,10 +416,10 @@ impl<H: Handler> ConnState<H> {
         for i in 0..self.streams.len() {
             let mut out = Output::default();
             let slot = &mut self.streams[i];
-            if slot.end.is_none() && slot.handler.next_wakeup().is_some_and(|at| at <= now) {
+            if slot.end.is_none() && slot.wakeup.is_some_and(|at| at <= now) {
                 slot.handler.on_timer(&self.ctx, now, &mut out);
+                self.apply(i, out);
             }
-            self.apply(i, out);
         }
     }
 
@@ -430,7 +439,7 @@ impl<H: Handler> ConnState<H> {
         let over = self.settings.output.over_total();
         self.streams
             .iter()
-            .flat_map(|s| [s.handler.next_wakeup(), s.blocked_since.filter(|_| over).map(|t| t + STALL)])
+            .flat_map(|s| [s.wakeup, s.blocked_since.filter(|_| over).map(|t| t + STALL)])
             .flatten()
             .min()
     }

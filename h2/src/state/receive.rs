@@ -308,6 +308,7 @@ impl<H: Handler> ConnState<H> {
             out_pos: 0,
             reset: false,
             blocked_since: None,
+            wakeup: None,
             end: None,
             remote_done: false,
             content_left: head.content_length,
