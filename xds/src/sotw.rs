@@ -61,8 +61,8 @@ struct TypeState {
     subscription: Arc<Subscription>,
     /// Version the client says it has (its last request before anything was sent).
     client_version: String,
-    /// The hash (`SotwStream::stated`) of the names the last request that named them in
-    /// an order other than `subscription`'s stated.
+    /// The hash (`SotwStream::stated`) of the list of names the last request stated, in
+    /// its order (`subscription` is what it comes to).
     stated: u64,
     last_sent: Option<Sent>,
     baseline: Option<Baseline>,
@@ -138,37 +138,35 @@ impl SotwStream {
         }
 
         let previous = state.map(|s| &s.subscription);
-        // An ACK states the same names again (the hot path: one per proxy per push). In
-        // order, they are compared; Envoy states them in no particular order (a hash
-        // set's), so else the list is hashed and compared with the last list stated: a
-        // mesh-sized Envoy names 50,000 assignments in every ACK, which are not parsed
-        // into a subscription again unless they changed.
-        let mut stated = None;
-        let subscription = match previous.filter(|p| p.states_same(rt, &req.resource_names)) {
-            Some(same) => same.clone(),
-            None => {
-                let hash = self.stated.hash_one(&req.resource_names);
-                stated = Some(hash);
-                match state.filter(|s| s.stated == hash && !req.resource_names.is_empty()) {
-                    Some(s) => s.subscription.clone(),
-                    None => {
-                        let new = Subscription::from_sotw(
-                            rt,
-                            &req.resource_names,
-                            previous.map(|p| &**p),
-                            self.core.name_limit(rt),
-                        )?;
-                        // The same set named anew keeps the one shared with what was sent.
-                        match previous.filter(|p| ***p == new) {
-                            Some(same) => same.clone(),
-                            None => Arc::new(new),
-                        }
-                    }
+        // An ACK states the same names again (the hot path: one per proxy per push). The
+        // list is hashed (keyed per stream: no client can make two lists collide on
+        // purpose) and compared with the hash of the last list stated, which is kept in
+        // the type's state: the subscription itself, its names and their strings stay
+        // where they are in memory. A mesh-sized Envoy names 50,000 assignments in every
+        // ACK, in no particular order (a hash set's); they are not parsed into a
+        // subscription again unless they changed.
+        let stated = self.stated.hash_one(&req.resource_names);
+        let changed = match state.filter(|s| s.stated == stated) {
+            Some(_) => None,
+            None => match previous.filter(|p| p.states_same(rt, &req.resource_names)) {
+                Some(same) => Some(same.clone()),
+                None => {
+                    let new = Subscription::from_sotw(
+                        rt,
+                        &req.resource_names,
+                        previous.map(|p| &**p),
+                        self.core.name_limit(rt),
+                    )?;
+                    // The same set named anew keeps the one shared with what was sent.
+                    Some(match previous.filter(|p| ***p == new) {
+                        Some(same) => same.clone(),
+                        None => Arc::new(new),
+                    })
                 }
-            }
+            },
         };
-        let resubscribed = previous != Some(&subscription);
-        if resubscribed {
+        let resubscribed = changed.as_ref().is_some_and(|c| previous != Some(c));
+        if let Some(subscription) = changed.as_ref().filter(|_| resubscribed) {
             step.events.push(StreamEvent::Subscribed {
                 rt,
                 wildcard: subscription.wildcard,
@@ -176,10 +174,11 @@ impl SotwStream {
             });
         }
 
+        // A new type always has `changed` (no state, no hash to match).
         let state = self.types.get_or_insert_with(rt, || TypeState {
-            subscription: subscription.clone(),
+            subscription: changed.clone().unwrap_or_default(),
             client_version: String::new(),
-            stated: 0,
+            stated,
             last_sent: None,
             baseline: None,
             retry: None,
@@ -236,10 +235,10 @@ impl SotwStream {
         if state.last_sent.is_none() {
             state.client_version = req.version_info;
         }
-        state.subscription = subscription;
-        if let Some(hash) = stated {
-            state.stated = hash;
+        if let Some(subscription) = changed {
+            state.subscription = subscription;
         }
+        state.stated = stated;
         // An ACK or NACK that keeps the subscription needs no answer: new snapshots are
         // pushed by `on_snapshot` as they come. (The hot path: one per proxy per push.)
         if resubscribed || !answers_us {

@@ -402,3 +402,33 @@ fn names_in_any_order_keep_the_subscription_and_pushes_carry_what_changed() {
     assert!(s.on_snapshot(snapshot(&[("a", "v1"), ("b", "v2"), ("d", "v1")]), now()).responses.is_empty());
     assert_eq!(names_of(&s.on_snapshot(snapshot(&[("a", "v1"), ("b", "v2"), ("c", "v1")]), now())), [["c"]]);
 }
+
+/// An ACK states the list again (recognised by its hash, without the subscription being
+/// read); a list that differs resubscribes, and the empty list keeps its meaning of the
+/// moment (LDS's legacy wildcard only while nothing else was named).
+#[test]
+fn a_list_stated_again_changes_nothing_and_another_list_resubscribes() {
+    let subscribed = |step: &Step<DiscoveryResponse>| {
+        step.events.iter().find_map(|e| match e {
+            StreamEvent::Subscribed { wildcard, names, .. } => Some((*wildcard, names.clone())),
+            _ => None,
+        })
+    };
+    let lds = ResourceType::Listener;
+    let mut s = stream_with(snapshot(&[("a", "v1")]));
+    let first = s.on_request(request(lds, &[], "", ""), now()).unwrap();
+    assert_eq!(subscribed(&first), Some((true, vec![])));
+    let r = &first.responses[0];
+    let ack = s.on_request(request(lds, &[], &r.version_info, &r.nonce), now()).unwrap();
+    assert_eq!(subscribed(&ack), None, "{ack:?}");
+    assert!(ack.responses.is_empty());
+    let named = s.on_request(request(lds, &["a"], &r.version_info, ""), now()).unwrap();
+    assert_eq!(subscribed(&named), Some((false, vec!["a".to_string()])));
+    let again = s.on_request(request(lds, &["a"], &r.version_info, ""), now()).unwrap();
+    assert_eq!(subscribed(&again), None, "{again:?}");
+    // Empty after names: no longer the legacy wildcard, and stays so when stated again.
+    let emptied = s.on_request(request(lds, &[], &r.version_info, ""), now()).unwrap();
+    assert_eq!(subscribed(&emptied), Some((false, vec![])));
+    let again = s.on_request(request(lds, &[], &r.version_info, ""), now()).unwrap();
+    assert_eq!(subscribed(&again), None, "{again:?}");
+}
