@@ -376,7 +376,7 @@ pub fn summary(tracker: &AckTracker) -> Summary {
     let mut states = StateCounts::default();
     // Looked up by reference and filled in place: nothing is copied per proxy but what
     // is new (a version or resource not seen yet).
-    let mut versions: BTreeMap<&'static str, HashMap<Option<String>, StateCounts>> = BTreeMap::new();
+    let mut versions: BTreeMap<&'static str, HashMap<Option<crate::tracker::Text>, StateCounts>> = BTreeMap::new();
     let mut resources: BTreeMap<&'static str, HashMap<String, Tally>> = BTreeMap::new();
     let mut nacking: Vec<NackingProxy> = Vec::new();
     let mut proxies = 0;
@@ -429,7 +429,7 @@ pub fn summary(tracker: &AckTracker) -> Summary {
             }
         }
     });
-    let versions: BTreeMap<(&'static str, Option<String>), StateCounts> =
+    let versions: BTreeMap<(&'static str, Option<crate::tracker::Text>), StateCounts> =
         versions.into_iter().flat_map(|(t, by)| by.into_iter().map(move |(v, c)| ((t, v), c))).collect();
     let named = |m: PerVersion| m.into_iter().map(|(v, n)| (v.to_string(), n)).collect::<BTreeMap<_, _>>();
     let mut resources: Vec<ResourceCount> = resources
@@ -454,7 +454,7 @@ pub fn summary(tracker: &AckTracker) -> Summary {
         .into_iter()
         .map(|((type_url, version), states)| VersionCount {
             type_url: type_url.to_owned(),
-            version,
+            version: version.map(|v| v.as_str().to_owned()),
             proxies: states.synced + states.pending + states.nacked + states.not_sent,
             states,
         })

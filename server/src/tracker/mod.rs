@@ -140,11 +140,12 @@ impl AckTracker {
     #[cfg(test)]
     pub fn record(&self, id: StreamId, event: &StreamEvent) {
         let Some(status) = self.proxies.get(&id).map(|p| p.value().clone()) else { return };
-        self.record_on(&Tracked { id, status }, event);
+        self.record_on(&Tracked { id, status }, event, Instant::now());
     }
 
-    /// Records what a connected stream did.
-    pub fn record_on(&self, tracked: &Tracked, event: &StreamEvent) {
+    /// Records what a connected stream did at `when` (as its step read the clock: the
+    /// per-push path reads none of its own).
+    pub fn record_on(&self, tracked: &Tracked, event: &StreamEvent, when: Instant) {
         let mut proxy = lock(&tracked.status);
         let mut reject = None;
         match event {
@@ -159,10 +160,10 @@ impl AckTracker {
                 m.pushed_bytes.inc_by(*bytes as u64);
                 let t = type_status(&mut proxy, *rt);
                 t.state = SyncState::Pending;
-                set_text(&mut t.sent_version, version);
-                set_text(&mut t.sent_nonce, nonce);
-                t.sent_at = Some(SystemTime::now());
-                t.sent_instant = Some(Instant::now());
+                t.sent_version = Some(version.as_str().into());
+                t.sent_nonce = Some(nonce.as_str().into());
+                t.sent_at = Some(Stamp(when));
+                t.sent_instant = Some(when);
                 if !incremental {
                     // State of the world: what is not in the response (in name order) is gone.
                     t.resources.retain(|name, _| resources.binary_search_by(|(n, _)| n.cmp(name)).is_ok());
@@ -182,8 +183,8 @@ impl AckTracker {
             StreamEvent::Current { rt, version, resources } => {
                 let t = type_status(&mut proxy, *rt);
                 t.state = SyncState::Synced;
-                t.acked_version = Some(version.clone());
-                t.acked_at = Some(SystemTime::now());
+                t.acked_version = Some(version.as_str().into());
+                t.acked_at = Some(Stamp(when));
                 t.resources = resources
                     .iter()
                     .map(|(n, v)| {
@@ -200,12 +201,12 @@ impl AckTracker {
                 let latest = t.sent_nonce.as_deref().is_none_or(|n| n == nonce);
                 if latest {
                     if let Some(sent) = t.sent_instant.take() {
-                        m.push_ack_latency.observe(sent.elapsed().as_secs_f64());
+                        m.push_ack_latency.observe(when.saturating_duration_since(sent).as_secs_f64());
                     }
                     t.state = SyncState::Synced;
                 }
-                set_text(&mut t.acked_version, version);
-                t.acked_at = Some(SystemTime::now());
+                t.acked_version = Some(version.as_str().into());
+                t.acked_at = Some(Stamp(when));
                 // Accepting a newer version ends the NACK state.
                 t.last_nack = None;
                 t.code_fetch = None;
@@ -234,12 +235,12 @@ impl AckTracker {
                 let at = now();
                 let t = type_status(&mut proxy, *rt);
                 if let Some(sent) = t.sent_instant.take() {
-                    m.push_ack_latency.observe(sent.elapsed().as_secs_f64());
+                    m.push_ack_latency.observe(when.saturating_duration_since(sent).as_secs_f64());
                 }
                 t.state = SyncState::Nacked;
                 t.code_fetch = None;
                 if !kept_version.is_empty() {
-                    t.acked_version = Some(kept_version.clone());
+                    t.acked_version = Some(kept_version.as_str().into());
                 }
                 t.last_nack = Some(Box::new(Nack {
                     version: version.clone(),
@@ -391,18 +392,6 @@ fn lock(status: &Mutex<ProxyStatus>) -> std::sync::MutexGuard<'_, ProxyStatus> {
 /// The status of one type.
 fn type_status(proxy: &mut ProxyStatus, rt: ResourceType) -> &mut TypeStatus {
     proxy.types.get_or_insert_with(rt, TypeStatus::default)
-}
-
-/// Sets `slot` to `text` in the buffer it has (the per-push path: a proxy's versions and
-/// nonces keep their size, so no allocation after the first).
-fn set_text(slot: &mut Option<String>, text: &str) {
-    match slot {
-        Some(s) => {
-            s.clear();
-            s.push_str(text);
-        }
-        None => *slot = Some(text.to_owned()),
-    }
 }
 
 #[cfg(test)]

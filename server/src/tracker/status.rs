@@ -154,13 +154,13 @@ pub struct TypeStatus {
     pub state: SyncState,
     pub wildcard: bool,
     pub subscribed: Vec<String>,
-    pub sent_version: Option<String>,
-    pub sent_nonce: Option<String>,
+    pub sent_version: Option<Text>,
+    pub sent_nonce: Option<Text>,
     #[serde(serialize_with = "rfc3339")]
-    pub sent_at: Option<SystemTime>,
-    pub acked_version: Option<String>,
+    pub sent_at: Option<Stamp>,
+    pub acked_version: Option<Text>,
     #[serde(serialize_with = "rfc3339")]
-    pub acked_at: Option<SystemTime>,
+    pub acked_at: Option<Stamp>,
     pub last_nack: Option<Box<Nack>>,
     /// Set while Envoy fetches a Wasm module the last response needs: it NACKed it for
     /// now, and it is sent again.
@@ -255,15 +255,114 @@ trait Timestamp {
     fn time(&self) -> Option<SystemTime>;
 }
 
+impl Timestamp for Option<Stamp> {
+    fn time(&self) -> Option<SystemTime> {
+        self.map(Stamp::wall)
+    }
+}
+
 impl Timestamp for SystemTime {
     fn time(&self) -> Option<SystemTime> {
         Some(*self)
     }
 }
 
-impl Timestamp for Option<SystemTime> {
-    fn time(&self) -> Option<SystemTime> {
-        *self
+/// When a push or an answer happened, on the monotonic clock the stream's step read
+/// already (the per-push path reads no wall clock); turned into wall time when shown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stamp(pub Instant);
+
+impl Stamp {
+    /// As wall time: now, less how long ago it was (the clocks as they relate now).
+    pub fn wall(self) -> SystemTime {
+        let ago = Instant::now().saturating_duration_since(self.0);
+        let now = SystemTime::now();
+        now.checked_sub(ago).unwrap_or(now)
+    }
+}
+
+/// Bytes of text a `Text` keeps in place.
+const SHORT_TEXT: usize = 22;
+
+/// A version or nonce as the API shows it. Filterplane's own (16 hex digits; a number)
+/// and most others are kept in place, in the proxy's status, so recording a push or an
+/// ACK writes no string elsewhere in memory; a longer one a client sent is boxed. The
+/// same size as a `String`.
+#[derive(Clone)]
+pub enum Text {
+    Short { len: u8, bytes: [u8; SHORT_TEXT] },
+    Long(Box<str>),
+}
+
+impl Text {
+    pub fn as_str(&self) -> &str {
+        match self {
+            // Only ever filled from a `&str`, cut at its end: always UTF-8.
+            Text::Short { len, bytes } => std::str::from_utf8(&bytes[..usize::from(*len)]).unwrap_or_default(),
+            Text::Long(s) => s,
+        }
+    }
+}
+
+impl From<&str> for Text {
+    fn from(text: &str) -> Self {
+        if text.len() > SHORT_TEXT {
+            return Text::Long(text.into());
+        }
+        let mut bytes = [0; SHORT_TEXT];
+        bytes[..text.len()].copy_from_slice(text.as_bytes());
+        Text::Short { len: text.len() as u8, bytes }
+    }
+}
+
+impl std::ops::Deref for Text {
+    type Target = str;
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl PartialEq for Text {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+impl Eq for Text {}
+
+impl std::hash::Hash for Text {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.as_str().hash(state)
+    }
+}
+
+impl PartialOrd for Text {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Text {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.as_str().cmp(other.as_str())
+    }
+}
+
+impl std::fmt::Debug for Text {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+impl std::fmt::Display for Text {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Serialize for Text {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
     }
 }
 

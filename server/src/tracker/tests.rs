@@ -249,3 +249,25 @@ fn a_nack_while_envoy_fetches_a_module_is_pending_not_a_reject() {
     t.record(id, &acked("v1", "2"));
     assert_eq!((ecds(&t).state, ecds(&t).code_fetch.is_none()), (SyncState::Synced, true));
 }
+
+/// Versions and nonces are kept in place up to 22 bytes (Filterplane's own are 16 hex
+/// digits and a number), boxed beyond; either way they read, compare and serialize as
+/// the text they were given, in the space of a `String`.
+#[test]
+fn versions_and_nonces_keep_their_text_short_or_long() {
+    assert_eq!(std::mem::size_of::<Option<Text>>(), std::mem::size_of::<String>());
+    let long = "a version another control plane wrote, longer than 22 bytes";
+    for text in ["", "1", "0123456789abcdef", "exactly-22-bytes-long!", long] {
+        let t = Text::from(text);
+        assert_eq!((t.as_str(), &*t, t.to_string()), (text, text, text.to_owned()));
+        assert_eq!(serde_json::to_value(&t).unwrap(), serde_json::json!(text));
+        assert_eq!(t, Text::from(text));
+        assert_eq!(matches!(t, Text::Long(_)), text.len() > 22, "{text}");
+    }
+    assert!(Text::from("a") < Text::from(long) && Text::from("b") > Text::from(long));
+    // A time from the monotonic clock is shown as the wall time it was.
+    let ago = std::time::Duration::from_secs(5);
+    let then = Stamp(Instant::now() - ago).wall();
+    let off = SystemTime::now().duration_since(then).unwrap();
+    assert!(off >= ago && off < ago + std::time::Duration::from_secs(2), "{off:?}");
+}

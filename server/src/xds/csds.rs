@@ -25,7 +25,7 @@ use filterplane_h2::Status;
 
 use crate::{
     cache::SnapshotCache,
-    tracker::{AckTracker, ProxyStatus},
+    tracker::{AckTracker, ProxyStatus, Stamp},
 };
 
 /// Whether `m` matches `text`; `Err` for a matcher this server does not evaluate.
@@ -94,7 +94,7 @@ fn client_config(p: &ProxyStatus, cache: &SnapshotCache, contents: bool) -> Clie
             let error_state = nacked.then(|| UpdateFailureState {
                 details: t.last_nack.as_ref().map(|n| n.message.clone()).unwrap_or_default(),
                 version_info: sent.clone(),
-                last_update_attempt: timestamp(t.sent_at),
+                last_update_attempt: timestamp(t.sent_at.map(Stamp::wall)),
                 failed_configuration: None,
             });
             generic.push(GenericXdsConfig {
@@ -102,7 +102,7 @@ fn client_config(p: &ProxyStatus, cache: &SnapshotCache, contents: bool) -> Clie
                 name: name.clone(),
                 version_info: r.acked_version.as_ref().map(|v| v.to_string()).unwrap_or(sent),
                 xds_config,
-                last_updated: timestamp(if acked { t.acked_at } else { t.sent_at }),
+                last_updated: timestamp(if acked { t.acked_at } else { t.sent_at }.map(Stamp::wall)),
                 config_status: config_status as i32,
                 client_status: client_status as i32,
                 error_state,

@@ -333,7 +333,7 @@ impl filterplane_h2::Handler for Handler {
     fn on_timer(&mut self, ctx: &XdsConn, now: Instant, out: &mut Output) {
         each!(self, s => {
             let step = Protocol::on_timer(&mut s.machine, now);
-            s.after(&ctx.services.ctx, step, out)
+            s.after(&ctx.services.ctx, step, now, out)
         }, fetch => ())
     }
 }
@@ -389,8 +389,9 @@ where
             out.end = Some(status);
             return;
         }
-        match self.machine.on_request(req, Instant::now()) {
-            Ok(step) => self.after(ctx, step, out),
+        let now = Instant::now();
+        match self.machine.on_request(req, now) {
+            Ok(step) => self.after(ctx, step, now, out),
             Err(e) => {
                 if let Some(limit) = e.limit() {
                     ctx.tracker.metrics().limit_hit(limit);
@@ -415,11 +416,14 @@ where
         let Some(node) = self.machine.core().node() else { return };
         let snapshot = generation.snapshot_for_stream(&node.facts, peer.withhold);
         let step = self.machine.on_snapshot(snapshot, at);
-        self.after(ctx, step, out);
+        // What it sends goes out now (the tracker times the ACK from here), whatever
+        // the step took as its time; the clock is read only then.
+        let now = if step.events.is_empty() { at } else { Instant::now() };
+        self.after(ctx, step, now, out);
     }
 
-    /// Records what a step did and encodes what it sends.
-    fn after(&mut self, ctx: &XdsContext, step: Step<Wire<P::Response>>, out: &mut Output) {
+    /// Records what a step did (at `now`) and encodes what it sends.
+    fn after(&mut self, ctx: &XdsContext, step: Step<Wire<P::Response>>, now: Instant, out: &mut Output) {
         for limit in &step.limits {
             ctx.tracker.metrics().limit_hit(limit);
         }
@@ -427,7 +431,7 @@ where
         for event in &step.events {
             log_event(node_id, event);
             if let Some((tracked, tracker, _)) = &self.registered {
-                tracker.record_on(tracked, event);
+                tracker.record_on(tracked, event, now);
             }
         }
         // Each response has its `Sent` event, in order. A SotW response (the whole state
