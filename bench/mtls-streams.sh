@@ -13,12 +13,9 @@ cd "$(dirname "$0")/.."
 streams=${1:-10000}
 changes=${2:-5}
 shift $(( $# < 2 ? $# : 2 ))
-bin=${BIN_DIR:-target/release}
-[ -n "${BIN_DIR:-}" ] || cargo build --release --locked -p filterplane -p filterplane-bench
-servers=("$@")
-[ ${#servers[@]} -gt 0 ] || servers=("$bin/filterplane")
-work=$(mktemp -d)
-trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
+# shellcheck source=bench/one-config.sh
+. bench/one-config.sh
+setup_servers "$@"
 
 pki="$work/pki"; mkdir -p "$pki"
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj /CN=bench-ca \
@@ -31,8 +28,6 @@ for who in server client; do
     -extfile "$pki/$who.ext" -out "$pki/$who.pem" 2>/dev/null
 done
 
-# shellcheck source=bench/one-config.sh
-. bench/one-config.sh
 write_one_config "$work/one.yaml"
 echo "machine: $(nproc) cores; commit $(git rev-parse --short HEAD); $streams streams, one 1 KiB extension config"
 for round in 1 2; do

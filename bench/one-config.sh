@@ -1,5 +1,6 @@
-# Sourced by the benchmark scripts: writes to $1 the config they all change, one 1 KiB
-# extension config whose header value starts "v0-" (changed to "v1-" and back).
+# Sourced by the benchmark scripts. `write_one_config` writes to $1 the config they all
+# change, one 1 KiB extension config whose header value starts "v0-" (changed to "v1-"
+# and back).
 write_one_config() {
   local filler
   filler=$(printf 'x%.0s' $(seq 1000))
@@ -11,4 +12,17 @@ extension_configs:
       "@type": type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutation
       mutations: { response_mutations: [ { append: { header: { key: x-plugin, value: "v0-$filler" } } } ] }
 YAML
+}
+
+# For the scripts that compare server binaries (`SCRIPT [STREAMS] [CHANGES] [SERVER_BINARY...]`):
+# builds unless BIN_DIR names a build, sets `bin` (where the load generator is), `servers`
+# (the binaries named, or this build's) and `work` (a directory removed on exit, with
+# every background job stopped).
+setup_servers() {
+  bin=${BIN_DIR:-target/release}
+  [ -n "${BIN_DIR:-}" ] || cargo build --release --locked -p filterplane -p filterplane-bench
+  servers=("$@")
+  [ ${#servers[@]} -gt 0 ] || servers=("$bin/filterplane")
+  work=$(mktemp -d)
+  trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
 }
