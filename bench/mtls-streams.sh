@@ -10,12 +10,9 @@
 #        bench/mtls-streams.sh 4000 3 /tmp/filterplane-glibc target/release/filterplane
 set -euo pipefail
 cd "$(dirname "$0")/.."
-streams=${1:-10000}
-changes=${2:-5}
-shift $(( $# < 2 ? $# : 2 ))
 # shellcheck source=bench/one-config.sh
 . bench/one-config.sh
-setup_servers "$@"
+setup_servers 10000 5 "$@"
 
 pki="$work/pki"; mkdir -p "$pki"
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj /CN=bench-ca \

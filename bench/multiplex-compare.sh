@@ -8,12 +8,9 @@
 #   e.g. bench/multiplex-compare.sh 100000 6 /tmp/filterplane-before target/release/filterplane
 set -euo pipefail
 cd "$(dirname "$0")/.."
-streams=${1:-100000}
-changes=${2:-6}
-shift $(( $# < 2 ? $# : 2 ))
 # shellcheck source=bench/one-config.sh
 . bench/one-config.sh
-setup_servers "$@"
+setup_servers 100000 6 "$@"
 
 echo "machine: $(nproc) cores; commit $(git rev-parse --short HEAD); $streams streams, 100 per connection"
 for round in 1 2; do

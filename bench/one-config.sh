@@ -14,11 +14,18 @@ extension_configs:
 YAML
 }
 
-# For the scripts that compare server binaries (`SCRIPT [STREAMS] [CHANGES] [SERVER_BINARY...]`):
-# builds unless BIN_DIR names a build, sets `bin` (where the load generator is), `servers`
-# (the binaries named, or this build's) and `work` (a directory removed on exit, with
-# every background job stopped).
+# For the scripts that compare server binaries, called as
+# `setup_servers DEFAULT_STREAMS DEFAULT_CHANGES "$@"` with the script's own arguments
+# (`[STREAMS] [CHANGES] [SERVER_BINARY...]`): sets `streams` and `changes`, builds unless
+# BIN_DIR names a build, sets `bin` (where the load generator is), `servers` (the binaries
+# named, or this build's) and `work` (a directory removed on exit, with every background
+# job stopped).
 setup_servers() {
+  local default_streams=$1 default_changes=$2
+  shift 2
+  streams=${1:-$default_streams}
+  changes=${2:-$default_changes}
+  shift $(( $# < 2 ? $# : 2 ))
   bin=${BIN_DIR:-target/release}
   [ -n "${BIN_DIR:-}" ] || cargo build --release --locked -p filterplane -p filterplane-bench
   servers=("$@")

@@ -81,6 +81,27 @@ struct Slot<H> {
     content_left: Option<u64>,
 }
 
+impl<H> Slot<H> {
+    /// A stream just opened: nothing received, queued or sent yet.
+    fn new(id: u32, handler: H, send_window: i64, content_left: Option<u64>) -> Self {
+        Slot {
+            id,
+            handler,
+            send_window,
+            recv_unacked: 0,
+            inbuf: MessageReader::default(),
+            out: OutQueue::Empty,
+            out_pos: 0,
+            reset: false,
+            blocked_since: None,
+            wakeup: None,
+            end: None,
+            remote_done: false,
+            content_left,
+        }
+    }
+}
+
 /// A header block arriving in pieces.
 #[derive(Debug)]
 struct Partial {
@@ -472,5 +493,93 @@ fn read_messages<H: Handler>(slot: &mut Slot<H>, data: &[u8], ctx: &H::Context, 
             tracing::warn!(peer = %ctx.peer(), bytes = len, "closing xDS stream: request over the size limit");
             out.end = Some(Status::out_of_range(e.to_string()));
         }
+    }
+}
+
+#[cfg(test)]
+mod timer_tests {
+    use super::*;
+
+    struct Ctx;
+
+    impl ConnContext for Ctx {
+        fn peer(&self) -> &str {
+            "test"
+        }
+        fn limit_hit(&self, _: &'static str) {}
+    }
+
+    /// A handler whose wake-up is what the last event said; its timer clears it.
+    #[derive(Default)]
+    struct Timed {
+        wake: Option<Instant>,
+        fired: u32,
+    }
+
+    impl Handler for Timed {
+        type Context = Ctx;
+        type Event = Option<Instant>;
+        type Method = ();
+        fn route(_: &[u8]) -> Option<()> {
+            Some(())
+        }
+        fn open(_: &Ctx, _: ()) -> Self {
+            Timed::default()
+        }
+        fn on_message(&mut self, _: &Ctx, _: &[u8], _: &mut Output) {}
+        fn on_requests_end(&mut self, _: &Ctx, _: &mut Output) {}
+        fn on_event(&mut self, _: &Ctx, wake: &Option<Instant>, _: &mut Output) {
+            if wake.is_some() {
+                self.wake = *wake;
+            }
+        }
+        fn next_wakeup(&self) -> Option<Instant> {
+            self.wake
+        }
+        fn on_timer(&mut self, _: &Ctx, _: Instant, _: &mut Output) {
+            self.fired += 1;
+            self.wake = None;
+        }
+    }
+
+    fn conn(streams: u32) -> ConnState<Timed> {
+        let mut conn = ConnState::new(Ctx, H2Settings::default());
+        for id in (1..=streams).map(|n| 2 * n - 1) {
+            conn.streams.push(Slot::new(id, Timed::default(), 65_535, None));
+        }
+        conn
+    }
+
+    /// The connection's timer comes from the wake-ups its handlers gave after they ran;
+    /// it is marked for re-arming only when one moved, and only due handlers are woken.
+    #[test]
+    fn the_timer_follows_what_handlers_said_after_running_and_wakes_only_those_due() {
+        let mut c = conn(3);
+        c.on_event(&None);
+        assert!(!c.timer_stale, "nobody's wake-up moved: the timer stays as armed");
+        assert_eq!(c.next_wakeup(), None);
+
+        let soon = Instant::now();
+        let later = soon + Duration::from_secs(60);
+        c.on_event(&Some(soon));
+        assert!(c.timer_stale);
+        assert_eq!(c.next_wakeup(), Some(soon), "the earliest of what the handlers said");
+
+        c.timer_stale = false;
+        c.on_timers(soon);
+        let fired: Vec<u32> = c.streams.iter().map(|s| s.handler.fired).collect();
+        assert_eq!(fired, [1, 1, 1], "every stream was due at `soon`");
+        assert!(c.timer_stale, "their wake-ups moved");
+        assert_eq!(c.next_wakeup(), None);
+
+        // One stream due later: a timer before then wakes nobody.
+        c.streams[2].handler.wake = Some(later);
+        c.on_event(&None);
+        assert_eq!(c.next_wakeup(), Some(later));
+        c.on_timers(soon);
+        assert_eq!(c.streams[2].handler.fired, 1, "not due yet");
+        c.on_timers(later);
+        assert_eq!(c.streams.iter().map(|s| s.handler.fired).sum::<u32>(), 4);
+        assert_eq!(c.next_wakeup(), None);
     }
 }

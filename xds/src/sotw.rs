@@ -146,7 +146,8 @@ impl SotwStream {
         // ACK, in no particular order (a hash set's); they are not parsed into a
         // subscription again unless they changed.
         let stated = self.stated.hash_one(&req.resource_names);
-        let changed = match state.filter(|s| s.stated == stated) {
+        // The subscription the list comes to; `None`: the list is the one last stated.
+        let worked_out = match state.filter(|s| s.stated == stated) {
             Some(_) => None,
             None => match previous.filter(|p| p.states_same(rt, &req.resource_names)) {
                 Some(same) => Some(same.clone()),
@@ -165,8 +166,8 @@ impl SotwStream {
                 }
             },
         };
-        let resubscribed = changed.as_ref().is_some_and(|c| previous != Some(c));
-        if let Some(subscription) = changed.as_ref().filter(|_| resubscribed) {
+        let resubscribed = worked_out.as_ref().is_some_and(|c| previous != Some(c));
+        if let Some(subscription) = worked_out.as_ref().filter(|_| resubscribed) {
             step.events.push(StreamEvent::Subscribed {
                 rt,
                 wildcard: subscription.wildcard,
@@ -174,9 +175,9 @@ impl SotwStream {
             });
         }
 
-        // A new type always has `changed` (no state, no hash to match).
+        // A new type always has one worked out (no state, no hash to match).
         let state = self.types.get_or_insert_with(rt, || TypeState {
-            subscription: changed.clone().unwrap_or_default(),
+            subscription: worked_out.clone().unwrap_or_default(),
             client_version: String::new(),
             stated,
             last_sent: None,
@@ -235,7 +236,7 @@ impl SotwStream {
         if state.last_sent.is_none() {
             state.client_version = req.version_info;
         }
-        if let Some(subscription) = changed {
+        if let Some(subscription) = worked_out {
             state.subscription = subscription;
         }
         state.stated = stated;

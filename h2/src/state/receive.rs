@@ -298,21 +298,8 @@ impl<H: Handler> ConnState<H> {
             // An Envoy opens one stream: room for one (a Vec's first growth is to four).
             self.streams.reserve_exact(1);
         }
-        self.streams.push(Slot {
-            id,
-            handler: H::open(&self.ctx, method),
-            send_window: self.peer_initial_window,
-            recv_unacked: 0,
-            inbuf: MessageReader::default(),
-            out: OutQueue::Empty,
-            out_pos: 0,
-            reset: false,
-            blocked_since: None,
-            wakeup: None,
-            end: None,
-            remote_done: false,
-            content_left: head.content_length,
-        });
+        let handler = H::open(&self.ctx, method);
+        self.streams.push(Slot::new(id, handler, self.peer_initial_window, head.content_length));
         if end_stream {
             let i = self.streams.len() - 1;
             self.end_requests(i);
