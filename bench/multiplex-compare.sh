@@ -2,7 +2,8 @@
 # STREAMS simulated Envoys multiplexed 100 per HTTP/2 connection, against one or more
 # server binaries in turn, two rounds (interleaved, so builds are compared in one run):
 # memory per stream, server CPU per push and the change's p99, for each of CHANGES
-# changes of one 1 KiB extension config (the first not counted). A binary may be a
+# changes of one 1 KiB extension config (the first not counted), and the server's own
+# part of the p99 (its fan-out histogram). A binary may be a
 # wrapper script (e.g. one that sets TOKIO_WORKER_THREADS).
 # Usage: bench/multiplex-compare.sh [STREAMS] [CHANGES] [SERVER_BINARY...]
 #   e.g. bench/multiplex-compare.sh 100000 6 /tmp/filterplane-before target/release/filterplane
@@ -22,7 +23,8 @@ for round in 1 2; do
     sleep 1.5
     "$bin/xds-loadgen" --streams "$streams" --multiplex 100 --ramp-per-sec 20000 --no-wildcard \
       --change-file "$work/one.yaml" --change-from '"v0-' --change-to '"v1-' \
-      --server-pid "$pid" --changes "$changes" --json > "$work/report.json"
+      --server-pid "$pid" --changes "$changes" --metrics http://127.0.0.1:19000/metrics \
+      --json > "$work/report.json"
     python3 - "$work/report.json" "$server_bin" "$round" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))
@@ -30,10 +32,13 @@ rep = r["repeats"]
 cpu = sorted(x["server_cpu_secs"] for x in rep)
 p99 = sorted(round(x["p99_ms"]) for x in rep)
 gen = sorted(x["loadgen_cpu_secs"] for x in rep)
+# The server's own fan-out p99 (absent for a build without the histogram).
+fan = sorted(round(x["server_fanout_p99_ms"]) for x in rep if x.get("server_fanout_p99_ms") is not None)
 kib = (r["server"]["rss_idle_kib"] - r["server"]["rss_before_kib"]) / r["streams"]
 print(f"round {sys.argv[3]} {sys.argv[2]}: received {r['change_received']['count']}, errors {len(r['errors'])}, "
       f"{kib:.2f} KiB per stream, server CPU per push {[round(c, 2) for c in cpu]} s, "
-      f"p99 {p99} ms, generator CPU {[round(c, 2) for c in gen]} s", flush=True)
+      f"p99 {p99} ms (server's fan-out p99 {fan or 'not counted'} ms), generator CPU {[round(c, 2) for c in gen]} s",
+      flush=True)
 PY
     kill "$pid"; wait "$pid" 2>/dev/null || true
   done

@@ -64,6 +64,8 @@ pub struct LoadSpec {
     pub change: Option<Change>,
     /// Filterplane's admin URL, to read when it saw each proxy's ACK.
     pub admin: Option<String>,
+    /// Filterplane's /metrics URL, to read its own fan-out time for each repeated change.
+    pub metrics: Option<String>,
     /// How long to wait for initial configs and for a change to arrive everywhere.
     pub timeout: Duration,
     /// The server's process id, to sample its memory and CPU time (Linux /proc).
@@ -99,6 +101,7 @@ impl LoadSpec {
             ramp_per_sec: 2000.0,
             change: None,
             admin: None,
+            metrics: None,
             timeout: Duration::from_secs(120),
             server_pid: None,
             hold: Duration::ZERO,
@@ -136,6 +139,8 @@ pub(crate) struct ProxyTimes {
 /// How long after the last receipt of a change the server's CPU is still counted for it
 /// (its ACK handling).
 const ACK_SETTLE: Duration = Duration::from_secs(1);
+/// The server's histogram of its own fan-out time per stream.
+const FANOUT: &str = "filterplane_xds_push_fanout_seconds";
 
 /// Runs the load and returns what it measured.
 pub async fn run(spec: LoadSpec) -> anyhow::Result<Report> {
@@ -223,6 +228,10 @@ pub async fn run(spec: LoadSpec) -> anyhow::Result<Report> {
             let text = std::fs::read_to_string(&change.file)?;
             let cpu_before = spec.server_pid.and_then(report::cpu_secs);
             let own_before = report::cpu_secs(std::process::id());
+            let fanout_before = match &spec.metrics {
+                Some(url) => report::histogram_buckets(url, FANOUT).await,
+                None => None,
+            };
             *shared.change_written.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
             std::fs::write(&change.file, text.replacen(from.as_str(), to, 1))?;
             let deadline = Instant::now() + spec.timeout;
@@ -240,7 +249,14 @@ pub async fn run(spec: LoadSpec) -> anyhow::Result<Report> {
                 _ => 0.0,
             };
             let received = times.iter().filter_map(|t| t.lock().ok()?.change_received).collect();
-            repeats.push(report::Repeat::of(received, cpu, own));
+            let mut repeat = report::Repeat::of(received, cpu, own);
+            if let (Some(url), Some(before)) = (&spec.metrics, fanout_before) {
+                if let Some(after) = report::histogram_buckets(url, FANOUT).await {
+                    repeat.server_fanout_p50_ms = report::histogram_quantile_ms(&before, &after, 0.5);
+                    repeat.server_fanout_p99_ms = report::histogram_quantile_ms(&before, &after, 0.99);
+                }
+            }
+            repeats.push(repeat);
         }
     }
     let server_acks = match (&spec.admin, write_wall) {

@@ -106,14 +106,68 @@ pub struct Repeat {
     pub p99_ms: f64,
     pub server_cpu_secs: f64,
     pub loadgen_cpu_secs: f64,
+    /// The server's own part (`filterplane_xds_push_fanout_seconds` over this change, read
+    /// with `--metrics`): from the config reaching its xDS port to each stream's response.
+    pub server_fanout_p50_ms: Option<f64>,
+    pub server_fanout_p99_ms: Option<f64>,
 }
 
 impl Repeat {
     pub fn of(received: Vec<Duration>, server_cpu_secs: f64, loadgen_cpu_secs: f64) -> Self {
         let received_n = received.len();
         let p = Percentiles::of(received);
-        Repeat { received: received_n, p50_ms: p.p50_ms, p99_ms: p.p99_ms, server_cpu_secs, loadgen_cpu_secs }
+        Repeat {
+            received: received_n,
+            p50_ms: p.p50_ms,
+            p99_ms: p.p99_ms,
+            server_cpu_secs,
+            loadgen_cpu_secs,
+            server_fanout_p50_ms: None,
+            server_fanout_p99_ms: None,
+        }
     }
+}
+
+/// A Prometheus histogram's cumulative buckets, upper bound first, from the text at `url`.
+pub(crate) async fn histogram_buckets(url: &str, name: &str) -> Option<Vec<(f64, f64)>> {
+    let (url, prefix) = (url.to_owned(), format!("{name}_bucket{{le=\""));
+    let text = tokio::task::spawn_blocking(move || ureq::get(&url).call().ok()?.body_mut().read_to_string().ok())
+        .await
+        .ok()
+        .flatten()?;
+    let buckets: Vec<(f64, f64)> = text
+        .lines()
+        .filter_map(|l| {
+            let (le, count) = l.strip_prefix(&prefix)?.split_once("\"} ")?;
+            let le = if le == "+Inf" { f64::INFINITY } else { le.parse().ok()? };
+            Some((le, count.trim().parse().ok()?))
+        })
+        .collect();
+    (!buckets.is_empty()).then_some(buckets)
+}
+
+/// The `q` quantile, in ms, of what a histogram counted between two readings of its
+/// buckets (seconds), interpolated within the bucket it falls in.
+pub(crate) fn histogram_quantile_ms(before: &[(f64, f64)], after: &[(f64, f64)], q: f64) -> Option<f64> {
+    let counts: Vec<(f64, f64)> =
+        after.iter().map(|&(le, n)| (le, n - before.iter().find(|b| b.0 == le).map_or(0.0, |b| b.1))).collect();
+    let total = counts.last()?.1;
+    if total <= 0.0 {
+        return None;
+    }
+    let want = q * total;
+    let mut below = (0.0, 0.0);
+    for &(le, n) in &counts {
+        if n >= want {
+            if le.is_infinite() {
+                return Some(below.0 * 1000.0);
+            }
+            let share = if n > below.1 { (want - below.1) / (n - below.1) } else { 1.0 };
+            return Some((below.0 + (le - below.0) * share) * 1000.0);
+        }
+        below = (le, n);
+    }
+    None
 }
 
 /// Median, least and most of `v`.
@@ -199,6 +253,11 @@ impl std::fmt::Display for Report {
             let (cpu, cpu_lo, cpu_hi) = spread(self.repeats.iter().map(|r| r.server_cpu_secs).collect());
             let (p99, p99_lo, p99_hi) = spread(self.repeats.iter().map(|r| r.p99_ms).collect());
             let (lg, lg_lo, lg_hi) = spread(self.repeats.iter().map(|r| r.loadgen_cpu_secs).collect());
+            let fanout: Vec<f64> = self.repeats.iter().filter_map(|r| r.server_fanout_p99_ms).collect();
+            if !fanout.is_empty() {
+                let (m, lo, hi) = spread(fanout);
+                writeln!(f, "server fan-out p99 median {m:.1}ms (min {lo:.1}, max {hi:.1})")?;
+            }
             writeln!(
                 f,
                 "{} more changes (CPU: push and ACKs): server CPU per push median {cpu:.3}s (min {cpu_lo:.3}, max {cpu_hi:.3}); p99 median {p99:.1}ms (min {p99_lo:.1}, max {p99_hi:.1}); load generator CPU median {lg:.3}s (min {lg_lo:.3}, max {lg_hi:.3})",
@@ -260,5 +319,22 @@ pub(crate) async fn server_ack_latencies(
             return latencies;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_quantile_is_read_between_two_readings_of_the_buckets() {
+        let before = [(0.1, 10.0), (0.2, 10.0), (0.4, 10.0), (f64::INFINITY, 10.0)];
+        // 100 more: 50 under 100 ms, 40 in (100, 200], 10 in (200, 400].
+        let after = [(0.1, 60.0), (0.2, 100.0), (0.4, 110.0), (f64::INFINITY, 110.0)];
+        let ms = |q| histogram_quantile_ms(&before, &after, q).unwrap();
+        assert!((ms(0.5) - 100.0).abs() < 1e-6);
+        assert!((ms(0.7) - 150.0).abs() < 1e-6, "halfway into the second bucket");
+        assert!((ms(0.95) - 300.0).abs() < 1e-6);
+        assert_eq!(histogram_quantile_ms(&after, &after, 0.99), None, "nothing counted between");
     }
 }

@@ -1,5 +1,6 @@
 //! Smoke run of xds-loadgen against the real binary: 50 simulated proxies, one change,
-//! every one of them receives it and Filterplane sees every ACK.
+//! every one of them receives it and Filterplane sees every ACK; then the change back,
+//! with the server's own fan-out time read from its histogram.
 
 use std::time::Duration;
 
@@ -29,10 +30,12 @@ fn smoke(mode: Mode) {
         ramp_per_sec: 500.0,
         change: Some(Change { file: yaml.clone(), from: "value: v1".into(), to: "value: v2".into() }),
         admin: Some(fp.url("")),
+        metrics: Some(fp.url("/metrics")),
         timeout: Duration::from_secs(30),
         server_pid: None,
         hold: Duration::ZERO,
-        changes: 1,
+        // The second (back again) is read against the server's fan-out histogram.
+        changes: 2,
     };
     let report = tokio::runtime::Runtime::new().unwrap().block_on(run(spec)).unwrap();
     println!("{report}");
@@ -40,6 +43,10 @@ fn smoke(mode: Mode) {
     assert_eq!(report.first_full_config.count, 50);
     assert_eq!(report.change_received.as_ref().map(|p| p.count), Some(50), "every proxy received the change");
     assert_eq!(report.change_acked_by_server.as_ref().map(|p| p.count), Some(50), "Filterplane saw every ACK");
+    let again = &report.repeats[0];
+    assert_eq!(again.received, 50, "every proxy received the change back");
+    let fanout = again.server_fanout_p99_ms.expect("the server's fan-out read from /metrics");
+    assert!(fanout > 0.0 && fanout < 30_000.0, "{fanout} ms");
     assert_eq!(report.nacks_sent, 0);
     assert_eq!(report.acks_sent, report.messages_received);
     let connected = fp.metric(&format!(

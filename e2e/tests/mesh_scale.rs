@@ -98,6 +98,8 @@ fn a_sotw_envoy_with_50000_eds_clusters_gets_one_assignment_for_one_endpoint_cha
     // Traffic through an unchanged cluster while one endpoint elsewhere changes.
     let traffic = Traffic::start(ports.listener, 2, "/", "content-type");
     wait_until("traffic through svc-0", WAIT, || (traffic.take().by_status.get(&200) > Some(&0)).then_some(()));
+    let fanout = "filterplane_xds_push_fanout_seconds_count";
+    let fanned = fp.metric(fanout).unwrap_or(0.0);
     fs::write(&yaml, mesh(ports.listener, admin_port, "127.0.0.2")).unwrap();
     let moved = format!("127.0.0.2:{admin_port}");
     let now = wait_until("svc-777's new endpoint in Envoy", WAIT, || {
@@ -106,6 +108,7 @@ fn a_sotw_envoy_with_50000_eds_clusters_gets_one_assignment_for_one_endpoint_cha
     wait_until("the change ACKed", WAIT, || (fp.metric(&not_synced)? == 0.0).then_some(()));
     let tally = traffic.stop();
 
+    assert!(fp.metric(fanout).unwrap_or(0.0) > fanned, "the push to Envoy timed in the fan-out histogram");
     let pushed = fp.metric(&series).expect("EDS bytes counted") - before;
     println!("EDS bytes: first response {before}, one endpoint's change {pushed}");
     assert!(pushed > 0.0 && pushed <= 2_000.0, "one endpoint's change cost {pushed} bytes of EDS");

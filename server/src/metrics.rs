@@ -190,6 +190,9 @@ pub struct Metrics {
     pub connected_proxies: Family<KindLabel, Gauge>,
     pub config_reloads: Family<ResultLabel, Counter>,
     pub config_reload_duration: Histogram,
+    /// From the xDS port's receipt of a new configuration to each stream's first response
+    /// for it: how long a push takes to fan out over the fleet.
+    pub xds_push_fanout: Histogram,
     /// Fetching and checking modules (registered here).
     pub wasm: filterplane_wasm::metrics::WasmMetrics,
     pub wasm_module_downloads: Counter,
@@ -233,6 +236,8 @@ impl Default for Metrics {
             connected_proxies: Family::default(),
             config_reloads: Family::default(),
             config_reload_duration: Histogram::new(exponential_buckets(0.0005, 2.0, 15)),
+            // 1 ms to 36 s in steps of a quarter: a fleet's p99 is read to within 12 %.
+            xds_push_fanout: Histogram::new(exponential_buckets(0.001, 1.25, 48)),
             wasm: Default::default(),
             wasm_module_downloads: Counter::default(),
             wasm_code_fetch_resends: Counter::default(),
@@ -267,6 +272,11 @@ impl Default for Metrics {
             "xds_push_ack_latency_seconds",
             "Time from sending an xDS response to its ACK or NACK, by type URL",
             m.xds_push_ack_latency.clone(),
+        );
+        registry.register(
+            "xds_push_fanout_seconds",
+            "Time from a new configuration reaching the xDS port to each stream's first response for it",
+            m.xds_push_fanout.clone(),
         );
         registry.register(
             "xds_connected_proxies",

@@ -53,6 +53,10 @@ struct Args {
     /// Filterplane's admin URL, to measure when it saw each ACK of the change.
     #[arg(long)]
     admin: Option<String>,
+    /// Filterplane's /metrics URL: each repeated change reports the server's own fan-out
+    /// p50 and p99 (`filterplane_xds_push_fanout_seconds`) beside what the proxies saw.
+    #[arg(long)]
+    metrics: Option<String>,
     /// Seconds to wait for first configs and for the change.
     #[arg(long, default_value_t = 120)]
     timeout_secs: u64,
@@ -122,6 +126,7 @@ async fn main() -> anyhow::Result<()> {
         ramp_per_sec: a.ramp_per_sec,
         change,
         admin: a.admin,
+        metrics: a.metrics,
         timeout: Duration::from_secs(a.timeout_secs),
         server_pid: a.server_pid,
         hold: Duration::from_secs(a.hold_secs),

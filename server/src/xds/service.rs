@@ -419,6 +419,9 @@ where
         // What it sends goes out now (the tracker times the ACK from here), whatever
         // the step took as its time; the clock is read only then.
         let now = if step.events.is_empty() { at } else { Instant::now() };
+        if step.events.iter().any(|e| matches!(e, StreamEvent::Sent { .. })) {
+            ctx.tracker.metrics().xds_push_fanout.observe(now.saturating_duration_since(at).as_secs_f64());
+        }
         self.after(ctx, step, now, out);
     }
 

@@ -169,6 +169,34 @@ mod sotw {
 mod delta {
     use super::*;
 
+    /// `filterplane_xds_push_fanout_seconds`: one observation per stream a new config
+    /// changed something for, over either protocol; first responses and streams the
+    /// change leaves alone are not pushes of it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn each_stream_a_change_reaches_is_timed_once_in_the_fanout_histogram() {
+        const COUNT: &str = "filterplane_xds_push_fanout_seconds_count";
+        let plane = Plane::start(&[("a", "1"), ("b", "1")]).await;
+        let mut delta = DeltaClient::connect(&plane, "d").await;
+        delta.send(ECDS, Delta { subscribe: &["a"], ..Default::default() }).await;
+        delta.recv_ack().await;
+        let mut sotw = SotwClient::connect(&plane, "s").await;
+        sotw.request(ECDS, &["a"], "", "").await;
+        sotw.recv_ack(&["a"]).await;
+        let mut other = SotwClient::connect(&plane, "o").await;
+        other.request(ECDS, &["b"], "", "").await;
+        other.recv_ack(&["b"]).await;
+        assert_eq!(plane.metric(COUNT), 0.0, "first responses are not pushes of a change");
+
+        plane.set(&[("a", "2"), ("b", "1")]).await;
+        assert_eq!(delta_names(&delta.recv().await), ["a"]);
+        assert_eq!(ecds_names(&sotw.recv().await.resources), ["a"]);
+        // Timed before it was framed, so counted by the time it arrived.
+        assert_eq!(plane.metric(COUNT), 2.0, "the delta and the SotW stream of 'a', not the one of 'b'");
+        assert_eq!(plane.metric("filterplane_xds_push_fanout_seconds_bucket{le=\"+Inf\"}"), 2.0);
+        // A loopback push in this test takes well under a second each.
+        assert!(plane.metric("filterplane_xds_push_fanout_seconds_sum") < 2.0);
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn first_request_gets_the_subscribed_resources() {
         let plane = Plane::start(&[("a", "1"), ("b", "1")]).await;
