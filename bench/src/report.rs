@@ -147,7 +147,8 @@ pub(crate) async fn histogram_buckets(url: &str, name: &str) -> Option<Vec<(f64,
 }
 
 /// The `q` quantile, in ms, of what a histogram counted between two readings of its
-/// buckets (seconds), interpolated within the bucket it falls in.
+/// buckets (seconds), interpolated within the bucket it falls in; past the last finite
+/// bound, that bound (an understatement, as Prometheus's `histogram_quantile` gives).
 pub(crate) fn histogram_quantile_ms(before: &[(f64, f64)], after: &[(f64, f64)], q: f64) -> Option<f64> {
     let counts: Vec<(f64, f64)> =
         after.iter().map(|&(le, n)| (le, n - before.iter().find(|b| b.0 == le).map_or(0.0, |b| b.1))).collect();
