@@ -37,7 +37,8 @@ fan = sorted(round(x["server_fanout_p99_ms"]) for x in rep if x.get("server_fano
 kib = (r["server"]["rss_idle_kib"] - r["server"]["rss_before_kib"]) / r["streams"]
 print(f"round {sys.argv[3]} {sys.argv[2]}: received {r['change_received']['count']}, errors {len(r['errors'])}, "
       f"{kib:.2f} KiB per stream, server CPU per push {[round(c, 2) for c in cpu]} s, "
-      f"p99 {p99} ms (server's fan-out p99 {fan or 'not counted'} ms), generator CPU {[round(c, 2) for c in gen]} s",
+      f"p99 {p99} ms (server's fan-out p99 {f'{fan} ms' if fan else 'not counted'}), "
+      f"generator CPU {[round(c, 2) for c in gen]} s",
       flush=True)
 PY
     kill "$pid"; wait "$pid" 2>/dev/null || true
