@@ -5,23 +5,31 @@
 # changes of one 1 KiB extension config (the first not counted), and the server's own
 # part of the p99 (its fan-out histogram). A binary may be a
 # wrapper script (e.g. one that sets TOKIO_WORKER_THREADS).
+# SERVER_CPUS=0,1 LOADGEN_CPUS=2-15 pin the server and the generator (taskset), so that
+# the generator's work is not the server's: the issue's 1,000,000-stream target is set
+# for 2 server cores that way.
 # Usage: bench/multiplex-compare.sh [STREAMS] [CHANGES] [SERVER_BINARY...]
 #   e.g. bench/multiplex-compare.sh 100000 6 /tmp/filterplane-before target/release/filterplane
+#        SERVER_CPUS=0,1 LOADGEN_CPUS=2-15 bench/multiplex-compare.sh 1000000 5
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=bench/one-config.sh
 . bench/one-config.sh
 setup_servers 100000 6 "$@"
+# taskset execs what it runs: `$!` stays the server's pid.
+server_pin=(); [ -n "${SERVER_CPUS:-}" ] && server_pin=(taskset -c "$SERVER_CPUS")
+loadgen_pin=(); [ -n "${LOADGEN_CPUS:-}" ] && loadgen_pin=(taskset -c "$LOADGEN_CPUS")
 
-echo "machine: $(nproc) cores; commit $(git rev-parse --short HEAD); $streams streams, 100 per connection"
+echo "machine: $(nproc) cores; commit $(git rev-parse --short HEAD); $streams streams, 100 per connection;" \
+  "server on cores ${SERVER_CPUS:-any}, generator on ${LOADGEN_CPUS:-any}"
 for round in 1 2; do
   for server_bin in "${servers[@]}"; do
     write_one_config "$work/one.yaml"
-    "$server_bin" serve --config "$work/one.yaml" --xds-addr 127.0.0.1:18000 --admin-addr 127.0.0.1:19000 \
+    "${server_pin[@]}" "$server_bin" serve --config "$work/one.yaml" --xds-addr 127.0.0.1:18000 --admin-addr 127.0.0.1:19000 \
       --max-xds-connections-per-address 1000000 > "$work/server.log" 2>&1 &
     pid=$!
     sleep 1.5
-    "$bin/xds-loadgen" --streams "$streams" --multiplex 100 --ramp-per-sec 20000 --no-wildcard \
+    "${loadgen_pin[@]}" "$bin/xds-loadgen" --streams "$streams" --multiplex 100 --ramp-per-sec 20000 --no-wildcard \
       --change-file "$work/one.yaml" --change-from '"v0-' --change-to '"v1-' \
       --server-pid "$pid" --changes "$changes" --metrics http://127.0.0.1:19000/metrics \
       --json > "$work/report.json"
