@@ -19,9 +19,6 @@ trap 'kill $(jobs -p) 2>/dev/null || true; git worktree remove --force "$work/ba
 new_bin=${NEW_BIN:-target/release/filterplane}
 loadgen=${LOADGEN_BIN:-target/release/xds-loadgen}
 [ -n "${NEW_BIN:-}" ] && [ -n "${LOADGEN_BIN:-}" ] || cargo build --release --locked -p filterplane -p filterplane-bench
-# taskset execs what it runs: `$!` stays the server's pid.
-server_pin=(); [ -n "${SERVER_CPUS:-}" ] && server_pin=(taskset -c "$SERVER_CPUS")
-loadgen_pin=(); [ -n "${LOADGEN_CPUS:-}" ] && loadgen_pin=(taskset -c "$LOADGEN_CPUS")
 new_name=$(git rev-parse --short HEAD 2>/dev/null || echo new)
 base_bin=${BASE_BIN:-}
 if [ -z "$base_bin" ]; then
@@ -32,6 +29,7 @@ fi
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 # shellcheck source=bench/one-config.sh
 . bench/one-config.sh
+pin_cpus
 write_one_config "$work/one.yaml"
 for round in $(seq "$rounds"); do
   for mode in sotw delta; do

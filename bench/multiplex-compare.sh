@@ -15,10 +15,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=bench/one-config.sh
 . bench/one-config.sh
+pin_cpus
 setup_servers 100000 6 "$@"
-# taskset execs what it runs: `$!` stays the server's pid.
-server_pin=(); [ -n "${SERVER_CPUS:-}" ] && server_pin=(taskset -c "$SERVER_CPUS")
-loadgen_pin=(); [ -n "${LOADGEN_CPUS:-}" ] && loadgen_pin=(taskset -c "$LOADGEN_CPUS")
 
 echo "machine: $(nproc) cores; commit $(git rev-parse --short HEAD); $streams streams, 100 per connection;" \
   "server on cores ${SERVER_CPUS:-any}, generator on ${LOADGEN_CPUS:-any}"

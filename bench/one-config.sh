@@ -33,3 +33,13 @@ setup_servers() {
   work=$(mktemp -d)
   trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
 }
+
+# SERVER_CPUS=0,1 LOADGEN_CPUS=2-15 (either may be unset): sets `server_pin` and
+# `loadgen_pin`, the commands to start the server and the generator under, so that on a
+# large machine the generator's work is not the server's. taskset execs what it runs:
+# `$!` stays the server's pid.
+pin_cpus() {
+  server_pin=(); [ -n "${SERVER_CPUS:-}" ] && server_pin=(taskset -c "$SERVER_CPUS")
+  loadgen_pin=(); [ -n "${LOADGEN_CPUS:-}" ] && loadgen_pin=(taskset -c "$LOADGEN_CPUS")
+  return 0
+}

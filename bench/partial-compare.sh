@@ -11,10 +11,8 @@ work=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
 # shellcheck source=bench/one-config.sh
 . bench/one-config.sh
+pin_cpus
 write_one_config "$work/one.yaml"
-# taskset execs what it runs: `$!` stays the server's pid.
-server_pin=(); [ -n "${SERVER_CPUS:-}" ] && server_pin=(taskset -c "$SERVER_CPUS")
-loadgen_pin=(); [ -n "${LOADGEN_CPUS:-}" ] && loadgen_pin=(taskset -c "$LOADGEN_CPUS")
 for round in $(seq "$rounds"); do
   for build in base new; do
     bin=$new_bin

@@ -46,7 +46,9 @@ fn smoke(mode: Mode) {
     let again = &report.repeats[0];
     assert_eq!(again.received, 50, "every proxy received the change back");
     let fanout = again.server_fanout_p99_ms.expect("the server's fan-out read from /metrics");
-    assert!(fanout > 0.0 && fanout < 30_000.0, "{fanout} ms");
+    // Each stream's fan-out ends before the proxy receives it, and the reading lies within
+    // a bucket (a quarter, or the first millisecond) of the true quantile.
+    assert!(fanout > 0.0 && fanout <= again.p99_ms * 1.25 + 1.0, "{fanout} ms against {} ms", again.p99_ms);
     assert_eq!(report.nacks_sent, 0);
     assert_eq!(report.acks_sent, report.messages_received);
     let connected = fp.metric(&format!(
