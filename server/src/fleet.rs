@@ -488,7 +488,7 @@ mod tests {
             rt: ResourceType::ExtensionConfig,
             version: format!("v{nonce}"),
             nonce: nonce.into(),
-            resources: vec![("f".into(), filterplane_api::content_version([nonce.as_bytes()]))],
+            resources: vec![("f".into(), filterplane_api::content_version([nonce.as_bytes()]))].into(),
             removed: vec![],
             incremental: false,
             bytes: 10,

@@ -15,7 +15,7 @@ use filterplane_api::{
 use crate::{
     hold::{Hold, Holds},
     snapshot::{ServedResource, Snapshot},
-    stream::{CodeFetchRetry, Nack, Step, StreamCore, StreamEvent, StreamSettings, Subscription},
+    stream::{Carried, CodeFetchRetry, Nack, Step, StreamCore, StreamEvent, StreamSettings, Subscription},
     vec_map::VecMap,
     wire::{self, Header, Wire, RESPONSE_BYTES},
     ProtocolError,
@@ -32,8 +32,8 @@ const MAX_PENDING: usize = 16;
 struct Pending {
     nonce: String,
     version: String,
-    /// What the response carried: (name, version).
-    resources: Vec<(String, ResourceVersion)>,
+    /// What the response carried: (name, version), as its `Sent` event named it.
+    resources: Carried,
 }
 
 #[derive(Debug, Default)]
@@ -123,7 +123,7 @@ impl DeltaStream {
                 }
                 match &req.error_detail {
                     Some(err) => {
-                        let names: Vec<String> = answered.resources.into_iter().map(|(n, _)| n).collect();
+                        let names: Vec<String> = answered.resources.iter().map(|(n, _)| n.clone()).collect();
                         // The resources of that response that the snapshot still has.
                         let available = self.core.snapshot.as_ref().and_then(|s| s.resources(rt));
                         let current: Vec<_> = names.iter().filter_map(|n| available?.get(n.as_str())).collect();
@@ -340,12 +340,12 @@ impl DeltaStream {
         for n in &removed {
             state.client.remove(n.as_str());
         }
-        let carried: Vec<(String, ResourceVersion)> = changed.iter().map(|r| (r.name.clone(), r.version)).collect();
+        let carried: Carried = changed.iter().map(|r| (r.name.clone(), r.version)).collect();
         step.events.push(StreamEvent::Sent {
             rt,
             version: version.clone(),
             nonce: nonce.clone(),
-            resources: changed.iter().map(|r| (r.name.clone(), r.version)).collect(),
+            resources: carried.clone(),
             removed,
             incremental: true,
             bytes: response.message_len(),

@@ -73,10 +73,13 @@ type ChangeMemo = (Weak<Snapshot>, ResourceType, Arc<TypeChanges>);
 const MAX_CHANGE_MEMOS: usize = 8;
 
 /// What changed of one type between two snapshots, in name order.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct TypeChanges {
     /// New names and new versions.
-    pub changed: Vec<Arc<ServedResource>>,
+    pub changed: Arc<[Arc<ServedResource>]>,
+    /// The same, by name and version, as the tracker records a response: a stream that
+    /// subscribes to all of `changed` (most do) shares both lists instead of copying them.
+    pub carried: crate::stream::Carried,
     /// Names that left.
     pub removed: Vec<String>,
 }
@@ -150,19 +153,20 @@ impl Snapshot {
         }
         let empty = ResourceMap::new();
         let (old, new) = (before.resources(rt).unwrap_or(&empty), self.resources(rt).unwrap_or(&empty));
-        let mut changes = TypeChanges::default();
+        let (mut changed, mut removed) = (Vec::new(), Vec::new());
         let mut old_iter = old.iter().peekable();
         for (name, r) in new {
             while let Some((gone, _)) = old_iter.next_if(|(o, _)| *o < name) {
-                changes.removed.push(gone.clone());
+                removed.push(gone.clone());
             }
             match old_iter.next_if(|(o, _)| *o == name) {
                 Some((_, o)) if Arc::ptr_eq(o, r) || o.version == r.version => {}
-                _ => changes.changed.push(r.clone()),
+                _ => changed.push(r.clone()),
             }
         }
-        changes.removed.extend(old_iter.map(|(n, _)| n.clone()));
-        let changes = Arc::new(changes);
+        removed.extend(old_iter.map(|(n, _)| n.clone()));
+        let carried = changed.iter().map(|r| (r.name.clone(), r.version)).collect();
+        let changes = Arc::new(TypeChanges { changed: changed.into(), carried, removed });
         if memo.len() >= MAX_CHANGE_MEMOS {
             memo.remove(0);
         }

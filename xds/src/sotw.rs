@@ -38,8 +38,9 @@ struct Sent {
     answered: bool,
     /// The snapshot it was cut from: once ACKed, what the client holds (`Baseline`).
     snapshot: Arc<Snapshot>,
-    /// What it carried when it carried only what changed (`None`: the whole selection).
-    carried: Option<Box<[Arc<ServedResource>]>>,
+    /// What it carried when it carried only what changed (`None`: the whole selection);
+    /// shared with the push's other streams when it is all that changed.
+    carried: Option<Arc<[Arc<ServedResource>]>>,
 }
 
 /// What the client holds of a type whose responses may carry only what changed
@@ -320,14 +321,21 @@ impl SotwStream {
         }
         let changes = snapshot.changes_from(before, rt);
         let subscription = &state.subscription;
-        let carried: Vec<&Arc<ServedResource>> =
-            changes.changed.iter().filter(|r| subscription.wants(&r.name)).collect();
+        let wanted = changes.changed.iter().filter(|r| subscription.wants(&r.name)).count();
         let removed: Vec<String> = changes.removed.iter().filter(|n| subscription.wants(n)).cloned().collect();
-        if carried.is_empty() && removed.is_empty() {
+        if wanted == 0 && removed.is_empty() {
             // Nothing it holds changed: the same selection, from the newer snapshot.
             baseline.snapshot = snapshot.clone();
             return true;
         }
+        // All that changed (the usual push): the lists every such stream shares.
+        let (carried, named): (Arc<[Arc<ServedResource>]>, _) = if wanted == changes.changed.len() {
+            (changes.changed.clone(), changes.carried.clone())
+        } else {
+            let carried: Arc<[_]> = changes.changed.iter().filter(|r| subscription.wants(&r.name)).cloned().collect();
+            let named = carried.iter().map(|r| (r.name.clone(), r.version)).collect();
+            (carried, named)
+        };
         let version = snapshot.selection_version_of(rt, subscription);
         let nonce = self.core.nonces.next_nonce();
         let header = Header {
@@ -349,7 +357,7 @@ impl SotwStream {
             rt,
             version: version.to_string(),
             nonce,
-            resources: carried.iter().map(|r| (r.name.clone(), r.version)).collect(),
+            resources: named,
             removed,
             incremental: true,
             bytes: response.message_len(),
@@ -361,7 +369,7 @@ impl SotwStream {
             subscription: state.subscription.clone(),
             answered: false,
             snapshot: snapshot.clone(),
-            carried: Some(carried.into_iter().cloned().collect()),
+            carried: Some(carried),
         });
         true
     }

@@ -458,6 +458,9 @@ impl NonceSource {
     }
 }
 
+/// The resources a response carried, by name and version.
+pub type Carried = Arc<[(String, ResourceVersion)]>;
+
 /// Something a stream did or saw that the tracker records.
 #[derive(Debug, Clone, PartialEq)]
 pub enum StreamEvent {
@@ -467,12 +470,13 @@ pub enum StreamEvent {
         names: Vec<String>,
     },
     /// `resources` is the whole set (state of the world) or what changed (delta, which
-    /// also lists what the client must drop in `removed`).
+    /// also lists what the client must drop in `removed`). Shared: a push that carries
+    /// what changed names the same list to every stream it reaches (`TypeChanges`).
     Sent {
         rt: ResourceType,
         version: String,
         nonce: String,
-        resources: Vec<(String, ResourceVersion)>,
+        resources: Carried,
         removed: Vec<String>,
         incremental: bool,
         bytes: usize,
@@ -483,7 +487,7 @@ pub enum StreamEvent {
         rt: ResourceType,
         version: String,
         nonce: String,
-        resources: Option<Vec<(String, ResourceVersion)>>,
+        resources: Option<Carried>,
     },
     /// `version` is the rejected version (the one sent with `nonce`); Envoy keeps
     /// `kept_version`, its last accepted one.

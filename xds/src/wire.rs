@@ -151,7 +151,7 @@ pub struct Header<'a> {
 /// A state-of-the-world response carrying `resources` (resend `attempt`, 0 for none).
 pub fn sotw_response(
     h: Header<'_>,
-    resources: &[&std::sync::Arc<ServedResource>],
+    resources: &[impl AsRef<ServedResource>],
     attempt: u32,
 ) -> Option<Wire<DiscoveryResponse>> {
     response(h, resources, None, attempt)
@@ -160,7 +160,7 @@ pub fn sotw_response(
 /// A delta response carrying `resources` and removing `removed`.
 pub fn delta_response(
     h: Header<'_>,
-    resources: &[&std::sync::Arc<ServedResource>],
+    resources: &[impl AsRef<ServedResource>],
     removed: &[String],
     attempt: u32,
 ) -> Option<Wire<DeltaDiscoveryResponse>> {
@@ -171,13 +171,13 @@ pub fn delta_response(
 /// delta adds 6 (removed names) and has its control plane at 7 rather than 6.
 fn response<M: Message + Default>(
     h: Header<'_>,
-    resources: &[&std::sync::Arc<ServedResource>],
+    resources: &[impl AsRef<ServedResource>],
     removed: Option<&[String]>,
     attempt: u32,
 ) -> Option<Wire<M>> {
     let delta = removed.is_some();
     let removed = removed.unwrap_or_default();
-    let entries = || resources.iter().map(|r| entry(r, attempt, delta));
+    let entries = || resources.iter().map(|r| entry(r.as_ref(), attempt, delta));
     let len = string_len(h.version)
         + entries().map(|e| e.len()).sum::<usize>()
         + string_len(h.type_url)

@@ -171,7 +171,7 @@ impl AckTracker {
                 for name in removed {
                     t.resources.remove(name);
                 }
-                for (name, v) in resources {
+                for (name, v) in resources.iter() {
                     match t.resources.get_mut(name.as_str()) {
                         Some(r) => r.sent_version = *v,
                         None => {
@@ -220,7 +220,7 @@ impl AckTracker {
                     }
                     // Delta: exactly what that response carried (others may be in flight).
                     Some(carried) => {
-                        for (name, v) in carried {
+                        for (name, v) in carried.iter() {
                             if let Some(r) = t.resources.get_mut(name.as_str()) {
                                 r.acked_version = Some(*v);
                                 r.nacked_version = None;

@@ -187,7 +187,7 @@ fn delta_ack_marks_only_what_that_response_carried() {
             rt: ECDS,
             version: "s1".into(),
             nonce: "1".into(),
-            resources: Some(vec![("a".into(), v("1")), ("b".into(), v("1"))]),
+            resources: Some(vec![("a".into(), v("1")), ("b".into(), v("1"))].into()),
         },
     );
     let s = ecds(&t);
