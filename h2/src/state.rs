@@ -277,8 +277,9 @@ impl<H: Handler> ConnState<H> {
         self.settings.output.give_back(n);
     }
 
-    /// Hands a handler's output to its stream, and holds the output bounds.
-    fn apply(&mut self, i: usize, out: Output) {
+    /// Hands a handler's output to its stream (leaving `out` empty, to be used again: a
+    /// push reuses one for every stream of the connection), and holds the output bounds.
+    fn apply(&mut self, i: usize, out: &mut Output) {
         let slot = &mut self.streams[i];
         // Asked while the stream's state is at hand; the timer is armed anew only when
         // it moved (most steps set none: a push, an ACK).
@@ -288,13 +289,13 @@ impl<H: Handler> ConnState<H> {
             self.timer_stale = true;
         }
         if slot.end.is_none() {
-            slot.end = out.end;
+            slot.end = out.end.take();
         }
         if out.messages.is_empty() {
             return;
         }
         let (mut added, mut freed) = (0, 0);
-        for m in out.messages {
+        for m in out.messages.drain(..) {
             added += m.bytes.len();
             // The first message may be partly sent already: it stays.
             let unsent = usize::from(slot.out_pos > 0);
@@ -423,23 +424,23 @@ impl<H: Handler> ConnState<H> {
 
     /// Something every stream hears of (a new configuration).
     pub(crate) fn on_event(&mut self, event: &H::Event) {
+        let mut out = Output::default();
         for i in 0..self.streams.len() {
-            let mut out = Output::default();
             let slot = &mut self.streams[i];
             if slot.end.is_none() {
                 slot.handler.on_event(&self.ctx, event, &mut out);
             }
-            self.apply(i, out);
+            self.apply(i, &mut out);
         }
     }
 
     pub(crate) fn on_timers(&mut self, now: Instant) {
+        let mut out = Output::default();
         for i in 0..self.streams.len() {
-            let mut out = Output::default();
             let slot = &mut self.streams[i];
             if slot.end.is_none() && slot.wakeup.is_some_and(|at| at <= now) {
                 slot.handler.on_timer(&self.ctx, now, &mut out);
-                self.apply(i, out);
+                self.apply(i, &mut out);
             }
         }
     }

@@ -320,7 +320,7 @@ impl<H: Handler> ConnState<H> {
         if slot.end.is_none() {
             slot.handler.on_requests_end(&self.ctx, &mut out);
         }
-        self.apply(i, out);
+        self.apply(i, &mut out);
     }
 
     fn on_data(&mut self, flags: u8, id: u32, p: &[u8]) -> Result<(), ConnError> {
@@ -386,7 +386,7 @@ impl<H: Handler> ConnState<H> {
             self.ctx.limit_hit("buffered_request_bytes");
             return Err(fail(ENHANCE_YOUR_CALM, "too much of unfinished requests buffered"));
         }
-        self.apply(i, out);
+        self.apply(i, &mut out);
         if let Some(n) = update {
             self.window_update(id, n);
         }
