@@ -162,7 +162,7 @@ impl SotwStream {
                     // The same set named anew keeps the one shared with what was sent.
                     Some(match previous.filter(|p| ***p == new) {
                         Some(same) => same.clone(),
-                        None => Arc::new(new),
+                        None => new.interned(),
                     })
                 }
             },

@@ -403,6 +403,21 @@ fn names_in_any_order_keep_the_subscription_and_pushes_carry_what_changed() {
     assert_eq!(names_of(&s.on_snapshot(snapshot(&[("a", "v1"), ("b", "v2"), ("c", "v1")]), now())), [["c"]]);
 }
 
+/// Streams that name the same resources, in any order, share one subscription (a push
+/// reads it for every stream: one copy stays in cache); another list is another one.
+#[test]
+fn streams_that_subscribe_alike_share_one_subscription() {
+    let subscription = |s: &SotwStream| s.types.get(&ECDS).map(|t| t.subscription.clone());
+    let mut streams: Vec<SotwStream> = (0..3).map(|_| stream_with(snapshot(&[("a", "v1"), ("b", "v1")]))).collect();
+    streams[0].on_request(request(ECDS, &["a", "b"], "", ""), now()).unwrap();
+    streams[1].on_request(request(ECDS, &["b", "a", "b"], "", ""), now()).unwrap();
+    streams[2].on_request(request(ECDS, &["a"], "", ""), now()).unwrap();
+    let [first, second, other] = [0, 1, 2].map(|i| subscription(&streams[i]).unwrap());
+    assert!(Arc::ptr_eq(&first, &second));
+    assert!(!Arc::ptr_eq(&first, &other));
+    assert_eq!(other.names(), ["a"]);
+}
+
 /// An ACK states the list again (recognised by its hash, without the subscription being
 /// read); a list that differs resubscribes, and the empty list keeps its meaning of the
 /// moment (LDS's legacy wildcard only while nothing else was named).

@@ -2,7 +2,9 @@
 //! subscribed to, nonces, and the events the tracker records.
 
 use std::{
-    sync::Arc,
+    collections::HashMap,
+    hash::BuildHasher,
+    sync::{Arc, LazyLock, Mutex, Weak},
     time::{Duration, Instant},
 };
 
@@ -291,7 +293,7 @@ impl StreamCore {
 }
 
 /// The resources of one type a stream asked for.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct Subscription {
     /// All resources of the type (explicit `*`, or LDS/CDS legacy wildcard).
     pub wildcard: bool,
@@ -383,6 +385,11 @@ impl Subscription {
         Ok(())
     }
 
+    /// This subscription as every stream that subscribes alike holds it (`Interned`).
+    pub fn interned(self) -> Arc<Subscription> {
+        INTERNED.intern(self)
+    }
+
     /// Names asked for explicitly, in order.
     pub fn names(&self) -> &[String] {
         &self.names
@@ -412,6 +419,54 @@ impl Subscription {
             return map.values().collect();
         }
         self.names.iter().filter_map(|n| map.get(n.as_str())).collect()
+    }
+}
+
+/// Equal subscriptions, shared. A fleet's proxies mostly subscribe alike; every push
+/// reads each stream's subscription (which of what changed it wants, the version of its
+/// selection), and a copy per stream is three allocations apart in memory (the
+/// subscription, its list, each name) that a push to 1,000,000 streams reads from memory
+/// 1,000,000 times over. Shared, they stay in cache, and a stream holds a pointer.
+/// Held weakly: a subscription goes when its last stream lets go of it, and the entries
+/// left are swept once they are as many again as the live ones were at the last sweep.
+struct Interned {
+    /// Buckets by hash (keyed per process: no client can make names collide on purpose),
+    /// and when to sweep next.
+    table: Mutex<(Buckets, usize)>,
+    hasher: std::collections::hash_map::RandomState,
+}
+
+type Buckets = HashMap<u64, Vec<Weak<Subscription>>>;
+
+/// Entries at which the first sweep comes.
+const FIRST_SWEEP: usize = 1024;
+
+static INTERNED: LazyLock<Interned> = LazyLock::new(Interned::new);
+
+impl Interned {
+    fn new() -> Self {
+        Interned { table: Mutex::new((HashMap::new(), FIRST_SWEEP)), hasher: Default::default() }
+    }
+
+    fn intern(&self, subscription: Subscription) -> Arc<Subscription> {
+        let hash = self.hasher.hash_one(&subscription);
+        let mut table = self.table.lock().unwrap_or_else(|p| p.into_inner());
+        let (buckets, sweep_at) = &mut *table;
+        let bucket = buckets.entry(hash).or_default();
+        if let Some(same) = bucket.iter().filter_map(Weak::upgrade).find(|s| **s == subscription) {
+            return same;
+        }
+        bucket.retain(|w| w.strong_count() > 0);
+        let shared = Arc::new(subscription);
+        bucket.push(Arc::downgrade(&shared));
+        if buckets.len() >= *sweep_at {
+            buckets.retain(|_, bucket| {
+                bucket.retain(|w| w.strong_count() > 0);
+                !bucket.is_empty()
+            });
+            *sweep_at = (2 * buckets.len()).max(FIRST_SWEEP);
+        }
+        shared
     }
 }
 
@@ -537,5 +592,36 @@ impl StreamKind {
             StreamKind::Sotw => "sotw",
             StreamKind::Delta => "delta",
         }
+    }
+}
+
+#[cfg(test)]
+mod interned_tests {
+    use super::*;
+
+    fn named(names: &[&str]) -> Subscription {
+        Subscription { wildcard: false, names: names.iter().map(|n| n.to_string()).collect() }
+    }
+
+    /// Streams that subscribe alike hold one subscription; one that differs (by a name,
+    /// or by the wildcard) its own; and what no stream holds any more is swept, so the
+    /// table stays within twice what is live (a churning fleet does not grow it).
+    #[test]
+    fn alike_subscriptions_are_one_and_dropped_ones_are_swept() {
+        let interned = Interned::new();
+        let a = interned.intern(named(&["a", "b"]));
+        assert!(Arc::ptr_eq(&a, &interned.intern(named(&["a", "b"]))));
+        assert!(!Arc::ptr_eq(&a, &interned.intern(named(&["a"]))));
+        let wildcard = interned.intern(Subscription { wildcard: true, ..named(&["a", "b"]) });
+        assert!(!Arc::ptr_eq(&a, &wildcard));
+        for i in 0..20 * FIRST_SWEEP {
+            let gone = interned.intern(named(&[&i.to_string()]));
+            assert_eq!(gone.names(), [i.to_string()]);
+        }
+        let entries = |t: &Interned| t.table.lock().map(|t| t.0.values().map(Vec::len).sum::<usize>()).unwrap_or(0);
+        assert!(entries(&interned) <= 2 * FIRST_SWEEP, "{} entries", entries(&interned));
+        // The live ones are still found.
+        assert!(Arc::ptr_eq(&a, &interned.intern(named(&["a", "b"]))));
+        assert!(Arc::ptr_eq(&wildcard, &interned.intern(Subscription { wildcard: true, ..named(&["a", "b"]) })));
     }
 }
