@@ -394,7 +394,7 @@ pub fn summary(tracker: &AckTracker) -> Summary {
             for (name, r) in t.resources.iter() {
                 let c = match of_type.get_mut(name.as_str()) {
                     Some(c) => c,
-                    None => of_type.entry(name.clone()).or_default(),
+                    None => of_type.entry(name.to_string()).or_default(),
                 };
                 if let Some(v) = r.acked_version {
                     *c.acked.entry(v).or_default() += 1;

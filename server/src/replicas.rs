@@ -420,7 +420,7 @@ pub fn local_fleet(
                         .iter()
                         .map(|(n, r)| {
                             (
-                                n.clone(),
+                                n.to_string(),
                                 (r.acked_version.map(|v| v.to_string()), r.nacked_version.map(|v| v.to_string())),
                             )
                         })

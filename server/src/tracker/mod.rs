@@ -166,16 +166,19 @@ impl AckTracker {
                 t.sent_instant = Some(when);
                 if !incremental {
                     // State of the world: what is not in the response (in name order) is gone.
-                    t.resources.retain(|name, _| resources.binary_search_by(|(n, _)| n.cmp(name)).is_ok());
+                    t.resources.retain(|name, _| resources.binary_search_by(|(n, _)| n.as_str().cmp(name)).is_ok());
                 }
                 for name in removed {
-                    t.resources.remove(name);
+                    t.resources.remove(name.as_str());
                 }
                 for (name, v) in resources.iter() {
                     match t.resources.get_mut(name.as_str()) {
                         Some(r) => r.sent_version = *v,
                         None => {
-                            t.resources.insert(name.clone(), ResourceStatus { sent_version: *v, ..Default::default() });
+                            t.resources.insert(
+                                name.as_str().into(),
+                                ResourceStatus { sent_version: *v, ..Default::default() },
+                            );
                         }
                     }
                 }
@@ -188,7 +191,10 @@ impl AckTracker {
                 t.resources = resources
                     .iter()
                     .map(|(n, v)| {
-                        (n.clone(), ResourceStatus { sent_version: *v, acked_version: Some(*v), nacked_version: None })
+                        (
+                            n.as_str().into(),
+                            ResourceStatus { sent_version: *v, acked_version: Some(*v), nacked_version: None },
+                        )
                     })
                     .collect();
             }

@@ -165,8 +165,9 @@ pub struct TypeStatus {
     /// Set while Envoy fetches a Wasm module the last response needs: it NACKed it for
     /// now, and it is sent again.
     pub code_fetch: Option<Box<CodeFetch>>,
-    /// By resource name.
-    pub resources: VecMap<String, ResourceStatus>,
+    /// By resource name: kept in place when short (most names are), so recording a push
+    /// compares names without reading another allocation per resource and stream.
+    pub resources: VecMap<Text, ResourceStatus>,
     #[serde(skip)]
     pub(super) sent_instant: Option<Instant>,
 }
@@ -284,8 +285,8 @@ impl Stamp {
 /// Bytes of text a `Text` keeps in place.
 const SHORT_TEXT: usize = 22;
 
-/// A version or nonce as the API shows it. Filterplane's own (16 hex digits; a number)
-/// and most others are kept in place, in the proxy's status, so recording a push or an
+/// A version, nonce or resource name as the API shows it. Filterplane's own versions
+/// and nonces (16 hex digits; a number), and most names, are kept in place, in the proxy's status, so recording a push or an
 /// ACK writes no string elsewhere in memory; a longer one a client sent is boxed. The
 /// same size as a `String`.
 #[derive(Clone)]
@@ -318,6 +319,13 @@ impl From<&str> for Text {
 impl std::ops::Deref for Text {
     type Target = str;
     fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+/// Maps keyed by `Text` are looked up by `&str` (its order and equality are the text's).
+impl std::borrow::Borrow<str> for Text {
+    fn borrow(&self) -> &str {
         self.as_str()
     }
 }

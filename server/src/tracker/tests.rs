@@ -110,7 +110,7 @@ fn unsubscribe_drops_the_resource_from_the_view() {
     t.record(id, &sent("v2", "2", &["a"]));
     let s = ecds(&t);
     assert_eq!(s.subscribed, ["a"]);
-    assert_eq!(s.resources.keys().collect::<Vec<_>>(), ["a"]);
+    assert_eq!(s.resources.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["a"]);
 }
 
 #[test]

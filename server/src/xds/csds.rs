@@ -99,7 +99,7 @@ fn client_config(p: &ProxyStatus, cache: &SnapshotCache, contents: bool) -> Clie
             });
             generic.push(GenericXdsConfig {
                 type_url: rt.type_url().to_owned(),
-                name: name.clone(),
+                name: name.to_string(),
                 version_info: r.acked_version.as_ref().map(|v| v.to_string()).unwrap_or(sent),
                 xds_config,
                 last_updated: timestamp(if acked { t.acked_at } else { t.sent_at }.map(Stamp::wall)),
