@@ -486,7 +486,7 @@ mod tests {
     fn sent(nonce: &str) -> StreamEvent {
         StreamEvent::Sent {
             rt: ResourceType::ExtensionConfig,
-            version: format!("v{nonce}"),
+            version: format!("v{nonce}").into(),
             nonce: nonce.into(),
             resources: vec![("f".into(), filterplane_api::content_version([nonce.as_bytes()]))].into(),
             removed: vec![],

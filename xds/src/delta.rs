@@ -343,7 +343,7 @@ impl DeltaStream {
         let carried: Carried = changed.iter().map(|r| (r.name.clone(), r.version)).collect();
         step.events.push(StreamEvent::Sent {
             rt,
-            version: version.clone(),
+            version: version.as_str().into(),
             nonce: nonce.clone(),
             resources: carried.clone(),
             removed,
@@ -354,7 +354,7 @@ impl DeltaStream {
         if state.pending.len() == MAX_PENDING {
             state.pending.pop_front();
         }
-        state.pending.push_back(Pending { nonce, version, resources: carried });
+        state.pending.push_back(Pending { nonce: nonce.to_string(), version, resources: carried });
     }
 }
 

@@ -16,6 +16,7 @@ pub mod stats;
 pub mod stream;
 #[cfg(test)]
 mod test_support;
+pub mod text;
 pub mod vec_map;
 pub mod wire;
 

@@ -355,7 +355,7 @@ impl SotwStream {
         // there is nothing for it to replace in the output queue.
         step.events.push(StreamEvent::Sent {
             rt,
-            version: version.to_string(),
+            version: version.as_str().into(),
             nonce,
             resources: named,
             removed,
@@ -480,7 +480,7 @@ impl SotwStream {
         // `resources` is what the client holds once it ACKs: the whole selection.
         step.events.push(StreamEvent::Sent {
             rt,
-            version: version.to_string(),
+            version: version.as_str().into(),
             nonce,
             resources: selected.iter().map(|r| (r.name.clone(), r.version)).collect(),
             removed: Vec::new(),

@@ -17,6 +17,7 @@ use filterplane_api::{
 use filterplane_config::NodeFacts;
 
 use crate::snapshot::{ResourceMap, ServedResource, Snapshot};
+use crate::text::Text;
 
 /// What a stream learns from the `node` of its first request.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -93,7 +94,7 @@ impl<R> Step<R> {
         self.events
             .iter()
             .filter_map(|e| match e {
-                StreamEvent::Sent { rt, nonce, .. } => Some((*rt, nonce.clone())),
+                StreamEvent::Sent { rt, nonce, .. } => Some((*rt, nonce.to_string())),
                 _ => None,
             })
             .collect()
@@ -493,9 +494,18 @@ pub fn set_version(resources: &[&Arc<ServedResource>]) -> ResourceVersion {
 pub struct NonceSource(u64);
 
 impl NonceSource {
-    pub fn next_nonce(&mut self) -> String {
+    pub fn next_nonce(&mut self) -> Text {
         self.0 += 1;
-        self.0.to_string()
+        // At most 20 digits: kept in place.
+        let mut digits = [0u8; 20];
+        let mut n = self.0;
+        let mut at = digits.len();
+        while n > 0 || at == digits.len() {
+            at -= 1;
+            digits[at] = b'0' + (n % 10) as u8;
+            n /= 10;
+        }
+        Text::from(std::str::from_utf8(&digits[at..]).unwrap_or_default())
     }
 
     /// The number in the last nonce handed out (0 before the first); later nonces are
@@ -529,8 +539,8 @@ pub enum StreamEvent {
     /// what changed names the same list to every stream it reaches (`TypeChanges`).
     Sent {
         rt: ResourceType,
-        version: String,
-        nonce: String,
+        version: Text,
+        nonce: Text,
         resources: Carried,
         removed: Vec<String>,
         incremental: bool,
@@ -596,11 +606,28 @@ impl StreamKind {
 }
 
 #[cfg(test)]
-mod interned_tests {
+mod tests {
     use super::*;
 
     fn named(names: &[&str]) -> Subscription {
         Subscription { wildcard: false, names: names.iter().map(|n| n.to_string()).collect() }
+    }
+
+    /// Nonces are the decimal numbers in sequence, kept in place, and read back by
+    /// `number` (how a request's nonce is matched to a response).
+    #[test]
+    fn nonces_are_numbers_in_sequence_kept_in_place() {
+        let mut nonces = NonceSource::default();
+        let first: Vec<Text> = (0..12).map(|_| nonces.next_nonce()).collect();
+        assert_eq!(
+            first.iter().map(|n| n.as_str()).collect::<Vec<_>>(),
+            ["1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12"]
+        );
+        assert!(first.iter().all(|n| matches!(n, Text::Short { .. })));
+        let mut nonces = NonceSource(u64::MAX - 1);
+        let last = nonces.next_nonce();
+        assert_eq!(last.as_str(), u64::MAX.to_string());
+        assert_eq!(NonceSource::number(&last), Some(u64::MAX));
     }
 
     /// Streams that subscribe alike hold one subscription; one that differs (by a name,

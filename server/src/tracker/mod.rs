@@ -160,8 +160,8 @@ impl AckTracker {
                 m.pushed_bytes.inc_by(*bytes as u64);
                 let t = type_status(&mut proxy, *rt);
                 t.state = SyncState::Pending;
-                t.sent_version = Some(version.as_str().into());
-                t.sent_nonce = Some(nonce.as_str().into());
+                t.sent_version = Some(version.clone());
+                t.sent_nonce = Some(nonce.clone());
                 t.sent_at = Some(Stamp(when));
                 t.sent_instant = Some(when);
                 if !incremental {

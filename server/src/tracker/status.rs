@@ -9,6 +9,7 @@ use std::{
 
 use filterplane_api::{ResourceType, ResourceVersion};
 use filterplane_config::NodeFacts;
+pub use filterplane_xds::text::Text;
 use filterplane_xds::vec_map::VecMap;
 use serde::Serialize;
 
@@ -279,98 +280,6 @@ impl Stamp {
         let ago = Instant::now().saturating_duration_since(self.0);
         let now = SystemTime::now();
         now.checked_sub(ago).unwrap_or(now)
-    }
-}
-
-/// Bytes of text a `Text` keeps in place.
-const SHORT_TEXT: usize = 22;
-
-/// A version, nonce or resource name as the API shows it. Filterplane's own versions
-/// and nonces (16 hex digits; a number), and most names, are kept in place, in the proxy's status, so recording a push or an
-/// ACK writes no string elsewhere in memory; a longer one a client sent is boxed. The
-/// same size as a `String`.
-#[derive(Clone)]
-pub enum Text {
-    Short { len: u8, bytes: [u8; SHORT_TEXT] },
-    Long(Box<str>),
-}
-
-impl Text {
-    pub fn as_str(&self) -> &str {
-        match self {
-            // Only ever filled from a `&str`, cut at its end: always UTF-8.
-            Text::Short { len, bytes } => std::str::from_utf8(&bytes[..usize::from(*len)]).unwrap_or_default(),
-            Text::Long(s) => s,
-        }
-    }
-}
-
-impl From<&str> for Text {
-    fn from(text: &str) -> Self {
-        if text.len() > SHORT_TEXT {
-            return Text::Long(text.into());
-        }
-        let mut bytes = [0; SHORT_TEXT];
-        bytes[..text.len()].copy_from_slice(text.as_bytes());
-        Text::Short { len: text.len() as u8, bytes }
-    }
-}
-
-impl std::ops::Deref for Text {
-    type Target = str;
-    fn deref(&self) -> &str {
-        self.as_str()
-    }
-}
-
-/// Maps keyed by `Text` are looked up by `&str` (its order and equality are the text's).
-impl std::borrow::Borrow<str> for Text {
-    fn borrow(&self) -> &str {
-        self.as_str()
-    }
-}
-
-impl PartialEq for Text {
-    fn eq(&self, other: &Self) -> bool {
-        self.as_str() == other.as_str()
-    }
-}
-
-impl Eq for Text {}
-
-impl std::hash::Hash for Text {
-    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        self.as_str().hash(state)
-    }
-}
-
-impl PartialOrd for Text {
-    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
-    }
-}
-
-impl Ord for Text {
-    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        self.as_str().cmp(other.as_str())
-    }
-}
-
-impl std::fmt::Debug for Text {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        std::fmt::Debug::fmt(self.as_str(), f)
-    }
-}
-
-impl std::fmt::Display for Text {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl Serialize for Text {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(self.as_str())
     }
 }
 

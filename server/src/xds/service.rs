@@ -505,7 +505,7 @@ fn log_event(node_id: &str, event: &StreamEvent) {
             tracing::debug!(node_id = %Cut(node_id), type_url = %rt, version, nonce = %Cut(nonce), "ACK")
         }
         StreamEvent::Sent { rt, version, nonce, resources, removed, bytes, .. } => {
-            tracing::debug!(node_id = %Cut(node_id), type_url = %rt, version, nonce, resources = resources.len(), removed = removed.len(), bytes, "sent")
+            tracing::debug!(node_id = %Cut(node_id), type_url = %rt, version = %version, nonce = %nonce, resources = resources.len(), removed = removed.len(), bytes, "sent")
         }
         StreamEvent::Subscribed { rt, wildcard, names } => {
             tracing::debug!(node_id = %Cut(node_id), type_url = %rt, wildcard, names = names.len(), "subscription")
