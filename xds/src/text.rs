@@ -53,6 +53,17 @@ impl std::ops::Deref for Text {
     }
 }
 
+impl Text {
+    /// The bytes, not checked again as UTF-8 (which `as_str` does, on every call): what
+    /// comparisons read.
+    pub fn as_bytes(&self) -> &[u8] {
+        match self {
+            Text::Short { len, bytes } => &bytes[..usize::from(*len)],
+            Text::Long(s) => s.as_bytes(),
+        }
+    }
+}
+
 /// Maps keyed by `Text` are looked up by `&str` (its order and equality are the text's).
 impl std::borrow::Borrow<str> for Text {
     fn borrow(&self) -> &str {
@@ -62,7 +73,7 @@ impl std::borrow::Borrow<str> for Text {
 
 impl PartialEq for Text {
     fn eq(&self, other: &Self) -> bool {
-        self.as_str() == other.as_str()
+        self.as_bytes() == other.as_bytes()
     }
 }
 
@@ -82,7 +93,7 @@ impl PartialOrd for Text {
 
 impl Ord for Text {
     fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        self.as_str().cmp(other.as_str())
+        self.as_bytes().cmp(other.as_bytes())
     }
 }
 
