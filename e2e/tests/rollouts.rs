@@ -106,8 +106,14 @@ fn start(rollout: &str) -> Fleet {
     fleet
 }
 
+/// The two tests here each load the 2 cores fully (ten Envoys; a thousand simulated
+/// proxies ramping against a debug build): run side by side, each starved the other of
+/// its timeouts in full-suite runs. One at a time.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[test]
 fn ten_envoys_step_by_step_rollback_halt_and_operator_actions() {
+    let _alone = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let spec = "{ steps: [10, 100], bake: 5s, ack_timeout: 20s, on_failure: rollback }";
     let f = start(spec);
 
@@ -237,6 +243,7 @@ fn ten_envoys_step_by_step_rollback_halt_and_operator_actions() {
 /// `steps: [5, 25, 100]`: each step's share of the fleet, measured from the rollout view.
 #[test]
 fn a_thousand_proxies_step_by_step() {
+    let _alone = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let dir = tempfile::tempdir().unwrap();
     let yaml = dir.path().join("filterplane.yaml");
     let spec = "{ steps: [5, 25, 100], bake: 2s, ack_timeout: 60s }";
@@ -256,7 +263,12 @@ fn a_thousand_proxies_step_by_step() {
     // Each step's proxies on the new version, as the rollout view counts them.
     let mut seen: std::collections::BTreeMap<u64, (u64, u64)> = Default::default();
     while !loadgen.is_finished() {
-        let v = fp.api("/api/v1/rollouts");
+        // A poll the admin does not answer within the harness's 5 s (the ramp's load on
+        // a debug build) is a sample missed, not a step miscounted: the next one counts.
+        let Some(v) = fp.get("/api/v1/rollouts").and_then(|r| serde_json::from_str::<serde_json::Value>(&r.body).ok())
+        else {
+            continue;
+        };
         if let Some(r) = v["rollouts"].as_array().and_then(|a| a.first()) {
             let (p, on, of) = (
                 r["percent"].as_u64().unwrap_or(0),
