@@ -288,8 +288,10 @@ impl<H: Handler> ConnState<H> {
             slot.wakeup = wakeup;
             self.timer_stale = true;
         }
+        // Taken whatever happens to it: `out` goes on to the next stream.
+        let end = out.end.take();
         if slot.end.is_none() {
-            slot.end = out.end.take();
+            slot.end = end;
         }
         if out.messages.is_empty() {
             return;
