@@ -263,6 +263,7 @@ fn a_thousand_proxies_step_by_step() {
     // Each step's proxies on the new version, as the rollout view counts them.
     let mut seen: std::collections::BTreeMap<u64, (u64, u64)> = Default::default();
     while !loadgen.is_finished() {
+        std::thread::sleep(Duration::from_millis(20));
         // A poll the admin does not answer within the harness's 5 s (the ramp's load on
         // a debug build) is a sample missed, not a step miscounted: the next one counts.
         let Some(v) = fp.get("/api/v1/rollouts").and_then(|r| serde_json::from_str::<serde_json::Value>(&r.body).ok())
@@ -278,7 +279,6 @@ fn a_thousand_proxies_step_by_step() {
             let e = seen.entry(p).or_default();
             *e = (e.0.max(on), e.1.max(of));
         }
-        std::thread::sleep(Duration::from_millis(20));
     }
     let report = loadgen.join().unwrap().unwrap();
     assert!(report.errors.is_empty(), "{:?}", report.errors);

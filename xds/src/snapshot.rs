@@ -79,7 +79,7 @@ pub struct TypeChanges {
     pub changed: Arc<[Arc<ServedResource>]>,
     /// The same, by name and version, as the tracker records a response: a stream that
     /// subscribes to all of `changed` (most do) shares both lists instead of copying them.
-    pub carried: crate::stream::Carried,
+    pub named: crate::stream::Carried,
     /// Names that left.
     pub removed: Vec<String>,
 }
@@ -165,8 +165,8 @@ impl Snapshot {
             }
         }
         removed.extend(old_iter.map(|(n, _)| n.clone()));
-        let carried = changed.iter().map(|r| (r.name.clone(), r.version)).collect();
-        let changes = Arc::new(TypeChanges { changed: changed.into(), carried, removed });
+        let named = changed.iter().map(|r| (r.name.clone(), r.version)).collect();
+        let changes = Arc::new(TypeChanges { changed: changed.into(), named, removed });
         if memo.len() >= MAX_CHANGE_MEMOS {
             memo.remove(0);
         }

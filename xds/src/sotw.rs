@@ -330,7 +330,7 @@ impl SotwStream {
         }
         // All that changed (the usual push): the lists every such stream shares.
         let (carried, named): (Arc<[Arc<ServedResource>]>, _) = if wanted == changes.changed.len() {
-            (changes.changed.clone(), changes.carried.clone())
+            (changes.changed.clone(), changes.named.clone())
         } else {
             let carried: Arc<[_]> = changes.changed.iter().filter(|r| subscription.wants(&r.name)).cloned().collect();
             let named = carried.iter().map(|r| (r.name.clone(), r.version)).collect();

@@ -497,15 +497,7 @@ impl NonceSource {
     pub fn next_nonce(&mut self) -> Text {
         self.0 += 1;
         // At most 20 digits: kept in place.
-        let mut digits = [0u8; 20];
-        let mut n = self.0;
-        let mut at = digits.len();
-        while n > 0 || at == digits.len() {
-            at -= 1;
-            digits[at] = b'0' + (n % 10) as u8;
-            n /= 10;
-        }
-        Text::from(std::str::from_utf8(&digits[at..]).unwrap_or_default())
+        Text::from(itoa::Buffer::new().format(self.0))
     }
 
     /// The number in the last nonce handed out (0 before the first); later nonces are

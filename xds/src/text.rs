@@ -24,6 +24,15 @@ impl Text {
             Text::Long(s) => s,
         }
     }
+
+    /// The bytes, not checked again as UTF-8 (which `as_str` does, on every call): what
+    /// comparisons read.
+    pub fn as_bytes(&self) -> &[u8] {
+        match self {
+            Text::Short { len, bytes } => &bytes[..usize::from(*len)],
+            Text::Long(s) => s.as_bytes(),
+        }
+    }
 }
 
 impl From<&str> for Text {
@@ -50,17 +59,6 @@ impl std::ops::Deref for Text {
     type Target = str;
     fn deref(&self) -> &str {
         self.as_str()
-    }
-}
-
-impl Text {
-    /// The bytes, not checked again as UTF-8 (which `as_str` does, on every call): what
-    /// comparisons read.
-    pub fn as_bytes(&self) -> &[u8] {
-        match self {
-            Text::Short { len, bytes } => &bytes[..usize::from(*len)],
-            Text::Long(s) => s.as_bytes(),
-        }
     }
 }
 
