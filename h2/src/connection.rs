@@ -11,10 +11,11 @@ use std::{
 };
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::sync::watch;
+use tokio::sync::futures::OwnedNotified;
 use tokio_stream::Stream;
 
 use crate::{
+    broadcast::{Broadcast, Listener, Signal},
     frames::{NO_ERROR, PING},
     state::{fail, ConnError, ConnState, WRITE_HIGH},
     ConnContext, H2Settings, Handler,
@@ -33,7 +34,9 @@ pub struct Connection<IO, H: Handler> {
     /// A frame cut in two by a read; empty (unallocated) otherwise.
     rbuf: Vec<u8>,
     /// Events for every stream, and the server stopping.
-    signals: tokio_stream::wrappers::WatchStream<Signal<H::Event>>,
+    signals: Listener<H::Event>,
+    /// Registered for the end of the push this connection holds its reads back for.
+    push_done: Option<Pin<Box<OwnedNotified>>>,
     keepalive: Pin<Box<tokio::time::Sleep>>,
     /// The keepalive timer was polled since it was last set, so it wakes the connection
     /// when due: until then, a wake-up (one per push) need not poll it again.
@@ -42,27 +45,19 @@ pub struct Connection<IO, H: Handler> {
     timer: Option<(Instant, Pin<Box<tokio::time::Sleep>>)>,
 }
 
-/// What every connection is told: an event for its streams (a new configuration), or
-/// that the server stops. (One channel for both: an idle connection waits on one thing,
-/// and one wake-up per change.)
-#[derive(Debug, Clone)]
-pub enum Signal<E> {
-    Event(E),
-    Stop,
-}
-
 impl<IO: AsyncRead + AsyncWrite + Unpin, H: Handler> Connection<IO, H>
 where
     H::Event: Clone,
 {
     /// A connection on `io`, its streams sharing `ctx`, told of events by `signals`.
-    pub fn new(io: IO, ctx: H::Context, settings: H2Settings, signals: watch::Receiver<Signal<H::Event>>) -> Self {
+    pub fn new(io: IO, ctx: H::Context, settings: H2Settings, signals: &Broadcast<H::Event>) -> Self {
         let keepalive = Box::pin(tokio::time::sleep(settings.keepalive));
         Self {
             io,
             state: ConnState::new(ctx, settings),
             rbuf: Vec::new(),
-            signals: tokio_stream::wrappers::WatchStream::from_changes(signals),
+            signals: signals.subscribe(),
+            push_done: None,
             keepalive,
             keepalive_armed: false,
             timer: None,
@@ -98,6 +93,24 @@ where
                 due
             }
         }
+    }
+
+    /// Whether reads wait for the push under way to reach the other connections (see
+    /// `broadcast`): only once this one has answered it, and only while it has no output
+    /// waiting for the client's window (which a read may open). When it does, the end of
+    /// the push wakes the connection.
+    fn held_for_push(&mut self, cx: &mut Context<'_>) -> bool {
+        if !self.signals.pushing() || !self.state.answers_pushes() {
+            self.push_done = None;
+            return false;
+        }
+        let done = self.push_done.get_or_insert_with(|| Box::pin(self.signals.when_done()));
+        // Registered first, then asked again: an end in between is not missed.
+        if done.as_mut().poll(cx).is_ready() || !self.signals.pushing() {
+            self.push_done = None;
+            return false;
+        }
+        true
     }
 
     /// Reads once; `Ready(true)` at the end of the input.
@@ -153,13 +166,14 @@ where
     fn poll_run(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ConnError>> {
         for _ in 0..TURNS_PER_POLL {
             let mut progress = false;
-            while let Poll::Ready(next) = Pin::new(&mut self.signals).poll_next(cx) {
+            while let Poll::Ready(next) = Pin::new(&mut self.signals.rx).poll_next(cx) {
                 match next {
                     Some(Signal::Event(e)) if !self.state.closing => self.state.on_event(&e),
                     Some(Signal::Event(_)) => {}
                     // Streams end with OK, as when the server stops.
                     Some(Signal::Stop) | None => self.state.stop(),
                 }
+                self.signals.answered();
                 progress = true;
                 if self.state.closing {
                     break;
@@ -182,7 +196,7 @@ where
                 self.state.on_timers(Instant::now());
                 progress = true;
             }
-            if !self.state.closing && self.state.wbuf.len() - self.state.wpos < WRITE_HIGH {
+            if !self.state.closing && self.state.wbuf.len() - self.state.wpos < WRITE_HIGH && !self.held_for_push(cx) {
                 match self.poll_read(cx) {
                     Poll::Ready(Ok(true)) => return Poll::Ready(Ok(())),
                     Poll::Ready(Ok(false)) => progress = true,

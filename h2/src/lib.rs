@@ -24,13 +24,15 @@
 //! Layers, each in its file: `frames` (pure encode of frames and header blocks),
 //! `request` (a request's header block checked, RFC 9113 8.2–8.3), `grpc` (gRPC message
 //! framing), `output` (what waits behind flow control, bounded), `state` (the connection
-//! state machine: bytes in, frames out, RFC 9113's stream states), and `connection` (the
-//! I/O and timers around it).
+//! state machine: bytes in, frames out, RFC 9113's stream states), `broadcast` (events
+//! for every connection, and how far a push has reached), and `connection` (the I/O and
+//! timers around it).
 
 #![deny(clippy::unwrap_used)]
 
 use std::time::{Duration, Instant};
 
+pub mod broadcast;
 pub mod connection;
 mod frames;
 pub mod grpc;
@@ -39,7 +41,8 @@ pub mod request;
 mod state;
 pub mod status;
 
-pub use connection::{Connection, Signal};
+pub use broadcast::{Broadcast, Signal};
+pub use connection::Connection;
 pub use output::{OutMessage, OutputBudget};
 pub use state::{MAX_BUFFERED, MAX_HEADER_BLOCK, MAX_REQUEST};
 pub use status::{Code, Status};

@@ -8,9 +8,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use filterplane_h2::{Connection, H2Settings, Signal};
+use filterplane_h2::{Broadcast, Connection, H2Settings};
 use filterplane_xds::snapshot::Generation;
-use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use tokio_stream::StreamExt;
@@ -23,6 +22,12 @@ use crate::{
     },
 };
 
+/// How long connections that answered a push hold back reading their clients' ACKs while
+/// other connections still have to answer it (`filterplane_h2::broadcast`), at most: the
+/// most a client's frames wait for a push at fleet scale (a million streams on two cores
+/// take about this long).
+const PUSH_READ_HOLD: Duration = Duration::from_secs(2);
+
 /// Serves every connection `accepted` hands over until `shutdown`; then waits (at most
 /// five seconds) for connections to say goodbye.
 pub async fn serve(
@@ -34,10 +39,11 @@ pub async fn serve(
     metrics: Arc<crate::metrics::Metrics>,
     shutdown: CancellationToken,
 ) {
-    let (signals, _) = watch::channel(Signal::Event(NewGeneration(services.ctx().cache.current(), Instant::now())));
+    let first = NewGeneration(services.ctx().cache.current(), Instant::now());
+    let signals = Arc::new(Broadcast::new(first, PUSH_READ_HOLD));
     let forward = {
         let mut generations = services.ctx().cache.subscribe();
-        let (signals, shutdown) = (signals.clone(), shutdown.clone());
+        let (signals, shutdown, metrics) = (signals.clone(), shutdown.clone(), metrics.clone());
         async move {
             loop {
                 tokio::select! {
@@ -48,11 +54,14 @@ pub async fn serve(
                         }
                         let g: Option<Arc<Generation>> = generations.borrow_and_update().clone();
                         // The clock is read once per generation, not once per stream.
-                        signals.send_replace(Signal::Event(NewGeneration(g, Instant::now())));
+                        signals.publish(NewGeneration(g, Instant::now()));
                     }
+                    overdue = signals.overdue() => if overdue {
+                        metrics.limit_hit("push_read_hold");
+                    },
                 }
             }
-            signals.send_replace(Signal::Stop);
+            signals.stop();
         }
     };
     let forwarding = tokio::spawn(forward);
@@ -64,7 +73,7 @@ pub async fn serve(
         });
         let service = FallbackService::<Handler> {
             context: Arc::new(move |info| XdsConn { services: services.clone(), peer: services.peer(info.clone()) }),
-            signals: signals.subscribe(),
+            signals: signals.receiver(),
             budget: settings.output.clone(),
         };
         let server = fallback::serve(incoming, service, &settings, shutdown.clone().cancelled_owned());
@@ -85,7 +94,7 @@ pub async fn serve(
         let peer = services.peer(a.io.peer());
         let io = crate::limits::Handshake::new(a.io, a.hold, handshake_timeout, metrics.clone());
         let ctx = XdsConn { services: services.clone(), peer };
-        tasks.spawn(Connection::<_, Handler>::new(io, ctx, settings.clone(), signals.subscribe()));
+        tasks.spawn(Connection::<_, Handler>::new(io, ctx, settings.clone(), &signals));
     }
     let _ = forwarding.await;
     tasks.close();
