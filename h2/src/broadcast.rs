@@ -6,18 +6,23 @@
 //! ACKs of what it sent), so that the connections still to answer get the CPU first:
 //! otherwise, on a busy server, ACKs from the first half of the fleet are read between
 //! the responses of the second half, and a push's tail grows with the fleet. Reads held
-//! back resume as soon as every connection has answered, or `hold` after the event was
-//! published, whichever comes first.
+//! back resume as soon as every connection has answered, or `hold` after the push began,
+//! whichever comes first. Newer events that come before every connection has answered
+//! continue the push (each connection answers the latest); one that outlasted `hold` holds
+//! nothing back until every connection has caught up, so that steady churn at a scale
+//! where pushes overlap never keeps a client's frames waiting for long.
 
 use std::{
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc, Mutex, MutexGuard, PoisonError,
     },
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use tokio::sync::{watch, Notify};
+// The runtime's clock (tests pause it).
+use tokio::time::Instant;
 
 /// What every connection is told: an event for its streams (a new configuration), or
 /// that the server stops. (One channel for both: an idle connection waits on one thing,
@@ -55,8 +60,10 @@ struct Counts {
     generation: u64,
     /// Connections that have not answered the last event.
     left: usize,
-    /// When the last event was published, while connections are left.
+    /// When the push under way began (its first event), while connections are left.
     since: Option<Instant>,
+    /// The push under way outlasted the hold: reads are not held back until it ends.
+    overdue: bool,
 }
 
 impl<E: Clone + Send + Sync + 'static> Broadcast<E> {
@@ -71,8 +78,12 @@ impl<E: Clone + Send + Sync + 'static> Broadcast<E> {
         let mut counts = self.progress.lock();
         counts.generation += 1;
         counts.left = counts.live;
-        counts.since = Some(Instant::now());
-        self.progress.pushing.store(counts.left > 0, Ordering::Release);
+        if counts.left == 0 {
+            (counts.since, counts.overdue) = (None, false);
+        } else {
+            counts.since.get_or_insert_with(Instant::now);
+        }
+        self.progress.pushing.store(counts.left > 0 && !counts.overdue, Ordering::Release);
         // Under the lock: a connection counted here is one subscribed before this value.
         self.tx.send_replace(Signal::Event(event));
     }
@@ -108,16 +119,18 @@ impl<E: Clone + Send + Sync + 'static> Broadcast<E> {
     /// lets them go; `true` when it had to (some connection had not answered in time).
     /// Pending for ever while no push is under way: for a `select!` beside the events.
     pub async fn overdue(&self) -> bool {
-        let since = self.progress.lock().since;
+        let since = {
+            let counts = self.progress.lock();
+            counts.since.filter(|_| !counts.overdue)
+        };
         let Some(since) = since else { return std::future::pending().await };
-        tokio::time::sleep_until((since + self.hold).into()).await;
+        tokio::time::sleep_until(since + self.hold).await;
         let mut counts = self.progress.lock();
-        // Not released by a push that came since, nor by every connection answering.
-        if counts.since != Some(since) {
+        // Not ended by every connection answering in the meantime.
+        if counts.since != Some(since) || counts.overdue {
             return false;
         }
-        counts.left = 0;
-        counts.since = None;
+        counts.overdue = true;
         drop(counts);
         self.progress.release();
         true
@@ -148,6 +161,7 @@ impl Progress {
         *seen = counts.generation;
         counts.left = counts.left.saturating_sub(1);
         if counts.left == 0 && counts.since.take().is_some() {
+            counts.overdue = false;
             drop(counts);
             self.release();
         }
@@ -253,10 +267,10 @@ mod tests {
     }
 
     /// A connection that never answers holds the others' reads back at most `hold`.
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn a_push_no_one_finishes_releases_reads_after_the_hold() {
         let b = Broadcast::new(0u32, Duration::from_millis(50));
-        let (mut quick, _stuck) = (b.subscribe(), b.subscribe());
+        let (mut quick, mut stuck) = (b.subscribe(), b.subscribe());
         let mut idle = Box::pin(b.overdue());
         assert!(!ready(idle.as_mut()), "no push: never overdue");
         b.publish(1);
@@ -264,17 +278,45 @@ mod tests {
         let done = quick.when_done();
         let started = Instant::now();
         assert!(b.overdue().await, "the stuck connection kept the push going");
-        assert!(started.elapsed() >= Duration::from_millis(40));
+        assert_eq!(started.elapsed(), Duration::from_millis(50));
         assert!(!b.pushing());
         done.await;
+        stuck.answered();
         // Answered in time: not overdue, and the push ended when the last one answered.
         b.publish(2);
+        assert!(b.pushing());
         let finished = async {
             tokio::time::sleep(Duration::from_millis(5)).await;
             quick.answered();
-            drop(_stuck);
+            drop(stuck);
         };
         let (overdue, ()) = tokio::join!(b.overdue(), finished);
         assert!(!overdue && !b.pushing());
+    }
+
+    /// Events that keep coming before every connection answered continue one push: the
+    /// hold counts from its first event, and once it is up nothing is held back until
+    /// every connection has answered the latest.
+    #[tokio::test(start_paused = true)]
+    async fn overlapping_events_hold_reads_back_once_until_every_connection_caught_up() {
+        let b = Broadcast::new(0u32, Duration::from_millis(50));
+        let (mut quick, mut slow) = (b.subscribe(), b.subscribe());
+        let started = Instant::now();
+        b.publish(1);
+        quick.answered();
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        b.publish(2);
+        quick.answered();
+        assert!(b.pushing(), "the slow connection has not answered yet");
+        assert!(b.overdue().await);
+        assert_eq!(started.elapsed(), Duration::from_millis(50), "counted from the first event");
+        b.publish(3);
+        assert!(!b.pushing(), "the push under way outlasted the hold: nothing is held back");
+        let mut idle = Box::pin(b.overdue());
+        assert!(!ready(idle.as_mut()), "and it is not overdue twice");
+        quick.answered();
+        slow.answered();
+        b.publish(4);
+        assert!(b.pushing(), "every connection caught up: the next push holds reads back again");
     }
 }
