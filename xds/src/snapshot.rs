@@ -62,6 +62,9 @@ pub struct Snapshot {
     /// What changed of a type since a snapshot this one replaced, worked out once for
     /// all the group's streams (`changes_from`); the last `MAX_CHANGE_MEMOS`.
     changes: Mutex<Vec<ChangeMemo>>,
+    /// The first of those answers per type, read without the lock (and without touching
+    /// the earlier snapshot's counts): almost every stream of a push asks for it.
+    first_changes: [OnceLock<(Weak<Snapshot>, Arc<TypeChanges>)>; ResourceType::ALL.len()],
 }
 
 /// A snapshot this one replaced (held weakly: its allocation stays while the memo does,
@@ -144,6 +147,12 @@ impl Snapshot {
     /// it subscribes to. What a push costs a stream is then what changed, not what it
     /// subscribes to.
     pub fn changes_from(&self, before: &Arc<Snapshot>, rt: ResourceType) -> Arc<TypeChanges> {
+        // A memo's weak reference keeps the earlier snapshot's allocation: a live snapshot
+        // at that address is that one.
+        let first = &self.first_changes[rt as usize];
+        if let Some((_, c)) = first.get().filter(|(w, _)| std::ptr::eq(w.as_ptr(), Arc::as_ptr(before))) {
+            return c.clone();
+        }
         let key = Arc::downgrade(before);
         // Held while working it out: the group's other streams wait for it rather than
         // work it out again.
@@ -170,6 +179,7 @@ impl Snapshot {
         if memo.len() >= MAX_CHANGE_MEMOS {
             memo.remove(0);
         }
+        let _ = first.set((key.clone(), changes.clone()));
         memo.push((key, rt, changes.clone()));
         changes
     }
@@ -464,6 +474,7 @@ impl Generation {
             placed,
             selections,
             changes: Mutex::default(),
+            first_changes: Default::default(),
         });
         let snap = self.groups.entry(group).or_insert(snap).clone();
         if common {
@@ -621,6 +632,31 @@ mod tests {
         // A type the snapshot has none of: the empty set's version, as before.
         let none: Vec<&Arc<ServedResource>> = Vec::new();
         assert_eq!(snap.selection_version(ResourceType::Cluster, &sub(&["x"]), &none), set_version(&none));
+    }
+
+    /// What changed since an earlier snapshot is worked out once per earlier snapshot and
+    /// type, whichever is asked first (the first one read without the lock), and each
+    /// answer is that pair's own.
+    #[test]
+    fn what_changed_is_worked_out_once_per_earlier_snapshot_and_type() {
+        let of = |x: &str, y: &str| {
+            let g =
+                generation(&format!("version: 1\nextension_configs:\n{}{}", entry("a", "{}", x), entry("b", "{}", y)));
+            g.snapshot_for(&node("n", "c"))
+        };
+        let (one, two, now) = (of("v1", "v1"), of("v2", "v1"), of("v2", "v2"));
+        let names = |c: &TypeChanges| c.changed.iter().map(|r| r.name.clone()).collect::<Vec<_>>();
+        let since_one = now.changes_from(&one, ECDS);
+        assert_eq!(names(&since_one), ["a", "b"]);
+        let since_two = now.changes_from(&two, ECDS);
+        assert_eq!(names(&since_two), ["b"]);
+        assert!(names(&now.changes_from(&now, ECDS)).is_empty());
+        assert!(now.changes_from(&one, ResourceType::Cluster).changed.is_empty());
+        for _ in 0..2 {
+            assert!(Arc::ptr_eq(&now.changes_from(&one, ECDS), &since_one), "the first, read without the lock");
+            assert!(Arc::ptr_eq(&now.changes_from(&two, ECDS), &since_two), "a later one, from the memo");
+        }
+        assert_eq!(since_two.named.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(), ["b"]);
     }
 
     #[test]
