@@ -91,7 +91,7 @@ impl<E: Clone + Send + Sync + 'static> Broadcast<E> {
     /// Tells every connection that the server stops.
     pub fn stop(&self) {
         self.tx.send_replace(Signal::Stop);
-        self.progress.release();
+        self.progress.release(self.progress.lock());
     }
 
     /// A receiver of the signals as they come, for a transport that counts no progress
@@ -131,8 +131,7 @@ impl<E: Clone + Send + Sync + 'static> Broadcast<E> {
             return false;
         }
         counts.overdue = true;
-        drop(counts);
-        self.progress.release();
+        self.progress.release(counts);
         true
     }
 }
@@ -143,8 +142,11 @@ impl Progress {
         self.counts.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn release(&self) {
+    /// Reads held back go on. The flag falls under the lock, so that it cannot undo a
+    /// push published after this one ended; waiters are told after it.
+    fn release(&self, counts: MutexGuard<'_, Counts>) {
         self.pushing.store(false, Ordering::Release);
+        drop(counts);
         self.done.notify_waiters();
     }
 
@@ -162,8 +164,7 @@ impl Progress {
         counts.left = counts.left.saturating_sub(1);
         if counts.left == 0 && counts.since.take().is_some() {
             counts.overdue = false;
-            drop(counts);
-            self.release();
+            self.release(counts);
         }
     }
 }

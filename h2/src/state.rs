@@ -456,15 +456,15 @@ impl<H: Handler> ConnState<H> {
         self.go_away(NO_ERROR, "shutting down");
     }
 
-    /// The earliest stream wake-up; and, with the server over its output bound, when a
-    /// stream held by a closed window will count as stuck (so it is cut then, not at the
-    /// next PING).
     /// Whether this connection takes part in pushes and can wait to read: it has streams,
     /// and none has output waiting for the client's window (a read may open it).
     pub(crate) fn answers_pushes(&self) -> bool {
         !self.streams.is_empty() && self.queued == 0
     }
 
+    /// The earliest stream wake-up; and, with the server over its output bound, when a
+    /// stream held by a closed window will count as stuck (so it is cut then, not at the
+    /// next PING).
     pub(crate) fn next_wakeup(&self) -> Option<Instant> {
         let over = self.settings.output.over_total();
         self.streams
