@@ -250,3 +250,135 @@ where
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The read hold at the frame level: a client's PING is not read while a push is
+    //! still reaching other connections, and is once the push has reached them; a
+    //! connection whose output waits for its client's window reads on.
+    use std::time::Duration;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+
+    use super::*;
+    use crate::{
+        frames::{frame_head, literal, ACK, END_HEADERS, HEADERS, PREFACE, SETTINGS},
+        OutMessage, Output,
+    };
+
+    struct Ctx;
+
+    impl ConnContext for Ctx {
+        fn peer(&self) -> &str {
+            "test"
+        }
+        fn limit_hit(&self, _: &'static str) {}
+    }
+
+    /// Answers each event with one message.
+    struct Pusher;
+
+    impl Handler for Pusher {
+        type Context = Ctx;
+        type Event = u8;
+        type Method = ();
+        fn route(_: &[u8]) -> Option<()> {
+            Some(())
+        }
+        fn open(_: &Ctx, _: ()) -> Self {
+            Pusher
+        }
+        fn on_message(&mut self, _: &Ctx, _: &[u8], _: &mut Output) {}
+        fn on_requests_end(&mut self, _: &Ctx, _: &mut Output) {}
+        fn on_event(&mut self, _: &Ctx, e: &u8, out: &mut Output) {
+            out.messages.push(OutMessage { bytes: vec![*e; 16], supersedes: None });
+        }
+        fn next_wakeup(&self) -> Option<Instant> {
+            None
+        }
+        fn on_timer(&mut self, _: &Ctx, _: Instant, _: &mut Output) {}
+    }
+
+    /// A client that opened one stream (with `window` as its initial stream window) on a
+    /// connection of `b`'s.
+    async fn client(b: &Broadcast<u8>, window: u32) -> DuplexStream {
+        let (mut client, server) = tokio::io::duplex(1 << 20);
+        tokio::spawn(Connection::<_, Pusher>::new(server, Ctx, H2Settings::default(), b));
+        let mut out = PREFACE.to_vec();
+        // SETTINGS_INITIAL_WINDOW_SIZE.
+        frame_head(&mut out, 6, SETTINGS, 0, 0);
+        out.extend_from_slice(&[0, 4]);
+        out.extend_from_slice(&window.to_be_bytes());
+        let mut block = Vec::new();
+        for (n, v) in [(":method", "POST"), (":scheme", "http"), (":path", "/x"), (":authority", "a")] {
+            literal(&mut block, n.as_bytes(), v.as_bytes());
+        }
+        literal(&mut block, b"content-type", b"application/grpc");
+        literal(&mut block, b"te", b"trailers");
+        frame_head(&mut out, block.len(), HEADERS, END_HEADERS, 1);
+        out.extend_from_slice(&block);
+        client.write_all(&out).await.unwrap();
+        client
+    }
+
+    /// Reads frames until one of type `ty` with flags `flags` on stream `id`, or until
+    /// `within` passes with none: whether it came.
+    async fn frame_comes(c: &mut DuplexStream, ty: u8, flags: u8, id: u32, within: Duration) -> bool {
+        let read = async {
+            loop {
+                let mut head = [0u8; 9];
+                c.read_exact(&mut head).await.unwrap();
+                let len = usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2]);
+                let mut payload = vec![0; len];
+                c.read_exact(&mut payload).await.unwrap();
+                let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]);
+                if head[3] == ty && head[4] & flags == flags && stream == id {
+                    return;
+                }
+            }
+        };
+        tokio::time::timeout(within, read).await.is_ok()
+    }
+
+    async fn ping(c: &mut DuplexStream) {
+        let mut out = Vec::new();
+        frame_head(&mut out, 8, PING, 0, 0);
+        out.extend_from_slice(&[1; 8]);
+        c.write_all(&out).await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_that_answered_a_push_reads_again_once_every_connection_has() {
+        let b = Broadcast::new(0u8, Duration::from_secs(60));
+        let mut c = client(&b, 65_535).await;
+        // The stream is open before the push (a ping answered shows it was read).
+        ping(&mut c).await;
+        assert!(frame_comes(&mut c, PING, ACK, 0, Duration::from_secs(1)).await);
+        // Another connection that has not answered yet.
+        let elsewhere = b.subscribe();
+        b.publish(7);
+        assert!(frame_comes(&mut c, crate::frames::DATA, 0, 1, Duration::from_secs(1)).await, "the push went out");
+        ping(&mut c).await;
+        assert!(
+            !frame_comes(&mut c, PING, ACK, 0, Duration::from_secs(5)).await,
+            "read while another connection still had to answer the push"
+        );
+        drop(elsewhere);
+        assert!(frame_comes(&mut c, PING, ACK, 0, Duration::from_secs(1)).await, "read once the push reached everyone");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_whose_output_waits_for_the_window_reads_through_a_push() {
+        let b = Broadcast::new(0u8, Duration::from_secs(60));
+        let mut c = client(&b, 0).await;
+        ping(&mut c).await;
+        assert!(frame_comes(&mut c, PING, ACK, 0, Duration::from_secs(1)).await);
+        let _elsewhere = b.subscribe();
+        b.publish(7);
+        ping(&mut c).await;
+        assert!(
+            frame_comes(&mut c, PING, ACK, 0, Duration::from_secs(1)).await,
+            "a closed window's update comes by reading: never held"
+        );
+    }
+}

@@ -48,6 +48,10 @@ pub mod defaults {
     pub const MAX_NODE_ID_BYTES: usize = 1024;
     /// HTTP/2 keepalive: a PING this often; no answer by the next one closes the connection.
     pub const XDS_KEEPALIVE: Duration = Duration::from_secs(30);
+    /// How long connections that answered a push hold back reading their clients' frames
+    /// while others still have to answer it (`filterplane_h2::broadcast`), at most: about
+    /// what a push to a million streams on two cores takes (fixed).
+    pub const XDS_PUSH_READ_HOLD: Duration = Duration::from_secs(2);
 }
 
 /// Which HTTP/2 implementation serves the xDS port.
@@ -300,6 +304,7 @@ pub fn bounds() -> Vec<Bound> {
             format!("{} bytes", filterplane_xds::stream::MAX_LOGGED_TYPE_URL_BYTES),
         ),
         fixed("a client that does not answer", secs(XDS_KEEPALIVE)),
+        fixed("reading a connection's input while a push goes out", secs(XDS_PUSH_READ_HOLD)),
         fixed("a replica's report to etcd", size(filterplane_state::reports::PART_BYTES as u64)),
         fixed("proxies whose stats (metrics service) are kept", thousands(crate::health::MAX_PROXIES as u64)),
         fixed("flushes of stats kept per proxy", thousands(crate::health::MAX_SAMPLES as u64)),

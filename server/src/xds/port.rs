@@ -22,12 +22,6 @@ use crate::{
     },
 };
 
-/// How long connections that answered a push hold back reading their clients' ACKs while
-/// other connections still have to answer it (`filterplane_h2::broadcast`), at most: the
-/// most a client's frames wait for a push at fleet scale (a million streams on two cores
-/// take about this long).
-const PUSH_READ_HOLD: Duration = Duration::from_secs(2);
-
 /// Serves every connection `accepted` hands over until `shutdown`; then waits (at most
 /// five seconds) for connections to say goodbye.
 pub async fn serve(
@@ -40,7 +34,7 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) {
     let first = NewGeneration(services.ctx().cache.current(), Instant::now());
-    let signals = Arc::new(Broadcast::new(first, PUSH_READ_HOLD));
+    let signals = Arc::new(Broadcast::new(first, crate::settings::defaults::XDS_PUSH_READ_HOLD));
     let forward = {
         let mut generations = services.ctx().cache.subscribe();
         let (signals, shutdown, metrics) = (signals.clone(), shutdown.clone(), metrics.clone());
