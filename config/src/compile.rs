@@ -148,8 +148,15 @@ impl<'a> Compiler<'a> {
     /// and path as the document wrote them.
     fn located(&self, origin: &Origin, sub: &str, message: impl Into<String>) -> ConfigError {
         let path = if sub.is_empty() { origin.path.clone() } else { format!("{}.{sub}", origin.path) };
-        // A file may hold several documents: the one whose lines hold the entry.
-        match self.files.iter().find(|f| f.path == origin.file && origin.line.is_none_or(|l| f.span.contains(&l))) {
+        // A file may hold several documents: the one whose lines hold the entry. Without a
+        // line (its document's line index gave up) only a file's one document is known to
+        // be the entry's: another's index would name a line of its own entry of that path.
+        let mut documents = self.files.iter().filter(|f| f.path == origin.file);
+        let document = match origin.line {
+            Some(l) => documents.find(|f| f.span.contains(&l)),
+            None => documents.next().filter(|_| documents.next().is_none()),
+        };
+        match document {
             // (An entry compiled on its own is not in its document's index: its own line.)
             Some(f) => {
                 let mut e = f.error(path, message);

@@ -107,6 +107,26 @@ fn every_error_is_reported_and_duplicates_across_files_point_at_both() {
 }
 
 #[test]
+fn an_entry_whose_document_has_no_line_index_is_not_given_another_documents_line() {
+    // The second document's flow mapping goes on at the first column: serde_yaml reads
+    // it, the line indexer gives up on that document. Its duplicate entry must not be
+    // placed by the first document's index (which has an entry of the same path).
+    let cluster = |name: &str| format!("  - name: {name}\n    connect_timeout: 1s\n");
+    let text = format!(
+        "version: 1\nclusters:\n{}{}---\nversion: 1\nclusters:\n{}    load_assignment: {{ cluster_name: b\n}}\n{}",
+        cluster("a"),
+        cluster("z"),
+        cluster("b"),
+        cluster("b")
+    );
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "a.yaml", &text);
+    let errs = load(&dir.path().join("a.yaml")).unwrap_err().0;
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert_eq!((errs[0].path.as_str(), errs[0].line), ("clusters[1].name", None), "{errs:?}");
+}
+
+#[test]
 fn directory_merges_yaml_files_in_name_order_and_ignores_others() {
     let dir = tempfile::tempdir().unwrap();
     write(dir.path(), "b.yml", &GOOD.replace("add-header", "second"));
