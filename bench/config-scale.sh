@@ -5,6 +5,8 @@
 # 2 ms, so up to 2 ms late; the server's own reload time from its log beside it).
 # Usage: bench/config-scale.sh BASE_BIN [SERVICES] [FILES] [EDITS]
 #   e.g. bench/config-scale.sh /path/to/b5fbd7f/filterplane 50000 100 5
+# ADD=1: each edit adds an endpoint (a line more: every later entry's line moves) instead
+# of changing one's port.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 base_bin=${1:?usage: bench/config-scale.sh BASE_BIN [SERVICES] [FILES] [EDITS]}
@@ -20,9 +22,9 @@ mkdir -p "$work/tiny" "$work/mesh" "$work/stage"
 "$gen" write "$work/tiny" 1 1
 "$gen" write "$work/mesh" "$services" "$files"
 config="$work/mesh"; [ "$files" -gt 1 ] || config="$work/mesh/mesh.yaml"
-python3 - "$new_bin" "$base_bin" "$gen" "$work" "$config" "$services" "$files" "$edits" <<'PY'
+python3 - "$new_bin" "$base_bin" "$gen" "$work" "$config" "$services" "$files" "$edits" "${ADD:-0}" <<'PY'
 import re, subprocess, sys, time, urllib.request, socket
-new_bin, base_bin, gen, work, config, services, files, edits = sys.argv[1:]
+new_bin, base_bin, gen, work, config, services, files, edits, add = sys.argv[1:]
 services, files, edits = int(services), int(files), int(edits)
 
 def free_port():
@@ -74,8 +76,8 @@ for name, binary in (("base", base_bin), ("this", new_bin)):
     for k in range(edits):
         before = applied(admin)
         i = (k * 7919) % services
-        # Each edit changes one more endpoint, as an operator's edits do.
-        done.append(f"{i}:{9000 + k}")
+        # Each edit changes (or adds) one more endpoint, as an operator's edits do.
+        done.append(f"{i}:{'+' if add == '1' else ''}{9000 + k}")
         # The edited file is made beside the config and written into it here, so the time
         # runs from the write itself (not from making 4 MB of YAML).
         subprocess.run([gen, "write", f"{work}/stage", str(services), str(files), *done], check=True)
@@ -98,7 +100,7 @@ for name, binary in (("base", base_bin), ("this", new_bin)):
     after_close.sort()
     per = (rss - floor) * 1024 / resources
     print(f"{name}: start {start_s:.2f} s; RSS {rss:.0f} MB, {floor:.0f} MB with one service: "
-          f"{per:.2f} KiB per resource; one endpoint changed, write to applied (ms): "
+          f"{per:.2f} KiB per resource; one endpoint {'added' if add == '1' else 'changed'}, write to applied (ms): "
           f"median {took[len(took)//2]:.0f}, min {took[0]:.0f}, max {took[-1]:.0f} "
           f"(from the file closed: {after_close[len(took)//2]:.0f}, {after_close[0]:.0f}, {after_close[-1]:.0f}); "
           f"server's reload (ms): {', '.join(f'{x:.0f}' for x in server_ms)}")

@@ -10,17 +10,29 @@ pub fn cluster(i: usize) -> String {
     )
 }
 
-/// The ClusterLoadAssignment of cluster `i`, its endpoints' last port `port`.
-pub fn assignment(i: usize, port: u16) -> String {
+/// The ports of a service's endpoints in a config not edited yet: two endpoints, one line
+/// each.
+pub const PORTS: [u16; 2] = [8080, 8081];
+
+/// The ClusterLoadAssignment of cluster `i`: an endpoint per port in `ports`, one line
+/// each (so an endpoint added or removed changes the file's line count).
+pub fn assignment(i: usize, ports: &[u16]) -> String {
+    use std::fmt::Write;
     let a = 1 + (i / 250) % 250;
     let b = 1 + i % 250;
-    format!(
-        "  - cluster_name: svc-{i}\n    endpoints:\n      - lb_endpoints:\n          - endpoint: {{ address: {{ socket_address: {{ address: 10.{a}.{b}.1, port_value: 8080 }} }} }}\n          - endpoint: {{ address: {{ socket_address: {{ address: 10.{a}.{b}.2, port_value: {port} }} }} }}\n"
-    )
+    let mut y = format!("  - cluster_name: svc-{i}\n    endpoints:\n      - lb_endpoints:\n");
+    for (k, port) in ports.iter().enumerate() {
+        let host = k + 1;
+        let _ = writeln!(
+            y,
+            "          - endpoint: {{ address: {{ socket_address: {{ address: 10.{a}.{b}.{host}, port_value: {port} }} }} }}"
+        );
+    }
+    y
 }
 
-/// Services `range` as one document.
-pub fn document(range: std::ops::Range<usize>, port_of: impl Fn(usize) -> u16) -> String {
+/// Services `range` as one document, the endpoints of each as `ports_of` says.
+pub fn document<P: AsRef<[u16]>>(range: std::ops::Range<usize>, ports_of: impl Fn(usize) -> P) -> String {
     let mut y = String::with_capacity(range.len() * 420);
     y.push_str("version: 1\nclusters:\n");
     for i in range.clone() {
@@ -28,41 +40,41 @@ pub fn document(range: std::ops::Range<usize>, port_of: impl Fn(usize) -> u16) -
     }
     y.push_str("endpoints:\n");
     for i in range {
-        y.push_str(&assignment(i, port_of(i)));
+        y.push_str(&assignment(i, ports_of(i).as_ref()));
     }
     y
 }
 
 /// Writes `services` services as `files` files (`files` = 1: `dir/mesh.yaml`), each
-/// endpoint's port 8081 except where `port_of` says; returns the config path.
-pub fn write(
+/// service's endpoints as `ports_of` says; returns the config path.
+pub fn write<P: AsRef<[u16]>>(
     dir: &Path,
     services: usize,
     files: usize,
-    port_of: impl Fn(usize) -> u16,
+    ports_of: impl Fn(usize) -> P,
 ) -> std::io::Result<std::path::PathBuf> {
     if files <= 1 {
         let path = dir.join("mesh.yaml");
-        std::fs::write(&path, document(0..services, port_of))?;
+        std::fs::write(&path, document(0..services, ports_of))?;
         return Ok(path);
     }
     let per = services.div_ceil(files);
     for f in 0..files {
         let range = (f * per).min(services)..((f + 1) * per).min(services);
-        std::fs::write(dir.join(format!("svc-{f:04}.yaml")), document(range, &port_of))?;
+        std::fs::write(dir.join(format!("svc-{f:04}.yaml")), document(range, &ports_of))?;
     }
     Ok(dir.to_path_buf())
 }
 
 /// The file of a `files`-file config holding service `i`.
-/// Rewrites only the file of `write(dir, services, files, port_of)` that holds service
+/// Rewrites only the file of `write(dir, services, files, ports_of)` that holds service
 /// `changed`, as an operator's edit of one service does (renamed into place).
-pub fn write_one(
+pub fn write_one<P: AsRef<[u16]>>(
     dir: &Path,
     services: usize,
     files: usize,
     changed: usize,
-    port_of: impl Fn(usize) -> u16,
+    ports_of: impl Fn(usize) -> P,
 ) -> std::io::Result<()> {
     let file = file_of(dir, services, files, changed);
     let per = if files <= 1 { services } else { services.div_ceil(files) };
@@ -71,7 +83,7 @@ pub fn write_one(
     // be read half-written.
     let name = file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let tmp = file.with_file_name(format!(".{name}.tmp"));
-    std::fs::write(&tmp, document(first..(first + per).min(services), port_of))?;
+    std::fs::write(&tmp, document(first..(first + per).min(services), ports_of))?;
     std::fs::rename(&tmp, file)
 }
 

@@ -47,7 +47,7 @@ pub struct LoadStats {
     pub whole_documents: usize,
     /// Files read again (the others had not changed).
     pub files_read: usize,
-    /// Of those, the ones edited inside one entry, taken in place (`patch`).
+    /// Of those, the ones edited inside their entries, taken in place (`patch`).
     pub patched: usize,
     /// Time spent reading files, reading documents and their entries (from the cache or
     /// anew), and checking and assembling the whole config.
@@ -127,7 +127,7 @@ struct FileState {
     /// Its documents, when it read without errors.
     docs: Option<Vec<Doc>>,
     /// A large file every document of which was cut: its text and where each entry lies
-    /// in it, so that an edit inside one entry reads that entry alone (`patch`).
+    /// in it, so that an edit inside entries reads those entries alone (`patch`).
     text: Option<String>,
     spans: Vec<patch::Span>,
 }
@@ -183,12 +183,15 @@ impl Loader {
         let paths = config_files(path)?;
         let mut before: HashMap<PathBuf, FileState> = std::mem::take(&mut self.files).into_iter().collect();
         let mut errors = Vec::new();
+        let mut moved = Vec::new();
         for file in paths {
             let old = before.remove(&file).unwrap_or_default();
             let tuning = (self.settle.unwrap_or(SETTLED), self.patch_at_least.unwrap_or(PATCH_AT_LEAST));
-            let state = read_file(&file, old, max_file_bytes, tuning, &mut stats, &mut errors);
+            let state = read_file(&file, old, max_file_bytes, tuning, (&mut stats, &mut moved), &mut errors);
             self.files.push((file, state));
         }
+        // Entries that only moved keep their places in the serving order.
+        crate::order::moved(&mut self.last, &moved);
         if !errors.is_empty() {
             self.stats = stats;
             return Err(ConfigErrors(errors));
@@ -214,7 +217,7 @@ fn read_file(
     mut old: FileState,
     max_file_bytes: u64,
     (settle, patch_at_least): (Duration, usize),
-    stats: &mut LoadStats,
+    (stats, moved): (&mut LoadStats, &mut Vec<crate::order::Moved>),
     errors: &mut Vec<ConfigError>,
 ) -> FileState {
     let stamp = Stamp::of(file);
@@ -236,7 +239,7 @@ fn read_file(
             return FileState { items: old.items, ..FileState::default() };
         }
     };
-    if text.len() >= patch_at_least && patch::patch(file, &mut old, &text, stats) {
+    if text.len() >= patch_at_least && patch::patch(file, &mut old, &text, stats, moved) {
         stats.entries += old.spans.len();
         stats.entries_time += started.elapsed();
         old.stamp = stamp.filter(|s| s.settled_before(read_at, settle));
@@ -346,12 +349,15 @@ fn read_cut(
 /// placed so before; moved, a copy that says where it is.
 fn place(cached: Cached, line: usize, section: &str, index: usize) -> Cached {
     let at_line = cached.line_delta.map(|d| line + d);
-    if cached.resource.origin.line == at_line && path_is(&cached.resource.origin.path, section, index) {
+    let same_path = path_is(&cached.resource.origin.path, section, index);
+    if cached.resource.origin.line == at_line && same_path {
         return cached;
     }
     let mut r = CompiledResource::clone(&cached.resource);
     r.origin.line = at_line;
-    r.origin.path = format!("{section}[{index}]");
+    if !same_path {
+        r.origin.path = format!("{section}[{index}]");
+    }
     Cached { resource: Arc::new(r), line_delta: cached.line_delta }
 }
 

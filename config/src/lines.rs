@@ -43,6 +43,24 @@ impl LineIndex {
         self
     }
 
+    /// Lines after `after` (1-based, in the file) moved by `by`, as when lines were added
+    /// or removed before them: a document wholly after it moves, and in the one that holds
+    /// it, what lies after it.
+    pub fn shift_after(&mut self, after: usize, by: isize) {
+        let moved = |l: usize| l.checked_add_signed(by).unwrap_or(0);
+        if self.offset >= after {
+            self.offset = moved(self.offset);
+        } else {
+            let offset = self.offset;
+            for l in self.lines.values_mut().filter(|l| **l + offset > after) {
+                *l = moved(*l);
+            }
+        }
+        if let Some((_, l)) = self.duplicate.as_mut().filter(|(_, l)| *l > after) {
+            *l = moved(*l);
+        }
+    }
+
     /// Paths of a converted document: `from` (and what is under it) is where `to` was
     /// written in the original.
     pub fn alias(&mut self, from: impl Into<String>, to: impl Into<String>) {

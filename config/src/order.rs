@@ -5,7 +5,7 @@
 //! sort chases two pointers per comparison for about 45 ms on this project's machines.
 
 use std::{
-    collections::HashSet,
+    collections::{HashMap, HashSet},
     hash::{BuildHasherDefault, Hasher},
     sync::Arc,
 };
@@ -59,6 +59,27 @@ pub fn serving_order(
     }
     out.extend(next.map(|(r, _)| r));
     out
+}
+
+/// An entry that moved in its file (the lines before it changed): its resource as the
+/// last load placed it, and its copy that says where it is now.
+pub type Moved = (Arc<CompiledResource>, Arc<CompiledResource>);
+
+/// `previous` (a config's resources in serving order) with each entry that only moved in
+/// its file replaced by its copy, in its place: it is served where it was, and
+/// `serving_order` then finds it kept instead of placing it again (an edit that adds a
+/// line near the top of a large file moves every entry after it).
+pub fn moved(previous: &mut [Arc<CompiledResource>], moved: &[Moved]) {
+    if moved.is_empty() {
+        return;
+    }
+    let copies: HashMap<*const CompiledResource, &Arc<CompiledResource>, BuildHasherDefault<PtrHasher>> =
+        moved.iter().map(|(was, now)| (Arc::as_ptr(was), now)).collect();
+    for r in previous.iter_mut() {
+        if let Some(now) = copies.get(&Arc::as_ptr(r)) {
+            *r = Arc::clone(now);
+        }
+    }
 }
 
 /// A stable sort by type and name.
@@ -128,6 +149,16 @@ mod tests {
         files.extend(got.iter().cloned());
         let again = serving_order(files, &got);
         assert_eq!(names(&again)[3..5], [("e", "0.yaml"), ("e", "2.yaml")]);
+        // Entries that only moved in their file take their old ones' places and are kept:
+        // the copies are served where the old ones were.
+        let mut previous = again.clone();
+        let copies: Vec<Moved> = previous.iter().map(|r| (r.clone(), Arc::new(CompiledResource::clone(r)))).collect();
+        moved(&mut previous, &copies[1..]);
+        assert!(Arc::ptr_eq(&previous[0], &again[0]) && Arc::ptr_eq(&previous[1], &copies[1].1));
+        let files: Vec<_> =
+            std::iter::once(again[0].clone()).chain(copies[1..].iter().map(|(_, c)| c.clone())).collect();
+        let served = serving_order(files, &previous);
+        assert!(served.iter().zip(&previous).all(|(a, b)| Arc::ptr_eq(a, b)), "kept in place, not sorted");
         // Nothing before: sorted.
         assert_eq!(names(&serving_order(vec![e, c, a], &[])), [("a", "1.yaml"), ("c", "1.yaml"), ("e", "2.yaml")]);
     }

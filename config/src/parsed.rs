@@ -16,6 +16,14 @@ pub struct ParsedFile {
 }
 
 impl ParsedFile {
+    /// Its lines after `after` (1-based, in the file) moved by `by`: lines were added or
+    /// removed before them, as an edit of an entry at `after` did.
+    pub fn shift_lines_after(&mut self, after: usize, by: isize) {
+        let moved = |l: usize| if l > after { l.checked_add_signed(by).unwrap_or(0) } else { l };
+        self.lines.shift_after(after, by);
+        self.span = moved(self.span.start)..moved(self.span.end);
+    }
+
     /// An error at `path` inside this file, with the line looked up.
     pub fn error(&self, path: impl Into<String>, message: impl Into<String>) -> ConfigError {
         let path = path.into();

@@ -234,7 +234,7 @@ async fn main() -> anyhow::Result<()> {
     let a = Args::parse();
     let _ = rlimit::increase_nofile_limit(20_000);
     let dir = tempfile::tempdir()?;
-    let config = filterplane_bench::mesh::write(dir.path(), a.services, a.files, |_| 8081)?;
+    let config = filterplane_bench::mesh::write(dir.path(), a.services, a.files, |_| filterplane_bench::mesh::PORTS)?;
     // A config's files have stood a while before endpoints start to move.
     std::thread::sleep(Duration::from_millis(2100));
     let (xds, admin) = (free_port()?, free_port()?);
@@ -382,7 +382,9 @@ fn write_changes(log: &Log, dir: &Path, services: usize, files: usize, rate: u64
         let service = (rng % services as u64) as usize;
         ports.insert(service, port);
         log.changes[service].lock().unwrap_or_else(|p| p.into_inner()).push((seq as u32, Instant::now()));
-        filterplane_bench::mesh::write_one(dir, services, files, service, |j| ports.get(&j).copied().unwrap_or(8081))?;
+        filterplane_bench::mesh::write_one(dir, services, files, service, |j| {
+            [8080, ports.get(&j).copied().unwrap_or(8081)]
+        })?;
         written += 1;
     }
     Ok(written)

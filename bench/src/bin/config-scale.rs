@@ -3,16 +3,30 @@
 //! in one run, the full load (what every reload did before incremental loading, as
 //! b5fbd7f did) and incremental reloads after one endpoint changed, with their parts
 //! and the generation and snapshot built from them.
-//! `config-scale write DIR SERVICES FILES [SERVICE:PORT...]`: writes such a config, or,
-//! given the edits so far (each a service whose endpoint's port changed), only the file
-//! holding the last one, for bench/config-scale.sh.
+//! `config-scale write DIR SERVICES FILES [SERVICE:PORT | SERVICE:+PORT ...]`: writes such
+//! a config, or, given the edits so far (each a service whose second endpoint's port
+//! changed, or, with `+`, that gained an endpoint: a line more), only the file holding the
+//! last one, for bench/config-scale.sh.
+//! `ADD=1 config-scale SERVICES...`: each edit adds an endpoint (the file grows a line, so
+//! every later entry's line moves) instead of changing a port.
 
 use std::time::{Duration, Instant};
 
+use filterplane_bench::mesh::PORTS;
 use filterplane_config::{incremental::Loader, NodeFacts};
 use std::sync::Arc;
 
 use filterplane_xds::{plan::Plan, snapshot::Generation};
+
+/// Service `i`'s endpoints after an edit: its second endpoint's port set to `port`, or,
+/// with `add`, an endpoint at `port` added.
+fn edit(ports: &mut std::collections::HashMap<usize, Vec<u16>>, i: usize, port: u16, add: bool) {
+    let p = ports.entry(i).or_insert_with(|| PORTS.to_vec());
+    match (add, p.get_mut(1)) {
+        (false, Some(second)) => *second = port,
+        _ => p.push(port),
+    }
+}
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
@@ -23,19 +37,21 @@ fn main() -> anyhow::Result<()> {
     if args.first().map(String::as_str) == Some("write") {
         let n = |i: usize| args.get(i).map(|a| a.parse::<usize>()).transpose();
         let (dir, services, files) = (std::path::Path::new(&args[1]), n(2)?.unwrap_or(1000), n(3)?.unwrap_or(1));
-        // Edits so far, each `SERVICE:PORT`: the file of the last one is written.
-        let edits: Vec<(usize, u16)> = args[4.min(args.len())..]
-            .iter()
-            .map(|e| -> anyhow::Result<(usize, u16)> {
-                let (c, p) = e.split_once(':').ok_or_else(|| anyhow::anyhow!("SERVICE:PORT, not {e}"))?;
-                Ok((c.parse()?, p.parse()?))
-            })
-            .collect::<Result<_, _>>()?;
-        let port_of = |j: usize| edits.iter().rev().find(|(c, _)| *c == j).map_or(8081, |(_, p)| *p);
-        match edits.last() {
-            Some(&(c, _)) => filterplane_bench::mesh::write_one(dir, services, files, c, port_of)?,
+        // Edits so far, each `SERVICE:PORT` or `SERVICE:+PORT`: the file of the last one is
+        // written.
+        let mut ports: std::collections::HashMap<usize, Vec<u16>> = std::collections::HashMap::new();
+        let mut last = None;
+        for e in &args[4.min(args.len())..] {
+            let (c, p) = e.split_once(':').ok_or_else(|| anyhow::anyhow!("SERVICE:PORT, not {e}"))?;
+            let c: usize = c.parse()?;
+            edit(&mut ports, c, p.trim_start_matches('+').parse()?, p.starts_with('+'));
+            last = Some(c);
+        }
+        let ports_of = |j: usize| ports.get(&j).cloned().unwrap_or_else(|| PORTS.to_vec());
+        match last {
+            Some(c) => filterplane_bench::mesh::write_one(dir, services, files, c, ports_of)?,
             None => {
-                filterplane_bench::mesh::write(dir, services, files, port_of)?;
+                filterplane_bench::mesh::write(dir, services, files, ports_of)?;
             }
         }
         return Ok(());
@@ -47,7 +63,7 @@ fn main() -> anyhow::Result<()> {
         for files in [1usize, 100].into_iter().filter(|f| std::env::var("FILES").map_or(true, |v| v == f.to_string())) {
             let sub = dir.path().join(format!("n{n}-{files}"));
             std::fs::create_dir_all(&sub)?;
-            let path = filterplane_bench::mesh::write(&sub, n, files, |_| 8081)?;
+            let path = filterplane_bench::mesh::write(&sub, n, files, |_| PORTS)?;
             let t = Instant::now();
             let full = filterplane_config::load_with(&path, u64::MAX).map_err(|e| anyhow::anyhow!("{e}"))?;
             let full_ms = ms(t.elapsed());
@@ -62,12 +78,14 @@ fn main() -> anyhow::Result<()> {
             let mut edits = Vec::new();
             let mut previous: Option<Generation> = None;
             let rounds = std::env::var("EDITS").ok().and_then(|v| v.parse().ok()).unwrap_or(5u16);
-            // Each edit changes one more endpoint, as an operator's edits do.
+            // Each edit changes (or adds) one more endpoint, as an operator's edits do.
+            let add = std::env::var("ADD").is_ok_and(|v| v == "1");
             let mut ports = std::collections::HashMap::new();
             for k in 0..rounds {
                 let i = (k as usize * 7919) % n;
-                ports.insert(i, 9000 + k);
-                filterplane_bench::mesh::write_one(&sub, n, files, i, |j| ports.get(&j).copied().unwrap_or(8081))?;
+                edit(&mut ports, i, 9000 + k, add);
+                let ports_of = |j: usize| ports.get(&j).cloned().unwrap_or_else(|| PORTS.to_vec());
+                filterplane_bench::mesh::write_one(&sub, n, files, i, ports_of)?;
                 let t = Instant::now();
                 let c = loader.load(&path, u64::MAX).map_err(|e| anyhow::anyhow!("{e}"))?;
                 let load = t.elapsed();
@@ -82,7 +100,7 @@ fn main() -> anyhow::Result<()> {
                 previous = Some(g);
                 let st = loader.stats();
                 edits.push(format!(
-                    "{:.1} (read {:.1} entries {:.1} check {:.1}) gen {:.1} snap {:.1} files read {} compiled {}",
+                    "{:.1} (read {:.1} entries {:.1} check {:.1}) gen {:.1} snap {:.1} files read {} in place {} compiled {}",
                     ms(load),
                     ms(st.read),
                     ms(st.entries_time),
@@ -90,6 +108,7 @@ fn main() -> anyhow::Result<()> {
                     ms(gen),
                     ms(snap),
                     st.files_read,
+                    st.patched,
                     st.compiled
                 ));
             }

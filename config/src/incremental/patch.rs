@@ -1,11 +1,16 @@
-//! A large file edited inside one entry: that entry is read again, and nothing else.
-//! Re-reading a whole file costs its size (cutting every line, hashing every entry:
-//! ~25 ms for a 4 MB file of 20,000 entries); comparing it with the text of the last
-//! load costs a memory comparison. The edit is taken in place only when it is plainly
-//! inside one entry and keeps the file's line count, so every other entry keeps its
-//! text, its line and its resource; anything else reads the file as before.
+//! A large file edited inside its entries: those entries are read again, and nothing
+//! else. Re-reading a whole file costs its size (cutting every line, hashing every entry:
+//! ~25 ms for a 4 MB file of 20,000 entries); comparing it with the text of the last load
+//! costs a memory comparison. The edit is taken in place when the lines it touches lie
+//! inside entries of one section that still cut as as many entries; anything else (a
+//! section's key, the header, an entry added or removed) reads the file as before.
+//!
+//! An edit that adds or removes lines moves everything after it: later entries get a copy
+//! of their resource that says their new line (their content, hence their version, is
+//! the same), and the documents' line indexes move with them, so errors still name the
+//! lines the file has now.
 
-use std::{path::Path, sync::Arc};
+use std::{collections::HashSet, path::Path, sync::Arc};
 
 use super::{compile_item, key, Cached, FileState, LoadStats};
 use crate::compile::SECTIONS;
@@ -29,9 +34,25 @@ pub(super) struct Span {
     pub key: [u8; 16],
 }
 
+/// An entry of the edited region as the new text has it: its bytes from the region's
+/// start, its first line counted from the region's, its text.
+struct NewItem<'a> {
+    at: usize,
+    line: usize,
+    text: &'a str,
+}
+
 /// `state` (read from `state.text`) made to stand for `text`, if `text` differs from it
-/// only inside one entry and has as many lines; `false` otherwise (nothing changed then).
-pub(super) fn patch(file: &Path, state: &mut FileState, text: &str, stats: &mut LoadStats) -> bool {
+/// only inside entries of one section that still cut as as many entries; `false`
+/// otherwise (nothing that matters changed then: the caller reads the file whole).
+/// Entries that only moved go to `moved`, with the resources they replace.
+pub(super) fn patch(
+    file: &Path,
+    state: &mut FileState,
+    text: &str,
+    stats: &mut LoadStats,
+    moved_entries: &mut Vec<crate::order::Moved>,
+) -> bool {
     let (Some(before), Some(docs)) = (state.text.as_deref(), state.docs.as_mut()) else { return false };
     let (a, b) = (before.as_bytes(), text.as_bytes());
     let prefix = common_prefix(a, b);
@@ -39,68 +60,147 @@ pub(super) fn patch(file: &Path, state: &mut FileState, text: &str, stats: &mut 
         return true;
     }
     let suffix = common_suffix(a, b).min(a.len().min(b.len()) - prefix);
-    let (old_end, new_end) = (a.len() - suffix, b.len() - suffix);
-    if newlines(&a[prefix..old_end]) != newlines(&b[prefix..new_end]) {
+    // The edit as whole lines of the old text: from its first line's start to its last
+    // line's end (the text after it is common, so the new text's region ends as far on).
+    let from = a[..prefix].iter().rposition(|&c| c == b'\n').map_or(0, |i| i + 1);
+    let old_end = a.len() - suffix;
+    let to = match old_end {
+        0 => 0,
+        e if a[e - 1] == b'\n' => e,
+        e => a[e..].iter().position(|&c| c == b'\n').map_or(a.len(), |i| e + i + 1),
+    };
+    let spans = &state.spans;
+    // The entries it touches: the one holding its first line (and the one before, when it
+    // starts at an entry's first line: lines added at an entry's end look like lines
+    // added before the next one), to the one holding its last.
+    let Some(mut first) = spans.partition_point(|s| s.start <= from).checked_sub(1) else { return false };
+    if from == spans[first].start && first > 0 && spans[first - 1].end == from {
+        first -= 1;
+    }
+    let last = if to > from { spans.partition_point(|s| s.start < to).saturating_sub(1) } else { first };
+    if last < first || from < spans[first].start || to > spans[last].end {
         return false;
     }
-    let Some(at) = state.spans.partition_point(|s| s.start <= prefix).checked_sub(1) else { return false };
-    let span = &state.spans[at];
-    // The edit starts after the entry's dash and ends within it.
-    if prefix < span.start + span.indent + 2 || old_end > span.end {
+    let (head, tail) = (&spans[first], &spans[last]);
+    let same_run = spans[first..=last].windows(2).all(|w| {
+        w[0].end == w[1].start && (w[0].doc, w[0].section, w[0].indent) == (w[1].doc, w[1].section, w[1].indent)
+    });
+    if !same_run {
         return false;
     }
     let grown = b.len() as isize - a.len() as isize;
-    let Some(item) = usize::try_from(span.end as isize + grown).ok().and_then(|end| text.get(span.start..end)) else {
+    let Some(region) = tail.end.checked_add_signed(grown).and_then(|end| text.get(head.start..end)) else {
         return false;
     };
-    if !still_one_item(item, span.indent) {
+    // What follows must still start a line (an entry's last newline removed joins the
+    // next line to it).
+    if !(region.ends_with('\n') || head.start + region.len() == text.len()) {
         return false;
     }
-    let (section, rt) = SECTIONS[span.section];
-    let new_key = key(section, item);
-    let cached = match state.items.get(&new_key) {
-        Some(c) => c.clone(),
-        None => {
-            let Some(resource) = compile_item(file, section, rt, item, span.line) else { return false };
-            stats.compiled += 1;
-            let line_delta = resource.origin.line.and_then(|l| l.checked_sub(span.line));
-            Cached { resource: Arc::new(resource), line_delta }
+    let Some(items) = cut_run(region, head.indent).filter(|items| items.len() == last - first + 1) else {
+        return false;
+    };
+    let moved = newlines(region.as_bytes()) as isize - newlines(&a[head.start..tail.end]) as isize;
+    // Everything that can fail is done before anything changes.
+    let (section, rt) = SECTIONS[head.section];
+    let mut placed = Vec::with_capacity(items.len());
+    for (k, item) in items.iter().enumerate() {
+        let (span, line) = (&spans[first + k], head.line + item.line);
+        let new_key = key(section, item.text);
+        let cached = match state.items.get(&new_key) {
+            Some(c) => c.clone(),
+            None => {
+                let Some(resource) = compile_item(file, section, rt, item.text, line) else { return false };
+                stats.compiled += 1;
+                let line_delta = resource.origin.line.and_then(|l| l.checked_sub(line));
+                Cached { resource: Arc::new(resource), line_delta }
+            }
+        };
+        placed.push((new_key, super::place(cached, line, section, span.index)));
+    }
+    let (head_start, head_line, doc) = (head.start, head.line, head.doc);
+    let mut gone = Vec::new();
+    for (k, ((new_key, cached), item)) in placed.into_iter().zip(&items).enumerate() {
+        let span = &mut state.spans[first + k];
+        let Some(slot) = docs.get_mut(span.doc).and_then(|d| d.entries.get_mut(span.entry)) else { return false };
+        let was = std::mem::replace(slot, cached.resource.clone());
+        if span.key == new_key && !Arc::ptr_eq(&was, slot) {
+            moved_entries.push((was, slot.clone()));
         }
-    };
-    let placed = super::place(cached, span.line, section, span.index);
-    let Some(slot) = docs.get_mut(span.doc).and_then(|d| d.entries.get_mut(span.entry)) else { return false };
-    *slot = placed.resource.clone();
-    let old_key = std::mem::replace(&mut state.spans[at].key, new_key);
-    state.spans[at].end = (state.spans[at].end as isize + grown) as usize;
-    for s in &mut state.spans[at + 1..] {
-        s.start = (s.start as isize + grown) as usize;
-        s.end = (s.end as isize + grown) as usize;
+        span.start = head_start + item.at;
+        span.end = span.start + item.text.len();
+        span.line = head_line + item.line;
+        let old_key = std::mem::replace(&mut span.key, new_key);
+        if old_key != new_key {
+            gone.push(old_key);
+        }
+        state.items.insert(new_key, cached);
     }
-    state.items.insert(new_key, placed);
-    // The old text's entry goes unless another entry has the same text.
-    if old_key != new_key && !state.spans.iter().any(|s| s.key == old_key) {
-        state.items.remove(&old_key);
+    for span in &mut state.spans[last + 1..] {
+        span.start = span.start.saturating_add_signed(grown);
+        span.end = span.end.saturating_add_signed(grown);
+        if moved == 0 {
+            continue;
+        }
+        span.line = span.line.saturating_add_signed(moved);
+        let (section, _) = SECTIONS[span.section];
+        let Some(cached) = state.items.get(&span.key).cloned() else { return false };
+        let cached = super::place(cached, span.line, section, span.index);
+        let Some(slot) = docs.get_mut(span.doc).and_then(|d| d.entries.get_mut(span.entry)) else { return false };
+        let was = std::mem::replace(slot, cached.resource.clone());
+        if !Arc::ptr_eq(&was, slot) {
+            moved_entries.push((was, slot.clone()));
+        }
+        state.items.insert(span.key, cached);
+    }
+    if moved != 0 {
+        for d in docs.iter_mut().skip(doc) {
+            d.parsed.shift_lines_after(head_line, moved);
+        }
+    }
+    // The old texts' entries go unless another entry has the same text.
+    if !gone.is_empty() {
+        let kept: HashSet<[u8; 16]> = state.spans.iter().map(|s| s.key).filter(|k| gone.contains(k)).collect();
+        for k in gone.into_iter().filter(|k| !kept.contains(k)) {
+            state.items.remove(&k);
+        }
     }
     stats.patched += 1;
     true
 }
 
-/// Whether `item` (an entry's text, its dash at `indent`) still cuts as one entry: every
-/// line after the first indented deeper (or blank, or a comment), no tab or directive
-/// opening a line, no anchor or alias.
-fn still_one_item(item: &str, indent: usize) -> bool {
-    if super::has_anchor_or_alias(item) {
-        return false;
+/// `run` (the text of consecutive entries of one section, their dashes at `indent`) cut
+/// into its entries; `None` unless it starts with an entry and every line after an
+/// entry's first is indented deeper (or blank, or a comment), with no tab or directive
+/// opening a line and no anchor or alias.
+fn cut_run(run: &str, indent: usize) -> Option<Vec<NewItem<'_>>> {
+    if super::has_anchor_or_alias(run) {
+        return None;
     }
-    item.split_inclusive('\n').enumerate().all(|(n, line)| {
+    let mut items: Vec<NewItem<'_>> = Vec::new();
+    let (mut at, mut open) = (0usize, None::<(usize, usize)>);
+    for (n, line) in run.split_inclusive('\n').enumerate() {
+        let start = at;
+        at += line.len();
         let bare = line.trim_end_matches(['\n', '\r']);
         let body = bare.trim_start_matches(' ');
         let spaces = bare.len() - body.len();
         if body.starts_with('\t') || body.starts_with('%') {
-            return false;
+            return None;
         }
-        n == 0 || body.is_empty() || body.starts_with('#') || spaces > indent
-    })
+        if open.is_some() && (body.is_empty() || body.starts_with('#') || spaces > indent) {
+            continue;
+        }
+        if spaces != indent || !(body == "-" || body.starts_with("- ")) {
+            return None;
+        }
+        if let Some((s, l)) = open.replace((start, n)) {
+            items.push(NewItem { at: s, line: l, text: &run[s..start] });
+        }
+    }
+    let (s, l) = open?;
+    items.push(NewItem { at: s, line: l, text: &run[s..] });
+    Some(items)
 }
 
 fn newlines(b: &[u8]) -> usize {
@@ -145,12 +245,19 @@ mod tests {
     }
 
     #[test]
-    fn one_item_is_one_item() {
-        assert!(still_one_item("  - name: a\n    port: 1\n\n    # note\n", 2));
-        assert!(!still_one_item("  - name: a\n  - name: b\n", 2), "a second entry");
-        assert!(!still_one_item("  - name: a\nroutes:\n", 2), "a section");
-        assert!(!still_one_item("  - name: a\n---\n", 2), "a document");
-        assert!(!still_one_item("  - name: &x a\n", 2), "an anchor");
-        assert!(!still_one_item("  - name: a\n\t x: 1\n", 2), "a tab");
+    fn a_run_of_entries_cuts_where_entries_start() {
+        fn texts(run: &str) -> Option<Vec<(usize, usize, &str)>> {
+            cut_run(run, 2).map(|items| items.iter().map(|i| (i.at, i.line, i.text)).collect())
+        }
+        let two = texts("  - name: a\n    port: 1\n\n    # note\n  - name: b\n");
+        assert_eq!(two, Some(vec![(0, 0, "  - name: a\n    port: 1\n\n    # note\n"), (36, 4, "  - name: b\n")]));
+        assert_eq!(texts("  - name: a").map(|v| v.len()), Some(1), "no newline at the end");
+        assert!(texts("    port: 1\n  - name: a\n").is_none(), "not an entry's start");
+        assert!(texts("  - name: a\nroutes:\n").is_none(), "a section");
+        assert!(texts("  - name: a\n---\n").is_none(), "a document");
+        assert!(texts("  - name: &x a\n").is_none(), "an anchor");
+        assert!(texts("  - name: a\n\t x: 1\n").is_none(), "a tab");
+        assert!(texts("  - name: a\n - name: b\n").is_none(), "a dash less indented");
+        assert!(texts("").is_none(), "nothing");
     }
 }

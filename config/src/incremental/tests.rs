@@ -219,8 +219,8 @@ fn an_edit_inside_one_entry_of_a_large_file_reads_that_entry_alone() {
         (mesh(20, Some((7, 9090))), Some(1)),
         // Back (the old text's entry went with it, as a full read drops it).
         (mesh(20, None), Some(1)),
-        // A line more: every later entry moves.
-        (mesh(20, None).replace("  - cluster_name: svc-4\n", "  - cluster_name: svc-4\n    # four\n"), None),
+        // A line more: every later entry moves (a copy of each that says its new line).
+        (mesh(20, None).replace("  - cluster_name: svc-4\n", "  - cluster_name: svc-4\n    # four\n"), Some(1)),
         // Two entries where there was one.
         (
             mesh(20, None).replace(
@@ -256,4 +256,89 @@ fn an_edit_inside_one_entry_of_a_large_file_reads_that_entry_alone() {
     std::fs::write(&f, mesh(20, Some((11, 9292)))).unwrap();
     same_as_full(&mut loader, &f).unwrap();
     assert_eq!(loader.stats().compiled, 0);
+}
+
+/// A file of two documents, each with entries of a section and, after them, extension
+/// configs (which the document's own line index places).
+fn two_documents(endpoints_of: impl Fn(usize) -> usize) -> String {
+    let extension = |name: &str| {
+        format!(
+            "extension_configs:\n  - name: {name}\n    typed_config:\n      \"@type\": type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutation\n      mutations: {{ response_mutations: [ {{ append: {{ header: {{ key: x-a, value: v }} }} }} ] }}\n"
+        )
+    };
+    let assignment = |i: usize| {
+        let mut y = format!("  - cluster_name: svc-{i}\n    endpoints:\n      - lb_endpoints:\n");
+        for k in 0..endpoints_of(i) {
+            y.push_str(&format!(
+                "          - endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {} }} }} }}\n",
+                8000 + k
+            ));
+        }
+        y
+    };
+    let mut y = String::from("version: 1\nclusters:\n");
+    for i in 0..6 {
+        y.push_str(&cluster(i));
+    }
+    y.push_str("endpoints:\n");
+    for i in 0..6 {
+        y.push_str(&assignment(i));
+    }
+    y.push_str(&extension("first"));
+    y.push_str("---\nversion: 1\nendpoints:\n");
+    for i in 6..12 {
+        y.push_str(&assignment(i));
+    }
+    y.push_str(&extension("second"));
+    y
+}
+
+#[test]
+fn lines_added_or_removed_inside_entries_move_everything_after_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("mesh.yaml");
+    let mut loader = Loader::with_settle(Duration::ZERO).patching_from(0);
+    std::fs::write(&f, two_documents(|_| 1)).unwrap();
+    same_as_full(&mut loader, &f).unwrap();
+    let cluster_3 = "  - name: svc-3\n    type: EDS\n";
+    // (The text; whether it is taken in place; how many entries compile then.) Each is
+    // checked against a full read: every entry's line and path, the extension configs'
+    // lines (from their documents' indexes), and the errors.
+    let edits = [
+        // An endpoint more in the first document: everything after it moves a line.
+        (two_documents(|i| 1 + usize::from(i == 2)), Some(1)),
+        // Three more, in the second document's first entry.
+        (two_documents(|i| 1 + usize::from(i == 2) + 3 * usize::from(i == 6)), Some(1)),
+        // Both gone again (two edits at once, far apart: the file is read).
+        (two_documents(|_| 1), None),
+        // Lines added at an entry's end look like lines before the next one: both are
+        // read again, and the unchanged one is found in the cache.
+        (two_documents(|i| 1 + 2 * usize::from(i == 4)), Some(1)),
+        // An entry's lines removed.
+        (two_documents(|_| 1), Some(1)),
+        // A cluster renamed into a duplicate, a line more with it: the errors of a full
+        // read, naming both entries' lines.
+        (two_documents(|_| 1).replace(cluster_3, "  - name: svc-5\n    # was svc-3\n    type: EDS\n"), Some(1)),
+        // Blank lines and a comment after an entry.
+        (two_documents(|_| 1).replace(cluster_3, "  - name: svc-3\n\n\n    # three\n    type: EDS\n"), Some(1)),
+        // An entry's last newline removed, joining the next entry's first line to it:
+        // read whole, and refused as a full read refuses it.
+        (two_documents(|_| 1).replacen("} } }\n  - cluster_name: svc-4", "} } }  - cluster_name: svc-4", 1), None),
+        // Back, and an entry split in two: read whole.
+        (two_documents(|_| 1).replace(cluster_3, "  - name: svc-3\n  - name: svc-33\n    type: EDS\n"), None),
+    ];
+    for (k, (text, patched)) in edits.into_iter().enumerate() {
+        std::fs::write(&f, &text).unwrap();
+        let got = same_as_full(&mut loader, &f);
+        let st = loader.stats();
+        assert_eq!((k, st.patched == 1), (k, patched.is_some()), "{text}");
+        if let Some(compiled) = patched {
+            assert_eq!((k, st.compiled), (k, compiled));
+        }
+        if k == 5 || k == 7 {
+            let errors = got.unwrap_err().0;
+            assert!(!errors.is_empty() && errors.iter().all(|e| e.line.is_some()), "{errors:?}");
+            assert_eq!(errors.iter().any(|e| e.message.contains("duplicate")), k == 5, "{errors:?}");
+        }
+    }
 }
