@@ -158,12 +158,20 @@ pub(super) fn patch(
             d.parsed.shift_lines_after(head_line, moved);
         }
     }
-    // The old texts' entries go unless another entry has the same text.
-    if !gone.is_empty() {
-        let kept: HashSet<[u8; 16]> = state.spans.iter().map(|s| s.key).filter(|k| gone.contains(k)).collect();
-        for k in gone.into_iter().filter(|k| !kept.contains(k)) {
-            state.items.remove(&k);
+    // The old texts' entries go unless another entry has the same text: a comparison per
+    // entry for the usual few, a set when an edit touched many (it may touch thousands
+    // of the file's hundred thousand).
+    if gone.len() <= 16 {
+        gone.retain(|k| !state.spans.iter().any(|s| s.key == *k));
+    } else {
+        let mut set: HashSet<[u8; 16]> = gone.drain(..).collect();
+        for s in &state.spans {
+            set.remove(&s.key);
         }
+        gone.extend(set);
+    }
+    for k in gone {
+        state.items.remove(&k);
     }
     stats.patched += 1;
     true

@@ -342,3 +342,24 @@ fn lines_added_or_removed_inside_entries_move_everything_after_them() {
         }
     }
 }
+
+#[test]
+fn an_edit_across_many_entries_is_read_in_place_and_their_old_texts_leave_the_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("mesh.yaml");
+    let mut loader = Loader::with_settle(Duration::ZERO).patching_from(0);
+    std::fs::write(&f, mesh(40, None)).unwrap();
+    same_as_full(&mut loader, &f).unwrap();
+    // Every assignment's port at once (one run of 40 entries), a line more in the first.
+    let every = mesh(40, None).replace("port_value: 8080", "port_value: 8081").replacen(
+        "  - cluster_name: svc-0\n",
+        "  - cluster_name: svc-0\n    # first\n",
+        1,
+    );
+    for (text, compiled) in [(every, 40), (mesh(40, None), 40)] {
+        std::fs::write(&f, &text).unwrap();
+        same_as_full(&mut loader, &f).unwrap();
+        assert_eq!((loader.stats().patched, loader.stats().compiled), (1, compiled));
+        assert_eq!(loader.cached(), 80, "the 40 old texts are gone, as a full read drops them");
+    }
+}
