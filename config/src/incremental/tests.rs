@@ -206,13 +206,21 @@ fn an_edit_right_after_a_load_is_read_even_at_the_same_size() {
     assert_eq!((loader.stats().files_read, loader.stats().compiled), (1, 1));
 }
 
-#[test]
-fn an_edit_inside_one_entry_of_a_large_file_reads_that_entry_alone() {
+/// A file holding `text`, loaded by a loader that takes every edit in place where it can
+/// (any size, its stamp never trusted), and that load (checked against a full read).
+fn editable(text: &str) -> (tempfile::TempDir, std::path::PathBuf, Loader, Result<CompiledConfig, ConfigErrors>) {
     let dir = tempfile::tempdir().unwrap();
     let f = dir.path().join("mesh.yaml");
     let mut loader = Loader::with_settle(Duration::ZERO).patching_from(0);
-    std::fs::write(&f, mesh(20, None)).unwrap();
-    let first = same_as_full(&mut loader, &f).unwrap();
+    std::fs::write(&f, text).unwrap();
+    let first = same_as_full(&mut loader, &f);
+    (dir, f, loader, first)
+}
+
+#[test]
+fn an_edit_inside_one_entry_of_a_large_file_reads_that_entry_alone() {
+    let (_dir, f, mut loader, first) = editable(&mesh(20, None));
+    let first = first.unwrap();
     // (The text; whether it is taken in place; how many entries compile then.)
     let edits = [
         // A port: inside one entry, as many lines.
@@ -295,11 +303,8 @@ fn two_documents(endpoints_of: impl Fn(usize) -> usize) -> String {
 
 #[test]
 fn lines_added_or_removed_inside_entries_move_everything_after_them() {
-    let dir = tempfile::tempdir().unwrap();
-    let f = dir.path().join("mesh.yaml");
-    let mut loader = Loader::with_settle(Duration::ZERO).patching_from(0);
-    std::fs::write(&f, two_documents(|_| 1)).unwrap();
-    same_as_full(&mut loader, &f).unwrap();
+    let (_dir, f, mut loader, first) = editable(&two_documents(|_| 1));
+    first.unwrap();
     let cluster_3 = "  - name: svc-3\n    type: EDS\n";
     // (The text; whether it is taken in place; how many entries compile then.) Each is
     // checked against a full read: every entry's line and path, the extension configs'
@@ -345,11 +350,8 @@ fn lines_added_or_removed_inside_entries_move_everything_after_them() {
 
 #[test]
 fn an_edit_across_many_entries_is_read_in_place_and_their_old_texts_leave_the_cache() {
-    let dir = tempfile::tempdir().unwrap();
-    let f = dir.path().join("mesh.yaml");
-    let mut loader = Loader::with_settle(Duration::ZERO).patching_from(0);
-    std::fs::write(&f, mesh(40, None)).unwrap();
-    same_as_full(&mut loader, &f).unwrap();
+    let (_dir, f, mut loader, first) = editable(&mesh(40, None));
+    first.unwrap();
     // Every assignment's port at once (one run of 40 entries), a line more in the first.
     let every = mesh(40, None).replace("port_value: 8080", "port_value: 8081").replacen(
         "  - cluster_name: svc-0\n",
