@@ -364,4 +364,10 @@ fn an_edit_across_many_entries_is_read_in_place_and_their_old_texts_leave_the_ca
         assert_eq!((loader.stats().patched, loader.stats().compiled), (1, compiled));
         assert_eq!(loader.cached(), 80, "the 40 old texts are gone, as a full read drops them");
     }
+    // An endpoint appended to the file's last entry, at the very end of the file.
+    let appended = mesh(40, None)
+        + "          - endpoint: { address: { socket_address: { address: 127.0.0.2, port_value: 8080 } } }\n";
+    std::fs::write(&f, &appended).unwrap();
+    same_as_full(&mut loader, &f).unwrap();
+    assert_eq!((loader.stats().patched, loader.stats().compiled), (1, 1));
 }
