@@ -40,6 +40,7 @@ use filterplane_api::{
     },
     Any, ResourceType,
 };
+use filterplane_bench::mesh::PORTS;
 use prost::Message;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -68,7 +69,7 @@ struct Args {
 /// The first port a change gives: change `k` gives `FIRST_PORT + k` (but for the
 /// `UNCHANGED` ports, which changes skip).
 const FIRST_PORT: u32 = 1024;
-const UNCHANGED: [u32; 2] = [8080, 8081];
+const UNCHANGED: [u32; 2] = [PORTS[0] as u32, PORTS[1] as u32];
 
 /// What the writer did and what the proxies saw.
 #[derive(Default)]
@@ -112,7 +113,7 @@ impl Watch {
                 },
                 _ => None,
             })
-            // 8080 is the first endpoint's, 8081 the second's before any change.
+            // `PORTS`: the endpoints' before any change.
             .find(|p| !UNCHANGED.contains(p));
         let Some(seq) = port.and_then(|p| p.checked_sub(FIRST_PORT)) else { return };
         let Some(changes) = log.changes.get(service) else { return };
@@ -234,7 +235,7 @@ async fn main() -> anyhow::Result<()> {
     let a = Args::parse();
     let _ = rlimit::increase_nofile_limit(20_000);
     let dir = tempfile::tempdir()?;
-    let config = filterplane_bench::mesh::write(dir.path(), a.services, a.files, |_| filterplane_bench::mesh::PORTS)?;
+    let config = filterplane_bench::mesh::write(dir.path(), a.services, a.files, |_| PORTS)?;
     // A config's files have stood a while before endpoints start to move.
     std::thread::sleep(Duration::from_millis(2100));
     let (xds, admin) = (free_port()?, free_port()?);
@@ -383,7 +384,7 @@ fn write_changes(log: &Log, dir: &Path, services: usize, files: usize, rate: u64
         ports.insert(service, port);
         log.changes[service].lock().unwrap_or_else(|p| p.into_inner()).push((seq as u32, Instant::now()));
         filterplane_bench::mesh::write_one(dir, services, files, service, |j| {
-            [8080, ports.get(&j).copied().unwrap_or(8081)]
+            [PORTS[0], ports.get(&j).copied().unwrap_or(PORTS[1])]
         })?;
         written += 1;
     }

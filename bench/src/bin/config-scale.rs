@@ -28,6 +28,11 @@ fn edit(ports: &mut std::collections::HashMap<usize, Vec<u16>>, i: usize, port: 
     }
 }
 
+/// Service `j`'s endpoints' ports after the edits in `ports`.
+fn ports_of(ports: &std::collections::HashMap<usize, Vec<u16>>, j: usize) -> Vec<u16> {
+    ports.get(&j).cloned().unwrap_or_else(|| PORTS.to_vec())
+}
+
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
@@ -47,11 +52,10 @@ fn main() -> anyhow::Result<()> {
             edit(&mut ports, c, p.trim_start_matches('+').parse()?, p.starts_with('+'));
             last = Some(c);
         }
-        let ports_of = |j: usize| ports.get(&j).cloned().unwrap_or_else(|| PORTS.to_vec());
         match last {
-            Some(c) => filterplane_bench::mesh::write_one(dir, services, files, c, ports_of)?,
+            Some(c) => filterplane_bench::mesh::write_one(dir, services, files, c, |j| ports_of(&ports, j))?,
             None => {
-                filterplane_bench::mesh::write(dir, services, files, ports_of)?;
+                filterplane_bench::mesh::write(dir, services, files, |j| ports_of(&ports, j))?;
             }
         }
         return Ok(());
@@ -84,8 +88,7 @@ fn main() -> anyhow::Result<()> {
             for k in 0..rounds {
                 let i = (k as usize * 7919) % n;
                 edit(&mut ports, i, 9000 + k, add);
-                let ports_of = |j: usize| ports.get(&j).cloned().unwrap_or_else(|| PORTS.to_vec());
-                filterplane_bench::mesh::write_one(&sub, n, files, i, ports_of)?;
+                filterplane_bench::mesh::write_one(&sub, n, files, i, |j| ports_of(&ports, j))?;
                 let t = Instant::now();
                 let c = loader.load(&path, u64::MAX).map_err(|e| anyhow::anyhow!("{e}"))?;
                 let load = t.elapsed();
