@@ -152,7 +152,8 @@ impl<'a> Compiler<'a> {
         // line (its document's line index gave up) only a file's one document is known to
         // be the entry's: another's index would name a line of its own entry of that path.
         let mut documents = self.files.iter().filter(|f| f.path == origin.file);
-        let document = match origin.line {
+        let line = origin.line.get();
+        let document = match line {
             Some(l) => documents.find(|f| f.span.contains(&l)),
             None => documents.next().filter(|_| documents.next().is_none()),
         };
@@ -160,10 +161,10 @@ impl<'a> Compiler<'a> {
             // (An entry compiled on its own is not in its document's index: its own line.)
             Some(f) => {
                 let mut e = f.error(path, message);
-                e.line = e.line.or(origin.line);
+                e.line = e.line.or(line);
                 e
             }
-            None => ConfigError { file: origin.file.clone(), line: origin.line, path, message: message.into() },
+            None => ConfigError { file: origin.file.clone(), line, path, message: message.into() },
         }
     }
 
@@ -275,7 +276,7 @@ impl<'a> Compiler<'a> {
                 format!(
                     "duplicate {kind} name \"{name}\": the entry at {}{}: {} already matches every proxy this one selects",
                     first.file.display(),
-                    first.line.map(|l| format!(":{l}")).unwrap_or_default(),
+                    first.line.get().map(|l| format!(":{l}")).unwrap_or_default(),
                     first.path
                 ),
             );
@@ -316,8 +317,11 @@ impl<'a> Compiler<'a> {
 
     fn extension_config(&mut self, file: &ParsedFile, i: usize, spec: &ExtensionConfigSpec) {
         let at = format!("extension_configs[{i}]");
-        let origin =
-            Origin { file: file.path.clone(), line: file.lines.line_of(&at), path: file.lines.original_path(&at) };
+        let origin = Origin {
+            file: file.path.clone(),
+            line: file.lines.line_of(&at).into(),
+            path: file.lines.original_path(&at),
+        };
         let rt = ResourceType::ExtensionConfig;
         let ok = self.register(rt, "extension config", "name", &spec.name, &spec.node_selector, &origin);
         let typed = match any_from_json(&spec.typed_config) {
@@ -387,8 +391,11 @@ impl<'a> Compiler<'a> {
 
     fn wasm_plugin(&mut self, file: &ParsedFile, i: usize, spec: &WasmPluginSpec) {
         let at = format!("wasm_plugins[{i}]");
-        let origin =
-            Origin { file: file.path.clone(), line: file.lines.line_of(&at), path: file.lines.original_path(&at) };
+        let origin = Origin {
+            file: file.path.clone(),
+            line: file.lines.line_of(&at).into(),
+            path: file.lines.original_path(&at),
+        };
         let ok = self.register(
             ResourceType::ExtensionConfig,
             "wasm plugin",

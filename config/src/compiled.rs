@@ -7,6 +7,7 @@ use std::{collections::BTreeMap, path::PathBuf, sync::Arc};
 use filterplane_api::{content_version, Any, ResourceType, ResourceVersion};
 use serde_json::Value;
 
+pub use crate::line_table::Line;
 use crate::{
     model::{Delivery, FailStrategy, NodeSelector, PluginType, PullPolicy, PullSecret},
     placement::Placement,
@@ -17,7 +18,8 @@ use crate::{
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Origin {
     pub file: PathBuf,
-    pub line: Option<usize>,
+    /// Its first line (`Line::get`), which moves with the file's lines.
+    pub line: Line,
     /// Path of the entry inside the document, e.g. `extension_configs[2]`.
     pub path: String,
 }

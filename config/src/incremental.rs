@@ -29,6 +29,7 @@ use sha2::{Digest, Sha256};
 use crate::{
     compile::{envoy_entry, SECTIONS},
     error::{ConfigError, ConfigErrors},
+    line_table::{Line, LineTable},
     load::{config_files, documents, parse_file, read_bounded},
     model::SCHEMA_VERSION,
     parsed::ParsedFile,
@@ -63,6 +64,9 @@ struct Cached {
     resource: Arc<CompiledResource>,
     line_delta: Option<usize>,
 }
+
+/// A file's entries compiled on their own, by `key(section, text)`.
+type Items = HashMap<[u8; 16], Cached>;
 
 /// A file's identity, size and times.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -122,14 +126,28 @@ struct FileState {
     /// Its stamp when it was read, if it had settled then: while the stamp is the same,
     /// `docs` stand without reading it.
     stamp: Option<Stamp>,
-    /// Its entries compiled on their own, by `key(section, text)`.
-    items: HashMap<[u8; 16], Cached>,
+    /// Its entries compiled on their own.
+    items: Items,
     /// Its documents, when it read without errors.
     docs: Option<Vec<Doc>>,
     /// A large file every document of which was cut: its text and where each entry lies
     /// in it, so that an edit inside entries reads those entries alone (`patch`).
     text: Option<String>,
     spans: Vec<patch::Span>,
+    /// Its entries' first lines, which they read theirs from (`Line`).
+    lines: Arc<LineTable>,
+}
+
+impl FileState {
+    /// This file's line table for a new read of it: the one it has, unless most of its
+    /// cells are no longer any entry's (every entry then gets a copy holding a cell of a
+    /// new one, once).
+    fn table_for_read(&self) -> Arc<LineTable> {
+        if self.lines.len() > 2 * self.items.len() + 1024 {
+            return Arc::default();
+        }
+        self.lines.clone()
+    }
 }
 
 /// Files from this size on keep their text for `patch` (smaller ones are read again in
@@ -236,7 +254,7 @@ fn read_file(
         Err(e) => {
             let message = format!("cannot read: {e}");
             errors.push(ConfigError { file: file.to_path_buf(), line: None, path: String::new(), message });
-            return FileState { items: old.items, ..FileState::default() };
+            return FileState { items: old.items, lines: old.lines, ..FileState::default() };
         }
     };
     if text.len() >= patch_at_least && patch::patch(file, &mut old, &text, stats, moved) {
@@ -247,6 +265,7 @@ fn read_file(
         return old;
     }
     let mut items = HashMap::with_capacity(old.items.len());
+    let lines = old.table_for_read();
     let mut docs = Vec::new();
     let mut failed = false;
     // Where each entry lies, while every document is cut.
@@ -254,22 +273,27 @@ fn read_file(
     for (offset, doc) in documents(&text) {
         let cut = (!crate::istio::is_istio(doc)).then(|| cut(doc)).flatten();
         if let Some(cut) = cut {
-            if let Some((parsed, entries, keys)) = read_cut(file, offset, &cut, &old.items, &mut items, stats) {
+            let read = read_cut(file, offset, &cut, (&old.items, &mut items), &lines, stats);
+            if let Some((parsed, entries, keys)) = read {
                 if let Some(spans) = spans.as_mut() {
-                    spans.extend(cut.items.iter().zip(keys).enumerate().map(|(entry, (item, key))| {
-                        let start = item.text.as_ptr() as usize - text.as_ptr() as usize;
-                        patch::Span {
-                            doc: docs.len(),
-                            entry,
-                            start,
-                            end: start + item.text.len(),
-                            section: item.section,
-                            index: item.index,
-                            line: offset + item.line + 1,
-                            indent: item.text.len() - item.text.trim_start_matches(' ').len(),
-                            key,
-                        }
-                    }));
+                    let slots = entries.iter().map(|e| e.origin.line.slot_in(&lines));
+                    spans.extend(cut.items.iter().zip(keys).zip(slots).enumerate().map(
+                        |(entry, ((item, key), slot))| {
+                            let start = item.text.as_ptr() as usize - text.as_ptr() as usize;
+                            patch::Span {
+                                doc: docs.len(),
+                                entry,
+                                start,
+                                end: start + item.text.len(),
+                                section: item.section,
+                                index: item.index,
+                                line: offset + item.line + 1,
+                                indent: item.text.len() - item.text.trim_start_matches(' ').len(),
+                                key,
+                                slot,
+                            }
+                        },
+                    ));
                 }
                 docs.push(Doc { parsed, entries });
                 continue;
@@ -294,6 +318,7 @@ fn read_file(
         docs: (!failed).then_some(docs),
         text: spans.is_some().then_some(text),
         spans: spans.unwrap_or_default(),
+        lines,
     }
 }
 
@@ -301,14 +326,14 @@ fn read_file(
 type CutRead = (ParsedFile, Vec<Arc<CompiledResource>>, Vec<[u8; 16]>);
 
 /// A cut document's header parsed and its items compiled (from `old` where their text
-/// is known); `None` when anything in it fails (it is then read whole). Every item
-/// compiled goes to `next`.
+/// is known), their lines held in `lines`; `None` when anything in it fails (it is then
+/// read whole). Every item compiled goes to `next`.
 fn read_cut(
     file: &Path,
     offset: usize,
     cut: &Cut<'_>,
-    old: &HashMap<[u8; 16], Cached>,
-    next: &mut HashMap<[u8; 16], Cached>,
+    (old, next): (&Items, &mut Items),
+    lines: &Arc<LineTable>,
     stats: &mut LoadStats,
 ) -> Option<CutRead> {
     // Items are compiled even when the header or another item fails, so that the
@@ -322,19 +347,21 @@ fn read_cut(
         // The item's first line in the file, 1-based.
         let line = offset + item.line + 1;
         let key = key(section, item.text);
-        let cached = match next.get(&key).or_else(|| old.get(&key)) {
-            Some(c) => c.clone(),
-            None => {
+        // An entry whose text another of this load already has (a duplicate) gets a cell
+        // of its own.
+        let (cached, own) = match (next.get(&key), old.get(&key)) {
+            (Some(c), _) => (c.clone(), false),
+            (None, Some(c)) => (c.clone(), true),
+            (None, None) => {
                 stats.compiled += 1;
                 let Some(resource) = compile_item(file, section, rt, item.text, line) else {
                     failed = true;
                     continue;
                 };
-                let line_delta = resource.origin.line.and_then(|l| l.checked_sub(line));
-                Cached { resource: Arc::new(resource), line_delta }
+                (held(resource, line, lines), true)
             }
         };
-        let placed = place(cached, line, section, item.index);
+        let placed = place(cached, line, (section, item.index), lines, own);
         if !failed {
             items.push(placed.resource.clone());
             keys.push(key);
@@ -345,16 +372,39 @@ fn read_cut(
     Some((header?, items, keys)).filter(|_| !failed)
 }
 
-/// `cached` as entry `index` of `section` whose first line is `line`: itself where it was
-/// placed so before; moved, a copy that says where it is.
-fn place(cached: Cached, line: usize, section: &str, index: usize) -> Cached {
-    let at_line = cached.line_delta.map(|d| line + d);
+/// `resource`, just compiled from an item whose first line is `first`, its line held in
+/// `lines`.
+fn held(mut resource: CompiledResource, first: usize, lines: &Arc<LineTable>) -> Cached {
+    let line_delta = resource.origin.line.get().and_then(|l| l.checked_sub(first));
+    resource.origin.line = hold(lines, first, line_delta);
+    Cached { resource: Arc::new(resource), line_delta }
+}
+
+/// The line of an entry whose first line is `first`, `line_delta` below it, held in
+/// `lines` (fixed where it cannot be).
+fn hold(lines: &Arc<LineTable>, first: usize, line_delta: Option<usize>) -> Line {
+    match line_delta {
+        Some(d) => lines.hold(first, d).unwrap_or_else(|| Some(first + d).into()),
+        None => None.into(),
+    }
+}
+
+/// `cached` as entry `index` of `section` whose first line is `first`: itself, its cell
+/// in `lines` set to `first`, where its path is the same and it is `own` (no other entry
+/// of the file has it); else a copy that says where it is.
+fn place(cached: Cached, first: usize, (section, index): (&str, usize), lines: &Arc<LineTable>, own: bool) -> Cached {
     let same_path = path_is(&cached.resource.origin.path, section, index);
-    if cached.resource.origin.line == at_line && same_path {
-        return cached;
+    if same_path && own {
+        if let Some(slot) = cached.resource.origin.line.slot_in(lines) {
+            lines.set(slot, first);
+            return cached;
+        }
+        if cached.line_delta.is_none() && cached.resource.origin.line.get().is_none() {
+            return cached;
+        }
     }
     let mut r = CompiledResource::clone(&cached.resource);
-    r.origin.line = at_line;
+    r.origin.line = hold(lines, first, cached.line_delta);
     if !same_path {
         r.origin.path = format!("{section}[{index}]");
     }

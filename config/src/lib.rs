@@ -10,6 +10,7 @@ pub mod compiled;
 pub mod error;
 pub mod incremental;
 pub mod istio;
+pub mod line_table;
 pub mod lines;
 pub mod load;
 pub mod model;

@@ -26,7 +26,7 @@ fn good_file_compiles_to_one_ecds_resource() {
     assert_eq!(r.name, "add-header");
     assert_eq!(r.resource.type_url, "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig");
     assert!(r.inner_type_url.ends_with("HeaderMutation"));
-    assert_eq!(r.origin.line, Some(3));
+    assert_eq!(r.origin.line.get(), Some(3));
 }
 
 #[test]

@@ -299,7 +299,7 @@ mod tests {
             "0".repeat(64)
         ))
         .unwrap();
-        let origin = Origin { file: "c.yaml".into(), line: None, path: "wasm_plugins[0]".into() };
+        let origin = Origin { file: "c.yaml".into(), line: None.into(), path: "wasm_plugins[0]".into() };
         let plugin = WasmPlugin::from_spec(&spec, Path::new("."), origin).unwrap();
         let built = build_wasm_resource(&plugin, WasmCode::Remote { uri: "http://x/m", cluster: "c" }, "ab");
         assert!(built.envoy_fetches_code);

@@ -179,8 +179,8 @@ fn edits_read_incrementally_give_what_a_full_read_gives() {
                 let lines = |c: &filterplane_config::CompiledConfig, keep: &filterplane_config::CompiledConfig| {
                     let mut c = c.clone();
                     for (r, k) in c.resources.iter_mut().zip(&keep.resources) {
-                        if k.origin.line.is_none() {
-                            std::sync::Arc::make_mut(r).origin.line = None;
+                        if k.origin.line.get().is_none() {
+                            std::sync::Arc::make_mut(r).origin.line = None.into();
                         }
                     }
                     c

@@ -157,7 +157,7 @@ fn reason(text: &str, file: &Path) -> String {
 fn error_at(r: &CompiledResource, message: &str) -> ConfigError {
     ConfigError {
         file: r.origin.file.clone(),
-        line: r.origin.line,
+        line: r.origin.line.get(),
         path: r.origin.path.clone(),
         message: format!("Envoy refuses it (--preflight-envoy): {message}"),
     }

@@ -25,7 +25,7 @@ fn fetcher(dir: &Path, file_root: &Path) -> WasmFetcher {
 
 fn plugin(yaml: &str, base: &Path) -> WasmPlugin {
     let spec: WasmPluginSpec = serde_yaml::from_str(yaml).unwrap();
-    let origin = Origin { file: base.join("c.yaml"), line: None, path: "wasm_plugins[0]".into() };
+    let origin = Origin { file: base.join("c.yaml"), line: None.into(), path: "wasm_plugins[0]".into() };
     WasmPlugin::from_spec(&spec, base, origin).unwrap()
 }
 

@@ -89,7 +89,7 @@ impl PluginError {
             kind: e.kind().into(),
             message: e.to_string(),
             file: origin.file.display().to_string(),
-            line: origin.line,
+            line: origin.line.get(),
             path,
             serving_version: kept.map(|r| r.version.to_string()),
         }

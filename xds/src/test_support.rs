@@ -47,7 +47,8 @@ pub fn remote_wasm_snapshot(sha: &str) -> Arc<Snapshot> {
     let config = filterplane_config::compile(&[parsed]).expect("test YAML compiles");
     let spec = serde_yaml::from_str(&format!("{{name: w, url: 'http://127.0.0.1:1/m.wasm', sha256: '{sha}'}}"))
         .expect("test plugin parses");
-    let origin = filterplane_config::Origin { file: "test.yaml".into(), line: None, path: "wasm_plugins[0]".into() };
+    let origin =
+        filterplane_config::Origin { file: "test.yaml".into(), line: None.into(), path: "wasm_plugins[0]".into() };
     let plugin = WasmPlugin::from_spec(&spec, Path::new("."), origin).expect("test plugin is valid");
     let code = WasmCode::Remote { uri: "http://127.0.0.1:1/modules", cluster: "modules" };
     let config = config.with_resources(vec![Arc::new(build_wasm_resource(&plugin, code, sha))]);

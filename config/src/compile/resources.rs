@@ -24,7 +24,7 @@ pub fn envoy_entry(
     spec: &EnvoyResourceSpec,
 ) -> Result<CompiledResource, ConfigError> {
     let at = format!("{section}[{i}]");
-    let origin = Origin { file: file.path.clone(), line: file.lines.line_of(&at), path: at };
+    let origin = Origin { file: file.path.clone(), line: file.lines.line_of(&at).into(), path: at };
     let error = |sub: &str, message: String| file.error(format!("{}.{sub}", origin.path), message);
     let mut json = spec.0.clone();
     let selector = match json.remove("node_selector").map(serde_json::from_value::<NodeSelector>) {
@@ -136,7 +136,7 @@ impl Compiler<'_> {
                             "duplicate {kind} name \"{}\": the entry at {}{}: {} already matches every proxy this one selects",
                             r.name,
                             k.origin.file.display(),
-                            k.origin.line.map(|l| format!(":{l}")).unwrap_or_default(),
+                            k.origin.line.get().map(|l| format!(":{l}")).unwrap_or_default(),
                             k.origin.path
                         );
                         errors.push(self.located(&r.origin, name_key(r.resource_type), message));

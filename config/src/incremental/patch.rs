@@ -5,14 +5,14 @@
 //! inside entries of one section that still cut as as many entries; anything else (a
 //! section's key, the header, an entry added or removed) reads the file as before.
 //!
-//! An edit that adds or removes lines moves everything after it: later entries get a copy
-//! of their resource that says their new line (their content, hence their version, is
-//! the same), and the documents' line indexes move with them, so errors still name the
-//! lines the file has now.
+//! An edit that adds or removes lines moves everything after it: later entries' cells in
+//! the file's line table move (their resources, shared with the generations serving
+//! them, stay as they are), and the documents' line indexes move with them, so errors
+//! still name the lines the file has now.
 
 use std::{collections::HashSet, path::Path, sync::Arc};
 
-use super::{compile_item, key, Cached, FileState, LoadStats};
+use super::{compile_item, key, FileState, LoadStats};
 use crate::compile::SECTIONS;
 
 /// Where an entry cut from a file lies in its text.
@@ -32,6 +32,8 @@ pub(super) struct Span {
     pub line: usize,
     pub indent: usize,
     pub key: [u8; 16],
+    /// Its resource's cell in the file's line table, if it has one.
+    pub slot: Option<u32>,
 }
 
 /// An entry of the edited region as the new text has it: its bytes from the region's
@@ -101,27 +103,43 @@ pub(super) fn patch(
         return false;
     };
     let moved = newlines(region.as_bytes()) as isize - newlines(&a[head.start..tail.end]) as isize;
+    // A table most of whose cells are no longer any entry's is left for a read of the
+    // whole file, which starts a new one.
+    let lines = state.lines.clone();
+    if lines.len() > 2 * spans.len() + 4096 {
+        return false;
+    }
     // Everything that can fail is done before anything changes.
     let (section, rt) = SECTIONS[head.section];
-    let mut placed = Vec::with_capacity(items.len());
-    for (k, item) in items.iter().enumerate() {
-        let (span, line) = (&spans[first + k], head.line + item.line);
+    let mut found = Vec::with_capacity(items.len());
+    for item in &items {
+        let line = head.line + item.line;
         let new_key = key(section, item.text);
         let cached = match state.items.get(&new_key) {
             Some(c) => c.clone(),
             None => {
                 let Some(resource) = compile_item(file, section, rt, item.text, line) else { return false };
                 stats.compiled += 1;
-                let line_delta = resource.origin.line.and_then(|l| l.checked_sub(line));
-                Cached { resource: Arc::new(resource), line_delta }
+                super::held(resource, line, &lines)
             }
         };
-        placed.push((new_key, super::place(cached, line, section, span.index)));
+        found.push((new_key, cached));
+    }
+    // An entry takes the cell of the resource its text had unless another entry has that
+    // text too (outside the edit, or earlier in it): a duplicate gets a cell of its own.
+    let hits = found.iter().filter(|(k, _)| state.items.contains_key(k)).map(|(k, _)| *k);
+    let outside = keys_among(hits, spans[..first].iter().chain(&spans[last + 1..]));
+    let mut placed = Vec::with_capacity(found.len());
+    for (k, (new_key, cached)) in found.into_iter().enumerate() {
+        let own = !outside.contains(&new_key) && !placed.iter().any(|(key, _)| *key == new_key);
+        let (index, line) = (spans[first + k].index, head.line + items[k].line);
+        placed.push((new_key, super::place(cached, line, (section, index), &lines, own)));
     }
     let (head_start, head_line, doc) = (head.start, head.line, head.doc);
     let mut gone = Vec::new();
     for (k, ((new_key, cached), item)) in placed.into_iter().zip(&items).enumerate() {
         let span = &mut state.spans[first + k];
+        span.slot = cached.resource.origin.line.slot_in(&lines);
         let Some(slot) = docs.get_mut(span.doc).and_then(|d| d.entries.get_mut(span.entry)) else { return false };
         let was = std::mem::replace(slot, cached.resource.clone());
         if span.key == new_key && !Arc::ptr_eq(&was, slot) {
@@ -136,16 +154,29 @@ pub(super) fn patch(
         }
         state.items.insert(new_key, cached);
     }
-    for span in &mut state.spans[last + 1..] {
+    // Later entries move: their cells, one add each; an entry without one (its line did
+    // not fit a cell) gets a copy that says its line.
+    let mut uncelled = Vec::new();
+    let mut cells = lines.cells_mut();
+    for (k, span) in state.spans.iter_mut().enumerate().skip(last + 1) {
         span.start = span.start.saturating_add_signed(grown);
         span.end = span.end.saturating_add_signed(grown);
         if moved == 0 {
             continue;
         }
         span.line = span.line.saturating_add_signed(moved);
+        match span.slot.and_then(|s| cells.get_mut(s as usize)) {
+            Some(cell) => *cell = u32::try_from(span.line).unwrap_or(*cell),
+            None => uncelled.push(k),
+        }
+    }
+    drop(cells);
+    for k in uncelled {
+        let span = &mut state.spans[k];
         let (section, _) = SECTIONS[span.section];
         let Some(cached) = state.items.get(&span.key).cloned() else { return false };
-        let cached = super::place(cached, span.line, section, span.index);
+        let cached = super::place(cached, span.line, (section, span.index), &lines, true);
+        span.slot = cached.resource.origin.line.slot_in(&lines);
         let Some(slot) = docs.get_mut(span.doc).and_then(|d| d.entries.get_mut(span.entry)) else { return false };
         let was = std::mem::replace(slot, cached.resource.clone());
         if !Arc::ptr_eq(&was, slot) {
@@ -175,6 +206,25 @@ pub(super) fn patch(
     }
     stats.patched += 1;
     true
+}
+
+/// Which of `keys` (the few an edit's entries found cached) an entry of `spans` has.
+fn keys_among<'a>(keys: impl Iterator<Item = [u8; 16]>, spans: impl Iterator<Item = &'a Span>) -> Vec<[u8; 16]> {
+    let wanted: Vec<[u8; 16]> = keys.collect();
+    if wanted.len() > 16 {
+        let set: HashSet<[u8; 16]> = wanted.into_iter().collect();
+        let mut held: Vec<[u8; 16]> = spans.filter(|s| set.contains(&s.key)).map(|s| s.key).collect();
+        held.sort_unstable();
+        held.dedup();
+        return held;
+    }
+    let mut held = Vec::new();
+    for s in spans {
+        if wanted.contains(&s.key) && !held.contains(&s.key) {
+            held.push(s.key);
+        }
+    }
+    held
 }
 
 /// `run` (the text of consecutive entries of one section, their dashes at `indent`) cut

@@ -227,7 +227,7 @@ fn an_edit_inside_one_entry_of_a_large_file_reads_that_entry_alone() {
         (mesh(20, Some((7, 9090))), Some(1)),
         // Back (the old text's entry went with it, as a full read drops it).
         (mesh(20, None), Some(1)),
-        // A line more: every later entry moves (a copy of each that says its new line).
+        // A line more: every later entry moves (its cell in the file's line table).
         (mesh(20, None).replace("  - cluster_name: svc-4\n", "  - cluster_name: svc-4\n    # four\n"), Some(1)),
         // Two entries where there was one.
         (
@@ -370,4 +370,52 @@ fn an_edit_across_many_entries_is_read_in_place_and_their_old_texts_leave_the_ca
     std::fs::write(&f, &appended).unwrap();
     same_as_full(&mut loader, &f).unwrap();
     assert_eq!((loader.stats().patched, loader.stats().compiled), (1, 1));
+}
+
+#[test]
+fn entries_that_only_moved_keep_their_resources_and_every_generation_reads_their_new_lines() {
+    let (_dir, f, mut loader, first) = editable(&mesh(100, None));
+    let first = first.unwrap();
+    let line_of = |c: &CompiledConfig, name: &str| {
+        let r = c.resources.iter().find(|r| r.name == name && r.resource_type == ResourceType::ClusterLoadAssignment);
+        r.and_then(|r| r.origin.line.get()).unwrap()
+    };
+    let before = line_of(&first, "svc-90");
+    // Two lines more in the first cluster: the 199 entries after it only move.
+    let text = mesh(100, None).replace("  - name: svc-0\n", "  - name: svc-0\n    # the first\n    # service\n");
+    std::fs::write(&f, &text).unwrap();
+    let got = same_as_full(&mut loader, &f).unwrap();
+    assert_eq!((loader.stats().patched, loader.stats().compiled), (1, 1));
+    let same = first.resources.iter().zip(&got.resources).filter(|(a, b)| Arc::ptr_eq(a, b)).count();
+    assert_eq!(same, 199, "no copy of an entry that only moved");
+    assert_eq!(line_of(&got, "svc-90"), before + 2);
+    assert_eq!(line_of(&first, "svc-90"), before + 2, "the last generation names the lines the file has now");
+}
+
+#[test]
+fn an_entry_written_twice_keeps_a_line_of_its_own_as_lines_move() {
+    // The same entry, text and path (`endpoints[0]`), in both documents: a duplicate,
+    // refused. One resource would do for both, but each must name its own line.
+    let twice = |endpoints_of: fn(usize) -> usize, comment: &str| {
+        two_documents(endpoints_of)
+            .replace("cluster_name: svc-6\n", "cluster_name: svc-0\n")
+            .replace("  - name: svc-1\n", &format!("  - name: svc-1\n{comment}"))
+    };
+    let (_dir, f, mut loader, first) = editable(&two_documents(|_| 1));
+    first.unwrap();
+    for (text, patched) in [
+        (twice(|_| 1, ""), 1),
+        // A line above both.
+        (twice(|_| 1, "    # one\n"), 1),
+        // Then one between them.
+        (twice(|i| 1 + usize::from(i == 3), "    # one\n"), 1),
+        // The file read whole (its header changed): both found in the cache.
+        (format!("# top\n{}", twice(|_| 1, "")), 0),
+        (format!("# top\n{}", twice(|_| 1, "    # one\n")), 1),
+    ] {
+        std::fs::write(&f, &text).unwrap();
+        let errors = same_as_full(&mut loader, &f).unwrap_err().0;
+        assert!(errors.iter().any(|e| e.message.contains("duplicate")), "{errors:?}");
+        assert_eq!(loader.stats().patched, patched);
+    }
 }

@@ -158,7 +158,7 @@ async fn config(State(s): State<AdminState>) -> Response {
                         config_type_url: r.inner_type_url.clone(),
                         node_selector: selector_json(&r.selector),
                         file: r.origin.file.display().to_string(),
-                        line: r.origin.line,
+                        line: r.origin.line.get(),
                         path: r.origin.path.clone(),
                         module: plugin.map(|w| {
                             let verified_by = r
