@@ -17,7 +17,7 @@ use crate::{
     wasm::WasmPlugin,
 };
 
-pub use crate::compiled::{CompiledConfig, CompiledResource, Origin};
+pub use crate::compiled::{CompiledConfig, CompiledResource, Origin, Summary};
 
 /// Steps increasing, each 1-100, the last 100.
 pub fn check_rollout(r: &crate::model::RolloutSpec) -> Result<(), String> {
@@ -48,19 +48,37 @@ pub const SECTIONS: [(&str, ResourceType); 5] = [
 /// Validates and compiles the documents as one config, collecting every error.
 pub fn compile(files: &[ParsedFile]) -> Result<CompiledConfig, ConfigErrors> {
     let files: Vec<&ParsedFile> = files.iter().collect();
-    compile_with(&files, &[], &[])
+    compile_with(&files, &[], Previous::default()).config
+}
+
+/// The last config a loader compiled (it passed every check), and what changed since.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Previous<'a> {
+    /// Its resources in serving order, and their summaries (or none).
+    pub resources: &'a [Arc<CompiledResource>],
+    pub summaries: &'a [Summary],
+    /// The entries new since, and its resources that are gone (with everything its call
+    /// made from documents' headers), where the caller knows them.
+    pub changes: Option<crate::order::Told<'a>>,
+}
+
+/// What `compile_with` gives: the config or its errors; what it made from documents'
+/// headers (extension configs, documents read whole: every call makes them anew); the
+/// resources' summaries in serving order, for the next call.
+#[derive(Debug)]
+pub struct Compiled {
+    pub config: Result<CompiledConfig, ConfigErrors>,
+    pub made: Vec<Arc<CompiledResource>>,
+    pub summaries: Vec<Summary>,
 }
 
 /// `compile`, where `entries[k]` are Envoy resource entries of `files[k]` already
 /// compiled on their own (`resources::envoy_entry`, cached by incremental loading) and
 /// left out of its document: they are checked against the rest as if read from it.
-/// `previous` is the last config's resources (`CompiledConfig::resources`, in serving
-/// order): entries among them keep their order instead of being sorted again.
-pub fn compile_with(
-    files: &[&ParsedFile],
-    entries: &[&[Arc<CompiledResource>]],
-    previous: &[Arc<CompiledResource>],
-) -> Result<CompiledConfig, ConfigErrors> {
+/// With `previous`, entries among its resources keep their order instead of being sorted
+/// again, only names with new entries are checked for duplicates, and only new resources
+/// are read for the config's version.
+pub fn compile_with(files: &[&ParsedFile], entries: &[&[Arc<CompiledResource>]], previous: Previous<'_>) -> Compiled {
     let mut c = Compiler {
         rollout: None,
         verification: None,
@@ -73,7 +91,9 @@ pub fn compile_with(
     };
     c.default_rollout();
     c.default_verification();
+    let mut made = Vec::new();
     for (k, &file) in files.iter().enumerate() {
+        let before = c.resources.len();
         for (i, spec) in file.doc.extension_configs.iter().enumerate() {
             c.extension_config(file, i, spec);
         }
@@ -85,19 +105,48 @@ pub fn compile_with(
                 c.envoy_resource(file, section, i, rt, spec);
             }
         }
+        made.extend_from_slice(&c.resources[before..]);
         for r in entries.get(k).copied().unwrap_or_default() {
             c.admit(r.clone());
         }
     }
     // In serving order (by type and name, each name's entries in file order): what
-    // serving needs, and what the duplicate check walks.
-    c.resources = crate::order::serving_order(std::mem::take(&mut c.resources), previous);
-    c.check_duplicates();
+    // serving needs, and what the duplicate check walks. What was made here is new to
+    // this config whatever the caller knows.
+    let changes = previous.changes;
+    let fresh: Option<Vec<_>> = changes.map(|(fresh, _)| fresh.iter().chain(&made).cloned().collect());
+    let known = fresh.as_deref().zip(changes.map(|(_, stale)| stale));
+    let ordered = crate::order::serving_order(std::mem::take(&mut c.resources), previous.resources, known);
+    c.resources = ordered.resources;
+    // The resources' summaries: the kept ones' from the last call, the new ones read.
+    let summaries = match &ordered.placed {
+        Some((placed, was)) if previous.summaries.len() == previous.resources.len() => {
+            let (mut placed, mut was) = (placed.iter().peekable(), was.iter());
+            let mut summaries = Vec::with_capacity(c.resources.len());
+            for (i, r) in c.resources.iter().enumerate() {
+                let kept = match placed.next_if(|&&p| p == i) {
+                    Some(_) => None,
+                    None => was.next().and_then(|&w| previous.summaries.get(w)),
+                };
+                summaries.push(kept.copied().unwrap_or_else(|| Summary::of(r)));
+            }
+            summaries
+        }
+        _ => c.resources.iter().map(|r| Summary::of(r)).collect(),
+    };
+    debug_assert!(
+        summaries.len() == c.resources.len() && summaries.iter().zip(&c.resources).all(|(s, r)| *s == Summary::of(r)),
+        "summaries out of step"
+    );
+    match &ordered.placed {
+        Some((placed, _)) => c.check_duplicates_near(placed),
+        None => c.check_duplicates(),
+    }
     if c.errors.is_empty() {
-        c.check_placements();
+        c.check_placements(&summaries);
     }
     if !c.errors.is_empty() {
-        return Err(ConfigErrors(c.errors));
+        return Compiled { config: Err(ConfigErrors(c.errors)), made, summaries };
     }
     let config = CompiledConfig {
         version: ResourceVersion::default(),
@@ -107,7 +156,8 @@ pub fn compile_with(
         wasm_verification: c.verification.clone(),
         notices: c.notices,
     };
-    Ok(config.with_resources(Vec::new()))
+    let version = config.version_of(&summaries);
+    Compiled { config: Ok(CompiledConfig { version, ..config }), made, summaries }
 }
 
 /// Encodes an Envoy resource written as JSON; the version hashes its canonical form.

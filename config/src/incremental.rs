@@ -32,6 +32,7 @@ use crate::{
     line_table::{Line, LineTable},
     load::{config_files, documents, parse_file, read_bounded},
     model::SCHEMA_VERSION,
+    order::Changes,
     parsed::ParsedFile,
     CompiledConfig, CompiledResource,
 };
@@ -161,6 +162,13 @@ pub struct Loader {
     files: Vec<(PathBuf, FileState)>,
     /// The resources of the last load that compiled, in serving order.
     last: Vec<Arc<CompiledResource>>,
+    /// Whether the last load compiled (`last` is its): only then is what a load changed
+    /// known against `last`.
+    last_ok: bool,
+    /// What the last load made from documents' headers (every load makes them anew).
+    last_made: Vec<Arc<CompiledResource>>,
+    /// The summaries of `last` (what the checks and the version read of each).
+    last_summaries: Vec<crate::compiled::Summary>,
     /// `SETTLED`, shorter in tests.
     settle: Option<Duration>,
     /// `PATCH_AT_LEAST`, smaller in tests.
@@ -201,26 +209,39 @@ impl Loader {
         let paths = config_files(path)?;
         let mut before: HashMap<PathBuf, FileState> = std::mem::take(&mut self.files).into_iter().collect();
         let mut errors = Vec::new();
-        let mut moved = Vec::new();
+        let mut changes = Changes::default();
         for file in paths {
             let old = before.remove(&file).unwrap_or_default();
             let tuning = (self.settle.unwrap_or(SETTLED), self.patch_at_least.unwrap_or(PATCH_AT_LEAST));
-            let state = read_file(&file, old, max_file_bytes, tuning, (&mut stats, &mut moved), &mut errors);
+            let state = read_file(&file, old, max_file_bytes, tuning, (&mut stats, &mut changes), &mut errors);
             self.files.push((file, state));
         }
+        // The entries of files no longer in the config are gone.
+        for state in before.values() {
+            changes.stale.extend(state.docs.iter().flatten().flat_map(|d| d.entries.iter().cloned()));
+        }
         // Entries that only moved keep their places in the serving order.
-        crate::order::moved(&mut self.last, &moved);
+        crate::order::moved(&mut self.last, &changes.moved);
         if !errors.is_empty() {
             self.stats = stats;
+            self.last_ok = false;
             return Err(ConfigErrors(errors));
         }
+        changes.stale.append(&mut self.last_made);
+        let known = self.last_ok.then_some((changes.fresh.as_slice(), changes.stale.as_slice()));
         let started = Instant::now();
         let docs = self.files.iter().flat_map(|(_, f)| f.docs.iter().flatten());
         let (parsed, entries): (Vec<&ParsedFile>, Vec<&[Arc<CompiledResource>]>) =
             docs.map(|d| (&d.parsed, d.entries.as_slice())).unzip();
-        let config = crate::compile::compile_with(&parsed, &entries, &self.last);
+        let previous =
+            crate::compile::Previous { resources: &self.last, summaries: &self.last_summaries, changes: known };
+        let compiled = crate::compile::compile_with(&parsed, &entries, previous);
+        let config = compiled.config;
+        self.last_ok = config.is_ok();
         if let Ok(c) = &config {
             self.last.clone_from(&c.resources);
+            self.last_made = compiled.made;
+            self.last_summaries = compiled.summaries;
         }
         stats.check = started.elapsed();
         self.stats = stats;
@@ -235,7 +256,7 @@ fn read_file(
     mut old: FileState,
     max_file_bytes: u64,
     (settle, patch_at_least): (Duration, usize),
-    (stats, moved): (&mut LoadStats, &mut Vec<crate::order::Moved>),
+    (stats, changes): (&mut LoadStats, &mut Changes),
     errors: &mut Vec<ConfigError>,
 ) -> FileState {
     let stamp = Stamp::of(file);
@@ -257,7 +278,7 @@ fn read_file(
             return FileState { items: old.items, lines: old.lines, ..FileState::default() };
         }
     };
-    if text.len() >= patch_at_least && patch::patch(file, &mut old, &text, stats, moved) {
+    if text.len() >= patch_at_least && patch::patch(file, &mut old, &text, stats, changes) {
         stats.entries += old.spans.len();
         stats.entries_time += started.elapsed();
         old.stamp = stamp.filter(|s| s.settled_before(read_at, settle));
@@ -266,6 +287,8 @@ fn read_file(
     }
     let mut items = HashMap::with_capacity(old.items.len());
     let lines = old.table_for_read();
+    let old_entries: Vec<Arc<CompiledResource>> =
+        old.docs.iter().flatten().flat_map(|d| d.entries.iter().cloned()).collect();
     let mut docs = Vec::new();
     let mut failed = false;
     // Where each entry lies, while every document is cut.
@@ -309,6 +332,7 @@ fn read_file(
             }
         }
     }
+    changes.between(old_entries, docs.iter().flat_map(|d| d.entries.iter()));
     stats.entries_time += started.elapsed();
     let stamp = stamp.filter(|s| !failed && s.settled_before(read_at, settle));
     let spans = spans.filter(|_| !failed);

@@ -19,46 +19,115 @@ fn key(r: &CompiledResource) -> (filterplane_api::ResourceType, &str) {
     (r.resource_type, r.name.as_str())
 }
 
+/// What a load changed in a config's resources against the last one's, as the loader
+/// saw it reading the files.
+#[derive(Debug, Default)]
+pub struct Changes {
+    /// Entries that only moved in their file: the last load's resource and its copy.
+    pub moved: Vec<Moved>,
+    /// Resources new to this load (compiled, or copied to another place) and the last
+    /// load's that are no longer in it.
+    pub fresh: Vec<Arc<CompiledResource>>,
+    pub stale: Vec<Arc<CompiledResource>>,
+}
+
+/// What changed, where a caller knows it: the resources new since the last config, and
+/// the last config's that are gone.
+pub type Told<'a> = (&'a [Arc<CompiledResource>], &'a [Arc<CompiledResource>]);
+
+impl Changes {
+    /// A file's entries were `old` and are `new` now: the ones only in `new` are fresh, the
+    /// ones only in `old` stale.
+    pub(crate) fn between<'a>(
+        &mut self,
+        old: Vec<Arc<CompiledResource>>,
+        new: impl Iterator<Item = &'a Arc<CompiledResource>> + Clone,
+    ) {
+        let now: PtrSet = new.clone().map(Arc::as_ptr).collect();
+        let was: PtrSet = old.iter().map(Arc::as_ptr).collect();
+        self.fresh.extend(new.filter(|r| !was.contains(&Arc::as_ptr(r))).cloned());
+        self.stale.extend(old.into_iter().filter(|r| !now.contains(&Arc::as_ptr(r))));
+    }
+}
+
+/// A config's resources in serving order; when its new ones were placed among the last
+/// config's rather than all sorted, where they went (their places in it, ascending) and
+/// where the others were in the last config's order (ascending).
+pub struct Ordered {
+    pub resources: Vec<Arc<CompiledResource>>,
+    pub placed: Option<(Vec<usize>, Vec<usize>)>,
+}
+
 /// `file_ordered` (every resource of a config, in file order) in serving order.
 /// `previous` is the last config's resources in serving order: the entries of
 /// `file_ordered` that are among them (the same allocation: unchanged files' entries, held
 /// by the loader) keep their order, and the others are placed by binary search. Where a
 /// new entry shares its name with a kept one, only file order can tell which comes first,
-/// and everything is sorted.
+/// and everything is sorted. `known` is what changed (new, gone) when the caller knows
+/// it: the rest is `previous` less the gone, found without a set of every resource.
 pub fn serving_order(
     file_ordered: Vec<Arc<CompiledResource>>,
     previous: &[Arc<CompiledResource>],
-) -> Vec<Arc<CompiledResource>> {
+    known: Option<Told<'_>>,
+) -> Ordered {
+    let all_sorted = |file_ordered| Ordered { resources: sorted(file_ordered), placed: None };
     if previous.is_empty() {
-        return sorted(file_ordered);
+        return all_sorted(file_ordered);
     }
-    let now: PtrSet = file_ordered.iter().map(Arc::as_ptr).collect();
-    let before: PtrSet = previous.iter().map(Arc::as_ptr).collect();
-    let mut added: Vec<Arc<CompiledResource>> =
-        file_ordered.iter().filter(|r| !before.contains(&Arc::as_ptr(r))).cloned().collect();
-    if added.len() * PLACE_AT_MOST_ONE_IN > file_ordered.len() {
-        return sorted(file_ordered);
-    }
-    let kept: Vec<&Arc<CompiledResource>> = previous.iter().filter(|r| now.contains(&Arc::as_ptr(r))).collect();
-    added = sorted(added);
+    let (added, kept): (Vec<_>, Vec<(usize, _)>) = match known {
+        Some((fresh, stale)) if fresh.len() * PLACE_AT_MOST_ONE_IN <= file_ordered.len() => {
+            let gone: PtrSet = stale.iter().map(Arc::as_ptr).collect();
+            let kept: Vec<_> = previous.iter().enumerate().filter(|(_, r)| !gone.contains(&Arc::as_ptr(r))).collect();
+            // (What the caller knew must add up; else the sets say.)
+            if kept.len() + fresh.len() != file_ordered.len() {
+                return serving_order(file_ordered, previous, None);
+            }
+            (fresh.to_vec(), kept)
+        }
+        Some(_) => return all_sorted(file_ordered),
+        None => {
+            let now: PtrSet = file_ordered.iter().map(Arc::as_ptr).collect();
+            let before: PtrSet = previous.iter().map(Arc::as_ptr).collect();
+            let added: Vec<_> = file_ordered.iter().filter(|r| !before.contains(&Arc::as_ptr(r))).cloned().collect();
+            if added.len() * PLACE_AT_MOST_ONE_IN > file_ordered.len() {
+                return all_sorted(file_ordered);
+            }
+            (added, previous.iter().enumerate().filter(|(_, r)| now.contains(&Arc::as_ptr(r))).collect())
+        }
+    };
+    let added = sorted(added);
     // Where each new entry goes among the kept ones: before the first greater key.
     let mut at = Vec::with_capacity(added.len());
     for r in &added {
-        match kept.binary_search_by(|k| key(k).cmp(&key(r))) {
-            Ok(_) => return sorted(file_ordered),
+        match kept.binary_search_by(|(_, k)| key(k).cmp(&key(r))) {
+            Ok(_) => return all_sorted(file_ordered),
             Err(i) => at.push(i),
         }
     }
     let mut out = Vec::with_capacity(file_ordered.len());
+    let mut placed = Vec::with_capacity(added.len());
+    let mut was = Vec::with_capacity(kept.len());
     let mut next = added.into_iter().zip(at).peekable();
-    for (i, k) in kept.into_iter().enumerate() {
+    for (i, (p, k)) in kept.into_iter().enumerate() {
         while let Some((r, _)) = next.next_if(|(_, j)| *j == i) {
+            placed.push(out.len());
             out.push(r);
         }
+        was.push(p);
         out.push(k.clone());
     }
-    out.extend(next.map(|(r, _)| r));
-    out
+    for (r, _) in next {
+        placed.push(out.len());
+        out.push(r);
+    }
+    // (Tests build with debug assertions: there, what the caller knew is checked against
+    // the sets at every load.)
+    #[cfg(debug_assertions)]
+    if known.is_some() {
+        let by_sets = serving_order(file_ordered, previous, None).resources;
+        debug_assert!(by_sets.iter().zip(&out).all(|(a, b)| Arc::ptr_eq(a, b)), "the changes told were wrong");
+    }
+    Ordered { resources: out, placed: Some((placed, was)) }
 }
 
 /// An entry that moved in its file (the lines before it changed): its resource as the
@@ -140,14 +209,14 @@ mod tests {
         let (b, c2, f) = (r("b", "1.yaml"), r("c", "1.yaml"), r("f", "2.yaml"));
         let mut files = vec![a.clone(), b, c2.clone()];
         files.extend([e.clone(), f]);
-        let got = serving_order(files.clone(), &before);
-        assert_eq!(got, sorted(files));
+        let got = serving_order(files.clone(), &before, None).resources;
+        assert_eq!(got, sorted(files.clone()));
         assert!(Arc::ptr_eq(&got[2], &c2), "the changed entry is the new one");
         // A new entry named like a kept one, in an earlier file: file order decides.
         let e0 = r("e", "0.yaml");
         let mut files = vec![e0.clone()];
         files.extend(got.iter().cloned());
-        let again = serving_order(files, &got);
+        let again = serving_order(files, &got, None).resources;
         assert_eq!(names(&again)[3..5], [("e", "0.yaml"), ("e", "2.yaml")]);
         // Entries that only moved in their file take their old ones' places and are kept:
         // the copies are served where the old ones were.
@@ -157,9 +226,34 @@ mod tests {
         assert!(Arc::ptr_eq(&previous[0], &again[0]) && Arc::ptr_eq(&previous[1], &copies[1].1));
         let files: Vec<_> =
             std::iter::once(again[0].clone()).chain(copies[1..].iter().map(|(_, c)| c.clone())).collect();
-        let served = serving_order(files, &previous);
+        let served = serving_order(files, &previous, None).resources;
         assert!(served.iter().zip(&previous).all(|(a, b)| Arc::ptr_eq(a, b)), "kept in place, not sorted");
         // Nothing before: sorted.
-        assert_eq!(names(&serving_order(vec![e, c, a], &[])), [("a", "1.yaml"), ("c", "1.yaml"), ("e", "2.yaml")]);
+        assert_eq!(
+            names(&serving_order(vec![e, c, a], &[], None).resources),
+            [("a", "1.yaml"), ("c", "1.yaml"), ("e", "2.yaml")]
+        );
+    }
+
+    #[test]
+    fn told_what_changed_the_order_needs_no_set_of_every_resource_and_says_where_new_ones_went() {
+        let kept: Vec<_> = (0..20).map(|i| r(&format!("k{i:02}"), "1.yaml")).collect();
+        let before = sorted(kept.clone());
+        // k05 changed (a new allocation), k10x is new.
+        let (k05, k10x) = (r("k05", "1.yaml"), r("k10x", "1.yaml"));
+        let mut files = kept.clone();
+        files[5] = k05.clone();
+        files.push(k10x.clone());
+        let by_sets = serving_order(files.clone(), &before, None);
+        let (fresh, stale) = ([k05.clone(), k10x.clone()], [kept[5].clone()]);
+        let told = serving_order(files.clone(), &before, Some((&fresh, &stale)));
+        assert!(told.resources.iter().zip(&by_sets.resources).all(|(a, b)| Arc::ptr_eq(a, b)));
+        let kept_were: Vec<usize> = (0..20).filter(|&i| i != 5).collect();
+        assert_eq!(told.placed, Some((vec![5, 11], kept_were.clone())));
+        assert_eq!(by_sets.placed, Some((vec![5, 11], kept_were)));
+        assert!(Arc::ptr_eq(&told.resources[11], &k10x));
+        // Told wrong (k05's old one not said gone): the counts disagree and the sets decide.
+        let wrong = serving_order(files, &before, Some((&fresh, &[])));
+        assert!(wrong.resources.iter().zip(&told.resources).all(|(a, b)| Arc::ptr_eq(a, b)));
     }
 }

@@ -101,9 +101,14 @@ impl Compiler<'_> {
 
     /// Every placement must name listeners that exist and land in at least one chain;
     /// placing all of them at once into every listener must give valid listeners.
-    pub(super) fn check_placements(&mut self) {
+    /// `summaries` are the resources' (in their order): only those with a placement or a
+    /// listener are read.
+    pub(super) fn check_placements(&mut self, summaries: &[crate::compiled::Summary]) {
         let mut placements: Vec<(Arc<Placement>, Origin)> = Vec::new();
-        let placed = self.resources.iter().map(|r| (&r.placement, &r.origin));
+        let with = |flag: fn(&crate::compiled::Summary) -> bool| {
+            summaries.iter().zip(&self.resources).filter(move |(s, _)| flag(s)).map(|(_, r)| r)
+        };
+        let placed = with(|s| s.placement).map(|r| (&r.placement, &r.origin));
         for (p, origin) in placed.chain(self.wasm.iter().map(|w| (&w.placement, &w.origin))) {
             if let Some(p) = p {
                 if !placements.iter().any(|(q, _)| q.filter_name == p.filter_name) {
@@ -114,8 +119,7 @@ impl Compiler<'_> {
         if placements.is_empty() {
             return;
         }
-        let listeners: Vec<Arc<CompiledResource>> =
-            self.resources.iter().filter(|r| r.listener_json.is_some()).cloned().collect();
+        let listeners: Vec<Arc<CompiledResource>> = with(|s| s.listener).cloned().collect();
         for (p, origin) in &placements {
             for (k, l) in p.listeners.iter().enumerate() {
                 if !listeners.iter().any(|r| &r.name == l) {

@@ -111,41 +111,74 @@ impl Compiler<'_> {
     /// name's entries in file order): one comparison per entry, no map of every name.
     pub(super) fn check_duplicates(&mut self) {
         let mut errors = Vec::new();
-        let rs = &self.resources;
         let mut start = 0;
-        while start < rs.len() {
-            let first = &rs[start];
-            let len = rs[start..]
-                .iter()
-                .take_while(|r| r.resource_type == first.resource_type && r.name == first.name)
-                .count();
-            let run = &rs[start..start + len];
-            start += len;
-            if run.len() < 2 || first.resource_type == ResourceType::ExtensionConfig {
-                continue;
-            }
-            let kind = SECTIONS
-                .iter()
-                .find(|(_, rt)| *rt == first.resource_type)
-                .map_or("resource", |(s, _)| s.trim_end_matches('s'));
-            let mut kept: Vec<&CompiledResource> = Vec::new();
-            for r in run {
-                match kept.iter().find(|k| k.selector.is_empty() || k.selector == r.selector) {
-                    Some(k) => {
-                        let message = format!(
-                            "duplicate {kind} name \"{}\": the entry at {}{}: {} already matches every proxy this one selects",
-                            r.name,
-                            k.origin.file.display(),
-                            k.origin.line.get().map(|l| format!(":{l}")).unwrap_or_default(),
-                            k.origin.path
-                        );
-                        errors.push(self.located(&r.origin, name_key(r.resource_type), message));
-                    }
-                    None => kept.push(r),
-                }
-            }
+        while start < self.resources.len() {
+            let end = self.run_end(start);
+            self.run_errors(start..end, &mut errors);
+            start = end;
         }
         self.errors.extend(errors);
+    }
+
+    /// `check_duplicates` where only the resources at `placed` are new to a config whose
+    /// last version passed it: only the names they share with others can be duplicates
+    /// now. Where one is, the whole check runs, so that errors come as a full load gives
+    /// them.
+    pub(super) fn check_duplicates_near(&mut self, placed: &[usize]) {
+        let mut errors = Vec::new();
+        let mut checked = 0;
+        for &p in placed {
+            if p < checked || p >= self.resources.len() {
+                continue;
+            }
+            let at = &self.resources[p];
+            let start = self.resources[..p]
+                .iter()
+                .rposition(|r| r.resource_type != at.resource_type || r.name != at.name)
+                .map_or(0, |i| i + 1);
+            checked = self.run_end(start);
+            self.run_errors(start..checked, &mut errors);
+        }
+        if !errors.is_empty() {
+            self.check_duplicates();
+        }
+    }
+
+    /// Where the run of resources named as the one at `start` ends.
+    fn run_end(&self, start: usize) -> usize {
+        let rs = &self.resources;
+        let first = &rs[start];
+        start
+            + rs[start..].iter().take_while(|r| r.resource_type == first.resource_type && r.name == first.name).count()
+    }
+
+    /// The duplicates among `run`, resources of one type and name, to `errors`.
+    fn run_errors(&self, run: std::ops::Range<usize>, errors: &mut Vec<ConfigError>) {
+        let run = &self.resources[run];
+        let Some(first) = run.first().filter(|_| run.len() > 1) else { return };
+        if first.resource_type == ResourceType::ExtensionConfig {
+            return;
+        }
+        let kind = SECTIONS
+            .iter()
+            .find(|(_, rt)| *rt == first.resource_type)
+            .map_or("resource", |(s, _)| s.trim_end_matches('s'));
+        let mut kept: Vec<&CompiledResource> = Vec::new();
+        for r in run {
+            match kept.iter().find(|k| k.selector.is_empty() || k.selector == r.selector) {
+                Some(k) => {
+                    let message = format!(
+                        "duplicate {kind} name \"{}\": the entry at {}{}: {} already matches every proxy this one selects",
+                        r.name,
+                        k.origin.file.display(),
+                        k.origin.line.get().map(|l| format!(":{l}")).unwrap_or_default(),
+                        k.origin.path
+                    );
+                    errors.push(self.located(&r.origin, name_key(r.resource_type), message));
+                }
+                None => kept.push(r),
+            }
+        }
     }
 }
 

@@ -47,13 +47,14 @@ struct NewItem<'a> {
 /// `state` (read from `state.text`) made to stand for `text`, if `text` differs from it
 /// only inside entries of one section that still cut as as many entries; `false`
 /// otherwise (nothing that matters changed then: the caller reads the file whole).
-/// Entries that only moved go to `moved`, with the resources they replace.
+/// What changed goes to `changes`: entries that only moved, with the resources they
+/// replace, and the new and gone resources of the entries edited.
 pub(super) fn patch(
     file: &Path,
     state: &mut FileState,
     text: &str,
     stats: &mut LoadStats,
-    moved_entries: &mut Vec<crate::order::Moved>,
+    changes: &mut crate::order::Changes,
 ) -> bool {
     let (Some(before), Some(docs)) = (state.text.as_deref(), state.docs.as_mut()) else { return false };
     let (a, b) = (before.as_bytes(), text.as_bytes());
@@ -142,8 +143,13 @@ pub(super) fn patch(
         span.slot = cached.resource.origin.line.slot_in(&lines);
         let Some(slot) = docs.get_mut(span.doc).and_then(|d| d.entries.get_mut(span.entry)) else { return false };
         let was = std::mem::replace(slot, cached.resource.clone());
-        if span.key == new_key && !Arc::ptr_eq(&was, slot) {
-            moved_entries.push((was, slot.clone()));
+        if !Arc::ptr_eq(&was, slot) {
+            if span.key == new_key {
+                changes.moved.push((was, slot.clone()));
+            } else {
+                changes.stale.push(was);
+                changes.fresh.push(slot.clone());
+            }
         }
         span.start = head_start + item.at;
         span.end = span.start + item.text.len();
@@ -180,7 +186,7 @@ pub(super) fn patch(
         let Some(slot) = docs.get_mut(span.doc).and_then(|d| d.entries.get_mut(span.entry)) else { return false };
         let was = std::mem::replace(slot, cached.resource.clone());
         if !Arc::ptr_eq(&was, slot) {
-            moved_entries.push((was, slot.clone()));
+            changes.moved.push((was, slot.clone()));
         }
         state.items.insert(span.key, cached);
     }
