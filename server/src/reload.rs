@@ -166,7 +166,11 @@ impl ConfigReloader {
             return None;
         }
         let current = self.cache.current()?;
-        let (served, removed) = removed_names(&current.config.resources, &config.resources);
+        let removed = removed_names(&current.config.resources, &config.resources);
+        if removed.is_empty() {
+            return None;
+        }
+        let served = served_names(&current.config.resources);
         let over = removed.len() * 100 > served * usize::from(self.max_removal_percent);
         (over && !removed.is_empty()).then(|| {
             let examples = removed.iter().take(5).map(|(rt, name)| format!("{rt} {name}")).collect();
@@ -365,42 +369,46 @@ impl ConfigReloader {
     }
 }
 
-/// The (type, name)s `old` serves and `new` does not, and how many `old` serves. Both
-/// are in serving order (by type and name), so one walk over them answers; an entry
-/// both share (the same allocation, as the loader keeps unchanged entries) is matched
-/// without comparing names. Runs on every reload, over every resource.
+type Key<'a> = (filterplane_api::ResourceType, &'a str);
+
+fn key(r: &filterplane_config::CompiledResource) -> Key<'_> {
+    (r.resource_type, r.name.as_str())
+}
+
+/// The names (type and name) of `old` that `new` no longer has, both in serving order
+/// (sorted by type and name). Walks both at once; the resources they share (the same
+/// allocation: a reload keeps every entry it did not change) are passed by their address,
+/// without reading them.
 fn removed_names<'a>(
     old: &'a [Arc<filterplane_config::CompiledResource>],
     new: &[Arc<filterplane_config::CompiledResource>],
-) -> (usize, Vec<(filterplane_api::ResourceType, &'a str)>) {
-    fn key(r: &filterplane_config::CompiledResource) -> (filterplane_api::ResourceType, &str) {
-        (r.resource_type, r.name.as_str())
-    }
-    let (mut served, mut removed, mut j) = (0, Vec::new(), 0);
-    for (i, o) in old.iter().enumerate() {
-        if i > 0 && key(&old[i - 1]) == key(o) {
+) -> Vec<Key<'a>> {
+    let (mut removed, mut j) = (Vec::new(), 0);
+    for o in old {
+        if new.get(j).is_some_and(|n| Arc::ptr_eq(n, o)) {
+            j += 1;
             continue;
         }
-        served += 1;
-        loop {
-            let Some(n) = new.get(j) else {
-                removed.push(key(o));
-                break;
-            };
-            if Arc::ptr_eq(n, o) {
-                break;
-            }
+        let present = loop {
+            let Some(n) = new.get(j) else { break false };
             match key(n).cmp(&key(o)) {
                 std::cmp::Ordering::Less => j += 1,
-                std::cmp::Ordering::Equal => break,
-                std::cmp::Ordering::Greater => {
-                    removed.push(key(o));
-                    break;
-                }
+                std::cmp::Ordering::Equal => break true,
+                std::cmp::Ordering::Greater => break false,
             }
+        };
+        // (The one passed last may have had its name: an entry of a name written twice.)
+        let present = present || j.checked_sub(1).and_then(|p| new.get(p)).is_some_and(|n| key(n) == key(o));
+        if !present && removed.last() != Some(&key(o)) {
+            removed.push(key(o));
         }
     }
-    (served, removed)
+    removed
+}
+
+/// How many names (type and name) `resources`, in serving order, serve.
+fn served_names(resources: &[Arc<filterplane_config::CompiledResource>]) -> usize {
+    resources.iter().enumerate().filter(|(i, r)| *i == 0 || key(&resources[i - 1]) != key(r)).count()
 }
 
 /// The watched directory's device and inode: they change when it is removed and created
@@ -636,12 +644,24 @@ mod tests {
             filterplane_config::compile(&[parsed]).unwrap()
         };
         let (old, new) = (config(&["a", "b", "c", "e"]), config(&["b", "d", "e", "f"]));
-        let (served, removed) = removed_names(&old.resources, &new.resources);
-        let names: Vec<&str> = removed.iter().map(|(_, n)| *n).collect();
-        assert_eq!((served, names), (4, vec!["a", "c"]), "two entries per name, counted once");
-        let (served, removed) = removed_names(&old.resources, &old.resources);
-        assert_eq!((served, removed.len()), (4, 0));
-        assert_eq!(removed_names(&old.resources, &[]).1.len(), 4);
+        let names = |removed: Vec<Key<'_>>| removed.iter().map(|(_, n)| n.to_string()).collect::<Vec<_>>();
+        assert_eq!(served_names(&old.resources), 4, "two entries per name, counted once");
+        assert_eq!(names(removed_names(&old.resources, &new.resources)), ["a", "c"]);
+        assert!(removed_names(&old.resources, &old.resources).is_empty());
+        assert_eq!(removed_names(&old.resources, &[]).len(), 4);
+        // Sharing entries, as a reload's configs do: b's second entry and c replaced, one
+        // more entry of e, c gone, g new.
+        let mut shared = old.resources.clone();
+        let others = config(&["b", "e", "g"]);
+        shared[3] = others.resources[1].clone();
+        shared.remove(4);
+        shared.remove(4);
+        shared.insert(5, others.resources[2].clone());
+        shared.extend(others.resources[4..].iter().cloned());
+        let listed: Vec<&str> = shared.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(listed, ["a", "a", "b", "b", "e", "e", "e", "g", "g"]);
+        assert_eq!(names(removed_names(&old.resources, &shared)), ["c"]);
+        assert_eq!(names(removed_names(&shared, &old.resources)), ["g"]);
     }
 
     #[test]
