@@ -125,7 +125,10 @@ pub fn serving_order(
     #[cfg(debug_assertions)]
     if known.is_some() {
         let by_sets = serving_order(file_ordered, previous, None).resources;
-        debug_assert!(by_sets.iter().zip(&out).all(|(a, b)| Arc::ptr_eq(a, b)), "the changes told were wrong");
+        debug_assert!(
+            by_sets.len() == out.len() && by_sets.iter().zip(&out).all(|(a, b)| Arc::ptr_eq(a, b)),
+            "the changes told were wrong"
+        );
     }
     Ordered { resources: out, placed: Some((placed, was)) }
 }

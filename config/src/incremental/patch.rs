@@ -160,8 +160,9 @@ pub(super) fn patch(
         }
         state.items.insert(new_key, cached);
     }
-    // Later entries move: their cells, one add each; an entry without one (its line did
-    // not fit a cell) gets a copy that says its line.
+    // Later entries move: their cells, one add each. An entry without one (it names no
+    // line, or its line did not fit a cell) is placed again: a copy that says its line,
+    // where it names one.
     let mut uncelled = Vec::new();
     let mut cells = lines.cells_mut();
     for (k, span) in state.spans.iter_mut().enumerate().skip(last + 1) {
@@ -195,42 +196,25 @@ pub(super) fn patch(
             d.parsed.shift_lines_after(head_line, moved);
         }
     }
-    // The old texts' entries go unless another entry has the same text: a comparison per
-    // entry for the usual few, a set when an edit touched many (it may touch thousands
-    // of the file's hundred thousand).
-    if gone.len() <= 16 {
-        gone.retain(|k| !state.spans.iter().any(|s| s.key == *k));
-    } else {
-        let mut set: HashSet<[u8; 16]> = gone.drain(..).collect();
-        for s in &state.spans {
-            set.remove(&s.key);
-        }
-        gone.extend(set);
-    }
-    for k in gone {
+    // The old texts' entries go unless another entry has the same text.
+    let still = keys_among(gone.iter().copied(), state.spans.iter());
+    for k in gone.into_iter().filter(|k| !still.contains(k)) {
         state.items.remove(&k);
     }
     stats.patched += 1;
     true
 }
 
-/// Which of `keys` (the few an edit's entries found cached) an entry of `spans` has.
-fn keys_among<'a>(keys: impl Iterator<Item = [u8; 16]>, spans: impl Iterator<Item = &'a Span>) -> Vec<[u8; 16]> {
+/// Which of `keys` (the texts an edit touched) an entry of `spans` has: one pass, a
+/// comparison per entry for the usual few keys, a set when an edit touched many (it may
+/// touch thousands of a file's hundred thousand entries).
+fn keys_among<'a>(keys: impl Iterator<Item = [u8; 16]>, spans: impl Iterator<Item = &'a Span>) -> HashSet<[u8; 16]> {
     let wanted: Vec<[u8; 16]> = keys.collect();
     if wanted.len() > 16 {
         let set: HashSet<[u8; 16]> = wanted.into_iter().collect();
-        let mut held: Vec<[u8; 16]> = spans.filter(|s| set.contains(&s.key)).map(|s| s.key).collect();
-        held.sort_unstable();
-        held.dedup();
-        return held;
+        return spans.filter(|s| set.contains(&s.key)).map(|s| s.key).collect();
     }
-    let mut held = Vec::new();
-    for s in spans {
-        if wanted.contains(&s.key) && !held.contains(&s.key) {
-            held.push(s.key);
-        }
-    }
-    held
+    spans.filter(|s| wanted.contains(&s.key)).map(|s| s.key).collect()
 }
 
 /// `run` (the text of consecutive entries of one section, their dashes at `indent`) cut
