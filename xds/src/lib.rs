@@ -10,6 +10,7 @@ pub mod delta;
 pub mod hold;
 pub mod plan;
 pub mod protocol;
+pub mod resource_map;
 pub mod snapshot;
 pub mod sotw;
 pub mod stats;

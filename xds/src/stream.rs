@@ -9,7 +9,6 @@ use std::{
 };
 
 use filterplane_api::{
-    content_version,
     envoy_types::pb::envoy::config::core::v3::{node::UserAgentVersionType, Node},
     envoy_types::pb::google::protobuf::value::Kind,
     ResourceType, ResourceVersion,
@@ -486,7 +485,7 @@ pub fn wire_resource(r: &ServedResource, attempt: u32) -> filterplane_api::Any {
 /// The version of a set of resources: a hash of their names and versions, so it changes
 /// exactly when what the proxy subscribed to changes.
 pub fn set_version(resources: &[&Arc<ServedResource>]) -> ResourceVersion {
-    content_version(resources.iter().flat_map(|r| [r.name.as_bytes(), r.version.as_str().as_bytes()]))
+    crate::resource_map::SetHash::of(resources.iter().copied()).version()
 }
 
 /// Nonces unique within a stream; that is all the protocol asks of them.

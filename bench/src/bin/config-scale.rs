@@ -16,7 +16,8 @@ use filterplane_bench::mesh::PORTS;
 use filterplane_config::{incremental::Loader, NodeFacts};
 use std::sync::Arc;
 
-use filterplane_xds::{plan::Plan, snapshot::Generation};
+use filterplane_api::ResourceType;
+use filterplane_xds::{plan::Plan, snapshot::Generation, stream::Subscription};
 
 /// Service `i`'s endpoints after an edit: its second endpoint's port set to `port`, or,
 /// with `add`, an endpoint at `port` added.
@@ -81,6 +82,9 @@ fn main() -> anyhow::Result<()> {
             let first = ms(t.elapsed());
             let mut edits = Vec::new();
             let mut previous: Option<Generation> = None;
+            let wildcard = Subscription::from_sotw(ResourceType::Cluster, &[], None, usize::MAX)?;
+            let names: Vec<String> = (0..n).map(|i| format!("svc-{i}")).collect();
+            let by_name = Subscription::from_sotw(ResourceType::ClusterLoadAssignment, &names, None, usize::MAX)?;
             let rounds = std::env::var("EDITS").ok().and_then(|v| v.parse().ok()).unwrap_or(5u16);
             // Each edit changes (or adds) one more endpoint, as an operator's edits do.
             let add = std::env::var("ADD").is_ok_and(|v| v == "1");
@@ -98,24 +102,37 @@ fn main() -> anyhow::Result<()> {
                 let t = Instant::now();
                 let s = g.snapshot_for(&NodeFacts::default());
                 let snap = t.elapsed();
+                // What the first stream of a push asks of the new snapshot: what changed
+                // of each type since the last one, and the version of its selection (a
+                // wildcard CDS and, as a mesh-sized Envoy asks, every assignment by name).
+                let t = Instant::now();
+                if let Some(before) = previous.as_ref().map(|p| p.snapshot_for(&NodeFacts::default())) {
+                    for rt in [ResourceType::Cluster, ResourceType::ClusterLoadAssignment] {
+                        anyhow::ensure!(s.changes_from(&before, rt).changed.len() <= 1);
+                    }
+                }
+                s.selection_version_of(ResourceType::Cluster, &wildcard);
+                s.selection_version_of(ResourceType::ClusterLoadAssignment, &by_name);
+                let push = t.elapsed();
                 anyhow::ensure!(s.all().count() == 2 * n);
                 drop(s);
                 previous = Some(g);
                 let st = loader.stats();
                 edits.push(format!(
-                    "{:.1} (read {:.1} entries {:.1} check {:.1}) gen {:.1} snap {:.1} files read {} in place {} compiled {}",
+                    "{:.1} (read {:.1} entries {:.1} check {:.1}) gen {:.1} snap {:.1} first push {:.1} files read {} in place {} compiled {}",
                     ms(load),
                     ms(st.read),
                     ms(st.entries_time),
                     ms(st.check),
                     ms(gen),
                     ms(snap),
+                    ms(push),
                     st.files_read,
                     st.patched,
                     st.compiled
                 ));
             }
-            println!("{n} services, {files} files: full {full_ms:.1} ms, first incremental {first:.1} ms, edits (load, generation, snapshot, compiled): {edits:?}");
+            println!("{n} services, {files} files: full {full_ms:.1} ms, first incremental {first:.1} ms, edits (load, generation, snapshot, first push, compiled): {edits:?}");
         }
     }
     Ok(())
