@@ -418,7 +418,7 @@ impl Subscription {
         if self.wildcard {
             return map.values().collect();
         }
-        self.names.iter().filter_map(|n| map.get(n.as_str())).collect()
+        map.select(&self.names)
     }
 }
 
