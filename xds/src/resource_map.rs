@@ -35,27 +35,24 @@ impl SetHash {
     }
 
     pub fn add(&mut self, r: &ServedResource) {
-        let e = r.entry_hash();
-        let mut carry = false;
-        for (s, x) in self.sum.iter_mut().zip(e) {
-            let (v, c1) = s.overflowing_add(*x);
-            let (v, c2) = v.overflowing_add(carry as u64);
-            *s = v;
-            carry = c1 || c2;
-        }
+        self.apply(r.entry_hash(), u64::overflowing_add);
         self.count = self.count.wrapping_add(1);
     }
 
     pub fn remove(&mut self, r: &ServedResource) {
-        let e = r.entry_hash();
-        let mut borrow = false;
-        for (s, x) in self.sum.iter_mut().zip(e) {
-            let (v, b1) = s.overflowing_sub(*x);
-            let (v, b2) = v.overflowing_sub(borrow as u64);
-            *s = v;
-            borrow = b1 || b2;
-        }
+        self.apply(r.entry_hash(), u64::overflowing_sub);
         self.count = self.count.wrapping_sub(1);
+    }
+
+    /// Adds or subtracts a 256-bit entry hash, limb by limb with the carry (or borrow).
+    fn apply(&mut self, e: &[u64; 4], op: fn(u64, u64) -> (u64, bool)) {
+        let mut carry = false;
+        for (s, x) in self.sum.iter_mut().zip(e) {
+            let (v, c1) = op(*s, *x);
+            let (v, c2) = op(v, carry as u64);
+            *s = v;
+            carry = c1 || c2;
+        }
     }
 
     /// The bytes the version and a snapshot's config version are hashed from.

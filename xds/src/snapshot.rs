@@ -884,46 +884,21 @@ mod tests {
                 .map(|i| format!("  - name: c{i:03}\n    connect_timeout: {}\n", if i == 7 { timeout } else { "1s" }))
                 .collect()
         };
+        let mesh = |n: usize, timeout: &str, ecds: &[(&str, &str, &str)]| -> String {
+            let ecds: String = ecds.iter().map(|(name, selector, value)| entry(name, selector, value)).collect();
+            let section = if ecds.is_empty() { String::new() } else { format!("extension_configs:\n{ecds}") };
+            format!("version: 1\nclusters:\n{}{section}", clusters(n, timeout))
+        };
+        let (edge, all) = ("{ clusters: [edge] }", "{}");
         let configs = [
-            format!(
-                "version: 1\nclusters:\n{}extension_configs:\n{}{}",
-                clusters(300, "1s"),
-                entry("a", "{}", "x"),
-                entry("b", "{}", "y")
-            ),
-            format!(
-                "version: 1\nclusters:\n{}extension_configs:\n{}{}",
-                clusters(300, "2s"),
-                entry("a", "{}", "x"),
-                entry("b", "{}", "y")
-            ),
-            format!(
-                "version: 1\nclusters:\n{}extension_configs:\n{}{}{}",
-                clusters(301, "2s"),
-                entry("a", "{}", "x"),
-                entry("aa", "{}", "new"),
-                entry("b", "{}", "y")
-            ),
-            format!(
-                "version: 1\nclusters:\n{}extension_configs:\n{}{}",
-                clusters(290, "2s"),
-                entry("a", "{ clusters: [edge] }", "edge"),
-                entry("a", "{}", "x")
-            ),
-            format!(
-                "version: 1\nclusters:\n{}extension_configs:\n{}{}",
-                clusters(290, "2s"),
-                entry("a", "{}", "edge"),
-                entry("b", "{ clusters: [edge] }", "b")
-            ),
-            format!(
-                "version: 1\nclusters:\n{}extension_configs:\n{}{}",
-                clusters(290, "2s"),
-                entry("a", "{ clusters: [edge] }", "edge2"),
-                entry("a", "{}", "x")
-            ),
-            format!("version: 1\nclusters:\n{}", clusters(290, "3s")),
-            format!("version: 1\nclusters:\n{}extension_configs:\n{}", clusters(290, "3s"), entry("z", "{}", "z")),
+            mesh(300, "1s", &[("a", all, "x"), ("b", all, "y")]),
+            mesh(300, "2s", &[("a", all, "x"), ("b", all, "y")]),
+            mesh(301, "2s", &[("a", all, "x"), ("aa", all, "new"), ("b", all, "y")]),
+            mesh(290, "2s", &[("a", edge, "edge"), ("a", all, "x")]),
+            mesh(290, "2s", &[("a", all, "edge"), ("b", edge, "b")]),
+            mesh(290, "2s", &[("a", edge, "edge2"), ("a", all, "x")]),
+            mesh(290, "3s", &[]),
+            mesh(290, "3s", &[("z", all, "z")]),
         ];
         let compile = |yaml: &str| {
             let parsed = filterplane_config::load::parse_file(Path::new("t.yaml"), yaml).unwrap();
@@ -952,34 +927,20 @@ mod tests {
             );
             last = next;
         }
+        // A rollout in progress: built whole, on first use.
+        let rollout = PlanEntry {
+            name: "z".into(),
+            selector: Default::default(),
+            threshold: Some(0),
+            carried: vec![],
+            old: None,
+        };
+        let rolling = Generation::with_plan_after(last.config.clone(), Plan { entries: vec![rollout] }, Some(&last));
+        assert!(rolling.common.get().is_none(), "a rollout in progress: built whole");
         // A changed entry that places a filter into listeners: built whole, on first use.
         let placing = |v: &str, timeout: &str| {
-            format!(
-                r#"version: 1
-extension_configs:
-  - name: stamp
-    placement: {{ listeners: [edge], phase: STATS }}
-    typed_config:
-      "@type": type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutation
-      mutations: {{ response_mutations: [ {{ append: {{ header: {{ key: x, value: "{v}" }} }} }} ] }}
-listeners:
-  - name: edge
-    address: {{ socket_address: {{ address: 127.0.0.1, port_value: 10000 }} }}
-    filter_chains:
-      - filters:
-          - name: envoy.filters.network.http_connection_manager
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-              stat_prefix: edge
-              route_config: {{ name: local }}
-              http_filters:
-                - name: envoy.filters.http.router
-                  typed_config: {{ "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router }}
-clusters:
-  - name: backend
-    connect_timeout: {timeout}
-"#
-            )
+            let listener = crate::test_support::listener_yaml(&[("stamp", v)], &["stamp"]);
+            format!("{listener}clusters:\n  - name: backend\n    connect_timeout: {timeout}\n")
         };
         let first = Generation::new(Arc::try_unwrap(compile(&placing("one", "1s"))).unwrap());
         first.snapshot_for(&NodeFacts::default());

@@ -23,6 +23,14 @@ pub fn snapshot(entries: &[(&str, &str)]) -> Arc<Snapshot> {
 /// value); those named in `placed` are placed into its HTTP filter chain, the others are
 /// left for a bootstrap listener to refer to.
 pub fn listener_snapshot(entries: &[(&str, &str)], placed: &[&str]) -> Arc<Snapshot> {
+    let yaml = listener_yaml(entries, placed);
+    let parsed = filterplane_config::load::parse_file(Path::new("test.yaml"), &yaml).expect("test YAML parses");
+    let config = filterplane_config::compile(&[parsed]).expect("test YAML compiles");
+    Generation::new(config).snapshot_for(&NodeFacts::default())
+}
+
+/// The config of `listener_snapshot`, ending in its listeners' section.
+pub fn listener_yaml(entries: &[(&str, &str)], placed: &[&str]) -> String {
     let mut yaml = String::from("version: 1\nextension_configs:\n");
     for (name, value) in entries {
         let placement = if placed.contains(name) { "    placement: { listeners: [l] }\n" } else { "" };
@@ -33,9 +41,7 @@ pub fn listener_snapshot(entries: &[(&str, &str)], placed: &[&str]) -> Arc<Snaps
     yaml.push_str(
         "listeners:\n  - name: l\n    address: { socket_address: { address: 127.0.0.1, port_value: 10000 } }\n    filter_chains:\n      - filters:\n          - name: envoy.filters.network.http_connection_manager\n            typed_config:\n              \"@type\": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager\n              stat_prefix: l\n              route_config: { name: r }\n              http_filters:\n                - name: envoy.filters.http.router\n                  typed_config: { \"@type\": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router }\n",
     );
-    let parsed = filterplane_config::load::parse_file(Path::new("test.yaml"), &yaml).expect("test YAML parses");
-    let config = filterplane_config::compile(&[parsed]).expect("test YAML compiles");
-    Generation::new(config).snapshot_for(&NodeFacts::default())
+    yaml
 }
 
 /// A snapshot with one Wasm plugin `w` whose module (SHA-256 `sha`) Envoy downloads
