@@ -134,6 +134,8 @@ pub(crate) struct ProxyTimes {
     pub first_full_config: Option<Duration>,
     /// From the change's write to the first ECDS response after it.
     pub change_received: Option<Duration>,
+    /// Its stream ended with an error (reported): nothing more is waited for from it.
+    pub failed: bool,
 }
 
 /// How long after the last receipt of a change the server's CPU is still counted for it
@@ -183,7 +185,7 @@ pub async fn run(spec: LoadSpec) -> anyhow::Result<Report> {
 
     let all = |f: &dyn Fn(&ProxyTimes) -> bool| times.iter().all(|t| t.lock().map(|t| f(&t)).unwrap_or(false));
     let deadline = Instant::now() + spec.timeout;
-    while !all(&|t| t.first_full_config.is_some()) && Instant::now() < deadline {
+    while !all(&|t| t.first_full_config.is_some() || t.failed) && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
@@ -202,7 +204,7 @@ pub async fn run(spec: LoadSpec) -> anyhow::Result<Report> {
         write_wall = Some(SystemTime::now());
         std::fs::write(&change.file, new).with_context(|| format!("write {}", change.file.display()))?;
         let deadline = Instant::now() + spec.timeout;
-        while !all(&|t| t.change_received.is_some()) && Instant::now() < deadline {
+        while !all(&|t| t.change_received.is_some() || t.failed) && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
@@ -235,7 +237,7 @@ pub async fn run(spec: LoadSpec) -> anyhow::Result<Report> {
             *shared.change_written.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
             std::fs::write(&change.file, text.replacen(from.as_str(), to, 1))?;
             let deadline = Instant::now() + spec.timeout;
-            while !all(&|t| t.change_received.is_some()) && Instant::now() < deadline {
+            while !all(&|t| t.change_received.is_some() || t.failed) && Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
             // The ACKs too: the server's whole cost of the change.

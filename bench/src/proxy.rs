@@ -140,12 +140,17 @@ where
     Req: Message + Send + Sync + 'static,
     Resp: Message + Default + Send + Sync + 'static,
 {
-    let mut grpc = tonic::client::Grpc::new(channel);
+    // A first response can be larger than tonic's 4 MB default: all of 50,000 endpoint
+    // assignments is about 7 MB (Envoy's own limit is 2 GB by default).
+    let mut grpc = tonic::client::Grpc::new(channel).max_decoding_message_size(MAX_RESPONSE_BYTES);
     grpc.ready().await.map_err(|e| tonic::Status::unknown(format!("channel not ready: {e}")))?;
     let path = tonic::codegen::http::uri::PathAndQuery::from_static(path);
     let response = grpc.streaming(tonic::Request::new(requests), path, SmallBuffers::<Req, Resp>(PhantomData)).await?;
     Ok(response.into_inner())
 }
+
+/// The largest response a simulated proxy decodes.
+const MAX_RESPONSE_BYTES: usize = 256 << 20;
 
 /// prost's codec with 1 KiB buffers to start with.
 struct SmallBuffers<Req, Resp>(PhantomData<(Req, Resp)>);
@@ -187,6 +192,9 @@ pub(crate) async fn run(
     };
     if let Err(e) = result {
         error(&shared, format!("proxy {i}: {e}"));
+        if let Some(t) = times.get(i) {
+            t.lock().unwrap_or_else(|p| p.into_inner()).failed = true;
+        }
     }
 }
 
