@@ -13,6 +13,7 @@ pub mod protocol;
 pub mod resource_map;
 pub mod snapshot;
 pub mod sotw;
+pub mod stated_names;
 pub mod stats;
 pub mod stream;
 #[cfg(test)]

@@ -14,7 +14,8 @@ use prost::Message;
 use crate::{
     delta::DeltaStream,
     snapshot::Snapshot,
-    sotw::SotwStream,
+    sotw::{SotwRequest, SotwStream},
+    stated_names::{RequestDecodeError, StatedNames},
     stream::{Step, StreamCore, StreamKind},
     wire::Wire,
     ProtocolError,
@@ -28,10 +29,12 @@ pub trait Protocol: Send + 'static {
     const KIND: StreamKind;
 
     fn request_node(req: &Self::Request) -> Option<&Node>;
+    /// A stream's first request, read whole (its node identifies the proxy).
+    fn decode_first(bytes: &[u8]) -> Result<Self::Request, RequestDecodeError>;
     /// A request read without its `node` (Envoy sends it in every request unless told
     /// otherwise; only the first one's counts, and decoding it allocates for each
     /// metadata field).
-    fn decode_without_node(bytes: &[u8]) -> Result<Self::Request, prost::DecodeError>;
+    fn decode_without_node(bytes: &[u8]) -> Result<Self::Request, RequestDecodeError>;
     fn core(&self) -> &StreamCore;
     fn core_mut(&mut self) -> &mut StreamCore;
     fn on_request(&mut self, req: Self::Request, now: Instant) -> Result<Step<Wire<Self::Response>>, ProtocolError>;
@@ -42,23 +45,26 @@ pub trait Protocol: Send + 'static {
 }
 
 impl Protocol for SotwStream {
-    type Request = DiscoveryRequest;
+    type Request = SotwRequest;
     type Response = DiscoveryResponse;
     const KIND: StreamKind = StreamKind::Sotw;
 
-    fn request_node(req: &DiscoveryRequest) -> Option<&Node> {
-        req.node.as_ref()
+    fn request_node(req: &SotwRequest) -> Option<&Node> {
+        req.req.node.as_ref()
     }
-    fn decode_without_node(bytes: &[u8]) -> Result<DiscoveryRequest, prost::DecodeError> {
+    fn decode_first(bytes: &[u8]) -> Result<SotwRequest, RequestDecodeError> {
+        Ok(DiscoveryRequest::decode(bytes)?.into())
+    }
+    fn decode_without_node(bytes: &[u8]) -> Result<SotwRequest, RequestDecodeError> {
         let r = lite::Sotw::decode(bytes)?;
-        Ok(DiscoveryRequest {
+        let req = DiscoveryRequest {
             version_info: r.version_info,
-            resource_names: r.resource_names,
             type_url: r.type_url,
             response_nonce: r.response_nonce,
             error_detail: r.error_detail,
             ..Default::default()
-        })
+        };
+        Ok(SotwRequest { req, names: StatedNames::read(bytes)? })
     }
     fn core(&self) -> &StreamCore {
         &self.core
@@ -66,11 +72,7 @@ impl Protocol for SotwStream {
     fn core_mut(&mut self) -> &mut StreamCore {
         &mut self.core
     }
-    fn on_request(
-        &mut self,
-        req: DiscoveryRequest,
-        now: Instant,
-    ) -> Result<Step<Wire<DiscoveryResponse>>, ProtocolError> {
+    fn on_request(&mut self, req: SotwRequest, now: Instant) -> Result<Step<Wire<DiscoveryResponse>>, ProtocolError> {
         SotwStream::on_request_wire(self, req, now)
     }
     fn on_snapshot(&mut self, snapshot: Arc<Snapshot>, now: Instant) -> Step<Wire<DiscoveryResponse>> {
@@ -92,7 +94,10 @@ impl Protocol for DeltaStream {
     fn request_node(req: &DeltaDiscoveryRequest) -> Option<&Node> {
         req.node.as_ref()
     }
-    fn decode_without_node(bytes: &[u8]) -> Result<DeltaDiscoveryRequest, prost::DecodeError> {
+    fn decode_first(bytes: &[u8]) -> Result<DeltaDiscoveryRequest, RequestDecodeError> {
+        Ok(DeltaDiscoveryRequest::decode(bytes)?)
+    }
+    fn decode_without_node(bytes: &[u8]) -> Result<DeltaDiscoveryRequest, RequestDecodeError> {
         let r = lite::Delta::decode(bytes)?;
         Ok(DeltaDiscoveryRequest {
             type_url: r.type_url,
@@ -136,12 +141,11 @@ mod lite {
 
     use filterplane_api::envoy_types::pb::google::rpc::Status;
 
+    /// (The names, field 3, are read apart: `StatedNames::read`.)
     #[derive(Clone, PartialEq, prost::Message)]
     pub struct Sotw {
         #[prost(string, tag = "1")]
         pub version_info: String,
-        #[prost(string, repeated, tag = "3")]
-        pub resource_names: Vec<String>,
         #[prost(string, tag = "4")]
         pub type_url: String,
         #[prost(string, tag = "5")]
@@ -188,7 +192,8 @@ mod tests {
             ..Default::default()
         };
         let read = <SotwStream as Protocol>::decode_without_node(&sotw.encode_to_vec()).unwrap();
-        assert_eq!(read, DiscoveryRequest { node: None, ..sotw });
+        assert_eq!(read.names.into_vec(), sotw.resource_names);
+        assert_eq!(read.req, DiscoveryRequest { node: None, resource_names: vec![], ..sotw });
         let delta = DeltaDiscoveryRequest {
             node,
             type_url: ResourceType::Cluster.type_url().into(),

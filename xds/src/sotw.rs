@@ -1,7 +1,7 @@
 //! The state-of-the-world protocol as a pure state machine: requests and new snapshots
 //! in, responses and tracker events out, no I/O. The tonic service is a loop around it.
 
-use std::{hash::BuildHasher, sync::Arc, time::Instant};
+use std::{sync::Arc, time::Instant};
 
 use filterplane_api::{
     envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse},
@@ -18,6 +18,7 @@ use crate::{
 };
 use crate::{
     snapshot::{ServedResource, Snapshot},
+    stated_names::StatedNames,
     vec_map::VecMap,
 };
 
@@ -71,6 +72,21 @@ struct TypeState {
     retry: Option<Box<CodeFetchRetry>>,
 }
 
+/// A state-of-the-world request as the machine reads it: the request, and the names it
+/// states taken out of it (read off the wire by the server, `StatedNames::read`).
+#[derive(Debug, Default)]
+pub struct SotwRequest {
+    pub req: DiscoveryRequest,
+    pub names: StatedNames,
+}
+
+impl From<DiscoveryRequest> for SotwRequest {
+    fn from(mut req: DiscoveryRequest) -> Self {
+        let names = StatedNames::Decoded(std::mem::take(&mut req.resource_names));
+        Self { req, names }
+    }
+}
+
 /// One SotW stream (ADS, or a single-type service such as ECDS).
 #[derive(Debug)]
 pub struct SotwStream {
@@ -122,7 +138,8 @@ impl SotwStream {
         self.on_timer_wire(now).decoded()
     }
 
-    pub fn on_request_wire(&mut self, mut req: DiscoveryRequest, now: Instant) -> Result<SotwStep, ProtocolError> {
+    pub fn on_request_wire(&mut self, req: impl Into<SotwRequest>, now: Instant) -> Result<SotwStep, ProtocolError> {
+        let SotwRequest { mut req, names } = req.into();
         let mut step = Step::default();
         let answers_us = !req.response_nonce.is_empty();
         let Some(rt) = self.core.check_request(req.node.as_ref(), &req.type_url, &mut step)? else {
@@ -146,26 +163,26 @@ impl SotwStream {
         // where they are in memory. A mesh-sized Envoy names 50,000 assignments in every
         // ACK, in no particular order (a hash set's); they are not parsed into a
         // subscription again unless they changed.
-        let stated = self.stated.hash_one(&req.resource_names);
+        // (Read off the wire without a string per name: `StatedNames`.)
+        let stated = names.hash(&self.stated);
         // The subscription the list comes to; `None`: the list is the one last stated.
         let worked_out = match state.filter(|s| s.stated == stated) {
             Some(_) => None,
-            None => match previous.filter(|p| p.states_same(rt, &req.resource_names)) {
-                Some(same) => Some(same.clone()),
-                None => {
-                    let new = Subscription::from_sotw(
-                        rt,
-                        &req.resource_names,
-                        previous.map(|p| &**p),
-                        self.core.name_limit(rt),
-                    )?;
-                    // The same set named anew keeps the one shared with what was sent.
-                    Some(match previous.filter(|p| ***p == new) {
-                        Some(same) => same.clone(),
-                        None => new.interned(),
-                    })
+            None => {
+                let names = names.into_vec();
+                match previous.filter(|p| p.states_same(rt, &names)) {
+                    Some(same) => Some(same.clone()),
+                    None => {
+                        let new =
+                            Subscription::from_sotw(rt, &names, previous.map(|p| &**p), self.core.name_limit(rt))?;
+                        // The same set named anew keeps the one shared with what was sent.
+                        Some(match previous.filter(|p| ***p == new) {
+                            Some(same) => same.clone(),
+                            None => new.interned(),
+                        })
+                    }
                 }
-            },
+            }
         };
         let resubscribed = worked_out.as_ref().is_some_and(|c| previous != Some(c));
         if let Some(subscription) = worked_out.as_ref().filter(|_| resubscribed) {

@@ -362,7 +362,6 @@ impl<P: Protocol> Drop for XdsStream<P> {
 
 impl<P: Protocol> XdsStream<P>
 where
-    P::Request: prost::Message + Default,
     P::Response: prost::Message,
 {
     fn new(machine: P) -> Self {
@@ -372,7 +371,7 @@ where
     fn on_message(&mut self, ctx: &XdsContext, peer: &ConnPeer, bytes: &[u8], out: &mut Output) {
         let decoded = match &self.registered {
             Some(_) => P::decode_without_node(bytes),
-            None => P::Request::decode(bytes),
+            None => P::decode_first(bytes),
         };
         let req = match decoded {
             Ok(r) => r,
