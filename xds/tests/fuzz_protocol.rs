@@ -24,14 +24,16 @@ use filterplane_api::{
 use filterplane_config::NodeFacts;
 use filterplane_xds::{
     delta::DeltaStream,
+    protocol::Protocol,
     snapshot::{Generation, Snapshot},
-    sotw::SotwStream,
+    sotw::{SotwRequest, SotwStream},
     stream::StreamSettings,
 };
 
 #[path = "../../config/tests/support/rng.rs"]
 mod rng;
 
+use prost::Message;
 use rng::Rng;
 
 /// Snapshots with a listener `l`, route `r`, clusters, and extension configs, some placed.
@@ -88,15 +90,22 @@ fn random_sotw_sequences_never_panic() {
     let snaps: Vec<_> = (0..3).map(snapshot).collect();
     let settings = Arc::new(StreamSettings { max_subscribed_names: 5, ..Default::default() });
     for _ in 0..1000 {
+        // Two streams in step: one given the requests decoded, one given them as the
+        // server reads them off the wire (the names apart, `StatedNames`). Both answer
+        // alike.
         let mut s = SotwStream::with_settings(None, "fuzz", settings.clone());
+        let mut wire = SotwStream::with_settings(None, "fuzz", settings.clone());
         let mut sent: Vec<String> = Vec::new();
         let mut now = Instant::now();
         for _ in 0..40 {
-            let step = match rng.below(6) {
-                0 => s.on_snapshot(rng.pick(&snaps).clone(), now),
+            let (step, step_wire) = match rng.below(6) {
+                0 => {
+                    let snap = rng.pick(&snaps).clone();
+                    (s.on_snapshot(snap.clone(), now), wire.on_snapshot(snap, now))
+                }
                 1 => {
                     now += Duration::from_millis(rng.below(20_000) as u64);
-                    s.on_timer(now)
+                    (s.on_timer(now), wire.on_timer(now))
                 }
                 _ => {
                     let req = DiscoveryRequest {
@@ -108,12 +117,19 @@ fn random_sotw_sequences_never_panic() {
                         error_detail: error(&mut rng),
                         ..Default::default()
                     };
-                    match s.on_request(req, now) {
-                        Ok(step) => step,
-                        Err(_) => break, // the stream ends, as the service ends it
+                    let read = <SotwStream as Protocol>::decode_without_node(&req.encode_to_vec()).unwrap();
+                    let read = SotwRequest { req: DiscoveryRequest { node: req.node.clone(), ..read.req }, ..read };
+                    match (s.on_request(req, now), wire.on_request_wire(read, now).map(|step| step.decoded())) {
+                        (Ok(a), Ok(b)) => (a, b),
+                        (Err(a), Err(b)) => {
+                            assert_eq!(a, b);
+                            break; // the stream ends, as the service ends it
+                        }
+                        (a, b) => panic!("decoded {a:?}, off the wire {b:?}"),
                     }
                 }
             };
+            assert_eq!(step.responses, step_wire.responses);
             for r in &step.responses {
                 assert!(!r.nonce.is_empty() && TYPES[..6].contains(&r.type_url.as_str()), "{r:?}");
                 sent.push(r.nonce.clone());
