@@ -122,6 +122,29 @@ struct NamedSelection {
     names: Arc<[String]>,
     hash: SetHash,
     version: ResourceVersion,
+    /// The shared (interned) subscription of state-of-the-world streams that name this
+    /// list: they are known by address, without comparing their names, which for a
+    /// mesh-sized Envoy is 50,000 comparisons per stream per push. Held weakly (its
+    /// allocation stays while this does, so the address names no other).
+    interned: OnceLock<Weak<Subscription>>,
+}
+
+impl NamedSelection {
+    fn new(names: Arc<[String]>, hash: SetHash) -> Self {
+        NamedSelection { names, hash, version: hash.version(), interned: OnceLock::new() }
+    }
+
+    /// Whether `subscription` names this list.
+    fn names_as(&self, subscription: &Arc<Subscription>) -> bool {
+        if self.interned.get().is_some_and(|w| std::ptr::eq(w.as_ptr(), Arc::as_ptr(subscription))) {
+            return true;
+        }
+        let same = *self.names == *subscription.names();
+        if same {
+            let _ = self.interned.set(Arc::downgrade(subscription));
+        }
+        same
+    }
 }
 
 /// A snapshot's version: the hash of every resource's name and version, by type.
@@ -155,7 +178,7 @@ impl Snapshot {
         }
         let named = memo.named.get_or_init(|| {
             let hash = SetHash::of(selected.iter().copied());
-            NamedSelection { names: subscription.names().into(), hash, version: hash.version() }
+            NamedSelection::new(subscription.names().into(), hash)
         });
         if *named.names == *subscription.names() {
             named.version
@@ -166,11 +189,11 @@ impl Snapshot {
 
     /// The version of what `subscription` selects of `rt`, as `selection_version`.
     /// Selects only when no stream of the group worked it out before.
-    pub fn selection_version_of(&self, rt: ResourceType, subscription: &Subscription) -> ResourceVersion {
+    pub fn selection_version_of(&self, rt: ResourceType, subscription: &Arc<Subscription>) -> ResourceVersion {
         let memo = self.selections.get(&rt);
         let known = memo.and_then(|m| match subscription.wildcard {
             true => m.all.get().copied(),
-            false => m.named.get().filter(|n| *n.names == *subscription.names()).map(|n| n.version),
+            false => m.named.get().filter(|n| n.names_as(subscription)).map(|n| n.version),
         });
         match known {
             Some(version) => version,
@@ -500,7 +523,7 @@ impl Generation {
                         hash.add(now);
                     }
                 }
-                let _ = memo.named.set(NamedSelection { names: named.names.clone(), hash, version: hash.version() });
+                let _ = memo.named.set(NamedSelection::new(named.names.clone(), hash));
             }
             selections.insert(*rt, memo);
             if map.is_empty() {
@@ -840,6 +863,17 @@ mod tests {
             snap.selection_version(ECDS, &all, &all.select(snap.resources(ECDS))),
             snap.selection_version(ECDS, &some, &some.select(snap.resources(ECDS)))
         );
+        // Asked by shared subscriptions (as SotW streams hold them): the memo knows the
+        // one that named its list by address; another naming the same list, or another
+        // list, still gets its own selection's version.
+        let fresh = g.snapshot_for(&node("m", "edge"));
+        let (a, a_again, c) = (Arc::new(sub(&["a", "b"])), Arc::new(sub(&["b", "a"])), Arc::new(sub(&["c"])));
+        for s in [&a, &a, &a_again, &c, &a, &c] {
+            let selected = s.select(fresh.resources(ECDS));
+            assert_eq!(fresh.selection_version_of(ECDS, s), set_version(&selected));
+        }
+        let memo = fresh.selections[&ECDS].named.get().unwrap();
+        assert!(memo.interned.get().is_some_and(|w| std::ptr::eq(w.as_ptr(), Arc::as_ptr(&a))));
         // A type the snapshot has none of: the empty set's version, as before.
         let none: Vec<&Arc<ServedResource>> = Vec::new();
         assert_eq!(snap.selection_version(ResourceType::Cluster, &sub(&["x"]), &none), set_version(&none));
@@ -905,7 +939,8 @@ mod tests {
             Arc::new(filterplane_config::compile(&[parsed]).unwrap())
         };
         let names: Vec<String> = ["c007", "c100", "c295", "nope"].iter().map(|n| n.to_string()).collect();
-        let by_name = crate::stream::Subscription::from_sotw(ResourceType::Cluster, &names, None, 100).unwrap();
+        let by_name =
+            Arc::new(crate::stream::Subscription::from_sotw(ResourceType::Cluster, &names, None, 100).unwrap());
         let mut last = Generation::new(Arc::try_unwrap(compile(&configs[0])).unwrap());
         for (step, yaml) in configs.iter().enumerate().skip(1) {
             let before = last.snapshot_for(&NodeFacts::default());

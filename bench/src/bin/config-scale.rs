@@ -82,9 +82,10 @@ fn main() -> anyhow::Result<()> {
             let first = ms(t.elapsed());
             let mut edits = Vec::new();
             let mut previous: Option<Generation> = None;
-            let wildcard = Subscription::from_sotw(ResourceType::Cluster, &[], None, usize::MAX)?;
+            let wildcard = Arc::new(Subscription::from_sotw(ResourceType::Cluster, &[], None, usize::MAX)?);
             let names: Vec<String> = (0..n).map(|i| format!("svc-{i}")).collect();
-            let by_name = Subscription::from_sotw(ResourceType::ClusterLoadAssignment, &names, None, usize::MAX)?;
+            let by_name =
+                Arc::new(Subscription::from_sotw(ResourceType::ClusterLoadAssignment, &names, None, usize::MAX)?);
             let rounds = std::env::var("EDITS").ok().and_then(|v| v.parse().ok()).unwrap_or(5u16);
             // Each edit changes (or adds) one more endpoint, as an operator's edits do.
             let add = std::env::var("ADD").is_ok_and(|v| v == "1");
