@@ -215,8 +215,8 @@ impl ResourceMap {
         Self { chunks, len, hash }
     }
 
-    /// The chunks this map shares with `other` by address, as a count (for tests and the
-    /// benchmark's report).
+    /// The chunks this map shares with `other` by address, as a count.
+    #[cfg(test)]
     pub fn shared_chunks(&self, other: &ResourceMap) -> usize {
         self.chunks.iter().filter(|c| other.chunks.iter().any(|o| Arc::ptr_eq(c, o))).count()
     }

@@ -115,6 +115,38 @@ struct SelectionVersions {
     named: OnceLock<NamedSelection>,
 }
 
+impl SelectionVersions {
+    /// `before`'s memos of `rt`, for a snapshot derived from it by `edits`: kept as they
+    /// are when nothing of the type changed; else the named selection's hash is updated
+    /// by what changed among its names (the wildcard's comes from the patched map).
+    fn carried(before: &Snapshot, rt: ResourceType, edits: Option<&[Edit]>) -> Self {
+        let memo = SelectionVersions::default();
+        let Some(was) = before.selections.get(&rt) else { return memo };
+        let Some(edits) = edits else {
+            if let Some(v) = was.all.get() {
+                let _ = memo.all.set(*v);
+            }
+            if let Some(n) = was.named.get() {
+                let _ = memo.named.set(n.clone());
+            }
+            return memo;
+        };
+        if let Some(named) = was.named.get() {
+            let mut hash = named.hash;
+            for (name, now) in edits.iter().filter(|(n, _)| named.names.binary_search(n).is_ok()) {
+                if let Some(old) = before.resource(rt, name) {
+                    hash.remove(old);
+                }
+                if let Some(now) = now {
+                    hash.add(now);
+                }
+            }
+            let _ = memo.named.set(NamedSelection::new(named.names.clone(), hash));
+        }
+        memo
+    }
+}
+
 /// What one list of names selects of a snapshot, hashed: a snapshot derived from this
 /// one updates the hash by what changed among those names (`Generation::derive_common`).
 #[derive(Debug, Clone)]
@@ -344,7 +376,6 @@ fn served_after(
         });
     }
     touched.gone.extend(i as u32..before.len() as u32);
-    touched.known = true;
     (out, touched)
 }
 
@@ -353,10 +384,9 @@ fn served_after(
 const CHUNK_EDITS: usize = crate::resource_map::CHUNK;
 
 /// The entries of a config that are not the previous config's (`new`, by index in it),
-/// and the previous config's that are not this one's (`gone`), when `known`.
+/// and the previous config's that are not this one's (`gone`).
 #[derive(Debug, Default)]
 struct Touched {
-    known: bool,
     new: Vec<u32>,
     gone: Vec<u32>,
 }
@@ -461,13 +491,13 @@ impl Generation {
     /// in (`ResourceMap::patched`), and the first list of names a stream selected by is
     /// hashed again by what changed among them. Left to the first stream to build whole
     /// when rollouts are in progress, when a changed entry places a filter into
-    /// listeners, or a changed listener would be served with placed filters.
+    /// listeners, when a changed listener would be served with placed filters, or when
+    /// more entries changed than `CHUNK_EDITS` or an eighth of the config.
     fn derive_common(&self, previous: &Generation, touched: &Touched) {
         let Some(before) = previous.common.get() else { return };
         let resources = &self.config.resources;
         let (new, gone) = (&touched.new, &touched.gone);
-        if !touched.known
-            || !self.planned.is_empty()
+        if !self.planned.is_empty()
             || !previous.planned.is_empty()
             || new.len() + gone.len() > CHUNK_EDITS.max(resources.len() / 8)
         {
@@ -504,50 +534,21 @@ impl Generation {
             edits.entry(rt).or_default().push((name.to_string(), winner));
         }
         let mut types = before.types.clone();
-        let mut selections: BTreeMap<ResourceType, SelectionVersions> = BTreeMap::new();
         for (rt, edits) in &edits {
-            let map = types
-                .get(rt)
-                .map(|m| m.patched(edits))
-                .unwrap_or_else(|| ResourceMap::from_sorted(edits.iter().filter_map(|(_, r)| r.clone()).collect()));
-            // The first list of names a stream selected by, hashed again by what changed
-            // among those names.
-            let memo = SelectionVersions::default();
-            if let Some(named) = before.selections.get(rt).and_then(|m| m.named.get()) {
-                let mut hash = named.hash;
-                for (name, now) in edits.iter().filter(|(n, _)| named.names.binary_search(n).is_ok()) {
-                    if let Some(was) = before.resource(*rt, name) {
-                        hash.remove(was);
-                    }
-                    if let Some(now) = now {
-                        hash.add(now);
-                    }
-                }
-                let _ = memo.named.set(NamedSelection::new(named.names.clone(), hash));
-            }
-            selections.insert(*rt, memo);
+            let map = match types.get(rt) {
+                Some(m) => m.patched(edits),
+                None => ResourceMap::from_sorted(edits.iter().filter_map(|(_, r)| r.clone()).collect()),
+            };
             if map.is_empty() {
                 types.remove(rt);
             } else {
                 types.insert(*rt, map);
             }
         }
-        // The types nothing changed of keep their memos (the selections are the same).
-        for rt in types.keys() {
-            if !edits.contains_key(rt) {
-                let memo = SelectionVersions::default();
-                if let Some(was) = before.selections.get(rt) {
-                    if let Some(v) = was.all.get() {
-                        let _ = memo.all.set(*v);
-                    }
-                    if let Some(n) = was.named.get() {
-                        let _ = memo.named.set(n.clone());
-                    }
-                }
-                selections.insert(*rt, memo);
-            }
-        }
-        selections.retain(|rt, _| types.contains_key(rt));
+        let selections = types
+            .keys()
+            .map(|rt| (*rt, SelectionVersions::carried(before, *rt, edits.get(rt).map(Vec::as_slice))))
+            .collect();
         let snap = Snapshot {
             config_version: config_version(&types),
             types,

@@ -52,7 +52,8 @@ impl StatedNames {
     /// prost's decoding of the field refuses is refused: a name that is not UTF-8, a
     /// length past the end.
     pub fn read(mut buf: &[u8]) -> Result<Self, RequestDecodeError> {
-        let (mut text, mut ends) = (String::new(), Vec::new());
+        // The names are most of such a request: one allocation for them all.
+        let (mut text, mut ends) = (String::with_capacity(buf.len()), Vec::new());
         while buf.has_remaining() {
             let (tag, wire_type) = decode_key(&mut buf)?;
             if tag != RESOURCE_NAMES || wire_type != WireType::LengthDelimited {
