@@ -6,6 +6,9 @@
 #[path = "conformance/harness.rs"]
 mod harness;
 
+use std::time::Duration;
+
+use filterplane_api::envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
 use harness::*;
 
 /// A SotW client that has the config `a`, ACKed.
@@ -595,4 +598,77 @@ async fn a_corrupted_state_file_is_moved_aside_and_the_server_starts() {
     let note = plane.api("/api/v1/rollouts")["store_error"].as_str().unwrap_or_default().to_owned();
     assert!(note.contains("moved to") && note.contains("rollouts.redb.unreadable-"), "{note}");
     assert!(plane.healthy());
+}
+
+/// gRPC messages sent as given (a typed client cannot send a name that is not UTF-8).
+struct RawRequests;
+
+struct RawEncoder;
+
+impl tonic::codec::Encoder for RawEncoder {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn encode(&mut self, item: Vec<u8>, dst: &mut tonic::codec::EncodeBuf<'_>) -> Result<(), tonic::Status> {
+        prost::bytes::BufMut::put_slice(dst, &item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Codec for RawRequests {
+    type Encode = Vec<u8>;
+    type Decode = DiscoveryResponse;
+    type Encoder = RawEncoder;
+    type Decoder = tonic_prost::ProstDecoder<DiscoveryResponse>;
+    fn encoder(&mut self) -> RawEncoder {
+        RawEncoder
+    }
+    fn decoder(&mut self) -> Self::Decoder {
+        tonic::codec::Codec::decoder(&mut tonic_prost::ProstCodec::<DiscoveryRequest, DiscoveryResponse>::default())
+    }
+}
+
+/// A SotW ACK whose names are read off the wire apart from the rest of the request
+/// (`StatedNames`): one that is not UTF-8 ends that stream with a status saying which
+/// name, as a request prost cannot decode does, and the server serves on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ack_naming_a_resource_in_bytes_that_are_not_utf8_ends_its_stream_with_a_clear_error() {
+    use prost::Message;
+    let plane = Plane::start(&[("a", "1")]).await;
+    let mut c = client_with_a(&plane).await;
+    let channel =
+        tonic::transport::Endpoint::from_shared(format!("http://{}", plane.xds)).unwrap().connect().await.unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    let (tx, reqs) = tokio::sync::mpsc::channel::<Vec<u8>>(4);
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static(
+        "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources",
+    );
+    let mut rx = grpc
+        .streaming(tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(reqs)), path, RawRequests)
+        .await
+        .unwrap()
+        .into_inner();
+    let request = |names: &[&str], version: &str, nonce: &str| DiscoveryRequest {
+        node: Some(node("raw")),
+        type_url: ECDS.into(),
+        resource_names: names.iter().map(|n| n.to_string()).collect(),
+        version_info: version.into(),
+        response_nonce: nonce.into(),
+        ..Default::default()
+    };
+    tx.send(request(&["a"], "", "").encode_to_vec()).await.unwrap();
+    let r = tokio::time::timeout(Duration::from_secs(10), rx.message()).await.unwrap().unwrap().unwrap();
+    assert_eq!(ecds_names(&r.resources), ["a"]);
+    // The ACK, its one name's byte `a` made 0xff (field 3, length 1).
+    let mut ack = request(&["a"], &r.version_info, &r.nonce).encode_to_vec();
+    let at = ack.windows(3).position(|w| w == [0x1a, 0x01, b'a']).expect("the name's field") + 2;
+    ack[at] = 0xff;
+    tx.send(ack).await.unwrap();
+    let status = match tokio::time::timeout(Duration::from_secs(10), rx.message()).await {
+        Ok(Err(status)) => status,
+        other => panic!("expected the stream to end with a status, got {:?}", other.map(|r| r.map(|o| o.is_some()))),
+    };
+    assert_eq!(status.code(), tonic::Code::Internal, "{status:?}");
+    assert!(status.message().contains("resource name 0 is not UTF-8"), "{}", status.message());
+    still_serving(&plane, &mut c).await;
 }
